@@ -1,0 +1,559 @@
+//! Proxy behaviour in virtual time: phones are just byte strings on flows.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::message::{HeaderName, Message, Method};
+use crate::proxy::*;
+use crate::registrar::RegistrarConfig;
+use crate::transport::{Flow, Transmit, Transport};
+
+const LOCAL: &str = "203.0.113.1:5060";
+const TRUSTED: &str = "203.0.113.50:5060"; // a trunk / sipp box in auth.trusted
+const NAT_A: &str = "203.0.113.9:40001"; // phone A's NAT mapping
+const NAT_B: &str = "203.0.113.10:40002"; // phone B's NAT mapping
+
+struct Lab {
+    proxy: Proxy,
+    now: Instant,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn udp(remote: &str) -> Flow {
+    Flow {
+        transport: Transport::Udp,
+        local: addr(LOCAL),
+        remote: addr(remote),
+        conn: None,
+    }
+}
+
+impl Lab {
+    fn new() -> Lab {
+        Lab::with_keepalive(Keepalive::Off)
+    }
+
+    fn with_keepalive(keepalive: Keepalive) -> Lab {
+        let now = Instant::now();
+        let cfg = ProxyConfig {
+            domain: "example.com".into(),
+            interfaces: vec![
+                Interface {
+                    transport: Transport::Udp,
+                    bind: addr(LOCAL),
+                    advertise: "203.0.113.1".into(),
+                },
+                Interface {
+                    transport: Transport::Tcp,
+                    bind: addr(LOCAL),
+                    advertise: "203.0.113.1".into(),
+                },
+            ],
+            realm: "example.com".into(),
+            users: vec![("alice".into(), "pw-a".into()), ("bob".into(), "pw-b".into()), ("carol".into(), "pw-c".into())],
+            trusted: vec![Cidr::parse("203.0.113.50/32").expect("cidr")],
+            registrar: RegistrarConfig {
+                default_expires: 3600,
+                min_expires: 60,
+                max_expires: 7200,
+            },
+            keepalive,
+            keepalive_interval: Duration::from_secs(30),
+            max_body: 16384,
+            secret: [9; 32],
+        };
+        Lab {
+            proxy: Proxy::new(cfg, now, 1_700_000_000, 1),
+            now,
+        }
+    }
+
+    fn send(&mut self, from: Flow, text: &str) -> Vec<Transmit> {
+        let data = Bytes::from(text.replace('\n', "\r\n"));
+        self.proxy.handle_input(self.now, from, data).expect("SIP");
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Transmit> {
+        std::iter::from_fn(|| self.proxy.poll_transmit()).collect()
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Transmit> {
+        let end = self.now + d;
+        let mut out = Vec::new();
+        while let Some(t) = self.proxy.poll_timeout().filter(|t| *t <= end) {
+            self.now = t.max(self.now);
+            self.proxy.handle_timeout(self.now);
+            out.extend(self.drain());
+        }
+        self.now = end;
+        out
+    }
+
+    /// Registers `user` from a trusted-free NAT mapping using the proxy's own challenge.
+    fn register(&mut self, user: &str, nat: &str, password: &str) {
+        let reg = format!(
+            "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKreg{user}1;rport
+Max-Forwards: 70
+To: <sip:{user}@example.com>
+From: <sip:{user}@example.com>;tag=r{user}
+Call-ID: reg-{user}
+CSeq: 1 REGISTER
+Contact: <sip:{user}@10.0.0.2:5060>
+Content-Length: 0
+
+"
+        );
+        let out = self.send(udp(nat), &reg);
+        let challenge = parse(&out[0]);
+        assert_eq!(challenge.status(), Some(401));
+        let www = challenge.value_texts(HeaderName::Other);
+        let md5 = www.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
+        let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
+        let mut creds = crate::auth::Credentials {
+            username: user.into(),
+            realm: "example.com".into(),
+            nonce: nonce.into(),
+            uri: "sip:example.com".into(),
+            qop: Some("auth".into()),
+            nc: Some("00000001".into()),
+            cnonce: Some("c".into()),
+            ..Default::default()
+        };
+        creds.response = crate::auth::digest_response(crate::auth::Algorithm::Md5, user, "example.com", password, "REGISTER", &creds);
+        let authed = reg
+            .replace("CSeq: 1", "CSeq: 2")
+            .replace(&format!("reg{user}1"), &format!("reg{user}2"))
+            .replace(
+                "Content-Length: 0",
+                &format!(
+                    "Authorization: Digest username=\"{user}\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"sip:example.com\", response=\"{}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c\"\nContent-Length: 0",
+                    creds.response
+                ),
+            );
+        let out = self.send(udp(nat), &authed);
+        let ok = parse(&out[0]);
+        assert_eq!(ok.status(), Some(if password.starts_with("pw-") { 200 } else { 401 }), "{}", text(&out[0]));
+    }
+}
+
+fn parse(t: &Transmit) -> Message {
+    Message::parse(Bytes::from(t.payload.clone())).expect("proxy output scans")
+}
+
+fn text(t: &Transmit) -> String {
+    String::from_utf8_lossy(&t.payload).into_owned()
+}
+
+fn invite(to_user: &str, branch: &str) -> String {
+    format!(
+        "INVITE sip:{to_user}@example.com SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch={branch}
+Max-Forwards: 70
+To: <sip:{to_user}@example.com>
+From: <sip:caller@trunk.example.net>;tag=from1
+Call-ID: call-{branch}
+CSeq: 1 INVITE
+Contact: <sip:caller@203.0.113.50:5060>
+Content-Type: application/sdp
+Content-Length: 3
+
+v=0"
+    )
+}
+
+/// Answers a forwarded request as the UA would.
+fn reply(req: &Transmit, code: u16, reason: &str, to_tag: &str) -> String {
+    let m = parse(req);
+    let resp = m.response(code, reason, Some(to_tag), &[format!("Contact: <sip:callee@10.0.0.2:5060>")]);
+    let mut s = String::from_utf8(resp).expect("utf8");
+    // Echo Record-Route as a UAS does (§12.1.1).
+    for rr in m.value_texts(HeaderName::RecordRoute).iter().rev() {
+        s = s.replacen("\r\n", &format!("\r\nRecord-Route: {rr}\r\n"), 1);
+    }
+    s.replace("\r\n", "\n")
+}
+
+#[test]
+fn invite_to_registered_phone_goes_to_its_nat_mapping() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKc1"));
+    assert_eq!(out.len(), 2, "100 Trying and the forwarded INVITE");
+    assert_eq!(parse(&out[0]).status(), Some(100));
+    let fwd = &out[1];
+    assert_eq!(fwd.flow.remote, addr(NAT_B));
+    let m = parse(fwd);
+    assert_eq!(m.request_uri(), Some("sip:bob@10.0.0.2:5060"));
+    assert_eq!(m.header(HeaderName::MaxForwards), Some("69"));
+    let vias = m.value_texts(HeaderName::Via);
+    assert!(vias[0].starts_with("SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKph"), "{vias:?}");
+    assert_eq!(vias[1], "SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKc1");
+    let rr = m.value_texts(HeaderName::RecordRoute);
+    assert_eq!(rr.len(), 1);
+    assert!(rr[0].starts_with("<sip:ph") && rr[0].ends_with("@203.0.113.1:5060;lr>"), "{rr:?}");
+    // The body and the rest pass untouched.
+    assert_eq!(m.body_bytes(), b"v=0");
+    assert!(text(fwd).contains("Contact: <sip:caller@203.0.113.50:5060>\r\n"));
+}
+
+#[test]
+fn received_and_rport_record_the_real_source() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let inv = invite("bob", "z9hG4bKc2").replace("203.0.113.50:5060;branch=z9hG4bKc2", "10.1.1.1:5060;branch=z9hG4bKc2;rport");
+    let out = lab.send(udp(TRUSTED), &inv);
+    let vias = parse(&out[1]).value_texts(HeaderName::Via).into_iter().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(vias[1], "SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bKc2;rport=5060;received=203.0.113.50");
+}
+
+#[test]
+fn ringing_and_answer_go_back_to_the_caller_without_our_via() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKc3"));
+    let fwd = out[1].clone();
+    let up = lab.send(udp(NAT_B), &reply(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].flow.remote, addr(TRUSTED));
+    let ringing = parse(&up[0]);
+    assert_eq!(ringing.status(), Some(180));
+    assert_eq!(ringing.value_texts(HeaderName::Via), vec!["SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKc3"]);
+    let up = lab.send(udp(NAT_B), &reply(&fwd, 200, "OK", "b1"));
+    assert_eq!(parse(&up[0]).status(), Some(200));
+    // A retransmitted 200 is forwarded too (RFC 6026), nothing else is generated.
+    let up = lab.send(udp(NAT_B), &reply(&fwd, 200, "OK", "b1"));
+    assert_eq!(up.len(), 1);
+    assert_eq!(parse(&up[0]).status(), Some(200));
+}
+
+#[test]
+fn in_dialog_requests_follow_the_record_route_token_to_each_nat() {
+    let mut lab = Lab::new();
+    lab.register("alice", NAT_A, "pw-a");
+    lab.register("bob", NAT_B, "pw-b");
+    // alice (behind NAT_A) calls bob, authenticating is skipped by making her trusted? No:
+    // she answers the 407 challenge like a phone does.
+    let inv = invite("bob", "z9hG4bKd1").replace("203.0.113.50:5060", "10.0.0.2:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let challenge = parse(&out[1]);
+    assert_eq!(challenge.status(), Some(407));
+    // Trusted-source call instead, then alice's side is the trunk and bob's the phone.
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKd2"));
+    let fwd = out[1].clone();
+    let rr = parse(&fwd).value_texts(HeaderName::RecordRoute)[0].to_owned();
+    lab.send(udp(NAT_B), &reply(&fwd, 200, "OK", "b2"));
+    // Bob hangs up: his BYE goes to the caller's Contact via our Record-Route.
+    let bye = format!(
+        "BYE sip:caller@203.0.113.50:5060 SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKbye1;rport
+Route: {rr}
+Max-Forwards: 70
+From: <sip:bob@example.com>;tag=b2
+To: <sip:caller@trunk.example.net>;tag=from1
+Call-ID: call-z9hG4bKd2
+CSeq: 1 BYE
+Content-Length: 0
+
+"
+    );
+    let out = lab.send(udp(NAT_B), &bye);
+    assert_eq!(out.len(), 1, "BYE is forwarded, not challenged");
+    assert_eq!(out[0].flow.remote, addr(TRUSTED));
+    let m = parse(&out[0]);
+    assert_eq!(m.method(), Some(&Method::Bye));
+    assert!(m.value_texts(HeaderName::Route).is_empty(), "our Route is consumed");
+    // The caller's ACK/BYE towards bob's private Contact reaches his NAT mapping.
+    let bye2 = bye
+        .replace("BYE sip:caller@203.0.113.50:5060", "BYE sip:callee@10.0.0.2:5060")
+        .replace("z9hG4bKbye1", "z9hG4bKbye2")
+        .replace("10.0.0.2:5060;branch", "203.0.113.50:5060;branch");
+    let out = lab.send(udp(TRUSTED), &bye2);
+    assert_eq!(out[0].flow.remote, addr(NAT_B));
+}
+
+#[test]
+fn forged_record_route_token_is_not_trusted() {
+    let mut lab = Lab::new();
+    let bye = "BYE sip:x@198.51.100.99 SIP/2.0
+Via: SIP/2.0/UDP 198.51.100.1:5060;branch=z9hG4bKforge
+Route: <sip:ph0004cb00710a10e00004cb00710a10e000000000000000000000@203.0.113.1:5060;lr>
+From: <sip:a@example.com>;tag=1
+To: <sip:b@example.com>;tag=2
+Call-ID: forged
+CSeq: 1 BYE
+Content-Length: 0
+
+";
+    let out = lab.send(udp("198.51.100.1:5060"), bye);
+    assert_eq!(out.len(), 1);
+    assert_eq!(parse(&out[0]).status(), Some(407), "a forged token buys no free relaying");
+    assert_eq!(out[0].flow.remote, addr("198.51.100.1:5060"));
+    let ack = bye.replace("BYE", "ACK").replace("CSeq: 1 ACK", "CSeq: 1 ACK");
+    assert!(lab.send(udp("198.51.100.1:5060"), &ack).is_empty(), "a forged ACK is dropped");
+}
+
+#[test]
+fn unregistered_known_user_gets_480_and_unknown_user_404() {
+    let mut lab = Lab::new();
+    let out = lab.send(udp(TRUSTED), &invite("carol", "z9hG4bKe1"));
+    assert_eq!(parse(&out[1]).status(), Some(480));
+    let out = lab.send(udp(TRUSTED), &invite("nobody", "z9hG4bKe2"));
+    assert_eq!(parse(&out[1]).status(), Some(404));
+}
+
+#[test]
+fn busy_callee_gets_ack_and_caller_gets_486_until_it_acks() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKf1"));
+    let fwd = out[1].clone();
+    let out = lab.send(udp(NAT_B), &reply(&fwd, 486, "Busy Here", "b3"));
+    assert_eq!(out.len(), 2);
+    let ack = parse(&out[0]);
+    assert_eq!(ack.method(), Some(&Method::Ack));
+    assert_eq!(out[0].flow.remote, addr(NAT_B));
+    assert_eq!(ack.tag(HeaderName::To), Some("b3"));
+    assert_eq!(ack.top_via().and_then(|v| v.params.get_val("branch").cloned()), parse(&fwd).top_via().and_then(|v| v.params.get_val("branch").cloned()));
+    assert_eq!(parse(&out[1]).status(), Some(486));
+    // Timer G: the 486 is retransmitted to the caller until it ACKs.
+    let re = lab.advance(Duration::from_millis(600));
+    assert_eq!(re.len(), 1);
+    assert_eq!(parse(&re[0]).status(), Some(486));
+    let caller_ack = "ACK sip:bob@example.com SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKf1
+To: <sip:bob@example.com>;tag=b3
+From: <sip:caller@trunk.example.net>;tag=from1
+Call-ID: call-z9hG4bKf1
+CSeq: 1 ACK
+Content-Length: 0
+
+";
+    assert!(lab.send(udp(TRUSTED), caller_ack).is_empty(), "hop-by-hop ACK is absorbed");
+    assert!(lab.advance(Duration::from_secs(10)).is_empty(), "no more retransmissions after ACK");
+}
+
+#[test]
+fn invite_client_retransmits_until_timer_b_then_caller_gets_408() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKg1"));
+    let first = out[1].payload.clone();
+    let later = lab.advance(Duration::from_secs(40));
+    let retransmits: Vec<_> = later.iter().filter(|t| t.payload == first).collect();
+    // Timer A doubles from T1: 0.5, 1, 2, 4, 8, 16 s, then Timer B fires at 32 s.
+    assert_eq!(retransmits.len(), 6);
+    let finals: Vec<_> = later.iter().filter(|t| t.flow.remote == addr(TRUSTED)).map(parse).collect();
+    assert_eq!(finals.first().and_then(Message::status), Some(408));
+    assert_eq!(lab.proxy.transaction_count(), 1, "only the server transaction waiting for the ACK remains");
+}
+
+#[test]
+fn ringing_branch_stops_retransmitting() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKg2"));
+    let fwd = out[1].clone();
+    lab.send(udp(NAT_B), &reply(&fwd, 180, "Ringing", "b"));
+    let later = lab.advance(Duration::from_secs(20));
+    assert!(later.iter().all(|t| t.payload != fwd.payload));
+}
+
+#[test]
+fn parallel_fork_first_2xx_wins_and_others_are_cancelled() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    // A second contact for bob from another device.
+    let reg2 = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKr2
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r
+Call-ID: reg-bob-desk
+CSeq: 1 REGISTER
+Contact: <sip:bob@203.0.113.50:5070>
+Content-Length: 0
+
+";
+    let out = lab.send(udp(TRUSTED), reg2);
+    assert_eq!(parse(&out[0]).status(), Some(200));
+    assert_eq!(parse(&out[0]).value_texts(HeaderName::Contact).len(), 2);
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKh1"));
+    let forks: Vec<_> = out.iter().filter(|t| parse(t).method() == Some(&Method::Invite)).cloned().collect();
+    assert_eq!(forks.len(), 2);
+    for f in &forks {
+        lab.send(udp(&f.flow.remote.to_string()), &reply(f, 180, "Ringing", "x"));
+    }
+    let up = lab.send(udp(&forks[0].flow.remote.to_string()), &reply(&forks[0], 200, "OK", "w"));
+    let statuses: Vec<_> = up.iter().filter_map(|t| parse(t).status()).collect();
+    assert_eq!(statuses, vec![200]);
+    let cancels: Vec<_> = up.iter().filter(|t| parse(t).method() == Some(&Method::Cancel)).collect();
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].flow.remote, forks[1].flow.remote);
+    // The cancelled branch's 487 is not forwarded: the caller already has its 2xx.
+    let up = lab.send(udp(&forks[1].flow.remote.to_string()), &reply(&forks[1], 487, "Request Terminated", "l"));
+    assert!(up.iter().all(|t| parse(t).status() != Some(487)));
+}
+
+#[test]
+fn caller_cancel_is_answered_and_propagated() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKi1"));
+    let fwd = out[1].clone();
+    lab.send(udp(NAT_B), &reply(&fwd, 180, "Ringing", "b"));
+    let cancel = "CANCEL sip:bob@example.com SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKi1
+Max-Forwards: 70
+To: <sip:bob@example.com>
+From: <sip:caller@trunk.example.net>;tag=from1
+Call-ID: call-z9hG4bKi1
+CSeq: 1 CANCEL
+Content-Length: 0
+
+";
+    let out = lab.send(udp(TRUSTED), cancel);
+    assert_eq!(parse(&out[0]).status(), Some(200));
+    let c = parse(&out[1]);
+    assert_eq!(c.method(), Some(&Method::Cancel));
+    assert_eq!(out[1].flow.remote, addr(NAT_B));
+    assert_eq!(c.request_uri(), parse(&fwd).request_uri());
+    let up = lab.send(udp(NAT_B), &reply(&fwd, 487, "Request Terminated", "b"));
+    assert!(up.iter().any(|t| parse(t).status() == Some(487) && t.flow.remote == addr(TRUSTED)));
+    // A CANCEL for nothing gets 481.
+    let out = lab.send(udp(TRUSTED), &cancel.replace("z9hG4bKi1", "z9hG4bKnone"));
+    assert_eq!(parse(&out[0]).status(), Some(481));
+}
+
+#[test]
+fn untrusted_invite_is_challenged_and_bad_register_aor_is_forbidden() {
+    let mut lab = Lab::new();
+    let out = lab.send(udp("198.51.100.77:5060"), &invite("bob", "z9hG4bKj1"));
+    let c = parse(&out[1]);
+    assert_eq!(c.status(), Some(407));
+    assert!(text(&out[1]).contains("Proxy-Authenticate: Digest realm=\"example.com\""));
+    assert!(text(&out[1]).contains("algorithm=SHA-256"));
+    // alice's credentials cannot register bob.
+    lab.register("alice", NAT_A, "pw-a");
+    assert_eq!(lab.proxy.registrar().binding_count(), 1);
+}
+
+#[test]
+fn wrong_password_is_challenged_again() {
+    let mut lab = Lab::new();
+    lab.register("alice", NAT_A, "guess");
+    assert_eq!(lab.proxy.registrar().binding_count(), 0);
+}
+
+#[test]
+fn exhausted_max_forwards_gets_483() {
+    let mut lab = Lab::new();
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKk1").replace("Max-Forwards: 70", "Max-Forwards: 0"));
+    assert_eq!(parse(&out[1]).status(), Some(483));
+}
+
+#[test]
+fn proxy_require_extension_gets_420_with_unsupported() {
+    let mut lab = Lab::new();
+    let out = lab.send(
+        udp(TRUSTED),
+        &invite("bob", "z9hG4bKk2").replace("Max-Forwards: 70", "Max-Forwards: 70\nProxy-Require: foo"),
+    );
+    assert_eq!(parse(&out[1]).status(), Some(420));
+    assert!(text(&out[1]).contains("Unsupported: foo\r\n"));
+}
+
+#[test]
+fn request_looping_back_to_us_gets_482() {
+    let mut lab = Lab::new();
+    // bob's binding points back at pinhole itself.
+    let reg = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKloopreg
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r
+Call-ID: loop
+CSeq: 1 REGISTER
+Contact: <sip:bob@example.com>
+Content-Length: 0
+
+";
+    lab.send(udp(TRUSTED), reg);
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKl1"));
+    let fwd = out[1].clone();
+    // Feed our own forwarded INVITE back in, as the network would.
+    lab.proxy.handle_input(lab.now, udp(TRUSTED), Bytes::from(fwd.payload.clone())).expect("sip");
+    let back = lab.drain();
+    assert!(back.iter().any(|t| parse(t).status() == Some(482)), "{:?}", back.iter().map(text).collect::<Vec<_>>());
+}
+
+#[test]
+fn malformed_request_gets_400_naming_the_header_and_garbage_is_counted() {
+    let mut lab = Lab::new();
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKm1").replace("CSeq: 1 INVITE", "CSeq: one INVITE"));
+    let r = parse(&out[0]);
+    assert_eq!(r.status(), Some(400));
+    assert_eq!(r.reason(), "Malformed CSeq Header");
+    assert!(lab.proxy.handle_input(lab.now, udp(TRUSTED), Bytes::from_static(b"\x00\x01garbage\r\n\r\n")).is_err());
+    assert_eq!(lab.proxy.stats().garbage, 1);
+}
+
+#[test]
+fn options_to_the_proxy_is_answered_locally() {
+    let mut lab = Lab::new();
+    let opt = "OPTIONS sip:203.0.113.1 SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKo1
+To: <sip:203.0.113.1>
+From: <sip:probe@example.net>;tag=1
+Call-ID: opt
+CSeq: 1 OPTIONS
+Max-Forwards: 70
+Content-Length: 0
+
+";
+    let out = lab.send(udp(TRUSTED), opt);
+    assert_eq!(parse(&out[0]).status(), Some(200));
+    // A retransmission gets the same answer without new state.
+    let again = lab.send(udp(TRUSTED), opt);
+    assert_eq!(again[0].payload, out[0].payload);
+}
+
+#[test]
+fn binding_whose_keepalives_fail_is_expired() {
+    let mut lab = Lab::with_keepalive(Keepalive::Options);
+    lab.register("bob", NAT_B, "pw-b");
+    assert_eq!(lab.proxy.registrar().binding_count(), 1);
+    let sent = lab.advance(Duration::from_secs(200));
+    let pings = sent.iter().filter(|t| parse(t).method() == Some(&Method::Options) && t.flow.remote == addr(NAT_B)).count();
+    assert!(pings >= 3, "keepalives were sent ({pings})");
+    assert_eq!(lab.proxy.registrar().binding_count(), 0);
+}
+
+#[test]
+fn answered_keepalives_keep_the_binding() {
+    let mut lab = Lab::with_keepalive(Keepalive::Options);
+    lab.register("bob", NAT_B, "pw-b");
+    for _ in 0..400 {
+        let sent = lab.advance(Duration::from_millis(500));
+        for t in sent.iter().filter(|t| parse(t).method() == Some(&Method::Options)) {
+            let r = parse(t).response(200, "OK", Some("k"), &[]);
+            lab.proxy.handle_input(lab.now, udp(NAT_B), Bytes::from(r)).expect("sip");
+        }
+    }
+    assert_eq!(lab.proxy.registrar().binding_count(), 1);
+}
+
+#[test]
+fn transactions_are_cleaned_up_after_a_call() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKn1"));
+    let fwd = out[1].clone();
+    lab.send(udp(NAT_B), &reply(&fwd, 200, "OK", "b"));
+    lab.advance(Duration::from_secs(40));
+    assert_eq!(lab.proxy.transaction_count(), 0);
+}

@@ -1,0 +1,369 @@
+//! The registrar (RFC 3261 §10.3) with flow-bound bindings.
+//!
+//! Each binding remembers the flow its REGISTER arrived on, so requests for the AOR go to
+//! the NAT mapping the phone really uses, not to the private address in its Contact.
+//! Bindings carry wall-clock expiry so the shell can persist and restore them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::{param_of_name_addr, HeaderName, Message, Rejection};
+use crate::transport::{ConnId, Flow, Transport};
+
+#[derive(Debug, Clone, Copy)]
+pub struct RegistrarConfig {
+    pub default_expires: u32,
+    pub min_expires: u32,
+    pub max_expires: u32,
+}
+
+/// One contact bound to an AOR.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The contact URI as the UA sent it (without angle brackets or header params).
+    pub contact: String,
+    /// q-value × 1000 (RFC 3261 §20.10).
+    pub q: u16,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_at: u64,
+    pub call_id: String,
+    pub cseq: u32,
+    pub transport: Transport,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    #[serde(skip)]
+    pub conn: Option<ConnId>,
+    /// Path header values (RFC 3327), used as a preloaded route set.
+    pub path: Vec<String>,
+    /// `+sip.instance` and `reg-id` (RFC 5626).
+    pub instance: Option<String>,
+    pub reg_id: Option<u32>,
+    #[serde(skip)]
+    pub keepalive_failures: u32,
+    /// Unix seconds of the next keepalive.
+    #[serde(skip)]
+    pub next_keepalive: u64,
+}
+
+impl Binding {
+    pub fn flow(&self) -> Flow {
+        Flow {
+            transport: self.transport,
+            local: self.local,
+            remote: self.remote,
+            conn: self.conn,
+        }
+    }
+
+    fn same_contact(&self, contact: &str, instance: Option<&str>, reg_id: Option<u32>) -> bool {
+        match (&self.instance, instance) {
+            (Some(a), Some(b)) => a == b && self.reg_id == reg_id,
+            _ => uri_eq(&self.contact, contact),
+        }
+    }
+}
+
+/// Loose URI equality good enough for binding matching: scheme and host are
+/// case-insensitive, the user part is not.
+fn uri_eq(a: &str, b: &str) -> bool {
+    let split = |u: &str| -> (String, String) {
+        match u.split_once('@') {
+            Some((user, host)) => (user.to_owned(), host.to_ascii_lowercase()),
+            None => (String::new(), u.to_ascii_lowercase()),
+        }
+    };
+    split(a) == split(b)
+}
+
+/// What a REGISTER did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisterOutcome {
+    /// The bindings now current for the AOR (for the 200's Contact list).
+    pub bindings: Vec<Binding>,
+}
+
+#[derive(Default)]
+pub struct Registrar {
+    aors: HashMap<String, Vec<Binding>>,
+    dirty: bool,
+}
+
+impl Registrar {
+    pub fn new() -> Registrar {
+        Registrar::default()
+    }
+
+    /// Processes a REGISTER for `aor` that arrived on `flow` at `unix_now`.
+    pub fn register(
+        &mut self,
+        cfg: &RegistrarConfig,
+        unix_now: u64,
+        aor: &str,
+        msg: &Message,
+        flow: Flow,
+        keepalive_interval: u64,
+    ) -> Result<RegisterOutcome, (Rejection, Vec<String>)> {
+        let call_id = msg.call_id().unwrap_or_default().to_owned();
+        let cseq = msg.cseq().map(|(n, _)| n).unwrap_or(0);
+        let header_expires = match msg.header(HeaderName::Expires) {
+            Some(v) => Some(v.parse::<u32>().map_err(|_| (Rejection::new(400, "Malformed Expires Header"), vec![]))?),
+            None => None,
+        };
+        let path: Vec<String> = msg.value_texts(HeaderName::Path).into_iter().map(str::to_owned).collect();
+        let contacts = msg.contacts();
+
+        // Contact: * removes every binding (RFC 3261 §10.3 step 6).
+        if contacts.iter().any(|(r, _)| msg.text(r.clone()) == "*") {
+            if contacts.len() != 1 || header_expires != Some(0) {
+                return Err((Rejection::new(400, "Wildcard Contact Requires Expires 0"), vec![]));
+            }
+            if self.aors.remove(aor).is_some() {
+                self.dirty = true;
+            }
+            return Ok(RegisterOutcome { bindings: vec![] });
+        }
+
+        let mut parsed = Vec::new();
+        for (r, c) in &contacts {
+            let Some(c) = c else {
+                return Err((Rejection::new(400, "Malformed Contact Header"), vec![]));
+            };
+            let raw = msg.text(r.clone());
+            let uri = match (raw.find('<'), raw.find('>')) {
+                (Some(s), Some(e)) if s < e => raw[s + 1..e].to_owned(),
+                _ => raw.split(';').next().unwrap_or(raw).trim().to_owned(),
+            };
+            let expires = match c.params.get_val("expires") {
+                Some(v) => v.parse::<u32>().map_err(|_| (Rejection::new(400, "Malformed Contact Expires"), vec![]))?,
+                None => header_expires.unwrap_or(cfg.default_expires),
+            };
+            if expires != 0 && expires < cfg.min_expires {
+                return Err((
+                    Rejection::new(423, "Interval Too Brief"),
+                    vec![format!("Min-Expires: {}", cfg.min_expires)],
+                ));
+            }
+            let q = match c.params.get_val("q") {
+                Some(v) => parse_q(v).ok_or((Rejection::new(400, "Malformed Contact q-value"), vec![]))?,
+                None => 1000,
+            };
+            let instance = param_of_name_addr(raw, "+sip.instance").map(str::to_owned);
+            let reg_id = param_of_name_addr(raw, "reg-id").and_then(|v| v.parse().ok());
+            parsed.push((uri, expires.min(cfg.max_expires), q, instance, reg_id));
+        }
+
+        let list = self.aors.entry(aor.to_owned()).or_default();
+        for (uri, expires, q, instance, reg_id) in parsed {
+            let existing = list.iter().position(|b| b.same_contact(&uri, instance.as_deref(), reg_id));
+            if let Some(i) = existing {
+                let b = &list[i];
+                if b.call_id == call_id && cseq <= b.cseq {
+                    // A stale or reordered REGISTER must not undo a newer one (§10.3 step 7).
+                    continue;
+                }
+                if expires == 0 {
+                    list.remove(i);
+                    self.dirty = true;
+                    continue;
+                }
+            } else if expires == 0 {
+                continue;
+            }
+            let binding = Binding {
+                contact: uri,
+                q,
+                expires_at: unix_now + u64::from(expires),
+                call_id: call_id.clone(),
+                cseq,
+                transport: flow.transport,
+                local: flow.local,
+                remote: flow.remote,
+                conn: flow.conn,
+                path: path.clone(),
+                instance,
+                reg_id,
+                keepalive_failures: 0,
+                next_keepalive: unix_now + keepalive_interval,
+            };
+            match existing {
+                Some(i) => list[i] = binding,
+                None => list.push(binding),
+            }
+            self.dirty = true;
+        }
+        let bindings = list.clone();
+        if list.is_empty() {
+            self.aors.remove(aor);
+        }
+        Ok(RegisterOutcome { bindings })
+    }
+
+    /// Current bindings for an AOR, highest q first.
+    pub fn lookup(&self, aor: &str, unix_now: u64) -> Vec<Binding> {
+        let mut v: Vec<Binding> = self
+            .aors
+            .get(aor)
+            .map(|l| l.iter().filter(|b| b.expires_at > unix_now).cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.q.cmp(&a.q));
+        v
+    }
+
+    /// Removes expired bindings; returns how many went.
+    pub fn expire(&mut self, unix_now: u64) -> usize {
+        let mut removed = 0;
+        self.aors.retain(|_, list| {
+            let before = list.len();
+            list.retain(|b| b.expires_at > unix_now);
+            removed += before - list.len();
+            !list.is_empty()
+        });
+        if removed > 0 {
+            self.dirty = true;
+        }
+        removed
+    }
+
+    pub fn binding_count(&self) -> usize {
+        self.aors.values().map(Vec::len).sum()
+    }
+
+    pub fn bindings_mut(&mut self) -> impl Iterator<Item = (&String, &mut Binding)> {
+        self.aors.iter_mut().flat_map(|(aor, l)| l.iter_mut().map(move |b| (aor, b)))
+    }
+
+    pub fn remove(&mut self, aor: &str, contact: &str) {
+        if let Some(list) = self.aors.get_mut(aor) {
+            list.retain(|b| b.contact != contact);
+            if list.is_empty() {
+                self.aors.remove(aor);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// Takes the "changed since last snapshot" flag.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, Binding)> {
+        self.aors.iter().flat_map(|(aor, l)| l.iter().map(move |b| (aor.clone(), b.clone()))).collect()
+    }
+
+    pub fn restore(&mut self, entries: Vec<(String, Binding)>, unix_now: u64) {
+        for (aor, b) in entries {
+            if b.expires_at > unix_now {
+                self.aors.entry(aor).or_default().push(b);
+            }
+        }
+    }
+}
+
+fn parse_q(v: &str) -> Option<u16> {
+    let f: f32 = v.parse().ok()?;
+    (0.0..=1.0).contains(&f).then(|| (f * 1000.0).round() as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const CFG: RegistrarConfig = RegistrarConfig {
+        default_expires: 3600,
+        min_expires: 60,
+        max_expires: 7200,
+    };
+
+    fn flow(port: u16) -> Flow {
+        Flow {
+            transport: Transport::Udp,
+            local: "203.0.113.1:5060".parse().expect("addr"),
+            remote: SocketAddr::from(([203, 0, 113, 9], port)),
+            conn: None,
+        }
+    }
+
+    fn register(cseq: u32, contact: &str, extra: &str) -> Message {
+        let s = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.7;branch=z9hG4bK{cseq}\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: reg1\r\nCSeq: {cseq} REGISTER\r\nContact: {contact}\r\n{extra}Content-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(s)).expect("scans")
+    }
+
+    #[test]
+    fn binding_is_added_refreshed_and_removed() {
+        let mut r = Registrar::new();
+        let aor = "alice@example.com";
+        let out = r.register(&CFG, 1000, aor, &register(1, "<sip:alice@10.0.0.2:5060>", ""), flow(40000), 30).expect("ok");
+        assert_eq!(out.bindings.len(), 1);
+        assert_eq!(out.bindings[0].expires_at, 1000 + 3600);
+        assert_eq!(out.bindings[0].remote.port(), 40000);
+        // Refresh from a new NAT mapping moves the flow.
+        let out = r
+            .register(&CFG, 1100, aor, &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""), flow(40001), 30)
+            .expect("ok");
+        assert_eq!(out.bindings.len(), 1);
+        assert_eq!(out.bindings[0].remote.port(), 40001);
+        assert_eq!(out.bindings[0].expires_at, 1220);
+        let out = r.register(&CFG, 1200, aor, &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"), flow(40001), 30).expect("ok");
+        assert!(out.bindings.is_empty());
+        assert_eq!(r.binding_count(), 0);
+    }
+
+    #[test]
+    fn too_brief_interval_gets_423_with_min_expires() {
+        let mut r = Registrar::new();
+        let err = r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=5", ""), flow(1), 30).expect_err("423");
+        assert_eq!(err.0.code, 423);
+        assert_eq!(err.1, vec!["Min-Expires: 60".to_owned()]);
+    }
+
+    #[test]
+    fn wildcard_removes_all_contacts() {
+        let mut r = Registrar::new();
+        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""), flow(1), 30).expect("ok");
+        assert_eq!(r.lookup("a@x", 1).len(), 2);
+        assert_eq!(r.lookup("a@x", 1)[1].q, 500);
+        let err = r.register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), 30).expect_err("needs Expires 0");
+        assert_eq!(err.0.code, 400);
+        r.register(&CFG, 1, "a@x", &register(3, "*", "Expires: 0\r\n"), flow(1), 30).expect("ok");
+        assert!(r.lookup("a@x", 2).is_empty());
+    }
+
+    #[test]
+    fn reordered_register_does_not_undo_a_newer_one() {
+        let mut r = Registrar::new();
+        r.register(&CFG, 0, "a@x", &register(5, "<sip:a@10.0.0.2>", ""), flow(1), 30).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"), flow(1), 30).expect("ok");
+        assert_eq!(r.lookup("a@x", 1).len(), 1);
+    }
+
+    #[test]
+    fn instance_id_identifies_the_binding_across_contact_changes() {
+        let mut r = Registrar::new();
+        let c1 = "<sip:a@10.0.0.2:5060>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
+        let c2 = "<sip:a@10.0.0.9:5062>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
+        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), 30).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), 30).expect("ok");
+        let b = r.lookup("a@x", 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].contact, "sip:a@10.0.0.9:5062");
+    }
+
+    #[test]
+    fn expired_bindings_are_dropped_and_snapshot_round_trips() {
+        let mut r = Registrar::new();
+        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=60", "Path: <sip:edge.example.com;lr>\r\n"), flow(1), 30)
+            .expect("ok");
+        let snap = r.snapshot();
+        let mut r2 = Registrar::new();
+        r2.restore(snap, 10);
+        assert_eq!(r2.lookup("a@x", 10)[0].path, vec!["<sip:edge.example.com;lr>".to_owned()]);
+        assert_eq!(r2.expire(61), 1);
+        assert_eq!(r2.binding_count(), 0);
+    }
+}
