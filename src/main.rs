@@ -1,1 +1,94 @@
-fn main() {}
+//! pinhole — a SIP/SDP-aware NAT traversal edge.
+//!
+//! This binary is the I/O shell: it reads the configuration, binds sockets, reads the
+//! clock and moves bytes between the network and the sans-IO cores in `pinhole-sip` and
+//! `pinhole-media`.
+
+mod config;
+mod server;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pinhole", version, about = "SIP/SDP-aware NAT traversal edge")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the public edge: SIP proxy/registrar (and, as they land, STUN, relay, ng).
+    Server {
+        /// Configuration file; without it the embedded config/pinhole.toml is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and print every error with its line and column.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Server { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            match load(config.as_deref()).and_then(server::run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pinhole: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<config::Config> {
+    let Some(path) = path else {
+        return Ok(config::Config::embedded());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    config::Config::parse(&text).map_err(|errs| {
+        let list: Vec<String> = errs
+            .iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect();
+        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
+    })
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    match config::Config::parse(&text) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            for e in errs {
+                eprintln!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

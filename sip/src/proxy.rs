@@ -91,11 +91,19 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.prefix))
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.prefix))
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -114,6 +122,8 @@ pub struct ProxyConfig {
     pub keepalive: Keepalive,
     pub keepalive_interval: Duration,
     pub max_body: usize,
+    /// Largest message accepted; larger requests get 513.
+    pub max_message: usize,
     /// Keys nonces and Record-Route flow tokens; keep it across restarts.
     pub secret: [u8; 32],
 }
@@ -248,6 +258,11 @@ impl Proxy {
         &mut self.registrar
     }
 
+    /// The secret keying nonces and Record-Route tokens (persisted by the shell).
+    pub fn secret(&self) -> [u8; 32] {
+        self.cfg.secret
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -284,7 +299,11 @@ impl Proxy {
                 return Err(g);
             }
         };
-        let msg = if flow.transport == Transport::Udp { msg.truncated_to_content_length() } else { msg };
+        let msg = if flow.transport == Transport::Udp {
+            msg.truncated_to_content_length()
+        } else {
+            msg
+        };
         if msg.is_request() {
             self.on_request(now, flow, msg);
         } else {
@@ -299,7 +318,9 @@ impl Proxy {
             if *t > now {
                 break;
             }
-            let Some(Reverse((_, r))) = self.timers.pop() else { break };
+            let Some(Reverse((_, r))) = self.timers.pop() else {
+                break;
+            };
             match r {
                 TimerRef::Server(k) => self.server_timer(now, &k),
                 TimerRef::Client(k) => self.client_timer(now, &k),
@@ -314,9 +335,18 @@ impl Proxy {
     // ---------------------------------------------------------------- requests
 
     fn on_request(&mut self, now: Instant, flow: Flow, msg: Message) {
-        let method = msg.method().cloned().unwrap_or(Method::Other(String::new()));
-        metrics::counter!("pinhole_sip_requests_total", "method" => method.as_str().to_owned()).increment(1);
-        if let Err(rej) = msg.validate_request(self.cfg.max_body) {
+        let method = msg
+            .method()
+            .cloned()
+            .unwrap_or(Method::Other(String::new()));
+        metrics::counter!("pinhole_sip_requests_total", "method" => method.as_str().to_owned())
+            .increment(1);
+        let checked = if msg.raw().len() > self.cfg.max_message {
+            Err(Rejection::new(513, "Message Too Large"))
+        } else {
+            msg.validate_request(self.cfg.max_body)
+        };
+        if let Err(rej) = checked {
             tracing::debug!(code = rej.code, reason = %rej.reason, "rejecting malformed request");
             if method != Method::Ack && msg.header(HeaderName::Via).is_some() {
                 let resp = msg.response(rej.code, &rej.reason, Some(&self.local_tag(&msg)), &[]);
@@ -336,8 +366,17 @@ impl Proxy {
                     st.state = SState::Confirmed;
                     st.retransmit_at = None;
                     st.timeout_at = None;
-                    st.cleanup_at = Some(now + if flow.transport == Transport::Udp { T4 } else { Duration::ZERO });
-                    self.timers.push(Reverse((st.cleanup_at.unwrap_or(now), TimerRef::Server(key))));
+                    st.cleanup_at = Some(
+                        now + if flow.transport == Transport::Udp {
+                            T4
+                        } else {
+                            Duration::ZERO
+                        },
+                    );
+                    self.timers.push(Reverse((
+                        st.cleanup_at.unwrap_or(now),
+                        TimerRef::Server(key),
+                    )));
                 }
                 return;
             }
@@ -387,7 +426,14 @@ impl Proxy {
         self.route_request(now, &key, flow, &msg, &method);
     }
 
-    fn route_request(&mut self, now: Instant, key: &str, flow: Flow, msg: &Message, method: &Method) {
+    fn route_request(
+        &mut self,
+        now: Instant,
+        key: &str,
+        flow: Flow,
+        msg: &Message,
+        method: &Method,
+    ) {
         // Max-Forwards (§16.3 step 3).
         if let Some(Ok(0)) = msg.max_forwards() {
             if *method == Method::Options && self.request_uri_is_us(msg) {
@@ -427,7 +473,11 @@ impl Proxy {
                 None => break,
             }
         }
-        let remaining: Vec<&str> = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
+        let remaining: Vec<&str> = routes
+            .iter()
+            .skip(strip.len())
+            .map(|(_, r)| msg.text(r.clone()))
+            .collect();
         // Only dialogs we record-routed ourselves (a valid token) skip authentication.
         let in_dialog = dialog.is_some() && msg.tag(HeaderName::To).is_some();
 
@@ -436,12 +486,25 @@ impl Proxy {
         let mut auth_user = None;
         if !in_dialog && !trusted {
             let register = *method == Method::Register;
-            let header = if register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
+            let header = if register {
+                HeaderName::Authorization
+            } else {
+                HeaderName::ProxyAuthorization
+            };
             let creds = msg.value_texts(header);
-            match self.auth.verify(now, flow.remote.ip(), method.as_str(), &creds) {
+            match self
+                .auth
+                .verify(now, flow.remote.ip(), method.as_str(), &creds)
+            {
                 Verdict::Authenticated(u) => auth_user = Some(u),
                 Verdict::RateLimited => {
-                    self.respond(now, key, 403, "Too Many Failed Authentication Attempts", &[]);
+                    self.respond(
+                        now,
+                        key,
+                        403,
+                        "Too Many Failed Authentication Attempts",
+                        &[],
+                    );
                     return;
                 }
                 v => {
@@ -451,8 +514,12 @@ impl Proxy {
                     } else {
                         (407, "Proxy Authentication Required", "Proxy-Authenticate")
                     };
-                    let hs: Vec<String> =
-                        self.auth.challenges(now, stale).into_iter().map(|c| format!("{hname}: {c}")).collect();
+                    let hs: Vec<String> = self
+                        .auth
+                        .challenges(now, stale)
+                        .into_iter()
+                        .map(|c| format!("{hname}: {c}"))
+                        .collect();
                     self.respond(now, key, code, reason, &hs);
                     return;
                 }
@@ -495,7 +562,9 @@ impl Proxy {
     ) -> Result<Vec<Target>, Rejection> {
         if let Some(next) = remaining.first() {
             let uri = uri_of(next);
-            let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
+            let f = self
+                .flow_for_uri(uri)
+                .ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
             return Ok(vec![Target {
                 flow: f,
                 request_uri: None,
@@ -541,7 +610,10 @@ impl Proxy {
             return Ok(bindings.iter().map(binding_target).collect());
         }
         let uri = msg.request_uri().unwrap_or("");
-        let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
+        let f = self.flow_for_uri(uri).ok_or(Rejection::new(
+            404,
+            "Not Found - Unresolvable Request-URI Host",
+        ))?;
         Ok(vec![Target {
             flow: f,
             request_uri: None,
@@ -550,7 +622,12 @@ impl Proxy {
     }
 
     fn side_matches(&self, side: (usize, SocketAddr), flow: Flow) -> bool {
-        side.1 == flow.remote && self.cfg.interfaces.get(side.0).is_some_and(|i| i.transport == flow.transport)
+        side.1 == flow.remote
+            && self
+                .cfg
+                .interfaces
+                .get(side.0)
+                .is_some_and(|i| i.transport == flow.transport)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -565,14 +642,21 @@ impl Proxy {
         record_route: bool,
         loop_hash: u64,
     ) {
-        let Some(out_iface) = self.interface_index(target.flow.transport, target.flow.local, target.flow.remote) else {
+        let Some(out_iface) =
+            self.interface_index(target.flow.transport, target.flow.local, target.flow.remote)
+        else {
             self.respond(now, key, 503, "No Interface For Transport", &[]);
             return;
         };
-        let in_iface = self.interface_index(in_flow.transport, in_flow.local, in_flow.remote).unwrap_or(out_iface);
+        let in_iface = self
+            .interface_index(in_flow.transport, in_flow.local, in_flow.remote)
+            .unwrap_or(out_iface);
         let mut flow = target.flow;
         flow.local = self.cfg.interfaces[out_iface].bind;
-        let branch = format!("{BRANCH_PREFIX}{loop_hash:016x}.{:08x}", self.rng.gen::<u32>());
+        let branch = format!(
+            "{BRANCH_PREFIX}{loop_hash:016x}.{:08x}",
+            self.rng.gen::<u32>()
+        );
 
         let mut e = Editor::new(msg);
         if let Some(uri) = &target.request_uri {
@@ -580,7 +664,11 @@ impl Proxy {
                 e.replace(r.clone(), uri.clone());
             }
         }
-        let via = format!("SIP/2.0/{} {};branch={branch}", flow.transport.via_token(), self.cfg.interfaces[out_iface].host_port());
+        let via = format!(
+            "SIP/2.0/{} {};branch={branch}",
+            flow.transport.via_token(),
+            self.cfg.interfaces[out_iface].host_port()
+        );
         e.prepend_header("Via", &via);
         if record_route {
             let token = self.encode_flows(DialogFlows {
@@ -602,7 +690,11 @@ impl Proxy {
             e.remove_value(*hi, r.clone());
         }
         fix_top_via(msg, &mut e, in_flow);
-        match msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
+        match msg
+            .headers
+            .iter()
+            .find(|h| h.name == HeaderName::MaxForwards)
+        {
             Some(h) => {
                 let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
                 e.replace(h.value.clone(), mf.saturating_sub(1).to_string());
@@ -642,9 +734,11 @@ impl Proxy {
             ack: None,
         };
         if let Some(t) = ct.retransmit_at {
-            self.timers.push(Reverse((t, TimerRef::Client(key.clone()))));
+            self.timers
+                .push(Reverse((t, TimerRef::Client(key.clone()))));
         }
-        self.timers.push(Reverse((now + TIMEOUT_64T1, TimerRef::Client(key.clone()))));
+        self.timers
+            .push(Reverse((now + TIMEOUT_64T1, TimerRef::Client(key.clone()))));
         self.client_txs.insert(key, ct);
     }
 
@@ -667,19 +761,30 @@ impl Proxy {
         if dialog.is_none() && !self.is_trusted(flow.remote.ip()) {
             return; // not a dialog we record-routed: never relay for strangers
         }
-        let remaining: Vec<&str> = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
+        let remaining: Vec<&str> = routes
+            .iter()
+            .skip(strip.len())
+            .map(|(_, r)| msg.text(r.clone()))
+            .collect();
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
         let Ok(targets) = self.targets(now, flow, msg, &remaining, dialog, to_us) else {
             return;
         };
-        let Some(target) = targets.into_iter().next() else { return };
-        let Some(iface) = self.interface_index(target.flow.transport, target.flow.local, target.flow.remote) else {
+        let Some(target) = targets.into_iter().next() else {
+            return;
+        };
+        let Some(iface) =
+            self.interface_index(target.flow.transport, target.flow.local, target.flow.remote)
+        else {
             return;
         };
         let mut out = target.flow;
         out.local = self.cfg.interfaces[iface].bind;
         let mut h = DefaultHasher::new();
-        msg.top_via().and_then(|v| v.params.get_val("branch").cloned()).map(|b| b.to_string()).hash(&mut h);
+        msg.top_via()
+            .and_then(|v| v.params.get_val("branch").cloned())
+            .map(|b| b.to_string())
+            .hash(&mut h);
         let branch = format!("{BRANCH_PREFIX}{:016x}.ack", h.finish());
         let mut e = Editor::new(msg);
         if let Some(uri) = &target.request_uri {
@@ -687,12 +792,20 @@ impl Proxy {
                 e.replace(r.clone(), uri.clone());
             }
         }
-        let via = format!("SIP/2.0/{} {};branch={branch}", out.transport.via_token(), self.cfg.interfaces[iface].host_port());
+        let via = format!(
+            "SIP/2.0/{} {};branch={branch}",
+            out.transport.via_token(),
+            self.cfg.interfaces[iface].host_port()
+        );
         e.prepend_header("Via", &via);
         for (hi, r) in &strip {
             e.remove_value(*hi, r.clone());
         }
-        if let Some(h) = msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
+        if let Some(h) = msg
+            .headers
+            .iter()
+            .find(|h| h.name == HeaderName::MaxForwards)
+        {
             let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
             if mf == 0 {
                 return;
@@ -726,7 +839,9 @@ impl Proxy {
 
     /// Sends CANCEL for a pending INVITE branch (§9.1), or remembers to once it rings.
     fn cancel_branch(&mut self, now: Instant, branch: &str) {
-        let Some(ct) = self.client_txs.get_mut(branch) else { return };
+        let Some(ct) = self.client_txs.get_mut(branch) else {
+            return;
+        };
         if ct.final_code.is_some() || ct.cancel_requested && ct.state != CState::Proceeding {
             return;
         }
@@ -745,7 +860,14 @@ impl Proxy {
         }
     }
 
-    fn on_register(&mut self, now: Instant, key: &str, flow: Flow, msg: &Message, auth_user: Option<&str>) {
+    fn on_register(
+        &mut self,
+        now: Instant,
+        key: &str,
+        flow: Flow,
+        msg: &Message,
+        auth_user: Option<&str>,
+    ) {
         let Some(to) = msg.name_addr(HeaderName::To) else {
             self.respond(now, key, 400, "Malformed To Header", &[]);
             return;
@@ -760,13 +882,21 @@ impl Proxy {
         };
         if let Some(a) = auth_user {
             if a != user {
-                self.respond(now, key, 403, "Forbidden - Credentials Do Not Match AOR", &[]);
+                self.respond(
+                    now,
+                    key,
+                    403,
+                    "Forbidden - Credentials Do Not Match AOR",
+                    &[],
+                );
                 return;
             }
         }
         let requires: Vec<&str> = msg.value_texts(HeaderName::Require);
-        let unsupported: Vec<&str> =
-            requires.into_iter().filter(|r| !["path", "outbound"].contains(&r.to_ascii_lowercase().as_str())).collect();
+        let unsupported: Vec<&str> = requires
+            .into_iter()
+            .filter(|r| !["path", "outbound"].contains(&r.to_ascii_lowercase().as_str()))
+            .collect();
         if !unsupported.is_empty() {
             let h = format!("Unsupported: {}", unsupported.join(", "));
             self.respond(now, key, 420, "Bad Extension", &[h]);
@@ -775,18 +905,28 @@ impl Proxy {
         let aor = format!("{user}@{}", self.cfg.domain);
         let unix = self.unix(now);
         let interval = self.cfg.keepalive_interval.as_secs().max(1);
-        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, interval) {
+        match self
+            .registrar
+            .register(&self.cfg.registrar, unix, &aor, msg, flow, interval)
+        {
             Ok(out) => {
                 let mut hs: Vec<String> = out
                     .bindings
                     .iter()
-                    .map(|b| format!("Contact: <{}>;expires={}", b.contact, b.expires_at.saturating_sub(unix)))
+                    .map(|b| {
+                        format!(
+                            "Contact: <{}>;expires={}",
+                            b.contact,
+                            b.expires_at.saturating_sub(unix)
+                        )
+                    })
                     .collect();
                 for p in msg.value_texts(HeaderName::Path) {
                     hs.push(format!("Path: {p}"));
                 }
                 hs.push("Supported: path, outbound".into());
-                metrics::gauge!("pinhole_registrar_bindings").set(self.registrar.binding_count() as f64);
+                metrics::gauge!("pinhole_registrar_bindings")
+                    .set(self.registrar.binding_count() as f64);
                 self.respond(now, key, 200, "OK", &hs);
             }
             Err((rej, hs)) => self.respond(now, key, rej.code, &rej.reason, &hs),
@@ -802,9 +942,17 @@ impl Proxy {
             self.stats.unmatched_responses += 1;
             return;
         };
-        let branch = via.params.get_val("branch").map(|b| b.to_string()).unwrap_or_default();
+        let branch = via
+            .params
+            .get_val("branch")
+            .map(|b| b.to_string())
+            .unwrap_or_default();
         let cancel = msg.cseq().is_some_and(|(_, m)| m == Method::Cancel);
-        let key = if cancel { format!("{branch};CANCEL") } else { branch.clone() };
+        let key = if cancel {
+            format!("{branch};CANCEL")
+        } else {
+            branch.clone()
+        };
         let Some(ct) = self.client_txs.get_mut(&key) else {
             self.stats.unmatched_responses += 1;
             return;
@@ -817,7 +965,8 @@ impl Proxy {
                 ct.retransmit_at = if invite { None } else { ct.retransmit_at };
                 if invite {
                     ct.timeout_at = Some(now + TIMER_C);
-                    self.timers.push(Reverse((now + TIMER_C, TimerRef::Client(key.clone()))));
+                    self.timers
+                        .push(Reverse((now + TIMER_C, TimerRef::Client(key.clone()))));
                 }
                 let cancel_now = invite && ct.cancel_requested;
                 if cancel_now {
@@ -879,7 +1028,8 @@ impl Proxy {
         }
         if let Some(ct) = self.client_txs.get(&key) {
             if let Some(c) = ct.cleanup_at {
-                self.timers.push(Reverse((c, TimerRef::Client(key.clone()))));
+                self.timers
+                    .push(Reverse((c, TimerRef::Client(key.clone()))));
             }
         }
         match owner {
@@ -893,9 +1043,16 @@ impl Proxy {
     /// (§16.7).
     fn branch_final(&mut self, now: Instant, sk: &str, branch: &str, msg: Message) {
         let code = msg.status().unwrap_or(500);
-        let Some(st) = self.server_txs.get_mut(sk) else { return };
+        let Some(st) = self.server_txs.get_mut(sk) else {
+            return;
+        };
         if (200..300).contains(&code) {
-            let others: Vec<String> = st.branches.iter().filter(|b| *b != branch).cloned().collect();
+            let others: Vec<String> = st
+                .branches
+                .iter()
+                .filter(|b| *b != branch)
+                .cloned()
+                .collect();
             self.forward_response(now, sk, &msg);
             for b in others {
                 self.cancel_branch(now, &b);
@@ -916,14 +1073,17 @@ impl Proxy {
     }
 
     fn maybe_finish(&mut self, now: Instant, sk: &str) {
-        let Some(st) = self.server_txs.get(sk) else { return };
+        let Some(st) = self.server_txs.get(sk) else {
+            return;
+        };
         if st.final_sent {
             return;
         }
-        let pending = st
-            .branches
-            .iter()
-            .any(|b| self.client_txs.get(b).is_some_and(|c| c.final_code.is_none()));
+        let pending = st.branches.iter().any(|b| {
+            self.client_txs
+                .get(b)
+                .is_some_and(|c| c.final_code.is_none())
+        });
         if pending {
             return;
         }
@@ -936,7 +1096,9 @@ impl Proxy {
     /// Sends a downstream response upstream through server transaction `sk`, without our Via.
     fn forward_response(&mut self, now: Instant, sk: &str, msg: &Message) {
         let code = msg.status().unwrap_or(500);
-        let Some((hi, r)) = msg.values(HeaderName::Via).into_iter().next() else { return };
+        let Some((hi, r)) = msg.values(HeaderName::Via).into_iter().next() else {
+            return;
+        };
         let mut e = Editor::new(msg);
         e.remove_value(hi, r);
         if code == 503 {
@@ -950,14 +1112,20 @@ impl Proxy {
 
     /// Builds and sends a local response on a server transaction.
     fn respond(&mut self, now: Instant, sk: &str, code: u16, reason: &str, extra: &[String]) {
-        let Some(st) = self.server_txs.get(sk) else { return };
+        let Some(st) = self.server_txs.get(sk) else {
+            return;
+        };
         let bytes = st.request.response(code, reason, Some(&st.to_tag), extra);
         self.send_on_server(now, sk, code, bytes);
     }
 
     fn send_on_server(&mut self, now: Instant, sk: &str, code: u16, bytes: Vec<u8>) {
-        let Some(st) = self.server_txs.get_mut(sk) else { return };
-        if st.final_sent && !(st.invite && (200..300).contains(&code) && st.state == SState::Accepted) {
+        let Some(st) = self.server_txs.get_mut(sk) else {
+            return;
+        };
+        if st.final_sent
+            && !(st.invite && (200..300).contains(&code) && st.state == SState::Accepted)
+        {
             return;
         }
         metrics::counter!("pinhole_sip_responses_total", "code" => code.to_string(), "direction" => "out").increment(1);
@@ -979,7 +1147,8 @@ impl Proxy {
             if udp {
                 st.retransmit_at = Some(now + T1);
                 st.interval = T1;
-                self.timers.push(Reverse((now + T1, TimerRef::Server(sk.to_owned()))));
+                self.timers
+                    .push(Reverse((now + T1, TimerRef::Server(sk.to_owned()))));
             }
             st.timeout_at = Some(now + TIMEOUT_64T1);
         } else {
@@ -988,19 +1157,25 @@ impl Proxy {
         }
         let next = [st.cleanup_at, st.timeout_at].into_iter().flatten().min();
         if let Some(t) = next {
-            self.timers.push(Reverse((t, TimerRef::Server(sk.to_owned()))));
+            self.timers
+                .push(Reverse((t, TimerRef::Server(sk.to_owned()))));
         }
     }
 
     fn send_response_stateless(&mut self, flow: Flow, bytes: Vec<u8>, code: u16) {
         metrics::counter!("pinhole_sip_responses_total", "code" => code.to_string(), "direction" => "out").increment(1);
-        self.out.push_back(Transmit { flow, payload: bytes });
+        self.out.push_back(Transmit {
+            flow,
+            payload: bytes,
+        });
     }
 
     // ---------------------------------------------------------------- timers
 
     fn server_timer(&mut self, now: Instant, key: &str) {
-        let Some(st) = self.server_txs.get_mut(key) else { return };
+        let Some(st) = self.server_txs.get_mut(key) else {
+            return;
+        };
         if st.cleanup_at.is_some_and(|t| t <= now) || st.timeout_at.is_some_and(|t| t <= now) {
             // Timer H, I, J or L: the transaction ends.
             self.server_txs.remove(key);
@@ -1016,12 +1191,17 @@ impl Proxy {
             }
             st.interval = (st.interval * 2).min(T2);
             st.retransmit_at = Some(now + st.interval);
-            self.timers.push(Reverse((now + st.interval, TimerRef::Server(key.to_owned()))));
+            self.timers.push(Reverse((
+                now + st.interval,
+                TimerRef::Server(key.to_owned()),
+            )));
         }
     }
 
     fn client_timer(&mut self, now: Instant, key: &str) {
-        let Some(ct) = self.client_txs.get_mut(key) else { return };
+        let Some(ct) = self.client_txs.get_mut(key) else {
+            return;
+        };
         if ct.cleanup_at.is_some_and(|t| t <= now) {
             // Timers D, K, M: absorb time over.
             self.client_txs.remove(key);
@@ -1033,7 +1213,10 @@ impl Proxy {
                 // Timer C: cancel the ringing branch; its 487 finishes it.
                 ct.timeout_at = Some(now + TIMEOUT_64T1);
                 ct.cancel_requested = false;
-                self.timers.push(Reverse((now + TIMEOUT_64T1, TimerRef::Client(key.to_owned()))));
+                self.timers.push(Reverse((
+                    now + TIMEOUT_64T1,
+                    TimerRef::Client(key.to_owned()),
+                )));
                 self.cancel_branch(now, key);
                 return;
             }
@@ -1053,17 +1236,23 @@ impl Proxy {
                 flow: ct.flow,
                 payload: ct.sent.raw().to_vec(),
             });
-            ct.interval = if ct.invite() { ct.interval * 2 } else { (ct.interval * 2).min(T2) };
+            ct.interval = if ct.invite() {
+                ct.interval * 2
+            } else {
+                (ct.interval * 2).min(T2)
+            };
             let next = now + ct.interval;
             ct.retransmit_at = Some(next);
-            self.timers.push(Reverse((next, TimerRef::Client(key.to_owned()))));
+            self.timers
+                .push(Reverse((next, TimerRef::Client(key.to_owned()))));
         }
     }
 
     fn housekeeping(&mut self, now: Instant) {
         let unix = self.unix(now);
         if self.registrar.expire(unix) > 0 {
-            metrics::gauge!("pinhole_registrar_bindings").set(self.registrar.binding_count() as f64);
+            metrics::gauge!("pinhole_registrar_bindings")
+                .set(self.registrar.binding_count() as f64);
         }
         self.auth.expire(now);
         metrics::gauge!("pinhole_sip_transactions").set(self.transaction_count() as f64);
@@ -1100,7 +1289,9 @@ impl Proxy {
             });
             return;
         }
-        let Some(iface) = self.interface_index(flow.transport, flow.local, flow.remote) else { return };
+        let Some(iface) = self.interface_index(flow.transport, flow.local, flow.remote) else {
+            return;
+        };
         let branch = format!("{BRANCH_PREFIX}ka.{:016x}", self.rng.gen::<u64>());
         let hp = self.cfg.interfaces[iface].host_port();
         let req = format!(
@@ -1181,7 +1372,10 @@ impl Proxy {
         let ours = format!("{BRANCH_PREFIX}{hash:016x}.");
         msg.vias().into_iter().flatten().any(|v| {
             let sent_by_us = self.host_is_us(&host_string(&v.sent_by.host), v.sent_by.port);
-            sent_by_us && v.params.get_val("branch").is_some_and(|b| b.starts_with(&ours))
+            sent_by_us
+                && v.params
+                    .get_val("branch")
+                    .is_some_and(|b| b.starts_with(&ours))
         })
     }
 
@@ -1190,12 +1384,16 @@ impl Proxy {
         self.cfg.interfaces.iter().any(|i| {
             let p = port.unwrap_or(i.transport.default_port());
             let adv = i.advertise.trim_start_matches('[').trim_end_matches(']');
-            p == i.bind.port() && (host.eq_ignore_ascii_case(adv) || host.parse::<IpAddr>().ok() == Some(i.bind.ip()))
+            p == i.bind.port()
+                && (host.eq_ignore_ascii_case(adv)
+                    || host.parse::<IpAddr>().ok() == Some(i.bind.ip()))
         })
     }
 
     fn request_uri_is_us(&self, msg: &Message) -> bool {
-        let Some(uri) = msg.request_sip_uri() else { return false };
+        let Some(uri) = msg.request_sip_uri() else {
+            return false;
+        };
         let host = host_string(&uri.host_port.host);
         host.eq_ignore_ascii_case(&self.cfg.domain) || self.host_is_us(&host, uri.host_port.port)
     }
@@ -1205,7 +1403,9 @@ impl Proxy {
         let uri = uri_of(route);
         let parsed = parse_sip_uri(uri)?;
         let host = host_string(&parsed.host_port.host);
-        if !(self.host_is_us(&host, parsed.host_port.port) || host.eq_ignore_ascii_case(&self.cfg.domain) && parsed.host_port.port.is_none()) {
+        if !(self.host_is_us(&host, parsed.host_port.port)
+            || host.eq_ignore_ascii_case(&self.cfg.domain) && parsed.host_port.port.is_none())
+        {
             return None;
         }
         Some(match parsed.user_part {
@@ -1293,22 +1493,37 @@ impl Proxy {
 
     /// The interface to send from: the one we received on for this transport, else the
     /// first of the transport and address family.
-    fn interface_index(&self, transport: Transport, local: SocketAddr, remote: SocketAddr) -> Option<usize> {
+    fn interface_index(
+        &self,
+        transport: Transport,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<usize> {
         let ifs = &self.cfg.interfaces;
         ifs.iter()
             .position(|i| i.transport == transport && i.bind == local)
-            .or_else(|| ifs.iter().position(|i| i.transport == transport && i.bind.is_ipv4() == remote.is_ipv4()))
+            .or_else(|| {
+                ifs.iter()
+                    .position(|i| i.transport == transport && i.bind.is_ipv4() == remote.is_ipv4())
+            })
             .or_else(|| ifs.iter().position(|i| i.transport == transport))
     }
 
     /// A flow to an IP-literal SIP URI (pinhole does no DNS).
     fn flow_for_uri(&self, uri: &str) -> Option<Flow> {
         let u = parse_sip_uri(uri)?;
-        let ip: IpAddr = host_string(&u.host_port.host).trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        let ip: IpAddr = host_string(&u.host_port.host)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?;
         let transport = if u.sips {
             Transport::Tls
         } else {
-            u.uri_params.get_val("transport").and_then(|t| Transport::from_param(t)).unwrap_or(Transport::Udp)
+            u.uri_params
+                .get_val("transport")
+                .and_then(|t| Transport::from_param(t))
+                .unwrap_or(Transport::Udp)
         };
         let port = u.host_port.port.unwrap_or(transport.default_port());
         let remote = SocketAddr::new(ip, port);
@@ -1385,7 +1600,9 @@ fn parse_sip_uri(uri: &str) -> Option<SipUri> {
 /// RFC 3581 §4 and RFC 3261 §18.2.1: record where the request really came from in the top
 /// Via, so responses can follow the NAT mapping.
 fn fix_top_via(msg: &Message, e: &mut Editor<'_>, flow: Flow) {
-    let Some((_, r)) = msg.values(HeaderName::Via).into_iter().next() else { return };
+    let Some((_, r)) = msg.values(HeaderName::Via).into_iter().next() else {
+        return;
+    };
     let Some(via) = msg.top_via() else { return };
     let text = msg.text(r.clone());
     let src_ip = flow.remote.ip().to_string();
@@ -1403,7 +1620,9 @@ fn fix_top_via(msg: &Message, e: &mut Editor<'_>, flow: Flow) {
         }
     }
     let sent_ip = host_string(&via.sent_by.host);
-    if sent_ip.trim_start_matches('[').trim_end_matches(']') != src_ip && via.params.get("received").is_none() {
+    if sent_ip.trim_start_matches('[').trim_end_matches(']') != src_ip
+        && via.params.get("received").is_none()
+    {
         out.push_str(&format!(";received={src_ip}"));
         changed = true;
     }
@@ -1432,8 +1651,14 @@ fn build_hop_request(invite: &Message, method: &str, to: Option<&str>) -> Vec<u8
         out.push_str(&format!("Route: {r}\r\n"));
     }
     out.push_str("Max-Forwards: 70\r\n");
-    out.push_str(&format!("From: {}\r\n", invite.header(HeaderName::From).unwrap_or("")));
-    out.push_str(&format!("To: {}\r\n", to.or(invite.header(HeaderName::To)).unwrap_or("")));
+    out.push_str(&format!(
+        "From: {}\r\n",
+        invite.header(HeaderName::From).unwrap_or("")
+    ));
+    out.push_str(&format!(
+        "To: {}\r\n",
+        to.or(invite.header(HeaderName::To)).unwrap_or("")
+    ));
     out.push_str(&format!("Call-ID: {}\r\n", invite.call_id().unwrap_or("")));
     let n = invite.cseq().map(|(n, _)| n).unwrap_or(1);
     out.push_str(&format!("CSeq: {n} {method}\r\nContent-Length: 0\r\n\r\n"));

@@ -1,0 +1,445 @@
+//! Configuration: TOML parsed once into typed structs. Unknown keys are errors.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use pinhole_sip::{Cidr, Transport};
+use serde::Deserialize;
+
+/// The embedded default (`config/pinhole.toml`).
+pub(crate) const DEFAULT_TOML: &str = include_str!("../config/pinhole.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) sip: Sip,
+    #[serde(default)]
+    pub(crate) auth: Auth,
+    #[serde(default)]
+    pub(crate) registrar: Registrar,
+    #[serde(default)]
+    pub(crate) nat: Nat,
+    #[serde(default)]
+    pub(crate) media: Media,
+    #[serde(default)]
+    pub(crate) ng: Ng,
+    #[serde(default)]
+    pub(crate) stun: Stun,
+    #[serde(default)]
+    pub(crate) metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Sip {
+    #[serde(default)]
+    pub(crate) listen: Vec<Listen>,
+    #[serde(default)]
+    pub(crate) advertise: Option<String>,
+    pub(crate) domain: String,
+    #[serde(default)]
+    pub(crate) tls: Option<Tls>,
+    /// Largest message accepted, in bytes (UDP datagram or stream frame).
+    #[serde(default = "default_max_message")]
+    pub(crate) max_message_size: usize,
+}
+
+fn default_max_message() -> usize {
+    65_535
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Tls {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+/// `transport:IP:PORT`, e.g. `udp:0.0.0.0:5060` or `tls:[::]:5061`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct Listen {
+    pub(crate) transport: Transport,
+    pub(crate) addr: SocketAddr,
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (t, a) = s
+            .split_once(':')
+            .ok_or_else(|| format!("listen `{s}` is not transport:IP:PORT"))?;
+        let transport = Transport::from_param(t)
+            .ok_or_else(|| format!("unknown transport `{t}` (udp, tcp or tls)"))?;
+        let addr = a.parse().map_err(|_| format!("`{a}` is not IP:PORT"))?;
+        Ok(Listen { transport, addr })
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.transport, self.addr)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct CidrSpec(pub(crate) Cidr);
+
+impl TryFrom<String> for CidrSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Cidr::parse(&s)
+            .map(CidrSpec)
+            .ok_or_else(|| format!("`{s}` is not an IP address or CIDR block"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Auth {
+    #[serde(default = "default_realm")]
+    pub(crate) realm: String,
+    #[serde(default)]
+    pub(crate) users: Vec<User>,
+    #[serde(default)]
+    pub(crate) trusted: Vec<CidrSpec>,
+}
+
+fn default_realm() -> String {
+    "pinhole".into()
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            realm: default_realm(),
+            users: vec![],
+            trusted: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct User {
+    pub(crate) user: String,
+    pub(crate) password: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Registrar {
+    pub(crate) default_expires: u32,
+    pub(crate) min_expires: u32,
+    pub(crate) max_expires: u32,
+    /// Path of the embedded registration store; empty keeps registrations in memory only.
+    pub(crate) store: PathBuf,
+}
+
+impl Default for Registrar {
+    fn default() -> Self {
+        Registrar {
+            default_expires: 3600,
+            min_expires: 60,
+            max_expires: 7200,
+            store: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum KeepaliveKind {
+    #[default]
+    Options,
+    Crlf,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Nat {
+    pub(crate) keepalive: KeepaliveKind,
+    /// Seconds between keepalives per binding.
+    pub(crate) keepalive_interval: u64,
+}
+
+impl Default for Nat {
+    fn default() -> Self {
+        Nat {
+            keepalive: KeepaliveKind::Options,
+            keepalive_interval: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum MediaModeSpec {
+    #[default]
+    Relay,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Media {
+    pub(crate) mode: MediaModeSpec,
+    pub(crate) interfaces: Vec<MediaInterface>,
+    pub(crate) port_min: u16,
+    pub(crate) port_max: u16,
+    /// Seconds without media before a call is ended.
+    pub(crate) timeout: u64,
+}
+
+impl Default for Media {
+    fn default() -> Self {
+        Media {
+            mode: MediaModeSpec::Relay,
+            interfaces: vec![],
+            port_min: 30000,
+            port_max: 39999,
+            timeout: 60,
+        }
+    }
+}
+
+/// Parsed now so configs stay valid; read by the media relay when it lands.
+#[allow(dead_code)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MediaInterface {
+    pub(crate) name: String,
+    pub(crate) bind: IpAddr,
+    pub(crate) advertise: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Ng {
+    pub(crate) listen: String,
+}
+
+/// Parsed now so configs stay valid; read by the STUN service when it lands.
+#[allow(dead_code)]
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Stun {
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) alternate: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Metrics {
+    pub(crate) listen: Option<SocketAddr>,
+}
+
+/// A configuration error with its position in the file (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConfigError {
+    pub(crate) line: usize,
+    pub(crate) column: usize,
+    pub(crate) message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "line {}, column {}: {}",
+            self.line, self.column, self.message
+        )
+    }
+}
+
+impl Config {
+    /// Parses and checks a whole file, returning every error found.
+    pub(crate) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            vec![ConfigError {
+                line,
+                column,
+                message: e.message().to_owned(),
+            }]
+        })?;
+        let errors = cfg.check(text);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub(crate) fn embedded() -> Config {
+        // The embedded default is checked by the `embedded_default_is_valid` test.
+        #[allow(clippy::expect_used)]
+        Config::parse(DEFAULT_TOML).expect("embedded config/pinhole.toml is valid")
+    }
+
+    /// Cross-field checks that serde cannot express.
+    fn check(&self, text: &str) -> Vec<ConfigError> {
+        let mut errs = Vec::new();
+        let mut err = |table: &str, key: &str, message: String| {
+            let (line, column) = locate(text, table, key);
+            errs.push(ConfigError {
+                line,
+                column,
+                message,
+            });
+        };
+        let r = &self.registrar;
+        if !(r.min_expires <= r.default_expires && r.default_expires <= r.max_expires) {
+            err(
+                "registrar",
+                "default_expires",
+                "need min_expires <= default_expires <= max_expires".into(),
+            );
+        }
+        if self
+            .sip
+            .listen
+            .iter()
+            .any(|l| l.transport == Transport::Tls)
+            && self.sip.tls.is_none()
+        {
+            err(
+                "sip",
+                "listen",
+                "a tls: listener needs [sip.tls] cert and key".into(),
+            );
+        }
+        if self.sip.domain.trim().is_empty() {
+            err("sip", "domain", "domain must not be empty".into());
+        }
+        if self.media.port_min > self.media.port_max || self.media.port_min < 1024 {
+            err(
+                "media",
+                "port_min",
+                "need 1024 <= port_min <= port_max".into(),
+            );
+        }
+        if self.nat.keepalive_interval == 0 {
+            err(
+                "nat",
+                "keepalive_interval",
+                "keepalive_interval must be at least 1 second".into(),
+            );
+        }
+        if !self.ng.listen.is_empty() && self.ng.listen.parse::<SocketAddr>().is_err() {
+            err(
+                "ng",
+                "listen",
+                format!("`{}` is not IP:PORT", self.ng.listen),
+            );
+        }
+        if let Some(adv) = &self.sip.advertise {
+            if adv.trim().is_empty() || adv.contains(char::is_whitespace) {
+                err(
+                    "sip",
+                    "advertise",
+                    "advertise must be an IP address or host name".into(),
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.sip.listen {
+            if !seen.insert((l.transport, l.addr)) {
+                err("sip", "listen", format!("{l} is listed twice"));
+            }
+        }
+        errs
+    }
+
+    /// The host to put in Via/Record-Route for a listener.
+    pub(crate) fn advertise_for(&self, l: &Listen) -> String {
+        match &self.sip.advertise {
+            Some(a) => a.clone(),
+            None if !l.addr.ip().is_unspecified() => l.addr.ip().to_string(),
+            None => "127.0.0.1".into(),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+/// Where `key` is set inside `[table]`, or where the table starts, or line 1.
+fn locate(text: &str, table: &str, key: &str) -> (usize, usize) {
+    let mut in_table = false;
+    let mut table_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            if in_table {
+                table_line = Some(i + 1);
+            }
+            continue;
+        }
+        if in_table && t.split('=').next().map(str::trim) == Some(key) {
+            return (i + 1, line.len() - line.trim_start().len() + 1);
+        }
+    }
+    (table_line.unwrap_or(1), 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_not_an_open_relay() {
+        let c = Config::parse(DEFAULT_TOML).expect("valid");
+        assert!(c.auth.users.is_empty(), "no default credentials");
+        let outside: IpAddr = "198.51.100.1".parse().expect("ip");
+        assert!(
+            c.auth.trusted.iter().all(|t| !t.0.contains(outside)),
+            "outside sources are challenged"
+        );
+        assert_eq!(c.ng.listen, "127.0.0.1:2223");
+        assert_eq!(
+            c.metrics.listen,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let text = "[sip]\ndomain = \"x\"\nlisten = []\nbogus = 1\n";
+        let errs = Config::parse(text).expect_err("unknown key");
+        assert_eq!(errs[0].line, 4);
+        assert!(errs[0].message.contains("bogus"), "{}", errs[0].message);
+    }
+
+    #[test]
+    fn bad_listen_spec_names_the_problem() {
+        let errs = Config::parse("[sip]\ndomain = \"x\"\nlisten = [\"sctp:1.2.3.4:5060\"]\n")
+            .expect_err("bad");
+        assert_eq!(errs[0].line, 3);
+        assert!(errs[0].message.contains("unknown transport `sctp`"));
+    }
+
+    #[test]
+    fn every_cross_field_error_is_reported() {
+        let text = "[sip]\ndomain = \"x\"\nlisten = [\"tls:127.0.0.1:5061\"]\n[registrar]\nmin_expires = 100\ndefault_expires = 10\n";
+        let errs = Config::parse(text).expect_err("bad");
+        assert_eq!(errs.len(), 2);
+        assert!(errs
+            .iter()
+            .any(|e| e.line == 6 && e.message.contains("default_expires")));
+        assert!(errs
+            .iter()
+            .any(|e| e.line == 3 && e.message.contains("tls")));
+    }
+}

@@ -1,0 +1,564 @@
+//! `pinhole server`: sockets, connections, timers and the store around the sans-IO proxy.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use pinhole_sip::stream::{Frame, Framer};
+use pinhole_sip::{
+    ConnId, Flow, Interface, Keepalive, Proxy, ProxyConfig, RegistrarConfig, Transmit, Transport,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::config::{Config, KeepaliveKind};
+use crate::store::Store;
+
+/// Frames queued per connection before the connection counts as stuck and is closed.
+const CONN_QUEUE: usize = 1024;
+
+struct Conn {
+    transport: Transport,
+    remote: SocketAddr,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Conns {
+    by_id: HashMap<ConnId, Conn>,
+    by_remote: HashMap<(Transport, SocketAddr), ConnId>,
+}
+
+struct Shared {
+    proxy: Mutex<Proxy>,
+    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    conns: Mutex<Conns>,
+    next_conn: AtomicU64,
+    wake: Notify,
+    max_message: usize,
+    /// The local address outbound TCP connections report as their flow's `local`.
+    tcp_local: Option<SocketAddr>,
+}
+
+impl Shared {
+    fn proxy(&self) -> MutexGuard<'_, Proxy> {
+        // A panic while holding the lock is a bug; keep serving with the state as it is.
+        self.proxy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conns(&self) -> MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    if let Some(addr) = cfg.metrics.listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics on /metrics");
+    }
+    let store = Store::new(&cfg.registrar.store);
+    let loaded = store.load()?;
+
+    let interfaces: Vec<Interface> = cfg
+        .sip
+        .listen
+        .iter()
+        .map(|l| Interface {
+            transport: l.transport,
+            bind: l.addr,
+            advertise: cfg.advertise_for(l),
+        })
+        .collect();
+    let pcfg = ProxyConfig {
+        domain: cfg.sip.domain.clone(),
+        interfaces,
+        realm: cfg.auth.realm.clone(),
+        users: cfg
+            .auth
+            .users
+            .iter()
+            .map(|u| (u.user.clone(), u.password.clone()))
+            .collect(),
+        trusted: cfg.auth.trusted.iter().map(|c| c.0).collect(),
+        registrar: RegistrarConfig {
+            default_expires: cfg.registrar.default_expires,
+            min_expires: cfg.registrar.min_expires,
+            max_expires: cfg.registrar.max_expires,
+        },
+        keepalive: match cfg.nat.keepalive {
+            KeepaliveKind::Options => Keepalive::Options,
+            KeepaliveKind::Crlf => Keepalive::Crlf,
+            KeepaliveKind::Off => Keepalive::Off,
+        },
+        keepalive_interval: Duration::from_secs(cfg.nat.keepalive_interval),
+        max_body: cfg.sip.max_message_size,
+        max_message: cfg.sip.max_message_size,
+        secret: loaded.secret,
+    };
+    let mut proxy = Proxy::new(pcfg, Instant::now().into_std(), unix_now(), rand::random());
+    let restored = loaded.bindings.len();
+    proxy.registrar_mut().restore(loaded.bindings, unix_now());
+    metrics::gauge!("pinhole_registrar_bindings").set(proxy.registrar().binding_count() as f64);
+    if restored > 0 {
+        tracing::info!(
+            restored,
+            "registrations restored from {}",
+            cfg.registrar.store.display()
+        );
+    }
+
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    let mut tls = Vec::new();
+    for l in &cfg.sip.listen {
+        match l.transport {
+            Transport::Udp => {
+                let s = UdpSocket::bind(l.addr)
+                    .await
+                    .with_context(|| format!("binding {l}"))?;
+                udp.push((l.addr, Arc::new(s)));
+            }
+            Transport::Tcp => tcp.push((
+                l.addr,
+                TcpListener::bind(l.addr)
+                    .await
+                    .with_context(|| format!("binding {l}"))?,
+            )),
+            Transport::Tls => tls.push((
+                l.addr,
+                TcpListener::bind(l.addr)
+                    .await
+                    .with_context(|| format!("binding {l}"))?,
+            )),
+        }
+        tracing::info!(listen = %l, "SIP listening");
+    }
+    let acceptor = match (&cfg.sip.tls, tls.is_empty()) {
+        (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
+        _ => None,
+    };
+    if cfg.media.mode != crate::config::MediaModeSpec::Off {
+        tracing::warn!("media relay, ng and STUN are configured but not part of this build yet; SDP passes untouched");
+    }
+
+    let shared = Arc::new(Shared {
+        proxy: Mutex::new(proxy),
+        tcp_local: tcp.first().map(|(a, _)| *a),
+        udp: udp.clone(),
+        conns: Mutex::new(Conns::default()),
+        next_conn: AtomicU64::new(1),
+        wake: Notify::new(),
+        max_message: cfg.sip.max_message_size,
+    });
+
+    for (local, sock) in udp {
+        tokio::spawn(udp_loop(shared.clone(), local, sock));
+    }
+    for (local, listener) in tcp {
+        tokio::spawn(accept_loop(
+            shared.clone(),
+            local,
+            listener,
+            Transport::Tcp,
+            None,
+        ));
+    }
+    if let Some(acceptor) = acceptor {
+        for (local, listener) in tls {
+            tokio::spawn(accept_loop(
+                shared.clone(),
+                local,
+                listener,
+                Transport::Tls,
+                Some(acceptor.clone()),
+            ));
+        }
+    }
+    tokio::spawn(timer_loop(shared.clone()));
+    tokio::spawn(store_loop(shared.clone(), store));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let (secret, snapshot) = {
+        let p = shared.proxy();
+        (p.secret(), p.registrar().snapshot())
+    };
+    Store::new(&cfg.registrar.store).save(&secret, snapshot)?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?,
+    ))
+    .with_context(|| format!("reading key from {}", key.display()))?
+    .ok_or_else(|| anyhow::anyhow!("no private key in {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("building the TLS configuration")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Feeds one message to the proxy and sends what it produces.
+fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
+    let mut out = Vec::new();
+    let ok = {
+        let mut p = shared.proxy();
+        let ok = p
+            .handle_input(Instant::now().into_std(), flow, data)
+            .is_ok();
+        while let Some(t) = p.poll_transmit() {
+            out.push(t);
+        }
+        ok
+    };
+    shared.wake.notify_one();
+    dispatch(shared, out);
+    ok
+}
+
+fn dispatch(shared: &Arc<Shared>, out: Vec<Transmit>) {
+    for t in out {
+        match t.flow.transport {
+            Transport::Udp => send_udp(shared, t),
+            Transport::Tcp | Transport::Tls => send_stream(shared, t),
+        }
+    }
+}
+
+fn send_udp(shared: &Arc<Shared>, t: Transmit) {
+    let sock = shared
+        .udp
+        .iter()
+        .find(|(a, _)| *a == t.flow.local)
+        .or_else(|| {
+            shared
+                .udp
+                .iter()
+                .find(|(a, _)| a.is_ipv4() == t.flow.remote.is_ipv4())
+        })
+        .map(|(_, s)| s.clone());
+    let Some(sock) = sock else {
+        tracing::debug!(remote = %t.flow.remote, "no UDP socket for this address family");
+        return;
+    };
+    match sock.try_send_to(&t.payload, t.flow.remote) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            tokio::spawn(async move {
+                let _ = sock.send_to(&t.payload, t.flow.remote).await;
+            });
+        }
+        Err(e) => tracing::debug!(remote = %t.flow.remote, error = %e, "UDP send failed"),
+    }
+}
+
+fn send_stream(shared: &Arc<Shared>, t: Transmit) {
+    let tx = {
+        let conns = shared.conns();
+        t.flow
+            .conn
+            .and_then(|id| conns.by_id.get(&id))
+            .or_else(|| {
+                conns
+                    .by_remote
+                    .get(&(t.flow.transport, t.flow.remote))
+                    .and_then(|id| conns.by_id.get(id))
+            })
+            .filter(|c| c.transport == t.flow.transport && c.remote == t.flow.remote)
+            .map(|c| c.tx.clone())
+    };
+    if let Some(tx) = tx {
+        if tx.try_send(t.payload).is_err() {
+            tracing::warn!(remote = %t.flow.remote, "connection queue full; message dropped");
+        }
+        return;
+    }
+    match t.flow.transport {
+        Transport::Tcp => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                match TcpStream::connect(t.flow.remote).await {
+                    Ok(stream) => {
+                        let local = shared.tcp_local.unwrap_or(t.flow.local);
+                        let (id, rx) = register_conn(&shared, Transport::Tcp, t.flow.remote);
+                        let _ = shared
+                            .conns()
+                            .by_id
+                            .get(&id)
+                            .map(|c| c.tx.try_send(t.payload));
+                        run_conn(shared, stream, Transport::Tcp, local, t.flow.remote, id, rx)
+                            .await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(remote = %t.flow.remote, error = %e, "TCP connect failed")
+                    }
+                }
+            });
+        }
+        _ => {
+            tracing::debug!(remote = %t.flow.remote, "no TLS connection to this peer; outbound TLS is not supported")
+        }
+    }
+}
+
+async fn udp_loop(shared: Arc<Shared>, local: SocketAddr, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, remote) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors surface here on some systems; keep serving.
+                tracing::debug!(error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        let flow = Flow {
+            transport: Transport::Udp,
+            local,
+            remote,
+            conn: None,
+        };
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        if n == 4 && &data[..] == b"\r\n\r\n"
+            || n <= 2 && data.iter().all(|b| b.is_ascii_whitespace())
+        {
+            continue; // NAT keepalives from phones
+        }
+        if !handle(&shared, flow, data) {
+            tracing::debug!(%remote, "UDP garbage dropped");
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    local: SocketAddr,
+    listener: TcpListener,
+    transport: Transport,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let (id, rx) = register_conn(&shared, transport, remote);
+            match tls {
+                None => run_conn(shared, stream, transport, local, remote, id, rx).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => run_conn(shared, s, transport, local, remote, id, rx).await,
+                        _ => {
+                            tracing::debug!(%remote, "TLS handshake failed");
+                            unregister_conn(&shared, id);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn register_conn(
+    shared: &Arc<Shared>,
+    transport: Transport,
+    remote: SocketAddr,
+) -> (ConnId, mpsc::Receiver<Vec<u8>>) {
+    let id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::channel(CONN_QUEUE);
+    let mut conns = shared.conns();
+    conns.by_id.insert(
+        id,
+        Conn {
+            transport,
+            remote,
+            tx,
+        },
+    );
+    conns.by_remote.insert((transport, remote), id);
+    metrics::gauge!("pinhole_sip_connections").set(conns.by_id.len() as f64);
+    (id, rx)
+}
+
+fn unregister_conn(shared: &Arc<Shared>, id: ConnId) {
+    let mut conns = shared.conns();
+    if let Some(c) = conns.by_id.remove(&id) {
+        if conns.by_remote.get(&(c.transport, c.remote)) == Some(&id) {
+            conns.by_remote.remove(&(c.transport, c.remote));
+        }
+    }
+    metrics::gauge!("pinhole_sip_connections").set(conns.by_id.len() as f64);
+}
+
+async fn run_conn<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    transport: Transport,
+    local: SocketAddr,
+    remote: SocketAddr,
+    id: ConnId,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        while let Some(buf) = rx.recv().await {
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let flow = Flow {
+        transport,
+        local,
+        remote,
+        conn: Some(id),
+    };
+    let mut framer = Framer::new(shared.max_message);
+    let mut buf = vec![0u8; 16 * 1024];
+    'conn: loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        framer.extend(&buf[..n]);
+        loop {
+            match framer.next_frame() {
+                Ok(None) => break,
+                Ok(Some(Frame::Message(m))) => {
+                    if !handle(&shared, flow, m) {
+                        tracing::debug!(%remote, "garbage on stream; closing");
+                        break 'conn;
+                    }
+                }
+                Ok(Some(Frame::Ping)) => {
+                    let tx = shared.conns().by_id.get(&id).map(|c| c.tx.clone());
+                    if let Some(tx) = tx {
+                        let _ = tx.try_send(b"\r\n".to_vec());
+                    }
+                }
+                Ok(Some(Frame::Pong)) => {}
+                Err(e) => {
+                    metrics::counter!("pinhole_sip_garbage_total", "transport" => transport.to_string()).increment(1);
+                    tracing::debug!(%remote, error = %e, "bad stream framing; closing");
+                    break 'conn;
+                }
+            }
+        }
+    }
+    unregister_conn(&shared, id);
+    writer.abort();
+}
+
+async fn timer_loop(shared: Arc<Shared>) {
+    loop {
+        let deadline = shared.proxy().poll_timeout();
+        let sleep_until = deadline
+            .map(Instant::from_std)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep_until(sleep_until) => {}
+            _ = shared.wake.notified() => continue,
+        }
+        let mut out = Vec::new();
+        {
+            let mut p = shared.proxy();
+            p.handle_timeout(Instant::now().into_std());
+            while let Some(t) = p.poll_transmit() {
+                out.push(t);
+            }
+        }
+        dispatch(&shared, out);
+    }
+}
+
+async fn store_loop(shared: Arc<Shared>, store: Store) {
+    let store = Arc::new(store);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let snapshot = {
+            let mut p = shared.proxy();
+            if !p.registrar_mut().take_dirty() {
+                continue;
+            }
+            (p.secret(), p.registrar().snapshot())
+        };
+        let store = store.clone();
+        let res = tokio::task::spawn_blocking(move || store.save(&snapshot.0, snapshot.1)).await;
+        if let Ok(Err(e)) = res {
+            tracing::error!(error = %e, "saving registrations failed");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The embedded registration store: a snapshot file rewritten atomically (write, fsync,
+//! rename) at most once a second while registrations change. A `kill -9` therefore loses
+//! at most the last second of changes. It also keeps the secret that keys nonces and
+//! Record-Route tokens, so dialogs survive a restart.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use pinhole_sip::Binding;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    version: u32,
+    secret: String,
+    bindings: Vec<Entry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    aor: String,
+    #[serde(flatten)]
+    binding: Binding,
+}
+
+pub(crate) struct Store {
+    path: Option<PathBuf>,
+}
+
+pub(crate) struct Loaded {
+    pub(crate) secret: [u8; 32],
+    pub(crate) bindings: Vec<(String, Binding)>,
+}
+
+impl Store {
+    pub(crate) fn new(path: &Path) -> Store {
+        Store {
+            path: (!path.as_os_str().is_empty()).then(|| path.to_owned()),
+        }
+    }
+
+    /// Reads the snapshot, or starts fresh with a new secret.
+    pub(crate) fn load(&self) -> anyhow::Result<Loaded> {
+        let fresh = || Loaded {
+            secret: rand::random(),
+            bindings: vec![],
+        };
+        let Some(path) = &self.path else {
+            return Ok(fresh());
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(fresh()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let snap: Snapshot =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut secret = [0u8; 32];
+        let bytes = decode_hex(&snap.secret).context("store secret is not 64 hex digits")?;
+        if bytes.len() != 32 {
+            anyhow::bail!("store secret is not 64 hex digits");
+        }
+        secret.copy_from_slice(&bytes);
+        Ok(Loaded {
+            secret,
+            bindings: snap
+                .bindings
+                .into_iter()
+                .map(|e| (e.aor, e.binding))
+                .collect(),
+        })
+    }
+
+    pub(crate) fn save(
+        &self,
+        secret: &[u8; 32],
+        bindings: Vec<(String, Binding)>,
+    ) -> anyhow::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let snap = Snapshot {
+            version: 1,
+            secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
+            bindings: bindings
+                .into_iter()
+                .map(|(aor, binding)| Entry { aor, binding })
+                .collect(),
+        };
+        let tmp = path.with_extension("tmp");
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec(&snap)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
