@@ -163,7 +163,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         _ => None,
     };
     if cfg.media.mode != crate::config::MediaModeSpec::Off {
-        tracing::warn!("media relay, ng and STUN are configured but not part of this build yet; SDP passes untouched");
+        tracing::warn!(
+            stun = ?cfg.stun.listen,
+            ng = %cfg.ng.listen,
+            "media relay, ng and STUN are configured but not part of this build yet; SDP passes untouched"
+        );
     }
 
     let shared = Arc::new(Shared {

@@ -556,7 +556,7 @@ impl Message {
         let text = self.text(uri.clone());
         use ezk_sip_types::parse::Parse;
         match ezk_sip_types::uri::SipUri::parse(&self.raw)(text) {
-            Ok((rest, u)) if rest.is_empty() => Some(u),
+            Ok(("", u)) => Some(u),
             _ => None,
         }
     }

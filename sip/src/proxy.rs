@@ -339,8 +339,12 @@ impl Proxy {
             .method()
             .cloned()
             .unwrap_or(Method::Other(String::new()));
-        metrics::counter!("pinhole_sip_requests_total", "method" => method.as_str().to_owned())
-            .increment(1);
+        metrics::counter!(
+            "pinhole_sip_requests_total",
+            "method" => method.as_str().to_owned(),
+            "transport" => flow.transport.to_string()
+        )
+        .increment(1);
         let checked = if msg.raw().len() > self.cfg.max_message {
             Err(Rejection::new(513, "Message Too Large"))
         } else {
@@ -436,7 +440,10 @@ impl Proxy {
     ) {
         // Max-Forwards (§16.3 step 3).
         if let Some(Ok(0)) = msg.max_forwards() {
-            if *method == Method::Options && self.request_uri_is_us(msg) {
+            if *method == Method::Options
+                && self.request_uri_is_us(msg)
+                && request_user(msg).is_none()
+            {
                 self.respond(now, key, 200, "OK", &self.options_headers());
             } else {
                 self.respond(now, key, 483, "Too Many Hops", &[]);
@@ -1591,7 +1598,7 @@ fn parse_sip_uri(uri: &str) -> Option<SipUri> {
     let src = Bytes::copy_from_slice(uri.as_bytes());
     let text = std::str::from_utf8(&src).ok()?;
     let parsed = match SipUri::parse(&src)(text) {
-        Ok((rest, u)) if rest.is_empty() => Some(u),
+        Ok(("", u)) => Some(u),
         _ => None,
     };
     parsed

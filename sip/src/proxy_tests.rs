@@ -203,7 +203,7 @@ fn reply(req: &Transmit, code: u16, reason: &str, to_tag: &str) -> String {
         code,
         reason,
         Some(to_tag),
-        &[format!("Contact: <sip:callee@10.0.0.2:5060>")],
+        &["Contact: <sip:callee@10.0.0.2:5060>".to_owned()],
     );
     let mut s = String::from_utf8(resp).expect("utf8");
     // Echo Record-Route as a UAS does (§12.1.1).
@@ -357,9 +357,7 @@ Content-Length: 0
         "a forged token buys no free relaying"
     );
     assert_eq!(out[0].flow.remote, addr("198.51.100.1:5060"));
-    let ack = bye
-        .replace("BYE", "ACK")
-        .replace("CSeq: 1 ACK", "CSeq: 1 ACK");
+    let ack = bye.replace("BYE", "ACK");
     assert!(
         lab.send(udp("198.51.100.1:5060"), &ack).is_empty(),
         "a forged ACK is dropped"

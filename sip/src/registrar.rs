@@ -228,7 +228,7 @@ impl Registrar {
                     .collect()
             })
             .unwrap_or_default();
-        v.sort_by(|a, b| b.q.cmp(&a.q));
+        v.sort_by_key(|b| std::cmp::Reverse(b.q));
         v
     }
 

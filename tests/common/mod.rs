@@ -1,0 +1,476 @@
+//! Helpers shared by the integration tests: a pinhole process with its own config and
+//! ports, real sipp runs, and small raw-socket clients. Every process a test starts is
+//! stopped by PID when its handle drops.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn sipp_dir() -> PathBuf {
+    repo().join("config/sipp")
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A port free for both UDP and TCP on 127.0.0.1, distinct across tests in this process.
+pub fn free_port() -> u16 {
+    if NEXT_PORT.load(Ordering::Relaxed) == 0 {
+        let base = 20000 + (std::process::id() % 400) as u16 * 20;
+        let _ = NEXT_PORT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    loop {
+        let p = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let p = if p > 29990 { 20000 + p % 1000 } else { p };
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "pinhole-test-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `pinhole server`.
+pub struct Pinhole {
+    child: Option<Child>,
+    pub config: PathBuf,
+    pub sip_port: u16,
+    pub tls_port: u16,
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+pub struct PinholeOptions {
+    pub tls: bool,
+    pub extra: String,
+    pub trusted: Vec<String>,
+    pub listen_ip: String,
+    pub store: Option<PathBuf>,
+    pub keepalive: &'static str,
+    /// Extra lines for the [sip] table.
+    pub sip_extra: String,
+}
+
+impl Default for PinholeOptions {
+    fn default() -> Self {
+        PinholeOptions {
+            tls: false,
+            extra: String::new(),
+            trusted: vec!["127.0.0.0/8".into()],
+            listen_ip: "127.0.0.1".into(),
+            store: None,
+            keepalive: "off",
+            sip_extra: String::new(),
+        }
+    }
+}
+
+impl Pinhole {
+    pub fn start(dir: &TempDir, opts: PinholeOptions) -> Pinhole {
+        let sip_port = free_port();
+        let tls_port = free_port();
+        let metrics_port = free_port();
+        let ip = &opts.listen_ip;
+        let mut listen = vec![
+            format!("\"udp:{ip}:{sip_port}\""),
+            format!("\"tcp:{ip}:{sip_port}\""),
+        ];
+        let mut tls = String::new();
+        if opts.tls {
+            let (cert, key) = self_signed(dir.path());
+            listen.push(format!("\"tls:{ip}:{tls_port}\""));
+            tls = format!(
+                "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                cert.display(),
+                key.display()
+            );
+        }
+        let store = opts
+            .store
+            .clone()
+            .unwrap_or_else(|| dir.path().join("store.json"));
+        let trusted: Vec<String> = opts.trusted.iter().map(|t| format!("\"{t}\"")).collect();
+        let config = format!(
+            "[sip]\nlisten = [{}]\ndomain = \"pinhole.test\"\n{}\n{tls}\n[auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\ntrusted = [{}]\n[registrar]\nstore = \"{}\"\n[nat]\nkeepalive = \"{}\"\nkeepalive_interval = 5\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{}\n",
+            listen.join(", "),
+            opts.sip_extra,
+            trusted.join(", "),
+            store.display(),
+            opts.keepalive,
+            opts.extra,
+        );
+        let path = dir.path().join(format!("pinhole-{sip_port}.toml"));
+        std::fs::write(&path, config).expect("write config");
+        let log = dir.path().join(format!("pinhole-{sip_port}.log"));
+        let mut p = Pinhole {
+            child: None,
+            config: path,
+            sip_port,
+            tls_port,
+            metrics_port,
+            log,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pinhole"))
+            .args(["server", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,pinhole_sip=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pinhole");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.metrics().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("pinhole did not start:\n{}", self.log_text());
+    }
+
+    pub fn sip(&self) -> String {
+        format!("127.0.0.1:{}", self.sip_port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// The /metrics text, or None if it is not being served.
+    pub fn metrics(&self) -> Option<String> {
+        http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
+    }
+
+    /// The value of one metric line (exact name with labels), or 0.
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    pub fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.metric(name) == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Pinhole {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
+            .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// A self-signed certificate for 127.0.0.1 made with Debian's openssl.
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success(), "openssl failed");
+    (cert, key)
+}
+
+/// A background process stopped by PID on drop.
+pub struct Bg(pub Option<Child>);
+
+impl Bg {
+    pub fn wait_output(mut self, timeout: Duration) -> Output {
+        let mut child = self.0.take().expect("child");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return child.wait_with_output().expect("output");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait_with_output().expect("output");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A sipp command whose screen output goes to `out` (a pipe nobody reads would fill and
+/// stall sipp).
+pub fn sipp_command(args: &[&str], out: &Path) -> Command {
+    let mut c = Command::new("sipp");
+    let f = std::fs::File::create(out).expect("sipp output file");
+    let f2 = f.try_clone().expect("clone");
+    c.current_dir(sipp_dir())
+        .args(args)
+        .arg("-nostdin")
+        .stdout(f)
+        .stderr(f2);
+    c
+}
+
+/// Starts a sipp callee that registers `user` and answers with the out-of-call scenario.
+pub fn sipp_callee(
+    target: &str,
+    user: &str,
+    port: u16,
+    transport: &str,
+    ooc: &str,
+    hold_ms: u32,
+    err_file: &Path,
+) -> Bg {
+    sipp_callee_via(target, None, user, port, transport, ooc, hold_ms, err_file)
+}
+
+/// Like [`sipp_callee`], but sending through `via` (sipp's -rsa) while addressing `target`.
+#[allow(clippy::too_many_arguments)]
+pub fn sipp_callee_via(
+    target: &str,
+    via: Option<&str>,
+    user: &str,
+    port: u16,
+    transport: &str,
+    ooc: &str,
+    hold_ms: u32,
+    err_file: &Path,
+) -> Bg {
+    let hold = hold_ms.to_string();
+    let port = port.to_string();
+    let mut c = sipp_command(
+        &[
+            "-sf",
+            "register_and_answer.xml",
+            "-oocsf",
+            ooc,
+            "-s",
+            user,
+            "-m",
+            "1",
+            "-d",
+            &hold,
+            "-p",
+            &port,
+            "-i",
+            "127.0.0.1",
+            "-t",
+            transport,
+            "-max_socket",
+            "100",
+            "-trace_err",
+            "-error_file",
+        ],
+        &err_file.with_extension("out"),
+    );
+    c.arg(err_file);
+    if let Some(v) = via {
+        c.args(["-rsa", v]);
+    }
+    c.arg(target);
+    Bg(Some(
+        c.spawn()
+            .expect("sipp (package sip-tester) must be installed"),
+    ))
+}
+
+/// Runs a sipp caller to completion and returns (exit status ok, successful, failed, output).
+pub fn sipp_caller(
+    target: &str,
+    user: &str,
+    scenario: &str,
+    calls: u32,
+    transport: &str,
+    err_file: &Path,
+) -> (bool, u32, u32, String) {
+    sipp_caller_via(target, None, user, scenario, calls, transport, err_file)
+}
+
+pub fn sipp_caller_via(
+    target: &str,
+    via: Option<&str>,
+    user: &str,
+    scenario: &str,
+    calls: u32,
+    transport: &str,
+    err_file: &Path,
+) -> (bool, u32, u32, String) {
+    let port = free_port().to_string();
+    let calls_s = calls.to_string();
+    let mut c = sipp_command(
+        &[
+            "-sf",
+            scenario,
+            "-s",
+            user,
+            "-m",
+            &calls_s,
+            "-r",
+            "20",
+            "-p",
+            &port,
+            "-i",
+            "127.0.0.1",
+            "-t",
+            transport,
+            "-timeout",
+            "30s",
+            "-trace_err",
+            "-error_file",
+        ],
+        &err_file.with_extension("out"),
+    );
+    c.arg(err_file);
+    if let Some(v) = via {
+        c.args(["-rsa", v]);
+    }
+    c.arg(target);
+    let out = Bg(Some(c.spawn().expect("sipp"))).wait_output(Duration::from_secs(40));
+    let text = std::fs::read_to_string(err_file.with_extension("out")).unwrap_or_default();
+    let count = |label: &str| -> u32 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split('|').nth(2))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let errors = std::fs::read_to_string(err_file).unwrap_or_default();
+    (
+        out.status.success(),
+        count("Successful call"),
+        count("Failed call"),
+        format!("{text}\n--- errors ---\n{errors}"),
+    )
+}
+
+/// Sends one datagram and collects the replies that arrive within `wait`.
+pub fn udp_exchange(target: &str, payload: &[u8], wait: Duration) -> Vec<String> {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.send_to(payload, target).expect("send");
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 65536];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    out
+}
+
+pub fn local(addr: &str) -> SocketAddr {
+    addr.parse().expect("addr")
+}
+
+/// Reads lines of a child's stderr until one contains `needle`.
+pub fn wait_for_line(r: impl Read, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut br = BufReader::new(r);
+    let mut line = String::new();
+    while Instant::now() < deadline {
+        line.clear();
+        match br.read_line(&mut line) {
+            Ok(0) => return false,
+            Ok(_) if line.contains(needle) => return true,
+            _ => {}
+        }
+    }
+    false
+}
