@@ -1,1 +1,144 @@
-fn main() {}
+//! `cargo xtask test | bench sip | fuzz` — project automation.
+//!
+//! `test` installs the real peers the suites drive (Debian packages, as root), then runs
+//! every tier: unit and property tests, loopback tests with sipp, and the
+//! network-namespace NAT labs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+mod bench;
+
+/// Debian packages the test tiers need, by the command that proves each is there.
+const PEERS: &[(&str, &str)] = &[
+    ("sipp", "sip-tester"),
+    ("baresip", "baresip"),
+    ("kamailio", "kamailio"),
+    ("nft", "nftables"),
+    ("ip", "iproute2"),
+    ("socat", "socat"),
+    ("openssl", "openssl"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(),
+        Some("bench") => bench::run(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
+        Some("install-peers") => install_peers(),
+        _ => {
+            eprintln!("usage: cargo xtask test | bench sip [--rate N --calls N] | fuzz [SECONDS] | install-peers");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+pub(crate) fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+fn install_peers() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PEERS
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    let extra_missing = !Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules/rtpengine.so")
+        .exists()
+        && !Path::new("/usr/lib/kamailio/modules/rtpengine.so").exists();
+    let mut pkgs: Vec<&str> = missing;
+    if extra_missing {
+        pkgs.push("kamailio-extra-modules");
+    }
+    if pkgs.is_empty() {
+        println!("xtask: test peers present");
+        return Ok(());
+    }
+    if !is_root() {
+        anyhow::bail!(
+            "missing packages {pkgs:?}; run as root so they can be installed with apt-get"
+        );
+    }
+    println!("xtask: installing {pkgs:?}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn test() -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    install_peers()?;
+    println!("xtask: tier 1-2: unit and property tests");
+    run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    println!("xtask: tier 3-4: loopback tests with sipp, network-namespace NAT labs with baresip");
+    run(cargo()
+        .args(["test", "--workspace", "--tests"])
+        .env("RUST_TEST_THREADS", "4"))?;
+    println!("xtask: all tiers passed in {:.0?}", t0.elapsed());
+    Ok(())
+}
+
+fn fuzz(args: &[String]) -> anyhow::Result<()> {
+    let secs = args.first().map(String::as_str).unwrap_or("60");
+    if !have("cargo-fuzz") {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    run(cargo()
+        .current_dir(root().join("fuzz"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "fuzz",
+            "run",
+            "sip_message",
+            "--",
+            &format!("-max_total_time={secs}"),
+        ]))
+}

@@ -1,0 +1,320 @@
+//! `cargo xtask bench sip`: sipp UAC → proxy → sipp UAS at fixed rates, through pinhole and
+//! through Kamailio 5.6 in the same run. CPU time is read from /proc for the proxy's
+//! processes only, so the figure is CPU per call, not wall time.
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{have, root};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    rate: u32,
+    calls: u32,
+    ok: u32,
+    failed: u32,
+    cpu_us_per_call: f64,
+}
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("sip") => sip(&args[1..]),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: sip"),
+    }
+}
+
+fn arg(args: &[String], name: &str, default: u32) -> u32 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    for p in 41000..42000u16 {
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
+    40999
+}
+
+/// utime + stime of `pid` and its direct children, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(p) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // Fields after the ")" of comm: state ppid ... utime(14) stime(15), 1-based overall.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if p == pid || ppid == pid {
+            let ut: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let st: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += ut + st;
+        }
+    }
+    total
+}
+
+fn ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
+    let f = std::fs::File::create(log)?;
+    Ok(Command::new("sipp")
+        .current_dir(root().join("config/sipp"))
+        .args(args)
+        .arg("-nostdin")
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()?)
+}
+
+fn sipp_count(text: &str, label: &str) -> u32 {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .and_then(|l| l.split('|').nth(2))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One run at `rate` calls/s against a proxy at `target` whose CPU is read from `pid`.
+fn load(
+    target: &str,
+    pid: u32,
+    rate: u32,
+    calls: u32,
+    user: &str,
+    dir: &Path,
+) -> anyhow::Result<Outcome> {
+    let uas_port = free_port().to_string();
+    let hold = ((calls / rate.max(1)) * 1000 + 8000).to_string();
+    let uas = sipp(
+        &[
+            "-sf",
+            "register_and_answer.xml",
+            "-oocsf",
+            "uas.xml",
+            "-s",
+            user,
+            "-m",
+            "1",
+            "-d",
+            &hold,
+            "-p",
+            &uas_port,
+            "-i",
+            "127.0.0.1",
+            "-max_socket",
+            "60000",
+            target,
+        ],
+        &dir.join(format!("uas-{user}.log")),
+    )?;
+    let _uas = Proc(uas);
+    std::thread::sleep(Duration::from_millis(800));
+    let uac_log = dir.join(format!("uac-{user}.log"));
+    let t0 = cpu_ticks(pid);
+    let rate_s = rate.to_string();
+    let calls_s = calls.to_string();
+    let uac_port = free_port().to_string();
+    let mut uac = sipp(
+        &[
+            "-sf",
+            "uac_bench.xml",
+            "-s",
+            user,
+            "-r",
+            &rate_s,
+            "-m",
+            &calls_s,
+            "-p",
+            &uac_port,
+            "-i",
+            "127.0.0.1",
+            "-max_socket",
+            "60000",
+            "-timeout",
+            "60s",
+            "-trace_err",
+            "-error_file",
+            &dir.join(format!("uac-{user}.err")).display().to_string(),
+            target,
+        ],
+        &uac_log,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(u64::from(calls / rate.max(1)) + 70);
+    while uac.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = uac.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = uac.wait();
+    // Let the last transactions settle before reading CPU.
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = cpu_ticks(pid);
+    let text = std::fs::read_to_string(&uac_log).unwrap_or_default();
+    let ok = sipp_count(&text, "Successful call");
+    let failed = sipp_count(&text, "Failed call");
+    let cpu_us = (t1.saturating_sub(t0)) as f64 / ticks_per_sec() * 1e6;
+    Ok(Outcome {
+        rate,
+        calls,
+        ok,
+        failed,
+        cpu_us_per_call: if ok > 0 {
+            cpu_us / f64::from(ok)
+        } else {
+            f64::NAN
+        },
+    })
+}
+
+fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
+    crate::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "--release", "--quiet", "--bin", "pinhole"]),
+    )?;
+    let cfg = dir.join("pinhole-bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[metrics]\n"
+        ),
+    )?;
+    let child = Command::new(root().join("target/release/pinhole"))
+        .args(["server", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pinhole.log"))?)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Proc(child))
+}
+
+fn start_kamailio(dir: &Path, port: u16) -> anyhow::Result<Proc> {
+    let template = std::fs::read_to_string(root().join("config/kamailio/proxy.cfg"))?;
+    let cfg = dir.join("kamailio-bench.cfg");
+    std::fs::write(
+        &cfg,
+        template.replace("__LISTEN__", &format!("udp:127.0.0.1:{port}")),
+    )?;
+    let child = Command::new("kamailio")
+        .args(["-f"])
+        .arg(&cfg)
+        .args(["-DD", "-E", "-m", "512", "-M", "32", "-w"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("kamailio.log"))?)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok(Proc(child))
+}
+
+fn sip(args: &[String]) -> anyhow::Result<()> {
+    for cmd in ["sipp", "kamailio"] {
+        if !have(cmd) {
+            anyhow::bail!("{cmd} is not installed; run `cargo xtask install-peers` as root");
+        }
+    }
+    let seconds = arg(args, "--seconds", 6);
+    let rates: Vec<u32> = match arg(args, "--rate", 0) {
+        0 => vec![250, 500, 1000, 1500, 2000],
+        r => vec![r],
+    };
+    let dir = std::env::temp_dir().join(format!("pinhole-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut rows = Vec::new();
+    for (name, start) in [
+        (
+            "pinhole",
+            start_pinhole as fn(&Path, u16) -> anyhow::Result<Proc>,
+        ),
+        ("kamailio", start_kamailio),
+    ] {
+        for &rate in &rates {
+            let port = free_port();
+            let proxy = start(&dir, port)?;
+            let o = load(
+                &format!("127.0.0.1:{port}"),
+                proxy.0.id(),
+                rate,
+                rate * seconds,
+                &format!("b{rate}"),
+                &dir,
+            )?;
+            println!(
+                "{name:9} rate {:5}/s calls {:6} ok {:6} failed {:4} cpu {:7.1} us/call",
+                o.rate, o.calls, o.ok, o.failed, o.cpu_us_per_call
+            );
+            rows.push((name, o));
+            drop(proxy);
+        }
+    }
+    println!("\nsummary (CPU µs per call INVITE…BYE, same machine, same run):");
+    for &rate in &rates {
+        let get = |n: &str| {
+            rows.iter()
+                .find(|(name, o)| *name == n && o.rate == rate)
+                .map(|(_, o)| *o)
+        };
+        if let (Some(p), Some(k)) = (get("pinhole"), get("kamailio")) {
+            println!(
+                "  {rate:5}/s  pinhole {:7.1} µs ({} failed)  kamailio {:7.1} µs ({} failed)  ratio kamailio/pinhole {:.2}x",
+                p.cpu_us_per_call,
+                p.failed,
+                k.cpu_us_per_call,
+                k.failed,
+                k.cpu_us_per_call / p.cpu_us_per_call
+            );
+        }
+    }
+    for n in ["pinhole", "kamailio"] {
+        let best = rows
+            .iter()
+            .filter(|(name, o)| *name == n && o.failed == 0 && o.ok == o.calls)
+            .map(|(_, o)| o.rate)
+            .max();
+        println!(
+            "  highest clean rate {n}: {}",
+            best.map_or("none".into(), |r| format!("{r}/s"))
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
