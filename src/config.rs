@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use pinhole_sip::auth::Algorithm;
 use pinhole_sip::{Cidr, Transport};
 use serde::Deserialize;
 
@@ -105,6 +106,28 @@ pub(crate) struct Auth {
     pub(crate) users: Vec<User>,
     #[serde(default)]
     pub(crate) trusted: Vec<CidrSpec>,
+    /// Digest algorithms offered, in challenge order: "MD5", "SHA-256".
+    #[serde(default = "default_algorithms")]
+    pub(crate) algorithms: Vec<AlgorithmSpec>,
+}
+
+/// MD5 only by default: libre-based phones (baresip 1.0 in Debian) fail with "Function not
+/// implemented" as soon as any challenge names an algorithm they lack, even next to MD5.
+fn default_algorithms() -> Vec<AlgorithmSpec> {
+    vec![AlgorithmSpec(Algorithm::Md5)]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct AlgorithmSpec(pub(crate) Algorithm);
+
+impl TryFrom<String> for AlgorithmSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Algorithm::from_name(&s)
+            .map(AlgorithmSpec)
+            .ok_or_else(|| format!("unknown digest algorithm `{s}` (MD5 or SHA-256)"))
+    }
 }
 
 fn default_realm() -> String {
@@ -117,6 +140,7 @@ impl Default for Auth {
             realm: default_realm(),
             users: vec![],
             trusted: vec![],
+            algorithms: default_algorithms(),
         }
     }
 }

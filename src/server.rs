@@ -104,6 +104,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .iter()
             .map(|u| (u.user.clone(), u.password.clone()))
             .collect(),
+        auth_algorithms: cfg.auth.algorithms.iter().map(|a| a.0).collect(),
         trusted: cfg.auth.trusted.iter().map(|c| c.0).collect(),
         registrar: RegistrarConfig {
             default_expires: cfg.registrar.default_expires,

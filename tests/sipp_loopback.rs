@@ -304,6 +304,7 @@ fn untrusted_register_is_challenged_and_wrong_aor_forbidden() {
         &dir,
         PinholeOptions {
             trusted: vec![],
+            auth_extra: "algorithms = [\"SHA-256\", \"MD5\"]".into(),
             ..Default::default()
         },
     );

@@ -25,6 +25,15 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Parses the RFC 8760 algorithm token.
+    pub fn from_name(s: &str) -> Option<Algorithm> {
+        match s.to_ascii_uppercase().as_str() {
+            "MD5" => Some(Algorithm::Md5),
+            "SHA-256" => Some(Algorithm::Sha256),
+            _ => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Algorithm::Md5 => "MD5",
@@ -160,6 +169,7 @@ pub struct Authenticator {
     secret: [u8; 32],
     epoch: Instant,
     failures: HashMap<IpAddr, Failures>,
+    algorithms: Vec<Algorithm>,
 }
 
 impl Authenticator {
@@ -175,7 +185,19 @@ impl Authenticator {
             secret,
             epoch,
             failures: HashMap::new(),
+            algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
         }
+    }
+
+    /// Which algorithms to offer, in the order the challenges are sent. Many deployed
+    /// phones (libre/baresip 1.0 among them) answer only the first challenge and give up
+    /// if they cannot compute it, so the default puts MD5 first; RFC 8760 §2.4 order is
+    /// `[Sha256, Md5]`. Credentials are accepted only in an offered algorithm.
+    pub fn with_algorithms(mut self, algorithms: Vec<Algorithm>) -> Self {
+        if !algorithms.is_empty() {
+            self.algorithms = algorithms;
+        }
+        self
     }
 
     pub fn realm(&self) -> &str {
@@ -198,12 +220,12 @@ impl Authenticator {
         format!("{issued:x}.{}", self.mac(issued))
     }
 
-    /// The challenge header values to send, SHA-256 first (RFC 8760 §2.4), then MD5 for
-    /// older user agents.
+    /// The challenge header values to send, one per offered algorithm.
     pub fn challenges(&self, now: Instant, stale: bool) -> Vec<String> {
         let nonce = self.nonce(now);
-        [Algorithm::Sha256, Algorithm::Md5]
-            .into_iter()
+        self.algorithms
+            .iter()
+            .copied()
             .map(|alg| {
                 format!(
                     "Digest realm=\"{}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
@@ -271,6 +293,9 @@ impl Authenticator {
             Some("SHA-256") => Algorithm::Sha256,
             _ => return Verdict::Failed,
         };
+        if !self.algorithms.contains(&alg) {
+            return Verdict::Failed;
+        }
         let expected = digest_response(alg, &c.username, &self.realm, password, method, c);
         if !constant_time_eq(
             expected.as_bytes(),
@@ -428,11 +453,24 @@ mod tests {
     }
 
     #[test]
-    fn challenge_offers_sha256_first() {
+    fn challenges_follow_the_configured_order() {
         let t0 = Instant::now();
-        let a = auth(t0);
+        let a = auth(t0).with_algorithms(vec![Algorithm::Sha256, Algorithm::Md5]);
         let c = a.challenges(t0, true);
         assert!(c[0].contains("algorithm=SHA-256") && c[0].contains("stale=true"));
         assert!(c[1].contains("algorithm=MD5"));
+        let d = auth(t0).challenges(t0, false);
+        assert!(d[0].contains("algorithm=MD5") && !d[0].contains("stale"));
+    }
+
+    #[test]
+    fn algorithm_not_offered_is_refused() {
+        let t0 = Instant::now();
+        let mut a = auth(t0).with_algorithms(vec![Algorithm::Sha256]);
+        let h = answer(&a, t0, Algorithm::Md5, "secret");
+        assert_eq!(
+            a.verify(t0, [198, 51, 100, 1].into(), "REGISTER", &[&h]),
+            Verdict::Failed
+        );
     }
 }

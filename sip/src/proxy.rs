@@ -117,6 +117,8 @@ pub struct ProxyConfig {
     pub interfaces: Vec<Interface>,
     pub realm: String,
     pub users: Vec<(String, String)>,
+    /// Digest algorithms offered, in challenge order.
+    pub auth_algorithms: Vec<crate::auth::Algorithm>,
     pub trusted: Vec<Cidr>,
     pub registrar: RegistrarConfig,
     pub keepalive: Keepalive,
@@ -233,7 +235,8 @@ impl Proxy {
     /// `unix_now` is the wall clock at `now`, used for registration expiry that survives
     /// restarts; `seed` makes branches and tags reproducible in tests.
     pub fn new(cfg: ProxyConfig, now: Instant, unix_now: u64, seed: u64) -> Proxy {
-        let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, now);
+        let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, now)
+            .with_algorithms(cfg.auth_algorithms.clone());
         Proxy {
             auth,
             cfg,
@@ -917,6 +920,13 @@ impl Proxy {
             .register(&self.cfg.registrar, unix, &aor, msg, flow, interval)
         {
             Ok(out) => {
+                tracing::info!(
+                    %aor,
+                    remote = %flow.remote,
+                    transport = %flow.transport,
+                    bindings = out.bindings.len(),
+                    "registered"
+                );
                 let mut hs: Vec<String> = out
                     .bindings
                     .iter()

@@ -60,6 +60,7 @@ impl Lab {
                 ("bob".into(), "pw-b".into()),
                 ("carol".into(), "pw-c".into()),
             ],
+            auth_algorithms: vec![crate::auth::Algorithm::Sha256, crate::auth::Algorithm::Md5],
             trusted: vec![Cidr::parse("203.0.113.50/32").expect("cidr")],
             registrar: RegistrarConfig {
                 default_expires: 3600,

@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -74,7 +76,8 @@ pub struct Pinhole {
 
 pub struct PinholeOptions {
     pub tls: bool,
-    pub extra: String,
+    /// Extra lines for the [auth] table.
+    pub auth_extra: String,
     pub trusted: Vec<String>,
     pub listen_ip: String,
     pub store: Option<PathBuf>,
@@ -87,7 +90,7 @@ impl Default for PinholeOptions {
     fn default() -> Self {
         PinholeOptions {
             tls: false,
-            extra: String::new(),
+            auth_extra: String::new(),
             trusted: vec!["127.0.0.0/8".into()],
             listen_ip: "127.0.0.1".into(),
             store: None,
@@ -123,13 +126,13 @@ impl Pinhole {
             .unwrap_or_else(|| dir.path().join("store.json"));
         let trusted: Vec<String> = opts.trusted.iter().map(|t| format!("\"{t}\"")).collect();
         let config = format!(
-            "[sip]\nlisten = [{}]\ndomain = \"pinhole.test\"\n{}\n{tls}\n[auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\ntrusted = [{}]\n[registrar]\nstore = \"{}\"\n[nat]\nkeepalive = \"{}\"\nkeepalive_interval = 5\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{}\n",
+            "[sip]\nlisten = [{}]\ndomain = \"pinhole.test\"\n{}\n{tls}\n[auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\ntrusted = [{}]\n{}\n[registrar]\nstore = \"{}\"\n[nat]\nkeepalive = \"{}\"\nkeepalive_interval = 5\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             listen.join(", "),
             opts.sip_extra,
             trusted.join(", "),
+            opts.auth_extra,
             store.display(),
             opts.keepalive,
-            opts.extra,
         );
         let path = dir.path().join(format!("pinhole-{sip_port}.toml"));
         std::fs::write(&path, config).expect("write config");

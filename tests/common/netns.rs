@@ -1,0 +1,189 @@
+//! Network-namespace NAT labs: LAN host → NAT box (the Linux kernel's own NAT via
+//! nftables) → WAN namespace. Addresses are RFC 5737 only: 203.0.113.0/24 is the "internet",
+//! 198.51.100.0/25 the private LAN. Every namespace name is unique to the test and removed
+//! on drop; stale ones from crashed runs are removed at start.
+
+#![allow(dead_code)]
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const WAN_SERVER: &str = "203.0.113.1";
+pub const NAT_WAN: &str = "203.0.113.2";
+pub const NAT_LAN: &str = "198.51.100.1";
+pub const LAN_HOST: &str = "198.51.100.10";
+
+/// The NAT behaviour of the box (DESIGN.md recipes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// Linux `masquerade`: endpoint-independent mapping, port-restricted filtering.
+    PortRestricted,
+    /// `masquerade random`: address- and port-dependent mapping with random ports.
+    SymmetricRandom,
+}
+
+pub struct NatLab {
+    pub wan: String,
+    pub nat: String,
+    pub lan: String,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+const PREFIX: &str = "phl";
+
+fn ip(args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ip (iproute2) must be installed")
+}
+
+fn must(args: &[&str]) {
+    let out = ip(args);
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a command inside a namespace and insists it succeeds.
+pub fn ns_exec(ns: &str, cmd: &[&str]) -> Output {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "in {ns}: {}: {}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Removes namespaces left by test processes that no longer exist.
+fn remove_stale() {
+    let out = ip(&["netns", "list"]);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: u32 = rest
+            .split('x')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if pid != 0 && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", name]);
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{name}"));
+        }
+    }
+}
+
+impl NatLab {
+    pub fn new(kind: NatKind) -> NatLab {
+        remove_stale();
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let lab = NatLab {
+            wan: format!("{id}w"),
+            nat: format!("{id}n"),
+            lan: format!("{id}l"),
+        };
+        for ns in [&lab.wan, &lab.nat, &lab.lan] {
+            // Resolvers inside the lab point at the namespace's own loopback, so nothing
+            // ever tries the host's nameserver.
+            let etc = format!("/etc/netns/{ns}");
+            std::fs::create_dir_all(&etc).expect("/etc/netns");
+            std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n")
+                .expect("resolv.conf");
+            must(&["netns", "add", ns]);
+            ns_exec(ns, &["ip", "link", "set", "lo", "up"]);
+        }
+        // veth names are per-namespace, so the fixed names below never collide.
+        must(&[
+            "link", "add", "wan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0",
+            "netns", &lab.wan,
+        ]);
+        must(&[
+            "link", "add", "lan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0",
+            "netns", &lab.lan,
+        ]);
+        ns_exec(
+            &lab.wan,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{WAN_SERVER}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        ns_exec(&lab.wan, &["ip", "link", "set", "eth0", "up"]);
+        ns_exec(
+            &lab.nat,
+            &["ip", "addr", "add", &format!("{NAT_WAN}/24"), "dev", "wan0"],
+        );
+        ns_exec(
+            &lab.nat,
+            &["ip", "addr", "add", &format!("{NAT_LAN}/25"), "dev", "lan0"],
+        );
+        ns_exec(&lab.nat, &["ip", "link", "set", "wan0", "up"]);
+        ns_exec(&lab.nat, &["ip", "link", "set", "lan0", "up"]);
+        ns_exec(&lab.nat, &["sysctl", "-q", "net.ipv4.ip_forward=1"]);
+        ns_exec(
+            &lab.lan,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{LAN_HOST}/25"),
+                "dev",
+                "eth0",
+            ],
+        );
+        ns_exec(&lab.lan, &["ip", "link", "set", "eth0", "up"]);
+        ns_exec(&lab.lan, &["ip", "route", "add", "default", "via", NAT_LAN]);
+        let masq = match kind {
+            NatKind::PortRestricted => "masquerade",
+            NatKind::SymmetricRandom => "masquerade random",
+        };
+        // The WAN input drop keeps early inbound packets from being accepted by the box
+        // itself (DESIGN.md: without it punching fails every time).
+        let rules = format!(
+            "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    oifname \"wan0\" {masq}\n  }}\n}}\n\
+             table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n}}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{id}.nft"));
+        std::fs::write(&path, rules).expect("write nft rules");
+        ns_exec(&lab.nat, &["nft", "-f", &path.display().to_string()]);
+        let _ = std::fs::remove_file(path);
+        lab
+    }
+
+    /// A command to run inside `ns`.
+    pub fn command(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        for ns in [&self.lan, &self.nat, &self.wan] {
+            let _ = ip(&["netns", "del", ns]);
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
+        }
+    }
+}

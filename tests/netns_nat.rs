@@ -1,0 +1,196 @@
+//! Tier 4: a real softphone (baresip) behind the Linux kernel's NAT registers to pinhole on
+//! the WAN side, and a sipp caller on the WAN side calls it through pinhole.
+//! Needs root (network namespaces); `cargo xtask test` runs it as root.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{NatKind, NatLab, LAN_HOST, NAT_WAN, WAN_SERVER};
+use common::{sipp_dir, TempDir};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An 8 kHz mono 16-bit WAV tone, as baresip's aufile source wants.
+fn tone_wav(path: &std::path::Path, hz: f64) {
+    let rate = 8000u32;
+    let samples: Vec<i16> = (0..rate * 5)
+        .map(|i| {
+            (8000.0 * (2.0 * std::f64::consts::PI * hz * f64::from(i) / f64::from(rate)).sin())
+                as i16
+        })
+        .collect();
+    let data_len = (samples.len() * 2) as u32;
+    let mut f = std::fs::File::create(path).expect("wav");
+    f.write_all(b"RIFF").expect("w");
+    f.write_all(&(36 + data_len).to_le_bytes()).expect("w");
+    f.write_all(b"WAVEfmt ").expect("w");
+    f.write_all(&16u32.to_le_bytes()).expect("w");
+    f.write_all(&1u16.to_le_bytes()).expect("w");
+    f.write_all(&1u16.to_le_bytes()).expect("w");
+    f.write_all(&rate.to_le_bytes()).expect("w");
+    f.write_all(&(rate * 2).to_le_bytes()).expect("w");
+    f.write_all(&2u16.to_le_bytes()).expect("w");
+    f.write_all(&16u16.to_le_bytes()).expect("w");
+    f.write_all(b"data").expect("w");
+    f.write_all(&data_len.to_le_bytes()).expect("w");
+    for s in samples {
+        f.write_all(&s.to_le_bytes()).expect("w");
+    }
+}
+
+fn wait_for(path: &std::path::Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
+    let dir = TempDir::new("netns");
+    let lab = NatLab::new(NatKind::PortRestricted);
+
+    // pinhole on the WAN side. Only the sipp box address is trusted; the phone authenticates.
+    let cfg = dir.path().join("pinhole.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\", \"tcp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
+             [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}]\ntrusted = [\"{WAN_SERVER}/32\"]\n\
+             [registrar]\nstore = \"{}\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 2\n[metrics]\n",
+            dir.path().join("store.json").display()
+        ),
+    )
+    .expect("config");
+    let ph_log = dir.path().join("pinhole.log");
+    let _pinhole = Killed(
+        NatLab::command(&lab.wan, env!("CARGO_BIN_EXE_pinhole"))
+            .args(["server", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&ph_log).expect("log"))
+            .spawn()
+            .expect("pinhole"),
+    );
+    assert!(
+        wait_for(&ph_log, "SIP listening", Duration::from_secs(10)),
+        "pinhole did not start"
+    );
+
+    // baresip on the LAN, auto-answering.
+    let bdir = dir.path().join("baresip");
+    std::fs::create_dir_all(&bdir).expect("dir");
+    let wav = bdir.join("tone.wav");
+    tone_wav(&wav, 440.0);
+    std::fs::write(
+        bdir.join("config"),
+        format!(
+            "poll_method epoll\nsip_listen {LAN_HOST}:5060\nmodule_path /usr/lib/baresip/modules\n\
+             module g711.so\nmodule aufile.so\nmodule alsa.so\nmodule_app account.so\n\
+             audio_player alsa,null\naudio_alert alsa,null\naudio_source aufile,{}\n",
+            wav.display()
+        ),
+    )
+    .expect("config");
+    std::fs::write(
+        bdir.join("accounts"),
+        format!("<sip:alice@{WAN_SERVER}>;auth_pass=alice-pw;regint=60;answermode=auto;audio_codecs=PCMU\n"),
+    )
+    .expect("accounts");
+    let b_log = dir.path().join("baresip.log");
+    let _baresip = Killed(
+        NatLab::command(&lab.lan, "baresip")
+            .arg("-f")
+            .arg(&bdir)
+            .args(["-t", "60", "-v"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&b_log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("baresip must be installed"),
+    );
+
+    // Registered, and from the NAT's public address, not the phone's private one.
+    assert!(
+        wait_for(&ph_log, "registered", Duration::from_secs(15)),
+        "baresip never registered\n{}\n{}",
+        std::fs::read_to_string(&ph_log).unwrap_or_default(),
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(&ph_log).unwrap_or_default();
+    let reg_line = log
+        .lines()
+        .find(|l| l.contains("registered"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reg_line.contains(&format!("{NAT_WAN}:")),
+        "binding is on the NAT mapping: {reg_line}"
+    );
+
+    // Keepalive OPTIONS cross the NAT and are answered, so the binding stays.
+    std::thread::sleep(Duration::from_secs(5));
+
+    // sipp on the WAN calls alice; baresip answers; sipp hangs up.
+    let err = dir.path().join("uac.err");
+    let out_file = dir.path().join("uac.out");
+    let status = NatLab::command(&lab.wan, "sipp")
+        .current_dir(sipp_dir())
+        .args([
+            "-sf", "uac.xml", "-s", "alice", "-m", "1", "-p", "5070", "-i", WAN_SERVER, "-timeout",
+            "20s", "-nostdin",
+        ])
+        .args(["-trace_err", "-error_file"])
+        .arg(&err)
+        .arg(format!("{WAN_SERVER}:5060"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_file).expect("out"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("sipp");
+    let sipp_out = std::fs::read_to_string(&out_file).unwrap_or_default();
+    assert!(
+        status.success(),
+        "call through the NAT failed\n{sipp_out}\n{}\n--- pinhole ---\n{}\n--- baresip ---\n{}",
+        std::fs::read_to_string(&err).unwrap_or_default(),
+        std::fs::read_to_string(&ph_log).unwrap_or_default(),
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
+    // baresip saw the call established and then closed by the BYE.
+    assert!(
+        wait_for(&b_log, "Call established", Duration::from_secs(5)),
+        "{}",
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
+    // libre reports a BYE from the far end as "session closed: Connection reset by peer".
+    assert!(
+        wait_for(&b_log, "session closed", Duration::from_secs(5)),
+        "{}",
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
+    assert!(
+        !std::fs::read_to_string(&ph_log)
+            .unwrap_or_default()
+            .contains("binding expired"),
+        "keepalives kept the binding"
+    );
+}
