@@ -709,3 +709,45 @@ fn oversized_request_gets_513_and_oversized_body_413() {
     assert_eq!(parse(&out[0]).status(), Some(513));
     assert_eq!(parse(&out[0]).reason(), "Message Too Large");
 }
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEED: &str = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKp;rport\r\nMax-Forwards: 70\r\nRoute: <sip:ph00@203.0.113.1;lr>\r\nTo: <sip:bob@example.com>\r\nFrom: \"A\" <sip:a@x>;tag=1\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContact: <sip:a@203.0.113.50>;+sip.instance=\"<urn:uuid:1>\"\r\nContent-Length: 3\r\n\r\nv=0";
+
+    proptest! {
+        /// Arbitrary mutations of a valid request never panic the proxy, from a trusted
+        /// or an untrusted source, and whatever it sends is itself scannable SIP.
+        #[test]
+        fn mutated_requests_never_panic(
+            cuts in proptest::collection::vec((0usize..400, any::<u8>()), 0..8),
+            trusted in any::<bool>(),
+        ) {
+            let mut bytes = SEED.as_bytes().to_vec();
+            for (pos, b) in cuts {
+                let p = pos % (bytes.len() + 1);
+                match b % 3 {
+                    0 if p < bytes.len() => { bytes[p] = b; }
+                    1 => bytes.insert(p, b),
+                    _ if p < bytes.len() => { bytes.remove(p); }
+                    _ => {}
+                }
+            }
+            let mut lab = Lab::new();
+            let from = if trusted { TRUSTED } else { "198.51.100.4:5060" };
+            let _ = lab.proxy.handle_input(lab.now, udp(from), Bytes::from(bytes));
+            for t in lab.drain() {
+                prop_assert!(Message::parse(Bytes::from(t.payload)).is_ok());
+            }
+            lab.advance(Duration::from_secs(60));
+        }
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut lab = Lab::new();
+            let _ = lab.proxy.handle_input(lab.now, udp(TRUSTED), Bytes::from(data));
+            let _ = lab.drain();
+        }
+    }
+}

@@ -72,7 +72,9 @@ impl Framer {
         };
         let head = &self.buf[..head_end];
         let len = content_length(head).ok_or(StreamError::BadContentLength)?;
-        let total = head_end + 4 + len;
+        let total = (head_end + 4)
+            .checked_add(len)
+            .ok_or(StreamError::TooLarge(self.max))?;
         if total > self.max {
             return Err(StreamError::TooLarge(self.max));
         }
@@ -134,6 +136,13 @@ mod tests {
         let mut f = Framer::new(4096);
         f.extend(b"OPTIONS sip:a SIP/2.0\r\nVia: x\r\n\r\n");
         assert_eq!(f.next_frame(), Err(StreamError::BadContentLength));
+    }
+
+    #[test]
+    fn content_length_near_usize_max_is_refused_not_overflowed() {
+        let mut f = Framer::new(100);
+        f.extend(format!("MESSAGE sip:a SIP/2.0\r\nl: {}\r\n\r\n", usize::MAX).as_bytes());
+        assert_eq!(f.next_frame(), Err(StreamError::TooLarge(100)));
     }
 
     #[test]

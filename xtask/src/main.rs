@@ -131,14 +131,26 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
     if !have("cargo-fuzz") {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    run(cargo()
-        .current_dir(root().join("fuzz"))
-        .env("RUSTC_BOOTSTRAP", "1")
-        .args([
-            "fuzz",
-            "run",
-            "sip_message",
-            "--",
-            &format!("-max_total_time={secs}"),
-        ]))
+    let fuzz_dir = root().join("fuzz");
+    let corpus = fuzz_dir.join("corpus/sip_message");
+    std::fs::create_dir_all(&corpus)?;
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let mut c = Command::new("cargo");
+    c.current_dir(&fuzz_dir);
+    if nightly {
+        c.arg("+nightly");
+    } else {
+        // cargo-fuzz needs nightly flags; the stable toolchain accepts them this way.
+        c.env("RUSTC_BOOTSTRAP", "1");
+    }
+    run(c
+        .args(["fuzz", "run", "sip_message"])
+        .arg(&corpus)
+        .arg(fuzz_dir.join("seeds/sip_message"))
+        .arg("--")
+        .arg(format!("-max_total_time={secs}")))
 }

@@ -1,0 +1,64 @@
+//! The whole SIP message path: stream framing, scanning, validation and the proxy's
+//! routing decision, fed with arbitrary bytes on UDP and TCP flows. Nothing may panic.
+#![no_main]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use pinhole_sip::stream::{Frame, Framer};
+use pinhole_sip::{Cidr, ConnId, Flow, Interface, Keepalive, Proxy, ProxyConfig, RegistrarConfig, Transport};
+
+fn config() -> ProxyConfig {
+    let bind: SocketAddr = "203.0.113.1:5060".parse().expect("addr");
+    ProxyConfig {
+        domain: "example.com".into(),
+        interfaces: vec![
+            Interface { transport: Transport::Udp, bind, advertise: "203.0.113.1".into() },
+            Interface { transport: Transport::Tcp, bind, advertise: "203.0.113.1".into() },
+        ],
+        realm: "example.com".into(),
+        users: vec![("alice".into(), "pw".into())],
+        auth_algorithms: vec![pinhole_sip::auth::Algorithm::Sha256, pinhole_sip::auth::Algorithm::Md5],
+        trusted: vec![Cidr::parse("203.0.113.50/32").expect("cidr")],
+        registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
+        keepalive: Keepalive::Options,
+        keepalive_interval: Duration::from_secs(30),
+        max_body: 8192,
+        max_message: 16384,
+        secret: [3; 32],
+    }
+}
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fuzz_target!(|data: &[u8]| {
+    let now = *EPOCH.get_or_init(Instant::now);
+    let mut proxy = Proxy::new(config(), now, 1_700_000_000, 7);
+    let bind: SocketAddr = "203.0.113.1:5060".parse().expect("addr");
+    // First byte picks the source: trusted or not; the rest is one datagram.
+    let (src, payload) = match data.split_first() {
+        Some((b, rest)) if b % 2 == 0 => ("203.0.113.50:5060", rest),
+        Some((_, rest)) => ("198.51.100.9:40000", rest),
+        None => return,
+    };
+    let remote: SocketAddr = src.parse().expect("addr");
+    let udp = Flow { transport: Transport::Udp, local: bind, remote, conn: None };
+    let _ = proxy.handle_input(now, udp, Bytes::copy_from_slice(payload));
+    while proxy.poll_transmit().is_some() {}
+    proxy.handle_timeout(now + Duration::from_secs(40));
+    while proxy.poll_transmit().is_some() {}
+
+    let tcp = Flow { transport: Transport::Tcp, local: bind, remote, conn: Some(ConnId(1)) };
+    let mut framer = Framer::new(16384);
+    framer.extend(payload);
+    while let Ok(Some(frame)) = framer.next_frame() {
+        if let Frame::Message(m) = frame {
+            if proxy.handle_input(now, tcp, m).is_err() {
+                break;
+            }
+        }
+    }
+});
