@@ -13,7 +13,7 @@ use pinhole_sip::{
     ConnId, Flow, Interface, Keepalive, Proxy, ProxyConfig, RegistrarConfig, Transmit, Transport,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -37,10 +37,16 @@ struct Conns {
 
 struct Shared {
     proxy: Mutex<Proxy>,
-    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    /// UDP sockets are plain blocking std sockets: each has a receive thread, and sends
+    /// are one `sendto` from whichever thread produced them.
+    udp: Vec<(SocketAddr, Arc<std::net::UdpSocket>)>,
+    /// For spawning connection tasks from the UDP threads.
+    rt: tokio::runtime::Handle,
     conns: Mutex<Conns>,
     next_conn: AtomicU64,
     wake: Notify,
+    /// When the timer loop plans to wake next, so inputs only wake it for an earlier timer.
+    timer_deadline: Mutex<Option<std::time::Instant>>,
     max_message: usize,
     /// The local address outbound TCP connections report as their flow's `local`.
     tcp_local: Option<SocketAddr>,
@@ -58,8 +64,9 @@ impl Shared {
 }
 
 pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the proxy core is behind one lock anyway, and a single event loop avoids
+    // cross-thread wakeups, which cost more than the SIP work itself (see the bench).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -139,9 +146,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     for l in &cfg.sip.listen {
         match l.transport {
             Transport::Udp => {
-                let s = UdpSocket::bind(l.addr)
-                    .await
-                    .with_context(|| format!("binding {l}"))?;
+                let s =
+                    std::net::UdpSocket::bind(l.addr).with_context(|| format!("binding {l}"))?;
                 udp.push((l.addr, Arc::new(s)));
             }
             Transport::Tcp => tcp.push((
@@ -175,14 +181,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         proxy: Mutex::new(proxy),
         tcp_local: tcp.first().map(|(a, _)| *a),
         udp: udp.clone(),
+        rt: tokio::runtime::Handle::current(),
         conns: Mutex::new(Conns::default()),
         next_conn: AtomicU64::new(1),
         wake: Notify::new(),
+        timer_deadline: Mutex::new(None),
         max_message: cfg.sip.max_message_size,
     });
 
     for (local, sock) in udp {
-        tokio::spawn(udp_loop(shared.clone(), local, sock));
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("udp {local}"))
+            .spawn(move || udp_loop(&shared, local, &sock))
+            .context("starting a UDP thread")?;
     }
     for (local, listener) in tcp {
         tokio::spawn(accept_loop(
@@ -265,18 +277,39 @@ fn tls_acceptor(
 /// Feeds one message to the proxy and sends what it produces.
 fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
     let mut out = Vec::new();
-    let ok = {
-        let mut p = shared.proxy();
-        let ok = p
-            .handle_input(Instant::now().into_std(), flow, data)
-            .is_ok();
-        while let Some(t) = p.poll_transmit() {
-            out.push(t);
-        }
-        ok
-    };
-    shared.wake.notify_one();
+    let ok = handle_locked(shared, &mut shared.proxy(), flow, data, &mut out);
     dispatch(shared, out);
+    ok
+}
+
+/// Feeds one message with the proxy already locked; transmits are appended to `out`.
+fn handle_locked(
+    shared: &Shared,
+    p: &mut Proxy,
+    flow: Flow,
+    data: Bytes,
+    out: &mut Vec<Transmit>,
+) -> bool {
+    let ok = p
+        .handle_input(Instant::now().into_std(), flow, data)
+        .is_ok();
+    while let Some(t) = p.poll_transmit() {
+        out.push(t);
+    }
+    // Wake the timer loop only when this input needs it sooner than it planned.
+    let next = p.poll_timeout();
+    let planned = *shared
+        .timer_deadline
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let sooner = match (next, planned) {
+        (Some(n), Some(d)) => n + TIMER_SLACK < d,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if sooner {
+        shared.wake.notify_one();
+    }
     ok
 }
 
@@ -305,14 +338,8 @@ fn send_udp(shared: &Arc<Shared>, t: Transmit) {
         tracing::debug!(remote = %t.flow.remote, "no UDP socket for this address family");
         return;
     };
-    match sock.try_send_to(&t.payload, t.flow.remote) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            tokio::spawn(async move {
-                let _ = sock.send_to(&t.payload, t.flow.remote).await;
-            });
-        }
-        Err(e) => tracing::debug!(remote = %t.flow.remote, error = %e, "UDP send failed"),
+    if let Err(e) = sock.send_to(&t.payload, t.flow.remote) {
+        tracing::debug!(remote = %t.flow.remote, error = %e, "UDP send failed");
     }
 }
 
@@ -340,7 +367,8 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
     match t.flow.transport {
         Transport::Tcp => {
             let shared = shared.clone();
-            tokio::spawn(async move {
+            let rt = shared.rt.clone();
+            rt.spawn(async move {
                 match TcpStream::connect(t.flow.remote).await {
                     Ok(stream) => {
                         let local = shared.tcp_local.unwrap_or(t.flow.local);
@@ -365,10 +393,12 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
     }
 }
 
-async fn udp_loop(shared: Arc<Shared>, local: SocketAddr, sock: Arc<UdpSocket>) {
+/// One thread per UDP socket: a blocking receive costs one system call per datagram,
+/// where readiness polling costs three (epoll_wait, recvfrom, and the EAGAIN that ends it).
+fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket) {
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, remote) = match sock.recv_from(&mut buf).await {
+        let (n, remote) = match sock.recv_from(&mut buf) {
             Ok(r) => r,
             Err(e) => {
                 // ICMP errors surface here on some systems; keep serving.
@@ -376,19 +406,17 @@ async fn udp_loop(shared: Arc<Shared>, local: SocketAddr, sock: Arc<UdpSocket>) 
                 continue;
             }
         };
+        let data = &buf[..n];
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            continue; // CRLF NAT keepalives from phones
+        }
         let flow = Flow {
             transport: Transport::Udp,
             local,
             remote,
             conn: None,
         };
-        let data = Bytes::copy_from_slice(&buf[..n]);
-        if n == 4 && &data[..] == b"\r\n\r\n"
-            || n <= 2 && data.iter().all(|b| b.is_ascii_whitespace())
-        {
-            continue; // NAT keepalives from phones
-        }
-        if !handle(&shared, flow, data) {
+        if !handle(shared, flow, Bytes::copy_from_slice(data)) {
             tracing::debug!(%remote, "UDP garbage dropped");
         }
     }
@@ -526,9 +554,17 @@ async fn run_conn<S>(
     writer.abort();
 }
 
+/// Timers due within this window of each other fire in one wakeup. SIP's shortest timer is
+/// T1 = 500 ms, so 10 ms of lateness is harmless and saves most wakeups under load.
+const TIMER_SLACK: Duration = Duration::from_millis(10);
+
 async fn timer_loop(shared: Arc<Shared>) {
     loop {
-        let deadline = shared.proxy().poll_timeout();
+        let deadline = shared.proxy().poll_timeout().map(|d| d + TIMER_SLACK);
+        *shared
+            .timer_deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = deadline;
         let sleep_until = deadline
             .map(Instant::from_std)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));

@@ -75,6 +75,28 @@ impl Method {
         }
     }
 
+    /// A metrics label: the method name for known methods, `OTHER` for extensions, so a
+    /// stream of random methods cannot grow the label set without bound.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Method::Invite => "INVITE",
+            Method::Ack => "ACK",
+            Method::Bye => "BYE",
+            Method::Cancel => "CANCEL",
+            Method::Register => "REGISTER",
+            Method::Options => "OPTIONS",
+            Method::Update => "UPDATE",
+            Method::Prack => "PRACK",
+            Method::Info => "INFO",
+            Method::Message => "MESSAGE",
+            Method::Subscribe => "SUBSCRIBE",
+            Method::Notify => "NOTIFY",
+            Method::Refer => "REFER",
+            Method::Publish => "PUBLISH",
+            Method::Other(_) => "OTHER",
+        }
+    }
+
     /// Methods whose initial request creates a dialog, so the proxy Record-Routes them.
     pub fn creates_dialog(&self) -> bool {
         matches!(self, Method::Invite | Method::Subscribe | Method::Refer)
@@ -225,6 +247,8 @@ pub struct Message {
     /// Where the header section ends (the offset of the empty line).
     head_end: usize,
     pub body: Range<usize>,
+    /// The top Via, parsed once on first use.
+    top_via: std::cell::OnceCell<Option<Via>>,
 }
 
 /// Upper bound on header lines accepted in one message.
@@ -298,6 +322,7 @@ impl Message {
             headers,
             head_end,
             body,
+            top_via: std::cell::OnceCell::new(),
         })
     }
 
@@ -415,10 +440,19 @@ impl Message {
             .map(|v| v.parse::<usize>().map_err(|_| ()))
     }
 
-    /// The top Via, parsed.
-    pub fn top_via(&self) -> Option<Via> {
-        let (_, r) = self.values(HeaderName::Via).into_iter().next()?;
-        self.parse_value::<Via>(r)
+    /// The top Via, parsed (once).
+    pub fn top_via(&self) -> Option<&Via> {
+        self.top_via
+            .get_or_init(|| {
+                let (_, r) = self.values(HeaderName::Via).into_iter().next()?;
+                self.parse_value::<Via>(r)
+            })
+            .as_ref()
+    }
+
+    /// The branch parameter of the top Via.
+    pub fn branch(&self) -> Option<&str> {
+        self.top_via()?.params.get_val("branch").map(|b| b.as_str())
     }
 
     pub fn vias(&self) -> Vec<Option<Via>> {
@@ -493,11 +527,7 @@ impl Message {
         if self.vias().iter().any(Option::is_none) {
             return Err(Rejection::new(400, "Malformed Via Header"));
         }
-        if self
-            .top_via()
-            .and_then(|v| v.params.get_val("branch").cloned())
-            .is_none()
-        {
+        if self.branch().is_none() {
             // RFC 2543 peers send no branch; pinhole needs one to match transactions.
             return Err(Rejection::new(400, "Missing Via Branch Parameter"));
         }

@@ -229,6 +229,7 @@ pub struct Proxy {
     unix_epoch: u64,
     next_housekeeping: Instant,
     stats: Stats,
+    counters: HashMap<(u16, bool), metrics::Counter>,
 }
 
 impl Proxy {
@@ -250,6 +251,7 @@ impl Proxy {
             unix_epoch: unix_now,
             next_housekeeping: now + Duration::from_secs(1),
             stats: Stats::default(),
+            counters: HashMap::new(),
         }
     }
 
@@ -298,7 +300,8 @@ impl Proxy {
             Ok(m) => m,
             Err(g) => {
                 self.stats.garbage += 1;
-                metrics::counter!("pinhole_sip_garbage_total", "transport" => flow.transport.to_string()).increment(1);
+                metrics::counter!("pinhole_sip_garbage_total", "transport" => flow.transport.as_str())
+                    .increment(1);
                 return Err(g);
             }
         };
@@ -342,12 +345,7 @@ impl Proxy {
             .method()
             .cloned()
             .unwrap_or(Method::Other(String::new()));
-        metrics::counter!(
-            "pinhole_sip_requests_total",
-            "method" => method.as_str().to_owned(),
-            "transport" => flow.transport.to_string()
-        )
-        .increment(1);
+        self.count_request(&method, flow.transport);
         let checked = if msg.raw().len() > self.cfg.max_message {
             Err(Rejection::new(513, "Message Too Large"))
         } else {
@@ -361,10 +359,7 @@ impl Proxy {
             }
             return;
         }
-        let branch = msg
-            .top_via()
-            .and_then(|v| v.params.get_val("branch").map(|b| b.as_str().to_owned()))
-            .unwrap_or_default();
+        let branch = msg.branch().unwrap_or_default().to_owned();
 
         if method == Method::Ack {
             let key = server_key(&branch, &Method::Invite);
@@ -791,10 +786,7 @@ impl Proxy {
         let mut out = target.flow;
         out.local = self.cfg.interfaces[iface].bind;
         let mut h = DefaultHasher::new();
-        msg.top_via()
-            .and_then(|v| v.params.get_val("branch").cloned())
-            .map(|b| b.to_string())
-            .hash(&mut h);
+        msg.branch().hash(&mut h);
         let branch = format!("{BRANCH_PREFIX}{:016x}.ack", h.finish());
         let mut e = Editor::new(msg);
         if let Some(uri) = &target.request_uri {
@@ -954,21 +946,16 @@ impl Proxy {
 
     fn on_response(&mut self, now: Instant, _flow: Flow, msg: Message) {
         let code = msg.status().unwrap_or(0);
-        metrics::counter!("pinhole_sip_responses_total", "code" => code.to_string(), "direction" => "in").increment(1);
-        let Some(via) = msg.top_via() else {
+        self.count_response(code, false);
+        let Some(branch) = msg.branch().map(str::to_owned) else {
             self.stats.unmatched_responses += 1;
             return;
         };
-        let branch = via
-            .params
-            .get_val("branch")
-            .map(|b| b.to_string())
-            .unwrap_or_default();
         let cancel = msg.cseq().is_some_and(|(_, m)| m == Method::Cancel);
         let key = if cancel {
             format!("{branch};CANCEL")
         } else {
-            branch.clone()
+            branch
         };
         let Some(ct) = self.client_txs.get_mut(&key) else {
             self.stats.unmatched_responses += 1;
@@ -1137,7 +1124,7 @@ impl Proxy {
     }
 
     fn send_on_server(&mut self, now: Instant, sk: &str, code: u16, bytes: Vec<u8>) {
-        let Some(st) = self.server_txs.get_mut(sk) else {
+        let Some(st) = self.server_txs.get(sk) else {
             return;
         };
         if st.final_sent
@@ -1145,7 +1132,10 @@ impl Proxy {
         {
             return;
         }
-        metrics::counter!("pinhole_sip_responses_total", "code" => code.to_string(), "direction" => "out").increment(1);
+        self.count_response(code, true);
+        let Some(st) = self.server_txs.get_mut(sk) else {
+            return;
+        };
         self.out.push_back(Transmit {
             flow: st.flow,
             payload: bytes.clone(),
@@ -1180,7 +1170,7 @@ impl Proxy {
     }
 
     fn send_response_stateless(&mut self, flow: Flow, bytes: Vec<u8>, code: u16) {
-        metrics::counter!("pinhole_sip_responses_total", "code" => code.to_string(), "direction" => "out").increment(1);
+        self.count_response(code, true);
         self.out.push_back(Transmit {
             flow,
             payload: bytes,
@@ -1349,6 +1339,26 @@ impl Proxy {
     }
 
     // ---------------------------------------------------------------- helpers
+
+    /// Counts a response; counter handles are cached so the hot path does not format labels.
+    fn count_response(&mut self, code: u16, out: bool) {
+        self.counters
+            .entry((code, out))
+            .or_insert_with(|| {
+                let direction = if out { "out" } else { "in" };
+                metrics::counter!("pinhole_sip_responses_total", "code" => code.to_string(), "direction" => direction)
+            })
+            .increment(1);
+    }
+
+    fn count_request(&self, method: &Method, transport: Transport) {
+        metrics::counter!(
+            "pinhole_sip_requests_total",
+            "method" => method.label(),
+            "transport" => transport.as_str()
+        )
+        .increment(1);
+    }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.cfg.trusted.iter().any(|c| c.contains(ip))

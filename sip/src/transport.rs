@@ -23,6 +23,15 @@ impl Transport {
         }
     }
 
+    /// Lower-case name, as in URI `transport=` parameters and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
     pub fn is_stream(self) -> bool {
         !matches!(self, Transport::Udp)
     }
@@ -46,11 +55,7 @@ impl Transport {
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-        })
+        f.write_str(self.as_str())
     }
 }
 
