@@ -535,16 +535,15 @@ Content-Length: 0
 }
 
 #[test]
-fn untrusted_invite_is_challenged_and_bad_register_aor_is_forbidden() {
+fn untrusted_invite_is_challenged_with_every_offered_algorithm() {
     let mut lab = Lab::new();
     let out = lab.send(udp("198.51.100.77:5060"), &invite("bob", "z9hG4bKj1"));
     let c = parse(&out[1]);
     assert_eq!(c.status(), Some(407));
     assert!(text(&out[1]).contains("Proxy-Authenticate: Digest realm=\"example.com\""));
     assert!(text(&out[1]).contains("algorithm=SHA-256"));
-    // alice's credentials cannot register bob.
-    lab.register("alice", NAT_A, "pw-a");
-    assert_eq!(lab.proxy.registrar().binding_count(), 1);
+    assert!(text(&out[1]).contains("algorithm=MD5"));
+    assert!(lab.proxy.registrar().binding_count() == 0);
 }
 
 #[test]
@@ -750,4 +749,137 @@ mod no_panic {
             let _ = lab.drain();
         }
     }
+}
+
+fn tcp(remote: &str, conn: u64) -> Flow {
+    Flow {
+        transport: Transport::Tcp,
+        local: addr(LOCAL),
+        remote: addr(remote),
+        conn: Some(crate::transport::ConnId(conn)),
+    }
+}
+
+#[test]
+fn udp_to_tcp_call_gets_double_record_route_and_uses_the_registration_connection() {
+    let mut lab = Lab::new();
+    let reg = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/TCP 10.0.0.5:5060;branch=z9hG4bKtcpreg
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r
+Call-ID: tcp-reg
+CSeq: 1 REGISTER
+Contact: <sip:bob@10.0.0.5:5060;transport=tcp>
+Content-Length: 0
+
+";
+    let out = lab.send(tcp("203.0.113.50:40100", 7), reg);
+    assert_eq!(parse(&out[0]).status(), Some(200));
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKdbl"));
+    let fwd = &out[1];
+    assert_eq!(fwd.flow.transport, Transport::Tcp);
+    assert_eq!(
+        fwd.flow.conn,
+        Some(crate::transport::ConnId(7)),
+        "the registration's own connection"
+    );
+    let m = parse(fwd);
+    let rr = m.value_texts(HeaderName::RecordRoute);
+    assert_eq!(rr.len(), 2, "{rr:?}");
+    assert!(
+        rr[0].ends_with(";transport=tcp;lr>"),
+        "top entry faces the callee: {rr:?}"
+    );
+    assert!(
+        rr[1].ends_with("@203.0.113.1:5060;lr>"),
+        "second entry faces the caller: {rr:?}"
+    );
+    assert!(m.value_texts(HeaderName::Via)[0].starts_with("SIP/2.0/TCP 203.0.113.1:5060;branch="));
+}
+
+#[test]
+fn path_from_an_edge_proxy_becomes_the_route_to_the_binding() {
+    let mut lab = Lab::new();
+    let reg = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKpath
+Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bKphone
+Path: <sip:edge@203.0.113.50:5060;lr>
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r
+Call-ID: path-reg
+CSeq: 1 REGISTER
+Contact: <sip:bob@10.0.0.7:5060>
+Content-Length: 0
+
+";
+    let out = lab.send(udp(TRUSTED), reg);
+    let ok = parse(&out[0]);
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(
+        ok.value_texts(HeaderName::Path),
+        vec!["<sip:edge@203.0.113.50:5060;lr>"],
+        "Path echoed (RFC 3327)"
+    );
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKviapath"));
+    let m = parse(&out[1]);
+    assert_eq!(out[1].flow.remote, addr(TRUSTED));
+    assert_eq!(
+        m.value_texts(HeaderName::Route),
+        vec!["<sip:edge@203.0.113.50:5060;lr>"]
+    );
+    assert_eq!(m.request_uri(), Some("sip:bob@10.0.0.7:5060"));
+}
+
+#[test]
+fn credentials_for_one_user_cannot_register_another_aor() {
+    let mut lab = Lab::new();
+    let reg = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKsteal1
+To: <sip:bob@example.com>
+From: <sip:alice@example.com>;tag=r
+Call-ID: steal
+CSeq: 1 REGISTER
+Contact: <sip:mallory@10.0.0.66:5060>
+Content-Length: 0
+
+";
+    let out = lab.send(udp(NAT_A), reg);
+    let challenge = parse(&out[0]);
+    let www = challenge.value_texts(HeaderName::Other);
+    let md5 = www
+        .iter()
+        .find(|h| h.contains("MD5"))
+        .expect("MD5 challenge");
+    let nonce = md5
+        .split("nonce=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("nonce");
+    let mut c = crate::auth::Credentials {
+        username: "alice".into(),
+        realm: "example.com".into(),
+        nonce: nonce.into(),
+        uri: "sip:example.com".into(),
+        ..Default::default()
+    };
+    c.response = crate::auth::digest_response(
+        crate::auth::Algorithm::Md5,
+        "alice",
+        "example.com",
+        "pw-a",
+        "REGISTER",
+        &c,
+    );
+    let authed = reg.replace("z9hG4bKsteal1", "z9hG4bKsteal2").replace("CSeq: 1", "CSeq: 2").replace(
+        "Content-Length: 0",
+        &format!(
+            "Authorization: Digest username=\"alice\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"sip:example.com\", response=\"{}\"\nContent-Length: 0",
+            c.response
+        ),
+    );
+    let out = lab.send(udp(NAT_A), &authed);
+    let r = parse(&out[0]);
+    assert_eq!(r.status(), Some(403));
+    assert_eq!(r.reason(), "Forbidden - Credentials Do Not Match AOR");
+    assert_eq!(lab.proxy.registrar().binding_count(), 0);
 }
