@@ -146,8 +146,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     for l in &cfg.sip.listen {
         match l.transport {
             Transport::Udp => {
-                let s =
-                    std::net::UdpSocket::bind(l.addr).with_context(|| format!("binding {l}"))?;
+                let s = bind_udp(l.addr).with_context(|| format!("binding {l}"))?;
                 udp.push((l.addr, Arc::new(s)));
             }
             Transport::Tcp => tcp.push((
@@ -391,6 +390,22 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
             tracing::debug!(remote = %t.flow.remote, "no TLS connection to this peer; outbound TLS is not supported")
         }
     }
+}
+
+/// Socket buffers for SIP over UDP: large enough to absorb a burst of a few thousand
+/// messages while the proxy thread is busy (the kernel caps it at net.core.rmem_max).
+const UDP_BUFFER: usize = 4 << 20;
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 /// One thread per UDP socket: a blocking receive costs one system call per datagram,
