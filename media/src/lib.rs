@@ -5,7 +5,6 @@
 //! performs I/O and never reads the clock: callers pass `now` in and execute the commands
 //! that come out.
 //!
-//! It is a documented skeleton for now; the relay (issue "Media relay") fills it in.
 
 /// The media mode a deployment runs in (`[media] mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -16,3 +15,5 @@ pub enum MediaMode {
     /// Leave SDP untouched.
     Off,
 }
+
+pub mod sdp;
