@@ -16,4 +16,5 @@ pub enum MediaMode {
     Off,
 }
 
+pub mod latch;
 pub mod sdp;
