@@ -17,4 +17,6 @@ pub enum MediaMode {
 }
 
 pub mod latch;
+pub mod relay;
 pub mod sdp;
+pub mod stats;

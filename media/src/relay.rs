@@ -1,0 +1,711 @@
+//! The relay's control plane: calls, their streams and relay ports, offer/answer, and
+//! timeouts. It never touches a socket: port bindings and forwarding rules come out as
+//! [`Command`]s for the data plane (the forwarding workers in the shell), and timeouts as
+//! [`Event`]s for whoever owns the call (the SIP proxy, or an ng client).
+//!
+//! A call has two sides: A, who made the first offer, and B, who answered it. Each media
+//! stream has, per side, the relay port pair that side sends to. A packet arriving on A's
+//! RTP port is accepted or dropped by that port's [`Latch`], then leaves from B's RTP port
+//! towards B's latched (or signalled) address.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::latch::{Expected, LatchMode};
+use crate::sdp::{Anchor, Rewrite, Sdp, SdpError};
+use crate::stats::StreamStats;
+
+/// A relay port (RTP ports are even, RTCP = RTP + 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayPort(pub u16);
+
+#[derive(Debug, Clone)]
+pub struct RelayInterface {
+    pub name: String,
+    pub bind: IpAddr,
+    pub advertise: IpAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub interfaces: Vec<RelayInterface>,
+    pub port_min: u16,
+    pub port_max: u16,
+    /// No media in either direction for this long ends the call.
+    pub media_timeout: Duration,
+    /// An offer without an answer for this long is dropped.
+    pub offer_timeout: Duration,
+    /// No call lasts longer than this.
+    pub max_duration: Duration,
+    /// Most calls at once; more get [`RelayError::LoadLimit`].
+    pub max_sessions: usize,
+}
+
+/// Per-offer/answer choices (from the proxy's policy or ng flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub mode: LatchMode,
+    /// Keep ICE attributes instead of removing them.
+    pub keep_ice: bool,
+    /// Put the relay address in `o=` too.
+    pub replace_origin: bool,
+    /// Interface for the side this SDP is sent to (index into `interfaces`).
+    pub interface: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    #[error("{0}")]
+    Sdp(#[from] SdpError),
+    #[error("no relay ports left")]
+    PortsExhausted,
+    #[error("session limit reached")]
+    LoadLimit,
+    #[error("unknown call")]
+    UnknownCall,
+}
+
+/// One side of a forwarding link, as the data plane needs it.
+#[derive(Debug, Clone)]
+pub struct PortSpec {
+    pub iface: usize,
+    pub bind: IpAddr,
+    pub port: RelayPort,
+    pub expected: Expected,
+    pub mode: LatchMode,
+    pub stats: Arc<StreamStats>,
+}
+
+/// What the data plane must do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Bind both ports and forward between them: packets to `a` come from side A and leave
+    /// from `b` towards B, and the other way round. `shard` keeps a call on one worker.
+    Link {
+        shard: u64,
+        a: PortSpec,
+        b: PortSpec,
+    },
+    /// Signalling changed what to expect on a port; reopens its learning window.
+    Expect {
+        shard: u64,
+        port: RelayPort,
+        expected: Expected,
+    },
+    /// Close these ports.
+    Unlink { shard: u64, ports: Vec<RelayPort> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    MediaTimeout,
+    OfferTimeout,
+    MaxDuration,
+}
+
+/// Things the owner of a call must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The relay ended the call; the owner should tear the dialog down (BYE both sides).
+    Ended { call_id: String, reason: EndReason },
+}
+
+#[derive(Debug)]
+struct Stream {
+    iface: [usize; 2],
+    /// RTP port each side sends to (RTCP is +1).
+    ports: [RelayPort; 2],
+    stats: [Arc<StreamStats>; 4],
+}
+
+#[derive(Debug)]
+struct Call {
+    serial: u64,
+    tags: [String; 2],
+    streams: Vec<Stream>,
+    created: Instant,
+    answered: Option<Instant>,
+}
+
+impl Call {
+    fn side_of(&self, tag: &str) -> Option<usize> {
+        self.tags.iter().position(|t| !t.is_empty() && t == tag)
+    }
+}
+
+pub struct Relay {
+    cfg: RelayConfig,
+    epoch: Instant,
+    free: VecDeque<u16>,
+    calls: HashMap<String, Call>,
+    commands: VecDeque<Command>,
+    events: VecDeque<Event>,
+    next_serial: u64,
+}
+
+impl Relay {
+    /// `epoch` is the zero of the data plane's `now_ns` clock (see [`StreamStats`]).
+    pub fn new(cfg: RelayConfig, epoch: Instant) -> Relay {
+        let first = cfg.port_min + cfg.port_min % 2;
+        let free = (first..cfg.port_max)
+            .step_by(2)
+            .filter(|p| p + 1 <= cfg.port_max)
+            .collect();
+        Relay {
+            cfg,
+            epoch,
+            free,
+            calls: HashMap::new(),
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            next_serial: 1,
+        }
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.cfg
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Relay ports in use (RTP and RTCP).
+    pub fn ports_in_use(&self) -> usize {
+        self.calls.values().map(|c| c.streams.len() * 4).sum()
+    }
+
+    pub fn has_call(&self, call_id: &str) -> bool {
+        self.calls.contains_key(call_id)
+    }
+
+    /// An SDP offer from the side tagged `from_tag`, to be sent on to the other side.
+    /// Returns the rewritten body. `signalling_ip` is where the offerer's signalling came from.
+    pub fn offer(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        from_tag: &str,
+        sdp: &[u8],
+        signalling_ip: Option<IpAddr>,
+        opts: Options,
+    ) -> Result<Vec<u8>, RelayError> {
+        let parsed = Sdp::parse(sdp)?;
+        if !self.calls.contains_key(call_id) {
+            if self.calls.len() >= self.cfg.max_sessions {
+                return Err(RelayError::LoadLimit);
+            }
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            self.calls.insert(
+                call_id.to_owned(),
+                Call {
+                    serial,
+                    tags: [from_tag.to_owned(), String::new()],
+                    streams: Vec::new(),
+                    created: now,
+                    answered: None,
+                },
+            );
+        }
+        // An offer from a tag the call does not know yet comes from side A.
+        let side = self
+            .calls
+            .get(call_id)
+            .and_then(|c| c.side_of(from_tag))
+            .unwrap_or(0);
+        self.apply(call_id, side, &parsed, signalling_ip, opts)
+    }
+
+    /// The answer from the side tagged `to_tag` to an offer from `from_tag`.
+    pub fn answer(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        to_tag: &str,
+        sdp: &[u8],
+        signalling_ip: Option<IpAddr>,
+        opts: Options,
+    ) -> Result<Vec<u8>, RelayError> {
+        let parsed = Sdp::parse(sdp)?;
+        let call = self.calls.get_mut(call_id).ok_or(RelayError::UnknownCall)?;
+        let side = match call.side_of(to_tag) {
+            Some(s) => s,
+            None => {
+                // The first answer names side B (later forks' answers replace it).
+                call.tags[1] = to_tag.to_owned();
+                1
+            }
+        };
+        if call.answered.is_none() {
+            call.answered = Some(now);
+        }
+        self.apply(call_id, side, &parsed, signalling_ip, opts)
+    }
+
+    /// Ends a call and frees its ports.
+    pub fn delete(&mut self, call_id: &str) -> bool {
+        let Some(call) = self.calls.remove(call_id) else {
+            return false;
+        };
+        let mut ports = Vec::new();
+        for s in &call.streams {
+            for p in s.ports {
+                ports.push(p);
+                ports.push(RelayPort(p.0 + 1));
+                self.free.push_back(p.0);
+            }
+        }
+        if !ports.is_empty() {
+            self.commands.push_back(Command::Unlink {
+                shard: call.serial,
+                ports,
+            });
+        }
+        true
+    }
+
+    /// Statistics of a call's streams: per stream, per side (packets that side sent).
+    pub fn stats(&self, call_id: &str) -> Option<Vec<[Arc<StreamStats>; 4]>> {
+        self.calls
+            .get(call_id)
+            .map(|c| c.streams.iter().map(|s| s.stats.clone()).collect())
+    }
+
+    /// The tags of a call's sides and each stream's ports, for queries.
+    pub fn describe(&self, call_id: &str) -> Option<(Instant, [String; 2], Vec<[RelayPort; 2]>)> {
+        self.calls.get(call_id).map(|c| {
+            (
+                c.created,
+                c.tags.clone(),
+                c.streams.iter().map(|s| s.ports).collect(),
+            )
+        })
+    }
+
+    #[must_use]
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Checks media, offer and duration timeouts. Call about once a second.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let epoch = self.epoch;
+        let cfg = &self.cfg;
+        let ended: Vec<(String, EndReason)> = self
+            .calls
+            .iter()
+            .filter_map(|(id, c)| {
+                if now.saturating_duration_since(c.created) > cfg.max_duration {
+                    return Some((id.clone(), EndReason::MaxDuration));
+                }
+                let Some(answered) = c.answered else {
+                    return (now.saturating_duration_since(c.created) > cfg.offer_timeout)
+                        .then(|| (id.clone(), EndReason::OfferTimeout));
+                };
+                let last_ns = c
+                    .streams
+                    .iter()
+                    .flat_map(|s| s.stats.iter())
+                    .map(|st| st.last_ns.load(std::sync::atomic::Ordering::Relaxed))
+                    .max()
+                    .unwrap_or(0);
+                let last = if last_ns == 0 {
+                    answered
+                } else {
+                    (epoch + Duration::from_nanos(last_ns)).max(answered)
+                };
+                (now.saturating_duration_since(last) > cfg.media_timeout)
+                    .then(|| (id.clone(), EndReason::MediaTimeout))
+            })
+            .collect();
+        for (id, reason) in ended {
+            self.delete(&id);
+            self.events.push_back(Event::Ended {
+                call_id: id,
+                reason,
+            });
+        }
+    }
+
+    fn allocate(&mut self) -> Result<RelayPort, RelayError> {
+        self.free
+            .pop_front()
+            .map(RelayPort)
+            .ok_or(RelayError::PortsExhausted)
+    }
+
+    /// Applies an offer or answer from `side`: updates what that side's ports expect and
+    /// rewrites the SDP with the other side's ports.
+    fn apply(
+        &mut self,
+        call_id: &str,
+        side: usize,
+        sdp: &Sdp<'_>,
+        signalling_ip: Option<IpAddr>,
+        opts: Options,
+    ) -> Result<Vec<u8>, RelayError> {
+        let other = 1 - side;
+        let out_iface = opts
+            .interface
+            .unwrap_or(0)
+            .min(self.cfg.interfaces.len().saturating_sub(1));
+        // Allocate ports for new streams first, so a failure changes nothing.
+        let have = self.calls.get(call_id).map_or(0, |c| c.streams.len());
+        let need = sdp.media.len().saturating_sub(have);
+        if self.free.len() < need * 2 {
+            return Err(RelayError::PortsExhausted);
+        }
+        let mut fresh = Vec::new();
+        for _ in 0..need {
+            fresh.push([self.allocate()?, self.allocate()?]);
+        }
+        let Some(call) = self.calls.get_mut(call_id) else {
+            return Err(RelayError::UnknownCall);
+        };
+        let serial = call.serial;
+        let mut anchors = Vec::with_capacity(sdp.media.len());
+        for (i, m) in sdp.media.iter().enumerate() {
+            let expected_rtp = Expected {
+                sdp: m.addr.map(|a| SocketAddr::new(a, m.port)),
+                signalling_ip,
+            };
+            let rtcp_port = if m.rtcp_mux {
+                m.port
+            } else {
+                m.rtcp_port.unwrap_or(m.port.saturating_add(1))
+            };
+            let expected_rtcp = Expected {
+                sdp: m.addr.map(|a| SocketAddr::new(a, rtcp_port)),
+                signalling_ip,
+            };
+            if i >= call.streams.len() {
+                let ports = fresh.remove(0);
+                let iface = [out_iface; 2];
+                let stats: [Arc<StreamStats>; 4] = Default::default();
+                let mut exp = [Expected::default(), Expected::default()];
+                exp[side] = expected_rtp;
+                let mut exp_c = [Expected::default(), Expected::default()];
+                exp_c[side] = expected_rtcp;
+                for (k, (rtp_exp_a, rtp_exp_b, off)) in
+                    [(exp[0], exp[1], 0u16), (exp_c[0], exp_c[1], 1)]
+                        .into_iter()
+                        .enumerate()
+                {
+                    let spec = |s: usize, e: Expected| PortSpec {
+                        iface: iface[s],
+                        bind: self.cfg.interfaces[iface[s]].bind,
+                        port: RelayPort(ports[s].0 + off),
+                        expected: e,
+                        mode: opts.mode,
+                        stats: stats[k * 2 + s].clone(),
+                    };
+                    self.commands.push_back(Command::Link {
+                        shard: serial,
+                        a: spec(0, rtp_exp_a),
+                        b: spec(1, rtp_exp_b),
+                    });
+                }
+                call.streams.push(Stream {
+                    iface,
+                    ports,
+                    stats,
+                });
+            } else {
+                let s = &call.streams[i];
+                for (port, e) in [
+                    (s.ports[side], expected_rtp),
+                    (RelayPort(s.ports[side].0 + 1), expected_rtcp),
+                ] {
+                    self.commands.push_back(Command::Expect {
+                        shard: serial,
+                        port,
+                        expected: e,
+                    });
+                }
+            }
+            let s = &call.streams[i];
+            let iface = &self.cfg.interfaces[s.iface[other]];
+            anchors.push(m.is_active().then_some(Anchor {
+                addr: iface.advertise,
+                rtp_port: s.ports[other].0,
+                rtcp_port: s.ports[other].0 + 1,
+            }));
+        }
+        let origin = opts
+            .replace_origin
+            .then(|| self.cfg.interfaces[out_iface].advertise);
+        Ok(sdp.rewrite(&Rewrite {
+            media: anchors,
+            origin,
+            remove_ice: !opts.keep_ice,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(now: Instant) -> Relay {
+        Relay::new(
+            RelayConfig {
+                interfaces: vec![RelayInterface {
+                    name: "pub".into(),
+                    bind: "203.0.113.1".parse().expect("ip"),
+                    advertise: "203.0.113.1".parse().expect("ip"),
+                }],
+                port_min: 30000,
+                port_max: 30019,
+                media_timeout: Duration::from_secs(60),
+                offer_timeout: Duration::from_secs(200),
+                max_duration: Duration::from_secs(3600),
+                max_sessions: 3,
+            },
+            now,
+        )
+    }
+
+    fn sdp(addr: &str, port: u16) -> Vec<u8> {
+        format!("v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n").into_bytes()
+    }
+
+    fn port_of(body: &[u8]) -> u16 {
+        Sdp::parse(body).expect("sdp").media[0].port
+    }
+
+    #[test]
+    fn offer_and_answer_get_distinct_stable_relay_ports() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        let o = r
+            .offer(
+                t,
+                "c1",
+                "a",
+                &sdp("198.51.100.10", 4000),
+                None,
+                Options::default(),
+            )
+            .expect("offer");
+        let a = r
+            .answer(
+                t,
+                "c1",
+                "b",
+                &sdp("198.51.100.20", 5000),
+                None,
+                Options::default(),
+            )
+            .expect("answer");
+        let (po, pa) = (port_of(&o), port_of(&a));
+        assert_ne!(po, pa);
+        assert_eq!(po % 2, 0);
+        assert!(String::from_utf8_lossy(&o).contains("c=IN IP4 203.0.113.1"));
+        // A re-INVITE from B (B offers, A answers) keeps every port.
+        let o2 = r
+            .offer(
+                t,
+                "c1",
+                "b",
+                &sdp("198.51.100.20", 5002),
+                None,
+                Options::default(),
+            )
+            .expect("reoffer");
+        let a2 = r
+            .answer(
+                t,
+                "c1",
+                "a",
+                &sdp("198.51.100.10", 4000),
+                None,
+                Options::default(),
+            )
+            .expect("reanswer");
+        assert_eq!(port_of(&o2), pa, "B's re-offer goes to A with A's ports");
+        assert_eq!(port_of(&a2), po);
+        assert_eq!(r.ports_in_use(), 4);
+    }
+
+    #[test]
+    fn link_commands_describe_both_directions_and_delete_frees_ports() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        r.offer(
+            t,
+            "c1",
+            "a",
+            &sdp("198.51.100.10", 4000),
+            Some("203.0.113.2".parse().expect("ip")),
+            Options::default(),
+        )
+        .expect("offer");
+        let links: Vec<_> = std::iter::from_fn(|| r.poll_command()).collect();
+        assert_eq!(links.len(), 2, "RTP and RTCP links");
+        let Command::Link { a, b, .. } = &links[0] else {
+            panic!("link")
+        };
+        assert_eq!(
+            a.expected.sdp,
+            Some("198.51.100.10:4000".parse().expect("addr"))
+        );
+        assert_eq!(
+            a.expected.signalling_ip,
+            Some("203.0.113.2".parse().expect("ip"))
+        );
+        assert_eq!(
+            b.expected,
+            Expected::default(),
+            "B unknown until it answers"
+        );
+        r.answer(
+            t,
+            "c1",
+            "b",
+            &sdp("198.51.100.20", 5000),
+            None,
+            Options::default(),
+        )
+        .expect("answer");
+        let updates: Vec<_> = std::iter::from_fn(|| r.poll_command()).collect();
+        assert!(matches!(updates[0], Command::Expect { port, .. } if port == b.port));
+        assert!(r.delete("c1"));
+        let Some(Command::Unlink { ports, .. }) = r.poll_command() else {
+            panic!("unlink")
+        };
+        assert_eq!(ports.len(), 4);
+        assert_eq!(r.call_count(), 0);
+        assert_eq!(r.ports_in_use(), 0);
+    }
+
+    #[test]
+    fn exhausted_ports_and_session_limit_are_errors_that_change_nothing() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        // 10 pairs in range 30000..=30019; two calls with two streams each use 8 pairs.
+        let two = b"v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\nm=video 4002 RTP/AVP 96\r\n";
+        r.offer(t, "c1", "a", two, None, Options::default())
+            .expect("c1");
+        r.offer(t, "c2", "a", two, None, Options::default())
+            .expect("c2");
+        assert_eq!(
+            r.offer(t, "c3", "a", two, None, Options::default()),
+            Err(RelayError::PortsExhausted)
+        );
+        r.offer(
+            t,
+            "c3",
+            "a",
+            &sdp("198.51.100.1", 4000),
+            None,
+            Options::default(),
+        )
+        .expect("c3 fits");
+        assert_eq!(
+            r.offer(
+                t,
+                "c4",
+                "a",
+                &sdp("198.51.100.1", 4000),
+                None,
+                Options::default()
+            ),
+            Err(RelayError::LoadLimit)
+        );
+    }
+
+    #[test]
+    fn media_timeout_ends_the_call_and_frees_ports() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        r.offer(
+            t,
+            "c1",
+            "a",
+            &sdp("198.51.100.10", 4000),
+            None,
+            Options::default(),
+        )
+        .expect("offer");
+        r.answer(
+            t,
+            "c1",
+            "b",
+            &sdp("198.51.100.20", 5000),
+            None,
+            Options::default(),
+        )
+        .expect("answer");
+        // Media flows for 30 s, then stops.
+        let stats = r.stats("c1").expect("stats");
+        stats[0][0].on_packet(Duration::from_secs(30).as_nanos() as u64, 172, None);
+        r.handle_timeout(t + Duration::from_secs(80));
+        assert_eq!(
+            r.poll_event(),
+            None,
+            "50 s of silence is under the 60 s timeout"
+        );
+        r.handle_timeout(t + Duration::from_secs(91));
+        assert_eq!(
+            r.poll_event(),
+            Some(Event::Ended {
+                call_id: "c1".into(),
+                reason: EndReason::MediaTimeout
+            })
+        );
+        assert_eq!(r.ports_in_use(), 0);
+    }
+
+    #[test]
+    fn unanswered_offer_times_out() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        r.offer(
+            t,
+            "c1",
+            "a",
+            &sdp("198.51.100.10", 4000),
+            None,
+            Options::default(),
+        )
+        .expect("offer");
+        r.handle_timeout(t + Duration::from_secs(201));
+        assert!(matches!(
+            r.poll_event(),
+            Some(Event::Ended {
+                reason: EndReason::OfferTimeout,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bad_sdp_is_an_error_and_creates_no_call() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        assert!(matches!(
+            r.offer(t, "c1", "a", b"garbage", None, Options::default()),
+            Err(RelayError::Sdp(_))
+        ));
+        assert_eq!(r.call_count(), 0);
+        assert_eq!(
+            r.answer(
+                t,
+                "nope",
+                "b",
+                &sdp("198.51.100.1", 1),
+                None,
+                Options::default()
+            ),
+            Err(RelayError::UnknownCall)
+        );
+    }
+}
