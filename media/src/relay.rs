@@ -127,6 +127,11 @@ struct Call {
     streams: Vec<Stream>,
     created: Instant,
     answered: Option<Instant>,
+    /// The side whose offer awaits an answer.
+    pending_offer: Option<usize>,
+    /// Per side, the last SDP received and what it was rewritten to, so retransmissions
+    /// and repeated bodies (18x then 200) change nothing.
+    last: [Option<(Vec<u8>, Vec<u8>)>; 2],
 }
 
 impl Call {
@@ -181,6 +186,41 @@ impl Relay {
         self.calls.contains_key(call_id)
     }
 
+    /// An SDP body from the party tagged `sender_tag` (the From tag of a request, the To
+    /// tag of a response), classified as offer or answer by the call's state (RFC 3264):
+    /// an SDP that follows the other side's outstanding offer is the answer.
+    pub fn on_sdp(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: Option<IpAddr>,
+        opts: Options,
+    ) -> Result<Vec<u8>, RelayError> {
+        let is_answer = match self.calls.get(call_id) {
+            None => false,
+            Some(call) => {
+                let side = call.side_of(sender_tag);
+                if let Some((input, output)) = side.and_then(|s| call.last[s].as_ref()) {
+                    if input == sdp {
+                        return Ok(output.clone());
+                    }
+                }
+                match (call.pending_offer, side) {
+                    (Some(p), Some(s)) => p != s,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                }
+            }
+        };
+        if is_answer {
+            self.answer(now, call_id, sender_tag, sdp, signalling_ip, opts)
+        } else {
+            self.offer(now, call_id, sender_tag, sdp, signalling_ip, opts)
+        }
+    }
+
     /// An SDP offer from the side tagged `from_tag`, to be sent on to the other side.
     /// Returns the rewritten body. `signalling_ip` is where the offerer's signalling came from.
     pub fn offer(
@@ -207,6 +247,8 @@ impl Relay {
                     streams: Vec::new(),
                     created: now,
                     answered: None,
+                    pending_offer: None,
+                    last: [None, None],
                 },
             );
         }
@@ -216,7 +258,9 @@ impl Relay {
             .get(call_id)
             .and_then(|c| c.side_of(from_tag))
             .unwrap_or(0);
-        self.apply(call_id, side, &parsed, signalling_ip, opts)
+        let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
+        self.remember(call_id, side, sdp, &out, Some(side));
+        Ok(out)
     }
 
     /// The answer from the side tagged `to_tag` to an offer from `from_tag`.
@@ -242,7 +286,9 @@ impl Relay {
         if call.answered.is_none() {
             call.answered = Some(now);
         }
-        self.apply(call_id, side, &parsed, signalling_ip, opts)
+        let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
+        self.remember(call_id, side, sdp, &out, None);
+        Ok(out)
     }
 
     /// Ends a call and frees its ports.
@@ -332,6 +378,13 @@ impl Relay {
                 call_id: id,
                 reason,
             });
+        }
+    }
+
+    fn remember(&mut self, call_id: &str, side: usize, input: &[u8], output: &[u8], pending: Option<usize>) {
+        if let Some(c) = self.calls.get_mut(call_id) {
+            c.last[side] = Some((input.to_vec(), output.to_vec()));
+            c.pending_offer = pending;
         }
     }
 
@@ -685,6 +738,24 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn sdp_bodies_are_classified_by_offer_answer_state() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        let o = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
+        // 183 and then 200 from B carry the same answer: one answer, same rewrite.
+        let a1 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("183");
+        let a2 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("200");
+        assert_eq!(a1, a2);
+        assert_ne!(port_of(&o), port_of(&a1));
+        // B's re-INVITE (new SDP) is an offer; A's reply to it is the answer.
+        let o2 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5002), None, Options::default()).expect("reoffer");
+        assert_eq!(port_of(&o2), port_of(&a1));
+        let a3 = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4002), None, Options::default()).expect("reanswer");
+        assert_eq!(port_of(&a3), port_of(&o));
+        assert_eq!(r.ports_in_use(), 4);
     }
 
     #[test]
