@@ -381,7 +381,14 @@ impl Relay {
         }
     }
 
-    fn remember(&mut self, call_id: &str, side: usize, input: &[u8], output: &[u8], pending: Option<usize>) {
+    fn remember(
+        &mut self,
+        call_id: &str,
+        side: usize,
+        input: &[u8],
+        output: &[u8],
+        pending: Option<usize>,
+    ) {
         if let Some(c) = self.calls.get_mut(call_id) {
             c.last[side] = Some((input.to_vec(), output.to_vec()));
             c.pending_offer = pending;
@@ -744,16 +751,61 @@ mod tests {
     fn sdp_bodies_are_classified_by_offer_answer_state() {
         let t = Instant::now();
         let mut r = relay(t);
-        let o = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
+        let o = r
+            .on_sdp(
+                t,
+                "c1",
+                "a",
+                &sdp("198.51.100.10", 4000),
+                None,
+                Options::default(),
+            )
+            .expect("offer");
         // 183 and then 200 from B carry the same answer: one answer, same rewrite.
-        let a1 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("183");
-        let a2 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("200");
+        let a1 = r
+            .on_sdp(
+                t,
+                "c1",
+                "b",
+                &sdp("198.51.100.20", 5000),
+                None,
+                Options::default(),
+            )
+            .expect("183");
+        let a2 = r
+            .on_sdp(
+                t,
+                "c1",
+                "b",
+                &sdp("198.51.100.20", 5000),
+                None,
+                Options::default(),
+            )
+            .expect("200");
         assert_eq!(a1, a2);
         assert_ne!(port_of(&o), port_of(&a1));
         // B's re-INVITE (new SDP) is an offer; A's reply to it is the answer.
-        let o2 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5002), None, Options::default()).expect("reoffer");
+        let o2 = r
+            .on_sdp(
+                t,
+                "c1",
+                "b",
+                &sdp("198.51.100.20", 5002),
+                None,
+                Options::default(),
+            )
+            .expect("reoffer");
         assert_eq!(port_of(&o2), port_of(&a1));
-        let a3 = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4002), None, Options::default()).expect("reanswer");
+        let a3 = r
+            .on_sdp(
+                t,
+                "c1",
+                "a",
+                &sdp("198.51.100.10", 4002),
+                None,
+                Options::default(),
+            )
+            .expect("reanswer");
         assert_eq!(port_of(&a3), port_of(&o));
         assert_eq!(r.ports_in_use(), 4);
     }

@@ -18,6 +18,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+mod media;
+
+use pinhole_media::relay::{Relay, RelayConfig};
+
 use crate::auth::{Authenticator, Verdict};
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
 use crate::registrar::{Binding, Registrar, RegistrarConfig};
@@ -128,6 +132,8 @@ pub struct ProxyConfig {
     pub max_message: usize,
     /// Keys nonces and Record-Route flow tokens; keep it across restarts.
     pub secret: [u8; 32],
+    /// Anchor media on the relay (`media.mode = "relay"`); `None` leaves SDP untouched.
+    pub media: Option<RelayConfig>,
 }
 
 /// Counters the shell exports as metrics.
@@ -172,7 +178,12 @@ enum CState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Owner {
     Server(String),
-    Keepalive { aor: String, contact: String },
+    /// A request pinhole originates itself (a relay-initiated BYE); responses just end it.
+    Local,
+    Keepalive {
+        aor: String,
+        contact: String,
+    },
     Cancel,
 }
 
@@ -230,6 +241,8 @@ pub struct Proxy {
     next_housekeeping: Instant,
     stats: Stats,
     counters: HashMap<(u16, bool), metrics::Counter>,
+    relay: Option<Relay>,
+    dialogs: HashMap<String, media::Dialog>,
 }
 
 impl Proxy {
@@ -238,7 +251,10 @@ impl Proxy {
     pub fn new(cfg: ProxyConfig, now: Instant, unix_now: u64, seed: u64) -> Proxy {
         let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, now)
             .with_algorithms(cfg.auth_algorithms.clone());
+        let relay = cfg.media.clone().map(|m| Relay::new(m, now));
         Proxy {
+            relay,
+            dialogs: HashMap::new(),
             auth,
             cfg,
             registrar: Registrar::new(),
@@ -253,6 +269,10 @@ impl Proxy {
             stats: Stats::default(),
             counters: HashMap::new(),
         }
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
     }
 
     pub fn registrar(&self) -> &Registrar {
@@ -548,9 +568,32 @@ impl Proxy {
                 return;
             }
         };
+        let body = match self.media_request(now, flow, msg) {
+            Ok(b) => b,
+            Err(rej) => {
+                self.respond(now, key, rej.code, &rej.reason, &[]);
+                return;
+            }
+        };
+        self.media_seen_request(msg);
         let record_route = method.creates_dialog() && msg.tag(HeaderName::To).is_none();
         for target in targets {
-            self.forward_request(now, key, flow, msg, &strip, target, record_route, loop_hash);
+            self.forward_request(
+                now,
+                key,
+                flow,
+                msg,
+                &strip,
+                target,
+                record_route,
+                loop_hash,
+                body.as_deref(),
+            );
+        }
+        if *method == Method::Bye {
+            if let Some(call_id) = msg.call_id() {
+                self.media_end(call_id);
+            }
         }
     }
 
@@ -646,6 +689,7 @@ impl Proxy {
         target: Target,
         record_route: bool,
         loop_hash: u64,
+        body: Option<&[u8]>,
     ) {
         let Some(out_iface) =
             self.interface_index(target.flow.transport, target.flow.local, target.flow.remote)
@@ -695,6 +739,9 @@ impl Proxy {
             e.remove_value(*hi, r.clone());
         }
         fix_top_via(msg, &mut e, in_flow);
+        if let Some(b) = body {
+            e.set_body(b);
+        }
         match msg
             .headers
             .iter()
@@ -788,7 +835,12 @@ impl Proxy {
         let mut h = DefaultHasher::new();
         msg.branch().hash(&mut h);
         let branch = format!("{BRANCH_PREFIX}{:016x}.ack", h.finish());
+        let body = self.media_request(now, flow, msg).ok().flatten();
         let mut e = Editor::new(msg);
+        if let Some(b) = &body {
+            e.set_body(b);
+        }
+
         if let Some(uri) = &target.request_uri {
             if let crate::message::StartLine::Request { uri: r, .. } = &msg.start {
                 e.replace(r.clone(), uri.clone());
@@ -944,7 +996,7 @@ impl Proxy {
 
     // ---------------------------------------------------------------- responses
 
-    fn on_response(&mut self, now: Instant, _flow: Flow, msg: Message) {
+    fn on_response(&mut self, now: Instant, flow: Flow, msg: Message) {
         let code = msg.status().unwrap_or(0);
         self.count_response(code, false);
         let Some(branch) = msg.branch().map(str::to_owned) else {
@@ -979,7 +1031,7 @@ impl Proxy {
                 }
                 if code > 100 {
                     if let Owner::Server(sk) = &owner {
-                        self.forward_response(now, sk, &msg);
+                        self.forward_response(now, sk, &msg, Some(flow));
                     }
                 }
             }
@@ -997,7 +1049,7 @@ impl Proxy {
             CState::Accepted => {
                 if (200..300).contains(&code) {
                     if let Owner::Server(sk) = &owner {
-                        self.forward_response(now, sk, &msg);
+                        self.forward_response(now, sk, &msg, Some(flow));
                     }
                 }
                 return;
@@ -1037,15 +1089,15 @@ impl Proxy {
             }
         }
         match owner {
-            Owner::Server(sk) => self.branch_final(now, &sk, &key, msg),
+            Owner::Server(sk) => self.branch_final(now, &sk, &key, msg, flow),
             Owner::Keepalive { aor, contact } => self.keepalive_result(&aor, &contact, true),
-            Owner::Cancel => {}
+            Owner::Cancel | Owner::Local => {}
         }
     }
 
     /// A branch reached a final response: 2xx goes up at once, others wait for the best
     /// (§16.7).
-    fn branch_final(&mut self, now: Instant, sk: &str, branch: &str, msg: Message) {
+    fn branch_final(&mut self, now: Instant, sk: &str, branch: &str, msg: Message, from: Flow) {
         let code = msg.status().unwrap_or(500);
         let Some(st) = self.server_txs.get_mut(sk) else {
             return;
@@ -1057,7 +1109,7 @@ impl Proxy {
                 .filter(|b| *b != branch)
                 .cloned()
                 .collect();
-            self.forward_response(now, sk, &msg);
+            self.forward_response(now, sk, &msg, Some(from));
             for b in others {
                 self.cancel_branch(now, &b);
             }
@@ -1092,14 +1144,23 @@ impl Proxy {
             return;
         }
         match st.best.clone() {
-            Some(best) => self.forward_response(now, sk, &best),
+            Some(best) => self.forward_response(now, sk, &best, None),
             None => self.respond(now, sk, 408, "Request Timeout", &[]),
         }
     }
 
     /// Sends a downstream response upstream through server transaction `sk`, without our Via.
-    fn forward_response(&mut self, now: Instant, sk: &str, msg: &Message) {
+    fn forward_response(&mut self, now: Instant, sk: &str, msg: &Message, from: Option<Flow>) {
         let code = msg.status().unwrap_or(500);
+        let body = from.and_then(|f| self.media_response(now, f, msg));
+        if let (Some(f), true) = (from, (200..300).contains(&code)) {
+            if let Some(st) = self.server_txs.get(sk) {
+                if st.invite && st.request.tag(HeaderName::To).is_none() {
+                    let (req, up) = (st.request.clone(), st.flow);
+                    self.media_dialog(&req, up, msg, f);
+                }
+            }
+        }
         let Some((hi, r)) = msg.values(HeaderName::Via).into_iter().next() else {
             return;
         };
@@ -1109,6 +1170,9 @@ impl Proxy {
             // §16.7 step 6: a 503 from downstream must not make upstream avoid us.
             let sl = msg.start_line_range();
             e.replace(sl, "SIP/2.0 500 Service Unavailable Downstream");
+        }
+        if let Some(b) = &body {
+            e.set_body(b);
         }
         let bytes = e.finish();
         self.send_on_server(now, sk, code, bytes);
@@ -1146,6 +1210,9 @@ impl Proxy {
         }
         let udp = st.flow.transport == Transport::Udp;
         st.final_sent = true;
+        let failed_call = (st.invite && code >= 300 && st.request.tag(HeaderName::To).is_none())
+            .then(|| st.request.call_id().map(str::to_owned))
+            .flatten();
         if st.invite && (200..300).contains(&code) {
             st.state = SState::Accepted;
             st.cleanup_at = Some(now + TIMEOUT_64T1);
@@ -1166,6 +1233,9 @@ impl Proxy {
         if let Some(t) = next {
             self.timers
                 .push(Reverse((t, TimerRef::Server(sk.to_owned()))));
+        }
+        if let Some(call_id) = failed_call {
+            self.media_end(&call_id);
         }
     }
 
@@ -1233,7 +1303,7 @@ impl Proxy {
             match owner {
                 Owner::Server(sk) => self.maybe_finish(now, &sk),
                 Owner::Keepalive { aor, contact } => self.keepalive_result(&aor, &contact, false),
-                Owner::Cancel => {}
+                Owner::Cancel | Owner::Local => {}
             }
             return;
         }
@@ -1256,6 +1326,7 @@ impl Proxy {
     }
 
     fn housekeeping(&mut self, now: Instant) {
+        self.media_housekeeping(now);
         let unix = self.unix(now);
         if self.registrar.expire(unix) > 0 {
             metrics::gauge!("pinhole_registrar_bindings")

@@ -38,6 +38,27 @@ impl Lab {
         Lab::with_keepalive(Keepalive::Off)
     }
 
+    fn with_media() -> Lab {
+        let mut lab = Lab::new();
+        let now = lab.now;
+        let mut cfg = lab.proxy.config().clone();
+        cfg.media = Some(pinhole_media::relay::RelayConfig {
+            interfaces: vec![pinhole_media::relay::RelayInterface {
+                name: "pub".into(),
+                bind: "203.0.113.1".parse().expect("ip"),
+                advertise: "203.0.113.1".parse().expect("ip"),
+            }],
+            port_min: 30000,
+            port_max: 30099,
+            media_timeout: Duration::from_secs(60),
+            offer_timeout: Duration::from_secs(200),
+            max_duration: Duration::from_secs(3600),
+            max_sessions: 100,
+        });
+        lab.proxy = Proxy::new(cfg, now, 1_700_000_000, 1);
+        lab
+    }
+
     fn with_keepalive(keepalive: Keepalive) -> Lab {
         let now = Instant::now();
         let cfg = ProxyConfig {
@@ -72,6 +93,7 @@ impl Lab {
             max_body: 16384,
             max_message: 32768,
             secret: [9; 32],
+            media: None,
         };
         Lab {
             proxy: Proxy::new(cfg, now, 1_700_000_000, 1),
@@ -882,4 +904,147 @@ Content-Length: 0
     assert_eq!(r.status(), Some(403));
     assert_eq!(r.reason(), "Forbidden - Credentials Do Not Match AOR");
     assert_eq!(lab.proxy.registrar().binding_count(), 0);
+}
+
+mod media {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\ns=-\r\nc=IN IP4 203.0.113.50\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
+    const ANSWER: &str = "v=0\r\no=- 2 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+
+    fn invite_sdp(branch: &str) -> String {
+        invite("bob", branch).replace(
+            "Content-Length: 3\n\nv=0",
+            &format!(
+                "Content-Length: {}\n\n{}",
+                OFFER.len(),
+                OFFER.replace("\r\n", "\n")
+            ),
+        )
+    }
+
+    fn media_port(m: &Message) -> u16 {
+        pinhole_media::sdp::Sdp::parse(m.body_bytes())
+            .expect("sdp")
+            .media[0]
+            .port
+    }
+
+    fn answer_with_sdp(req: &Transmit, code: u16) -> String {
+        let r = reply(req, code, "OK", "b9");
+        r.replace(
+            "Content-Length: 0\n",
+            &format!(
+                "Content-Type: application/sdp\nContent-Length: {}\n",
+                ANSWER.len()
+            ),
+        ) + &ANSWER.replace("\r\n", "\n")
+    }
+
+    #[test]
+    fn offer_and_answer_are_anchored_and_bye_releases_the_session() {
+        let mut lab = Lab::with_media();
+        lab.register("bob", NAT_B, "pw-b");
+        let out = lab.send(udp(TRUSTED), &invite_sdp("z9hG4bKm1"));
+        let fwd = out[1].clone();
+        let m = parse(&fwd);
+        assert!(String::from_utf8_lossy(m.body_bytes()).contains("c=IN IP4 203.0.113.1"));
+        let offer_port = media_port(&m);
+        assert!((30000..30100).contains(&offer_port));
+        assert_eq!(m.content_length(), Some(Ok(m.body.len())));
+        let up = lab.send(udp(NAT_B), &answer_with_sdp(&fwd, 200));
+        let ok = parse(&up[0]);
+        let answer_port = media_port(&ok);
+        assert_ne!(answer_port, offer_port);
+        assert!(String::from_utf8_lossy(ok.body_bytes()).contains("c=IN IP4 203.0.113.1"));
+        let cmds: Vec<_> = std::iter::from_fn(|| lab.proxy.poll_media_command()).collect();
+        assert!(cmds.len() >= 2, "links and expectations for the data plane");
+        assert_eq!(lab.proxy.media_usage(), (1, 4));
+        let rr = m.value_texts(HeaderName::RecordRoute)[0].to_owned();
+        let bye = format!("BYE sip:callee@10.0.0.2:5060 SIP/2.0\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKm1bye\nRoute: {rr}\nFrom: <sip:caller@trunk.example.net>;tag=from1\nTo: <sip:bob@example.com>;tag=b9\nCall-ID: call-z9hG4bKm1\nCSeq: 2 BYE\nContent-Length: 0\n\n");
+        lab.send(udp(TRUSTED), &bye);
+        assert_eq!(lab.proxy.media_usage(), (0, 0));
+    }
+
+    #[test]
+    fn busy_callee_and_cancel_leave_no_zombie_sessions() {
+        let mut lab = Lab::with_media();
+        lab.register("bob", NAT_B, "pw-b");
+        for i in 0..20 {
+            let branch = format!("z9hG4bKz{i}");
+            let out = lab.send(udp(TRUSTED), &invite_sdp(&branch));
+            let fwd = out[1].clone();
+            if i % 2 == 0 {
+                lab.send(udp(NAT_B), &reply(&fwd, 486, "Busy Here", "b"));
+            } else {
+                lab.send(udp(NAT_B), &reply(&fwd, 180, "Ringing", "b"));
+                let cancel = format!("CANCEL sip:bob@example.com SIP/2.0\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch={branch}\nTo: <sip:bob@example.com>\nFrom: <sip:caller@trunk.example.net>;tag=from1\nCall-ID: call-{branch}\nCSeq: 1 CANCEL\nContent-Length: 0\n\n");
+                lab.send(udp(TRUSTED), &cancel);
+                lab.send(udp(NAT_B), &reply(&fwd, 487, "Request Terminated", "b"));
+            }
+        }
+        assert_eq!(lab.proxy.media_usage(), (0, 0));
+    }
+
+    #[test]
+    fn unanchorable_offer_gets_488_naming_the_problem() {
+        let mut lab = Lab::with_media();
+        lab.register("bob", NAT_B, "pw-b");
+        let bad = invite("bob", "z9hG4bKbad")
+            .replace("Content-Length: 3\n\nv=0", "Content-Length: 7\n\nnot sdp");
+        let out = lab.send(udp(TRUSTED), &bad);
+        let r = parse(&out[1]);
+        assert_eq!(r.status(), Some(488));
+        assert!(
+            r.reason().starts_with("Not Acceptable Here - "),
+            "{}",
+            r.reason()
+        );
+        assert_eq!(lab.proxy.media_usage(), (0, 0));
+    }
+
+    #[test]
+    fn media_timeout_sends_bye_to_both_sides() {
+        let mut lab = Lab::with_media();
+        lab.register("bob", NAT_B, "pw-b");
+        let out = lab.send(udp(TRUSTED), &invite_sdp("z9hG4bKmt"));
+        let fwd = out[1].clone();
+        lab.send(udp(NAT_B), &answer_with_sdp(&fwd, 200));
+        let later = lab.advance(Duration::from_secs(65));
+        let mut byes: Vec<_> = later
+            .iter()
+            .filter(|t| parse(t).method() == Some(&Method::Bye))
+            .collect();
+        // Unanswered BYEs are retransmitted (Timer E); count transactions, not packets.
+        byes.sort_by_key(|t| parse(t).branch().map(str::to_owned));
+        byes.dedup_by_key(|t| parse(t).branch().map(str::to_owned));
+        assert_eq!(
+            byes.len(),
+            2,
+            "{:?}",
+            later.iter().map(text).collect::<Vec<_>>()
+        );
+        let mut to: Vec<_> = byes.iter().map(|t| t.flow.remote).collect();
+        to.sort();
+        let mut want = vec![addr(TRUSTED), addr(NAT_B)];
+        want.sort();
+        assert_eq!(to, want);
+        let to_b = byes
+            .iter()
+            .find(|t| t.flow.remote == addr(NAT_B))
+            .expect("bye to b");
+        let m = parse(to_b);
+        assert_eq!(m.request_uri(), Some("sip:callee@10.0.0.2:5060"));
+        assert_eq!(m.tag(HeaderName::To), Some("b9"));
+        assert_eq!(m.cseq(), Some((2, Method::Bye)));
+        assert_eq!(lab.proxy.media_usage(), (0, 0));
+    }
+
+    #[test]
+    fn media_off_leaves_sdp_untouched() {
+        let mut lab = Lab::new();
+        lab.register("bob", NAT_B, "pw-b");
+        let out = lab.send(udp(TRUSTED), &invite_sdp("z9hG4bKoff"));
+        assert_eq!(parse(&out[1]).body_bytes(), OFFER.as_bytes());
+    }
 }

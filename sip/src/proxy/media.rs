@@ -1,0 +1,264 @@
+//! The proxy's side of media anchoring: SDP bodies in requests and responses go through
+//! the relay's offer/answer, calls are released when their dialog ends or fails, and a
+//! call the relay ends (media timeout) is torn down with a BYE to each side.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use pinhole_media::relay::{Command, EndReason, Event, Options, RelayError};
+
+use super::{Owner, Proxy, BRANCH_PREFIX};
+use crate::message::{HeaderName, Message, Method, Rejection};
+use crate::transport::Flow;
+use rand::Rng;
+
+/// What the proxy remembers of an answered call, to end it when the relay says so.
+#[derive(Debug, Clone)]
+pub(super) struct Dialog {
+    a_flow: Flow,
+    b_flow: Flow,
+    /// From of the INVITE (A's identity, with tag) and To of the 2xx (B's, with tag).
+    a_from: String,
+    b_to: String,
+    a_contact: String,
+    b_contact: String,
+    a_tag: String,
+    a_cseq: u32,
+    b_cseq: u32,
+}
+
+/// Does this message carry an SDP body?
+fn sdp_body(msg: &Message) -> Option<&[u8]> {
+    let body = msg.body_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let sdp_type = msg
+        .header(HeaderName::ContentType)
+        .map(|t| t.trim().to_ascii_lowercase().starts_with("application/sdp"));
+    match sdp_type {
+        Some(true) => Some(body),
+        Some(false) => None,
+        None => body.starts_with(b"v=0").then_some(body),
+    }
+}
+
+fn contact_uri(msg: &Message) -> Option<String> {
+    let v = msg.value_texts(HeaderName::Contact).into_iter().next()?;
+    Some(match (v.find('<'), v.find('>')) {
+        (Some(s), Some(e)) if s < e => v[s + 1..e].to_owned(),
+        _ => v.split(';').next().unwrap_or(v).trim().to_owned(),
+    })
+}
+
+impl Proxy {
+    /// Anchors the SDP of a request (offer in INVITE/UPDATE, either in PRACK/ACK) and
+    /// returns the body to forward; errors carry the response to send.
+    pub(super) fn media_request(
+        &mut self,
+        now: Instant,
+        flow: Flow,
+        msg: &Message,
+    ) -> Result<Option<Vec<u8>>, Rejection> {
+        let Some(relay) = self.relay.as_mut() else {
+            return Ok(None);
+        };
+        let method = msg
+            .method()
+            .cloned()
+            .unwrap_or(Method::Other(String::new()));
+        if !matches!(
+            method,
+            Method::Invite | Method::Update | Method::Prack | Method::Ack
+        ) {
+            return Ok(None);
+        }
+        let Some(body) = sdp_body(msg) else {
+            return Ok(None);
+        };
+        let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
+            return Ok(None);
+        };
+        match relay.on_sdp(
+            now,
+            call_id,
+            tag,
+            body,
+            Some(flow.remote.ip()),
+            Options::default(),
+        ) {
+            Ok(b) => Ok(Some(b)),
+            Err(RelayError::LoadLimit) => Err(Rejection::new(503, "Media Relay At Session Limit")),
+            Err(RelayError::PortsExhausted) => Err(Rejection::new(503, "Media Relay Out Of Ports")),
+            Err(RelayError::Sdp(e)) => {
+                Err(Rejection::new(488, format!("Not Acceptable Here - {e}")))
+            }
+            Err(RelayError::UnknownCall) => {
+                Err(Rejection::new(488, "Not Acceptable Here - Unknown Call"))
+            }
+        }
+    }
+
+    /// Anchors the SDP of a 1xx/2xx response coming from `from`; `None` leaves the body.
+    pub(super) fn media_response(
+        &mut self,
+        now: Instant,
+        from: Flow,
+        msg: &Message,
+    ) -> Option<Vec<u8>> {
+        let relay = self.relay.as_mut()?;
+        let code = msg.status()?;
+        let (_, method) = msg.cseq()?;
+        if code >= 300 || !matches!(method, Method::Invite | Method::Update | Method::Prack) {
+            return None;
+        }
+        let body = sdp_body(msg)?;
+        let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
+        match relay.on_sdp(
+            now,
+            call_id,
+            tag,
+            body,
+            Some(from.remote.ip()),
+            Options::default(),
+        ) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(call_id, error = %e, "answer not anchored; forwarded as is");
+                None
+            }
+        }
+    }
+
+    /// A dialog-ending request (BYE) or a failed/cancelled initial INVITE releases the media.
+    pub(super) fn media_end(&mut self, call_id: &str) {
+        if let Some(relay) = self.relay.as_mut() {
+            if relay.delete(call_id) {
+                tracing::debug!(call_id, "relay session released");
+            }
+        }
+        self.dialogs.remove(call_id);
+    }
+
+    /// Remembers an answered call (2xx to an initial INVITE going up `a_flow`).
+    pub(super) fn media_dialog(
+        &mut self,
+        request: &Message,
+        a_flow: Flow,
+        response: &Message,
+        b_flow: Flow,
+    ) {
+        let Some(call_id) = request.call_id() else {
+            return;
+        };
+        if !self.relay.as_ref().is_some_and(|r| r.has_call(call_id)) {
+            return;
+        }
+        let d = Dialog {
+            a_flow,
+            b_flow,
+            a_from: request
+                .header(HeaderName::From)
+                .unwrap_or_default()
+                .to_owned(),
+            b_to: response
+                .header(HeaderName::To)
+                .unwrap_or_default()
+                .to_owned(),
+            a_contact: contact_uri(request).unwrap_or_default(),
+            b_contact: contact_uri(response).unwrap_or_default(),
+            a_tag: request.tag(HeaderName::From).unwrap_or_default().to_owned(),
+            a_cseq: request.cseq().map_or(1, |(n, _)| n),
+            b_cseq: 0,
+        };
+        self.dialogs.insert(call_id.to_owned(), d);
+    }
+
+    /// Tracks CSeq numbers of in-dialog requests so a relay-initiated BYE is in sequence.
+    pub(super) fn media_seen_request(&mut self, msg: &Message) {
+        let (Some(call_id), Some((n, _)), Some(tag)) =
+            (msg.call_id(), msg.cseq(), msg.tag(HeaderName::From))
+        else {
+            return;
+        };
+        if let Some(d) = self.dialogs.get_mut(call_id) {
+            if d.a_tag == tag {
+                d.a_cseq = d.a_cseq.max(n);
+            } else {
+                d.b_cseq = d.b_cseq.max(n);
+            }
+        }
+    }
+
+    /// Runs the relay's timers and ends the calls it gave up on.
+    pub(super) fn media_housekeeping(&mut self, now: Instant) {
+        let Some(relay) = self.relay.as_mut() else {
+            return;
+        };
+        relay.handle_timeout(now);
+        let mut ended = Vec::new();
+        while let Some(Event::Ended { call_id, reason }) = relay.poll_event() {
+            ended.push((call_id, reason));
+        }
+        metrics::gauge!("pinhole_relay_sessions").set(relay.call_count() as f64);
+        metrics::gauge!("pinhole_relay_ports").set(relay.ports_in_use() as f64);
+        for (call_id, reason) in ended {
+            tracing::info!(%call_id, ?reason, "relay ended the call");
+            metrics::counter!("pinhole_relay_timeouts_total", "reason" => reason_label(reason))
+                .increment(1);
+            if let Some(d) = self.dialogs.remove(&call_id) {
+                self.send_bye(now, &call_id, &d, true);
+                self.send_bye(now, &call_id, &d, false);
+            }
+        }
+    }
+
+    fn send_bye(&mut self, now: Instant, call_id: &str, d: &Dialog, to_b: bool) {
+        let (flow, uri, from, to, cseq) = if to_b {
+            (d.b_flow, &d.b_contact, &d.a_from, &d.b_to, d.a_cseq + 1)
+        } else {
+            (d.a_flow, &d.a_contact, &d.b_to, &d.a_from, d.b_cseq + 1)
+        };
+        let Some(iface) = self.interface_index(flow.transport, flow.local, flow.remote) else {
+            return;
+        };
+        let branch = format!("{BRANCH_PREFIX}bye.{:016x}", self.rng.gen::<u64>());
+        let req = format!(
+            "BYE {uri} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch}\r\nMax-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} BYE\r\nReason: SIP;cause=408;text=\"Media Timeout\"\r\nContent-Length: 0\r\n\r\n",
+            flow.transport.via_token(),
+            self.cfg.interfaces[iface].host_port(),
+        );
+        if let Ok(sent) = Message::parse(Bytes::from(req)) {
+            self.start_client(now, branch, Owner::Local, flow, sent);
+        }
+    }
+
+    /// The next port binding or forwarding rule for the media data plane.
+    #[must_use]
+    pub fn poll_media_command(&mut self) -> Option<Command> {
+        self.relay.as_mut()?.poll_command()
+    }
+
+    /// Relay sessions and ports in use (for zombie checks and metrics).
+    pub fn media_usage(&self) -> (usize, usize) {
+        self.relay
+            .as_ref()
+            .map_or((0, 0), |r| (r.call_count(), r.ports_in_use()))
+    }
+
+    /// Statistics of a call's streams, if the relay anchors it.
+    pub fn media_stats(
+        &self,
+        call_id: &str,
+    ) -> Option<Vec<[std::sync::Arc<pinhole_media::stats::StreamStats>; 4]>> {
+        self.relay.as_ref()?.stats(call_id)
+    }
+}
+
+fn reason_label(r: EndReason) -> &'static str {
+    match r {
+        EndReason::MediaTimeout => "media",
+        EndReason::OfferTimeout => "offer",
+        EndReason::MaxDuration => "duration",
+    }
+}
