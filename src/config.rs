@@ -68,11 +68,8 @@ pub(crate) struct Listen {
 impl TryFrom<String> for Listen {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let (t, a) = s
-            .split_once(':')
-            .ok_or_else(|| format!("listen `{s}` is not transport:IP:PORT"))?;
-        let transport = Transport::from_param(t)
-            .ok_or_else(|| format!("unknown transport `{t}` (udp, tcp or tls)"))?;
+        let (t, a) = s.split_once(':').ok_or_else(|| format!("listen `{s}` is not transport:IP:PORT"))?;
+        let transport = Transport::from_param(t).ok_or_else(|| format!("unknown transport `{t}` (udp, tcp or tls)"))?;
         let addr = a.parse().map_err(|_| format!("`{a}` is not IP:PORT"))?;
         Ok(Listen { transport, addr })
     }
@@ -91,9 +88,7 @@ pub(crate) struct CidrSpec(pub(crate) Cidr);
 impl TryFrom<String> for CidrSpec {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        Cidr::parse(&s)
-            .map(CidrSpec)
-            .ok_or_else(|| format!("`{s}` is not an IP address or CIDR block"))
+        Cidr::parse(&s).map(CidrSpec).ok_or_else(|| format!("`{s}` is not an IP address or CIDR block"))
     }
 }
 
@@ -136,12 +131,7 @@ fn default_realm() -> String {
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth {
-            realm: default_realm(),
-            users: vec![],
-            trusted: vec![],
-            algorithms: default_algorithms(),
-        }
+        Auth { realm: default_realm(), users: vec![], trusted: vec![], algorithms: default_algorithms() }
     }
 }
 
@@ -164,12 +154,7 @@ pub(crate) struct Registrar {
 
 impl Default for Registrar {
     fn default() -> Self {
-        Registrar {
-            default_expires: 3600,
-            min_expires: 60,
-            max_expires: 7200,
-            store: PathBuf::new(),
-        }
+        Registrar { default_expires: 3600, min_expires: 60, max_expires: 7200, store: PathBuf::new() }
     }
 }
 
@@ -192,10 +177,7 @@ pub(crate) struct Nat {
 
 impl Default for Nat {
     fn default() -> Self {
-        Nat {
-            keepalive: KeepaliveKind::Options,
-            keepalive_interval: 30,
-        }
+        Nat { keepalive: KeepaliveKind::Options, keepalive_interval: 30 }
     }
 }
 
@@ -216,6 +198,14 @@ pub(crate) struct Media {
     pub(crate) port_max: u16,
     /// Seconds without media before a call is ended.
     pub(crate) timeout: u64,
+    /// Seconds an offer may wait for its answer.
+    pub(crate) offer_timeout: u64,
+    /// Longest call, in seconds.
+    pub(crate) max_duration: u64,
+    /// Most relayed calls at once.
+    pub(crate) max_sessions: usize,
+    /// Forwarding threads; 0 picks one less than the number of cores (at least one).
+    pub(crate) workers: usize,
 }
 
 impl Default for Media {
@@ -226,12 +216,14 @@ impl Default for Media {
             port_min: 30000,
             port_max: 39999,
             timeout: 60,
+            offer_timeout: 200,
+            max_duration: 14_400,
+            max_sessions: 10_000,
+            workers: 0,
         }
     }
 }
 
-/// Parsed now so configs stay valid; read by the media relay when it lands.
-#[allow(dead_code)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MediaInterface {
@@ -271,11 +263,7 @@ pub(crate) struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "line {}, column {}: {}",
-            self.line, self.column, self.message
-        )
+        write!(f, "line {}, column {}: {}", self.line, self.column, self.message)
     }
 }
 
@@ -284,11 +272,7 @@ impl Config {
     pub(crate) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            vec![ConfigError {
-                line,
-                column,
-                message: e.message().to_owned(),
-            }]
+            vec![ConfigError { line, column, message: e.message().to_owned() }]
         })?;
         let errors = cfg.check(text);
         if errors.is_empty() {
@@ -309,64 +293,30 @@ impl Config {
         let mut errs = Vec::new();
         let mut err = |table: &str, key: &str, message: String| {
             let (line, column) = locate(text, table, key);
-            errs.push(ConfigError {
-                line,
-                column,
-                message,
-            });
+            errs.push(ConfigError { line, column, message });
         };
         let r = &self.registrar;
         if !(r.min_expires <= r.default_expires && r.default_expires <= r.max_expires) {
-            err(
-                "registrar",
-                "default_expires",
-                "need min_expires <= default_expires <= max_expires".into(),
-            );
+            err("registrar", "default_expires", "need min_expires <= default_expires <= max_expires".into());
         }
-        if self
-            .sip
-            .listen
-            .iter()
-            .any(|l| l.transport == Transport::Tls)
-            && self.sip.tls.is_none()
-        {
-            err(
-                "sip",
-                "listen",
-                "a tls: listener needs [sip.tls] cert and key".into(),
-            );
+        if self.sip.listen.iter().any(|l| l.transport == Transport::Tls) && self.sip.tls.is_none() {
+            err("sip", "listen", "a tls: listener needs [sip.tls] cert and key".into());
         }
         if self.sip.domain.trim().is_empty() {
             err("sip", "domain", "domain must not be empty".into());
         }
         if self.media.port_min > self.media.port_max || self.media.port_min < 1024 {
-            err(
-                "media",
-                "port_min",
-                "need 1024 <= port_min <= port_max".into(),
-            );
+            err("media", "port_min", "need 1024 <= port_min <= port_max".into());
         }
         if self.nat.keepalive_interval == 0 {
-            err(
-                "nat",
-                "keepalive_interval",
-                "keepalive_interval must be at least 1 second".into(),
-            );
+            err("nat", "keepalive_interval", "keepalive_interval must be at least 1 second".into());
         }
         if !self.ng.listen.is_empty() && self.ng.listen.parse::<SocketAddr>().is_err() {
-            err(
-                "ng",
-                "listen",
-                format!("`{}` is not IP:PORT", self.ng.listen),
-            );
+            err("ng", "listen", format!("`{}` is not IP:PORT", self.ng.listen));
         }
         if let Some(adv) = &self.sip.advertise {
             if adv.trim().is_empty() || adv.contains(char::is_whitespace) {
-                err(
-                    "sip",
-                    "advertise",
-                    "advertise must be an IP address or host name".into(),
-                );
+                err("sip", "advertise", "advertise must be an IP address or host name".into());
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -376,6 +326,41 @@ impl Config {
             }
         }
         errs
+    }
+
+    /// The relay configuration, or `None` when `media.mode = "off"`.
+    pub(crate) fn relay(&self) -> Option<pinhole_media::relay::RelayConfig> {
+        use std::time::Duration;
+        if self.media.mode == MediaModeSpec::Off {
+            return None;
+        }
+        let fallback =
+            [MediaInterface { name: "default".into(), bind: std::net::Ipv4Addr::UNSPECIFIED.into(), advertise: None }];
+        let configured = if self.media.interfaces.is_empty() { &fallback[..] } else { &self.media.interfaces[..] };
+        let sip_ip = self
+            .sip
+            .advertise
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .or_else(|| self.sip.listen.iter().map(|l| l.addr.ip()).find(|ip| !ip.is_unspecified()))
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+        let interfaces = configured
+            .iter()
+            .map(|i| pinhole_media::relay::RelayInterface {
+                name: i.name.clone(),
+                bind: i.bind,
+                advertise: i.advertise.unwrap_or(if i.bind.is_unspecified() { sip_ip } else { i.bind }),
+            })
+            .collect();
+        Some(pinhole_media::relay::RelayConfig {
+            interfaces,
+            port_min: self.media.port_min,
+            port_max: self.media.port_max,
+            media_timeout: Duration::from_secs(self.media.timeout),
+            offer_timeout: Duration::from_secs(self.media.offer_timeout),
+            max_duration: Duration::from_secs(self.media.max_duration),
+            max_sessions: self.media.max_sessions,
+        })
     }
 
     /// The host to put in Via/Record-Route for a listener.
@@ -391,10 +376,7 @@ impl Config {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |i| before.len() - i - 1)
-        + 1;
+    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
     (line, column)
 }
 
@@ -427,15 +409,9 @@ mod tests {
         let c = Config::parse(DEFAULT_TOML).expect("valid");
         assert!(c.auth.users.is_empty(), "no default credentials");
         let outside: IpAddr = "198.51.100.1".parse().expect("ip");
-        assert!(
-            c.auth.trusted.iter().all(|t| !t.0.contains(outside)),
-            "outside sources are challenged"
-        );
+        assert!(c.auth.trusted.iter().all(|t| !t.0.contains(outside)), "outside sources are challenged");
         assert_eq!(c.ng.listen, "127.0.0.1:2223");
-        assert_eq!(
-            c.metrics.listen,
-            Some("127.0.0.1:9090".parse().expect("addr"))
-        );
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9090".parse().expect("addr")));
     }
 
     #[test]
@@ -448,8 +424,7 @@ mod tests {
 
     #[test]
     fn bad_listen_spec_names_the_problem() {
-        let errs = Config::parse("[sip]\ndomain = \"x\"\nlisten = [\"sctp:1.2.3.4:5060\"]\n")
-            .expect_err("bad");
+        let errs = Config::parse("[sip]\ndomain = \"x\"\nlisten = [\"sctp:1.2.3.4:5060\"]\n").expect_err("bad");
         assert_eq!(errs[0].line, 3);
         assert!(errs[0].message.contains("unknown transport `sctp`"));
     }
@@ -459,11 +434,7 @@ mod tests {
         let text = "[sip]\ndomain = \"x\"\nlisten = [\"tls:127.0.0.1:5061\"]\n[registrar]\nmin_expires = 100\ndefault_expires = 10\n";
         let errs = Config::parse(text).expect_err("bad");
         assert_eq!(errs.len(), 2);
-        assert!(errs
-            .iter()
-            .any(|e| e.line == 6 && e.message.contains("default_expires")));
-        assert!(errs
-            .iter()
-            .any(|e| e.line == 3 && e.message.contains("tls")));
+        assert!(errs.iter().any(|e| e.line == 6 && e.message.contains("default_expires")));
+        assert!(errs.iter().any(|e| e.line == 3 && e.message.contains("tls")));
     }
 }

@@ -5,6 +5,8 @@
 //! `pinhole-media`.
 
 mod config;
+mod dataplane;
+mod mmsg;
 mod server;
 mod store;
 
@@ -60,13 +62,9 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<config::Config> {
     let Some(path) = path else {
         return Ok(config::Config::embedded());
     };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     config::Config::parse(&text).map_err(|errs| {
-        let list: Vec<String> = errs
-            .iter()
-            .map(|e| format!("{}: {e}", path.display()))
-            .collect();
+        let list: Vec<String> = errs.iter().map(|e| format!("{}: {e}", path.display())).collect();
         anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
     })
 }

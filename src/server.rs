@@ -9,15 +9,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use bytes::Bytes;
 use pinhole_sip::stream::{Frame, Framer};
-use pinhole_sip::{
-    ConnId, Flow, Interface, Keepalive, Proxy, ProxyConfig, RegistrarConfig, Transmit, Transport,
-};
+use pinhole_sip::{ConnId, Flow, Interface, Keepalive, Proxy, ProxyConfig, RegistrarConfig, Transmit, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::{Config, KeepaliveKind};
+use crate::dataplane::DataPlane;
 use crate::store::Store;
 
 /// Frames queued per connection before the connection counts as stuck and is closed.
@@ -42,6 +41,8 @@ struct Shared {
     udp: Vec<(SocketAddr, Arc<std::net::UdpSocket>)>,
     /// For spawning connection tasks from the UDP threads.
     rt: tokio::runtime::Handle,
+    /// Media forwarding threads, when the relay is on.
+    dataplane: Option<DataPlane>,
     conns: Mutex<Conns>,
     next_conn: AtomicU64,
     wake: Notify,
@@ -66,18 +67,12 @@ impl Shared {
 pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
     // One thread: the proxy core is behind one lock anyway, and a single event loop avoids
     // cross-thread wakeups, which cost more than the SIP work itself (see the bench).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(serve(cfg))
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -95,22 +90,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .sip
         .listen
         .iter()
-        .map(|l| Interface {
-            transport: l.transport,
-            bind: l.addr,
-            advertise: cfg.advertise_for(l),
-        })
+        .map(|l| Interface { transport: l.transport, bind: l.addr, advertise: cfg.advertise_for(l) })
         .collect();
     let pcfg = ProxyConfig {
         domain: cfg.sip.domain.clone(),
         interfaces,
         realm: cfg.auth.realm.clone(),
-        users: cfg
-            .auth
-            .users
-            .iter()
-            .map(|u| (u.user.clone(), u.password.clone()))
-            .collect(),
+        users: cfg.auth.users.iter().map(|u| (u.user.clone(), u.password.clone())).collect(),
         auth_algorithms: cfg.auth.algorithms.iter().map(|a| a.0).collect(),
         trusted: cfg.auth.trusted.iter().map(|c| c.0).collect(),
         registrar: RegistrarConfig {
@@ -127,17 +113,26 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_body: cfg.sip.max_message_size,
         max_message: cfg.sip.max_message_size,
         secret: loaded.secret,
+        media: cfg.relay(),
     };
-    let mut proxy = Proxy::new(pcfg, Instant::now().into_std(), unix_now(), rand::random());
+    let epoch = Instant::now().into_std();
+    let dataplane = match &pcfg.media {
+        Some(m) => {
+            let workers = match cfg.media.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+                n => n,
+            };
+            tracing::info!(workers, ports = %format!("{}-{}", m.port_min, m.port_max), "media relay on");
+            Some(DataPlane::start(workers, m.port_min, m.port_max, epoch).context("starting relay workers")?)
+        }
+        None => None,
+    };
+    let mut proxy = Proxy::new(pcfg, epoch, unix_now(), rand::random());
     let restored = loaded.bindings.len();
     proxy.registrar_mut().restore(loaded.bindings, unix_now());
     metrics::gauge!("pinhole_registrar_bindings").set(proxy.registrar().binding_count() as f64);
     if restored > 0 {
-        tracing::info!(
-            restored,
-            "registrations restored from {}",
-            cfg.registrar.store.display()
-        );
+        tracing::info!(restored, "registrations restored from {}", cfg.registrar.store.display());
     }
 
     let mut udp = Vec::new();
@@ -149,18 +144,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 let s = bind_udp(l.addr).with_context(|| format!("binding {l}"))?;
                 udp.push((l.addr, Arc::new(s)));
             }
-            Transport::Tcp => tcp.push((
-                l.addr,
-                TcpListener::bind(l.addr)
-                    .await
-                    .with_context(|| format!("binding {l}"))?,
-            )),
-            Transport::Tls => tls.push((
-                l.addr,
-                TcpListener::bind(l.addr)
-                    .await
-                    .with_context(|| format!("binding {l}"))?,
-            )),
+            Transport::Tcp => {
+                tcp.push((l.addr, TcpListener::bind(l.addr).await.with_context(|| format!("binding {l}"))?))
+            }
+            Transport::Tls => {
+                tls.push((l.addr, TcpListener::bind(l.addr).await.with_context(|| format!("binding {l}"))?))
+            }
         }
         tracing::info!(listen = %l, "SIP listening");
     }
@@ -168,19 +157,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
         _ => None,
     };
-    if cfg.media.mode != crate::config::MediaModeSpec::Off {
-        tracing::warn!(
-            stun = ?cfg.stun.listen,
-            ng = %cfg.ng.listen,
-            "media relay, ng and STUN are configured but not part of this build yet; SDP passes untouched"
-        );
-    }
+    tracing::warn!(
+        stun = ?cfg.stun.listen,
+        ng = %cfg.ng.listen,
+        "ng and STUN are configured but not part of this build yet"
+    );
 
     let shared = Arc::new(Shared {
         proxy: Mutex::new(proxy),
         tcp_local: tcp.first().map(|(a, _)| *a),
         udp: udp.clone(),
         rt: tokio::runtime::Handle::current(),
+        dataplane,
         conns: Mutex::new(Conns::default()),
         next_conn: AtomicU64::new(1),
         wake: Notify::new(),
@@ -196,23 +184,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .context("starting a UDP thread")?;
     }
     for (local, listener) in tcp {
-        tokio::spawn(accept_loop(
-            shared.clone(),
-            local,
-            listener,
-            Transport::Tcp,
-            None,
-        ));
+        tokio::spawn(accept_loop(shared.clone(), local, listener, Transport::Tcp, None));
     }
     if let Some(acceptor) = acceptor {
         for (local, listener) in tls {
-            tokio::spawn(accept_loop(
-                shared.clone(),
-                local,
-                listener,
-                Transport::Tls,
-                Some(acceptor.clone()),
-            ));
+            tokio::spawn(accept_loop(shared.clone(), local, listener, Transport::Tls, Some(acceptor.clone())));
         }
     }
     tokio::spawn(timer_loop(shared.clone()));
@@ -232,14 +208,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -249,10 +224,7 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
     ))
@@ -263,13 +235,11 @@ fn tls_acceptor(
     ))
     .with_context(|| format!("reading key from {}", key.display()))?
     .ok_or_else(|| anyhow::anyhow!("no private key in {}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("building the TLS configuration")?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("building the TLS configuration")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -282,25 +252,12 @@ fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
 }
 
 /// Feeds one message with the proxy already locked; transmits are appended to `out`.
-fn handle_locked(
-    shared: &Shared,
-    p: &mut Proxy,
-    flow: Flow,
-    data: Bytes,
-    out: &mut Vec<Transmit>,
-) -> bool {
-    let ok = p
-        .handle_input(Instant::now().into_std(), flow, data)
-        .is_ok();
-    while let Some(t) = p.poll_transmit() {
-        out.push(t);
-    }
+fn handle_locked(shared: &Shared, p: &mut Proxy, flow: Flow, data: Bytes, out: &mut Vec<Transmit>) -> bool {
+    let ok = p.handle_input(Instant::now().into_std(), flow, data).is_ok();
+    drain(shared, p, out);
     // Wake the timer loop only when this input needs it sooner than it planned.
     let next = p.poll_timeout();
-    let planned = *shared
-        .timer_deadline
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let planned = *shared.timer_deadline.lock().unwrap_or_else(|e| e.into_inner());
     let sooner = match (next, planned) {
         (Some(n), Some(d)) => n + TIMER_SLACK < d,
         (Some(_), None) => true,
@@ -310,6 +267,18 @@ fn handle_locked(
         shared.wake.notify_one();
     }
     ok
+}
+
+/// Collects what the proxy wants sent, and hands relay commands to the forwarding threads.
+fn drain(shared: &Shared, p: &mut Proxy, out: &mut Vec<Transmit>) {
+    while let Some(t) = p.poll_transmit() {
+        out.push(t);
+    }
+    while let Some(c) = p.poll_media_command() {
+        if let Some(dp) = &shared.dataplane {
+            dp.execute(c);
+        }
+    }
 }
 
 fn dispatch(shared: &Arc<Shared>, out: Vec<Transmit>) {
@@ -326,12 +295,7 @@ fn send_udp(shared: &Arc<Shared>, t: Transmit) {
         .udp
         .iter()
         .find(|(a, _)| *a == t.flow.local)
-        .or_else(|| {
-            shared
-                .udp
-                .iter()
-                .find(|(a, _)| a.is_ipv4() == t.flow.remote.is_ipv4())
-        })
+        .or_else(|| shared.udp.iter().find(|(a, _)| a.is_ipv4() == t.flow.remote.is_ipv4()))
         .map(|(_, s)| s.clone());
     let Some(sock) = sock else {
         tracing::debug!(remote = %t.flow.remote, "no UDP socket for this address family");
@@ -348,12 +312,7 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
         t.flow
             .conn
             .and_then(|id| conns.by_id.get(&id))
-            .or_else(|| {
-                conns
-                    .by_remote
-                    .get(&(t.flow.transport, t.flow.remote))
-                    .and_then(|id| conns.by_id.get(id))
-            })
+            .or_else(|| conns.by_remote.get(&(t.flow.transport, t.flow.remote)).and_then(|id| conns.by_id.get(id)))
             .filter(|c| c.transport == t.flow.transport && c.remote == t.flow.remote)
             .map(|c| c.tx.clone())
     };
@@ -372,13 +331,8 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
                     Ok(stream) => {
                         let local = shared.tcp_local.unwrap_or(t.flow.local);
                         let (id, rx) = register_conn(&shared, Transport::Tcp, t.flow.remote);
-                        let _ = shared
-                            .conns()
-                            .by_id
-                            .get(&id)
-                            .map(|c| c.tx.try_send(t.payload));
-                        run_conn(shared, stream, Transport::Tcp, local, t.flow.remote, id, rx)
-                            .await;
+                        let _ = shared.conns().by_id.get(&id).map(|c| c.tx.try_send(t.payload));
+                        run_conn(shared, stream, Transport::Tcp, local, t.flow.remote, id, rx).await;
                     }
                     Err(e) => {
                         tracing::debug!(remote = %t.flow.remote, error = %e, "TCP connect failed")
@@ -425,12 +379,7 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             continue; // CRLF NAT keepalives from phones
         }
-        let flow = Flow {
-            transport: Transport::Udp,
-            local,
-            remote,
-            conn: None,
-        };
+        let flow = Flow { transport: Transport::Udp, local, remote, conn: None };
         if !handle(shared, flow, Bytes::copy_from_slice(data)) {
             tracing::debug!(%remote, "UDP garbage dropped");
         }
@@ -460,38 +409,23 @@ async fn accept_loop(
             let (id, rx) = register_conn(&shared, transport, remote);
             match tls {
                 None => run_conn(shared, stream, transport, local, remote, id, rx).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => run_conn(shared, s, transport, local, remote, id, rx).await,
-                        _ => {
-                            tracing::debug!(%remote, "TLS handshake failed");
-                            unregister_conn(&shared, id);
-                        }
+                Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => run_conn(shared, s, transport, local, remote, id, rx).await,
+                    _ => {
+                        tracing::debug!(%remote, "TLS handshake failed");
+                        unregister_conn(&shared, id);
                     }
-                }
+                },
             }
         });
     }
 }
 
-fn register_conn(
-    shared: &Arc<Shared>,
-    transport: Transport,
-    remote: SocketAddr,
-) -> (ConnId, mpsc::Receiver<Vec<u8>>) {
+fn register_conn(shared: &Arc<Shared>, transport: Transport, remote: SocketAddr) -> (ConnId, mpsc::Receiver<Vec<u8>>) {
     let id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
     let mut conns = shared.conns();
-    conns.by_id.insert(
-        id,
-        Conn {
-            transport,
-            remote,
-            tx,
-        },
-    );
+    conns.by_id.insert(id, Conn { transport, remote, tx });
     conns.by_remote.insert((transport, remote), id);
     metrics::gauge!("pinhole_sip_connections").set(conns.by_id.len() as f64);
     (id, rx)
@@ -527,12 +461,7 @@ async fn run_conn<S>(
         }
         let _ = wr.shutdown().await;
     });
-    let flow = Flow {
-        transport,
-        local,
-        remote,
-        conn: Some(id),
-    };
+    let flow = Flow { transport, local, remote, conn: Some(id) };
     let mut framer = Framer::new(shared.max_message);
     let mut buf = vec![0u8; 16 * 1024];
     'conn: loop {
@@ -576,13 +505,8 @@ const TIMER_SLACK: Duration = Duration::from_millis(10);
 async fn timer_loop(shared: Arc<Shared>) {
     loop {
         let deadline = shared.proxy().poll_timeout().map(|d| d + TIMER_SLACK);
-        *shared
-            .timer_deadline
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = deadline;
-        let sleep_until = deadline
-            .map(Instant::from_std)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        *shared.timer_deadline.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
+        let sleep_until = deadline.map(Instant::from_std).unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             _ = tokio::time::sleep_until(sleep_until) => {}
             _ = shared.wake.notified() => continue,
@@ -591,9 +515,7 @@ async fn timer_loop(shared: Arc<Shared>) {
         {
             let mut p = shared.proxy();
             p.handle_timeout(Instant::now().into_std());
-            while let Some(t) = p.poll_transmit() {
-                out.push(t);
-            }
+            drain(&shared, &mut p, &mut out);
         }
         dispatch(&shared, out);
     }

@@ -35,17 +35,12 @@ pub(crate) struct Loaded {
 
 impl Store {
     pub(crate) fn new(path: &Path) -> Store {
-        Store {
-            path: (!path.as_os_str().is_empty()).then(|| path.to_owned()),
-        }
+        Store { path: (!path.as_os_str().is_empty()).then(|| path.to_owned()) }
     }
 
     /// Reads the snapshot, or starts fresh with a new secret.
     pub(crate) fn load(&self) -> anyhow::Result<Loaded> {
-        let fresh = || Loaded {
-            secret: rand::random(),
-            bindings: vec![],
-        };
+        let fresh = || Loaded { secret: rand::random(), bindings: vec![] };
         let Some(path) = &self.path else {
             return Ok(fresh());
         };
@@ -54,43 +49,27 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(fresh()),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let snap: Snapshot =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let snap: Snapshot = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let mut secret = [0u8; 32];
         let bytes = decode_hex(&snap.secret).context("store secret is not 64 hex digits")?;
         if bytes.len() != 32 {
             anyhow::bail!("store secret is not 64 hex digits");
         }
         secret.copy_from_slice(&bytes);
-        Ok(Loaded {
-            secret,
-            bindings: snap
-                .bindings
-                .into_iter()
-                .map(|e| (e.aor, e.binding))
-                .collect(),
-        })
+        Ok(Loaded { secret, bindings: snap.bindings.into_iter().map(|e| (e.aor, e.binding)).collect() })
     }
 
-    pub(crate) fn save(
-        &self,
-        secret: &[u8; 32],
-        bindings: Vec<(String, Binding)>,
-    ) -> anyhow::Result<()> {
+    pub(crate) fn save(&self, secret: &[u8; 32], bindings: Vec<(String, Binding)>) -> anyhow::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
         let snap = Snapshot {
             version: 1,
             secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
-            bindings: bindings
-                .into_iter()
-                .map(|(aor, binding)| Entry { aor, binding })
-                .collect(),
+            bindings: bindings.into_iter().map(|(aor, binding)| Entry { aor, binding }).collect(),
         };
         let tmp = path.with_extension("tmp");
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec(&snap)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
@@ -102,8 +81,5 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }

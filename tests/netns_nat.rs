@@ -24,10 +24,7 @@ impl Drop for Killed {
 fn tone_wav(path: &std::path::Path, hz: f64) {
     let rate = 8000u32;
     let samples: Vec<i16> = (0..rate * 5)
-        .map(|i| {
-            (8000.0 * (2.0 * std::f64::consts::PI * hz * f64::from(i) / f64::from(rate)).sin())
-                as i16
-        })
+        .map(|i| (8000.0 * (2.0 * std::f64::consts::PI * hz * f64::from(i) / f64::from(rate)).sin()) as i16)
         .collect();
     let data_len = (samples.len() * 2) as u32;
     let mut f = std::fs::File::create(path).expect("wav");
@@ -51,10 +48,7 @@ fn tone_wav(path: &std::path::Path, hz: f64) {
 fn wait_for(path: &std::path::Path, needle: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .contains(needle)
-        {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -91,10 +85,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
             .spawn()
             .expect("pinhole"),
     );
-    assert!(
-        wait_for(&ph_log, "SIP listening", Duration::from_secs(10)),
-        "pinhole did not start"
-    );
+    assert!(wait_for(&ph_log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
 
     // baresip on the LAN, auto-answering.
     let bdir = dir.path().join("baresip");
@@ -137,15 +128,8 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
         std::fs::read_to_string(&b_log).unwrap_or_default()
     );
     let log = std::fs::read_to_string(&ph_log).unwrap_or_default();
-    let reg_line = log
-        .lines()
-        .find(|l| l.contains("registered"))
-        .unwrap_or_default()
-        .to_owned();
-    assert!(
-        reg_line.contains(&format!("{NAT_WAN}:")),
-        "binding is on the NAT mapping: {reg_line}"
-    );
+    let reg_line = log.lines().find(|l| l.contains("registered")).unwrap_or_default().to_owned();
+    assert!(reg_line.contains(&format!("{NAT_WAN}:")), "binding is on the NAT mapping: {reg_line}");
 
     // Keepalive OPTIONS cross the NAT and are answered, so the binding stays.
     std::thread::sleep(Duration::from_secs(5));
@@ -156,8 +140,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
     let status = NatLab::command(&lab.wan, "sipp")
         .current_dir(sipp_dir())
         .args([
-            "-sf", "uac.xml", "-s", "alice", "-m", "1", "-p", "5070", "-i", WAN_SERVER, "-timeout",
-            "20s", "-nostdin",
+            "-sf", "uac.xml", "-s", "alice", "-m", "1", "-p", "5070", "-i", WAN_SERVER, "-timeout", "20s", "-nostdin",
         ])
         .args(["-trace_err", "-error_file"])
         .arg(&err)
@@ -188,9 +171,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
         std::fs::read_to_string(&b_log).unwrap_or_default()
     );
     assert!(
-        !std::fs::read_to_string(&ph_log)
-            .unwrap_or_default()
-            .contains("binding expired"),
+        !std::fs::read_to_string(&ph_log).unwrap_or_default().contains("binding expired"),
         "keepalives kept the binding"
     );
 }

@@ -13,33 +13,14 @@ fn call_through(transport: &str, ooc: &str, uac: &str, user: &str, calls: u32) {
     let dir = TempDir::new(user);
     let ph = Pinhole::start(&dir, PinholeOptions::default());
     let uas_port = free_port();
-    let callee = sipp_callee(
-        &ph.sip(),
-        user,
-        uas_port,
-        transport,
-        ooc,
-        4000,
-        &dir.path().join("uas.err"),
-    );
+    let callee = sipp_callee(&ph.sip(), user, uas_port, transport, ooc, 4000, &dir.path().join("uas.err"));
     assert!(
         ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)),
         "callee never registered\n{}",
         ph.log_text()
     );
-    let (ok, good, failed, text) = sipp_caller(
-        &ph.sip(),
-        user,
-        uac,
-        calls,
-        transport,
-        &dir.path().join("uac.err"),
-    );
-    assert!(
-        ok && good == calls && failed == 0,
-        "caller: {good} ok / {failed} failed\n{text}\n{}",
-        ph.log_text()
-    );
+    let (ok, good, failed, text) = sipp_caller(&ph.sip(), user, uac, calls, transport, &dir.path().join("uac.err"));
+    assert!(ok && good == calls && failed == 0, "caller: {good} ok / {failed} failed\n{text}\n{}", ph.log_text());
     let out = callee.wait_output(Duration::from_secs(20));
     assert!(
         out.status.success(),
@@ -77,13 +58,7 @@ fn caller_cancel_while_ringing_ends_with_487() {
 #[test]
 fn tls_call_goes_back_over_the_callee_tls_connection() {
     let dir = TempDir::new("tls");
-    let ph = Pinhole::start(
-        &dir,
-        PinholeOptions {
-            tls: true,
-            ..Default::default()
-        },
-    );
+    let ph = Pinhole::start(&dir, PinholeOptions { tls: true, ..Default::default() });
     let shim = |port: u16| {
         Bg(Some(
             Command::new("socat")
@@ -125,11 +100,7 @@ fn tls_call_goes_back_over_the_callee_tls_connection() {
         "t1",
         &dir.path().join("uac.err"),
     );
-    assert!(
-        ok && good == 3 && failed == 0,
-        "{good}/{failed}\n{text}\n{}",
-        ph.log_text()
-    );
+    assert!(ok && good == 3 && failed == 0, "{good}/{failed}\n{text}\n{}", ph.log_text());
     let out = callee.wait_output(Duration::from_secs(20));
     assert!(
         out.status.success(),
@@ -148,39 +119,15 @@ fn tls_call_goes_back_over_the_callee_tls_connection() {
 fn registrations_survive_a_kill_9_restart() {
     let dir = TempDir::new("restart");
     let mut ph = Pinhole::start(&dir, PinholeOptions::default());
-    let callee = sipp_callee(
-        &ph.sip(),
-        "gina",
-        free_port(),
-        "u1",
-        "uas.xml",
-        9000,
-        &dir.path().join("uas.err"),
-    );
+    let callee = sipp_callee(&ph.sip(), "gina", free_port(), "u1", "uas.xml", 9000, &dir.path().join("uas.err"));
     assert!(ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)));
     // The store is written within a second of a change.
     std::thread::sleep(Duration::from_millis(1500));
     ph.kill9();
     ph.restart();
-    assert_eq!(
-        ph.metric("pinhole_registrar_bindings"),
-        1.0,
-        "binding restored\n{}",
-        ph.log_text()
-    );
-    let (ok, good, _, text) = sipp_caller(
-        &ph.sip(),
-        "gina",
-        "uac.xml",
-        2,
-        "u1",
-        &dir.path().join("uac.err"),
-    );
-    assert!(
-        ok && good == 2,
-        "call after restart failed\n{text}\n{}",
-        ph.log_text()
-    );
+    assert_eq!(ph.metric("pinhole_registrar_bindings"), 1.0, "binding restored\n{}", ph.log_text());
+    let (ok, good, _, text) = sipp_caller(&ph.sip(), "gina", "uac.xml", 2, "u1", &dir.path().join("uac.err"));
+    assert!(ok && good == 2, "call after restart failed\n{text}\n{}", ph.log_text());
     drop(callee);
 }
 
@@ -193,11 +140,7 @@ fn nobody_registered_gives_480_for_known_user_and_404_otherwise() {
             "INVITE sip:{user}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK{user}\r\nFrom: <sip:x@127.0.0.1>;tag=1\r\nTo: <sip:{user}@pinhole.test>\r\nCall-ID: {user}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         )
     };
-    let r = udp_exchange(
-        &ph.sip(),
-        inv("alice").as_bytes(),
-        Duration::from_millis(400),
-    );
+    let r = udp_exchange(&ph.sip(), inv("alice").as_bytes(), Duration::from_millis(400));
     assert!(r.iter().any(|m| m.starts_with("SIP/2.0 480 ")), "{r:?}");
     let r = udp_exchange(&ph.sip(), inv("zed").as_bytes(), Duration::from_millis(400));
     assert!(r.iter().any(|m| m.starts_with("SIP/2.0 404 ")), "{r:?}");
@@ -206,72 +149,33 @@ fn nobody_registered_gives_480_for_known_user_and_404_otherwise() {
 #[test]
 fn bad_requests_get_named_errors_and_garbage_is_counted() {
     let dir = TempDir::new("bad");
-    let ph = Pinhole::start(
-        &dir,
-        PinholeOptions {
-            sip_extra: "max_message_size = 16384".into(),
-            ..Default::default()
-        },
-    );
+    let ph =
+        Pinhole::start(&dir, PinholeOptions { sip_extra: "max_message_size = 16384".into(), ..Default::default() });
     let base = "OPTIONS sip:someone@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKbad\r\nFrom: <sip:x@127.0.0.1>;tag=1\r\nTo: <sip:someone@pinhole.test>\r\nCall-ID: bad\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
     let cases: Vec<(String, &str)> = vec![
+        (base.replace("Call-ID: bad\r\n", ""), "SIP/2.0 400 Missing Call-ID Header"),
+        (base.replace("CSeq: 1 OPTIONS", "CSeq: x OPTIONS"), "SIP/2.0 400 Malformed CSeq Header"),
+        (base.replace("OPTIONS sip:someone@pinhole.test", "OPTIONS tel:+123"), "SIP/2.0 416 Unsupported URI Scheme"),
+        (base.replace("Max-Forwards: 70", "Max-Forwards: 0"), "SIP/2.0 483 Too Many Hops"),
+        (base.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nProxy-Require: x-foo"), "SIP/2.0 420 Bad Extension"),
         (
-            base.replace("Call-ID: bad\r\n", ""),
-            "SIP/2.0 400 Missing Call-ID Header",
-        ),
-        (
-            base.replace("CSeq: 1 OPTIONS", "CSeq: x OPTIONS"),
-            "SIP/2.0 400 Malformed CSeq Header",
-        ),
-        (
-            base.replace("OPTIONS sip:someone@pinhole.test", "OPTIONS tel:+123"),
-            "SIP/2.0 416 Unsupported URI Scheme",
-        ),
-        (
-            base.replace("Max-Forwards: 70", "Max-Forwards: 0"),
-            "SIP/2.0 483 Too Many Hops",
-        ),
-        (
-            base.replace(
-                "Max-Forwards: 70",
-                "Max-Forwards: 70\r\nProxy-Require: x-foo",
-            ),
-            "SIP/2.0 420 Bad Extension",
-        ),
-        (
-            base.replace(
-                "Content-Length: 0\r\n\r\n",
-                &format!("Content-Length: 20000\r\n\r\n{}", "a".repeat(20000)),
-            ),
+            base.replace("Content-Length: 0\r\n\r\n", &format!("Content-Length: 20000\r\n\r\n{}", "a".repeat(20000))),
             "SIP/2.0 513 Message Too Large",
         ),
     ];
     for (i, (msg, want)) in cases.iter().enumerate() {
         let msg = msg.replace("z9hG4bKbad", &format!("z9hG4bKbad{i}"));
         let r = udp_exchange(&ph.sip(), msg.as_bytes(), Duration::from_millis(300));
-        assert!(
-            r.iter().any(|m| m.starts_with(want)),
-            "case {i}: want {want}, got {r:?}"
-        );
+        assert!(r.iter().any(|m| m.starts_with(want)), "case {i}: want {want}, got {r:?}");
     }
     let before = ph.metric("pinhole_sip_garbage_total{transport=\"udp\"}");
-    for junk in [
-        &b"\x00\x01\x02garbage"[..],
-        b"HELLO\r\n\r\n",
-        b"GET / HTTP/1.1\r\n\r\n",
-    ] {
+    for junk in [&b"\x00\x01\x02garbage"[..], b"HELLO\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"] {
         assert!(udp_exchange(&ph.sip(), junk, Duration::from_millis(100)).is_empty());
     }
-    assert_eq!(
-        ph.metric("pinhole_sip_garbage_total{transport=\"udp\"}"),
-        before + 3.0
-    );
+    assert_eq!(ph.metric("pinhole_sip_garbage_total{transport=\"udp\"}"), before + 3.0);
     // Still serving.
     let ping = base
-        .replace(
-            "sip:someone@pinhole.test SIP",
-            &format!("sip:{} SIP", ph.sip()),
-        )
+        .replace("sip:someone@pinhole.test SIP", &format!("sip:{} SIP", ph.sip()))
         .replace("z9hG4bKbad", "z9hG4bKok");
     let r = udp_exchange(&ph.sip(), ping.as_bytes(), Duration::from_millis(300));
     assert!(r.iter().any(|m| m.starts_with("SIP/2.0 200 OK")), "{r:?}");
@@ -283,15 +187,13 @@ fn tcp_garbage_closes_only_that_connection() {
     let dir = TempDir::new("tcpbad");
     let ph = Pinhole::start(&dir, PinholeOptions::default());
     let mut s = std::net::TcpStream::connect(ph.sip()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
     s.write_all(b"NOT SIP AT ALL\r\n\r\n").expect("write");
     let mut buf = [0u8; 64];
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "connection closed");
     // A well-behaved connection still works, including CRLF keepalive pong.
     let mut ok = std::net::TcpStream::connect(ph.sip()).expect("connect");
-    ok.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
+    ok.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
     ok.write_all(b"\r\n\r\n").expect("ping");
     let n = ok.read(&mut buf).expect("pong");
     assert_eq!(&buf[..n], b"\r\n");
@@ -310,10 +212,7 @@ fn untrusted_register_is_challenged_and_wrong_aor_forbidden() {
     );
     let reg = "REGISTER sip:pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKr1\r\nFrom: <sip:bob@pinhole.test>;tag=1\r\nTo: <sip:bob@pinhole.test>\r\nCall-ID: r1\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@127.0.0.1:9>\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
     let r = udp_exchange(&ph.sip(), reg.as_bytes(), Duration::from_millis(300));
-    let challenge = r
-        .iter()
-        .find(|m| m.starts_with("SIP/2.0 401 "))
-        .expect("401");
+    let challenge = r.iter().find(|m| m.starts_with("SIP/2.0 401 ")).expect("401");
     assert!(challenge.contains("WWW-Authenticate: Digest realm=\"pinhole.test\""));
     assert!(challenge.contains("algorithm=SHA-256") && challenge.contains("algorithm=MD5"));
 }
@@ -322,31 +221,12 @@ fn untrusted_register_is_challenged_and_wrong_aor_forbidden() {
 fn check_config_reports_line_and_column_and_fails() {
     let dir = TempDir::new("cfg");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[sip]\ndomain = \"x\"\nlisten = [\"udp:127.0.0.1:5060\"]\nlisen = 1\n",
-    )
-    .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_pinhole"))
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("run");
+    std::fs::write(&bad, "[sip]\ndomain = \"x\"\nlisten = [\"udp:127.0.0.1:5060\"]\nlisen = 1\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_pinhole")).arg("check-config").arg(&bad).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.toml:4:1:") && err.contains("lisen"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml:4:1:") && err.contains("lisen"), "{err}");
     let good = repo().join("config/pinhole.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_pinhole"))
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_pinhole")).arg("check-config").arg(&good).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -79,8 +79,7 @@ impl Expected {
     fn rank(&self, src: SocketAddr) -> Option<u8> {
         if self.sdp == Some(src) {
             Some(0)
-        } else if self.sdp.map(|s| s.ip()) == Some(src.ip()) || self.signalling_ip == Some(src.ip())
-        {
+        } else if self.sdp.map(|s| s.ip()) == Some(src.ip()) || self.signalling_ip == Some(src.ip()) {
             Some(1)
         } else if self.knows_ip() {
             None
@@ -128,12 +127,7 @@ pub struct Latch {
 
 impl Latch {
     pub fn new(mode: LatchMode, expected: Expected, now: Instant) -> Latch {
-        Latch {
-            mode,
-            expected,
-            learned: None,
-            window_until: Some(now + LEARN_WINDOW),
-        }
+        Latch { mode, expected, learned: None, window_until: Some(now + LEARN_WINDOW) }
     }
 
     /// A signalling event (offer, answer, re-INVITE) updated what to expect.
@@ -146,10 +140,7 @@ impl Latch {
     pub fn destination(&self) -> Option<SocketAddr> {
         match (self.mode, self.learned) {
             (LatchMode::Symmetric, Some(l)) => Some(l.addr),
-            _ => self
-                .expected
-                .sdp
-                .filter(|a| !a.ip().is_unspecified() && a.port() != 0),
+            _ => self.expected.sdp.filter(|a| !a.ip().is_unspecified() && a.port() != 0),
         }
     }
 
@@ -162,11 +153,7 @@ impl Latch {
     pub fn on_packet(&mut self, now: Instant, src: SocketAddr, rtp: Option<RtpInfo>) -> Verdict {
         let rank = self.expected.rank(src);
         if self.mode == LatchMode::Asymmetric {
-            return if rank.is_some() {
-                Verdict::Forward
-            } else {
-                Verdict::Drop(DropReason::Unexpected)
-            };
+            return if rank.is_some() { Verdict::Forward } else { Verdict::Drop(DropReason::Unexpected) };
         }
         let Some(learned) = self.learned else {
             return match rank {
@@ -179,11 +166,7 @@ impl Latch {
         };
         if learned.addr == src {
             if let Some(r) = rtp {
-                self.learned = Some(Learned {
-                    ssrc: Some(r.ssrc),
-                    seq: Some(r.seq),
-                    ..learned
-                });
+                self.learned = Some(Learned { ssrc: Some(r.ssrc), seq: Some(r.seq), ..learned });
             }
             return Verdict::Forward;
         }
@@ -207,12 +190,7 @@ impl Latch {
     }
 
     fn learn(&mut self, src: SocketAddr, rank: u8, rtp: Option<RtpInfo>) {
-        self.learned = Some(Learned {
-            addr: src,
-            rank,
-            ssrc: rtp.map(|r| r.ssrc),
-            seq: rtp.map(|r| r.seq),
-        });
+        self.learned = Some(Learned { addr: src, rank, ssrc: rtp.map(|r| r.ssrc), seq: rtp.map(|r| r.seq) });
     }
 }
 
@@ -225,22 +203,14 @@ mod tests {
     }
 
     fn rtp(ssrc: u32, seq: u16) -> Option<RtpInfo> {
-        Some(RtpInfo {
-            ssrc,
-            seq,
-            timestamp: u32::from(seq) * 160,
-            payload_type: 0,
-        })
+        Some(RtpInfo { ssrc, seq, timestamp: u32::from(seq) * 160, payload_type: 0 })
     }
 
     /// A phone behind a NAT: SDP says its private address, signalling came from the NAT.
     fn natted(now: Instant) -> Latch {
         Latch::new(
             LatchMode::Symmetric,
-            Expected {
-                sdp: Some(sa("198.51.100.10:4000")),
-                signalling_ip: Some("203.0.113.2".parse().expect("ip")),
-            },
+            Expected { sdp: Some(sa("198.51.100.10:4000")), signalling_ip: Some("203.0.113.2".parse().expect("ip")) },
             now,
         )
     }
@@ -249,15 +219,8 @@ mod tests {
     fn phone_behind_nat_is_learned_from_its_public_address() {
         let t = Instant::now();
         let mut l = natted(t);
-        assert_eq!(
-            l.destination(),
-            Some(sa("198.51.100.10:4000")),
-            "SDP until latched"
-        );
-        assert_eq!(
-            l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10)),
-            Verdict::Forward
-        );
+        assert_eq!(l.destination(), Some(sa("198.51.100.10:4000")), "SDP until latched");
+        assert_eq!(l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10)), Verdict::Forward);
         assert_eq!(l.destination(), Some(sa("203.0.113.2:61000")));
     }
 
@@ -266,15 +229,9 @@ mod tests {
         let t = Instant::now();
         let mut l = natted(t);
         // RTP Bleed: the attacker sprays the port before the phone's first packet.
-        assert_eq!(
-            l.on_packet(t, sa("192.0.2.66:5555"), rtp(9, 1)),
-            Verdict::Drop(DropReason::Unexpected)
-        );
+        assert_eq!(l.on_packet(t, sa("192.0.2.66:5555"), rtp(9, 1)), Verdict::Drop(DropReason::Unexpected));
         assert_eq!(l.latched(), None);
-        assert_eq!(
-            l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10)),
-            Verdict::Forward
-        );
+        assert_eq!(l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10)), Verdict::Forward);
         assert_eq!(l.latched(), Some(sa("203.0.113.2:61000")));
     }
 
@@ -284,10 +241,7 @@ mod tests {
         let mut l = natted(t);
         l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10));
         for seq in 11..20 {
-            assert_eq!(
-                l.on_packet(t, sa("192.0.2.66:5555"), rtp(1, seq)),
-                Verdict::Drop(DropReason::NotLatched)
-            );
+            assert_eq!(l.on_packet(t, sa("192.0.2.66:5555"), rtp(1, seq)), Verdict::Drop(DropReason::NotLatched));
         }
         assert_eq!(l.destination(), Some(sa("203.0.113.2:61000")));
     }
@@ -298,15 +252,9 @@ mod tests {
         let mut l = natted(t);
         l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10));
         // Same public IP (another host behind the NAT), guessed SSRC wrong.
-        assert_eq!(
-            l.on_packet(t, sa("203.0.113.2:62000"), rtp(2, 11)),
-            Verdict::Drop(DropReason::NotLatched)
-        );
+        assert_eq!(l.on_packet(t, sa("203.0.113.2:62000"), rtp(2, 11)), Verdict::Drop(DropReason::NotLatched));
         // Right SSRC but a sequence number far from the stream's.
-        assert_eq!(
-            l.on_packet(t, sa("203.0.113.2:62000"), rtp(1, 30000)),
-            Verdict::Drop(DropReason::NotLatched)
-        );
+        assert_eq!(l.on_packet(t, sa("203.0.113.2:62000"), rtp(1, 30000)), Verdict::Drop(DropReason::NotLatched));
         assert_eq!(l.latched(), Some(sa("203.0.113.2:61000")));
     }
 
@@ -317,20 +265,11 @@ mod tests {
         l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10));
         l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 11));
         let later = t + Duration::from_secs(60);
-        assert_eq!(
-            l.on_packet(later, sa("203.0.113.2:61500"), rtp(1, 12)),
-            Verdict::Forward
-        );
+        assert_eq!(l.on_packet(later, sa("203.0.113.2:61500"), rtp(1, 12)), Verdict::Forward);
         assert_eq!(l.destination(), Some(sa("203.0.113.2:61500")));
         // The old mapping replaying packets already seen is now a stranger.
-        assert_eq!(
-            l.on_packet(later, sa("203.0.113.2:61000"), rtp(1, 12)),
-            Verdict::Drop(DropReason::NotLatched)
-        );
-        assert_eq!(
-            l.on_packet(later, sa("203.0.113.2:61000"), rtp(1, 5)),
-            Verdict::Drop(DropReason::NotLatched)
-        );
+        assert_eq!(l.on_packet(later, sa("203.0.113.2:61000"), rtp(1, 12)), Verdict::Drop(DropReason::NotLatched));
+        assert_eq!(l.on_packet(later, sa("203.0.113.2:61000"), rtp(1, 5)), Verdict::Drop(DropReason::NotLatched));
     }
 
     #[test]
@@ -339,10 +278,7 @@ mod tests {
         let mut l = natted(t);
         l.on_packet(t, sa("203.0.113.2:61000"), rtp(1, 10));
         // An on-path attacker who saw SSRC and sequence still is not an expected source.
-        assert_eq!(
-            l.on_packet(t, sa("192.0.2.66:5555"), rtp(1, 11)),
-            Verdict::Drop(DropReason::NotLatched)
-        );
+        assert_eq!(l.on_packet(t, sa("192.0.2.66:5555"), rtp(1, 11)), Verdict::Drop(DropReason::NotLatched));
     }
 
     #[test]
@@ -350,33 +286,21 @@ mod tests {
         let t = Instant::now();
         let mut l = Latch::new(
             LatchMode::Symmetric,
-            Expected {
-                sdp: Some(sa("203.0.113.7:4000")),
-                signalling_ip: Some("203.0.113.2".parse().expect("ip")),
-            },
+            Expected { sdp: Some(sa("203.0.113.7:4000")), signalling_ip: Some("203.0.113.2".parse().expect("ip")) },
             t,
         );
         // Rank 1 first (the signalling IP), then the exact SDP address within the window.
         l.on_packet(t, sa("203.0.113.2:6000"), rtp(1, 1));
-        assert_eq!(
-            l.on_packet(t, sa("203.0.113.7:4000"), rtp(5, 1)),
-            Verdict::Forward
-        );
+        assert_eq!(l.on_packet(t, sa("203.0.113.7:4000"), rtp(5, 1)), Verdict::Forward);
         assert_eq!(l.latched(), Some(sa("203.0.113.7:4000")));
         // After the window, even a good rank cannot move a latched stream.
         let mut m = natted(t);
         m.on_packet(t, sa("198.51.100.10:5000"), rtp(1, 1));
         let late = t + LEARN_WINDOW + Duration::from_secs(1);
-        assert_eq!(
-            m.on_packet(late, sa("198.51.100.10:4000"), rtp(7, 1)),
-            Verdict::Drop(DropReason::NotLatched)
-        );
+        assert_eq!(m.on_packet(late, sa("198.51.100.10:4000"), rtp(7, 1)), Verdict::Drop(DropReason::NotLatched));
         // A re-INVITE reopens it.
         m.on_signal(late, m.expected);
-        assert_eq!(
-            m.on_packet(late, sa("198.51.100.10:4000"), rtp(7, 1)),
-            Verdict::Forward
-        );
+        assert_eq!(m.on_packet(late, sa("198.51.100.10:4000"), rtp(7, 1)), Verdict::Forward);
     }
 
     #[test]
@@ -384,36 +308,17 @@ mod tests {
         let t = Instant::now();
         let mut l = Latch::new(LatchMode::Symmetric, Expected::default(), t);
         assert_eq!(l.on_packet(t, sa("192.0.2.1:1000"), None), Verdict::Forward);
-        assert_eq!(
-            l.on_packet(t, sa("192.0.2.2:1000"), None),
-            Verdict::Drop(DropReason::NotLatched)
-        );
+        assert_eq!(l.on_packet(t, sa("192.0.2.2:1000"), None), Verdict::Drop(DropReason::NotLatched));
     }
 
     #[test]
     fn asymmetric_mode_sends_to_sdp_and_filters_by_ip() {
         let t = Instant::now();
-        let mut l = Latch::new(
-            LatchMode::Asymmetric,
-            Expected {
-                sdp: Some(sa("203.0.113.7:4000")),
-                signalling_ip: None,
-            },
-            t,
-        );
-        assert_eq!(
-            l.on_packet(t, sa("203.0.113.7:9999"), None),
-            Verdict::Forward
-        );
-        assert_eq!(
-            l.destination(),
-            Some(sa("203.0.113.7:4000")),
-            "never latches"
-        );
-        assert_eq!(
-            l.on_packet(t, sa("192.0.2.1:4000"), None),
-            Verdict::Drop(DropReason::Unexpected)
-        );
+        let mut l =
+            Latch::new(LatchMode::Asymmetric, Expected { sdp: Some(sa("203.0.113.7:4000")), signalling_ip: None }, t);
+        assert_eq!(l.on_packet(t, sa("203.0.113.7:9999"), None), Verdict::Forward);
+        assert_eq!(l.destination(), Some(sa("203.0.113.7:4000")), "never latches");
+        assert_eq!(l.on_packet(t, sa("192.0.2.1:4000"), None), Verdict::Drop(DropReason::Unexpected));
     }
 
     #[test]

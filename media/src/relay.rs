@@ -83,17 +83,9 @@ pub struct PortSpec {
 pub enum Command {
     /// Bind both ports and forward between them: packets to `a` come from side A and leave
     /// from `b` towards B, and the other way round. `shard` keeps a call on one worker.
-    Link {
-        shard: u64,
-        a: PortSpec,
-        b: PortSpec,
-    },
+    Link { shard: u64, a: PortSpec, b: PortSpec },
     /// Signalling changed what to expect on a port; reopens its learning window.
-    Expect {
-        shard: u64,
-        port: RelayPort,
-        expected: Expected,
-    },
+    Expect { shard: u64, port: RelayPort, expected: Expected },
     /// Close these ports.
     Unlink { shard: u64, ports: Vec<RelayPort> },
 }
@@ -148,16 +140,32 @@ pub struct Relay {
     commands: VecDeque<Command>,
     events: VecDeque<Event>,
     next_serial: u64,
+    /// Packets, bytes and drops of calls already deleted.
+    ended: Totals,
+}
+
+/// Relay-wide packet counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub packets: u64,
+    pub bytes: u64,
+    pub dropped: u64,
+}
+
+impl Totals {
+    fn add(&mut self, s: &StreamStats) {
+        let snap = s.snapshot();
+        self.packets += snap.packets;
+        self.bytes += snap.bytes;
+        self.dropped += snap.dropped;
+    }
 }
 
 impl Relay {
     /// `epoch` is the zero of the data plane's `now_ns` clock (see [`StreamStats`]).
     pub fn new(cfg: RelayConfig, epoch: Instant) -> Relay {
         let first = cfg.port_min + cfg.port_min % 2;
-        let free = (first..cfg.port_max)
-            .step_by(2)
-            .filter(|p| p + 1 <= cfg.port_max)
-            .collect();
+        let free = (first..cfg.port_max).step_by(2).filter(|p| p + 1 <= cfg.port_max).collect();
         Relay {
             cfg,
             epoch,
@@ -166,6 +174,7 @@ impl Relay {
             commands: VecDeque::new(),
             events: VecDeque::new(),
             next_serial: 1,
+            ended: Totals::default(),
         }
     }
 
@@ -180,6 +189,19 @@ impl Relay {
     /// Relay ports in use (RTP and RTCP).
     pub fn ports_in_use(&self) -> usize {
         self.calls.values().map(|c| c.streams.len() * 4).sum()
+    }
+
+    /// Packets relayed (accepted) and dropped so far, over ended and live calls.
+    pub fn totals(&self) -> Totals {
+        let mut t = self.ended;
+        for c in self.calls.values() {
+            for s in &c.streams {
+                for st in &s.stats {
+                    t.add(st);
+                }
+            }
+        }
+        t
     }
 
     pub fn has_call(&self, call_id: &str) -> bool {
@@ -253,11 +275,7 @@ impl Relay {
             );
         }
         // An offer from a tag the call does not know yet comes from side A.
-        let side = self
-            .calls
-            .get(call_id)
-            .and_then(|c| c.side_of(from_tag))
-            .unwrap_or(0);
+        let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(0);
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
         self.remember(call_id, side, sdp, &out, Some(side));
         Ok(out)
@@ -298,6 +316,9 @@ impl Relay {
         };
         let mut ports = Vec::new();
         for s in &call.streams {
+            for st in &s.stats {
+                self.ended.add(st);
+            }
             for p in s.ports {
                 ports.push(p);
                 ports.push(RelayPort(p.0 + 1));
@@ -305,30 +326,19 @@ impl Relay {
             }
         }
         if !ports.is_empty() {
-            self.commands.push_back(Command::Unlink {
-                shard: call.serial,
-                ports,
-            });
+            self.commands.push_back(Command::Unlink { shard: call.serial, ports });
         }
         true
     }
 
     /// Statistics of a call's streams: per stream, per side (packets that side sent).
     pub fn stats(&self, call_id: &str) -> Option<Vec<[Arc<StreamStats>; 4]>> {
-        self.calls
-            .get(call_id)
-            .map(|c| c.streams.iter().map(|s| s.stats.clone()).collect())
+        self.calls.get(call_id).map(|c| c.streams.iter().map(|s| s.stats.clone()).collect())
     }
 
     /// The tags of a call's sides and each stream's ports, for queries.
     pub fn describe(&self, call_id: &str) -> Option<(Instant, [String; 2], Vec<[RelayPort; 2]>)> {
-        self.calls.get(call_id).map(|c| {
-            (
-                c.created,
-                c.tags.clone(),
-                c.streams.iter().map(|s| s.ports).collect(),
-            )
-        })
+        self.calls.get(call_id).map(|c| (c.created, c.tags.clone(), c.streams.iter().map(|s| s.ports).collect()))
     }
 
     #[must_use]
@@ -363,32 +373,17 @@ impl Relay {
                     .map(|st| st.last_ns.load(std::sync::atomic::Ordering::Relaxed))
                     .max()
                     .unwrap_or(0);
-                let last = if last_ns == 0 {
-                    answered
-                } else {
-                    (epoch + Duration::from_nanos(last_ns)).max(answered)
-                };
-                (now.saturating_duration_since(last) > cfg.media_timeout)
-                    .then(|| (id.clone(), EndReason::MediaTimeout))
+                let last = if last_ns == 0 { answered } else { (epoch + Duration::from_nanos(last_ns)).max(answered) };
+                (now.saturating_duration_since(last) > cfg.media_timeout).then(|| (id.clone(), EndReason::MediaTimeout))
             })
             .collect();
         for (id, reason) in ended {
             self.delete(&id);
-            self.events.push_back(Event::Ended {
-                call_id: id,
-                reason,
-            });
+            self.events.push_back(Event::Ended { call_id: id, reason });
         }
     }
 
-    fn remember(
-        &mut self,
-        call_id: &str,
-        side: usize,
-        input: &[u8],
-        output: &[u8],
-        pending: Option<usize>,
-    ) {
+    fn remember(&mut self, call_id: &str, side: usize, input: &[u8], output: &[u8], pending: Option<usize>) {
         if let Some(c) = self.calls.get_mut(call_id) {
             c.last[side] = Some((input.to_vec(), output.to_vec()));
             c.pending_offer = pending;
@@ -396,10 +391,7 @@ impl Relay {
     }
 
     fn allocate(&mut self) -> Result<RelayPort, RelayError> {
-        self.free
-            .pop_front()
-            .map(RelayPort)
-            .ok_or(RelayError::PortsExhausted)
+        self.free.pop_front().map(RelayPort).ok_or(RelayError::PortsExhausted)
     }
 
     /// Applies an offer or answer from `side`: updates what that side's ports expect and
@@ -413,10 +405,7 @@ impl Relay {
         opts: Options,
     ) -> Result<Vec<u8>, RelayError> {
         let other = 1 - side;
-        let out_iface = opts
-            .interface
-            .unwrap_or(0)
-            .min(self.cfg.interfaces.len().saturating_sub(1));
+        let out_iface = opts.interface.unwrap_or(0).min(self.cfg.interfaces.len().saturating_sub(1));
         // Allocate ports for new streams first, so a failure changes nothing.
         let have = self.calls.get(call_id).map_or(0, |c| c.streams.len());
         let need = sdp.media.len().saturating_sub(have);
@@ -433,19 +422,9 @@ impl Relay {
         let serial = call.serial;
         let mut anchors = Vec::with_capacity(sdp.media.len());
         for (i, m) in sdp.media.iter().enumerate() {
-            let expected_rtp = Expected {
-                sdp: m.addr.map(|a| SocketAddr::new(a, m.port)),
-                signalling_ip,
-            };
-            let rtcp_port = if m.rtcp_mux {
-                m.port
-            } else {
-                m.rtcp_port.unwrap_or(m.port.saturating_add(1))
-            };
-            let expected_rtcp = Expected {
-                sdp: m.addr.map(|a| SocketAddr::new(a, rtcp_port)),
-                signalling_ip,
-            };
+            let expected_rtp = Expected { sdp: m.addr.map(|a| SocketAddr::new(a, m.port)), signalling_ip };
+            let rtcp_port = if m.rtcp_mux { m.port } else { m.rtcp_port.unwrap_or(m.port.saturating_add(1)) };
+            let expected_rtcp = Expected { sdp: m.addr.map(|a| SocketAddr::new(a, rtcp_port)), signalling_ip };
             if i >= call.streams.len() {
                 let ports = fresh.remove(0);
                 let iface = [out_iface; 2];
@@ -455,9 +434,7 @@ impl Relay {
                 let mut exp_c = [Expected::default(), Expected::default()];
                 exp_c[side] = expected_rtcp;
                 for (k, (rtp_exp_a, rtp_exp_b, off)) in
-                    [(exp[0], exp[1], 0u16), (exp_c[0], exp_c[1], 1)]
-                        .into_iter()
-                        .enumerate()
+                    [(exp[0], exp[1], 0u16), (exp_c[0], exp_c[1], 1)].into_iter().enumerate()
                 {
                     let spec = |s: usize, e: Expected| PortSpec {
                         iface: iface[s],
@@ -473,22 +450,11 @@ impl Relay {
                         b: spec(1, rtp_exp_b),
                     });
                 }
-                call.streams.push(Stream {
-                    iface,
-                    ports,
-                    stats,
-                });
+                call.streams.push(Stream { iface, ports, stats });
             } else {
                 let s = &call.streams[i];
-                for (port, e) in [
-                    (s.ports[side], expected_rtp),
-                    (RelayPort(s.ports[side].0 + 1), expected_rtcp),
-                ] {
-                    self.commands.push_back(Command::Expect {
-                        shard: serial,
-                        port,
-                        expected: e,
-                    });
+                for (port, e) in [(s.ports[side], expected_rtp), (RelayPort(s.ports[side].0 + 1), expected_rtcp)] {
+                    self.commands.push_back(Command::Expect { shard: serial, port, expected: e });
                 }
             }
             let s = &call.streams[i];
@@ -499,14 +465,8 @@ impl Relay {
                 rtcp_port: s.ports[other].0 + 1,
             }));
         }
-        let origin = opts
-            .replace_origin
-            .then(|| self.cfg.interfaces[out_iface].advertise);
-        Ok(sdp.rewrite(&Rewrite {
-            media: anchors,
-            origin,
-            remove_ice: !opts.keep_ice,
-        }))
+        let origin = opts.replace_origin.then(|| self.cfg.interfaces[out_iface].advertise);
+        Ok(sdp.rewrite(&Rewrite { media: anchors, origin, remove_ice: !opts.keep_ice }))
     }
 }
 
@@ -534,7 +494,8 @@ mod tests {
     }
 
     fn sdp(addr: &str, port: u16) -> Vec<u8> {
-        format!("v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n").into_bytes()
+        format!("v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n")
+            .into_bytes()
     }
 
     fn port_of(body: &[u8]) -> u16 {
@@ -545,51 +506,15 @@ mod tests {
     fn offer_and_answer_get_distinct_stable_relay_ports() {
         let t = Instant::now();
         let mut r = relay(t);
-        let o = r
-            .offer(
-                t,
-                "c1",
-                "a",
-                &sdp("198.51.100.10", 4000),
-                None,
-                Options::default(),
-            )
-            .expect("offer");
-        let a = r
-            .answer(
-                t,
-                "c1",
-                "b",
-                &sdp("198.51.100.20", 5000),
-                None,
-                Options::default(),
-            )
-            .expect("answer");
+        let o = r.offer(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
+        let a = r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
         let (po, pa) = (port_of(&o), port_of(&a));
         assert_ne!(po, pa);
         assert_eq!(po % 2, 0);
         assert!(String::from_utf8_lossy(&o).contains("c=IN IP4 203.0.113.1"));
         // A re-INVITE from B (B offers, A answers) keeps every port.
-        let o2 = r
-            .offer(
-                t,
-                "c1",
-                "b",
-                &sdp("198.51.100.20", 5002),
-                None,
-                Options::default(),
-            )
-            .expect("reoffer");
-        let a2 = r
-            .answer(
-                t,
-                "c1",
-                "a",
-                &sdp("198.51.100.10", 4000),
-                None,
-                Options::default(),
-            )
-            .expect("reanswer");
+        let o2 = r.offer(t, "c1", "b", &sdp("198.51.100.20", 5002), None, Options::default()).expect("reoffer");
+        let a2 = r.answer(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("reanswer");
         assert_eq!(port_of(&o2), pa, "B's re-offer goes to A with A's ports");
         assert_eq!(port_of(&a2), po);
         assert_eq!(r.ports_in_use(), 4);
@@ -610,37 +535,15 @@ mod tests {
         .expect("offer");
         let links: Vec<_> = std::iter::from_fn(|| r.poll_command()).collect();
         assert_eq!(links.len(), 2, "RTP and RTCP links");
-        let Command::Link { a, b, .. } = &links[0] else {
-            panic!("link")
-        };
-        assert_eq!(
-            a.expected.sdp,
-            Some("198.51.100.10:4000".parse().expect("addr"))
-        );
-        assert_eq!(
-            a.expected.signalling_ip,
-            Some("203.0.113.2".parse().expect("ip"))
-        );
-        assert_eq!(
-            b.expected,
-            Expected::default(),
-            "B unknown until it answers"
-        );
-        r.answer(
-            t,
-            "c1",
-            "b",
-            &sdp("198.51.100.20", 5000),
-            None,
-            Options::default(),
-        )
-        .expect("answer");
+        let Command::Link { a, b, .. } = &links[0] else { panic!("link") };
+        assert_eq!(a.expected.sdp, Some("198.51.100.10:4000".parse().expect("addr")));
+        assert_eq!(a.expected.signalling_ip, Some("203.0.113.2".parse().expect("ip")));
+        assert_eq!(b.expected, Expected::default(), "B unknown until it answers");
+        r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
         let updates: Vec<_> = std::iter::from_fn(|| r.poll_command()).collect();
         assert!(matches!(updates[0], Command::Expect { port, .. } if port == b.port));
         assert!(r.delete("c1"));
-        let Some(Command::Unlink { ports, .. }) = r.poll_command() else {
-            panic!("unlink")
-        };
+        let Some(Command::Unlink { ports, .. }) = r.poll_command() else { panic!("unlink") };
         assert_eq!(ports.len(), 4);
         assert_eq!(r.call_count(), 0);
         assert_eq!(r.ports_in_use(), 0);
@@ -652,32 +555,12 @@ mod tests {
         let mut r = relay(t);
         // 10 pairs in range 30000..=30019; two calls with two streams each use 8 pairs.
         let two = b"v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\nm=video 4002 RTP/AVP 96\r\n";
-        r.offer(t, "c1", "a", two, None, Options::default())
-            .expect("c1");
-        r.offer(t, "c2", "a", two, None, Options::default())
-            .expect("c2");
+        r.offer(t, "c1", "a", two, None, Options::default()).expect("c1");
+        r.offer(t, "c2", "a", two, None, Options::default()).expect("c2");
+        assert_eq!(r.offer(t, "c3", "a", two, None, Options::default()), Err(RelayError::PortsExhausted));
+        r.offer(t, "c3", "a", &sdp("198.51.100.1", 4000), None, Options::default()).expect("c3 fits");
         assert_eq!(
-            r.offer(t, "c3", "a", two, None, Options::default()),
-            Err(RelayError::PortsExhausted)
-        );
-        r.offer(
-            t,
-            "c3",
-            "a",
-            &sdp("198.51.100.1", 4000),
-            None,
-            Options::default(),
-        )
-        .expect("c3 fits");
-        assert_eq!(
-            r.offer(
-                t,
-                "c4",
-                "a",
-                &sdp("198.51.100.1", 4000),
-                None,
-                Options::default()
-            ),
+            r.offer(t, "c4", "a", &sdp("198.51.100.1", 4000), None, Options::default()),
             Err(RelayError::LoadLimit)
         );
     }
@@ -686,41 +569,15 @@ mod tests {
     fn media_timeout_ends_the_call_and_frees_ports() {
         let t = Instant::now();
         let mut r = relay(t);
-        r.offer(
-            t,
-            "c1",
-            "a",
-            &sdp("198.51.100.10", 4000),
-            None,
-            Options::default(),
-        )
-        .expect("offer");
-        r.answer(
-            t,
-            "c1",
-            "b",
-            &sdp("198.51.100.20", 5000),
-            None,
-            Options::default(),
-        )
-        .expect("answer");
+        r.offer(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
+        r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
         // Media flows for 30 s, then stops.
         let stats = r.stats("c1").expect("stats");
         stats[0][0].on_packet(Duration::from_secs(30).as_nanos() as u64, 172, None);
         r.handle_timeout(t + Duration::from_secs(80));
-        assert_eq!(
-            r.poll_event(),
-            None,
-            "50 s of silence is under the 60 s timeout"
-        );
+        assert_eq!(r.poll_event(), None, "50 s of silence is under the 60 s timeout");
         r.handle_timeout(t + Duration::from_secs(91));
-        assert_eq!(
-            r.poll_event(),
-            Some(Event::Ended {
-                call_id: "c1".into(),
-                reason: EndReason::MediaTimeout
-            })
-        );
+        assert_eq!(r.poll_event(), Some(Event::Ended { call_id: "c1".into(), reason: EndReason::MediaTimeout }));
         assert_eq!(r.ports_in_use(), 0);
     }
 
@@ -728,84 +585,25 @@ mod tests {
     fn unanswered_offer_times_out() {
         let t = Instant::now();
         let mut r = relay(t);
-        r.offer(
-            t,
-            "c1",
-            "a",
-            &sdp("198.51.100.10", 4000),
-            None,
-            Options::default(),
-        )
-        .expect("offer");
+        r.offer(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
         r.handle_timeout(t + Duration::from_secs(201));
-        assert!(matches!(
-            r.poll_event(),
-            Some(Event::Ended {
-                reason: EndReason::OfferTimeout,
-                ..
-            })
-        ));
+        assert!(matches!(r.poll_event(), Some(Event::Ended { reason: EndReason::OfferTimeout, .. })));
     }
 
     #[test]
     fn sdp_bodies_are_classified_by_offer_answer_state() {
         let t = Instant::now();
         let mut r = relay(t);
-        let o = r
-            .on_sdp(
-                t,
-                "c1",
-                "a",
-                &sdp("198.51.100.10", 4000),
-                None,
-                Options::default(),
-            )
-            .expect("offer");
+        let o = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
         // 183 and then 200 from B carry the same answer: one answer, same rewrite.
-        let a1 = r
-            .on_sdp(
-                t,
-                "c1",
-                "b",
-                &sdp("198.51.100.20", 5000),
-                None,
-                Options::default(),
-            )
-            .expect("183");
-        let a2 = r
-            .on_sdp(
-                t,
-                "c1",
-                "b",
-                &sdp("198.51.100.20", 5000),
-                None,
-                Options::default(),
-            )
-            .expect("200");
+        let a1 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("183");
+        let a2 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("200");
         assert_eq!(a1, a2);
         assert_ne!(port_of(&o), port_of(&a1));
         // B's re-INVITE (new SDP) is an offer; A's reply to it is the answer.
-        let o2 = r
-            .on_sdp(
-                t,
-                "c1",
-                "b",
-                &sdp("198.51.100.20", 5002),
-                None,
-                Options::default(),
-            )
-            .expect("reoffer");
+        let o2 = r.on_sdp(t, "c1", "b", &sdp("198.51.100.20", 5002), None, Options::default()).expect("reoffer");
         assert_eq!(port_of(&o2), port_of(&a1));
-        let a3 = r
-            .on_sdp(
-                t,
-                "c1",
-                "a",
-                &sdp("198.51.100.10", 4002),
-                None,
-                Options::default(),
-            )
-            .expect("reanswer");
+        let a3 = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4002), None, Options::default()).expect("reanswer");
         assert_eq!(port_of(&a3), port_of(&o));
         assert_eq!(r.ports_in_use(), 4);
     }
@@ -814,20 +612,10 @@ mod tests {
     fn bad_sdp_is_an_error_and_creates_no_call() {
         let t = Instant::now();
         let mut r = relay(t);
-        assert!(matches!(
-            r.offer(t, "c1", "a", b"garbage", None, Options::default()),
-            Err(RelayError::Sdp(_))
-        ));
+        assert!(matches!(r.offer(t, "c1", "a", b"garbage", None, Options::default()), Err(RelayError::Sdp(_))));
         assert_eq!(r.call_count(), 0);
         assert_eq!(
-            r.answer(
-                t,
-                "nope",
-                "b",
-                &sdp("198.51.100.1", 1),
-                None,
-                Options::default()
-            ),
+            r.answer(t, "nope", "b", &sdp("198.51.100.1", 1), None, Options::default()),
             Err(RelayError::UnknownCall)
         );
     }

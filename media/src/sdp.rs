@@ -111,20 +111,12 @@ impl<'a> Sdp<'a> {
             let rest = &text[pos..];
             let (end, next) = match rest.find('\n') {
                 Some(i) => {
-                    let e = if i > 0 && rest.as_bytes()[i - 1] == b'\r' {
-                        i - 1
-                    } else {
-                        i
-                    };
+                    let e = if i > 0 && rest.as_bytes()[i - 1] == b'\r' { i - 1 } else { i };
                     (pos + e, pos + i + 1)
                 }
                 None => (text.len(), text.len()),
             };
-            lines.push(Line {
-                start: pos,
-                end,
-                next,
-            });
+            lines.push(Line { start: pos, end, next });
             pos = next;
         }
         let line_text = |l: &Line| &text[l.start..l.end];
@@ -180,8 +172,7 @@ impl<'a> Sdp<'a> {
                     match name {
                         "rtcp" => {
                             let p = val.split_ascii_whitespace().next().unwrap_or("");
-                            m.rtcp_port =
-                                Some(p.parse().map_err(|_| SdpError::Malformed("a=rtcp"))?);
+                            m.rtcp_port = Some(p.parse().map_err(|_| SdpError::Malformed("a=rtcp"))?);
                         }
                         "rtcp-mux" => m.rtcp_mux = true,
                         "sendonly" => m.direction = Direction::SendOnly,
@@ -205,13 +196,7 @@ impl<'a> Sdp<'a> {
                 return Err(SdpError::NoConnection(i));
             }
         }
-        Ok(Sdp {
-            text,
-            lines,
-            media_lines,
-            media,
-            session_addr,
-        })
+        Ok(Sdp { text, lines, media_lines, media, session_addr })
     }
 
     fn line(&self, i: usize) -> &str {
@@ -231,30 +216,17 @@ impl<'a> Sdp<'a> {
 
     /// Applies `rw`, returning the new body.
     pub fn rewrite(&self, rw: &Rewrite) -> Vec<u8> {
-        let anchor = |section: usize| {
-            rw.media
-                .get(section)
-                .copied()
-                .flatten()
-                .filter(|_| self.media[section].is_active())
-        };
+        let anchor =
+            |section: usize| rw.media.get(section).copied().flatten().filter(|_| self.media[section].is_active());
         // The session-level c= follows the first anchored stream.
         let session_anchor = (0..self.media.len()).find_map(anchor);
         let default_eol = self.lines.first().map_or("\r\n", |_| self.eol(0));
-        let default_eol = if default_eol.is_empty() {
-            "\r\n"
-        } else {
-            default_eol
-        };
+        let default_eol = if default_eol.is_empty() { "\r\n" } else { default_eol };
         let mut out = String::with_capacity(self.text.len() + 64);
         let mut pending_c: Option<(usize, Anchor)> = None;
         for i in 0..self.lines.len() {
             let t = self.line(i);
-            let eol = if self.eol(i).is_empty() && i + 1 < self.lines.len() {
-                default_eol
-            } else {
-                self.eol(i)
-            };
+            let eol = if self.eol(i).is_empty() && i + 1 < self.lines.len() { default_eol } else { self.eol(i) };
             let section = self.section_of(i);
             // A media section without its own c= whose anchor differs from the session's
             // gets one, right after m= (and i=, if present), as RFC 8866 orders them.
@@ -282,8 +254,8 @@ impl<'a> Sdp<'a> {
                     Some(a) => {
                         out.push_str(&replace_m_port(value, a.rtp_port));
                         let has_own_c = self.section_has_c(s);
-                        let session_ok = session_anchor.is_some_and(|sa| sa.addr == a.addr)
-                            && self.session_addr.is_some();
+                        let session_ok =
+                            session_anchor.is_some_and(|sa| sa.addr == a.addr) && self.session_addr.is_some();
                         if !has_own_c && !session_ok {
                             pending_c = Some((s, a));
                         }
@@ -297,11 +269,7 @@ impl<'a> Sdp<'a> {
                         continue; // drop the line and its ending
                     }
                     if name == "rtcp" {
-                        let port = if self.media[s].rtcp_mux {
-                            a.rtp_port
-                        } else {
-                            a.rtcp_port
-                        };
+                        let port = if self.media[s].rtcp_mux { a.rtp_port } else { a.rtcp_port };
                         let addr_part = val.split_ascii_whitespace().count() > 1;
                         if addr_part {
                             out.push_str(&format!("a=rtcp:{port} {}", conn(a.addr)));
@@ -331,11 +299,7 @@ impl<'a> Sdp<'a> {
 
     fn section_has_c(&self, s: usize) -> bool {
         let start = self.media_lines[s];
-        let end = self
-            .media_lines
-            .get(s + 1)
-            .copied()
-            .unwrap_or(self.lines.len());
+        let end = self.media_lines.get(s + 1).copied().unwrap_or(self.lines.len());
         (start + 1..end).any(|i| self.line(i).starts_with("c="))
     }
 }
@@ -354,9 +318,7 @@ fn parse_connection(value: &str) -> Result<IpAddr, SdpError> {
         return Err(SdpError::Malformed("c="));
     }
     // Multicast TTL/count suffixes (addr/ttl) are not relayable, but parse the address.
-    let a = addr
-        .and_then(|a| a.split('/').next())
-        .ok_or(SdpError::Malformed("c="))?;
+    let a = addr.and_then(|a| a.split('/').next()).ok_or(SdpError::Malformed("c="))?;
     let ip: IpAddr = a.parse().map_err(|_| SdpError::Malformed("c="))?;
     match (addrtype, ip) {
         (Some("IP4"), IpAddr::V4(_)) | (Some("IP6"), IpAddr::V6(_)) => Ok(ip),
@@ -376,18 +338,11 @@ fn parse_origin(value: &str) -> Result<(), SdpError> {
 fn rewrite_origin(value: &str, addr: Option<IpAddr>) -> String {
     let f: Vec<&str> = value.split_ascii_whitespace().collect();
     // parse_origin validated six fields and a numeric version.
-    let version = f
-        .get(2)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        .wrapping_add(1);
+    let version = f.get(2).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).wrapping_add(1);
     let (addrtype, address) = match addr {
         Some(IpAddr::V4(a)) => ("IP4".to_owned(), a.to_string()),
         Some(IpAddr::V6(a)) => ("IP6".to_owned(), a.to_string()),
-        None => (
-            f.get(4).copied().unwrap_or("IP4").to_owned(),
-            f.get(5).copied().unwrap_or("").to_owned(),
-        ),
+        None => (f.get(4).copied().unwrap_or("IP4").to_owned(), f.get(5).copied().unwrap_or("").to_owned()),
     };
     format!(
         "o={} {} {version} {} {addrtype} {address}",
@@ -403,15 +358,8 @@ fn replace_m_port(value: &str, port: u16) -> String {
     let rest = &value[media_end..];
     let port_start = media_end + (rest.len() - rest.trim_start().len());
     let after = &value[port_start..];
-    let port_len = after
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(after.len());
-    format!(
-        "m={}{}{}",
-        &value[..port_start],
-        port,
-        &value[port_start + port_len..]
-    )
+    let port_len = after.find(|c: char| !c.is_ascii_digit()).unwrap_or(after.len());
+    format!("m={}{}{}", &value[..port_start], port, &value[port_start + port_len..])
 }
 
 impl fmt::Display for Direction {

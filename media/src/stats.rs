@@ -28,8 +28,7 @@ impl StreamStats {
     /// Counts an accepted packet. `now_ns` is the arrival time since the relay epoch.
     pub fn on_packet(&self, now_ns: u64, len: usize, rtp: Option<RtpInfo>) {
         self.packets.store(self.packets.load(Relaxed) + 1, Relaxed);
-        self.bytes
-            .store(self.bytes.load(Relaxed) + len as u64, Relaxed);
+        self.bytes.store(self.bytes.load(Relaxed) + len as u64, Relaxed);
         self.last_ns.store(now_ns.max(1), Relaxed);
         let Some(r) = rtp else { return };
         let n = self.rtp_packets.load(Relaxed);
@@ -41,8 +40,7 @@ impl StreamStats {
             let max = self.ext_max.load(Relaxed);
             let delta = r.seq.wrapping_sub(max as u16);
             if delta != 0 && delta < 0x8000 {
-                self.ext_max
-                    .store(max.wrapping_add(u32::from(delta)), Relaxed);
+                self.ext_max.store(max.wrapping_add(u32::from(delta)), Relaxed);
             }
         }
         // Jitter: only meaningful for a known clock; static payload types 0–34 are 8 kHz
@@ -73,11 +71,7 @@ impl StreamStats {
         if n == 0 {
             return 0;
         }
-        let expected = u64::from(
-            self.ext_max
-                .load(Relaxed)
-                .wrapping_sub(self.base_seq.load(Relaxed)),
-        ) + 1;
+        let expected = u64::from(self.ext_max.load(Relaxed).wrapping_sub(self.base_seq.load(Relaxed))) + 1;
         expected.saturating_sub(n)
     }
 
@@ -113,12 +107,7 @@ mod tests {
     use super::*;
 
     fn rtp(seq: u16, ts: u32) -> Option<RtpInfo> {
-        Some(RtpInfo {
-            ssrc: 1,
-            seq,
-            timestamp: ts,
-            payload_type: 0,
-        })
+        Some(RtpInfo { ssrc: 1, seq, timestamp: ts, payload_type: 0 })
     }
 
     #[test]
@@ -144,11 +133,7 @@ mod tests {
         assert!(s.jitter_ms() < 0.2, "{}", s.jitter_ms());
         for i in 50..100u32 {
             let wobble = if i % 2 == 0 { 15_000_000 } else { 0 };
-            s.on_packet(
-                u64::from(i) * 20_000_000 + wobble,
-                172,
-                rtp(i as u16, i * 160),
-            );
+            s.on_packet(u64::from(i) * 20_000_000 + wobble, 172, rtp(i as u16, i * 160));
         }
         assert!(s.jitter_ms() > 5.0, "{}", s.jitter_ms());
     }

@@ -239,30 +239,15 @@ impl Authenticator {
 
     /// Checks the credentials in `header_values` (Authorization or Proxy-Authorization) for
     /// a request with `method`.
-    pub fn verify(
-        &mut self,
-        now: Instant,
-        source: IpAddr,
-        method: &str,
-        header_values: &[&str],
-    ) -> Verdict {
+    pub fn verify(&mut self, now: Instant, source: IpAddr, method: &str, header_values: &[&str]) -> Verdict {
         if let Some(f) = self.failures.get(&source) {
-            if now.saturating_duration_since(f.window_start) < FAIL_WINDOW
-                && f.count >= MAX_FAILURES
-            {
+            if now.saturating_duration_since(f.window_start) < FAIL_WINDOW && f.count >= MAX_FAILURES {
                 return Verdict::RateLimited;
             }
         }
-        let Some(creds) = header_values
-            .iter()
-            .filter_map(|v| Credentials::parse(v))
-            .find(|c| c.realm == self.realm)
+        let Some(creds) = header_values.iter().filter_map(|v| Credentials::parse(v)).find(|c| c.realm == self.realm)
         else {
-            return if header_values.is_empty() {
-                Verdict::Missing
-            } else {
-                self.fail(now, source)
-            };
+            return if header_values.is_empty() { Verdict::Missing } else { self.fail(now, source) };
         };
         match self.check(now, method, &creds) {
             Verdict::Failed => self.fail(now, source),
@@ -283,12 +268,7 @@ impl Authenticator {
         let Some(password) = self.users.get(&c.username) else {
             return Verdict::Failed;
         };
-        let alg = match c
-            .algorithm
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-            .as_deref()
-        {
+        let alg = match c.algorithm.as_deref().map(str::to_ascii_uppercase).as_deref() {
             None | Some("MD5") => Algorithm::Md5,
             Some("SHA-256") => Algorithm::Sha256,
             _ => return Verdict::Failed,
@@ -297,16 +277,10 @@ impl Authenticator {
             return Verdict::Failed;
         }
         let expected = digest_response(alg, &c.username, &self.realm, password, method, c);
-        if !constant_time_eq(
-            expected.as_bytes(),
-            c.response.to_ascii_lowercase().as_bytes(),
-        ) {
+        if !constant_time_eq(expected.as_bytes(), c.response.to_ascii_lowercase().as_bytes()) {
             return Verdict::Failed;
         }
-        let age = now
-            .saturating_duration_since(self.epoch)
-            .as_secs()
-            .saturating_sub(issued);
+        let age = now.saturating_duration_since(self.epoch).as_secs().saturating_sub(issued);
         if age > NONCE_TTL.as_secs() {
             return Verdict::Stale;
         }
@@ -314,10 +288,7 @@ impl Authenticator {
     }
 
     fn fail(&mut self, now: Instant, source: IpAddr) -> Verdict {
-        let f = self.failures.entry(source).or_insert(Failures {
-            count: 0,
-            window_start: now,
-        });
+        let f = self.failures.entry(source).or_insert(Failures { count: 0, window_start: now });
         if now.saturating_duration_since(f.window_start) >= FAIL_WINDOW {
             f.count = 0;
             f.window_start = now;
@@ -328,8 +299,7 @@ impl Authenticator {
 
     /// Forgets failure windows that have ended.
     pub fn expire(&mut self, now: Instant) {
-        self.failures
-            .retain(|_, f| now.saturating_duration_since(f.window_start) < FAIL_WINDOW);
+        self.failures.retain(|_, f| now.saturating_duration_since(f.window_start) < FAIL_WINDOW);
     }
 }
 
@@ -345,9 +315,7 @@ pub fn digest_response(
     let ha1 = alg.hash(&format!("{user}:{realm}:{password}"));
     let ha2 = alg.hash(&format!("{method}:{}", c.uri));
     match (c.qop.as_deref(), c.nc.as_deref(), c.cnonce.as_deref()) {
-        (Some(qop), Some(nc), Some(cnonce)) => {
-            alg.hash(&format!("{ha1}:{}:{nc}:{cnonce}:{qop}:{ha2}", c.nonce))
-        }
+        (Some(qop), Some(nc), Some(cnonce)) => alg.hash(&format!("{ha1}:{}:{nc}:{cnonce}:{qop}:{ha2}", c.nonce)),
         _ => alg.hash(&format!("{ha1}:{}:{ha2}", c.nonce)),
     }
 }
@@ -361,12 +329,7 @@ mod tests {
     use super::*;
 
     fn auth(now: Instant) -> Authenticator {
-        Authenticator::new(
-            "pinhole",
-            [("alice".to_owned(), "secret".to_owned())],
-            [7; 32],
-            now,
-        )
+        Authenticator::new("pinhole", [("alice".to_owned(), "secret".to_owned())], [7; 32], now)
     }
 
     fn answer(a: &Authenticator, now: Instant, alg: Algorithm, password: &str) -> String {
@@ -412,10 +375,7 @@ mod tests {
             assert_eq!(a.verify(t0, src, "REGISTER", &[&bad]), Verdict::Failed);
         }
         let good = answer(&a, t0, Algorithm::Md5, "secret");
-        assert_eq!(
-            a.verify(t0, src, "REGISTER", &[&good]),
-            Verdict::RateLimited
-        );
+        assert_eq!(a.verify(t0, src, "REGISTER", &[&good]), Verdict::RateLimited);
         // Another source is unaffected, and the window ends.
         assert_eq!(
             a.verify(t0, [198, 51, 100, 3].into(), "REGISTER", &[&good]),
@@ -423,10 +383,7 @@ mod tests {
         );
         let later = t0 + FAIL_WINDOW + Duration::from_secs(1);
         let fresh = answer(&a, later, Algorithm::Md5, "secret");
-        assert_eq!(
-            a.verify(later, src, "REGISTER", &[&fresh]),
-            Verdict::Authenticated("alice".into())
-        );
+        assert_eq!(a.verify(later, src, "REGISTER", &[&fresh]), Verdict::Authenticated("alice".into()));
     }
 
     #[test]
@@ -435,10 +392,7 @@ mod tests {
         let mut a = auth(t0);
         let h = answer(&a, t0, Algorithm::Sha256, "secret");
         let later = t0 + NONCE_TTL + Duration::from_secs(5);
-        assert_eq!(
-            a.verify(later, [198, 51, 100, 1].into(), "REGISTER", &[&h]),
-            Verdict::Stale
-        );
+        assert_eq!(a.verify(later, [198, 51, 100, 1].into(), "REGISTER", &[&h]), Verdict::Stale);
     }
 
     #[test]
@@ -446,10 +400,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = auth(t0);
         let h = answer(&a, t0, Algorithm::Md5, "secret").replace("nonce=\"0.", "nonce=\"1.");
-        assert_eq!(
-            a.verify(t0, [198, 51, 100, 1].into(), "REGISTER", &[&h]),
-            Verdict::Failed
-        );
+        assert_eq!(a.verify(t0, [198, 51, 100, 1].into(), "REGISTER", &[&h]), Verdict::Failed);
     }
 
     #[test]
@@ -468,9 +419,6 @@ mod tests {
         let t0 = Instant::now();
         let mut a = auth(t0).with_algorithms(vec![Algorithm::Sha256]);
         let h = answer(&a, t0, Algorithm::Md5, "secret");
-        assert_eq!(
-            a.verify(t0, [198, 51, 100, 1].into(), "REGISTER", &[&h]),
-            Verdict::Failed
-        );
+        assert_eq!(a.verify(t0, [198, 51, 100, 1].into(), "REGISTER", &[&h]), Verdict::Failed);
     }
 }

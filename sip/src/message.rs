@@ -230,10 +230,7 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: u16, reason: impl Into<String>) -> Rejection {
-        Rejection {
-            code,
-            reason: reason.into(),
-        }
+        Rejection { code, reason: reason.into() }
     }
 }
 
@@ -263,8 +260,7 @@ impl Message {
             return Err(Garbage::Empty);
         }
         let (start_line, mut pos) = next_line(data, 0).ok_or(Garbage::NoStartLine)?;
-        let start_text =
-            std::str::from_utf8(&data[start_line.clone()]).map_err(|_| Garbage::NotUtf8)?;
+        let start_text = std::str::from_utf8(&data[start_line.clone()]).map_err(|_| Garbage::NotUtf8)?;
         let start = parse_start_line(start_text, start_line.start)?;
 
         let mut headers = Vec::new();
@@ -291,10 +287,7 @@ impl Message {
                 }
             }
             let text = &data[line.start..end];
-            let colon = text
-                .iter()
-                .position(|&b| b == b':')
-                .ok_or(Garbage::BadHeaderLine)?;
+            let colon = text.iter().position(|&b| b == b':').ok_or(Garbage::BadHeaderLine)?;
             let name_bytes = trim(&text[..colon]);
             if name_bytes.is_empty() || !name_bytes.iter().all(|&b| is_token(b)) {
                 return Err(Garbage::BadHeaderLine);
@@ -304,26 +297,14 @@ impl Message {
             if std::str::from_utf8(&data[value.clone()]).is_err() {
                 return Err(Garbage::NotUtf8);
             }
-            headers.push(Header {
-                name: HeaderName::parse(name_bytes),
-                line: line.start..after,
-                value,
-            });
+            headers.push(Header { name: HeaderName::parse(name_bytes), line: line.start..after, value });
             if headers.len() > MAX_HEADERS {
                 return Err(Garbage::BadHeaderLine);
             }
             pos = after;
         }
         let body = pos..data.len();
-        Ok(Message {
-            raw,
-            start,
-            start_line,
-            headers,
-            head_end,
-            body,
-            top_via: std::cell::OnceCell::new(),
-        })
+        Ok(Message { raw, start, start_line, headers, head_end, body, top_via: std::cell::OnceCell::new() })
     }
 
     pub fn raw(&self) -> &Bytes {
@@ -365,10 +346,7 @@ impl Message {
 
     /// Text of a range known to lie within a scanned, UTF-8-checked part.
     pub fn text(&self, r: Range<usize>) -> &str {
-        self.raw
-            .get(r)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .unwrap_or("")
+        self.raw.get(r).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("")
     }
 
     pub fn body_bytes(&self) -> &[u8] {
@@ -377,22 +355,14 @@ impl Message {
 
     /// The first value of a single-valued header.
     pub fn header(&self, name: HeaderName) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|h| h.name == name)
-            .map(|h| self.text(h.value.clone()))
+        self.headers.iter().find(|h| h.name == name).map(|h| self.text(h.value.clone()))
     }
 
     /// Every value of a header, splitting comma-separated lists where the header allows it.
     /// Each item is (index into `headers`, range of the value).
     pub fn values(&self, name: HeaderName) -> Vec<(usize, Range<usize>)> {
         let mut out = Vec::new();
-        for (i, h) in self
-            .headers
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.name == name)
-        {
+        for (i, h) in self.headers.iter().enumerate().filter(|(_, h)| h.name == name) {
             if name.is_list() {
                 for r in split_list(&self.raw, h.value.clone()) {
                     out.push((i, r));
@@ -405,10 +375,7 @@ impl Message {
     }
 
     pub fn value_texts(&self, name: HeaderName) -> Vec<&str> {
-        self.values(name)
-            .into_iter()
-            .map(|(_, r)| self.text(r))
-            .collect()
+        self.values(name).into_iter().map(|(_, r)| self.text(r)).collect()
     }
 
     pub fn call_id(&self) -> Option<&str> {
@@ -428,16 +395,12 @@ impl Message {
     }
 
     pub fn max_forwards(&self) -> Option<Result<u32, ()>> {
-        self.header(HeaderName::MaxForwards).map(|v| {
-            v.parse::<u32>()
-                .map_err(|_| ())
-                .and_then(|n| if n > 255 { Err(()) } else { Ok(n) })
-        })
+        self.header(HeaderName::MaxForwards)
+            .map(|v| v.parse::<u32>().map_err(|_| ()).and_then(|n| if n > 255 { Err(()) } else { Ok(n) }))
     }
 
     pub fn content_length(&self) -> Option<Result<usize, ()>> {
-        self.header(HeaderName::ContentLength)
-            .map(|v| v.parse::<usize>().map_err(|_| ()))
+        self.header(HeaderName::ContentLength).map(|v| v.parse::<usize>().map_err(|_| ()))
     }
 
     /// The top Via, parsed (once).
@@ -456,10 +419,7 @@ impl Message {
     }
 
     pub fn vias(&self) -> Vec<Option<Via>> {
-        self.values(HeaderName::Via)
-            .into_iter()
-            .map(|(_, r)| self.parse_value::<Via>(r))
-            .collect()
+        self.values(HeaderName::Via).into_iter().map(|(_, r)| self.parse_value::<Via>(r)).collect()
     }
 
     /// The tag parameter of From or To.
@@ -519,10 +479,7 @@ impl Message {
             return Err(Rejection::new(400, "Malformed CSeq Header"));
         };
         if &cseq_method != method {
-            return Err(Rejection::new(
-                400,
-                "CSeq Method Does Not Match Request Method",
-            ));
+            return Err(Rejection::new(400, "CSeq Method Does Not Match Request Method"));
         }
         if self.vias().iter().any(Option::is_none) {
             return Err(Rejection::new(400, "Malformed Via Header"));
@@ -558,10 +515,7 @@ impl Message {
         if self.request_sip_uri().is_none() {
             return Err(Rejection::new(400, "Malformed Request-URI"));
         }
-        for (name, label) in [
-            (HeaderName::Contact, "Contact"),
-            (HeaderName::Route, "Route"),
-        ] {
+        for (name, label) in [(HeaderName::Contact, "Contact"), (HeaderName::Route, "Route")] {
             for (_, r) in self.values(name) {
                 let text = self.text(r.clone());
                 if text == "*" && name == HeaderName::Contact {
@@ -597,11 +551,7 @@ impl Message {
             Some(Ok(n)) if n < self.body.len() => {
                 let end = self.body.start + n;
                 let raw = self.raw.slice(..end);
-                Message {
-                    raw,
-                    body: self.body.start..end,
-                    ..self
-                }
+                Message { raw, body: self.body.start..end, ..self }
             }
             _ => self,
         }
@@ -609,13 +559,7 @@ impl Message {
 
     /// Builds a response to this request (RFC 3261 §8.2.6): Via, From, To, Call-ID and CSeq
     /// are copied byte for byte; a To tag is added when given and absent.
-    pub fn response(
-        &self,
-        code: u16,
-        reason: &str,
-        to_tag: Option<&str>,
-        extra: &[String],
-    ) -> Vec<u8> {
+    pub fn response(&self, code: u16, reason: &str, to_tag: Option<&str>, extra: &[String]) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
         for h in &self.headers {
@@ -656,10 +600,7 @@ impl Message {
 
     /// Offset where a new header line can be inserted at the top of the header section.
     pub fn first_header_offset(&self) -> usize {
-        self.headers
-            .first()
-            .map(|h| h.line.start)
-            .unwrap_or(self.head_end)
+        self.headers.first().map(|h| h.line.start).unwrap_or(self.head_end)
     }
 
     pub fn head_end(&self) -> usize {
@@ -679,10 +620,7 @@ pub struct Editor<'a> {
 
 impl<'a> Editor<'a> {
     pub fn new(msg: &'a Message) -> Editor<'a> {
-        Editor {
-            msg,
-            edits: Vec::new(),
-        }
+        Editor { msg, edits: Vec::new() }
     }
 
     pub fn replace(&mut self, range: Range<usize>, with: impl Into<Vec<u8>>) -> &mut Self {
@@ -734,11 +672,7 @@ impl<'a> Editor<'a> {
     /// Replaces the body and keeps Content-Length true.
     pub fn set_body(&mut self, body: &[u8]) -> &mut Self {
         let msg = self.msg;
-        match msg
-            .headers
-            .iter()
-            .find(|h| h.name == HeaderName::ContentLength)
-        {
+        match msg.headers.iter().find(|h| h.name == HeaderName::ContentLength) {
             Some(h) => {
                 self.replace(h.value.clone(), body.len().to_string());
             }
@@ -791,24 +725,17 @@ fn parse_start_line(text: &str, base: usize) -> Result<StartLine, Garbage> {
             return Err(Garbage::BadStartLine);
         }
         let rstart = base + 8 + rest.len().min(4);
-        return Ok(StartLine::Response {
-            code,
-            reason: rstart..base + text.len(),
-        });
+        return Ok(StartLine::Response { code, reason: rstart..base + text.len() });
     }
     let mut parts = text.splitn(3, ' ');
     let method = parts.next().ok_or(Garbage::BadStartLine)?;
     let uri = parts.next().ok_or(Garbage::BadStartLine)?;
     let version = parts.next().ok_or(Garbage::BadStartLine)?;
-    if method.is_empty() || !method.bytes().all(is_token) || uri.is_empty() || version != "SIP/2.0"
-    {
+    if method.is_empty() || !method.bytes().all(is_token) || uri.is_empty() || version != "SIP/2.0" {
         return Err(Garbage::BadStartLine);
     }
     let ustart = base + method.len() + 1;
-    Ok(StartLine::Request {
-        method: Method::from_token(method),
-        uri: ustart..ustart + uri.len(),
-    })
+    Ok(StartLine::Request { method: Method::from_token(method), uri: ustart..ustart + uri.len() })
 }
 
 fn is_token(b: u8) -> bool {
@@ -816,14 +743,8 @@ fn is_token(b: u8) -> bool {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let s = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let e = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(s, |e| e + 1);
+    let s = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let e = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(s, |e| e + 1);
     &b[s..e]
 }
 
@@ -954,16 +875,10 @@ v=0
         assert_eq!(m.tag(HeaderName::From), Some("1928301774"));
         assert_eq!(m.tag(HeaderName::To), None);
         assert_eq!(m.body_bytes(), b"v=0\r\n");
-        assert_eq!(
-            m.clone().truncated_to_content_length().body_bytes(),
-            b"v=0\r"
-        );
+        assert_eq!(m.clone().truncated_to_content_length().body_bytes(), b"v=0\r");
         assert!(m.validate_request(65536).is_ok());
         let via = m.top_via().expect("via");
-        assert_eq!(
-            via.params.get_val("branch").map(|b| b.as_str()),
-            Some("z9hG4bK776asdhds")
-        );
+        assert_eq!(via.params.get_val("branch").map(|b| b.as_str()), Some("z9hG4bK776asdhds"));
     }
 
     #[test]
@@ -1004,10 +919,7 @@ Content-Length: 0
         let mut e = Editor::new(&m);
         e.remove_value(hi, r);
         let out = String::from_utf8(e.finish()).expect("utf8");
-        assert!(
-            out.contains("Via: SIP/2.0/TCP 198.51.100.2:5070;branch=z9hG4bKp2\r\n"),
-            "{out}"
-        );
+        assert!(out.contains("Via: SIP/2.0/TCP 198.51.100.2:5070;branch=z9hG4bKp2\r\n"), "{out}");
         assert!(out.contains("Via: SIP/2.0/UDP [2001:db8::9]:5060;branch=z9hG4bKp3\r\n"));
         assert!(!out.contains("z9hG4bKp1"));
     }
@@ -1029,18 +941,9 @@ Content-Length: 0
         assert!(contacts.iter().all(|(_, c)| c.is_some()));
         assert!(m.validate_request(100).is_ok());
         let c0 = contacts[0].1.as_ref().expect("parsed");
-        assert_eq!(
-            c0.params.get_val("+sip.instance").map(|v| v.as_str()),
-            Some("<urn:uuid:1>")
-        );
-        assert_eq!(
-            param_of_name_addr(m.text(contacts[0].0.clone()), "+sip.instance"),
-            Some("\"<urn:uuid:1>\"")
-        );
-        assert_eq!(
-            param_of_name_addr(m.text(contacts[0].0.clone()), "reg-id"),
-            Some("1")
-        );
+        assert_eq!(c0.params.get_val("+sip.instance").map(|v| v.as_str()), Some("<urn:uuid:1>"));
+        assert_eq!(param_of_name_addr(m.text(contacts[0].0.clone()), "+sip.instance"), Some("\"<urn:uuid:1>\""));
+        assert_eq!(param_of_name_addr(m.text(contacts[0].0.clone()), "reg-id"), Some("1"));
     }
 
     #[test]
@@ -1052,10 +955,7 @@ From: <sip:a@example.com>;tag=y
 CSeq: 1 OPTIONS
 
 ");
-        assert_eq!(
-            m.validate_request(100),
-            Err(Rejection::new(400, "Missing Call-ID Header"))
-        );
+        assert_eq!(m.validate_request(100), Err(Rejection::new(400, "Missing Call-ID Header")));
     }
 
     #[test]
@@ -1073,22 +973,13 @@ CSeq: 1 INVITE
 
     #[test]
     fn garbage_is_not_a_message() {
-        assert_eq!(
-            Message::parse(Bytes::from_static(b"\x16\x03\x01hello")).err(),
-            Some(Garbage::NoStartLine)
-        );
+        assert_eq!(Message::parse(Bytes::from_static(b"\x16\x03\x01hello")).err(), Some(Garbage::NoStartLine));
         assert_eq!(
             Message::parse(Bytes::from_static(b"OPTIONS sip:a SIP/2.0\r\nVia: x\r\n")).err(),
             Some(Garbage::Unterminated)
         );
-        assert_eq!(
-            Message::parse(Bytes::from_static(b"hello world\r\n\r\n")).err(),
-            Some(Garbage::BadStartLine)
-        );
-        assert_eq!(
-            Message::parse(Bytes::from_static(b"\r\n\r\n")).err(),
-            Some(Garbage::Empty)
-        );
+        assert_eq!(Message::parse(Bytes::from_static(b"hello world\r\n\r\n")).err(), Some(Garbage::BadStartLine));
+        assert_eq!(Message::parse(Bytes::from_static(b"\r\n\r\n")).err(), Some(Garbage::Empty));
     }
 
     #[test]

@@ -95,19 +95,11 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - u32::from(self.prefix))
-                };
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - u32::from(self.prefix))
-                };
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -320,16 +312,11 @@ impl Proxy {
             Ok(m) => m,
             Err(g) => {
                 self.stats.garbage += 1;
-                metrics::counter!("pinhole_sip_garbage_total", "transport" => flow.transport.as_str())
-                    .increment(1);
+                metrics::counter!("pinhole_sip_garbage_total", "transport" => flow.transport.as_str()).increment(1);
                 return Err(g);
             }
         };
-        let msg = if flow.transport == Transport::Udp {
-            msg.truncated_to_content_length()
-        } else {
-            msg
-        };
+        let msg = if flow.transport == Transport::Udp { msg.truncated_to_content_length() } else { msg };
         if msg.is_request() {
             self.on_request(now, flow, msg);
         } else {
@@ -361,10 +348,7 @@ impl Proxy {
     // ---------------------------------------------------------------- requests
 
     fn on_request(&mut self, now: Instant, flow: Flow, msg: Message) {
-        let method = msg
-            .method()
-            .cloned()
-            .unwrap_or(Method::Other(String::new()));
+        let method = msg.method().cloned().unwrap_or(Method::Other(String::new()));
         self.count_request(&method, flow.transport);
         let checked = if msg.raw().len() > self.cfg.max_message {
             Err(Rejection::new(513, "Message Too Large"))
@@ -388,17 +372,8 @@ impl Proxy {
                     st.state = SState::Confirmed;
                     st.retransmit_at = None;
                     st.timeout_at = None;
-                    st.cleanup_at = Some(
-                        now + if flow.transport == Transport::Udp {
-                            T4
-                        } else {
-                            Duration::ZERO
-                        },
-                    );
-                    self.timers.push(Reverse((
-                        st.cleanup_at.unwrap_or(now),
-                        TimerRef::Server(key),
-                    )));
+                    st.cleanup_at = Some(now + if flow.transport == Transport::Udp { T4 } else { Duration::ZERO });
+                    self.timers.push(Reverse((st.cleanup_at.unwrap_or(now), TimerRef::Server(key))));
                 }
                 return;
             }
@@ -414,10 +389,7 @@ impl Proxy {
         if let Some(st) = self.server_txs.get(&key) {
             // A retransmission: repeat the last response (§17.2.1, §17.2.2).
             if let Some(r) = &st.last_response {
-                self.out.push_back(Transmit {
-                    flow: st.flow,
-                    payload: r.clone(),
-                });
+                self.out.push_back(Transmit { flow: st.flow, payload: r.clone() });
             }
             return;
         }
@@ -448,20 +420,10 @@ impl Proxy {
         self.route_request(now, &key, flow, &msg, &method);
     }
 
-    fn route_request(
-        &mut self,
-        now: Instant,
-        key: &str,
-        flow: Flow,
-        msg: &Message,
-        method: &Method,
-    ) {
+    fn route_request(&mut self, now: Instant, key: &str, flow: Flow, msg: &Message, method: &Method) {
         // Max-Forwards (§16.3 step 3).
         if let Some(Ok(0)) = msg.max_forwards() {
-            if *method == Method::Options
-                && self.request_uri_is_us(msg)
-                && request_user(msg).is_none()
-            {
+            if *method == Method::Options && self.request_uri_is_us(msg) && request_user(msg).is_none() {
                 self.respond(now, key, 200, "OK", &self.options_headers());
             } else {
                 self.respond(now, key, 483, "Too Many Hops", &[]);
@@ -498,11 +460,7 @@ impl Proxy {
                 None => break,
             }
         }
-        let remaining: Vec<&str> = routes
-            .iter()
-            .skip(strip.len())
-            .map(|(_, r)| msg.text(r.clone()))
-            .collect();
+        let remaining: Vec<&str> = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
         // Only dialogs we record-routed ourselves (a valid token) skip authentication.
         let in_dialog = dialog.is_some() && msg.tag(HeaderName::To).is_some();
 
@@ -511,25 +469,12 @@ impl Proxy {
         let mut auth_user = None;
         if !in_dialog && !trusted {
             let register = *method == Method::Register;
-            let header = if register {
-                HeaderName::Authorization
-            } else {
-                HeaderName::ProxyAuthorization
-            };
+            let header = if register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
             let creds = msg.value_texts(header);
-            match self
-                .auth
-                .verify(now, flow.remote.ip(), method.as_str(), &creds)
-            {
+            match self.auth.verify(now, flow.remote.ip(), method.as_str(), &creds) {
                 Verdict::Authenticated(u) => auth_user = Some(u),
                 Verdict::RateLimited => {
-                    self.respond(
-                        now,
-                        key,
-                        403,
-                        "Too Many Failed Authentication Attempts",
-                        &[],
-                    );
+                    self.respond(now, key, 403, "Too Many Failed Authentication Attempts", &[]);
                     return;
                 }
                 v => {
@@ -539,12 +484,8 @@ impl Proxy {
                     } else {
                         (407, "Proxy Authentication Required", "Proxy-Authenticate")
                     };
-                    let hs: Vec<String> = self
-                        .auth
-                        .challenges(now, stale)
-                        .into_iter()
-                        .map(|c| format!("{hname}: {c}"))
-                        .collect();
+                    let hs: Vec<String> =
+                        self.auth.challenges(now, stale).into_iter().map(|c| format!("{hname}: {c}")).collect();
                     self.respond(now, key, code, reason, &hs);
                     return;
                 }
@@ -578,17 +519,7 @@ impl Proxy {
         self.media_seen_request(msg);
         let record_route = method.creates_dialog() && msg.tag(HeaderName::To).is_none();
         for target in targets {
-            self.forward_request(
-                now,
-                key,
-                flow,
-                msg,
-                &strip,
-                target,
-                record_route,
-                loop_hash,
-                body.as_deref(),
-            );
+            self.forward_request(now, key, flow, msg, &strip, target, record_route, loop_hash, body.as_deref());
         }
         if *method == Method::Bye {
             if let Some(call_id) = msg.call_id() {
@@ -610,14 +541,8 @@ impl Proxy {
     ) -> Result<Vec<Target>, Rejection> {
         if let Some(next) = remaining.first() {
             let uri = uri_of(next);
-            let f = self
-                .flow_for_uri(uri)
-                .ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
-            return Ok(vec![Target {
-                flow: f,
-                request_uri: None,
-                routes: vec![],
-            }]);
+            let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
+            return Ok(vec![Target { flow: f, request_uri: None, routes: vec![] }]);
         }
         if let Some(d) = dialog {
             let other = if self.side_matches(d.a, flow) {
@@ -630,12 +555,7 @@ impl Proxy {
             if let Some((iface, remote)) = other {
                 if let Some(i) = self.cfg.interfaces.get(iface) {
                     return Ok(vec![Target {
-                        flow: Flow {
-                            transport: i.transport,
-                            local: i.bind,
-                            remote,
-                            conn: None,
-                        },
+                        flow: Flow { transport: i.transport, local: i.bind, remote, conn: None },
                         request_uri: None,
                         routes: vec![],
                     }]);
@@ -658,24 +578,12 @@ impl Proxy {
             return Ok(bindings.iter().map(binding_target).collect());
         }
         let uri = msg.request_uri().unwrap_or("");
-        let f = self.flow_for_uri(uri).ok_or(Rejection::new(
-            404,
-            "Not Found - Unresolvable Request-URI Host",
-        ))?;
-        Ok(vec![Target {
-            flow: f,
-            request_uri: None,
-            routes: vec![],
-        }])
+        let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
+        Ok(vec![Target { flow: f, request_uri: None, routes: vec![] }])
     }
 
     fn side_matches(&self, side: (usize, SocketAddr), flow: Flow) -> bool {
-        side.1 == flow.remote
-            && self
-                .cfg
-                .interfaces
-                .get(side.0)
-                .is_some_and(|i| i.transport == flow.transport)
+        side.1 == flow.remote && self.cfg.interfaces.get(side.0).is_some_and(|i| i.transport == flow.transport)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -691,21 +599,14 @@ impl Proxy {
         loop_hash: u64,
         body: Option<&[u8]>,
     ) {
-        let Some(out_iface) =
-            self.interface_index(target.flow.transport, target.flow.local, target.flow.remote)
-        else {
+        let Some(out_iface) = self.interface_index(target.flow.transport, target.flow.local, target.flow.remote) else {
             self.respond(now, key, 503, "No Interface For Transport", &[]);
             return;
         };
-        let in_iface = self
-            .interface_index(in_flow.transport, in_flow.local, in_flow.remote)
-            .unwrap_or(out_iface);
+        let in_iface = self.interface_index(in_flow.transport, in_flow.local, in_flow.remote).unwrap_or(out_iface);
         let mut flow = target.flow;
         flow.local = self.cfg.interfaces[out_iface].bind;
-        let branch = format!(
-            "{BRANCH_PREFIX}{loop_hash:016x}.{:08x}",
-            self.rng.gen::<u32>()
-        );
+        let branch = format!("{BRANCH_PREFIX}{loop_hash:016x}.{:08x}", self.rng.gen::<u32>());
 
         let mut e = Editor::new(msg);
         if let Some(uri) = &target.request_uri {
@@ -720,10 +621,7 @@ impl Proxy {
         );
         e.prepend_header("Via", &via);
         if record_route {
-            let token = self.encode_flows(DialogFlows {
-                a: (in_iface, in_flow.remote),
-                b: (out_iface, flow.remote),
-            });
+            let token = self.encode_flows(DialogFlows { a: (in_iface, in_flow.remote), b: (out_iface, flow.remote) });
             let rr_out = self.rr_uri(out_iface, &token);
             e.prepend_header("Record-Route", &rr_out);
             if in_iface != out_iface {
@@ -742,11 +640,7 @@ impl Proxy {
         if let Some(b) = body {
             e.set_body(b);
         }
-        match msg
-            .headers
-            .iter()
-            .find(|h| h.name == HeaderName::MaxForwards)
-        {
+        match msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
             Some(h) => {
                 let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
                 e.replace(h.value.clone(), mf.saturating_sub(1).to_string());
@@ -767,10 +661,7 @@ impl Proxy {
     }
 
     fn start_client(&mut self, now: Instant, key: String, owner: Owner, flow: Flow, sent: Message) {
-        self.out.push_back(Transmit {
-            flow,
-            payload: sent.raw().to_vec(),
-        });
+        self.out.push_back(Transmit { flow, payload: sent.raw().to_vec() });
         let udp = flow.transport == Transport::Udp;
         let ct = ClientTx {
             owner,
@@ -786,11 +677,9 @@ impl Proxy {
             ack: None,
         };
         if let Some(t) = ct.retransmit_at {
-            self.timers
-                .push(Reverse((t, TimerRef::Client(key.clone()))));
+            self.timers.push(Reverse((t, TimerRef::Client(key.clone()))));
         }
-        self.timers
-            .push(Reverse((now + TIMEOUT_64T1, TimerRef::Client(key.clone()))));
+        self.timers.push(Reverse((now + TIMEOUT_64T1, TimerRef::Client(key.clone()))));
         self.client_txs.insert(key, ct);
     }
 
@@ -813,11 +702,7 @@ impl Proxy {
         if dialog.is_none() && !self.is_trusted(flow.remote.ip()) {
             return; // not a dialog we record-routed: never relay for strangers
         }
-        let remaining: Vec<&str> = routes
-            .iter()
-            .skip(strip.len())
-            .map(|(_, r)| msg.text(r.clone()))
-            .collect();
+        let remaining: Vec<&str> = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
         let Ok(targets) = self.targets(now, flow, msg, &remaining, dialog, to_us) else {
             return;
@@ -825,9 +710,7 @@ impl Proxy {
         let Some(target) = targets.into_iter().next() else {
             return;
         };
-        let Some(iface) =
-            self.interface_index(target.flow.transport, target.flow.local, target.flow.remote)
-        else {
+        let Some(iface) = self.interface_index(target.flow.transport, target.flow.local, target.flow.remote) else {
             return;
         };
         let mut out = target.flow;
@@ -846,30 +729,20 @@ impl Proxy {
                 e.replace(r.clone(), uri.clone());
             }
         }
-        let via = format!(
-            "SIP/2.0/{} {};branch={branch}",
-            out.transport.via_token(),
-            self.cfg.interfaces[iface].host_port()
-        );
+        let via =
+            format!("SIP/2.0/{} {};branch={branch}", out.transport.via_token(), self.cfg.interfaces[iface].host_port());
         e.prepend_header("Via", &via);
         for (hi, r) in &strip {
             e.remove_value(*hi, r.clone());
         }
-        if let Some(h) = msg
-            .headers
-            .iter()
-            .find(|h| h.name == HeaderName::MaxForwards)
-        {
+        if let Some(h) = msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
             let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
             if mf == 0 {
                 return;
             }
             e.replace(h.value.clone(), (mf - 1).to_string());
         }
-        self.out.push_back(Transmit {
-            flow: out,
-            payload: e.finish(),
-        });
+        self.out.push_back(Transmit { flow: out, payload: e.finish() });
     }
 
     fn on_cancel(&mut self, now: Instant, flow: Flow, msg: &Message, branch: &str) {
@@ -914,14 +787,7 @@ impl Proxy {
         }
     }
 
-    fn on_register(
-        &mut self,
-        now: Instant,
-        key: &str,
-        flow: Flow,
-        msg: &Message,
-        auth_user: Option<&str>,
-    ) {
+    fn on_register(&mut self, now: Instant, key: &str, flow: Flow, msg: &Message, auth_user: Option<&str>) {
         let Some(to) = msg.name_addr(HeaderName::To) else {
             self.respond(now, key, 400, "Malformed To Header", &[]);
             return;
@@ -936,21 +802,13 @@ impl Proxy {
         };
         if let Some(a) = auth_user {
             if a != user {
-                self.respond(
-                    now,
-                    key,
-                    403,
-                    "Forbidden - Credentials Do Not Match AOR",
-                    &[],
-                );
+                self.respond(now, key, 403, "Forbidden - Credentials Do Not Match AOR", &[]);
                 return;
             }
         }
         let requires: Vec<&str> = msg.value_texts(HeaderName::Require);
-        let unsupported: Vec<&str> = requires
-            .into_iter()
-            .filter(|r| !["path", "outbound"].contains(&r.to_ascii_lowercase().as_str()))
-            .collect();
+        let unsupported: Vec<&str> =
+            requires.into_iter().filter(|r| !["path", "outbound"].contains(&r.to_ascii_lowercase().as_str())).collect();
         if !unsupported.is_empty() {
             let h = format!("Unsupported: {}", unsupported.join(", "));
             self.respond(now, key, 420, "Bad Extension", &[h]);
@@ -959,10 +817,7 @@ impl Proxy {
         let aor = format!("{user}@{}", self.cfg.domain);
         let unix = self.unix(now);
         let interval = self.cfg.keepalive_interval.as_secs().max(1);
-        match self
-            .registrar
-            .register(&self.cfg.registrar, unix, &aor, msg, flow, interval)
-        {
+        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, interval) {
             Ok(out) => {
                 tracing::info!(
                     %aor,
@@ -974,20 +829,13 @@ impl Proxy {
                 let mut hs: Vec<String> = out
                     .bindings
                     .iter()
-                    .map(|b| {
-                        format!(
-                            "Contact: <{}>;expires={}",
-                            b.contact,
-                            b.expires_at.saturating_sub(unix)
-                        )
-                    })
+                    .map(|b| format!("Contact: <{}>;expires={}", b.contact, b.expires_at.saturating_sub(unix)))
                     .collect();
                 for p in msg.value_texts(HeaderName::Path) {
                     hs.push(format!("Path: {p}"));
                 }
                 hs.push("Supported: path, outbound".into());
-                metrics::gauge!("pinhole_registrar_bindings")
-                    .set(self.registrar.binding_count() as f64);
+                metrics::gauge!("pinhole_registrar_bindings").set(self.registrar.binding_count() as f64);
                 self.respond(now, key, 200, "OK", &hs);
             }
             Err((rej, hs)) => self.respond(now, key, rej.code, &rej.reason, &hs),
@@ -1004,11 +852,7 @@ impl Proxy {
             return;
         };
         let cancel = msg.cseq().is_some_and(|(_, m)| m == Method::Cancel);
-        let key = if cancel {
-            format!("{branch};CANCEL")
-        } else {
-            branch
-        };
+        let key = if cancel { format!("{branch};CANCEL") } else { branch };
         let Some(ct) = self.client_txs.get_mut(&key) else {
             self.stats.unmatched_responses += 1;
             return;
@@ -1021,8 +865,7 @@ impl Proxy {
                 ct.retransmit_at = if invite { None } else { ct.retransmit_at };
                 if invite {
                     ct.timeout_at = Some(now + TIMER_C);
-                    self.timers
-                        .push(Reverse((now + TIMER_C, TimerRef::Client(key.clone()))));
+                    self.timers.push(Reverse((now + TIMER_C, TimerRef::Client(key.clone()))));
                 }
                 let cancel_now = invite && ct.cancel_requested;
                 if cancel_now {
@@ -1084,8 +927,7 @@ impl Proxy {
         }
         if let Some(ct) = self.client_txs.get(&key) {
             if let Some(c) = ct.cleanup_at {
-                self.timers
-                    .push(Reverse((c, TimerRef::Client(key.clone()))));
+                self.timers.push(Reverse((c, TimerRef::Client(key.clone()))));
             }
         }
         match owner {
@@ -1103,12 +945,7 @@ impl Proxy {
             return;
         };
         if (200..300).contains(&code) {
-            let others: Vec<String> = st
-                .branches
-                .iter()
-                .filter(|b| *b != branch)
-                .cloned()
-                .collect();
+            let others: Vec<String> = st.branches.iter().filter(|b| *b != branch).cloned().collect();
             self.forward_response(now, sk, &msg, Some(from));
             for b in others {
                 self.cancel_branch(now, &b);
@@ -1135,11 +972,7 @@ impl Proxy {
         if st.final_sent {
             return;
         }
-        let pending = st.branches.iter().any(|b| {
-            self.client_txs
-                .get(b)
-                .is_some_and(|c| c.final_code.is_none())
-        });
+        let pending = st.branches.iter().any(|b| self.client_txs.get(b).is_some_and(|c| c.final_code.is_none()));
         if pending {
             return;
         }
@@ -1191,19 +1024,14 @@ impl Proxy {
         let Some(st) = self.server_txs.get(sk) else {
             return;
         };
-        if st.final_sent
-            && !(st.invite && (200..300).contains(&code) && st.state == SState::Accepted)
-        {
+        if st.final_sent && !(st.invite && (200..300).contains(&code) && st.state == SState::Accepted) {
             return;
         }
         self.count_response(code, true);
         let Some(st) = self.server_txs.get_mut(sk) else {
             return;
         };
-        self.out.push_back(Transmit {
-            flow: st.flow,
-            payload: bytes.clone(),
-        });
+        self.out.push_back(Transmit { flow: st.flow, payload: bytes.clone() });
         st.last_response = Some(bytes);
         if code < 200 {
             return;
@@ -1221,8 +1049,7 @@ impl Proxy {
             if udp {
                 st.retransmit_at = Some(now + T1);
                 st.interval = T1;
-                self.timers
-                    .push(Reverse((now + T1, TimerRef::Server(sk.to_owned()))));
+                self.timers.push(Reverse((now + T1, TimerRef::Server(sk.to_owned()))));
             }
             st.timeout_at = Some(now + TIMEOUT_64T1);
         } else {
@@ -1231,8 +1058,7 @@ impl Proxy {
         }
         let next = [st.cleanup_at, st.timeout_at].into_iter().flatten().min();
         if let Some(t) = next {
-            self.timers
-                .push(Reverse((t, TimerRef::Server(sk.to_owned()))));
+            self.timers.push(Reverse((t, TimerRef::Server(sk.to_owned()))));
         }
         if let Some(call_id) = failed_call {
             self.media_end(&call_id);
@@ -1241,10 +1067,7 @@ impl Proxy {
 
     fn send_response_stateless(&mut self, flow: Flow, bytes: Vec<u8>, code: u16) {
         self.count_response(code, true);
-        self.out.push_back(Transmit {
-            flow,
-            payload: bytes,
-        });
+        self.out.push_back(Transmit { flow, payload: bytes });
     }
 
     // ---------------------------------------------------------------- timers
@@ -1261,17 +1084,11 @@ impl Proxy {
         if let Some(t) = st.retransmit_at.filter(|t| *t <= now) {
             let _ = t;
             if let Some(r) = &st.last_response {
-                self.out.push_back(Transmit {
-                    flow: st.flow,
-                    payload: r.clone(),
-                });
+                self.out.push_back(Transmit { flow: st.flow, payload: r.clone() });
             }
             st.interval = (st.interval * 2).min(T2);
             st.retransmit_at = Some(now + st.interval);
-            self.timers.push(Reverse((
-                now + st.interval,
-                TimerRef::Server(key.to_owned()),
-            )));
+            self.timers.push(Reverse((now + st.interval, TimerRef::Server(key.to_owned()))));
         }
     }
 
@@ -1290,10 +1107,7 @@ impl Proxy {
                 // Timer C: cancel the ringing branch; its 487 finishes it.
                 ct.timeout_at = Some(now + TIMEOUT_64T1);
                 ct.cancel_requested = false;
-                self.timers.push(Reverse((
-                    now + TIMEOUT_64T1,
-                    TimerRef::Client(key.to_owned()),
-                )));
+                self.timers.push(Reverse((now + TIMEOUT_64T1, TimerRef::Client(key.to_owned()))));
                 self.cancel_branch(now, key);
                 return;
             }
@@ -1309,19 +1123,11 @@ impl Proxy {
         }
         if let Some(t) = ct.retransmit_at.filter(|t| *t <= now) {
             let _ = t;
-            self.out.push_back(Transmit {
-                flow: ct.flow,
-                payload: ct.sent.raw().to_vec(),
-            });
-            ct.interval = if ct.invite() {
-                ct.interval * 2
-            } else {
-                (ct.interval * 2).min(T2)
-            };
+            self.out.push_back(Transmit { flow: ct.flow, payload: ct.sent.raw().to_vec() });
+            ct.interval = if ct.invite() { ct.interval * 2 } else { (ct.interval * 2).min(T2) };
             let next = now + ct.interval;
             ct.retransmit_at = Some(next);
-            self.timers
-                .push(Reverse((next, TimerRef::Client(key.to_owned()))));
+            self.timers.push(Reverse((next, TimerRef::Client(key.to_owned()))));
         }
     }
 
@@ -1329,8 +1135,7 @@ impl Proxy {
         self.media_housekeeping(now);
         let unix = self.unix(now);
         if self.registrar.expire(unix) > 0 {
-            metrics::gauge!("pinhole_registrar_bindings")
-                .set(self.registrar.binding_count() as f64);
+            metrics::gauge!("pinhole_registrar_bindings").set(self.registrar.binding_count() as f64);
         }
         self.auth.expire(now);
         metrics::gauge!("pinhole_sip_transactions").set(self.transaction_count() as f64);
@@ -1353,18 +1158,12 @@ impl Proxy {
     fn send_keepalive(&mut self, now: Instant, aor: &str, b: &Binding) {
         let flow = b.flow();
         if b.transport.is_stream() && self.cfg.keepalive == Keepalive::Crlf {
-            self.out.push_back(Transmit {
-                flow,
-                payload: b"\r\n\r\n".to_vec(),
-            });
+            self.out.push_back(Transmit { flow, payload: b"\r\n\r\n".to_vec() });
             return;
         }
         if self.cfg.keepalive == Keepalive::Crlf && b.transport == Transport::Udp {
             // RFC 5626 §4.4.2 uses STUN on datagrams; a CRLF still refreshes NAT state.
-            self.out.push_back(Transmit {
-                flow,
-                payload: b"\r\n\r\n".to_vec(),
-            });
+            self.out.push_back(Transmit { flow, payload: b"\r\n\r\n".to_vec() });
             return;
         }
         let Some(iface) = self.interface_index(flow.transport, flow.local, flow.remote) else {
@@ -1383,10 +1182,7 @@ impl Proxy {
             self.cfg.domain,
         );
         if let Ok(sent) = Message::parse(Bytes::from(req)) {
-            let owner = Owner::Keepalive {
-                aor: aor.to_owned(),
-                contact: b.contact.clone(),
-            };
+            let owner = Owner::Keepalive { aor: aor.to_owned(), contact: b.contact.clone() };
             self.start_client(now, branch, owner, flow, sent);
         }
     }
@@ -1470,10 +1266,7 @@ impl Proxy {
         let ours = format!("{BRANCH_PREFIX}{hash:016x}.");
         msg.vias().into_iter().flatten().any(|v| {
             let sent_by_us = self.host_is_us(&host_string(&v.sent_by.host), v.sent_by.port);
-            sent_by_us
-                && v.params
-                    .get_val("branch")
-                    .is_some_and(|b| b.starts_with(&ours))
+            sent_by_us && v.params.get_val("branch").is_some_and(|b| b.starts_with(&ours))
         })
     }
 
@@ -1482,9 +1275,7 @@ impl Proxy {
         self.cfg.interfaces.iter().any(|i| {
             let p = port.unwrap_or(i.transport.default_port());
             let adv = i.advertise.trim_start_matches('[').trim_end_matches(']');
-            p == i.bind.port()
-                && (host.eq_ignore_ascii_case(adv)
-                    || host.parse::<IpAddr>().ok() == Some(i.bind.ip()))
+            p == i.bind.port() && (host.eq_ignore_ascii_case(adv) || host.parse::<IpAddr>().ok() == Some(i.bind.ip()))
         })
     }
 
@@ -1591,56 +1382,32 @@ impl Proxy {
 
     /// The interface to send from: the one we received on for this transport, else the
     /// first of the transport and address family.
-    fn interface_index(
-        &self,
-        transport: Transport,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> Option<usize> {
+    fn interface_index(&self, transport: Transport, local: SocketAddr, remote: SocketAddr) -> Option<usize> {
         let ifs = &self.cfg.interfaces;
         ifs.iter()
             .position(|i| i.transport == transport && i.bind == local)
-            .or_else(|| {
-                ifs.iter()
-                    .position(|i| i.transport == transport && i.bind.is_ipv4() == remote.is_ipv4())
-            })
+            .or_else(|| ifs.iter().position(|i| i.transport == transport && i.bind.is_ipv4() == remote.is_ipv4()))
             .or_else(|| ifs.iter().position(|i| i.transport == transport))
     }
 
     /// A flow to an IP-literal SIP URI (pinhole does no DNS).
     fn flow_for_uri(&self, uri: &str) -> Option<Flow> {
         let u = parse_sip_uri(uri)?;
-        let ip: IpAddr = host_string(&u.host_port.host)
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()?;
+        let ip: IpAddr = host_string(&u.host_port.host).trim_start_matches('[').trim_end_matches(']').parse().ok()?;
         let transport = if u.sips {
             Transport::Tls
         } else {
-            u.uri_params
-                .get_val("transport")
-                .and_then(|t| Transport::from_param(t))
-                .unwrap_or(Transport::Udp)
+            u.uri_params.get_val("transport").and_then(|t| Transport::from_param(t)).unwrap_or(Transport::Udp)
         };
         let port = u.host_port.port.unwrap_or(transport.default_port());
         let remote = SocketAddr::new(ip, port);
         let iface = self.interface_index(transport, remote, remote)?;
-        Some(Flow {
-            transport,
-            local: self.cfg.interfaces[iface].bind,
-            remote,
-            conn: None,
-        })
+        Some(Flow { transport, local: self.cfg.interfaces[iface].bind, remote, conn: None })
     }
 }
 
 fn binding_target(b: &Binding) -> Target {
-    Target {
-        flow: b.flow(),
-        request_uri: Some(b.contact.clone()),
-        routes: b.path.iter().rev().cloned().collect(),
-    }
+    Target { flow: b.flow(), request_uri: Some(b.contact.clone()), routes: b.path.iter().rev().cloned().collect() }
 }
 
 fn server_key(branch: &str, method: &Method) -> String {
@@ -1718,9 +1485,7 @@ fn fix_top_via(msg: &Message, e: &mut Editor<'_>, flow: Flow) {
         }
     }
     let sent_ip = host_string(&via.sent_by.host);
-    if sent_ip.trim_start_matches('[').trim_end_matches(']') != src_ip
-        && via.params.get("received").is_none()
-    {
+    if sent_ip.trim_start_matches('[').trim_end_matches(']') != src_ip && via.params.get("received").is_none() {
         out.push_str(&format!(";received={src_ip}"));
         changed = true;
     }
@@ -1749,14 +1514,8 @@ fn build_hop_request(invite: &Message, method: &str, to: Option<&str>) -> Vec<u8
         out.push_str(&format!("Route: {r}\r\n"));
     }
     out.push_str("Max-Forwards: 70\r\n");
-    out.push_str(&format!(
-        "From: {}\r\n",
-        invite.header(HeaderName::From).unwrap_or("")
-    ));
-    out.push_str(&format!(
-        "To: {}\r\n",
-        to.or(invite.header(HeaderName::To)).unwrap_or("")
-    ));
+    out.push_str(&format!("From: {}\r\n", invite.header(HeaderName::From).unwrap_or("")));
+    out.push_str(&format!("To: {}\r\n", to.or(invite.header(HeaderName::To)).unwrap_or("")));
     out.push_str(&format!("Call-ID: {}\r\n", invite.call_id().unwrap_or("")));
     let n = invite.cseq().map(|(n, _)| n).unwrap_or(1);
     out.push_str(&format!("CSeq: {n} {method}\r\nContent-Length: 0\r\n\r\n"));

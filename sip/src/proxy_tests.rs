@@ -25,12 +25,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn udp(remote: &str) -> Flow {
-    Flow {
-        transport: Transport::Udp,
-        local: addr(LOCAL),
-        remote: addr(remote),
-        conn: None,
-    }
+    Flow { transport: Transport::Udp, local: addr(LOCAL), remote: addr(remote), conn: None }
 }
 
 impl Lab {
@@ -64,16 +59,8 @@ impl Lab {
         let cfg = ProxyConfig {
             domain: "example.com".into(),
             interfaces: vec![
-                Interface {
-                    transport: Transport::Udp,
-                    bind: addr(LOCAL),
-                    advertise: "203.0.113.1".into(),
-                },
-                Interface {
-                    transport: Transport::Tcp,
-                    bind: addr(LOCAL),
-                    advertise: "203.0.113.1".into(),
-                },
+                Interface { transport: Transport::Udp, bind: addr(LOCAL), advertise: "203.0.113.1".into() },
+                Interface { transport: Transport::Tcp, bind: addr(LOCAL), advertise: "203.0.113.1".into() },
             ],
             realm: "example.com".into(),
             users: vec![
@@ -83,11 +70,7 @@ impl Lab {
             ],
             auth_algorithms: vec![crate::auth::Algorithm::Sha256, crate::auth::Algorithm::Md5],
             trusted: vec![Cidr::parse("203.0.113.50/32").expect("cidr")],
-            registrar: RegistrarConfig {
-                default_expires: 3600,
-                min_expires: 60,
-                max_expires: 7200,
-            },
+            registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
             keepalive,
             keepalive_interval: Duration::from_secs(30),
             max_body: 16384,
@@ -95,10 +78,7 @@ impl Lab {
             secret: [9; 32],
             media: None,
         };
-        Lab {
-            proxy: Proxy::new(cfg, now, 1_700_000_000, 1),
-            now,
-        }
+        Lab { proxy: Proxy::new(cfg, now, 1_700_000_000, 1), now }
     }
 
     fn send(&mut self, from: Flow, text: &str) -> Vec<Transmit> {
@@ -142,15 +122,8 @@ Content-Length: 0
         let challenge = parse(&out[0]);
         assert_eq!(challenge.status(), Some(401));
         let www = challenge.value_texts(HeaderName::Other);
-        let md5 = www
-            .iter()
-            .find(|h| h.contains("MD5"))
-            .expect("MD5 challenge");
-        let nonce = md5
-            .split("nonce=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .expect("nonce");
+        let md5 = www.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
+        let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
         let mut creds = crate::auth::Credentials {
             username: user.into(),
             realm: "example.com".into(),
@@ -181,16 +154,7 @@ Content-Length: 0
             );
         let out = self.send(udp(nat), &authed);
         let ok = parse(&out[0]);
-        assert_eq!(
-            ok.status(),
-            Some(if password.starts_with("pw-") {
-                200
-            } else {
-                401
-            }),
-            "{}",
-            text(&out[0])
-        );
+        assert_eq!(ok.status(), Some(if password.starts_with("pw-") { 200 } else { 401 }), "{}", text(&out[0]));
     }
 }
 
@@ -222,12 +186,7 @@ v=0"
 /// Answers a forwarded request as the UA would.
 fn reply(req: &Transmit, code: u16, reason: &str, to_tag: &str) -> String {
     let m = parse(req);
-    let resp = m.response(
-        code,
-        reason,
-        Some(to_tag),
-        &["Contact: <sip:callee@10.0.0.2:5060>".to_owned()],
-    );
+    let resp = m.response(code, reason, Some(to_tag), &["Contact: <sip:callee@10.0.0.2:5060>".to_owned()]);
     let mut s = String::from_utf8(resp).expect("utf8");
     // Echo Record-Route as a UAS does (§12.1.1).
     for rr in m.value_texts(HeaderName::RecordRoute).iter().rev() {
@@ -249,17 +208,11 @@ fn invite_to_registered_phone_goes_to_its_nat_mapping() {
     assert_eq!(m.request_uri(), Some("sip:bob@10.0.0.2:5060"));
     assert_eq!(m.header(HeaderName::MaxForwards), Some("69"));
     let vias = m.value_texts(HeaderName::Via);
-    assert!(
-        vias[0].starts_with("SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKph"),
-        "{vias:?}"
-    );
+    assert!(vias[0].starts_with("SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKph"), "{vias:?}");
     assert_eq!(vias[1], "SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKc1");
     let rr = m.value_texts(HeaderName::RecordRoute);
     assert_eq!(rr.len(), 1);
-    assert!(
-        rr[0].starts_with("<sip:ph") && rr[0].ends_with("@203.0.113.1:5060;lr>"),
-        "{rr:?}"
-    );
+    assert!(rr[0].starts_with("<sip:ph") && rr[0].ends_with("@203.0.113.1:5060;lr>"), "{rr:?}");
     // The body and the rest pass untouched.
     assert_eq!(m.body_bytes(), b"v=0");
     assert!(text(fwd).contains("Contact: <sip:caller@203.0.113.50:5060>\r\n"));
@@ -269,20 +222,11 @@ fn invite_to_registered_phone_goes_to_its_nat_mapping() {
 fn received_and_rport_record_the_real_source() {
     let mut lab = Lab::new();
     lab.register("bob", NAT_B, "pw-b");
-    let inv = invite("bob", "z9hG4bKc2").replace(
-        "203.0.113.50:5060;branch=z9hG4bKc2",
-        "10.1.1.1:5060;branch=z9hG4bKc2;rport",
-    );
+    let inv = invite("bob", "z9hG4bKc2")
+        .replace("203.0.113.50:5060;branch=z9hG4bKc2", "10.1.1.1:5060;branch=z9hG4bKc2;rport");
     let out = lab.send(udp(TRUSTED), &inv);
-    let vias = parse(&out[1])
-        .value_texts(HeaderName::Via)
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-    assert_eq!(
-        vias[1],
-        "SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bKc2;rport=5060;received=203.0.113.50"
-    );
+    let vias = parse(&out[1]).value_texts(HeaderName::Via).into_iter().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(vias[1], "SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bKc2;rport=5060;received=203.0.113.50");
 }
 
 #[test]
@@ -296,10 +240,7 @@ fn ringing_and_answer_go_back_to_the_caller_without_our_via() {
     assert_eq!(up[0].flow.remote, addr(TRUSTED));
     let ringing = parse(&up[0]);
     assert_eq!(ringing.status(), Some(180));
-    assert_eq!(
-        ringing.value_texts(HeaderName::Via),
-        vec!["SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKc3"]
-    );
+    assert_eq!(ringing.value_texts(HeaderName::Via), vec!["SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKc3"]);
     let up = lab.send(udp(NAT_B), &reply(&fwd, 200, "OK", "b1"));
     assert_eq!(parse(&up[0]).status(), Some(200));
     // A retransmitted 200 is forwarded too (RFC 6026), nothing else is generated.
@@ -343,16 +284,10 @@ Content-Length: 0
     assert_eq!(out[0].flow.remote, addr(TRUSTED));
     let m = parse(&out[0]);
     assert_eq!(m.method(), Some(&Method::Bye));
-    assert!(
-        m.value_texts(HeaderName::Route).is_empty(),
-        "our Route is consumed"
-    );
+    assert!(m.value_texts(HeaderName::Route).is_empty(), "our Route is consumed");
     // The caller's ACK/BYE towards bob's private Contact reaches his NAT mapping.
     let bye2 = bye
-        .replace(
-            "BYE sip:caller@203.0.113.50:5060",
-            "BYE sip:callee@10.0.0.2:5060",
-        )
+        .replace("BYE sip:caller@203.0.113.50:5060", "BYE sip:callee@10.0.0.2:5060")
         .replace("z9hG4bKbye1", "z9hG4bKbye2")
         .replace("10.0.0.2:5060;branch", "203.0.113.50:5060;branch");
     let out = lab.send(udp(TRUSTED), &bye2);
@@ -374,17 +309,10 @@ Content-Length: 0
 ";
     let out = lab.send(udp("198.51.100.1:5060"), bye);
     assert_eq!(out.len(), 1);
-    assert_eq!(
-        parse(&out[0]).status(),
-        Some(407),
-        "a forged token buys no free relaying"
-    );
+    assert_eq!(parse(&out[0]).status(), Some(407), "a forged token buys no free relaying");
     assert_eq!(out[0].flow.remote, addr("198.51.100.1:5060"));
     let ack = bye.replace("BYE", "ACK");
-    assert!(
-        lab.send(udp("198.51.100.1:5060"), &ack).is_empty(),
-        "a forged ACK is dropped"
-    );
+    assert!(lab.send(udp("198.51.100.1:5060"), &ack).is_empty(), "a forged ACK is dropped");
 }
 
 #[test]
@@ -409,11 +337,8 @@ fn busy_callee_gets_ack_and_caller_gets_486_until_it_acks() {
     assert_eq!(out[0].flow.remote, addr(NAT_B));
     assert_eq!(ack.tag(HeaderName::To), Some("b3"));
     assert_eq!(
-        ack.top_via()
-            .and_then(|v| v.params.get_val("branch").cloned()),
-        parse(&fwd)
-            .top_via()
-            .and_then(|v| v.params.get_val("branch").cloned())
+        ack.top_via().and_then(|v| v.params.get_val("branch").cloned()),
+        parse(&fwd).top_via().and_then(|v| v.params.get_val("branch").cloned())
     );
     assert_eq!(parse(&out[1]).status(), Some(486));
     // Timer G: the 486 is retransmitted to the caller until it ACKs.
@@ -429,14 +354,8 @@ CSeq: 1 ACK
 Content-Length: 0
 
 ";
-    assert!(
-        lab.send(udp(TRUSTED), caller_ack).is_empty(),
-        "hop-by-hop ACK is absorbed"
-    );
-    assert!(
-        lab.advance(Duration::from_secs(10)).is_empty(),
-        "no more retransmissions after ACK"
-    );
+    assert!(lab.send(udp(TRUSTED), caller_ack).is_empty(), "hop-by-hop ACK is absorbed");
+    assert!(lab.advance(Duration::from_secs(10)).is_empty(), "no more retransmissions after ACK");
 }
 
 #[test]
@@ -449,17 +368,9 @@ fn invite_client_retransmits_until_timer_b_then_caller_gets_408() {
     let retransmits: Vec<_> = later.iter().filter(|t| t.payload == first).collect();
     // Timer A doubles from T1: 0.5, 1, 2, 4, 8, 16 s, then Timer B fires at 32 s.
     assert_eq!(retransmits.len(), 6);
-    let finals: Vec<_> = later
-        .iter()
-        .filter(|t| t.flow.remote == addr(TRUSTED))
-        .map(parse)
-        .collect();
+    let finals: Vec<_> = later.iter().filter(|t| t.flow.remote == addr(TRUSTED)).map(parse).collect();
     assert_eq!(finals.first().and_then(Message::status), Some(408));
-    assert_eq!(
-        lab.proxy.transaction_count(),
-        1,
-        "only the server transaction waiting for the ACK remains"
-    );
+    assert_eq!(lab.proxy.transaction_count(), 1, "only the server transaction waiting for the ACK remains");
 }
 
 #[test]
@@ -492,35 +403,19 @@ Content-Length: 0
     assert_eq!(parse(&out[0]).status(), Some(200));
     assert_eq!(parse(&out[0]).value_texts(HeaderName::Contact).len(), 2);
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKh1"));
-    let forks: Vec<_> = out
-        .iter()
-        .filter(|t| parse(t).method() == Some(&Method::Invite))
-        .cloned()
-        .collect();
+    let forks: Vec<_> = out.iter().filter(|t| parse(t).method() == Some(&Method::Invite)).cloned().collect();
     assert_eq!(forks.len(), 2);
     for f in &forks {
-        lab.send(
-            udp(&f.flow.remote.to_string()),
-            &reply(f, 180, "Ringing", "x"),
-        );
+        lab.send(udp(&f.flow.remote.to_string()), &reply(f, 180, "Ringing", "x"));
     }
-    let up = lab.send(
-        udp(&forks[0].flow.remote.to_string()),
-        &reply(&forks[0], 200, "OK", "w"),
-    );
+    let up = lab.send(udp(&forks[0].flow.remote.to_string()), &reply(&forks[0], 200, "OK", "w"));
     let statuses: Vec<_> = up.iter().filter_map(|t| parse(t).status()).collect();
     assert_eq!(statuses, vec![200]);
-    let cancels: Vec<_> = up
-        .iter()
-        .filter(|t| parse(t).method() == Some(&Method::Cancel))
-        .collect();
+    let cancels: Vec<_> = up.iter().filter(|t| parse(t).method() == Some(&Method::Cancel)).collect();
     assert_eq!(cancels.len(), 1);
     assert_eq!(cancels[0].flow.remote, forks[1].flow.remote);
     // The cancelled branch's 487 is not forwarded: the caller already has its 2xx.
-    let up = lab.send(
-        udp(&forks[1].flow.remote.to_string()),
-        &reply(&forks[1], 487, "Request Terminated", "l"),
-    );
+    let up = lab.send(udp(&forks[1].flow.remote.to_string()), &reply(&forks[1], 487, "Request Terminated", "l"));
     assert!(up.iter().all(|t| parse(t).status() != Some(487)));
 }
 
@@ -548,9 +443,7 @@ Content-Length: 0
     assert_eq!(out[1].flow.remote, addr(NAT_B));
     assert_eq!(c.request_uri(), parse(&fwd).request_uri());
     let up = lab.send(udp(NAT_B), &reply(&fwd, 487, "Request Terminated", "b"));
-    assert!(up
-        .iter()
-        .any(|t| parse(t).status() == Some(487) && t.flow.remote == addr(TRUSTED)));
+    assert!(up.iter().any(|t| parse(t).status() == Some(487) && t.flow.remote == addr(TRUSTED)));
     // A CANCEL for nothing gets 481.
     let out = lab.send(udp(TRUSTED), &cancel.replace("z9hG4bKi1", "z9hG4bKnone"));
     assert_eq!(parse(&out[0]).status(), Some(481));
@@ -578,10 +471,7 @@ fn wrong_password_is_challenged_again() {
 #[test]
 fn exhausted_max_forwards_gets_483() {
     let mut lab = Lab::new();
-    let out = lab.send(
-        udp(TRUSTED),
-        &invite("bob", "z9hG4bKk1").replace("Max-Forwards: 70", "Max-Forwards: 0"),
-    );
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKk1").replace("Max-Forwards: 70", "Max-Forwards: 0"));
     assert_eq!(parse(&out[1]).status(), Some(483));
 }
 
@@ -590,8 +480,7 @@ fn proxy_require_extension_gets_420_with_unsupported() {
     let mut lab = Lab::new();
     let out = lab.send(
         udp(TRUSTED),
-        &invite("bob", "z9hG4bKk2")
-            .replace("Max-Forwards: 70", "Max-Forwards: 70\nProxy-Require: foo"),
+        &invite("bob", "z9hG4bKk2").replace("Max-Forwards: 70", "Max-Forwards: 70\nProxy-Require: foo"),
     );
     assert_eq!(parse(&out[1]).status(), Some(420));
     assert!(text(&out[1]).contains("Unsupported: foo\r\n"));
@@ -615,35 +504,19 @@ Content-Length: 0
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKl1"));
     let fwd = out[1].clone();
     // Feed our own forwarded INVITE back in, as the network would.
-    lab.proxy
-        .handle_input(lab.now, udp(TRUSTED), Bytes::from(fwd.payload.clone()))
-        .expect("sip");
+    lab.proxy.handle_input(lab.now, udp(TRUSTED), Bytes::from(fwd.payload.clone())).expect("sip");
     let back = lab.drain();
-    assert!(
-        back.iter().any(|t| parse(t).status() == Some(482)),
-        "{:?}",
-        back.iter().map(text).collect::<Vec<_>>()
-    );
+    assert!(back.iter().any(|t| parse(t).status() == Some(482)), "{:?}", back.iter().map(text).collect::<Vec<_>>());
 }
 
 #[test]
 fn malformed_request_gets_400_naming_the_header_and_garbage_is_counted() {
     let mut lab = Lab::new();
-    let out = lab.send(
-        udp(TRUSTED),
-        &invite("bob", "z9hG4bKm1").replace("CSeq: 1 INVITE", "CSeq: one INVITE"),
-    );
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKm1").replace("CSeq: 1 INVITE", "CSeq: one INVITE"));
     let r = parse(&out[0]);
     assert_eq!(r.status(), Some(400));
     assert_eq!(r.reason(), "Malformed CSeq Header");
-    assert!(lab
-        .proxy
-        .handle_input(
-            lab.now,
-            udp(TRUSTED),
-            Bytes::from_static(b"\x00\x01garbage\r\n\r\n")
-        )
-        .is_err());
+    assert!(lab.proxy.handle_input(lab.now, udp(TRUSTED), Bytes::from_static(b"\x00\x01garbage\r\n\r\n")).is_err());
     assert_eq!(lab.proxy.stats().garbage, 1);
 }
 
@@ -673,10 +546,8 @@ fn binding_whose_keepalives_fail_is_expired() {
     lab.register("bob", NAT_B, "pw-b");
     assert_eq!(lab.proxy.registrar().binding_count(), 1);
     let sent = lab.advance(Duration::from_secs(200));
-    let pings = sent
-        .iter()
-        .filter(|t| parse(t).method() == Some(&Method::Options) && t.flow.remote == addr(NAT_B))
-        .count();
+    let pings =
+        sent.iter().filter(|t| parse(t).method() == Some(&Method::Options) && t.flow.remote == addr(NAT_B)).count();
     assert!(pings >= 3, "keepalives were sent ({pings})");
     assert_eq!(lab.proxy.registrar().binding_count(), 0);
 }
@@ -687,14 +558,9 @@ fn answered_keepalives_keep_the_binding() {
     lab.register("bob", NAT_B, "pw-b");
     for _ in 0..400 {
         let sent = lab.advance(Duration::from_millis(500));
-        for t in sent
-            .iter()
-            .filter(|t| parse(t).method() == Some(&Method::Options))
-        {
+        for t in sent.iter().filter(|t| parse(t).method() == Some(&Method::Options)) {
             let r = parse(t).response(200, "OK", Some("k"), &[]);
-            lab.proxy
-                .handle_input(lab.now, udp(NAT_B), Bytes::from(r))
-                .expect("sip");
+            lab.proxy.handle_input(lab.now, udp(NAT_B), Bytes::from(r)).expect("sip");
         }
     }
     assert_eq!(lab.proxy.registrar().binding_count(), 1);
@@ -715,17 +581,13 @@ fn transactions_are_cleaned_up_after_a_call() {
 fn oversized_request_gets_513_and_oversized_body_413() {
     let mut lab = Lab::new();
     let big_body = "a".repeat(20000);
-    let inv = invite("bob", "z9hG4bKq1").replace(
-        "Content-Length: 3\n\nv=0",
-        &format!("Content-Length: {}\n\n{big_body}", big_body.len()),
-    );
+    let inv = invite("bob", "z9hG4bKq1")
+        .replace("Content-Length: 3\n\nv=0", &format!("Content-Length: {}\n\n{big_body}", big_body.len()));
     let out = lab.send(udp(TRUSTED), &inv);
     assert_eq!(parse(&out[0]).status(), Some(413));
     let huge = "b".repeat(40000);
-    let inv = invite("bob", "z9hG4bKq2").replace(
-        "Content-Length: 3\n\nv=0",
-        &format!("Content-Length: {}\n\n{huge}", huge.len()),
-    );
+    let inv = invite("bob", "z9hG4bKq2")
+        .replace("Content-Length: 3\n\nv=0", &format!("Content-Length: {}\n\n{huge}", huge.len()));
     let out = lab.send(udp(TRUSTED), &inv);
     assert_eq!(parse(&out[0]).status(), Some(513));
     assert_eq!(parse(&out[0]).reason(), "Message Too Large");
@@ -800,22 +662,12 @@ Content-Length: 0
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKdbl"));
     let fwd = &out[1];
     assert_eq!(fwd.flow.transport, Transport::Tcp);
-    assert_eq!(
-        fwd.flow.conn,
-        Some(crate::transport::ConnId(7)),
-        "the registration's own connection"
-    );
+    assert_eq!(fwd.flow.conn, Some(crate::transport::ConnId(7)), "the registration's own connection");
     let m = parse(fwd);
     let rr = m.value_texts(HeaderName::RecordRoute);
     assert_eq!(rr.len(), 2, "{rr:?}");
-    assert!(
-        rr[0].ends_with(";transport=tcp;lr>"),
-        "top entry faces the callee: {rr:?}"
-    );
-    assert!(
-        rr[1].ends_with("@203.0.113.1:5060;lr>"),
-        "second entry faces the caller: {rr:?}"
-    );
+    assert!(rr[0].ends_with(";transport=tcp;lr>"), "top entry faces the callee: {rr:?}");
+    assert!(rr[1].ends_with("@203.0.113.1:5060;lr>"), "second entry faces the caller: {rr:?}");
     assert!(m.value_texts(HeaderName::Via)[0].starts_with("SIP/2.0/TCP 203.0.113.1:5060;branch="));
 }
 
@@ -837,18 +689,11 @@ Content-Length: 0
     let out = lab.send(udp(TRUSTED), reg);
     let ok = parse(&out[0]);
     assert_eq!(ok.status(), Some(200));
-    assert_eq!(
-        ok.value_texts(HeaderName::Path),
-        vec!["<sip:edge@203.0.113.50:5060;lr>"],
-        "Path echoed (RFC 3327)"
-    );
+    assert_eq!(ok.value_texts(HeaderName::Path), vec!["<sip:edge@203.0.113.50:5060;lr>"], "Path echoed (RFC 3327)");
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKviapath"));
     let m = parse(&out[1]);
     assert_eq!(out[1].flow.remote, addr(TRUSTED));
-    assert_eq!(
-        m.value_texts(HeaderName::Route),
-        vec!["<sip:edge@203.0.113.50:5060;lr>"]
-    );
+    assert_eq!(m.value_texts(HeaderName::Route), vec!["<sip:edge@203.0.113.50:5060;lr>"]);
     assert_eq!(m.request_uri(), Some("sip:bob@10.0.0.7:5060"));
 }
 
@@ -868,15 +713,8 @@ Content-Length: 0
     let out = lab.send(udp(NAT_A), reg);
     let challenge = parse(&out[0]);
     let www = challenge.value_texts(HeaderName::Other);
-    let md5 = www
-        .iter()
-        .find(|h| h.contains("MD5"))
-        .expect("MD5 challenge");
-    let nonce = md5
-        .split("nonce=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .expect("nonce");
+    let md5 = www.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
+    let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
     let mut c = crate::auth::Credentials {
         username: "alice".into(),
         realm: "example.com".into(),
@@ -884,14 +722,8 @@ Content-Length: 0
         uri: "sip:example.com".into(),
         ..Default::default()
     };
-    c.response = crate::auth::digest_response(
-        crate::auth::Algorithm::Md5,
-        "alice",
-        "example.com",
-        "pw-a",
-        "REGISTER",
-        &c,
-    );
+    c.response =
+        crate::auth::digest_response(crate::auth::Algorithm::Md5, "alice", "example.com", "pw-a", "REGISTER", &c);
     let authed = reg.replace("z9hG4bKsteal1", "z9hG4bKsteal2").replace("CSeq: 1", "CSeq: 2").replace(
         "Content-Length: 0",
         &format!(
@@ -909,36 +741,26 @@ Content-Length: 0
 mod media {
     use super::*;
 
-    const OFFER: &str = "v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\ns=-\r\nc=IN IP4 203.0.113.50\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
-    const ANSWER: &str = "v=0\r\no=- 2 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+    const OFFER: &str =
+        "v=0\r\no=- 1 1 IN IP4 203.0.113.50\r\ns=-\r\nc=IN IP4 203.0.113.50\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
+    const ANSWER: &str =
+        "v=0\r\no=- 2 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
 
     fn invite_sdp(branch: &str) -> String {
         invite("bob", branch).replace(
             "Content-Length: 3\n\nv=0",
-            &format!(
-                "Content-Length: {}\n\n{}",
-                OFFER.len(),
-                OFFER.replace("\r\n", "\n")
-            ),
+            &format!("Content-Length: {}\n\n{}", OFFER.len(), OFFER.replace("\r\n", "\n")),
         )
     }
 
     fn media_port(m: &Message) -> u16 {
-        pinhole_media::sdp::Sdp::parse(m.body_bytes())
-            .expect("sdp")
-            .media[0]
-            .port
+        pinhole_media::sdp::Sdp::parse(m.body_bytes()).expect("sdp").media[0].port
     }
 
     fn answer_with_sdp(req: &Transmit, code: u16) -> String {
         let r = reply(req, code, "OK", "b9");
-        r.replace(
-            "Content-Length: 0\n",
-            &format!(
-                "Content-Type: application/sdp\nContent-Length: {}\n",
-                ANSWER.len()
-            ),
-        ) + &ANSWER.replace("\r\n", "\n")
+        r.replace("Content-Length: 0\n", &format!("Content-Type: application/sdp\nContent-Length: {}\n", ANSWER.len()))
+            + &ANSWER.replace("\r\n", "\n")
     }
 
     #[test]
@@ -990,16 +812,11 @@ mod media {
     fn unanchorable_offer_gets_488_naming_the_problem() {
         let mut lab = Lab::with_media();
         lab.register("bob", NAT_B, "pw-b");
-        let bad = invite("bob", "z9hG4bKbad")
-            .replace("Content-Length: 3\n\nv=0", "Content-Length: 7\n\nnot sdp");
+        let bad = invite("bob", "z9hG4bKbad").replace("Content-Length: 3\n\nv=0", "Content-Length: 7\n\nnot sdp");
         let out = lab.send(udp(TRUSTED), &bad);
         let r = parse(&out[1]);
         assert_eq!(r.status(), Some(488));
-        assert!(
-            r.reason().starts_with("Not Acceptable Here - "),
-            "{}",
-            r.reason()
-        );
+        assert!(r.reason().starts_with("Not Acceptable Here - "), "{}", r.reason());
         assert_eq!(lab.proxy.media_usage(), (0, 0));
     }
 
@@ -1011,28 +828,17 @@ mod media {
         let fwd = out[1].clone();
         lab.send(udp(NAT_B), &answer_with_sdp(&fwd, 200));
         let later = lab.advance(Duration::from_secs(65));
-        let mut byes: Vec<_> = later
-            .iter()
-            .filter(|t| parse(t).method() == Some(&Method::Bye))
-            .collect();
+        let mut byes: Vec<_> = later.iter().filter(|t| parse(t).method() == Some(&Method::Bye)).collect();
         // Unanswered BYEs are retransmitted (Timer E); count transactions, not packets.
         byes.sort_by_key(|t| parse(t).branch().map(str::to_owned));
         byes.dedup_by_key(|t| parse(t).branch().map(str::to_owned));
-        assert_eq!(
-            byes.len(),
-            2,
-            "{:?}",
-            later.iter().map(text).collect::<Vec<_>>()
-        );
+        assert_eq!(byes.len(), 2, "{:?}", later.iter().map(text).collect::<Vec<_>>());
         let mut to: Vec<_> = byes.iter().map(|t| t.flow.remote).collect();
         to.sort();
         let mut want = vec![addr(TRUSTED), addr(NAT_B)];
         want.sort();
         assert_eq!(to, want);
-        let to_b = byes
-            .iter()
-            .find(|t| t.flow.remote == addr(NAT_B))
-            .expect("bye to b");
+        let to_b = byes.iter().find(|t| t.flow.remote == addr(NAT_B)).expect("bye to b");
         let m = parse(to_b);
         assert_eq!(m.request_uri(), Some("sip:callee@10.0.0.2:5060"));
         assert_eq!(m.tag(HeaderName::To), Some("b9"));

@@ -49,12 +49,7 @@ pub struct Binding {
 
 impl Binding {
     pub fn flow(&self) -> Flow {
-        Flow {
-            transport: self.transport,
-            local: self.local,
-            remote: self.remote,
-            conn: self.conn,
-        }
+        Flow { transport: self.transport, local: self.local, remote: self.remote, conn: self.conn }
     }
 
     fn same_contact(&self, contact: &str, instance: Option<&str>, reg_id: Option<u32>) -> bool {
@@ -108,26 +103,16 @@ impl Registrar {
         let call_id = msg.call_id().unwrap_or_default().to_owned();
         let cseq = msg.cseq().map(|(n, _)| n).unwrap_or(0);
         let header_expires = match msg.header(HeaderName::Expires) {
-            Some(v) => Some(
-                v.parse::<u32>()
-                    .map_err(|_| (Rejection::new(400, "Malformed Expires Header"), vec![]))?,
-            ),
+            Some(v) => Some(v.parse::<u32>().map_err(|_| (Rejection::new(400, "Malformed Expires Header"), vec![]))?),
             None => None,
         };
-        let path: Vec<String> = msg
-            .value_texts(HeaderName::Path)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        let path: Vec<String> = msg.value_texts(HeaderName::Path).into_iter().map(str::to_owned).collect();
         let contacts = msg.contacts();
 
         // Contact: * removes every binding (RFC 3261 §10.3 step 6).
         if contacts.iter().any(|(r, _)| msg.text(r.clone()) == "*") {
             if contacts.len() != 1 || header_expires != Some(0) {
-                return Err((
-                    Rejection::new(400, "Wildcard Contact Requires Expires 0"),
-                    vec![],
-                ));
+                return Err((Rejection::new(400, "Wildcard Contact Requires Expires 0"), vec![]));
             }
             if self.aors.remove(aor).is_some() {
                 self.dirty = true;
@@ -146,9 +131,7 @@ impl Registrar {
                 _ => raw.split(';').next().unwrap_or(raw).trim().to_owned(),
             };
             let expires = match c.params.get_val("expires") {
-                Some(v) => v
-                    .parse::<u32>()
-                    .map_err(|_| (Rejection::new(400, "Malformed Contact Expires"), vec![]))?,
+                Some(v) => v.parse::<u32>().map_err(|_| (Rejection::new(400, "Malformed Contact Expires"), vec![]))?,
                 None => header_expires.unwrap_or(cfg.default_expires),
             };
             if expires != 0 && expires < cfg.min_expires {
@@ -158,9 +141,7 @@ impl Registrar {
                 ));
             }
             let q = match c.params.get_val("q") {
-                Some(v) => {
-                    parse_q(v).ok_or((Rejection::new(400, "Malformed Contact q-value"), vec![]))?
-                }
+                Some(v) => parse_q(v).ok_or((Rejection::new(400, "Malformed Contact q-value"), vec![]))?,
                 None => 1000,
             };
             let instance = param_of_name_addr(raw, "+sip.instance").map(str::to_owned);
@@ -170,9 +151,7 @@ impl Registrar {
 
         let list = self.aors.entry(aor.to_owned()).or_default();
         for (uri, expires, q, instance, reg_id) in parsed {
-            let existing = list
-                .iter()
-                .position(|b| b.same_contact(&uri, instance.as_deref(), reg_id));
+            let existing = list.iter().position(|b| b.same_contact(&uri, instance.as_deref(), reg_id));
             if let Some(i) = existing {
                 let b = &list[i];
                 if b.call_id == call_id && cseq <= b.cseq {
@@ -221,12 +200,7 @@ impl Registrar {
         let mut v: Vec<Binding> = self
             .aors
             .get(aor)
-            .map(|l| {
-                l.iter()
-                    .filter(|b| b.expires_at > unix_now)
-                    .cloned()
-                    .collect()
-            })
+            .map(|l| l.iter().filter(|b| b.expires_at > unix_now).cloned().collect())
             .unwrap_or_default();
         v.sort_by_key(|b| std::cmp::Reverse(b.q));
         v
@@ -252,9 +226,7 @@ impl Registrar {
     }
 
     pub fn bindings_mut(&mut self) -> impl Iterator<Item = (&String, &mut Binding)> {
-        self.aors
-            .iter_mut()
-            .flat_map(|(aor, l)| l.iter_mut().map(move |b| (aor, b)))
+        self.aors.iter_mut().flat_map(|(aor, l)| l.iter_mut().map(move |b| (aor, b)))
     }
 
     pub fn remove(&mut self, aor: &str, contact: &str) {
@@ -273,10 +245,7 @@ impl Registrar {
     }
 
     pub fn snapshot(&self) -> Vec<(String, Binding)> {
-        self.aors
-            .iter()
-            .flat_map(|(aor, l)| l.iter().map(move |b| (aor.clone(), b.clone())))
-            .collect()
+        self.aors.iter().flat_map(|(aor, l)| l.iter().map(move |b| (aor.clone(), b.clone()))).collect()
     }
 
     pub fn restore(&mut self, entries: Vec<(String, Binding)>, unix_now: u64) {
@@ -290,9 +259,7 @@ impl Registrar {
 
 fn parse_q(v: &str) -> Option<u16> {
     let f: f32 = v.parse().ok()?;
-    (0.0..=1.0)
-        .contains(&f)
-        .then(|| (f * 1000.0).round() as u16)
+    (0.0..=1.0).contains(&f).then(|| (f * 1000.0).round() as u16)
 }
 
 #[cfg(test)]
@@ -300,11 +267,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    const CFG: RegistrarConfig = RegistrarConfig {
-        default_expires: 3600,
-        min_expires: 60,
-        max_expires: 7200,
-    };
+    const CFG: RegistrarConfig = RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 };
 
     fn flow(port: u16) -> Flow {
         Flow {
@@ -326,42 +289,20 @@ mod tests {
     fn binding_is_added_refreshed_and_removed() {
         let mut r = Registrar::new();
         let aor = "alice@example.com";
-        let out = r
-            .register(
-                &CFG,
-                1000,
-                aor,
-                &register(1, "<sip:alice@10.0.0.2:5060>", ""),
-                flow(40000),
-                30,
-            )
-            .expect("ok");
+        let out =
+            r.register(&CFG, 1000, aor, &register(1, "<sip:alice@10.0.0.2:5060>", ""), flow(40000), 30).expect("ok");
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].expires_at, 1000 + 3600);
         assert_eq!(out.bindings[0].remote.port(), 40000);
         // Refresh from a new NAT mapping moves the flow.
         let out = r
-            .register(
-                &CFG,
-                1100,
-                aor,
-                &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""),
-                flow(40001),
-                30,
-            )
+            .register(&CFG, 1100, aor, &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""), flow(40001), 30)
             .expect("ok");
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].remote.port(), 40001);
         assert_eq!(out.bindings[0].expires_at, 1220);
         let out = r
-            .register(
-                &CFG,
-                1200,
-                aor,
-                &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"),
-                flow(40001),
-                30,
-            )
+            .register(&CFG, 1200, aor, &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"), flow(40001), 30)
             .expect("ok");
         assert!(out.bindings.is_empty());
         assert_eq!(r.binding_count(), 0);
@@ -370,16 +311,8 @@ mod tests {
     #[test]
     fn too_brief_interval_gets_423_with_min_expires() {
         let mut r = Registrar::new();
-        let err = r
-            .register(
-                &CFG,
-                0,
-                "a@x",
-                &register(1, "<sip:a@10.0.0.2>;expires=5", ""),
-                flow(1),
-                30,
-            )
-            .expect_err("423");
+        let err =
+            r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=5", ""), flow(1), 30).expect_err("423");
         assert_eq!(err.0.code, 423);
         assert_eq!(err.1, vec!["Min-Expires: 60".to_owned()]);
     }
@@ -387,54 +320,21 @@ mod tests {
     #[test]
     fn wildcard_removes_all_contacts() {
         let mut r = Registrar::new();
-        r.register(
-            &CFG,
-            0,
-            "a@x",
-            &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""),
-            flow(1),
-            30,
-        )
-        .expect("ok");
+        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""), flow(1), 30)
+            .expect("ok");
         assert_eq!(r.lookup("a@x", 1).len(), 2);
         assert_eq!(r.lookup("a@x", 1)[1].q, 500);
-        let err = r
-            .register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), 30)
-            .expect_err("needs Expires 0");
+        let err = r.register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), 30).expect_err("needs Expires 0");
         assert_eq!(err.0.code, 400);
-        r.register(
-            &CFG,
-            1,
-            "a@x",
-            &register(3, "*", "Expires: 0\r\n"),
-            flow(1),
-            30,
-        )
-        .expect("ok");
+        r.register(&CFG, 1, "a@x", &register(3, "*", "Expires: 0\r\n"), flow(1), 30).expect("ok");
         assert!(r.lookup("a@x", 2).is_empty());
     }
 
     #[test]
     fn reordered_register_does_not_undo_a_newer_one() {
         let mut r = Registrar::new();
-        r.register(
-            &CFG,
-            0,
-            "a@x",
-            &register(5, "<sip:a@10.0.0.2>", ""),
-            flow(1),
-            30,
-        )
-        .expect("ok");
-        r.register(
-            &CFG,
-            0,
-            "a@x",
-            &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"),
-            flow(1),
-            30,
-        )
-        .expect("ok");
+        r.register(&CFG, 0, "a@x", &register(5, "<sip:a@10.0.0.2>", ""), flow(1), 30).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"), flow(1), 30).expect("ok");
         assert_eq!(r.lookup("a@x", 1).len(), 1);
     }
 
@@ -443,10 +343,8 @@ mod tests {
         let mut r = Registrar::new();
         let c1 = "<sip:a@10.0.0.2:5060>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
         let c2 = "<sip:a@10.0.0.9:5062>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
-        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), 30)
-            .expect("ok");
-        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), 30)
-            .expect("ok");
+        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), 30).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), 30).expect("ok");
         let b = r.lookup("a@x", 1);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].contact, "sip:a@10.0.0.9:5062");
@@ -459,11 +357,7 @@ mod tests {
             &CFG,
             0,
             "a@x",
-            &register(
-                1,
-                "<sip:a@10.0.0.2>;expires=60",
-                "Path: <sip:edge.example.com;lr>\r\n",
-            ),
+            &register(1, "<sip:a@10.0.0.2>;expires=60", "Path: <sip:edge.example.com;lr>\r\n"),
             flow(1),
             30,
         )
@@ -471,10 +365,7 @@ mod tests {
         let snap = r.snapshot();
         let mut r2 = Registrar::new();
         r2.restore(snap, 10);
-        assert_eq!(
-            r2.lookup("a@x", 10)[0].path,
-            vec!["<sip:edge.example.com;lr>".to_owned()]
-        );
+        assert_eq!(r2.lookup("a@x", 10)[0].path, vec!["<sip:edge.example.com;lr>".to_owned()]);
         assert_eq!(r2.expire(61), 1);
         assert_eq!(r2.binding_count(), 0);
     }

@@ -32,10 +32,7 @@ pub struct Framer {
 
 impl Framer {
     pub fn new(max_message: usize) -> Framer {
-        Framer {
-            buf: BytesMut::with_capacity(4096),
-            max: max_message,
-        }
+        Framer { buf: BytesMut::with_capacity(4096), max: max_message }
     }
 
     pub fn extend(&mut self, data: &[u8]) {
@@ -72,9 +69,7 @@ impl Framer {
         };
         let head = &self.buf[..head_end];
         let len = content_length(head).ok_or(StreamError::BadContentLength)?;
-        let total = (head_end + 4)
-            .checked_add(len)
-            .ok_or(StreamError::TooLarge(self.max))?;
+        let total = (head_end + 4).checked_add(len).ok_or(StreamError::TooLarge(self.max))?;
         if total > self.max {
             return Err(StreamError::TooLarge(self.max));
         }

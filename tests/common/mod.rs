@@ -32,8 +32,7 @@ pub fn free_port() -> u16 {
     loop {
         let p = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
         let p = if p > 29990 { 20000 + p % 1000 } else { p };
-        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
-        {
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
     }
@@ -43,11 +42,7 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "pinhole-test-{tag}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
+        let p = std::env::temp_dir().join(format!("pinhole-test-{tag}-{}-{}", std::process::id(), free_port()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
@@ -84,6 +79,8 @@ pub struct PinholeOptions {
     pub keepalive: &'static str,
     /// Extra lines for the [sip] table.
     pub sip_extra: String,
+    /// Relay media on this port range (`None`: media.mode = "off").
+    pub relay_ports: Option<(u16, u16)>,
 }
 
 impl Default for PinholeOptions {
@@ -96,6 +93,7 @@ impl Default for PinholeOptions {
             store: None,
             keepalive: "off",
             sip_extra: String::new(),
+            relay_ports: None,
         }
     }
 }
@@ -106,24 +104,14 @@ impl Pinhole {
         let tls_port = free_port();
         let metrics_port = free_port();
         let ip = &opts.listen_ip;
-        let mut listen = vec![
-            format!("\"udp:{ip}:{sip_port}\""),
-            format!("\"tcp:{ip}:{sip_port}\""),
-        ];
+        let mut listen = vec![format!("\"udp:{ip}:{sip_port}\""), format!("\"tcp:{ip}:{sip_port}\"")];
         let mut tls = String::new();
         if opts.tls {
             let (cert, key) = self_signed(dir.path());
             listen.push(format!("\"tls:{ip}:{tls_port}\""));
-            tls = format!(
-                "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-                cert.display(),
-                key.display()
-            );
+            tls = format!("[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display());
         }
-        let store = opts
-            .store
-            .clone()
-            .unwrap_or_else(|| dir.path().join("store.json"));
+        let store = opts.store.clone().unwrap_or_else(|| dir.path().join("store.json"));
         let trusted: Vec<String> = opts.trusted.iter().map(|t| format!("\"{t}\"")).collect();
         let config = format!(
             "[sip]\nlisten = [{}]\ndomain = \"pinhole.test\"\n{}\n{tls}\n[auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\ntrusted = [{}]\n{}\n[registrar]\nstore = \"{}\"\n[nat]\nkeepalive = \"{}\"\nkeepalive_interval = 5\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
@@ -134,17 +122,17 @@ impl Pinhole {
             store.display(),
             opts.keepalive,
         );
+        let media = match opts.relay_ports {
+            None => "[media]\nmode = \"off\"\n".to_owned(),
+            Some((lo, hi)) => format!(
+                "[media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n"
+            ),
+        };
+        let config = config + &media;
         let path = dir.path().join(format!("pinhole-{sip_port}.toml"));
         std::fs::write(&path, config).expect("write config");
         let log = dir.path().join(format!("pinhole-{sip_port}.log"));
-        let mut p = Pinhole {
-            child: None,
-            config: path,
-            sip_port,
-            tls_port,
-            metrics_port,
-            log,
-        };
+        let mut p = Pinhole { child: None, config: path, sip_port, tls_port, metrics_port, log };
         p.spawn();
         p
     }
@@ -228,9 +216,7 @@ impl Drop for Pinhole {
 
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
     use std::io::Write;
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
-            .ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
     let mut body = String::new();
@@ -243,18 +229,7 @@ pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ])
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -301,11 +276,7 @@ pub fn sipp_command(args: &[&str], out: &Path) -> Command {
     let mut c = Command::new("sipp");
     let f = std::fs::File::create(out).expect("sipp output file");
     let f2 = f.try_clone().expect("clone");
-    c.current_dir(sipp_dir())
-        .args(args)
-        .arg("-nostdin")
-        .stdout(f)
-        .stderr(f2);
+    c.current_dir(sipp_dir()).args(args).arg("-nostdin").stdout(f).stderr(f2);
     c
 }
 
@@ -366,10 +337,7 @@ pub fn sipp_callee_via(
         c.args(["-rsa", v]);
     }
     c.arg(target);
-    Bg(Some(
-        c.spawn()
-            .expect("sipp (package sip-tester) must be installed"),
-    ))
+    Bg(Some(c.spawn().expect("sipp (package sip-tester) must be installed")))
 }
 
 /// Runs a sipp caller to completion and returns (exit status ok, successful, failed, output).
@@ -433,20 +401,14 @@ pub fn sipp_caller_via(
             .unwrap_or(0)
     };
     let errors = std::fs::read_to_string(err_file).unwrap_or_default();
-    (
-        out.status.success(),
-        count("Successful call"),
-        count("Failed call"),
-        format!("{text}\n--- errors ---\n{errors}"),
-    )
+    (out.status.success(), count("Successful call"), count("Failed call"), format!("{text}\n--- errors ---\n{errors}"))
 }
 
 /// Sends one datagram and collects the replies that arrive within `wait`.
 pub fn udp_exchange(target: &str, payload: &[u8], wait: Duration) -> Vec<String> {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.send_to(payload, target).expect("send");
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
     let mut out = Vec::new();
     let deadline = Instant::now() + wait;
     let mut buf = [0u8; 65536];

@@ -32,37 +32,19 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 const PREFIX: &str = "phl";
 
 fn ip(args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ip (iproute2) must be installed")
+    Command::new("ip").args(args).stdin(Stdio::null()).output().expect("ip (iproute2) must be installed")
 }
 
 fn must(args: &[&str]) {
     let out = ip(args);
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs a command inside a namespace and insists it succeeds.
 pub fn ns_exec(ns: &str, cmd: &[&str]) -> Output {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "in {ns}: {}: {}",
-        cmd.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new("ip").args(["netns", "exec", ns]).args(cmd).stdin(Stdio::null()).output().expect("ip netns exec");
+    assert!(out.status.success(), "in {ns}: {}: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -74,11 +56,7 @@ fn remove_stale() {
         let Some(rest) = name.strip_prefix(PREFIX) else {
             continue;
         };
-        let pid: u32 = rest
-            .split('x')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
+        let pid: u32 = rest.split('x').next().and_then(|p| p.parse().ok()).unwrap_or(0);
         if pid != 0 && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = ip(&["netns", "del", name]);
             let _ = std::fs::remove_dir_all(format!("/etc/netns/{name}"));
@@ -89,69 +67,28 @@ fn remove_stale() {
 impl NatLab {
     pub fn new(kind: NatKind) -> NatLab {
         remove_stale();
-        let id = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let lab = NatLab {
-            wan: format!("{id}w"),
-            nat: format!("{id}n"),
-            lan: format!("{id}l"),
-        };
+        let id = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let lab = NatLab { wan: format!("{id}w"), nat: format!("{id}n"), lan: format!("{id}l") };
         for ns in [&lab.wan, &lab.nat, &lab.lan] {
             // Resolvers inside the lab point at the namespace's own loopback, so nothing
             // ever tries the host's nameserver.
             let etc = format!("/etc/netns/{ns}");
             std::fs::create_dir_all(&etc).expect("/etc/netns");
-            std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n")
-                .expect("resolv.conf");
+            std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").expect("resolv.conf");
             must(&["netns", "add", ns]);
             ns_exec(ns, &["ip", "link", "set", "lo", "up"]);
         }
         // veth names are per-namespace, so the fixed names below never collide.
-        must(&[
-            "link", "add", "wan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0",
-            "netns", &lab.wan,
-        ]);
-        must(&[
-            "link", "add", "lan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0",
-            "netns", &lab.lan,
-        ]);
-        ns_exec(
-            &lab.wan,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{WAN_SERVER}/24"),
-                "dev",
-                "eth0",
-            ],
-        );
+        must(&["link", "add", "wan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0", "netns", &lab.wan]);
+        must(&["link", "add", "lan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0", "netns", &lab.lan]);
+        ns_exec(&lab.wan, &["ip", "addr", "add", &format!("{WAN_SERVER}/24"), "dev", "eth0"]);
         ns_exec(&lab.wan, &["ip", "link", "set", "eth0", "up"]);
-        ns_exec(
-            &lab.nat,
-            &["ip", "addr", "add", &format!("{NAT_WAN}/24"), "dev", "wan0"],
-        );
-        ns_exec(
-            &lab.nat,
-            &["ip", "addr", "add", &format!("{NAT_LAN}/25"), "dev", "lan0"],
-        );
+        ns_exec(&lab.nat, &["ip", "addr", "add", &format!("{NAT_WAN}/24"), "dev", "wan0"]);
+        ns_exec(&lab.nat, &["ip", "addr", "add", &format!("{NAT_LAN}/25"), "dev", "lan0"]);
         ns_exec(&lab.nat, &["ip", "link", "set", "wan0", "up"]);
         ns_exec(&lab.nat, &["ip", "link", "set", "lan0", "up"]);
         ns_exec(&lab.nat, &["sysctl", "-q", "net.ipv4.ip_forward=1"]);
-        ns_exec(
-            &lab.lan,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{LAN_HOST}/25"),
-                "dev",
-                "eth0",
-            ],
-        );
+        ns_exec(&lab.lan, &["ip", "addr", "add", &format!("{LAN_HOST}/25"), "dev", "eth0"]);
         ns_exec(&lab.lan, &["ip", "link", "set", "eth0", "up"]);
         ns_exec(&lab.lan, &["ip", "route", "add", "default", "via", NAT_LAN]);
         let masq = match kind {

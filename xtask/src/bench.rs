@@ -35,17 +35,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn arg(args: &[String], name: &str, default: u32) -> u32 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn free_port() -> u16 {
     for p in 41000..42000u16 {
-        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
-        {
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
     }
@@ -110,14 +105,7 @@ fn sipp_count(text: &str, label: &str) -> u32 {
 }
 
 /// One run at `rate` calls/s against a proxy at `target` whose CPU is read from `pid`.
-fn load(
-    target: &str,
-    pid: u32,
-    rate: u32,
-    calls: u32,
-    user: &str,
-    dir: &Path,
-) -> anyhow::Result<Outcome> {
+fn load(target: &str, pid: u32, rate: u32, calls: u32, user: &str, dir: &Path) -> anyhow::Result<Outcome> {
     let uas_port = free_port().to_string();
     let hold = ((calls / rate.max(1)) * 1000 + 8000).to_string();
     let uas = sipp(
@@ -190,25 +178,17 @@ fn load(
     let ok = sipp_count(&text, "Successful call");
     let failed = sipp_count(&text, "Failed call");
     let cpu_us = (t1.saturating_sub(t0)) as f64 / ticks_per_sec() * 1e6;
-    Ok(Outcome {
-        rate,
-        calls,
-        ok,
-        failed,
-        cpu_us_per_call: if ok > 0 {
-            cpu_us / f64::from(ok)
-        } else {
-            f64::NAN
-        },
-    })
+    Ok(Outcome { rate, calls, ok, failed, cpu_us_per_call: if ok > 0 { cpu_us / f64::from(ok) } else { f64::NAN } })
 }
 
 fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
-    crate::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args(["build", "--release", "--quiet", "--bin", "pinhole"]),
-    )?;
+    crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "--bin",
+        "pinhole",
+    ]))?;
     let cfg = dir.join("pinhole-bench.toml");
     std::fs::write(
         &cfg,
@@ -230,10 +210,7 @@ fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
 fn start_kamailio(dir: &Path, port: u16) -> anyhow::Result<Proc> {
     let template = std::fs::read_to_string(root().join("config/kamailio/proxy.cfg"))?;
     let cfg = dir.join("kamailio-bench.cfg");
-    std::fs::write(
-        &cfg,
-        template.replace("__LISTEN__", &format!("udp:127.0.0.1:{port}")),
-    )?;
+    std::fs::write(&cfg, template.replace("__LISTEN__", &format!("udp:127.0.0.1:{port}")))?;
     let child = Command::new("kamailio")
         .args(["-f"])
         .arg(&cfg)
@@ -260,24 +237,13 @@ fn sip(args: &[String]) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("pinhole-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut rows = Vec::new();
-    for (name, start) in [
-        (
-            "pinhole",
-            start_pinhole as fn(&Path, u16) -> anyhow::Result<Proc>,
-        ),
-        ("kamailio", start_kamailio),
-    ] {
+    for (name, start) in
+        [("pinhole", start_pinhole as fn(&Path, u16) -> anyhow::Result<Proc>), ("kamailio", start_kamailio)]
+    {
         for &rate in &rates {
             let port = free_port();
             let proxy = start(&dir, port)?;
-            let o = load(
-                &format!("127.0.0.1:{port}"),
-                proxy.0.id(),
-                rate,
-                rate * seconds,
-                &format!("b{rate}"),
-                &dir,
-            )?;
+            let o = load(&format!("127.0.0.1:{port}"), proxy.0.id(), rate, rate * seconds, &format!("b{rate}"), &dir)?;
             println!(
                 "{name:9} rate {:5}/s calls {:6} ok {:6} failed {:4} cpu {:7.1} us/call",
                 o.rate, o.calls, o.ok, o.failed, o.cpu_us_per_call
@@ -288,11 +254,7 @@ fn sip(args: &[String]) -> anyhow::Result<()> {
     }
     println!("\nsummary (CPU µs per call INVITE…BYE, same machine, same run):");
     for &rate in &rates {
-        let get = |n: &str| {
-            rows.iter()
-                .find(|(name, o)| *name == n && o.rate == rate)
-                .map(|(_, o)| *o)
-        };
+        let get = |n: &str| rows.iter().find(|(name, o)| *name == n && o.rate == rate).map(|(_, o)| *o);
         if let (Some(p), Some(k)) = (get("pinhole"), get("kamailio")) {
             println!(
                 "  {rate:5}/s  pinhole {:7.1} µs ({} failed)  kamailio {:7.1} µs ({} failed)  ratio kamailio/pinhole {:.2}x",
@@ -305,15 +267,9 @@ fn sip(args: &[String]) -> anyhow::Result<()> {
         }
     }
     for n in ["pinhole", "kamailio"] {
-        let best = rows
-            .iter()
-            .filter(|(name, o)| *name == n && o.failed == 0 && o.ok == o.calls)
-            .map(|(_, o)| o.rate)
-            .max();
-        println!(
-            "  highest clean rate {n}: {}",
-            best.map_or("none".into(), |r| format!("{r}/s"))
-        );
+        let best =
+            rows.iter().filter(|(name, o)| *name == n && o.failed == 0 && o.ok == o.calls).map(|(_, o)| o.rate).max();
+        println!("  highest clean rate {n}: {}", best.map_or("none".into(), |r| format!("{r}/s")));
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

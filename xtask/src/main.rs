@@ -43,10 +43,7 @@ fn main() -> ExitCode {
 }
 
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 pub(crate) fn have(cmd: &str) -> bool {
@@ -58,21 +55,12 @@ pub(crate) fn have(cmd: &str) -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
 }
 
 fn install_peers() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PEERS
-        .iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    let extra_missing = !Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules/rtpengine.so")
-        .exists()
+    let missing: Vec<&str> = PEERS.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let extra_missing = !Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules/rtpengine.so").exists()
         && !Path::new("/usr/lib/kamailio/modules/rtpengine.so").exists();
     let mut pkgs: Vec<&str> = missing;
     if extra_missing {
@@ -83,9 +71,7 @@ fn install_peers() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        anyhow::bail!(
-            "missing packages {pkgs:?}; run as root so they can be installed with apt-get"
-        );
+        anyhow::bail!("missing packages {pkgs:?}; run as root so they can be installed with apt-get");
     }
     println!("xtask: installing {pkgs:?}");
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -97,9 +83,7 @@ fn install_peers() -> anyhow::Result<()> {
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
     if !status.success() {
         anyhow::bail!("{cmd:?} failed: {status}");
     }
@@ -119,9 +103,7 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     println!("xtask: tier 3-4: loopback tests with sipp, network-namespace NAT labs with baresip");
-    run(cargo()
-        .args(["test", "--workspace", "--tests"])
-        .env("RUST_TEST_THREADS", "4"))?;
+    run(cargo().args(["test", "--workspace", "--tests"]).env("RUST_TEST_THREADS", "4"))?;
     println!("xtask: all tiers passed in {:.0?}", t0.elapsed());
     Ok(())
 }

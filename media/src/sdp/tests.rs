@@ -7,33 +7,21 @@ const RELAY4: &str = "203.0.113.1";
 const RELAY6: &str = "2001:db8::1";
 
 fn anchor(addr: &str, rtp: u16) -> Option<Anchor> {
-    Some(Anchor {
-        addr: addr.parse().expect("ip"),
-        rtp_port: rtp,
-        rtcp_port: rtp + 1,
-    })
+    Some(Anchor { addr: addr.parse().expect("ip"), rtp_port: rtp, rtcp_port: rtp + 1 })
 }
 
 /// Rewrites `input` (written with \n, sent with \r\n) and compares with `expected`.
 fn golden(input: &str, media: Vec<Option<Anchor>>, remove_ice: bool, expected: &str) {
     let body = input.replace('\n', "\r\n");
     let sdp = Sdp::parse(body.as_bytes()).expect("parses");
-    let out = sdp.rewrite(&Rewrite {
-        media: media.clone(),
-        origin: None,
-        remove_ice,
-    });
+    let out = sdp.rewrite(&Rewrite { media: media.clone(), origin: None, remove_ice });
     let ports: Vec<u16> = media.iter().flatten().map(|a| a.rtp_port).collect();
     let mut want = expected.to_owned();
     if let Some(p) = ports.get(1) {
-        want = want
-            .replace("PORT2", &p.to_string())
-            .replace("RTCP2", &(p + 1).to_string());
+        want = want.replace("PORT2", &p.to_string()).replace("RTCP2", &(p + 1).to_string());
     }
     if let Some(p) = ports.first() {
-        want = want
-            .replace("PORT", &p.to_string())
-            .replace("RTCP", &(p + 1).to_string());
+        want = want.replace("PORT", &p.to_string()).replace("RTCP", &(p + 1).to_string());
     }
     let want = want.replace('\n', "\r\n");
     assert_eq!(String::from_utf8(out).expect("utf8"), want);
@@ -239,46 +227,28 @@ fn hold_with_zero_address_is_left_alone() {
     let sdp = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 49170 RTP/AVP 0\r\n";
     let parsed = Sdp::parse(sdp.as_bytes()).expect("parses");
     assert!(!parsed.media[0].is_active());
-    let out = parsed.rewrite(&Rewrite {
-        media: vec![anchor(RELAY4, 30070)],
-        origin: None,
-        remove_ice: true,
-    });
-    assert_eq!(
-        String::from_utf8(out).expect("utf8"),
-        sdp.replace("1 1 IN", "1 2 IN")
-    );
+    let out = parsed.rewrite(&Rewrite { media: vec![anchor(RELAY4, 30070)], origin: None, remove_ice: true });
+    assert_eq!(String::from_utf8(out).expect("utf8"), sdp.replace("1 1 IN", "1 2 IN"));
 }
 
 #[test]
 fn origin_address_is_replaced_when_asked() {
     let sdp = "v=0\no=- 7 9 IN IP4 198.51.100.7\ns=-\nc=IN IP4 198.51.100.7\nt=0 0\nm=audio 4000 RTP/AVP 0\n";
-    let out = Sdp::parse(sdp.as_bytes())
-        .expect("parses")
-        .rewrite(&Rewrite {
-            media: vec![anchor(RELAY4, 30080)],
-            origin: Some(RELAY4.parse().expect("ip")),
-            remove_ice: true,
-        });
+    let out = Sdp::parse(sdp.as_bytes()).expect("parses").rewrite(&Rewrite {
+        media: vec![anchor(RELAY4, 30080)],
+        origin: Some(RELAY4.parse().expect("ip")),
+        remove_ice: true,
+    });
     let out = String::from_utf8(out).expect("utf8");
-    assert!(
-        out.starts_with("v=0\no=- 7 10 IN IP4 203.0.113.1\n"),
-        "LF endings kept: {out}"
-    );
+    assert!(out.starts_with("v=0\no=- 7 10 IN IP4 203.0.113.1\n"), "LF endings kept: {out}");
 }
 
 #[test]
 fn missing_connection_is_an_error_not_a_panic() {
     let sdp = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nt=0 0\r\nm=audio 49170 RTP/AVP 0\r\n";
-    assert_eq!(
-        Sdp::parse(sdp.as_bytes()).err(),
-        Some(SdpError::NoConnection(0))
-    );
+    assert_eq!(Sdp::parse(sdp.as_bytes()).err(), Some(SdpError::NoConnection(0)));
     assert_eq!(Sdp::parse(b"hello").err(), Some(SdpError::NoVersion));
-    assert_eq!(
-        Sdp::parse(b"v=0\r\no=- 1 x IN IP4 1.2.3.4\r\n").err(),
-        Some(SdpError::Malformed("o="))
-    );
+    assert_eq!(Sdp::parse(b"v=0\r\no=- 1 x IN IP4 1.2.3.4\r\n").err(), Some(SdpError::Malformed("o=")));
     // sdp-rs panicked on this repeat line; here it is just an unknown line.
     let r = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\nr=9999999999999999 1 1\r\nm=audio 1 RTP/AVP 0\r\n";
     assert!(Sdp::parse(r.as_bytes()).is_ok());

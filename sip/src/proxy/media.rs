@@ -33,9 +33,8 @@ fn sdp_body(msg: &Message) -> Option<&[u8]> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
-    let sdp_type = msg
-        .header(HeaderName::ContentType)
-        .map(|t| t.trim().to_ascii_lowercase().starts_with("application/sdp"));
+    let sdp_type =
+        msg.header(HeaderName::ContentType).map(|t| t.trim().to_ascii_lowercase().starts_with("application/sdp"));
     match sdp_type {
         Some(true) => Some(body),
         Some(false) => None,
@@ -63,14 +62,8 @@ impl Proxy {
         let Some(relay) = self.relay.as_mut() else {
             return Ok(None);
         };
-        let method = msg
-            .method()
-            .cloned()
-            .unwrap_or(Method::Other(String::new()));
-        if !matches!(
-            method,
-            Method::Invite | Method::Update | Method::Prack | Method::Ack
-        ) {
+        let method = msg.method().cloned().unwrap_or(Method::Other(String::new()));
+        if !matches!(method, Method::Invite | Method::Update | Method::Prack | Method::Ack) {
             return Ok(None);
         }
         let Some(body) = sdp_body(msg) else {
@@ -79,33 +72,17 @@ impl Proxy {
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             return Ok(None);
         };
-        match relay.on_sdp(
-            now,
-            call_id,
-            tag,
-            body,
-            Some(flow.remote.ip()),
-            Options::default(),
-        ) {
+        match relay.on_sdp(now, call_id, tag, body, Some(flow.remote.ip()), Options::default()) {
             Ok(b) => Ok(Some(b)),
             Err(RelayError::LoadLimit) => Err(Rejection::new(503, "Media Relay At Session Limit")),
             Err(RelayError::PortsExhausted) => Err(Rejection::new(503, "Media Relay Out Of Ports")),
-            Err(RelayError::Sdp(e)) => {
-                Err(Rejection::new(488, format!("Not Acceptable Here - {e}")))
-            }
-            Err(RelayError::UnknownCall) => {
-                Err(Rejection::new(488, "Not Acceptable Here - Unknown Call"))
-            }
+            Err(RelayError::Sdp(e)) => Err(Rejection::new(488, format!("Not Acceptable Here - {e}"))),
+            Err(RelayError::UnknownCall) => Err(Rejection::new(488, "Not Acceptable Here - Unknown Call")),
         }
     }
 
     /// Anchors the SDP of a 1xx/2xx response coming from `from`; `None` leaves the body.
-    pub(super) fn media_response(
-        &mut self,
-        now: Instant,
-        from: Flow,
-        msg: &Message,
-    ) -> Option<Vec<u8>> {
+    pub(super) fn media_response(&mut self, now: Instant, from: Flow, msg: &Message) -> Option<Vec<u8>> {
         let relay = self.relay.as_mut()?;
         let code = msg.status()?;
         let (_, method) = msg.cseq()?;
@@ -114,14 +91,7 @@ impl Proxy {
         }
         let body = sdp_body(msg)?;
         let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
-        match relay.on_sdp(
-            now,
-            call_id,
-            tag,
-            body,
-            Some(from.remote.ip()),
-            Options::default(),
-        ) {
+        match relay.on_sdp(now, call_id, tag, body, Some(from.remote.ip()), Options::default()) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(call_id, error = %e, "answer not anchored; forwarded as is");
@@ -141,13 +111,7 @@ impl Proxy {
     }
 
     /// Remembers an answered call (2xx to an initial INVITE going up `a_flow`).
-    pub(super) fn media_dialog(
-        &mut self,
-        request: &Message,
-        a_flow: Flow,
-        response: &Message,
-        b_flow: Flow,
-    ) {
+    pub(super) fn media_dialog(&mut self, request: &Message, a_flow: Flow, response: &Message, b_flow: Flow) {
         let Some(call_id) = request.call_id() else {
             return;
         };
@@ -157,14 +121,8 @@ impl Proxy {
         let d = Dialog {
             a_flow,
             b_flow,
-            a_from: request
-                .header(HeaderName::From)
-                .unwrap_or_default()
-                .to_owned(),
-            b_to: response
-                .header(HeaderName::To)
-                .unwrap_or_default()
-                .to_owned(),
+            a_from: request.header(HeaderName::From).unwrap_or_default().to_owned(),
+            b_to: response.header(HeaderName::To).unwrap_or_default().to_owned(),
             a_contact: contact_uri(request).unwrap_or_default(),
             b_contact: contact_uri(response).unwrap_or_default(),
             a_tag: request.tag(HeaderName::From).unwrap_or_default().to_owned(),
@@ -176,9 +134,7 @@ impl Proxy {
 
     /// Tracks CSeq numbers of in-dialog requests so a relay-initiated BYE is in sequence.
     pub(super) fn media_seen_request(&mut self, msg: &Message) {
-        let (Some(call_id), Some((n, _)), Some(tag)) =
-            (msg.call_id(), msg.cseq(), msg.tag(HeaderName::From))
-        else {
+        let (Some(call_id), Some((n, _)), Some(tag)) = (msg.call_id(), msg.cseq(), msg.tag(HeaderName::From)) else {
             return;
         };
         if let Some(d) = self.dialogs.get_mut(call_id) {
@@ -202,10 +158,13 @@ impl Proxy {
         }
         metrics::gauge!("pinhole_relay_sessions").set(relay.call_count() as f64);
         metrics::gauge!("pinhole_relay_ports").set(relay.ports_in_use() as f64);
+        let totals = relay.totals();
+        metrics::counter!("pinhole_relay_packets_total").absolute(totals.packets);
+        metrics::counter!("pinhole_relay_bytes_total").absolute(totals.bytes);
+        metrics::counter!("pinhole_relay_dropped_total").absolute(totals.dropped);
         for (call_id, reason) in ended {
             tracing::info!(%call_id, ?reason, "relay ended the call");
-            metrics::counter!("pinhole_relay_timeouts_total", "reason" => reason_label(reason))
-                .increment(1);
+            metrics::counter!("pinhole_relay_timeouts_total", "reason" => reason_label(reason)).increment(1);
             if let Some(d) = self.dialogs.remove(&call_id) {
                 self.send_bye(now, &call_id, &d, true);
                 self.send_bye(now, &call_id, &d, false);
@@ -241,16 +200,11 @@ impl Proxy {
 
     /// Relay sessions and ports in use (for zombie checks and metrics).
     pub fn media_usage(&self) -> (usize, usize) {
-        self.relay
-            .as_ref()
-            .map_or((0, 0), |r| (r.call_count(), r.ports_in_use()))
+        self.relay.as_ref().map_or((0, 0), |r| (r.call_count(), r.ports_in_use()))
     }
 
     /// Statistics of a call's streams, if the relay anchors it.
-    pub fn media_stats(
-        &self,
-        call_id: &str,
-    ) -> Option<Vec<[std::sync::Arc<pinhole_media::stats::StreamStats>; 4]>> {
+    pub fn media_stats(&self, call_id: &str) -> Option<Vec<[std::sync::Arc<pinhole_media::stats::StreamStats>; 4]>> {
         self.relay.as_ref()?.stats(call_id)
     }
 }
