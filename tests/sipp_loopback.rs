@@ -85,6 +85,7 @@ fn tls_call_goes_back_over_the_callee_tls_connection() {
         "uas.xml",
         4000,
         &dir.path().join("uas.err"),
+        &[],
     );
     assert!(
         ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)),
@@ -99,6 +100,7 @@ fn tls_call_goes_back_over_the_callee_tls_connection() {
         3,
         "t1",
         &dir.path().join("uac.err"),
+        &[],
     );
     assert!(ok && good == 3 && failed == 0, "{good}/{failed}\n{text}\n{}", ph.log_text());
     let out = callee.wait_output(Duration::from_secs(20));

@@ -173,7 +173,7 @@ impl Latch {
         // A NAT rebind: the same stream continuing from a new address.
         if let (Some(r), Some(ssrc), Some(seq)) = (rtp, learned.ssrc, learned.seq) {
             let ahead = r.seq.wrapping_sub(seq);
-            if r.ssrc == ssrc && ahead >= 1 && ahead <= REBIND_SEQ_WINDOW && rank.is_some() {
+            if r.ssrc == ssrc && (1..=REBIND_SEQ_WINDOW).contains(&ahead) && rank.is_some() {
                 self.learn(src, rank.unwrap_or(2).min(learned.rank), rtp);
                 return Verdict::Forward;
             }

@@ -165,7 +165,7 @@ impl Relay {
     /// `epoch` is the zero of the data plane's `now_ns` clock (see [`StreamStats`]).
     pub fn new(cfg: RelayConfig, epoch: Instant) -> Relay {
         let first = cfg.port_min + cfg.port_min % 2;
-        let free = (first..cfg.port_max).step_by(2).filter(|p| p + 1 <= cfg.port_max).collect();
+        let free = (first..cfg.port_max).step_by(2).filter(|p| *p < cfg.port_max).collect();
         Relay {
             cfg,
             epoch,

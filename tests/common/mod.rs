@@ -38,6 +38,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A base port for sipp's media sockets: sipp binds base, base+1, base+2 and base+3
+/// (audio and video RTP/RTCP), so four consecutive free ports are reserved.
+pub fn media_ports() -> u16 {
+    loop {
+        let base = NEXT_PORT.fetch_add(4, Ordering::Relaxed);
+        if base < 29990 && (base..base + 4).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+        free_port();
+    }
+}
+
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
@@ -290,7 +302,7 @@ pub fn sipp_callee(
     hold_ms: u32,
     err_file: &Path,
 ) -> Bg {
-    sipp_callee_via(target, None, user, port, transport, ooc, hold_ms, err_file)
+    sipp_callee_via(target, None, user, port, transport, ooc, hold_ms, err_file, &[])
 }
 
 /// Like [`sipp_callee`], but sending through `via` (sipp's -rsa) while addressing `target`.
@@ -304,6 +316,7 @@ pub fn sipp_callee_via(
     ooc: &str,
     hold_ms: u32,
     err_file: &Path,
+    extra: &[&str],
 ) -> Bg {
     let hold = hold_ms.to_string();
     let port = port.to_string();
@@ -332,7 +345,11 @@ pub fn sipp_callee_via(
         ],
         &err_file.with_extension("out"),
     );
-    c.arg(err_file);
+    c.arg(err_file).args(extra);
+    let mp = media_ports().to_string();
+    if !extra.contains(&"-mp") {
+        c.args(["-mp", &mp]);
+    }
     if let Some(v) = via {
         c.args(["-rsa", v]);
     }
@@ -349,9 +366,10 @@ pub fn sipp_caller(
     transport: &str,
     err_file: &Path,
 ) -> (bool, u32, u32, String) {
-    sipp_caller_via(target, None, user, scenario, calls, transport, err_file)
+    sipp_caller_via(target, None, user, scenario, calls, transport, err_file, &[])
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn sipp_caller_via(
     target: &str,
     via: Option<&str>,
@@ -360,6 +378,7 @@ pub fn sipp_caller_via(
     calls: u32,
     transport: &str,
     err_file: &Path,
+    extra: &[&str],
 ) -> (bool, u32, u32, String) {
     let port = free_port().to_string();
     let calls_s = calls.to_string();
@@ -386,7 +405,11 @@ pub fn sipp_caller_via(
         ],
         &err_file.with_extension("out"),
     );
-    c.arg(err_file);
+    c.arg(err_file).args(extra);
+    let mp = media_ports().to_string();
+    if !extra.contains(&"-mp") {
+        c.args(["-mp", &mp]);
+    }
     if let Some(v) = via {
         c.args(["-rsa", v]);
     }
@@ -438,4 +461,17 @@ pub fn wait_for_line(r: impl Read, needle: &str, timeout: Duration) -> bool {
         }
     }
     false
+}
+
+static NEXT_RELAY: AtomicU16 = AtomicU16::new(0);
+
+/// A relay port range of 100 ports for one test, distinct within this test process.
+pub fn relay_range() -> (u16, u16) {
+    if NEXT_RELAY.load(Ordering::Relaxed) == 0 {
+        let base = 30000 + (std::process::id() % 50) as u16 * 200;
+        let _ = NEXT_RELAY.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    let lo = NEXT_RELAY.fetch_add(100, Ordering::Relaxed);
+    let lo = if lo > 39800 { 30000 + lo % 9000 } else { lo };
+    (lo, lo + 99)
 }
