@@ -46,6 +46,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             match load(config.as_deref()).and_then(server::run) {
                 Ok(()) => ExitCode::SUCCESS,

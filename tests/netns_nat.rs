@@ -4,57 +4,11 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::netns::{NatKind, NatLab, LAN_HOST, NAT_WAN, WAN_SERVER};
-use common::{sipp_dir, TempDir};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An 8 kHz mono 16-bit WAV tone, as baresip's aufile source wants.
-fn tone_wav(path: &std::path::Path, hz: f64) {
-    let rate = 8000u32;
-    let samples: Vec<i16> = (0..rate * 5)
-        .map(|i| (8000.0 * (2.0 * std::f64::consts::PI * hz * f64::from(i) / f64::from(rate)).sin()) as i16)
-        .collect();
-    let data_len = (samples.len() * 2) as u32;
-    let mut f = std::fs::File::create(path).expect("wav");
-    f.write_all(b"RIFF").expect("w");
-    f.write_all(&(36 + data_len).to_le_bytes()).expect("w");
-    f.write_all(b"WAVEfmt ").expect("w");
-    f.write_all(&16u32.to_le_bytes()).expect("w");
-    f.write_all(&1u16.to_le_bytes()).expect("w");
-    f.write_all(&1u16.to_le_bytes()).expect("w");
-    f.write_all(&rate.to_le_bytes()).expect("w");
-    f.write_all(&(rate * 2).to_le_bytes()).expect("w");
-    f.write_all(&2u16.to_le_bytes()).expect("w");
-    f.write_all(&16u16.to_le_bytes()).expect("w");
-    f.write_all(b"data").expect("w");
-    f.write_all(&data_len.to_le_bytes()).expect("w");
-    for s in samples {
-        f.write_all(&s.to_le_bytes()).expect("w");
-    }
-}
-
-fn wait_for(path: &std::path::Path, needle: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
+use common::{sipp_dir, tone_wav, wait_for, Bg, TempDir};
 
 #[test]
 fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
@@ -74,7 +28,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
     )
     .expect("config");
     let ph_log = dir.path().join("pinhole.log");
-    let _pinhole = Killed(
+    let _pinhole = Bg(Some(
         NatLab::command(&lab.wan, env!("CARGO_BIN_EXE_pinhole"))
             .args(["server", "--config"])
             .arg(&cfg)
@@ -84,7 +38,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
             .stderr(std::fs::File::create(&ph_log).expect("log"))
             .spawn()
             .expect("pinhole"),
-    );
+    ));
     assert!(wait_for(&ph_log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
 
     // baresip on the LAN, auto-answering.
@@ -108,7 +62,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
     )
     .expect("accounts");
     let b_log = dir.path().join("baresip.log");
-    let _baresip = Killed(
+    let _baresip = Bg(Some(
         NatLab::command(&lab.lan, "baresip")
             .arg("-f")
             .arg(&bdir)
@@ -118,7 +72,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
             .stderr(Stdio::null())
             .spawn()
             .expect("baresip must be installed"),
-    );
+    ));
 
     // Registered, and from the NAT's public address, not the phone's private one.
     assert!(

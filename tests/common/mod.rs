@@ -475,3 +475,86 @@ pub fn relay_range() -> (u16, u16) {
     let lo = if lo > 39800 { 30000 + lo % 9000 } else { lo };
     (lo, lo + 99)
 }
+
+/// Writes an 8 kHz mono 16-bit WAV tone of `hz`, five seconds long (baresip's aufile source).
+pub fn tone_wav(path: &Path, hz: f64) {
+    use std::io::Write;
+    let rate = 8000u32;
+    let samples: Vec<i16> = (0..rate * 5)
+        .map(|i| (8000.0 * (2.0 * std::f64::consts::PI * hz * f64::from(i) / f64::from(rate)).sin()) as i16)
+        .collect();
+    let data_len = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + data_len as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::File::create(path).and_then(|mut f| f.write_all(&out)).expect("write wav");
+}
+
+/// Reads 16-bit mono samples past a 44-byte WAV header (sizes may be unset).
+pub fn wav_samples(path: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    bytes.get(44..).unwrap_or(&[]).chunks_exact(2).map(|c| f64::from(i16::from_le_bytes([c[0], c[1]]))).collect()
+}
+
+/// The share of a signal's energy at `hz` (Goertzel), in 0..1; 8 kHz samples.
+pub fn tone_share(samples: &[f64], hz: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let n = samples.len() as f64;
+    let k = (n * hz / 8000.0).round();
+    let w = 2.0 * std::f64::consts::PI * k / n;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &x in samples {
+        let s0 = x + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
+    let energy: f64 = samples.iter().map(|x| x * x).sum();
+    if energy == 0.0 {
+        0.0
+    } else {
+        // A pure tone puts energy·n/2 into its bin.
+        (power / (energy * n / 2.0)).min(1.0)
+    }
+}
+
+/// Waits until a file contains `needle`.
+pub fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[cfg(test)]
+mod audio_tests {
+    #[test]
+    fn goertzel_tells_tones_apart() {
+        let dir = super::TempDir::new("tone");
+        let p = dir.path().join("t.wav");
+        super::tone_wav(&p, 440.0);
+        let s = super::wav_samples(&p);
+        assert!(super::tone_share(&s, 440.0) > 0.9);
+        assert!(super::tone_share(&s, 660.0) < 0.01);
+    }
+}

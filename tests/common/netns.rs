@@ -22,8 +22,21 @@ pub enum NatKind {
     SymmetricRandom,
 }
 
+/// One private network behind its own NAT box.
+pub struct Lan {
+    /// The NAT box namespace and the LAN host namespace.
+    pub nat: String,
+    pub lan: String,
+    /// The NAT's public address, the LAN router and the LAN host.
+    pub nat_wan: String,
+    pub router: String,
+    pub host: String,
+}
+
 pub struct NatLab {
     pub wan: String,
+    pub lans: Vec<Lan>,
+    /// The first LAN's namespaces, for single-LAN labs.
     pub nat: String,
     pub lan: String,
 }
@@ -64,48 +77,80 @@ fn remove_stale() {
     }
 }
 
+fn add_ns(ns: &str) {
+    // Resolvers inside the lab point at the namespace's own loopback, so nothing ever
+    // tries the host's nameserver.
+    let etc = format!("/etc/netns/{ns}");
+    std::fs::create_dir_all(&etc).expect("/etc/netns");
+    std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").expect("resolv.conf");
+    must(&["netns", "add", ns]);
+    ns_exec(ns, &["ip", "link", "set", "lo", "up"]);
+}
+
 impl NatLab {
+    /// One LAN host behind one NAT box of `kind`.
     pub fn new(kind: NatKind) -> NatLab {
+        NatLab::with_lans(&[kind])
+    }
+
+    /// One LAN per kind, each behind its own NAT box: LAN i is 198.51.100.(128·i)/25 and
+    /// its NAT's public address is 203.0.113.(2+i).
+    pub fn with_lans(kinds: &[NatKind]) -> NatLab {
         remove_stale();
         let id = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let lab = NatLab { wan: format!("{id}w"), nat: format!("{id}n"), lan: format!("{id}l") };
-        for ns in [&lab.wan, &lab.nat, &lab.lan] {
-            // Resolvers inside the lab point at the namespace's own loopback, so nothing
-            // ever tries the host's nameserver.
-            let etc = format!("/etc/netns/{ns}");
-            std::fs::create_dir_all(&etc).expect("/etc/netns");
-            std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").expect("resolv.conf");
-            must(&["netns", "add", ns]);
-            ns_exec(ns, &["ip", "link", "set", "lo", "up"]);
+        let wan = format!("{id}w");
+        add_ns(&wan);
+        let mut lans = Vec::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            let base = 128 * i as u16;
+            let lan = Lan {
+                nat: format!("{id}n{i}"),
+                lan: format!("{id}l{i}"),
+                nat_wan: format!("203.0.113.{}", 2 + i),
+                router: format!("198.51.100.{}", base + 1),
+                host: format!("198.51.100.{}", base + 10),
+            };
+            add_ns(&lan.nat);
+            add_ns(&lan.lan);
+            let wan_if = format!("w{i}");
+            // veth names live per namespace; the WAN side gets one per NAT box.
+            must(&["link", "add", "wan0", "netns", &lan.nat, "type", "veth", "peer", "name", &wan_if, "netns", &wan]);
+            must(&[
+                "link", "add", "lan0", "netns", &lan.nat, "type", "veth", "peer", "name", "eth0", "netns", &lan.lan,
+            ]);
+            if i == 0 {
+                ns_exec(&wan, &["ip", "link", "add", "br0", "type", "bridge"]);
+                ns_exec(&wan, &["ip", "addr", "add", &format!("{WAN_SERVER}/24"), "dev", "br0"]);
+                ns_exec(&wan, &["ip", "link", "set", "br0", "up"]);
+            }
+            ns_exec(&wan, &["ip", "link", "set", &wan_if, "master", "br0"]);
+            ns_exec(&wan, &["ip", "link", "set", &wan_if, "up"]);
+            ns_exec(&lan.nat, &["ip", "addr", "add", &format!("{}/24", lan.nat_wan), "dev", "wan0"]);
+            ns_exec(&lan.nat, &["ip", "addr", "add", &format!("{}/25", lan.router), "dev", "lan0"]);
+            ns_exec(&lan.nat, &["ip", "link", "set", "wan0", "up"]);
+            ns_exec(&lan.nat, &["ip", "link", "set", "lan0", "up"]);
+            ns_exec(&lan.nat, &["sysctl", "-q", "net.ipv4.ip_forward=1"]);
+            ns_exec(&lan.lan, &["ip", "addr", "add", &format!("{}/25", lan.host), "dev", "eth0"]);
+            ns_exec(&lan.lan, &["ip", "link", "set", "eth0", "up"]);
+            ns_exec(&lan.lan, &["ip", "route", "add", "default", "via", &lan.router]);
+            let masq = match kind {
+                NatKind::PortRestricted => "masquerade",
+                NatKind::SymmetricRandom => "masquerade random",
+            };
+            // The WAN input drop keeps early inbound packets from being accepted by the box
+            // itself (DESIGN.md: without it punching fails every time).
+            let rules = format!(
+                "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    oifname \"wan0\" {masq}\n  }}\n}}\n\
+                 table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n}}\n"
+            );
+            let path = std::env::temp_dir().join(format!("{id}-{i}.nft"));
+            std::fs::write(&path, rules).expect("write nft rules");
+            ns_exec(&lan.nat, &["nft", "-f", &path.display().to_string()]);
+            let _ = std::fs::remove_file(path);
+            lans.push(lan);
         }
-        // veth names are per-namespace, so the fixed names below never collide.
-        must(&["link", "add", "wan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0", "netns", &lab.wan]);
-        must(&["link", "add", "lan0", "netns", &lab.nat, "type", "veth", "peer", "name", "eth0", "netns", &lab.lan]);
-        ns_exec(&lab.wan, &["ip", "addr", "add", &format!("{WAN_SERVER}/24"), "dev", "eth0"]);
-        ns_exec(&lab.wan, &["ip", "link", "set", "eth0", "up"]);
-        ns_exec(&lab.nat, &["ip", "addr", "add", &format!("{NAT_WAN}/24"), "dev", "wan0"]);
-        ns_exec(&lab.nat, &["ip", "addr", "add", &format!("{NAT_LAN}/25"), "dev", "lan0"]);
-        ns_exec(&lab.nat, &["ip", "link", "set", "wan0", "up"]);
-        ns_exec(&lab.nat, &["ip", "link", "set", "lan0", "up"]);
-        ns_exec(&lab.nat, &["sysctl", "-q", "net.ipv4.ip_forward=1"]);
-        ns_exec(&lab.lan, &["ip", "addr", "add", &format!("{LAN_HOST}/25"), "dev", "eth0"]);
-        ns_exec(&lab.lan, &["ip", "link", "set", "eth0", "up"]);
-        ns_exec(&lab.lan, &["ip", "route", "add", "default", "via", NAT_LAN]);
-        let masq = match kind {
-            NatKind::PortRestricted => "masquerade",
-            NatKind::SymmetricRandom => "masquerade random",
-        };
-        // The WAN input drop keeps early inbound packets from being accepted by the box
-        // itself (DESIGN.md: without it punching fails every time).
-        let rules = format!(
-            "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    oifname \"wan0\" {masq}\n  }}\n}}\n\
-             table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n}}\n"
-        );
-        let path = std::env::temp_dir().join(format!("{id}.nft"));
-        std::fs::write(&path, rules).expect("write nft rules");
-        ns_exec(&lab.nat, &["nft", "-f", &path.display().to_string()]);
-        let _ = std::fs::remove_file(path);
-        lab
+        let (nat, lan) = (lans[0].nat.clone(), lans[0].lan.clone());
+        NatLab { wan, lans, nat, lan }
     }
 
     /// A command to run inside `ns`.
@@ -118,8 +163,9 @@ impl NatLab {
 
 impl Drop for NatLab {
     fn drop(&mut self) {
-        for ns in [&self.lan, &self.nat, &self.wan] {
-            let _ = ip(&["netns", "del", ns]);
+        let names = self.lans.iter().flat_map(|l| [l.lan.clone(), l.nat.clone()]).chain([self.wan.clone()]);
+        for ns in names {
+            let _ = ip(&["netns", "del", &ns]);
             let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
     }

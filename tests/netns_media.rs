@@ -1,0 +1,165 @@
+//! Tier 4 for the media relay: two unchanged softphones (baresip), each behind its own
+//! Linux NAT — one `masquerade`, one `masquerade random` — register to pinhole on the WAN
+//! side and call each other. Each plays its own tone and records what it hears; both
+//! recordings must hold the other side's tone (a one-way-audio check that can fail).
+//! Needs root (network namespaces).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::netns::{NatKind, NatLab, WAN_SERVER};
+use common::{tone_share, tone_wav, wait_for, wav_samples, TempDir};
+
+struct Phone {
+    child: Child,
+    log: PathBuf,
+    recordings: PathBuf,
+}
+
+impl Phone {
+    fn start(ns: &str, dir: &Path, name: &str, host: &str, hz: f64) -> Phone {
+        let home = dir.join(name);
+        let recordings = home.join("rec");
+        std::fs::create_dir_all(&recordings).expect("dirs");
+        let wav = home.join("tone.wav");
+        tone_wav(&wav, hz);
+        std::fs::write(
+            home.join("config"),
+            format!(
+                "poll_method epoll\nsip_listen {host}:5060\nmodule_path /usr/lib/baresip/modules\n\
+                 module stdio.so\nmodule g711.so\nmodule aufile.so\nmodule alsa.so\nmodule sndfile.so\n\
+                 module_app account.so\nmodule_app menu.so\n\
+                 audio_player alsa,null\naudio_alert alsa,null\naudio_source aufile,{}\nsnd_path {}\n",
+                wav.display(),
+                recordings.display()
+            ),
+        )
+        .expect("config");
+        std::fs::write(
+            home.join("accounts"),
+            format!("<sip:{name}@{WAN_SERVER}>;auth_pass={name}-pw;regint=60;answermode=auto;audio_codecs=PCMU\n"),
+        )
+        .expect("accounts");
+        let log = dir.join(format!("{name}.log"));
+        let child = NatLab::command(ns, "baresip")
+            .arg("-f")
+            .arg(&home)
+            .args(["-t", "60"])
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("baresip must be installed");
+        Phone { child, log, recordings }
+    }
+
+    fn command(&mut self, cmd: &str) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(format!("{cmd}\n").as_bytes());
+            let _ = stdin.flush();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The decoded audio this phone received (sndfile's dump-…-dec.wav).
+    fn heard(&self) -> Vec<f64> {
+        let file = std::fs::read_dir(&self.recordings)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with("-dec.wav"));
+        file.map(|f| wav_samples(&f)).unwrap_or_default()
+    }
+}
+
+impl Drop for Phone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
+    let dir = TempDir::new("media");
+    let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::SymmetricRandom]);
+
+    let cfg = dir.path().join("pinhole.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
+             [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
+             [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
+             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n[metrics]\n"
+        ),
+    )
+    .expect("config");
+    let ph_log = dir.path().join("pinhole.log");
+    let _pinhole = common::Bg(Some(
+        NatLab::command(&lab.wan, env!("CARGO_BIN_EXE_pinhole"))
+            .args(["server", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info,pinhole_sip=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&ph_log).expect("log"))
+            .spawn()
+            .expect("pinhole"),
+    ));
+    assert!(wait_for(&ph_log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
+
+    let mut alice = Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0);
+    let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0);
+    let registered = |who: &str| {
+        wait_for(
+            &ph_log,
+            &format!(
+                "aor={who}@pinhole.test remote={}",
+                if who == "alice" { &lab.lans[0].nat_wan } else { &lab.lans[1].nat_wan }
+            ),
+            Duration::from_secs(15),
+        )
+    };
+    assert!(
+        registered("alice") && registered("bob"),
+        "registrations\n{}\n{}",
+        std::fs::read_to_string(&ph_log).unwrap_or_default(),
+        alice.log()
+    );
+
+    alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
+    assert!(
+        wait_for(&dir.path().join("bob.log"), "Call established", Duration::from_secs(15)),
+        "bob never answered\n--- alice ---\n{}\n--- bob ---\n{}\n--- pinhole ---\n{}",
+        alice.log(),
+        bob.log(),
+        std::fs::read_to_string(&ph_log).unwrap_or_default()
+    );
+    // Let both tones flow for a while, then hang up cleanly so the recordings are complete.
+    std::thread::sleep(Duration::from_secs(4));
+    alice.command("/hangup");
+    assert!(wait_for(&dir.path().join("bob.log"), "session closed", Duration::from_secs(10)), "{}", bob.log());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (bob_heard, alice_heard) = (bob.heard(), alice.heard());
+    assert!(bob_heard.len() > 8000, "bob recorded {} samples\n{}", bob_heard.len(), bob.log());
+    assert!(alice_heard.len() > 8000, "alice recorded {} samples\n{}", alice_heard.len(), alice.log());
+    let (b440, a660) = (tone_share(&bob_heard, 440.0), tone_share(&alice_heard, 660.0));
+    eprintln!("tone shares: bob hears 440 Hz at {b440:.3}, alice hears 660 Hz at {a660:.3}");
+    assert!(b440 > 0.3, "bob does not hear alice's 440 Hz (share {b440:.3})");
+    assert!(a660 > 0.3, "alice does not hear bob's 660 Hz (share {a660:.3})");
+    // And not their own tone echoed back.
+    assert!(tone_share(&bob_heard, 660.0) < 0.05 && tone_share(&alice_heard, 440.0) < 0.05);
+    // The relay anchored the call and released it.
+    let log = std::fs::read_to_string(&ph_log).unwrap_or_default();
+    assert!(log.contains("relay session released"), "{log}");
+}
