@@ -27,9 +27,28 @@ struct Slot {
     stats: Arc<StreamStats>,
 }
 
+/// What a worker is told. Sockets are bound by the control plane before the command is
+/// sent, so a port is open by the time its SDP leaves pinhole.
+enum WorkerCmd {
+    Link { a: (PortSpec, std::net::UdpSocket), b: (PortSpec, std::net::UdpSocket) },
+    Command(Command),
+}
+
 /// Handles to the forwarding threads.
 pub(crate) struct DataPlane {
-    workers: Vec<(Sender<Command>, Arc<Waker>)>,
+    workers: Vec<(Sender<WorkerCmd>, Arc<Waker>)>,
+}
+
+fn bind(spec: &PortSpec) -> Option<std::net::UdpSocket> {
+    let addr = SocketAddr::new(spec.bind, spec.port.0);
+    match std::net::UdpSocket::bind(addr).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            metrics::counter!("pinhole_relay_bind_errors_total").increment(1);
+            tracing::warn!(%addr, error = %e, "cannot bind relay port");
+            None
+        }
+    }
 }
 
 impl DataPlane {
@@ -61,7 +80,14 @@ impl DataPlane {
             Command::Link { shard, .. } | Command::Expect { shard, .. } | Command::Unlink { shard, .. } => *shard,
         };
         let (tx, waker) = &self.workers[(shard % self.workers.len() as u64) as usize];
-        if tx.send(cmd).is_ok() {
+        let msg = match cmd {
+            Command::Link { a, b, .. } => {
+                let (Some(sa), Some(sb)) = (bind(&a), bind(&b)) else { return };
+                WorkerCmd::Link { a: (a, sa), b: (b, sb) }
+            }
+            other => WorkerCmd::Command(other),
+        };
+        if tx.send(msg).is_ok() {
             let _ = waker.wake();
         }
     }
@@ -69,7 +95,7 @@ impl DataPlane {
 
 struct Worker {
     poll: Poll,
-    rx: Receiver<Command>,
+    rx: Receiver<WorkerCmd>,
     slots: Vec<Option<Slot>>,
     base: u16,
     epoch: Instant,
@@ -107,17 +133,18 @@ impl Worker {
         while let Ok(cmd) = self.rx.try_recv() {
             let now = Instant::now();
             match cmd {
-                Command::Link { a, b, .. } => {
-                    let (pa, pb) = (a.port, b.port);
+                WorkerCmd::Link { a, b } => {
+                    let (pa, pb) = (a.0.port, b.0.port);
                     self.open(now, a, pb);
                     self.open(now, b, pa);
                 }
-                Command::Expect { port, expected, .. } => {
+                WorkerCmd::Command(Command::Link { .. }) => {}
+                WorkerCmd::Command(Command::Expect { port, expected, .. }) => {
                     if let Some(slot) = self.index(port).and_then(|i| self.slots[i].as_mut()) {
                         slot.latch.on_signal(now, expected);
                     }
                 }
-                Command::Unlink { ports, .. } => {
+                WorkerCmd::Command(Command::Unlink { ports, .. }) => {
                     for p in ports {
                         if let Some(i) = self.index(p) {
                             if let Some(mut s) = self.slots[i].take() {
@@ -130,23 +157,11 @@ impl Worker {
         }
     }
 
-    fn open(&mut self, now: Instant, spec: PortSpec, peer: RelayPort) {
+    fn open(&mut self, now: Instant, (spec, sock): (PortSpec, std::net::UdpSocket), peer: RelayPort) {
         let Some(i) = self.index(spec.port) else { return };
-        let addr = SocketAddr::new(spec.bind, spec.port.0);
-        let sock = match std::net::UdpSocket::bind(addr).and_then(|s| {
-            s.set_nonblocking(true)?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                metrics::counter!("pinhole_relay_bind_errors_total").increment(1);
-                tracing::warn!(%addr, error = %e, "cannot bind relay port");
-                return;
-            }
-        };
         let mut sock = UdpSocket::from_std(sock);
         if let Err(e) = self.poll.registry().register(&mut sock, Token(usize::from(spec.port.0)), Interest::READABLE) {
-            tracing::warn!(%addr, error = %e, "cannot poll relay port");
+            tracing::warn!(port = spec.port.0, error = %e, "cannot poll relay port");
             return;
         }
         self.slots[i] = Some(Slot { sock, peer, latch: Latch::new(spec.mode, spec.expected, now), stats: spec.stats });

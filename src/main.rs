@@ -7,6 +7,7 @@
 mod config;
 mod dataplane;
 mod mmsg;
+mod ng;
 mod server;
 mod store;
 

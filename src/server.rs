@@ -34,7 +34,7 @@ struct Conns {
     by_remote: HashMap<(Transport, SocketAddr), ConnId>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     proxy: Mutex<Proxy>,
     /// UDP sockets are plain blocking std sockets: each has a receive thread, and sends
     /// are one `sendto` from whichever thread produced them.
@@ -54,7 +54,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn proxy(&self) -> MutexGuard<'_, Proxy> {
+    pub(crate) fn proxy(&self) -> MutexGuard<'_, Proxy> {
         // A panic while holding the lock is a bug; keep serving with the state as it is.
         self.proxy.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -157,11 +157,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
         _ => None,
     };
-    tracing::warn!(
-        stun = ?cfg.stun.listen,
-        ng = %cfg.ng.listen,
-        "ng and STUN are configured but not part of this build yet"
-    );
+    if !cfg.stun.listen.is_empty() {
+        tracing::warn!(stun = ?cfg.stun.listen, "STUN is configured but not part of this build yet");
+    }
 
     let shared = Arc::new(Shared {
         proxy: Mutex::new(proxy),
@@ -190,6 +188,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         for (local, listener) in tls {
             tokio::spawn(accept_loop(shared.clone(), local, listener, Transport::Tls, Some(acceptor.clone())));
         }
+    }
+    if !cfg.ng.listen.is_empty() {
+        let addr: SocketAddr = cfg.ng.listen.parse().context("ng.listen")?;
+        let sock = std::net::UdpSocket::bind(addr).with_context(|| format!("binding ng on {addr}"))?;
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("ng".into())
+            .spawn(move || crate::ng::run(&shared, &sock))
+            .context("starting the ng thread")?;
+        tracing::info!(%addr, "ng control listening");
     }
     tokio::spawn(timer_loop(shared.clone()));
     tokio::spawn(store_loop(shared.clone(), store));
@@ -274,6 +282,11 @@ fn drain(shared: &Shared, p: &mut Proxy, out: &mut Vec<Transmit>) {
     while let Some(t) = p.poll_transmit() {
         out.push(t);
     }
+    drain_media(shared, p);
+}
+
+/// Hands the relay's port and forwarding commands to the forwarding threads.
+pub(crate) fn drain_media(shared: &Shared, p: &mut Proxy) {
     while let Some(c) = p.poll_media_command() {
         if let Some(dp) = &shared.dataplane {
             dp.execute(c);

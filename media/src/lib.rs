@@ -17,6 +17,7 @@ pub enum MediaMode {
 }
 
 pub mod latch;
+pub mod ng;
 pub mod relay;
 pub mod sdp;
 pub mod stats;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::{have, root};
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -30,15 +30,16 @@ struct Outcome {
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("sip") => sip(&args[1..]),
-        other => anyhow::bail!("unknown benchmark {other:?}; available: sip"),
+        Some("relay") => crate::relaybench::run(&args[1..]),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay"),
     }
 }
 
-fn arg(args: &[String], name: &str, default: u32) -> u32 {
+pub(crate) fn arg(args: &[String], name: &str, default: u32) -> u32 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     for p in 41000..42000u16 {
         if UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
@@ -48,7 +49,7 @@ fn free_port() -> u16 {
 }
 
 /// utime + stime of `pid` and its direct children, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let mut total = 0;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
@@ -76,7 +77,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     total
 }
 
-fn ticks_per_sec() -> f64 {
+pub(crate) fn ticks_per_sec() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod bench;
+mod relaybench;
 
 /// Debian packages the test tiers need, by the command that proves each is there.
 const PEERS: &[(&str, &str)] = &[
@@ -19,6 +20,7 @@ const PEERS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("socat", "socat"),
     ("openssl", "openssl"),
+    ("rtpengine", "rtpengine-daemon"),
 ];
 
 fn main() -> ExitCode {
@@ -29,7 +31,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(&args[1..]),
         Some("install-peers") => install_peers(),
         _ => {
-            eprintln!("usage: cargo xtask test | bench sip [--rate N --calls N] | fuzz [SECONDS] | install-peers");
+            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | fuzz [SECONDS] | install-peers");
             return ExitCode::from(2);
         }
     };

@@ -198,6 +198,11 @@ impl Proxy {
         self.relay.as_mut()?.poll_command()
     }
 
+    /// The relay itself, for other control protocols (ng) that share its calls and ports.
+    pub fn relay_mut(&mut self) -> Option<&mut pinhole_media::relay::Relay> {
+        self.relay.as_mut()
+    }
+
     /// Relay sessions and ports in use (for zombie checks and metrics).
     pub fn media_usage(&self) -> (usize, usize) {
         self.relay.as_ref().map_or((0, 0), |r| (r.call_count(), r.ports_in_use()))
