@@ -1,27 +1,39 @@
-//! The media data plane: forwarding threads, each owning the relay sockets of the calls
-//! sharded to it. The control plane (the proxy's relay) talks to them over channels; per
-//! packet there is no lock and no allocation — one `recvmmsg` per ready socket, a latch
-//! decision per packet, one `sendmmsg` per batch.
+//! The media data plane: forwarding threads owning the relay ports of the calls sharded
+//! to them. The control plane (the proxy's relay, or ng) talks to them over channels; per
+//! packet there is no lock and no allocation.
+//!
+//! Two ways to move packets, chosen at start:
+//! - **raw** (IPv4, needs CAP_NET_RAW): one raw socket per interface sees every datagram
+//!   for the whole port range (a BPF filter passes only that range), so one `recvmmsg`
+//!   takes packets of many calls, and one `sendmmsg` sends many calls' packets, each built
+//!   with the right relay source port. Per-port UDP sockets are still bound, to own the
+//!   ports (no ICMP unreachable, no one else binds them), but never read.
+//! - **per-port**: each relay port is a UDP socket polled with epoll; a ready socket is
+//!   drained with `recvmmsg`, and its accepted packets leave the peer port in one
+//!   `sendmmsg`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::UdpSocket;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pinhole_media::latch::{Latch, RtpInfo, Verdict};
 use pinhole_media::relay::{Command, PortSpec, RelayPort};
 use pinhole_media::stats::StreamStats;
 
-use crate::mmsg::{RecvBatch, SendBatch};
+use crate::mmsg::{raw_packet, RawSendBatch, RawSocket, RecvBatch, SendBatch};
 
-const BATCH: usize = 32;
+const BATCH: usize = 64;
 const WAKER: Token = Token(usize::MAX);
+const RAW: Token = Token(usize::MAX - 1);
 
 struct Slot {
     sock: UdpSocket,
+    bind: IpAddr,
     peer: RelayPort,
     latch: Latch,
     stats: Arc<StreamStats>,
@@ -37,12 +49,20 @@ enum WorkerCmd {
 /// Handles to the forwarding threads.
 pub(crate) struct DataPlane {
     workers: Vec<(Sender<WorkerCmd>, Arc<Waker>)>,
+    raw: bool,
 }
 
-fn bind(spec: &PortSpec) -> Option<std::net::UdpSocket> {
+fn bind(spec: &PortSpec, raw: bool) -> Option<std::net::UdpSocket> {
     let addr = SocketAddr::new(spec.bind, spec.port.0);
-    match std::net::UdpSocket::bind(addr).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-        Ok(s) => Some(s),
+    let sock = std::net::UdpSocket::bind(addr).and_then(|s| s.set_nonblocking(true).map(|()| s));
+    match sock {
+        Ok(s) => {
+            if raw {
+                // Only owns the port: keep its (never read) queue as small as possible.
+                let _ = socket2::SockRef::from(&s).set_recv_buffer_size(0);
+            }
+            Some(s)
+        }
         Err(e) => {
             metrics::counter!("pinhole_relay_bind_errors_total").increment(1);
             tracing::warn!(%addr, error = %e, "cannot bind relay port");
@@ -52,12 +72,35 @@ fn bind(spec: &PortSpec) -> Option<std::net::UdpSocket> {
 }
 
 impl DataPlane {
-    /// Starts `n` forwarding threads for ports in `port_min..=port_max`.
-    pub(crate) fn start(n: usize, port_min: u16, port_max: u16, epoch: Instant) -> std::io::Result<DataPlane> {
+    /// Starts the forwarding threads for ports `port_min..=port_max` on `binds`. Raw mode
+    /// is used when every interface is IPv4 and raw sockets can be opened (one thread);
+    /// otherwise `n` per-port threads.
+    pub(crate) fn start(
+        n: usize,
+        binds: &[IpAddr],
+        port_min: u16,
+        port_max: u16,
+        epoch: Instant,
+    ) -> std::io::Result<DataPlane> {
+        let raws: Option<Vec<RawSocket>> = binds
+            .iter()
+            .map(|ip| match ip {
+                IpAddr::V4(v4) => RawSocket::open(*v4, port_min, port_max).ok(),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let raw = raws.is_some();
+        let threads = if raw { 1 } else { n.max(1) };
+        let mut raws = raws.unwrap_or_default();
         let mut workers = Vec::new();
-        for i in 0..n.max(1) {
+        for i in 0..threads {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let mut raw_socks = Vec::new();
+            for (k, r) in raws.drain(..).enumerate() {
+                poll.registry().register(&mut SourceFd(&r.fd()), Token(RAW.0 - k), Interest::READABLE)?;
+                raw_socks.push(r);
+            }
             let (tx, rx) = channel();
             let mut w = Worker {
                 poll,
@@ -67,11 +110,14 @@ impl DataPlane {
                 epoch,
                 recv: RecvBatch::new(BATCH),
                 send: SendBatch::new(BATCH),
+                raw_send: RawSendBatch::new(BATCH),
+                raw: raw_socks,
             };
             std::thread::Builder::new().name(format!("relay {i}")).spawn(move || w.run())?;
             workers.push((tx, waker));
         }
-        Ok(DataPlane { workers })
+        tracing::info!(mode = if raw { "raw range socket" } else { "socket per port" }, threads, "relay data plane");
+        Ok(DataPlane { workers, raw })
     }
 
     /// Hands a relay command to the worker that owns the call.
@@ -82,7 +128,7 @@ impl DataPlane {
         let (tx, waker) = &self.workers[(shard % self.workers.len() as u64) as usize];
         let msg = match cmd {
             Command::Link { a, b, .. } => {
-                let (Some(sa), Some(sb)) = (bind(&a), bind(&b)) else { return };
+                let (Some(sa), Some(sb)) = (bind(&a, self.raw), bind(&b, self.raw)) else { return };
                 WorkerCmd::Link { a: (a, sa), b: (b, sb) }
             }
             other => WorkerCmd::Command(other),
@@ -101,12 +147,13 @@ struct Worker {
     epoch: Instant,
     recv: RecvBatch,
     send: SendBatch,
+    raw_send: RawSendBatch,
+    raw: Vec<RawSocket>,
 }
 
 impl Worker {
-    fn index(&self, port: RelayPort) -> Option<usize> {
-        let i = usize::from(port.0.checked_sub(self.base)?);
-        (i < self.slots.len()).then_some(i)
+    fn index(&self, port: u16) -> Option<usize> {
+        index(self.base, self.slots.len(), port)
     }
 
     fn run(&mut self) {
@@ -120,10 +167,10 @@ impl Worker {
                 return;
             }
             for ev in events.iter() {
-                if ev.token() == WAKER {
-                    self.commands();
-                } else {
-                    self.forward(RelayPort(ev.token().0 as u16));
+                match ev.token() {
+                    WAKER => self.commands(),
+                    t if t.0 > RAW.0 - self.raw.len().max(1) && !self.raw.is_empty() => self.forward_raw(RAW.0 - t.0),
+                    t => self.forward(t.0 as u16),
                 }
             }
         }
@@ -140,15 +187,17 @@ impl Worker {
                 }
                 WorkerCmd::Command(Command::Link { .. }) => {}
                 WorkerCmd::Command(Command::Expect { port, expected, .. }) => {
-                    if let Some(slot) = self.index(port).and_then(|i| self.slots[i].as_mut()) {
+                    if let Some(slot) = self.index(port.0).and_then(|i| self.slots[i].as_mut()) {
                         slot.latch.on_signal(now, expected);
                     }
                 }
                 WorkerCmd::Command(Command::Unlink { ports, .. }) => {
                     for p in ports {
-                        if let Some(i) = self.index(p) {
+                        if let Some(i) = self.index(p.0) {
                             if let Some(mut s) = self.slots[i].take() {
-                                let _ = self.poll.registry().deregister(&mut s.sock);
+                                if self.raw.is_empty() {
+                                    let _ = self.poll.registry().deregister(&mut s.sock);
+                                }
                             }
                         }
                     }
@@ -158,18 +207,69 @@ impl Worker {
     }
 
     fn open(&mut self, now: Instant, (spec, sock): (PortSpec, std::net::UdpSocket), peer: RelayPort) {
-        let Some(i) = self.index(spec.port) else { return };
+        let Some(i) = self.index(spec.port.0) else { return };
         let mut sock = UdpSocket::from_std(sock);
-        if let Err(e) = self.poll.registry().register(&mut sock, Token(usize::from(spec.port.0)), Interest::READABLE) {
-            tracing::warn!(port = spec.port.0, error = %e, "cannot poll relay port");
-            return;
+        if self.raw.is_empty() {
+            if let Err(e) =
+                self.poll.registry().register(&mut sock, Token(usize::from(spec.port.0)), Interest::READABLE)
+            {
+                tracing::warn!(port = spec.port.0, error = %e, "cannot poll relay port");
+                return;
+            }
         }
-        self.slots[i] = Some(Slot { sock, peer, latch: Latch::new(spec.mode, spec.expected, now), stats: spec.stats });
+        self.slots[i] = Some(Slot {
+            sock,
+            bind: spec.bind,
+            peer,
+            latch: Latch::new(spec.mode, spec.expected, now),
+            stats: spec.stats,
+        });
     }
 
-    /// Drains one ready socket: latch each packet, send the accepted ones on from the peer.
-    fn forward(&mut self, port: RelayPort) {
-        let Some(i) = self.index(port) else { return };
+    /// Raw mode: a batch of packets for any ports of the range, and one send for all.
+    fn forward_raw(&mut self, k: usize) {
+        let Some(fd) = self.raw.get(k).map(RawSocket::fd) else { return };
+        loop {
+            let n = match self.recv.recv(fd) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let now = Instant::now();
+            let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+            for p in 0..n {
+                let Some(pkt) = raw_packet(&self.recv, p) else { continue };
+                let Some((out_port, out_ip, to)) = decide(
+                    &mut self.slots,
+                    self.base,
+                    now,
+                    now_ns,
+                    pkt.dst.port(),
+                    SocketAddr::V4(pkt.src),
+                    pkt.payload,
+                ) else {
+                    continue;
+                };
+                let SocketAddr::V4(to) = to else { continue };
+                let from_ip = match out_ip {
+                    IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+                    _ => *pkt.dst.ip(),
+                };
+                let from = SocketAddrV4::new(from_ip, out_port);
+                if !self.raw_send.push(from, to, pkt.payload) {
+                    let _ = self.raw_send.flush(fd);
+                    self.raw_send.push(from, to, pkt.payload);
+                }
+            }
+            let _ = self.raw_send.flush(fd);
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+
+    /// Per-port mode: drain one ready socket, send the accepted packets on from the peer.
+    fn forward(&mut self, port: u16) {
+        let Some(i) = index(self.base, self.slots.len(), port) else { return };
         loop {
             let Some(slot) = self.slots[i].as_ref() else { return };
             let n = match self.recv.recv(slot.sock.as_raw_fd()) {
@@ -178,42 +278,65 @@ impl Worker {
             };
             let now = Instant::now();
             let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
-            let peer_index = self.index(slot.peer);
-            // Decide every packet with this port's latch.
+            let mut out: Option<(u16, SocketAddr)> = None;
             let mut accepted = [false; BATCH];
-            if let Some(slot) = self.slots[i].as_mut() {
-                for (k, ok) in accepted.iter_mut().enumerate().take(n) {
-                    let (data, src, truncated) = self.recv.packet(k);
-                    let Some(src) = src.filter(|_| !truncated) else {
-                        slot.stats.on_drop();
-                        continue;
-                    };
-                    let rtp = RtpInfo::parse(data);
-                    match slot.latch.on_packet(now, src, rtp) {
-                        Verdict::Forward => {
-                            slot.stats.on_packet(now_ns, data.len(), rtp);
-                            *ok = true;
-                        }
-                        Verdict::Drop(_) => slot.stats.on_drop(),
+            for (k, ok) in accepted.iter_mut().enumerate().take(n) {
+                let (data, src, truncated) = self.recv.packet(k);
+                let Some(src) = src.filter(|_| !truncated) else { continue };
+                if let Some((peer_port, _, to)) = decide(&mut self.slots, self.base, now, now_ns, port, src, data) {
+                    *ok = true;
+                    out = Some((peer_port, to));
+                }
+            }
+            if let Some((peer_port, dst)) = out {
+                let Some(peer) = index(self.base, self.slots.len(), peer_port).and_then(|p| self.slots[p].as_ref())
+                else {
+                    return;
+                };
+                self.send.start(dst);
+                for (k, ok) in accepted.iter().enumerate().take(n) {
+                    if *ok {
+                        let len = self.recv.packet(k).0.len();
+                        self.send.push(&self.recv, k, len);
                     }
                 }
-            }
-            // Send the accepted ones from the peer port to the peer's destination.
-            let Some(peer) = peer_index.and_then(|p| self.slots[p].as_ref()) else { continue };
-            let Some(dst) = peer.latch.destination() else { continue };
-            self.send.start(dst);
-            for (k, ok) in accepted.iter().enumerate().take(n) {
-                if *ok {
-                    let len = self.recv.packet(k).0.len();
-                    self.send.push(&self.recv, k, len);
+                if let Err(e) = self.send.flush(peer.sock.as_raw_fd(), &self.recv) {
+                    tracing::debug!(%dst, error = %e, "relay send failed");
                 }
-            }
-            if let Err(e) = self.send.flush(peer.sock.as_raw_fd(), &self.recv) {
-                tracing::debug!(%dst, error = %e, "relay send failed");
             }
             if n < BATCH {
                 return;
             }
         }
     }
+}
+
+fn index(base: u16, len: usize, port: u16) -> Option<usize> {
+    let i = usize::from(port.checked_sub(base)?);
+    (i < len).then_some(i)
+}
+
+/// Latching for one packet arriving on `port`: the port to send it from, that port's bound
+/// address, and the destination — or `None` to drop it.
+fn decide(
+    slots: &mut [Option<Slot>],
+    base: u16,
+    now: Instant,
+    now_ns: u64,
+    port: u16,
+    src: SocketAddr,
+    data: &[u8],
+) -> Option<(u16, IpAddr, SocketAddr)> {
+    let slot = slots[index(base, slots.len(), port)?].as_mut()?;
+    let rtp = RtpInfo::parse(data);
+    match slot.latch.on_packet(now, src, rtp) {
+        Verdict::Forward => slot.stats.on_packet(now_ns, data.len(), rtp),
+        Verdict::Drop(_) => {
+            slot.stats.on_drop();
+            return None;
+        }
+    }
+    let peer_port = slot.peer.0;
+    let peer = slots[index(base, slots.len(), peer_port)?].as_ref()?;
+    Some((peer_port, peer.bind, peer.latch.destination()?))
 }

@@ -206,6 +206,221 @@ fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen
     }
 }
 
+/// One raw IPv4/UDP socket for a whole relay port range: a classic BPF filter passes only
+/// UDP datagrams whose destination port is in the range, `recvmmsg` takes many ports'
+/// packets in one call, and with IP_HDRINCL `sendmmsg` sends many packets to many
+/// destinations, each from the right relay port, in one call.
+pub(crate) struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSocket {
+    /// Opens the socket bound to `ip` for destination ports `lo..=hi`. Needs CAP_NET_RAW.
+    pub(crate) fn open(ip: Ipv4Addr, lo: u16, hi: u16) -> io::Result<RawSocket> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the result is checked and owned immediately.
+        let fd = unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_UDP)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a pointer to a live c_int of the given size.
+        if unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_HDRINCL,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let size: libc::c_int = 8 << 20;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            // SAFETY: as above. Failure (no CAP_NET_ADMIN) leaves the default size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+        // Classic BPF: accept IPv4 UDP with lo <= dst port <= hi, not fragments.
+        let prog: [libc::sock_filter; 9] = [
+            bpf(0x30, 0, 0, 9),             // ldb [9]          protocol
+            bpf(0x15, 0, 6, 17),            // jeq #17, else drop
+            bpf(0x28, 0, 0, 6),             // ldh [6]          flags/fragment offset
+            bpf(0x45, 4, 0, 0x1fff),        // jset #0x1fff → drop (fragment)
+            bpf(0xb1, 0, 0, 0),             // ldxb 4*([0]&0xf) header length
+            bpf(0x48, 0, 0, 2),             // ldh [x+2]        destination port
+            bpf(0x35, 0, 1, u32::from(lo)), // jge #lo, else drop
+            bpf(0x25, 0, 1, u32::from(hi)), // jgt #hi → drop, else accept
+            bpf(0x06, 0, 0, 0xffff),        // ret #65535 (accept)
+        ];
+        // The two drop targets above land here.
+        let mut full = prog.to_vec();
+        full.push(bpf(0x06, 0, 0, 0)); // ret #0 (drop)
+                                       // Fix jump offsets: they count from the next instruction to the drop at index 9.
+        full[1].jf = 9 - 2; // from 1 to drop
+        full[3].jt = 9 - 4;
+        full[6].jf = 9 - 7;
+        full[7].jt = 9 - 8;
+        full[7].jf = 0;
+        let fprog = libc::sock_fprog { len: full.len() as u16, filter: full.as_mut_ptr() };
+        // SAFETY: fprog points at `full`, alive for the call; the kernel copies the program.
+        if unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast(),
+                size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let mut sa: libc::sockaddr_storage = unsafe { zeroed() };
+        let len = to_storage(SocketAddr::V4(SocketAddrV4::new(ip, 0)), &mut sa);
+        // SAFETY: sa holds a valid sockaddr_in of `len` bytes.
+        if unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Packets that arrived before the filter was attached are not filtered: drop them.
+        let mut junk = [0u8; 64];
+        // SAFETY: recv into a live stack buffer of the given length.
+        while unsafe { libc::recv(fd, junk.as_mut_ptr().cast(), junk.len(), libc::MSG_DONTWAIT) } >= 0 {}
+        Ok(RawSocket { fd: owned })
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+}
+
+fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// One IPv4/UDP datagram as received on the raw socket.
+pub(crate) struct RawPacket<'a> {
+    pub(crate) src: SocketAddrV4,
+    pub(crate) dst: SocketAddrV4,
+    pub(crate) payload: &'a [u8],
+}
+
+/// Parses packet `i` of a batch received on a [`RawSocket`].
+pub(crate) fn raw_packet(batch: &RecvBatch, i: usize) -> Option<RawPacket<'_>> {
+    let (ip, _, truncated) = batch.packet(i);
+    if truncated || ip.len() < 28 || ip[0] >> 4 != 4 || ip[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    let udp = ip.get(ihl..total)?;
+    if udp.len() < 8 {
+        return None;
+    }
+    let ulen = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    let payload = udp.get(8..ulen.min(udp.len()))?;
+    Some(RawPacket {
+        src: SocketAddrV4::new(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), u16::from_be_bytes([udp[0], udp[1]])),
+        dst: SocketAddrV4::new(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), u16::from_be_bytes([udp[2], udp[3]])),
+        payload,
+    })
+}
+
+/// Datagrams built with their own IPv4 and UDP headers, each to its own destination.
+pub(crate) struct RawSendBatch {
+    bufs: Vec<u8>,
+    iovs: Vec<libc::iovec>,
+    dsts: Vec<libc::sockaddr_storage>,
+    hdrs: Vec<libc::mmsghdr>,
+    count: usize,
+}
+
+// SAFETY: pointers only ever point into the batch's own buffers.
+unsafe impl Send for RawSendBatch {}
+
+impl RawSendBatch {
+    pub(crate) fn new(n: usize) -> RawSendBatch {
+        RawSendBatch {
+            bufs: vec![0u8; n * MAX_PACKET],
+            iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; n],
+            // SAFETY: plain C structs; all-zero is valid.
+            dsts: vec![unsafe { zeroed() }; n],
+            hdrs: vec![unsafe { zeroed() }; n],
+            count: 0,
+        }
+    }
+
+    /// Queues `payload` from `src` to `dst`. The kernel fills in the IP checksum, id and
+    /// total length; the UDP checksum is left 0 (optional over IPv4, RFC 768).
+    pub(crate) fn push(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> bool {
+        let len = 28 + payload.len();
+        if self.count == self.hdrs.len() || len > MAX_PACKET {
+            return false;
+        }
+        let b = &mut self.bufs[self.count * MAX_PACKET..self.count * MAX_PACKET + len];
+        b[0] = 0x45;
+        b[1] = 0xb8; // DSCP EF, as voice should be
+        b[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        b[4..8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0 (kernel sets), don't fragment
+        b[8] = 64;
+        b[9] = 17;
+        b[10..12].copy_from_slice(&[0, 0]);
+        b[12..16].copy_from_slice(&src.ip().octets());
+        b[16..20].copy_from_slice(&dst.ip().octets());
+        b[20..22].copy_from_slice(&src.port().to_be_bytes());
+        b[22..24].copy_from_slice(&dst.port().to_be_bytes());
+        b[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        b[26..28].copy_from_slice(&[0, 0]);
+        b[28..].copy_from_slice(payload);
+        let i = self.count;
+        to_storage(SocketAddr::V4(SocketAddrV4::new(*dst.ip(), 0)), &mut self.dsts[i]);
+        self.iovs[i] = libc::iovec { iov_base: self.bufs[i * MAX_PACKET..].as_mut_ptr().cast(), iov_len: len };
+        self.count += 1;
+        true
+    }
+
+    pub(crate) fn flush(&mut self, fd: RawFd) -> io::Result<usize> {
+        let n = self.count;
+        for i in 0..n {
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.dsts[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+        }
+        let mut sent = 0;
+        while sent < n {
+            // SAFETY: hdrs[sent..n] are initialised above and point into this batch's buffers.
+            let r = unsafe {
+                libc::sendmmsg(fd, self.hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, libc::MSG_DONTWAIT)
+            };
+            if r <= 0 {
+                break;
+            }
+            sent += r as usize;
+        }
+        self.count = 0;
+        Ok(sent)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +453,35 @@ mod tests {
         let (n, from) = c.recv_from(&mut buf).expect("recv");
         assert_eq!((n, from), (100, b.local_addr().expect("addr")));
         assert_eq!(rb.recv(b.as_raw_fd()).expect("empty"), 0, "nothing pending is Ok(0)");
+    }
+
+    /// Needs CAP_NET_RAW (root), as the relay's raw mode does.
+    #[test]
+    fn raw_socket_sees_only_its_port_range_and_sends_from_any_port() {
+        let Ok(raw) = RawSocket::open(Ipv4Addr::LOCALHOST, 45000, 45009) else {
+            panic!("raw sockets need CAP_NET_RAW; the test tiers run as root");
+        };
+        let inside = std::net::UdpSocket::bind("127.0.0.1:45004").expect("bind");
+        let outside = std::net::UdpSocket::bind("127.0.0.1:45020").expect("bind");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        peer.send_to(b"outside", outside.local_addr().expect("addr")).expect("send");
+        peer.send_to(b"inside", inside.local_addr().expect("addr")).expect("send");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut rb = RecvBatch::new(8);
+        assert_eq!(rb.recv(raw.fd()).expect("recv"), 1, "the filter passes only the range");
+        let p = raw_packet(&rb, 0).expect("udp");
+        assert_eq!(p.payload, b"inside");
+        assert_eq!(SocketAddr::V4(p.src), peer.local_addr().expect("addr"));
+        assert_eq!(p.dst.port(), 45004);
+        // Send back as if from relay port 45007, which has no socket of its own.
+        let mut sb = RawSendBatch::new(4);
+        let SocketAddr::V4(to) = peer.local_addr().expect("addr") else { panic!("v4") };
+        assert!(sb.push(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 45007), to, b"reply"));
+        assert_eq!(sb.flush(raw.fd()).expect("send"), 1);
+        let mut buf = [0u8; 64];
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
+        let (n, from) = peer.recv_from(&mut buf).expect("reply");
+        assert_eq!(&buf[..n], b"reply");
+        assert_eq!(from.port(), 45007);
     }
 }

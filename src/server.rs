@@ -123,7 +123,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 n => n,
             };
             tracing::info!(workers, ports = %format!("{}-{}", m.port_min, m.port_max), "media relay on");
-            Some(DataPlane::start(workers, m.port_min, m.port_max, epoch).context("starting relay workers")?)
+            let binds: Vec<std::net::IpAddr> = m.interfaces.iter().map(|i| i.bind).collect();
+            Some(DataPlane::start(workers, &binds, m.port_min, m.port_max, epoch).context("starting relay workers")?)
         }
         None => None,
     };
