@@ -51,8 +51,13 @@ pub struct Options {
     pub keep_ice: bool,
     /// Put the relay address in `o=` too.
     pub replace_origin: bool,
-    /// Interface for the side this SDP is sent to (index into `interfaces`).
+    /// Interface facing the side this SDP is sent to (index into `interfaces`); by default
+    /// the first interface of the address family of the next hop (see [`Options::to_v6`]),
+    /// else the first one.
     pub interface: Option<usize>,
+    /// Whether the recipient of this SDP is reached over IPv6, when known. With interfaces
+    /// of both families this bridges IPv4 and IPv6 phones.
+    pub to_v6: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -405,7 +410,13 @@ impl Relay {
         opts: Options,
     ) -> Result<Vec<u8>, RelayError> {
         let other = 1 - side;
-        let out_iface = opts.interface.unwrap_or(0).min(self.cfg.interfaces.len().saturating_sub(1));
+        let ifaces = &self.cfg.interfaces;
+        let family = |v6: bool| ifaces.iter().position(|i| i.advertise.is_ipv6() == v6);
+        let out_iface =
+            opts.interface.or_else(|| opts.to_v6.and_then(family)).unwrap_or(0).min(ifaces.len().saturating_sub(1));
+        // The sender's side faces it on an interface of its SDP's address family.
+        let in_ifaces: Vec<usize> =
+            sdp.media.iter().map(|m| m.addr.and_then(|a| family(a.is_ipv6())).unwrap_or(out_iface)).collect();
         // Allocate ports for new streams first, so a failure changes nothing.
         let have = self.calls.get(call_id).map_or(0, |c| c.streams.len());
         let need = sdp.media.len().saturating_sub(have);
@@ -427,7 +438,8 @@ impl Relay {
             let expected_rtcp = Expected { sdp: m.addr.map(|a| SocketAddr::new(a, rtcp_port)), signalling_ip };
             if i >= call.streams.len() {
                 let ports = fresh.remove(0);
-                let iface = [out_iface; 2];
+                let mut iface = [out_iface; 2];
+                iface[side] = in_ifaces[i];
                 let stats: [Arc<StreamStats>; 4] = Default::default();
                 let mut exp = [Expected::default(), Expected::default()];
                 exp[side] = expected_rtp;
@@ -606,6 +618,29 @@ mod tests {
         let a3 = r.on_sdp(t, "c1", "a", &sdp("198.51.100.10", 4002), None, Options::default()).expect("reanswer");
         assert_eq!(port_of(&a3), port_of(&o));
         assert_eq!(r.ports_in_use(), 4);
+    }
+
+    #[test]
+    fn ipv6_phone_and_ipv4_phone_are_bridged_across_interfaces() {
+        let t = Instant::now();
+        let mut cfg = relay(t).cfg;
+        cfg.interfaces.push(RelayInterface {
+            name: "v6".into(),
+            bind: "2001:db8::1".parse().expect("ip"),
+            advertise: "2001:db8::1".parse().expect("ip"),
+        });
+        let mut r = Relay::new(cfg, t);
+        let v6_offer =
+            b"v=0\r\no=- 1 1 IN IP6 2001:db8::7\r\ns=-\r\nc=IN IP6 2001:db8::7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        let opts = Options { to_v6: Some(false), ..Options::default() };
+        let o = r.offer(t, "c1", "a", v6_offer, None, opts).expect("offer");
+        assert!(String::from_utf8_lossy(&o).contains("c=IN IP4 203.0.113.1"), "offer goes to the v4 phone");
+        let a = r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
+        assert!(String::from_utf8_lossy(&a).contains("c=IN IP6 2001:db8::1"), "answer goes to the v6 phone");
+        let links: Vec<_> = std::iter::from_fn(|| r.poll_command()).collect();
+        let Command::Link { a: pa, b: pb, .. } = &links[0] else { panic!("link") };
+        assert_eq!(pa.bind, "2001:db8::1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(pb.bind, "203.0.113.1".parse::<IpAddr>().expect("ip"));
     }
 
     #[test]

@@ -509,7 +509,7 @@ impl Proxy {
                 return;
             }
         };
-        let body = match self.media_request(now, flow, msg) {
+        let body = match self.media_request(now, flow, msg, targets.first().map(|t| t.flow)) {
             Ok(b) => b,
             Err(rej) => {
                 self.respond(now, key, rej.code, &rej.reason, &[]);
@@ -718,7 +718,7 @@ impl Proxy {
         let mut h = DefaultHasher::new();
         msg.branch().hash(&mut h);
         let branch = format!("{BRANCH_PREFIX}{:016x}.ack", h.finish());
-        let body = self.media_request(now, flow, msg).ok().flatten();
+        let body = self.media_request(now, flow, msg, Some(target.flow)).ok().flatten();
         let mut e = Editor::new(msg);
         if let Some(b) = &body {
             e.set_body(b);
@@ -985,7 +985,8 @@ impl Proxy {
     /// Sends a downstream response upstream through server transaction `sk`, without our Via.
     fn forward_response(&mut self, now: Instant, sk: &str, msg: &Message, from: Option<Flow>) {
         let code = msg.status().unwrap_or(500);
-        let body = from.and_then(|f| self.media_response(now, f, msg));
+        let up = self.server_txs.get(sk).map(|st| st.flow);
+        let body = from.and_then(|f| self.media_response(now, f, up, msg));
         if let (Some(f), true) = (from, (200..300).contains(&code)) {
             if let Some(st) = self.server_txs.get(sk) {
                 if st.invite && st.request.tag(HeaderName::To).is_none() {

@@ -58,6 +58,7 @@ impl Proxy {
         now: Instant,
         flow: Flow,
         msg: &Message,
+        to: Option<Flow>,
     ) -> Result<Option<Vec<u8>>, Rejection> {
         let Some(relay) = self.relay.as_mut() else {
             return Ok(None);
@@ -72,7 +73,8 @@ impl Proxy {
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             return Ok(None);
         };
-        match relay.on_sdp(now, call_id, tag, body, Some(flow.remote.ip()), Options::default()) {
+        let opts = Options { to_v6: to.map(|f| f.remote.is_ipv6()), ..Options::default() };
+        match relay.on_sdp(now, call_id, tag, body, Some(flow.remote.ip()), opts) {
             Ok(b) => Ok(Some(b)),
             Err(RelayError::LoadLimit) => Err(Rejection::new(503, "Media Relay At Session Limit")),
             Err(RelayError::PortsExhausted) => Err(Rejection::new(503, "Media Relay Out Of Ports")),
@@ -82,8 +84,14 @@ impl Proxy {
     }
 
     /// Anchors the SDP of a 1xx/2xx response coming from `from`; `None` leaves the body.
-    pub(super) fn media_response(&mut self, now: Instant, from: Flow, msg: &Message) -> Option<Vec<u8>> {
-        let relay = self.relay.as_mut()?;
+    pub(super) fn media_response(
+        &mut self,
+        now: Instant,
+        from: Flow,
+        to: Option<Flow>,
+        msg: &Message,
+    ) -> Option<Vec<u8>> {
+        self.relay.as_ref()?;
         let code = msg.status()?;
         let (_, method) = msg.cseq()?;
         if code >= 300 || !matches!(method, Method::Invite | Method::Update | Method::Prack) {
@@ -91,7 +99,9 @@ impl Proxy {
         }
         let body = sdp_body(msg)?;
         let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
-        match relay.on_sdp(now, call_id, tag, body, Some(from.remote.ip()), Options::default()) {
+        let opts = Options { to_v6: to.map(|f| f.remote.is_ipv6()), ..Options::default() };
+        let relay = self.relay.as_mut()?;
+        match relay.on_sdp(now, call_id, tag, body, Some(from.remote.ip()), opts) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(call_id, error = %e, "answer not anchored; forwarded as is");
