@@ -72,6 +72,28 @@ pub enum RelayError {
     UnknownCall,
 }
 
+/// A call as a query reports it.
+#[derive(Debug, Clone)]
+pub struct CallInfo {
+    pub created: Instant,
+    pub last_signal: Instant,
+    /// Tags of side A and side B (empty until known).
+    pub tags: [String; 2],
+    pub streams: Vec<StreamInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    pub kind: String,
+    pub proto: String,
+    /// RTP port each side sends to (RTCP is +1).
+    pub ports: [RelayPort; 2],
+    /// Each side's address from its SDP.
+    pub sdp: [Option<SocketAddr>; 2],
+    /// Packets received from side A and B: [RTP A, RTP B, RTCP A, RTCP B].
+    pub stats: [Arc<StreamStats>; 4],
+}
+
 /// One side of a forwarding link, as the data plane needs it.
 #[derive(Debug, Clone)]
 pub struct PortSpec {
@@ -111,6 +133,10 @@ pub enum Event {
 
 #[derive(Debug)]
 struct Stream {
+    kind: String,
+    proto: String,
+    /// Each side's address from its last SDP.
+    sdp: [Option<SocketAddr>; 2],
     iface: [usize; 2],
     /// RTP port each side sends to (RTCP is +1).
     ports: [RelayPort; 2],
@@ -123,6 +149,7 @@ struct Call {
     tags: [String; 2],
     streams: Vec<Stream>,
     created: Instant,
+    last_signal: Instant,
     answered: Option<Instant>,
     /// The side whose offer awaits an answer.
     pending_offer: Option<usize>,
@@ -273,6 +300,7 @@ impl Relay {
                     tags: [from_tag.to_owned(), String::new()],
                     streams: Vec::new(),
                     created: now,
+                    last_signal: now,
                     answered: None,
                     pending_offer: None,
                     last: [None, None],
@@ -282,7 +310,7 @@ impl Relay {
         // An offer from a tag the call does not know yet comes from side A.
         let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(0);
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
-        self.remember(call_id, side, sdp, &out, Some(side));
+        self.remember(now, call_id, side, sdp, &out, Some(side));
         Ok(out)
     }
 
@@ -310,7 +338,7 @@ impl Relay {
             call.answered = Some(now);
         }
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
-        self.remember(call_id, side, sdp, &out, None);
+        self.remember(now, call_id, side, sdp, &out, None);
         Ok(out)
     }
 
@@ -341,9 +369,29 @@ impl Relay {
         self.calls.get(call_id).map(|c| c.streams.iter().map(|s| s.stats.clone()).collect())
     }
 
-    /// The tags of a call's sides and each stream's ports, for queries.
-    pub fn describe(&self, call_id: &str) -> Option<(Instant, [String; 2], Vec<[RelayPort; 2]>)> {
-        self.calls.get(call_id).map(|c| (c.created, c.tags.clone(), c.streams.iter().map(|s| s.ports).collect()))
+    /// What a query reports about a call.
+    pub fn describe(&self, call_id: &str) -> Option<CallInfo> {
+        self.calls.get(call_id).map(|c| CallInfo {
+            created: c.created,
+            last_signal: c.last_signal,
+            tags: c.tags.clone(),
+            streams: c
+                .streams
+                .iter()
+                .map(|s| StreamInfo {
+                    kind: s.kind.clone(),
+                    proto: s.proto.clone(),
+                    ports: s.ports,
+                    sdp: s.sdp,
+                    stats: s.stats.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Call-IDs of the calls in progress.
+    pub fn list(&self) -> Vec<String> {
+        self.calls.keys().cloned().collect()
     }
 
     #[must_use]
@@ -388,8 +436,17 @@ impl Relay {
         }
     }
 
-    fn remember(&mut self, call_id: &str, side: usize, input: &[u8], output: &[u8], pending: Option<usize>) {
+    fn remember(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        side: usize,
+        input: &[u8],
+        output: &[u8],
+        pending: Option<usize>,
+    ) {
         if let Some(c) = self.calls.get_mut(call_id) {
+            c.last_signal = now;
             c.last[side] = Some((input.to_vec(), output.to_vec()));
             c.pending_offer = pending;
         }
@@ -462,8 +519,18 @@ impl Relay {
                         b: spec(1, rtp_exp_b),
                     });
                 }
-                call.streams.push(Stream { iface, ports, stats });
+                let mut sdp_addr = [None, None];
+                sdp_addr[side] = expected_rtp.sdp;
+                call.streams.push(Stream {
+                    kind: m.kind.clone(),
+                    proto: m.proto.clone(),
+                    sdp: sdp_addr,
+                    iface,
+                    ports,
+                    stats,
+                });
             } else {
+                call.streams[i].sdp[side] = expected_rtp.sdp;
                 let s = &call.streams[i];
                 for (port, e) in [(s.ports[side], expected_rtp), (RelayPort(s.ports[side].0 + 1), expected_rtcp)] {
                     self.commands.push_back(Command::Expect { shard: serial, port, expected: e });

@@ -149,6 +149,23 @@ impl Pinhole {
         p
     }
 
+    /// Starts pinhole with a config of the caller's (its [metrics] table is added here).
+    pub fn with_config(dir: &TempDir, config: &str) -> Pinhole {
+        let metrics_port = free_port();
+        let path = dir.path().join(format!("pinhole-{metrics_port}.toml"));
+        std::fs::write(&path, format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")).expect("config");
+        let mut p = Pinhole {
+            child: None,
+            config: path,
+            sip_port: 0,
+            tls_port: 0,
+            metrics_port,
+            log: dir.path().join(format!("pinhole-{metrics_port}.log")),
+        };
+        p.spawn();
+        p
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_pinhole"))
@@ -288,7 +305,7 @@ pub fn sipp_command(args: &[&str], out: &Path) -> Command {
     let mut c = Command::new("sipp");
     let f = std::fs::File::create(out).expect("sipp output file");
     let f2 = f.try_clone().expect("clone");
-    c.current_dir(sipp_dir()).args(args).arg("-nostdin").stdout(f).stderr(f2);
+    c.current_dir(sipp_dir()).arg("-nostdin").args(args).stdout(f).stderr(f2);
     c
 }
 

@@ -31,7 +31,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("sip") => sip(&args[1..]),
         Some("relay") => crate::relaybench::run(&args[1..]),
-        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay"),
+        Some("ng") => ng(&args[1..]),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng"),
     }
 }
 
@@ -107,6 +108,20 @@ fn sipp_count(text: &str, label: &str) -> u32 {
 
 /// One run at `rate` calls/s against a proxy at `target` whose CPU is read from `pid`.
 fn load(target: &str, pid: u32, rate: u32, calls: u32, user: &str, dir: &Path) -> anyhow::Result<Outcome> {
+    load_with(target, &[pid], rate, calls, user, dir, ("uas.xml", "uac_bench.xml")).map(|(o, _)| o)
+}
+
+/// Runs sipp callee `scenarios.0` and caller `scenarios.1` through `target`; returns the
+/// outcome (CPU summed over `pids`) and the CPU per call of each pid.
+fn load_with(
+    target: &str,
+    pids: &[u32],
+    rate: u32,
+    calls: u32,
+    user: &str,
+    dir: &Path,
+    scenarios: (&str, &str),
+) -> anyhow::Result<(Outcome, Vec<f64>)> {
     let uas_port = free_port().to_string();
     let hold = ((calls / rate.max(1)) * 1000 + 8000).to_string();
     let uas = sipp(
@@ -114,7 +129,7 @@ fn load(target: &str, pid: u32, rate: u32, calls: u32, user: &str, dir: &Path) -
             "-sf",
             "register_and_answer.xml",
             "-oocsf",
-            "uas.xml",
+            scenarios.0,
             "-s",
             user,
             "-m",
@@ -134,14 +149,14 @@ fn load(target: &str, pid: u32, rate: u32, calls: u32, user: &str, dir: &Path) -
     let _uas = Proc(uas);
     std::thread::sleep(Duration::from_millis(800));
     let uac_log = dir.join(format!("uac-{user}.log"));
-    let t0 = cpu_ticks(pid);
+    let t0: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     let rate_s = rate.to_string();
     let calls_s = calls.to_string();
     let uac_port = free_port().to_string();
     let mut uac = sipp(
         &[
             "-sf",
-            "uac_bench.xml",
+            scenarios.1,
             "-s",
             user,
             "-r",
@@ -174,12 +189,16 @@ fn load(target: &str, pid: u32, rate: u32, calls: u32, user: &str, dir: &Path) -
     let _ = uac.wait();
     // Let the last transactions settle before reading CPU.
     std::thread::sleep(Duration::from_millis(300));
-    let t1 = cpu_ticks(pid);
+    let t1: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     let text = std::fs::read_to_string(&uac_log).unwrap_or_default();
     let ok = sipp_count(&text, "Successful call");
     let failed = sipp_count(&text, "Failed call");
-    let cpu_us = (t1.saturating_sub(t0)) as f64 / ticks_per_sec() * 1e6;
-    Ok(Outcome { rate, calls, ok, failed, cpu_us_per_call: if ok > 0 { cpu_us / f64::from(ok) } else { f64::NAN } })
+    let per_call: Vec<f64> = t0
+        .iter()
+        .zip(&t1)
+        .map(|(a, b)| b.saturating_sub(*a) as f64 / ticks_per_sec() * 1e6 / f64::from(ok.max(1)))
+        .collect();
+    Ok((Outcome { rate, calls, ok, failed, cpu_us_per_call: per_call.iter().sum() }, per_call))
 }
 
 fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
@@ -271,6 +290,81 @@ fn sip(args: &[String]) -> anyhow::Result<()> {
         let best =
             rows.iter().filter(|(name, o)| *name == n && o.failed == 0 && o.ok == o.calls).map(|(_, o)| o.rate).max();
         println!("  highest clean rate {n}: {}", best.map_or("none".into(), |r| format!("{r}/s")));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn start_kamailio_ng(dir: &Path, port: u16, ng_port: u16) -> anyhow::Result<Proc> {
+    let template = std::fs::read_to_string(root().join("config/kamailio/kamailio.cfg"))?;
+    let cfg = dir.join(format!("kamailio-ng-{port}.cfg"));
+    std::fs::write(
+        &cfg,
+        template
+            .replace("__LISTEN__", &format!("udp:127.0.0.1:{port}"))
+            .replace("__NG__", &format!("udp:127.0.0.1:{ng_port}")),
+    )?;
+    let child = Command::new("kamailio")
+        .args(["-f"])
+        .arg(&cfg)
+        .args(["-DD", "-E", "-m", "512", "-M", "32", "-w"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("kamailio-ng-{port}.log")))?)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok(Proc(child))
+}
+
+/// `bench ng` (b): setup cost of anchored calls, Kamailio + pinhole vs Kamailio + rtpengine.
+fn ng(args: &[String]) -> anyhow::Result<()> {
+    for cmd in ["sipp", "kamailio", "rtpengine"] {
+        if !have(cmd) {
+            anyhow::bail!("{cmd} is not installed; run `cargo xtask install-peers` as root");
+        }
+    }
+    let rate = arg(args, "--rate", 500);
+    let seconds = arg(args, "--seconds", 10);
+    let dir = std::env::temp_dir().join(format!("pinhole-ng-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut rows = Vec::new();
+    for relay in ["pinhole", "rtpengine"] {
+        let ng_port = free_port();
+        let relay_proc = match relay {
+            "pinhole" => crate::relaybench::start_pinhole(&dir, ng_port)?,
+            _ => crate::relaybench::start_rtpengine(&dir, ng_port)?,
+        };
+        let kport = free_port();
+        let kam = start_kamailio_ng(&dir, kport, ng_port)?;
+        let (o, per) = load_with(
+            &format!("127.0.0.1:{kport}"),
+            &[kam.0.id(), relay_proc.0.id()],
+            rate,
+            rate * seconds,
+            &format!("n{relay}"),
+            &dir,
+            ("uas_relay.xml", "uac_bench_anchored.xml"),
+        )?;
+        println!(
+            "kamailio+{relay:9} rate {rate}/s calls {:6} ok {:6} failed {:4}  kamailio {:7.1} us/call  {relay} {:7.1} us/call",
+            o.calls, o.ok, o.failed, per[0], per[1]
+        );
+        rows.push((relay, o, per));
+        drop(kam);
+        drop(relay_proc);
+    }
+    if let [(_, po, pp), (_, ro, rp)] = &rows[..] {
+        println!(
+            "\nsummary at {rate}/s: relay share per anchored call pinhole {:.1} us vs rtpengine {:.1} us (ratio {:.2}x); \
+             whole call kamailio+pinhole {:.1} us vs kamailio+rtpengine {:.1} us; failed {} vs {}",
+            pp[1],
+            rp[1],
+            rp[1] / pp[1],
+            po.cpu_us_per_call,
+            ro.cpu_us_per_call,
+            po.failed,
+            ro.failed
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(&args[1..]),
         Some("install-peers") => install_peers(),
         _ => {
-            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | fuzz [SECONDS] | install-peers");
+            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | fuzz [SECONDS] | install-peers");
             return ExitCode::from(2);
         }
     };
@@ -105,7 +105,7 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     println!("xtask: tier 3-4: loopback tests with sipp, network-namespace NAT labs with baresip");
-    run(cargo().args(["test", "--workspace", "--tests"]).env("RUST_TEST_THREADS", "4"))?;
+    run(cargo().args(["test", "--workspace", "--test", "*"]).env("RUST_TEST_THREADS", "4"))?;
     println!("xtask: all tiers passed in {:.0?}", t0.elapsed());
     Ok(())
 }
@@ -116,25 +116,28 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let fuzz_dir = root().join("fuzz");
-    let corpus = fuzz_dir.join("corpus/sip_message");
-    std::fs::create_dir_all(&corpus)?;
     let nightly = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    let mut c = Command::new("cargo");
-    c.current_dir(&fuzz_dir);
-    if nightly {
-        c.arg("+nightly");
-    } else {
-        // cargo-fuzz needs nightly flags; the stable toolchain accepts them this way.
-        c.env("RUSTC_BOOTSTRAP", "1");
+    for target in ["sip_message", "ng"] {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut c = Command::new("cargo");
+        c.current_dir(&fuzz_dir);
+        if nightly {
+            c.arg("+nightly");
+        } else {
+            // cargo-fuzz needs nightly flags; the stable toolchain accepts them this way.
+            c.env("RUSTC_BOOTSTRAP", "1");
+        }
+        run(c
+            .args(["fuzz", "run", target])
+            .arg(&corpus)
+            .arg(fuzz_dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={secs}")))?;
     }
-    run(c
-        .args(["fuzz", "run", "sip_message"])
-        .arg(&corpus)
-        .arg(fuzz_dir.join("seeds/sip_message"))
-        .arg("--")
-        .arg(format!("-max_total_time={secs}")))
+    Ok(())
 }

@@ -236,7 +236,7 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
     })
 }
 
-fn start_pinhole(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
+pub(crate) fn start_pinhole(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
     crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
         "build",
         "--release",
@@ -264,14 +264,14 @@ fn start_pinhole(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
     Ok(Proc(child))
 }
 
-fn start_rtpengine(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
+pub(crate) fn start_rtpengine(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
     let child = Command::new("rtpengine")
         .args([
             "--table=-1",
             "--interface=127.0.0.1",
             &format!("--listen-ng=127.0.0.1:{ng_port}"),
-            "--port-min=40000",
-            "--port-max=49999",
+            "--port-min=30000",
+            "--port-max=39999",
             "--foreground",
             "--log-stderr",
             "--log-level=3",
