@@ -1,17 +1,18 @@
-//! The ng control listener (UDP): rtpengine's protocol as Kamailio's rtpengine module
+//! The ng control listener (UDP and TCP, bencode or JSON): rtpengine's protocol as Kamailio's rtpengine module
 //! speaks it. Commands: ping, offer, answer, delete, query, list, statistics. Replies are
 //! cached by cookie, so a retransmitted request gets the identical reply and is not
 //! executed twice (requests are handled one at a time, so a retransmission that arrives
 //! while the first is processed finds the reply cached).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pinhole_media::latch::LatchMode;
-use pinhole_media::ng::{split_cookie, Bencode};
+use pinhole_media::ng::{from_json, split_cookie, to_json, Bencode};
 use pinhole_media::relay::{Options, Relay, RelayError};
 
 use crate::server::Shared;
@@ -66,6 +67,26 @@ fn answer(
     if let Some((_, reply)) = cache.get(cookie) {
         return Some(reply.clone());
     }
+    let mut reply = cookie.to_vec();
+    reply.push(b' ');
+    reply.extend_from_slice(&respond(shared, now, payload));
+    cache.insert(cookie.to_vec(), (now, reply.clone()));
+    Some(reply)
+}
+
+/// The encoded reply to one message body: bencode, or JSON for a JSON dictionary.
+fn respond(shared: &Arc<Shared>, now: Instant, payload: &[u8]) -> Vec<u8> {
+    if payload.first() == Some(&b'{') {
+        let body = match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(v @ serde_json::Value::Object(_)) => handle(shared, now, &from_json(&v)),
+            Ok(_) => error("message is not a dictionary"),
+            Err(e) => {
+                metrics::counter!("pinhole_ng_garbage_total").increment(1);
+                error(&format!("invalid JSON: {e}"))
+            }
+        };
+        return serde_json::to_vec(&to_json(&body)).unwrap_or_default();
+    }
     let body = match Bencode::decode(payload) {
         Ok(msg @ Bencode::Dict(_)) => handle(shared, now, &msg),
         Ok(_) => error("message is not a dictionary"),
@@ -74,11 +95,49 @@ fn answer(
             error(&format!("invalid bencode: {e}"))
         }
     };
-    let mut reply = cookie.to_vec();
-    reply.push(b' ');
-    body.encode(&mut reply);
-    cache.insert(cookie.to_vec(), (now, reply.clone()));
-    Some(reply)
+    let mut out = Vec::new();
+    body.encode(&mut out);
+    out
+}
+
+/// ng over TCP: `<cookie> <bencoded dictionary>` back to back on a stream. A message that
+/// cannot be framed closes the connection.
+pub(crate) fn run_tcp(shared: &Arc<Shared>, listener: &TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let shared = shared.clone();
+        let _ = std::thread::Builder::new().name("ng tcp".into()).spawn(move || {
+            let mut buf = Vec::with_capacity(4096);
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                let n = match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                buf.extend_from_slice(&chunk[..n]);
+                loop {
+                    let Some(sp) = buf.iter().take(256).position(|&b| b == b' ') else {
+                        if buf.len() > 256 {
+                            return; // no cookie within reason: not ng
+                        }
+                        break;
+                    };
+                    let (body, used) = match Bencode::decode_prefix(&buf[sp + 1..]) {
+                        Ok((Bencode::Dict(d), used)) => (handle(&shared, Instant::now(), &Bencode::Dict(d)), used),
+                        Ok((_, used)) => (error("message is not a dictionary"), used),
+                        Err(pinhole_media::ng::NgError::Truncated) if buf.len() < 1 << 20 => break,
+                        Err(_) => return,
+                    };
+                    let mut reply = buf[..sp + 1].to_vec();
+                    body.encode(&mut reply);
+                    if conn.write_all(&reply).is_err() {
+                        return;
+                    }
+                    buf.drain(..sp + 1 + used);
+                }
+            }
+        });
+    }
 }
 
 fn error(reason: &str) -> Bencode {

@@ -193,11 +193,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if !cfg.ng.listen.is_empty() {
         let addr: SocketAddr = cfg.ng.listen.parse().context("ng.listen")?;
         let sock = std::net::UdpSocket::bind(addr).with_context(|| format!("binding ng on {addr}"))?;
-        let shared = shared.clone();
+        let tcp = std::net::TcpListener::bind(addr).with_context(|| format!("binding ng on tcp {addr}"))?;
+        let (s1, s2) = (shared.clone(), shared.clone());
         std::thread::Builder::new()
             .name("ng".into())
-            .spawn(move || crate::ng::run(&shared, &sock))
+            .spawn(move || crate::ng::run(&s1, &sock))
             .context("starting the ng thread")?;
+        std::thread::Builder::new()
+            .name("ng tcp".into())
+            .spawn(move || crate::ng::run_tcp(&s2, &tcp))
+            .context("starting the ng TCP thread")?;
         tracing::info!(%addr, "ng control listening");
     }
     tokio::spawn(timer_loop(shared.clone()));

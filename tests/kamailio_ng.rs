@@ -194,3 +194,39 @@ fn ng_garbage_gets_error_replies_or_is_dropped_and_sessions_survive() {
     let list = ng(ng_port, "l1", Bencode::dict(vec![("command", Bencode::str("list"))]));
     assert_eq!(list.get("calls"), Some(&Bencode::List(vec![Bencode::str("keep")])), "session undisturbed");
 }
+
+#[test]
+fn ng_answers_json_over_udp_and_bencode_over_tcp() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("ngtcp");
+    let ng_port = free_port();
+    let (lo, hi) = relay_range();
+    let _ph = Pinhole::with_config(
+        &dir,
+        &format!(
+            "[sip]\nlisten = []\ndomain = \"relay.test\"\n[registrar]\nstore = \"\"\n\
+             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n\
+             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n"
+        ),
+    );
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    s.send_to(br#"j1 {"command":"ping"}"#, ("127.0.0.1", ng_port)).expect("send");
+    let mut buf = [0u8; 512];
+    let (n, _) = s.recv_from(&mut buf).expect("reply");
+    assert_eq!(&buf[..n], br#"j1 {"result":"pong"}"#);
+
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", ng_port)).expect("tcp ng");
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    // Two messages in one write, the second split across writes.
+    tcp.write_all(b"t1 d7:command4:pinget2 d7:comm").expect("write");
+    std::thread::sleep(Duration::from_millis(100));
+    tcp.write_all(b"and4:listee").expect("write");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !got.ends_with(b"5:callslee") && Instant::now() < deadline {
+        let n = tcp.read(&mut buf).unwrap_or(0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), "t1 d6:result4:ponget2 d6:result2:ok5:callslee");
+}

@@ -85,6 +85,13 @@ impl Bencode {
         }
     }
 
+    /// Decodes one value at the start of `input` and says how many bytes it took; for
+    /// streams (ng over TCP), where `Truncated` means "wait for more".
+    pub fn decode_prefix(input: &[u8]) -> Result<(Bencode, usize), NgError> {
+        let (v, rest) = decode_value(input, 0)?;
+        Ok((v, input.len() - rest.len()))
+    }
+
     /// Decodes exactly one value; anything after it is an error.
     pub fn decode(input: &[u8]) -> Result<Bencode, NgError> {
         let (v, rest) = decode_value(input, 0)?;
@@ -163,6 +170,32 @@ fn decode_bytes(i: &[u8]) -> Result<(Vec<u8>, &[u8]), NgError> {
     Ok((i[start..end].to_vec(), &i[end..]))
 }
 
+/// Converts a JSON message (ng also accepts JSON dictionaries) to the same tree.
+pub fn from_json(v: &serde_json::Value) -> Bencode {
+    use serde_json::Value;
+    match v {
+        Value::Null => Bencode::Bytes(Vec::new()),
+        Value::Bool(b) => Bencode::Int(i64::from(*b)),
+        Value::Number(n) => Bencode::Int(n.as_i64().unwrap_or(0)),
+        Value::String(s) => Bencode::Bytes(s.as_bytes().to_vec()),
+        Value::Array(a) => Bencode::List(a.iter().map(from_json).collect()),
+        Value::Object(o) => Bencode::Dict(o.iter().map(|(k, v)| (k.as_bytes().to_vec(), from_json(v))).collect()),
+    }
+}
+
+/// The reply to a JSON request, as JSON.
+pub fn to_json(b: &Bencode) -> serde_json::Value {
+    use serde_json::Value;
+    match b {
+        Bencode::Int(i) => Value::from(*i),
+        Bencode::Bytes(s) => Value::String(String::from_utf8_lossy(s).into_owned()),
+        Bencode::List(l) => Value::Array(l.iter().map(to_json).collect()),
+        Bencode::Dict(d) => {
+            Value::Object(d.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), to_json(v))).collect())
+        }
+    }
+}
+
 /// Splits `<cookie> <payload>`.
 pub fn split_cookie(msg: &[u8]) -> Result<(&[u8], &[u8]), NgError> {
     let sp = msg.iter().position(|&b| b == b' ').ok_or(NgError::NoCookie)?;
@@ -196,6 +229,22 @@ mod tests {
             v.encode(&mut out);
             assert_eq!(out, wire);
         }
+    }
+
+    #[test]
+    fn json_messages_map_to_the_same_tree() {
+        let j: serde_json::Value =
+            serde_json::from_str(r#"{"command":"offer","flags":["trust-address"],"n":3}"#).expect("json");
+        let b = from_json(&j);
+        assert_eq!(b.get("command").and_then(Bencode::as_str), Some("offer"));
+        assert_eq!(b.get("flags"), Some(&Bencode::List(vec![Bencode::str("trust-address")])));
+        assert_eq!(to_json(&b), j);
+    }
+
+    #[test]
+    fn stream_decoding_reports_what_it_consumed() {
+        assert_eq!(Bencode::decode_prefix(b"d1:ai1eed1:b"), Ok((Bencode::dict(vec![("a", Bencode::Int(1))]), 8)));
+        assert_eq!(Bencode::decode_prefix(b"d1:ai1"), Err(NgError::Truncated));
     }
 
     #[test]
