@@ -32,7 +32,8 @@ const WAKER: Token = Token(usize::MAX);
 const RAW: Token = Token(usize::MAX - 1);
 
 struct Slot {
-    sock: UdpSocket,
+    /// The port's own socket (per-port mode only).
+    sock: Option<UdpSocket>,
     bind: IpAddr,
     peer: RelayPort,
     latch: Latch,
@@ -42,14 +43,21 @@ struct Slot {
 /// What a worker is told. Sockets are bound by the control plane before the command is
 /// sent, so a port is open by the time its SDP leaves pinhole.
 enum WorkerCmd {
-    Link { a: (PortSpec, std::net::UdpSocket), b: (PortSpec, std::net::UdpSocket) },
+    Link { a: (PortSpec, Option<std::net::UdpSocket>), b: (PortSpec, Option<std::net::UdpSocket>) },
     Command(Command),
 }
+
+/// How long a worker may take to notice a command that is not urgent (Unlink): links and
+/// expectations wake it at once, since packets may follow their SDP immediately.
+const LAZY_COMMANDS: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Handles to the forwarding threads.
 pub(crate) struct DataPlane {
     workers: Vec<(Sender<WorkerCmd>, Arc<Waker>)>,
     raw: bool,
+    /// Raw mode: the placeholder sockets that own relay ports, bound on first use and kept,
+    /// so steady-state call setup binds nothing.
+    reserved: std::sync::Mutex<std::collections::HashMap<SocketAddr, std::net::UdpSocket>>,
 }
 
 fn bind(spec: &PortSpec, raw: bool) -> Option<std::net::UdpSocket> {
@@ -81,7 +89,7 @@ impl DataPlane {
         port_min: u16,
         port_max: u16,
         epoch: Instant,
-    ) -> std::io::Result<DataPlane> {
+    ) -> std::io::Result<(DataPlane, Vec<u16>)> {
         let raws: Option<Vec<RawSocket>> = binds
             .iter()
             .map(|ip| match ip {
@@ -116,8 +124,41 @@ impl DataPlane {
             std::thread::Builder::new().name(format!("relay {i}")).spawn(move || w.run())?;
             workers.push((tx, waker));
         }
-        tracing::info!(mode = if raw { "raw range socket" } else { "socket per port" }, threads, "relay data plane");
-        Ok(DataPlane { workers, raw })
+        // Raw mode owns the whole range up front: a port something else holds (an ephemeral
+        // socket, another daemon) is reported so the relay never offers it.
+        let mut reserved = std::collections::HashMap::new();
+        let mut unusable = Vec::new();
+        if raw {
+            let limit = crate::mmsg::raise_fd_limit();
+            let needed = (usize::from(port_max - port_min) + 1) * binds.len();
+            if (limit as usize) < needed + 256 {
+                tracing::warn!(
+                    limit,
+                    needed,
+                    "open-file limit below the relay port range; ports will be bound per call"
+                );
+            } else {
+                for ip in binds {
+                    for port in port_min..=port_max {
+                        let addr = SocketAddr::new(*ip, port);
+                        match std::net::UdpSocket::bind(addr) {
+                            Ok(s) => {
+                                let _ = socket2::SockRef::from(&s).set_recv_buffer_size(0);
+                                reserved.insert(addr, s);
+                            }
+                            Err(_) => unusable.push(port),
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            mode = if raw { "raw range socket" } else { "socket per port" },
+            threads,
+            unusable = unusable.len(),
+            "relay data plane"
+        );
+        Ok((DataPlane { workers, raw, reserved: std::sync::Mutex::new(reserved) }, unusable))
     }
 
     /// Hands a relay command to the worker that owns the call.
@@ -126,14 +167,27 @@ impl DataPlane {
             Command::Link { shard, .. } | Command::Expect { shard, .. } | Command::Unlink { shard, .. } => *shard,
         };
         let (tx, waker) = &self.workers[(shard % self.workers.len() as u64) as usize];
-        let msg = match cmd {
-            Command::Link { a, b, .. } => {
-                let (Some(sa), Some(sb)) = (bind(&a, self.raw), bind(&b, self.raw)) else { return };
-                WorkerCmd::Link { a: (a, sa), b: (b, sb) }
+        let (msg, urgent) = match cmd {
+            Command::Link { a, b, .. } if self.raw => {
+                let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+                for spec in [&a, &b] {
+                    let addr = SocketAddr::new(spec.bind, spec.port.0);
+                    if let std::collections::hash_map::Entry::Vacant(slot) = reserved.entry(addr) {
+                        let Some(s) = bind(spec, true) else { return };
+                        slot.insert(s);
+                    }
+                }
+                (WorkerCmd::Link { a: (a, None), b: (b, None) }, true)
             }
-            other => WorkerCmd::Command(other),
+            Command::Link { a, b, .. } => {
+                let (Some(sa), Some(sb)) = (bind(&a, false), bind(&b, false)) else { return };
+                (WorkerCmd::Link { a: (a, Some(sa)), b: (b, Some(sb)) }, true)
+            }
+            // Expect carries the answerer's address, which the other side's packets need.
+            expect @ Command::Expect { .. } => (WorkerCmd::Command(expect), true),
+            other => (WorkerCmd::Command(other), false),
         };
-        if tx.send(msg).is_ok() {
+        if tx.send(msg).is_ok() && urgent {
             let _ = waker.wake();
         }
     }
@@ -159,16 +213,18 @@ impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            if let Err(e) = self.poll.poll(&mut events, Some(LAZY_COMMANDS)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 tracing::error!(error = %e, "relay worker poll failed");
                 return;
             }
+            // Commands first: a link must be in place before its first packets are handled.
+            self.commands();
             for ev in events.iter() {
                 match ev.token() {
-                    WAKER => self.commands(),
+                    WAKER => {}
                     t if t.0 > RAW.0 - self.raw.len().max(1) && !self.raw.is_empty() => self.forward_raw(RAW.0 - t.0),
                     t => self.forward(t.0 as u16),
                 }
@@ -195,8 +251,8 @@ impl Worker {
                     for p in ports {
                         if let Some(i) = self.index(p.0) {
                             if let Some(mut s) = self.slots[i].take() {
-                                if self.raw.is_empty() {
-                                    let _ = self.poll.registry().deregister(&mut s.sock);
+                                if let Some(sock) = s.sock.as_mut() {
+                                    let _ = self.poll.registry().deregister(sock);
                                 }
                             }
                         }
@@ -206,13 +262,11 @@ impl Worker {
         }
     }
 
-    fn open(&mut self, now: Instant, (spec, sock): (PortSpec, std::net::UdpSocket), peer: RelayPort) {
+    fn open(&mut self, now: Instant, (spec, sock): (PortSpec, Option<std::net::UdpSocket>), peer: RelayPort) {
         let Some(i) = self.index(spec.port.0) else { return };
-        let mut sock = UdpSocket::from_std(sock);
-        if self.raw.is_empty() {
-            if let Err(e) =
-                self.poll.registry().register(&mut sock, Token(usize::from(spec.port.0)), Interest::READABLE)
-            {
+        let mut sock = sock.map(UdpSocket::from_std);
+        if let Some(sock) = sock.as_mut() {
+            if let Err(e) = self.poll.registry().register(sock, Token(usize::from(spec.port.0)), Interest::READABLE) {
                 tracing::warn!(port = spec.port.0, error = %e, "cannot poll relay port");
                 return;
             }
@@ -271,8 +325,10 @@ impl Worker {
     fn forward(&mut self, port: u16) {
         let Some(i) = index(self.base, self.slots.len(), port) else { return };
         loop {
-            let Some(slot) = self.slots[i].as_ref() else { return };
-            let n = match self.recv.recv(slot.sock.as_raw_fd()) {
+            let Some(fd) = self.slots[i].as_ref().and_then(|s| s.sock.as_ref()).map(AsRawFd::as_raw_fd) else {
+                return;
+            };
+            let n = match self.recv.recv(fd) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
@@ -300,7 +356,8 @@ impl Worker {
                         self.send.push(&self.recv, k, len);
                     }
                 }
-                if let Err(e) = self.send.flush(peer.sock.as_raw_fd(), &self.recv) {
+                let Some(peer_fd) = peer.sock.as_ref().map(AsRawFd::as_raw_fd) else { return };
+                if let Err(e) = self.send.flush(peer_fd, &self.recv) {
                     tracing::debug!(%dst, error = %e, "relay send failed");
                 }
             }

@@ -17,6 +17,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the ng reply cache and SIP transactions churn through medium-sized buffers
+/// across threads, which glibc's allocator spends most of its time coalescing.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "pinhole", version, about = "SIP/SDP-aware NAT traversal edge")]
 struct Cli {

@@ -4,7 +4,7 @@
 //! executed twice (requests are handled one at a time, so a retransmission that arrives
 //! while the first is processed finds the reply cached).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::Ordering::Relaxed;
@@ -36,17 +36,33 @@ const KNOWN_FLAGS: &[&str] = &[
 const UNSUPPORTED_KEYS: &[&str] =
     &["record-call", "transcode", "codec", "SDES", "DTLS", "T.38", "T38", "media-echo", "xmlrpc-callback", "metadata"];
 
+/// Replies by cookie, forgotten in the order they were made once older than REPLY_CACHE.
+#[derive(Default)]
+struct ReplyCache {
+    replies: HashMap<Vec<u8>, Vec<u8>>,
+    order: VecDeque<(Instant, Vec<u8>)>,
+}
+
+impl ReplyCache {
+    fn expire(&mut self, now: Instant) {
+        while let Some((t, _)) = self.order.front() {
+            if now.duration_since(*t) < REPLY_CACHE {
+                break;
+            }
+            if let Some((_, cookie)) = self.order.pop_front() {
+                self.replies.remove(&cookie);
+            }
+        }
+    }
+}
+
 pub(crate) fn run(shared: &Arc<Shared>, sock: &UdpSocket) {
     let mut buf = vec![0u8; 65_536];
-    let mut cache: HashMap<Vec<u8>, (Instant, Vec<u8>)> = HashMap::new();
-    let mut last_sweep = Instant::now();
+    let mut cache = ReplyCache::default();
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
         let now = Instant::now();
-        if now.duration_since(last_sweep) > Duration::from_secs(5) {
-            cache.retain(|_, (t, _)| now.duration_since(*t) < REPLY_CACHE);
-            last_sweep = now;
-        }
+        cache.expire(now);
         if let Some(reply) = answer(shared, now, &buf[..n], &mut cache) {
             let _ = sock.send_to(&reply, from);
         }
@@ -54,23 +70,19 @@ pub(crate) fn run(shared: &Arc<Shared>, sock: &UdpSocket) {
 }
 
 /// One datagram in, its reply out (`None`: no cookie, nothing to answer).
-fn answer(
-    shared: &Arc<Shared>,
-    now: Instant,
-    datagram: &[u8],
-    cache: &mut HashMap<Vec<u8>, (Instant, Vec<u8>)>,
-) -> Option<Vec<u8>> {
+fn answer(shared: &Arc<Shared>, now: Instant, datagram: &[u8], cache: &mut ReplyCache) -> Option<Vec<u8>> {
     let Ok((cookie, payload)) = split_cookie(datagram) else {
         metrics::counter!("pinhole_ng_garbage_total").increment(1);
         return None;
     };
-    if let Some((_, reply)) = cache.get(cookie) {
+    if let Some(reply) = cache.replies.get(cookie) {
         return Some(reply.clone());
     }
     let mut reply = cookie.to_vec();
     reply.push(b' ');
     reply.extend_from_slice(&respond(shared, now, payload));
-    cache.insert(cookie.to_vec(), (now, reply.clone()));
+    cache.replies.insert(cookie.to_vec(), reply.clone());
+    cache.order.push_back((now, cookie.to_vec()));
     Some(reply)
 }
 

@@ -128,7 +128,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let (dataplane, unusable) = match dataplane {
+        Some((dp, unusable)) => (Some(dp), unusable),
+        None => (None, Vec::new()),
+    };
     let mut proxy = Proxy::new(pcfg, epoch, unix_now(), rand::random());
+    if let Some(relay) = proxy.relay_mut() {
+        for port in unusable {
+            relay.retire(port);
+        }
+    }
     let restored = loaded.bindings.len();
     proxy.registrar_mut().restore(loaded.bindings, unix_now());
     metrics::gauge!("pinhole_registrar_bindings").set(proxy.registrar().binding_count() as f64);

@@ -210,6 +210,12 @@ impl Relay {
         }
     }
 
+    /// Takes a port pair out of use (the data plane could not bind one of its ports).
+    pub fn retire(&mut self, port: u16) {
+        let rtp = port - port % 2;
+        self.free.retain(|p| *p != rtp);
+    }
+
     pub fn config(&self) -> &RelayConfig {
         &self.cfg
     }

@@ -213,7 +213,7 @@ fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
     std::fs::write(
         &cfg,
         format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[metrics]\n"
+            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[media]\nmode = \"off\"\n[metrics]\n"
         ),
     )?;
     let child = Command::new(root().join("target/release/pinhole"))

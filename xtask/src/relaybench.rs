@@ -16,7 +16,7 @@ use crate::bench::{arg, cpu_ticks, free_port, ticks_per_sec, Proc};
 use crate::root;
 
 /// Sockets per side in the generator; calls share them round-robin.
-const GEN_SOCKETS: usize = 8;
+const GEN_SOCKETS: usize = 64;
 const PACKET: usize = 172;
 
 #[derive(Debug, Clone, Copy)]
@@ -214,7 +214,7 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
     stop.store(true, Ordering::Relaxed);
     let _ = tx.join();
     // Let what is in flight arrive, then compare all sent with all received.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1500));
     let (sent_all, received_all) = (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed));
     stop_rx.store(true, Ordering::Relaxed);
     let _ = rx.join();
