@@ -472,11 +472,12 @@ mod tests {
     /// Needs CAP_NET_RAW (root), as the relay's raw mode does.
     #[test]
     fn raw_socket_sees_only_its_port_range_and_sends_from_any_port() {
-        let Ok(raw) = RawSocket::open(Ipv4Addr::LOCALHOST, 45000, 45009) else {
+        let inside = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let outside = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = inside.local_addr().expect("addr").port();
+        let Ok(raw) = RawSocket::open(Ipv4Addr::LOCALHOST, port, port) else {
             panic!("raw sockets need CAP_NET_RAW; the test tiers run as root");
         };
-        let inside = std::net::UdpSocket::bind("127.0.0.1:45004").expect("bind");
-        let outside = std::net::UdpSocket::bind("127.0.0.1:45020").expect("bind");
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         peer.send_to(b"outside", outside.local_addr().expect("addr")).expect("send");
         peer.send_to(b"inside", inside.local_addr().expect("addr")).expect("send");
@@ -486,16 +487,20 @@ mod tests {
         let p = raw_packet(&rb, 0).expect("udp");
         assert_eq!(p.payload, b"inside");
         assert_eq!(SocketAddr::V4(p.src), peer.local_addr().expect("addr"));
-        assert_eq!(p.dst.port(), 45004);
-        // Send back as if from relay port 45007, which has no socket of its own.
+        assert_eq!(p.dst.port(), port);
+        // Send back from a port of our choosing (the relay's peer port) without its socket.
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let from_port = free.local_addr().expect("addr").port();
+        drop(free);
         let mut sb = RawSendBatch::new(4);
         let SocketAddr::V4(to) = peer.local_addr().expect("addr") else { panic!("v4") };
-        assert!(sb.push(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 45007), to, b"reply"));
+        assert!(sb.push(SocketAddrV4::new(Ipv4Addr::LOCALHOST, from_port), to, b"reply"));
         assert_eq!(sb.flush(raw.fd()).expect("send"), 1);
         let mut buf = [0u8; 64];
         peer.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
         let (n, from) = peer.recv_from(&mut buf).expect("reply");
         assert_eq!(&buf[..n], b"reply");
-        assert_eq!(from.port(), 45007);
+        assert_eq!(from.port(), from_port);
     }
 }
+
