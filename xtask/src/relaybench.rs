@@ -69,7 +69,6 @@ fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
 }
 
 fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Result<Outcome> {
-    let rss0 = rss_kb(pid);
     let ctl = UdpSocket::bind("127.0.0.1:0")?;
     ctl.set_read_timeout(Some(Duration::from_millis(500)))?;
     let bind = || -> anyhow::Result<UdpSocket> {
@@ -85,7 +84,11 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
     let b: Vec<UdpSocket> = (0..GEN_SOCKETS).map(|_| bind()).collect::<Result<_, _>>()?;
     // Call i: A sends to pa[i] (from the answer), B sends to pb[i] (from the offer).
     let mut targets = Vec::with_capacity(calls);
+    let mut rss_half = 0;
     for i in 0..calls {
+        if i == calls / 2 {
+            rss_half = rss_kb(pid);
+        }
         let call_id = format!("bench-{i}-{}", std::process::id());
         let (sa, sb) = (a[i % GEN_SOCKETS].local_addr()?, b[i % GEN_SOCKETS].local_addr()?);
         let offer = ng(
@@ -116,6 +119,9 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
         targets.push((i % GEN_SOCKETS, SocketAddr::from(([127, 0, 0, 1], pa)), SocketAddr::from(([127, 0, 0, 1], pb))));
     }
 
+    // Memory per call: the slope between half and all calls set up, so fixed costs
+    // (allocator arenas, thread stacks, the reply cache's first pages) do not count.
+    let rss_full = rss_kb(pid);
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_rx = Arc::new(AtomicBool::new(false));
@@ -210,7 +216,6 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
     }
     std::thread::sleep(Duration::from_secs(seconds));
     let (c1, r1) = (cpu_ticks(pid), received.load(Ordering::Relaxed));
-    let rss1 = rss_kb(pid);
     stop.store(true, Ordering::Relaxed);
     let _ = tx.join();
     // Let what is in flight arrive, then compare all sent with all received.
@@ -232,7 +237,7 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
         cpu_us_per_packet: cpu_us / relayed.max(1) as f64,
         p50_us: u64::from(pct(0.50)),
         p99_us: u64::from(pct(0.99)),
-        rss_kb_per_1000: rss1.saturating_sub(rss0) as f64 / calls as f64 * 1000.0,
+        rss_kb_per_1000: rss_full.saturating_sub(rss_half) as f64 / (calls - calls / 2) as f64 * 1000.0,
     })
 }
 
