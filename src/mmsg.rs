@@ -15,6 +15,37 @@ use std::os::fd::RawFd;
 /// counted as they are, never forwarded partially: see `truncated`).
 pub(crate) const MAX_PACKET: usize = 2048;
 
+/// Points one mmsghdr at a name and a single iovec (no control data).
+fn fill_hdr(h: &mut libc::mmsghdr, name: *mut libc::sockaddr_storage, namelen: libc::socklen_t, iov: *mut libc::iovec) {
+    let m = &mut h.msg_hdr;
+    m.msg_name = name.cast();
+    m.msg_namelen = namelen;
+    m.msg_iov = iov;
+    m.msg_iovlen = 1;
+    m.msg_control = std::ptr::null_mut();
+    m.msg_controllen = 0;
+    m.msg_flags = 0;
+    h.msg_len = 0;
+}
+
+/// sendmmsg until every prepared header went out or the socket would block; returns how
+/// many were sent. The caller guarantees `hdrs` point into buffers alive for the call.
+fn send_all(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let n = hdrs.len();
+    let mut sent = 0;
+    while sent < n {
+        // SAFETY: hdrs[sent..] were filled by fill_hdr and point into live buffers.
+        let r =
+            unsafe { libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, libc::MSG_DONTWAIT) };
+        if r <= 0 {
+            let e = io::Error::last_os_error();
+            return if sent > 0 || e.kind() == io::ErrorKind::WouldBlock { Ok(sent) } else { Err(e) };
+        }
+        sent += r as usize;
+    }
+    Ok(sent)
+}
+
 pub(crate) struct RecvBatch {
     bufs: Vec<u8>,
     iovs: Vec<libc::iovec>,
@@ -41,18 +72,11 @@ impl RecvBatch {
     /// Receives up to the batch size without blocking. `Ok(0)`: nothing pending.
     pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let n = self.hdrs.len();
+        let namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         for i in 0..n {
             self.iovs[i].iov_base = self.bufs[i * MAX_PACKET..].as_mut_ptr().cast();
             self.iovs[i].iov_len = MAX_PACKET;
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-            h.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
+            fill_hdr(&mut self.hdrs[i], &mut self.addrs[i], namelen, &mut self.iovs[i]);
         }
         // SAFETY: hdrs[..n] are initialised above and point into buffers that outlive the
         // call; the kernel writes at most iov_len bytes and msg_namelen address bytes.
@@ -127,35 +151,12 @@ impl SendBatch {
     /// Sends the queued packets; `from` must be the batch the packets were pushed from.
     pub(crate) fn flush(&mut self, fd: RawFd, _from: &RecvBatch) -> io::Result<usize> {
         let n = self.count;
-        if n == 0 {
-            return Ok(0);
-        }
         for i in 0..n {
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.dst as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = self.dst_len;
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-            h.msg_flags = 0;
+            fill_hdr(&mut self.hdrs[i], &mut self.dst, self.dst_len, &mut self.iovs[i]);
         }
-        let mut sent = 0;
-        while sent < n {
-            // SAFETY: hdrs[sent..n] are initialised above; their iovecs point into `_from`,
-            // which the caller keeps borrowed (and unmodified) for the duration of the call.
-            let r = unsafe {
-                libc::sendmmsg(fd, self.hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, libc::MSG_DONTWAIT)
-            };
-            if r <= 0 {
-                self.count = 0;
-                let e = io::Error::last_os_error();
-                return if sent > 0 || e.kind() == io::ErrorKind::WouldBlock { Ok(sent) } else { Err(e) };
-            }
-            sent += r as usize;
-        }
+        // The iovecs point into `_from`, which the caller keeps borrowed for the call.
         self.count = 0;
-        Ok(sent)
+        send_all(fd, &mut self.hdrs[..n])
     }
 }
 
@@ -409,29 +410,12 @@ impl RawSendBatch {
 
     pub(crate) fn flush(&mut self, fd: RawFd) -> io::Result<usize> {
         let n = self.count;
+        let namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         for i in 0..n {
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.dsts[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-            h.msg_flags = 0;
-        }
-        let mut sent = 0;
-        while sent < n {
-            // SAFETY: hdrs[sent..n] are initialised above and point into this batch's buffers.
-            let r = unsafe {
-                libc::sendmmsg(fd, self.hdrs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, libc::MSG_DONTWAIT)
-            };
-            if r <= 0 {
-                break;
-            }
-            sent += r as usize;
+            fill_hdr(&mut self.hdrs[i], &mut self.dsts[i], namelen, &mut self.iovs[i]);
         }
         self.count = 0;
-        Ok(sent)
+        send_all(fd, &mut self.hdrs[..n])
     }
 }
 
@@ -503,4 +487,3 @@ mod tests {
         assert_eq!(from.port(), from_port);
     }
 }
-

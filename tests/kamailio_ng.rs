@@ -24,6 +24,21 @@ fn ng(port: u16, cookie: &str, msg: Bencode) -> Bencode {
     Bencode::decode(payload).expect("bencode reply")
 }
 
+/// pinhole as a pure media relay: no SIP listener, ng on; returns it and its ng port.
+fn relay_only(dir: &TempDir) -> (Pinhole, u16) {
+    let ng_port = free_port();
+    let (lo, hi) = relay_range();
+    let ph = Pinhole::with_config(
+        dir,
+        &format!(
+            "[sip]\nlisten = []\ndomain = \"relay.test\"\n[registrar]\nstore = \"\"\n\
+             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n\
+             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n"
+        ),
+    );
+    (ph, ng_port)
+}
+
 fn int(v: Option<&Bencode>) -> i64 {
     match v {
         Some(Bencode::Int(i)) => *i,
@@ -34,16 +49,7 @@ fn int(v: Option<&Bencode>) -> i64 {
 #[test]
 fn kamailio_anchors_calls_on_pinhole_over_ng() {
     let dir = TempDir::new("kam");
-    let ng_port = free_port();
-    let (lo, hi) = relay_range();
-    let ph = Pinhole::with_config(
-        &dir,
-        &format!(
-            "[sip]\nlisten = []\ndomain = \"relay.test\"\n[registrar]\nstore = \"\"\n\
-             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n\
-             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n"
-        ),
-    );
+    let (ph, ng_port) = relay_only(&dir);
     let pong = ng(ng_port, "p1", Bencode::dict(vec![("command", Bencode::str("ping"))]));
     assert_eq!(pong.get("result").and_then(Bencode::as_str), Some("pong"));
 
@@ -129,16 +135,7 @@ fn kamailio_anchors_calls_on_pinhole_over_ng() {
 #[test]
 fn ng_garbage_gets_error_replies_or_is_dropped_and_sessions_survive() {
     let dir = TempDir::new("nggarbage");
-    let ng_port = free_port();
-    let (lo, hi) = relay_range();
-    let _ph = Pinhole::with_config(
-        &dir,
-        &format!(
-            "[sip]\nlisten = []\ndomain = \"relay.test\"\n[registrar]\nstore = \"\"\n\
-             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n\
-             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n"
-        ),
-    );
+    let (_ph, ng_port) = relay_only(&dir);
     let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
     let offer = ng(
         ng_port,
@@ -199,16 +196,7 @@ fn ng_garbage_gets_error_replies_or_is_dropped_and_sessions_survive() {
 fn ng_answers_json_over_udp_and_bencode_over_tcp() {
     use std::io::{Read, Write};
     let dir = TempDir::new("ngtcp");
-    let ng_port = free_port();
-    let (lo, hi) = relay_range();
-    let _ph = Pinhole::with_config(
-        &dir,
-        &format!(
-            "[sip]\nlisten = []\ndomain = \"relay.test\"\n[registrar]\nstore = \"\"\n\
-             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n\
-             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n"
-        ),
-    );
+    let (_ph, ng_port) = relay_only(&dir);
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
     s.send_to(br#"j1 {"command":"ping"}"#, ("127.0.0.1", ng_port)).expect("send");

@@ -92,30 +92,12 @@ fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
     let dir = TempDir::new("media");
     let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::SymmetricRandom]);
 
-    let cfg = dir.path().join("pinhole.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (_pinhole, ph_log) = lab.start_pinhole(dir.path(), &format!(
             "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
              [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
              [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
              [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n[metrics]\n"
-        ),
-    )
-    .expect("config");
-    let ph_log = dir.path().join("pinhole.log");
-    let _pinhole = common::Bg(Some(
-        NatLab::command(&lab.wan, env!("CARGO_BIN_EXE_pinhole"))
-            .args(["server", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info,pinhole_sip=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&ph_log).expect("log"))
-            .spawn()
-            .expect("pinhole"),
-    ));
-    assert!(wait_for(&ph_log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
+        ));
 
     let mut alice = Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0);
     let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0);

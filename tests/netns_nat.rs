@@ -16,30 +16,12 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
     let lab = NatLab::new(NatKind::PortRestricted);
 
     // pinhole on the WAN side. Only the sipp box address is trusted; the phone authenticates.
-    let cfg = dir.path().join("pinhole.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (_pinhole, ph_log) = lab.start_pinhole(dir.path(), &format!(
             "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\", \"tcp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
              [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}]\ntrusted = [\"{WAN_SERVER}/32\"]\n\
              [registrar]\nstore = \"{}\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 2\n[metrics]\n",
             dir.path().join("store.json").display()
-        ),
-    )
-    .expect("config");
-    let ph_log = dir.path().join("pinhole.log");
-    let _pinhole = Bg(Some(
-        NatLab::command(&lab.wan, env!("CARGO_BIN_EXE_pinhole"))
-            .args(["server", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&ph_log).expect("log"))
-            .spawn()
-            .expect("pinhole"),
-    ));
-    assert!(wait_for(&ph_log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
+        ));
 
     // baresip on the LAN, auto-answering.
     let bdir = dir.path().join("baresip");

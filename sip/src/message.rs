@@ -57,21 +57,8 @@ impl Method {
 
     pub fn as_str(&self) -> &str {
         match self {
-            Method::Invite => "INVITE",
-            Method::Ack => "ACK",
-            Method::Bye => "BYE",
-            Method::Cancel => "CANCEL",
-            Method::Register => "REGISTER",
-            Method::Options => "OPTIONS",
-            Method::Update => "UPDATE",
-            Method::Prack => "PRACK",
-            Method::Info => "INFO",
-            Method::Message => "MESSAGE",
-            Method::Subscribe => "SUBSCRIBE",
-            Method::Notify => "NOTIFY",
-            Method::Refer => "REFER",
-            Method::Publish => "PUBLISH",
             Method::Other(s) => s,
+            known => known.label(),
         }
     }
 

@@ -309,6 +309,19 @@ pub fn sipp_command(args: &[&str], out: &Path) -> Command {
     c
 }
 
+/// The tail every sipp run shares: error file, extra arguments, media ports of its own,
+/// the optional -rsa hop, and the target.
+fn finish_sipp(c: &mut Command, err_file: &Path, extra: &[&str], via: Option<&str>, target: &str) {
+    c.arg(err_file).args(extra);
+    if !extra.contains(&"-mp") {
+        c.args(["-mp", &media_ports().to_string()]);
+    }
+    if let Some(v) = via {
+        c.args(["-rsa", v]);
+    }
+    c.arg(target);
+}
+
 /// Starts a sipp callee that registers `user` and answers with the out-of-call scenario.
 pub fn sipp_callee(
     target: &str,
@@ -362,15 +375,7 @@ pub fn sipp_callee_via(
         ],
         &err_file.with_extension("out"),
     );
-    c.arg(err_file).args(extra);
-    let mp = media_ports().to_string();
-    if !extra.contains(&"-mp") {
-        c.args(["-mp", &mp]);
-    }
-    if let Some(v) = via {
-        c.args(["-rsa", v]);
-    }
-    c.arg(target);
+    finish_sipp(&mut c, err_file, extra, via, target);
     Bg(Some(c.spawn().expect("sipp (package sip-tester) must be installed")))
 }
 
@@ -422,15 +427,7 @@ pub fn sipp_caller_via(
         ],
         &err_file.with_extension("out"),
     );
-    c.arg(err_file).args(extra);
-    let mp = media_ports().to_string();
-    if !extra.contains(&"-mp") {
-        c.args(["-mp", &mp]);
-    }
-    if let Some(v) = via {
-        c.args(["-rsa", v]);
-    }
-    c.arg(target);
+    finish_sipp(&mut c, err_file, extra, via, target);
     let out = Bg(Some(c.spawn().expect("sipp"))).wait_output(Duration::from_secs(40));
     let text = std::fs::read_to_string(err_file.with_extension("out")).unwrap_or_default();
     let count = |label: &str| -> u32 {

@@ -153,6 +153,26 @@ impl NatLab {
         NatLab { wan, lans, nat, lan }
     }
 
+    /// Starts pinhole in the WAN namespace with `config` (written to `dir`), logging to
+    /// `dir/pinhole.log`, and waits until it listens. Returns the process and the log path.
+    pub fn start_pinhole(&self, dir: &std::path::Path, config: &str) -> (super::Bg, std::path::PathBuf) {
+        let cfg = dir.join("pinhole.toml");
+        std::fs::write(&cfg, config).expect("config");
+        let log = dir.join("pinhole.log");
+        let child = NatLab::command(&self.wan, env!("CARGO_BIN_EXE_pinhole"))
+            .args(["server", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info,pinhole_sip=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("pinhole");
+        let bg = super::Bg(Some(child));
+        assert!(super::wait_for(&log, "SIP listening", std::time::Duration::from_secs(10)), "pinhole did not start");
+        (bg, log)
+    }
+
     /// A command to run inside `ns`.
     pub fn command(ns: &str, program: &str) -> Command {
         let mut c = Command::new("ip");
