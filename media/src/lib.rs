@@ -1,20 +1,39 @@
-//! pinhole-media: the sans-IO media half of pinhole.
+//! pinhole-media: the sans-IO media half of pinhole — SDP editing, relay sessions and
+//! latching, per-stream statistics and the ng protocol's codec. (The STUN codec and NAT
+//! classifier, punch planning and the fake-TCP state machine will join them.)
 //!
-//! This crate will hold SDP editing, relay sessions and latching, the STUN codec and NAT
-//! classifier, punch planning and the fake-TCP state machine. Like `pinhole-sip`, it never
-//! performs I/O and never reads the clock: callers pass `now` in and execute the commands
-//! that come out.
+//! Like `pinhole-sip`, it never performs I/O and never reads the clock: callers pass `now`
+//! in and execute the commands that come out. The relay's loop:
 //!
-
-/// The media mode a deployment runs in (`[media] mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MediaMode {
-    /// Anchor every call's media on pinhole's relay ports.
-    #[default]
-    Relay,
-    /// Leave SDP untouched.
-    Off,
-}
+//! ```no_run
+//! # use std::time::Instant;
+//! # use pinhole_media::relay::{Relay, RelayConfig, Options, Command};
+//! # fn bind_and_forward(_: Command) {}
+//! # fn run(cfg: RelayConfig, offer: &[u8]) {
+//! let epoch = Instant::now();
+//! let mut relay = Relay::new(cfg, epoch);
+//! // Signalling: an offer from the caller (tag "a") becomes the SDP sent to the callee.
+//! let _rewritten = relay.offer(Instant::now(), "call-1", "a", offer, None, Options::default());
+//! // The data plane binds ports and installs forwarding rules…
+//! while let Some(cmd) = relay.poll_command() {
+//!     bind_and_forward(cmd);
+//! }
+//! // …and, about once a second, timeouts end calls (events tell their owner).
+//! relay.handle_timeout(Instant::now());
+//! while let Some(_event) = relay.poll_event() {}
+//! # }
+//! ```
+//!
+//! Per packet, the data plane calls [`latch::Latch::on_packet`] and
+//! [`stats::StreamStats::on_packet`]: no allocation, no lock.
+//!
+//! Design decisions:
+//! - SDP is edited line by line ([`sdp`]), byte-faithful except the lines changed, because
+//!   the SDP crates available re-serialise (and one panics on input a peer can send).
+//! - Latching ([`latch`]) is strict by default and re-learns only with proof, against the
+//!   RTP Bleed class of attacks.
+//! - The ng codec ([`ng`]) is our own: arrival-ordered dictionaries, bounded depth, lengths
+//!   checked before allocating, trailing bytes refused.
 
 pub mod latch;
 pub mod ng;
