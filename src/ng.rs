@@ -357,9 +357,9 @@ fn query_reply(now: Instant, c: &pinhole_media::relay::CallInfo) -> Bencode {
                         totals[k].0 += st.packets.load(Relaxed) as i64;
                         totals[k].1 += st.bytes.load(Relaxed) as i64;
                         totals[k].2 += st.dropped.load(Relaxed) as i64;
-                        let sdp = s.sdp[side].map(|a| SocketAddr::new(a.ip(), a.port() + k as u16));
+                        let sdp = s.sdp[side].map(|a| SocketAddr::new(a.ip(), a.port().saturating_add(k as u16)));
                         Bencode::dict(vec![
-                            ("local port", Bencode::Int(i64::from(s.ports[side].0 + k as u16))),
+                            ("local port", Bencode::Int(i64::from(s.ports[side].0) + k as i64)),
                             ("endpoint", endpoint(sdp)),
                             ("stats", stats(st)),
                         ])

@@ -184,9 +184,9 @@ impl Proxy {
 
     fn send_bye(&mut self, now: Instant, call_id: &str, d: &Dialog, to_b: bool) {
         let (flow, uri, from, to, cseq) = if to_b {
-            (d.b_flow, &d.b_contact, &d.a_from, &d.b_to, d.a_cseq + 1)
+            (d.b_flow, &d.b_contact, &d.a_from, &d.b_to, d.a_cseq.saturating_add(1))
         } else {
-            (d.a_flow, &d.a_contact, &d.b_to, &d.a_from, d.b_cseq + 1)
+            (d.a_flow, &d.a_contact, &d.b_to, &d.a_from, d.b_cseq.saturating_add(1))
         };
         let Some(iface) = self.interface_index(flow.transport, flow.local, flow.remote) else {
             return;
