@@ -407,6 +407,17 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             continue; // CRLF NAT keepalives from phones
         }
+        if pinhole_media::stun::looks_like_stun(data) {
+            // RFC 5626 §8 keepalives: answer Binding requests on the SIP port itself.
+            match pinhole_media::stun::binding_response(data, remote) {
+                Some(resp) => {
+                    metrics::counter!("pinhole_stun_requests_total", "port" => "sip").increment(1);
+                    let _ = sock.send_to(&resp, remote);
+                }
+                None => metrics::counter!("pinhole_stun_garbage_total", "port" => "sip").increment(1),
+            }
+            continue;
+        }
         let flow = Flow { transport: Transport::Udp, local, remote, conn: None };
         if !handle(shared, flow, Bytes::copy_from_slice(data)) {
             tracing::debug!(%remote, "UDP garbage dropped");

@@ -232,3 +232,39 @@ fn check_config_reports_line_and_column_and_fails() {
     let out = Command::new(env!("CARGO_BIN_EXE_pinhole")).arg("check-config").arg(&good).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// RFC 5626 §8 keepalives: a STUN Binding request on the SIP UDP port is answered with the
+/// address it came from, and SIP on the same port is unaffected.
+#[test]
+fn stun_keepalive_on_the_sip_port_reports_the_mapped_address() {
+    let dir = TempDir::new("stun");
+    let ph = Pinhole::start(&dir, PinholeOptions::default());
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    // Binding request: type 0x0001, length 0, magic cookie, transaction id.
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(b"pinholetest1");
+    s.send_to(&req, ph.sip()).expect("send");
+    let mut buf = [0u8; 256];
+    let (n, _) = s.recv_from(&mut buf).expect("binding response");
+    let resp = &buf[..n];
+    assert_eq!(&resp[..2], &[0x01, 0x01], "Binding success response");
+    assert_eq!(&resp[8..20], b"pinholetest1", "same transaction id");
+    // XOR-MAPPED-ADDRESS (0x0020): port and IPv4 XORed with the magic cookie.
+    let attrs = &resp[20..];
+    let at = attrs.windows(2).position(|w| w == [0x00, 0x20]).expect("xor-mapped-address");
+    let v = &attrs[at + 4..at + 12];
+    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
+    let ip = [v[4] ^ 0x21, v[5] ^ 0x12, v[6] ^ 0xa4, v[7] ^ 0x42];
+    let local = s.local_addr().expect("addr");
+    assert_eq!((ip, port), ([127, 0, 0, 1], local.port()));
+    assert!(n <= 2 * req.len(), "no amplification: {n} bytes for {}", req.len());
+    // Not garbage, and SIP still works on the port.
+    assert_eq!(ph.metric("pinhole_sip_garbage_total{transport=\"udp\"}"), 0.0);
+    let opt = format!(
+        "OPTIONS sip:{} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKstun\r\nFrom: <sip:x@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: stun\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        ph.sip()
+    );
+    let r = udp_exchange(&ph.sip(), opt.as_bytes(), Duration::from_millis(300));
+    assert!(r.iter().any(|m| m.starts_with("SIP/2.0 200 OK")), "{r:?}");
+}

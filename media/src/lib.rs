@@ -40,3 +40,4 @@ pub mod ng;
 pub mod relay;
 pub mod sdp;
 pub mod stats;
+pub mod stun;
