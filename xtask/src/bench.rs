@@ -201,7 +201,8 @@ fn load_with(
     Ok((Outcome { rate, calls, ok, failed, cpu_us_per_call: per_call.iter().sum() }, per_call))
 }
 
-fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
+/// Builds the release binary and runs it with `config` (written to `dir/name.toml`).
+pub(crate) fn spawn_pinhole(dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
     crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
         "build",
         "--release",
@@ -209,38 +210,52 @@ fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
         "--bin",
         "pinhole",
     ]))?;
-    let cfg = dir.join("pinhole-bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[media]\nmode = \"off\"\n[metrics]\n"
-        ),
-    )?;
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config)?;
     let child = Command::new(root().join("target/release/pinhole"))
         .args(["server", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("pinhole.log"))?)
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(Proc(child))
 }
 
-fn start_kamailio(dir: &Path, port: u16) -> anyhow::Result<Proc> {
-    let template = std::fs::read_to_string(root().join("config/kamailio/proxy.cfg"))?;
-    let cfg = dir.join("kamailio-bench.cfg");
-    std::fs::write(&cfg, template.replace("__LISTEN__", &format!("udp:127.0.0.1:{port}")))?;
+fn start_pinhole(dir: &Path, port: u16) -> anyhow::Result<Proc> {
+    spawn_pinhole(
+        dir,
+        "pinhole-bench",
+        &format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[media]\nmode = \"off\"\n[metrics]\n"
+        ),
+    )
+}
+
+/// Kamailio 5.6 with `config/kamailio/<file>`, its placeholders replaced.
+fn spawn_kamailio(dir: &Path, file: &str, listen_port: u16, ng_port: Option<u16>) -> anyhow::Result<Proc> {
+    let mut text = std::fs::read_to_string(root().join("config/kamailio").join(file))?
+        .replace("__LISTEN__", &format!("udp:127.0.0.1:{listen_port}"));
+    if let Some(ng) = ng_port {
+        text = text.replace("__NG__", &format!("udp:127.0.0.1:{ng}"));
+    }
+    let cfg = dir.join(format!("kamailio-{listen_port}.cfg"));
+    std::fs::write(&cfg, text)?;
     let child = Command::new("kamailio")
         .args(["-f"])
         .arg(&cfg)
         .args(["-DD", "-E", "-m", "512", "-M", "32", "-w"])
         .arg(dir)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("kamailio.log"))?)
+        .stderr(std::fs::File::create(dir.join(format!("kamailio-{listen_port}.log")))?)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(1500));
     Ok(Proc(child))
+}
+
+fn start_kamailio(dir: &Path, port: u16) -> anyhow::Result<Proc> {
+    spawn_kamailio(dir, "proxy.cfg", port, None)
 }
 
 fn sip(args: &[String]) -> anyhow::Result<()> {
@@ -295,27 +310,6 @@ fn sip(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_kamailio_ng(dir: &Path, port: u16, ng_port: u16) -> anyhow::Result<Proc> {
-    let template = std::fs::read_to_string(root().join("config/kamailio/kamailio.cfg"))?;
-    let cfg = dir.join(format!("kamailio-ng-{port}.cfg"));
-    std::fs::write(
-        &cfg,
-        template
-            .replace("__LISTEN__", &format!("udp:127.0.0.1:{port}"))
-            .replace("__NG__", &format!("udp:127.0.0.1:{ng_port}")),
-    )?;
-    let child = Command::new("kamailio")
-        .args(["-f"])
-        .arg(&cfg)
-        .args(["-DD", "-E", "-m", "512", "-M", "32", "-w"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("kamailio-ng-{port}.log")))?)
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(1500));
-    Ok(Proc(child))
-}
-
 /// `bench ng` (b): setup cost of anchored calls, Kamailio + pinhole vs Kamailio + rtpengine.
 fn ng(args: &[String]) -> anyhow::Result<()> {
     for cmd in ["sipp", "kamailio", "rtpengine"] {
@@ -335,7 +329,7 @@ fn ng(args: &[String]) -> anyhow::Result<()> {
             _ => crate::relaybench::start_rtpengine(&dir, ng_port)?,
         };
         let kport = free_port();
-        let kam = start_kamailio_ng(&dir, kport, ng_port)?;
+        let kam = spawn_kamailio(&dir, "kamailio.cfg", kport, Some(ng_port))?;
         let (o, per) = load_with(
             &format!("127.0.0.1:{kport}"),
             &[kam.0.id(), relay_proc.0.id()],

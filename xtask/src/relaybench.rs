@@ -4,7 +4,7 @@
 //! Reports relay CPU per relayed packet (from /proc), loss, added latency and RSS per call.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,6 @@ use pinhole_media::ng::{split_cookie, Bencode};
 use pinhole_media::sdp::Sdp;
 
 use crate::bench::{arg, cpu_ticks, free_port, ticks_per_sec, Proc};
-use crate::root;
 
 /// Sockets per side in the generator; calls share them round-robin.
 const GEN_SOCKETS: usize = 64;
@@ -242,31 +241,15 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
 }
 
 pub(crate) fn start_pinhole(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
-    crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--bin",
-        "pinhole",
-    ]))?;
-    let cfg = dir.join("pinhole-relay-bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    crate::bench::spawn_pinhole(
+        dir,
+        "pinhole-relay-bench",
+        &format!(
             "[sip]\nlisten = []\ndomain = \"bench.test\"\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n\
              [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = 30000\nport_max = 39999\n\
              [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\n"
         ),
-    )?;
-    let child: Child = Command::new(root().join("target/release/pinhole"))
-        .args(["server", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("pinhole-relay.log"))?)
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
-    Ok(Proc(child))
+    )
 }
 
 pub(crate) fn start_rtpengine(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
