@@ -238,8 +238,6 @@ pub(crate) struct Ng {
     pub(crate) listen: String,
 }
 
-/// Parsed now so configs stay valid; read by the STUN service when it lands.
-#[allow(dead_code)]
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Stun {
@@ -307,6 +305,9 @@ impl Config {
         }
         if self.media.port_min > self.media.port_max || self.media.port_min < 1024 {
             err("media", "port_min", "need 1024 <= port_min <= port_max".into());
+        }
+        if self.stun.alternate.is_some() && self.stun.listen.iter().any(|a| a.ip().is_unspecified()) {
+            err("stun", "alternate", "an alternate address needs specific stun.listen addresses, not 0.0.0.0".into());
         }
         if self.nat.keepalive_interval == 0 {
             err("nat", "keepalive_interval", "keepalive_interval must be at least 1 second".into());

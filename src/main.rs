@@ -10,6 +10,7 @@ mod mmsg;
 mod ng;
 mod server;
 mod store;
+mod stun;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

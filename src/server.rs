@@ -167,9 +167,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
         _ => None,
     };
-    if !cfg.stun.listen.is_empty() {
-        tracing::warn!(stun = ?cfg.stun.listen, "STUN is configured but not part of this build yet");
-    }
+    crate::stun::start(&cfg.stun.listen, cfg.stun.alternate)?;
 
     let shared = Arc::new(Shared {
         proxy: Mutex::new(proxy),

@@ -8,10 +8,14 @@
 //! (SOFTWARE only for requests at least as large as the answer, FINGERPRINT only when the
 //! request carried one).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
+use stun_rs::attributes::discovery::{ChangeRequest, ChangeRequestFlags, OtherAddress, ResponseOrigin, ResponsePort};
 use stun_rs::attributes::stun::{Fingerprint, Software, XorMappedAddress};
 use stun_rs::methods::BINDING;
+use stun_rs::StunAttribute;
 use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessageBuilder};
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
@@ -46,6 +50,143 @@ pub fn binding_response(req: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
     let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).ok()?;
     out.truncate(n);
     Some(out)
+}
+
+/// The RFC 5780 NAT-behaviour-discovery service: two ports on a primary address and, when
+/// configured, the same two ports on an alternate address.
+#[derive(Debug, Clone)]
+pub struct StunServerConfig {
+    pub primary: IpAddr,
+    pub alternate: Option<IpAddr>,
+    pub ports: [u16; 2],
+    /// Requests per second each source address may make (burst: 2 s worth).
+    pub rate: u32,
+}
+
+/// A response to send from one of the service's sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StunReply {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+/// Why a datagram got no answer (counted by the shell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StunDrop {
+    /// Not a well-formed STUN Binding request.
+    Malformed,
+    /// Over the per-source rate.
+    RateLimited,
+    /// CHANGE-REQUEST for an address or port this server does not have.
+    CannotChange,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub struct StunServer {
+    cfg: StunServerConfig,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+impl StunServer {
+    pub fn new(cfg: StunServerConfig) -> StunServer {
+        StunServer { cfg, buckets: HashMap::new() }
+    }
+
+    fn allow(&mut self, now: Instant, ip: IpAddr) -> bool {
+        let rate = f64::from(self.cfg.rate.max(1));
+        if self.buckets.len() > 100_000 {
+            // A flood of sources: forget the idle ones rather than grow without bound.
+            self.buckets.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(10));
+        }
+        let b = self.buckets.entry(ip).or_insert(Bucket { tokens: 2.0 * rate, at: now });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(2.0 * rate);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Answers a Binding request that arrived on `local` from `src` (RFC 8489 §7, RFC 5780
+    /// §6): XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and OTHER-ADDRESS; CHANGE-REQUEST picks the
+    /// socket it leaves from, RESPONSE-PORT where it goes. A response is never more than
+    /// three times its request (or 64 bytes): optional attributes are left out first.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        src: SocketAddr,
+        data: &[u8],
+    ) -> Result<StunReply, StunDrop> {
+        if !looks_like_stun(data) {
+            return Err(StunDrop::Malformed);
+        }
+        let (msg, _) = MessageDecoderBuilder::default().build().decode(data).map_err(|_| StunDrop::Malformed)?;
+        if msg.method() != BINDING || msg.class() != MessageClass::Request {
+            return Err(StunDrop::Malformed);
+        }
+        if !self.allow(now, src.ip()) {
+            return Err(StunDrop::RateLimited);
+        }
+        let other_ip = |ip: IpAddr| -> Option<IpAddr> {
+            let alt = self.cfg.alternate?;
+            Some(if ip == alt { self.cfg.primary } else { alt })
+        };
+        let other_port = |p: u16| if p == self.cfg.ports[0] { self.cfg.ports[1] } else { self.cfg.ports[0] };
+        let (change_ip, change_port) = match msg.get::<ChangeRequest>() {
+            Some(StunAttribute::ChangeRequest(c)) => {
+                (c.flags().contains(ChangeRequestFlags::ChangeIp), c.flags().contains(ChangeRequestFlags::ChangePort))
+            }
+            _ => (false, false),
+        };
+        let from_ip = if change_ip { other_ip(local.ip()).ok_or(StunDrop::CannotChange)? } else { local.ip() };
+        let from = SocketAddr::new(from_ip, if change_port { other_port(local.port()) } else { local.port() });
+        let to = match msg.get::<ResponsePort>() {
+            Some(StunAttribute::ResponsePort(p)) => SocketAddr::new(src.ip(), *p.as_ref()),
+            _ => src,
+        };
+        let budget = (data.len() * 3).max(64);
+        let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+            .with_transaction_id(*msg.transaction_id())
+            .with_attribute(XorMappedAddress::from(src))
+            .with_attribute(ResponseOrigin::from(from));
+        let mut size = 20 + attr_len(src) * 2;
+        if let Some(ip) = other_ip(local.ip()) {
+            let other = SocketAddr::new(ip, other_port(local.port()));
+            if size + attr_len(other) <= budget {
+                b = b.with_attribute(OtherAddress::from(other));
+                size += attr_len(other);
+            }
+        }
+        if size + 12 <= budget && data.len() >= 44 {
+            b = b.with_attribute(Software::new(SOFTWARE).map_err(|_| StunDrop::Malformed)?);
+            size += 12;
+        }
+        if msg.get::<Fingerprint>().is_some() && size + 8 <= budget {
+            b = b.with_attribute(Fingerprint::default());
+        }
+        let mut out = vec![0u8; 256];
+        let n =
+            MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).map_err(|_| StunDrop::Malformed)?;
+        out.truncate(n);
+        Ok(StunReply { from, to, bytes: out })
+    }
+}
+
+/// Bytes an address attribute takes (4-byte header + family/port + address).
+fn attr_len(a: SocketAddr) -> usize {
+    if a.is_ipv4() {
+        12
+    } else {
+        24
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +227,86 @@ mod tests {
         let req = request(false);
         let resp = binding_response(&req, "198.51.100.1:1".parse().expect("addr")).expect("answered");
         assert!(resp.len() <= req.len() * 2, "{} bytes for a {}-byte request", resp.len(), req.len());
+    }
+
+    fn server() -> StunServer {
+        StunServer::new(StunServerConfig {
+            primary: "203.0.113.1".parse().expect("ip"),
+            alternate: Some("203.0.113.2".parse().expect("ip")),
+            ports: [3478, 3479],
+            rate: 10,
+        })
+    }
+
+    fn with_attrs(attrs: Vec<StunAttribute>) -> Vec<u8> {
+        let mut b =
+            StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(TransactionId::default());
+        for a in attrs {
+            b = b.with_attribute(a);
+        }
+        let mut out = vec![0u8; 128];
+        let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).expect("encode");
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn change_request_answers_from_the_other_address_and_port() {
+        let mut s = server();
+        let t = Instant::now();
+        let local: SocketAddr = "203.0.113.1:3478".parse().expect("addr");
+        let src: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        let req =
+            with_attrs(vec![
+                ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp | ChangeRequestFlags::ChangePort)).into()
+            ]);
+        let r = s.handle(t, local, src, &req).expect("answered");
+        assert_eq!(r.from, "203.0.113.2:3479".parse().expect("addr"));
+        assert_eq!(r.to, src);
+        let (msg, _) = MessageDecoderBuilder::default().build().decode(&r.bytes).expect("decodes");
+        let Some(StunAttribute::ResponseOrigin(o)) = msg.get::<ResponseOrigin>() else { panic!("origin") };
+        assert_eq!(o.socket_address(), &r.from);
+        let Some(StunAttribute::OtherAddress(o)) = msg.get::<OtherAddress>() else { panic!("other") };
+        assert_eq!(o.socket_address(), &"203.0.113.2:3479".parse::<SocketAddr>().expect("addr"));
+        assert!(r.bytes.len() <= (req.len() * 3).max(64));
+        // Port only.
+        let req = with_attrs(vec![ChangeRequest::new(Some(ChangeRequestFlags::ChangePort.into())).into()]);
+        assert_eq!(s.handle(t, local, src, &req).expect("answered").from, "203.0.113.1:3479".parse().expect("addr"));
+    }
+
+    #[test]
+    fn response_port_redirects_only_to_the_same_address() {
+        let mut s = server();
+        let src: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        let req = with_attrs(vec![ResponsePort::from(6000).into()]);
+        let r = s.handle(Instant::now(), "203.0.113.1:3478".parse().expect("addr"), src, &req).expect("answered");
+        assert_eq!(r.to, "198.51.100.7:6000".parse().expect("addr"));
+    }
+
+    #[test]
+    fn without_an_alternate_address_change_ip_is_refused() {
+        let mut s = StunServer::new(StunServerConfig { alternate: None, ..server().cfg });
+        let req = with_attrs(vec![ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp.into())).into()]);
+        let r = s.handle(
+            Instant::now(),
+            "203.0.113.1:3478".parse().expect("addr"),
+            "198.51.100.7:1".parse().expect("addr"),
+            &req,
+        );
+        assert_eq!(r, Err(StunDrop::CannotChange));
+    }
+
+    #[test]
+    fn a_source_over_its_rate_is_dropped_and_recovers() {
+        let mut s = server();
+        let t = Instant::now();
+        let req = request(false);
+        let local: SocketAddr = "203.0.113.1:3478".parse().expect("addr");
+        let src: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        let answered = (0..100).filter(|_| s.handle(t, local, src, &req).is_ok()).count();
+        assert_eq!(answered, 20, "burst of two seconds at 10/s");
+        assert!(s.handle(t, local, "198.51.100.8:1".parse().expect("addr"), &req).is_ok(), "others unaffected");
+        assert!(s.handle(t + Duration::from_secs(1), local, src, &req).is_ok(), "refilled");
     }
 
     #[test]
