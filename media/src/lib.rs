@@ -37,6 +37,7 @@
 
 pub mod latch;
 pub mod ng;
+pub mod probe;
 pub mod relay;
 pub mod sdp;
 pub mod stats;
