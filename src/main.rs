@@ -8,6 +8,7 @@ mod config;
 mod dataplane;
 mod mmsg;
 mod ng;
+mod probe;
 mod server;
 mod store;
 mod stun;
@@ -40,12 +41,26 @@ enum Command {
     },
     /// Check a configuration file and print every error with its line and column.
     CheckConfig { file: PathBuf },
+    /// Report how the NAT in front of this host behaves (RFC 5780), against a STUN server
+    /// with an alternate address (pinhole's, or coturn's).
+    Probe {
+        /// STUN server IP[:PORT] (port 3478 by default).
+        #[arg(long)]
+        server: String,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Local address to probe from.
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Probe { server, json, bind } => probe::run(&server, json, bind),
         Command::Server { config } => {
             tracing_subscriber::fmt()
                 .with_env_filter(

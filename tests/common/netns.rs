@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub const WAN_SERVER: &str = "203.0.113.1";
+/// pinhole's second WAN address, for RFC 5780 CHANGE-REQUEST.
+pub const WAN_ALTERNATE: &str = "203.0.113.100";
 pub const NAT_WAN: &str = "203.0.113.2";
 pub const NAT_LAN: &str = "198.51.100.1";
 pub const LAN_HOST: &str = "198.51.100.10";
@@ -121,6 +123,7 @@ impl NatLab {
             if i == 0 {
                 ns_exec(&wan, &["ip", "link", "add", "br0", "type", "bridge"]);
                 ns_exec(&wan, &["ip", "addr", "add", &format!("{WAN_SERVER}/24"), "dev", "br0"]);
+                ns_exec(&wan, &["ip", "addr", "add", &format!("{WAN_ALTERNATE}/24"), "dev", "br0"]);
                 ns_exec(&wan, &["ip", "link", "set", "br0", "up"]);
             }
             ns_exec(&wan, &["ip", "link", "set", &wan_if, "master", "br0"]);

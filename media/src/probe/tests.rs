@@ -48,7 +48,7 @@ impl SimNat {
 
     fn lost(&mut self) -> bool {
         self.count += 1;
-        self.lose_every != 0 && self.count % self.lose_every == 0
+        self.lose_every != 0 && self.count.is_multiple_of(self.lose_every)
     }
 
     fn outbound(&mut self, local: SocketAddr, dst: SocketAddr) -> SocketAddr {

@@ -1,0 +1,50 @@
+//! Tier 4 for NAT discovery: `pinhole probe --json` on a LAN host behind the Linux kernel's
+//! NAT, against pinhole's RFC 5780 STUN service on two WAN addresses, must report the
+//! behaviour the nftables recipe gives. Needs root.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::netns::{NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
+use common::TempDir;
+
+fn probe(kind: NatKind) -> serde_json::Value {
+    let dir = TempDir::new("probe");
+    let lab = NatLab::new(kind);
+    let (_pinhole, _log) = lab.start_pinhole(
+        dir.path(),
+        &format!(
+            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
+             [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
+        ),
+    );
+    let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
+        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("probe");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "probe failed ({:?}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("probe JSON ({e}): {text}"))
+}
+
+#[test]
+fn masquerade_is_classified_port_restricted_cone_with_preserved_ports() {
+    let r = probe(NatKind::PortRestricted);
+    assert_eq!(r["nat"], true, "{r}");
+    assert_eq!(r["mapping"], "endpoint-independent", "{r}");
+    assert_eq!(r["filtering"], "address-and-port-dependent", "{r}");
+    assert_eq!(r["allocation"]["kind"], "preserving", "{r}");
+    assert_eq!(r["verdict"], "port-restricted cone", "{r}");
+    assert!(r["mapped"].as_str().is_some_and(|m| m.starts_with("203.0.113.2:")), "{r}");
+}
+
+#[test]
+fn masquerade_random_is_classified_symmetric_with_random_ports() {
+    let r = probe(NatKind::SymmetricRandom);
+    assert_eq!(r["mapping"], "address-and-port-dependent", "{r}");
+    assert_eq!(r["filtering"], "address-and-port-dependent", "{r}");
+    assert_eq!(r["allocation"]["kind"], "random", "{r}");
+    assert_eq!(r["verdict"], "symmetric", "{r}");
+}
