@@ -99,7 +99,7 @@ fn allocation(a: &Option<Allocation>) -> String {
 }
 
 fn print_table(r: &NatReport, tcp: bool) {
-    println!("{:<52} {}", "test", "result");
+    println!("{:<52} result", "test");
     for o in &r.observations {
         let result = match (o.mapped, o.from) {
             (Some(m), Some(f)) => format!("mapped {m} (answer from {f})"),
