@@ -48,3 +48,63 @@ fn masquerade_random_is_classified_symmetric_with_random_ports() {
     assert_eq!(r["allocation"]["kind"], "random", "{r}");
     assert_eq!(r["verdict"], "symmetric", "{r}");
 }
+
+#[test]
+fn no_nat_is_open_internet() {
+    let r = probe(NatKind::Open);
+    assert_eq!(r["nat"], false, "{r}");
+    assert_eq!(r["verdict"], "open internet", "{r}");
+}
+
+#[test]
+fn full_cone_recipe_is_eim_and_eif() {
+    let r = probe(NatKind::FullCone);
+    assert_eq!(
+        (r["mapping"].as_str(), r["filtering"].as_str()),
+        (Some("endpoint-independent"), Some("endpoint-independent")),
+        "{r}"
+    );
+    assert_eq!(r["verdict"], "full cone", "{r}");
+}
+
+#[test]
+fn restricted_cone_recipe_is_eim_and_adf() {
+    let r = probe(NatKind::Restricted);
+    assert_eq!(
+        (r["mapping"].as_str(), r["filtering"].as_str()),
+        (Some("endpoint-independent"), Some("address-dependent")),
+        "{r}"
+    );
+    assert_eq!(r["verdict"], "restricted cone", "{r}");
+}
+
+#[test]
+fn numgen_symmetric_nat_allocates_sequentially_with_delta_one() {
+    let r = probe(NatKind::SymmetricSeq);
+    assert_eq!(r["mapping"], "address-and-port-dependent", "{r}");
+    assert_eq!(r["allocation"]["kind"], "sequential", "{r}");
+    assert_eq!(r["allocation"]["delta"], 1, "{r}");
+}
+
+#[test]
+fn udp_blocked_exits_3_and_says_tcp_still_works() {
+    let dir = TempDir::new("probeblk");
+    let lab = NatLab::new(NatKind::UdpBlocked);
+    let (_pinhole, _log) = lab.start_pinhole(
+        dir.path(),
+        &format!(
+            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\", \"tcp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
+             [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
+        ),
+    );
+    let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
+        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let r: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!((r["udp"].as_bool(), r["tcp"].as_bool()), (Some(false), Some(true)), "{r}");
+    assert_eq!(r["verdict"], "UDP blocked");
+}

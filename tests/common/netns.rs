@@ -18,10 +18,20 @@ pub const LAN_HOST: &str = "198.51.100.10";
 /// The NAT behaviour of the box (DESIGN.md recipes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatKind {
+    /// No NAT: the box only routes (the WAN has a route back to the LAN).
+    Open,
+    /// EIM + EIF: masquerade plus a dynamic map of mappings that lets anyone in.
+    FullCone,
+    /// EIM + ADF: the same map keyed on the remote address.
+    Restricted,
     /// Linux `masquerade`: endpoint-independent mapping, port-restricted filtering.
     PortRestricted,
+    /// APDM with sequential ports (Δ = 1) from numgen.
+    SymmetricSeq,
     /// `masquerade random`: address- and port-dependent mapping with random ports.
     SymmetricRandom,
+    /// UDP dropped, TCP masqueraded.
+    UdpBlocked,
 }
 
 /// One private network behind its own NAT box.
@@ -136,15 +146,48 @@ impl NatLab {
             ns_exec(&lan.lan, &["ip", "addr", "add", &format!("{}/25", lan.host), "dev", "eth0"]);
             ns_exec(&lan.lan, &["ip", "link", "set", "eth0", "up"]);
             ns_exec(&lan.lan, &["ip", "route", "add", "default", "via", &lan.router]);
-            let masq = match kind {
-                NatKind::PortRestricted => "masquerade",
-                NatKind::SymmetricRandom => "masquerade random",
+            let wan_ip = &lan.nat_wan;
+            // DESIGN.md recipes. The cone maps learn each mapping in postrouting (only in the
+            // original direction, or replies would overwrite it; and before `masquerade`,
+            // which ends the chain) and let new inbound flows in through it in prerouting.
+            let (post, pre, extra) = match kind {
+                NatKind::Open => (String::new(), String::new(), String::new()),
+                NatKind::PortRestricted => ("oifname \"wan0\" masquerade".to_owned(), String::new(), String::new()),
+                NatKind::SymmetricRandom => ("oifname \"wan0\" masquerade random".to_owned(), String::new(), String::new()),
+                NatKind::SymmetricSeq => (
+                    format!(
+                        "oifname \"wan0\" meta l4proto udp snat ip to {wan_ip} : numgen inc mod 16 map {{ {} }}\n    oifname \"wan0\" masquerade",
+                        (0..16).map(|k| format!("{k} : {}", 40000 + k)).collect::<Vec<_>>().join(", ")
+                    ),
+                    String::new(),
+                    String::new(),
+                ),
+                NatKind::FullCone => (
+                    "oifname \"wan0\" ct direction original update @fc { udp sport : ct original ip saddr . ct original proto-src }\n    oifname \"wan0\" masquerade".to_owned(),
+                    "iifname \"wan0\" ct state new dnat ip to udp dport map @fc".to_owned(),
+                    "  map fc { type inet_service : ipv4_addr . inet_service; flags dynamic; }\n".to_owned(),
+                ),
+                NatKind::Restricted => (
+                    "oifname \"wan0\" ct direction original update @rc { udp sport . ip daddr : ct original ip saddr . ct original proto-src }\n    oifname \"wan0\" masquerade".to_owned(),
+                    "iifname \"wan0\" ct state new dnat ip to udp dport . ip saddr map @rc".to_owned(),
+                    "  map rc { type inet_service . ipv4_addr : ipv4_addr . inet_service; flags dynamic; }\n".to_owned(),
+                ),
+                NatKind::UdpBlocked => ("oifname \"wan0\" masquerade".to_owned(), String::new(), String::new()),
+            };
+            if kind == &NatKind::Open {
+                let net = format!("198.51.100.{}/25", 128 * i);
+                ns_exec(&wan, &["ip", "route", "add", &net, "via", wan_ip]);
+            }
+            let forward = if kind == &NatKind::UdpBlocked {
+                "  chain forwarding {\n    type filter hook forward priority 0;\n    meta l4proto udp drop\n  }\n"
+            } else {
+                ""
             };
             // The WAN input drop keeps early inbound packets from being accepted by the box
             // itself (DESIGN.md: without it punching fails every time).
             let rules = format!(
-                "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    oifname \"wan0\" {masq}\n  }}\n}}\n\
-                 table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n}}\n"
+                "table ip nat {{\n{extra}  chain prerouting {{\n    type nat hook prerouting priority -100;\n    {pre}\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    {post}\n  }}\n}}\n\
+                 table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n{forward}}}\n"
             );
             let path = std::env::temp_dir().join(format!("{id}-{i}.nft"));
             std::fs::write(&path, rules).expect("write nft rules");
