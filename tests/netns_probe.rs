@@ -108,3 +108,47 @@ fn udp_blocked_exits_3_and_says_tcp_still_works() {
     assert_eq!((r["udp"].as_bool(), r["tcp"].as_bool()), (Some(false), Some(true)), "{r}");
     assert_eq!(r["verdict"], "UDP blocked");
 }
+
+/// Cross-check with an independent RFC 5780 server: `pinhole probe` against coturn (from
+/// Debian, STUN-only on both WAN addresses) reaches the same verdict as against pinhole.
+#[test]
+fn probe_against_coturn_agrees_with_probe_against_pinhole() {
+    for kind in [NatKind::PortRestricted, NatKind::SymmetricSeq] {
+        let ours = probe(kind);
+        let dir = TempDir::new("coturn");
+        let lab = NatLab::new(kind);
+        let log = dir.path().join("turnserver.log");
+        let _coturn = common::Bg(Some(
+            NatLab::command(&lab.wan, "turnserver")
+                .args(["-n", "--stun-only", "--no-cli", "-L", WAN_SERVER, "-L", WAN_ALTERNATE])
+                .args([
+                    "--listening-port",
+                    "3478",
+                    "--alt-listening-port",
+                    "3479",
+                    "--log-file",
+                    "stdout",
+                    "--no-tls",
+                    "--no-dtls",
+                ])
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&log).expect("log"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("turnserver (package coturn) must be installed"),
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
+            .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("probe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let theirs: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{e}: {text}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        for key in ["mapping", "filtering", "verdict"] {
+            assert_eq!(theirs[key], ours[key], "{kind:?} {key}: coturn {theirs} vs pinhole {ours}");
+        }
+        assert_eq!(theirs["allocation"]["kind"], ours["allocation"]["kind"], "{kind:?}");
+    }
+}

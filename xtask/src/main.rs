@@ -21,6 +21,7 @@ const PEERS: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("openssl", "openssl"),
     ("rtpengine", "rtpengine-daemon"),
+    ("turnserver", "coturn"),
 ];
 
 fn main() -> ExitCode {
