@@ -152,3 +152,35 @@ fn probe_against_coturn_agrees_with_probe_against_pinhole() {
         assert_eq!(theirs["allocation"]["kind"], ours["allocation"]["kind"], "{kind:?}");
     }
 }
+
+/// Cross-check with an independent client: Debian's `stun` (stun-client, RFC 3489) behind
+/// each NAT, against pinhole's STUN service, reports a type consistent with our verdict.
+#[test]
+fn debian_stun_client_agrees_with_the_probe_verdict() {
+    for (kind, expect) in [
+        (NatKind::Open, "Open"),
+        (NatKind::FullCone, "Independent Mapping, Independent Filter"),
+        (NatKind::Restricted, "Independent Mapping, Address Dependent Filter"),
+        (NatKind::PortRestricted, "Independent Mapping, Port Dependent Filter"),
+        (NatKind::SymmetricRandom, "Dependent Mapping"),
+    ] {
+        let dir = TempDir::new("stunclient");
+        let lab = NatLab::new(kind);
+        let (_pinhole, _log) = lab.start_pinhole(
+            dir.path(),
+            &format!(
+                "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
+                 [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
+            ),
+        );
+        let out = NatLab::command(&lab.lan, "stun")
+            .arg(format!("{WAN_SERVER}:3478"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("stun (package stun-client) must be installed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let primary = text.lines().find_map(|l| l.strip_prefix("Primary:")).unwrap_or_default().trim().to_owned();
+        // starts_with, not contains: "Independent Mapping" contains "Dependent Mapping".
+        assert!(primary.starts_with(expect), "{kind:?}: stun said {primary:?}, expected {expect:?}\n{text}");
+    }
+}

@@ -114,6 +114,64 @@ impl StunServer {
         }
     }
 
+    /// Answers an RFC 3489 ("classic STUN") Binding request: no magic cookie, a 16-byte
+    /// transaction id; MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS in the answer, and
+    /// the same CHANGE-REQUEST semantics. RESPONSE-ADDRESS is ignored (it would make the
+    /// server a reflector).
+    fn handle_classic(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        src: SocketAddr,
+        data: &[u8],
+    ) -> Result<StunReply, StunDrop> {
+        if data.len() < 20 || data[0..2] != [0x00, 0x01] {
+            return Err(StunDrop::Malformed);
+        }
+        let len = usize::from(u16::from_be_bytes([data[2], data[3]]));
+        if data.len() != 20 + len || len % 4 != 0 || !src.is_ipv4() {
+            return Err(StunDrop::Malformed);
+        }
+        let mut flags = 0u32;
+        let mut pos = 20;
+        while pos + 4 <= data.len() {
+            let t = u16::from_be_bytes([data[pos], data[pos + 1]]);
+            let l = usize::from(u16::from_be_bytes([data[pos + 2], data[pos + 3]]));
+            let v = data.get(pos + 4..pos + 4 + l).ok_or(StunDrop::Malformed)?;
+            if t == 0x0003 && l == 4 {
+                flags = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+            }
+            pos += 4 + l.next_multiple_of(4);
+        }
+        if !self.allow(now, src.ip()) {
+            return Err(StunDrop::RateLimited);
+        }
+        let other_ip = self.cfg.alternate.map(|alt| if local.ip() == alt { self.cfg.primary } else { alt });
+        let other_port = if local.port() == self.cfg.ports[0] { self.cfg.ports[1] } else { self.cfg.ports[0] };
+        let from_ip = if flags & 4 != 0 { other_ip.ok_or(StunDrop::CannotChange)? } else { local.ip() };
+        let from = SocketAddr::new(from_ip, if flags & 2 != 0 { other_port } else { local.port() });
+        let mut out = Vec::with_capacity(56);
+        out.extend_from_slice(&[0x01, 0x01, 0, 0]);
+        out.extend_from_slice(&data[4..20]);
+        let mut addr_attr = |t: u16, a: SocketAddr| {
+            if let SocketAddr::V4(a) = a {
+                out.extend_from_slice(&t.to_be_bytes());
+                out.extend_from_slice(&8u16.to_be_bytes());
+                out.extend_from_slice(&[0, 1]);
+                out.extend_from_slice(&a.port().to_be_bytes());
+                out.extend_from_slice(&a.ip().octets());
+            }
+        };
+        addr_attr(0x0001, src);
+        addr_attr(0x0004, from);
+        if let Some(ip) = other_ip {
+            addr_attr(0x0005, SocketAddr::new(ip, other_port));
+        }
+        let body = (out.len() - 20) as u16;
+        out[2..4].copy_from_slice(&body.to_be_bytes());
+        Ok(StunReply { from, to: src, bytes: out })
+    }
+
     /// Answers a Binding request that arrived on `local` from `src` (RFC 8489 §7, RFC 5780
     /// §6): XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and OTHER-ADDRESS; CHANGE-REQUEST picks the
     /// socket it leaves from, RESPONSE-PORT where it goes. A response is never more than
@@ -126,7 +184,7 @@ impl StunServer {
         data: &[u8],
     ) -> Result<StunReply, StunDrop> {
         if !looks_like_stun(data) {
-            return Err(StunDrop::Malformed);
+            return self.handle_classic(now, local, src, data);
         }
         let (msg, _) = MessageDecoderBuilder::default().build().decode(data).map_err(|_| StunDrop::Malformed)?;
         if msg.method() != BINDING || msg.class() != MessageClass::Request {
@@ -307,6 +365,30 @@ mod tests {
         assert_eq!(answered, 20, "burst of two seconds at 10/s");
         assert!(s.handle(t, local, "198.51.100.8:1".parse().expect("addr"), &req).is_ok(), "others unaffected");
         assert!(s.handle(t + Duration::from_secs(1), local, src, &req).is_ok(), "refilled");
+    }
+
+    #[test]
+    fn classic_rfc3489_requests_get_mapped_source_and_changed_address() {
+        let mut s = server();
+        // Type 1, length 8, 16-byte transaction id, CHANGE-REQUEST change-port.
+        let mut req = vec![0x00, 0x01, 0x00, 0x08];
+        req.extend_from_slice(&[7u8; 16]);
+        req.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 2]);
+        let src: SocketAddr = "198.51.100.7:5000".parse().expect("addr");
+        let r = s.handle(Instant::now(), "203.0.113.1:3478".parse().expect("addr"), src, &req).expect("answered");
+        assert_eq!(r.from, "203.0.113.1:3479".parse().expect("addr"));
+        assert_eq!(&r.bytes[..2], &[0x01, 0x01]);
+        assert_eq!(&r.bytes[4..20], &[7u8; 16]);
+        // MAPPED-ADDRESS first: port 5000, 198.51.100.7.
+        assert_eq!(&r.bytes[20..32], &[0, 1, 0, 8, 0, 1, 0x13, 0x88, 198, 51, 100, 7]);
+        // CHANGED-ADDRESS: the alternate address and port.
+        assert_eq!(&r.bytes[44..56], &[0, 5, 0, 8, 0, 1, 0x0d, 0x97, 203, 0, 113, 2]);
+        assert!(r.bytes.len() <= req.len() * 3);
+        // Truncated or inconsistent lengths are dropped.
+        assert_eq!(
+            s.handle(Instant::now(), "203.0.113.1:3478".parse().expect("addr"), src, &req[..24]),
+            Err(StunDrop::Malformed)
+        );
     }
 
     #[test]

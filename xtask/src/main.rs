@@ -22,6 +22,7 @@ const PEERS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("rtpengine", "rtpengine-daemon"),
     ("turnserver", "coturn"),
+    ("stun", "stun-client"),
 ];
 
 fn main() -> ExitCode {
