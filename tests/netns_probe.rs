@@ -26,7 +26,12 @@ fn probe(kind: NatKind) -> serde_json::Value {
         .expect("probe");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "probe failed ({:?}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("probe JSON ({e}): {text}"))
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("probe JSON ({e}): {text}"));
+    eprintln!(
+        "probe {kind:?}: mapping {} · filtering {} · allocation {} {} · verdict {} · ports {}",
+        r["mapping"], r["filtering"], r["allocation"]["kind"], r["allocation"]["delta"], r["verdict"], r["allocation"]["ports"]
+    );
+    r
 }
 
 #[test]

@@ -6,6 +6,28 @@
 
 pub mod netns;
 
+impl netns::NatLab {
+    /// Starts pinhole in the WAN namespace with `config` (written to `dir`), logging to
+    /// `dir/pinhole.log`, and waits until it listens. Returns the process and the log path.
+    pub fn start_pinhole(&self, dir: &Path, config: &str) -> (Bg, PathBuf) {
+        let cfg = dir.join("pinhole.toml");
+        std::fs::write(&cfg, config).expect("config");
+        let log = dir.join("pinhole.log");
+        let child = netns::NatLab::command(&self.wan, env!("CARGO_BIN_EXE_pinhole"))
+            .args(["server", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info,pinhole_sip=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("pinhole");
+        let bg = Bg(Some(child));
+        assert!(wait_for(&log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
+        (bg, log)
+    }
+}
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Network-namespace NAT labs: LAN host → NAT box (the Linux kernel's own NAT via
+//! Network-namespace NAT labs (also used by `cargo xtask lab`, so std only here): LAN host → NAT box (the Linux kernel's own NAT via
 //! nftables) → WAN namespace. Addresses are RFC 5737 only: 203.0.113.0/24 is the "internet",
 //! 198.51.100.0/25 the private LAN. Every namespace name is unique to the test and removed
 //! on drop; stale ones from crashed runs are removed at start.
@@ -197,26 +197,6 @@ impl NatLab {
         }
         let (nat, lan) = (lans[0].nat.clone(), lans[0].lan.clone());
         NatLab { wan, lans, nat, lan }
-    }
-
-    /// Starts pinhole in the WAN namespace with `config` (written to `dir`), logging to
-    /// `dir/pinhole.log`, and waits until it listens. Returns the process and the log path.
-    pub fn start_pinhole(&self, dir: &std::path::Path, config: &str) -> (super::Bg, std::path::PathBuf) {
-        let cfg = dir.join("pinhole.toml");
-        std::fs::write(&cfg, config).expect("config");
-        let log = dir.join("pinhole.log");
-        let child = NatLab::command(&self.wan, env!("CARGO_BIN_EXE_pinhole"))
-            .args(["server", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info,pinhole_sip=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("pinhole");
-        let bg = super::Bg(Some(child));
-        assert!(super::wait_for(&log, "SIP listening", std::time::Duration::from_secs(10)), "pinhole did not start");
-        (bg, log)
     }
 
     /// A command to run inside `ns`.

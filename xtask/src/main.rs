@@ -9,6 +9,9 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod bench;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/common/netns.rs"]
+mod netns;
 mod relaybench;
 
 /// Debian packages the test tiers need, by the command that proves each is there.
@@ -32,8 +35,9 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("install-peers") => install_peers(),
+        Some("lab") => lab(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | fuzz [SECONDS] | install-peers");
+            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | fuzz [SECONDS] | lab KIND | install-peers");
             return ExitCode::from(2);
         }
     };
@@ -141,5 +145,38 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
             .arg("--")
             .arg(format!("-max_total_time={secs}")))?;
     }
+    Ok(())
+}
+
+/// `cargo xtask lab KIND`: brings up a NAT lab by hand (as root) and removes it on Enter.
+fn lab(args: &[String]) -> anyhow::Result<()> {
+    use netns::NatKind;
+    let kind = match args.first().map(String::as_str) {
+        Some("open") => NatKind::Open,
+        Some("full-cone") => NatKind::FullCone,
+        Some("restricted") => NatKind::Restricted,
+        Some("port-restricted") => NatKind::PortRestricted,
+        Some("symmetric-seq") => NatKind::SymmetricSeq,
+        Some("symmetric-random") => NatKind::SymmetricRandom,
+        Some("udp-blocked") => NatKind::UdpBlocked,
+        other => anyhow::bail!(
+            "lab kind {other:?}: open | full-cone | restricted | port-restricted | symmetric-seq | symmetric-random | udp-blocked"
+        ),
+    };
+    if !is_root() {
+        anyhow::bail!("labs need root (network namespaces)");
+    }
+    let lab = netns::NatLab::new(kind);
+    let l = &lab.lans[0];
+    println!("lab {kind:?} is up:");
+    println!("  WAN namespace {} — pinhole's addresses {} and {}", lab.wan, netns::WAN_SERVER, netns::WAN_ALTERNATE);
+    println!("  NAT box {} — public {}, LAN router {}", l.nat, l.nat_wan, l.router);
+    println!("  LAN host {} — {}", l.lan, l.host);
+    println!("try: ip netns exec {} target/release/pinhole server --config …", lab.wan);
+    println!("     ip netns exec {} target/release/pinhole probe --server {}:3478", lab.lan, netns::WAN_SERVER);
+    println!("press Enter to tear it down");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    drop(lab);
     Ok(())
 }
