@@ -123,6 +123,14 @@ fn print_table(r: &NatReport, tcp: bool) {
     println!("mapping:         {}", behaviour(r.mapping));
     println!("filtering:       {}", behaviour(r.filtering));
     println!("port allocation: {}  {:?}", allocation(&r.allocation), r.ports);
+    println!(
+        "hairpinning:     {}",
+        match r.hairpinning {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "not tested",
+        }
+    );
     println!("verdict:         {} (confidence {:.0}%)", r.traditional_name(), r.confidence() * 100.0);
 }
 
@@ -153,6 +161,7 @@ fn to_json(r: &NatReport, tcp: bool) -> String {
         "mapping": behaviour(r.mapping),
         "filtering": behaviour(r.filtering),
         "allocation": { "kind": kind, "delta": delta, "ports": r.ports.iter().map(|(m, l)| serde_json::json!({"mapped": m, "local": l})).collect::<Vec<_>>() },
+        "hairpinning": r.hairpinning,
         "verdict": r.traditional_name(),
         "confidence": r.confidence(),
         "observations": obs,

@@ -29,7 +29,12 @@ fn probe(kind: NatKind) -> serde_json::Value {
     let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("probe JSON ({e}): {text}"));
     eprintln!(
         "probe {kind:?}: mapping {} · filtering {} · allocation {} {} · verdict {} · ports {}",
-        r["mapping"], r["filtering"], r["allocation"]["kind"], r["allocation"]["delta"], r["verdict"], r["allocation"]["ports"]
+        r["mapping"],
+        r["filtering"],
+        r["allocation"]["kind"],
+        r["allocation"]["delta"],
+        r["verdict"],
+        r["allocation"]["ports"]
     );
     r
 }

@@ -27,6 +27,8 @@ use stun_rs::{
 pub enum SocketId {
     Main,
     Filtering,
+    /// Sends to the main socket's mapped address, to test hairpinning.
+    Hairpin,
     Allocation(u8),
 }
 
@@ -76,6 +78,8 @@ pub struct NatReport {
     pub mapping: Option<Behaviour>,
     pub filtering: Option<Behaviour>,
     pub allocation: Option<Allocation>,
+    /// Whether a packet to our own mapped address comes back in (RFC 5780 §4.5).
+    pub hairpinning: Option<bool>,
     /// Mapped ports of the allocation samples, with their local ports.
     pub ports: Vec<(u16, u16)>,
     pub observations: Vec<Observation>,
@@ -117,6 +121,7 @@ enum Step {
     Reach,
     MapAltIp,
     MapAltIpPort,
+    Hairpin,
     FilterIpPort,
     FilterPort,
     Alloc(u8),
@@ -167,7 +172,7 @@ impl NatProbe {
 
     /// The sockets a probe needs: the shell binds one per id before calling [`NatProbe::new`].
     pub fn sockets() -> Vec<SocketId> {
-        let mut v = vec![SocketId::Main, SocketId::Filtering];
+        let mut v = vec![SocketId::Main, SocketId::Filtering, SocketId::Hairpin];
         v.extend((0..ALLOCATION_SAMPLES).map(SocketId::Allocation));
         v
     }
@@ -223,7 +228,8 @@ impl NatProbe {
         if now < p.next {
             return;
         }
-        if p.tries < TRIES {
+        let tries = if self.step == Step::Hairpin { 2 } else { TRIES };
+        if p.tries < tries {
             self.out.push(ProbeTransmit { socket: p.socket, to: p.to, bytes: p.bytes.clone() });
             p.tries += 1;
             p.next = now + RTO * 2u32.pow(p.tries - 1);
@@ -233,16 +239,32 @@ impl NatProbe {
         let (socket, to) = (p.socket, p.to);
         self.pending = None;
         self.record(socket, to, None, None);
+        if self.step == Step::Hairpin {
+            self.report.hairpinning = Some(false);
+            self.begin_filtering(now);
+            return;
+        }
         self.advance(now, None);
     }
 
     /// A datagram arrived on `socket` from `from`.
     pub fn handle_input(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) {
         let Some(p) = self.pending.as_ref() else { return };
+        let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(data) else { return };
+        if self.step == Step::Hairpin {
+            // Our own request, come back round through the NAT to the main socket.
+            if socket == SocketId::Main && msg.transaction_id() == &p.id && msg.class() == MessageClass::Request {
+                let to = p.to;
+                self.pending = None;
+                self.record(SocketId::Hairpin, to, None, Some(from));
+                self.report.hairpinning = Some(true);
+                self.begin_filtering(now);
+            }
+            return;
+        }
         if p.socket != socket {
             return;
         }
-        let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(data) else { return };
         if msg.transaction_id() != &p.id || msg.class() != MessageClass::SuccessResponse {
             return;
         }
@@ -266,6 +288,7 @@ impl NatProbe {
             Step::Reach => "binding",
             Step::MapAltIp => "mapping: alternate address",
             Step::MapAltIpPort => "mapping: alternate address and port",
+            Step::Hairpin => "hairpinning: to our own mapped address",
             Step::FilterIpPort => "filtering: answer from alternate address and port",
             Step::FilterPort => "filtering: answer from alternate port",
             Step::Alloc(_) => "allocation sample",
@@ -301,7 +324,7 @@ impl NatProbe {
                 self.mapped[1] = mapped;
                 if mapped.is_some() && mapped == self.mapped[0] {
                     self.report.mapping = Some(Behaviour::EndpointIndependent);
-                    self.begin_filtering(now);
+                    self.begin_hairpin(now);
                 } else if let Some(o) = self.other {
                     self.step = Step::MapAltIpPort;
                     self.start(now, SocketId::Main, o, None);
@@ -318,7 +341,7 @@ impl NatProbe {
                         Behaviour::AddressAndPortDependent
                     });
                 }
-                self.begin_filtering(now);
+                self.begin_hairpin(now);
             }
             Step::FilterIpPort => {
                 if answer.is_some() {
@@ -349,7 +372,17 @@ impl NatProbe {
                     self.step = Step::Done;
                 }
             }
-            Step::Done => {}
+            Step::Hairpin | Step::Done => {}
+        }
+    }
+
+    fn begin_hairpin(&mut self, now: Instant) {
+        match self.mapped[0] {
+            Some(m) if self.report.nat == Some(true) => {
+                self.step = Step::Hairpin;
+                self.start(now, SocketId::Hairpin, m, None);
+            }
+            _ => self.begin_filtering(now),
         }
     }
 

@@ -28,6 +28,8 @@ struct SimNat {
     /// Drop every n-th packet in each direction (0: none).
     lose_every: usize,
     count: usize,
+    /// Loop packets sent to our own public address back inside.
+    hairpin: bool,
 }
 
 impl SimNat {
@@ -43,6 +45,7 @@ impl SimNat {
             rng: 7,
             lose_every: 0,
             count: 0,
+            hairpin: false,
         }
     }
 
@@ -117,6 +120,14 @@ fn run(nat: &mut SimNat) -> NatReport {
             if nat.lost() {
                 continue;
             }
+            if tx.to.ip() == nat.public {
+                let inside = nat.sent.get(&tx.to.port()).map(|(l, _)| *l);
+                if let (true, Some(back)) = (nat.hairpin, inside) {
+                    let sock = locals.iter().find(|(_, a)| *a == back).map(|(s, _)| *s).expect("socket");
+                    probe.handle_input(now, sock, public, &tx.bytes);
+                }
+                continue;
+            }
             let Ok(reply) = server.handle(now, tx.to, public, &tx.bytes) else { continue };
             if nat.lost() {
                 continue;
@@ -172,6 +183,17 @@ fn address_dependent_mapping_and_random_ports() {
     let r = run(&mut SimNat::new(Behaviour::AddressDependent, Behaviour::AddressAndPortDependent, Alloc::Random));
     assert_eq!(r.mapping, Some(Behaviour::AddressDependent));
     assert_eq!(r.allocation, Some(Allocation::Random));
+}
+
+#[test]
+fn hairpinning_is_detected_when_the_nat_loops_back() {
+    let mut nat = SimNat::new(Behaviour::EndpointIndependent, Behaviour::EndpointIndependent, Alloc::Preserve);
+    assert_eq!(run(&mut nat).hairpinning, Some(false));
+    nat = SimNat::new(Behaviour::EndpointIndependent, Behaviour::EndpointIndependent, Alloc::Preserve);
+    nat.hairpin = true;
+    let r = run(&mut nat);
+    assert_eq!(r.hairpinning, Some(true));
+    assert_eq!(r.traditional_name(), "full cone", "the rest of the probe still runs");
 }
 
 #[test]
