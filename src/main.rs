@@ -53,6 +53,9 @@ enum Command {
         /// Local address to probe from.
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
+        /// Also measure how long an idle mapping lives (takes up to four minutes).
+        #[arg(long)]
+        lifetime: bool,
     },
 }
 
@@ -60,7 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Probe { server, json, bind } => probe::run(&server, json, bind),
+        Command::Probe { server, json, bind, lifetime } => probe::run(&server, json, bind, lifetime),
         Command::Server { config } => {
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -9,13 +9,24 @@ use pinhole_media::probe::{Allocation, Behaviour, NatProbe, NatReport};
 
 /// Exit codes: 0 report made, 2 server unreachable (neither UDP nor TCP), 3 UDP blocked
 /// (TCP reaches the server), 1 any other failure.
-pub(crate) fn run(server: &str, json: bool, bind: Option<IpAddr>) -> ExitCode {
+pub(crate) fn run(server: &str, json: bool, bind: Option<IpAddr>, lifetime: bool) -> ExitCode {
     match probe(server, bind) {
         Ok((report, tcp)) => {
+            let life = if lifetime && report.udp { binding_lifetime(server, bind).ok() } else { None };
             if json {
-                println!("{}", to_json(&report, tcp));
+                let mut v = to_json(&report, tcp);
+                if let Some((alive, dead)) = life {
+                    v["lifetime"] = serde_json::json!({ "alive_after_s": alive, "gone_after_s": dead });
+                }
+                println!("{v}");
             } else {
                 print_table(&report, tcp);
+                if let Some((alive, dead)) = life {
+                    match dead {
+                        Some(d) => println!("binding lifetime: between {alive} s and {d} s"),
+                        None => println!("binding lifetime: more than {alive} s"),
+                    }
+                }
             }
             match (report.udp, tcp) {
                 (true, _) => ExitCode::SUCCESS,
@@ -134,7 +145,51 @@ fn print_table(r: &NatReport, tcp: bool) {
     println!("verdict:         {} (confidence {:.0}%)", r.traditional_name(), r.confidence() * 100.0);
 }
 
-fn to_json(r: &NatReport, tcp: bool) -> String {
+/// How long an idle mapping survives (RFC 5780 §4.6): refresh it from the main socket, stay
+/// idle, then ask the server — from another socket — to answer to the mapped port
+/// (RESPONSE-PORT). Idle periods double from 2 s; returns (longest seen alive, first gone).
+fn binding_lifetime(server: &str, bind: Option<IpAddr>) -> anyhow::Result<(u64, Option<u64>)> {
+    use stun_rs::attributes::discovery::ResponsePort;
+    use stun_rs::attributes::stun::XorMappedAddress;
+    use stun_rs::methods::BINDING;
+    use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunAttribute, StunMessageBuilder};
+    let addr: SocketAddr = server.parse().or_else(|_| server.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 3478)))?;
+    let ip = bind.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let (main, other) = (UdpSocket::bind(SocketAddr::new(ip, 0))?, UdpSocket::bind(SocketAddr::new(ip, 0))?);
+    main.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let encode = |response_port: Option<u16>| -> anyhow::Result<Vec<u8>> {
+        let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request);
+        if let Some(p) = response_port {
+            b = b.with_attribute(ResponsePort::from(p));
+        }
+        let mut out = vec![0u8; 64];
+        let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build())?;
+        out.truncate(n);
+        Ok(out)
+    };
+    let mut buf = [0u8; 512];
+    let mut alive = 0;
+    for idle in [2u64, 4, 8, 16, 32, 64, 128] {
+        // Refresh the mapping and learn its port.
+        main.send_to(&encode(None)?, addr)?;
+        let (n, _) = main.recv_from(&mut buf)?;
+        let (msg, _) =
+            MessageDecoderBuilder::default().build().decode(&buf[..n]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let Some(StunAttribute::XorMappedAddress(m)) = msg.get::<XorMappedAddress>() else {
+            anyhow::bail!("no mapped address");
+        };
+        let port = m.socket_address().port();
+        std::thread::sleep(Duration::from_secs(idle));
+        other.send_to(&encode(Some(port))?, addr)?;
+        if main.recv_from(&mut buf).is_err() {
+            return Ok((alive, Some(idle)));
+        }
+        alive = idle;
+    }
+    Ok((alive, None))
+}
+
+fn to_json(r: &NatReport, tcp: bool) -> serde_json::Value {
     let obs: Vec<serde_json::Value> = r
         .observations
         .iter()
@@ -166,5 +221,4 @@ fn to_json(r: &NatReport, tcp: bool) -> String {
         "confidence": r.confidence(),
         "observations": obs,
     })
-    .to_string()
 }

@@ -194,3 +194,35 @@ fn debian_stun_client_agrees_with_the_probe_verdict() {
         assert!(primary.starts_with(expect), "{kind:?}: stun said {primary:?}, expected {expect:?}\n{text}");
     }
 }
+
+/// `--lifetime`: with the NAT box's UDP conntrack timeouts cut to 5 s, an idle mapping is
+/// still there after 4 s and gone after 8 s.
+#[test]
+fn binding_lifetime_follows_the_nat_timeout() {
+    let dir = TempDir::new("lifetime");
+    let lab = NatLab::new(NatKind::PortRestricted);
+    common::netns::ns_exec(
+        &lab.nat,
+        &[
+            "sysctl",
+            "-q",
+            "net.netfilter.nf_conntrack_udp_timeout=5",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=5",
+        ],
+    );
+    let (_pinhole, _log) = lab.start_pinhole(
+        dir.path(),
+        &format!(
+            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
+             [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
+        ),
+    );
+    let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
+        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json", "--lifetime"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("probe");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["lifetime"]["alive_after_s"], 4, "{r}");
+    assert_eq!(r["lifetime"]["gone_after_s"], 8, "{r}");
+}
