@@ -9,21 +9,35 @@ use std::process::Stdio;
 use common::netns::{NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
 use common::TempDir;
 
+/// pinhole on the WAN with the RFC 5780 service on both WAN addresses; SIP over UDP, or UDP
+/// and TCP (`sip = "tcp"`, for the TCP reachability check).
+fn stun_config(sip: &str) -> String {
+    let listen = if sip == "tcp" {
+        format!("\"udp:{WAN_SERVER}:5060\", \"tcp:{WAN_SERVER}:5060\"")
+    } else {
+        format!("\"udp:{WAN_SERVER}:5060\"")
+    };
+    format!(
+        "[sip]\nlisten = [{listen}]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
+         [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
+    )
+}
+
+/// `pinhole probe --json` on the lab's LAN host against the WAN server.
+fn run_probe(lab: &NatLab, extra: &[&str]) -> std::process::Output {
+    NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
+        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("probe")
+}
+
 fn probe(kind: NatKind) -> serde_json::Value {
     let dir = TempDir::new("probe");
     let lab = NatLab::new(kind);
-    let (_pinhole, _log) = lab.start_pinhole(
-        dir.path(),
-        &format!(
-            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
-             [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
-        ),
-    );
-    let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
-        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("probe");
+    let (_pinhole, _log) = lab.start_pinhole(dir.path(), &stun_config("udp"));
+    let out = run_probe(&lab, &[]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "probe failed ({:?}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("probe JSON ({e}): {text}"));
@@ -100,18 +114,8 @@ fn numgen_symmetric_nat_allocates_sequentially_with_delta_one() {
 fn udp_blocked_exits_3_and_says_tcp_still_works() {
     let dir = TempDir::new("probeblk");
     let lab = NatLab::new(NatKind::UdpBlocked);
-    let (_pinhole, _log) = lab.start_pinhole(
-        dir.path(),
-        &format!(
-            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\", \"tcp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
-             [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
-        ),
-    );
-    let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
-        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("probe");
+    let (_pinhole, _log) = lab.start_pinhole(dir.path(), &stun_config("tcp"));
+    let out = run_probe(&lab, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{text}");
     let r: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -148,11 +152,7 @@ fn probe_against_coturn_agrees_with_probe_against_pinhole() {
                 .expect("turnserver (package coturn) must be installed"),
         ));
         std::thread::sleep(std::time::Duration::from_millis(1500));
-        let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
-            .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("probe");
+        let out = run_probe(&lab, &[]);
         let text = String::from_utf8_lossy(&out.stdout);
         let theirs: serde_json::Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{e}: {text}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
@@ -176,13 +176,7 @@ fn debian_stun_client_agrees_with_the_probe_verdict() {
     ] {
         let dir = TempDir::new("stunclient");
         let lab = NatLab::new(kind);
-        let (_pinhole, _log) = lab.start_pinhole(
-            dir.path(),
-            &format!(
-                "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
-                 [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
-            ),
-        );
+        let (_pinhole, _log) = lab.start_pinhole(dir.path(), &stun_config("udp"));
         let out = NatLab::command(&lab.lan, "stun")
             .arg(format!("{WAN_SERVER}:3478"))
             .stdin(Stdio::null())
@@ -210,18 +204,8 @@ fn binding_lifetime_follows_the_nat_timeout() {
             "net.netfilter.nf_conntrack_udp_timeout_stream=5",
         ],
     );
-    let (_pinhole, _log) = lab.start_pinhole(
-        dir.path(),
-        &format!(
-            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"probe.test\"\n[registrar]\nstore = \"\"\n[media]\nmode = \"off\"\n\
-             [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n[metrics]\n"
-        ),
-    );
-    let out = NatLab::command(&lab.lan, env!("CARGO_BIN_EXE_pinhole"))
-        .args(["probe", "--server", &format!("{WAN_SERVER}:3478"), "--json", "--lifetime"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("probe");
+    let (_pinhole, _log) = lab.start_pinhole(dir.path(), &stun_config("udp"));
+    let out = run_probe(&lab, &["--lifetime"]);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(r["lifetime"]["alive_after_s"], 4, "{r}");
     assert_eq!(r["lifetime"]["gone_after_s"], 8, "{r}");
