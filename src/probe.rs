@@ -104,6 +104,7 @@ fn allocation(a: &Option<Allocation>) -> String {
     match a {
         Some(Allocation::Preserving) => "port-preserving".into(),
         Some(Allocation::Sequential { delta }) => format!("sequential (delta {delta})"),
+        Some(Allocation::PortBlock { size }) => format!("port block (≤ {size} ports)"),
         Some(Allocation::Random) => "random".into(),
         None => "unknown".into(),
     }
@@ -202,11 +203,12 @@ fn to_json(r: &NatReport, tcp: bool) -> serde_json::Value {
             })
         })
         .collect();
-    let (kind, delta) = match &r.allocation {
-        Some(Allocation::Preserving) => ("preserving", None),
-        Some(Allocation::Sequential { delta }) => ("sequential", Some(*delta)),
-        Some(Allocation::Random) => ("random", None),
-        None => ("unknown", None),
+    let (kind, delta, block) = match &r.allocation {
+        Some(Allocation::Preserving) => ("preserving", None, None),
+        Some(Allocation::Sequential { delta }) => ("sequential", Some(*delta), None),
+        Some(Allocation::PortBlock { size }) => ("port-block", None, Some(*size)),
+        Some(Allocation::Random) => ("random", None, None),
+        None => ("unknown", None, None),
     };
     serde_json::json!({
         "udp": r.udp,
@@ -215,7 +217,7 @@ fn to_json(r: &NatReport, tcp: bool) -> serde_json::Value {
         "mapped": r.mapped.map(|m| m.to_string()),
         "mapping": behaviour(r.mapping),
         "filtering": behaviour(r.filtering),
-        "allocation": { "kind": kind, "delta": delta, "ports": r.ports.iter().map(|(m, l)| serde_json::json!({"mapped": m, "local": l})).collect::<Vec<_>>() },
+        "allocation": { "kind": kind, "delta": delta, "block": block, "ports": r.ports.iter().map(|(m, l)| serde_json::json!({"mapped": m, "local": l})).collect::<Vec<_>>() },
         "hairpinning": r.hairpinning,
         "verdict": r.traditional_name(),
         "confidence": r.confidence(),

@@ -167,7 +167,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
         _ => None,
     };
-    crate::stun::start(&cfg.stun.listen, cfg.stun.alternate)?;
+    let stun_users = cfg.auth.users.iter().map(|u| (u.user.clone(), u.password.clone())).collect();
+    crate::stun::start(&cfg.stun.listen, cfg.stun.alternate, stun_users)?;
 
     let shared = Arc::new(Shared {
         proxy: Mutex::new(proxy),

@@ -10,7 +10,11 @@ use anyhow::Context;
 use pinhole_media::stun::{StunDrop, StunServer, StunServerConfig};
 
 /// Binds the service: each listen address, and the same ports on the alternate address.
-pub(crate) fn start(listen: &[SocketAddr], alternate: Option<IpAddr>) -> anyhow::Result<()> {
+pub(crate) fn start(
+    listen: &[SocketAddr],
+    alternate: Option<IpAddr>,
+    users: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let Some(first) = listen.first() else { return Ok(()) };
     let ports = [first.port(), listen.get(1).map_or(first.port(), |a| a.port())];
     let mut addrs: Vec<SocketAddr> = listen.to_vec();
@@ -27,8 +31,13 @@ pub(crate) fn start(listen: &[SocketAddr], alternate: Option<IpAddr>) -> anyhow:
         socks.push((*a, UdpSocket::bind(a).with_context(|| format!("binding STUN on {a}"))?));
     }
     let socks = Arc::new(socks);
-    let server =
-        Arc::new(Mutex::new(StunServer::new(StunServerConfig { primary: first.ip(), alternate, ports, rate: 20 })));
+    let server = Arc::new(Mutex::new(StunServer::new(StunServerConfig {
+        primary: first.ip(),
+        alternate,
+        ports,
+        rate: 20,
+        users,
+    })));
     for i in 0..socks.len() {
         let (socks, server) = (socks.clone(), server.clone());
         std::thread::Builder::new()

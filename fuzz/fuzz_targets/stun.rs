@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         alternate: Some("203.0.113.2".parse().expect("ip")),
         ports: [3478, 3479],
         rate: 1000,
+        users: vec![],
     });
     if let Ok(r) = server.handle(Instant::now(), "203.0.113.1:3478".parse().expect("addr"), src, data) {
         assert!(r.bytes.len() <= (data.len() * 3).max(64));

@@ -54,6 +54,11 @@ pub enum Allocation {
     Sequential {
         delta: i32,
     },
+    /// Ports drawn from one aligned block (carrier-grade NATs); `size` is the smallest
+    /// power-of-two block holding every sample, so an upper bound.
+    PortBlock {
+        size: u16,
+    },
     Random,
 }
 
@@ -415,8 +420,38 @@ fn classify_allocation(ports: &[(u16, u16)]) -> Option<Allocation> {
     if deltas.iter().all(|d| *d == deltas[0]) && deltas[0] != 0 && deltas[0].abs() <= 16 {
         return Some(Allocation::Sequential { delta: deltas[0] });
     }
-    Some(Allocation::Random)
+    let (lo, hi) = ports.iter().fold((u16::MAX, 0), |(lo, hi), (m, _)| (lo.min(*m), hi.max(*m)));
+    let block = (6..=12).map(|k| 1u16 << k).find(|b| lo / b == hi / b);
+    Some(match block {
+        Some(size) => Allocation::PortBlock { size },
+        None => Allocation::Random,
+    })
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod allocation_tests {
+    use super::*;
+
+    #[test]
+    fn allocation_kinds_are_told_apart() {
+        assert_eq!(classify_allocation(&[(5000, 5000), (6000, 6000)]), Some(Allocation::Preserving));
+        assert_eq!(
+            classify_allocation(&[(40004, 1), (40005, 2), (40006, 3)]),
+            Some(Allocation::Sequential { delta: 1 })
+        );
+        assert_eq!(
+            classify_allocation(&[(40010, 1), (40008, 2), (40006, 3)]),
+            Some(Allocation::Sequential { delta: -2 })
+        );
+        assert_eq!(
+            classify_allocation(&[(20500, 1), (20900, 2), (20611, 3), (20999, 4)]),
+            Some(Allocation::PortBlock { size: 1024 }),
+            "four draws inside 20480..21504"
+        );
+        assert_eq!(classify_allocation(&[(1195, 1), (60019, 2), (18489, 3), (61216, 4)]), Some(Allocation::Random));
+        assert_eq!(classify_allocation(&[(1, 2)]), None);
+    }
+}

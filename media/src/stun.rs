@@ -12,10 +12,13 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use stun_rs::attributes::discovery::{ChangeRequest, ChangeRequestFlags, OtherAddress, ResponseOrigin, ResponsePort};
-use stun_rs::attributes::stun::{Fingerprint, Software, XorMappedAddress};
+use stun_rs::attributes::discovery::{
+    ChangeRequest, ChangeRequestFlags, OtherAddress, Padding, ResponseOrigin, ResponsePort,
+};
+use stun_rs::attributes::stun::{ErrorCode, Fingerprint, MessageIntegrity, Software, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::StunAttribute;
+use stun_rs::{DecoderContextBuilder, HMACKey};
 use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessageBuilder};
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
@@ -61,6 +64,9 @@ pub struct StunServerConfig {
     pub ports: [u16; 2],
     /// Requests per second each source address may make (burst: 2 s worth).
     pub rate: u32,
+    /// Credentials for MESSAGE-INTEGRITY (RFC 8489 §9.1 short-term: USERNAME + the
+    /// password as key). Requests without credentials are answered unauthenticated.
+    pub users: Vec<(String, String)>,
 }
 
 /// A response to send from one of the service's sockets.
@@ -193,6 +199,26 @@ impl StunServer {
         if !self.allow(now, src.ip()) {
             return Err(StunDrop::RateLimited);
         }
+        // Credentials, when the request carries them: a bad one gets 401 (RFC 8489 §9.1.3).
+        let key = match (msg.get::<UserName>(), msg.get::<MessageIntegrity>()) {
+            (Some(StunAttribute::UserName(u)), Some(_)) => {
+                let key = self
+                    .cfg
+                    .users
+                    .iter()
+                    .find(|(name, _)| name == u.as_str())
+                    .and_then(|(_, pw)| HMACKey::new_short_term(pw).ok());
+                let valid = key.as_ref().is_some_and(|k| {
+                    let ctx = DecoderContextBuilder::default().with_key(k.clone()).with_validation().build();
+                    MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
+                });
+                if !valid {
+                    return Ok(StunReply { from: local, to: src, bytes: unauthorized(&msg)? });
+                }
+                key
+            }
+            _ => None,
+        };
         let other_ip = |ip: IpAddr| -> Option<IpAddr> {
             let alt = self.cfg.alternate?;
             Some(if ip == alt { self.cfg.primary } else { alt })
@@ -210,7 +236,8 @@ impl StunServer {
             Some(StunAttribute::ResponsePort(p)) => SocketAddr::new(src.ip(), *p.as_ref()),
             _ => src,
         };
-        let budget = (data.len() * 3).max(64);
+        // Authenticated requests are not reflection material: no size budget for them.
+        let budget = if key.is_some() { usize::MAX } else { (data.len() * 3).max(64) };
         let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
             .with_transaction_id(*msg.transaction_id())
             .with_attribute(XorMappedAddress::from(src))
@@ -227,15 +254,39 @@ impl StunServer {
             b = b.with_attribute(Software::new(SOFTWARE).map_err(|_| StunDrop::Malformed)?);
             size += 12;
         }
+        // PADDING (RFC 5780 §7.6) is echoed at the request's size, so it never amplifies.
+        if let Some(StunAttribute::Padding(p)) = msg.get::<Padding>() {
+            if size + 4 + p.as_str().len() <= budget.max(data.len()) {
+                b = b.with_attribute(p.clone());
+                size += 4 + p.as_str().len().next_multiple_of(4);
+            }
+        }
+        if let Some(k) = key {
+            b = b.with_attribute(MessageIntegrity::new(k));
+            size += 24;
+        }
         if msg.get::<Fingerprint>().is_some() && size + 8 <= budget {
             b = b.with_attribute(Fingerprint::default());
         }
-        let mut out = vec![0u8; 256];
+        let mut out = vec![0u8; 256 + data.len()];
         let n =
             MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).map_err(|_| StunDrop::Malformed)?;
         out.truncate(n);
         Ok(StunReply { from, to, bytes: out })
     }
+}
+
+/// A 401 Unauthenticated error response (RFC 8489 §9.1.3).
+fn unauthorized(req: &stun_rs::StunMessage) -> Result<Vec<u8>, StunDrop> {
+    let code = stun_rs::ErrorCode::new(401, "Unauthenticated").map_err(|_| StunDrop::Malformed)?;
+    let msg = StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse)
+        .with_transaction_id(*req.transaction_id())
+        .with_attribute(ErrorCode::from(code))
+        .build();
+    let mut out = vec![0u8; 64];
+    let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).map_err(|_| StunDrop::Malformed)?;
+    out.truncate(n);
+    Ok(out)
 }
 
 /// Bytes an address attribute takes (4-byte header + family/port + address).
@@ -293,7 +344,61 @@ mod tests {
             alternate: Some("203.0.113.2".parse().expect("ip")),
             ports: [3478, 3479],
             rate: 10,
+            users: vec![("alice".into(), "alice-pw".into())],
         })
+    }
+
+    fn signed(user: &str, password: &str) -> Vec<u8> {
+        let key = HMACKey::new_short_term(password).expect("key");
+        let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
+            .with_transaction_id(TransactionId::default())
+            .with_attribute(UserName::new(user).expect("user"))
+            .with_attribute(MessageIntegrity::new(key))
+            .build();
+        let mut out = vec![0u8; 128];
+        let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).expect("encode");
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn message_integrity_is_checked_against_the_users_and_signed_back() {
+        let mut s = server();
+        let (local, src): (SocketAddr, SocketAddr) =
+            ("203.0.113.1:3478".parse().expect("addr"), "198.51.100.7:5000".parse().expect("addr"));
+        let r = s.handle(Instant::now(), local, src, &signed("alice", "alice-pw")).expect("answered");
+        let ctx = DecoderContextBuilder::default()
+            .with_key(HMACKey::new_short_term("alice-pw").expect("key"))
+            .with_validation()
+            .build();
+        let (msg, _) =
+            MessageDecoderBuilder::default().with_context(ctx).build().decode(&r.bytes).expect("valid integrity");
+        assert_eq!(msg.class(), MessageClass::SuccessResponse);
+        for bad in [signed("alice", "guess"), signed("mallory", "x")] {
+            let r = s.handle(Instant::now(), local, src, &bad).expect("answered with an error");
+            let (msg, _) = MessageDecoderBuilder::default().build().decode(&r.bytes).expect("decodes");
+            assert_eq!(msg.class(), MessageClass::ErrorResponse);
+            let Some(StunAttribute::ErrorCode(e)) = msg.get::<ErrorCode>() else { panic!("error code") };
+            assert_eq!(e.error_code().error_code(), 401);
+        }
+    }
+
+    #[test]
+    fn padding_is_echoed_at_the_same_size() {
+        let mut s = server();
+        let req = with_attrs(vec![Padding::new("x".repeat(400)).expect("padding").into()]);
+        let r = s
+            .handle(
+                Instant::now(),
+                "203.0.113.1:3478".parse().expect("addr"),
+                "198.51.100.7:5000".parse().expect("addr"),
+                &req,
+            )
+            .expect("answered");
+        let (msg, _) = MessageDecoderBuilder::default().build().decode(&r.bytes).expect("decodes");
+        let Some(StunAttribute::Padding(p)) = msg.get::<Padding>() else { panic!("padding") };
+        assert_eq!(p.as_str().len(), 400);
+        assert!(r.bytes.len() <= req.len() * 3);
     }
 
     fn with_attrs(attrs: Vec<StunAttribute>) -> Vec<u8> {
@@ -302,7 +407,7 @@ mod tests {
         for a in attrs {
             b = b.with_attribute(a);
         }
-        let mut out = vec![0u8; 128];
+        let mut out = vec![0u8; 1024];
         let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).expect("encode");
         out.truncate(n);
         out
@@ -343,7 +448,7 @@ mod tests {
 
     #[test]
     fn without_an_alternate_address_change_ip_is_refused() {
-        let mut s = StunServer::new(StunServerConfig { alternate: None, ..server().cfg });
+        let mut s = StunServer::new(StunServerConfig { alternate: None, ..server().cfg.clone() });
         let req = with_attrs(vec![ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp.into())).into()]);
         let r = s.handle(
             Instant::now(),

@@ -100,6 +100,7 @@ fn run(nat: &mut SimNat) -> NatReport {
         alternate: Some("203.0.113.2".parse().expect("ip")),
         ports: [3478, 3479],
         rate: 100,
+        users: vec![],
     });
     let locals: Vec<(SocketId, SocketAddr)> = NatProbe::sockets()
         .into_iter()
