@@ -304,15 +304,7 @@ mod tests {
     use stun_rs::{StunAttribute, TransactionId};
 
     fn request(fingerprint: bool) -> Vec<u8> {
-        let mut b =
-            StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(TransactionId::default());
-        if fingerprint {
-            b = b.with_attribute(Fingerprint::default());
-        }
-        let mut out = vec![0u8; 64];
-        let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).expect("encode");
-        out.truncate(n);
-        out
+        with_attrs(if fingerprint { vec![Fingerprint::default().into()] } else { vec![] })
     }
 
     #[test]
@@ -350,15 +342,7 @@ mod tests {
 
     fn signed(user: &str, password: &str) -> Vec<u8> {
         let key = HMACKey::new_short_term(password).expect("key");
-        let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
-            .with_transaction_id(TransactionId::default())
-            .with_attribute(UserName::new(user).expect("user"))
-            .with_attribute(MessageIntegrity::new(key))
-            .build();
-        let mut out = vec![0u8; 128];
-        let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).expect("encode");
-        out.truncate(n);
-        out
+        with_attrs(vec![UserName::new(user).expect("user").into(), MessageIntegrity::new(key).into()])
     }
 
     #[test]
