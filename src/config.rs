@@ -44,10 +44,38 @@ pub(crate) struct Sip {
     /// Largest message accepted, in bytes (UDP datagram or stream frame).
     #[serde(default = "default_max_message")]
     pub(crate) max_message_size: usize,
+    /// TCP/TLS connections held at once (also bounded by the open-file limit).
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: usize,
+    /// TCP/TLS connections from one source address (IPv6: one /64).
+    #[serde(default = "default_max_connections_per_source")]
+    pub(crate) max_connections_per_source: usize,
+    /// Seconds a connection may stay without a complete message or keepalive.
+    #[serde(default = "default_idle_timeout")]
+    pub(crate) idle_timeout: u64,
+    /// Seconds a started message (or a TLS handshake) may take to arrive whole.
+    #[serde(default = "default_message_timeout")]
+    pub(crate) message_timeout: u64,
 }
 
 fn default_max_message() -> usize {
     65_535
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_max_connections_per_source() -> usize {
+    128
+}
+
+fn default_idle_timeout() -> u64 {
+    300
+}
+
+fn default_message_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +271,9 @@ pub(crate) struct Ng {
 pub(crate) struct Stun {
     pub(crate) listen: Vec<SocketAddr>,
     pub(crate) alternate: Option<IpAddr>,
+    /// Short-term credentials for MESSAGE-INTEGRITY, separate from the SIP passwords so a
+    /// STUN guess never tests a SIP password.
+    pub(crate) users: Vec<User>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -308,6 +339,12 @@ impl Config {
         }
         if self.stun.alternate.is_some() && self.stun.listen.iter().any(|a| a.ip().is_unspecified()) {
             err("stun", "alternate", "an alternate address needs specific stun.listen addresses, not 0.0.0.0".into());
+        }
+        if self.sip.max_connections == 0 || self.sip.max_connections_per_source == 0 {
+            err("sip", "max_connections", "connection caps must be at least 1".into());
+        }
+        if self.sip.idle_timeout == 0 || self.sip.message_timeout == 0 {
+            err("sip", "message_timeout", "connection timeouts must be at least 1 second".into());
         }
         if self.nat.keepalive_interval == 0 {
             err("nat", "keepalive_interval", "keepalive_interval must be at least 1 second".into());

@@ -6,6 +6,8 @@
 
 mod config;
 mod dataplane;
+mod limits;
+mod metrics;
 mod mmsg;
 mod ng;
 mod probe;

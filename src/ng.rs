@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +16,7 @@ use pinhole_media::latch::LatchMode;
 use pinhole_media::ng::{from_json, split_cookie, to_json, Bencode};
 use pinhole_media::relay::{Options, Relay, RelayError};
 
+use crate::limits::{Backoff, LogLimiter};
 use crate::server::Shared;
 
 /// How long a reply is kept for retransmissions of its request.
@@ -36,23 +38,48 @@ const KNOWN_FLAGS: &[&str] = &[
 const UNSUPPORTED_KEYS: &[&str] =
     &["record-call", "transcode", "codec", "SDES", "DTLS", "T.38", "T38", "media-echo", "xmlrpc-callback", "metadata"];
 
-/// Replies by cookie, forgotten in the order they were made once older than REPLY_CACHE.
+/// Most replies cached, and most bytes (cookies and replies) they may hold; past either
+/// the oldest are forgotten early.
+const REPLY_CACHE_ENTRIES: usize = 65_536;
+const REPLY_CACHE_BYTES: usize = 64 << 20;
+/// ng TCP connections served at once (each has a thread); more are closed at accept.
+const MAX_TCP_CONNECTIONS: usize = 32;
+
+/// Replies by cookie, forgotten in the order they were made once older than REPLY_CACHE,
+/// or earlier when the cache is over its entry or byte bound.
 #[derive(Default)]
 struct ReplyCache {
     replies: HashMap<Vec<u8>, Vec<u8>>,
     order: VecDeque<(Instant, Vec<u8>)>,
+    bytes: usize,
 }
 
 impl ReplyCache {
     fn expire(&mut self, now: Instant) {
         while let Some((t, _)) = self.order.front() {
-            if now.duration_since(*t) < REPLY_CACHE {
+            let full = self.order.len() > REPLY_CACHE_ENTRIES || self.bytes > REPLY_CACHE_BYTES;
+            if now.duration_since(*t) < REPLY_CACHE && !full {
                 break;
             }
-            if let Some((_, cookie)) = self.order.pop_front() {
-                self.replies.remove(&cookie);
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, cookie)) = self.order.pop_front() {
+            if let Some(r) = self.replies.remove(&cookie) {
+                self.bytes -= cookie.len() + r.len();
             }
         }
+    }
+
+    fn insert(&mut self, now: Instant, cookie: &[u8], reply: Vec<u8>) {
+        self.bytes += cookie.len() + reply.len();
+        if let Some(old) = self.replies.insert(cookie.to_vec(), reply) {
+            self.bytes -= cookie.len() + old.len();
+        }
+        self.order.push_back((now, cookie.to_vec()));
+        self.expire(now);
     }
 }
 
@@ -81,8 +108,7 @@ fn answer(shared: &Arc<Shared>, now: Instant, datagram: &[u8], cache: &mut Reply
     let mut reply = cookie.to_vec();
     reply.push(b' ');
     reply.extend_from_slice(&respond(shared, now, payload));
-    cache.replies.insert(cookie.to_vec(), reply.clone());
-    cache.order.push_back((now, cookie.to_vec()));
+    cache.insert(now, cookie, reply.clone());
     Some(reply)
 }
 
@@ -112,13 +138,47 @@ fn respond(shared: &Arc<Shared>, now: Instant, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A connection slot, given back when its thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An ng TCP connection silent this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(300);
+
 /// ng over TCP: `<cookie> <bencoded dictionary>` back to back on a stream. A message that
 /// cannot be framed closes the connection.
 pub(crate) fn run_tcp(shared: &Arc<Shared>, listener: &TcpListener) {
+    static ACCEPT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut backoff = Backoff::new();
     for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                metrics::counter!("pinhole_accept_errors_total", "listener" => "ng").increment(1);
+                if let Some(suppressed) = ACCEPT_LOG.allow(Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "ng accept failed; backing off");
+                }
+                std::thread::sleep(backoff.next_delay());
+                continue;
+            }
+        };
+        backoff.reset();
+        if open.load(Relaxed) >= MAX_TCP_CONNECTIONS {
+            metrics::counter!("pinhole_ng_connections_refused_total").increment(1);
+            continue; // dropping it closes it
+        }
+        open.fetch_add(1, Relaxed);
+        let _ = conn.set_read_timeout(Some(TCP_IDLE));
         let shared = shared.clone();
+        let open = open.clone();
         let _ = std::thread::Builder::new().name("ng tcp".into()).spawn(move || {
+            let _slot = Slot(open);
             let mut buf = Vec::with_capacity(4096);
             let mut chunk = [0u8; 16 * 1024];
             loop {

@@ -1,7 +1,7 @@
 //! `pinhole server`: sockets, connections, timers and the store around the sans-IO proxy.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, KeepaliveKind};
 use crate::dataplane::DataPlane;
+use crate::limits::{accept_failed, Backoff, LogLimiter};
 use crate::store::Store;
 
 /// Frames queued per connection before the connection counts as stuck and is closed.
@@ -26,13 +27,28 @@ struct Conn {
     transport: Transport,
     remote: SocketAddr,
     tx: mpsc::Sender<Vec<u8>>,
+    /// The source prefix an inbound connection counts against.
+    source: Option<IpAddr>,
 }
 
 #[derive(Default)]
 struct Conns {
     by_id: HashMap<ConnId, Conn>,
     by_remote: HashMap<(Transport, SocketAddr), ConnId>,
+    /// Inbound connections per source prefix.
+    by_source: HashMap<IpAddr, usize>,
 }
+
+/// Bounds on what strangers can make us hold over TCP/TLS.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    max: usize,
+    per_source: usize,
+    idle: Duration,
+    message: Duration,
+}
+
+static ACCEPT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 pub(crate) struct Shared {
     proxy: Mutex<Proxy>,
@@ -49,6 +65,7 @@ pub(crate) struct Shared {
     /// When the timer loop plans to wake next, so inputs only wake it for an earlier timer.
     timer_deadline: Mutex<Option<std::time::Instant>>,
     max_message: usize,
+    limits: ConnLimits,
     /// The local address outbound TCP connections report as their flow's `local`.
     tcp_local: Option<SocketAddr>,
 }
@@ -76,13 +93,26 @@ fn unix_now() -> u64 {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let nofile = crate::limits::raise_nofile();
     if let Some(addr) = cfg.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        tracing::info!(%addr, "metrics on /metrics");
+        crate::metrics::serve(addr).await?;
     }
+    let relay_fds = if cfg.relay().is_some() { u64::from(cfg.media.port_max - cfg.media.port_min) + 1 } else { 0 };
+    let max_conns = crate::limits::connection_cap(cfg.sip.max_connections, nofile, relay_fds);
+    if max_conns < cfg.sip.max_connections {
+        tracing::warn!(
+            nofile,
+            configured = cfg.sip.max_connections,
+            max_conns,
+            "open-file limit lowers the connection cap"
+        );
+    }
+    let limits = ConnLimits {
+        max: max_conns,
+        per_source: cfg.sip.max_connections_per_source.min(max_conns),
+        idle: Duration::from_secs(cfg.sip.idle_timeout),
+        message: Duration::from_secs(cfg.sip.message_timeout),
+    };
     let store = Store::new(&cfg.registrar.store);
     let loaded = store.load()?;
 
@@ -167,7 +197,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
         _ => None,
     };
-    let stun_users = cfg.auth.users.iter().map(|u| (u.user.clone(), u.password.clone())).collect();
+    let stun_users = cfg.stun.users.iter().map(|u| (u.user.clone(), u.password.clone())).collect();
     crate::stun::start(&cfg.stun.listen, cfg.stun.alternate, stun_users)?;
 
     let shared = Arc::new(Shared {
@@ -181,6 +211,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         wake: Notify::new(),
         timer_deadline: Mutex::new(None),
         max_message: cfg.sip.max_message_size,
+        limits,
     });
 
     for (local, sock) in udp {
@@ -357,7 +388,9 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
                 match TcpStream::connect(t.flow.remote).await {
                     Ok(stream) => {
                         let local = shared.tcp_local.unwrap_or(t.flow.local);
-                        let (id, rx) = register_conn(&shared, Transport::Tcp, t.flow.remote);
+                        let Some((id, rx)) = register_conn(&shared, Transport::Tcp, t.flow.remote, false) else {
+                            return;
+                        };
                         let _ = shared.conns().by_id.get(&id).map(|c| c.tx.try_send(t.payload));
                         run_conn(shared, stream, Transport::Tcp, local, t.flow.remote, id, rx).await;
                     }
@@ -431,23 +464,27 @@ async fn accept_loop(
     transport: Transport,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    let mut backoff = Backoff::new();
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failed(transport.as_str(), &e, &mut backoff, &ACCEPT_LOG).await;
                 continue;
             }
+        };
+        backoff.reset();
+        // Over a cap: close at once (dropping the stream), counted in register_conn.
+        let Some((id, rx)) = register_conn(&shared, transport, remote, true) else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let (id, rx) = register_conn(&shared, transport, remote);
             match tls {
                 None => run_conn(shared, stream, transport, local, remote, id, rx).await,
-                Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Some(acceptor) => match tokio::time::timeout(shared.limits.message, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => run_conn(shared, s, transport, local, remote, id, rx).await,
                     _ => {
                         tracing::debug!(%remote, "TLS handshake failed");
@@ -459,14 +496,39 @@ async fn accept_loop(
     }
 }
 
-fn register_conn(shared: &Arc<Shared>, transport: Transport, remote: SocketAddr) -> (ConnId, mpsc::Receiver<Vec<u8>>) {
+/// Records a connection, or refuses it when a cap is reached (`inbound` connections count
+/// against their source's cap too).
+fn register_conn(
+    shared: &Arc<Shared>,
+    transport: Transport,
+    remote: SocketAddr,
+    inbound: bool,
+) -> Option<(ConnId, mpsc::Receiver<Vec<u8>>)> {
+    let source = pinhole_media::guard::source_prefix(remote.ip());
+    let mut conns = shared.conns();
+    let refused = if conns.by_id.len() >= shared.limits.max {
+        Some("total")
+    } else if inbound && conns.by_source.get(&source).copied().unwrap_or(0) >= shared.limits.per_source {
+        Some("source")
+    } else {
+        None
+    };
+    if let Some(reason) = refused {
+        metrics::counter!("pinhole_sip_connections_refused_total", "reason" => reason).increment(1);
+        if let Some(suppressed) = ACCEPT_LOG.allow(std::time::Instant::now()) {
+            tracing::warn!(%remote, reason, suppressed, "connection refused: cap reached");
+        }
+        return None;
+    }
     let id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
-    let mut conns = shared.conns();
-    conns.by_id.insert(id, Conn { transport, remote, tx });
+    conns.by_id.insert(id, Conn { transport, remote, tx, source: inbound.then_some(source) });
     conns.by_remote.insert((transport, remote), id);
+    if inbound {
+        *conns.by_source.entry(source).or_insert(0) += 1;
+    }
     metrics::gauge!("pinhole_sip_connections").set(conns.by_id.len() as f64);
-    (id, rx)
+    Some((id, rx))
 }
 
 fn unregister_conn(shared: &Arc<Shared>, id: ConnId) {
@@ -474,6 +536,14 @@ fn unregister_conn(shared: &Arc<Shared>, id: ConnId) {
     if let Some(c) = conns.by_id.remove(&id) {
         if conns.by_remote.get(&(c.transport, c.remote)) == Some(&id) {
             conns.by_remote.remove(&(c.transport, c.remote));
+        }
+        if let Some(src) = c.source {
+            if let Some(n) = conns.by_source.get_mut(&src) {
+                *n -= 1;
+                if *n == 0 {
+                    conns.by_source.remove(&src);
+                }
+            }
         }
     }
     metrics::gauge!("pinhole_sip_connections").set(conns.by_id.len() as f64);
@@ -502,35 +572,59 @@ async fn run_conn<S>(
     let flow = Flow { transport, local, remote, conn: Some(id) };
     let mut framer = Framer::new(shared.max_message);
     let mut buf = vec![0u8; 16 * 1024];
+    let limits = shared.limits;
+    // Idle: no complete message or keepalive for `limits.idle`. Incomplete: a message
+    // started and not finished within `limits.message` (a half-open request).
+    let mut last_activity = Instant::now();
+    let mut partial_since: Option<Instant> = None;
     'conn: loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let deadline = match partial_since {
+            Some(t) => (t + limits.message).min(last_activity + limits.idle),
+            None => last_activity + limits.idle,
+        };
+        let n = match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => n,
+            Err(_) => {
+                let reason = if partial_since.is_some() { "incomplete" } else { "idle" };
+                metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).increment(1);
+                tracing::debug!(%remote, reason, "connection timed out; closing");
+                break;
+            }
         };
         framer.extend(&buf[..n]);
         loop {
-            match framer.next_frame() {
+            let frame = match framer.next_frame() {
                 Ok(None) => break,
-                Ok(Some(Frame::Message(m))) => {
-                    if !handle(&shared, flow, m) {
-                        tracing::debug!(%remote, "garbage on stream; closing");
-                        break 'conn;
-                    }
-                }
-                Ok(Some(Frame::Ping)) => {
-                    let tx = shared.conns().by_id.get(&id).map(|c| c.tx.clone());
-                    if let Some(tx) = tx {
-                        let _ = tx.try_send(b"\r\n".to_vec());
-                    }
-                }
-                Ok(Some(Frame::Pong)) => {}
+                Ok(Some(f)) => f,
                 Err(e) => {
                     metrics::counter!("pinhole_sip_garbage_total", "transport" => transport.to_string()).increment(1);
                     tracing::debug!(%remote, error = %e, "bad stream framing; closing");
                     break 'conn;
                 }
+            };
+            last_activity = Instant::now();
+            match frame {
+                Frame::Message(m) => {
+                    if !handle(&shared, flow, m) {
+                        tracing::debug!(%remote, "garbage on stream; closing");
+                        break 'conn;
+                    }
+                }
+                Frame::Ping => {
+                    let tx = shared.conns().by_id.get(&id).map(|c| c.tx.clone());
+                    if let Some(tx) = tx {
+                        let _ = tx.try_send(b"\r\n".to_vec());
+                    }
+                }
+                Frame::Pong => {}
             }
         }
+        partial_since = match (framer.buffered(), partial_since) {
+            (0, _) => None,
+            (_, Some(t)) => Some(t),
+            (_, None) => Some(Instant::now()),
+        };
     }
     unregister_conn(&shared, id);
     writer.abort();

@@ -26,6 +26,16 @@ struct Entry {
 
 pub(crate) struct Store {
     path: Option<PathBuf>,
+    /// Descriptors held open for the store alone: released just before a save and taken
+    /// back after it, so a descriptor flood elsewhere can never make a save fail.
+    reserve: std::sync::Mutex<Vec<std::fs::File>>,
+}
+
+/// Descriptors kept for a save: the temporary file, and one spare.
+const RESERVED_FDS: usize = 2;
+
+fn open_reserve() -> Vec<std::fs::File> {
+    (0..RESERVED_FDS).filter_map(|_| std::fs::File::open("/dev/null").ok()).collect()
 }
 
 pub(crate) struct Loaded {
@@ -35,7 +45,9 @@ pub(crate) struct Loaded {
 
 impl Store {
     pub(crate) fn new(path: &Path) -> Store {
-        Store { path: (!path.as_os_str().is_empty()).then(|| path.to_owned()) }
+        let path = (!path.as_os_str().is_empty()).then(|| path.to_owned());
+        let reserve = std::sync::Mutex::new(if path.is_some() { open_reserve() } else { Vec::new() });
+        Store { path, reserve }
     }
 
     /// Reads the snapshot, or starts fresh with a new secret.
@@ -63,6 +75,14 @@ impl Store {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        let mut reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
+        reserve.clear();
+        let saved = Self::write(path, secret, bindings);
+        *reserve = open_reserve();
+        saved
+    }
+
+    fn write(path: &Path, secret: &[u8; 32], bindings: Vec<(String, Binding)>) -> anyhow::Result<()> {
         let snap = Snapshot {
             version: 1,
             secret: secret.iter().map(|b| format!("{b:02x}")).collect(),

@@ -66,6 +66,7 @@ fn serve(socks: &[(SocketAddr, UdpSocket)], i: usize, server: &Mutex<StunServer>
                     StunDrop::Malformed => "malformed",
                     StunDrop::RateLimited => "rate",
                     StunDrop::CannotChange => "change",
+                    StunDrop::Guarded => "guarded",
                 };
                 metrics::counter!("pinhole_stun_dropped_total", "reason" => reason).increment(1);
             }

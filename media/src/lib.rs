@@ -35,6 +35,7 @@
 //! - The ng codec ([`ng`]) is our own: arrival-ordered dictionaries, bounded depth, lengths
 //!   checked before allocating, trailing bytes refused.
 
+pub mod guard;
 pub mod latch;
 pub mod ng;
 pub mod probe;

@@ -18,10 +18,17 @@ pub enum Bencode {
     Dict(Vec<(Vec<u8>, Bencode)>),
 }
 
+/// Longest cookie accepted (rtpengine's and Kamailio's are a few dozen bytes). A longer
+/// one is not ng: dropped, and never cached.
+pub const MAX_COOKIE: usize = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum NgError {
     #[error("no cookie")]
     NoCookie,
+    #[error("cookie longer than 256 bytes")]
+    CookieTooLong,
     #[error("truncated bencode")]
     Truncated,
     #[error("malformed bencode")]
@@ -198,7 +205,11 @@ pub fn to_json(b: &Bencode) -> serde_json::Value {
 
 /// Splits `<cookie> <payload>`.
 pub fn split_cookie(msg: &[u8]) -> Result<(&[u8], &[u8]), NgError> {
-    let sp = msg.iter().position(|&b| b == b' ').ok_or(NgError::NoCookie)?;
+    let sp = match msg.iter().take(MAX_COOKIE + 1).position(|&b| b == b' ') {
+        Some(sp) => sp,
+        None if msg.len() > MAX_COOKIE => return Err(NgError::CookieTooLong),
+        None => return Err(NgError::NoCookie),
+    };
     if sp == 0 {
         return Err(NgError::NoCookie);
     }
@@ -264,5 +275,9 @@ mod tests {
         assert_eq!(Bencode::decode(b"ixe"), Err(NgError::Malformed));
         assert_eq!(split_cookie(b"d7:command4:pinge"), Err(NgError::NoCookie));
         assert_eq!(split_cookie(b"abc d7:command4:pinge").map(|(c, _)| c), Ok(&b"abc"[..]));
+        let long = [vec![b'x'; MAX_COOKIE + 1], b" d7:command4:pinge".to_vec()].concat();
+        assert_eq!(split_cookie(&long), Err(NgError::CookieTooLong));
+        let longest = [vec![b'x'; MAX_COOKIE], b" d7:command4:pinge".to_vec()].concat();
+        assert!(split_cookie(&longest).is_ok());
     }
 }

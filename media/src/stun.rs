@@ -21,6 +21,8 @@ use stun_rs::StunAttribute;
 use stun_rs::{DecoderContextBuilder, HMACKey};
 use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessageBuilder};
 
+use crate::guard::{Admit, GuardConfig, GuessGuard};
+
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 const SOFTWARE: &str = "pinhole";
 
@@ -65,7 +67,8 @@ pub struct StunServerConfig {
     /// Requests per second each source address may make (burst: 2 s worth).
     pub rate: u32,
     /// Credentials for MESSAGE-INTEGRITY (RFC 8489 §9.1 short-term: USERNAME + the
-    /// password as key). Requests without credentials are answered unauthenticated.
+    /// password as key). Requests without credentials are answered unauthenticated. Failed
+    /// checks are braked per source prefix and per username ([`crate::guard`]).
     pub users: Vec<(String, String)>,
 }
 
@@ -86,6 +89,8 @@ pub enum StunDrop {
     RateLimited,
     /// CHANGE-REQUEST for an address or port this server does not have.
     CannotChange,
+    /// Credentials from a source or for a username that failed too often: not checked.
+    Guarded,
 }
 
 struct Bucket {
@@ -96,11 +101,51 @@ struct Bucket {
 pub struct StunServer {
     cfg: StunServerConfig,
     buckets: HashMap<IpAddr, Bucket>,
+    guard: GuessGuard,
+    next_sweep: Option<Instant>,
+    /// Checked in place of an unknown user's key, so unknown users cost the same work.
+    decoy: HMACKey,
 }
 
 impl StunServer {
     pub fn new(cfg: StunServerConfig) -> StunServer {
-        StunServer { cfg, buckets: HashMap::new() }
+        let decoy = HMACKey::new_short_term("decoy-password-never-matches").expect("a plain ASCII password is valid");
+        StunServer {
+            cfg,
+            buckets: HashMap::new(),
+            guard: GuessGuard::new(GuardConfig::default()),
+            next_sweep: None,
+            decoy,
+        }
+    }
+
+    /// Checks USERNAME + MESSAGE-INTEGRITY; `Ok(None)` means a 401.
+    fn check_integrity(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        user: &str,
+        data: &[u8],
+    ) -> Result<Option<HMACKey>, StunDrop> {
+        if self.next_sweep.is_none_or(|t| now >= t) {
+            self.guard.expire(now);
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+        if self.guard.admit(now, src, user) != Admit::Check {
+            return Err(StunDrop::Guarded);
+        }
+        let known =
+            self.cfg.users.iter().find(|(name, _)| name == user).and_then(|(_, pw)| HMACKey::new_short_term(pw).ok());
+        let key = known.clone().unwrap_or_else(|| self.decoy.clone());
+        let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
+        let valid = MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok() && known.is_some();
+        if valid {
+            self.guard.succeeded(now, src, user);
+            Ok(known)
+        } else {
+            self.guard.failed(now, src, user);
+            Ok(None)
+        }
     }
 
     fn allow(&mut self, now: Instant, ip: IpAddr) -> bool {
@@ -202,20 +247,10 @@ impl StunServer {
         // Credentials, when the request carries them: a bad one gets 401 (RFC 8489 §9.1.3).
         let key = match (msg.get::<UserName>(), msg.get::<MessageIntegrity>()) {
             (Some(StunAttribute::UserName(u)), Some(_)) => {
-                let key = self
-                    .cfg
-                    .users
-                    .iter()
-                    .find(|(name, _)| name == u.as_str())
-                    .and_then(|(_, pw)| HMACKey::new_short_term(pw).ok());
-                let valid = key.as_ref().is_some_and(|k| {
-                    let ctx = DecoderContextBuilder::default().with_key(k.clone()).with_validation().build();
-                    MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
-                });
-                if !valid {
-                    return Ok(StunReply { from: local, to: src, bytes: unauthorized(&msg)? });
+                match self.check_integrity(now, src.ip(), u.as_str(), data)? {
+                    Some(key) => Some(key),
+                    None => return Ok(StunReply { from: local, to: src, bytes: unauthorized(&msg)? }),
                 }
-                key
             }
             _ => None,
         };
@@ -365,6 +400,46 @@ mod tests {
             let Some(StunAttribute::ErrorCode(e)) = msg.get::<ErrorCode>() else { panic!("error code") };
             assert_eq!(e.error_code().error_code(), 401);
         }
+    }
+
+    #[test]
+    fn integrity_guesses_over_many_sources_are_braked_without_locking_out_the_user() {
+        let mut s = server();
+        let t0 = Instant::now();
+        let local: SocketAddr = "203.0.113.1:3478".parse().expect("addr");
+        let home: SocketAddr = "203.0.113.77:5000".parse().expect("addr");
+        assert_eq!(
+            decode(&s.handle(t0, local, home, &signed("alice", "alice-pw")).expect("ok").bytes).class(),
+            MessageClass::SuccessResponse
+        );
+        let mut outcomes = Vec::new();
+        for i in 0..200u32 {
+            let src = SocketAddr::from(([198, 51, 100, (i % 13) as u8], 5000));
+            let now = t0 + Duration::from_millis(u64::from(i));
+            let pw = if i == 199 { "alice-pw".to_owned() } else { format!("guess{i}") };
+            outcomes.push(s.handle(now, local, src, &signed("alice", &pw)).map(|r| decode(&r.bytes).class()));
+        }
+        assert!(!outcomes.contains(&Ok(MessageClass::SuccessResponse)), "the right guess was never checked");
+        assert!(outcomes.iter().filter(|o| **o == Ok(MessageClass::ErrorResponse)).count() <= 6);
+        assert!(outcomes.contains(&Err(StunDrop::Guarded)));
+        let later = t0 + Duration::from_millis(300);
+        let r = s.handle(later, local, home, &signed("alice", "alice-pw")).expect("the real user still gets in");
+        assert_eq!(decode(&r.bytes).class(), MessageClass::SuccessResponse);
+    }
+
+    #[test]
+    fn unknown_users_get_the_same_401_as_wrong_passwords() {
+        let mut s = server();
+        let (local, src): (SocketAddr, SocketAddr) =
+            ("203.0.113.1:3478".parse().expect("addr"), "198.51.100.7:5000".parse().expect("addr"));
+        let a = s.handle(Instant::now(), local, src, &signed("nobody", "x")).expect("answered");
+        let b = s.handle(Instant::now(), local, src, &signed("alice", "x")).expect("answered");
+        assert_eq!(decode(&a.bytes).class(), MessageClass::ErrorResponse);
+        assert_eq!(a.bytes.len(), b.bytes.len());
+    }
+
+    fn decode(bytes: &[u8]) -> stun_rs::StunMessage {
+        MessageDecoderBuilder::default().build().decode(bytes).expect("decodes").0
     }
 
     #[test]

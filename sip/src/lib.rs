@@ -35,6 +35,7 @@
 //!   in the transaction, woken through one heap.
 
 pub mod auth;
+pub mod mac;
 pub mod message;
 pub mod proxy;
 pub mod registrar;

@@ -637,6 +637,9 @@ impl<'a> Editor<'a> {
         let Some(h) = self.msg.headers.get(header) else {
             return self;
         };
+        if !h.name.is_list() {
+            return self.replace(h.line.clone(), Vec::new());
+        }
         let parts = split_list(&self.msg.raw, h.value.clone());
         if parts.len() <= 1 {
             return self.replace(h.line.clone(), Vec::new());

@@ -16,9 +16,12 @@ use ezk_sip_types::host::Host;
 use ezk_sip_types::uri::{SipUri, SipUriUserPart};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
-
+mod budget;
+mod dialogs;
 mod media;
+
+use budget::ReplyBudget;
+use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};
 
 use pinhole_media::relay::{Relay, RelayConfig};
 
@@ -191,6 +194,8 @@ struct ClientTx {
     final_code: Option<u16>,
     cancel_requested: bool,
     ack: Option<Vec<u8>>,
+    /// The flows our Record-Route named, for a dialog-creating request.
+    rr: Option<DialogFlows>,
 }
 
 impl ClientTx {
@@ -212,11 +217,13 @@ struct Target {
     routes: Vec<String>,
 }
 
-/// The two sides of a dialog, carried in our Record-Route user part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DialogFlows {
-    a: (usize, SocketAddr),
-    b: (usize, SocketAddr),
+/// Our own entries at the top of a request's Route set, and what follows them.
+struct RouteInfo {
+    /// (header index, value range) of each of our Route values, to strip when forwarding.
+    strip: Vec<(usize, std::ops::Range<usize>)>,
+    /// The flows named by our token, if its MAC holds for this Call-ID and a tag.
+    flows: Option<DialogFlows>,
+    remaining: Vec<String>,
 }
 
 pub struct Proxy {
@@ -235,18 +242,27 @@ pub struct Proxy {
     counters: HashMap<(u16, bool), metrics::Counter>,
     relay: Option<Relay>,
     dialogs: HashMap<String, media::Dialog>,
+    /// Dialogs seen established through us: what lets a Record-Route token skip a challenge.
+    established: DialogTable,
+    /// Bytes unauthenticated sources may draw from us (challenges, refusals).
+    budget: ReplyBudget,
 }
 
 impl Proxy {
     /// `unix_now` is the wall clock at `now`, used for registration expiry that survives
     /// restarts; `seed` makes branches and tags reproducible in tests.
     pub fn new(cfg: ProxyConfig, now: Instant, unix_now: u64, seed: u64) -> Proxy {
-        let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, now)
+        let mut rng = StdRng::seed_from_u64(seed);
+        // Random per start: nonces of an earlier run are never accepted again.
+        let boot: u64 = rng.gen();
+        let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, boot, now, unix_now)
             .with_algorithms(cfg.auth_algorithms.clone());
         let relay = cfg.media.clone().map(|m| Relay::new(m, now));
         Proxy {
             relay,
             dialogs: HashMap::new(),
+            established: DialogTable::default(),
+            budget: ReplyBudget::default(),
             auth,
             cfg,
             registrar: Registrar::new(),
@@ -254,7 +270,7 @@ impl Proxy {
             client_txs: HashMap::new(),
             timers: BinaryHeap::new(),
             out: VecDeque::new(),
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             epoch: now,
             unix_epoch: unix_now,
             next_housekeeping: now + Duration::from_secs(1),
@@ -394,6 +410,19 @@ impl Proxy {
             return;
         }
 
+        // Authenticate before any state exists: a challenge is answered statelessly and never
+        // retransmitted, so a spoofed request draws one response of about its own size.
+        let routing = self.route_info(&msg);
+        let in_dialog = self.dialog_vouches(now, flow, &msg, &method, &routing);
+        let auth_user = if in_dialog || self.is_trusted(flow.remote.ip()) {
+            None
+        } else {
+            match self.authenticate(now, flow, &msg, &method) {
+                Some(user) => Some(user),
+                None => return,
+            }
+        };
+
         let invite = method == Method::Invite;
         let to_tag = self.local_tag(&msg);
         self.server_txs.insert(
@@ -417,10 +446,116 @@ impl Proxy {
         if invite {
             self.respond(now, &key, 100, "Trying", &[]);
         }
-        self.route_request(now, &key, flow, &msg, &method);
+        if in_dialog {
+            if let (Some(call_id), Some(from), Some(to)) =
+                (msg.call_id(), msg.tag(HeaderName::From), msg.tag(HeaderName::To))
+            {
+                self.established.touch(now, call_id, from, to);
+            }
+        }
+        self.route_request(now, &key, flow, &msg, &method, routing, auth_user);
     }
 
-    fn route_request(&mut self, now: Instant, key: &str, flow: Flow, msg: &Message, method: &Method) {
+    /// Our Route entries at the top of the Route set, and the flows their token names.
+    fn route_info(&self, msg: &Message) -> RouteInfo {
+        let routes = msg.values(HeaderName::Route);
+        let mut strip = Vec::new();
+        let mut flows = None;
+        let call_id = msg.call_id().unwrap_or("");
+        let tags: Vec<&str> = [msg.tag(HeaderName::From), msg.tag(HeaderName::To)].into_iter().flatten().collect();
+        for (hi, r) in &routes {
+            match self.route_is_us(msg.text(r.clone())) {
+                Some(token) => {
+                    if flows.is_none() {
+                        flows = token.and_then(|t| decode_token(&self.cfg.secret, &t, call_id, &tags));
+                    }
+                    strip.push((*hi, r.clone()));
+                }
+                None => break,
+            }
+        }
+        let remaining = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone()).to_owned()).collect();
+        RouteInfo { strip, flows, remaining }
+    }
+
+    /// May this request skip authentication? Only an in-dialog request (never a REGISTER)
+    /// of a dialog we saw established, whose token names that dialog's flows, arriving on
+    /// one of them.
+    fn dialog_vouches(&self, now: Instant, flow: Flow, msg: &Message, method: &Method, routing: &RouteInfo) -> bool {
+        let (Some(flows), Some(call_id), Some(from), Some(to)) =
+            (routing.flows, msg.call_id(), msg.tag(HeaderName::From), msg.tag(HeaderName::To))
+        else {
+            return false;
+        };
+        *method != Method::Register
+            && self.established.vouches(now, call_id, from, to, flows, |side| self.side_matches(side, flow))
+    }
+
+    /// Checks credentials; on failure answers statelessly (challenge or refusal) and
+    /// returns `None`.
+    fn authenticate(&mut self, now: Instant, flow: Flow, msg: &Message, method: &Method) -> Option<String> {
+        let register = *method == Method::Register;
+        let header = if register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
+        let creds = msg.value_texts(header);
+        let uri = msg.request_uri().unwrap_or("");
+        let verdict = self.auth.verify(now, flow.remote.ip(), method.as_str(), uri, &creds);
+        let tag = self.local_tag(msg);
+        let (code, reason, extra): (u16, &str, Vec<String>) = match verdict {
+            Verdict::Authenticated(u) => return Some(u),
+            Verdict::RateLimited => (403, "Forbidden - Too Many Failed Authentication Attempts", vec![]),
+            Verdict::UserDelayed(d) => (
+                403,
+                "Forbidden - Too Many Failed Attempts For This User",
+                vec![format!("Retry-After: {}", d.as_secs().max(1))],
+            ),
+            v => {
+                let stale = matches!(v, Verdict::Stale | Verdict::Replayed);
+                if v == Verdict::Replayed {
+                    metrics::counter!("pinhole_auth_replays_total").increment(1);
+                }
+                let (code, reason, hname) = if register {
+                    (401, "Unauthorized", "WWW-Authenticate")
+                } else {
+                    (407, "Proxy Authentication Required", "Proxy-Authenticate")
+                };
+                let hs = self.auth.challenges(now, stale).into_iter().map(|c| format!("{hname}: {c}")).collect();
+                (code, reason, hs)
+            }
+        };
+        if code == 403 {
+            metrics::counter!("pinhole_auth_refused_total").increment(1);
+        }
+        let resp = msg.response(code, reason, Some(&tag), &extra);
+        if self.budget.allow(now, flow.remote.ip(), msg.raw().len(), resp.len()) {
+            self.send_response_stateless(flow, resp, code);
+        } else {
+            metrics::counter!("pinhole_sip_replies_suppressed_total").increment(1);
+        }
+        None
+    }
+
+    /// The values of `header` carrying credentials for our realm: consumed here, never
+    /// forwarded (as Kamailio's `consume_credentials()`).
+    fn our_credentials(&self, msg: &Message, header: HeaderName) -> Vec<(usize, std::ops::Range<usize>)> {
+        msg.values(header)
+            .into_iter()
+            .filter(|(_, r)| {
+                crate::auth::Credentials::parse(msg.text(r.clone())).is_some_and(|c| c.realm == self.auth.realm())
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn route_request(
+        &mut self,
+        now: Instant,
+        key: &str,
+        flow: Flow,
+        msg: &Message,
+        method: &Method,
+        routing: RouteInfo,
+        auth_user: Option<String>,
+    ) {
         // Max-Forwards (§16.3 step 3).
         if let Some(Ok(0)) = msg.max_forwards() {
             if *method == Method::Options && self.request_uri_is_us(msg) && request_user(msg).is_none() {
@@ -444,52 +579,12 @@ impl Proxy {
             return;
         }
 
-        // Loose routing (§16.4): strip our own Route entries, read the dialog flows.
-        let routes = msg.values(HeaderName::Route);
-        let mut strip = Vec::new();
-        let mut dialog = None;
-        for (hi, r) in &routes {
-            let text = msg.text(r.clone());
-            match self.route_is_us(text) {
-                Some(token) => {
-                    if dialog.is_none() {
-                        dialog = token.and_then(|t| self.decode_flows(&t));
-                    }
-                    strip.push((*hi, r.clone()));
-                }
-                None => break,
-            }
-        }
-        let remaining: Vec<&str> = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
-        // Only dialogs we record-routed ourselves (a valid token) skip authentication.
-        let in_dialog = dialog.is_some() && msg.tag(HeaderName::To).is_some();
-
-        // Authentication for anything that is not an in-dialog request through us.
-        let trusted = self.is_trusted(flow.remote.ip());
-        let mut auth_user = None;
-        if !in_dialog && !trusted {
-            let register = *method == Method::Register;
-            let header = if register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
-            let creds = msg.value_texts(header);
-            match self.auth.verify(now, flow.remote.ip(), method.as_str(), &creds) {
-                Verdict::Authenticated(u) => auth_user = Some(u),
-                Verdict::RateLimited => {
-                    self.respond(now, key, 403, "Too Many Failed Authentication Attempts", &[]);
-                    return;
-                }
-                v => {
-                    let stale = v == Verdict::Stale;
-                    let (code, reason, hname) = if register {
-                        (401, "Unauthorized", "WWW-Authenticate")
-                    } else {
-                        (407, "Proxy Authentication Required", "Proxy-Authenticate")
-                    };
-                    let hs: Vec<String> =
-                        self.auth.challenges(now, stale).into_iter().map(|c| format!("{hname}: {c}")).collect();
-                    self.respond(now, key, code, reason, &hs);
-                    return;
-                }
-            }
+        let RouteInfo { mut strip, flows: dialog, remaining } = routing;
+        let remaining: Vec<&str> = remaining.iter().map(String::as_str).collect();
+        if auth_user.is_some() {
+            let header =
+                if *method == Method::Register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
+            strip.extend(self.our_credentials(msg, header));
         }
 
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
@@ -523,6 +618,9 @@ impl Proxy {
         }
         if *method == Method::Bye {
             if let Some(call_id) = msg.call_id() {
+                if let (Some(from), Some(to)) = (msg.tag(HeaderName::From), msg.tag(HeaderName::To)) {
+                    self.established.end(now, call_id, from, to);
+                }
                 self.media_end(call_id);
             }
         }
@@ -539,11 +637,8 @@ impl Proxy {
         dialog: Option<DialogFlows>,
         to_us: bool,
     ) -> Result<Vec<Target>, Rejection> {
-        if let Some(next) = remaining.first() {
-            let uri = uri_of(next);
-            let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
-            return Ok(vec![Target { flow: f, request_uri: None, routes: vec![] }]);
-        }
+        // A token whose MAC holds for this dialog, arriving from one of its sides, routes to
+        // the other side: routed by the dialog, whatever the Request-URI and later Routes say.
         if let Some(d) = dialog {
             let other = if self.side_matches(d.a, flow) {
                 Some(d.b)
@@ -562,6 +657,11 @@ impl Proxy {
                 }
             }
         }
+        if let Some(next) = remaining.first() {
+            let uri = uri_of(next);
+            let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
+            return Ok(vec![Target { flow: f, request_uri: None, routes: vec![] }]);
+        }
         if to_us {
             let Some(user) = request_user(msg) else {
                 return Err(Rejection::new(404, "Not Found"));
@@ -569,10 +669,11 @@ impl Proxy {
             let aor = format!("{user}@{}", self.cfg.domain);
             let bindings = self.registrar.lookup(&aor, self.unix(now));
             if bindings.is_empty() {
-                return Err(if self.auth.knows_user(&user) {
-                    Rejection::new(480, "Temporarily Unavailable")
-                } else {
+                // Only the operator's own networks learn whether a user exists.
+                return Err(if self.is_trusted(flow.remote.ip()) && !self.auth.knows_user(&user) {
                     Rejection::new(404, "Not Found")
+                } else {
+                    Rejection::new(480, "Temporarily Unavailable")
                 });
             }
             return Ok(bindings.iter().map(binding_target).collect());
@@ -620,8 +721,10 @@ impl Proxy {
             self.cfg.interfaces[out_iface].host_port()
         );
         e.prepend_header("Via", &via);
-        if record_route {
-            let token = self.encode_flows(DialogFlows { a: (in_iface, in_flow.remote), b: (out_iface, flow.remote) });
+        let rr = record_route.then_some(DialogFlows { a: (in_iface, in_flow.remote), b: (out_iface, flow.remote) });
+        if let Some(flows) = rr {
+            let (call_id, from_tag) = (msg.call_id().unwrap_or(""), msg.tag(HeaderName::From).unwrap_or(""));
+            let token = encode_token(&self.cfg.secret, flows, call_id, from_tag);
             let rr_out = self.rr_uri(out_iface, &token);
             e.prepend_header("Record-Route", &rr_out);
             if in_iface != out_iface {
@@ -657,7 +760,10 @@ impl Proxy {
         if let Some(st) = self.server_txs.get_mut(key) {
             st.branches.push(branch.clone());
         }
-        self.start_client(now, branch, Owner::Server(key.to_owned()), flow, sent);
+        self.start_client(now, branch.clone(), Owner::Server(key.to_owned()), flow, sent);
+        if let Some(ct) = self.client_txs.get_mut(&branch) {
+            ct.rr = rr;
+        }
     }
 
     fn start_client(&mut self, now: Instant, key: String, owner: Owner, flow: Flow, sent: Message) {
@@ -675,6 +781,7 @@ impl Proxy {
             final_code: None,
             cancel_requested: false,
             ack: None,
+            rr: None,
         };
         if let Some(t) = ct.retransmit_at {
             self.timers.push(Reverse((t, TimerRef::Client(key.clone()))));
@@ -685,24 +792,12 @@ impl Proxy {
 
     /// ACK for a 2xx is its own transaction (§13.2.2.4): forward it without state.
     fn forward_ack(&mut self, now: Instant, flow: Flow, msg: &Message) {
-        let routes = msg.values(HeaderName::Route);
-        let mut strip = Vec::new();
-        let mut dialog = None;
-        for (hi, r) in &routes {
-            match self.route_is_us(msg.text(r.clone())) {
-                Some(token) => {
-                    if dialog.is_none() {
-                        dialog = token.and_then(|t| self.decode_flows(&t));
-                    }
-                    strip.push((*hi, r.clone()));
-                }
-                None => break,
-            }
+        let routing = self.route_info(msg);
+        if !self.dialog_vouches(now, flow, msg, &Method::Ack, &routing) && !self.is_trusted(flow.remote.ip()) {
+            return; // not a dialog we saw established, from one of its sides: never relay for strangers
         }
-        if dialog.is_none() && !self.is_trusted(flow.remote.ip()) {
-            return; // not a dialog we record-routed: never relay for strangers
-        }
-        let remaining: Vec<&str> = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
+        let RouteInfo { strip, flows: dialog, remaining } = routing;
+        let remaining: Vec<&str> = remaining.iter().map(String::as_str).collect();
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
         let Ok(targets) = self.targets(now, flow, msg, &remaining, dialog, to_us) else {
             return;
@@ -859,6 +954,13 @@ impl Proxy {
         };
         let invite = ct.invite();
         let owner = ct.owner.clone();
+        if let (Some(flows), 101..=299) = (ct.rr, code) {
+            let from_tag = ct.sent.tag(HeaderName::From).map(str::to_owned);
+            if let (Some(call_id), Some(from_tag), Some(to_tag)) = (msg.call_id(), from_tag, msg.tag(HeaderName::To)) {
+                self.established.establish(now, call_id, &from_tag, to_tag, flows, code >= 200);
+            }
+        }
+        let Some(ct) = self.client_txs.get_mut(&key) else { return };
         if code < 200 {
             if matches!(ct.state, CState::Trying | CState::Proceeding) {
                 ct.state = CState::Proceeding;
@@ -1139,7 +1241,10 @@ impl Proxy {
             metrics::gauge!("pinhole_registrar_bindings").set(self.registrar.binding_count() as f64);
         }
         self.auth.expire(now);
+        self.established.expire(now);
+        self.budget.expire(now);
         metrics::gauge!("pinhole_sip_transactions").set(self.transaction_count() as f64);
+        metrics::gauge!("pinhole_sip_dialogs").set(self.established.len() as f64);
         if self.cfg.keepalive == Keepalive::Off {
             return;
         }
@@ -1311,74 +1416,6 @@ impl Proxy {
             t => format!(";transport={t}"),
         };
         format!("<sip:{token}@{}{tp};lr>", i.host_port())
-    }
-
-    fn encode_flows(&self, d: DialogFlows) -> String {
-        let mut raw = Vec::with_capacity(40);
-        for (iface, addr) in [d.a, d.b] {
-            raw.push(iface as u8);
-            match addr.ip() {
-                IpAddr::V4(v4) => {
-                    raw.push(4);
-                    raw.extend_from_slice(&v4.octets());
-                }
-                IpAddr::V6(v6) => {
-                    raw.push(6);
-                    raw.extend_from_slice(&v6.octets());
-                }
-            }
-            raw.extend_from_slice(&addr.port().to_be_bytes());
-        }
-        let mac = self.token_mac(&raw);
-        format!("ph{}{}", hex::encode(&raw), hex::encode(mac))
-    }
-
-    fn token_mac(&self, raw: &[u8]) -> [u8; 8] {
-        let mut h = Sha256::new();
-        h.update(self.cfg.secret);
-        h.update(b"rr-token");
-        h.update(raw);
-        let d = h.finalize();
-        let mut out = [0u8; 8];
-        out.copy_from_slice(&d[..8]);
-        out
-    }
-
-    fn decode_flows(&self, token: &str) -> Option<DialogFlows> {
-        let hexpart = token.strip_prefix("ph")?;
-        let bytes = hex::decode(hexpart).ok()?;
-        if bytes.len() < 8 {
-            return None;
-        }
-        let (raw, mac) = bytes.split_at(bytes.len() - 8);
-        if self.token_mac(raw) != mac {
-            return None;
-        }
-        let mut pos = 0;
-        let mut side = || -> Option<(usize, SocketAddr)> {
-            let iface = *raw.get(pos)? as usize;
-            let fam = *raw.get(pos + 1)?;
-            pos += 2;
-            let ip: IpAddr = match fam {
-                4 => {
-                    let o: [u8; 4] = raw.get(pos..pos + 4)?.try_into().ok()?;
-                    pos += 4;
-                    o.into()
-                }
-                6 => {
-                    let o: [u8; 16] = raw.get(pos..pos + 16)?.try_into().ok()?;
-                    pos += 16;
-                    o.into()
-                }
-                _ => return None,
-            };
-            let port = u16::from_be_bytes(raw.get(pos..pos + 2)?.try_into().ok()?);
-            pos += 2;
-            Some((iface, SocketAddr::new(ip, port)))
-        };
-        let a = side()?;
-        let b = side()?;
-        Some(DialogFlows { a, b })
     }
 
     /// The interface to send from: the one we received on for this transport, else the

@@ -258,7 +258,8 @@ fn in_dialog_requests_follow_the_record_route_token_to_each_nat() {
     // she answers the 407 challenge like a phone does.
     let inv = invite("bob", "z9hG4bKd1").replace("203.0.113.50:5060", "10.0.0.2:5060");
     let out = lab.send(udp(NAT_A), &inv);
-    let challenge = parse(&out[1]);
+    assert_eq!(out.len(), 1, "a challenge and no 100 Trying");
+    let challenge = parse(&out[0]);
     assert_eq!(challenge.status(), Some(407));
     // Trusted-source call instead, then alice's side is the trunk and bob's the phone.
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKd2"));
@@ -453,11 +454,12 @@ Content-Length: 0
 fn untrusted_invite_is_challenged_with_every_offered_algorithm() {
     let mut lab = Lab::new();
     let out = lab.send(udp("198.51.100.77:5060"), &invite("bob", "z9hG4bKj1"));
-    let c = parse(&out[1]);
+    assert_eq!(out.len(), 1);
+    let c = parse(&out[0]);
     assert_eq!(c.status(), Some(407));
-    assert!(text(&out[1]).contains("Proxy-Authenticate: Digest realm=\"example.com\""));
-    assert!(text(&out[1]).contains("algorithm=SHA-256"));
-    assert!(text(&out[1]).contains("algorithm=MD5"));
+    assert!(text(&out[0]).contains("Proxy-Authenticate: Digest realm=\"example.com\""));
+    assert!(text(&out[0]).contains("algorithm=SHA-256"));
+    assert!(text(&out[0]).contains("algorithm=MD5"));
     assert!(lab.proxy.registrar().binding_count() == 0);
 }
 
@@ -736,6 +738,226 @@ Content-Length: 0
     assert_eq!(r.status(), Some(403));
     assert_eq!(r.reason(), "Forbidden - Credentials Do Not Match AOR");
     assert_eq!(lab.proxy.registrar().binding_count(), 0);
+}
+
+/// The credentials line answering `challenge` (MD5, qop=auth) for `method` on `uri`.
+fn credentials(challenge: &Transmit, user: &str, password: &str, method: &str, uri: &str, nc: u32) -> String {
+    let c = parse(challenge);
+    let hname = if c.status() == Some(401) { "Authorization" } else { "Proxy-Authorization" };
+    let all = c.value_texts(HeaderName::Other);
+    let md5 = all.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
+    let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
+    let mut creds = crate::auth::Credentials {
+        username: user.into(),
+        realm: "example.com".into(),
+        nonce: nonce.into(),
+        uri: uri.into(),
+        qop: Some("auth".into()),
+        nc: Some(format!("{nc:08x}")),
+        cnonce: Some("c0ffee".into()),
+        ..Default::default()
+    };
+    creds.response =
+        crate::auth::digest_response(crate::auth::Algorithm::Md5, user, "example.com", password, method, &creds);
+    format!(
+        "{hname}: Digest username=\"{user}\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{}\", algorithm=MD5, qop=auth, nc={nc:08x}, cnonce=\"c0ffee\"",
+        creds.response
+    )
+}
+
+/// Adds a header line before Content-Length.
+fn with_header(msg: &str, line: &str) -> String {
+    msg.replacen("Content-Length:", &format!("{line}\nContent-Length:"), 1)
+}
+
+const NAT_X: &str = "198.51.100.66:5060"; // the attacker
+
+/// alice (behind NAT_A) calls bob (registered behind NAT_B), answering the 407 as a phone
+/// does; bob answers 200. Returns the INVITE bob got and its Record-Route.
+fn authenticated_call(lab: &mut Lab, branch: &str) -> (Transmit, String) {
+    lab.register("bob", NAT_B, "pw-b");
+    let inv = invite("bob", branch).replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    assert_eq!(parse(&out[0]).status(), Some(407));
+    let authed = with_header(
+        &inv.replace(&format!("branch={branch}"), &format!("branch={branch}b"))
+            .replace("CSeq: 1 INVITE", "CSeq: 2 INVITE"),
+        &credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1),
+    );
+    let out = lab.send(udp(NAT_A), &authed);
+    assert_eq!(parse(&out[0]).status(), Some(100), "{}", text(&out[0]));
+    let fwd = out[1].clone();
+    assert_eq!(fwd.flow.remote, addr(NAT_B));
+    let rr = parse(&fwd).value_texts(HeaderName::RecordRoute)[0].to_owned();
+    let up = lab.send(udp(NAT_B), &reply(&fwd, 200, "OK", "b9"));
+    assert_eq!(parse(&up[0]).status(), Some(200));
+    (fwd, rr)
+}
+
+/// An in-dialog request of the call above, from bob to alice.
+fn bye_from_bob(branch: &str, rr: &str, call_id: &str) -> String {
+    format!(
+        "BYE sip:caller@10.0.0.1:5060 SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch={branch};rport
+Route: {rr}
+Max-Forwards: 70
+From: <sip:bob@example.com>;tag=b9
+To: <sip:caller@trunk.example.net>;tag=from1
+Call-ID: {call_id}
+CSeq: 7 BYE
+Content-Length: 0
+
+"
+    )
+}
+
+#[test]
+fn consumed_credentials_are_not_forwarded_to_the_callee() {
+    let mut lab = Lab::new();
+    let (fwd, _) = authenticated_call(&mut lab, "z9hG4bKcc1");
+    assert!(parse(&fwd).value_texts(HeaderName::ProxyAuthorization).is_empty(), "{}", text(&fwd));
+    assert!(!text(&fwd).contains("Proxy-Authorization"));
+}
+
+#[test]
+fn record_route_token_never_authenticates_a_register() {
+    let mut lab = Lab::new();
+    let (_, rr) = authenticated_call(&mut lab, "z9hG4bKtr1");
+    let steal = format!(
+        "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 198.51.100.66:5060;branch=z9hG4bKsteal
+Route: {rr}
+Max-Forwards: 70
+To: <sip:alice@example.com>;tag=from1
+From: <sip:alice@example.com>;tag=b9
+Call-ID: call-z9hG4bKtr1
+CSeq: 1 REGISTER
+Contact: <sip:mallory@198.51.100.66:5060>
+Content-Length: 0
+
+"
+    );
+    // From the attacker, and even from a flow of the dialog itself.
+    for from in [NAT_X, NAT_B] {
+        let out = lab.send(udp(from), &steal.replace("z9hG4bKsteal", &format!("z9hG4bKsteal{}", from.len())));
+        assert_eq!(out.len(), 1);
+        assert_eq!(parse(&out[0]).status(), Some(401), "{}", text(&out[0]));
+    }
+    assert!(lab.proxy.registrar().lookup("alice@example.com", 1_700_000_000).is_empty());
+}
+
+#[test]
+fn record_route_token_routes_nothing_for_a_stranger_or_another_call() {
+    let mut lab = Lab::new();
+    let (_, rr) = authenticated_call(&mut lab, "z9hG4bKtr2");
+    // The dialog's own BYE, replayed by a stranger: challenged, not forwarded.
+    let out = lab.send(udp(NAT_X), &bye_from_bob("z9hG4bKx1", &rr, "call-z9hG4bKtr2"));
+    assert_eq!(out.len(), 1);
+    assert_eq!(parse(&out[0]).status(), Some(407));
+    assert_eq!(out[0].flow.remote, addr(NAT_X));
+    // A new call to an outside address with the token, from the dialog's own flow but
+    // another Call-ID: the token is bound to its dialog.
+    let toll = bye_from_bob("z9hG4bKx2", &rr, "fraud-1")
+        .replace("BYE sip:caller@10.0.0.1:5060", "INVITE sip:+4412345@198.51.100.99")
+        .replace("CSeq: 7 BYE", "CSeq: 1 INVITE");
+    let out = lab.send(udp(NAT_B), &toll);
+    assert_eq!(out.len(), 1);
+    assert_eq!(parse(&out[0]).status(), Some(407));
+    // A To tag the dialog never had.
+    let other = bye_from_bob("z9hG4bKx3", &rr, "call-z9hG4bKtr2").replace("tag=from1", "tag=zzz");
+    assert_eq!(parse(&lab.send(udp(NAT_B), &other)[0]).status(), Some(407));
+}
+
+#[test]
+fn in_dialog_requests_skip_the_challenge_until_the_margin_after_bye() {
+    let mut lab = Lab::new();
+    let (_, rr) = authenticated_call(&mut lab, "z9hG4bKtr3");
+    let out = lab.send(udp(NAT_B), &bye_from_bob("z9hG4bKy1", &rr, "call-z9hG4bKtr3"));
+    assert_eq!(out.len(), 1);
+    assert_eq!(parse(&out[0]).method(), Some(&Method::Bye));
+    assert_eq!(out[0].flow.remote, addr(NAT_A));
+    lab.advance(Duration::from_secs(33));
+    let late = bye_from_bob("z9hG4bKy2", &rr, "call-z9hG4bKtr3").replace("CSeq: 7", "CSeq: 8");
+    let out = lab.send(udp(NAT_B), &late);
+    assert_eq!(parse(&out[0]).status(), Some(407), "the dialog is over");
+}
+
+#[test]
+fn tokens_do_not_vouch_after_a_restart() {
+    let mut lab = Lab::new();
+    let (_, rr) = authenticated_call(&mut lab, "z9hG4bKtr4");
+    let cfg = lab.proxy.config().clone();
+    lab.proxy = Proxy::new(cfg, lab.now, 1_700_000_100, 2);
+    let out = lab.send(udp(NAT_B), &bye_from_bob("z9hG4bKz1", &rr, "call-z9hG4bKtr4"));
+    assert_eq!(parse(&out[0]).status(), Some(407));
+    // Answering the challenge is enough: the token still routes to alice's NAT mapping.
+    lab.register("bob", NAT_B, "pw-b");
+    let authed = with_header(
+        &bye_from_bob("z9hG4bKz2", &rr, "call-z9hG4bKtr4").replace("CSeq: 7", "CSeq: 8"),
+        &credentials(&out[0], "bob", "pw-b", "BYE", "sip:caller@10.0.0.1:5060", 1),
+    );
+    let out = lab.send(udp(NAT_B), &authed);
+    assert_eq!(parse(&out[0]).method(), Some(&Method::Bye), "{}", text(&out[0]));
+    assert_eq!(out[0].flow.remote, addr(NAT_A));
+}
+
+#[test]
+fn challenges_are_stateless_and_never_retransmitted() {
+    let mut lab = Lab::new();
+    let inv = invite("bob", "z9hG4bKref1");
+    let out = lab.send(udp(NAT_X), &inv);
+    assert_eq!(out.len(), 1, "one 407, no 100 Trying");
+    assert_eq!(parse(&out[0]).status(), Some(407));
+    assert_eq!(lab.proxy.transaction_count(), 0);
+    assert!(lab.advance(Duration::from_secs(40)).is_empty(), "nothing retransmitted");
+    // A flood spoofed from one victim draws back no more than it sent, plus a small allowance.
+    let mut sent = 0;
+    let mut back = 0;
+    for i in 0..200 {
+        let inv = invite("bob", &format!("z9hG4bKflood{i}"));
+        sent += inv.replace('\n', "\r\n").len();
+        back += lab.send(udp(NAT_X), &inv).iter().map(|t| t.payload.len()).sum::<usize>();
+    }
+    assert!(back <= sent + 4096, "{back} bytes back for {sent}");
+}
+
+#[test]
+fn captured_invite_credentials_do_not_work_for_another_destination_or_twice() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    let inv = invite("bob", "z9hG4bKcap1");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let ok = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKcap1", "branch=z9hG4bKcap2"), &creds));
+    assert_eq!(parse(&ok[1]).method(), Some(&Method::Invite));
+    let elsewhere = with_header(
+        &inv.replace("branch=z9hG4bKcap1", "branch=z9hG4bKcap3")
+            .replace("INVITE sip:bob@example.com", "INVITE sip:+4412345@198.51.100.99"),
+        &creds,
+    );
+    let out = lab.send(udp(NAT_X), &elsewhere);
+    assert_eq!(parse(&out[0]).status(), Some(407), "the digest uri must be the Request-URI");
+    let again =
+        with_header(&inv.replace("branch=z9hG4bKcap1", "branch=z9hG4bKcap4").replace("call-", "other-"), &creds);
+    let out = lab.send(udp(NAT_X), &again);
+    assert_eq!(parse(&out[0]).status(), Some(407), "a nonce/nc pair is good once");
+    assert!(text(&out[0]).contains("stale=true"));
+}
+
+#[test]
+fn authenticated_strangers_cannot_tell_unknown_from_unregistered_users() {
+    let mut lab = Lab::new();
+    let mut answers = Vec::new();
+    for (i, user) in ["carol", "nobody"].into_iter().enumerate() {
+        let inv = invite(user, &format!("z9hG4bKen{i}"));
+        let out = lab.send(udp(NAT_A), &inv);
+        let creds = credentials(&out[0], "alice", "pw-a", "INVITE", &format!("sip:{user}@example.com"), 1);
+        let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKen", "branch=z9hG4bKen2"), &creds));
+        let r = parse(&out[1]);
+        answers.push((r.status(), r.reason().to_owned()));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, Some(480));
 }
 
 mod media {

@@ -1,0 +1,89 @@
+//! `/metrics` over HTTP, served here rather than by the exporter's own listener so that it
+//! has the same bounds as every other listener: a cap on concurrent connections, a deadline
+//! per request, and backoff with rate-limited logging when accept fails.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::limits::{accept_failed, Backoff, LogLimiter};
+
+/// Scrapes served at once; more are closed at accept.
+const MAX_SCRAPERS: usize = 16;
+/// A scrape must send its request and take its answer within this.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
+/// Largest request head read.
+const MAX_REQUEST: usize = 4096;
+
+static ACCEPT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// Installs the recorder and serves it on `addr`.
+pub(crate) async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+    let handle = PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(accept_loop(listener, handle));
+    tracing::info!(%addr, "metrics on /metrics");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, handle: PrometheusHandle) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
+    let mut backoff = Backoff::new();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                accept_failed("metrics", &e, &mut backoff, &ACCEPT_LOG).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("pinhole_metrics_refused_total").increment(1);
+            continue; // dropping the stream closes it
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &handle)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let (status, body) = if line.starts_with(b"GET /metrics ") {
+        ("200 OK", handle.render())
+    } else {
+        ("404 Not Found", "not found: GET /metrics\n".to_owned())
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
+}
