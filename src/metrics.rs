@@ -35,9 +35,49 @@ pub(crate) async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
             upkeep.run_upkeep();
         }
     });
+    register_defaults();
     tokio::spawn(accept_loop(listener, handle));
     tracing::info!(%addr, "metrics on /metrics");
     Ok(())
+}
+
+/// Every counter and gauge appears from the start, at 0, so a scrape (or a test) can tell
+/// "nothing happened" from "not served".
+fn register_defaults() {
+    for name in [
+        "pinhole_relay_packets_total",
+        "pinhole_relay_bytes_total",
+        "pinhole_relay_dropped_total",
+        "pinhole_relay_bind_errors_total",
+        "pinhole_ng_garbage_total",
+        "pinhole_ng_connections_refused_total",
+        "pinhole_auth_replays_total",
+        "pinhole_auth_refused_total",
+        "pinhole_sip_replies_suppressed_total",
+        "pinhole_sip_dialogs_refused_total",
+        "pinhole_metrics_refused_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for t in ["udp", "tcp", "tls"] {
+        metrics::counter!("pinhole_sip_garbage_total", "transport" => t).absolute(0);
+    }
+    for reason in ["total", "source"] {
+        metrics::counter!("pinhole_sip_connections_refused_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["idle", "incomplete"] {
+        metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).absolute(0);
+    }
+    for name in [
+        "pinhole_registrar_bindings",
+        "pinhole_sip_transactions",
+        "pinhole_sip_connections",
+        "pinhole_sip_dialogs",
+        "pinhole_relay_sessions",
+        "pinhole_relay_ports",
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
 }
 
 async fn accept_loop(listener: TcpListener, handle: PrometheusHandle) {

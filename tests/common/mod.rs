@@ -5,6 +5,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod netns;
+pub mod sip;
 
 impl netns::NatLab {
     /// Starts pinhole in the WAN namespace with `config` (written to `dir`), logging to
@@ -115,6 +116,8 @@ pub struct PinholeOptions {
     pub sip_extra: String,
     /// Relay media on this port range (`None`: media.mode = "off").
     pub relay_ports: Option<(u16, u16)>,
+    /// Whole tables appended to the config ([ng], [stun], …).
+    pub extra: String,
 }
 
 impl Default for PinholeOptions {
@@ -128,6 +131,7 @@ impl Default for PinholeOptions {
             keepalive: "off",
             sip_extra: String::new(),
             relay_ports: None,
+            extra: String::new(),
         }
     }
 }
@@ -162,7 +166,7 @@ impl Pinhole {
                 "[media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n"
             ),
         };
-        let config = config + &media;
+        let config = config + &media + "\n" + &opts.extra;
         let path = dir.path().join(format!("pinhole-{sip_port}.toml"));
         std::fs::write(&path, config).expect("write config");
         let log = dir.path().join(format!("pinhole-{sip_port}.log"));
@@ -235,19 +239,20 @@ impl Pinhole {
         http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
     }
 
-    /// The value of one metric line (exact name with labels), or 0.
-    pub fn metric(&self, name: &str) -> f64 {
-        self.metrics()
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-            .unwrap_or(0.0)
+    /// The value of one metric line (exact name with labels); `None` when the server does
+    /// not answer or does not have that metric, so a dead server never reads as 0.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics()?.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            rest.starts_with(' ').then(|| rest.trim().parse().ok()).flatten()
+        })
     }
 
+    /// Waits until a metric is served with the value `want`.
     pub fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.metric(name) == want {
+            if self.metric(name) == Some(want) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -107,6 +107,9 @@ fn cargo() -> Command {
 fn test() -> anyhow::Result<()> {
     let t0 = Instant::now();
     install_peers()?;
+    println!("xtask: formatting and lints");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     println!("xtask: tier 1-2: unit and property tests");
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
@@ -127,7 +130,7 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    for target in ["sip_message", "ng", "stun"] {
+    for target in ["sip_message", "ng", "stun", "auth"] {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut c = Command::new("cargo");
