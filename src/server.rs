@@ -1,4 +1,4 @@
-//! `pinhole server`: sockets, connections, timers and the store around the sans-IO proxy.
+//! `pinhole server`: sockets, connections, timers and the store around the sans-IO [`Node`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
+use pinhole_core::{Node, NodeConfig, Output};
 use pinhole_sip::stream::{Frame, Framer};
-use pinhole_sip::{ConnId, Flow, Interface, Keepalive, Proxy, ProxyConfig, RegistrarConfig, Transmit, Transport};
+use pinhole_sip::{ConnId, Flow, Interface, Keepalive, ProxyConfig, RegistrarConfig, Transmit, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -51,7 +52,7 @@ struct ConnLimits {
 static ACCEPT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 pub(crate) struct Shared {
-    proxy: Mutex<Proxy>,
+    node: Mutex<Node>,
     /// UDP sockets are plain blocking std sockets: each has a receive thread, and sends
     /// are one `sendto` from whichever thread produced them.
     udp: Vec<(SocketAddr, Arc<std::net::UdpSocket>)>,
@@ -71,9 +72,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn proxy(&self) -> MutexGuard<'_, Proxy> {
+    pub(crate) fn node(&self) -> MutexGuard<'_, Node> {
         // A panic while holding the lock is a bug; keep serving with the state as it is.
-        self.proxy.lock().unwrap_or_else(|p| p.into_inner())
+        self.node.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn conns(&self) -> MutexGuard<'_, Conns> {
@@ -143,10 +144,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_body: cfg.sip.max_message_size,
         max_message: cfg.sip.max_message_size,
         secret: loaded.secret,
-        media: cfg.relay(),
     };
     let epoch = Instant::now().into_std();
-    let dataplane = match &pcfg.media {
+    let relay_cfg = cfg.relay();
+    let dataplane = match &relay_cfg {
         Some(m) => {
             let workers = match cfg.media.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
@@ -162,15 +163,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some((dp, unusable)) => (Some(dp), unusable),
         None => (None, Vec::new()),
     };
-    let mut proxy = Proxy::new(pcfg, epoch, unix_now(), rand::random());
-    if let Some(relay) = proxy.relay_mut() {
+    let mut node = Node::new(NodeConfig { proxy: pcfg, relay: relay_cfg }, epoch, unix_now(), rand::random());
+    if let Some(relay) = node.relay_mut() {
         for port in unusable {
             relay.retire(port);
         }
     }
     let restored = loaded.bindings.len();
-    proxy.registrar_mut().restore(loaded.bindings, unix_now());
-    metrics::gauge!("pinhole_registrar_bindings").set(proxy.registrar().binding_count() as f64);
+    node.proxy_mut().registrar_mut().restore(loaded.bindings, unix_now());
+    metrics::gauge!("pinhole_registrar_bindings").set(node.proxy().registrar().binding_count() as f64);
     if restored > 0 {
         tracing::info!(restored, "registrations restored from {}", cfg.registrar.store.display());
     }
@@ -201,7 +202,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     crate::stun::start(&cfg.stun.listen, cfg.stun.alternate, stun_users)?;
 
     let shared = Arc::new(Shared {
-        proxy: Mutex::new(proxy),
+        node: Mutex::new(node),
         tcp_local: tcp.first().map(|(a, _)| *a),
         udp: udp.clone(),
         rt: tokio::runtime::Handle::current(),
@@ -250,8 +251,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let (secret, snapshot) = {
-        let p = shared.proxy();
-        (p.secret(), p.registrar().snapshot())
+        let n = shared.node();
+        (n.proxy().secret(), n.proxy().registrar().snapshot())
     };
     Store::new(&cfg.registrar.store).save(&secret, snapshot)?;
     Ok(())
@@ -296,20 +297,23 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Feeds one message to the proxy and sends what it produces.
+/// Feeds one SIP message to the node and sends what it produces.
 fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
-    let mut out = Vec::new();
-    let ok = handle_locked(shared, &mut shared.proxy(), flow, data, &mut out);
-    dispatch(shared, out);
-    ok
+    let now = Instant::now().into_std();
+    input(shared, |node| node.handle_sip(now, flow, data).is_ok())
 }
 
-/// Feeds one message with the proxy already locked; transmits are appended to `out`.
-fn handle_locked(shared: &Shared, p: &mut Proxy, flow: Flow, data: Bytes, out: &mut Vec<Transmit>) -> bool {
-    let ok = p.handle_input(Instant::now().into_std(), flow, data).is_ok();
-    drain(shared, p, out);
-    // Wake the timer loop only when this input needs it sooner than it planned.
-    let next = p.poll_timeout();
+/// Runs one input on the locked node, executes what it produced (relay commands at once,
+/// transmits after the lock is released) and wakes the timer loop if the input needs it
+/// sooner than it planned.
+pub(crate) fn input<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Node) -> R) -> R {
+    let mut out = Vec::new();
+    let (r, next) = {
+        let mut node = shared.node();
+        let r = f(&mut node);
+        (r, drain(shared, &mut node, &mut out))
+    };
+    dispatch(shared, out);
     let planned = *shared.timer_deadline.lock().unwrap_or_else(|e| e.into_inner());
     let sooner = match (next, planned) {
         (Some(n), Some(d)) => n + TIMER_SLACK < d,
@@ -319,22 +323,27 @@ fn handle_locked(shared: &Shared, p: &mut Proxy, flow: Flow, data: Bytes, out: &
     if sooner {
         shared.wake.notify_one();
     }
-    ok
+    r
 }
 
-/// Collects what the proxy wants sent, and hands relay commands to the forwarding threads.
-fn drain(shared: &Shared, p: &mut Proxy, out: &mut Vec<Transmit>) {
-    while let Some(t) = p.poll_transmit() {
-        out.push(t);
-    }
-    drain_media(shared, p);
-}
-
-/// Hands the relay's port and forwarding commands to the forwarding threads.
-pub(crate) fn drain_media(shared: &Shared, p: &mut Proxy) {
-    while let Some(c) = p.poll_media_command() {
-        if let Some(dp) = &shared.dataplane {
-            dp.execute(c);
+/// Polls the node's outputs until it has nothing more to do now: transmits are collected
+/// in `out`, relay commands go to the forwarding threads. Returns when to wake next.
+fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<std::time::Instant> {
+    loop {
+        match node.poll_output(Instant::now().into_std()) {
+            Output::Transmit(t) => out.push(t),
+            Output::Media(c) => {
+                if let Some(dp) = &shared.dataplane {
+                    dp.execute(c);
+                }
+            }
+            Output::Event(e) => tracing::debug!(?e, "node event"),
+            Output::Timeout(at, why) => {
+                tracing::trace!(?at, why, "next wakeup");
+                return Some(at);
+            }
+            // Idle (and any output a newer node adds): nothing due until the next input.
+            _ => return None,
         }
     }
 }
@@ -635,21 +644,25 @@ async fn run_conn<S>(
 const TIMER_SLACK: Duration = Duration::from_millis(10);
 
 async fn timer_loop(shared: Arc<Shared>) {
+    let mut fire = false;
     loop {
-        let deadline = shared.proxy().poll_timeout().map(|d| d + TIMER_SLACK);
-        *shared.timer_deadline.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
-        let sleep_until = deadline.map(Instant::from_std).unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        tokio::select! {
-            _ = tokio::time::sleep_until(sleep_until) => {}
-            _ = shared.wake.notified() => continue,
-        }
         let mut out = Vec::new();
-        {
-            let mut p = shared.proxy();
-            p.handle_timeout(Instant::now().into_std());
-            drain(&shared, &mut p, &mut out);
-        }
+        let next = {
+            let mut node = shared.node();
+            if fire {
+                node.handle_timeout(Instant::now().into_std());
+            }
+            drain(&shared, &mut node, &mut out)
+        };
         dispatch(&shared, out);
+        let deadline = next.map(|d| d + TIMER_SLACK);
+        *shared.timer_deadline.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
+        // Idle: nothing is due until an input wakes us.
+        let sleep_until = deadline.map(Instant::from_std).unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tokio::time::sleep_until(sleep_until) => fire = true,
+            _ = shared.wake.notified() => fire = false,
+        }
     }
 }
 
@@ -659,11 +672,11 @@ async fn store_loop(shared: Arc<Shared>, store: Store) {
     loop {
         tick.tick().await;
         let snapshot = {
-            let mut p = shared.proxy();
-            if !p.registrar_mut().take_dirty() {
+            let mut node = shared.node();
+            if !node.proxy_mut().registrar_mut().take_dirty() {
                 continue;
             }
-            (p.secret(), p.registrar().snapshot())
+            (node.proxy().secret(), node.proxy().registrar().snapshot())
         };
         let store = store.clone();
         let res = tokio::task::spawn_blocking(move || store.save(&snapshot.0, snapshot.1)).await;

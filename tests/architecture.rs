@@ -2,11 +2,15 @@
 
 use std::process::Command;
 
-/// `pinhole-sip` and `pinhole-media` must not depend on tokio (or any async runtime):
-/// their logic is driven by the shell with explicit time.
+/// The sans-IO crates, by package name and source directory.
+const SANS_IO: [(&str, &str); 3] =
+    [("pinhole-sip", "sip/src"), ("pinhole-media", "media/src"), ("pinhole-core", "core/src")];
+
+/// `pinhole-sip`, `pinhole-media` and `pinhole-core` must not depend on tokio (or any async
+/// runtime): their logic is driven by the shell with explicit time.
 #[test]
 fn protocol_crates_do_not_depend_on_tokio() {
-    for krate in ["pinhole-sip", "pinhole-media"] {
+    for (krate, _) in SANS_IO {
         let out = Command::new(env!("CARGO"))
             .args(["tree", "--offline", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -19,4 +23,46 @@ fn protocol_crates_do_not_depend_on_tokio() {
             assert!(!tree.lines().any(|l| l.starts_with(banned)), "{krate} depends on {banned}:\n{tree}");
         }
     }
+}
+
+/// Nor may their code (tests aside) touch sockets, files or the clock: time comes in as an
+/// argument, bytes come in and go out through the shell.
+#[test]
+fn protocol_crates_do_no_io_and_read_no_clock() {
+    const BANNED: [&str; 7] =
+        ["UdpSocket", "TcpStream", "TcpListener", "std::fs", "Instant::now", "SystemTime::now", "std::process"];
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for (_, dir) in SANS_IO {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).expect("read_dir") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !name.ends_with(".rs") || name == "tests.rs" || name.ends_with("_tests.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("source");
+                checked += 1;
+                for (i, line) in text.lines().take_while(|l| !l.starts_with("#[cfg(test)]")).enumerate() {
+                    if line.trim_start().starts_with("//") {
+                        continue;
+                    }
+                    for banned in BANNED {
+                        assert!(
+                            !line.contains(banned),
+                            "{}:{}: {banned} in sans-IO code: {line}",
+                            path.display(),
+                            i + 1
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} files checked");
 }

@@ -1,15 +1,48 @@
-//! The ng decoder: cookie split, bencode decode, re-encode. Nothing may panic, and what
-//! decodes must re-encode to something that decodes to the same value.
+//! The ng path: the codec (decode, re-encode, decode again to the same value) and the
+//! whole NgServer — cookie, reply cache, JSON and bencode dispatch, every command against a
+//! real relay — over UDP datagrams and a TCP stream. Nothing may panic.
 #![no_main]
+
+use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use pinhole_media::ng::{split_cookie, Bencode};
+use pinhole_media::ng_server::NgServer;
+use pinhole_media::relay::{Relay, RelayConfig, RelayInterface};
+
+fn relay(now: Instant) -> Relay {
+    let ip = "203.0.113.1".parse().expect("ip");
+    Relay::new(
+        RelayConfig {
+            interfaces: vec![RelayInterface { name: "pub".into(), bind: ip, advertise: ip }],
+            port_min: 30000,
+            port_max: 30099,
+            media_timeout: Duration::from_secs(60),
+            offer_timeout: Duration::from_secs(60),
+            max_duration: Duration::from_secs(3600),
+            max_sessions: 10,
+        },
+        now,
+    )
+}
 
 fuzz_target!(|data: &[u8]| {
-    let Ok((_, payload)) = split_cookie(data) else { return };
-    if let Ok(v) = Bencode::decode(payload) {
-        let mut out = Vec::new();
-        v.encode(&mut out);
-        assert_eq!(Bencode::decode(&out).as_ref(), Ok(&v));
+    if let Ok((_, payload)) = split_cookie(data) {
+        if let Ok(v) = Bencode::decode(payload) {
+            let mut out = Vec::new();
+            v.encode(&mut out);
+            assert_eq!(Bencode::decode(&out).as_ref(), Ok(&v));
+        }
     }
+    let now = Instant::now();
+    let mut r = relay(now);
+    let mut ng = NgServer::new(now, 1_700_000_000);
+    // Each line is one datagram, so one input can offer, answer, query and delete.
+    for datagram in data.split(|&b| b == b'\n') {
+        let _ = ng.handle(now, Some(&mut r), datagram);
+    }
+    let mut buf = data.to_vec();
+    let _ = ng.handle_stream(now, Some(&mut r), &mut buf);
+    r.handle_timeout(now + Duration::from_secs(120));
+    while r.poll_command().is_some() {}
 });

@@ -29,7 +29,6 @@ fn config() -> ProxyConfig {
         max_body: 8192,
         max_message: 16384,
         secret: [3; 32],
-        media: None,
     }
 }
 
@@ -37,7 +36,7 @@ static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let now = *EPOCH.get_or_init(Instant::now);
-    let mut proxy = Proxy::new(config(), now, 1_700_000_000, 7);
+    let mut proxy = Proxy::new(config(), None::<pinhole_media::relay::Relay>, now, 1_700_000_000, 7);
     let bind: SocketAddr = "203.0.113.1:5060".parse().expect("addr");
     // First byte picks the source: trusted or not; the rest is one datagram.
     let (src, payload) = match data.split_first() {

@@ -35,9 +35,11 @@
 //! - The ng codec ([`ng`]) is our own: arrival-ordered dictionaries, bounded depth, lengths
 //!   checked before allocating, trailing bytes refused.
 
+pub mod anchor;
 pub mod guard;
 pub mod latch;
 pub mod ng;
+pub mod ng_server;
 pub mod probe;
 pub mod relay;
 pub mod sdp;

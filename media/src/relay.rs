@@ -174,6 +174,8 @@ pub struct Relay {
     next_serial: u64,
     /// Packets, bytes and drops of calls already deleted.
     ended: Totals,
+    /// When a timeout can next be due (see [`Relay::poll_timeout`]).
+    next_check: Option<Instant>,
 }
 
 /// Relay-wide packet counters.
@@ -207,6 +209,7 @@ impl Relay {
             events: VecDeque::new(),
             next_serial: 1,
             ended: Totals::default(),
+            next_check: None,
         }
     }
 
@@ -317,6 +320,7 @@ impl Relay {
         let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(0);
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
         self.remember(now, call_id, side, sdp, &out, Some(side));
+        self.plan_check(call_id);
         Ok(out)
     }
 
@@ -345,6 +349,7 @@ impl Relay {
         }
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
         self.remember(now, call_id, side, sdp, &out, None);
+        self.plan_check(call_id);
         Ok(out)
     }
 
@@ -410,21 +415,21 @@ impl Relay {
         self.events.pop_front()
     }
 
-    /// Checks media, offer and duration timeouts. Call about once a second.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let epoch = self.epoch;
+    /// When [`Relay::handle_timeout`] should next run: the earliest offer, media or
+    /// duration deadline of any call as of the last check (media that arrived since only
+    /// moves deadlines later, so waking early is harmless). `None` without calls.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_check.filter(|_| !self.calls.is_empty())
+    }
+
+    /// The deadline of one call: when it would end if nothing more happened.
+    fn deadline(&self, c: &Call) -> (Instant, EndReason) {
         let cfg = &self.cfg;
-        let ended: Vec<(String, EndReason)> = self
-            .calls
-            .iter()
-            .filter_map(|(id, c)| {
-                if now.saturating_duration_since(c.created) > cfg.max_duration {
-                    return Some((id.clone(), EndReason::MaxDuration));
-                }
-                let Some(answered) = c.answered else {
-                    return (now.saturating_duration_since(c.created) > cfg.offer_timeout)
-                        .then(|| (id.clone(), EndReason::OfferTimeout));
-                };
+        let longest = (c.created + cfg.max_duration, EndReason::MaxDuration);
+        let other = match c.answered {
+            None => (c.created + cfg.offer_timeout, EndReason::OfferTimeout),
+            Some(answered) => {
                 let last_ns = c
                     .streams
                     .iter()
@@ -432,13 +437,42 @@ impl Relay {
                     .map(|st| st.last_ns.load(std::sync::atomic::Ordering::Relaxed))
                     .max()
                     .unwrap_or(0);
-                let last = if last_ns == 0 { answered } else { (epoch + Duration::from_nanos(last_ns)).max(answered) };
-                (now.saturating_duration_since(last) > cfg.media_timeout).then(|| (id.clone(), EndReason::MediaTimeout))
-            })
-            .collect();
+                let last =
+                    if last_ns == 0 { answered } else { (self.epoch + Duration::from_nanos(last_ns)).max(answered) };
+                (last + cfg.media_timeout, EndReason::MediaTimeout)
+            }
+        };
+        if longest.0 <= other.0 {
+            longest
+        } else {
+            other
+        }
+    }
+
+    /// Ends the calls whose offer, media or duration deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut ended = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (id, c) in &self.calls {
+            let (at, reason) = self.deadline(c);
+            if at <= now {
+                ended.push((id.clone(), reason));
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        self.next_check = next;
         for (id, reason) in ended {
             self.delete(&id);
             self.events.push_back(Event::Ended { call_id: id, reason });
+        }
+    }
+
+    /// A call's deadline may now be earlier than planned.
+    fn plan_check(&mut self, call_id: &str) {
+        if let Some(c) = self.calls.get(call_id) {
+            let (at, _) = self.deadline(c);
+            self.next_check = Some(self.next_check.map_or(at, |n| n.min(at)));
         }
     }
 

@@ -432,6 +432,11 @@ impl Authenticator {
         Verdict::Authenticated(c.username.clone())
     }
 
+    /// Nothing to forget: no failures counted, no nonces tracked.
+    pub fn is_idle(&self) -> bool {
+        self.guard.tracked() == (0, 0) && self.nonces.used.is_empty()
+    }
+
     /// Forgets failure windows that have ended and nonces that are stale.
     pub fn expire(&mut self, now: Instant) {
         self.guard.expire(now);

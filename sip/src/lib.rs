@@ -7,10 +7,12 @@
 //! ```no_run
 //! # use std::time::Instant;
 //! # use pinhole_sip::{Proxy, ProxyConfig, Flow};
+//! # use pinhole_media::relay::Relay;
 //! # fn recv() -> (Flow, bytes::Bytes) { unimplemented!() }
 //! # fn send(_: &pinhole_sip::Transmit) {}
 //! # fn run(cfg: ProxyConfig) {
-//! let mut proxy = Proxy::new(cfg, Instant::now(), 1_700_000_000, 42);
+//! // No relay: SDP passes untouched. pinhole-core's Node drives a proxy with a relay.
+//! let mut proxy = Proxy::new(cfg, None::<Relay>, Instant::now(), 1_700_000_000, 42);
 //! loop {
 //!     let (flow, bytes) = recv();
 //!     let _ = proxy.handle_input(Instant::now(), flow, bytes); // Err: garbage, counted
@@ -18,7 +20,7 @@
 //!     while let Some(t) = proxy.poll_transmit() {
 //!         send(&t);
 //!     }
-//!     let _next_wake = proxy.poll_timeout();
+//!     let _next_wake = proxy.poll_timeout(); // Option<(Instant, why)>
 //! }
 //! # }
 //! ```
@@ -33,6 +35,8 @@
 //!   reach phones behind NATs whatever private address their Contact holds.
 //! - Transactions follow RFC 3261 §17 with RFC 6026's Accepted state; timers are deadlines
 //!   in the transaction, woken through one heap.
+//! - Media is anchored through the [`pinhole_media::anchor::MediaAnchor`] trait the proxy
+//!   is generic over; it never sees the relay's ports or timers.
 
 pub mod auth;
 pub mod mac;

@@ -23,7 +23,7 @@ mod media;
 use budget::ReplyBudget;
 use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};
 
-use pinhole_media::relay::{Relay, RelayConfig};
+use pinhole_media::anchor::MediaAnchor;
 
 use crate::auth::{Authenticator, Verdict};
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
@@ -127,8 +127,6 @@ pub struct ProxyConfig {
     pub max_message: usize,
     /// Keys nonces and Record-Route flow tokens; keep it across restarts.
     pub secret: [u8; 32],
-    /// Anchor media on the relay (`media.mode = "relay"`); `None` leaves SDP untouched.
-    pub media: Option<RelayConfig>,
 }
 
 /// Counters the shell exports as metrics.
@@ -226,7 +224,9 @@ struct RouteInfo {
     remaining: Vec<String>,
 }
 
-pub struct Proxy {
+/// The proxy, generic over where it anchors media (`Option<Relay>` in pinhole: `None`
+/// leaves SDP untouched).
+pub struct Proxy<M: MediaAnchor> {
     cfg: ProxyConfig,
     auth: Authenticator,
     registrar: Registrar,
@@ -240,7 +240,7 @@ pub struct Proxy {
     next_housekeeping: Instant,
     stats: Stats,
     counters: HashMap<(u16, bool), metrics::Counter>,
-    relay: Option<Relay>,
+    media: M,
     dialogs: HashMap<String, media::Dialog>,
     /// Dialogs seen established through us: what lets a Record-Route token skip a challenge.
     established: DialogTable,
@@ -248,18 +248,17 @@ pub struct Proxy {
     budget: ReplyBudget,
 }
 
-impl Proxy {
+impl<M: MediaAnchor> Proxy<M> {
     /// `unix_now` is the wall clock at `now`, used for registration expiry that survives
     /// restarts; `seed` makes branches and tags reproducible in tests.
-    pub fn new(cfg: ProxyConfig, now: Instant, unix_now: u64, seed: u64) -> Proxy {
+    pub fn new(cfg: ProxyConfig, media: M, now: Instant, unix_now: u64, seed: u64) -> Proxy<M> {
         let mut rng = StdRng::seed_from_u64(seed);
         // Random per start: nonces of an earlier run are never accepted again.
         let boot: u64 = rng.gen();
         let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, boot, now, unix_now)
             .with_algorithms(cfg.auth_algorithms.clone());
-        let relay = cfg.media.clone().map(|m| Relay::new(m, now));
         Proxy {
-            relay,
+            media,
             dialogs: HashMap::new(),
             established: DialogTable::default(),
             budget: ReplyBudget::default(),
@@ -314,11 +313,22 @@ impl Proxy {
         self.out.pop_front()
     }
 
-    /// When [`Proxy::handle_timeout`] should next be called.
+    /// When [`Proxy::handle_timeout`] should next be called, and why: a transaction timer,
+    /// or once a second while there is state to age (bindings, dialogs, failure counts).
+    /// `None` when nothing is due.
     #[must_use]
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let t = self.timers.peek().map(|Reverse((t, _))| *t);
-        Some(t.map_or(self.next_housekeeping, |t| t.min(self.next_housekeeping)))
+    pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
+        let timer = self.timers.peek().map(|Reverse((t, _))| (*t, "sip transaction timer"));
+        let idle = self.registrar.binding_count() == 0
+            && self.established.len() == 0
+            && self.dialogs.is_empty()
+            && self.auth.is_idle()
+            && self.budget.is_empty();
+        let housekeeping = (!idle).then_some((self.next_housekeeping, "sip housekeeping"));
+        match (timer, housekeeping) {
+            (Some(t), Some(h)) => Some(if t.0 <= h.0 { t } else { h }),
+            (t, h) => t.or(h),
+        }
     }
 
     /// Feeds one received message (a datagram or a frame cut from a stream).
@@ -1235,7 +1245,6 @@ impl Proxy {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        self.media_housekeeping(now);
         let unix = self.unix(now);
         if self.registrar.expire(unix) > 0 {
             metrics::gauge!("pinhole_registrar_bindings").set(self.registrar.binding_count() as f64);
@@ -1390,7 +1399,14 @@ impl Proxy {
             return false;
         };
         let host = host_string(&uri.host_port.host);
-        host.eq_ignore_ascii_case(&self.cfg.domain) || self.host_is_us(&host, uri.host_port.port)
+        self.host_is_us(&host, uri.host_port.port) || self.is_our_domain(&host, uri.host_port.port)
+    }
+
+    /// Our domain, on no port or one we listen on (Kamailio's `myself` compares ports too):
+    /// `sip:bob@example.com:5090` is somebody else's server when we listen on 5060 only.
+    fn is_our_domain(&self, host: &str, port: Option<u16>) -> bool {
+        host.eq_ignore_ascii_case(&self.cfg.domain)
+            && port.is_none_or(|p| self.cfg.interfaces.iter().any(|i| i.bind.port() == p))
     }
 
     /// If `route` names us, returns its user part (our flow token), if any.
@@ -1398,9 +1414,7 @@ impl Proxy {
         let uri = uri_of(route);
         let parsed = parse_sip_uri(uri)?;
         let host = host_string(&parsed.host_port.host);
-        if !(self.host_is_us(&host, parsed.host_port.port)
-            || host.eq_ignore_ascii_case(&self.cfg.domain) && parsed.host_port.port.is_none())
-        {
+        if !(self.host_is_us(&host, parsed.host_port.port) || self.is_our_domain(&host, parsed.host_port.port)) {
             return None;
         }
         Some(match parsed.user_part {

@@ -15,8 +15,10 @@ const TRUSTED: &str = "203.0.113.50:5060"; // a trunk / sipp box in auth.trusted
 const NAT_A: &str = "203.0.113.9:40001"; // phone A's NAT mapping
 const NAT_B: &str = "203.0.113.10:40002"; // phone B's NAT mapping
 
+use pinhole_media::relay::{Relay, RelayConfig, RelayInterface};
+
 struct Lab {
-    proxy: Proxy,
+    proxy: Proxy<Option<Relay>>,
     now: Instant,
 }
 
@@ -36,21 +38,24 @@ impl Lab {
     fn with_media() -> Lab {
         let mut lab = Lab::new();
         let now = lab.now;
-        let mut cfg = lab.proxy.config().clone();
-        cfg.media = Some(pinhole_media::relay::RelayConfig {
-            interfaces: vec![pinhole_media::relay::RelayInterface {
-                name: "pub".into(),
-                bind: "203.0.113.1".parse().expect("ip"),
-                advertise: "203.0.113.1".parse().expect("ip"),
-            }],
-            port_min: 30000,
-            port_max: 30099,
-            media_timeout: Duration::from_secs(60),
-            offer_timeout: Duration::from_secs(200),
-            max_duration: Duration::from_secs(3600),
-            max_sessions: 100,
-        });
-        lab.proxy = Proxy::new(cfg, now, 1_700_000_000, 1);
+        let cfg = lab.proxy.config().clone();
+        let relay = Relay::new(
+            RelayConfig {
+                interfaces: vec![RelayInterface {
+                    name: "pub".into(),
+                    bind: "203.0.113.1".parse().expect("ip"),
+                    advertise: "203.0.113.1".parse().expect("ip"),
+                }],
+                port_min: 30000,
+                port_max: 30099,
+                media_timeout: Duration::from_secs(60),
+                offer_timeout: Duration::from_secs(200),
+                max_duration: Duration::from_secs(3600),
+                max_sessions: 100,
+            },
+            now,
+        );
+        lab.proxy = Proxy::new(cfg, Some(relay), now, 1_700_000_000, 1);
         lab
     }
 
@@ -76,9 +81,8 @@ impl Lab {
             max_body: 16384,
             max_message: 32768,
             secret: [9; 32],
-            media: None,
         };
-        Lab { proxy: Proxy::new(cfg, now, 1_700_000_000, 1), now }
+        Lab { proxy: Proxy::new(cfg, None, now, 1_700_000_000, 1), now }
     }
 
     fn send(&mut self, from: Flow, text: &str) -> Vec<Transmit> {
@@ -91,16 +95,35 @@ impl Lab {
         std::iter::from_fn(|| self.proxy.poll_transmit()).collect()
     }
 
+    /// Moves virtual time on, firing the proxy's and the relay's timers as a driver would.
     fn advance(&mut self, d: Duration) -> Vec<Transmit> {
         let end = self.now + d;
         let mut out = Vec::new();
-        while let Some(t) = self.proxy.poll_timeout().filter(|t| *t <= end) {
+        loop {
+            let relay = self.proxy.media().as_ref().and_then(Relay::poll_timeout);
+            let proxy = self.proxy.poll_timeout().map(|(t, _)| t);
+            let Some(t) = [relay, proxy].into_iter().flatten().min().filter(|t| *t <= end) else { break };
             self.now = t.max(self.now);
+            let mut ended = Vec::new();
+            if let Some(r) = self.proxy.media_mut() {
+                r.handle_timeout(self.now);
+                while let Some(pinhole_media::relay::Event::Ended { call_id, .. }) = r.poll_event() {
+                    ended.push(call_id);
+                }
+            }
+            for call_id in ended {
+                self.proxy.media_call_ended(self.now, &call_id);
+            }
             self.proxy.handle_timeout(self.now);
             out.extend(self.drain());
         }
         self.now = end;
         out
+    }
+
+    /// Relay calls and ports in use.
+    fn media_usage(&self) -> (usize, usize) {
+        self.proxy.media().as_ref().map_or((0, 0), |r| (r.call_count(), r.ports_in_use()))
     }
 
     /// Registers `user` from a trusted-free NAT mapping using the proxy's own challenge.
@@ -887,7 +910,7 @@ fn tokens_do_not_vouch_after_a_restart() {
     let mut lab = Lab::new();
     let (_, rr) = authenticated_call(&mut lab, "z9hG4bKtr4");
     let cfg = lab.proxy.config().clone();
-    lab.proxy = Proxy::new(cfg, lab.now, 1_700_000_100, 2);
+    lab.proxy = Proxy::new(cfg, None, lab.now, 1_700_000_100, 2);
     let out = lab.send(udp(NAT_B), &bye_from_bob("z9hG4bKz1", &rr, "call-z9hG4bKtr4"));
     assert_eq!(parse(&out[0]).status(), Some(407));
     // Answering the challenge is enough: the token still routes to alice's NAT mapping.
@@ -960,6 +983,26 @@ fn authenticated_strangers_cannot_tell_unknown_from_unregistered_users() {
     assert_eq!(answers[0].0, Some(480));
 }
 
+#[test]
+fn our_domain_on_a_port_we_do_not_listen_on_is_somebody_else() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    // Our port (or none): the registrar routes to bob's binding.
+    let out = lab.send(
+        udp(TRUSTED),
+        &invite("bob", "z9hG4bKmy1").replace("sip:bob@example.com SIP", "sip:bob@example.com:5060 SIP"),
+    );
+    assert_eq!(out[1].flow.remote, addr(NAT_B));
+    // Another port: not us; example.com is no IP literal, so it cannot be routed (no DNS).
+    let out = lab.send(
+        udp(TRUSTED),
+        &invite("bob", "z9hG4bKmy2").replace("sip:bob@example.com SIP", "sip:bob@example.com:5090 SIP"),
+    );
+    let r = parse(&out[1]);
+    assert_eq!(r.status(), Some(404), "{}", text(&out[1]));
+    assert!(r.reason().contains("Unresolvable"));
+}
+
 mod media {
     use super::*;
 
@@ -1001,13 +1044,14 @@ mod media {
         let answer_port = media_port(&ok);
         assert_ne!(answer_port, offer_port);
         assert!(String::from_utf8_lossy(ok.body_bytes()).contains("c=IN IP4 203.0.113.1"));
-        let cmds: Vec<_> = std::iter::from_fn(|| lab.proxy.poll_media_command()).collect();
+        let cmds: Vec<_> =
+            std::iter::from_fn(|| lab.proxy.media_mut().as_mut().and_then(Relay::poll_command)).collect();
         assert!(cmds.len() >= 2, "links and expectations for the data plane");
-        assert_eq!(lab.proxy.media_usage(), (1, 4));
+        assert_eq!(lab.media_usage(), (1, 4));
         let rr = m.value_texts(HeaderName::RecordRoute)[0].to_owned();
         let bye = format!("BYE sip:callee@10.0.0.2:5060 SIP/2.0\nVia: SIP/2.0/UDP 203.0.113.50:5060;branch=z9hG4bKm1bye\nRoute: {rr}\nFrom: <sip:caller@trunk.example.net>;tag=from1\nTo: <sip:bob@example.com>;tag=b9\nCall-ID: call-z9hG4bKm1\nCSeq: 2 BYE\nContent-Length: 0\n\n");
         lab.send(udp(TRUSTED), &bye);
-        assert_eq!(lab.proxy.media_usage(), (0, 0));
+        assert_eq!(lab.media_usage(), (0, 0));
     }
 
     #[test]
@@ -1027,7 +1071,7 @@ mod media {
                 lab.send(udp(NAT_B), &reply(&fwd, 487, "Request Terminated", "b"));
             }
         }
-        assert_eq!(lab.proxy.media_usage(), (0, 0));
+        assert_eq!(lab.media_usage(), (0, 0));
     }
 
     #[test]
@@ -1039,7 +1083,7 @@ mod media {
         let r = parse(&out[1]);
         assert_eq!(r.status(), Some(488));
         assert!(r.reason().starts_with("Not Acceptable Here - "), "{}", r.reason());
-        assert_eq!(lab.proxy.media_usage(), (0, 0));
+        assert_eq!(lab.media_usage(), (0, 0));
     }
 
     #[test]
@@ -1065,7 +1109,7 @@ mod media {
         assert_eq!(m.request_uri(), Some("sip:callee@10.0.0.2:5060"));
         assert_eq!(m.tag(HeaderName::To), Some("b9"));
         assert_eq!(m.cseq(), Some((2, Method::Bye)));
-        assert_eq!(lab.proxy.media_usage(), (0, 0));
+        assert_eq!(lab.media_usage(), (0, 0));
     }
 
     #[test]

@@ -47,6 +47,10 @@ impl ReplyBudget {
         true
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
     pub(super) fn expire(&mut self, now: Instant) {
         self.sources.retain(|_, c| now.saturating_duration_since(c.last) < IDLE);
     }

@@ -1,11 +1,11 @@
 //! The proxy's side of media anchoring: SDP bodies in requests and responses go through
-//! the relay's offer/answer, calls are released when their dialog ends or fails, and a
-//! call the relay ends (media timeout) is torn down with a BYE to each side.
+//! the [`MediaAnchor`], calls are released when their dialog ends or fails, and a call the
+//! relay ends (media timeout) is torn down with a BYE to each side.
 
 use std::time::Instant;
 
 use bytes::Bytes;
-use pinhole_media::relay::{Command, EndReason, Event, Options, RelayError};
+use pinhole_media::anchor::MediaAnchor;
 
 use super::{Owner, Proxy, BRANCH_PREFIX};
 use crate::message::{HeaderName, Message, Method, Rejection};
@@ -50,7 +50,7 @@ fn contact_uri(msg: &Message) -> Option<String> {
     })
 }
 
-impl Proxy {
+impl<M: MediaAnchor> Proxy<M> {
     /// Anchors the SDP of a request (offer in INVITE/UPDATE, either in PRACK/ACK) and
     /// returns the body to forward; errors carry the response to send.
     pub(super) fn media_request(
@@ -60,9 +60,9 @@ impl Proxy {
         msg: &Message,
         to: Option<Flow>,
     ) -> Result<Option<Vec<u8>>, Rejection> {
-        let Some(relay) = self.relay.as_mut() else {
+        if !self.media.anchoring() {
             return Ok(None);
-        };
+        }
         let method = msg.method().cloned().unwrap_or(Method::Other(String::new()));
         if !matches!(method, Method::Invite | Method::Update | Method::Prack | Method::Ack) {
             return Ok(None);
@@ -73,13 +73,9 @@ impl Proxy {
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             return Ok(None);
         };
-        let opts = Options { to_v6: to.map(|f| f.remote.is_ipv6()), ..Options::default() };
-        match relay.on_sdp(now, call_id, tag, body, Some(flow.remote.ip()), opts) {
+        match self.media.anchor_sdp(now, call_id, tag, body, flow.remote.ip(), to.map(|f| f.remote.is_ipv6())) {
             Ok(b) => Ok(Some(b)),
-            Err(RelayError::LoadLimit) => Err(Rejection::new(503, "Media Relay At Session Limit")),
-            Err(RelayError::PortsExhausted) => Err(Rejection::new(503, "Media Relay Out Of Ports")),
-            Err(RelayError::Sdp(e)) => Err(Rejection::new(488, format!("Not Acceptable Here - {e}"))),
-            Err(RelayError::UnknownCall) => Err(Rejection::new(488, "Not Acceptable Here - Unknown Call")),
+            Err(r) => Err(Rejection::new(r.code, r.reason)),
         }
     }
 
@@ -91,7 +87,9 @@ impl Proxy {
         to: Option<Flow>,
         msg: &Message,
     ) -> Option<Vec<u8>> {
-        self.relay.as_ref()?;
+        if !self.media.anchoring() {
+            return None;
+        }
         let code = msg.status()?;
         let (_, method) = msg.cseq()?;
         if code >= 300 || !matches!(method, Method::Invite | Method::Update | Method::Prack) {
@@ -99,12 +97,10 @@ impl Proxy {
         }
         let body = sdp_body(msg)?;
         let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
-        let opts = Options { to_v6: to.map(|f| f.remote.is_ipv6()), ..Options::default() };
-        let relay = self.relay.as_mut()?;
-        match relay.on_sdp(now, call_id, tag, body, Some(from.remote.ip()), opts) {
+        match self.media.anchor_sdp(now, call_id, tag, body, from.remote.ip(), to.map(|f| f.remote.is_ipv6())) {
             Ok(b) => Some(b),
-            Err(e) => {
-                tracing::warn!(call_id, error = %e, "answer not anchored; forwarded as is");
+            Err(r) => {
+                tracing::warn!(call_id, error = %r.reason, "answer not anchored; forwarded as is");
                 None
             }
         }
@@ -112,10 +108,8 @@ impl Proxy {
 
     /// A dialog-ending request (BYE) or a failed/cancelled initial INVITE releases the media.
     pub(super) fn media_end(&mut self, call_id: &str) {
-        if let Some(relay) = self.relay.as_mut() {
-            if relay.delete(call_id) {
-                tracing::debug!(call_id, "relay session released");
-            }
+        if self.media.release(call_id) {
+            tracing::debug!(call_id, "relay session released");
         }
         self.dialogs.remove(call_id);
     }
@@ -125,7 +119,7 @@ impl Proxy {
         let Some(call_id) = request.call_id() else {
             return;
         };
-        if !self.relay.as_ref().is_some_and(|r| r.has_call(call_id)) {
+        if !self.media.anchors(call_id) {
             return;
         }
         let d = Dialog {
@@ -156,29 +150,12 @@ impl Proxy {
         }
     }
 
-    /// Runs the relay's timers and ends the calls it gave up on.
-    pub(super) fn media_housekeeping(&mut self, now: Instant) {
-        let Some(relay) = self.relay.as_mut() else {
-            return;
-        };
-        relay.handle_timeout(now);
-        let mut ended = Vec::new();
-        while let Some(Event::Ended { call_id, reason }) = relay.poll_event() {
-            ended.push((call_id, reason));
-        }
-        metrics::gauge!("pinhole_relay_sessions").set(relay.call_count() as f64);
-        metrics::gauge!("pinhole_relay_ports").set(relay.ports_in_use() as f64);
-        let totals = relay.totals();
-        metrics::counter!("pinhole_relay_packets_total").absolute(totals.packets);
-        metrics::counter!("pinhole_relay_bytes_total").absolute(totals.bytes);
-        metrics::counter!("pinhole_relay_dropped_total").absolute(totals.dropped);
-        for (call_id, reason) in ended {
-            tracing::info!(%call_id, ?reason, "relay ended the call");
-            metrics::counter!("pinhole_relay_timeouts_total", "reason" => reason_label(reason)).increment(1);
-            if let Some(d) = self.dialogs.remove(&call_id) {
-                self.send_bye(now, &call_id, &d, true);
-                self.send_bye(now, &call_id, &d, false);
-            }
+    /// The relay gave up on a call (media timeout, …): end its dialog with a BYE to each
+    /// side.
+    pub fn media_call_ended(&mut self, now: Instant, call_id: &str) {
+        if let Some(d) = self.dialogs.remove(call_id) {
+            self.send_bye(now, call_id, &d, true);
+            self.send_bye(now, call_id, &d, false);
         }
     }
 
@@ -202,32 +179,12 @@ impl Proxy {
         }
     }
 
-    /// The next port binding or forwarding rule for the media data plane.
-    #[must_use]
-    pub fn poll_media_command(&mut self) -> Option<Command> {
-        self.relay.as_mut()?.poll_command()
+    /// Where media is anchored.
+    pub fn media(&self) -> &M {
+        &self.media
     }
 
-    /// The relay itself, for other control protocols (ng) that share its calls and ports.
-    pub fn relay_mut(&mut self) -> Option<&mut pinhole_media::relay::Relay> {
-        self.relay.as_mut()
-    }
-
-    /// Relay sessions and ports in use (for zombie checks and metrics).
-    pub fn media_usage(&self) -> (usize, usize) {
-        self.relay.as_ref().map_or((0, 0), |r| (r.call_count(), r.ports_in_use()))
-    }
-
-    /// Statistics of a call's streams, if the relay anchors it.
-    pub fn media_stats(&self, call_id: &str) -> Option<Vec<[std::sync::Arc<pinhole_media::stats::StreamStats>; 4]>> {
-        self.relay.as_ref()?.stats(call_id)
-    }
-}
-
-fn reason_label(r: EndReason) -> &'static str {
-    match r {
-        EndReason::MediaTimeout => "media",
-        EndReason::OfferTimeout => "offer",
-        EndReason::MaxDuration => "duration",
+    pub fn media_mut(&mut self) -> &mut M {
+        &mut self.media
     }
 }

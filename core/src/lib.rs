@@ -1,0 +1,225 @@
+//! pinhole-core: the server role as one sans-IO object.
+//!
+//! A [`Node`] owns the SIP proxy, the media relay and the ng control server, and routes
+//! between them: SDP from the proxy is anchored on the relay (through the proxy's
+//! [`MediaAnchor`](pinhole_media::anchor::MediaAnchor) type parameter), ng commands reach
+//! the same relay, and calls the relay ends are torn down by the proxy. The shell drives it
+//! with inputs and one output loop, as str0m's `Rtc`:
+//!
+//! ```no_run
+//! # use std::time::Instant;
+//! # use pinhole_core::{Node, NodeConfig, Output};
+//! # fn recv() -> (pinhole_sip::Flow, bytes::Bytes) { unimplemented!() }
+//! # fn send(_: &pinhole_sip::Transmit) {}
+//! # fn data_plane(_: pinhole_media::relay::Command) {}
+//! # fn run(cfg: NodeConfig) {
+//! let mut node = Node::new(cfg, Instant::now(), 1_700_000_000, 42);
+//! loop {
+//!     let (flow, bytes) = recv();
+//!     let _ = node.handle_sip(Instant::now(), flow, bytes); // Err: garbage, counted
+//!     let _wake_at = loop {
+//!         match node.poll_output(Instant::now()) {
+//!             Output::Transmit(t) => send(&t),
+//!             Output::Media(c) => data_plane(c),
+//!             Output::Event(_) => {}
+//!             Output::Timeout(at, _why) => break at, // call handle_timeout then
+//!             _ => break Instant::now() + std::time::Duration::from_secs(3600), // Idle
+//!         }
+//!     };
+//! }
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pinhole_media::ng_server::{NgServer, NgStreamError};
+use pinhole_media::relay::{Command, Relay, RelayConfig};
+use pinhole_sip::message::Garbage;
+use pinhole_sip::{Flow, Proxy, ProxyConfig, Transmit};
+
+/// What a node is made of.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub proxy: ProxyConfig,
+    /// Anchor media on the relay (`media.mode = "relay"`); `None` leaves SDP untouched.
+    pub relay: Option<RelayConfig>,
+}
+
+/// Things the shell may want to know about, beyond what it must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The relay ended a call on its own; its dialog is being torn down (BYE both sides).
+    CallEnded { call_id: String, reason: &'static str },
+}
+
+/// The next thing the shell must do.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send these bytes on this flow.
+    Transmit(Transmit),
+    /// Bind, link or close relay ports in the data plane.
+    Media(Command),
+    Event(Event),
+    /// Nothing more to do now: call [`Node::handle_timeout`] at this instant (the label
+    /// says which part wants to wake).
+    Timeout(Instant, &'static str),
+    /// Nothing to do until the next input.
+    Idle,
+}
+
+pub struct Node {
+    proxy: Proxy<Option<Relay>>,
+    ng: NgServer,
+    events: VecDeque<Event>,
+    /// Relay usage (calls, ports) as last published.
+    published: (usize, usize),
+    /// When relay packet totals are next published (once a second while calls exist).
+    next_stats: Instant,
+}
+
+/// How often relay packet totals are published while calls exist.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Node {
+    /// `unix_now` is the wall clock at `now`; `seed` makes branches, tags and nonce salts
+    /// reproducible in tests (use a random one in production).
+    pub fn new(cfg: NodeConfig, now: Instant, unix_now: u64, seed: u64) -> Node {
+        let relay = cfg.relay.map(|r| Relay::new(r, now));
+        Node {
+            proxy: Proxy::new(cfg.proxy, relay, now, unix_now, seed),
+            ng: NgServer::new(now, unix_now),
+            events: VecDeque::new(),
+            published: (0, 0),
+            next_stats: now,
+        }
+    }
+
+    pub fn proxy(&self) -> &Proxy<Option<Relay>> {
+        &self.proxy
+    }
+
+    /// The proxy, for the registrar store (restore and snapshots).
+    pub fn proxy_mut(&mut self) -> &mut Proxy<Option<Relay>> {
+        &mut self.proxy
+    }
+
+    pub fn relay(&self) -> Option<&Relay> {
+        self.proxy.media().as_ref()
+    }
+
+    /// The relay, for taking ports the data plane could not bind out of use.
+    pub fn relay_mut(&mut self) -> Option<&mut Relay> {
+        self.proxy.media_mut().as_mut()
+    }
+
+    /// One SIP message (a datagram, or a frame cut from a stream). `Err`: not SIP at all,
+    /// counted; UDP drops it, streams close.
+    pub fn handle_sip(&mut self, now: Instant, flow: Flow, data: Bytes) -> Result<(), Garbage> {
+        let r = self.proxy.handle_input(now, flow, data);
+        self.publish_usage();
+        r
+    }
+
+    /// One ng datagram from `from`; its reply, if it deserves one.
+    pub fn handle_ng(&mut self, now: Instant, _from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+        let relay = self.proxy.media_mut().as_mut();
+        let reply = self.ng.handle(now, relay, datagram);
+        self.publish_usage();
+        reply
+    }
+
+    /// Bytes received on an ng TCP stream: the replies to every whole message in `buf`.
+    pub fn handle_ng_stream(&mut self, now: Instant, buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, NgStreamError> {
+        let relay = self.proxy.media_mut().as_mut();
+        let replies = self.ng.handle_stream(now, relay, buf);
+        self.publish_usage();
+        replies
+    }
+
+    /// Fires whatever is due: relay deadlines (calls it ends are torn down by the proxy),
+    /// then SIP timers and housekeeping.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut ended = Vec::new();
+        if let Some(relay) = self.proxy.media_mut().as_mut() {
+            if relay.poll_timeout().is_some_and(|t| t <= now) {
+                relay.handle_timeout(now);
+            }
+            while let Some(pinhole_media::relay::Event::Ended { call_id, reason }) = relay.poll_event() {
+                ended.push((call_id, reason.label()));
+            }
+            if now >= self.next_stats {
+                self.next_stats = now + STATS_INTERVAL;
+                publish_totals(relay);
+            }
+        }
+        for (call_id, reason) in ended {
+            tracing::info!(%call_id, reason, "relay ended the call");
+            metrics::counter!("pinhole_relay_timeouts_total", "reason" => reason).increment(1);
+            self.proxy.media_call_ended(now, &call_id);
+            self.events.push_back(Event::CallEnded { call_id, reason });
+        }
+        if self.proxy.poll_timeout().is_some_and(|(t, _)| t <= now) {
+            self.proxy.handle_timeout(now);
+        }
+        self.publish_usage();
+    }
+
+    /// Relay calls and ports as gauges, when they changed; the totals once more when the
+    /// last call is gone.
+    fn publish_usage(&mut self) {
+        let Some(relay) = self.relay() else { return };
+        let usage = (relay.call_count(), relay.ports_in_use());
+        if usage == self.published {
+            return;
+        }
+        metrics::gauge!("pinhole_relay_sessions").set(usage.0 as f64);
+        metrics::gauge!("pinhole_relay_ports").set(usage.1 as f64);
+        if usage.0 == 0 {
+            publish_totals(relay);
+        }
+        self.published = usage;
+    }
+
+    /// The next output. Call after every input and timeout until it returns
+    /// [`Output::Timeout`] or [`Output::Idle`].
+    #[must_use]
+    pub fn poll_output(&mut self, _now: Instant) -> Output {
+        if let Some(t) = self.proxy.poll_transmit() {
+            return Output::Transmit(t);
+        }
+        if let Some(c) = self.relay_mut().and_then(Relay::poll_command) {
+            return Output::Media(c);
+        }
+        if let Some(e) = self.events.pop_front() {
+            return Output::Event(e);
+        }
+        let relay = self.relay().and_then(|r| {
+            let stats = (r.call_count() > 0).then_some((self.next_stats, "relay statistics"));
+            let deadline = r.poll_timeout().map(|t| (t, "relay deadline"));
+            [stats, deadline].into_iter().flatten().min_by_key(|(t, _)| *t)
+        });
+        match (self.proxy.poll_timeout(), relay) {
+            (Some(p), Some(r)) => {
+                let (at, why) = if p.0 <= r.0 { p } else { r };
+                Output::Timeout(at, why)
+            }
+            (Some((at, why)), None) | (None, Some((at, why))) => Output::Timeout(at, why),
+            (None, None) => Output::Idle,
+        }
+    }
+}
+
+fn publish_totals(relay: &Relay) {
+    let totals = relay.totals();
+    metrics::counter!("pinhole_relay_packets_total").absolute(totals.packets);
+    metrics::counter!("pinhole_relay_bytes_total").absolute(totals.bytes);
+    metrics::counter!("pinhole_relay_dropped_total").absolute(totals.dropped);
+}
+
+#[cfg(test)]
+mod tests;

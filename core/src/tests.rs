@@ -1,0 +1,168 @@
+//! The node in virtual time: one output loop over proxy, relay and ng.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pinhole_media::ng::Bencode;
+use pinhole_media::relay::RelayInterface;
+use pinhole_sip::{Cidr, Interface, Keepalive, RegistrarConfig, Transport};
+
+use super::*;
+
+const LOCAL: &str = "203.0.113.1:5060";
+const TRUNK: &str = "203.0.113.50:5060";
+const CALLEE: &str = "203.0.113.60:5060";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn config() -> NodeConfig {
+    let ip = "203.0.113.1".parse().expect("ip");
+    NodeConfig {
+        proxy: ProxyConfig {
+            domain: "example.com".into(),
+            interfaces: vec![Interface {
+                transport: Transport::Udp,
+                bind: addr(LOCAL),
+                advertise: "203.0.113.1".into(),
+            }],
+            realm: "example.com".into(),
+            users: vec![],
+            auth_algorithms: vec![pinhole_sip::auth::Algorithm::Md5],
+            trusted: vec![Cidr::parse("203.0.113.0/24").expect("cidr")],
+            registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
+            keepalive: Keepalive::Off,
+            keepalive_interval: Duration::from_secs(30),
+            max_body: 16384,
+            max_message: 32768,
+            secret: [1; 32],
+        },
+        relay: Some(RelayConfig {
+            interfaces: vec![RelayInterface { name: "pub".into(), bind: ip, advertise: ip }],
+            port_min: 30000,
+            port_max: 30099,
+            media_timeout: Duration::from_secs(20),
+            offer_timeout: Duration::from_secs(60),
+            max_duration: Duration::from_secs(3600),
+            max_sessions: 10,
+        }),
+    }
+}
+
+struct Run {
+    node: Node,
+    now: Instant,
+    sent: Vec<Transmit>,
+    commands: usize,
+    events: Vec<Event>,
+}
+
+impl Run {
+    fn new() -> Run {
+        let now = Instant::now();
+        Run { node: Node::new(config(), now, 1_700_000_000, 9), now, sent: vec![], commands: 0, events: vec![] }
+    }
+
+    /// Polls until the node is waiting; returns what it waits for.
+    fn drain(&mut self) -> Option<(Instant, &'static str)> {
+        loop {
+            match self.node.poll_output(self.now) {
+                Output::Transmit(t) => self.sent.push(t),
+                Output::Media(_) => self.commands += 1,
+                Output::Event(e) => self.events.push(e),
+                Output::Timeout(at, why) => return Some((at, why)),
+                _ => return None,
+            }
+        }
+    }
+
+    fn sip(&mut self, from: &str, text: &str) {
+        let flow = Flow { transport: Transport::Udp, local: addr(LOCAL), remote: addr(from), conn: None };
+        let wire = text.replace("\r\n", "\n").replace('\n', "\r\n");
+        self.node.handle_sip(self.now, flow, Bytes::from(wire)).expect("SIP");
+        self.drain();
+    }
+
+    /// Jumps from wakeup to wakeup until `d` has passed.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some((at, _)) = self.drain().filter(|(at, _)| *at <= end) {
+            self.now = at.max(self.now);
+            self.node.handle_timeout(self.now);
+        }
+        self.now = end;
+    }
+}
+
+const SDP: &str = "v=0\no=- 1 1 IN IP4 203.0.113.50\ns=-\nc=IN IP4 203.0.113.50\nt=0 0\nm=audio 6000 RTP/AVP 0\n";
+
+fn invite() -> String {
+    format!(
+        "INVITE sip:bob@{CALLEE} SIP/2.0
+Via: SIP/2.0/UDP {TRUNK};branch=z9hG4bKnode1
+Max-Forwards: 70
+To: <sip:bob@example.com>
+From: <sip:alice@example.com>;tag=a1
+Call-ID: node-call
+CSeq: 1 INVITE
+Contact: <sip:alice@{TRUNK}>
+Content-Type: application/sdp
+Content-Length: {}
+
+{SDP}",
+        SDP.replace('\n', "\r\n").len()
+    )
+}
+
+#[test]
+fn a_fresh_node_is_idle_and_says_why_it_wakes_once_it_has_work() {
+    let mut r = Run::new();
+    assert_eq!(r.drain(), None, "nothing to do, no timer");
+    r.sip(TRUNK, &invite());
+    let (_, why) = r.drain().expect("a timer now");
+    assert!(["sip transaction timer", "relay statistics", "relay deadline"].contains(&why), "{why}");
+}
+
+#[test]
+fn sdp_from_the_proxy_and_ng_commands_reach_the_same_relay() {
+    let mut r = Run::new();
+    r.sip(TRUNK, &invite());
+    let fwd = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("forwarded INVITE");
+    assert!(String::from_utf8_lossy(&fwd.payload).contains("c=IN IP4 203.0.113.1"), "anchored");
+    assert!(r.commands >= 1, "the data plane was told to bind ports");
+    let reply = r.node.handle_ng(r.now, addr("127.0.0.1:9"), b"l1 d7:command4:liste").expect("reply");
+    let (_, body) = pinhole_media::ng::split_cookie(&reply).expect("cookie");
+    let list = Bencode::decode(body).expect("bencode");
+    assert_eq!(list.get("calls"), Some(&Bencode::List(vec![Bencode::str("node-call")])));
+}
+
+#[test]
+fn a_call_the_relay_ends_is_reported_and_torn_down() {
+    let mut r = Run::new();
+    r.sip(TRUNK, &invite());
+    let fwd = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("forwarded").clone();
+    let m = pinhole_sip::message::Message::parse(Bytes::from(fwd.payload)).expect("SIP");
+    let answer =
+        "v=0\r\no=- 2 2 IN IP4 203.0.113.60\r\ns=-\r\nc=IN IP4 203.0.113.60\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+    let mut ok =
+        String::from_utf8(m.response(200, "OK", Some("b1"), &[format!("Contact: <sip:bob@{CALLEE}>")])).expect("utf8");
+    for rr in m.value_texts(pinhole_sip::message::HeaderName::RecordRoute) {
+        ok = ok.replacen("\r\n", &format!("\r\nRecord-Route: {rr}\r\n"), 1);
+    }
+    let ok = ok.replace(
+        "Content-Length: 0\r\n",
+        &format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n", answer.len()),
+    ) + answer;
+    r.sent.clear();
+    r.sip(CALLEE, &ok);
+    r.advance(Duration::from_secs(25));
+    assert!(
+        r.events.iter().any(|e| matches!(e, Event::CallEnded { call_id, reason: "media" } if call_id == "node-call")),
+        "{:?}",
+        r.events
+    );
+    let byes = r.sent.iter().filter(|t| t.payload.starts_with(b"BYE ")).map(|t| t.flow.remote).collect::<Vec<_>>();
+    assert!(byes.contains(&addr(TRUNK)) && byes.contains(&addr(CALLEE)), "BYE to both sides: {byes:?}");
+    assert_eq!(r.node.relay().map(Relay::call_count), Some(0));
+}

@@ -1,0 +1,88 @@
+//! The interface a signalling core anchors media through: SDP in, rewritten SDP out, and
+//! calls released when their dialog ends. The SIP proxy is generic over it and knows
+//! nothing of the relay's ports, latches or timers; `Option<Relay>` implements it (`None`:
+//! media passes untouched). Calls the relay ends on its own come out of the relay as
+//! events, and the driver above both tells the proxy to end their dialogs.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::relay::{EndReason, Options, Relay, RelayError};
+
+/// Why an SDP could not be anchored, as the SIP response to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRefusal {
+    pub code: u16,
+    pub reason: String,
+}
+
+pub trait MediaAnchor {
+    /// Whether SDP bodies are anchored at all.
+    fn anchoring(&self) -> bool;
+
+    /// An SDP body from the party tagged `sender_tag`, whose signalling came from
+    /// `signalling_ip`, going to a party reached over IPv6 (`to_v6`) when known. Returns the
+    /// body to forward.
+    fn anchor_sdp(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: IpAddr,
+        to_v6: Option<bool>,
+    ) -> Result<Vec<u8>, MediaRefusal>;
+
+    /// The call's dialog ended or failed: free its media.
+    fn release(&mut self, call_id: &str) -> bool;
+
+    /// Whether this call's media is anchored.
+    fn anchors(&self, call_id: &str) -> bool;
+}
+
+impl MediaAnchor for Option<Relay> {
+    fn anchoring(&self) -> bool {
+        self.is_some()
+    }
+
+    fn anchor_sdp(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: IpAddr,
+        to_v6: Option<bool>,
+    ) -> Result<Vec<u8>, MediaRefusal> {
+        let Some(relay) = self else { return Ok(sdp.to_vec()) };
+        let opts = Options { to_v6, ..Options::default() };
+        relay.on_sdp(now, call_id, sender_tag, sdp, Some(signalling_ip), opts).map_err(|e| {
+            let (code, reason) = match e {
+                RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
+                RelayError::PortsExhausted => (503, "Media Relay Out Of Ports".to_owned()),
+                RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
+                RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
+            };
+            MediaRefusal { code, reason }
+        })
+    }
+
+    fn release(&mut self, call_id: &str) -> bool {
+        self.as_mut().is_some_and(|r| r.delete(call_id))
+    }
+
+    fn anchors(&self, call_id: &str) -> bool {
+        self.as_ref().is_some_and(|r| r.has_call(call_id))
+    }
+}
+
+impl EndReason {
+    /// The metric label and log word for this reason.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::MediaTimeout => "media",
+            EndReason::OfferTimeout => "offer",
+            EndReason::MaxDuration => "duration",
+        }
+    }
+}
