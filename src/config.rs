@@ -199,13 +199,17 @@ pub(crate) enum KeepaliveKind {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Nat {
     pub(crate) keepalive: KeepaliveKind,
-    /// Seconds between keepalives per binding.
+    /// Seconds between keepalives per binding, to start with; well under the 20 s after
+    /// which cheap routers, CGNATs and a tuned Linux conntrack drop idle UDP mappings.
     pub(crate) keepalive_interval: u64,
+    /// The floor a binding's interval is halved towards each time its mapping is found dead
+    /// (never above `keepalive_interval`).
+    pub(crate) keepalive_min: u64,
 }
 
 impl Default for Nat {
     fn default() -> Self {
-        Nat { keepalive: KeepaliveKind::Options, keepalive_interval: 30 }
+        Nat { keepalive: KeepaliveKind::Options, keepalive_interval: 15, keepalive_min: 5 }
     }
 }
 
@@ -348,6 +352,9 @@ impl Config {
         }
         if self.nat.keepalive_interval == 0 {
             err("nat", "keepalive_interval", "keepalive_interval must be at least 1 second".into());
+        }
+        if self.nat.keepalive_min == 0 {
+            err("nat", "keepalive_min", "keepalive_min must be at least 1 second".into());
         }
         if !self.ng.listen.is_empty() && self.ng.listen.parse::<SocketAddr>().is_err() {
             err("ng", "listen", format!("`{}` is not IP:PORT", self.ng.listen));

@@ -65,6 +65,10 @@ fn register_defaults() {
     for reason in ["total", "source"] {
         metrics::counter!("pinhole_sip_connections_refused_total", "reason" => reason).absolute(0);
     }
+    for result in ["sent", "answered", "unanswered"] {
+        metrics::counter!("pinhole_nat_keepalives_total", "result" => result).absolute(0);
+    }
+    metrics::counter!("pinhole_nat_mapping_deaths_total").absolute(0);
     for reason in ["idle", "incomplete"] {
         metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).absolute(0);
     }

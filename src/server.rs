@@ -141,6 +141,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             KeepaliveKind::Off => Keepalive::Off,
         },
         keepalive_interval: Duration::from_secs(cfg.nat.keepalive_interval),
+        keepalive_min: Duration::from_secs(cfg.nat.keepalive_min.min(cfg.nat.keepalive_interval)),
         max_body: cfg.sip.max_message_size,
         max_message: cfg.sip.max_message_size,
         secret: loaded.secret,
@@ -444,23 +445,8 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
                 continue;
             }
         };
-        let data = &buf[..n];
-        if data.iter().all(|b| b.is_ascii_whitespace()) {
-            continue; // CRLF NAT keepalives from phones
-        }
-        if pinhole_media::stun::looks_like_stun(data) {
-            // RFC 5626 §8 keepalives: answer Binding requests on the SIP port itself.
-            match pinhole_media::stun::binding_response(data, remote) {
-                Some(resp) => {
-                    metrics::counter!("pinhole_stun_requests_total", "port" => "sip").increment(1);
-                    let _ = sock.send_to(&resp, remote);
-                }
-                None => metrics::counter!("pinhole_stun_garbage_total", "port" => "sip").increment(1),
-            }
-            continue;
-        }
         let flow = Flow { transport: Transport::Udp, local, remote, conn: None };
-        if !handle(shared, flow, Bytes::copy_from_slice(data)) {
+        if !handle(shared, flow, Bytes::copy_from_slice(&buf[..n])) {
             tracing::debug!(%remote, "UDP garbage dropped");
         }
     }

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use pinhole_media::ng_server::{NgServer, NgStreamError};
 use pinhole_media::relay::{Command, Relay, RelayConfig};
 use pinhole_sip::message::Garbage;
-use pinhole_sip::{Flow, Proxy, ProxyConfig, Transmit};
+use pinhole_sip::{Flow, Proxy, ProxyConfig, Transmit, Transport};
 
 /// What a node is made of.
 #[derive(Debug, Clone)]
@@ -76,6 +76,8 @@ pub struct Node {
     proxy: Proxy<Option<Relay>>,
     ng: NgServer,
     events: VecDeque<Event>,
+    /// Answers the node makes itself (STUN keepalives on the SIP port).
+    transmits: VecDeque<Transmit>,
     /// Relay usage (calls, ports) as last published.
     published: (usize, usize),
     /// When relay packet totals are next published (once a second while calls exist).
@@ -94,6 +96,7 @@ impl Node {
             proxy: Proxy::new(cfg.proxy, relay, now, unix_now, seed),
             ng: NgServer::new(now, unix_now),
             events: VecDeque::new(),
+            transmits: VecDeque::new(),
             published: (0, 0),
             next_stats: now,
         }
@@ -119,7 +122,26 @@ impl Node {
 
     /// One SIP message (a datagram, or a frame cut from a stream). `Err`: not SIP at all,
     /// counted; UDP drops it, streams close.
+    ///
+    /// On UDP the SIP port also carries phones' NAT keepalives (RFC 5626 §8): CRLF
+    /// datagrams are absorbed, STUN Binding requests answered with XOR-MAPPED-ADDRESS (never
+    /// much larger than the request).
     pub fn handle_sip(&mut self, now: Instant, flow: Flow, data: Bytes) -> Result<(), Garbage> {
+        if flow.transport == Transport::Udp {
+            if data.iter().all(u8::is_ascii_whitespace) {
+                return Ok(());
+            }
+            if pinhole_media::stun::looks_like_stun(&data) {
+                match pinhole_media::stun::binding_response(&data, flow.remote) {
+                    Some(payload) => {
+                        metrics::counter!("pinhole_stun_requests_total", "port" => "sip").increment(1);
+                        self.transmits.push_back(Transmit { flow, payload });
+                    }
+                    None => metrics::counter!("pinhole_stun_garbage_total", "port" => "sip").increment(1),
+                }
+                return Ok(());
+            }
+        }
         let r = self.proxy.handle_input(now, flow, data);
         self.publish_usage();
         r
@@ -189,7 +211,7 @@ impl Node {
     /// [`Output::Timeout`] or [`Output::Idle`].
     #[must_use]
     pub fn poll_output(&mut self, _now: Instant) -> Output {
-        if let Some(t) = self.proxy.poll_transmit() {
+        if let Some(t) = self.transmits.pop_front().or_else(|| self.proxy.poll_transmit()) {
             return Output::Transmit(t);
         }
         if let Some(c) = self.relay_mut().and_then(Relay::poll_command) {

@@ -34,6 +34,7 @@ fn config() -> NodeConfig {
             registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
             keepalive: Keepalive::Off,
             keepalive_interval: Duration::from_secs(30),
+            keepalive_min: Duration::from_secs(5),
             max_body: 16384,
             max_message: 32768,
             secret: [1; 32],
@@ -165,4 +166,23 @@ fn a_call_the_relay_ends_is_reported_and_torn_down() {
     let byes = r.sent.iter().filter(|t| t.payload.starts_with(b"BYE ")).map(|t| t.flow.remote).collect::<Vec<_>>();
     assert!(byes.contains(&addr(TRUNK)) && byes.contains(&addr(CALLEE)), "BYE to both sides: {byes:?}");
     assert_eq!(r.node.relay().map(Relay::call_count), Some(0));
+}
+
+#[test]
+fn keepalives_on_the_sip_port_are_absorbed_or_answered_not_parsed_as_sip() {
+    let mut r = Run::new();
+    let flow = Flow { transport: Transport::Udp, local: addr(LOCAL), remote: addr("198.51.100.7:40000"), conn: None };
+    assert!(r.node.handle_sip(r.now, flow, Bytes::from_static(b"\r\n\r\n")).is_ok());
+    r.drain();
+    assert!(r.sent.is_empty(), "a CRLF keepalive gets no answer");
+    // A STUN Binding request: 20-byte header with the magic cookie, no attributes.
+    let mut stun = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    stun.extend_from_slice(&[7u8; 12]);
+    assert!(r.node.handle_sip(r.now, flow, Bytes::from(stun.clone())).is_ok());
+    r.drain();
+    assert_eq!(r.sent.len(), 1);
+    assert_eq!(r.sent[0].flow, flow);
+    assert_eq!(&r.sent[0].payload[..2], &[0x01, 0x01], "a Binding success response");
+    assert_eq!(&r.sent[0].payload[8..20], &stun[8..20], "same transaction id");
+    assert!(r.sent[0].payload.len() <= 3 * stun.len());
 }

@@ -26,6 +26,7 @@ fn config() -> ProxyConfig {
         registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
         keepalive: Keepalive::Options,
         keepalive_interval: Duration::from_secs(30),
+            keepalive_min: Duration::from_secs(5),
         max_body: 8192,
         max_message: 16384,
         secret: [3; 32],

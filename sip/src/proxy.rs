@@ -27,7 +27,7 @@ use pinhole_media::anchor::MediaAnchor;
 
 use crate::auth::{Authenticator, Verdict};
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
-use crate::registrar::{Binding, Registrar, RegistrarConfig};
+use crate::registrar::{Binding, KeepalivePolicy, Registrar, RegistrarConfig};
 use crate::transport::{Flow, Transmit, Transport};
 
 /// RFC 3261 §17.1.1.1 timer values.
@@ -121,7 +121,10 @@ pub struct ProxyConfig {
     pub trusted: Vec<Cidr>,
     pub registrar: RegistrarConfig,
     pub keepalive: Keepalive,
+    /// Keepalive interval a binding starts with.
     pub keepalive_interval: Duration,
+    /// The floor a binding's interval is halved towards each time its NAT mapping dies.
+    pub keepalive_min: Duration,
     pub max_body: usize,
     /// Largest message accepted; larger requests get 513.
     pub max_message: usize,
@@ -921,9 +924,16 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let aor = format!("{user}@{}", self.cfg.domain);
         let unix = self.unix(now);
-        let interval = self.cfg.keepalive_interval.as_secs().max(1);
-        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, interval) {
+        let keepalive = KeepalivePolicy {
+            interval: self.cfg.keepalive_interval.as_secs().max(1),
+            floor: self.cfg.keepalive_min.as_secs().max(1),
+        };
+        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, keepalive) {
             Ok(out) => {
+                for (contact, interval) in &out.mapping_deaths {
+                    tracing::info!(%aor, contact, interval, "NAT mapping died under the keepalives; interval shortened");
+                    metrics::counter!("pinhole_nat_mapping_deaths_total").increment(1);
+                }
                 tracing::info!(
                     %aor,
                     remote = %flow.remote,
@@ -1258,14 +1268,19 @@ impl<M: MediaAnchor> Proxy<M> {
             return;
         }
         let interval = self.cfg.keepalive_interval.as_secs().max(1);
+        let options = self.cfg.keepalive == Keepalive::Options;
         let mut due = Vec::new();
         for (aor, b) in self.registrar.bindings_mut() {
             if b.next_keepalive <= unix {
-                b.next_keepalive = unix + interval;
+                b.next_keepalive = unix + b.keepalive_every(interval);
+                if options && b.keepalive_pending_since == 0 {
+                    b.keepalive_pending_since = unix;
+                }
                 due.push((aor.clone(), b.clone()));
             }
         }
         for (aor, b) in due {
+            metrics::counter!("pinhole_nat_keepalives_total", "result" => "sent").increment(1);
             self.send_keepalive(now, &aor, &b);
         }
     }
@@ -1308,7 +1323,10 @@ impl<M: MediaAnchor> Proxy<M> {
             if a == aor && b.contact == contact {
                 if ok {
                     b.keepalive_failures = 0;
+                    b.keepalive_pending_since = 0;
+                    metrics::counter!("pinhole_nat_keepalives_total", "result" => "answered").increment(1);
                 } else {
+                    metrics::counter!("pinhole_nat_keepalives_total", "result" => "unanswered").increment(1);
                     b.keepalive_failures += 1;
                     dead = b.keepalive_failures >= KEEPALIVE_MAX_FAILURES;
                 }

@@ -20,6 +20,8 @@ use pinhole_media::relay::{Relay, RelayConfig, RelayInterface};
 struct Lab {
     proxy: Proxy<Option<Relay>>,
     now: Instant,
+    /// Registrations made, to give each its own Call-ID and branches.
+    regs: u32,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -78,11 +80,12 @@ impl Lab {
             registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
             keepalive,
             keepalive_interval: Duration::from_secs(30),
+            keepalive_min: Duration::from_secs(5),
             max_body: 16384,
             max_message: 32768,
             secret: [9; 32],
         };
-        Lab { proxy: Proxy::new(cfg, None, now, 1_700_000_000, 1), now }
+        Lab { proxy: Proxy::new(cfg, None, now, 1_700_000_000, 1), now, regs: 0 }
     }
 
     fn send(&mut self, from: Flow, text: &str) -> Vec<Transmit> {
@@ -128,13 +131,15 @@ impl Lab {
 
     /// Registers `user` from a trusted-free NAT mapping using the proxy's own challenge.
     fn register(&mut self, user: &str, nat: &str, password: &str) {
+        self.regs += 1;
+        let n = self.regs;
         let reg = format!(
             "REGISTER sip:example.com SIP/2.0
-Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKreg{user}1;rport
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKreg{user}{n}x1;rport
 Max-Forwards: 70
 To: <sip:{user}@example.com>
 From: <sip:{user}@example.com>;tag=r{user}
-Call-ID: reg-{user}
+Call-ID: reg-{user}-{n}
 CSeq: 1 REGISTER
 Contact: <sip:{user}@10.0.0.2:5060>
 Content-Length: 0
@@ -167,7 +172,7 @@ Content-Length: 0
         );
         let authed = reg
             .replace("CSeq: 1", "CSeq: 2")
-            .replace(&format!("reg{user}1"), &format!("reg{user}2"))
+            .replace(&format!("reg{user}{n}x1"), &format!("reg{user}{n}x2"))
             .replace(
                 "Content-Length: 0",
                 &format!(
@@ -589,6 +594,48 @@ fn answered_keepalives_keep_the_binding() {
         }
     }
     assert_eq!(lab.proxy.registrar().binding_count(), 1);
+}
+
+/// The OPTIONS keepalives in `sent` towards `nat`, one per transaction (retransmissions
+/// left out).
+fn keepalives_to(sent: &[Transmit], nat: &str) -> Vec<Transmit> {
+    let mut v: Vec<Transmit> = sent
+        .iter()
+        .filter(|t| parse(t).method() == Some(&Method::Options) && t.flow.remote == addr(nat))
+        .cloned()
+        .collect();
+    v.dedup_by_key(|t| parse(t).branch().map(str::to_owned));
+    v
+}
+
+#[test]
+fn a_mapping_that_dies_under_the_keepalives_halves_the_binding_interval() {
+    const NAT_B2: &str = "203.0.113.10:40999"; // the same NAT, a new mapping
+    let mut lab = Lab::with_keepalive(Keepalive::Options);
+    lab.register("bob", NAT_B, "pw-b");
+    let sent = lab.advance(Duration::from_secs(31));
+    assert_eq!(keepalives_to(&sent, NAT_B).len(), 1, "one keepalive after the 30 s interval");
+    // Nobody answers: the mapping is gone. The phone's next REGISTER comes from a new port.
+    lab.advance(Duration::from_secs(5));
+    lab.register("bob", NAT_B2, "pw-b");
+    let sent = lab.advance(Duration::from_secs(16));
+    assert_eq!(keepalives_to(&sent, NAT_B2).len(), 1, "kept alive every 15 s now");
+    // The learned interval survives a restart with the snapshot.
+    let snap = lab.proxy.registrar().snapshot();
+    assert_eq!(snap[0].1.keepalive_interval, 15);
+}
+
+#[test]
+fn a_phone_that_moves_with_answered_keepalives_keeps_its_interval() {
+    let mut lab = Lab::with_keepalive(Keepalive::Options);
+    lab.register("bob", NAT_B, "pw-b");
+    let sent = lab.advance(Duration::from_secs(31));
+    for t in keepalives_to(&sent, NAT_B) {
+        let r = parse(&t).response(200, "OK", Some("k"), &[]);
+        lab.proxy.handle_input(lab.now, udp(NAT_B), Bytes::from(r)).expect("sip");
+    }
+    lab.register("bob", "198.51.100.200:5060", "pw-b");
+    assert_eq!(lab.proxy.registrar().snapshot()[0].1.keepalive_interval, 0, "the configured interval");
 }
 
 #[test]

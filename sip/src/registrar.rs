@@ -45,9 +45,44 @@ pub struct Binding {
     /// Unix seconds of the next keepalive.
     #[serde(skip)]
     pub next_keepalive: u64,
+    /// This binding's learned keepalive interval in seconds (0: the configured one). Halved,
+    /// down to the floor, each time its NAT mapping is found dead.
+    #[serde(default)]
+    pub keepalive_interval: u64,
+    /// Unix seconds since a keepalive has waited for its answer (0: none waiting).
+    #[serde(skip)]
+    pub keepalive_pending_since: u64,
+}
+
+/// How often bindings are kept alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepalivePolicy {
+    /// Seconds between keepalives for a new binding.
+    pub interval: u64,
+    /// The shortest interval learning may reach.
+    pub floor: u64,
 }
 
 impl Binding {
+    /// Seconds between this binding's keepalives, given the configured interval.
+    pub fn keepalive_every(&self, configured: u64) -> u64 {
+        if self.keepalive_interval == 0 {
+            configured
+        } else {
+            self.keepalive_interval
+        }
+    }
+
+    /// A refresh of this binding arrived on `flow`: did its NAT mapping die? Only if the
+    /// flow changed while a keepalive went unanswered (a phone that merely moved networks
+    /// answered its keepalives until it left).
+    fn mapping_died(&self, flow: &Flow, unix_now: u64) -> bool {
+        let moved = self.remote != flow.remote || self.transport != flow.transport;
+        let unanswered = self.keepalive_failures > 0
+            || self.keepalive_pending_since != 0 && unix_now >= self.keepalive_pending_since + 2;
+        moved && unanswered
+    }
+
     pub fn flow(&self) -> Flow {
         Flow { transport: self.transport, local: self.local, remote: self.remote, conn: self.conn }
     }
@@ -77,6 +112,8 @@ fn uri_eq(a: &str, b: &str) -> bool {
 pub struct RegisterOutcome {
     /// The bindings now current for the AOR (for the 200's Contact list).
     pub bindings: Vec<Binding>,
+    /// Contacts whose NAT mapping died under the keepalives, with their new interval.
+    pub mapping_deaths: Vec<(String, u64)>,
 }
 
 #[derive(Default)]
@@ -98,7 +135,7 @@ impl Registrar {
         aor: &str,
         msg: &Message,
         flow: Flow,
-        keepalive_interval: u64,
+        keepalive: KeepalivePolicy,
     ) -> Result<RegisterOutcome, (Rejection, Vec<String>)> {
         let call_id = msg.call_id().unwrap_or_default().to_owned();
         let cseq = msg.cseq().map(|(n, _)| n).unwrap_or(0);
@@ -117,7 +154,7 @@ impl Registrar {
             if self.aors.remove(aor).is_some() {
                 self.dirty = true;
             }
-            return Ok(RegisterOutcome { bindings: vec![] });
+            return Ok(RegisterOutcome { bindings: vec![], mapping_deaths: vec![] });
         }
 
         let mut parsed = Vec::new();
@@ -149,11 +186,18 @@ impl Registrar {
             parsed.push((uri, expires.min(cfg.max_expires), q, instance, reg_id));
         }
 
+        let mut mapping_deaths = Vec::new();
         let list = self.aors.entry(aor.to_owned()).or_default();
         for (uri, expires, q, instance, reg_id) in parsed {
             let existing = list.iter().position(|b| b.same_contact(&uri, instance.as_deref(), reg_id));
+            let mut learned = 0;
             if let Some(i) = existing {
                 let b = &list[i];
+                learned = b.keepalive_interval;
+                if b.mapping_died(&flow, unix_now) {
+                    learned = (b.keepalive_every(keepalive.interval) / 2).max(keepalive.floor);
+                    mapping_deaths.push((uri.clone(), learned));
+                }
                 if b.call_id == call_id && cseq <= b.cseq {
                     // A stale or reordered REGISTER must not undo a newer one (§10.3 step 7).
                     continue;
@@ -180,7 +224,9 @@ impl Registrar {
                 instance,
                 reg_id,
                 keepalive_failures: 0,
-                next_keepalive: unix_now + keepalive_interval,
+                next_keepalive: unix_now + if learned == 0 { keepalive.interval } else { learned },
+                keepalive_interval: learned,
+                keepalive_pending_since: 0,
             };
             match existing {
                 Some(i) => list[i] = binding,
@@ -192,7 +238,7 @@ impl Registrar {
         if list.is_empty() {
             self.aors.remove(aor);
         }
-        Ok(RegisterOutcome { bindings })
+        Ok(RegisterOutcome { bindings, mapping_deaths })
     }
 
     /// Current bindings for an AOR, highest q first.
@@ -265,6 +311,8 @@ fn parse_q(v: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KA: KeepalivePolicy = KeepalivePolicy { interval: 30, floor: 5 };
     use bytes::Bytes;
 
     const CFG: RegistrarConfig = RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 };
@@ -290,19 +338,19 @@ mod tests {
         let mut r = Registrar::new();
         let aor = "alice@example.com";
         let out =
-            r.register(&CFG, 1000, aor, &register(1, "<sip:alice@10.0.0.2:5060>", ""), flow(40000), 30).expect("ok");
+            r.register(&CFG, 1000, aor, &register(1, "<sip:alice@10.0.0.2:5060>", ""), flow(40000), KA).expect("ok");
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].expires_at, 1000 + 3600);
         assert_eq!(out.bindings[0].remote.port(), 40000);
         // Refresh from a new NAT mapping moves the flow.
         let out = r
-            .register(&CFG, 1100, aor, &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""), flow(40001), 30)
+            .register(&CFG, 1100, aor, &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""), flow(40001), KA)
             .expect("ok");
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].remote.port(), 40001);
         assert_eq!(out.bindings[0].expires_at, 1220);
         let out = r
-            .register(&CFG, 1200, aor, &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"), flow(40001), 30)
+            .register(&CFG, 1200, aor, &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"), flow(40001), KA)
             .expect("ok");
         assert!(out.bindings.is_empty());
         assert_eq!(r.binding_count(), 0);
@@ -312,7 +360,7 @@ mod tests {
     fn too_brief_interval_gets_423_with_min_expires() {
         let mut r = Registrar::new();
         let err =
-            r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=5", ""), flow(1), 30).expect_err("423");
+            r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=5", ""), flow(1), KA).expect_err("423");
         assert_eq!(err.0.code, 423);
         assert_eq!(err.1, vec!["Min-Expires: 60".to_owned()]);
     }
@@ -320,21 +368,21 @@ mod tests {
     #[test]
     fn wildcard_removes_all_contacts() {
         let mut r = Registrar::new();
-        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""), flow(1), 30)
+        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""), flow(1), KA)
             .expect("ok");
         assert_eq!(r.lookup("a@x", 1).len(), 2);
         assert_eq!(r.lookup("a@x", 1)[1].q, 500);
-        let err = r.register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), 30).expect_err("needs Expires 0");
+        let err = r.register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), KA).expect_err("needs Expires 0");
         assert_eq!(err.0.code, 400);
-        r.register(&CFG, 1, "a@x", &register(3, "*", "Expires: 0\r\n"), flow(1), 30).expect("ok");
+        r.register(&CFG, 1, "a@x", &register(3, "*", "Expires: 0\r\n"), flow(1), KA).expect("ok");
         assert!(r.lookup("a@x", 2).is_empty());
     }
 
     #[test]
     fn reordered_register_does_not_undo_a_newer_one() {
         let mut r = Registrar::new();
-        r.register(&CFG, 0, "a@x", &register(5, "<sip:a@10.0.0.2>", ""), flow(1), 30).expect("ok");
-        r.register(&CFG, 0, "a@x", &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"), flow(1), 30).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(5, "<sip:a@10.0.0.2>", ""), flow(1), KA).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"), flow(1), KA).expect("ok");
         assert_eq!(r.lookup("a@x", 1).len(), 1);
     }
 
@@ -343,8 +391,8 @@ mod tests {
         let mut r = Registrar::new();
         let c1 = "<sip:a@10.0.0.2:5060>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
         let c2 = "<sip:a@10.0.0.9:5062>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
-        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), 30).expect("ok");
-        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), 30).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), KA).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), KA).expect("ok");
         let b = r.lookup("a@x", 1);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].contact, "sip:a@10.0.0.9:5062");
@@ -359,7 +407,7 @@ mod tests {
             "a@x",
             &register(1, "<sip:a@10.0.0.2>;expires=60", "Path: <sip:edge.example.com;lr>\r\n"),
             flow(1),
-            30,
+            KA,
         )
         .expect("ok");
         let snap = r.snapshot();
