@@ -67,6 +67,8 @@ fn serve(socks: &[(SocketAddr, UdpSocket)], i: usize, server: &Mutex<StunServer>
                     StunDrop::RateLimited => "rate",
                     StunDrop::CannotChange => "change",
                     StunDrop::Guarded => "guarded",
+                    StunDrop::Encode => "encode",
+                    _ => "other",
                 };
                 metrics::counter!("pinhole_stun_dropped_total", "reason" => reason).increment(1);
             }

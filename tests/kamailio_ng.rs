@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::UdpSocket;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,7 @@ fn kamailio_anchors_calls_on_pinhole_over_ng() {
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&kam_log).expect("log"))
+            .process_group(0)
             .spawn()
             .expect("kamailio must be installed"),
     ));

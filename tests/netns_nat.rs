@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -52,6 +53,7 @@ fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&b_log).expect("log"))
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("baresip must be installed"),
     ));
@@ -174,6 +176,7 @@ fn phone_behind_a_nat_that_forgets_after_20s_still_rings_after_70s_idle() {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
+                .process_group(0)
                 .spawn()
                 .expect("sipp"),
         ))
@@ -202,6 +205,7 @@ fn phone_behind_a_nat_that_forgets_after_20s_still_rings_after_70s_idle() {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_file).expect("out"))
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("sipp");
         (Bg(Some(child)), out_file)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 
 use common::netns::{NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
@@ -148,6 +149,7 @@ fn probe_against_coturn_agrees_with_probe_against_pinhole() {
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(&log).expect("log"))
                 .stderr(Stdio::null())
+                .process_group(0)
                 .spawn()
                 .expect("turnserver (package coturn) must be installed"),
         ));

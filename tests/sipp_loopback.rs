@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -66,6 +67,7 @@ fn tls_call_goes_back_over_the_callee_tls_connection() {
                 .arg(format!("OPENSSL:127.0.0.1:{},verify=0", ph.tls_port))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
+                .process_group(0)
                 .spawn()
                 .expect("socat must be installed"),
         ))

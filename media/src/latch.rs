@@ -95,6 +95,7 @@ impl Expected {
 
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DropReason {
     /// From a source that is neither latched nor allowed to take over.
     NotLatched,

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::latch::LatchMode;
 use crate::ng::{from_json, split_cookie, to_json, Bencode, NgError, MAX_COOKIE};
-use crate::relay::{CallInfo, Options, Relay, RelayError};
+use crate::relay::{CallInfo, Component, Options, Relay, RelayError, Side};
 use crate::stats::StreamStats;
 
 /// How long a reply is kept for retransmissions of its request.
@@ -408,21 +408,24 @@ fn stats(s: &StreamStats) -> Bencode {
 fn query_reply(clock: Clock, now: Instant, c: &CallInfo) -> Bencode {
     let mut tags = Vec::new();
     let mut totals = [(0i64, 0i64, 0i64); 2];
-    for side in 0..2 {
+    for side in Side::BOTH {
         let medias: Vec<Bencode> = c
             .streams
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let streams = (0..2)
-                    .map(|k| {
-                        let st = &s.stats[k * 2 + side];
-                        totals[k].0 += st.packets.load(Relaxed) as i64;
-                        totals[k].1 += st.bytes.load(Relaxed) as i64;
-                        totals[k].2 += st.dropped.load(Relaxed) as i64;
-                        let sdp = s.sdp[side].map(|a| SocketAddr::new(a.ip(), a.port().saturating_add(k as u16)));
+                let streams = Component::BOTH
+                    .into_iter()
+                    .map(|component| {
+                        let st = s.stats.get(component, side);
+                        let total = &mut totals[component as usize];
+                        total.0 += st.packets.load(Relaxed) as i64;
+                        total.1 += st.bytes.load(Relaxed) as i64;
+                        total.2 += st.dropped.load(Relaxed) as i64;
+                        let offset = component.port_offset();
+                        let sdp = s.sdp[side].map(|a| SocketAddr::new(a.ip(), a.port().saturating_add(offset)));
                         Bencode::dict(vec![
-                            ("local port", Bencode::Int(i64::from(s.ports[side].0) + k as i64)),
+                            ("local port", Bencode::Int(i64::from(s.ports[side].0 + offset))),
                             ("endpoint", endpoint(sdp)),
                             ("stats", stats(st)),
                         ])

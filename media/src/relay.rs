@@ -61,6 +61,7 @@ pub struct Options {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RelayError {
     #[error("{0}")]
     Sdp(#[from] SdpError),
@@ -72,13 +73,78 @@ pub enum RelayError {
     UnknownCall,
 }
 
+/// One of a call's two parties: A made the first offer, B answered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub const BOTH: [Side; 2] = [Side::A, Side::B];
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+/// A value for each side of a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerSide<T>(pub [T; 2]);
+
+impl<T> std::ops::Index<Side> for PerSide<T> {
+    type Output = T;
+    fn index(&self, side: Side) -> &T {
+        &self.0[side as usize]
+    }
+}
+
+impl<T> std::ops::IndexMut<Side> for PerSide<T> {
+    fn index_mut(&mut self, side: Side) -> &mut T {
+        &mut self.0[side as usize]
+    }
+}
+
+/// RTP, or its RTCP companion on the next port up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Rtp,
+    Rtcp,
+}
+
+impl Component {
+    pub const BOTH: [Component; 2] = [Component::Rtp, Component::Rtcp];
+
+    /// Port offset from the stream's RTP port.
+    pub fn port_offset(self) -> u16 {
+        self as u16
+    }
+}
+
+/// A stream's packet counters: one per component and side, counting what that side sent.
+#[derive(Debug, Clone, Default)]
+pub struct StreamCounters([Arc<StreamStats>; 4]);
+
+impl StreamCounters {
+    pub fn get(&self, component: Component, side: Side) -> &Arc<StreamStats> {
+        &self.0[component as usize * 2 + side as usize]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<StreamStats>> {
+        self.0.iter()
+    }
+}
+
 /// A call as a query reports it.
 #[derive(Debug, Clone)]
 pub struct CallInfo {
     pub created: Instant,
     pub last_signal: Instant,
     /// Tags of side A and side B (empty until known).
-    pub tags: [String; 2],
+    pub tags: PerSide<String>,
     pub streams: Vec<StreamInfo>,
 }
 
@@ -87,11 +153,10 @@ pub struct StreamInfo {
     pub kind: String,
     pub proto: String,
     /// RTP port each side sends to (RTCP is +1).
-    pub ports: [RelayPort; 2],
+    pub ports: PerSide<RelayPort>,
     /// Each side's address from its SDP.
-    pub sdp: [Option<SocketAddr>; 2],
-    /// Packets received from side A and B: [RTP A, RTP B, RTCP A, RTCP B].
-    pub stats: [Arc<StreamStats>; 4],
+    pub sdp: PerSide<Option<SocketAddr>>,
+    pub stats: StreamCounters,
 }
 
 /// One side of a forwarding link, as the data plane needs it.
@@ -136,31 +201,31 @@ struct Stream {
     kind: String,
     proto: String,
     /// Each side's address from its last SDP.
-    sdp: [Option<SocketAddr>; 2],
-    iface: [usize; 2],
+    sdp: PerSide<Option<SocketAddr>>,
+    iface: PerSide<usize>,
     /// RTP port each side sends to (RTCP is +1).
-    ports: [RelayPort; 2],
-    stats: [Arc<StreamStats>; 4],
+    ports: PerSide<RelayPort>,
+    stats: StreamCounters,
 }
 
 #[derive(Debug)]
 struct Call {
     serial: u64,
-    tags: [String; 2],
+    tags: PerSide<String>,
     streams: Vec<Stream>,
     created: Instant,
     last_signal: Instant,
     answered: Option<Instant>,
     /// The side whose offer awaits an answer.
-    pending_offer: Option<usize>,
+    pending_offer: Option<Side>,
     /// Per side, the last SDP received and what it was rewritten to, so retransmissions
     /// and repeated bodies (18x then 200) change nothing.
-    last: [Option<(Vec<u8>, Vec<u8>)>; 2],
+    last: PerSide<Option<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl Call {
-    fn side_of(&self, tag: &str) -> Option<usize> {
-        self.tags.iter().position(|t| !t.is_empty() && t == tag)
+    fn side_of(&self, tag: &str) -> Option<Side> {
+        Side::BOTH.into_iter().find(|s| !self.tags[*s].is_empty() && self.tags[*s] == tag)
     }
 }
 
@@ -237,7 +302,7 @@ impl Relay {
         let mut t = self.ended;
         for c in self.calls.values() {
             for s in &c.streams {
-                for st in &s.stats {
+                for st in s.stats.iter() {
                     t.add(st);
                 }
             }
@@ -306,18 +371,18 @@ impl Relay {
                 call_id.to_owned(),
                 Call {
                     serial,
-                    tags: [from_tag.to_owned(), String::new()],
+                    tags: PerSide([from_tag.to_owned(), String::new()]),
                     streams: Vec::new(),
                     created: now,
                     last_signal: now,
                     answered: None,
                     pending_offer: None,
-                    last: [None, None],
+                    last: PerSide([None, None]),
                 },
             );
         }
         // An offer from a tag the call does not know yet comes from side A.
-        let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(0);
+        let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(Side::A);
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
         self.remember(now, call_id, side, sdp, &out, Some(side));
         self.plan_check(call_id);
@@ -340,8 +405,8 @@ impl Relay {
             Some(s) => s,
             None => {
                 // The first answer names side B (later forks' answers replace it).
-                call.tags[1] = to_tag.to_owned();
-                1
+                call.tags[Side::B] = to_tag.to_owned();
+                Side::B
             }
         };
         if call.answered.is_none() {
@@ -360,10 +425,10 @@ impl Relay {
         };
         let mut ports = Vec::new();
         for s in &call.streams {
-            for st in &s.stats {
+            for st in s.stats.iter() {
                 self.ended.add(st);
             }
-            for p in s.ports {
+            for p in s.ports.0 {
                 ports.push(p);
                 ports.push(RelayPort(p.0 + 1));
                 self.free.push_back(p.0);
@@ -376,7 +441,7 @@ impl Relay {
     }
 
     /// Statistics of a call's streams: per stream, per side (packets that side sent).
-    pub fn stats(&self, call_id: &str) -> Option<Vec<[Arc<StreamStats>; 4]>> {
+    pub fn stats(&self, call_id: &str) -> Option<Vec<StreamCounters>> {
         self.calls.get(call_id).map(|c| c.streams.iter().map(|s| s.stats.clone()).collect())
     }
 
@@ -480,10 +545,10 @@ impl Relay {
         &mut self,
         now: Instant,
         call_id: &str,
-        side: usize,
+        side: Side,
         input: &[u8],
         output: &[u8],
-        pending: Option<usize>,
+        pending: Option<Side>,
     ) {
         if let Some(c) = self.calls.get_mut(call_id) {
             c.last_signal = now;
@@ -501,12 +566,12 @@ impl Relay {
     fn apply(
         &mut self,
         call_id: &str,
-        side: usize,
+        side: Side,
         sdp: &Sdp<'_>,
         signalling_ip: Option<IpAddr>,
         opts: Options,
     ) -> Result<Vec<u8>, RelayError> {
-        let other = 1 - side;
+        let other = side.other();
         let ifaces = &self.cfg.interfaces;
         let family = |v6: bool| ifaces.iter().position(|i| i.advertise.is_ipv6() == v6);
         let out_iface =
@@ -522,7 +587,7 @@ impl Relay {
         }
         let mut fresh = Vec::new();
         for _ in 0..need {
-            fresh.push([self.allocate()?, self.allocate()?]);
+            fresh.push(PerSide([self.allocate()?, self.allocate()?]));
         }
         let Some(call) = self.calls.get_mut(call_id) else {
             return Err(RelayError::UnknownCall);
@@ -535,31 +600,24 @@ impl Relay {
             let expected_rtcp = Expected { sdp: m.addr.map(|a| SocketAddr::new(a, rtcp_port)), signalling_ip };
             if i >= call.streams.len() {
                 let ports = fresh.remove(0);
-                let mut iface = [out_iface; 2];
+                let mut iface = PerSide([out_iface; 2]);
                 iface[side] = in_ifaces[i];
-                let stats: [Arc<StreamStats>; 4] = Default::default();
-                let mut exp = [Expected::default(), Expected::default()];
-                exp[side] = expected_rtp;
-                let mut exp_c = [Expected::default(), Expected::default()];
-                exp_c[side] = expected_rtcp;
-                for (k, (rtp_exp_a, rtp_exp_b, off)) in
-                    [(exp[0], exp[1], 0u16), (exp_c[0], exp_c[1], 1)].into_iter().enumerate()
-                {
-                    let spec = |s: usize, e: Expected| PortSpec {
+                let stats = StreamCounters::default();
+                for component in Component::BOTH {
+                    // Only the sender of this SDP says what to expect; the other side learns.
+                    let mut expected = PerSide([Expected::default(); 2]);
+                    expected[side] = if component == Component::Rtp { expected_rtp } else { expected_rtcp };
+                    let spec = |s: Side| PortSpec {
                         iface: iface[s],
                         bind: self.cfg.interfaces[iface[s]].bind,
-                        port: RelayPort(ports[s].0 + off),
-                        expected: e,
+                        port: RelayPort(ports[s].0 + component.port_offset()),
+                        expected: expected[s],
                         mode: opts.mode,
-                        stats: stats[k * 2 + s].clone(),
+                        stats: stats.get(component, s).clone(),
                     };
-                    self.commands.push_back(Command::Link {
-                        shard: serial,
-                        a: spec(0, rtp_exp_a),
-                        b: spec(1, rtp_exp_b),
-                    });
+                    self.commands.push_back(Command::Link { shard: serial, a: spec(Side::A), b: spec(Side::B) });
                 }
-                let mut sdp_addr = [None, None];
+                let mut sdp_addr = PerSide([None, None]);
                 sdp_addr[side] = expected_rtp.sdp;
                 call.streams.push(Stream {
                     kind: m.kind.clone(),
@@ -692,7 +750,7 @@ mod tests {
         r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
         // Media flows for 30 s, then stops.
         let stats = r.stats("c1").expect("stats");
-        stats[0][0].on_packet(Duration::from_secs(30).as_nanos() as u64, 172, None);
+        stats[0].get(Component::Rtp, Side::A).on_packet(Duration::from_secs(30).as_nanos() as u64, 172, None);
         r.handle_timeout(t + Duration::from_secs(80));
         assert_eq!(r.poll_event(), None, "50 s of silence is under the 60 s timeout");
         r.handle_timeout(t + Duration::from_secs(91));

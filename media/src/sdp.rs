@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 /// Why an SDP body cannot be anchored. The proxy answers these with 488.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SdpError {
     #[error("SDP is not UTF-8")]
     NotUtf8,

@@ -82,6 +82,7 @@ pub struct StunReply {
 
 /// Why a datagram got no answer (counted by the shell).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StunDrop {
     /// Not a well-formed STUN Binding request.
     Malformed,
@@ -91,6 +92,8 @@ pub enum StunDrop {
     CannotChange,
     /// Credentials from a source or for a username that failed too often: not checked.
     Guarded,
+    /// Our own answer could not be encoded (a bug, counted apart from bad input).
+    Encode,
 }
 
 struct Bucket {
@@ -286,7 +289,7 @@ impl StunServer {
             }
         }
         if size + 12 <= budget && data.len() >= 44 {
-            b = b.with_attribute(Software::new(SOFTWARE).map_err(|_| StunDrop::Malformed)?);
+            b = b.with_attribute(Software::new(SOFTWARE).map_err(|_| StunDrop::Encode)?);
             size += 12;
         }
         // PADDING (RFC 5780 §7.6) is echoed at the request's size, so it never amplifies.
@@ -304,8 +307,7 @@ impl StunServer {
             b = b.with_attribute(Fingerprint::default());
         }
         let mut out = vec![0u8; 256 + data.len()];
-        let n =
-            MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).map_err(|_| StunDrop::Malformed)?;
+        let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build()).map_err(|_| StunDrop::Encode)?;
         out.truncate(n);
         Ok(StunReply { from, to, bytes: out })
     }
@@ -313,13 +315,13 @@ impl StunServer {
 
 /// A 401 Unauthenticated error response (RFC 8489 §9.1.3).
 fn unauthorized(req: &stun_rs::StunMessage) -> Result<Vec<u8>, StunDrop> {
-    let code = stun_rs::ErrorCode::new(401, "Unauthenticated").map_err(|_| StunDrop::Malformed)?;
+    let code = stun_rs::ErrorCode::new(401, "Unauthenticated").map_err(|_| StunDrop::Encode)?;
     let msg = StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse)
         .with_transaction_id(*req.transaction_id())
         .with_attribute(ErrorCode::from(code))
         .build();
     let mut out = vec![0u8; 64];
-    let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).map_err(|_| StunDrop::Malformed)?;
+    let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).map_err(|_| StunDrop::Encode)?;
     out.truncate(n);
     Ok(out)
 }

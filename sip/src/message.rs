@@ -193,6 +193,7 @@ pub enum StartLine {
 /// Why a datagram or stream frame could not be read as a SIP message at all. Such input
 /// gets no reply: it is dropped and counted (UDP) or closes the connection (streams).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Garbage {
     #[error("empty message")]
     Empty,

@@ -16,6 +16,7 @@ pub enum Frame {
 
 /// Why a stream must be closed.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StreamError {
     #[error("message larger than {0} bytes")]
     TooLarge(usize),

@@ -21,6 +21,7 @@ impl netns::NatLab {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
+            .process_group(0)
             .spawn()
             .expect("pinhole");
         let bg = Bg(Some(child));
@@ -31,6 +32,7 @@ impl netns::NatLab {
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -309,7 +311,7 @@ impl Bg {
                 return child.wait_with_output().expect("output");
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
+                stop(&mut child);
                 return child.wait_with_output().expect("output");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -320,10 +322,23 @@ impl Bg {
 impl Drop for Bg {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop(&mut c);
         }
     }
+}
+
+/// Stops a child we started and, when it leads a process group of its own (spawned with
+/// `process_group(0)`), everything in that group: Kamailio's forked workers die with it.
+pub fn stop(c: &mut Child) {
+    let pid = c.id();
+    let pgrp = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+        s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(2)).and_then(|g| g.parse::<u32>().ok())
+    });
+    if pgrp == Some(pid) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(Stdio::null()).status();
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 /// A sipp command whose screen output goes to `out` (a pipe nobody reads would fill and
@@ -403,7 +418,7 @@ pub fn sipp_callee_via(
         &err_file.with_extension("out"),
     );
     finish_sipp(&mut c, err_file, extra, via, target);
-    Bg(Some(c.spawn().expect("sipp (package sip-tester) must be installed")))
+    Bg(Some(c.process_group(0).spawn().expect("sipp (package sip-tester) must be installed")))
 }
 
 /// Runs a sipp caller to completion and returns (exit status ok, successful, failed, output).
@@ -455,7 +470,7 @@ pub fn sipp_caller_via(
         &err_file.with_extension("out"),
     );
     finish_sipp(&mut c, err_file, extra, via, target);
-    let out = Bg(Some(c.spawn().expect("sipp"))).wait_output(Duration::from_secs(40));
+    let out = Bg(Some(c.process_group(0).spawn().expect("sipp"))).wait_output(Duration::from_secs(40));
     let text = std::fs::read_to_string(err_file.with_extension("out")).unwrap_or_default();
     let count = |label: &str| -> u32 {
         text.lines()

@@ -54,7 +54,8 @@ pub struct NatLab {
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
-const PREFIX: &str = "phl";
+/// Every lab namespace name starts with this (xtask checks none is left after the suite).
+pub const PREFIX: &str = "phl";
 
 fn ip(args: &[&str]) -> Output {
     Command::new("ip").args(args).stdin(Stdio::null()).output().expect("ip (iproute2) must be installed")

@@ -114,9 +114,50 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     println!("xtask: tier 3-4: loopback tests with sipp, network-namespace NAT labs with baresip");
-    run(cargo().args(["test", "--workspace", "--test", "*"]).env("RUST_TEST_THREADS", "4"))?;
-    println!("xtask: all tiers passed in {:.0?}", t0.elapsed());
+    let before = peer_processes();
+    let tests = run(cargo().args(["test", "--workspace", "--test", "*"]).env("RUST_TEST_THREADS", "4"));
+    let leftovers = leftovers(&before);
+    tests?;
+    if !leftovers.is_empty() {
+        anyhow::bail!("the suite left these behind:\n  {}", leftovers.join("\n  "));
+    }
+    println!("xtask: all tiers passed in {:.0?}, nothing left running", t0.elapsed());
     Ok(())
+}
+
+/// Programs the suites start; any of them still running afterwards was left behind.
+const PEER_PROGRAMS: &[&str] =
+    &["pinhole", "sipp", "kamailio", "baresip", "rtpengine", "turnserver", "socat", "stun", "redis-server"];
+
+/// (pid, program) of every running peer program.
+fn peer_processes() -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?.trim().to_owned();
+        PEER_PROGRAMS.contains(&comm.as_str()).then_some((pid, comm))
+    })
+    .collect()
+}
+
+/// Peer processes that were not running `before`, and lab namespaces still present.
+fn leftovers(before: &[(u32, String)]) -> Vec<String> {
+    // Give processes killed at the very end of a test a moment to be reaped.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut out: Vec<String> = peer_processes()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .map(|(pid, comm)| format!("process {pid} ({comm})"))
+        .collect();
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+    for line in String::from_utf8_lossy(&namespaces).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(netns::PREFIX) {
+            out.push(format!("network namespace {name}"));
+        }
+    }
+    out
 }
 
 fn fuzz(args: &[String]) -> anyhow::Result<()> {
