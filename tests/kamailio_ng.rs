@@ -95,25 +95,39 @@ fn kamailio_anchors_calls_on_pinhole_over_ng() {
         "uas_relay.xml",
         12_000,
         &dir.path().join("uas.err"),
-        &["-rtp_echo"],
+        &["-rtp_echo", "-trace_msg", "-message_file", &dir.path().join("uas.msg").display().to_string()],
     );
-    std::thread::sleep(Duration::from_millis(800));
+    // The callee is reachable once Kamailio's registrar has said 200 to its REGISTER.
+    assert!(wait_for(&dir.path().join("uas.msg"), "SIP/2.0 200", Duration::from_secs(10)), "callee never registered");
     let caller = std::thread::spawn({
         let kam = kam.clone();
         let err = dir.path().join("uac.err");
         move || sipp_caller(&kam, "kim", "uac_rtp.xml", 1, "u1", &err)
     });
     // While the call is up, query shows RTP on its streams.
-    std::thread::sleep(Duration::from_millis(2500));
-    let list = ng(ng_port, "l1", Bencode::dict(vec![("command", Bencode::str("list"))]));
-    let Some(Bencode::List(calls)) = list.get("calls") else { panic!("list: {list}") };
-    assert_eq!(calls.len(), 1, "one anchored call: {list}");
-    let call_id = calls[0].as_str().expect("call-id").to_owned();
-    let q =
-        ng(ng_port, "q1", Bencode::dict(vec![("command", Bencode::str("query")), ("call-id", Bencode::str(&call_id))]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut polls = 0;
+    let q = loop {
+        polls += 1;
+        let list = ng(ng_port, &format!("l1-{polls}"), Bencode::dict(vec![("command", Bencode::str("list"))]));
+        let calls = match list.get("calls") {
+            Some(Bencode::List(calls)) => calls.clone(),
+            _ => panic!("list: {list}"),
+        };
+        assert!(calls.len() <= 1, "one anchored call: {list}");
+        if let Some(call_id) = calls.first().and_then(Bencode::as_str) {
+            let cmd = Bencode::dict(vec![("command", Bencode::str("query")), ("call-id", Bencode::str(call_id))]);
+            let q = ng(ng_port, &format!("q1-{polls}"), cmd);
+            let rtp = q.get("totals").and_then(|t| t.get("RTP"));
+            if int(rtp.and_then(|r| r.get("packets"))) > 20 {
+                break q;
+            }
+            assert!(Instant::now() < deadline, "query shows RTP flowing: {q}");
+        }
+        assert!(Instant::now() < deadline, "no anchored call: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(q.get("result").and_then(Bencode::as_str), Some("ok"), "{q}");
-    let rtp = q.get("totals").and_then(|t| t.get("RTP"));
-    assert!(int(rtp.and_then(|r| r.get("packets"))) > 20, "query shows RTP flowing: {q}");
     assert!(int(q.get("created")) > 1_700_000_000, "{q}");
 
     let (ok, good, _, text) = caller.join().expect("caller thread");

@@ -13,6 +13,9 @@ use common::{sipp_dir, tone_wav, wait_for, Bg, TempDir};
 
 #[test]
 fn baresip_behind_masquerade_nat_registers_and_answers_a_call_from_the_wan() {
+    if !common::netns::have_root() {
+        return;
+    }
     let dir = TempDir::new("netns");
     let lab = NatLab::new(NatKind::PortRestricted);
 
@@ -134,6 +137,9 @@ fn lab_metric(ns: &str, port: u16, name: &str) -> Option<f64> {
 /// really forgets, and the keepalives are what keep the phone.
 #[test]
 fn phone_behind_a_nat_that_forgets_after_20s_still_rings_after_70s_idle() {
+    if !common::netns::have_root() {
+        return;
+    }
     let dir = TempDir::new("netns-fastnat");
     let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::PortRestricted]);
     for lan in &lab.lans {

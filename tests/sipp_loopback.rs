@@ -76,7 +76,11 @@ fn tls_call_goes_back_over_the_callee_tls_connection() {
     let caller_shim_port = free_port();
     let _s1 = shim(callee_shim_port);
     let _s2 = shim(caller_shim_port);
-    std::thread::sleep(Duration::from_millis(300));
+    // Each socat serves a single connection, so wait for its listening socket rather than
+    // probing it with a connect.
+    for port in [callee_shim_port, caller_shim_port] {
+        assert!(wait_listening(port, Duration::from_secs(5)), "socat never listened on {port}");
+    }
     let tls_target = format!("127.0.0.1:{}", ph.tls_port);
     let callee = sipp_callee_via(
         &tls_target,
@@ -126,7 +130,7 @@ fn registrations_survive_a_kill_9_restart() {
     let callee = sipp_callee(&ph.sip(), "gina", free_port(), "u1", "uas.xml", 9000, &dir.path().join("uas.err"));
     assert!(ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)));
     // The store is written within a second of a change.
-    std::thread::sleep(Duration::from_millis(1500));
+    assert!(wait_for(&dir.path().join("store.json"), "gina", Duration::from_secs(3)), "binding stored");
     ph.kill9();
     ph.restart();
     assert_eq!(ph.metric("pinhole_registrar_bindings"), Some(1.0), "binding restored\n{}", ph.log_text());
@@ -219,6 +223,20 @@ fn untrusted_register_is_challenged_and_wrong_aor_forbidden() {
     let challenge = r.iter().find(|m| m.starts_with("SIP/2.0 401 ")).expect("401");
     assert!(challenge.contains("WWW-Authenticate: Digest realm=\"pinhole.test\""));
     assert!(challenge.contains("algorithm=SHA-256") && challenge.contains("algorithm=MD5"));
+    // alice's own credentials, answering correctly, for bob's AOR: forbidden.
+    let phone = common::sip::Phone::bind("127.0.0.1");
+    let contact = format!("sip:alice@{}", phone.addr());
+    let wrong_aor = |branch: &str, cseq: u32| {
+        common::sip::register(&ph.sip(), "alice", phone.addr(), &contact, branch, cseq)
+            .replace("To: <sip:alice@pinhole.test>", "To: <sip:bob@pinhole.test>")
+    };
+    phone.send(&ph.sip(), &wrong_aor("aor1", 1));
+    let challenge = phone.response().expect("401");
+    let creds = common::sip::answer(&challenge, "alice", "alice-pw", "REGISTER", "sip:pinhole.test", 1);
+    phone.send(&ph.sip(), &common::sip::with_header(&wrong_aor("aor2", 2), &creds));
+    let r = phone.response().expect("answer");
+    assert!(r.starts_with("SIP/2.0 403 Forbidden - Credentials Do Not Match AOR\r\n"), "{r}");
+    assert_eq!(ph.metric("pinhole_registrar_bindings"), Some(0.0));
 }
 
 #[test]

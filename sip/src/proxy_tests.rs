@@ -494,7 +494,27 @@ fn untrusted_invite_is_challenged_with_every_offered_algorithm() {
 #[test]
 fn wrong_password_is_challenged_again() {
     let mut lab = Lab::new();
-    lab.register("alice", NAT_A, "guess");
+    let reg = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKwp1;rport
+Max-Forwards: 70
+To: <sip:alice@example.com>
+From: <sip:alice@example.com>;tag=wp
+Call-ID: wrong-password
+CSeq: 1 REGISTER
+Contact: <sip:alice@10.0.0.2:5060>
+Content-Length: 0
+
+";
+    let out = lab.send(udp(NAT_A), reg);
+    assert_eq!(parse(&out[0]).status(), Some(401));
+    let guess = credentials(&out[0], "alice", "guess", "REGISTER", "sip:example.com", 1);
+    let again = with_header(&reg.replace("z9hG4bKwp1", "z9hG4bKwp2").replace("CSeq: 1", "CSeq: 2"), &guess);
+    let out = lab.send(udp(NAT_A), &again);
+    assert_eq!(out.len(), 1);
+    let r = parse(&out[0]);
+    assert_eq!(r.status(), Some(401), "a wrong password is challenged again");
+    assert!(text(&out[0]).contains("WWW-Authenticate: Digest realm=\"example.com\""));
+    assert!(!text(&out[0]).contains("stale=true"), "not stale: wrong");
     assert_eq!(lab.proxy.registrar().binding_count(), 0);
 }
 

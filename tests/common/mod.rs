@@ -590,6 +590,25 @@ pub fn tone_share(samples: &[f64], hz: f64) -> f64 {
     }
 }
 
+/// Waits until some socket listens on TCP `port` (read from /proc/net/tcp, without
+/// connecting to it).
+pub fn wait_listening(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let needle = format!(":{port:04X} ");
+    while Instant::now() < deadline {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        // Fields: sl local_address rem_address st …; st 0A is LISTEN.
+        if table.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && format!("{} ", f[1]).ends_with(&needle) && f[3] == "0A"
+        }) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// Waits until a file contains `needle`.
 pub fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

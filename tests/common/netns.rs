@@ -66,6 +66,19 @@ fn must(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// Labs need root (network namespaces, nftables). Without it a lab test says so and is
+/// skipped, rather than failing on the first `ip netns add`.
+pub fn have_root() -> bool {
+    let uid = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().unwrap_or("").to_owned()))
+    });
+    let root = uid.as_deref() == Some("0");
+    if !root {
+        eprintln!("SKIPPED: this network-namespace lab needs root (cargo xtask test runs it as root)");
+    }
+    root
+}
+
 /// Runs a command inside a namespace and insists it succeeds.
 pub fn ns_exec(ns: &str, cmd: &[&str]) -> Output {
     let out =
