@@ -49,6 +49,3 @@ pub mod transport;
 pub use proxy::{Cidr, Interface, Keepalive, Proxy, ProxyConfig};
 pub use registrar::{Binding, RegistrarConfig};
 pub use transport::{ConnId, Flow, Transmit, Transport};
-
-#[cfg(test)]
-mod proxy_tests;
