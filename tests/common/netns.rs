@@ -15,7 +15,7 @@ pub const NAT_WAN: &str = "203.0.113.2";
 pub const NAT_LAN: &str = "198.51.100.1";
 pub const LAN_HOST: &str = "198.51.100.10";
 
-/// The NAT behaviour of the box (DESIGN.md recipes).
+/// The NAT behaviour of the box (docs/DESIGN.md recipes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatKind {
     /// No NAT: the box only routes (the WAN has a route back to the LAN).
@@ -161,7 +161,7 @@ impl NatLab {
             ns_exec(&lan.lan, &["ip", "link", "set", "eth0", "up"]);
             ns_exec(&lan.lan, &["ip", "route", "add", "default", "via", &lan.router]);
             let wan_ip = &lan.nat_wan;
-            // DESIGN.md recipes. The cone maps learn each mapping in postrouting (only in the
+            // docs/DESIGN.md recipes. The cone maps learn each mapping in postrouting (only in the
             // original direction, or replies would overwrite it; and before `masquerade`,
             // which ends the chain) and let new inbound flows in through it in prerouting.
             let (post, pre, extra) = match kind {
@@ -198,7 +198,7 @@ impl NatLab {
                 ""
             };
             // The WAN input drop keeps early inbound packets from being accepted by the box
-            // itself (DESIGN.md: without it punching fails every time).
+            // itself (docs/DESIGN.md: without it punching fails every time).
             let rules = format!(
                 "table ip nat {{\n{extra}  chain prerouting {{\n    type nat hook prerouting priority -100;\n    {pre}\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    {post}\n  }}\n}}\n\
                  table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n{forward}}}\n"
