@@ -21,24 +21,14 @@ use std::time::Instant;
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pinhole_media::latch::{Latch, RtpInfo, Verdict};
+use pinhole_media::ports::{Forward, PortTable};
 use pinhole_media::relay::{Command, PortSpec, RelayPort};
-use pinhole_media::stats::StreamStats;
 
 use crate::mmsg::{raw_packet, RawSendBatch, RawSocket, RecvBatch, SendBatch};
 
 const BATCH: usize = 64;
 const WAKER: Token = Token(usize::MAX);
 const RAW: Token = Token(usize::MAX - 1);
-
-struct Slot {
-    /// The port's own socket (per-port mode only).
-    sock: Option<UdpSocket>,
-    bind: IpAddr,
-    peer: RelayPort,
-    latch: Latch,
-    stats: Arc<StreamStats>,
-}
 
 /// What a worker is told. Sockets are bound by the control plane before the command is
 /// sent, so a port is open by the time its SDP leaves pinhole.
@@ -113,8 +103,7 @@ impl DataPlane {
             let mut w = Worker {
                 poll,
                 rx,
-                slots: (port_min..=port_max).map(|_| None).collect(),
-                base: port_min,
+                ports: PortTable::new(port_min, port_max),
                 epoch,
                 recv: RecvBatch::new(BATCH),
                 send: SendBatch::new(BATCH),
@@ -196,8 +185,8 @@ impl DataPlane {
 struct Worker {
     poll: Poll,
     rx: Receiver<WorkerCmd>,
-    slots: Vec<Option<Slot>>,
-    base: u16,
+    /// The ports of this worker's calls; in per-port mode each holds its socket.
+    ports: PortTable<UdpSocket>,
     epoch: Instant,
     recv: RecvBatch,
     send: SendBatch,
@@ -206,10 +195,6 @@ struct Worker {
 }
 
 impl Worker {
-    fn index(&self, port: u16) -> Option<usize> {
-        index(self.base, self.slots.len(), port)
-    }
-
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         loop {
@@ -242,19 +227,11 @@ impl Worker {
                     self.open(now, b, pa);
                 }
                 WorkerCmd::Command(Command::Link { .. }) => {}
-                WorkerCmd::Command(Command::Expect { port, expected, .. }) => {
-                    if let Some(slot) = self.index(port.0).and_then(|i| self.slots[i].as_mut()) {
-                        slot.latch.on_signal(now, expected);
-                    }
-                }
+                WorkerCmd::Command(Command::Expect { port, expected, .. }) => self.ports.expect(now, port, expected),
                 WorkerCmd::Command(Command::Unlink { ports, .. }) => {
                     for p in ports {
-                        if let Some(i) = self.index(p.0) {
-                            if let Some(mut s) = self.slots[i].take() {
-                                if let Some(sock) = s.sock.as_mut() {
-                                    let _ = self.poll.registry().deregister(sock);
-                                }
-                            }
+                        if let Some(mut sock) = self.ports.close(p) {
+                            let _ = self.poll.registry().deregister(&mut sock);
                         }
                     }
                 }
@@ -263,7 +240,6 @@ impl Worker {
     }
 
     fn open(&mut self, now: Instant, (spec, sock): (PortSpec, Option<std::net::UdpSocket>), peer: RelayPort) {
-        let Some(i) = self.index(spec.port.0) else { return };
         let mut sock = sock.map(UdpSocket::from_std);
         if let Some(sock) = sock.as_mut() {
             if let Err(e) = self.poll.registry().register(sock, Token(usize::from(spec.port.0)), Interest::READABLE) {
@@ -271,13 +247,7 @@ impl Worker {
                 return;
             }
         }
-        self.slots[i] = Some(Slot {
-            sock,
-            bind: spec.bind,
-            peer,
-            latch: Latch::new(spec.mode, spec.expected, now),
-            stats: spec.stats,
-        });
+        self.ports.open(now, spec, peer, sock);
     }
 
     /// Raw mode: a batch of packets for any ports of the range, and one send for all.
@@ -292,15 +262,9 @@ impl Worker {
             let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
             for p in 0..n {
                 let Some(pkt) = raw_packet(&self.recv, p) else { continue };
-                let Some((out_port, out_ip, to)) = decide(
-                    &mut self.slots,
-                    self.base,
-                    now,
-                    now_ns,
-                    pkt.dst.port(),
-                    SocketAddr::V4(pkt.src),
-                    pkt.payload,
-                ) else {
+                let Some(Forward { from_port: out_port, from_ip: out_ip, to }) =
+                    self.ports.forward(now, now_ns, pkt.dst.port(), SocketAddr::V4(pkt.src), pkt.payload)
+                else {
                     continue;
                 };
                 let SocketAddr::V4(to) = to else { continue };
@@ -323,9 +287,8 @@ impl Worker {
 
     /// Per-port mode: drain one ready socket, send the accepted packets on from the peer.
     fn forward(&mut self, port: u16) {
-        let Some(i) = index(self.base, self.slots.len(), port) else { return };
         loop {
-            let Some(fd) = self.slots[i].as_ref().and_then(|s| s.sock.as_ref()).map(AsRawFd::as_raw_fd) else {
+            let Some(fd) = self.ports.slot(port).and_then(|s| s.sock.as_ref()).map(AsRawFd::as_raw_fd) else {
                 return;
             };
             let n = match self.recv.recv(fd) {
@@ -339,14 +302,13 @@ impl Worker {
             for (k, ok) in accepted.iter_mut().enumerate().take(n) {
                 let (data, src, truncated) = self.recv.packet(k);
                 let Some(src) = src.filter(|_| !truncated) else { continue };
-                if let Some((peer_port, _, to)) = decide(&mut self.slots, self.base, now, now_ns, port, src, data) {
+                if let Some(f) = self.ports.forward(now, now_ns, port, src, data) {
                     *ok = true;
-                    out = Some((peer_port, to));
+                    out = Some((f.from_port, f.to));
                 }
             }
             if let Some((peer_port, dst)) = out {
-                let Some(peer) = index(self.base, self.slots.len(), peer_port).and_then(|p| self.slots[p].as_ref())
-                else {
+                let Some(peer) = self.ports.slot(peer_port) else {
                     return;
                 };
                 self.send.start(dst);
@@ -366,34 +328,4 @@ impl Worker {
             }
         }
     }
-}
-
-fn index(base: u16, len: usize, port: u16) -> Option<usize> {
-    let i = usize::from(port.checked_sub(base)?);
-    (i < len).then_some(i)
-}
-
-/// Latching for one packet arriving on `port`: the port to send it from, that port's bound
-/// address, and the destination — or `None` to drop it.
-fn decide(
-    slots: &mut [Option<Slot>],
-    base: u16,
-    now: Instant,
-    now_ns: u64,
-    port: u16,
-    src: SocketAddr,
-    data: &[u8],
-) -> Option<(u16, IpAddr, SocketAddr)> {
-    let slot = slots[index(base, slots.len(), port)?].as_mut()?;
-    let rtp = RtpInfo::parse(data);
-    match slot.latch.on_packet(now, src, rtp) {
-        Verdict::Forward => slot.stats.on_packet(now_ns, data.len(), rtp),
-        Verdict::Drop(_) => {
-            slot.stats.on_drop();
-            return None;
-        }
-    }
-    let peer_port = slot.peer.0;
-    let peer = slots[index(base, slots.len(), peer_port)?].as_ref()?;
-    Some((peer_port, peer.bind, peer.latch.destination()?))
 }

@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use pinhole_media::probe::{Allocation, Behaviour, NatProbe, NatReport};
+use pinhole_media::probe::lifetime::{Lifetime, LifetimeProbe};
+use pinhole_media::probe::{Allocation, Behaviour, NatProbe, NatReport, SocketId};
 
 /// Exit codes: 0 report made, 2 server unreachable (neither UDP nor TCP), 3 UDP blocked
 /// (TCP reaches the server), 1 any other failure.
@@ -146,48 +147,36 @@ fn print_table(r: &NatReport, tcp: bool) {
     println!("verdict:         {} (confidence {:.0}%)", r.traditional_name(), r.confidence() * 100.0);
 }
 
-/// How long an idle mapping survives (RFC 5780 §4.6): refresh it from the main socket, stay
-/// idle, then ask the server — from another socket — to answer to the mapped port
-/// (RESPONSE-PORT). Idle periods double from 2 s; returns (longest seen alive, first gone).
+/// How long an idle mapping survives: the sans-IO [`LifetimeProbe`] over two real sockets.
+/// Returns (longest seen alive, first gone).
 fn binding_lifetime(server: &str, bind: Option<IpAddr>) -> anyhow::Result<(u64, Option<u64>)> {
-    use stun_rs::attributes::discovery::ResponsePort;
-    use stun_rs::attributes::stun::XorMappedAddress;
-    use stun_rs::methods::BINDING;
-    use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunAttribute, StunMessageBuilder};
     let addr: SocketAddr = server.parse().or_else(|_| server.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 3478)))?;
     let ip = bind.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let (main, other) = (UdpSocket::bind(SocketAddr::new(ip, 0))?, UdpSocket::bind(SocketAddr::new(ip, 0))?);
-    main.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let encode = |response_port: Option<u16>| -> anyhow::Result<Vec<u8>> {
-        let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request);
-        if let Some(p) = response_port {
-            b = b.with_attribute(ResponsePort::from(p));
-        }
-        let mut out = vec![0u8; 64];
-        let n = MessageEncoderBuilder::default().build().encode(&mut out, &b.build())?;
-        out.truncate(n);
-        Ok(out)
-    };
+    let mut probe = LifetimeProbe::new(Instant::now(), addr, u64::from(std::process::id()));
     let mut buf = [0u8; 512];
-    let mut alive = 0;
-    for idle in [2u64, 4, 8, 16, 32, 64, 128] {
-        // Refresh the mapping and learn its port.
-        main.send_to(&encode(None)?, addr)?;
-        let (n, _) = main.recv_from(&mut buf)?;
-        let (msg, _) =
-            MessageDecoderBuilder::default().build().decode(&buf[..n]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let Some(StunAttribute::XorMappedAddress(m)) = msg.get::<XorMappedAddress>() else {
-            anyhow::bail!("no mapped address");
-        };
-        let port = m.socket_address().port();
-        std::thread::sleep(Duration::from_secs(idle));
-        other.send_to(&encode(Some(port))?, addr)?;
-        if main.recv_from(&mut buf).is_err() {
-            return Ok((alive, Some(idle)));
+    loop {
+        while let Some(t) = probe.poll_transmit() {
+            let sock = if t.socket == SocketId::Main { &main } else { &other };
+            sock.send_to(&t.bytes, t.to)?;
         }
-        alive = idle;
+        if let Some(r) = probe.result() {
+            return match r {
+                Lifetime::Measured { alive, gone } => Ok((alive, gone)),
+                Lifetime::Failed => anyhow::bail!("the server stopped answering"),
+            };
+        }
+        let Some(at) = probe.poll_timeout() else { anyhow::bail!("lifetime probe stalled") };
+        let wait = at.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            main.set_read_timeout(Some(wait))?;
+            if let Ok((n, _)) = main.recv_from(&mut buf) {
+                probe.handle_input(Instant::now(), SocketId::Main, &buf[..n]);
+                continue;
+            }
+        }
+        probe.handle_timeout(Instant::now());
     }
-    Ok((alive, None))
 }
 
 fn to_json(r: &NatReport, tcp: bool) -> serde_json::Value {

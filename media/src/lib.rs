@@ -40,6 +40,7 @@ pub mod guard;
 pub mod latch;
 pub mod ng;
 pub mod ng_server;
+pub mod ports;
 pub mod probe;
 pub mod relay;
 pub mod sdp;

@@ -428,6 +428,8 @@ fn classify_allocation(ports: &[(u16, u16)]) -> Option<Allocation> {
     })
 }
 
+pub mod lifetime;
+
 #[cfg(test)]
 mod tests;
 
