@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pinhole_media::ng::Bencode;
-use pinhole_media::relay::RelayInterface;
 use pinhole_sip::{Cidr, Interface, Keepalive, RegistrarConfig, Transport};
 
 use super::*;
@@ -39,15 +38,7 @@ fn config() -> NodeConfig {
             max_message: 32768,
             secret: [1; 32],
         },
-        relay: Some(RelayConfig {
-            interfaces: vec![RelayInterface { name: "pub".into(), bind: ip, advertise: ip }],
-            port_min: 30000,
-            port_max: 30099,
-            media_timeout: Duration::from_secs(20),
-            offer_timeout: Duration::from_secs(60),
-            max_duration: Duration::from_secs(3600),
-            max_sessions: 10,
-        }),
+        relay: Some(RelayConfig { media_timeout: Duration::from_secs(20), ..RelayConfig::single(ip, 30000, 30099) }),
     }
 }
 

@@ -8,22 +8,11 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use pinhole_media::ng::{split_cookie, Bencode};
 use pinhole_media::ng_server::NgServer;
-use pinhole_media::relay::{Relay, RelayConfig, RelayInterface};
+use pinhole_media::relay::{Relay, RelayConfig};
 
 fn relay(now: Instant) -> Relay {
-    let ip = "203.0.113.1".parse().expect("ip");
-    Relay::new(
-        RelayConfig {
-            interfaces: vec![RelayInterface { name: "pub".into(), bind: ip, advertise: ip }],
-            port_min: 30000,
-            port_max: 30099,
-            media_timeout: Duration::from_secs(60),
-            offer_timeout: Duration::from_secs(60),
-            max_duration: Duration::from_secs(3600),
-            max_sessions: 10,
-        },
-        now,
-    )
+    let cfg = RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30099);
+    Relay::new(RelayConfig { offer_timeout: Duration::from_secs(60), max_sessions: 10, ..cfg }, now)
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -475,7 +475,7 @@ mod tests {
     //! standing for whatever relay port was chosen (`RTCP` for PORT + 1).
 
     use super::*;
-    use crate::relay::{RelayConfig, RelayInterface};
+    use crate::relay::RelayConfig;
 
     const OFFER: &str = "v=0\r\no=- 1545997027 1 IN IP4 198.51.100.1\r\ns=tester\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\nm=audio 3000 RTP/AVP 0 8\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
     const ANSWER: &str = "v=0\r\no=- 1545997028 1 IN IP4 198.51.100.2\r\ns=tester\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
@@ -491,18 +491,7 @@ mod tests {
         fn new() -> Daemon {
             let now = Instant::now();
             let ip = "203.0.113.1".parse().expect("ip");
-            let relay = Relay::new(
-                RelayConfig {
-                    interfaces: vec![RelayInterface { name: "pub".into(), bind: ip, advertise: ip }],
-                    port_min: 30000,
-                    port_max: 30099,
-                    media_timeout: Duration::from_secs(60),
-                    offer_timeout: Duration::from_secs(60),
-                    max_duration: Duration::from_secs(3600),
-                    max_sessions: 10,
-                },
-                now,
-            );
+            let relay = Relay::new(RelayConfig { max_sessions: 10, ..RelayConfig::single(ip, 30000, 30099) }, now);
             Daemon { ng: NgServer::new(now, 1_700_000_000), relay: Some(relay), now, cookie: 0 }
         }
 

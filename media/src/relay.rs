@@ -43,6 +43,23 @@ pub struct RelayConfig {
     pub max_sessions: usize,
 }
 
+impl RelayConfig {
+    /// A relay on one interface (bound and advertised on `ip`) over `port_min..=port_max`,
+    /// with the defaults pinhole's config uses: 60 s media timeout, 200 s for an answer,
+    /// 4 h longest call, 10 000 calls.
+    pub fn single(ip: IpAddr, port_min: u16, port_max: u16) -> RelayConfig {
+        RelayConfig {
+            interfaces: vec![RelayInterface { name: "default".into(), bind: ip, advertise: ip }],
+            port_min,
+            port_max,
+            media_timeout: Duration::from_secs(60),
+            offer_timeout: Duration::from_secs(200),
+            max_duration: Duration::from_secs(4 * 3600),
+            max_sessions: 10_000,
+        }
+    }
+}
+
 /// Per-offer/answer choices (from the proxy's policy or ng flags).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -653,19 +670,7 @@ mod tests {
 
     fn relay(now: Instant) -> Relay {
         Relay::new(
-            RelayConfig {
-                interfaces: vec![RelayInterface {
-                    name: "pub".into(),
-                    bind: "203.0.113.1".parse().expect("ip"),
-                    advertise: "203.0.113.1".parse().expect("ip"),
-                }],
-                port_min: 30000,
-                port_max: 30019,
-                media_timeout: Duration::from_secs(60),
-                offer_timeout: Duration::from_secs(200),
-                max_duration: Duration::from_secs(3600),
-                max_sessions: 3,
-            },
+            RelayConfig { max_sessions: 3, ..RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30019) },
             now,
         )
     }

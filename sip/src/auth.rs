@@ -45,7 +45,7 @@ impl Algorithm {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Algorithm::Md5 => "MD5",
             Algorithm::Sha256 => "SHA-256",
@@ -120,6 +120,57 @@ impl Credentials {
             return None;
         }
         Some(c)
+    }
+}
+
+/// What a client needs from a challenge to answer it.
+#[derive(Debug, Clone, Copy)]
+pub struct Challenge<'a> {
+    pub realm: &'a str,
+    pub nonce: &'a str,
+    pub algorithm: Algorithm,
+}
+
+impl Credentials {
+    /// The client's side (RFC 2617 §3.2.2, qop=auth): credentials answering `challenge` for
+    /// `method` on `uri`, the `nc`-th request under its nonce, with client nonce `cnonce`.
+    pub fn answering(
+        challenge: &Challenge<'_>,
+        user: &str,
+        password: &str,
+        method: &str,
+        uri: &str,
+        nc: u32,
+        cnonce: &str,
+    ) -> Credentials {
+        let mut c = Credentials {
+            username: user.to_owned(),
+            realm: challenge.realm.to_owned(),
+            nonce: challenge.nonce.to_owned(),
+            uri: uri.to_owned(),
+            algorithm: Some(challenge.algorithm.name().to_owned()),
+            qop: Some("auth".into()),
+            nc: Some(format!("{nc:08x}")),
+            cnonce: Some(cnonce.to_owned()),
+            ..Default::default()
+        };
+        c.response = digest_response(challenge.algorithm, user, challenge.realm, password, method, &c);
+        c
+    }
+
+    /// The `Authorization`/`Proxy-Authorization` value carrying these credentials.
+    pub fn header_value(&self) -> String {
+        let mut v = format!(
+            "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\", response=\"{}\"",
+            self.username, self.realm, self.nonce, self.uri, self.response
+        );
+        if let Some(a) = &self.algorithm {
+            v.push_str(&format!(", algorithm={a}"));
+        }
+        if let (Some(qop), Some(nc), Some(cnonce)) = (&self.qop, &self.nc, &self.cnonce) {
+            v.push_str(&format!(", qop={qop}, nc={nc}, cnonce=\"{cnonce}\""));
+        }
+        v
     }
 }
 
@@ -473,22 +524,8 @@ mod tests {
     }
 
     fn header(user: &str, nonce: &str, alg: Algorithm, password: &str, uri: &str, nc: u32) -> String {
-        let mut c = Credentials {
-            username: user.into(),
-            realm: "pinhole".into(),
-            nonce: nonce.into(),
-            uri: uri.into(),
-            qop: Some("auth".into()),
-            nc: Some(format!("{nc:08x}")),
-            cnonce: Some("abc".into()),
-            ..Default::default()
-        };
-        c.response = digest_response(alg, user, "pinhole", password, "REGISTER", &c);
-        format!(
-            "Digest username=\"{user}\", realm=\"pinhole\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{}\", algorithm={}, qop=auth, nc={nc:08x}, cnonce=\"abc\"",
-            c.response,
-            alg.name()
-        )
+        let challenge = Challenge { realm: "pinhole", nonce, algorithm: alg };
+        Credentials::answering(&challenge, user, password, "REGISTER", uri, nc, "abc").header_value()
     }
 
     fn answer(a: &mut Authenticator, now: Instant, alg: Algorithm, password: &str) -> String {

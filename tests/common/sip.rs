@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use pinhole_sip::auth::{digest_response, Algorithm, Credentials};
+use pinhole_sip::auth::{Algorithm, Challenge, Credentials};
 
 pub struct Phone {
     pub sock: UdpSocket,
@@ -91,21 +91,9 @@ pub fn answer(challenge: &str, user: &str, password: &str, method: &str, uri: &s
     let value = header(challenge, cname).unwrap_or_else(|| panic!("no {cname} in\n{challenge}"));
     let param = |k: &str| value.split(&format!("{k}=\"")).nth(1).and_then(|s| s.split('"').next()).map(str::to_owned);
     let (realm, nonce) = (param("realm").expect("realm"), param("nonce").expect("nonce"));
-    let mut c = Credentials {
-        username: user.into(),
-        realm: realm.clone(),
-        nonce: nonce.clone(),
-        uri: uri.into(),
-        qop: Some("auth".into()),
-        nc: Some(format!("{nc:08x}")),
-        cnonce: Some("7e57".into()),
-        ..Default::default()
-    };
-    c.response = digest_response(Algorithm::Md5, user, &realm, password, method, &c);
-    format!(
-        "{hname}: Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{}\", algorithm=MD5, qop=auth, nc={nc:08x}, cnonce=\"7e57\"",
-        c.response
-    )
+    let challenge = Challenge { realm: &realm, nonce: &nonce, algorithm: Algorithm::Md5 };
+    let c = Credentials::answering(&challenge, user, password, method, uri, nc, "7e57");
+    format!("{hname}: {}", c.header_value())
 }
 
 /// Inserts a header line before Content-Length.

@@ -15,7 +15,7 @@ const TRUSTED: &str = "203.0.113.50:5060"; // a trunk / sipp box in auth.trusted
 const NAT_A: &str = "203.0.113.9:40001"; // phone A's NAT mapping
 const NAT_B: &str = "203.0.113.10:40002"; // phone B's NAT mapping
 
-use pinhole_media::relay::{Relay, RelayConfig, RelayInterface};
+use pinhole_media::relay::{Relay, RelayConfig};
 
 struct Lab {
     proxy: Proxy<Option<Relay>>,
@@ -42,19 +42,7 @@ impl Lab {
         let now = lab.now;
         let cfg = lab.proxy.config().clone();
         let relay = Relay::new(
-            RelayConfig {
-                interfaces: vec![RelayInterface {
-                    name: "pub".into(),
-                    bind: "203.0.113.1".parse().expect("ip"),
-                    advertise: "203.0.113.1".parse().expect("ip"),
-                }],
-                port_min: 30000,
-                port_max: 30099,
-                media_timeout: Duration::from_secs(60),
-                offer_timeout: Duration::from_secs(200),
-                max_duration: Duration::from_secs(3600),
-                max_sessions: 100,
-            },
+            RelayConfig { max_sessions: 100, ..RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30099) },
             now,
         );
         lab.proxy = Proxy::new(cfg, Some(relay), now, 1_700_000_000, 1);
@@ -147,39 +135,12 @@ Content-Length: 0
 "
         );
         let out = self.send(udp(nat), &reg);
-        let challenge = parse(&out[0]);
-        assert_eq!(challenge.status(), Some(401));
-        let www = challenge.value_texts(HeaderName::Other);
-        let md5 = www.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
-        let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
-        let mut creds = crate::auth::Credentials {
-            username: user.into(),
-            realm: "example.com".into(),
-            nonce: nonce.into(),
-            uri: "sip:example.com".into(),
-            qop: Some("auth".into()),
-            nc: Some("00000001".into()),
-            cnonce: Some("c".into()),
-            ..Default::default()
-        };
-        creds.response = crate::auth::digest_response(
-            crate::auth::Algorithm::Md5,
-            user,
-            "example.com",
-            password,
-            "REGISTER",
+        assert_eq!(parse(&out[0]).status(), Some(401));
+        let creds = credentials(&out[0], user, password, "REGISTER", "sip:example.com", 1);
+        let authed = with_header(
+            &reg.replace("CSeq: 1", "CSeq: 2").replace(&format!("reg{user}{n}x1"), &format!("reg{user}{n}x2")),
             &creds,
         );
-        let authed = reg
-            .replace("CSeq: 1", "CSeq: 2")
-            .replace(&format!("reg{user}{n}x1"), &format!("reg{user}{n}x2"))
-            .replace(
-                "Content-Length: 0",
-                &format!(
-                    "Authorization: Digest username=\"{user}\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"sip:example.com\", response=\"{}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"c\"\nContent-Length: 0",
-                    creds.response
-                ),
-            );
         let out = self.send(udp(nat), &authed);
         let ok = parse(&out[0]);
         assert_eq!(ok.status(), Some(if password.starts_with("pw-") { 200 } else { 401 }), "{}", text(&out[0]));
@@ -837,22 +798,9 @@ fn credentials(challenge: &Transmit, user: &str, password: &str, method: &str, u
     let all = c.value_texts(HeaderName::Other);
     let md5 = all.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
     let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
-    let mut creds = crate::auth::Credentials {
-        username: user.into(),
-        realm: "example.com".into(),
-        nonce: nonce.into(),
-        uri: uri.into(),
-        qop: Some("auth".into()),
-        nc: Some(format!("{nc:08x}")),
-        cnonce: Some("c0ffee".into()),
-        ..Default::default()
-    };
-    creds.response =
-        crate::auth::digest_response(crate::auth::Algorithm::Md5, user, "example.com", password, method, &creds);
-    format!(
-        "{hname}: Digest username=\"{user}\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{}\", algorithm=MD5, qop=auth, nc={nc:08x}, cnonce=\"c0ffee\"",
-        creds.response
-    )
+    let challenge = crate::auth::Challenge { realm: "example.com", nonce, algorithm: crate::auth::Algorithm::Md5 };
+    let creds = crate::auth::Credentials::answering(&challenge, user, password, method, uri, nc, "c0ffee");
+    format!("{hname}: {}", creds.header_value())
 }
 
 /// Adds a header line before Content-Length.
