@@ -3,16 +3,21 @@
 //! processes only, so the figure is CPU per call, not wall time.
 
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{have, root};
 
+/// A peer the bench started in a process group of its own; dropping it stops the whole
+/// group (Kamailio's forked workers included).
 pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -95,6 +100,7 @@ fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .arg("-nostdin")
         .stdout(f.try_clone()?)
         .stderr(f)
+        .process_group(0)
         .spawn()?)
 }
 
@@ -218,6 +224,7 @@ pub(crate) fn spawn_pinhole(dir: &Path, name: &str, config: &str) -> anyhow::Res
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .process_group(0)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(Proc(child))
@@ -249,6 +256,7 @@ fn spawn_kamailio(dir: &Path, file: &str, listen_port: u16, ng_port: Option<u16>
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("kamailio-{listen_port}.log")))?)
+        .process_group(0)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(1500));
     Ok(Proc(child))

@@ -4,6 +4,7 @@
 //! Reports relay CPU per relayed packet (from /proc), loss, added latency and RSS per call.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -267,6 +268,7 @@ pub(crate) fn start_rtpengine(dir: &std::path::Path, ng_port: u16) -> anyhow::Re
         ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("rtpengine.log"))?)
+        .process_group(0)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(1000));
     Ok(Proc(child))
