@@ -38,6 +38,7 @@
 pub mod anchor;
 pub mod guard;
 pub mod latch;
+pub mod natmodel;
 pub mod ng;
 pub mod ng_server;
 pub mod ports;
