@@ -120,7 +120,7 @@ impl NatModel {
 
     fn allocate(&mut self, local: SocketAddr) -> u16 {
         let free = |p: u16, m: &HashMap<u16, Mapping>| p >= 1024 && !m.contains_key(&p);
-        let candidate = match self.kind.allocation {
+        match self.kind.allocation {
             PortAllocation::Preserving if free(local.port(), &self.mappings) => local.port(),
             PortAllocation::Preserving | PortAllocation::Sequential { .. } => {
                 let delta = match self.kind.allocation {
@@ -151,8 +151,7 @@ impl NatModel {
                     break p;
                 }
             },
-        };
-        candidate
+        }
     }
 
     /// A packet from `local` to `dst` leaves the NAT: from which public address, or `None`
