@@ -43,6 +43,7 @@ pub mod ng;
 pub mod ng_server;
 pub mod ports;
 pub mod probe;
+pub mod punch;
 pub mod relay;
 pub mod sdp;
 pub mod stats;

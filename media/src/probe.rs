@@ -46,7 +46,7 @@ pub enum Behaviour {
     AddressAndPortDependent,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocation {
     /// The NAT kept each socket's local port.
     Preserving,
