@@ -286,6 +286,75 @@ pub(crate) struct Metrics {
     pub(crate) listen: Option<SocketAddr>,
 }
 
+/// `pinhole agent --config FILE`: an edge helper on a LAN, next to unchanged phones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentFile {
+    pub(crate) agent: AgentSection,
+    pub(crate) sip: AgentSip,
+    #[serde(default)]
+    pub(crate) media: Media,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentSection {
+    /// The pinhole server's SIP/UDP address; its STUN is at the same IP, port 3478.
+    pub(crate) server: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentSip {
+    /// Where the LAN's phones send (their outbound proxy).
+    pub(crate) listen: Vec<Listen>,
+    #[serde(default = "default_max_message")]
+    pub(crate) max_message_size: usize,
+}
+
+impl AgentFile {
+    /// Parses and checks an agent file, returning every error found.
+    pub(crate) fn parse(text: &str) -> Result<AgentFile, Vec<ConfigError>> {
+        let cfg: AgentFile = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            vec![ConfigError { line, column, message: e.message().to_owned() }]
+        })?;
+        let mut errs = Vec::new();
+        let mut err = |table: &str, key: &str, message: String| {
+            let (line, column) = locate(text, table, key);
+            errs.push(ConfigError { line, column, message });
+        };
+        if cfg.sip.listen.is_empty() {
+            err("sip", "listen", "the agent needs a listen address for its phones".into());
+        }
+        for l in &cfg.sip.listen {
+            if l.transport != Transport::Udp {
+                err("sip", "listen", format!("{l}: the agent listens on UDP only, for now"));
+            }
+            if l.addr.ip().is_unspecified() {
+                err(
+                    "sip",
+                    "listen",
+                    format!("{l}: the agent needs a specific address (it goes in Via and Record-Route)"),
+                );
+            }
+        }
+        if cfg.media.port_min > cfg.media.port_max || cfg.media.port_min < 1024 {
+            err("media", "port_min", "need 1024 <= port_min <= port_max".into());
+        }
+        if errs.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errs)
+        }
+    }
+}
+
+/// Whether a file is an agent's (it has an `[agent]` table).
+pub(crate) fn is_agent_file(text: &str) -> bool {
+    text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("agent"))
+}
+
 /// A configuration error with its position in the file (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ConfigError {

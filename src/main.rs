@@ -4,6 +4,7 @@
 //! clock and moves bytes between the network and the sans-IO cores in `pinhole-sip` and
 //! `pinhole-media`.
 
+mod agent;
 mod config;
 mod dataplane;
 mod limits;
@@ -41,8 +42,15 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check a configuration file and print every error with its line and column.
+    /// Check a configuration file (server or agent) and print every error with its line and
+    /// column.
     CheckConfig { file: PathBuf },
+    /// Run the edge helper next to unchanged phones on a LAN: their outbound proxy towards
+    /// the pinhole server.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Report how the NAT in front of this host behaves (RFC 5780), against a STUN server
     /// with an alternate address (pinhole's, or coturn's).
     Probe {
@@ -67,23 +75,43 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Probe { server, json, bind, lifetime } => probe::run(&server, json, bind, lifetime),
         Command::Server { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
-            match load(config.as_deref()).and_then(server::run) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("pinhole: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            init_logging();
+            exit(load(config.as_deref()).and_then(server::run))
+        }
+        Command::Agent { config } => {
+            init_logging();
+            exit(load_agent(&config).and_then(agent::run))
         }
     }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pinhole: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_agent(path: &std::path::Path) -> anyhow::Result<config::AgentFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    config::AgentFile::parse(&text).map_err(|errs| {
+        let list: Vec<String> = errs.iter().map(|e| format!("{}: {e}", path.display())).collect();
+        anyhow::anyhow!("invalid agent configuration:\n{}", list.join("\n"))
+    })
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<config::Config> {
@@ -105,9 +133,14 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match config::Config::parse(&text) {
-        Ok(_) => {
-            println!("{}: ok", path.display());
+    let parsed = if config::is_agent_file(&text) {
+        config::AgentFile::parse(&text).map(|_| "agent")
+    } else {
+        config::Config::parse(&text).map(|_| "server")
+    };
+    match parsed {
+        Ok(role) => {
+            println!("{}: ok ({role} configuration)", path.display());
             ExitCode::SUCCESS
         }
         Err(errs) => {

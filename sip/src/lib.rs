@@ -38,6 +38,7 @@
 //! - Media is anchored through the [`pinhole_media::anchor::MediaAnchor`] trait the proxy
 //!   is generic over; it never sees the relay's ports or timers.
 
+pub mod agent;
 pub mod auth;
 pub mod mac;
 pub mod message;

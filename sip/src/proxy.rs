@@ -27,8 +27,10 @@ mod tests;
 mod transactions;
 
 use forward::*;
-use requests::*;
 use transactions::*;
+
+pub(crate) use forward::fix_top_via;
+pub(crate) use requests::{host_string, parse_sip_uri, uri_of};
 
 use budget::ReplyBudget;
 use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};

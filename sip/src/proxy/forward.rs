@@ -167,7 +167,7 @@ impl<M: MediaAnchor> Proxy<M> {
 
 /// RFC 3581 §4 and RFC 3261 §18.2.1: record where the request really came from in the top
 /// Via, so responses can follow the NAT mapping.
-pub(super) fn fix_top_via(msg: &Message, e: &mut Editor<'_>, flow: Flow) {
+pub(crate) fn fix_top_via(msg: &Message, e: &mut Editor<'_>, flow: Flow) {
     let Some((_, r)) = msg.values(HeaderName::Via).into_iter().next() else {
         return;
     };

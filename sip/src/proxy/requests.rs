@@ -474,7 +474,7 @@ pub(super) fn request_user(msg: &Message) -> Option<String> {
     }
 }
 
-pub(super) fn host_string(h: &Host) -> String {
+pub(crate) fn host_string(h: &Host) -> String {
     match h {
         Host::Name(n) => n.to_string(),
         Host::IP4(ip) => ip.to_string(),
@@ -483,14 +483,14 @@ pub(super) fn host_string(h: &Host) -> String {
 }
 
 /// The URI inside a name-addr (`<sip:…>` or a bare URI).
-pub(super) fn uri_of(v: &str) -> &str {
+pub(crate) fn uri_of(v: &str) -> &str {
     match (v.find('<'), v.find('>')) {
         (Some(s), Some(e)) if s < e => &v[s + 1..e],
         _ => v.split(';').next().unwrap_or(v).trim(),
     }
 }
 
-pub(super) fn parse_sip_uri(uri: &str) -> Option<SipUri> {
+pub(crate) fn parse_sip_uri(uri: &str) -> Option<SipUri> {
     use ezk_sip_types::parse::Parse;
     let src = Bytes::copy_from_slice(uri.as_bytes());
     let text = std::str::from_utf8(&src).ok()?;

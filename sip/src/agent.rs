@@ -1,0 +1,218 @@
+//! The agent's signalling: a stateless outbound proxy (RFC 3261 §16.11) next to unchanged
+//! phones on a LAN. Phones name it as their outbound proxy; it consumes its own Route,
+//! forwards their requests to the pinhole server and the server's requests to the phone
+//! the Request-URI names, Record-Routes so in-dialog requests come back through it, and
+//! leaves authentication alone, so the phone's digest passes end to end. OPTIONS addressed
+//! to the agent itself is answered by the agent, whether or not the server is reachable.
+//!
+//! Stateless means retransmissions are forwarded again with the same branch (derived from
+//! the received one), and responses follow the Via chain: nothing a stranger sends makes
+//! the agent hold state.
+
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+
+use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
+use crate::proxy::{fix_top_via, host_string, parse_sip_uri, uri_of};
+use crate::transport::{Flow, Transmit, Transport};
+
+const BRANCH_PREFIX: &str = "z9hG4bKpha";
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the agent listens (UDP), and the address it puts in Via and Record-Route.
+    pub listen: SocketAddr,
+    /// The pinhole server's SIP address.
+    pub server: SocketAddr,
+    /// Largest message accepted; larger requests get 513.
+    pub max_message: usize,
+    /// Keys the branches derived from received ones.
+    pub secret: u64,
+}
+
+/// Counters the shell exports.
+#[derive(Debug, Default, Clone)]
+pub struct AgentStats {
+    pub forwarded: u64,
+    pub dropped: u64,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    out: VecDeque<Transmit>,
+    stats: AgentStats,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> Agent {
+        Agent { cfg, out: VecDeque::new(), stats: AgentStats::default() }
+    }
+
+    pub fn stats(&self) -> &AgentStats {
+        &self.stats
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    /// One datagram from `flow.remote`. `Err` for input that is not SIP at all (dropped,
+    /// counted by the caller).
+    pub fn handle_input(&mut self, flow: Flow, data: Bytes) -> Result<(), Garbage> {
+        if data.iter().all(u8::is_ascii_whitespace) {
+            return Ok(()); // CRLF keepalives
+        }
+        let msg = Message::parse(data)?.truncated_to_content_length();
+        if msg.is_request() {
+            self.on_request(flow, &msg);
+        } else {
+            self.on_response(&msg);
+        }
+        Ok(())
+    }
+
+    fn reply(&mut self, flow: Flow, msg: &Message, code: u16, reason: &str, extra: &[String]) {
+        if msg.method() == Some(&Method::Ack) || msg.header(HeaderName::Via).is_none() {
+            return;
+        }
+        let tag = format!("pha{:08x}", self.branch_hash(msg) as u32);
+        self.out.push_back(Transmit { flow, payload: msg.response(code, reason, Some(&tag), extra) });
+    }
+
+    fn is_us(&self, host: &str, port: Option<u16>) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.parse::<IpAddr>().ok() == Some(self.cfg.listen.ip()) && port.unwrap_or(5060) == self.cfg.listen.port()
+    }
+
+    fn on_request(&mut self, flow: Flow, msg: &Message) {
+        let checked = if msg.raw().len() > self.cfg.max_message {
+            Err(Rejection::new(513, "Message Too Large"))
+        } else {
+            msg.validate_request(self.cfg.max_message)
+        };
+        if let Err(rej) = checked {
+            self.reply(flow, msg, rej.code, &rej.reason, &[]);
+            return;
+        }
+        // Loose routing: our own Route entries go.
+        let routes = msg.values(HeaderName::Route);
+        let ours: Vec<(usize, std::ops::Range<usize>)> = routes
+            .iter()
+            .take_while(|(_, r)| {
+                parse_sip_uri(uri_of(msg.text(r.clone())))
+                    .is_some_and(|u| self.is_us(&host_string(&u.host_port.host), u.host_port.port))
+            })
+            .cloned()
+            .collect();
+        let next_route = routes.get(ours.len()).map(|(_, r)| uri_of(msg.text(r.clone())).to_owned());
+        let to_us = next_route.is_none()
+            && msg.request_sip_uri().is_some_and(|u| self.is_us(&host_string(&u.host_port.host), u.host_port.port));
+        if to_us && msg.method() == Some(&Method::Options) {
+            self.reply(flow, msg, 200, "OK", &["Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER".to_owned()]);
+            return;
+        }
+        if let Some(Ok(0)) = msg.max_forwards() {
+            self.reply(flow, msg, 483, "Too Many Hops", &[]);
+            return;
+        }
+        let from_server = flow.remote.ip() == self.cfg.server.ip();
+        // Where it goes: the next Route, else the phone the server's Request-URI names,
+        // else (a phone's request) the server.
+        let next = match (&next_route, from_server) {
+            (Some(r), _) => ip_target(r),
+            (None, true) => msg.request_uri().and_then(ip_target),
+            (None, false) => Some(self.cfg.server),
+        };
+        let Some(next) = next else {
+            self.reply(flow, msg, 404, "Not Found - Unresolvable Next Hop", &[]);
+            return;
+        };
+        if next.ip() == self.cfg.listen.ip() && next.port() == self.cfg.listen.port() {
+            self.reply(flow, msg, 482, "Loop Detected", &[]);
+            return;
+        }
+        let mut e = Editor::new(msg);
+        let branch = format!("{BRANCH_PREFIX}{:016x}", self.branch_hash(msg));
+        e.prepend_header("Via", &format!("SIP/2.0/UDP {};branch={branch}", self.cfg.listen));
+        if msg.method().is_some_and(Method::creates_dialog) && msg.tag(HeaderName::To).is_none() {
+            e.prepend_header("Record-Route", &format!("<sip:{};lr>", self.cfg.listen));
+        }
+        for (hi, r) in &ours {
+            e.remove_value(*hi, r.clone());
+        }
+        fix_top_via(msg, &mut e, flow);
+        match msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
+            Some(h) => {
+                let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
+                e.replace(h.value.clone(), mf.saturating_sub(1).to_string());
+            }
+            None => {
+                e.append_header("Max-Forwards", "69");
+            }
+        }
+        self.stats.forwarded += 1;
+        let out = Flow { transport: Transport::Udp, local: self.cfg.listen, remote: next, conn: None };
+        self.out.push_back(Transmit { flow: out, payload: e.finish() });
+    }
+
+    /// Responses follow the Via chain: ours on top goes, the next one says where.
+    fn on_response(&mut self, msg: &Message) {
+        let vias = msg.values(HeaderName::Via);
+        let ours = msg.top_via().is_some_and(|v| {
+            self.is_us(&host_string(&v.sent_by.host), v.sent_by.port)
+                && v.params.get_val("branch").is_some_and(|b| b.starts_with(BRANCH_PREFIX))
+        });
+        let (Some((hi, r)), true) = (vias.first(), ours) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Some(next) = msg.vias().get(1).cloned().flatten() else {
+            self.stats.dropped += 1;
+            return;
+        };
+        // RFC 3581: received and rport say where the previous hop really is.
+        let ip = next
+            .params
+            .get_val("received")
+            .and_then(|r| r.parse::<IpAddr>().ok())
+            .or_else(|| host_string(&next.sent_by.host).trim_matches(['[', ']']).parse().ok());
+        let port =
+            next.params.get_val("rport").and_then(|p| p.parse::<u16>().ok()).or(next.sent_by.port).unwrap_or(5060);
+        let Some(ip) = ip else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let mut e = Editor::new(msg);
+        e.remove_value(*hi, r.clone());
+        let out =
+            Flow { transport: Transport::Udp, local: self.cfg.listen, remote: SocketAddr::new(ip, port), conn: None };
+        self.stats.forwarded += 1;
+        self.out.push_back(Transmit { flow: out, payload: e.finish() });
+    }
+
+    /// Our branch for a request: a keyed hash of the received branch (and, per §16.11, of
+    /// what identifies the transaction), so retransmissions get the same one. CANCEL and
+    /// ACK for a non-2xx share their INVITE's.
+    fn branch_hash(&self, msg: &Message) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.cfg.secret.hash(&mut h);
+        msg.branch().hash(&mut h);
+        msg.call_id().hash(&mut h);
+        msg.tag(HeaderName::From).hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The address an IP-literal SIP URI names (the agent does no DNS).
+fn ip_target(uri: &str) -> Option<SocketAddr> {
+    let u = parse_sip_uri(uri)?;
+    let ip: IpAddr = host_string(&u.host_port.host).trim_matches(['[', ']']).parse().ok()?;
+    Some(SocketAddr::new(ip, u.host_port.port.unwrap_or(5060)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! The agent between phones on its LAN and the server, in messages: nothing but bytes on
+//! flows, no time needed (it keeps no state).
+
+use super::*;
+
+const AGENT: &str = "198.51.100.2:5060";
+const SERVER: &str = "203.0.113.10:5060";
+const PHONE: &str = "198.51.100.20:5062";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn agent() -> Agent {
+    Agent::new(AgentConfig { listen: addr(AGENT), server: addr(SERVER), max_message: 16384, secret: 5 })
+}
+
+fn from(remote: &str) -> Flow {
+    Flow { transport: Transport::Udp, local: addr(AGENT), remote: addr(remote), conn: None }
+}
+
+fn send(a: &mut Agent, remote: &str, text: &str) -> Vec<Transmit> {
+    a.handle_input(from(remote), Bytes::from(text.replace('\n', "\r\n"))).expect("SIP");
+    std::iter::from_fn(|| a.poll_transmit()).collect()
+}
+
+fn parse(t: &Transmit) -> Message {
+    Message::parse(Bytes::from(t.payload.clone())).expect("SIP")
+}
+
+const REGISTER: &str = "REGISTER sip:203.0.113.10 SIP/2.0
+Via: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKp1;rport
+Route: <sip:198.51.100.2:5060;lr>
+Max-Forwards: 70
+To: <sip:alice@203.0.113.10>
+From: <sip:alice@203.0.113.10>;tag=a1
+Call-ID: reg1
+CSeq: 1 REGISTER
+Contact: <sip:alice@198.51.100.20:5062>
+Authorization: Digest username=\"alice\", realm=\"pinhole\", nonce=\"n\", uri=\"sip:203.0.113.10\", response=\"r\"
+Content-Length: 0
+
+";
+
+#[test]
+fn a_phone_request_loses_our_route_and_goes_to_the_server_with_credentials_intact() {
+    let mut a = agent();
+    let out = send(&mut a, PHONE, REGISTER);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].flow.remote, addr(SERVER));
+    let m = parse(&out[0]);
+    assert!(m.value_texts(HeaderName::Route).is_empty(), "our Route is consumed");
+    let vias = m.value_texts(HeaderName::Via);
+    assert!(vias[0].starts_with("SIP/2.0/UDP 198.51.100.2:5060;branch=z9hG4bKpha"), "{vias:?}");
+    assert_eq!(vias[1], "SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKp1;rport=5062");
+    assert_eq!(m.header(HeaderName::MaxForwards), Some("69"));
+    assert!(m.header(HeaderName::Authorization).is_some_and(|v| v.contains("username=\"alice\"")));
+    assert!(m.value_texts(HeaderName::RecordRoute).is_empty(), "REGISTER is not record-routed");
+}
+
+#[test]
+fn a_retransmission_keeps_its_branch_and_the_response_goes_back_to_the_phone() {
+    let mut a = agent();
+    let first = send(&mut a, PHONE, REGISTER);
+    let again = send(&mut a, PHONE, REGISTER);
+    assert_eq!(parse(&first[0]).branch(), parse(&again[0]).branch(), "stateless, same branch");
+    let fwd = parse(&first[0]);
+    let ok = String::from_utf8(fwd.response(
+        401,
+        "Unauthorized",
+        Some("s1"),
+        &["WWW-Authenticate: Digest realm=\"pinhole\", nonce=\"x\"".into()],
+    ))
+    .expect("utf8");
+    let back = send(&mut a, SERVER, &ok.replace("\r\n", "\n"));
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].flow.remote, addr(PHONE), "rport of the phone's Via");
+    let r = parse(&back[0]);
+    assert_eq!(r.status(), Some(401));
+    assert_eq!(r.value_texts(HeaderName::Via).len(), 1, "our Via is gone");
+    assert!(r.header(HeaderName::Other).is_some_and(|w| w.contains("nonce=\"x\"")), "the challenge passes untouched");
+}
+
+#[test]
+fn the_server_request_goes_to_the_phone_its_request_uri_names_and_is_record_routed() {
+    let mut a = agent();
+    let invite = "INVITE sip:alice@198.51.100.20:5062 SIP/2.0
+Via: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bKsrv1
+Record-Route: <sip:phtoken@203.0.113.10:5060;lr>
+Max-Forwards: 69
+To: <sip:alice@203.0.113.10>
+From: <sip:bob@203.0.113.10>;tag=b1
+Call-ID: call1
+CSeq: 1 INVITE
+Contact: <sip:bob@203.0.113.50:5060>
+Content-Length: 0
+
+";
+    let out = send(&mut a, SERVER, invite);
+    assert_eq!(out[0].flow.remote, addr(PHONE));
+    let m = parse(&out[0]);
+    let rr = m.value_texts(HeaderName::RecordRoute);
+    assert_eq!(rr, vec!["<sip:198.51.100.2:5060;lr>", "<sip:phtoken@203.0.113.10:5060;lr>"]);
+}
+
+#[test]
+fn options_to_the_agent_is_answered_by_the_agent() {
+    let mut a = agent();
+    let options = "OPTIONS sip:198.51.100.2:5060 SIP/2.0
+Via: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKo1
+Max-Forwards: 70
+To: <sip:198.51.100.2>
+From: <sip:alice@203.0.113.10>;tag=o1
+Call-ID: opt1
+CSeq: 1 OPTIONS
+Content-Length: 0
+
+";
+    let out = send(&mut a, PHONE, options);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].flow.remote, addr(PHONE));
+    assert_eq!(parse(&out[0]).status(), Some(200));
+}
+
+#[test]
+fn responses_not_carrying_our_via_on_top_are_dropped() {
+    let mut a = agent();
+    let stray = "SIP/2.0 200 OK
+Via: SIP/2.0/UDP 192.0.2.9:5060;branch=z9hG4bKother
+To: <sip:x@y>;tag=1
+From: <sip:x@y>;tag=2
+Call-ID: stray
+CSeq: 1 INVITE
+Content-Length: 0
+
+";
+    assert!(send(&mut a, SERVER, stray).is_empty());
+    assert_eq!(a.stats().dropped, 1);
+}
+
+#[test]
+fn garbage_is_refused_spent_hops_get_483_and_every_own_route_is_consumed() {
+    let mut a = agent();
+    assert!(a.handle_input(from(PHONE), Bytes::from_static(b"\x00\x01junk")).is_err());
+    let hops = send(&mut a, PHONE, &REGISTER.replace("Max-Forwards: 70", "Max-Forwards: 0"));
+    assert_eq!(parse(&hops[0]).status(), Some(483));
+    let to_self = REGISTER.replace(
+        "Route: <sip:198.51.100.2:5060;lr>",
+        "Route: <sip:198.51.100.2:5060;lr>, <sip:198.51.100.2:5060;lr>, <sip:198.51.100.2:5060>",
+    );
+    let out = send(&mut a, PHONE, &to_self);
+    assert_eq!(out[0].flow.remote, addr(SERVER), "all our own Routes are consumed");
+}
