@@ -1,5 +1,6 @@
-//! The whole SIP message path: stream framing, scanning, validation and the proxy's
-//! routing decision, fed with arbitrary bytes on UDP and TCP flows. Nothing may panic.
+//! The whole SIP message path: stream framing, scanning, validation, the proxy's routing
+//! decision and the agent's stateless forwarding, fed with arbitrary bytes on UDP and TCP
+//! flows. Nothing may panic.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -51,6 +52,16 @@ fuzz_target!(|data: &[u8]| {
     while proxy.poll_transmit().is_some() {}
     proxy.handle_timeout(now + Duration::from_secs(40));
     while proxy.poll_transmit().is_some() {}
+
+    // The agent's stateless path sees the same datagram.
+    let mut agent = pinhole_sip::agent::Agent::new(pinhole_sip::agent::AgentConfig {
+        listen: bind,
+        server: "203.0.113.50:5060".parse().expect("addr"),
+        max_message: 16384,
+        secret: 1,
+    });
+    let _ = agent.handle_input(udp, Bytes::copy_from_slice(payload));
+    while agent.poll_transmit().is_some() {}
 
     let tcp = Flow { transport: Transport::Tcp, local: bind, remote, conn: Some(ConnId(1)) };
     let mut framer = Framer::new(16384);
