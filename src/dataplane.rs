@@ -118,7 +118,7 @@ impl DataPlane {
         let mut reserved = std::collections::HashMap::new();
         let mut unusable = Vec::new();
         if raw {
-            let limit = crate::mmsg::raise_fd_limit();
+            let limit = crate::limits::raise_nofile();
             let needed = (usize::from(port_max - port_min) + 1) * binds.len();
             if (limit as usize) < needed + 256 {
                 tracing::warn!(

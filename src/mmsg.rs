@@ -207,20 +207,6 @@ fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen
     }
 }
 
-/// Raises the soft limit on open files to the hard limit (a relay holds one socket per
-/// port); returns the new soft limit.
-pub(crate) fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-    lim.rlim_cur
-}
-
 /// One raw IPv4/UDP socket for a whole relay port range: a classic BPF filter passes only
 /// UDP datagrams whose destination port is in the range, `recvmmsg` takes many ports'
 /// packets in one call, and with IP_HDRINCL `sendmmsg` sends many packets to many
