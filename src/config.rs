@@ -315,10 +315,7 @@ pub(crate) struct AgentSip {
 impl AgentFile {
     /// Parses and checks an agent file, returning every error found.
     pub(crate) fn parse(text: &str) -> Result<AgentFile, Vec<ConfigError>> {
-        let cfg: AgentFile = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            vec![ConfigError { line, column, message: e.message().to_owned() }]
-        })?;
+        let cfg: AgentFile = from_toml(text)?;
         let mut errs = Vec::new();
         let mut err = |table: &str, key: &str, message: String| {
             let (line, column) = locate(text, table, key);
@@ -350,6 +347,14 @@ impl AgentFile {
     }
 }
 
+/// Deserialises a file, turning the TOML error into one positioned error.
+fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<ConfigError>> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        vec![ConfigError { line, column, message: e.message().to_owned() }]
+    })
+}
+
 /// Whether a file is an agent's (it has an `[agent]` table).
 pub(crate) fn is_agent_file(text: &str) -> bool {
     text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("agent"))
@@ -372,10 +377,7 @@ impl fmt::Display for ConfigError {
 impl Config {
     /// Parses and checks a whole file, returning every error found.
     pub(crate) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            vec![ConfigError { line, column, message: e.message().to_owned() }]
-        })?;
+        let cfg: Config = from_toml(text)?;
         let errors = cfg.check(text);
         if errors.is_empty() {
             Ok(cfg)

@@ -145,15 +145,7 @@ impl Agent {
             e.remove_value(*hi, r.clone());
         }
         fix_top_via(msg, &mut e, flow);
-        match msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
-            Some(h) => {
-                let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
-                e.replace(h.value.clone(), mf.saturating_sub(1).to_string());
-            }
-            None => {
-                e.append_header("Max-Forwards", "69");
-            }
-        }
+        e.decrement_max_forwards();
         self.stats.forwarded += 1;
         let out = Flow { transport: Transport::Udp, local: self.cfg.listen, remote: next, conn: None };
         self.out.push_back(Transmit { flow: out, payload: e.finish() });

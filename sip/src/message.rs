@@ -660,6 +660,18 @@ impl<'a> Editor<'a> {
         self.replace(range, Vec::new())
     }
 
+    /// §16.6 step 3: Max-Forwards one less, or 69 where the request had none.
+    pub fn decrement_max_forwards(&mut self) -> &mut Self {
+        let msg = self.msg;
+        match msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
+            Some(h) => {
+                let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
+                self.replace(h.value.clone(), mf.saturating_sub(1).to_string())
+            }
+            None => self.append_header("Max-Forwards", "69"),
+        }
+    }
+
     /// Replaces the body and keeps Content-Length true.
     pub fn set_body(&mut self, body: &[u8]) -> &mut Self {
         let msg = self.msg;

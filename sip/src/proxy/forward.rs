@@ -61,15 +61,7 @@ impl<M: MediaAnchor> Proxy<M> {
         if let Some(b) = body {
             e.set_body(b);
         }
-        match msg.headers.iter().find(|h| h.name == HeaderName::MaxForwards) {
-            Some(h) => {
-                let mf = msg.max_forwards().and_then(Result::ok).unwrap_or(70);
-                e.replace(h.value.clone(), mf.saturating_sub(1).to_string());
-            }
-            None => {
-                e.append_header("Max-Forwards", "69");
-            }
-        }
+        e.decrement_max_forwards();
         let bytes = e.finish();
         let Ok(sent) = Message::parse(Bytes::from(bytes)) else {
             self.respond(now, key, 500, "Internal Error Building Request", &[]);
