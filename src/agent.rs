@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use bytes::Bytes;
+use pinhole_media::punch::NatProfile;
 use pinhole_sip::agent::{Agent, AgentConfig};
 use pinhole_sip::{Flow, Transport};
 
@@ -23,6 +24,7 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
             secret: rand::random(),
         })));
         tracing::info!(listen = %l, server = %cfg.agent.server, "agent listening");
+        measure_nat(cfg.agent.stun(), l.addr, agent.clone());
         let local = l.addr;
         threads.push(
             std::thread::Builder::new()
@@ -35,6 +37,25 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Classifies the NAT in front of `local` against the server's STUN service (RFC 5780), in
+/// the background, and hands the profile to the agent for the REGISTERs it relays.
+fn measure_nat(stun: SocketAddr, local: SocketAddr, agent: Arc<Mutex<Agent>>) {
+    let spawned = std::thread::Builder::new().name("agent nat probe".into()).spawn(move || {
+        match crate::probe::probe(&stun.to_string(), Some(local.ip())) {
+            Ok((report, _)) if report.udp => {
+                let profile = NatProfile::from_report(&report, report.mapped).to_header();
+                tracing::info!(%stun, verdict = report.traditional_name(), %profile, "NAT profile");
+                agent.lock().unwrap_or_else(|e| e.into_inner()).set_profile(profile);
+            }
+            Ok(_) => tracing::warn!(%stun, "no STUN answer over UDP; no NAT profile"),
+            Err(e) => tracing::warn!(%stun, error = %e, "NAT probe failed; no NAT profile"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the NAT probe");
+    }
 }
 
 fn serve(local: SocketAddr, sock: &UdpSocket, agent: &Mutex<Agent>) {

@@ -301,6 +301,15 @@ pub(crate) struct AgentFile {
 pub(crate) struct AgentSection {
     /// The pinhole server's SIP/UDP address; its STUN is at the same IP, port 3478.
     pub(crate) server: SocketAddr,
+    /// The server's STUN service, when not at the server's IP port 3478.
+    #[serde(default)]
+    pub(crate) stun: Option<SocketAddr>,
+}
+
+impl AgentSection {
+    pub(crate) fn stun(&self) -> SocketAddr {
+        self.stun.unwrap_or(SocketAddr::new(self.server.ip(), 3478))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -42,7 +42,7 @@ pub(crate) fn run(server: &str, json: bool, bind: Option<IpAddr>, lifetime: bool
     }
 }
 
-fn probe(server: &str, bind: Option<IpAddr>) -> anyhow::Result<(NatReport, bool)> {
+pub(crate) fn probe(server: &str, bind: Option<IpAddr>) -> anyhow::Result<(NatReport, bool)> {
     let addr: SocketAddr = match server.parse() {
         Ok(a) => a,
         Err(_) => SocketAddr::new(server.parse().map_err(|_| anyhow::anyhow!("--server wants IP[:PORT]"))?, 3478),

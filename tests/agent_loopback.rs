@@ -13,16 +13,16 @@ use common::{free_port, wait_for, Bg, Pinhole, PinholeOptions, TempDir};
 
 const AGENT_IP: &str = "127.0.0.2";
 
-fn agent_config(server: &str, port: u16) -> String {
+fn agent_config(server: &str, port: u16, stun: &str) -> String {
     format!(
-        "[agent]\nserver = \"{server}\"\n[sip]\nlisten = [\"udp:{AGENT_IP}:{port}\"]\n\
+        "[agent]\nserver = \"{server}\"\nstun = \"{stun}\"\n[sip]\nlisten = [\"udp:{AGENT_IP}:{port}\"]\n\
          [media]\ninterfaces = [{{ name = \"lan\", bind = \"{AGENT_IP}\" }}]\nport_min = 31000\nport_max = 31999\n"
     )
 }
 
-fn start_agent(dir: &TempDir, server: &str, port: u16) -> Bg {
+fn start_agent(dir: &TempDir, server: &str, port: u16, stun: &str) -> Bg {
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, agent_config(server, port)).expect("config");
+    std::fs::write(&cfg, agent_config(server, port, stun)).expect("config");
     let log = dir.path().join("agent.log");
     let child = Command::new(env!("CARGO_BIN_EXE_pinhole"))
         .args(["agent", "--config"])
@@ -40,9 +40,13 @@ fn start_agent(dir: &TempDir, server: &str, port: u16) -> Bg {
 #[test]
 fn a_phone_behind_the_agent_registers_with_its_own_digest_and_receives_calls_through_it() {
     let dir = TempDir::new("agent");
-    let mut ph = Pinhole::start(&dir, PinholeOptions { trusted: vec![], ..Default::default() });
+    let stun = format!("127.0.0.1:{}", free_port());
+    let extra = format!("[stun]\nlisten = [\"{stun}\"]\n");
+    let mut ph = Pinhole::start(&dir, PinholeOptions { trusted: vec![], extra, ..Default::default() });
     let port = free_port();
-    let _agent = start_agent(&dir, &ph.sip(), port);
+    let _agent = start_agent(&dir, &ph.sip(), port, &stun);
+    // The agent measures its NAT against the server's STUN before reporting it.
+    assert!(wait_for(&dir.path().join("agent.log"), "NAT profile", Duration::from_secs(30)), "no NAT profile");
     let agent = format!("{AGENT_IP}:{port}");
     let route = format!("Route: <sip:{agent};lr>\nMax-Forwards: 70");
 
@@ -61,6 +65,8 @@ fn a_phone_behind_the_agent_registers_with_its_own_digest_and_receives_calls_thr
     let ok = alice.response().expect("200 through the agent");
     assert_eq!(status(&ok), Some(200), "{ok}");
     assert!(ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(3)));
+    // The profile rode on the authenticated REGISTER and is kept with the binding.
+    assert!(wait_for(&dir.path().join("store.json"), "\"nat_profile\":\"", Duration::from_secs(3)), "profile stored");
 
     // bob calls alice: the server sends to the agent's flow, the agent to alice's phone.
     let bob = Phone::bind("127.0.0.4");
@@ -95,13 +101,16 @@ fn a_phone_behind_the_agent_registers_with_its_own_digest_and_receives_calls_thr
 fn check_config_accepts_an_agent_file_and_names_a_wrong_key() {
     let dir = TempDir::new("agent-cfg");
     let good = dir.path().join("agent.toml");
-    std::fs::write(&good, agent_config("203.0.113.10:5060", 5060)).expect("write");
+    std::fs::write(&good, agent_config("203.0.113.10:5060", 5060, "203.0.113.10:3478")).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_pinhole")).arg("check-config").arg(&good).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("agent configuration"));
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, agent_config("203.0.113.10:5060", 5060).replace("[agent]\n", "[agent]\nsever = 1\n"))
-        .expect("write");
+    std::fs::write(
+        &bad,
+        agent_config("203.0.113.10:5060", 5060, "203.0.113.10:3478").replace("[agent]\n", "[agent]\nsever = 1\n"),
+    )
+    .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_pinhole")).arg("check-config").arg(&bad).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

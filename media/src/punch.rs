@@ -47,6 +47,79 @@ impl NatProfile {
     fn cone(&self) -> bool {
         self.mapping == Some(Behaviour::EndpointIndependent)
     }
+
+    /// The `Pinhole-NAT` header value an agent adds to the REGISTERs it relays:
+    /// `mapping=eim;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.2:31000`.
+    /// Unknown parts are left out.
+    pub fn to_header(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(m) = self.mapping {
+            parts.push(format!("mapping={}", behaviour_token(m, "m")));
+        }
+        if let Some(f) = self.filtering {
+            parts.push(format!("filtering={}", behaviour_token(f, "f")));
+        }
+        match self.allocation {
+            Some(Allocation::Preserving) => parts.push("allocation=preserving".into()),
+            Some(Allocation::Sequential { delta }) => parts.push(format!("allocation=sequential;delta={delta}")),
+            Some(Allocation::PortBlock { size }) => parts.push(format!("allocation=port-block;block={size}")),
+            Some(Allocation::Random) => parts.push("allocation=random".into()),
+            None => {}
+        }
+        if let Some(w) = self.window {
+            parts.push(format!("window={w}"));
+        }
+        parts.join(";")
+    }
+
+    /// Reads a `Pinhole-NAT` value; unknown parameters are ignored, malformed ones make
+    /// the whole value unusable (`None`).
+    pub fn parse_header(value: &str) -> Option<NatProfile> {
+        let mut p = NatProfile { mapping: None, filtering: None, allocation: None, window: None };
+        let (mut kind, mut delta, mut block) = (None, None, None);
+        for part in value.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = part.split_once('=')?;
+            match k.trim().to_ascii_lowercase().as_str() {
+                "mapping" => p.mapping = Some(parse_behaviour(v, "m")?),
+                "filtering" => p.filtering = Some(parse_behaviour(v, "f")?),
+                "allocation" => kind = Some(v.trim().to_ascii_lowercase()),
+                "delta" => delta = Some(v.trim().parse::<i32>().ok()?),
+                "block" => block = Some(v.trim().parse::<u16>().ok()?),
+                "window" => p.window = Some(v.trim().parse().ok()?),
+                _ => {}
+            }
+        }
+        p.allocation = match kind.as_deref() {
+            None => None,
+            Some("preserving") => Some(Allocation::Preserving),
+            Some("sequential") => Some(Allocation::Sequential { delta: delta? }),
+            Some("port-block") => Some(Allocation::PortBlock { size: block? }),
+            Some("random") => Some(Allocation::Random),
+            Some(_) => return None,
+        };
+        Some(p)
+    }
+}
+
+/// RFC 4787's short names: `eim`/`adm`/`apdm` for mapping, `eif`/`adf`/`apdf` for filtering.
+fn behaviour_token(b: Behaviour, suffix: &str) -> String {
+    let stem = match b {
+        Behaviour::EndpointIndependent => "ei",
+        Behaviour::AddressDependent => "ad",
+        Behaviour::AddressAndPortDependent => "apd",
+    };
+    format!("{stem}{suffix}")
+}
+
+fn parse_behaviour(v: &str, suffix: &str) -> Option<Behaviour> {
+    let v = v.trim().to_ascii_lowercase();
+    let stem = v.strip_suffix(suffix)?;
+    match stem {
+        "ei" => Some(Behaviour::EndpointIndependent),
+        "ad" => Some(Behaviour::AddressDependent),
+        "apd" => Some(Behaviour::AddressAndPortDependent),
+        _ => None,
+    }
 }
 
 /// Why no direct path is planned.

@@ -44,11 +44,19 @@ pub struct Agent {
     cfg: AgentConfig,
     out: VecDeque<Transmit>,
     stats: AgentStats,
+    /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
+    profile: Option<String>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Agent {
-        Agent { cfg, out: VecDeque::new(), stats: AgentStats::default() }
+        Agent { cfg, out: VecDeque::new(), stats: AgentStats::default(), profile: None }
+    }
+
+    /// The NAT profile to report with every REGISTER relayed from now on (the server keeps
+    /// it only with a REGISTER it authenticated).
+    pub fn set_profile(&mut self, header_value: String) {
+        self.profile = Some(header_value);
     }
 
     pub fn stats(&self) -> &AgentStats {
@@ -143,6 +151,18 @@ impl Agent {
         }
         for (hi, r) in &ours {
             e.remove_value(*hi, r.clone());
+        }
+        if msg.method() == Some(&Method::Register) && !from_server {
+            // Only the agent speaks for its NAT: whatever a phone put there goes.
+            for (i, h) in msg.headers.iter().enumerate() {
+                let name = msg.text(h.line.clone()).split(':').next().unwrap_or("").trim();
+                if h.name == HeaderName::Other && name.eq_ignore_ascii_case("Pinhole-NAT") {
+                    e.remove_value(i, h.value.clone());
+                }
+            }
+            if let Some(p) = &self.profile {
+                e.append_header("Pinhole-NAT", p);
+            }
         }
         fix_top_via(msg, &mut e, flow);
         e.decrement_max_forwards();

@@ -362,6 +362,15 @@ impl Message {
         out
     }
 
+    /// The first value of an extension header, by its name (case-insensitive).
+    pub fn extension_header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().filter(|h| h.name == HeaderName::Other).find_map(|h| {
+            let line = self.text(h.line.clone());
+            let (n, _) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| self.text(h.value.clone()))
+        })
+    }
+
     pub fn value_texts(&self, name: HeaderName) -> Vec<&str> {
         self.values(name).into_iter().map(|(_, r)| self.text(r)).collect()
     }

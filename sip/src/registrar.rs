@@ -52,6 +52,10 @@ pub struct Binding {
     /// Unix seconds since a keepalive has waited for its answer (0: none waiting).
     #[serde(skip)]
     pub keepalive_pending_since: u64,
+    /// The NAT profile an agent reported with this (authenticated) REGISTER, in its
+    /// `Pinhole-NAT` header form (see `pinhole_media::punch::NatProfile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_profile: Option<String>,
 }
 
 /// How often bindings are kept alive.
@@ -128,6 +132,7 @@ impl Registrar {
     }
 
     /// Processes a REGISTER for `aor` that arrived on `flow` at `unix_now`.
+    #[allow(clippy::too_many_arguments)] // the REGISTER and everything known about where it came from
     pub fn register(
         &mut self,
         cfg: &RegistrarConfig,
@@ -136,6 +141,7 @@ impl Registrar {
         msg: &Message,
         flow: Flow,
         keepalive: KeepalivePolicy,
+        nat_profile: Option<String>,
     ) -> Result<RegisterOutcome, (Rejection, Vec<String>)> {
         let call_id = msg.call_id().unwrap_or_default().to_owned();
         let cseq = msg.cseq().map(|(n, _)| n).unwrap_or(0);
@@ -227,6 +233,7 @@ impl Registrar {
                 next_keepalive: unix_now + if learned == 0 { keepalive.interval } else { learned },
                 keepalive_interval: learned,
                 keepalive_pending_since: 0,
+                nat_profile: nat_profile.clone(),
             };
             match existing {
                 Some(i) => list[i] = binding,
@@ -337,20 +344,29 @@ mod tests {
     fn binding_is_added_refreshed_and_removed() {
         let mut r = Registrar::new();
         let aor = "alice@example.com";
-        let out =
-            r.register(&CFG, 1000, aor, &register(1, "<sip:alice@10.0.0.2:5060>", ""), flow(40000), KA).expect("ok");
+        let out = r
+            .register(&CFG, 1000, aor, &register(1, "<sip:alice@10.0.0.2:5060>", ""), flow(40000), KA, None)
+            .expect("ok");
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].expires_at, 1000 + 3600);
         assert_eq!(out.bindings[0].remote.port(), 40000);
         // Refresh from a new NAT mapping moves the flow.
         let out = r
-            .register(&CFG, 1100, aor, &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""), flow(40001), KA)
+            .register(&CFG, 1100, aor, &register(2, "<sip:alice@10.0.0.2:5060>;expires=120", ""), flow(40001), KA, None)
             .expect("ok");
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].remote.port(), 40001);
         assert_eq!(out.bindings[0].expires_at, 1220);
         let out = r
-            .register(&CFG, 1200, aor, &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"), flow(40001), KA)
+            .register(
+                &CFG,
+                1200,
+                aor,
+                &register(3, "<sip:alice@10.0.0.2:5060>", "Expires: 0\r\n"),
+                flow(40001),
+                KA,
+                None,
+            )
             .expect("ok");
         assert!(out.bindings.is_empty());
         assert_eq!(r.binding_count(), 0);
@@ -359,8 +375,9 @@ mod tests {
     #[test]
     fn too_brief_interval_gets_423_with_min_expires() {
         let mut r = Registrar::new();
-        let err =
-            r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=5", ""), flow(1), KA).expect_err("423");
+        let err = r
+            .register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>;expires=5", ""), flow(1), KA, None)
+            .expect_err("423");
         assert_eq!(err.0.code, 423);
         assert_eq!(err.1, vec!["Min-Expires: 60".to_owned()]);
     }
@@ -368,21 +385,21 @@ mod tests {
     #[test]
     fn wildcard_removes_all_contacts() {
         let mut r = Registrar::new();
-        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""), flow(1), KA)
+        r.register(&CFG, 0, "a@x", &register(1, "<sip:a@10.0.0.2>, <sip:a@10.0.0.3>;q=0.5", ""), flow(1), KA, None)
             .expect("ok");
         assert_eq!(r.lookup("a@x", 1).len(), 2);
         assert_eq!(r.lookup("a@x", 1)[1].q, 500);
-        let err = r.register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), KA).expect_err("needs Expires 0");
+        let err = r.register(&CFG, 1, "a@x", &register(2, "*", ""), flow(1), KA, None).expect_err("needs Expires 0");
         assert_eq!(err.0.code, 400);
-        r.register(&CFG, 1, "a@x", &register(3, "*", "Expires: 0\r\n"), flow(1), KA).expect("ok");
+        r.register(&CFG, 1, "a@x", &register(3, "*", "Expires: 0\r\n"), flow(1), KA, None).expect("ok");
         assert!(r.lookup("a@x", 2).is_empty());
     }
 
     #[test]
     fn reordered_register_does_not_undo_a_newer_one() {
         let mut r = Registrar::new();
-        r.register(&CFG, 0, "a@x", &register(5, "<sip:a@10.0.0.2>", ""), flow(1), KA).expect("ok");
-        r.register(&CFG, 0, "a@x", &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"), flow(1), KA).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(5, "<sip:a@10.0.0.2>", ""), flow(1), KA, None).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(4, "<sip:a@10.0.0.2>", "Expires: 0\r\n"), flow(1), KA, None).expect("ok");
         assert_eq!(r.lookup("a@x", 1).len(), 1);
     }
 
@@ -391,8 +408,8 @@ mod tests {
         let mut r = Registrar::new();
         let c1 = "<sip:a@10.0.0.2:5060>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
         let c2 = "<sip:a@10.0.0.9:5062>;+sip.instance=\"<urn:uuid:1>\";reg-id=1";
-        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), KA).expect("ok");
-        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), KA).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(1, c1, ""), flow(1), KA, None).expect("ok");
+        r.register(&CFG, 0, "a@x", &register(2, c2, ""), flow(2), KA, None).expect("ok");
         let b = r.lookup("a@x", 1);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].contact, "sip:a@10.0.0.9:5062");
@@ -408,6 +425,7 @@ mod tests {
             &register(1, "<sip:a@10.0.0.2>;expires=60", "Path: <sip:edge.example.com;lr>\r\n"),
             flow(1),
             KA,
+            None,
         )
         .expect("ok");
         let snap = r.snapshot();

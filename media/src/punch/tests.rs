@@ -260,3 +260,20 @@ fn a_cheaper_method_than_planned_fails_where_the_plan_is_needed() {
     let one_sided = Strategy::Prediction { symmetric: Side::B, delta: 1, window: PREDICTION_WINDOW };
     assert!(!carry_out(one_sided, &mut a, &mut b, now));
 }
+
+#[test]
+fn a_profile_survives_its_header_form_and_garbage_is_refused() {
+    let now = Instant::now();
+    for (i, _) in KINDS.iter().enumerate() {
+        let (a, _) = cell(i, i, now);
+        let p = a.profile();
+        assert_eq!(NatProfile::parse_header(&p.to_header()), Some(p), "{}", p.to_header());
+    }
+    let p = NatProfile::parse_header("mapping=EIM; filtering=apdf; allocation=port-block; block=64; extra=1")
+        .expect("parses");
+    assert_eq!(p.allocation, Some(Allocation::PortBlock { size: 64 }));
+    assert_eq!(p.window, None);
+    for bad in ["mapping=xyz", "allocation=sequential", "window=not-an-address", "mapping"] {
+        assert_eq!(NatProfile::parse_header(bad), None, "{bad}");
+    }
+}

@@ -151,3 +151,17 @@ fn garbage_is_refused_spent_hops_get_483_and_every_own_route_is_consumed() {
     let out = send(&mut a, PHONE, &to_self);
     assert_eq!(out[0].flow.remote, addr(SERVER), "all our own Routes are consumed");
 }
+
+#[test]
+fn relayed_registers_carry_the_agents_profile_and_never_the_phones() {
+    let mut a = agent();
+    let planted = REGISTER.replace("Content-Length: 0", "Pinhole-NAT: mapping=eim;filtering=eif\nContent-Length: 0");
+    let out = send(&mut a, PHONE, &planted);
+    assert_eq!(parse(&out[0]).extension_header("Pinhole-NAT"), None, "the phone's claim is removed");
+    a.set_profile("mapping=apdm;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.2:40001".into());
+    let out = send(&mut a, PHONE, &planted);
+    assert_eq!(
+        parse(&out[0]).extension_header("Pinhole-NAT"),
+        Some("mapping=apdm;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.2:40001")
+    );
+}

@@ -369,7 +369,15 @@ impl<M: MediaAnchor> Proxy<M> {
             interval: self.cfg.keepalive_interval.as_secs().max(1),
             floor: self.cfg.keepalive_min.as_secs().max(1),
         };
-        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, keepalive) {
+        // An agent's NAT profile counts only on a REGISTER we authenticated (or from the
+        // operator's own networks), so nobody can plant one for someone else's binding.
+        let vouched = auth_user.is_some() || self.is_trusted(flow.remote.ip());
+        let nat_profile = vouched
+            .then(|| msg.extension_header("Pinhole-NAT"))
+            .flatten()
+            .and_then(pinhole_media::punch::NatProfile::parse_header)
+            .map(|p| p.to_header());
+        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, keepalive, nat_profile) {
             Ok(out) => {
                 for (contact, interval) in &out.mapping_deaths {
                     tracing::info!(%aor, contact, interval, "NAT mapping died under the keepalives; interval shortened");

@@ -1018,6 +1018,34 @@ fn our_domain_on_a_port_we_do_not_listen_on_is_somebody_else() {
     assert!(r.reason().contains("Unresolvable"));
 }
 
+#[test]
+fn an_agents_nat_profile_is_kept_only_with_an_authenticated_register() {
+    let mut lab = Lab::new();
+    let reg = "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKnp1;rport
+Max-Forwards: 70
+To: <sip:alice@example.com>
+From: <sip:alice@example.com>;tag=np
+Call-ID: nat-profile
+CSeq: 1 REGISTER
+Contact: <sip:alice@10.0.0.2:5060>
+Pinhole-NAT: mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.9:40001
+Content-Length: 0
+
+";
+    let out = lab.send(udp(NAT_A), reg);
+    assert_eq!(parse(&out[0]).status(), Some(401), "no profile without credentials");
+    assert_eq!(lab.proxy.registrar().binding_count(), 0);
+    let creds = credentials(&out[0], "alice", "pw-a", "REGISTER", "sip:example.com", 1);
+    let authed = with_header(&reg.replace("z9hG4bKnp1", "z9hG4bKnp2").replace("CSeq: 1", "CSeq: 2"), &creds);
+    assert_eq!(parse(&lab.send(udp(NAT_A), &authed)[0]).status(), Some(200));
+    let b = &lab.proxy.registrar().lookup("alice@example.com", 1_700_000_000)[0];
+    assert_eq!(
+        b.nat_profile.as_deref(),
+        Some("mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.9:40001")
+    );
+}
+
 mod media {
     use super::*;
 
