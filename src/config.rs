@@ -29,6 +29,25 @@ pub(crate) struct Config {
     pub(crate) stun: Stun,
     #[serde(default)]
     pub(crate) metrics: Metrics,
+    #[serde(default)]
+    pub(crate) punch: Punch,
+}
+
+/// `[punch]`: who may get a direct media path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Punch {
+    pub(crate) enabled: bool,
+    /// Networks whose endpoints (public or private address) never get a direct path.
+    pub(crate) deny: Vec<CidrSpec>,
+    /// Users who never get a direct path.
+    pub(crate) deny_users: Vec<String>,
+}
+
+impl Default for Punch {
+    fn default() -> Self {
+        Punch { enabled: true, deny: Vec::new(), deny_users: Vec::new() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -537,6 +556,18 @@ mod tests {
         assert!(c.auth.trusted.iter().all(|t| !t.0.contains(outside)), "outside sources are challenged");
         assert_eq!(c.ng.listen, "127.0.0.1:2223");
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9090".parse().expect("addr")));
+    }
+
+    #[test]
+    fn punch_policy_parses_and_a_bad_network_is_named() {
+        let base = "[sip]\ndomain = \"x\"\n[punch]\nenabled = false\ndeny_users = [\"alice\"]\n";
+        let c = Config::parse(&format!("{base}deny = [\"198.51.100.0/24\"]\n")).expect("valid");
+        assert!(!c.punch.enabled);
+        assert_eq!(c.punch.deny_users, vec!["alice".to_owned()]);
+        assert_eq!(c.punch.deny.len(), 1);
+        let errs = Config::parse(&format!("{base}deny = [\"198.51.100.0/99\"]\n")).expect_err("bad CIDR");
+        assert!(errs[0].message.contains("198.51.100.0/99") && errs[0].line == 6, "{errs:?}");
+        assert!(Config::parse("[sip]\ndomain = \"x\"\n").expect("valid").punch.enabled, "on by default");
     }
 
     #[test]

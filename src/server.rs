@@ -145,6 +145,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_body: cfg.sip.max_message_size,
         max_message: cfg.sip.max_message_size,
         secret: loaded.secret,
+        punch: pinhole_sip::PunchPolicy {
+            enabled: cfg.punch.enabled,
+            deny: cfg.punch.deny.iter().map(|c| c.0).collect(),
+            deny_users: cfg.punch.deny_users.clone(),
+        },
     };
     let epoch = Instant::now().into_std();
     let relay_cfg = cfg.relay();

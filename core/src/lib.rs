@@ -38,7 +38,7 @@ use bytes::Bytes;
 use pinhole_media::ng_server::{NgServer, NgStreamError};
 use pinhole_media::relay::{Command, Relay, RelayConfig};
 use pinhole_sip::message::Garbage;
-use pinhole_sip::{Flow, Proxy, ProxyConfig, Transmit, Transport};
+use pinhole_sip::{Flow, Proxy, ProxyConfig, ProxyEvent, Transmit, Transport};
 
 /// What a node is made of.
 #[derive(Debug, Clone)]
@@ -54,6 +54,9 @@ pub struct NodeConfig {
 pub enum Event {
     /// The relay ended a call on its own; its dialog is being torn down (BYE both sides).
     CallEnded { call_id: String, reason: &'static str },
+    /// A call between two profiled endpoints got a punch method (`relay` or `denied` when
+    /// none); media stays on the relay until plans are carried out.
+    PunchPlanned { call_id: String, method: &'static str },
 }
 
 /// The next thing the shell must do.
@@ -219,6 +222,9 @@ impl Node {
         }
         if let Some(e) = self.events.pop_front() {
             return Output::Event(e);
+        }
+        if let Some(ProxyEvent::PunchPlanned { call_id, method }) = self.proxy.poll_event() {
+            return Output::Event(Event::PunchPlanned { call_id, method });
         }
         let relay = self.relay().and_then(|r| {
             let stats = (r.call_count() > 0).then_some((self.next_stats, "relay statistics"));

@@ -37,6 +37,7 @@ fn config() -> NodeConfig {
             max_body: 16384,
             max_message: 32768,
             secret: [1; 32],
+            punch: Default::default(),
         },
         relay: Some(RelayConfig { media_timeout: Duration::from_secs(20), ..RelayConfig::single(ip, 30000, 30099) }),
     }

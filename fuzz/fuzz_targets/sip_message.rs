@@ -31,6 +31,7 @@ fn config() -> ProxyConfig {
         max_body: 8192,
         max_message: 16384,
         secret: [3; 32],
+        punch: Default::default(),
     }
 }
 

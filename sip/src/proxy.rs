@@ -21,6 +21,7 @@ mod dialogs;
 mod forward;
 mod keepalive;
 mod media;
+mod punch;
 mod requests;
 #[cfg(test)]
 mod tests;
@@ -142,6 +143,40 @@ pub struct ProxyConfig {
     pub max_message: usize,
     /// Keys nonces and Record-Route flow tokens; keep it across restarts.
     pub secret: [u8; 32],
+    /// Who may get a direct media path (`[punch]`).
+    pub punch: PunchPolicy,
+}
+
+/// The administrators' say over direct paths (`[punch]`): off altogether, or never for
+/// endpoints in denied networks (public or private address) or for denied users.
+#[derive(Debug, Clone)]
+pub struct PunchPolicy {
+    pub enabled: bool,
+    pub deny: Vec<Cidr>,
+    pub deny_users: Vec<String>,
+}
+
+impl Default for PunchPolicy {
+    fn default() -> Self {
+        PunchPolicy { enabled: true, deny: Vec::new(), deny_users: Vec::new() }
+    }
+}
+
+impl PunchPolicy {
+    /// May these users, at these addresses, get a direct path?
+    pub fn allows(&self, users: &[&str], addrs: &[IpAddr]) -> bool {
+        self.enabled
+            && !users.iter().any(|u| self.deny_users.iter().any(|d| d == u))
+            && !addrs.iter().any(|a| self.deny.iter().any(|c| c.contains(*a)))
+    }
+}
+
+/// Things the driver above the proxy acts on or reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProxyEvent {
+    /// A call between two endpoints with NAT profiles got a punch method (or `relay`).
+    PunchPlanned { call_id: String, method: &'static str },
 }
 
 /// Counters the shell exports as metrics.
@@ -228,6 +263,8 @@ struct Target {
     flow: Flow,
     request_uri: Option<String>,
     routes: Vec<String>,
+    /// The binding's agent-reported NAT profile, when the target is a registered binding.
+    nat_profile: Option<String>,
 }
 
 /// Our own entries at the top of a request's Route set, and what follows them.
@@ -261,6 +298,7 @@ pub struct Proxy<M: MediaAnchor> {
     established: DialogTable,
     /// Bytes unauthenticated sources may draw from us (challenges, refusals).
     budget: ReplyBudget,
+    events: VecDeque<ProxyEvent>,
 }
 
 impl<M: MediaAnchor> Proxy<M> {
@@ -277,6 +315,7 @@ impl<M: MediaAnchor> Proxy<M> {
             dialogs: HashMap::new(),
             established: DialogTable::default(),
             budget: ReplyBudget::default(),
+            events: VecDeque::new(),
             auth,
             cfg,
             registrar: Registrar::new(),
@@ -320,6 +359,12 @@ impl<M: MediaAnchor> Proxy<M> {
 
     fn unix(&self, now: Instant) -> u64 {
         self.unix_epoch + now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// The next thing to act on or report, if any.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ProxyEvent> {
+        self.events.pop_front()
     }
 
     /// Next thing to send, if any.

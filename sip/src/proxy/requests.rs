@@ -253,6 +253,9 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
+        if *method == Method::Invite && msg.tag(HeaderName::To).is_none() {
+            self.plan_punch(now, flow, msg, auth_user.as_deref(), &targets);
+        }
         let body = match self.media_request(now, flow, msg, targets.first().map(|t| t.flow)) {
             Ok(b) => b,
             Err(rej) => {
@@ -302,6 +305,7 @@ impl<M: MediaAnchor> Proxy<M> {
                         flow: Flow { transport: i.transport, local: i.bind, remote, conn: None },
                         request_uri: None,
                         routes: vec![],
+                        nat_profile: None,
                     }]);
                 }
             }
@@ -309,7 +313,7 @@ impl<M: MediaAnchor> Proxy<M> {
         if let Some(next) = remaining.first() {
             let uri = uri_of(next);
             let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
-            return Ok(vec![Target { flow: f, request_uri: None, routes: vec![] }]);
+            return Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None }]);
         }
         if to_us {
             let Some(user) = request_user(msg) else {
@@ -329,7 +333,7 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let uri = msg.request_uri().unwrap_or("");
         let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
-        Ok(vec![Target { flow: f, request_uri: None, routes: vec![] }])
+        Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None }])
     }
 
     pub(super) fn side_matches(&self, side: (usize, SocketAddr), flow: Flow) -> bool {
@@ -471,7 +475,12 @@ impl<M: MediaAnchor> Proxy<M> {
 }
 
 pub(super) fn binding_target(b: &Binding) -> Target {
-    Target { flow: b.flow(), request_uri: Some(b.contact.clone()), routes: b.path.iter().rev().cloned().collect() }
+    Target {
+        flow: b.flow(),
+        request_uri: Some(b.contact.clone()),
+        routes: b.path.iter().rev().cloned().collect(),
+        nat_profile: b.nat_profile.clone(),
+    }
 }
 
 pub(super) fn request_user(msg: &Message) -> Option<String> {

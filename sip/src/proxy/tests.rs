@@ -72,6 +72,7 @@ impl Lab {
             max_body: 16384,
             max_message: 32768,
             secret: [9; 32],
+            punch: Default::default(),
         };
         Lab { proxy: Proxy::new(cfg, None, now, 1_700_000_000, 1), now, regs: 0 }
     }
@@ -119,6 +120,11 @@ impl Lab {
 
     /// Registers `user` from a trusted-free NAT mapping using the proxy's own challenge.
     fn register(&mut self, user: &str, nat: &str, password: &str) {
+        self.register_with(user, nat, password, None);
+    }
+
+    /// Like [`Lab::register`], with an extra header line (an agent's `Pinhole-NAT`).
+    fn register_with(&mut self, user: &str, nat: &str, password: &str, extra: Option<&str>) {
         self.regs += 1;
         let n = self.regs;
         let reg = format!(
@@ -134,6 +140,10 @@ Content-Length: 0
 
 "
         );
+        let reg = match extra {
+            Some(line) => with_header(&reg, line),
+            None => reg,
+        };
         let out = self.send(udp(nat), &reg);
         assert_eq!(parse(&out[0]).status(), Some(401));
         let creds = credentials(&out[0], user, password, "REGISTER", "sip:example.com", 1);
@@ -1044,6 +1054,66 @@ Content-Length: 0
         b.nat_profile.as_deref(),
         Some("mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.9:40001")
     );
+}
+
+const PORT_RESTRICTED: &str = "Pinhole-NAT: mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.9:40001";
+const SYMMETRIC_SEQ: &str =
+    "Pinhole-NAT: mapping=apdm;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.10:40002";
+
+/// alice (port-restricted cone) calls bob (sequential symmetric), both behind agents that
+/// reported profiles; returns the events the proxy reported.
+fn profiled_call(lab: &mut Lab) -> Vec<ProxyEvent> {
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ));
+    while lab.proxy.poll_event().is_some() {}
+    let inv = invite("bob", "z9hG4bKpp1").replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKpp1", "branch=z9hG4bKpp2"), &creds));
+    assert_eq!(parse(&out[1]).method(), Some(&Method::Invite), "the call goes on regardless");
+    std::iter::from_fn(|| lab.proxy.poll_event()).collect()
+}
+
+#[test]
+fn a_call_between_two_profiled_endpoints_gets_a_punch_plan() {
+    let mut lab = Lab::new();
+    assert_eq!(
+        profiled_call(&mut lab),
+        vec![ProxyEvent::PunchPlanned { call_id: "call-z9hG4bKpp1".into(), method: "prediction" }]
+    );
+}
+
+#[test]
+fn calls_without_profiles_get_no_plan() {
+    let mut lab = Lab::new();
+    lab.register("alice", NAT_A, "pw-a");
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ));
+    let inv = invite("bob", "z9hG4bKnp1").replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKnp1", "branch=z9hG4bKnp2"), &creds));
+    assert_eq!(lab.proxy.poll_event(), None);
+}
+
+#[test]
+fn the_punch_policy_denies_by_switch_user_and_network() {
+    for policy in [
+        PunchPolicy { enabled: false, ..PunchPolicy::default() },
+        PunchPolicy { deny_users: vec!["bob".into()], ..PunchPolicy::default() },
+        PunchPolicy { deny: vec![Cidr::parse("203.0.113.10/32").expect("cidr")], ..PunchPolicy::default() },
+        PunchPolicy { deny: vec![Cidr::parse("10.0.0.0/8").expect("cidr")], ..PunchPolicy::default() },
+    ] {
+        let mut lab = Lab::new();
+        let mut cfg = lab.proxy.config().clone();
+        cfg.punch = policy.clone();
+        lab.proxy = Proxy::new(cfg, None, lab.now, 1_700_000_000, 1);
+        let events = profiled_call(&mut lab);
+        assert_eq!(
+            events,
+            vec![ProxyEvent::PunchPlanned { call_id: "call-z9hG4bKpp1".into(), method: "denied" }],
+            "{policy:?}"
+        );
+    }
 }
 
 mod media {
