@@ -69,6 +69,9 @@ fn register_defaults() {
         metrics::counter!("pinhole_nat_keepalives_total", "result" => result).absolute(0);
     }
     metrics::counter!("pinhole_nat_mapping_deaths_total").absolute(0);
+    for method in ["reach", "simultaneous-open", "prediction", "lockstep-shotgun", "birthday", "relay", "denied"] {
+        metrics::counter!("pinhole_punch_plans_total", "method" => method).absolute(0);
+    }
     for reason in ["idle", "incomplete"] {
         metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).absolute(0);
     }
