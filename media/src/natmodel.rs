@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::probe::Behaviour;
+use crate::probe::{Allocation, Behaviour};
 
 /// How a NAT picks the public port of a new mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,32 @@ pub enum PortAllocation {
         size: u16,
     },
     Random,
+}
+
+impl PortAllocation {
+    /// What a classifier that measured this NAT reports.
+    pub fn as_reported(self) -> Allocation {
+        match self {
+            PortAllocation::Preserving => Allocation::Preserving,
+            PortAllocation::Sequential { delta } => Allocation::Sequential { delta: i32::from(delta) },
+            PortAllocation::PortBlock { size } => Allocation::PortBlock { size },
+            PortAllocation::Random => Allocation::Random,
+        }
+    }
+}
+
+/// The five kinds of the punching matrix, by the lab's names.
+pub const MATRIX: [(&str, NatKind); 5] = [
+    ("full-cone", NatKind::FULL_CONE),
+    ("restricted", NatKind::RESTRICTED),
+    ("port-restricted", NatKind::PORT_RESTRICTED),
+    ("symmetric-seq", NatKind::SYMMETRIC_SEQ),
+    ("symmetric-random", NatKind::SYMMETRIC_RANDOM),
+];
+
+/// The 15 unordered pairs of [`MATRIX`] kinds, by index.
+pub fn matrix_pairs() -> Vec<(usize, usize)> {
+    (0..MATRIX.len()).flat_map(|i| (i..MATRIX.len()).map(move |j| (i, j))).collect()
 }
 
 /// The NAT's behaviour.

@@ -223,5 +223,7 @@ pub fn choose(a: &NatProfile, b: &NatProfile) -> Strategy {
     }
 }
 
+pub mod scheduler;
+
 #[cfg(test)]
 mod tests;

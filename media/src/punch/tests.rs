@@ -5,16 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::*;
-use crate::natmodel::{NatKind, NatModel, PortAllocation};
+use crate::natmodel::{matrix_pairs, NatKind, NatModel, PortAllocation, MATRIX};
 
 const SERVER: &str = "203.0.113.1:3478";
-const KINDS: [(&str, NatKind); 5] = [
-    ("full-cone", NatKind::FULL_CONE),
-    ("restricted", NatKind::RESTRICTED),
-    ("port-restricted", NatKind::PORT_RESTRICTED),
-    ("symmetric-seq", NatKind::SYMMETRIC_SEQ),
-    ("symmetric-random", NatKind::SYMMETRIC_RANDOM),
-];
+const KINDS: [(&str, NatKind); 5] = MATRIX;
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("addr")
@@ -37,12 +31,7 @@ impl End {
     }
 
     fn profile(&self) -> NatProfile {
-        let allocation = match self.nat.kind.allocation {
-            PortAllocation::Preserving => Allocation::Preserving,
-            PortAllocation::Sequential { delta } => Allocation::Sequential { delta: i32::from(delta) },
-            PortAllocation::PortBlock { size } => Allocation::PortBlock { size },
-            PortAllocation::Random => Allocation::Random,
-        };
+        let allocation = self.nat.kind.allocation.as_reported();
         NatProfile {
             mapping: Some(self.nat.kind.mapping),
             filtering: Some(self.nat.kind.filtering),
@@ -151,11 +140,6 @@ fn carry_out(strategy: Strategy, a: &mut End, b: &mut End, now: Instant) -> bool
     }
 }
 
-/// The 15 unordered pairs of kinds, by index.
-fn pairs() -> Vec<(usize, usize)> {
-    (0..KINDS.len()).flat_map(|i| (i..KINDS.len()).map(move |j| (i, j))).collect()
-}
-
 fn cell(i: usize, j: usize, now: Instant) -> (End, End) {
     let a = End::new(KINDS[i].1, "198.51.100.10:31000", "203.0.113.2", 11 + i as u64, now);
     let b = End::new(KINDS[j].1, "198.51.100.138:31000", "203.0.113.3", 23 + j as u64, now);
@@ -166,7 +150,7 @@ fn cell(i: usize, j: usize, now: Instant) -> (End, End) {
 fn the_matrix_plans_a_direct_path_in_13_of_15_cells_and_each_one_works() {
     let now = Instant::now();
     let mut table = Vec::new();
-    for (i, j) in pairs() {
+    for (i, j) in matrix_pairs() {
         let (mut a, mut b) = cell(i, j, now);
         let s = choose(&a.profile(), &b.profile());
         let worked = carry_out(s, &mut a, &mut b, now);
@@ -189,7 +173,7 @@ fn each_cell_gets_the_method_of_the_table() {
         ["", "", "", "lockstep-shotgun", "relay"],
         ["", "", "", "", "relay"],
     ];
-    for (i, j) in pairs() {
+    for (i, j) in matrix_pairs() {
         let (a, b) = cell(i, j, now);
         let want = want[i][j];
         assert_eq!(choose(&a.profile(), &b.profile()).label(), want, "{} × {}", KINDS[i].0, KINDS[j].0);

@@ -1,0 +1,311 @@
+//! Carrying out one side of a punch plan, sans-IO, in virtual time.
+//!
+//! Every probe is a STUN Binding request signed with the plan's short-term credentials
+//! (USERNAME `peer:us`, MESSAGE-INTEGRITY keyed by the peer's password, as ICE does), so a
+//! path is adopted only after a check succeeded in both directions: we answered the peer's
+//! signed request, and the peer answered ours. Nothing unsigned is ever adopted. What a
+//! side sends depends on the method and its role in it: null packets to open its own NAT,
+//! checks at the peer's window, a window of predicted ports, a lockstep walk, or the
+//! birthday spray. A check from the peer is answered and met with a check of our own back
+//! to where it came from (a triggered check), so the first packet through wins.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
+use stun_rs::methods::BINDING;
+use stun_rs::{
+    DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunAttribute,
+    StunMessageBuilder, TransactionId,
+};
+
+use super::Strategy;
+use crate::relay::Side;
+
+/// Spacing of probes in a spray (shotgun, birthday); checks at a known address repeat at
+/// [`RETRY`].
+const SPRAY_PACE: Duration = Duration::from_millis(2);
+const RETRY: Duration = Duration::from_millis(50);
+/// Lockstep: time per step, the same on both sides.
+const STEP: Duration = Duration::from_millis(20);
+/// Give up after this long without a path.
+pub const PUNCH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The short-term credentials of a plan (ICE-style ufrag and password per side).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub local_ufrag: String,
+    pub local_pwd: String,
+    pub remote_ufrag: String,
+    pub remote_pwd: String,
+}
+
+/// One side's part of a plan.
+#[derive(Debug, Clone)]
+pub struct PunchPlan {
+    pub strategy: Strategy,
+    /// Which side of the plan we are.
+    pub side: Side,
+    /// Both sides' windows (public address of the media socket), A then B.
+    pub windows: [SocketAddr; 2],
+    pub credentials: Credentials,
+    /// When both sides start.
+    pub start: Instant,
+}
+
+/// A datagram to send from socket `socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchTransmit {
+    pub socket: usize,
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+pub struct Puncher {
+    plan: PlanView,
+    creds: Credentials,
+    out: Vec<PunchTransmit>,
+    next: Option<Instant>,
+    /// Probes sent in the current spray or walk.
+    sent: u32,
+    rng: u64,
+    /// Transactions of our checks: (id, socket, destination).
+    checks: Vec<(TransactionId, usize, SocketAddr)>,
+    /// Peers whose signed request we answered, per socket.
+    heard: Vec<(usize, SocketAddr)>,
+    /// Peers that answered our signed request, per socket.
+    answered: Vec<(usize, SocketAddr)>,
+    path: Option<(usize, SocketAddr)>,
+    deadline: Instant,
+}
+
+/// The plan from our side's point of view.
+#[derive(Debug, Clone, Copy)]
+struct PlanView {
+    strategy: Strategy,
+    side: Side,
+    peer: SocketAddr,
+}
+
+impl Puncher {
+    pub fn new(plan: PunchPlan, seed: u64) -> Puncher {
+        let idx = |s: Side| s as usize;
+        let view = PlanView { strategy: plan.strategy, side: plan.side, peer: plan.windows[idx(plan.side.other())] };
+        Puncher {
+            plan: view,
+            creds: plan.credentials,
+            out: Vec::new(),
+            next: view.strategy.is_direct().then_some(plan.start),
+            sent: 0,
+            rng: seed | 1,
+            checks: Vec::new(),
+            heard: Vec::new(),
+            answered: Vec::new(),
+            path: None,
+            deadline: plan.start + PUNCH_DEADLINE,
+        }
+    }
+
+    /// How many sockets this side needs (the hard side of a birthday opens many).
+    pub fn sockets(&self) -> usize {
+        match self.plan.strategy {
+            Strategy::Birthday { hard, sockets, .. } if hard == self.plan.side => usize::from(sockets),
+            _ => 1,
+        }
+    }
+
+    /// The adopted path: our socket and the peer's address, once checks succeeded both ways.
+    pub fn path(&self) -> Option<(usize, SocketAddr)> {
+        self.path
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<PunchTransmit> {
+        (!self.out.is_empty()).then(|| self.out.remove(0))
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next.filter(|_| self.path.is_none())
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.rng >> 33
+    }
+
+    /// A signed Binding request to `to` from `socket`.
+    fn check(&mut self, socket: usize, to: SocketAddr) {
+        let mut tid = [0u8; 12];
+        tid[..8].copy_from_slice(&self.random().to_be_bytes());
+        tid[8..].copy_from_slice(&(self.checks.len() as u32).to_be_bytes());
+        let id = TransactionId::from(tid);
+        let username = format!("{}:{}", self.creds.remote_ufrag, self.creds.local_ufrag);
+        let (Ok(user), Ok(key)) = (UserName::new(username), HMACKey::new_short_term(&self.creds.remote_pwd)) else {
+            return;
+        };
+        let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
+            .with_transaction_id(id)
+            .with_attribute(user)
+            .with_attribute(MessageIntegrity::new(key))
+            .build();
+        if let Some(bytes) = encode(&msg) {
+            self.checks.push((id, socket, to));
+            self.out.push(PunchTransmit { socket, to, bytes });
+        }
+    }
+
+    /// Sends what the plan says is due now.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(due) = self.next.filter(|t| *t <= now) else { return };
+        if self.path.is_some() {
+            return;
+        }
+        if now >= self.deadline {
+            self.next = None;
+            return;
+        }
+        let (side, peer) = (self.plan.side, self.plan.peer);
+        let shifted =
+            |port: u16, by: i32| u16::try_from(i32::from(port) + by).ok().map(|p| SocketAddr::new(peer.ip(), p));
+        self.next = Some(match self.plan.strategy {
+            Strategy::RelayOnly(_) => {
+                self.next = None;
+                return;
+            }
+            Strategy::Reach { target, open_first } => {
+                if target == side {
+                    if open_first && self.sent == 0 {
+                        // Opens our address filter for the peer's address, any port.
+                        self.out.push(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
+                    }
+                } else {
+                    self.check(0, peer);
+                }
+                self.sent += 1;
+                due + RETRY
+            }
+            Strategy::SimultaneousOpen => {
+                if self.sent == 0 {
+                    self.out.push(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
+                }
+                self.check(0, peer);
+                self.sent += 1;
+                due + RETRY
+            }
+            Strategy::Prediction { symmetric, delta, window } => {
+                if symmetric == side {
+                    self.check(0, peer);
+                    self.sent += 1;
+                    due + RETRY
+                } else {
+                    // The cone walks the window around the symmetric side's next port,
+                    // nearest first, over and over.
+                    let span = u32::from(window) * 2 + 1;
+                    let k = i32::try_from(self.sent % span).unwrap_or(0);
+                    let off = if k % 2 == 0 { k / 2 } else { -(k + 1) / 2 };
+                    if let Some(to) = shifted(peer.port(), i32::from(delta) + off) {
+                        self.check(0, to);
+                    }
+                    self.sent += 1;
+                    due + SPRAY_PACE
+                }
+            }
+            Strategy::LockstepShotgun { delta, window } => {
+                // Step k: our k-th new mapping meets the peer's k-th, both sides in step.
+                let k = (self.sent % u32::from(window.max(1))) + 1;
+                let d = i32::from(delta[side.other() as usize]);
+                if let Some(to) = shifted(peer.port(), d * i32::try_from(k).unwrap_or(1)) {
+                    self.check(0, to);
+                }
+                self.sent += 1;
+                due + STEP
+            }
+            Strategy::Birthday { hard, sockets, probes } => {
+                if hard == side {
+                    // Every socket opens a mapping towards the easy side's window.
+                    for s in 0..usize::from(sockets) {
+                        self.check(s, peer);
+                    }
+                    self.sent += 1;
+                    due + RETRY * 4
+                } else if self.sent < u32::from(probes) {
+                    let port = 1024 + (self.random() % 64_000) as u16;
+                    self.check(0, SocketAddr::new(peer.ip(), port));
+                    self.sent += 1;
+                    due + SPRAY_PACE
+                } else {
+                    self.next = None;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A datagram arrived on `socket` from `from`.
+    pub fn handle_input(&mut self, _now: Instant, socket: usize, from: SocketAddr, data: &[u8]) {
+        if data.is_empty() {
+            return; // a null packet: it opened something, nothing to answer
+        }
+        let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(data) else { return };
+        match msg.class() {
+            MessageClass::Request => {
+                let expected = format!("{}:{}", self.creds.local_ufrag, self.creds.remote_ufrag);
+                let named = matches!(msg.get::<UserName>(), Some(StunAttribute::UserName(u)) if u.as_str() == expected);
+                if !named || !verified(data, &self.creds.local_pwd) {
+                    return;
+                }
+                self.respond(socket, from, *msg.transaction_id());
+                if !self.heard.contains(&(socket, from)) {
+                    self.heard.push((socket, from));
+                    // Triggered check: prove the way back too.
+                    self.check(socket, from);
+                }
+            }
+            MessageClass::SuccessResponse => {
+                let ours =
+                    self.checks.iter().any(|(id, s, to)| id == msg.transaction_id() && *s == socket && *to == from);
+                if !ours || !verified(data, &self.creds.remote_pwd) {
+                    return;
+                }
+                if !self.answered.contains(&(socket, from)) {
+                    self.answered.push((socket, from));
+                }
+            }
+            _ => return,
+        }
+        if self.path.is_none() && self.heard.contains(&(socket, from)) && self.answered.contains(&(socket, from)) {
+            self.path = Some((socket, from));
+            self.next = None;
+        }
+    }
+
+    fn respond(&mut self, socket: usize, to: SocketAddr, id: TransactionId) {
+        let Ok(key) = HMACKey::new_short_term(&self.creds.local_pwd) else { return };
+        let msg = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+            .with_transaction_id(id)
+            .with_attribute(XorMappedAddress::from(to))
+            .with_attribute(MessageIntegrity::new(key))
+            .build();
+        if let Some(bytes) = encode(&msg) {
+            self.out.push(PunchTransmit { socket, to, bytes });
+        }
+    }
+}
+
+fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; 256];
+    let n = MessageEncoderBuilder::default().build().encode(&mut out, msg).ok()?;
+    out.truncate(n);
+    Some(out)
+}
+
+/// Whether `data` carries a valid MESSAGE-INTEGRITY under `password`.
+fn verified(data: &[u8], password: &str) -> bool {
+    let Ok(key) = HMACKey::new_short_term(password) else { return false };
+    let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
+    MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
+}
+
+#[cfg(test)]
+mod tests;
