@@ -1,4 +1,5 @@
-//! The ng path: the codec (decode, re-encode, decode again to the same value) and the
+//! The ng path (and the punch plan and NAT profile texts, which travel in the same kind
+//! of untrusted input): the codec (decode, re-encode, decode again to the same value) and the
 //! whole NgServer — cookie, reply cache, JSON and bencode dispatch, every command against a
 //! real relay — over UDP datagrams and a TCP stream. Nothing may panic.
 #![no_main]
@@ -22,6 +23,15 @@ fuzz_target!(|data: &[u8]| {
             v.encode(&mut out);
             assert_eq!(Bencode::decode(&out).as_ref(), Ok(&v));
         }
+    }
+    // Text agents and the server read from each other: a punch plan in SDP, a NAT profile.
+    let text = String::from_utf8_lossy(data);
+    if let Some(plan) = pinhole_media::punch::sdp::WirePlan::from_sdp(&text) {
+        assert_eq!(pinhole_media::punch::sdp::WirePlan::from_sdp(&plan.lines()), Some(plan));
+    }
+    let _ = pinhole_media::punch::sdp::strip(&text);
+    if let Some(p) = pinhole_media::punch::NatProfile::parse_header(&text) {
+        assert_eq!(pinhole_media::punch::NatProfile::parse_header(&p.to_header()), Some(p));
     }
     let now = Instant::now();
     let mut r = relay(now);

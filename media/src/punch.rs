@@ -224,6 +224,7 @@ pub fn choose(a: &NatProfile, b: &NatProfile) -> Strategy {
 }
 
 pub mod scheduler;
+pub mod sdp;
 
 #[cfg(test)]
 mod tests;

@@ -32,7 +32,7 @@ const STEP: Duration = Duration::from_millis(20);
 pub const PUNCH_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The short-term credentials of a plan (ICE-style ufrag and password per side).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub local_ufrag: String,
     pub local_pwd: String,

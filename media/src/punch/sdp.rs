@@ -1,0 +1,207 @@
+//! A punch plan in SDP, for the leg to an agent only. ICE's own attributes carry what ICE
+//! has (`a=ice-ufrag`, `a=ice-pwd`, the peer's window as a server-reflexive
+//! `a=candidate`); `a=x-pinhole-peer` and `a=x-pinhole-punch` carry what ICE lacks (the
+//! peer's credentials, the method with its parameters, both windows, the common start).
+//! The agent strips all of them before the SDP reaches a phone.
+
+use std::net::SocketAddr;
+
+use super::scheduler::{Credentials, PunchPlan};
+use super::{RelayReason, Strategy};
+use crate::relay::Side;
+
+/// A plan as it travels: the scheduler's plan, with the start in Unix milliseconds (the
+/// two agents' clocks are assumed to be NTP-synchronised).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WirePlan {
+    pub strategy: Strategy,
+    pub side: Side,
+    pub windows: [SocketAddr; 2],
+    pub credentials: Credentials,
+    pub start_unix_ms: u64,
+}
+
+/// Every line a plan adds starts with one of these (our candidate has its own foundation,
+/// so a phone's own candidates are never taken for ours).
+const PREFIXES: [&str; 5] =
+    ["a=ice-ufrag:", "a=ice-pwd:", "a=x-pinhole-peer:", "a=x-pinhole-punch:", "a=candidate:pinhole "];
+
+impl WirePlan {
+    /// The scheduler's plan, given the instant `start_unix_ms` corresponds to here.
+    pub fn to_plan(&self, start: std::time::Instant) -> PunchPlan {
+        PunchPlan {
+            strategy: self.strategy,
+            side: self.side,
+            windows: self.windows,
+            credentials: self.credentials.clone(),
+            start,
+        }
+    }
+
+    /// The session-level lines to add (CRLF-terminated).
+    pub fn lines(&self) -> String {
+        let peer = self.windows[self.side.other() as usize];
+        let c = &self.credentials;
+        let side = if self.side == Side::A { "A" } else { "B" };
+        format!(
+            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\na=x-pinhole-peer:{} {}\r\na=candidate:pinhole 1 UDP 1 {} {} typ srflx\r\na=x-pinhole-punch:{};side={side};start={};windows={},{}\r\n",
+            c.local_ufrag,
+            c.local_pwd,
+            c.remote_ufrag,
+            c.remote_pwd,
+            peer.ip(),
+            peer.port(),
+            strategy_params(&self.strategy),
+            self.start_unix_ms,
+            self.windows[0],
+            self.windows[1],
+        )
+    }
+
+    /// The plan in an SDP body, if it carries a complete one.
+    pub fn from_sdp(body: &str) -> Option<WirePlan> {
+        let value = |prefix: &str| body.lines().find_map(|l| l.trim_end().strip_prefix(prefix));
+        let (peer_ufrag, peer_pwd) = value("a=x-pinhole-peer:")?.split_once(' ')?;
+        let credentials = Credentials {
+            local_ufrag: value("a=ice-ufrag:")?.to_owned(),
+            local_pwd: value("a=ice-pwd:")?.to_owned(),
+            remote_ufrag: peer_ufrag.to_owned(),
+            remote_pwd: peer_pwd.to_owned(),
+        };
+        let params: Vec<(&str, &str)> =
+            value("a=x-pinhole-punch:")?.split(';').filter_map(|p| p.split_once('=')).collect();
+        let get = |k: &str| param(&params, k);
+        let side = match get("side")? {
+            "A" => Side::A,
+            "B" => Side::B,
+            _ => return None,
+        };
+        let (wa, wb) = get("windows")?.split_once(',')?;
+        Some(WirePlan {
+            strategy: parse_strategy(&params)?,
+            side,
+            windows: [wa.parse().ok()?, wb.parse().ok()?],
+            credentials,
+            start_unix_ms: get("start")?.parse().ok()?,
+        })
+    }
+}
+
+/// Adds a plan's lines at the end of an SDP's session-level block (before the first m=).
+pub fn insert(sdp: &str, plan: &WirePlan) -> String {
+    let at = sdp.find("\nm=").map_or(sdp.len(), |i| i + 1);
+    format!("{}{}{}", &sdp[..at], plan.lines(), &sdp[at..])
+}
+
+/// Removes every line a plan added from an SDP, leaving the rest byte for byte.
+pub fn strip(sdp: &str) -> String {
+    sdp.split_inclusive('\n').filter(|l| !PREFIXES.iter().any(|p| l.starts_with(p))).collect()
+}
+
+fn strategy_params(s: &Strategy) -> String {
+    let side = |s: Side| if s == Side::A { "A" } else { "B" };
+    match s {
+        Strategy::Reach { target, open_first } => {
+            format!("method=reach;target={};open={}", side(*target), u8::from(*open_first))
+        }
+        Strategy::SimultaneousOpen => "method=simultaneous-open".into(),
+        Strategy::Prediction { symmetric, delta, window } => {
+            format!("method=prediction;symmetric={};delta={delta};window={window}", side(*symmetric))
+        }
+        Strategy::LockstepShotgun { delta, window } => {
+            format!("method=lockstep-shotgun;delta={},{};window={window}", delta[0], delta[1])
+        }
+        Strategy::Birthday { hard, sockets, probes } => {
+            format!("method=birthday;hard={};sockets={sockets};probes={probes}", side(*hard))
+        }
+        Strategy::RelayOnly(_) => "method=relay".into(),
+    }
+}
+
+fn param<'a>(params: &[(&'a str, &'a str)], k: &str) -> Option<&'a str> {
+    params.iter().find(|(n, _)| *n == k).map(|(_, v)| *v)
+}
+
+fn parse_strategy(params: &[(&str, &str)]) -> Option<Strategy> {
+    let get = |k: &str| param(params, k);
+    let side = |k: &str| match get(k)? {
+        "A" => Some(Side::A),
+        "B" => Some(Side::B),
+        _ => None,
+    };
+    let num = |k: &str| get(k)?.parse::<u16>().ok();
+    Some(match get("method")? {
+        "reach" => Strategy::Reach { target: side("target")?, open_first: get("open")? == "1" },
+        "simultaneous-open" => Strategy::SimultaneousOpen,
+        "prediction" => {
+            Strategy::Prediction { symmetric: side("symmetric")?, delta: num("delta")?, window: num("window")? }
+        }
+        "lockstep-shotgun" => {
+            let (a, b) = get("delta")?.split_once(',')?;
+            Strategy::LockstepShotgun { delta: [a.parse().ok()?, b.parse().ok()?], window: num("window")? }
+        }
+        "birthday" => Strategy::Birthday { hard: side("hard")?, sockets: num("sockets")?, probes: num("probes")? },
+        "relay" => Strategy::RelayOnly(RelayReason::Unknown),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SDP: &str = "v=0\r\no=- 1 1 IN IP4 203.0.113.1\r\ns=-\r\nc=IN IP4 203.0.113.1\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+    fn plan(strategy: Strategy) -> WirePlan {
+        WirePlan {
+            strategy,
+            side: Side::B,
+            windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
+            credentials: Credentials {
+                local_ufrag: "bbbb".into(),
+                local_pwd: "b-password-0123456789".into(),
+                remote_ufrag: "aaaa".into(),
+                remote_pwd: "a-password-0123456789".into(),
+            },
+            start_unix_ms: 1_700_000_000_123,
+        }
+    }
+
+    #[test]
+    fn every_method_survives_the_trip_through_sdp() {
+        for s in [
+            Strategy::Reach { target: Side::A, open_first: true },
+            Strategy::SimultaneousOpen,
+            Strategy::Prediction { symmetric: Side::A, delta: 3, window: 16 },
+            Strategy::LockstepShotgun { delta: [1, 2], window: 16 },
+            Strategy::Birthday { hard: Side::B, sockets: 256, probes: 1024 },
+        ] {
+            let p = plan(s);
+            let with = insert(SDP, &p);
+            assert_eq!(WirePlan::from_sdp(&with), Some(p), "{with}");
+        }
+    }
+
+    #[test]
+    fn the_plan_goes_at_session_level_and_stripping_restores_the_sdp_byte_for_byte() {
+        let with = insert(SDP, &plan(Strategy::SimultaneousOpen));
+        let m = with.find("m=audio").expect("m=");
+        assert!(with.find("a=x-pinhole-punch:").expect("plan") < m, "before the first m=");
+        assert!(with.contains("a=candidate:pinhole 1 UDP 1 203.0.113.2 40001 typ srflx\r\n"), "the peer's window");
+        assert_eq!(strip(&with), SDP);
+        let phones_own = SDP.to_owned() + "a=candidate:1 1 UDP 2130706431 198.51.100.20 5000 typ host\r\n";
+        assert_eq!(
+            strip(&insert(&phones_own, &plan(Strategy::SimultaneousOpen))),
+            phones_own,
+            "a phone's candidate stays"
+        );
+    }
+
+    #[test]
+    fn an_sdp_without_a_complete_plan_has_none() {
+        assert_eq!(WirePlan::from_sdp(SDP), None);
+        let with = insert(SDP, &plan(Strategy::SimultaneousOpen));
+        assert_eq!(WirePlan::from_sdp(&with.replace("side=B", "side=C")), None);
+        assert_eq!(WirePlan::from_sdp(&with.replace("method=simultaneous-open", "method=teleport")), None);
+    }
+}
