@@ -15,6 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 
+use pinhole_media::punch::sdp::{self as punch_sdp, WirePlan};
+
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
 use crate::proxy::{fix_top_via, host_string, parse_sip_uri, uri_of};
 use crate::transport::{Flow, Transmit, Transport};
@@ -46,11 +48,13 @@ pub struct Agent {
     stats: AgentStats,
     /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
     profile: Option<String>,
+    /// Punch plans taken out of SDP on its way to a phone, by Call-ID.
+    plans: VecDeque<(String, WirePlan)>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Agent {
-        Agent { cfg, out: VecDeque::new(), stats: AgentStats::default(), profile: None }
+        Agent { cfg, out: VecDeque::new(), stats: AgentStats::default(), profile: None, plans: VecDeque::new() }
     }
 
     /// The NAT profile to report with every REGISTER relayed from now on (the server keeps
@@ -61,6 +65,25 @@ impl Agent {
 
     pub fn stats(&self) -> &AgentStats {
         &self.stats
+    }
+
+    /// The next punch plan the server sent for one of our phones' calls.
+    #[must_use]
+    pub fn poll_plan(&mut self) -> Option<(String, WirePlan)> {
+        self.plans.pop_front()
+    }
+
+    /// A plan in an SDP going to a phone is ours: it is taken out (the phone never sees it)
+    /// and kept for the media side.
+    fn take_plan(&mut self, msg: &Message, e: &mut Editor<'_>) {
+        let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return };
+        if !body.contains("a=x-pinhole-punch:") {
+            return;
+        }
+        if let (Some(plan), Some(call_id)) = (WirePlan::from_sdp(body), msg.call_id()) {
+            self.plans.push_back((call_id.to_owned(), plan));
+        }
+        e.set_body(punch_sdp::strip(body).as_bytes());
     }
 
     #[must_use]
@@ -166,6 +189,9 @@ impl Agent {
         }
         fix_top_via(msg, &mut e, flow);
         e.decrement_max_forwards();
+        if from_server {
+            self.take_plan(msg, &mut e);
+        }
         self.stats.forwarded += 1;
         let out = Flow { transport: Transport::Udp, local: self.cfg.listen, remote: next, conn: None };
         self.out.push_back(Transmit { flow: out, payload: e.finish() });
@@ -200,6 +226,8 @@ impl Agent {
         };
         let mut e = Editor::new(msg);
         e.remove_value(*hi, r.clone());
+        // Responses go down towards a phone here: plans never reach it.
+        self.take_plan(msg, &mut e);
         let out =
             Flow { transport: Transport::Udp, local: self.cfg.listen, remote: SocketAddr::new(ip, port), conn: None };
         self.stats.forwarded += 1;

@@ -165,3 +165,44 @@ fn relayed_registers_carry_the_agents_profile_and_never_the_phones() {
         Some("mapping=apdm;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.2:40001")
     );
 }
+
+#[test]
+fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
+    use pinhole_media::punch::scheduler::Credentials;
+    use pinhole_media::punch::sdp::{insert, WirePlan};
+    use pinhole_media::punch::Strategy;
+    use pinhole_media::relay::Side;
+    let sdp =
+        "v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n";
+    let plan = WirePlan {
+        strategy: Strategy::SimultaneousOpen,
+        side: Side::B,
+        windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
+        credentials: Credentials {
+            local_ufrag: "bbbb".into(),
+            local_pwd: "b-password-0123456789".into(),
+            remote_ufrag: "aaaa".into(),
+            remote_pwd: "a-password-0123456789".into(),
+        },
+        start_unix_ms: 1_700_000_000_000,
+    };
+    let body = insert(sdp, &plan);
+    let invite = format!(
+        "INVITE sip:alice@198.51.100.20:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bKsrvp\r\nMax-Forwards: 69\r\nTo: <sip:alice@203.0.113.10>\r\nFrom: <sip:bob@203.0.113.10>;tag=b1\r\nCall-ID: planned\r\nCSeq: 1 INVITE\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    a_send_raw(&invite, |a, out| {
+        let m = parse(&out[0]);
+        assert_eq!(m.body_bytes(), sdp.as_bytes(), "the phone gets the SDP without the plan");
+        assert_eq!(m.content_length(), Some(Ok(sdp.len())));
+        assert_eq!(a.poll_plan(), Some(("planned".to_owned(), plan.clone())));
+    });
+}
+
+/// Sends raw bytes from the server and hands the agent and its output to `check`.
+fn a_send_raw(text: &str, check: impl FnOnce(&mut Agent, Vec<Transmit>)) {
+    let mut a = agent();
+    a.handle_input(from(SERVER), Bytes::from(text.to_owned())).expect("SIP");
+    let out: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    check(&mut a, out);
+}
