@@ -37,6 +37,7 @@ use budget::ReplyBudget;
 use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};
 
 use pinhole_media::anchor::MediaAnchor;
+use pinhole_media::relay::Side;
 
 use crate::auth::{Authenticator, Verdict};
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
@@ -299,6 +300,9 @@ pub struct Proxy<M: MediaAnchor> {
     /// Bytes unauthenticated sources may draw from us (challenges, refusals).
     budget: ReplyBudget,
     events: VecDeque<ProxyEvent>,
+    /// Punch plans of calls being set up: [caller's, callee's], by Call-ID. The callee's
+    /// rides on the INVITE's SDP, the caller's on the 2xx.
+    punch_plans: HashMap<String, [pinhole_media::punch::sdp::WirePlan; 2]>,
 }
 
 impl<M: MediaAnchor> Proxy<M> {
@@ -316,6 +320,7 @@ impl<M: MediaAnchor> Proxy<M> {
             established: DialogTable::default(),
             budget: ReplyBudget::default(),
             events: VecDeque::new(),
+            punch_plans: HashMap::new(),
             auth,
             cfg,
             registrar: Registrar::new(),

@@ -10,15 +10,25 @@ use super::scheduler::{Credentials, PunchPlan};
 use super::{RelayReason, Strategy};
 use crate::relay::Side;
 
-/// A plan as it travels: the scheduler's plan, with the start in Unix milliseconds (the
-/// two agents' clocks are assumed to be NTP-synchronised).
+/// When both sides start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStart {
+    /// This long after the agent sees the call answered (the 2xx passing through it): the
+    /// two agents see it within a one-way delay of each other, and every method tolerates
+    /// that (lockstep steps are matched by count, not by clock).
+    AfterAnswer { ms: u32 },
+    /// At this wall-clock time (NTP-synchronised agents).
+    UnixMs(u64),
+}
+
+/// A plan as it travels: the scheduler's plan with a start both agents can agree on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WirePlan {
     pub strategy: Strategy,
     pub side: Side,
     pub windows: [SocketAddr; 2],
     pub credentials: Credentials,
-    pub start_unix_ms: u64,
+    pub start: PlanStart,
 }
 
 /// Every line a plan adds starts with one of these (our candidate has its own foundation,
@@ -27,7 +37,7 @@ const PREFIXES: [&str; 5] =
     ["a=ice-ufrag:", "a=ice-pwd:", "a=x-pinhole-peer:", "a=x-pinhole-punch:", "a=candidate:pinhole "];
 
 impl WirePlan {
-    /// The scheduler's plan, given the instant `start_unix_ms` corresponds to here.
+    /// The scheduler's plan, given the instant [`WirePlan::start`] means here.
     pub fn to_plan(&self, start: std::time::Instant) -> PunchPlan {
         PunchPlan {
             strategy: self.strategy,
@@ -42,9 +52,13 @@ impl WirePlan {
     pub fn lines(&self) -> String {
         let peer = self.windows[self.side.other() as usize];
         let c = &self.credentials;
+        let start = match self.start {
+            PlanStart::AfterAnswer { ms } => format!("answer+{ms}"),
+            PlanStart::UnixMs(ms) => ms.to_string(),
+        };
         let side = if self.side == Side::A { "A" } else { "B" };
         format!(
-            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\na=x-pinhole-peer:{} {}\r\na=candidate:pinhole 1 UDP 1 {} {} typ srflx\r\na=x-pinhole-punch:{};side={side};start={};windows={},{}\r\n",
+            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\na=x-pinhole-peer:{} {}\r\na=candidate:pinhole 1 UDP 1 {} {} typ srflx\r\na=x-pinhole-punch:{};side={side};start={start};windows={},{}\r\n",
             c.local_ufrag,
             c.local_pwd,
             c.remote_ufrag,
@@ -52,7 +66,6 @@ impl WirePlan {
             peer.ip(),
             peer.port(),
             strategy_params(&self.strategy),
-            self.start_unix_ms,
             self.windows[0],
             self.windows[1],
         )
@@ -82,15 +95,21 @@ impl WirePlan {
             side,
             windows: [wa.parse().ok()?, wb.parse().ok()?],
             credentials,
-            start_unix_ms: get("start")?.parse().ok()?,
+            start: match get("start")?.strip_prefix("answer+") {
+                Some(ms) => PlanStart::AfterAnswer { ms: ms.parse().ok()? },
+                None => PlanStart::UnixMs(get("start")?.parse().ok()?),
+            },
         })
     }
 }
 
 /// Adds a plan's lines at the end of an SDP's session-level block (before the first m=).
 pub fn insert(sdp: &str, plan: &WirePlan) -> String {
-    let at = sdp.find("\nm=").map_or(sdp.len(), |i| i + 1);
-    format!("{}{}{}", &sdp[..at], plan.lines(), &sdp[at..])
+    match sdp.find("\nm=") {
+        Some(i) => format!("{}{}{}", &sdp[..=i], plan.lines(), &sdp[i + 1..]),
+        None if sdp.ends_with('\n') || sdp.is_empty() => format!("{sdp}{}", plan.lines()),
+        None => format!("{sdp}\r\n{}", plan.lines()),
+    }
 }
 
 /// Removes every line a plan added from an SDP, leaving the rest byte for byte.
@@ -163,7 +182,7 @@ mod tests {
                 remote_ufrag: "aaaa".into(),
                 remote_pwd: "a-password-0123456789".into(),
             },
-            start_unix_ms: 1_700_000_000_123,
+            start: PlanStart::AfterAnswer { ms: 300 },
         }
     }
 
@@ -195,6 +214,15 @@ mod tests {
             phones_own,
             "a phone's candidate stays"
         );
+    }
+
+    #[test]
+    fn both_kinds_of_start_survive_and_an_sdp_without_media_lines_still_takes_a_plan() {
+        let p = WirePlan { start: PlanStart::UnixMs(1_700_000_000_123), ..plan(Strategy::SimultaneousOpen) };
+        assert_eq!(WirePlan::from_sdp(&insert(SDP, &p)), Some(p.clone()));
+        let bare = insert("v=0", &p);
+        assert!(bare.starts_with("v=0\r\na=ice-ufrag:"), "{bare}");
+        assert_eq!(WirePlan::from_sdp(&bare), Some(p));
     }
 
     #[test]

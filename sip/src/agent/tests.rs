@@ -184,7 +184,7 @@ fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
             remote_ufrag: "aaaa".into(),
             remote_pwd: "a-password-0123456789".into(),
         },
-        start_unix_ms: 1_700_000_000_000,
+        start: pinhole_media::punch::sdp::PlanStart::AfterAnswer { ms: 300 },
     };
     let body = insert(sdp, &plan);
     let invite = format!(

@@ -82,6 +82,9 @@ impl<M: MediaAnchor> Proxy<M> {
         if !self.dialog_vouches(now, flow, msg, &Method::Ack, &routing) && !self.is_trusted(flow.remote.ip()) {
             return; // not a dialog we saw established, from one of its sides: never relay for strangers
         }
+        if let Some(call_id) = msg.call_id() {
+            self.punch_plans.remove(call_id); // the caller has its 2xx, and with it its plan
+        }
         let RouteInfo { strip, flows: dialog, remaining } = routing;
         let remaining: Vec<&str> = remaining.iter().map(String::as_str).collect();
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);

@@ -28,7 +28,7 @@ pub(super) struct Dialog {
 }
 
 /// Does this message carry an SDP body?
-fn sdp_body(msg: &Message) -> Option<&[u8]> {
+pub(super) fn sdp_body(msg: &Message) -> Option<&[u8]> {
     let body = msg.body_bytes();
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
@@ -112,6 +112,7 @@ impl<M: MediaAnchor> Proxy<M> {
             tracing::debug!(call_id, "relay session released");
         }
         self.dialogs.remove(call_id);
+        self.punch_plans.remove(call_id);
     }
 
     /// Remembers an answered call (2xx to an initial INVITE going up `a_flow`).

@@ -1,9 +1,12 @@
 //! Punch planning at call time: when both ends of a new call registered through agents
 //! that reported NAT profiles, pick the method a direct path would take (media::punch),
-//! under the operator's `[punch]` policy, and report it as an event and a metric. Media
-//! keeps flowing through the relay whatever the plan; carrying plans out to the agents
-//! comes next.
+//! under the operator's `[punch]` policy, report it as an event and a metric, and hand each
+//! agent its side of the plan in the SDP of its leg: the callee's with the INVITE, the
+//! caller's with the 2xx, both starting a moment after the answer. Media keeps flowing
+//! through the relay whatever the plan.
 
+use pinhole_media::punch::scheduler::Credentials;
+use pinhole_media::punch::sdp::{insert, PlanStart, WirePlan};
 use pinhole_media::punch::{choose, NatProfile};
 
 use super::requests::request_user;
@@ -44,15 +47,66 @@ impl<M: MediaAnchor> Proxy<M> {
                 ])
                 .flatten()
                 .collect();
-            let method = if self.cfg.punch.allows(&users, &addrs) {
-                choose(&caller_profile, &callee_profile).label()
-            } else {
-                "denied"
-            };
+            let strategy = self.cfg.punch.allows(&users, &addrs).then(|| choose(&caller_profile, &callee_profile));
+            let method = strategy.map_or("denied", |s| s.label());
+            let windows = caller_profile.window.zip(callee_profile.window);
+            if let (Some(s), Some((wa, wb)), 1) = (strategy.filter(|s| s.is_direct()), windows, targets.len()) {
+                if self.punch_plans.len() < MAX_PUNCH_PLANS {
+                    let plans = self.wire_plans(s, [wa, wb]);
+                    self.punch_plans.insert(call_id.to_owned(), plans);
+                }
+            }
             tracing::info!(call_id, caller = ?auth_user, callee = ?callee_user, method, "punch plan (media stays relayed until plans are carried out)");
             metrics::counter!("pinhole_punch_plans_total", "method" => method).increment(1);
             self.events.push_back(ProxyEvent::PunchPlanned { call_id: call_id.to_owned(), method });
         }
+    }
+}
+
+/// Calls whose plans are remembered between INVITE and 2xx at most.
+const MAX_PUNCH_PLANS: usize = 65_536;
+/// How long after the answer both agents start punching.
+const START_AFTER_ANSWER_MS: u32 = 200;
+
+impl<M: MediaAnchor> Proxy<M> {
+    /// Both sides' plans, with fresh short-term credentials (ICE sizes: 8 and 24 chars).
+    fn wire_plans(&mut self, strategy: pinhole_media::punch::Strategy, windows: [SocketAddr; 2]) -> [WirePlan; 2] {
+        let mut token = |n: usize| -> String {
+            const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+            (0..n).map(|_| char::from(ALPHABET[self.rng.gen_range(0..ALPHABET.len())])).collect()
+        };
+        let (ua, pa, ub, pb) = (token(8), token(24), token(8), token(24));
+        let plan = |side, local: (&str, &str), remote: (&str, &str)| WirePlan {
+            strategy,
+            side,
+            windows,
+            credentials: Credentials {
+                local_ufrag: local.0.to_owned(),
+                local_pwd: local.1.to_owned(),
+                remote_ufrag: remote.0.to_owned(),
+                remote_pwd: remote.1.to_owned(),
+            },
+            start: PlanStart::AfterAnswer { ms: START_AFTER_ANSWER_MS },
+        };
+        [plan(Side::A, (&ua, &pa), (&ub, &pb)), plan(Side::B, (&ub, &pb), (&ua, &pa))]
+    }
+
+    /// The body to forward with `side`'s plan added, if the call has one and the message
+    /// carries SDP. Retransmitted 2xx carry it again; the caller's ACK (or the call's end)
+    /// retires the plan.
+    pub(super) fn with_punch_plan(&mut self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let Some(call_id) = msg.call_id() else { return body };
+        let Some(plans) = self.punch_plans.get(call_id) else { return body };
+        let plan = plans[side as usize].clone();
+        let base = match &body {
+            Some(b) => b.as_slice(),
+            None => match super::media::sdp_body(msg) {
+                Some(b) => b,
+                None => return body,
+            },
+        };
+        let Ok(text) = std::str::from_utf8(base) else { return body };
+        Some(insert(text, &plan).into_bytes())
     }
 }
 

@@ -263,6 +263,7 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
+        let body = self.with_punch_plan(msg, Side::B, body);
         self.media_seen_request(msg);
         let record_route = method.creates_dialog() && msg.tag(HeaderName::To).is_none();
         for target in targets {

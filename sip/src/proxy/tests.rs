@@ -1084,6 +1084,66 @@ fn a_call_between_two_profiled_endpoints_gets_a_punch_plan() {
 }
 
 #[test]
+fn each_agent_gets_its_side_of_the_plan_in_the_sdp_of_its_leg() {
+    use pinhole_media::punch::sdp::{PlanStart, WirePlan};
+    use pinhole_media::punch::Strategy;
+    use pinhole_media::relay::Side;
+    let mut lab = Lab::new();
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ));
+    let inv = invite("bob", "z9hG4bKsp1").replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKsp1", "branch=z9hG4bKsp2"), &creds));
+    let fwd = out[1].clone();
+    let offer = parse(&fwd);
+    assert_eq!(offer.content_length(), Some(Ok(offer.body_bytes().len())));
+    let b =
+        WirePlan::from_sdp(std::str::from_utf8(offer.body_bytes()).expect("utf8")).expect("bob's plan in the offer");
+    assert_eq!(b.side, Side::B);
+    assert_eq!(b.strategy, Strategy::Prediction { symmetric: Side::B, delta: 1, window: 16 });
+    assert_eq!(b.windows, [addr("203.0.113.9:40001"), addr("203.0.113.10:40002")]);
+    assert_eq!(b.start, PlanStart::AfterAnswer { ms: 200 });
+    // bob answers with SDP; alice's side rides on the 200.
+    let ok = reply(&fwd, 200, "OK", "b9")
+        .replace("Content-Length: 0\n", "Content-Type: application/sdp\nContent-Length: 3\n")
+        + "v=0";
+    let up = lab.send(udp(NAT_B), &ok);
+    let answer = parse(&up[0]);
+    let a =
+        WirePlan::from_sdp(std::str::from_utf8(answer.body_bytes()).expect("utf8")).expect("alice's plan in the 200");
+    assert_eq!(a.side, Side::A);
+    assert_eq!(a.strategy, b.strategy);
+    assert_eq!(a.credentials.local_ufrag, b.credentials.remote_ufrag);
+    assert_eq!(a.credentials.remote_pwd, b.credentials.local_pwd);
+    assert!(a.credentials.local_pwd.len() >= 22 && a.credentials.local_ufrag.len() >= 4, "ICE sizes");
+    // A retransmitted 200 carries it again (the first may have been lost) ...
+    let again = lab.send(udp(NAT_B), &ok);
+    assert_eq!(WirePlan::from_sdp(std::str::from_utf8(parse(&again[0]).body_bytes()).expect("utf8")), Some(a));
+    // ... until the caller's ACK says it arrived.
+    let rr = offer.value_texts(HeaderName::RecordRoute)[0].to_owned();
+    let ack = format!("ACK sip:callee@10.0.0.2:5060 SIP/2.0\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKspack\nRoute: {rr}\nMax-Forwards: 70\nFrom: <sip:caller@trunk.example.net>;tag=from1\nTo: <sip:bob@example.com>;tag=b9\nCall-ID: call-z9hG4bKsp1\nCSeq: 2 ACK\nContent-Length: 0\n\n");
+    assert_eq!(lab.send(udp(NAT_A), &ack).len(), 1, "the ACK goes on to bob");
+    let late = lab.send(udp(NAT_B), &ok);
+    assert!(WirePlan::from_sdp(std::str::from_utf8(parse(&late[0]).body_bytes()).expect("utf8")).is_none());
+}
+
+#[test]
+fn a_denied_or_relay_only_call_carries_no_plan() {
+    let mut lab = Lab::new();
+    let mut cfg = lab.proxy.config().clone();
+    cfg.punch = PunchPolicy { enabled: false, ..PunchPolicy::default() };
+    lab.proxy = Proxy::new(cfg, None, lab.now, 1_700_000_000, 1);
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ));
+    let inv = invite("bob", "z9hG4bKdp1").replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKdp1", "branch=z9hG4bKdp2"), &creds));
+    assert_eq!(parse(&out[1]).body_bytes(), b"v=0", "the offer passes untouched");
+}
+
+#[test]
 fn calls_without_profiles_get_no_plan() {
     let mut lab = Lab::new();
     lab.register("alice", NAT_A, "pw-a");

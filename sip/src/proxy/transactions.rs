@@ -220,7 +220,10 @@ impl<M: MediaAnchor> Proxy<M> {
     pub(super) fn forward_response(&mut self, now: Instant, sk: &str, msg: &Message, from: Option<Flow>) {
         let code = msg.status().unwrap_or(500);
         let up = self.server_txs.get(sk).map(|st| st.flow);
-        let body = from.and_then(|f| self.media_response(now, f, up, msg));
+        let mut body = from.and_then(|f| self.media_response(now, f, up, msg));
+        if (200..300).contains(&code) && msg.cseq().is_some_and(|(_, m)| m == Method::Invite) {
+            body = self.with_punch_plan(msg, Side::A, body);
+        }
         if let (Some(f), true) = (from, (200..300).contains(&code)) {
             if let Some(st) = self.server_txs.get(sk) {
                 if st.invite && st.request.tag(HeaderName::To).is_none() {
