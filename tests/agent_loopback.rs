@@ -116,3 +116,53 @@ fn check_config_accepts_an_agent_file_and_names_a_wrong_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:2:1:") && err.contains("sever"), "{err}");
 }
+
+/// A sipp caller that uses the agent as its outbound proxy calls a sipp callee registered
+/// on the server; RTP flows caller ↔ agent's LAN relay ↔ server relay ↔ callee and back.
+#[test]
+fn a_call_through_the_agent_has_its_media_anchored_on_the_agent_and_relayed_both_ways() {
+    use common::{media_ports, relay_range, sipp_callee_via, sipp_caller_via};
+    let dir = TempDir::new("agent-rtp");
+    let stun = format!("127.0.0.1:{}", free_port());
+    let ph = Pinhole::start(
+        &dir,
+        PinholeOptions {
+            relay_ports: Some(relay_range()),
+            extra: format!("[stun]\nlisten = [\"{stun}\"]\n"),
+            ..Default::default()
+        },
+    );
+    let port = free_port();
+    let _agent = start_agent(&dir, &ph.sip(), port, &stun);
+    let agent = format!("{AGENT_IP}:{port}");
+    let mp = media_ports().to_string();
+    let _callee = sipp_callee_via(
+        &ph.sip(),
+        None,
+        "ruth",
+        free_port(),
+        "u1",
+        "uas.xml",
+        6000,
+        &dir.path().join("uas.err"),
+        &["-rtp_echo", "-mp", &mp],
+    );
+    assert!(ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)), "callee did not register");
+    let mp2 = media_ports().to_string();
+    let msgs = dir.path().join("uac.msg");
+    let (ok, good, _, text) = sipp_caller_via(
+        &ph.sip(),
+        Some(&agent),
+        "ruth",
+        "uac_rtp.xml",
+        1,
+        "u1",
+        &dir.path().join("uac.err"),
+        &["-mp", &mp2, "-trace_msg", "-message_file", &msgs.display().to_string()],
+    );
+    assert!(ok && good == 1, "{text}\n{}", ph.log_text());
+    let trace = std::fs::read_to_string(&msgs).unwrap_or_default();
+    assert!(trace.contains(&format!("c=IN IP4 {AGENT_IP}")), "the caller's answer names the agent:\n{trace}");
+    let packets = ph.metric("pinhole_relay_packets_total").expect("packets counted");
+    assert!(packets >= 180.0, "the server relayed {packets} packets: both ways, through the agent");
+}

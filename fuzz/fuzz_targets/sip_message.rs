@@ -55,13 +55,20 @@ fuzz_target!(|data: &[u8]| {
     while proxy.poll_transmit().is_some() {}
 
     // The agent's stateless path sees the same datagram.
-    let mut agent = pinhole_sip::agent::Agent::new(pinhole_sip::agent::AgentConfig {
-        listen: bind,
-        server: "203.0.113.50:5060".parse().expect("addr"),
-        max_message: 16384,
-        secret: 1,
-    });
-    let _ = agent.handle_input(udp, Bytes::copy_from_slice(payload));
+    let relay = pinhole_media::relay::Relay::new(
+        pinhole_media::relay::RelayConfig::single("198.51.100.2".parse().expect("ip"), 31000, 31099),
+        now,
+    );
+    let mut agent = pinhole_sip::agent::Agent::new(
+        pinhole_sip::agent::AgentConfig {
+            listen: bind,
+            server: "203.0.113.50:5060".parse().expect("addr"),
+            max_message: 16384,
+            secret: 1,
+        },
+        Some(relay),
+    );
+    let _ = agent.handle_input(now, udp, Bytes::copy_from_slice(payload));
     while agent.poll_transmit().is_some() {}
 
     let tcp = Flow { transport: Transport::Tcp, local: bind, remote, conn: Some(ConnId(1)) };

@@ -9,12 +9,15 @@
 //! the received one), and responses follow the Via chain: nothing a stranger sends makes
 //! the agent hold state.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 
+use std::time::Instant;
+
+use pinhole_media::anchor::MediaAnchor;
 use pinhole_media::punch::sdp::{self as punch_sdp, WirePlan};
 
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
@@ -22,6 +25,8 @@ use crate::proxy::{fix_top_via, host_string, parse_sip_uri, uri_of};
 use crate::transport::{Flow, Transmit, Transport};
 
 const BRANCH_PREFIX: &str = "z9hG4bKpha";
+/// Answered calls remembered at most.
+const MAX_ANSWERED: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -42,8 +47,14 @@ pub struct AgentStats {
     pub dropped: u64,
 }
 
-pub struct Agent {
+/// The agent, generic over where it anchors its phones' media (`Option<Relay>` on its LAN
+/// interface in pinhole; `None` passes SDP through).
+pub struct Agent<M: MediaAnchor> {
     cfg: AgentConfig,
+    media: M,
+    /// Calls answered (a 2xx to their INVITE passed), whose media a later failure of a
+    /// re-INVITE must not release.
+    answered: HashSet<String>,
     out: VecDeque<Transmit>,
     stats: AgentStats,
     /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
@@ -52,9 +63,25 @@ pub struct Agent {
     plans: VecDeque<(String, WirePlan)>,
 }
 
-impl Agent {
-    pub fn new(cfg: AgentConfig) -> Agent {
-        Agent { cfg, out: VecDeque::new(), stats: AgentStats::default(), profile: None, plans: VecDeque::new() }
+impl<M: MediaAnchor> Agent<M> {
+    pub fn new(cfg: AgentConfig, media: M) -> Agent<M> {
+        Agent {
+            cfg,
+            media,
+            answered: HashSet::new(),
+            out: VecDeque::new(),
+            stats: AgentStats::default(),
+            profile: None,
+            plans: VecDeque::new(),
+        }
+    }
+
+    pub fn media(&self) -> &M {
+        &self.media
+    }
+
+    pub fn media_mut(&mut self) -> &mut M {
+        &mut self.media
     }
 
     /// The NAT profile to report with every REGISTER relayed from now on (the server keeps
@@ -73,17 +100,41 @@ impl Agent {
         self.plans.pop_front()
     }
 
-    /// A plan in an SDP going to a phone is ours: it is taken out (the phone never sees it)
-    /// and kept for the media side.
-    fn take_plan(&mut self, msg: &Message, e: &mut Editor<'_>) {
-        let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return };
-        if !body.contains("a=x-pinhole-punch:") {
-            return;
+    /// The body of a message we forward: a punch plan in it is ours (taken out, so the
+    /// phone never sees it, and kept for the media side), and SDP is anchored on our LAN
+    /// relay. `sender_tag` is the tag of whoever wrote the SDP; `None`: not an SDP carrier.
+    fn fix_body(
+        &mut self,
+        now: Instant,
+        msg: &Message,
+        from: IpAddr,
+        sender_tag: Option<&str>,
+        e: &mut Editor<'_>,
+    ) -> Result<(), Rejection> {
+        let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return Ok(()) };
+        let mut sdp = std::borrow::Cow::Borrowed(body);
+        if body.contains("a=x-pinhole-punch:") {
+            if let (Some(plan), Some(call_id)) = (WirePlan::from_sdp(body), msg.call_id()) {
+                self.plans.push_back((call_id.to_owned(), plan));
+            }
+            sdp = std::borrow::Cow::Owned(punch_sdp::strip(body));
         }
-        if let (Some(plan), Some(call_id)) = (WirePlan::from_sdp(body), msg.call_id()) {
-            self.plans.push_back((call_id.to_owned(), plan));
+        let (Some(tag), Some(call_id)) = (sender_tag, msg.call_id()) else {
+            if let std::borrow::Cow::Owned(s) = &sdp {
+                e.set_body(s.as_bytes());
+            }
+            return Ok(());
+        };
+        if self.media.anchoring() && sdp.starts_with("v=0") {
+            let anchored = self
+                .media
+                .anchor_sdp(now, call_id, tag, sdp.as_bytes(), from, None)
+                .map_err(|r| Rejection::new(r.code, r.reason))?;
+            e.set_body(&anchored);
+        } else if let std::borrow::Cow::Owned(s) = &sdp {
+            e.set_body(s.as_bytes());
         }
-        e.set_body(punch_sdp::strip(body).as_bytes());
+        Ok(())
     }
 
     #[must_use]
@@ -93,15 +144,15 @@ impl Agent {
 
     /// One datagram from `flow.remote`. `Err` for input that is not SIP at all (dropped,
     /// counted by the caller).
-    pub fn handle_input(&mut self, flow: Flow, data: Bytes) -> Result<(), Garbage> {
+    pub fn handle_input(&mut self, now: Instant, flow: Flow, data: Bytes) -> Result<(), Garbage> {
         if data.iter().all(u8::is_ascii_whitespace) {
             return Ok(()); // CRLF keepalives
         }
         let msg = Message::parse(data)?.truncated_to_content_length();
         if msg.is_request() {
-            self.on_request(flow, &msg);
+            self.on_request(now, flow, &msg);
         } else {
-            self.on_response(&msg);
+            self.on_response(now, flow, &msg);
         }
         Ok(())
     }
@@ -119,7 +170,7 @@ impl Agent {
         host.parse::<IpAddr>().ok() == Some(self.cfg.listen.ip()) && port.unwrap_or(5060) == self.cfg.listen.port()
     }
 
-    fn on_request(&mut self, flow: Flow, msg: &Message) {
+    fn on_request(&mut self, now: Instant, flow: Flow, msg: &Message) {
         let checked = if msg.raw().len() > self.cfg.max_message {
             Err(Rejection::new(513, "Message Too Large"))
         } else {
@@ -189,8 +240,17 @@ impl Agent {
         }
         fix_top_via(msg, &mut e, flow);
         e.decrement_max_forwards();
-        if from_server {
-            self.take_plan(msg, &mut e);
+        let carries_sdp = matches!(msg.method(), Some(Method::Invite | Method::Update | Method::Prack | Method::Ack));
+        let tag = carries_sdp.then(|| msg.tag(HeaderName::From)).flatten();
+        if let Err(rej) = self.fix_body(now, msg, flow.remote.ip(), tag, &mut e) {
+            self.reply(flow, msg, rej.code, &rej.reason, &[]);
+            return;
+        }
+        if msg.method() == Some(&Method::Bye) {
+            if let Some(call_id) = msg.call_id() {
+                self.media.release(call_id);
+                self.answered.remove(call_id);
+            }
         }
         self.stats.forwarded += 1;
         let out = Flow { transport: Transport::Udp, local: self.cfg.listen, remote: next, conn: None };
@@ -198,7 +258,7 @@ impl Agent {
     }
 
     /// Responses follow the Via chain: ours on top goes, the next one says where.
-    fn on_response(&mut self, msg: &Message) {
+    fn on_response(&mut self, now: Instant, flow: Flow, msg: &Message) {
         let vias = msg.values(HeaderName::Via);
         let ours = msg.top_via().is_some_and(|v| {
             self.is_us(&host_string(&v.sent_by.host), v.sent_by.port)
@@ -226,8 +286,23 @@ impl Agent {
         };
         let mut e = Editor::new(msg);
         e.remove_value(*hi, r.clone());
-        // Responses go down towards a phone here: plans never reach it.
-        self.take_plan(msg, &mut e);
+        let code = msg.status().unwrap_or(500);
+        let method = msg.cseq().map(|(_, m)| m);
+        let carries_sdp = code < 300 && matches!(method, Some(Method::Invite | Method::Update | Method::Prack));
+        let tag = carries_sdp.then(|| msg.tag(HeaderName::To)).flatten();
+        // An answer the relay cannot take goes on as it is: the call still works, relayed
+        // by the server alone.
+        let _ = self.fix_body(now, msg, flow.remote.ip(), tag, &mut e);
+        if let (Some(call_id), Some(Method::Invite)) = (msg.call_id(), &method) {
+            if (200..300).contains(&code) {
+                if self.answered.len() >= MAX_ANSWERED {
+                    self.answered.clear(); // only costs a failed re-INVITE its media
+                }
+                self.answered.insert(call_id.to_owned());
+            } else if code >= 300 && !self.answered.contains(call_id) {
+                self.media.release(call_id);
+            }
+        }
         let out =
             Flow { transport: Transport::Udp, local: self.cfg.listen, remote: SocketAddr::new(ip, port), conn: None };
         self.stats.forwarded += 1;

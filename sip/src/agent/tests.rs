@@ -1,5 +1,7 @@
-//! The agent between phones on its LAN and the server, in messages: nothing but bytes on
-//! flows, no time needed (it keeps no state).
+//! The agent between phones on its LAN and the server, in messages: bytes on flows, and,
+//! where media is anchored, a real relay on the agent's LAN address.
+
+use pinhole_media::relay::{Relay, RelayConfig};
 
 use super::*;
 
@@ -11,16 +13,20 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().expect("addr")
 }
 
-fn agent() -> Agent {
-    Agent::new(AgentConfig { listen: addr(AGENT), server: addr(SERVER), max_message: 16384, secret: 5 })
+fn config() -> AgentConfig {
+    AgentConfig { listen: addr(AGENT), server: addr(SERVER), max_message: 16384, secret: 5 }
+}
+
+fn agent() -> Agent<Option<Relay>> {
+    Agent::new(config(), None)
 }
 
 fn from(remote: &str) -> Flow {
     Flow { transport: Transport::Udp, local: addr(AGENT), remote: addr(remote), conn: None }
 }
 
-fn send(a: &mut Agent, remote: &str, text: &str) -> Vec<Transmit> {
-    a.handle_input(from(remote), Bytes::from(text.replace('\n', "\r\n"))).expect("SIP");
+fn send(a: &mut Agent<Option<Relay>>, remote: &str, text: &str) -> Vec<Transmit> {
+    a.handle_input(Instant::now(), from(remote), Bytes::from(text.replace('\n', "\r\n"))).expect("SIP");
     std::iter::from_fn(|| a.poll_transmit()).collect()
 }
 
@@ -141,7 +147,7 @@ Content-Length: 0
 #[test]
 fn garbage_is_refused_spent_hops_get_483_and_every_own_route_is_consumed() {
     let mut a = agent();
-    assert!(a.handle_input(from(PHONE), Bytes::from_static(b"\x00\x01junk")).is_err());
+    assert!(a.handle_input(Instant::now(), from(PHONE), Bytes::from_static(b"\x00\x01junk")).is_err());
     let hops = send(&mut a, PHONE, &REGISTER.replace("Max-Forwards: 70", "Max-Forwards: 0"));
     assert_eq!(parse(&hops[0]).status(), Some(483));
     let to_self = REGISTER.replace(
@@ -200,9 +206,61 @@ fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
 }
 
 /// Sends raw bytes from the server and hands the agent and its output to `check`.
-fn a_send_raw(text: &str, check: impl FnOnce(&mut Agent, Vec<Transmit>)) {
+fn a_send_raw(text: &str, check: impl FnOnce(&mut Agent<Option<Relay>>, Vec<Transmit>)) {
     let mut a = agent();
-    a.handle_input(from(SERVER), Bytes::from(text.to_owned())).expect("SIP");
+    a.handle_input(Instant::now(), from(SERVER), Bytes::from(text.to_owned())).expect("SIP");
     let out: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
     check(&mut a, out);
+}
+
+#[test]
+fn the_phones_media_is_anchored_on_the_agents_lan_ports_both_ways_and_bye_frees_them() {
+    let t0 = Instant::now();
+    let relay = Relay::new(RelayConfig::single(addr(AGENT).ip(), 31000, 31099), t0);
+    let mut a = Agent::new(config(), Some(relay));
+    let offer =
+        "v=0\r\no=- 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let invite = format!(
+        "INVITE sip:bob@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKm1;rport\r\nRoute: <sip:198.51.100.2:5060;lr>\r\nMax-Forwards: 70\r\nTo: <sip:bob@203.0.113.10>\r\nFrom: <sip:alice@203.0.113.10>;tag=a1\r\nCall-ID: media-call\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@198.51.100.20:5062>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+        offer.len()
+    );
+    a.handle_input(t0, from(PHONE), Bytes::from(invite)).expect("SIP");
+    let fwd = a.poll_transmit().expect("forwarded");
+    let up = parse(&fwd);
+    let body = String::from_utf8_lossy(up.body_bytes()).into_owned();
+    assert!(body.contains("c=IN IP4 198.51.100.2\r\n"), "the server sees the agent's address:\n{body}");
+    assert!(body.contains("m=audio 310"), "on the agent's ports:\n{body}");
+    // The server's answer (its relay address) is anchored for the phone on the agent too.
+    let answer =
+        "v=0\r\no=- 2 2 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n";
+    let ok = String::from_utf8(up.response(200, "OK", Some("b1"), &["Content-Type: application/sdp".to_owned()]))
+        .expect("utf8")
+        .replace("Content-Length: 0\r\n\r\n", &format!("Content-Length: {}\r\n\r\n{answer}", answer.len()));
+    a.handle_input(t0, from(SERVER), Bytes::from(ok)).expect("SIP");
+    let down = parse(&a.poll_transmit().expect("to the phone"));
+    let body = String::from_utf8_lossy(down.body_bytes()).into_owned();
+    assert!(body.contains("c=IN IP4 198.51.100.2\r\n") && !body.contains("c=IN IP4 203.0.113.10"), "{body}");
+    assert_eq!(a.media().as_ref().map(|r| (r.call_count(), r.ports_in_use())), Some((1, 4)));
+    let bye = "BYE sip:bob@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKm2;rport\r\nRoute: <sip:198.51.100.2:5060;lr>\r\nMax-Forwards: 70\r\nTo: <sip:bob@203.0.113.10>;tag=b1\r\nFrom: <sip:alice@203.0.113.10>;tag=a1\r\nCall-ID: media-call\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n";
+    a.handle_input(t0, from(PHONE), Bytes::from_static(bye.as_bytes())).expect("SIP");
+    assert_eq!(a.media().as_ref().map(|r| (r.call_count(), r.ports_in_use())), Some((0, 0)), "BYE frees the ports");
+}
+
+#[test]
+fn a_call_that_fails_before_its_answer_frees_the_agents_ports() {
+    let t0 = Instant::now();
+    let relay = Relay::new(RelayConfig::single(addr(AGENT).ip(), 31000, 31099), t0);
+    let mut a = Agent::new(config(), Some(relay));
+    let offer =
+        "v=0\r\no=- 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let invite = format!(
+        "INVITE sip:bob@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKf1;rport\r\nMax-Forwards: 70\r\nTo: <sip:bob@203.0.113.10>\r\nFrom: <sip:alice@203.0.113.10>;tag=a1\r\nCall-ID: failed-call\r\nCSeq: 1 INVITE\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+        offer.len()
+    );
+    a.handle_input(t0, from(PHONE), Bytes::from(invite)).expect("SIP");
+    let up = parse(&a.poll_transmit().expect("forwarded"));
+    assert_eq!(a.media().as_ref().map(Relay::call_count), Some(1));
+    let busy = up.response(486, "Busy Here", Some("b1"), &[]);
+    a.handle_input(t0, from(SERVER), Bytes::from(busy)).expect("SIP");
+    assert_eq!(a.media().as_ref().map(Relay::call_count), Some(0));
 }
