@@ -6,17 +6,17 @@
 //! to the agent itself is answered by the agent, whether or not the server is reachable.
 //!
 //! Stateless means retransmissions are forwarded again with the same branch (derived from
-//! the received one), and responses follow the Via chain: nothing a stranger sends makes
-//! the agent hold state.
+//! the received one), and responses follow the Via chain. The only state is media: SDP
+//! both ways is anchored through a [`MediaAnchor`] on the agent's LAN address (bounded by
+//! the relay's session limit), and a punch plan the server put in SDP on its way to a
+//! phone is taken out and kept for the media side.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-
-use bytes::Bytes;
-
 use std::time::Instant;
 
+use bytes::Bytes;
 use pinhole_media::anchor::MediaAnchor;
 use pinhole_media::punch::sdp::{self as punch_sdp, WirePlan};
 
