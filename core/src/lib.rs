@@ -226,18 +226,13 @@ impl Node {
         if let Some(ProxyEvent::PunchPlanned { call_id, method }) = self.proxy.poll_event() {
             return Output::Event(Event::PunchPlanned { call_id, method });
         }
-        let relay = self.relay().and_then(|r| {
-            let stats = (r.call_count() > 0).then_some((self.next_stats, "relay statistics"));
-            let deadline = r.poll_timeout().map(|t| (t, "relay deadline"));
-            [stats, deadline].into_iter().flatten().min_by_key(|(t, _)| *t)
-        });
-        match (self.proxy.poll_timeout(), relay) {
-            (Some(p), Some(r)) => {
-                let (at, why) = if p.0 <= r.0 { p } else { r };
-                Output::Timeout(at, why)
-            }
-            (Some((at, why)), None) | (None, Some((at, why))) => Output::Timeout(at, why),
-            (None, None) => Output::Idle,
+        // The earliest deadline; on a tie the proxy's comes first.
+        let relay = self.relay();
+        let stats = relay.filter(|r| r.call_count() > 0).map(|_| (self.next_stats, "relay statistics"));
+        let deadline = relay.and_then(Relay::poll_timeout).map(|t| (t, "relay deadline"));
+        match [self.proxy.poll_timeout(), stats, deadline].into_iter().flatten().min_by_key(|(t, _)| *t) {
+            Some((at, why)) => Output::Timeout(at, why),
+            None => Output::Idle,
         }
     }
 }

@@ -17,11 +17,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bytes::Bytes;
+use ezk_sip_types::host::Host;
 use pinhole_media::anchor::MediaAnchor;
 use pinhole_media::punch::sdp::{self as punch_sdp, WirePlan};
 
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
-use crate::proxy::{fix_top_via, host_string, parse_sip_uri, uri_of};
+use crate::proxy::{fix_top_via, host_ip, parse_sip_uri, uri_of};
 use crate::transport::{Flow, Transmit, Transport};
 
 const BRANCH_PREFIX: &str = "z9hG4bKpha";
@@ -40,13 +41,6 @@ pub struct AgentConfig {
     pub secret: u64,
 }
 
-/// Counters the shell exports.
-#[derive(Debug, Default, Clone)]
-pub struct AgentStats {
-    pub forwarded: u64,
-    pub dropped: u64,
-}
-
 /// The agent, generic over where it anchors its phones' media (`Option<Relay>` on its LAN
 /// interface in pinhole; `None` passes SDP through).
 pub struct Agent<M: MediaAnchor> {
@@ -56,7 +50,8 @@ pub struct Agent<M: MediaAnchor> {
     /// re-INVITE must not release.
     answered: HashSet<String>,
     out: VecDeque<Transmit>,
-    stats: AgentStats,
+    /// Responses dropped: not through us, or with no hop to return to.
+    dropped: u64,
     /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
     profile: Option<String>,
     /// Punch plans taken out of SDP on its way to a phone, by Call-ID.
@@ -70,7 +65,7 @@ impl<M: MediaAnchor> Agent<M> {
             media,
             answered: HashSet::new(),
             out: VecDeque::new(),
-            stats: AgentStats::default(),
+            dropped: 0,
             profile: None,
             plans: VecDeque::new(),
         }
@@ -90,8 +85,8 @@ impl<M: MediaAnchor> Agent<M> {
         self.profile = Some(header_value);
     }
 
-    pub fn stats(&self) -> &AgentStats {
-        &self.stats
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// The next punch plan the server sent for one of our phones' calls.
@@ -112,27 +107,26 @@ impl<M: MediaAnchor> Agent<M> {
         e: &mut Editor<'_>,
     ) -> Result<(), Rejection> {
         let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return Ok(()) };
-        let mut sdp = std::borrow::Cow::Borrowed(body);
-        if body.contains("a=x-pinhole-punch:") {
+        let stripped = body.contains("a=x-pinhole-punch:").then(|| {
             if let (Some(plan), Some(call_id)) = (WirePlan::from_sdp(body), msg.call_id()) {
                 self.plans.push_back((call_id.to_owned(), plan));
             }
-            sdp = std::borrow::Cow::Owned(punch_sdp::strip(body));
-        }
-        let (Some(tag), Some(call_id)) = (sender_tag, msg.call_id()) else {
-            if let std::borrow::Cow::Owned(s) = &sdp {
-                e.set_body(s.as_bytes());
+            punch_sdp::strip(body)
+        });
+        let sdp = stripped.as_deref().unwrap_or(body);
+        match (sender_tag, msg.call_id()) {
+            (Some(tag), Some(call_id)) if self.media.anchoring() && sdp.starts_with("v=0") => {
+                let anchored = self
+                    .media
+                    .anchor_sdp(now, call_id, tag, sdp.as_bytes(), from, None)
+                    .map_err(|r| Rejection::new(r.code, r.reason))?;
+                e.set_body(&anchored);
             }
-            return Ok(());
-        };
-        if self.media.anchoring() && sdp.starts_with("v=0") {
-            let anchored = self
-                .media
-                .anchor_sdp(now, call_id, tag, sdp.as_bytes(), from, None)
-                .map_err(|r| Rejection::new(r.code, r.reason))?;
-            e.set_body(&anchored);
-        } else if let std::borrow::Cow::Owned(s) = &sdp {
-            e.set_body(s.as_bytes());
+            _ => {
+                if let Some(s) = &stripped {
+                    e.set_body(s.as_bytes());
+                }
+            }
         }
         Ok(())
     }
@@ -165,18 +159,12 @@ impl<M: MediaAnchor> Agent<M> {
         self.out.push_back(Transmit { flow, payload: msg.response(code, reason, Some(&tag), extra) });
     }
 
-    fn is_us(&self, host: &str, port: Option<u16>) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.parse::<IpAddr>().ok() == Some(self.cfg.listen.ip()) && port.unwrap_or(5060) == self.cfg.listen.port()
+    fn is_us(&self, host: &Host, port: Option<u16>) -> bool {
+        host_ip(host) == Some(self.cfg.listen.ip()) && port.unwrap_or(5060) == self.cfg.listen.port()
     }
 
     fn on_request(&mut self, now: Instant, flow: Flow, msg: &Message) {
-        let checked = if msg.raw().len() > self.cfg.max_message {
-            Err(Rejection::new(513, "Message Too Large"))
-        } else {
-            msg.validate_request(self.cfg.max_message)
-        };
-        if let Err(rej) = checked {
+        if let Err(rej) = msg.check_request(self.cfg.max_message, self.cfg.max_message) {
             self.reply(flow, msg, rej.code, &rej.reason, &[]);
             return;
         }
@@ -186,13 +174,13 @@ impl<M: MediaAnchor> Agent<M> {
             .iter()
             .take_while(|(_, r)| {
                 parse_sip_uri(uri_of(msg.text(r.clone())))
-                    .is_some_and(|u| self.is_us(&host_string(&u.host_port.host), u.host_port.port))
+                    .is_some_and(|u| self.is_us(&u.host_port.host, u.host_port.port))
             })
             .cloned()
             .collect();
         let next_route = routes.get(ours.len()).map(|(_, r)| uri_of(msg.text(r.clone())).to_owned());
         let to_us = next_route.is_none()
-            && msg.request_sip_uri().is_some_and(|u| self.is_us(&host_string(&u.host_port.host), u.host_port.port));
+            && msg.request_sip_uri().is_some_and(|u| self.is_us(&u.host_port.host, u.host_port.port));
         if to_us && msg.method() == Some(&Method::Options) {
             self.reply(flow, msg, 200, "OK", &["Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER".to_owned()]);
             return;
@@ -228,11 +216,8 @@ impl<M: MediaAnchor> Agent<M> {
         }
         if msg.method() == Some(&Method::Register) && !from_server {
             // Only the agent speaks for its NAT: whatever a phone put there goes.
-            for (i, h) in msg.headers.iter().enumerate() {
-                let name = msg.text(h.line.clone()).split(':').next().unwrap_or("").trim();
-                if h.name == HeaderName::Other && name.eq_ignore_ascii_case("Pinhole-NAT") {
-                    e.remove_value(i, h.value.clone());
-                }
+            for (i, r) in msg.extension_headers("Pinhole-NAT") {
+                e.remove_value(i, r);
             }
             if let Some(p) = &self.profile {
                 e.append_header("Pinhole-NAT", p);
@@ -252,7 +237,6 @@ impl<M: MediaAnchor> Agent<M> {
                 self.answered.remove(call_id);
             }
         }
-        self.stats.forwarded += 1;
         let out = Flow { transport: Transport::Udp, local: self.cfg.listen, remote: next, conn: None };
         self.out.push_back(Transmit { flow: out, payload: e.finish() });
     }
@@ -261,15 +245,15 @@ impl<M: MediaAnchor> Agent<M> {
     fn on_response(&mut self, now: Instant, flow: Flow, msg: &Message) {
         let vias = msg.values(HeaderName::Via);
         let ours = msg.top_via().is_some_and(|v| {
-            self.is_us(&host_string(&v.sent_by.host), v.sent_by.port)
+            self.is_us(&v.sent_by.host, v.sent_by.port)
                 && v.params.get_val("branch").is_some_and(|b| b.starts_with(BRANCH_PREFIX))
         });
         let (Some((hi, r)), true) = (vias.first(), ours) else {
-            self.stats.dropped += 1;
+            self.dropped += 1;
             return;
         };
         let Some(next) = msg.vias().get(1).cloned().flatten() else {
-            self.stats.dropped += 1;
+            self.dropped += 1;
             return;
         };
         // RFC 3581: received and rport say where the previous hop really is.
@@ -277,11 +261,11 @@ impl<M: MediaAnchor> Agent<M> {
             .params
             .get_val("received")
             .and_then(|r| r.parse::<IpAddr>().ok())
-            .or_else(|| host_string(&next.sent_by.host).trim_matches(['[', ']']).parse().ok());
+            .or_else(|| host_ip(&next.sent_by.host));
         let port =
             next.params.get_val("rport").and_then(|p| p.parse::<u16>().ok()).or(next.sent_by.port).unwrap_or(5060);
         let Some(ip) = ip else {
-            self.stats.dropped += 1;
+            self.dropped += 1;
             return;
         };
         let mut e = Editor::new(msg);
@@ -305,7 +289,6 @@ impl<M: MediaAnchor> Agent<M> {
         }
         let out =
             Flow { transport: Transport::Udp, local: self.cfg.listen, remote: SocketAddr::new(ip, port), conn: None };
-        self.stats.forwarded += 1;
         self.out.push_back(Transmit { flow: out, payload: e.finish() });
     }
 
@@ -325,8 +308,7 @@ impl<M: MediaAnchor> Agent<M> {
 /// The address an IP-literal SIP URI names (the agent does no DNS).
 fn ip_target(uri: &str) -> Option<SocketAddr> {
     let u = parse_sip_uri(uri)?;
-    let ip: IpAddr = host_string(&u.host_port.host).trim_matches(['[', ']']).parse().ok()?;
-    Some(SocketAddr::new(ip, u.host_port.port.unwrap_or(5060)))
+    Some(SocketAddr::new(host_ip(&u.host_port.host)?, u.host_port.port.unwrap_or(5060)))
 }
 
 #[cfg(test)]

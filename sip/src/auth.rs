@@ -416,28 +416,23 @@ impl Authenticator {
         request_uri: &str,
         header_values: &[&str],
     ) -> Verdict {
-        let Some(creds) = header_values.iter().filter_map(|v| Credentials::parse(v)).find(|c| c.realm == self.realm)
-        else {
-            if header_values.is_empty() {
-                return Verdict::Missing;
-            }
-            return match self.guard.admit(now, source, "") {
-                Admit::Check => {
-                    self.guard.failed(now, source, "");
-                    Verdict::Failed
-                }
-                Admit::SourceBlocked => Verdict::RateLimited,
-                Admit::UserDelayed(d) => Verdict::UserDelayed(d),
-            };
-        };
-        match self.guard.admit(now, source, &creds.username) {
+        let creds = header_values.iter().filter_map(|v| Credentials::parse(v)).find(|c| c.realm == self.realm);
+        if creds.is_none() && header_values.is_empty() {
+            return Verdict::Missing;
+        }
+        // Credentials for another realm, or unparseable, fail like a wrong password.
+        let user = creds.as_ref().map_or("", |c| c.username.as_str());
+        match self.guard.admit(now, source, user) {
             Admit::Check => {}
             Admit::SourceBlocked => return Verdict::RateLimited,
             Admit::UserDelayed(d) => return Verdict::UserDelayed(d),
         }
-        let v = self.check(now, method, request_uri, &creds);
+        let v = match &creds {
+            Some(c) => self.check(now, method, request_uri, c),
+            None => Verdict::Failed,
+        };
         match &v {
-            Verdict::Failed => self.guard.failed(now, source, &creds.username),
+            Verdict::Failed => self.guard.failed(now, source, user),
             Verdict::Authenticated(u) => self.guard.succeeded(now, source, u),
             _ => {}
         }

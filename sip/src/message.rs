@@ -364,10 +364,14 @@ impl Message {
 
     /// The first value of an extension header, by its name (case-insensitive).
     pub fn extension_header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().filter(|h| h.name == HeaderName::Other).find_map(|h| {
-            let line = self.text(h.line.clone());
-            let (n, _) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| self.text(h.value.clone()))
+        self.extension_headers(name).next().map(|(_, r)| self.text(r))
+    }
+
+    /// (header index, value range) of every extension header by this name.
+    pub fn extension_headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (usize, Range<usize>)> + 'a {
+        self.headers.iter().enumerate().filter(|(_, h)| h.name == HeaderName::Other).filter_map(move |(i, h)| {
+            let (n, _) = self.text(h.line.clone()).split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| (i, h.value.clone()))
         })
     }
 
@@ -449,6 +453,14 @@ impl Message {
             Ok((rest, v)) if rest.trim().is_empty() => Some(v),
             _ => None,
         }
+    }
+
+    /// [`Self::validate_request`] after the whole-message limit (513).
+    pub fn check_request(&self, max_message: usize, max_body: usize) -> Result<(), Rejection> {
+        if self.raw.len() > max_message {
+            return Err(Rejection::new(513, "Message Too Large"));
+        }
+        self.validate_request(max_body)
     }
 
     /// Checks a request for the errors RFC 3261 says must be answered, returning the

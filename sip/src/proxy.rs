@@ -31,7 +31,7 @@ use forward::*;
 use transactions::*;
 
 pub(crate) use forward::fix_top_via;
-pub(crate) use requests::{host_string, parse_sip_uri, uri_of};
+pub(crate) use requests::{host_ip, host_string, parse_sip_uri, uri_of};
 
 use budget::ReplyBudget;
 use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};
@@ -269,12 +269,12 @@ struct Target {
 }
 
 /// Our own entries at the top of a request's Route set, and what follows them.
-struct RouteInfo {
+struct RouteInfo<'m> {
     /// (header index, value range) of each of our Route values, to strip when forwarding.
     strip: Vec<(usize, std::ops::Range<usize>)>,
     /// The flows named by our token, if its MAC holds for this Call-ID and a tag.
     flows: Option<DialogFlows>,
-    remaining: Vec<String>,
+    remaining: Vec<&'m str>,
 }
 
 /// The proxy, generic over where it anchors media (`Option<Relay>` in pinhole: `None`

@@ -226,6 +226,23 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_off_the_wire_drives_a_puncher_and_only_the_hard_birthday_side_opens_many_sockets() {
+        use crate::punch::scheduler::Puncher;
+        let now = std::time::Instant::now();
+        let birthday = |hard| {
+            let with = insert(SDP, &plan(Strategy::Birthday { hard, sockets: 256, probes: 1024 }));
+            WirePlan::from_sdp(&with).expect("plan").to_plan(now)
+        };
+        let hard = birthday(Side::B);
+        assert_eq!(hard.side, Side::B);
+        assert_eq!(hard.start, now);
+        assert_eq!(Puncher::new(hard, 1).sockets(), 256);
+        assert_eq!(Puncher::new(birthday(Side::A), 1).sockets(), 1, "the easy side keeps one socket");
+        let simple = WirePlan::from_sdp(&insert(SDP, &plan(Strategy::SimultaneousOpen))).expect("plan");
+        assert_eq!(Puncher::new(simple.to_plan(now), 1).sockets(), 1);
+    }
+
+    #[test]
     fn an_sdp_without_a_complete_plan_has_none() {
         assert_eq!(WirePlan::from_sdp(SDP), None);
         let with = insert(SDP, &plan(Strategy::SimultaneousOpen));

@@ -141,7 +141,7 @@ Content-Length: 0
 
 ";
     assert!(send(&mut a, SERVER, stray).is_empty());
-    assert_eq!(a.stats().dropped, 1);
+    assert_eq!(a.dropped(), 1);
 }
 
 #[test]
@@ -213,18 +213,26 @@ fn a_send_raw(text: &str, check: impl FnOnce(&mut Agent<Option<Relay>>, Vec<Tran
     check(&mut a, out);
 }
 
+/// An agent anchoring media on its LAN address.
+fn media_agent(t0: Instant) -> Agent<Option<Relay>> {
+    Agent::new(config(), Some(Relay::new(RelayConfig::single(addr(AGENT).ip(), 31000, 31099), t0)))
+}
+
+/// The phone's INVITE through the agent, offering audio from its own address.
+fn phone_invite(call_id: &str, branch: &str) -> Bytes {
+    let offer =
+        "v=0\r\no=- 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    Bytes::from(format!(
+        "INVITE sip:bob@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5062;branch={branch};rport\r\nRoute: <sip:198.51.100.2:5060;lr>\r\nMax-Forwards: 70\r\nTo: <sip:bob@203.0.113.10>\r\nFrom: <sip:alice@203.0.113.10>;tag=a1\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@198.51.100.20:5062>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+        offer.len()
+    ))
+}
+
 #[test]
 fn the_phones_media_is_anchored_on_the_agents_lan_ports_both_ways_and_bye_frees_them() {
     let t0 = Instant::now();
-    let relay = Relay::new(RelayConfig::single(addr(AGENT).ip(), 31000, 31099), t0);
-    let mut a = Agent::new(config(), Some(relay));
-    let offer =
-        "v=0\r\no=- 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
-    let invite = format!(
-        "INVITE sip:bob@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKm1;rport\r\nRoute: <sip:198.51.100.2:5060;lr>\r\nMax-Forwards: 70\r\nTo: <sip:bob@203.0.113.10>\r\nFrom: <sip:alice@203.0.113.10>;tag=a1\r\nCall-ID: media-call\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@198.51.100.20:5062>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
-        offer.len()
-    );
-    a.handle_input(t0, from(PHONE), Bytes::from(invite)).expect("SIP");
+    let mut a = media_agent(t0);
+    a.handle_input(t0, from(PHONE), phone_invite("media-call", "z9hG4bKm1")).expect("SIP");
     let fwd = a.poll_transmit().expect("forwarded");
     let up = parse(&fwd);
     let body = String::from_utf8_lossy(up.body_bytes()).into_owned();
@@ -249,15 +257,8 @@ fn the_phones_media_is_anchored_on_the_agents_lan_ports_both_ways_and_bye_frees_
 #[test]
 fn a_call_that_fails_before_its_answer_frees_the_agents_ports() {
     let t0 = Instant::now();
-    let relay = Relay::new(RelayConfig::single(addr(AGENT).ip(), 31000, 31099), t0);
-    let mut a = Agent::new(config(), Some(relay));
-    let offer =
-        "v=0\r\no=- 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
-    let invite = format!(
-        "INVITE sip:bob@203.0.113.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5062;branch=z9hG4bKf1;rport\r\nMax-Forwards: 70\r\nTo: <sip:bob@203.0.113.10>\r\nFrom: <sip:alice@203.0.113.10>;tag=a1\r\nCall-ID: failed-call\r\nCSeq: 1 INVITE\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
-        offer.len()
-    );
-    a.handle_input(t0, from(PHONE), Bytes::from(invite)).expect("SIP");
+    let mut a = media_agent(t0);
+    a.handle_input(t0, from(PHONE), phone_invite("failed-call", "z9hG4bKf1")).expect("SIP");
     let up = parse(&a.poll_transmit().expect("forwarded"));
     assert_eq!(a.media().as_ref().map(Relay::call_count), Some(1));
     let busy = up.response(486, "Busy Here", Some("b1"), &[]);

@@ -169,6 +169,12 @@ impl DialogTable {
         })
     }
 
+    fn find_mut(&mut self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<(Key, &mut Entry)> {
+        let key = self.find(call_id, from_tag, to_tag)?.0.clone();
+        let e = self.map.get_mut(&key)?;
+        Some((key, e))
+    }
+
     /// Does this in-dialog request (with these tags, arriving on `from`, whose token named
     /// `flows`) belong to a live dialog we saw established? `on_side` tells whether an
     /// address is the flow of one of its sides.
@@ -189,26 +195,22 @@ impl DialogTable {
 
     /// An in-dialog request passed: the dialog lives on.
     pub(super) fn touch(&mut self, now: Instant, call_id: &str, from_tag: &str, to_tag: &str) {
-        let Some((key, e)) = self.find(call_id, from_tag, to_tag) else { return };
+        let Some((key, e)) = self.find_mut(call_id, from_tag, to_tag) else { return };
         if e.ended || !e.confirmed {
             return;
         }
-        let key = key.clone();
-        if let Some(e) = self.map.get_mut(&key) {
-            e.expires = now + DIALOG_LIFETIME;
-            self.expiry.push(Reverse((e.expires, key)));
-        }
+        e.expires = now + DIALOG_LIFETIME;
+        let at = e.expires;
+        self.expiry.push(Reverse((at, key)));
     }
 
     /// A BYE passed: the dialog is forgotten after [`ENDED_MARGIN`].
     pub(super) fn end(&mut self, now: Instant, call_id: &str, from_tag: &str, to_tag: &str) {
-        let Some((key, _)) = self.find(call_id, from_tag, to_tag) else { return };
-        let key = key.clone();
-        if let Some(e) = self.map.get_mut(&key) {
-            e.ended = true;
-            e.expires = e.expires.min(now + ENDED_MARGIN);
-            self.expiry.push(Reverse((e.expires, key)));
-        }
+        let Some((key, e)) = self.find_mut(call_id, from_tag, to_tag) else { return };
+        e.ended = true;
+        e.expires = e.expires.min(now + ENDED_MARGIN);
+        let at = e.expires;
+        self.expiry.push(Reverse((at, key)));
     }
 
     pub(super) fn expire(&mut self, now: Instant) {

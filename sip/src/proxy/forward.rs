@@ -86,7 +86,6 @@ impl<M: MediaAnchor> Proxy<M> {
             self.punch_plans.remove(call_id); // the caller has its 2xx, and with it its plan
         }
         let RouteInfo { strip, flows: dialog, remaining } = routing;
-        let remaining: Vec<&str> = remaining.iter().map(String::as_str).collect();
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
         let Ok(targets) = self.targets(now, flow, msg, &remaining, dialog, to_us) else {
             return;

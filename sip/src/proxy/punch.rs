@@ -113,5 +113,5 @@ impl<M: MediaAnchor> Proxy<M> {
 /// The host of a SIP URI, when it is an IP literal (a phone's private address).
 fn contact_ip(uri: &str) -> Option<IpAddr> {
     let u = parse_sip_uri(uri)?;
-    host_string(&u.host_port.host).trim_matches(['[', ']']).parse().ok()
+    host_ip(&u.host_port.host)
 }

@@ -8,12 +8,7 @@ impl<M: MediaAnchor> Proxy<M> {
     pub(super) fn on_request(&mut self, now: Instant, flow: Flow, msg: Message) {
         let method = msg.method().cloned().unwrap_or(Method::Other(String::new()));
         self.count_request(&method, flow.transport);
-        let checked = if msg.raw().len() > self.cfg.max_message {
-            Err(Rejection::new(513, "Message Too Large"))
-        } else {
-            msg.validate_request(self.cfg.max_body)
-        };
-        if let Err(rej) = checked {
+        if let Err(rej) = msg.check_request(self.cfg.max_message, self.cfg.max_body) {
             tracing::debug!(code = rej.code, reason = %rej.reason, "rejecting malformed request");
             if method != Method::Ack && msg.header(HeaderName::Via).is_some() {
                 let resp = msg.response(rej.code, &rej.reason, Some(&self.local_tag(&msg)), &[]);
@@ -99,7 +94,7 @@ impl<M: MediaAnchor> Proxy<M> {
     }
 
     /// Our Route entries at the top of the Route set, and the flows their token names.
-    pub(super) fn route_info(&self, msg: &Message) -> RouteInfo {
+    pub(super) fn route_info<'m>(&self, msg: &'m Message) -> RouteInfo<'m> {
         let routes = msg.values(HeaderName::Route);
         let mut strip = Vec::new();
         let mut flows = None;
@@ -116,7 +111,7 @@ impl<M: MediaAnchor> Proxy<M> {
                 None => break,
             }
         }
-        let remaining = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone()).to_owned()).collect();
+        let remaining = routes.iter().skip(strip.len()).map(|(_, r)| msg.text(r.clone())).collect();
         RouteInfo { strip, flows, remaining }
     }
 
@@ -129,7 +124,7 @@ impl<M: MediaAnchor> Proxy<M> {
         flow: Flow,
         msg: &Message,
         method: &Method,
-        routing: &RouteInfo,
+        routing: &RouteInfo<'_>,
     ) -> bool {
         let (Some(flows), Some(call_id), Some(from), Some(to)) =
             (routing.flows, msg.call_id(), msg.tag(HeaderName::From), msg.tag(HeaderName::To))
@@ -144,8 +139,7 @@ impl<M: MediaAnchor> Proxy<M> {
     /// returns `None`.
     pub(super) fn authenticate(&mut self, now: Instant, flow: Flow, msg: &Message, method: &Method) -> Option<String> {
         let register = *method == Method::Register;
-        let header = if register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
-        let creds = msg.value_texts(header);
+        let creds = msg.value_texts(credentials_header(method));
         let uri = msg.request_uri().unwrap_or("");
         let verdict = self.auth.verify(now, flow.remote.ip(), method.as_str(), uri, &creds);
         let tag = self.local_tag(msg);
@@ -202,7 +196,7 @@ impl<M: MediaAnchor> Proxy<M> {
         flow: Flow,
         msg: &Message,
         method: &Method,
-        routing: RouteInfo,
+        routing: RouteInfo<'_>,
         auth_user: Option<String>,
     ) {
         // Max-Forwards (§16.3 step 3).
@@ -229,11 +223,8 @@ impl<M: MediaAnchor> Proxy<M> {
         }
 
         let RouteInfo { mut strip, flows: dialog, remaining } = routing;
-        let remaining: Vec<&str> = remaining.iter().map(String::as_str).collect();
         if auth_user.is_some() {
-            let header =
-                if *method == Method::Register { HeaderName::Authorization } else { HeaderName::ProxyAuthorization };
-            strip.extend(self.our_credentials(msg, header));
+            strip.extend(self.our_credentials(msg, credentials_header(method)));
         }
 
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
@@ -253,9 +244,6 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
-        if *method == Method::Invite && msg.tag(HeaderName::To).is_none() {
-            self.plan_punch(now, flow, msg, auth_user.as_deref(), &targets);
-        }
         let body = match self.media_request(now, flow, msg, targets.first().map(|t| t.flow)) {
             Ok(b) => b,
             Err(rej) => {
@@ -263,6 +251,9 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
+        if *method == Method::Invite && msg.tag(HeaderName::To).is_none() {
+            self.plan_punch(now, flow, msg, auth_user.as_deref(), &targets);
+        }
         let body = self.with_punch_plan(msg, Side::B, body);
         self.media_seen_request(msg);
         let record_route = method.creates_dialog() && msg.tag(HeaderName::To).is_none();
@@ -462,7 +453,7 @@ impl<M: MediaAnchor> Proxy<M> {
     /// A flow to an IP-literal SIP URI (pinhole does no DNS).
     pub(super) fn flow_for_uri(&self, uri: &str) -> Option<Flow> {
         let u = parse_sip_uri(uri)?;
-        let ip: IpAddr = host_string(&u.host_port.host).trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        let ip = host_ip(&u.host_port.host)?;
         let transport = if u.sips {
             Transport::Tls
         } else {
@@ -498,6 +489,21 @@ pub(crate) fn host_string(h: &Host) -> String {
         Host::IP4(ip) => ip.to_string(),
         Host::IP6(ip) => ip.to_string(),
     }
+}
+
+/// Where a request carries its credentials: a registrar's Authorization, a proxy's
+/// Proxy-Authorization (RFC 3261 §22).
+fn credentials_header(method: &Method) -> HeaderName {
+    if *method == Method::Register {
+        HeaderName::Authorization
+    } else {
+        HeaderName::ProxyAuthorization
+    }
+}
+
+/// A host that is an IP literal (bracketed or not), as an address.
+pub(crate) fn host_ip(h: &Host) -> Option<IpAddr> {
+    host_string(h).trim_matches(['[', ']']).parse().ok()
 }
 
 /// The URI inside a name-addr (`<sip:…>` or a bare URI).

@@ -155,12 +155,32 @@ fn a_check_signed_with_the_wrong_password_is_neither_answered_nor_adopted() {
         },
         3,
     );
-    liar.handle_timeout(t0);
+    let checks = |puncher: &mut Puncher| {
+        puncher.handle_timeout(t0);
+        std::iter::from_fn(|| puncher.poll_transmit()).filter(|t| !t.bytes.is_empty()).collect::<Vec<_>>()
+    };
+    let forged = checks(&mut liar);
+    assert!(!forged.is_empty(), "the stranger sent checks");
     p.handle_timeout(t0);
     while p.poll_transmit().is_some() {}
-    for t in std::iter::from_fn(|| liar.poll_transmit()).filter(|t| !t.bytes.is_empty()) {
+    for t in &forged {
         p.handle_input(t0, 0, "192.0.2.66:4000".parse().expect("x"), &t.bytes);
     }
     assert!(p.poll_transmit().is_none(), "no answer, no triggered check");
     assert_eq!(p.path(), None);
+    // The control: the same checks signed with B's real password are answered.
+    let mut honest = Puncher::new(
+        PunchPlan {
+            strategy: Strategy::SimultaneousOpen,
+            side: Side::B,
+            windows: ["203.0.113.2:31000".parse().expect("a"), "203.0.113.3:31000".parse().expect("b")],
+            credentials: creds("bbbb", "aaaa"),
+            start: t0,
+        },
+        3,
+    );
+    for t in &checks(&mut honest) {
+        p.handle_input(t0, 0, "203.0.113.3:31000".parse().expect("b"), &t.bytes);
+    }
+    assert!(p.poll_transmit().is_some(), "a check B really signed is answered");
 }
