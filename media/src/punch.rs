@@ -223,6 +223,7 @@ pub fn choose(a: &NatProfile, b: &NatProfile) -> Strategy {
     }
 }
 
+pub mod path;
 pub mod scheduler;
 pub mod sdp;
 

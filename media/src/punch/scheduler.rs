@@ -76,8 +76,13 @@ pub struct Puncher {
     /// Peers that answered our signed request, per socket.
     answered: Vec<(usize, SocketAddr)>,
     path: Option<(usize, SocketAddr)>,
+    /// When the adopted path last answered one of our checks.
+    last_answer: Option<Instant>,
     deadline: Instant,
 }
+
+/// Checks remembered at most (a birthday spray sends 1 024; consent checks go on all call).
+const MAX_CHECKS: usize = 4096;
 
 /// The plan from our side's point of view.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +107,7 @@ impl Puncher {
             heard: Vec::new(),
             answered: Vec::new(),
             path: None,
+            last_answer: None,
             deadline: plan.start + PUNCH_DEADLINE,
         }
     }
@@ -117,6 +123,23 @@ impl Puncher {
     /// The adopted path: our socket and the peer's address, once checks succeeded both ways.
     pub fn path(&self) -> Option<(usize, SocketAddr)> {
         self.path
+    }
+
+    /// Whether `from` proved it holds the plan's credentials by a signed check to `socket`:
+    /// its media may be taken.
+    pub fn accepts(&self, socket: usize, from: SocketAddr) -> bool {
+        self.heard.contains(&(socket, from))
+    }
+
+    /// When the adopted path last answered one of our checks (consent, RFC 7675).
+    pub fn last_answer(&self) -> Option<Instant> {
+        self.last_answer
+    }
+
+    /// A consent check on the adopted path (or any path): a signed request whose answer
+    /// shows in [`Puncher::last_answer`].
+    pub fn consent_check(&mut self, socket: usize, to: SocketAddr) {
+        self.check(socket, to);
     }
 
     #[must_use]
@@ -150,6 +173,9 @@ impl Puncher {
             .with_attribute(MessageIntegrity::new(key))
             .build();
         if let Some(bytes) = encode(&msg) {
+            if self.checks.len() >= MAX_CHECKS {
+                self.checks.drain(..MAX_CHECKS / 4);
+            }
             self.checks.push((id, socket, to));
             self.out.push(PunchTransmit { socket, to, bytes });
         }
@@ -243,7 +269,7 @@ impl Puncher {
     }
 
     /// A datagram arrived on `socket` from `from`.
-    pub fn handle_input(&mut self, _now: Instant, socket: usize, from: SocketAddr, data: &[u8]) {
+    pub fn handle_input(&mut self, now: Instant, socket: usize, from: SocketAddr, data: &[u8]) {
         if data.is_empty() {
             return; // a null packet: it opened something, nothing to answer
         }
@@ -277,6 +303,10 @@ impl Puncher {
         if self.path.is_none() && self.heard.contains(&(socket, from)) && self.answered.contains(&(socket, from)) {
             self.path = Some((socket, from));
             self.next = None;
+            self.last_answer = Some(now);
+        }
+        if msg.class() == MessageClass::SuccessResponse && self.path == Some((socket, from)) {
+            self.last_answer = Some(now);
         }
     }
 
@@ -293,7 +323,7 @@ impl Puncher {
     }
 }
 
-fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
+pub(super) fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
     let mut out = vec![0u8; 256];
     let n = MessageEncoderBuilder::default().build().encode(&mut out, msg).ok()?;
     out.truncate(n);
@@ -301,7 +331,7 @@ fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
 }
 
 /// Whether `data` carries a valid MESSAGE-INTEGRITY under `password`.
-fn verified(data: &[u8], password: &str) -> bool {
+pub(super) fn verified(data: &[u8], password: &str) -> bool {
     let Ok(key) = HMACKey::new_short_term(password) else { return false };
     let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
     MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
