@@ -196,17 +196,16 @@ impl Lab {
                 self.deliver(to, from, bytes);
             }
             if self.now >= self.next_frame {
-                for i in 0..2 {
+                for (i, relay) in RELAY.iter().enumerate() {
                     match self.agents[i].path.route() {
-                        Route::Relay => self.send(i, 0, addr(RELAY[i]), MEDIA.to_vec()),
+                        Route::Relay => self.send(i, 0, addr(relay), MEDIA.to_vec()),
                         Route::Direct { socket, to } => self.send(i, socket, to, MEDIA.to_vec()),
                     }
                 }
                 self.next_frame += FRAME;
             }
-            for i in 0..2 {
-                let now = self.now;
-                self.agents[i].path.handle_timeout(now, Some(addr(RELAY[i])));
+            for (a, relay) in self.agents.iter_mut().zip(RELAY) {
+                a.path.handle_timeout(self.now, Some(addr(relay)));
             }
         }
         self.flush();
