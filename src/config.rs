@@ -313,6 +313,9 @@ pub(crate) struct AgentFile {
     pub(crate) sip: AgentSip,
     #[serde(default)]
     pub(crate) media: Media,
+    /// `/metrics` (punch attempts, outcomes, paths), only when `listen` is set.
+    #[serde(default)]
+    pub(crate) metrics: Metrics,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,6 +5,7 @@
 //! `pinhole-media`.
 
 mod agent;
+mod agent_media;
 mod config;
 mod dataplane;
 mod limits;

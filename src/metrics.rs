@@ -72,6 +72,18 @@ fn register_defaults() {
     for method in ["reach", "simultaneous-open", "prediction", "lockstep-shotgun", "birthday", "relay", "denied"] {
         metrics::counter!("pinhole_punch_plans_total", "method" => method).absolute(0);
     }
+    // An agent's punching (zero on a server).
+    for method in ["reach", "simultaneous-open", "prediction", "lockstep-shotgun", "birthday"] {
+        metrics::counter!("pinhole_punch_attempts_total", "method" => method).absolute(0);
+        metrics::counter!("pinhole_punch_fallbacks_total", "method" => method).absolute(0);
+        metrics::counter!("pinhole_punch_recoveries_total", "method" => method).absolute(0);
+        for outcome in ["direct", "failed"] {
+            metrics::counter!("pinhole_punch_outcomes_total", "method" => method, "outcome" => outcome).absolute(0);
+        }
+    }
+    for path in ["direct", "relayed"] {
+        metrics::gauge!("pinhole_punch_calls", "path" => path).set(0.0);
+    }
     for reason in ["idle", "incomplete"] {
         metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).absolute(0);
     }

@@ -36,6 +36,7 @@
 //!   checked before allocating, trailing bytes refused.
 
 pub mod anchor;
+pub mod edge;
 pub mod guard;
 pub mod latch;
 pub mod natmodel;

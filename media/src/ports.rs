@@ -84,6 +84,22 @@ impl<S> PortTable<S> {
         self.slots[i].as_mut()
     }
 
+    /// Where packets leaving `port`'s peer for `port`'s side go: its latched (or signalled)
+    /// address.
+    pub fn destination(&self, port: u16) -> Option<SocketAddr> {
+        self.slot(port)?.latch.destination()
+    }
+
+    /// A packet on `port` from a source vouched for elsewhere (a direct path's checked
+    /// peer): counted and sent on like latched media, without asking the latch.
+    pub fn deliver(&mut self, now_ns: u64, port: u16, data: &[u8]) -> Option<Forward> {
+        let slot = self.slot_mut(port)?;
+        slot.stats.on_packet(now_ns, data.len(), RtpInfo::parse(data));
+        let from_port = slot.peer.0;
+        let peer = self.slot(from_port)?;
+        Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()? })
+    }
+
     /// One packet from `src` arriving on `port`: latched, counted, and where it goes — or
     /// `None` to drop it (unknown port, refused source, or no destination learned yet).
     /// `now_ns` is the counters' clock (nanoseconds since the relay's epoch).

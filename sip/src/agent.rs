@@ -28,6 +28,20 @@ use crate::transport::{Flow, Transmit, Transport};
 const BRANCH_PREFIX: &str = "z9hG4bKpha";
 /// Answered calls remembered at most.
 const MAX_ANSWERED: usize = 100_000;
+/// Plans held for calls not answered yet, at most (the oldest goes).
+const MAX_PENDING_PLANS: usize = 1024;
+
+/// A punch plan for one of our phones' calls, ready to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyPlan {
+    pub call_id: String,
+    /// The tag of the server's side of the call (whose SDP carried the plan): the media
+    /// anchor's leg towards the server relay is this side's.
+    pub server_tag: String,
+    pub plan: WirePlan,
+    /// When the call was answered here (the 2xx passed), which a plan's start counts from.
+    pub answered: Instant,
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -54,8 +68,10 @@ pub struct Agent<M: MediaAnchor> {
     dropped: u64,
     /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
     profile: Option<String>,
-    /// Punch plans taken out of SDP on its way to a phone, by Call-ID.
-    plans: VecDeque<(String, WirePlan)>,
+    /// Punch plans from an INVITE, waiting for the phone's 2xx: (Call-ID, server tag, plan).
+    pending: VecDeque<(String, String, WirePlan)>,
+    /// Plans of answered calls.
+    plans: VecDeque<ReadyPlan>,
 }
 
 impl<M: MediaAnchor> Agent<M> {
@@ -67,6 +83,7 @@ impl<M: MediaAnchor> Agent<M> {
             out: VecDeque::new(),
             dropped: 0,
             profile: None,
+            pending: VecDeque::new(),
             plans: VecDeque::new(),
         }
     }
@@ -89,9 +106,11 @@ impl<M: MediaAnchor> Agent<M> {
         self.dropped
     }
 
-    /// The next punch plan the server sent for one of our phones' calls.
+    /// The next punch plan for one of our phones' calls, once the call is answered (the
+    /// callee's plan comes in the INVITE and waits for its 2xx; the caller's comes in the
+    /// 2xx). A retransmitted 2xx brings its plan again.
     #[must_use]
-    pub fn poll_plan(&mut self) -> Option<(String, WirePlan)> {
+    pub fn poll_plan(&mut self) -> Option<ReadyPlan> {
         self.plans.pop_front()
     }
 
@@ -108,8 +127,19 @@ impl<M: MediaAnchor> Agent<M> {
     ) -> Result<(), Rejection> {
         let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return Ok(()) };
         let stripped = body.contains("a=x-pinhole-punch:").then(|| {
-            if let (Some(plan), Some(call_id)) = (WirePlan::from_sdp(body), msg.call_id()) {
-                self.plans.push_back((call_id.to_owned(), plan));
+            // Only the server plans; a plan from anywhere else is only taken out.
+            let planned = (from == self.cfg.server.ip()).then(|| WirePlan::from_sdp(body)).flatten();
+            if let (Some(plan), Some(call_id), Some(tag)) = (planned, msg.call_id(), sender_tag) {
+                let (call_id, server_tag) = (call_id.to_owned(), tag.to_owned());
+                if msg.is_request() {
+                    if self.pending.len() >= MAX_PENDING_PLANS {
+                        self.pending.pop_front();
+                    }
+                    self.pending.retain(|(c, _, _)| *c != call_id);
+                    self.pending.push_back((call_id, server_tag, plan));
+                } else {
+                    self.plans.push_back(ReadyPlan { call_id, server_tag, plan, answered: now });
+                }
             }
             punch_sdp::strip(body)
         });
@@ -279,12 +309,19 @@ impl<M: MediaAnchor> Agent<M> {
         let _ = self.fix_body(now, msg, flow.remote.ip(), tag, &mut e);
         if let (Some(call_id), Some(Method::Invite)) = (msg.call_id(), &method) {
             if (200..300).contains(&code) {
+                // Our phone answered a call the server planned: the plan starts now.
+                if let Some(i) = self.pending.iter().position(|(c, _, _)| c == call_id) {
+                    if let Some((call_id, server_tag, plan)) = self.pending.remove(i) {
+                        self.plans.push_back(ReadyPlan { call_id, server_tag, plan, answered: now });
+                    }
+                }
                 if self.answered.len() >= MAX_ANSWERED {
                     self.answered.clear(); // only costs a failed re-INVITE its media
                 }
                 self.answered.insert(call_id.to_owned());
             } else if code >= 300 && !self.answered.contains(call_id) {
                 self.media.release(call_id);
+                self.pending.retain(|(c, _, _)| c != call_id);
             }
         }
         let out =

@@ -59,6 +59,8 @@ pub enum PathEvent {
     Direct { after: Duration },
     /// The direct path stopped answering; media is back on the relay.
     FellBack,
+    /// The path we fell back from answers again; media is on it again.
+    Recovered,
     /// No path within the punch deadline: the call stays relayed.
     Failed,
 }
@@ -306,7 +308,7 @@ impl DirectPath {
                     self.phase = Phase::Direct;
                     self.since = now;
                     self.next_consent = now + CONSENT;
-                    self.events.push_back(PathEvent::Direct { after: now.saturating_duration_since(self.plan.start) });
+                    self.events.push_back(PathEvent::Recovered);
                 }
             }
             Phase::Gathering | Phase::Relayed => {}

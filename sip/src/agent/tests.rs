@@ -201,8 +201,24 @@ fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
         let m = parse(&out[0]);
         assert_eq!(m.body_bytes(), sdp.as_bytes(), "the phone gets the SDP without the plan");
         assert_eq!(m.content_length(), Some(Ok(sdp.len())));
-        assert_eq!(a.poll_plan(), Some(("planned".to_owned(), plan.clone())));
+        assert_eq!(a.poll_plan(), None, "the callee's plan waits for the answer");
+        // The phone answers: the plan is ready, counted from now, for the server's side.
+        let answered = Instant::now();
+        let ok = String::from_utf8(m.response(200, "OK", Some("a9"), &[])).expect("utf8");
+        a.handle_input(answered, from(PHONE), Bytes::from(ok)).expect("SIP");
+        let ready = a.poll_plan().expect("plan ready");
+        assert_eq!((ready.call_id.as_str(), ready.server_tag.as_str()), ("planned", "b1"));
+        assert_eq!((&ready.plan, ready.answered), (&plan, answered));
     });
+    // The same plan from a phone is taken out, and not taken.
+    let mut a = agent();
+    a.handle_input(Instant::now(), from(PHONE), Bytes::from(invite.replace("Via:", "Route: <sip:198.51.100.2:5060;lr>\r\nVia:")))
+        .expect("SIP");
+    let up = parse(&a.poll_transmit().expect("forwarded"));
+    assert!(!String::from_utf8_lossy(up.body_bytes()).contains("x-pinhole"));
+    let ok = String::from_utf8(up.response(200, "OK", Some("z1"), &[])).expect("utf8");
+    a.handle_input(Instant::now(), from(SERVER), Bytes::from(ok)).expect("SIP");
+    assert_eq!(a.poll_plan(), None);
 }
 
 /// Sends raw bytes from the server and hands the agent and its output to `check`.

@@ -290,6 +290,7 @@ fn a_direct_path_that_dies_falls_back_to_the_relay_within_a_second_and_the_relay
     lab.run(healed + Duration::from_secs(3));
     for a in &lab.agents {
         assert!(matches!(a.path.route(), Route::Direct { .. }), "{:?}", a.path.phase());
+        assert_eq!(a.events.last().map(|e| e.1), Some(PathEvent::Recovered));
         assert!(a.longest_gap(healed) <= Duration::from_millis(60));
     }
 }

@@ -1,0 +1,222 @@
+//! An agent's media, sans-IO: the relay links its [`Relay`](crate::relay::Relay) makes
+//! (a phone port on the LAN, a window port towards the server relay), each call's
+//! [`DirectPath`] on its window, and the rule for every packet. The shell owns the sockets
+//! (the relay ports, and a birthday's extra sockets) and does what this says.
+//!
+//! Per packet on a call with a path:
+//! - on the window: STUN and null packets go to the path (checks, announcements, the
+//!   server's STUN answers); media from the relay, or from a source that passed a signed
+//!   check, goes to the phone; anything else is the latch's to judge (and drop);
+//! - on the phone port: the phone's media leaves by the path's route, the relay until a
+//!   direct path is proven, then the direct path.
+//!
+//! RTCP (the next port up) stays on the relay.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::ports::PortTable;
+use crate::punch::path::{DirectPath, PathEvent, Phase, Route};
+use crate::punch::scheduler::PunchPlan;
+use crate::relay::Command;
+
+/// Calls with a punch plan at once; later plans are ignored (those calls stay relayed).
+pub const MAX_PATHS: usize = 1024;
+/// Extra sockets (a birthday's hard side) open at once, over all paths.
+pub const MAX_EXTRA_SOCKETS: usize = 2048;
+
+/// One of the agent's media sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Socket {
+    /// A relay port.
+    Port(u16),
+    /// Extra socket `index` (1..) of the path on window port `window`.
+    Extra { window: u16, index: usize },
+}
+
+/// Sockets the shell must open or close for a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketRequest {
+    /// `count` more sockets on the media address for window `window`: indexes 1..=count.
+    Open { window: u16, count: usize },
+    Close { window: u16 },
+}
+
+/// A path's news, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeEvent {
+    pub call_id: String,
+    pub method: &'static str,
+    pub event: PathEvent,
+}
+
+struct Session {
+    call_id: String,
+    path: DirectPath,
+}
+
+pub struct EdgeMedia {
+    ports: PortTable<()>,
+    /// Paths by window port.
+    paths: HashMap<u16, Session>,
+    stun: SocketAddr,
+    epoch: Instant,
+    requests: VecDeque<SocketRequest>,
+    events: VecDeque<EdgeEvent>,
+    out: VecDeque<(Socket, SocketAddr, Vec<u8>)>,
+}
+
+impl EdgeMedia {
+    /// Ports `port_min..=port_max`; `stun` is the server's STUN service.
+    pub fn new(port_min: u16, port_max: u16, stun: SocketAddr, epoch: Instant) -> EdgeMedia {
+        EdgeMedia {
+            ports: PortTable::new(port_min, port_max),
+            paths: HashMap::new(),
+            stun,
+            epoch,
+            requests: VecDeque::new(),
+            events: VecDeque::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// A command of the agent's relay.
+    pub fn apply(&mut self, now: Instant, cmd: Command) {
+        match cmd {
+            Command::Link { a, b, .. } => {
+                let (pa, pb) = (a.port, b.port);
+                self.ports.open(now, a, pb, None);
+                self.ports.open(now, b, pa, None);
+            }
+            Command::Expect { port, expected, .. } => self.ports.expect(now, port, expected),
+            Command::Unlink { ports, .. } => {
+                for p in ports {
+                    self.ports.close(p);
+                    if let Some(s) = self.paths.remove(&p.0) {
+                        if s.path.extra_sockets() > 0 {
+                            self.requests.push_back(SocketRequest::Close { window: p.0 });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The server's punch plan for `call_id`, whose leg to the server relay leaves from
+    /// `window`. A plan for a window that has one already (a retransmitted 2xx) changes
+    /// nothing.
+    pub fn punch(&mut self, call_id: &str, window: u16, plan: PunchPlan, seed: u64) -> bool {
+        if self.paths.contains_key(&window) || self.paths.len() >= MAX_PATHS || self.ports.slot(window).is_none() {
+            return false;
+        }
+        let path = DirectPath::new(plan, self.stun, seed);
+        let extra = path.extra_sockets();
+        let open: usize = self.paths.values().map(|s| s.path.extra_sockets()).sum();
+        if open + extra > MAX_EXTRA_SOCKETS {
+            return false;
+        }
+        if extra > 0 {
+            self.requests.push_back(SocketRequest::Open { window, count: extra });
+        }
+        self.paths.insert(window, Session { call_id: call_id.to_owned(), path });
+        true
+    }
+
+    /// Where the relay leg of window `window` sends: the server relay's port.
+    fn relay_of(&self, window: u16) -> Option<SocketAddr> {
+        self.ports.destination(window)
+    }
+
+    fn now_ns(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// One datagram from `src` on `at`: where it goes on (from which socket, to where), or
+    /// `None` when it was consumed or is dropped.
+    pub fn on_packet(&mut self, now: Instant, at: Socket, src: SocketAddr, data: &[u8]) -> Option<(Socket, SocketAddr)> {
+        let now_ns = self.now_ns(now);
+        let control = data.is_empty() || crate::stun::looks_like_stun(data);
+        let (window, index) = match at {
+            Socket::Extra { window, index } => (window, index),
+            Socket::Port(p) if self.paths.contains_key(&p) => (p, 0),
+            Socket::Port(p) => {
+                // A phone's packet (or one of a call without a path).
+                let f = self.ports.forward(now, now_ns, p, src, data)?;
+                let route = self.paths.get(&f.from_port).map(|s| s.path.route());
+                return Some(match route {
+                    Some(Route::Direct { socket: 0, to }) => (Socket::Port(f.from_port), to),
+                    Some(Route::Direct { socket, to }) => (Socket::Extra { window: f.from_port, index: socket }, to),
+                    _ => (Socket::Port(f.from_port), f.to),
+                });
+            }
+        };
+        let relay = self.relay_of(window);
+        let s = self.paths.get_mut(&window)?;
+        if control && s.path.handle_input(now, index, src, data, relay) {
+            self.drain(window);
+            return None;
+        }
+        let trusted = Some(src) != relay && s.path.accepts(index, src);
+        let f = if trusted {
+            self.ports.deliver(now_ns, window, data)?
+        } else if index == 0 {
+            self.ports.forward(now, now_ns, window, src, data)?
+        } else {
+            return None;
+        };
+        Some((Socket::Port(f.from_port), f.to))
+    }
+
+    /// Moves a path's output and events to ours.
+    fn drain(&mut self, window: u16) {
+        let Some(s) = self.paths.get_mut(&window) else { return };
+        while let Some(t) = s.path.poll_transmit() {
+            let from = if t.socket == 0 { Socket::Port(window) } else { Socket::Extra { window, index: t.socket } };
+            self.out.push_back((from, t.to, t.bytes));
+        }
+        while let Some(event) = s.path.poll_event() {
+            self.events.push_back(EdgeEvent { call_id: s.call_id.clone(), method: s.path.method(), event });
+        }
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<(Socket, SocketAddr, Vec<u8>)> {
+        self.out.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_socket_request(&mut self) -> Option<SocketRequest> {
+        self.requests.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<EdgeEvent> {
+        self.events.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.paths.values().filter_map(|s| s.path.poll_timeout()).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<u16> =
+            self.paths.iter().filter(|(_, s)| s.path.poll_timeout().is_some_and(|t| t <= now)).map(|(w, _)| *w).collect();
+        for w in due {
+            let relay = self.relay_of(w);
+            if let Some(s) = self.paths.get_mut(&w) {
+                s.path.handle_timeout(now, relay);
+            }
+            self.drain(w);
+        }
+    }
+
+    /// Each call with a plan: its Call-ID, method and where its path stands.
+    pub fn paths(&self) -> impl Iterator<Item = (&str, &'static str, Phase)> {
+        self.paths.values().map(|s| (s.call_id.as_str(), s.path.method(), s.path.phase()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

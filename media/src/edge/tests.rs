@@ -1,0 +1,211 @@
+//! Two agents' media engines on an open network with a modelled server (STUN and a
+//! latching relay), in virtual time: what a phone's packet becomes before and after the
+//! direct path, and what strangers get.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::latch::{Expected, LatchMode};
+use crate::punch::scheduler::Credentials;
+use crate::punch::Strategy;
+use crate::relay::{PortSpec, RelayPort, Side};
+
+const STUN: &str = "203.0.113.1:3478";
+const RELAY: [&str; 2] = ["203.0.113.1:30000", "203.0.113.1:30002"];
+const AGENT: [&str; 2] = ["203.0.113.2", "203.0.113.3"];
+const PHONE: [&str; 2] = ["198.51.100.10:4000", "198.51.100.138:4000"];
+const PHONE_PORT: u16 = 31000;
+const WINDOW: u16 = 31002;
+const RTP: &[u8] = &[0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7];
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn spec(ip: &str, port: u16, expected: &str) -> PortSpec {
+    PortSpec {
+        iface: 0,
+        bind: ip.parse().expect("ip"),
+        port: RelayPort(port),
+        expected: Expected { sdp: Some(addr(expected)), signalling_ip: None },
+        mode: LatchMode::default(),
+        stats: Arc::default(),
+    }
+}
+
+fn plan(side: Side, start: Instant) -> PunchPlan {
+    let (us, them) = if side == Side::A { ("aaaa", "bbbb") } else { ("bbbb", "aaaa") };
+    PunchPlan {
+        strategy: Strategy::SimultaneousOpen,
+        side,
+        // Stale windows from registration: gathering replaces them.
+        windows: [addr("203.0.113.2:9"), addr("203.0.113.3:9")],
+        credentials: Credentials {
+            local_ufrag: us.into(),
+            local_pwd: format!("{us}-password-0123456789"),
+            remote_ufrag: them.into(),
+            remote_pwd: format!("{them}-password-0123456789"),
+        },
+        start,
+    }
+}
+
+struct Net {
+    edges: [EdgeMedia; 2],
+    now: Instant,
+    wire: BTreeMap<(Instant, u64), (SocketAddr, SocketAddr, Vec<u8>)>,
+    seq: u64,
+    /// What each phone received: (from, bytes).
+    phones: [Vec<(SocketAddr, Vec<u8>)>; 2],
+}
+
+impl Net {
+    fn new() -> Net {
+        let t0 = Instant::now();
+        let edge = |i: usize| {
+            let mut e = EdgeMedia::new(31000, 31099, addr(STUN), t0);
+            e.apply(
+                t0,
+                Command::Link {
+                    shard: 1,
+                    a: spec(AGENT[i], PHONE_PORT, PHONE[i]),
+                    b: spec(AGENT[i], WINDOW, RELAY[i]),
+                },
+            );
+            e
+        };
+        Net { edges: [edge(0), edge(1)], now: t0, wire: BTreeMap::new(), seq: 0, phones: [Vec::new(), Vec::new()] }
+    }
+
+    fn put(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        self.seq += 1;
+        self.wire.insert((self.now + Duration::from_millis(5), self.seq), (from, to, bytes));
+    }
+
+    fn source(i: usize, s: Socket) -> SocketAddr {
+        let Socket::Port(p) = s else { panic!("no extra sockets in a simultaneous open") };
+        SocketAddr::new(AGENT[i].parse::<IpAddr>().expect("ip"), p)
+    }
+
+    fn deliver(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        if to == addr(STUN) {
+            if let Some(r) = crate::stun::binding_response(&bytes, from) {
+                self.put(to, from, r);
+            }
+        } else if let Some(leg) = RELAY.iter().position(|r| addr(r) == to) {
+            let dst = SocketAddr::new(AGENT[1 - leg].parse::<IpAddr>().expect("ip"), WINDOW);
+            self.put(addr(RELAY[1 - leg]), dst, bytes);
+        } else if let Some(p) = PHONE.iter().position(|p| addr(p) == to) {
+            self.phones[p].push((from, bytes));
+        } else if let Some(i) = AGENT.iter().position(|a| a.parse::<IpAddr>().ok() == Some(to.ip())) {
+            let now = self.now;
+            if let Some((s, dst)) = self.edges[i].on_packet(now, Socket::Port(to.port()), from, &bytes) {
+                self.put(Net::source(i, s), dst, bytes);
+            }
+        }
+    }
+
+    /// A phone sends one packet to its agent; returns where the agent sent it.
+    fn phone_sends(&mut self, i: usize) -> Option<(Socket, SocketAddr)> {
+        let now = self.now;
+        let out = self.edges[i].on_packet(now, Socket::Port(PHONE_PORT), addr(PHONE[i]), RTP);
+        if let Some((s, dst)) = out {
+            self.put(Net::source(i, s), dst, RTP.to_vec());
+        }
+        out
+    }
+
+    fn run(&mut self, for_: Duration) {
+        let until = self.now + for_;
+        let mut next_frame = self.now;
+        while self.now < until {
+            for i in 0..2 {
+                while let Some((s, to, bytes)) = self.edges[i].poll_transmit() {
+                    self.put(Net::source(i, s), to, bytes);
+                }
+            }
+            let timers = self.edges.iter().filter_map(EdgeMedia::poll_timeout).min();
+            let wire = self.wire.keys().next().map(|k| k.0);
+            self.now = [timers, wire, Some(next_frame), Some(until)].into_iter().flatten().min().expect("due").max(self.now);
+            while let Some(((at, _), _)) = self.wire.first_key_value() {
+                if *at > self.now {
+                    break;
+                }
+                let Some((_, (from, to, bytes))) = self.wire.pop_first() else { break };
+                self.deliver(from, to, bytes);
+            }
+            if self.now >= next_frame {
+                self.phone_sends(0);
+                self.phone_sends(1);
+                next_frame += Duration::from_millis(20);
+            }
+            for e in &mut self.edges {
+                e.handle_timeout(self.now);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_phones_media_goes_to_the_relay_until_the_direct_path_is_proven_and_then_straight_to_the_peer() {
+    let mut net = Net::new();
+    let start = net.now + Duration::from_millis(200);
+    assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
+    assert!(net.edges[1].punch("call-1", WINDOW, plan(Side::B, start), 2));
+    assert_eq!(net.phone_sends(0), Some((Socket::Port(WINDOW), addr(RELAY[0]))));
+    net.run(Duration::from_millis(100));
+    // Relayed media reaches the far phone from its agent's phone port.
+    let from_agent = SocketAddr::new(AGENT[1].parse::<IpAddr>().expect("ip"), PHONE_PORT);
+    assert!(net.phones[1].iter().any(|(f, b)| *f == from_agent && b == RTP), "relayed media arrived");
+    net.run(Duration::from_secs(1));
+    let b_window = SocketAddr::new(AGENT[1].parse::<IpAddr>().expect("ip"), WINDOW);
+    assert_eq!(net.phone_sends(0), Some((Socket::Port(WINDOW), b_window)), "direct now");
+    let events: Vec<EdgeEvent> = std::iter::from_fn(|| net.edges[0].poll_event()).collect();
+    assert!(events.iter().any(|e| e.call_id == "call-1"
+        && e.method == "simultaneous-open"
+        && matches!(e.event, PathEvent::Direct { .. })));
+    assert_eq!(net.edges[1].paths().next(), Some(("call-1", "simultaneous-open", Phase::Direct)));
+    // Direct media is handed to the phone like relayed media: from the agent's phone port.
+    let before = net.phones[1].len();
+    net.run(Duration::from_millis(100));
+    assert!(net.phones[1][before..].iter().all(|(f, _)| *f == from_agent));
+    assert!(net.phones[1].len() - before >= 4);
+    // The phones never see a check or an announcement.
+    assert!(net.phones.iter().flatten().all(|(_, b)| !crate::stun::looks_like_stun(b)));
+}
+
+#[test]
+fn strangers_on_the_window_reach_no_phone_and_a_second_plan_for_the_call_is_ignored() {
+    let mut net = Net::new();
+    let start = net.now + Duration::from_millis(200);
+    assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
+    assert!(!net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1), "a retransmitted 2xx's plan");
+    assert!(!net.edges[0].punch("call-2", 31050, plan(Side::A, start), 1), "no such window");
+    let now = net.now;
+    let stranger = addr("192.0.2.66:5000");
+    net.phone_sends(0); // the relay leg exists
+    // Wait out the latch's learning window: after it, only the relay is media here.
+    let later = now + Duration::from_secs(10);
+    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), addr(RELAY[0]), RTP).map(|f| f.1), Some(addr(PHONE[0])));
+    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, RTP), None);
+    // An unsigned Binding request: header only.
+    let mut bogus_check = vec![0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+    bogus_check.extend([7u8; 12]);
+    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, &bogus_check), None);
+    assert_eq!(net.edges[0].poll_transmit(), None, "an unsigned check is not answered");
+}
+
+#[test]
+fn unlinking_a_call_ends_its_path() {
+    let mut net = Net::new();
+    let start = net.now + Duration::from_millis(200);
+    assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
+    let now = net.now;
+    net.edges[0].apply(now, Command::Unlink { shard: 1, ports: vec![RelayPort(PHONE_PORT), RelayPort(WINDOW)] });
+    assert_eq!(net.edges[0].paths().count(), 0);
+    assert_eq!(net.edges[0].poll_timeout(), None);
+    assert_eq!(net.edges[0].on_packet(now, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP), None);
+}

@@ -1,0 +1,247 @@
+//! The agent's media thread: the sockets around the sans-IO [`EdgeMedia`]. It binds the
+//! relay ports the agent's relay links (and a birthday's extra sockets), polls them with
+//! epoll, and sends what the engine says, from the socket it names. An agent serves one
+//! LAN's phones, so one thread and a socket per port are plenty.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use pinhole_media::edge::{EdgeEvent, EdgeMedia, Socket, SocketRequest};
+use pinhole_media::punch::path::{PathEvent, Phase};
+use pinhole_media::punch::scheduler::PunchPlan;
+use pinhole_media::relay::Command;
+
+const WAKER: Token = Token(usize::MAX);
+
+/// What the signalling side hands the media thread.
+pub(crate) enum MediaCmd {
+    Relay(Command),
+    Punch { call_id: String, window: u16, plan: PunchPlan },
+}
+
+/// The handle the signalling side keeps.
+#[derive(Clone)]
+pub(crate) struct EdgeHandle {
+    tx: Sender<MediaCmd>,
+    waker: Arc<Waker>,
+}
+
+impl EdgeHandle {
+    pub(crate) fn send(&self, cmd: MediaCmd) {
+        if self.tx.send(cmd).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Starts the media thread for ports `port_min..=port_max` on `bind`, punching with the
+/// server's STUN service at `stun`.
+pub(crate) fn start(bind: IpAddr, port_min: u16, port_max: u16, stun: SocketAddr) -> std::io::Result<EdgeHandle> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (tx, rx) = channel();
+    let mut engine = Engine {
+        poll,
+        rx,
+        bind,
+        edge: EdgeMedia::new(port_min, port_max, stun, Instant::now()),
+        sockets: HashMap::new(),
+        tokens: HashMap::new(),
+        next_token: 1 << 20,
+        buf: vec![0u8; 65_536],
+    };
+    std::thread::Builder::new().name("agent media".into()).spawn(move || engine.run())?;
+    Ok(EdgeHandle { tx, waker })
+}
+
+struct Engine {
+    poll: Poll,
+    rx: Receiver<MediaCmd>,
+    bind: IpAddr,
+    edge: EdgeMedia,
+    sockets: HashMap<Socket, UdpSocket>,
+    tokens: HashMap<Token, Socket>,
+    next_token: usize,
+    buf: Vec<u8>,
+}
+
+impl Engine {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let wait = self.edge.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, Some(wait.unwrap_or(Duration::from_secs(1)))) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "agent media poll failed");
+                    return;
+                }
+            }
+            self.commands();
+            for ev in events.iter() {
+                if let Some(s) = self.tokens.get(&ev.token()).copied() {
+                    self.receive(s);
+                }
+            }
+            let now = Instant::now();
+            if self.edge.poll_timeout().is_some_and(|t| t <= now) {
+                self.edge.handle_timeout(now);
+            }
+            self.flush();
+        }
+    }
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            let now = Instant::now();
+            match cmd {
+                MediaCmd::Relay(c) => {
+                    match &c {
+                        Command::Link { a, b, .. } => {
+                            for spec in [a, b] {
+                                self.open(Socket::Port(spec.port.0), SocketAddr::new(spec.bind, spec.port.0));
+                            }
+                        }
+                        Command::Unlink { ports, .. } => {
+                            for p in ports {
+                                self.close(Socket::Port(p.0));
+                            }
+                        }
+                        Command::Expect { .. } => {}
+                    }
+                    self.edge.apply(now, c);
+                }
+                MediaCmd::Punch { call_id, window, plan } => {
+                    let method = plan.strategy.label();
+                    if self.edge.punch(&call_id, window, plan, rand::random()) {
+                        metrics::counter!("pinhole_punch_attempts_total", "method" => method).increment(1);
+                        tracing::info!(call_id, method, window, "punching");
+                    }
+                }
+            }
+            self.sockets_requested();
+        }
+    }
+
+    fn sockets_requested(&mut self) {
+        while let Some(r) = self.edge.poll_socket_request() {
+            match r {
+                SocketRequest::Open { window, count } => {
+                    for index in 1..=count {
+                        self.open(Socket::Extra { window, index }, SocketAddr::new(self.bind, 0));
+                    }
+                }
+                SocketRequest::Close { window } => {
+                    let extra: Vec<Socket> = self
+                        .sockets
+                        .keys()
+                        .filter(|s| matches!(s, Socket::Extra { window: w, .. } if *w == window))
+                        .copied()
+                        .collect();
+                    for s in extra {
+                        self.close(s);
+                    }
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, s: Socket, addr: SocketAddr) {
+        if self.sockets.contains_key(&s) {
+            return;
+        }
+        let mut sock = match UdpSocket::bind(addr) {
+            Ok(sock) => sock,
+            Err(e) => {
+                metrics::counter!("pinhole_relay_bind_errors_total").increment(1);
+                tracing::warn!(%addr, error = %e, "cannot bind agent media socket");
+                return;
+            }
+        };
+        let token = match s {
+            Socket::Port(p) => Token(usize::from(p)),
+            Socket::Extra { .. } => {
+                self.next_token += 1;
+                Token(self.next_token)
+            }
+        };
+        if self.poll.registry().register(&mut sock, token, Interest::READABLE).is_ok() {
+            self.tokens.insert(token, s);
+            self.sockets.insert(s, sock);
+        }
+    }
+
+    fn close(&mut self, s: Socket) {
+        if let Some(mut sock) = self.sockets.remove(&s) {
+            let _ = self.poll.registry().deregister(&mut sock);
+            self.tokens.retain(|_, v| *v != s);
+        }
+    }
+
+    fn receive(&mut self, at: Socket) {
+        loop {
+            let Some(sock) = self.sockets.get(&at) else { return };
+            let (n, src) = match sock.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => continue, // ICMP errors surface here; the next datagram is fine
+            };
+            let now = Instant::now();
+            if let Some((from, to)) = self.edge.on_packet(now, at, src, &self.buf[..n]) {
+                if let Some(out) = self.sockets.get(&from) {
+                    let _ = out.send_to(&self.buf[..n], to);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.sockets_requested();
+        while let Some((from, to, bytes)) = self.edge.poll_transmit() {
+            if let Some(sock) = self.sockets.get(&from) {
+                let _ = sock.send_to(&bytes, to);
+            }
+        }
+        while let Some(e) = self.edge.poll_event() {
+            report(&e);
+        }
+        let (mut direct, mut relayed) = (0, 0);
+        for (_, _, phase) in self.edge.paths() {
+            if phase == Phase::Direct {
+                direct += 1;
+            } else {
+                relayed += 1;
+            }
+        }
+        metrics::gauge!("pinhole_punch_calls", "path" => "direct").set(f64::from(direct));
+        metrics::gauge!("pinhole_punch_calls", "path" => "relayed").set(f64::from(relayed));
+    }
+}
+
+/// A log line and metrics per path event.
+fn report(e: &EdgeEvent) {
+    let (call_id, method) = (e.call_id.as_str(), e.method);
+    match e.event {
+        PathEvent::Direct { after } => {
+            metrics::counter!("pinhole_punch_outcomes_total", "method" => method, "outcome" => "direct").increment(1);
+            metrics::histogram!("pinhole_punch_time_to_direct_seconds", "method" => method).record(after.as_secs_f64());
+            tracing::info!(call_id, method, after_ms = after.as_millis() as u64, "media direct");
+        }
+        PathEvent::Recovered => {
+            metrics::counter!("pinhole_punch_recoveries_total", "method" => method).increment(1);
+            tracing::info!(call_id, method, "direct path answers again; media direct");
+        }
+        PathEvent::FellBack => {
+            metrics::counter!("pinhole_punch_fallbacks_total", "method" => method).increment(1);
+            tracing::info!(call_id, method, "direct path lost; media back on the relay");
+        }
+        PathEvent::Failed => {
+            metrics::counter!("pinhole_punch_outcomes_total", "method" => method, "outcome" => "failed").increment(1);
+            tracing::info!(call_id, method, "no direct path; media stays relayed");
+        }
+    }
+}
