@@ -95,7 +95,9 @@ fn measure_nat(stun: SocketAddr, local: SocketAddr, agent: SharedAgent) {
 fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(crate::metrics::serve(addr))?;
-    std::thread::Builder::new().name("agent metrics".into()).spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    std::thread::Builder::new()
+        .name("agent metrics".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
     Ok(())
 }
 

@@ -6,86 +6,11 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use common::baresip::Phone;
 use common::netns::{NatKind, NatLab, WAN_SERVER};
-use common::{tone_share, tone_wav, wait_for, wav_samples, TempDir};
-
-struct Phone {
-    child: Child,
-    log: PathBuf,
-    recordings: PathBuf,
-}
-
-impl Phone {
-    fn start(ns: &str, dir: &Path, name: &str, host: &str, hz: f64) -> Phone {
-        let home = dir.join(name);
-        let recordings = home.join("rec");
-        std::fs::create_dir_all(&recordings).expect("dirs");
-        let wav = home.join("tone.wav");
-        tone_wav(&wav, hz);
-        std::fs::write(
-            home.join("config"),
-            format!(
-                "poll_method epoll\nsip_listen {host}:5060\nmodule_path /usr/lib/baresip/modules\n\
-                 module stdio.so\nmodule g711.so\nmodule aufile.so\nmodule alsa.so\nmodule sndfile.so\n\
-                 module_app account.so\nmodule_app menu.so\n\
-                 audio_player alsa,null\naudio_alert alsa,null\naudio_source aufile,{}\nsnd_path {}\n",
-                wav.display(),
-                recordings.display()
-            ),
-        )
-        .expect("config");
-        std::fs::write(
-            home.join("accounts"),
-            format!("<sip:{name}@{WAN_SERVER}>;auth_pass={name}-pw;regint=60;answermode=auto;audio_codecs=PCMU\n"),
-        )
-        .expect("accounts");
-        let log = dir.join(format!("{name}.log"));
-        let child = NatLab::command(ns, "baresip")
-            .arg("-f")
-            .arg(&home)
-            .args(["-t", "60"])
-            .stdin(Stdio::piped())
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("baresip must be installed");
-        Phone { child, log, recordings }
-    }
-
-    fn command(&mut self, cmd: &str) {
-        if let Some(stdin) = self.child.stdin.as_mut() {
-            let _ = stdin.write_all(format!("{cmd}\n").as_bytes());
-            let _ = stdin.flush();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The decoded audio this phone received (sndfile's dump-…-dec.wav).
-    fn heard(&self) -> Vec<f64> {
-        let file = std::fs::read_dir(&self.recordings)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with("-dec.wav"));
-        file.map(|f| wav_samples(&f)).unwrap_or_default()
-    }
-}
-
-impl Drop for Phone {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{tone_share, wait_for, TempDir};
 
 #[test]
 fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
@@ -102,8 +27,8 @@ fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
              [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n[metrics]\n"
         ));
 
-    let mut alice = Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0);
-    let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0);
+    let mut alice = Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, None);
+    let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
     let registered = |who: &str| {
         wait_for(
             &ph_log,

@@ -39,8 +39,13 @@ pub enum Socket {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SocketRequest {
     /// `count` more sockets on the media address for window `window`: indexes 1..=count.
-    Open { window: u16, count: usize },
-    Close { window: u16 },
+    Open {
+        window: u16,
+        count: usize,
+    },
+    Close {
+        window: u16,
+    },
 }
 
 /// A path's news, for logs and metrics.
@@ -134,7 +139,13 @@ impl EdgeMedia {
 
     /// One datagram from `src` on `at`: where it goes on (from which socket, to where), or
     /// `None` when it was consumed or is dropped.
-    pub fn on_packet(&mut self, now: Instant, at: Socket, src: SocketAddr, data: &[u8]) -> Option<(Socket, SocketAddr)> {
+    pub fn on_packet(
+        &mut self,
+        now: Instant,
+        at: Socket,
+        src: SocketAddr,
+        data: &[u8],
+    ) -> Option<(Socket, SocketAddr)> {
         let now_ns = self.now_ns(now);
         let control = data.is_empty() || crate::stun::looks_like_stun(data);
         let (window, index) = match at {
@@ -201,8 +212,12 @@ impl EdgeMedia {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<u16> =
-            self.paths.iter().filter(|(_, s)| s.path.poll_timeout().is_some_and(|t| t <= now)).map(|(w, _)| *w).collect();
+        let due: Vec<u16> = self
+            .paths
+            .iter()
+            .filter(|(_, s)| s.path.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(w, _)| *w)
+            .collect();
         for w in due {
             let relay = self.relay_of(w);
             if let Some(s) = self.paths.get_mut(&w) {

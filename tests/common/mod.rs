@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod baresip;
 pub mod netns;
 pub mod sip;
 
@@ -532,11 +533,11 @@ pub fn relay_range() -> (u16, u16) {
     (lo, lo + 99)
 }
 
-/// Writes an 8 kHz mono 16-bit WAV tone of `hz`, five seconds long (baresip's aufile source).
+/// Writes an 8 kHz mono 16-bit WAV tone of `hz`, twenty seconds long, longer than any test call (baresip's aufile source).
 pub fn tone_wav(path: &Path, hz: f64) {
     use std::io::Write;
     let rate = 8000u32;
-    let samples: Vec<i16> = (0..rate * 5)
+    let samples: Vec<i16> = (0..rate * 20)
         .map(|i| (8000.0 * (2.0 * std::f64::consts::PI * hz * f64::from(i) / f64::from(rate)).sin()) as i16)
         .collect();
     let data_len = (samples.len() * 2) as u32;

@@ -129,7 +129,8 @@ impl Net {
             }
             let timers = self.edges.iter().filter_map(EdgeMedia::poll_timeout).min();
             let wire = self.wire.keys().next().map(|k| k.0);
-            self.now = [timers, wire, Some(next_frame), Some(until)].into_iter().flatten().min().expect("due").max(self.now);
+            self.now =
+                [timers, wire, Some(next_frame), Some(until)].into_iter().flatten().min().expect("due").max(self.now);
             while let Some(((at, _), _)) = self.wire.first_key_value() {
                 if *at > self.now {
                     break;
@@ -187,9 +188,12 @@ fn strangers_on_the_window_reach_no_phone_and_a_second_plan_for_the_call_is_igno
     let now = net.now;
     let stranger = addr("192.0.2.66:5000");
     net.phone_sends(0); // the relay leg exists
-    // Wait out the latch's learning window: after it, only the relay is media here.
+                        // Wait out the latch's learning window: after it, only the relay is media here.
     let later = now + Duration::from_secs(10);
-    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), addr(RELAY[0]), RTP).map(|f| f.1), Some(addr(PHONE[0])));
+    assert_eq!(
+        net.edges[0].on_packet(later, Socket::Port(WINDOW), addr(RELAY[0]), RTP).map(|f| f.1),
+        Some(addr(PHONE[0]))
+    );
     assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, RTP), None);
     // An unsigned Binding request: header only.
     let mut bogus_check = vec![0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42];

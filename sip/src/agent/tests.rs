@@ -212,8 +212,12 @@ fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
     });
     // The same plan from a phone is taken out, and not taken.
     let mut a = agent();
-    a.handle_input(Instant::now(), from(PHONE), Bytes::from(invite.replace("Via:", "Route: <sip:198.51.100.2:5060;lr>\r\nVia:")))
-        .expect("SIP");
+    a.handle_input(
+        Instant::now(),
+        from(PHONE),
+        Bytes::from(invite.replace("Via:", "Route: <sip:198.51.100.2:5060;lr>\r\nVia:")),
+    )
+    .expect("SIP");
     let up = parse(&a.poll_transmit().expect("forwarded"));
     assert!(!String::from_utf8_lossy(up.body_bytes()).contains("x-pinhole"));
     let ok = String::from_utf8(up.response(200, "OK", Some("z1"), &[])).expect("utf8");

@@ -1,0 +1,170 @@
+//! Tier 4 for punching: the NAT-pair matrix. In each cell two unchanged softphones
+//! (baresip), each on its own LAN behind its own Linux NAT box and next to a `pinhole
+//! agent` it uses as outbound proxy, register to the pinhole server on the WAN and call
+//! each other. Each plays its own tone and must hear the other's. "Direct" is proven on the
+//! NAT boxes themselves: nftables counters on each box's forward path count the UDP going
+//! straight to the other NAT's public address and the UDP going to the server; a direct
+//! cell must keep sending straight to the peer at media rate until the call ends.
+//! Needs root (network namespaces).
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::baresip::Phone;
+use common::netns::{ns_exec, Lan, NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
+use common::{tone_share, wait_for, Bg, TempDir};
+use std::os::unix::process::CommandExt;
+
+const AGENT_PORT: u16 = 5070;
+
+fn server_config(extra: &str) -> String {
+    format!(
+        "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
+         [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
+         [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
+         [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n\
+         [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n{extra}"
+    )
+}
+
+/// A `pinhole agent` on `lan`'s host, port 5070, media on 31000-31999; waits for its NAT
+/// profile.
+fn start_agent(dir: &Path, name: &str, lan: &Lan) -> (Bg, std::path::PathBuf) {
+    let cfg = dir.join(format!("{name}-agent.toml"));
+    let host = &lan.host;
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nserver = \"{WAN_SERVER}:5060\"\n[sip]\nlisten = [\"udp:{host}:{AGENT_PORT}\"]\n\
+             [media]\ninterfaces = [{{ name = \"lan\", bind = \"{host}\" }}]\nport_min = 31000\nport_max = 31999\n"
+        ),
+    )
+    .expect("agent config");
+    let log = dir.join(format!("{name}-agent.log"));
+    let child = NatLab::command(&lan.lan, env!("CARGO_BIN_EXE_pinhole"))
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .process_group(0)
+        .spawn()
+        .expect("pinhole agent");
+    let bg = Bg(Some(child));
+    let profiled = wait_for(&log, "NAT profile", Duration::from_secs(30));
+    assert!(profiled, "{name}'s agent measured no NAT profile\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    (bg, log)
+}
+
+/// Counters on a NAT box's forward path: LAN → the other NAT's public address (direct) and
+/// LAN → the server (relayed), UDP only.
+fn count_paths(lan: &Lan, peer_wan: &str) {
+    let rules = format!(
+        "table inet phcount {{\n  counter direct {{}}\n  counter relayed {{}}\n  chain paths {{\n    type filter hook forward priority 10; policy accept;\n    iifname \"lan0\" ip daddr {peer_wan} meta l4proto udp counter name direct\n    iifname \"lan0\" ip daddr {WAN_SERVER} meta l4proto udp counter name relayed\n  }}\n}}\n"
+    );
+    let path = std::env::temp_dir().join(format!("{}-count.nft", lan.nat));
+    std::fs::write(&path, rules).expect("nft");
+    let out = ns_exec(&lan.nat, &["nft", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(path);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Packets counted so far by counter `name` on `lan`'s NAT box.
+fn counted(lan: &Lan, name: &str) -> u64 {
+    let out = ns_exec(&lan.nat, &["nft", "list", "counter", "inet", "phcount", name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n = text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("no counter {name} on {}: {text}", lan.nat))
+}
+
+/// What one cell showed.
+#[derive(Debug)]
+struct Cell {
+    name: String,
+    /// Each phone's share of the other's tone in what it heard.
+    heard: [f64; 2],
+    /// Packets each NAT box sent straight to the other NAT, during the last two seconds of
+    /// the call.
+    direct_late: [u64; 2],
+    /// All packets each NAT box sent straight to the other NAT.
+    direct_total: [u64; 2],
+    method: String,
+    /// From the agents' logs: after how long each went direct.
+    direct_after_ms: Vec<u64>,
+}
+
+/// A call from alice (LAN 0) to bob (LAN 1) through both agents, held `hold` after answer.
+fn run_cell(a: NatKind, b: NatKind, server_extra: &str, hold: Duration) -> Cell {
+    let name = format!("{a:?} × {b:?}");
+    let dir = TempDir::new("punch");
+    let lab = NatLab::with_lans(&[a, b]);
+    let (_server, ph_log) = lab.start_pinhole(dir.path(), &server_config(server_extra));
+    for (i, lan) in lab.lans.iter().enumerate() {
+        count_paths(lan, &lab.lans[1 - i].nat_wan);
+    }
+    let (_agent_a, a_log) = start_agent(dir.path(), "alice", &lab.lans[0]);
+    let (_agent_b, b_log) = start_agent(dir.path(), "bob", &lab.lans[1]);
+    let outbound = |l: &Lan| format!("{}:{AGENT_PORT}", l.host);
+    let mut alice =
+        Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, Some(&outbound(&lab.lans[0])));
+    let bob =
+        Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, Some(&outbound(&lab.lans[1])));
+    let pinhole = || std::fs::read_to_string(&ph_log).unwrap_or_default();
+    for who in ["alice", "bob"] {
+        let registered = wait_for(&ph_log, &format!("aor={who}@pinhole.test"), Duration::from_secs(15));
+        assert!(registered, "{name}: {who} did not register\n{}", pinhole());
+    }
+    alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
+    let answered = wait_for(&bob.log, "Call established", Duration::from_secs(15));
+    assert!(answered, "{name}: bob never answered\n{}\n{}", alice.log(), pinhole());
+    let t_answer = Instant::now();
+    std::thread::sleep(hold.saturating_sub(Duration::from_secs(2)));
+    let before = [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")];
+    std::thread::sleep(Duration::from_secs(2).min(hold));
+    let after = [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")];
+    let _ = t_answer;
+    alice.command("/hangup");
+    assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{name}: {}", bob.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let (alice_heard, bob_heard) = (alice.heard(), bob.heard());
+    let logs =
+        [std::fs::read_to_string(&a_log).unwrap_or_default(), std::fs::read_to_string(&b_log).unwrap_or_default()];
+    let method = pinhole()
+        .lines()
+        .find(|l| l.contains("punch plan"))
+        .and_then(|l| l.split("method=").nth(1))
+        .map(|m| m.split_whitespace().next().unwrap_or("").trim_matches('"').to_owned())
+        .unwrap_or_else(|| "none".into());
+    let direct_after_ms = logs
+        .iter()
+        .filter_map(|l| l.lines().find(|l| l.contains("media direct")))
+        .filter_map(|l| l.split("after_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    Cell {
+        name,
+        heard: [tone_share(&alice_heard, 660.0), tone_share(&bob_heard, 440.0)],
+        direct_late: [after[0] - before[0], after[1] - before[1]],
+        direct_total: [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")],
+        method,
+        direct_after_ms,
+    }
+}
+
+#[test]
+fn cone_phones_behind_agents_get_a_direct_path_and_hear_each_other() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let cell = run_cell(NatKind::PortRestricted, NatKind::PortRestricted, "", Duration::from_secs(6));
+    eprintln!("{cell:?}");
+    assert!(cell.heard.iter().all(|h| *h > 0.3), "two-way audio: {cell:?}");
+    assert_eq!(cell.method, "simultaneous-open");
+    // Media rate (50 packets/s) straight to the peer for the last two seconds, both ways.
+    assert!(cell.direct_late.iter().all(|n| *n >= 80), "direct at media rate: {cell:?}");
+    assert_eq!(cell.direct_after_ms.len(), 2, "both agents went direct: {cell:?}");
+    assert!(cell.direct_after_ms.iter().all(|ms| *ms <= 1000), "within 1 s: {cell:?}");
+}
