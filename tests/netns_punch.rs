@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::baresip::Phone;
 use common::netns::{ns_exec, Lan, NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
@@ -92,13 +92,22 @@ struct Cell {
     direct_late: [u64; 2],
     /// All packets each NAT box sent straight to the other NAT.
     direct_total: [u64; 2],
+    /// Packets each NAT box sent to the server during the last two seconds of the call.
+    relayed_late: [u64; 2],
     method: String,
+    /// Agents that logged losing their direct path.
+    fell_back: usize,
     /// From the agents' logs: after how long each went direct.
     direct_after_ms: Vec<u64>,
 }
 
 /// A call from alice (LAN 0) to bob (LAN 1) through both agents, held `hold` after answer.
 fn run_cell(a: NatKind, b: NatKind, server_extra: &str, hold: Duration) -> Cell {
+    run_cell_with(a, b, server_extra, hold, |_| {})
+}
+
+/// [`run_cell`], doing `midway` to the lab halfway through the call.
+fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, midway: impl FnOnce(&NatLab)) -> Cell {
     let name = format!("{a:?} × {b:?}");
     let dir = TempDir::new("punch");
     let lab = NatLab::with_lans(&[a, b]);
@@ -121,12 +130,13 @@ fn run_cell(a: NatKind, b: NatKind, server_extra: &str, hold: Duration) -> Cell 
     alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
     let answered = wait_for(&bob.log, "Call established", Duration::from_secs(15));
     assert!(answered, "{name}: bob never answered\n{}\n{}", alice.log(), pinhole());
-    let t_answer = Instant::now();
-    std::thread::sleep(hold.saturating_sub(Duration::from_secs(2)));
-    let before = [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")];
-    std::thread::sleep(Duration::from_secs(2).min(hold));
-    let after = [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")];
-    let _ = t_answer;
+    std::thread::sleep(hold / 2);
+    midway(&lab);
+    std::thread::sleep((hold / 2).saturating_sub(Duration::from_secs(2)));
+    let count = |name| [counted(&lab.lans[0], name), counted(&lab.lans[1], name)];
+    let (direct_before, relayed_before) = (count("direct"), count("relayed"));
+    std::thread::sleep(Duration::from_secs(2));
+    let (direct_after, relayed_after) = (count("direct"), count("relayed"));
     alice.command("/hangup");
     assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{name}: {}", bob.log());
     std::thread::sleep(Duration::from_millis(500));
@@ -147,9 +157,11 @@ fn run_cell(a: NatKind, b: NatKind, server_extra: &str, hold: Duration) -> Cell 
     Cell {
         name,
         heard: [tone_share(&alice_heard, 660.0), tone_share(&bob_heard, 440.0)],
-        direct_late: [after[0] - before[0], after[1] - before[1]],
+        direct_late: [direct_after[0] - direct_before[0], direct_after[1] - direct_before[1]],
+        relayed_late: [relayed_after[0] - relayed_before[0], relayed_after[1] - relayed_before[1]],
         direct_total: [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")],
         method,
+        fell_back: logs.iter().filter(|l| l.contains("direct path lost")).count(),
         direct_after_ms,
     }
 }
@@ -167,4 +179,123 @@ fn cone_phones_behind_agents_get_a_direct_path_and_hear_each_other() {
     assert!(cell.direct_late.iter().all(|n| *n >= 80), "direct at media rate: {cell:?}");
     assert_eq!(cell.direct_after_ms.len(), 2, "both agents went direct: {cell:?}");
     assert!(cell.direct_after_ms.iter().all(|ms| *ms <= 1000), "within 1 s: {cell:?}");
+}
+
+const KINDS: [NatKind; 5] =
+    [NatKind::FullCone, NatKind::Restricted, NatKind::PortRestricted, NatKind::SymmetricSeq, NatKind::SymmetricRandom];
+
+/// Cells run this many at a time (each is two NAT boxes, two agents, two baresips and a
+/// server; the machine has two cores).
+const PARALLEL: usize = 4;
+
+#[test]
+fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_13() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let pairs: Vec<(NatKind, NatKind)> = (0..5).flat_map(|i| (i..5).map(move |j| (KINDS[i], KINDS[j]))).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((a, b)) = pairs.get(i).copied() else { return };
+                let r = std::panic::catch_unwind(|| run_cell(a, b, "", Duration::from_secs(6)));
+                let r = r.map_err(|e| {
+                    e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{a:?} × {b:?} panicked"))
+                });
+                results.lock().unwrap_or_else(|e| e.into_inner()).push(((a, b), r));
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut table =
+        vec!["| cell | method | audio (shares) | direct | direct after (ms) | direct pkts/2 s | relayed pkts/2 s |"
+            .to_owned()];
+    let mut failures = Vec::new();
+    let mut direct_cells = 0;
+    for ((a, b), r) in &results {
+        let c = match r {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{a:?} × {b:?}: {e}"));
+                continue;
+            }
+        };
+        let relay_only = matches!(a, NatKind::SymmetricRandom | NatKind::SymmetricSeq)
+            && matches!(b, NatKind::SymmetricRandom | NatKind::SymmetricSeq)
+            && (*a == NatKind::SymmetricRandom || *b == NatKind::SymmetricRandom);
+        let direct = c.direct_late.iter().all(|n| *n >= 80);
+        direct_cells += usize::from(direct);
+        table.push(format!(
+            "| {} | {} | {:.2} / {:.2} | {} | {:?} | {:?} | {:?} |",
+            c.name,
+            c.method,
+            c.heard[0],
+            c.heard[1],
+            if direct { "yes" } else { "no" },
+            c.direct_after_ms,
+            c.direct_late,
+            c.relayed_late
+        ));
+        if !c.heard.iter().all(|h| *h > 0.3) {
+            failures.push(format!("{}: no two-way audio", c.name));
+        }
+        let limit = if c.method == "birthday" || c.method == "prediction" || c.method == "lockstep-shotgun" {
+            2000
+        } else {
+            1000
+        };
+        match relay_only {
+            true if c.direct_total != [0, 0] => failures.push(format!("{}: relay-only cell sent to the peer", c.name)),
+            false if !direct => failures.push(format!("{}: not direct at media rate", c.name)),
+            false if c.direct_after_ms.len() != 2 || c.direct_after_ms.iter().any(|ms| *ms > limit) => {
+                failures.push(format!("{}: direct after {:?} ms (limit {limit})", c.name, c.direct_after_ms))
+            }
+            _ => {}
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), table.join("\n"));
+    assert_eq!((results.len(), direct_cells), (15, 13));
+}
+
+#[test]
+fn a_denied_user_gets_two_way_audio_and_not_one_direct_packet() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let deny = "[punch]\ndeny_users = [\"alice\"]\n";
+    let c = run_cell(NatKind::PortRestricted, NatKind::FullCone, deny, Duration::from_secs(5));
+    eprintln!("{c:?}");
+    assert!(c.heard.iter().all(|h| *h > 0.3), "two-way audio: {c:?}");
+    assert_eq!(c.direct_total, [0, 0], "nothing straight to the peer: {c:?}");
+    assert!(c.relayed_late.iter().all(|n| *n >= 80), "all of it relayed: {c:?}");
+    assert_eq!(c.method, "denied");
+}
+
+#[test]
+fn a_direct_path_cut_on_a_nat_box_falls_back_to_the_relay_and_audio_goes_on() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let cut = |lab: &NatLab| {
+        // Both directions between the two NATs, dropped on alice's NAT box.
+        let (lan, peer) = (&lab.lans[0], &lab.lans[1].nat_wan);
+        for rule in [format!("ip daddr {peer} meta l4proto udp drop"), format!("ip saddr {peer} meta l4proto udp drop")]
+        {
+            let mut args = vec!["nft", "insert", "rule", "inet", "phcount", "paths"];
+            args.extend(rule.split(' '));
+            ns_exec(&lan.nat, &args);
+        }
+    };
+    let c = run_cell_with(NatKind::PortRestricted, NatKind::PortRestricted, "", Duration::from_secs(8), cut);
+    eprintln!("{c:?}");
+    assert!(c.heard.iter().all(|h| *h > 0.3), "two-way audio: {c:?}");
+    assert_eq!(c.direct_after_ms.len(), 2, "it was direct before the cut: {c:?}");
+    assert_eq!(c.fell_back, 2, "both agents noticed: {c:?}");
+    assert!(c.direct_total.iter().all(|n| *n >= 80), "{c:?}");
+    // After the cut, media goes to the server again at media rate, from both sides.
+    assert!(c.relayed_late.iter().all(|n| *n >= 80), "relayed after the cut: {c:?}");
 }
