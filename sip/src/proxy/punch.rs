@@ -56,7 +56,7 @@ impl<M: MediaAnchor> Proxy<M> {
                     self.punch_plans.insert(call_id.to_owned(), plans);
                 }
             }
-            tracing::info!(call_id, caller = ?auth_user, callee = ?callee_user, method, "punch plan (media stays relayed until plans are carried out)");
+            tracing::info!(call_id, caller = ?auth_user, callee = ?callee_user, method, "punch plan (agents carry it out; media is relayed until a direct path is proven)");
             metrics::counter!("pinhole_punch_plans_total", "method" => method).increment(1);
             self.events.push_back(ProxyEvent::PunchPlanned { call_id: call_id.to_owned(), method });
         }
