@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::baresip::Phone;
 use common::netns::{ns_exec, Lan, NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
@@ -97,6 +97,8 @@ struct Cell {
     method: String,
     /// Agents that logged losing their direct path.
     fell_back: usize,
+    /// After the answer, when each phone's incoming RTP was established (baresip's log).
+    media_after_ms: [Option<u64>; 2],
     /// From the agents' logs: after how long each went direct.
     direct_after_ms: Vec<u64>,
 }
@@ -108,20 +110,83 @@ fn run_cell(a: NatKind, b: NatKind, server_extra: &str, hold: Duration) -> Cell 
 
 /// [`run_cell`], doing `midway` to the lab halfway through the call.
 fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, midway: impl FnOnce(&NatLab)) -> Cell {
+    run_cell_as(Mode::Agents, a, b, server_extra, hold, midway)
+}
+
+/// Who makes the direct path: pinhole's agents, or the phones' own ICE (baresip's, with
+/// coturn as its STUN server and pinhole proxying SIP with media untouched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Agents,
+    Ice,
+}
+
+/// How long after `since` `needle` first shows in `path` (polled every 10 ms).
+fn seen_after(path: &Path, needle: &str, since: Instant, timeout: Duration) -> Option<Duration> {
+    while since.elapsed() < timeout {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+            return Some(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn run_cell_as(
+    mode: Mode,
+    a: NatKind,
+    b: NatKind,
+    server_extra: &str,
+    hold: Duration,
+    midway: impl FnOnce(&NatLab),
+) -> Cell {
     let name = format!("{a:?} × {b:?}");
     let dir = TempDir::new("punch");
     let lab = NatLab::with_lans(&[a, b]);
-    let (_server, ph_log) = lab.start_pinhole(dir.path(), &server_config(server_extra));
+    let mut config = server_config(server_extra);
+    let mut _coturn = None;
+    if mode == Mode::Ice {
+        config = config.replace("mode = \"relay\"", "mode = \"off\"");
+        let child = NatLab::command(&lab.wan, "turnserver")
+            .args(["-n", "--stun-only", "--no-cli", "-L", WAN_ALTERNATE, "--listening-port", "3478"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("coturn must be installed");
+        _coturn = Some(Bg(Some(child)));
+    }
+    let (_server, ph_log) = lab.start_pinhole(dir.path(), &config);
     for (i, lan) in lab.lans.iter().enumerate() {
         count_paths(lan, &lab.lans[1 - i].nat_wan);
     }
-    let (_agent_a, a_log) = start_agent(dir.path(), "alice", &lab.lans[0]);
-    let (_agent_b, b_log) = start_agent(dir.path(), "bob", &lab.lans[1]);
-    let outbound = |l: &Lan| format!("{}:{AGENT_PORT}", l.host);
-    let mut alice =
-        Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, Some(&outbound(&lab.lans[0])));
-    let bob =
-        Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, Some(&outbound(&lab.lans[1])));
+    let (mut agents, mut logs_at) = (Vec::new(), Vec::new());
+    let phone = |i: usize, name: &str, hz: f64| {
+        let l = &lab.lans[i];
+        match mode {
+            Mode::Agents => {
+                Phone::start(&l.lan, dir.path(), name, &l.host, hz, Some(&format!("{}:{AGENT_PORT}", l.host)))
+            }
+            Mode::Ice => Phone::start_with(
+                &l.lan,
+                dir.path(),
+                name,
+                &l.host,
+                hz,
+                &format!("medianat=ice;stunserver=stun:{WAN_ALTERNATE}:3478;"),
+                "module stun.so\nmodule turn.so\nmodule ice.so\n",
+            ),
+        }
+    };
+    if mode == Mode::Agents {
+        for (i, who) in ["alice", "bob"].into_iter().enumerate() {
+            let (bg, log) = start_agent(dir.path(), who, &lab.lans[i]);
+            agents.push(bg);
+            logs_at.push(log);
+        }
+    }
+    let mut alice = phone(0, "alice", 440.0);
+    let bob = phone(1, "bob", 660.0);
     let pinhole = || std::fs::read_to_string(&ph_log).unwrap_or_default();
     for who in ["alice", "bob"] {
         let registered = wait_for(&ph_log, &format!("aor={who}@pinhole.test"), Duration::from_secs(15));
@@ -130,7 +195,12 @@ fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, mid
     alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
     let answered = wait_for(&bob.log, "Call established", Duration::from_secs(15));
     assert!(answered, "{name}: bob never answered\n{}\n{}", alice.log(), pinhole());
-    std::thread::sleep(hold / 2);
+    let t_answer = Instant::now();
+    // Time to first audio: both phones say their incoming RTP is established.
+    let media_after_ms = [&alice.log, &bob.log]
+        .map(|l| seen_after(l, "incoming rtp for 'audio' established", t_answer, hold / 2))
+        .map(|d| d.map(|d| d.as_millis() as u64));
+    std::thread::sleep((hold / 2).saturating_sub(t_answer.elapsed()));
     midway(&lab);
     std::thread::sleep((hold / 2).saturating_sub(Duration::from_secs(2)));
     let count = |name| [counted(&lab.lans[0], name), counted(&lab.lans[1], name)];
@@ -141,8 +211,8 @@ fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, mid
     assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{name}: {}", bob.log());
     std::thread::sleep(Duration::from_millis(500));
     let (alice_heard, bob_heard) = (alice.heard(), bob.heard());
-    let logs =
-        [std::fs::read_to_string(&a_log).unwrap_or_default(), std::fs::read_to_string(&b_log).unwrap_or_default()];
+    let logs: Vec<String> = logs_at.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
+    drop(agents);
     let method = pinhole()
         .lines()
         .find(|l| l.contains("punch plan"))
@@ -162,6 +232,7 @@ fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, mid
         direct_total: [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")],
         method,
         fell_back: logs.iter().filter(|l| l.contains("direct path lost")).count(),
+        media_after_ms,
         direct_after_ms,
     }
 }
@@ -283,4 +354,46 @@ fn a_direct_path_cut_on_a_nat_box_falls_back_to_the_relay_and_audio_goes_on() {
     assert!(c.direct_total.iter().all(|n| *n >= 80), "{c:?}");
     // After the cut, media goes to the server again at media rate, from both sides.
     assert!(c.relayed_late.iter().all(|n| *n >= 80), "relayed after the cut: {c:?}");
+}
+
+/// `cargo xtask bench punch`: every cell twice, with pinhole's agents and with the phones'
+/// own ICE (baresip, coturn as STUN), side by side: audio, direct, time to first audio and
+/// to direct. Not a pass/fail test.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench punch"]
+fn bench_punch_matrix_against_baresip_ice() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let pairs: Vec<(NatKind, NatKind)> = (0..5).flat_map(|i| (i..5).map(move |j| (KINDS[i], KINDS[j]))).collect();
+    let mut rows = vec![
+        "| cell | pinhole: method | audio | direct | first audio (ms after answer) | direct (ms after start = answer + 200) | ICE: audio | direct | first audio (ms) |"
+            .to_owned(),
+        "|---|---|---|---|---|---|---|---|---|".to_owned(),
+    ];
+    for (a, b) in pairs {
+        let run = |mode| std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(8), |_| {})).ok();
+        let (ours, ice) = (run(Mode::Agents), run(Mode::Ice));
+        let audio = |c: &Option<Cell>| c.as_ref().is_some_and(|c| c.heard.iter().all(|h| *h > 0.3));
+        let direct = |c: &Option<Cell>| c.as_ref().is_some_and(|c| c.direct_late.iter().all(|n| *n >= 80));
+        let first = |c: &Option<Cell>| {
+            c.as_ref()
+                .and_then(|c| c.media_after_ms.iter().copied().collect::<Option<Vec<u64>>>())
+                .and_then(|v| v.into_iter().max())
+        };
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        rows.push(format!(
+            "| {a:?} × {b:?} | {} | {} | {} | {:?} | {:?} | {} | {} | {:?} |",
+            ours.as_ref().map_or("-", |c| c.method.as_str()),
+            yn(audio(&ours)),
+            yn(direct(&ours)),
+            first(&ours),
+            ours.as_ref().and_then(|c| c.direct_after_ms.iter().max().copied()),
+            yn(audio(&ice)),
+            yn(direct(&ice)),
+            first(&ice),
+        ));
+        eprintln!("{}", rows.last().map_or("", String::as_str));
+    }
+    println!("{}", rows.join("\n"));
 }

@@ -18,6 +18,14 @@ impl Phone {
     /// baresip `name` in `ns`, listening on `host`:5060, playing a tone of `hz`, and when
     /// `outbound` is set using it as its outbound proxy (an agent).
     pub fn start(ns: &str, dir: &Path, name: &str, host: &str, hz: f64, outbound: Option<&str>) -> Phone {
+        let account = outbound.map(|o| format!("outbound=\"sip:{o}\";")).unwrap_or_default();
+        Phone::start_with(ns, dir, name, host, hz, &account, "")
+    }
+
+    /// [`Phone::start`] with `account` added to the account line's parameters (each ending in
+    /// `;`) and `config` to its config file (e.g. ICE: `medianat=ice;stunserver=…;` and the
+    /// stun, turn and ice modules).
+    pub fn start_with(ns: &str, dir: &Path, name: &str, host: &str, hz: f64, account: &str, config: &str) -> Phone {
         let home = dir.join(name);
         let recordings = home.join("rec");
         std::fs::create_dir_all(&recordings).expect("dirs");
@@ -29,7 +37,7 @@ impl Phone {
                 "poll_method epoll\nsip_listen {host}:5060\nmodule_path /usr/lib/baresip/modules\n\
                  module stdio.so\nmodule g711.so\nmodule aufile.so\nmodule alsa.so\nmodule sndfile.so\n\
                  module_app account.so\nmodule_app menu.so\nrtp_ports 10000-10999\n\
-                 audio_player alsa,null\naudio_alert alsa,null\naudio_source aufile,{}\nsnd_path {}\n",
+                 audio_player alsa,null\naudio_alert alsa,null\naudio_source aufile,{}\nsnd_path {}\n{config}",
                 wav.display(),
                 recordings.display()
             ),
@@ -38,8 +46,7 @@ impl Phone {
         std::fs::write(
             home.join("accounts"),
             format!(
-                "<sip:{name}@{WAN_SERVER}>;{}auth_pass={name}-pw;regint=60;answermode=auto;audio_codecs=PCMU\n",
-                outbound.map(|o| format!("outbound=\"sip:{o}\";")).unwrap_or_default()
+                "<sip:{name}@{WAN_SERVER}>;{account}auth_pass={name}-pw;regint=60;answermode=auto;audio_codecs=PCMU\n"
             ),
         )
         .expect("accounts");

@@ -37,8 +37,20 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("sip") => sip(&args[1..]),
         Some("relay") => crate::relaybench::run(&args[1..]),
         Some("ng") => ng(&args[1..]),
-        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng"),
+        Some("punch") => punch(),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch"),
     }
+}
+
+/// `cargo xtask bench punch` (root): the NAT-pair matrix with pinhole's agents and with
+/// baresip's own ICE (coturn as STUN), side by side; the lab code lives with the punch
+/// tests (tests/netns_punch.rs), run here as its ignored benchmark.
+fn punch() -> anyhow::Result<()> {
+    crate::run(
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::root())
+            .args(["test", "--release", "--test", "netns_punch", "--", "--ignored", "--nocapture", "bench_punch"]),
+    )
 }
 
 pub(crate) fn arg(args: &[String], name: &str, default: u32) -> u32 {

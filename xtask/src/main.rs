@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Some("install-peers") => install_peers(),
         Some("lab") => lab(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | fuzz [SECONDS] | lab KIND | install-peers");
+            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | bench punch | fuzz [SECONDS] | lab KIND | install-peers");
             return ExitCode::from(2);
         }
     };
