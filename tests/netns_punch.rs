@@ -371,9 +371,25 @@ fn bench_punch_matrix_against_baresip_ice() {
             .to_owned(),
         "|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
-    for (a, b) in pairs {
-        let run = |mode| std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(8), |_| {})).ok();
-        let (ours, ice) = (run(Mode::Agents), run(Mode::Ice));
+    // Both runs of a cell on one worker, cells four at a time, rows in matrix order.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((a, b)) = pairs.get(i).copied() else { return };
+                let run = |mode| {
+                    std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(8), |_| {})).ok()
+                };
+                let (ours, ice) = (run(Mode::Agents), run(Mode::Ice));
+                done.lock().unwrap_or_else(|e| e.into_inner()).push((i, a, b, ours, ice));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|d| d.0);
+    for (_, a, b, ours, ice) in done {
         let audio = |c: &Option<Cell>| c.as_ref().is_some_and(|c| c.heard.iter().all(|h| *h > 0.3));
         let direct = |c: &Option<Cell>| c.as_ref().is_some_and(|c| c.direct_late.iter().all(|n| *n >= 80));
         let first = |c: &Option<Cell>| {
@@ -393,7 +409,6 @@ fn bench_punch_matrix_against_baresip_ice() {
             yn(direct(&ice)),
             first(&ice),
         ));
-        eprintln!("{}", rows.last().map_or("", String::as_str));
     }
     println!("{}", rows.join("\n"));
 }
