@@ -244,28 +244,39 @@ const KINDS: [NatKind; 5] =
 /// server; the machine has two cores).
 const PARALLEL: usize = 4;
 
-#[test]
-fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_13() {
-    if !common::netns::have_root() {
-        return;
-    }
+/// `cell` for each of the 15 unordered pairs of [`KINDS`], [`PARALLEL`] at a time; the
+/// results in matrix order.
+fn every_pair<T: Send>(cell: impl Fn(NatKind, NatKind) -> T + Sync) -> Vec<T> {
     let pairs: Vec<(NatKind, NatKind)> = (0..5).flat_map(|i| (i..5).map(move |j| (KINDS[i], KINDS[j]))).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(Vec::new());
+    let done = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..PARALLEL {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((a, b)) = pairs.get(i).copied() else { return };
-                let r = std::panic::catch_unwind(|| run_cell(a, b, "", Duration::from_secs(6)));
-                let r = r.map_err(|e| {
-                    e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{a:?} × {b:?} panicked"))
-                });
-                results.lock().unwrap_or_else(|e| e.into_inner()).push(((a, b), r));
+                let r = cell(a, b);
+                done.lock().unwrap_or_else(|e| e.into_inner()).push((i, r));
             });
         }
     });
-    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|d| d.0);
+    done.into_iter().map(|d| d.1).collect()
+}
+
+#[test]
+fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_13() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let results = every_pair(|a, b| {
+        let r = std::panic::catch_unwind(|| run_cell(a, b, "", Duration::from_secs(6)));
+        (
+            (a, b),
+            r.map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{a:?} × {b:?} panicked"))),
+        )
+    });
     let mut table =
         vec!["| cell | method | audio (shares) | direct | direct after (ms) | direct pkts/2 s | relayed pkts/2 s |"
             .to_owned()];
@@ -365,31 +376,17 @@ fn bench_punch_matrix_against_baresip_ice() {
     if !common::netns::have_root() {
         return;
     }
-    let pairs: Vec<(NatKind, NatKind)> = (0..5).flat_map(|i| (i..5).map(move |j| (KINDS[i], KINDS[j]))).collect();
     let mut rows = vec![
         "| cell | pinhole: method | audio | direct | first audio (ms after answer) | direct (ms after start = answer + 200) | ICE: audio | direct | first audio (ms) |"
             .to_owned(),
         "|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
-    // Both runs of a cell on one worker, cells four at a time, rows in matrix order.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let done = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..PARALLEL {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((a, b)) = pairs.get(i).copied() else { return };
-                let run = |mode| {
-                    std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(8), |_| {})).ok()
-                };
-                let (ours, ice) = (run(Mode::Agents), run(Mode::Ice));
-                done.lock().unwrap_or_else(|e| e.into_inner()).push((i, a, b, ours, ice));
-            });
-        }
+    // Both runs of a cell on one worker.
+    let done = every_pair(|a, b| {
+        let run = |mode| std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(8), |_| {})).ok();
+        (a, b, run(Mode::Agents), run(Mode::Ice))
     });
-    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
-    done.sort_by_key(|d| d.0);
-    for (_, a, b, ours, ice) in done {
+    for (a, b, ours, ice) in done {
         let audio = |c: &Option<Cell>| c.as_ref().is_some_and(|c| c.heard.iter().all(|h| *h > 0.3));
         let direct = |c: &Option<Cell>| c.as_ref().is_some_and(|c| c.direct_late.iter().all(|n| *n >= 80));
         let first = |c: &Option<Cell>| {
