@@ -25,7 +25,7 @@ fn server_config(extra: &str) -> String {
         "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
          [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
          [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
-         [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n\
+         [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\ntimeout = 4\n\
          [stun]\nlisten = [\"{WAN_SERVER}:3478\", \"{WAN_SERVER}:3479\"]\nalternate = \"{WAN_ALTERNATE}\"\n{extra}"
     )
 }
@@ -97,6 +97,8 @@ struct Cell {
     method: String,
     /// Agents that logged losing their direct path.
     fell_back: usize,
+    /// The server relay's view of the call's path when it ended (`relay`, `direct`, …).
+    server_path: String,
     /// After the answer, when each phone's incoming RTP was established (baresip's log).
     media_after_ms: [Option<u64>; 2],
     /// From the agents' logs: after how long each went direct.
@@ -232,6 +234,14 @@ fn run_cell_as(
         direct_total: [counted(&lab.lans[0], "direct"), counted(&lab.lans[1], "direct")],
         method,
         fell_back: logs.iter().filter(|l| l.contains("direct path lost")).count(),
+        server_path: pinhole()
+            .lines()
+            .find(|l| l.contains("relay session released"))
+            .and_then(|l| l.split("path=").nth(1))
+            .and_then(|p| p.split_whitespace().next())
+            .unwrap_or("none")
+            .trim_matches('"')
+            .to_owned(),
         media_after_ms,
         direct_after_ms,
     }
@@ -278,7 +288,7 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
         )
     });
     let mut table =
-        vec!["| cell | method | audio (shares) | direct | direct after (ms) | direct pkts/2 s | relayed pkts/2 s |"
+        vec!["| cell | method | audio (shares) | direct | first audio (ms) | direct after (ms) | direct pkts/2 s | relayed pkts/2 s | server saw |"
             .to_owned()];
     let mut failures = Vec::new();
     let mut direct_cells = 0;
@@ -296,18 +306,29 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
         let direct = c.direct_late.iter().all(|n| *n >= 80);
         direct_cells += usize::from(direct);
         table.push(format!(
-            "| {} | {} | {:.2} / {:.2} | {} | {:?} | {:?} | {:?} |",
+            "| {} | {} | {:.2} / {:.2} | {} | {:?} | {:?} | {:?} | {:?} | {} |",
             c.name,
             c.method,
             c.heard[0],
             c.heard[1],
             if direct { "yes" } else { "no" },
+            c.media_after_ms,
             c.direct_after_ms,
             c.direct_late,
-            c.relayed_late
+            c.relayed_late,
+            c.server_path
         ));
         if !c.heard.iter().all(|h| *h > 0.3) {
             failures.push(format!("{}: no two-way audio", c.name));
+        }
+        // The server relay (media timeout 4 s, the call 6 s) saw the same: only keepalives
+        // on a direct call's RTP ports, RTP on a relayed one's, and it ended neither.
+        let want = if relay_only { "relay" } else { "direct" };
+        if c.server_path != want {
+            failures.push(format!("{}: the server saw path {}, not {want}", c.name, c.server_path));
+        }
+        if c.media_after_ms.iter().any(|ms| ms.is_none_or(|ms| ms > 500)) {
+            failures.push(format!("{}: first audio {:?} ms after the answer (limit 500)", c.name, c.media_after_ms));
         }
         let limit = if c.method == "birthday" || c.method == "prediction" || c.method == "lockstep-shotgun" {
             2000
@@ -340,6 +361,7 @@ fn a_denied_user_gets_two_way_audio_and_not_one_direct_packet() {
     assert_eq!(c.direct_total, [0, 0], "nothing straight to the peer: {c:?}");
     assert!(c.relayed_late.iter().all(|n| *n >= 80), "all of it relayed: {c:?}");
     assert_eq!(c.method, "denied");
+    assert_eq!(c.server_path, "relay");
 }
 
 #[test]
@@ -365,6 +387,7 @@ fn a_direct_path_cut_on_a_nat_box_falls_back_to_the_relay_and_audio_goes_on() {
     assert!(c.direct_total.iter().all(|n| *n >= 80), "{c:?}");
     // After the cut, media goes to the server again at media rate, from both sides.
     assert!(c.relayed_late.iter().all(|n| *n >= 80), "relayed after the cut: {c:?}");
+    assert_eq!(c.server_path, "relay", "and the server relay saw the RTP come back");
 }
 
 /// `cargo xtask bench punch`: every cell twice, with pinhole's agents and with the phones'

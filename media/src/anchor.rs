@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use crate::relay::{EndReason, Options, Relay, RelayError};
+use crate::relay::{EndReason, MediaPath, Options, Relay, RelayError};
 
 /// Why an SDP could not be anchored, as the SIP response to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,11 @@ pub trait MediaAnchor {
 
     /// Whether this call's media is anchored.
     fn anchors(&self, call_id: &str) -> bool;
+
+    /// Which way the call's media goes now (`relay`, `direct`, `quiet`), when anchored.
+    fn path(&self, _call_id: &str, _now: Instant) -> Option<&'static str> {
+        None
+    }
 }
 
 impl MediaAnchor for Option<Relay> {
@@ -73,6 +78,10 @@ impl MediaAnchor for Option<Relay> {
 
     fn anchors(&self, call_id: &str) -> bool {
         self.as_ref().is_some_and(|r| r.has_call(call_id))
+    }
+
+    fn path(&self, call_id: &str, now: Instant) -> Option<&'static str> {
+        self.as_ref()?.media_path(call_id, now).map(MediaPath::label)
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::latch::LatchMode;
 use crate::ng::{from_json, split_cookie, to_json, Bencode, NgError, MAX_COOKIE};
-use crate::relay::{CallInfo, Component, Options, Relay, RelayError, Side};
+use crate::relay::{CallInfo, Component, MediaPath, Options, Relay, RelayError, Side};
 use crate::stats::StreamStats;
 
 /// How long a reply is kept for retransmissions of its request.
@@ -307,7 +307,7 @@ fn command(clock: Clock, now: Instant, relay: Option<&mut Relay>, msg: &Bencode)
         "offer" | "answer" => offer_answer(relay, now, command, msg),
         "delete" => {
             let Some(call_id) = key(msg, "call-id") else { return error("no call-id") };
-            let info = relay.describe(call_id).map(|c| query_reply(clock, now, &c));
+            let info = relay.describe(call_id).map(|c| query_reply(clock, now, &c, relay.media_path(call_id, now)));
             if relay.delete(call_id) {
                 info.unwrap_or_else(|| ok(vec![]))
             } else {
@@ -320,7 +320,7 @@ fn command(clock: Clock, now: Instant, relay: Option<&mut Relay>, msg: &Bencode)
         "query" => {
             let Some(call_id) = key(msg, "call-id") else { return error("no call-id") };
             match relay.describe(call_id) {
-                Some(c) => query_reply(clock, now, &c),
+                Some(c) => query_reply(clock, now, &c, relay.media_path(call_id, now)),
                 None => error("Unknown call-id"),
             }
         }
@@ -405,7 +405,7 @@ fn stats(s: &StreamStats) -> Bencode {
 
 /// The reply to query (and delete): per tag, its medias and streams with local port,
 /// endpoint and statistics, plus totals.
-fn query_reply(clock: Clock, now: Instant, c: &CallInfo) -> Bencode {
+fn query_reply(clock: Clock, now: Instant, c: &CallInfo, path: Option<MediaPath>) -> Bencode {
     let mut tags = Vec::new();
     let mut totals = [(0i64, 0i64, 0i64); 2];
     for side in Side::BOTH {
@@ -453,6 +453,8 @@ fn query_reply(clock: Clock, now: Instant, c: &CallInfo) -> Bencode {
         ("last signal", Bencode::Int(clock.unix(now, c.last_signal))),
         ("tags", Bencode::Dict(tags)),
         ("totals", Bencode::dict(vec![("RTP", total(totals[0])), ("RTCP", total(totals[1]))])),
+        // pinhole's own: whether the media still goes through us (see relay::MediaPath).
+        ("media path", Bencode::str(path.map_or("quiet", MediaPath::label))),
     ])
 }
 
@@ -575,6 +577,7 @@ mod tests {
         let tags = q.get("tags").expect("tags");
         assert!(tags.get("tagA").is_some() && tags.get("tagB").is_some(), "{q}");
         assert_eq!(q.get("created"), Some(&Bencode::Int(1_700_000_000)));
+        assert_eq!(text(&q, "media path"), "quiet", "no media yet");
     }
 
     #[test]

@@ -199,6 +199,32 @@ pub enum Command {
     Unlink { shard: u64, ports: Vec<RelayPort> },
 }
 
+/// Which way an answered call's media goes, as the relay sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaPath {
+    /// RTP came through the relay within [`RTP_RECENT`].
+    Relayed,
+    /// No RTP through the relay for [`RTP_RECENT`], but its RTP ports still hear from the
+    /// parties within [`KEEPALIVE_RECENT`]: their agents' keepalives, the media gone direct.
+    Direct,
+    /// Nothing at all lately (on hold, or not answered yet).
+    Quiet,
+}
+
+/// See [`MediaPath`].
+pub const RTP_RECENT: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_RECENT: Duration = Duration::from_secs(5);
+
+impl MediaPath {
+    pub fn label(self) -> &'static str {
+        match self {
+            MediaPath::Relayed => "relay",
+            MediaPath::Direct => "direct",
+            MediaPath::Quiet => "quiet",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     MediaTimeout,
@@ -482,6 +508,29 @@ impl Relay {
         })
     }
 
+    /// Which way the call's media goes now (see [`MediaPath`]).
+    pub fn media_path(&self, call_id: &str, now: Instant) -> Option<MediaPath> {
+        let c = self.calls.get(call_id)?;
+        let since = |ns: u64| (ns != 0).then(|| now.saturating_duration_since(self.epoch + Duration::from_nanos(ns)));
+        let rtp_ports = c.streams.iter().flat_map(|s| Side::BOTH.map(|side| s.stats.get(Component::Rtp, side).clone()));
+        let (mut rtp, mut any) = (None::<Duration>, None::<Duration>);
+        for st in rtp_ports {
+            let fresher = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            };
+            rtp = fresher(rtp, since(st.last_rtp_ns.load(std::sync::atomic::Ordering::Relaxed)));
+            any = fresher(any, since(st.last_ns.load(std::sync::atomic::Ordering::Relaxed)));
+        }
+        Some(if rtp.is_some_and(|d| d <= RTP_RECENT) {
+            MediaPath::Relayed
+        } else if any.is_some_and(|d| d <= KEEPALIVE_RECENT) {
+            MediaPath::Direct
+        } else {
+            MediaPath::Quiet
+        })
+    }
+
     /// Call-IDs of the calls in progress.
     pub fn list(&self) -> Vec<String> {
         self.calls.keys().cloned().collect()
@@ -667,6 +716,7 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::latch::RtpInfo;
 
     fn relay(now: Instant) -> Relay {
         Relay::new(
@@ -745,6 +795,28 @@ mod tests {
             r.offer(t, "c4", "a", &sdp("198.51.100.1", 4000), None, Options::default()),
             Err(RelayError::LoadLimit)
         );
+    }
+
+    #[test]
+    fn a_call_whose_media_went_direct_shows_as_direct_and_its_keepalives_hold_it_open() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        r.offer(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
+        r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
+        let stats = r.stats("c1").expect("stats");
+        let at = |s: u64| Duration::from_secs(s).as_nanos() as u64;
+        let rtp = RtpInfo { ssrc: 1, seq: 1, timestamp: 160, payload_type: 0 };
+        stats[0].get(Component::Rtp, Side::A).on_packet(at(1), 172, Some(rtp));
+        assert_eq!(r.media_path("c1", t + Duration::from_secs(2)), Some(MediaPath::Relayed));
+        // Then only the agents' keepalives (STUN, not RTP), every 2 s for two minutes.
+        for k in 1..60 {
+            stats[0].get(Component::Rtp, Side::B).on_packet(at(1 + 2 * k), 92, None);
+            r.handle_timeout(t + Duration::from_secs(2 + 2 * k));
+            assert_eq!(r.poll_event(), None, "the 60 s media timeout counts keepalives");
+        }
+        assert_eq!(r.media_path("c1", t + Duration::from_secs(120)), Some(MediaPath::Direct));
+        assert_eq!(r.media_path("c1", t + Duration::from_secs(130)), Some(MediaPath::Quiet));
+        assert_eq!(r.media_path("nope", t), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub struct StreamStats {
     pub dropped: AtomicU64,
     /// Nanoseconds since the relay epoch of the last accepted packet; 0 = none yet.
     pub last_ns: AtomicU64,
+    /// Nanoseconds since the relay epoch of the last accepted RTP packet; 0 = none yet.
+    pub last_rtp_ns: AtomicU64,
     /// RTP packets counted for loss (excluding RTCP).
     rtp_packets: AtomicU64,
     base_seq: AtomicU32,
@@ -31,6 +33,7 @@ impl StreamStats {
         self.bytes.store(self.bytes.load(Relaxed) + len as u64, Relaxed);
         self.last_ns.store(now_ns.max(1), Relaxed);
         let Some(r) = rtp else { return };
+        self.last_rtp_ns.store(now_ns.max(1), Relaxed);
         let n = self.rtp_packets.load(Relaxed);
         self.rtp_packets.store(n + 1, Relaxed);
         if n == 0 {

@@ -107,9 +107,10 @@ impl<M: MediaAnchor> Proxy<M> {
     }
 
     /// A dialog-ending request (BYE) or a failed/cancelled initial INVITE releases the media.
-    pub(super) fn media_end(&mut self, call_id: &str) {
+    pub(super) fn media_end(&mut self, now: Instant, call_id: &str) {
+        let path = self.media.path(call_id, now);
         if self.media.release(call_id) {
-            tracing::debug!(call_id, "relay session released");
+            tracing::info!(call_id, path = path.unwrap_or("-"), "relay session released");
         }
         self.dialogs.remove(call_id);
         self.punch_plans.remove(call_id);

@@ -265,7 +265,7 @@ impl<M: MediaAnchor> Proxy<M> {
                 if let (Some(from), Some(to)) = (msg.tag(HeaderName::From), msg.tag(HeaderName::To)) {
                     self.established.end(now, call_id, from, to);
                 }
-                self.media_end(call_id);
+                self.media_end(now, call_id);
             }
         }
     }

@@ -299,7 +299,7 @@ impl<M: MediaAnchor> Proxy<M> {
             self.timers.push(Reverse((t, TimerRef::Server(sk.to_owned()))));
         }
         if let Some(call_id) = failed_call {
-            self.media_end(&call_id);
+            self.media_end(now, &call_id);
         }
     }
 
