@@ -131,7 +131,9 @@ impl<M: MediaAnchor> Agent<M> {
             let planned = (from == self.cfg.server.ip()).then(|| WirePlan::from_sdp(body)).flatten();
             if let (Some(plan), Some(call_id), Some(tag)) = (planned, msg.call_id(), sender_tag) {
                 let (call_id, server_tag) = (call_id.to_owned(), tag.to_owned());
-                if msg.is_request() {
+                // An INVITE's plan waits for the answer; a 2xx's (ours is the caller) or a
+                // late offer's ACK's (the answer has passed) starts counting now.
+                if msg.is_request() && msg.method() != Some(&Method::Ack) {
                     if self.pending.len() >= MAX_PENDING_PLANS {
                         self.pending.pop_front();
                     }

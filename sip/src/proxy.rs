@@ -302,7 +302,9 @@ pub struct Proxy<M: MediaAnchor> {
     events: VecDeque<ProxyEvent>,
     /// Punch plans of calls being set up: [caller's, callee's], by Call-ID. The callee's
     /// rides on the INVITE's SDP, the caller's on the 2xx.
-    punch_plans: HashMap<String, [pinhole_media::punch::sdp::WirePlan; 2]>,
+    /// Each side's plan until delivered: the callee's goes with the INVITE (or, for a late
+    /// offer, the ACK), the caller's with every 2xx until the ACK.
+    punch_plans: HashMap<String, [Option<pinhole_media::punch::sdp::WirePlan>; 2]>,
 }
 
 impl<M: MediaAnchor> Proxy<M> {

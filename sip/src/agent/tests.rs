@@ -225,6 +225,41 @@ fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
     assert_eq!(a.poll_plan(), None);
 }
 
+#[test]
+fn a_late_offer_calls_plan_in_the_ack_is_ready_at_once() {
+    use pinhole_media::punch::scheduler::Credentials;
+    use pinhole_media::punch::sdp::{insert, PlanStart, WirePlan};
+    use pinhole_media::punch::Strategy;
+    use pinhole_media::relay::Side;
+    let plan = WirePlan {
+        strategy: Strategy::SimultaneousOpen,
+        side: Side::B,
+        windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
+        credentials: Credentials {
+            local_ufrag: "bbbb".into(),
+            local_pwd: "b-password-0123456789".into(),
+            remote_ufrag: "aaaa".into(),
+            remote_pwd: "a-password-0123456789".into(),
+        },
+        start: PlanStart::AfterAnswer { ms: 200 },
+    };
+    let body = insert(
+        "v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n",
+        &plan,
+    );
+    let ack = format!(
+        "ACK sip:alice@198.51.100.20:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bKsrva\r\nMax-Forwards: 69\r\nTo: <sip:alice@203.0.113.10>;tag=a9\r\nFrom: <sip:bob@203.0.113.10>;tag=b1\r\nCall-ID: late\r\nCSeq: 1 ACK\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let at = Instant::now();
+    let mut a = agent();
+    a.handle_input(at, from(SERVER), Bytes::from(ack)).expect("SIP");
+    let fwd = parse(&a.poll_transmit().expect("the ACK goes on to the phone"));
+    assert!(!String::from_utf8_lossy(fwd.body_bytes()).contains("x-pinhole"));
+    let ready = a.poll_plan().expect("no answer to wait for");
+    assert_eq!((ready.call_id.as_str(), ready.server_tag.as_str(), ready.answered), ("late", "b1", at));
+}
+
 /// Sends raw bytes from the server and hands the agent and its output to `check`.
 fn a_send_raw(text: &str, check: impl FnOnce(&mut Agent<Option<Relay>>, Vec<Transmit>)) {
     let mut a = agent();

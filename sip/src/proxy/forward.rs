@@ -82,9 +82,6 @@ impl<M: MediaAnchor> Proxy<M> {
         if !self.dialog_vouches(now, flow, msg, &Method::Ack, &routing) && !self.is_trusted(flow.remote.ip()) {
             return; // not a dialog we saw established, from one of its sides: never relay for strangers
         }
-        if let Some(call_id) = msg.call_id() {
-            self.punch_plans.remove(call_id); // the caller has its 2xx, and with it its plan
-        }
         let RouteInfo { strip, flows: dialog, remaining } = routing;
         let to_us = remaining.is_empty() && self.request_uri_is_us(msg);
         let Ok(targets) = self.targets(now, flow, msg, &remaining, dialog, to_us) else {
@@ -102,6 +99,12 @@ impl<M: MediaAnchor> Proxy<M> {
         msg.branch().hash(&mut h);
         let branch = format!("{BRANCH_PREFIX}{:016x}.ack", h.finish());
         let body = self.media_request(now, flow, msg, Some(target.flow)).ok().flatten();
+        // A late offer's answer: the callee's plan rides on it. Then the plans retire (the
+        // caller has its 2xx, and with it its plan).
+        let body = self.with_punch_plan(msg, Side::B, body);
+        if let Some(call_id) = msg.call_id() {
+            self.punch_plans.remove(call_id);
+        }
         let mut e = Editor::new(msg);
         if let Some(b) = &body {
             e.set_body(b);

@@ -52,7 +52,7 @@ impl<M: MediaAnchor> Proxy<M> {
             let windows = caller_profile.window.zip(callee_profile.window);
             if let (Some(s), Some((wa, wb)), 1) = (strategy.filter(|s| s.is_direct()), windows, targets.len()) {
                 if self.punch_plans.len() < MAX_PUNCH_PLANS {
-                    let plans = self.wire_plans(s, [wa, wb]);
+                    let plans = self.wire_plans(s, [wa, wb]).map(Some);
                     self.punch_plans.insert(call_id.to_owned(), plans);
                 }
             }
@@ -92,12 +92,13 @@ impl<M: MediaAnchor> Proxy<M> {
     }
 
     /// The body to forward with `side`'s plan added, if the call has one and the message
-    /// carries SDP. Retransmitted 2xx carry it again; the caller's ACK (or the call's end)
-    /// retires the plan.
+    /// carries SDP. The callee's (B) goes once, with the INVITE, or with the ACK when the
+    /// INVITE had no offer; the caller's (A) with every 2xx, retransmissions too, until
+    /// the ACK (or the call's end) retires the plans.
     pub(super) fn with_punch_plan(&mut self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
         let Some(call_id) = msg.call_id() else { return body };
-        let Some(plans) = self.punch_plans.get(call_id) else { return body };
-        let plan = plans[side as usize].clone();
+        let Some(plans) = self.punch_plans.get_mut(call_id) else { return body };
+        let Some(plan) = plans[side as usize].clone() else { return body };
         let base = match &body {
             Some(b) => b.as_slice(),
             None => match super::media::sdp_body(msg) {
@@ -106,6 +107,9 @@ impl<M: MediaAnchor> Proxy<M> {
             },
         };
         let Ok(text) = std::str::from_utf8(base) else { return body };
+        if side == Side::B {
+            plans[side as usize] = None;
+        }
         Some(insert(text, &plan).into_bytes())
     }
 }

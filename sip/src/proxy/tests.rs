@@ -1129,6 +1129,41 @@ fn each_agent_gets_its_side_of_the_plan_in_the_sdp_of_its_leg() {
 }
 
 #[test]
+fn a_late_offer_call_gives_the_callee_its_plan_with_the_ack() {
+    use pinhole_media::punch::sdp::WirePlan;
+    use pinhole_media::relay::Side;
+    let mut lab = Lab::new();
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ));
+    // No offer in the INVITE: bob's 200 carries it, alice's ACK the answer.
+    let inv = invite("bob", "z9hG4bKlo1")
+        .replace("203.0.113.50:5060", "10.0.0.1:5060")
+        .replace("Content-Type: application/sdp\nContent-Length: 3\n\nv=0", "Content-Length: 0\n\n");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKlo1", "branch=z9hG4bKlo2"), &creds));
+    let fwd = out[1].clone();
+    let offer = parse(&fwd);
+    assert!(offer.body_bytes().is_empty(), "nothing to carry a plan in");
+    let ok = reply(&fwd, 200, "OK", "b9")
+        .replace("Content-Length: 0\n", "Content-Type: application/sdp\nContent-Length: 3\n")
+        + "v=0";
+    let up = lab.send(udp(NAT_B), &ok);
+    let a = WirePlan::from_sdp(std::str::from_utf8(parse(&up[0]).body_bytes()).expect("utf8")).expect("alice's plan");
+    assert_eq!(a.side, Side::A);
+    let rr = offer.value_texts(HeaderName::RecordRoute)[0].to_owned();
+    let ack = format!("ACK sip:callee@10.0.0.2:5060 SIP/2.0\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKloack\nRoute: {rr}\nMax-Forwards: 70\nFrom: <sip:caller@trunk.example.net>;tag=from1\nTo: <sip:bob@example.com>;tag=b9\nCall-ID: call-z9hG4bKlo1\nCSeq: 2 ACK\nContent-Type: application/sdp\nContent-Length: 3\n\nv=0");
+    let down = lab.send(udp(NAT_A), &ack);
+    assert_eq!(down.len(), 1, "the ACK goes on to bob");
+    let b = WirePlan::from_sdp(std::str::from_utf8(parse(&down[0]).body_bytes()).expect("utf8")).expect("bob's plan");
+    assert_eq!(b.side, Side::B);
+    assert_eq!(b.credentials.local_ufrag, a.credentials.remote_ufrag);
+    // Retired with the ACK: a retransmitted 200 has no plan any more.
+    let late = lab.send(udp(NAT_B), &ok);
+    assert!(WirePlan::from_sdp(std::str::from_utf8(parse(&late[0]).body_bytes()).expect("utf8")).is_none());
+}
+
+#[test]
 fn a_denied_or_relay_only_call_carries_no_plan() {
     let mut lab = Lab::new();
     let mut cfg = lab.proxy.config().clone();
