@@ -35,7 +35,7 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
             let bind = cfg.media.interfaces.first().map_or(l.addr.ip(), |m| m.bind);
             let relay_cfg = RelayConfig::single(bind, cfg.media.port_min, cfg.media.port_max);
             edge = Some(
-                crate::agent_media::start(bind, cfg.media.port_min, cfg.media.port_max, cfg.agent.stun())
+                crate::agent_media::start(bind, cfg.media.port_min, cfg.media.port_max, cfg.agent.stun(), epoch)
                     .context("starting the agent's media thread")?,
             );
             tracing::info!(%bind, ports = %format!("{}-{}", cfg.media.port_min, cfg.media.port_max), "agent media relay");
@@ -102,7 +102,7 @@ fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// The relay's offer, media and duration deadlines, fired when due.
-fn start_relay_timers(agent: SharedAgent, dp: EdgeHandle) {
+fn start_relay_timers(agent: SharedAgent, media: EdgeHandle) {
     let spawned = std::thread::Builder::new().name("agent relay timers".into()).spawn(move || loop {
         let next = {
             let mut a = agent.lock().unwrap_or_else(|e| e.into_inner());
@@ -113,7 +113,7 @@ fn start_relay_timers(agent: SharedAgent, dp: EdgeHandle) {
                     while relay.poll_event().is_some() {}
                 }
             }
-            drain_media(&mut a, &dp);
+            drain_media(&mut a, &media);
             a.media().as_ref().and_then(Relay::poll_timeout)
         };
         let wait = next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now()));

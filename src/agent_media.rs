@@ -40,8 +40,14 @@ impl EdgeHandle {
 }
 
 /// Starts the media thread for ports `port_min..=port_max` on `bind`, punching with the
-/// server's STUN service at `stun`.
-pub(crate) fn start(bind: IpAddr, port_min: u16, port_max: u16, stun: SocketAddr) -> std::io::Result<EdgeHandle> {
+/// server's STUN service at `stun`; `epoch` is the relay's (its counters' clock).
+pub(crate) fn start(
+    bind: IpAddr,
+    port_min: u16,
+    port_max: u16,
+    stun: SocketAddr,
+    epoch: Instant,
+) -> std::io::Result<EdgeHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = channel();
@@ -49,11 +55,12 @@ pub(crate) fn start(bind: IpAddr, port_min: u16, port_max: u16, stun: SocketAddr
         poll,
         rx,
         bind,
-        edge: EdgeMedia::new(port_min, port_max, stun, Instant::now()),
+        edge: EdgeMedia::new(port_min, port_max, stun, epoch),
         sockets: HashMap::new(),
         tokens: HashMap::new(),
         next_token: 1 << 20,
         buf: vec![0u8; 65_536],
+        paths_changed: false,
     };
     std::thread::Builder::new().name("agent media".into()).spawn(move || engine.run())?;
     Ok(EdgeHandle { tx, waker })
@@ -68,6 +75,8 @@ struct Engine {
     tokens: HashMap<Token, Socket>,
     next_token: usize,
     buf: Vec<u8>,
+    /// A path began or ended since the gauges were last set.
+    paths_changed: bool,
 }
 
 impl Engine {
@@ -124,6 +133,7 @@ impl Engine {
                 }
             }
             self.sockets_requested();
+            self.paths_changed = true;
         }
     }
 
@@ -206,19 +216,18 @@ impl Engine {
                 let _ = sock.send_to(&bytes, to);
             }
         }
+        let mut changed = false;
         while let Some(e) = self.edge.poll_event() {
             report(&e);
+            changed = true;
         }
-        let (mut direct, mut relayed) = (0, 0);
-        for (_, _, phase) in self.edge.paths() {
-            if phase == Phase::Direct {
-                direct += 1;
-            } else {
-                relayed += 1;
-            }
+        if changed || self.paths_changed {
+            self.paths_changed = false;
+            let direct = self.edge.paths().filter(|p| p.2 == Phase::Direct).count();
+            let relayed = self.edge.paths().count() - direct;
+            metrics::gauge!("pinhole_punch_calls", "path" => "direct").set(direct as f64);
+            metrics::gauge!("pinhole_punch_calls", "path" => "relayed").set(relayed as f64);
         }
-        metrics::gauge!("pinhole_punch_calls", "path" => "direct").set(f64::from(direct));
-        metrics::gauge!("pinhole_punch_calls", "path" => "relayed").set(f64::from(relayed));
     }
 }
 
