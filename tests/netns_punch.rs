@@ -101,17 +101,25 @@ struct Cell {
     server_path: String,
     /// After the answer, when each phone's incoming RTP was established (baresip's log).
     media_after_ms: [Option<u64>; 2],
+    /// The longest each phone went without a datagram in the 1.5 s after that.
+    switch_gap_ms: [u64; 2],
     /// From the agents' logs: after how long each went direct.
     direct_after_ms: Vec<u64>,
 }
 
 /// A call from alice (LAN 0) to bob (LAN 1) through both agents, held `hold` after answer.
 fn run_cell(a: NatKind, b: NatKind, server_extra: &str, hold: Duration) -> Cell {
-    run_cell_with(a, b, server_extra, hold, |_| {})
+    run_cell_with(a, b, server_extra, hold, |_, _| {})
 }
 
 /// [`run_cell`], doing `midway` to the lab halfway through the call.
-fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, midway: impl FnOnce(&NatLab)) -> Cell {
+fn run_cell_with(
+    a: NatKind,
+    b: NatKind,
+    server_extra: &str,
+    hold: Duration,
+    midway: impl FnOnce(&NatLab, &[Ear; 2]),
+) -> Cell {
     run_cell_as(Mode::Agents, a, b, server_extra, hold, midway)
 }
 
@@ -121,6 +129,47 @@ fn run_cell_with(a: NatKind, b: NatKind, server_extra: &str, hold: Duration, mid
 enum Mode {
     Agents,
     Ice,
+}
+
+/// What a phone receives on its RTP ports (10000-10999), as tcpdump in its namespace sees
+/// it, with arrival times; the agent on the same host hands packets over on `lo`.
+struct Ear {
+    _tcpdump: Bg,
+    out: std::path::PathBuf,
+}
+
+impl Ear {
+    fn start(dir: &Path, lan: &Lan) -> Ear {
+        let out = dir.join(format!("{}-heard.txt", lan.lan));
+        let child = NatLab::command(&lan.lan, "tcpdump")
+            .args(["-i", "any", "-n", "-tt", "-l", "-q", "udp and dst portrange 10000-10999"])
+            .stdout(std::fs::File::create(&out).expect("tcpdump output"))
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("tcpdump must be installed");
+        Ear { _tcpdump: Bg(Some(child)), out }
+    }
+
+    /// The longest stretch without a packet in `from..from + window` (Unix seconds), counted
+    /// from the first packet in it.
+    fn longest_silence(&self, from: f64, window: Duration) -> Duration {
+        let until = from + window.as_secs_f64();
+        let times: Vec<f64> = std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .filter(|t| *t >= from && *t <= until)
+            .collect();
+        let Some(first) = times.first() else { return window };
+        let last_gap = until - times.last().copied().unwrap_or(*first);
+        let gaps = times.windows(2).map(|w| w[1] - w[0]).fold(last_gap, f64::max);
+        Duration::from_secs_f64(gaps.max(0.0))
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// How long after `since` `needle` first shows in `path` (polled every 10 ms).
@@ -140,7 +189,7 @@ fn run_cell_as(
     b: NatKind,
     server_extra: &str,
     hold: Duration,
-    midway: impl FnOnce(&NatLab),
+    midway: impl FnOnce(&NatLab, &[Ear; 2]),
 ) -> Cell {
     let name = format!("{a:?} × {b:?}");
     let dir = TempDir::new("punch");
@@ -189,6 +238,7 @@ fn run_cell_as(
     }
     let mut alice = phone(0, "alice", 440.0);
     let bob = phone(1, "bob", 660.0);
+    let ears = [Ear::start(dir.path(), &lab.lans[0]), Ear::start(dir.path(), &lab.lans[1])];
     let pinhole = || std::fs::read_to_string(&ph_log).unwrap_or_default();
     for who in ["alice", "bob"] {
         let registered = wait_for(&ph_log, &format!("aor={who}@pinhole.test"), Duration::from_secs(15));
@@ -197,13 +247,13 @@ fn run_cell_as(
     alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
     let answered = wait_for(&bob.log, "Call established", Duration::from_secs(15));
     assert!(answered, "{name}: bob never answered\n{}\n{}", alice.log(), pinhole());
-    let t_answer = Instant::now();
+    let (t_answer, unix_answer) = (Instant::now(), unix_now());
     // Time to first audio: both phones say their incoming RTP is established.
     let media_after_ms = [&alice.log, &bob.log]
-        .map(|l| seen_after(l, "incoming rtp for 'audio' established", t_answer, hold / 2))
+        .map(|l| seen_after(l, "incoming rtp for 'audio' established", t_answer, hold))
         .map(|d| d.map(|d| d.as_millis() as u64));
     std::thread::sleep((hold / 2).saturating_sub(t_answer.elapsed()));
-    midway(&lab);
+    midway(&lab, &ears);
     std::thread::sleep((hold / 2).saturating_sub(Duration::from_secs(2)));
     let count = |name| [counted(&lab.lans[0], name), counted(&lab.lans[1], name)];
     let (direct_before, relayed_before) = (count("direct"), count("relayed"));
@@ -213,6 +263,10 @@ fn run_cell_as(
     assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{name}: {}", bob.log());
     std::thread::sleep(Duration::from_millis(500));
     let (alice_heard, bob_heard) = (alice.heard(), bob.heard());
+    // Across the switch to the direct path (within 1.5 s of the answer, from the first
+    // packet on): the longest either phone went without one.
+    let switch_gap_ms =
+        ears.each_ref().map(|e| e.longest_silence(unix_answer, Duration::from_millis(1500)).as_millis() as u64);
     let logs: Vec<String> = logs_at.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
     drop(agents);
     let method = pinhole()
@@ -243,6 +297,7 @@ fn run_cell_as(
             .trim_matches('"')
             .to_owned(),
         media_after_ms,
+        switch_gap_ms,
         direct_after_ms,
     }
 }
@@ -288,7 +343,7 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
         )
     });
     let mut table =
-        vec!["| cell | method | audio (shares) | direct | first audio (ms) | direct after (ms) | direct pkts/2 s | relayed pkts/2 s | server saw |"
+        vec!["| cell | method | audio (shares) | direct | first audio (ms) | direct after (ms) | longest silence at the switch (ms) | direct pkts/2 s | relayed pkts/2 s | server saw |"
             .to_owned()];
     let mut failures = Vec::new();
     let mut direct_cells = 0;
@@ -306,7 +361,7 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
         let direct = c.direct_late.iter().all(|n| *n >= 80);
         direct_cells += usize::from(direct);
         table.push(format!(
-            "| {} | {} | {:.2} / {:.2} | {} | {:?} | {:?} | {:?} | {:?} | {} |",
+            "| {} | {} | {:.2} / {:.2} | {} | {:?} | {:?} | {:?} | {:?} | {:?} | {} |",
             c.name,
             c.method,
             c.heard[0],
@@ -314,6 +369,7 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
             if direct { "yes" } else { "no" },
             c.media_after_ms,
             c.direct_after_ms,
+            c.switch_gap_ms,
             c.direct_late,
             c.relayed_late,
             c.server_path
@@ -326,6 +382,9 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
         let want = if relay_only { "relay" } else { "direct" };
         if c.server_path != want {
             failures.push(format!("{}: the server saw path {}, not {want}", c.name, c.server_path));
+        }
+        if c.switch_gap_ms.iter().any(|ms| *ms > 100) {
+            failures.push(format!("{}: a {:?} ms silence around the switch (limit 100)", c.name, c.switch_gap_ms));
         }
         if c.media_after_ms.iter().any(|ms| ms.is_none_or(|ms| ms > 500)) {
             failures.push(format!("{}: first audio {:?} ms after the answer (limit 500)", c.name, c.media_after_ms));
@@ -369,7 +428,9 @@ fn a_direct_path_cut_on_a_nat_box_falls_back_to_the_relay_and_audio_goes_on() {
     if !common::netns::have_root() {
         return;
     }
-    let cut = |lab: &NatLab| {
+    let dropout = std::sync::Mutex::new([Duration::MAX; 2]);
+    let cut = |lab: &NatLab, ears: &[Ear; 2]| {
+        let cut_at = unix_now();
         // Both directions between the two NATs, dropped on alice's NAT box.
         let (lan, peer) = (&lab.lans[0], &lab.lans[1].nat_wan);
         for rule in [format!("ip daddr {peer} meta l4proto udp drop"), format!("ip saddr {peer} meta l4proto udp drop")]
@@ -378,6 +439,10 @@ fn a_direct_path_cut_on_a_nat_box_falls_back_to_the_relay_and_audio_goes_on() {
             args.extend(rule.split(' '));
             ns_exec(&lan.nat, &args);
         }
+        // The longest stretch either phone then goes without a packet, over 3 s.
+        std::thread::sleep(Duration::from_secs(3));
+        let longest = ears.each_ref().map(|e| e.longest_silence(cut_at, Duration::from_secs(3)));
+        *dropout.lock().unwrap_or_else(|e| e.into_inner()) = longest;
     };
     let c = run_cell_with(NatKind::PortRestricted, NatKind::PortRestricted, "", Duration::from_secs(8), cut);
     eprintln!("{c:?}");
@@ -388,6 +453,9 @@ fn a_direct_path_cut_on_a_nat_box_falls_back_to_the_relay_and_audio_goes_on() {
     // After the cut, media goes to the server again at media rate, from both sides.
     assert!(c.relayed_late.iter().all(|n| *n >= 80), "relayed after the cut: {c:?}");
     assert_eq!(c.server_path, "relay", "and the server relay saw the RTP come back");
+    let dropout = *dropout.lock().unwrap_or_else(|e| e.into_inner());
+    eprintln!("longest silence at each phone after the cut: {dropout:?}");
+    assert!(dropout.iter().all(|d| *d <= Duration::from_secs(1)), "a dropout over 1 s: {dropout:?}");
 }
 
 /// `cargo xtask bench punch`: every cell twice, with pinhole's agents and with the phones'
@@ -406,7 +474,8 @@ fn bench_punch_matrix_against_baresip_ice() {
     ];
     // Both runs of a cell on one worker.
     let done = every_pair(|a, b| {
-        let run = |mode| std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(8), |_| {})).ok();
+        let run =
+            |mode| std::panic::catch_unwind(|| run_cell_as(mode, a, b, "", Duration::from_secs(12), |_, _| {})).ok();
         (a, b, run(Mode::Agents), run(Mode::Ice))
     });
     for (a, b, ours, ice) in done {

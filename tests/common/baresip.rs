@@ -63,6 +63,16 @@ impl Phone {
         Phone { child, log, recordings }
     }
 
+    /// UDP datagrams received so far in the phone's network namespace (RFC 4113
+    /// udpInDatagrams, from /proc/PID/net/snmp): during a call, mostly its RTP.
+    pub fn udp_received(&self) -> Option<u64> {
+        let snmp = std::fs::read_to_string(format!("/proc/{}/net/snmp", self.child.id())).ok()?;
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+        let (names, values) = (udp.next()?, udp.next()?);
+        let i = names.split_whitespace().position(|w| w == "InDatagrams")?;
+        values.split_whitespace().nth(i)?.parse().ok()
+    }
+
     pub fn command(&mut self, cmd: &str) {
         if let Some(stdin) = self.child.stdin.as_mut() {
             let _ = stdin.write_all(format!("{cmd}\n").as_bytes());

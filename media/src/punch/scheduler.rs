@@ -255,8 +255,13 @@ impl Puncher {
                     }
                     self.sent += 1;
                     due + RETRY * 4
-                } else if self.sent < u32::from(probes) {
-                    let port = 1024 + (self.random() % 64_000) as u16;
+                } else if self.sent == 0 {
+                    // The hard side's first round of checks opens its mappings: give it a
+                    // head start, so no probe arrives before there is anything to hit.
+                    self.sent = 1;
+                    due + RETRY * 4
+                } else if self.sent <= u32::from(probes) * super::BIRTHDAY_ROUNDS {
+                    let port = 1024 + (self.random() % 64_512) as u16;
                     self.check(0, SocketAddr::new(peer.ip(), port));
                     self.sent += 1;
                     due + SPRAY_PACE
