@@ -201,7 +201,7 @@ impl Engine {
                 Err(_) => continue, // ICMP errors surface here; the next datagram is fine
             };
             let now = Instant::now();
-            if let Some((from, to)) = self.edge.on_packet(now, at, src, &self.buf[..n]) {
+            for (from, to) in self.edge.on_packet(now, at, src, &self.buf[..n]).iter() {
                 if let Some(out) = self.sockets.get(&from) {
                     let _ = out.send_to(&self.buf[..n], to);
                 }

@@ -168,6 +168,26 @@ impl Ear {
     }
 }
 
+impl Ear {
+    /// The three longest silences in `from..from + window`: (offset from `from`, length).
+    fn worst(&self, from: f64, window: Duration) -> Vec<(Duration, Duration)> {
+        let until = from + window.as_secs_f64();
+        let times: Vec<f64> = std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .filter(|t| *t >= from && *t <= until)
+            .collect();
+        let mut gaps: Vec<(Duration, Duration)> = times
+            .windows(2)
+            .map(|w| (Duration::from_secs_f64(w[0] - from), Duration::from_secs_f64(w[1] - w[0])))
+            .collect();
+        gaps.sort_by_key(|g| std::cmp::Reverse(g.1));
+        gaps.truncate(3);
+        gaps
+    }
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
@@ -269,6 +289,12 @@ fn run_cell_as(
         ears.each_ref().map(|e| e.longest_silence(unix_answer, Duration::from_millis(1500)).as_millis() as u64);
     let logs: Vec<String> = logs_at.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
     drop(agents);
+    if std::env::var_os("PUNCH_VERBOSE").is_some() {
+        for (who, e) in ["alice", "bob"].iter().zip(&ears) {
+            eprintln!("{name}: {who}'s worst silences (after answer, length): {:?}", e.worst(unix_answer, hold));
+        }
+        eprintln!("{}", logs.join("\n"));
+    }
     let method = pinhole()
         .lines()
         .find(|l| l.contains("punch plan"))
@@ -500,4 +526,15 @@ fn bench_punch_matrix_against_baresip_ice() {
         ));
     }
     println!("{}", rows.join("\n"));
+}
+
+/// One cell by hand: `PUNCH_CELL=PortRestricted,SymmetricRandom PUNCH_VERBOSE=1 cargo test
+/// --test netns_punch -- --ignored --nocapture one_cell`.
+#[test]
+#[ignore = "by hand: PUNCH_CELL=KIND,KIND"]
+fn one_cell() {
+    let cell = std::env::var("PUNCH_CELL").unwrap_or_else(|_| "PortRestricted,PortRestricted".into());
+    let kind = |k: &str| KINDS.into_iter().find(|x| format!("{x:?}") == k).expect("a NatKind name");
+    let (a, b) = cell.split_once(',').map(|(a, b)| (kind(a), kind(b))).expect("KIND,KIND");
+    eprintln!("{:?}", run_cell(a, b, "", Duration::from_secs(6)));
 }

@@ -48,6 +48,23 @@ pub enum SocketRequest {
     },
 }
 
+/// Where a datagram goes on: at most two copies (from which socket, to where).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sends(pub [Option<(Socket, SocketAddr)>; 2]);
+
+impl Sends {
+    pub const NONE: Sends = Sends([None, None]);
+
+    pub fn iter(&self) -> impl Iterator<Item = (Socket, SocketAddr)> + '_ {
+        self.0.iter().flatten().copied()
+    }
+
+    /// The first (or only) copy.
+    pub fn first(&self) -> Option<(Socket, SocketAddr)> {
+        self.0[0]
+    }
+}
+
 /// A path's news, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeEvent {
@@ -137,15 +154,10 @@ impl EdgeMedia {
         now.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
-    /// One datagram from `src` on `at`: where it goes on (from which socket, to where), or
-    /// `None` when it was consumed or is dropped.
-    pub fn on_packet(
-        &mut self,
-        now: Instant,
-        at: Socket,
-        src: SocketAddr,
-        data: &[u8],
-    ) -> Option<(Socket, SocketAddr)> {
+    /// One datagram from `src` on `at`: where it goes on (from which socket, to where; a
+    /// shaky direct path sends a copy through the relay as well), or nothing when it was
+    /// consumed or is dropped.
+    pub fn on_packet(&mut self, now: Instant, at: Socket, src: SocketAddr, data: &[u8]) -> Sends {
         let now_ns = self.now_ns(now);
         let control = data.is_empty() || crate::stun::looks_like_stun(data);
         let (window, index) = match at {
@@ -153,30 +165,38 @@ impl EdgeMedia {
             Socket::Port(p) if self.paths.contains_key(&p) => (p, 0),
             Socket::Port(p) => {
                 // A phone's packet (or one of a call without a path).
-                let f = self.ports.forward(now, now_ns, p, src, data)?;
-                let route = self.paths.get(&f.from_port).map(|s| s.path.route());
-                return Some(match route {
-                    Some(Route::Direct { socket: 0, to }) => (Socket::Port(f.from_port), to),
-                    Some(Route::Direct { socket, to }) => (Socket::Extra { window: f.from_port, index: socket }, to),
-                    _ => (Socket::Port(f.from_port), f.to),
-                });
+                let Some(f) = self.ports.forward(now, now_ns, p, src, data) else { return Sends::NONE };
+                let relayed = (Socket::Port(f.from_port), f.to);
+                let direct = |socket: usize, to| {
+                    let from = if socket == 0 {
+                        Socket::Port(f.from_port)
+                    } else {
+                        Socket::Extra { window: f.from_port, index: socket }
+                    };
+                    (from, to)
+                };
+                return match self.paths.get(&f.from_port).map(|s| s.path.route()) {
+                    Some(Route::Direct { socket, to }) => Sends([Some(direct(socket, to)), None]),
+                    Some(Route::Both { socket, to }) => Sends([Some(direct(socket, to)), Some(relayed)]),
+                    _ => Sends([Some(relayed), None]),
+                };
             }
         };
         let relay = self.relay_of(window);
-        let s = self.paths.get_mut(&window)?;
+        let Some(s) = self.paths.get_mut(&window) else { return Sends::NONE };
         if control && s.path.handle_input(now, index, src, data, relay) {
             self.drain(window);
-            return None;
+            return Sends::NONE;
         }
         let trusted = Some(src) != relay && s.path.accepts(index, src);
         let f = if trusted {
-            self.ports.deliver(now_ns, window, data)?
+            self.ports.deliver(now_ns, window, data)
         } else if index == 0 {
-            self.ports.forward(now, now_ns, window, src, data)?
+            self.ports.forward(now, now_ns, window, src, data)
         } else {
-            return None;
+            None
         };
-        Some((Socket::Port(f.from_port), f.to))
+        Sends([f.map(|f| (Socket::Port(f.from_port), f.to)), None])
     }
 
     /// Moves a path's output and events to ours.

@@ -26,6 +26,7 @@ const PEERS: &[(&str, &str)] = &[
     ("rtpengine", "rtpengine-daemon"),
     ("turnserver", "coturn"),
     ("stun", "stun-client"),
+    ("tcpdump", "tcpdump"),
 ];
 
 fn main() -> ExitCode {
@@ -127,7 +128,7 @@ fn test() -> anyhow::Result<()> {
 
 /// Programs the suites start; any of them still running afterwards was left behind.
 const PEER_PROGRAMS: &[&str] =
-    &["pinhole", "sipp", "kamailio", "baresip", "rtpengine", "turnserver", "socat", "stun", "redis-server"];
+    &["pinhole", "sipp", "kamailio", "baresip", "rtpengine", "turnserver", "socat", "stun", "redis-server", "tcpdump"];
 
 /// (pid, program) of every running peer program.
 fn peer_processes() -> Vec<(u32, String)> {

@@ -102,17 +102,17 @@ impl Net {
             self.phones[p].push((from, bytes));
         } else if let Some(i) = AGENT.iter().position(|a| a.parse::<IpAddr>().ok() == Some(to.ip())) {
             let now = self.now;
-            if let Some((s, dst)) = self.edges[i].on_packet(now, Socket::Port(to.port()), from, &bytes) {
-                self.put(Net::source(i, s), dst, bytes);
+            for (s, dst) in self.edges[i].on_packet(now, Socket::Port(to.port()), from, &bytes).iter() {
+                self.put(Net::source(i, s), dst, bytes.clone());
             }
         }
     }
 
     /// A phone sends one packet to its agent; returns where the agent sent it.
-    fn phone_sends(&mut self, i: usize) -> Option<(Socket, SocketAddr)> {
+    fn phone_sends(&mut self, i: usize) -> Sends {
         let now = self.now;
         let out = self.edges[i].on_packet(now, Socket::Port(PHONE_PORT), addr(PHONE[i]), RTP);
-        if let Some((s, dst)) = out {
+        for (s, dst) in out.iter() {
             self.put(Net::source(i, s), dst, RTP.to_vec());
         }
         out
@@ -156,14 +156,14 @@ fn a_phones_media_goes_to_the_relay_until_the_direct_path_is_proven_and_then_str
     let start = net.now + Duration::from_millis(200);
     assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
     assert!(net.edges[1].punch("call-1", WINDOW, plan(Side::B, start), 2));
-    assert_eq!(net.phone_sends(0), Some((Socket::Port(WINDOW), addr(RELAY[0]))));
+    assert_eq!(net.phone_sends(0), Sends([Some((Socket::Port(WINDOW), addr(RELAY[0]))), None]));
     net.run(Duration::from_millis(100));
     // Relayed media reaches the far phone from its agent's phone port.
     let from_agent = SocketAddr::new(AGENT[1].parse::<IpAddr>().expect("ip"), PHONE_PORT);
     assert!(net.phones[1].iter().any(|(f, b)| *f == from_agent && b == RTP), "relayed media arrived");
     net.run(Duration::from_secs(1));
     let b_window = SocketAddr::new(AGENT[1].parse::<IpAddr>().expect("ip"), WINDOW);
-    assert_eq!(net.phone_sends(0), Some((Socket::Port(WINDOW), b_window)), "direct now");
+    assert_eq!(net.phone_sends(0), Sends([Some((Socket::Port(WINDOW), b_window)), None]), "direct now");
     let events: Vec<EdgeEvent> = std::iter::from_fn(|| net.edges[0].poll_event()).collect();
     assert!(events.iter().any(|e| e.call_id == "call-1"
         && e.method == "simultaneous-open"
@@ -191,14 +191,14 @@ fn strangers_on_the_window_reach_no_phone_and_a_second_plan_for_the_call_is_igno
                         // Wait out the latch's learning window: after it, only the relay is media here.
     let later = now + Duration::from_secs(10);
     assert_eq!(
-        net.edges[0].on_packet(later, Socket::Port(WINDOW), addr(RELAY[0]), RTP).map(|f| f.1),
+        net.edges[0].on_packet(later, Socket::Port(WINDOW), addr(RELAY[0]), RTP).first().map(|f| f.1),
         Some(addr(PHONE[0]))
     );
-    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, RTP), None);
+    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, RTP), Sends::NONE);
     // An unsigned Binding request: header only.
     let mut bogus_check = vec![0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42];
     bogus_check.extend([7u8; 12]);
-    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, &bogus_check), None);
+    assert_eq!(net.edges[0].on_packet(later, Socket::Port(WINDOW), stranger, &bogus_check), Sends::NONE);
     assert_eq!(net.edges[0].poll_transmit(), None, "an unsigned check is not answered");
 }
 
@@ -211,5 +211,5 @@ fn unlinking_a_call_ends_its_path() {
     net.edges[0].apply(now, Command::Unlink { shard: 1, ports: vec![RelayPort(PHONE_PORT), RelayPort(WINDOW)] });
     assert_eq!(net.edges[0].paths().count(), 0);
     assert_eq!(net.edges[0].poll_timeout(), None);
-    assert_eq!(net.edges[0].on_packet(now, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP), None);
+    assert_eq!(net.edges[0].on_packet(now, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP), Sends::NONE);
 }

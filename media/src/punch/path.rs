@@ -36,7 +36,11 @@ use crate::relay::Side;
 pub const ANNOUNCE: Duration = Duration::from_millis(100);
 /// Consent checks on the direct path.
 pub const CONSENT: Duration = Duration::from_millis(200);
-/// Back to the relay after this long without an answered consent check.
+/// After this long without an answered consent check the path is shaky: media goes both
+/// ways, direct and through the relay, so if the path is dead the far phone already hears
+/// the relayed copy (it drops duplicates by sequence number).
+pub const CONSENT_LATE: Duration = Duration::from_millis(300);
+/// Back to the relay only after this long without an answered consent check.
 pub const CONSENT_LOST: Duration = Duration::from_millis(800);
 /// Consent checks on a path we fell back from, to come back to it when it answers.
 pub const RETRY_DIRECT: Duration = Duration::from_secs(1);
@@ -49,7 +53,15 @@ const GATHER_AHEAD: Duration = Duration::from_millis(150);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Relay,
-    Direct { socket: usize, to: SocketAddr },
+    Direct {
+        socket: usize,
+        to: SocketAddr,
+    },
+    /// The direct path is late answering: both, until it answers or is given up.
+    Both {
+        socket: usize,
+        to: SocketAddr,
+    },
 }
 
 /// What happened to the path, for logs and metrics.
@@ -95,6 +107,10 @@ pub struct DirectPath {
     next_consent: Instant,
     /// When we switched (consent is counted from there until the first answer).
     since: Instant,
+    /// The direct path is late answering (see [`CONSENT_LATE`]).
+    shaky: bool,
+    /// When the direct path's consent must be looked at again.
+    watch: Option<Instant>,
     out: VecDeque<PunchTransmit>,
     events: VecDeque<PathEvent>,
     seed: u64,
@@ -119,6 +135,8 @@ impl DirectPath {
             next_announce: begin,
             next_consent: begin,
             since: begin,
+            shaky: false,
+            watch: None,
             out: VecDeque::new(),
             events: VecDeque::new(),
             seed,
@@ -147,6 +165,7 @@ impl DirectPath {
 
     pub fn route(&self) -> Route {
         match (self.phase, self.path) {
+            (Phase::Direct, Some((socket, to))) if self.shaky => Route::Both { socket, to },
             (Phase::Direct, Some((socket, to))) => Route::Direct { socket, to },
             _ => Route::Relay,
         }
@@ -257,7 +276,9 @@ impl DirectPath {
                     self.next_consent = now + if self.phase == Phase::Direct { CONSENT } else { RETRY_DIRECT };
                 }
                 self.check_path(now);
-                self.next = Some(self.next_announce.min(self.next_consent).min(now + CONSENT));
+                let watch = self.watch.filter(|_| self.phase == Phase::Direct);
+                self.next =
+                    Some(watch.map_or(self.next_announce, |w| w.min(self.next_announce)).min(self.next_consent));
             }
             Phase::Relayed => self.next = None,
         }
@@ -296,11 +317,20 @@ impl DirectPath {
             }
             Phase::Direct => {
                 let fresh = p.last_answer().unwrap_or(self.since).max(self.since);
-                if now.saturating_duration_since(fresh) > CONSENT_LOST {
+                let silent = now.saturating_duration_since(fresh);
+                self.shaky = silent >= CONSENT_LATE;
+                if silent >= CONSENT_LOST {
                     self.phase = Phase::FellBack;
+                    self.shaky = false;
                     self.since = now;
                     self.next_consent = now + RETRY_DIRECT;
+                    self.watch = None;
                     self.events.push_back(PathEvent::FellBack);
+                } else {
+                    // Look again when the path would turn shaky, or be given up.
+                    let due = fresh + if self.shaky { CONSENT_LOST } else { CONSENT_LATE };
+                    self.watch = Some(due);
+                    self.next = Some(self.next.map_or(due, |n| n.min(due)));
                 }
             }
             Phase::FellBack => {

@@ -22,9 +22,11 @@ use stun_rs::{
 use super::Strategy;
 use crate::relay::Side;
 
-/// Spacing of probes in a spray (shotgun, birthday); checks at a known address repeat at
-/// [`RETRY`].
-const SPRAY_PACE: Duration = Duration::from_millis(2);
+/// Spacing of probes in a spray (shotgun, birthday: 1 024 in about a second); checks at a
+/// known address repeat at [`RETRY`]; a birthday's hard side checks from one socket after
+/// another every [`HARD_PACE`] (256 sockets in about a quarter second).
+const SPRAY_PACE: Duration = Duration::from_millis(1);
+const HARD_PACE: Duration = Duration::from_millis(1);
 const RETRY: Duration = Duration::from_millis(50);
 /// Lockstep: time per step, the same on both sides.
 const STEP: Duration = Duration::from_millis(20);
@@ -249,12 +251,13 @@ impl Puncher {
             }
             Strategy::Birthday { hard, sockets, probes } => {
                 if hard == side {
-                    // Every socket opens a mapping towards the easy side's window.
-                    for s in 0..usize::from(sockets) {
-                        self.check(s, peer);
-                    }
+                    // Every socket opens a mapping towards the easy side's window, one at
+                    // a time (a burst of hundreds of signed checks would hold up media),
+                    // round after round.
+                    let n = u32::from(sockets.max(1));
+                    self.check((self.sent % n) as usize, peer);
                     self.sent += 1;
-                    due + RETRY * 4
+                    due + HARD_PACE
                 } else if self.sent == 0 {
                     // The hard side's first round of checks opens its mappings: give it a
                     // head start, so no probe arrives before there is anything to hit.
