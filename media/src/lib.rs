@@ -37,6 +37,7 @@
 
 pub mod anchor;
 pub mod edge;
+pub mod faketcp;
 pub mod guard;
 pub mod latch;
 pub mod natmodel;

@@ -1,0 +1,187 @@
+//! A client and a server connection talking through the codec, in virtual time.
+
+use super::*;
+
+fn a(s: &str) -> SocketAddrV4 {
+    s.parse().expect("addr")
+}
+
+const CLIENT: &str = "198.51.100.10:40000";
+const SERVER: &str = "203.0.113.1:4443";
+
+/// Runs `from`'s queued segments through the wire format into `to`; returns what `to` made
+/// of each, with the data it received.
+fn deliver(now: Instant, from: &mut Conn, src: &str, to: &mut Conn, dst: &str) -> Vec<(Received, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(o) = from.poll_transmit() {
+        let packet = Segment {
+            src: a(src),
+            dst: a(dst),
+            seq: o.seq,
+            ack: o.ack,
+            flags: o.flags,
+            window: WINDOW,
+            payload: &o.payload,
+        }
+        .ip_bytes(7);
+        let s = Segment::parse(&packet).expect("our own segment parses");
+        out.push((to.handle_segment(now, &s), s.payload.to_vec()));
+    }
+    out
+}
+
+/// A handshake from client ISN `ci` and server ISN `si`.
+fn established(now: Instant, ci: u32, si: u32) -> (Conn, Conn) {
+    let mut c = Conn::connect(now, ci);
+    let syn = c.poll_transmit().expect("SYN");
+    assert_eq!((syn.flags, syn.seq), (SYN, ci));
+    let mut s = Conn::accept(now, syn.seq, si);
+    let r = deliver(now, &mut s, SERVER, &mut c, CLIENT);
+    assert_eq!(r[0].0, Received::Control, "SYN-ACK");
+    assert_eq!(c.state(), State::Established);
+    let r = deliver(now, &mut c, CLIENT, &mut s, SERVER);
+    assert_eq!(r[0].0, Received::Control, "ACK");
+    assert_eq!(s.state(), State::Established);
+    (c, s)
+}
+
+#[test]
+fn the_handshake_establishes_both_sides_and_data_flows_both_ways_in_sequence() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, 1000, 5000);
+    assert!(c.send(now, b"rtp one"));
+    assert!(c.send(now, b"rtp two"));
+    let first = c.out[0].clone();
+    assert_eq!((first.flags, first.seq, first.ack), (PSH | ACK, 1001, 5001));
+    assert_eq!(c.out[1].seq, 1001 + 7, "sequence advances by the payload");
+    let got = deliver(now, &mut c, CLIENT, &mut s, SERVER);
+    assert_eq!(got, vec![(Received::Data, b"rtp one".to_vec()), (Received::Data, b"rtp two".to_vec())]);
+    assert!(s.send(now, b"back"));
+    let back = s.out[0].clone();
+    assert_eq!((back.seq, back.ack), (5001, 1015), "the server acknowledges all it got");
+    assert_eq!(deliver(now, &mut s, SERVER, &mut c, CLIENT), vec![(Received::Data, b"back".to_vec())]);
+}
+
+#[test]
+fn sequence_numbers_wrap_at_two_to_the_32() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, u32::MAX - 10, u32::MAX);
+    for k in 0..10u8 {
+        assert!(c.send(now, &[k; 5]));
+        assert!(s.send(now, &[k; 3]));
+    }
+    assert!(c.out.iter().any(|o| o.seq < 100), "the client's sequence wrapped");
+    assert!(s.out.iter().any(|o| o.seq < 100) && s.out[0].seq == 0, "the server's ISN + 1 is 0");
+    let got = deliver(now, &mut c, CLIENT, &mut s, SERVER);
+    assert!(got.iter().all(|g| g.0 == Received::Data), "{got:?}");
+    let got = deliver(now, &mut s, SERVER, &mut c, CLIENT);
+    assert!(got.iter().all(|g| g.0 == Received::Data));
+    assert_eq!(s.dropped + c.dropped, 0);
+}
+
+#[test]
+fn a_lost_segment_is_skipped_and_old_or_far_segments_are_dropped() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, 1, 2);
+    for p in [b"one", b"two", b"thr"] {
+        c.send(now, p);
+    }
+    let lost = c.poll_transmit().expect("one");
+    let got = deliver(now, &mut c, CLIENT, &mut s, SERVER);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|g| g.0 == Received::Data), "the gap is jumped: no retransmission comes");
+    // The lost one turns up late: behind the window now.
+    let late = Segment {
+        src: a(CLIENT),
+        dst: a(SERVER),
+        seq: lost.seq,
+        ack: lost.ack,
+        flags: lost.flags,
+        window: WINDOW,
+        payload: &lost.payload,
+    };
+    assert_eq!(s.handle_segment(now, &late), Received::Dropped);
+    // And one from far beyond anything sent.
+    let far = Segment { seq: lost.seq.wrapping_add(1 << 30), ..late };
+    assert_eq!(s.handle_segment(now, &far), Received::Dropped);
+    assert_eq!(s.dropped, 2);
+}
+
+#[test]
+fn one_way_media_still_gets_acknowledged_and_idle_connections_keep_alive() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, 7, 9);
+    for _ in 0..200 {
+        c.send(now, &[0x80; 172]);
+    }
+    deliver(now, &mut c, CLIENT, &mut s, SERVER);
+    let acks: Vec<Outgoing> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    assert!(acks.len() >= 2, "a pure ACK every 16 KiB: {}", acks.len());
+    assert!(acks.iter().all(|o| o.flags == ACK && o.payload.is_empty()));
+    // Nothing to send for 5 s: a keepalive.
+    assert_eq!(s.poll_timeout(), Some(now + KEEPALIVE));
+    s.handle_timeout(now + KEEPALIVE);
+    let ka = s.poll_transmit().expect("keepalive");
+    assert_eq!((ka.flags, ka.payload.len()), (ACK, 0));
+}
+
+#[test]
+fn a_reset_closes_only_when_its_sequence_is_believable() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, 100, 200);
+    let forged =
+        Segment { src: a(SERVER), dst: a(CLIENT), seq: 201 + (1 << 31), ack: 0, flags: RST, window: 0, payload: &[] };
+    assert_eq!(c.handle_segment(now, &forged), Received::Dropped);
+    assert_eq!(c.state(), State::Established);
+    let real = Segment { seq: 201, ..forged };
+    assert_eq!(c.handle_segment(now, &real), Received::Reset);
+    assert_eq!(c.state(), State::Closed);
+    assert!(!c.send(now, b"x"), "nothing goes on a closed connection");
+    let _ = s.poll_transmit();
+}
+
+#[test]
+fn an_unanswered_syn_is_repeated_then_given_up() {
+    let now = Instant::now();
+    let mut c = Conn::connect(now, 42);
+    let _ = c.poll_transmit();
+    let mut t = now;
+    let mut syns = 1;
+    while let Some(next) = c.poll_timeout() {
+        t = next;
+        c.handle_timeout(t);
+        syns += std::iter::from_fn(|| c.poll_transmit()).filter(|o| o.flags == SYN && o.seq == 42).count();
+    }
+    assert_eq!(c.state(), State::Closed);
+    assert_eq!(syns, 5);
+    assert!(t - now >= Duration::from_secs(5));
+}
+
+#[test]
+fn the_codec_checks_both_checksums_and_refuses_what_is_not_a_whole_segment() {
+    let seg = Segment {
+        src: a(CLIENT),
+        dst: a(SERVER),
+        seq: 1,
+        ack: 2,
+        flags: PSH | ACK,
+        window: WINDOW,
+        payload: b"payload",
+    };
+    let mut p = seg.ip_bytes(1);
+    assert_eq!(Segment::parse(&p), Ok(seg));
+    assert_eq!(p.len(), 20 + 20 + 7, "no framing: 12 bytes more than UDP's header");
+    let last = p.len() - 1;
+    p[last] ^= 1;
+    assert_eq!(Segment::parse(&p), Err(BadSegment::Checksum));
+    p[last] ^= 1;
+    p[8] = 1; // TTL: the IP checksum no longer matches
+    assert_eq!(Segment::parse(&p), Err(BadSegment::Checksum));
+    let mut frag = seg.ip_bytes(1);
+    frag[6] = 0x20; // more fragments
+    assert_eq!(Segment::parse(&frag), Err(BadSegment::Fragment));
+    assert_eq!(Segment::parse(&p[..30]), Err(BadSegment::Short));
+    let mut udp = seg.ip_bytes(1);
+    udp[9] = 17;
+    assert_eq!(Segment::parse(&udp), Err(BadSegment::NotIpv4Tcp));
+}
