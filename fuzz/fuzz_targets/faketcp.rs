@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
+use pinhole_media::faketcp::forwarder::{Forwarder, Limits, Output};
 use pinhole_media::faketcp::{Conn, Segment};
 
 fuzz_target!(|data: &[u8]| {
@@ -22,4 +23,17 @@ fuzz_target!(|data: &[u8]| {
         while c.poll_transmit().is_some() {}
         c.handle_timeout(now + std::time::Duration::from_secs(6));
     }
+    // The forwarder: whatever arrives, nothing reaches the relay without a proof.
+    let mut f = Forwarder::new(s.dst, Limits::default(), 7);
+    f.allow(30002, "leg-secret-0123456789abcdef".into());
+    f.handle_segment(now, &s);
+    let mut syn = s;
+    syn.flags = pinhole_media::faketcp::SYN;
+    f.handle_segment(now, &syn);
+    f.handle_segment(now, &s);
+    while let Some(o) = f.poll_output() {
+        assert!(!matches!(o, Output::ToRelay { .. }), "media relayed without a proof");
+    }
+    f.handle_timeout(now + std::time::Duration::from_secs(11));
+    while f.poll_discard().is_some() {}
 });

@@ -150,20 +150,24 @@ impl<'a> Segment<'a> {
 
     /// The whole IPv4 packet (TTL 64, don't fragment), checksummed.
     pub fn ip_bytes(&self, id: u16) -> Vec<u8> {
-        let tcp = self.tcp_bytes();
-        let total = (20 + tcp.len()) as u16;
-        let mut b = Vec::with_capacity(usize::from(total));
-        b.extend_from_slice(&[0x45, 0]);
-        b.extend_from_slice(&total.to_be_bytes());
-        b.extend_from_slice(&id.to_be_bytes());
-        b.extend_from_slice(&[0x40, 0, 64, 6, 0, 0]);
-        b.extend_from_slice(&self.src.ip().octets());
-        b.extend_from_slice(&self.dst.ip().octets());
-        let c = fold(sum16(0, &b));
-        b[10..12].copy_from_slice(&c.to_be_bytes());
-        b.extend_from_slice(&tcp);
-        b
+        ipv4(*self.src.ip(), *self.dst.ip(), &self.tcp_bytes(), id)
     }
+}
+
+/// An IPv4 packet (TTL 64, don't fragment, checksummed) around TCP segment `tcp`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, tcp: &[u8], id: u16) -> Vec<u8> {
+    let total = (20 + tcp.len()) as u16;
+    let mut b = Vec::with_capacity(usize::from(total));
+    b.extend_from_slice(&[0x45, 0]);
+    b.extend_from_slice(&total.to_be_bytes());
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(&[0x40, 0, 64, 6, 0, 0]);
+    b.extend_from_slice(&src.octets());
+    b.extend_from_slice(&dst.octets());
+    let c = fold(sum16(0, &b));
+    b[10..12].copy_from_slice(&c.to_be_bytes());
+    b.extend_from_slice(tcp);
+    b
 }
 
 /// Where a connection stands.
@@ -390,6 +394,8 @@ impl Conn {
         Received::Data
     }
 }
+
+pub mod forwarder;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,313 @@
+//! The server's fake-TCP forwarder, sans-IO: segments to the forwarder port (default 4443)
+//! from agents whose networks drop UDP, each connection carrying one call leg's datagrams.
+//!
+//! A connection is a stranger until it proves which relay port it speaks for: its first
+//! datagram must be a STUN Binding request with USERNAME = the port number and
+//! MESSAGE-INTEGRITY keyed by the secret the server gave that leg in SDP ([`Forwarder::allow`]).
+//! Then it is bound to that port (a later connection with the same proof replaces it: the
+//! agent reconnected) and answered with a signed success response; datagrams both ways go
+//! between it and the relay port. Everything else — an unauthenticated connection's data,
+//! segments of unknown connections, a wrong key — is dropped and counted, and connections
+//! are capped in total, per source address, and in how long they may stay unbound.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
+use stun_rs::methods::BINDING;
+use stun_rs::{
+    DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunAttribute,
+    StunMessageBuilder,
+};
+
+use super::{Conn, Received, Segment, State, ACK, SYN};
+
+/// A connection must authenticate within this long of its SYN.
+pub const AUTH_WITHIN: Duration = Duration::from_secs(10);
+/// A bound connection with nothing received for this long is forgotten.
+pub const IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_per_source: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_connections: 4096, max_per_source: 64 }
+    }
+}
+
+/// What the forwarder wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A TCP segment (header and payload, checksummed) from `from` to `to`.
+    Segment { from: SocketAddrV4, to: SocketAddrV4, tcp: Vec<u8> },
+    /// A datagram from the agent for the relay, as if it had arrived on relay port `port`.
+    ToRelay { port: u16, datagram: Vec<u8> },
+}
+
+/// Why something was dropped (the shell counts them in a metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Discard {
+    /// Not a segment of a connection we have (and not a SYN).
+    Unknown,
+    /// Over a connection cap.
+    Refused,
+    /// Data before the connection proved its port, or a proof that failed.
+    Unauthenticated,
+    /// Outside the connection's window, or out of place.
+    Window,
+}
+
+struct Entry {
+    conn: Conn,
+    opened: Instant,
+    last_heard: Instant,
+    port: Option<u16>,
+}
+
+pub struct Forwarder {
+    /// Our address (the forwarder port's).
+    local: SocketAddrV4,
+    limits: Limits,
+    conns: HashMap<SocketAddrV4, Entry>,
+    /// Keys by relay port, for the legs that may come over fake TCP.
+    keys: HashMap<u16, String>,
+    /// Which connection speaks for a relay port.
+    bound: HashMap<u16, SocketAddrV4>,
+    out: Vec<Output>,
+    drops: Vec<Discard>,
+    isn: u32,
+}
+
+impl Forwarder {
+    pub fn new(local: SocketAddrV4, limits: Limits, seed: u32) -> Forwarder {
+        Forwarder {
+            local,
+            limits,
+            conns: HashMap::new(),
+            keys: HashMap::new(),
+            bound: HashMap::new(),
+            out: Vec::new(),
+            drops: Vec::new(),
+            isn: seed | 1,
+        }
+    }
+
+    /// Relay port `port`'s leg may come over fake TCP, proving itself with `key`.
+    pub fn allow(&mut self, port: u16, key: String) {
+        self.keys.insert(port, key);
+    }
+
+    /// The leg's call ended: its connection is unbound (and forgotten).
+    pub fn revoke(&mut self, port: u16) {
+        self.keys.remove(&port);
+        if let Some(peer) = self.bound.remove(&port) {
+            self.conns.remove(&peer);
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether relay port `port` is carried by a fake-TCP connection now.
+    pub fn carries(&self, port: u16) -> bool {
+        self.bound.contains_key(&port)
+    }
+
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        (!self.out.is_empty()).then(|| self.out.remove(0))
+    }
+
+    #[must_use]
+    pub fn poll_discard(&mut self) -> Option<Discard> {
+        self.drops.pop()
+    }
+
+    fn next_isn(&mut self) -> u32 {
+        self.isn = self.isn.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        self.isn
+    }
+
+    fn flush(&mut self, peer: SocketAddrV4) {
+        let Some(e) = self.conns.get_mut(&peer) else { return };
+        while let Some(o) = e.conn.poll_transmit() {
+            self.out.push(Output::Segment { from: self.local, to: peer, tcp: o.segment(self.local, peer) });
+        }
+    }
+
+    /// A segment to the forwarder port.
+    pub fn handle_segment(&mut self, now: Instant, s: &Segment<'_>) {
+        if s.dst != self.local {
+            return;
+        }
+        let peer = s.src;
+        if !self.conns.contains_key(&peer) {
+            if s.flags & (SYN | ACK) != SYN {
+                self.drops.push(Discard::Unknown);
+                return;
+            }
+            let from_source = self.conns.keys().filter(|p| p.ip() == peer.ip()).count();
+            if self.conns.len() >= self.limits.max_connections || from_source >= self.limits.max_per_source {
+                self.drops.push(Discard::Refused);
+                return;
+            }
+            let isn = self.next_isn();
+            let conn = Conn::accept(now, s.seq, isn);
+            self.conns.insert(peer, Entry { conn, opened: now, last_heard: now, port: None });
+            self.flush(peer);
+            return;
+        }
+        let Some(e) = self.conns.get_mut(&peer) else { return };
+        e.last_heard = now;
+        match e.conn.handle_segment(now, s) {
+            Received::Data => {
+                let datagram = s.payload;
+                match e.port {
+                    Some(port) => self.out.push(Output::ToRelay { port, datagram: datagram.to_vec() }),
+                    None => self.authenticate(now, peer, datagram),
+                }
+            }
+            Received::Control => {}
+            Received::Dropped => self.drops.push(Discard::Window),
+            Received::Reset => self.forget(peer),
+        }
+        self.flush(peer);
+    }
+
+    /// The first datagram of a connection: its proof of which relay port it speaks for.
+    fn authenticate(&mut self, now: Instant, peer: SocketAddrV4, datagram: &[u8]) {
+        let Some(port) = self.proves(datagram) else {
+            self.drops.push(Discard::Unauthenticated);
+            return;
+        };
+        // An earlier connection for this port (the agent reconnected) is let go.
+        if let Some(old) = self.bound.insert(port, peer) {
+            if old != peer {
+                self.conns.remove(&old);
+            }
+        }
+        let Some(key) = self.keys.get(&port).cloned() else { return };
+        let Some(e) = self.conns.get_mut(&peer) else { return };
+        e.port = Some(port);
+        if let Some(reply) = success(datagram, peer, &key) {
+            e.conn.send(now, &reply);
+        }
+    }
+
+    /// The relay port `datagram` proves it may speak for, if it does.
+    fn proves(&self, datagram: &[u8]) -> Option<u16> {
+        let (msg, _) = MessageDecoderBuilder::default().build().decode(datagram).ok()?;
+        if msg.method() != BINDING || msg.class() != MessageClass::Request {
+            return None;
+        }
+        let Some(StunAttribute::UserName(user)) = msg.get::<UserName>() else { return None };
+        let port: u16 = user.as_str().parse().ok()?;
+        let key = HMACKey::new_short_term(self.keys.get(&port)?).ok()?;
+        let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
+        MessageDecoderBuilder::default().with_context(ctx).build().decode(datagram).ok()?;
+        Some(port)
+    }
+
+    /// A datagram the relay sends towards relay port `port`'s party: over its connection,
+    /// if one speaks for it. False when none does (the relay sends it over UDP as usual).
+    pub fn from_relay(&mut self, now: Instant, port: u16, datagram: &[u8]) -> bool {
+        let Some(peer) = self.bound.get(&port).copied() else { return false };
+        let Some(e) = self.conns.get_mut(&peer) else { return false };
+        let sent = e.conn.send(now, datagram);
+        self.flush(peer);
+        sent
+    }
+
+    fn forget(&mut self, peer: SocketAddrV4) {
+        if let Some(e) = self.conns.remove(&peer) {
+            if let Some(port) = e.port {
+                if self.bound.get(&port) == Some(&peer) {
+                    self.bound.remove(&port);
+                }
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .flat_map(|e| {
+                let limit = if e.port.is_some() { e.last_heard + IDLE } else { e.opened + AUTH_WITHIN };
+                [e.conn.poll_timeout(), Some(limit)]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// Keepalives and handshake retries; connections that never proved themselves, went
+    /// idle or failed their handshake are forgotten.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let dead: Vec<SocketAddrV4> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| {
+                let expired = match e.port {
+                    Some(_) => now >= e.last_heard + IDLE,
+                    None => now >= e.opened + AUTH_WITHIN,
+                };
+                expired || e.conn.state() == State::Closed
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in dead {
+            self.forget(p);
+        }
+        let peers: Vec<SocketAddrV4> = self.conns.keys().copied().collect();
+        for p in peers {
+            if let Some(e) = self.conns.get_mut(&p) {
+                if e.conn.poll_timeout().is_some_and(|t| t <= now) {
+                    e.conn.handle_timeout(now);
+                }
+            }
+            self.flush(p);
+        }
+    }
+
+    /// The address the forwarder answers from.
+    pub fn local(&self) -> SocketAddrV4 {
+        self.local
+    }
+}
+
+/// The signed success response to an agent's proof.
+fn success(request: &[u8], peer: SocketAddrV4, key: &str) -> Option<Vec<u8>> {
+    let (msg, _) = MessageDecoderBuilder::default().build().decode(request).ok()?;
+    let key = HMACKey::new_short_term(key).ok()?;
+    let reply = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+        .with_transaction_id(*msg.transaction_id())
+        .with_attribute(XorMappedAddress::from(std::net::SocketAddr::V4(peer)))
+        .with_attribute(MessageIntegrity::new(key))
+        .build();
+    let mut out = vec![0u8; 256];
+    let n = MessageEncoderBuilder::default().build().encode(&mut out, &reply).ok()?;
+    out.truncate(n);
+    Some(out)
+}
+
+/// The proof an agent sends first on its connection for relay port `port`.
+pub fn proof(port: u16, key: &str, transaction: [u8; 12]) -> Option<Vec<u8>> {
+    let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
+        .with_transaction_id(stun_rs::TransactionId::from(transaction))
+        .with_attribute(UserName::new(port.to_string()).ok()?)
+        .with_attribute(MessageIntegrity::new(HMACKey::new_short_term(key).ok()?))
+        .build();
+    let mut out = vec![0u8; 256];
+    let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).ok()?;
+    out.truncate(n);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests;
