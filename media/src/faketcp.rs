@@ -395,6 +395,7 @@ impl Conn {
     }
 }
 
+pub mod client;
 pub mod forwarder;
 
 #[cfg(test)]

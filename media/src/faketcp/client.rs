@@ -1,0 +1,191 @@
+//! An agent's fake-TCP tunnel for one call leg, sans-IO: a connection to the server's
+//! forwarder from a local port of its own, the leg's proof as its first datagram, then the
+//! leg's datagrams both ways. A reset, a handshake that goes unanswered or a proof that
+//! goes unanswered opens a new connection from the next local port, and the call goes on.
+
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use stun_rs::{DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder};
+
+use super::forwarder::proof;
+use super::{Conn, Received, Segment, State};
+
+/// A proof unanswered this long: reconnect.
+pub const PROOF_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where the tunnel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    /// Established; the proof is out.
+    Proving,
+    /// The forwarder answered the proof: datagrams flow.
+    Up,
+}
+
+pub struct Tunnel {
+    local: SocketAddrV4,
+    server: SocketAddrV4,
+    /// The relay port this leg speaks for, and its key.
+    port: u16,
+    key: String,
+    /// Local ports to take connections from, cycling.
+    ports: (u16, u16),
+    conn: Conn,
+    phase: Phase,
+    proof_id: [u8; 12],
+    proof_sent: Option<Instant>,
+    out: Vec<(SocketAddrV4, Vec<u8>)>,
+    rng: u64,
+    /// Connections opened (1 + reconnects).
+    pub connections: u32,
+}
+
+impl Tunnel {
+    /// A tunnel from `local` (its port the first of `ports`) to the forwarder `server`, for
+    /// relay port `port` proven with `key`.
+    pub fn new(
+        now: Instant,
+        local: SocketAddrV4,
+        ports: (u16, u16),
+        server: SocketAddrV4,
+        port: u16,
+        key: String,
+        seed: u64,
+    ) -> Tunnel {
+        let mut t = Tunnel {
+            local: SocketAddrV4::new(*local.ip(), ports.0),
+            server,
+            port,
+            key,
+            ports,
+            conn: Conn::connect(now, 0),
+            phase: Phase::Connecting,
+            proof_id: [0; 12],
+            proof_sent: None,
+            out: Vec::new(),
+            rng: seed | 1,
+            connections: 0,
+        };
+        t.open(now, ports.0);
+        t
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.rng >> 16
+    }
+
+    fn open(&mut self, now: Instant, local_port: u16) {
+        self.local.set_port(local_port);
+        let isn = self.random() as u32;
+        self.conn = Conn::connect(now, isn);
+        self.phase = Phase::Connecting;
+        self.proof_sent = None;
+        self.connections += 1;
+        self.flush();
+    }
+
+    /// A new connection from the next local port.
+    fn reconnect(&mut self, now: Instant) {
+        let (lo, hi) = self.ports;
+        let next = if self.local.port() >= hi { lo } else { self.local.port() + 1 };
+        self.open(now, next);
+    }
+
+    /// The local address of the current connection (the shell's raw socket filters on it).
+    pub fn local(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    fn flush(&mut self) {
+        while let Some(o) = self.conn.poll_transmit() {
+            self.out.push((self.server, o.segment(self.local, self.server)));
+        }
+    }
+
+    /// A TCP segment (header and payload) to send from [`Tunnel::local`] to the address given.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddrV4, Vec<u8>)> {
+        (!self.out.is_empty()).then(|| self.out.remove(0))
+    }
+
+    /// A datagram of the leg towards the relay: `false` while the tunnel is not up.
+    pub fn send(&mut self, now: Instant, datagram: &[u8]) -> bool {
+        if self.phase != Phase::Up {
+            return false;
+        }
+        let sent = self.conn.send(now, datagram);
+        self.flush();
+        sent
+    }
+
+    /// A segment from the forwarder; returns the leg's datagram it carried, if any.
+    pub fn handle_segment<'a>(&mut self, now: Instant, s: &Segment<'a>) -> Option<&'a [u8]> {
+        if s.src != self.server || s.dst != self.local {
+            return None;
+        }
+        let r = self.conn.handle_segment(now, s);
+        let mut data = None;
+        match r {
+            Received::Data if self.phase == Phase::Proving && self.answers_proof(s.payload) => self.phase = Phase::Up,
+            Received::Data if self.phase == Phase::Up => data = Some(s.payload),
+            Received::Reset => self.reconnect(now),
+            _ => {}
+        }
+        if self.phase == Phase::Connecting && self.conn.state() == State::Established {
+            self.prove(now);
+        }
+        self.flush();
+        data
+    }
+
+    fn prove(&mut self, now: Instant) {
+        let mut id = [0u8; 12];
+        id[..8].copy_from_slice(&self.random().to_be_bytes());
+        id[8..].copy_from_slice(&(self.random() as u32).to_be_bytes());
+        self.proof_id = id;
+        if let Some(p) = proof(self.port, &self.key, id) {
+            self.phase = Phase::Proving;
+            self.proof_sent = Some(now);
+            self.conn.send(now, &p);
+        }
+    }
+
+    /// Whether `datagram` is the forwarder's signed answer to our proof.
+    fn answers_proof(&self, datagram: &[u8]) -> bool {
+        let Ok(key) = HMACKey::new_short_term(&self.key) else { return false };
+        let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
+        match MessageDecoderBuilder::default().with_context(ctx).build().decode(datagram) {
+            Ok((msg, _)) => {
+                msg.class() == MessageClass::SuccessResponse && msg.transaction_id().as_bytes() == &self.proof_id
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let proof = self.proof_sent.filter(|_| self.phase == Phase::Proving).map(|t| t + PROOF_TIMEOUT);
+        [self.conn.poll_timeout(), proof].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
+            self.conn.handle_timeout(now);
+        }
+        let proof_lost = self.phase == Phase::Proving && self.proof_sent.is_some_and(|t| now >= t + PROOF_TIMEOUT);
+        if self.conn.state() == State::Closed || proof_lost {
+            self.reconnect(now);
+        }
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests;
