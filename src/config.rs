@@ -31,6 +31,21 @@ pub(crate) struct Config {
     pub(crate) metrics: Metrics,
     #[serde(default)]
     pub(crate) punch: Punch,
+    /// `[faketcp]`: the fake-TCP forwarder; off unless the section is there.
+    #[serde(default)]
+    pub(crate) faketcp: Option<FakeTcp>,
+}
+
+/// `[faketcp]`: where the forwarder listens (raw TCP; needs CAP_NET_RAW and nftables).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FakeTcp {
+    #[serde(default = "default_faketcp_listen")]
+    pub(crate) listen: SocketAddr,
+}
+
+fn default_faketcp_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4443))
 }
 
 /// `[punch]`: who may get a direct media path.

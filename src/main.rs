@@ -8,6 +8,7 @@ mod agent;
 mod agent_media;
 mod config;
 mod dataplane;
+mod faketcp;
 mod limits;
 mod metrics;
 mod mmsg;
@@ -56,8 +57,14 @@ enum Command {
     /// with an alternate address (pinhole's, or coturn's).
     Probe {
         /// STUN server IP[:PORT] (port 3478 by default).
+        #[arg(long, required_unless_present = "faketcp")]
+        server: Option<String>,
+        /// Instead: whether fake TCP gets through to this forwarder (IP:PORT); needs root.
         #[arg(long)]
-        server: String,
+        faketcp: Option<std::net::SocketAddr>,
+        /// Datagrams the fake-TCP probe sends (50 a second).
+        #[arg(long, default_value_t = 100)]
+        count: u32,
         /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
@@ -74,7 +81,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Probe { server, json, bind, lifetime } => probe::run(&server, json, bind, lifetime),
+        Command::Probe { faketcp: Some(fwd), bind, count, .. } => {
+            let bind = match bind {
+                Some(std::net::IpAddr::V4(ip)) => ip,
+                _ => std::net::Ipv4Addr::UNSPECIFIED,
+            };
+            match faketcp::probe(fwd, bind, count) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("pinhole probe --faketcp: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Probe { server, json, bind, lifetime, .. } => {
+            probe::run(server.as_deref().unwrap_or_default(), json, bind, lifetime)
+        }
         Command::Server { config } => {
             init_logging();
             exit(load(config.as_deref()).and_then(server::run))

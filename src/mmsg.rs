@@ -216,13 +216,18 @@ pub(crate) struct RawSocket {
 }
 
 impl RawSocket {
-    /// Opens the socket bound to `ip` for destination ports `lo..=hi`. Needs CAP_NET_RAW.
+    /// Opens the socket bound to `ip` for UDP destination ports `lo..=hi`. Needs CAP_NET_RAW.
     pub(crate) fn open(ip: Ipv4Addr, lo: u16, hi: u16) -> io::Result<RawSocket> {
+        RawSocket::open_proto(ip, libc::IPPROTO_UDP, lo, hi)
+    }
+
+    /// The same for another IP protocol whose header starts with the ports (TCP: the
+    /// fake-TCP forwarder and tunnels).
+    pub(crate) fn open_proto(ip: Ipv4Addr, proto: libc::c_int, lo: u16, hi: u16) -> io::Result<RawSocket> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain socket(2); the result is checked and owned immediately.
-        let fd = unsafe {
-            libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_UDP)
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -255,17 +260,17 @@ impl RawSocket {
                 )
             };
         }
-        // Classic BPF: accept IPv4 UDP with lo <= dst port <= hi, not fragments.
+        // Classic BPF: accept IPv4 `proto` with lo <= dst port <= hi, not fragments.
         let prog: [libc::sock_filter; 9] = [
-            bpf(0x30, 0, 0, 9),             // ldb [9]          protocol
-            bpf(0x15, 0, 6, 17),            // jeq #17, else drop
-            bpf(0x28, 0, 0, 6),             // ldh [6]          flags/fragment offset
-            bpf(0x45, 4, 0, 0x1fff),        // jset #0x1fff → drop (fragment)
-            bpf(0xb1, 0, 0, 0),             // ldxb 4*([0]&0xf) header length
-            bpf(0x48, 0, 0, 2),             // ldh [x+2]        destination port
-            bpf(0x35, 0, 1, u32::from(lo)), // jge #lo, else drop
-            bpf(0x25, 0, 1, u32::from(hi)), // jgt #hi → drop, else accept
-            bpf(0x06, 0, 0, 0xffff),        // ret #65535 (accept)
+            bpf(0x30, 0, 0, 9),                    // ldb [9]          protocol
+            bpf(0x15, 0, 6, proto.unsigned_abs()), // jeq #proto, else drop
+            bpf(0x28, 0, 0, 6),                    // ldh [6]          flags/fragment offset
+            bpf(0x45, 4, 0, 0x1fff),               // jset #0x1fff → drop (fragment)
+            bpf(0xb1, 0, 0, 0),                    // ldxb 4*([0]&0xf) header length
+            bpf(0x48, 0, 0, 2),                    // ldh [x+2]        destination port
+            bpf(0x35, 0, 1, u32::from(lo)),        // jge #lo, else drop
+            bpf(0x25, 0, 1, u32::from(hi)),        // jgt #hi → drop, else accept
+            bpf(0x06, 0, 0, 0xffff),               // ret #65535 (accept)
         ];
         // The two drop targets above land here.
         let mut full = prog.to_vec();
@@ -306,6 +311,45 @@ impl RawSocket {
     pub(crate) fn fd(&self) -> RawFd {
         use std::os::fd::AsRawFd;
         self.fd.as_raw_fd()
+    }
+
+    /// Waits up to `timeout` (at most a second) for a packet; whether one is waiting.
+    pub(crate) fn wait_readable(&self, timeout: std::time::Duration) -> bool {
+        let mut p = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one live pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(1000) as libc::c_int) };
+        n > 0
+    }
+
+    /// One whole IPv4 packet into `buf` (non-blocking: `WouldBlock` when none is waiting).
+    pub(crate) fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: recv into a live buffer of the given length.
+        let n = unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Sends one whole IPv4 packet (its header says where to).
+    pub(crate) fn send(&self, packet: &[u8], to: Ipv4Addr) -> io::Result<usize> {
+        let mut sa: libc::sockaddr_storage = unsafe { zeroed() };
+        let len = to_storage(SocketAddr::V4(SocketAddrV4::new(to, 0)), &mut sa);
+        // SAFETY: sendto from a live buffer to a valid sockaddr_in of `len` bytes.
+        let n = unsafe {
+            libc::sendto(
+                self.fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&sa as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 

@@ -27,6 +27,7 @@ const PEERS: &[(&str, &str)] = &[
     ("turnserver", "coturn"),
     ("stun", "stun-client"),
     ("tcpdump", "tcpdump"),
+    ("conntrack", "conntrack"),
 ];
 
 fn main() -> ExitCode {

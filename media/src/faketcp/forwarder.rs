@@ -23,6 +23,13 @@ use stun_rs::{
 
 use super::{Conn, Received, Segment, State, ACK, SYN};
 
+/// Relay port 0 is the probe: `pinhole probe --faketcp` proves it with [`PROBE_KEY`] and
+/// gets its datagrams echoed, to learn whether fake TCP gets through from where it is. The
+/// handshake already proved the prober receives at its address, so this reflects nothing
+/// to anyone else; echoes are still limited to [`PROBE_ECHOES`] per connection.
+pub const PROBE_KEY: &str = "pinhole-faketcp-probe";
+pub const PROBE_ECHOES: u32 = 2000;
+
 /// A connection must authenticate within this long of its SYN.
 pub const AUTH_WITHIN: Duration = Duration::from_secs(10);
 /// A bound connection with nothing received for this long is forgotten.
@@ -64,13 +71,16 @@ pub enum Discard {
 
 struct Entry {
     conn: Conn,
+    /// Our address on this connection (the segment's destination).
+    local: SocketAddrV4,
     opened: Instant,
     last_heard: Instant,
     port: Option<u16>,
+    echoes: u32,
 }
 
 pub struct Forwarder {
-    /// Our address (the forwarder port's).
+    /// The forwarder port (and address, unless unspecified: then any of ours).
     local: SocketAddrV4,
     limits: Limits,
     conns: HashMap<SocketAddrV4, Entry>,
@@ -137,13 +147,15 @@ impl Forwarder {
     fn flush(&mut self, peer: SocketAddrV4) {
         let Some(e) = self.conns.get_mut(&peer) else { return };
         while let Some(o) = e.conn.poll_transmit() {
-            self.out.push(Output::Segment { from: self.local, to: peer, tcp: o.segment(self.local, peer) });
+            self.out.push(Output::Segment { from: e.local, to: peer, tcp: o.segment(e.local, peer) });
         }
     }
 
     /// A segment to the forwarder port.
     pub fn handle_segment(&mut self, now: Instant, s: &Segment<'_>) {
-        if s.dst != self.local {
+        let ours =
+            s.dst.port() == self.local.port() && (self.local.ip().is_unspecified() || s.dst.ip() == self.local.ip());
+        if !ours {
             return;
         }
         let peer = s.src;
@@ -159,7 +171,7 @@ impl Forwarder {
             }
             let isn = self.next_isn();
             let conn = Conn::accept(now, s.seq, isn);
-            self.conns.insert(peer, Entry { conn, opened: now, last_heard: now, port: None });
+            self.conns.insert(peer, Entry { conn, local: s.dst, opened: now, last_heard: now, port: None, echoes: 0 });
             self.flush(peer);
             return;
         }
@@ -169,6 +181,11 @@ impl Forwarder {
             Received::Data => {
                 let datagram = s.payload;
                 match e.port {
+                    Some(0) if e.echoes < PROBE_ECHOES => {
+                        e.echoes += 1;
+                        e.conn.send(now, datagram);
+                    }
+                    Some(0) => {}
                     Some(port) => self.out.push(Output::ToRelay { port, datagram: datagram.to_vec() }),
                     None => self.authenticate(now, peer, datagram),
                 }
@@ -186,13 +203,16 @@ impl Forwarder {
             self.drops.push(Discard::Unauthenticated);
             return;
         };
-        // An earlier connection for this port (the agent reconnected) is let go.
-        if let Some(old) = self.bound.insert(port, peer) {
-            if old != peer {
-                self.conns.remove(&old);
+        // An earlier connection for this port (the agent reconnected) is let go; probes
+        // share port 0 and are never bound.
+        if port != 0 {
+            if let Some(old) = self.bound.insert(port, peer) {
+                if old != peer {
+                    self.conns.remove(&old);
+                }
             }
         }
-        let Some(key) = self.keys.get(&port).cloned() else { return };
+        let key = if port == 0 { PROBE_KEY.to_owned() } else { self.keys.get(&port).cloned().unwrap_or_default() };
         let Some(e) = self.conns.get_mut(&peer) else { return };
         e.port = Some(port);
         if let Some(reply) = success(datagram, peer, &key) {
@@ -208,7 +228,8 @@ impl Forwarder {
         }
         let Some(StunAttribute::UserName(user)) = msg.get::<UserName>() else { return None };
         let port: u16 = user.as_str().parse().ok()?;
-        let key = HMACKey::new_short_term(self.keys.get(&port)?).ok()?;
+        let key = if port == 0 { PROBE_KEY } else { self.keys.get(&port)? };
+        let key = HMACKey::new_short_term(key).ok()?;
         let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
         MessageDecoderBuilder::default().with_context(ctx).build().decode(datagram).ok()?;
         Some(port)

@@ -171,3 +171,19 @@ fn strangers_segments_are_dropped_and_connections_are_capped() {
     assert_eq!(f.connections(), 0);
     assert!(t - now <= AUTH_WITHIN);
 }
+
+#[test]
+fn a_probe_gets_its_datagrams_echoed_up_to_a_limit_and_never_reaches_the_relay() {
+    let now = Instant::now();
+    let mut f = Forwarder::new(a("0.0.0.0:4443"), Limits::default(), 99);
+    let mut ag = Agent::connect(&mut f, now, "198.51.100.2:40000");
+    ag.send(&mut f, now, &proof(0, PROBE_KEY, [3; 12]).expect("proof"));
+    assert_eq!(ag.take(&mut f, now).len(), 1, "the answer to the proof");
+    for k in 0..(PROBE_ECHOES + 5) {
+        ag.send(&mut f, now, &k.to_be_bytes());
+    }
+    let echoed = ag.take(&mut f, now);
+    assert_eq!(echoed.len() as u32, PROBE_ECHOES);
+    assert_eq!(echoed[7], 7u32.to_be_bytes().to_vec());
+    assert!(to_relay(&mut f).is_empty() && !f.carries(0));
+}
