@@ -150,6 +150,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             deny: cfg.punch.deny.iter().map(|c| c.0).collect(),
             deny_users: cfg.punch.deny_users.clone(),
         },
+        faketcp_port: cfg.faketcp.as_ref().map(|f| f.listen.port()),
     };
     let epoch = Instant::now().into_std();
     let relay_cfg = cfg.relay();

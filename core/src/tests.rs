@@ -38,6 +38,7 @@ fn config() -> NodeConfig {
             max_message: 32768,
             secret: [1; 32],
             punch: Default::default(),
+            faketcp_port: None,
         },
         relay: Some(RelayConfig { media_timeout: Duration::from_secs(20), ..RelayConfig::single(ip, 30000, 30099) }),
     }

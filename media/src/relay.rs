@@ -508,6 +508,31 @@ impl Relay {
         })
     }
 
+    /// The call whose party sends to relay port `port` (an RTP port), and which side.
+    pub fn call_of_port(&self, port: u16) -> Option<(&str, Side)> {
+        self.calls.iter().find_map(|(id, c)| {
+            c.streams
+                .iter()
+                .find_map(|s| Side::BOTH.into_iter().find(|side| s.ports[*side].0 == port))
+                .map(|side| (id.as_str(), side))
+        })
+    }
+
+    /// The party that sends to relay port `port` is reached at `to` from now on, and only
+    /// packets from `to` are its media (its leg now comes through the fake-TCP forwarder,
+    /// which speaks for it from `to`). False for a port no call uses.
+    pub fn retarget(&mut self, now: Instant, port: u16, to: SocketAddr) -> bool {
+        let Some((call_id, side)) = self.call_of_port(port) else { return false };
+        let call_id = call_id.to_owned();
+        let Some(call) = self.calls.get_mut(&call_id) else { return false };
+        let Some(stream) = call.streams.iter_mut().find(|s| s.ports[side].0 == port) else { return false };
+        stream.sdp[side] = Some(to);
+        let expected = Expected { sdp: Some(to), signalling_ip: None };
+        call.last_signal = now;
+        self.commands.push_back(Command::Expect { shard: call.serial, port: RelayPort(port), expected });
+        true
+    }
+
     /// Which way the call's media goes now (see [`MediaPath`]).
     pub fn media_path(&self, call_id: &str, now: Instant) -> Option<MediaPath> {
         let c = self.calls.get(call_id)?;
@@ -795,6 +820,30 @@ mod tests {
             r.offer(t, "c4", "a", &sdp("198.51.100.1", 4000), None, Options::default()),
             Err(RelayError::LoadLimit)
         );
+    }
+
+    #[test]
+    fn a_leg_moved_to_the_forwarder_expects_its_media_from_there_only() {
+        let t = Instant::now();
+        let mut r = relay(t);
+        r.offer(t, "c1", "a", &sdp("198.51.100.10", 4000), None, Options::default()).expect("offer");
+        r.answer(t, "c1", "b", &sdp("198.51.100.20", 5000), None, Options::default()).expect("answer");
+        while r.poll_command().is_some() {}
+        let info = r.describe("c1").expect("call");
+        let b_port = info.streams[0].ports[Side::B].0;
+        assert_eq!(r.call_of_port(b_port), Some(("c1", Side::B)));
+        assert_eq!(r.call_of_port(b_port + 1), None, "RTCP ports are not legs");
+        let shim: SocketAddr = "203.0.113.1:50123".parse().expect("addr");
+        assert!(r.retarget(t, b_port, shim));
+        match r.poll_command() {
+            Some(Command::Expect { port, expected, .. }) => {
+                assert_eq!(port.0, b_port);
+                assert_eq!(expected, Expected { sdp: Some(shim), signalling_ip: None });
+            }
+            other => panic!("expected an Expect, got {other:?}"),
+        }
+        assert_eq!(r.describe("c1").expect("call").streams[0].sdp[Side::B], Some(shim));
+        assert!(!r.retarget(t, 1, shim), "no call uses port 1");
     }
 
     #[test]

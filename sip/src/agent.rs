@@ -31,6 +31,17 @@ const MAX_ANSWERED: usize = 100_000;
 /// Plans held for calls not answered yet, at most (the oldest goes).
 const MAX_PENDING_PLANS: usize = 1024;
 
+/// The server's fake-TCP forwarder offered for one of our phones' calls: the leg towards
+/// the server relay (the side tagged `server_tag`) may go over a connection to `port` on
+/// the server, proven with `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwarderOffer {
+    pub call_id: String,
+    pub server_tag: String,
+    pub port: u16,
+    pub key: String,
+}
+
 /// A punch plan for one of our phones' calls, ready to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyPlan {
@@ -72,6 +83,8 @@ pub struct Agent<M: MediaAnchor> {
     pending: VecDeque<(String, String, WirePlan)>,
     /// Plans of answered calls.
     plans: VecDeque<ReadyPlan>,
+    /// Forwarder offers, as they came.
+    offers: VecDeque<ForwarderOffer>,
 }
 
 impl<M: MediaAnchor> Agent<M> {
@@ -85,6 +98,7 @@ impl<M: MediaAnchor> Agent<M> {
             profile: None,
             pending: VecDeque::new(),
             plans: VecDeque::new(),
+            offers: VecDeque::new(),
         }
     }
 
@@ -114,6 +128,12 @@ impl<M: MediaAnchor> Agent<M> {
         self.plans.pop_front()
     }
 
+    /// The next fake-TCP forwarder offer the server made for one of our phones' calls.
+    #[must_use]
+    pub fn poll_forwarder_offer(&mut self) -> Option<ForwarderOffer> {
+        self.offers.pop_front()
+    }
+
     /// The body of a message we forward: a punch plan in it is ours (taken out, so the
     /// phone never sees it, and kept for the media side), and SDP is anchored on our LAN
     /// relay. `sender_tag` is the tag of whoever wrote the SDP; `None`: not an SDP carrier.
@@ -126,9 +146,23 @@ impl<M: MediaAnchor> Agent<M> {
         e: &mut Editor<'_>,
     ) -> Result<(), Rejection> {
         let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return Ok(()) };
-        let stripped = body.contains("a=x-pinhole-punch:").then(|| {
+        let stripped = body.contains("a=x-pinhole-").then(|| {
+            let from_server = from == self.cfg.server.ip();
+            if let (Some((port, key)), Some(call_id), Some(tag), true) =
+                (punch_sdp::forwarder_offer(body), msg.call_id(), sender_tag, from_server)
+            {
+                if self.offers.len() >= MAX_PENDING_PLANS {
+                    self.offers.pop_front();
+                }
+                self.offers.push_back(ForwarderOffer {
+                    call_id: call_id.to_owned(),
+                    server_tag: tag.to_owned(),
+                    port,
+                    key,
+                });
+            }
             // Only the server plans; a plan from anywhere else is only taken out.
-            let planned = (from == self.cfg.server.ip()).then(|| WirePlan::from_sdp(body)).flatten();
+            let planned = from_server.then(|| WirePlan::from_sdp(body)).flatten();
             if let (Some(plan), Some(call_id), Some(tag)) = (planned, msg.call_id(), sender_tag) {
                 let (call_id, server_tag) = (call_id.to_owned(), tag.to_owned());
                 // An INVITE's plan waits for the answer; a 2xx's (ours is the caller) or a

@@ -47,6 +47,6 @@ pub mod registrar;
 pub mod stream;
 pub mod transport;
 
-pub use proxy::{Cidr, Interface, Keepalive, Proxy, ProxyConfig, ProxyEvent, PunchPolicy};
+pub use proxy::{faketcp_key, Cidr, Interface, Keepalive, Proxy, ProxyConfig, ProxyEvent, PunchPolicy};
 pub use registrar::{Binding, RegistrarConfig};
 pub use transport::{ConnId, Flow, Transmit, Transport};

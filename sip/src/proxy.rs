@@ -22,6 +22,7 @@ mod forward;
 mod keepalive;
 mod media;
 mod punch;
+pub use punch::faketcp_key;
 mod requests;
 #[cfg(test)]
 mod tests;
@@ -146,6 +147,8 @@ pub struct ProxyConfig {
     pub secret: [u8; 32],
     /// Who may get a direct media path (`[punch]`).
     pub punch: PunchPolicy,
+    /// The fake-TCP forwarder's port (`[faketcp]`), offered to agents' legs in SDP.
+    pub faketcp_port: Option<u16>,
 }
 
 /// The administrators' say over direct paths (`[punch]`): off altogether, or never for
@@ -305,6 +308,9 @@ pub struct Proxy<M: MediaAnchor> {
     /// Each side's plan until delivered: the callee's goes with the INVITE (or, for a late
     /// offer, the ACK), the caller's with every 2xx until the ACK.
     punch_plans: HashMap<String, [Option<pinhole_media::punch::sdp::WirePlan>; 2]>,
+    /// Calls with a side behind an agent (it reported a NAT profile): SDP towards that side
+    /// offers the fake-TCP forwarder (A = caller, B = callee).
+    agent_legs: HashMap<String, [bool; 2]>,
 }
 
 impl<M: MediaAnchor> Proxy<M> {
@@ -323,6 +329,7 @@ impl<M: MediaAnchor> Proxy<M> {
             budget: ReplyBudget::default(),
             events: VecDeque::new(),
             punch_plans: HashMap::new(),
+            agent_legs: HashMap::new(),
             auth,
             cfg,
             registrar: Registrar::new(),

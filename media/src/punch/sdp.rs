@@ -33,8 +33,14 @@ pub struct WirePlan {
 
 /// Every line a plan adds starts with one of these (our candidate has its own foundation,
 /// so a phone's own candidates are never taken for ours).
-const PREFIXES: [&str; 5] =
-    ["a=ice-ufrag:", "a=ice-pwd:", "a=x-pinhole-peer:", "a=x-pinhole-punch:", "a=candidate:pinhole "];
+const PREFIXES: [&str; 6] = [
+    "a=ice-ufrag:",
+    "a=ice-pwd:",
+    "a=x-pinhole-peer:",
+    "a=x-pinhole-punch:",
+    "a=candidate:pinhole ",
+    "a=x-pinhole-tcp:",
+];
 
 impl WirePlan {
     /// The scheduler's plan, given the instant [`WirePlan::start`] means here.
@@ -105,14 +111,30 @@ impl WirePlan {
 
 /// Adds a plan's lines at the end of an SDP's session-level block (before the first m=).
 pub fn insert(sdp: &str, plan: &WirePlan) -> String {
+    insert_lines(sdp, &plan.lines())
+}
+
+/// Adds CRLF-terminated `lines` at the end of an SDP's session-level block.
+pub fn insert_lines(sdp: &str, lines: &str) -> String {
     match sdp.find("\nm=") {
-        Some(i) => format!("{}{}{}", &sdp[..=i], plan.lines(), &sdp[i + 1..]),
-        None if sdp.ends_with('\n') || sdp.is_empty() => format!("{sdp}{}", plan.lines()),
-        None => format!("{sdp}\r\n{}", plan.lines()),
+        Some(i) => format!("{}{lines}{}", &sdp[..=i], &sdp[i + 1..]),
+        None if sdp.ends_with('\n') || sdp.is_empty() => format!("{sdp}{lines}"),
+        None => format!("{sdp}\r\n{lines}"),
     }
 }
 
-/// Removes every line a plan added from an SDP, leaving the rest byte for byte.
+/// The fake-TCP forwarder an SDP offers this leg: `a=x-pinhole-tcp:PORT KEY`.
+pub fn forwarder_offer(sdp: &str) -> Option<(u16, String)> {
+    let rest = sdp.lines().find_map(|l| l.strip_prefix("a=x-pinhole-tcp:"))?;
+    let (port, key) = rest.trim().split_once(' ')?;
+    let key = key.trim();
+    (!key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| Some((port.parse().ok()?, key.to_owned())))
+        .flatten()
+}
+
+/// Removes every line a plan (or a forwarder offer) added from an SDP, leaving the rest
+/// byte for byte.
 pub fn strip(sdp: &str) -> String {
     sdp.split_inclusive('\n').filter(|l| !PREFIXES.iter().any(|p| l.starts_with(p))).collect()
 }

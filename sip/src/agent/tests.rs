@@ -320,3 +320,28 @@ fn a_call_that_fails_before_its_answer_frees_the_agents_ports() {
     a.handle_input(t0, from(SERVER), Bytes::from(busy)).expect("SIP");
     assert_eq!(a.media().as_ref().map(Relay::call_count), Some(0));
 }
+
+#[test]
+fn a_forwarder_offer_from_the_server_is_kept_and_taken_out_of_the_phones_sdp() {
+    let sdp = "v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\na=x-pinhole-tcp:4443 0123456789abcdef01234567\r\nm=audio 30000 RTP/AVP 0\r\n";
+    let invite = format!(
+        "INVITE sip:alice@198.51.100.20:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bKsrvt\r\nMax-Forwards: 69\r\nTo: <sip:alice@203.0.113.10>\r\nFrom: <sip:bob@203.0.113.10>;tag=b1\r\nCall-ID: tunnelled\r\nCSeq: 1 INVITE\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    a_send_raw(&invite, |a, out| {
+        let body = String::from_utf8_lossy(parse(&out[0]).body_bytes()).into_owned();
+        assert!(!body.contains("x-pinhole") && body.contains("m=audio 30000"), "{body}");
+        let offer = a.poll_forwarder_offer().expect("kept");
+        assert_eq!(
+            (offer.call_id.as_str(), offer.server_tag.as_str(), offer.port, offer.key.as_str()),
+            ("tunnelled", "b1", 4443, "0123456789abcdef01234567")
+        );
+    });
+    // From a phone: only taken out.
+    let mut a = agent();
+    let from_phone = invite.replace("Via:", "Route: <sip:198.51.100.2:5060;lr>\r\nVia:");
+    a.handle_input(Instant::now(), from(PHONE), Bytes::from(from_phone)).expect("SIP");
+    let up = parse(&a.poll_transmit().expect("forwarded"));
+    assert!(!String::from_utf8_lossy(up.body_bytes()).contains("x-pinhole"));
+    assert_eq!(a.poll_forwarder_offer(), None);
+}

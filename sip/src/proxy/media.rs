@@ -114,6 +114,7 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         self.dialogs.remove(call_id);
         self.punch_plans.remove(call_id);
+        self.agent_legs.remove(call_id);
     }
 
     /// Remembers an answered call (2xx to an initial INVITE going up `a_flow`).

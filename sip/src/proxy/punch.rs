@@ -29,6 +29,14 @@ impl<M: MediaAnchor> Proxy<M> {
             let aor = format!("{u}@{}", self.cfg.domain);
             self.registrar.lookup(&aor, unix).into_iter().find(|b| b.flow().remote == flow.remote)
         });
+        // Sides behind an agent get the forwarder offered, whatever the punch plan.
+        let agents = [
+            caller.as_ref().is_some_and(|b| b.nat_profile.is_some()),
+            targets.len() == 1 && targets[0].nat_profile.is_some(),
+        ];
+        if self.cfg.faketcp_port.is_some() && agents.contains(&true) && self.agent_legs.len() < MAX_PUNCH_PLANS {
+            self.agent_legs.insert(call_id.to_owned(), agents);
+        }
         let Some(caller_profile) =
             caller.as_ref().and_then(|b| b.nat_profile.as_deref()).and_then(NatProfile::parse_header)
         else {
@@ -96,6 +104,7 @@ impl<M: MediaAnchor> Proxy<M> {
     /// INVITE had no offer; the caller's (A) with every 2xx, retransmissions too, until
     /// the ACK (or the call's end) retires the plans.
     pub(super) fn with_punch_plan(&mut self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let body = self.with_forwarder(msg, side, body);
         let Some(call_id) = msg.call_id() else { return body };
         let Some(plans) = self.punch_plans.get_mut(call_id) else { return body };
         let Some(plan) = plans[side as usize].clone() else { return body };
@@ -112,6 +121,42 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         Some(insert(text, &plan).into_bytes())
     }
+}
+
+impl<M: MediaAnchor> Proxy<M> {
+    /// SDP towards a side behind an agent offers the fake-TCP forwarder for its leg:
+    /// `a=x-pinhole-tcp:PORT KEY`, the key proving which relay port the leg is (the one in
+    /// this SDP's first m= line) for this call only.
+    fn with_forwarder(&self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let (Some(fwd), Some(call_id)) = (self.cfg.faketcp_port, msg.call_id()) else { return body };
+        if !self.agent_legs.get(call_id).is_some_and(|legs| legs[side as usize]) {
+            return body;
+        }
+        let base = match &body {
+            Some(b) => b.as_slice(),
+            None => super::media::sdp_body(msg)?,
+        };
+        let text = std::str::from_utf8(base).ok()?;
+        let Some(port) = first_media_port(text) else { return body };
+        let line = format!("a=x-pinhole-tcp:{fwd} {}\r\n", faketcp_key(&self.cfg.secret, call_id, port));
+        Some(pinhole_media::punch::sdp::insert_lines(text, &line).into_bytes())
+    }
+}
+
+/// The port of an SDP's first m= line.
+fn first_media_port(sdp: &str) -> Option<u16> {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("m="))
+        .and_then(|m| m.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+}
+
+/// The secret an agent proves its call leg with to the fake-TCP forwarder: for this call's
+/// relay port `port` only, derived from the proxy's secret (so the forwarder recomputes it
+/// and nothing is stored).
+pub fn faketcp_key(secret: &[u8; 32], call_id: &str, port: u16) -> String {
+    let mac = crate::mac::hmac(secret, "faketcp", &[call_id.as_bytes(), &port.to_be_bytes()]);
+    mac[..12].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The host of a SIP URI, when it is an IP literal (a phone's private address).

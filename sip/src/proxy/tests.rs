@@ -73,6 +73,7 @@ impl Lab {
             max_message: 32768,
             secret: [9; 32],
             punch: Default::default(),
+            faketcp_port: None,
         };
         Lab { proxy: Proxy::new(cfg, None, now, 1_700_000_000, 1), now, regs: 0 }
     }
@@ -1176,6 +1177,48 @@ fn a_denied_or_relay_only_call_carries_no_plan() {
     let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
     let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKdp1", "branch=z9hG4bKdp2"), &creds));
     assert_eq!(parse(&out[1]).body_bytes(), b"v=0", "the offer passes untouched");
+}
+
+#[test]
+fn sdp_towards_a_side_behind_an_agent_offers_the_forwarder_with_a_key_for_its_leg() {
+    use pinhole_media::punch::sdp::forwarder_offer;
+    let mut lab = Lab::new();
+    let mut cfg = lab.proxy.config().clone();
+    cfg.faketcp_port = Some(4443);
+    cfg.punch = PunchPolicy { enabled: false, ..PunchPolicy::default() }; // no direct path: still offered
+    let secret = cfg.secret;
+    lab.proxy = Proxy::new(cfg, None, lab.now, 1_700_000_000, 1);
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some("Pinhole-NAT: udp=blocked"));
+    let sdp = |port: u16| format!("v=0\r\nc=IN IP4 10.0.0.1\r\nm=audio {port} RTP/AVP 0\r\n");
+    let inv = invite("bob", "z9hG4bKft1")
+        .replace("203.0.113.50:5060", "10.0.0.1:5060")
+        .replace("Content-Length: 3\n\nv=0", &format!("Content-Length: {}\n\n{}", sdp(4000).len(), sdp(4000)));
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKft1", "branch=z9hG4bKft2"), &creds));
+    let fwd = out[1].clone();
+    let offer = parse(&fwd);
+    let b = forwarder_offer(std::str::from_utf8(offer.body_bytes()).expect("utf8")).expect("bob's leg offered");
+    assert_eq!(b, (4443, faketcp_key(&secret, "call-z9hG4bKft1", 4000)));
+    assert_eq!(offer.content_length(), Some(Ok(offer.body_bytes().len())));
+    let ok = reply(&fwd, 200, "OK", "b9").replace(
+        "Content-Length: 0\n",
+        &format!("Content-Type: application/sdp\nContent-Length: {}\n", sdp(5000).len()),
+    ) + &sdp(5000);
+    let up = lab.send(udp(NAT_B), &ok);
+    let a = forwarder_offer(std::str::from_utf8(parse(&up[0]).body_bytes()).expect("utf8")).expect("alice's leg");
+    assert_eq!(a, (4443, faketcp_key(&secret, "call-z9hG4bKft1", 5000)));
+    assert_ne!(a.1, b.1, "a key is good for its own leg only");
+    // Phones registered without an agent get no offer.
+    lab.register("carol", "203.0.113.11:40003", "pw-c");
+    let inv = invite("carol", "z9hG4bKft3")
+        .replace("203.0.113.50:5060", "10.0.0.1:5060")
+        .replace("Content-Length: 3\n\nv=0", &format!("Content-Length: {}\n\n{}", sdp(4002).len(), sdp(4002)));
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:carol@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKft3", "branch=z9hG4bKft4"), &creds));
+    assert!(forwarder_offer(std::str::from_utf8(parse(&out[1]).body_bytes()).expect("utf8")).is_none());
 }
 
 #[test]
