@@ -8,9 +8,11 @@
 //! installs a table that drops exactly those RSTs (TCP from our source ports with RST set),
 //! removes it on exit, and removes a table a crashed run left behind before installing.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,6 +21,7 @@ use pinhole_media::faketcp::forwarder::{Discard, Forwarder, Limits, Output, PROB
 use pinhole_media::faketcp::{ipv4, Segment};
 
 use crate::mmsg::RawSocket;
+use crate::server::Shared;
 
 /// The nftables table that drops the kernel's RSTs for our ports; removed on drop.
 pub(crate) struct RstGuard {
@@ -60,57 +63,149 @@ fn ipv4_of(addr: std::net::SocketAddr) -> anyhow::Result<SocketAddrV4> {
     }
 }
 
-/// Starts the forwarder on `listen` in a thread of its own. Datagrams for relay ports are
-/// not carried yet (the relay side comes next); probes are echoed.
-pub(crate) fn start_forwarder(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+/// Starts the forwarder on `listen` in a thread of its own. A leg that proves itself gets a
+/// shim: a UDP socket on the relay's address that speaks for the agent to its relay port
+/// (the relay is told to expect the leg from there), so the relay itself is unchanged.
+pub(crate) fn start_forwarder(listen: std::net::SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
     let listen = ipv4_of(listen)?;
     let guard = RstGuard::install("pinhole_faketcp", listen.port(), listen.port())?;
     let sock = RawSocket::open_proto(*listen.ip(), libc::IPPROTO_TCP, listen.port(), listen.port())
         .context("opening the fake-TCP raw socket (needs CAP_NET_RAW)")?;
     let mut fwd = Forwarder::new(listen, Limits::default(), rand::random());
+    let lookup = shared.clone();
+    fwd.set_lookup(Box::new(move |port| {
+        let node = lookup.node();
+        let (call_id, _) = node.relay()?.call_of_port(port)?;
+        Some(pinhole_sip::faketcp_key(&node.proxy().secret(), call_id, port))
+    }));
+    let poll = mio::Poll::new()?;
+    poll.registry().register(&mut mio::unix::SourceFd(&sock.fd()), RAW, mio::Interest::READABLE)?;
     tracing::info!(%listen, "fake-TCP forwarder");
-    std::thread::Builder::new().name("faketcp".into()).spawn(move || {
-        let _guard = guard;
-        let mut buf = vec![0u8; 65_536];
-        let mut id = 0u16;
-        loop {
-            let wait = fwd.poll_timeout().map_or(Duration::from_millis(100), |t| {
-                t.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))
-            });
-            if !sock.wait_readable(wait) {
-                fwd.handle_timeout(Instant::now());
-            }
-            while let Ok(n) = sock.recv(&mut buf) {
-                match Segment::parse(&buf[..n]) {
-                    Ok(s) => fwd.handle_segment(Instant::now(), &s),
-                    Err(_) => metrics::counter!("pinhole_faketcp_garbage_total").increment(1),
-                }
-            }
-            while let Some(o) = fwd.poll_output() {
-                match o {
-                    Output::Segment { from, to, tcp } => {
-                        id = id.wrapping_add(1);
-                        let _ = sock.send(&ipv4(*from.ip(), *to.ip(), &tcp, id), *to.ip());
-                    }
-                    Output::ToRelay { port, .. } => {
-                        metrics::counter!("pinhole_faketcp_dropped_total", "reason" => "no relay").increment(1);
-                        tracing::debug!(port, "fake-TCP datagram for the relay: not carried yet");
-                    }
-                }
-            }
-            while let Some(d) = fwd.poll_discard() {
-                let reason = match d {
-                    Discard::Unknown => "unknown",
-                    Discard::Refused => "refused",
-                    Discard::Unauthenticated => "unauthenticated",
-                    Discard::Window => "window",
-                };
-                metrics::counter!("pinhole_faketcp_dropped_total", "reason" => reason).increment(1);
-            }
-            metrics::gauge!("pinhole_faketcp_connections").set(fwd.connections() as f64);
-        }
-    })?;
+    let mut f = ForwarderThread { shared, fwd, sock, poll, shims: HashMap::new(), id: 0, _guard: guard };
+    std::thread::Builder::new().name("faketcp".into()).spawn(move || f.run())?;
     Ok(())
+}
+
+const RAW: mio::Token = mio::Token(usize::MAX);
+
+struct ForwarderThread {
+    shared: Arc<Shared>,
+    fwd: Forwarder,
+    sock: RawSocket,
+    poll: mio::Poll,
+    /// Per carried relay port: the shim socket and the relay port's address.
+    shims: HashMap<u16, (mio::net::UdpSocket, std::net::SocketAddr)>,
+    id: u16,
+    _guard: RstGuard,
+}
+
+impl ForwarderThread {
+    fn run(&mut self) {
+        let mut events = mio::Events::with_capacity(64);
+        let mut buf = vec![0u8; 65_536];
+        let mut last_sweep = Instant::now();
+        loop {
+            let wait = self.fwd.poll_timeout().map_or(Duration::from_secs(1), |t| {
+                t.saturating_duration_since(Instant::now()).min(Duration::from_secs(1))
+            });
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "fake-TCP poll failed");
+                    return;
+                }
+            }
+            for ev in events.iter() {
+                if ev.token() == RAW {
+                    while let Ok(n) = self.sock.recv(&mut buf) {
+                        match Segment::parse(&buf[..n]) {
+                            Ok(s) => self.fwd.handle_segment(Instant::now(), &s),
+                            Err(_) => metrics::counter!("pinhole_faketcp_garbage_total").increment(1),
+                        }
+                    }
+                } else {
+                    let port = ev.token().0 as u16;
+                    while let Some(Ok((n, _))) = self.shims.get(&port).map(|(s, _)| s.recv_from(&mut buf)) {
+                        self.fwd.from_relay(Instant::now(), port, &buf[..n]);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if self.fwd.poll_timeout().is_some_and(|t| t <= now) {
+                self.fwd.handle_timeout(now);
+            }
+            if now.duration_since(last_sweep) >= Duration::from_secs(1) {
+                self.sweep();
+                last_sweep = now;
+            }
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(o) = self.fwd.poll_output() {
+            match o {
+                Output::Segment { from, to, tcp } => {
+                    self.id = self.id.wrapping_add(1);
+                    let _ = self.sock.send(&ipv4(*from.ip(), *to.ip(), &tcp, self.id), *to.ip());
+                }
+                Output::ToRelay { port, datagram } => {
+                    if !self.shims.contains_key(&port) {
+                        self.open_shim(port);
+                    }
+                    if let Some((shim, relay)) = self.shims.get(&port) {
+                        let _ = shim.send_to(&datagram, *relay);
+                    }
+                }
+            }
+        }
+        while let Some(d) = self.fwd.poll_discard() {
+            let reason = match d {
+                Discard::Unknown => "unknown",
+                Discard::Refused => "refused",
+                Discard::Unauthenticated => "unauthenticated",
+                Discard::Window => "window",
+            };
+            metrics::counter!("pinhole_faketcp_dropped_total", "reason" => reason).increment(1);
+        }
+        metrics::gauge!("pinhole_faketcp_connections").set(self.fwd.connections() as f64);
+    }
+
+    /// A shim for relay port `port`, and the relay told the leg comes from it now.
+    fn open_shim(&mut self, port: u16) {
+        let relay_ip = {
+            let node = self.shared.node();
+            node.relay().and_then(|r| r.config().interfaces.first().map(|i| i.bind))
+        };
+        let Some(relay_ip) = relay_ip else { return };
+        let relay = std::net::SocketAddr::new(relay_ip, port);
+        let Ok(mut shim) = mio::net::UdpSocket::bind(std::net::SocketAddr::new(relay_ip, 0)) else { return };
+        let Ok(addr) = shim.local_addr() else { return };
+        if self.poll.registry().register(&mut shim, mio::Token(usize::from(port)), mio::Interest::READABLE).is_err() {
+            return;
+        }
+        let moved = crate::server::input(&self.shared, |node| {
+            node.relay_mut().is_some_and(|r| r.retarget(std::time::Instant::now(), port, addr))
+        });
+        if moved {
+            tracing::info!(port, shim = %addr, "call leg over fake TCP");
+            self.shims.insert(port, (shim, relay));
+        }
+    }
+
+    /// Legs whose call ended are let go.
+    fn sweep(&mut self) {
+        let gone: Vec<u16> = {
+            let node = self.shared.node();
+            let relay = node.relay();
+            self.shims.keys().copied().filter(|p| relay.is_none_or(|r| r.call_of_port(*p).is_none())).collect()
+        };
+        for port in gone {
+            if let Some((mut shim, _)) = self.shims.remove(&port) {
+                let _ = self.poll.registry().deregister(&mut shim);
+            }
+            self.fwd.revoke(port);
+        }
+    }
 }
 
 /// `pinhole probe --faketcp SERVER:PORT`: whether fake TCP gets through from here. Opens a

@@ -207,12 +207,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let stun_users = cfg.stun.users.iter().map(|u| (u.user.clone(), u.password.clone())).collect();
     crate::stun::start(&cfg.stun.listen, cfg.stun.alternate, stun_users)?;
-    if let Some(ft) = &cfg.faketcp {
-        // Optional: without raw sockets or nftables the rest of the server runs on.
-        if let Err(e) = crate::faketcp::start_forwarder(ft.listen) {
-            tracing::warn!(listen = %ft.listen, error = %format!("{e:#}"), "fake-TCP forwarder not started");
-        }
-    }
 
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
@@ -228,6 +222,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         limits,
     });
 
+    if let Some(ft) = &cfg.faketcp {
+        // Optional: without raw sockets or nftables the rest of the server runs on.
+        if let Err(e) = crate::faketcp::start_forwarder(ft.listen, shared.clone()) {
+            tracing::warn!(listen = %ft.listen, error = %format!("{e:#}"), "fake-TCP forwarder not started");
+        }
+    }
     for (local, sock) in udp {
         let shared = shared.clone();
         std::thread::Builder::new()

@@ -91,7 +91,12 @@ pub struct Forwarder {
     out: Vec<Output>,
     drops: Vec<Discard>,
     isn: u32,
+    /// Keys for ports not [`Forwarder::allow`]ed: derived by the owner (from the call).
+    lookup: Option<KeyLookup>,
 }
+
+/// Finds the key of a relay port's leg, if the port is in a call now.
+pub type KeyLookup = Box<dyn Fn(u16) -> Option<String> + Send>;
 
 impl Forwarder {
     pub fn new(local: SocketAddrV4, limits: Limits, seed: u32) -> Forwarder {
@@ -104,12 +109,30 @@ impl Forwarder {
             out: Vec::new(),
             drops: Vec::new(),
             isn: seed | 1,
+            lookup: None,
         }
     }
 
     /// Relay port `port`'s leg may come over fake TCP, proving itself with `key`.
     pub fn allow(&mut self, port: u16, key: String) {
         self.keys.insert(port, key);
+    }
+
+    /// Where keys of ports not allowed one by one come from.
+    pub fn set_lookup(&mut self, lookup: KeyLookup) {
+        self.lookup = Some(lookup);
+    }
+
+    fn key_of(&self, port: u16) -> Option<String> {
+        if port == 0 {
+            return Some(PROBE_KEY.to_owned());
+        }
+        self.keys.get(&port).cloned().or_else(|| self.lookup.as_ref().and_then(|l| l(port)))
+    }
+
+    /// Relay ports carried now.
+    pub fn carried(&self) -> impl Iterator<Item = u16> + '_ {
+        self.bound.keys().copied()
     }
 
     /// The leg's call ended: its connection is unbound (and forgotten).
@@ -212,7 +235,7 @@ impl Forwarder {
                 }
             }
         }
-        let key = if port == 0 { PROBE_KEY.to_owned() } else { self.keys.get(&port).cloned().unwrap_or_default() };
+        let key = self.key_of(port).unwrap_or_default();
         let Some(e) = self.conns.get_mut(&peer) else { return };
         e.port = Some(port);
         if let Some(reply) = success(datagram, peer, &key) {
@@ -228,8 +251,7 @@ impl Forwarder {
         }
         let Some(StunAttribute::UserName(user)) = msg.get::<UserName>() else { return None };
         let port: u16 = user.as_str().parse().ok()?;
-        let key = if port == 0 { PROBE_KEY } else { self.keys.get(&port)? };
-        let key = HMACKey::new_short_term(key).ok()?;
+        let key = HMACKey::new_short_term(&self.key_of(port)?).ok()?;
         let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
         MessageDecoderBuilder::default().with_context(ctx).build().decode(datagram).ok()?;
         Some(port)

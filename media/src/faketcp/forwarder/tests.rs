@@ -187,3 +187,17 @@ fn a_probe_gets_its_datagrams_echoed_up_to_a_limit_and_never_reaches_the_relay()
     assert_eq!(echoed[7], 7u32.to_be_bytes().to_vec());
     assert!(to_relay(&mut f).is_empty() && !f.carries(0));
 }
+
+#[test]
+fn keys_can_come_from_the_owner_per_port() {
+    let now = Instant::now();
+    let mut f = Forwarder::new(a(FWD), Limits::default(), 99);
+    f.set_lookup(Box::new(|port| (port == 30010).then(|| "looked-up-key-0123456789".to_owned())));
+    let mut ag = Agent::connect(&mut f, now, "198.51.100.2:40000");
+    ag.send(&mut f, now, &proof(30010, "looked-up-key-0123456789", [4; 12]).expect("proof"));
+    assert_eq!(ag.take(&mut f, now).len(), 1);
+    assert_eq!(f.carried().collect::<Vec<_>>(), vec![30010]);
+    let mut other = Agent::connect(&mut f, now, "198.51.100.2:40001");
+    other.send(&mut f, now, &proof(30012, "looked-up-key-0123456789", [5; 12]).expect("proof"));
+    assert!(other.take(&mut f, now).is_empty(), "no key for a port not in a call");
+}
