@@ -79,6 +79,8 @@ pub struct Agent<M: MediaAnchor> {
     dropped: u64,
     /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
     profile: Option<String>,
+    /// How we reach the server: UDP, or TCP where UDP is blocked.
+    server_transport: Transport,
     /// Punch plans from an INVITE, waiting for the phone's 2xx: (Call-ID, server tag, plan).
     pending: VecDeque<(String, String, WirePlan)>,
     /// Plans of answered calls.
@@ -96,6 +98,7 @@ impl<M: MediaAnchor> Agent<M> {
             out: VecDeque::new(),
             dropped: 0,
             profile: None,
+            server_transport: Transport::Udp,
             pending: VecDeque::new(),
             plans: VecDeque::new(),
             offers: VecDeque::new(),
@@ -114,6 +117,21 @@ impl<M: MediaAnchor> Agent<M> {
     /// it only with a REGISTER it authenticated).
     pub fn set_profile(&mut self, header_value: String) {
         self.profile = Some(header_value);
+    }
+
+    /// Signalling to the server goes over `t` from now on (TCP where UDP is blocked): its
+    /// Via says so, and the shell sends it on its connection to the server.
+    pub fn set_server_transport(&mut self, t: Transport) {
+        self.server_transport = t;
+    }
+
+    /// The transport towards `to`: the server's, else UDP (the phones on the LAN).
+    fn transport_to(&self, to: SocketAddr) -> Transport {
+        if to.ip() == self.cfg.server.ip() {
+            self.server_transport
+        } else {
+            Transport::Udp
+        }
     }
 
     pub fn dropped(&self) -> u64 {
@@ -273,7 +291,8 @@ impl<M: MediaAnchor> Agent<M> {
         }
         let mut e = Editor::new(msg);
         let branch = format!("{BRANCH_PREFIX}{:016x}", self.branch_hash(msg));
-        e.prepend_header("Via", &format!("SIP/2.0/UDP {};branch={branch}", self.cfg.listen));
+        let transport = self.transport_to(next);
+        e.prepend_header("Via", &format!("SIP/2.0/{} {};branch={branch}", transport.via_token(), self.cfg.listen));
         if msg.method().is_some_and(Method::creates_dialog) && msg.tag(HeaderName::To).is_none() {
             e.prepend_header("Record-Route", &format!("<sip:{};lr>", self.cfg.listen));
         }
@@ -303,7 +322,7 @@ impl<M: MediaAnchor> Agent<M> {
                 self.answered.remove(call_id);
             }
         }
-        let out = Flow { transport: Transport::Udp, local: self.cfg.listen, remote: next, conn: None };
+        let out = Flow { transport, local: self.cfg.listen, remote: next, conn: None };
         self.out.push_back(Transmit { flow: out, payload: e.finish() });
     }
 
@@ -360,8 +379,12 @@ impl<M: MediaAnchor> Agent<M> {
                 self.pending.retain(|(c, _, _)| c != call_id);
             }
         }
-        let out =
-            Flow { transport: Transport::Udp, local: self.cfg.listen, remote: SocketAddr::new(ip, port), conn: None };
+        let out = Flow {
+            transport: self.transport_to(SocketAddr::new(ip, port)),
+            local: self.cfg.listen,
+            remote: SocketAddr::new(ip, port),
+            conn: None,
+        };
         self.out.push_back(Transmit { flow: out, payload: e.finish() });
     }
 

@@ -345,3 +345,20 @@ fn a_forwarder_offer_from_the_server_is_kept_and_taken_out_of_the_phones_sdp() {
     assert!(!String::from_utf8_lossy(up.body_bytes()).contains("x-pinhole"));
     assert_eq!(a.poll_forwarder_offer(), None);
 }
+
+#[test]
+fn with_udp_blocked_the_server_is_reached_over_tcp_and_phones_still_over_udp() {
+    let mut a = agent();
+    a.set_server_transport(Transport::Tcp);
+    let out = send(&mut a, PHONE, REGISTER);
+    assert_eq!((out[0].flow.transport, out[0].flow.remote), (Transport::Tcp, addr(SERVER)));
+    let m = parse(&out[0]);
+    assert!(m.value_texts(HeaderName::Via)[0].starts_with("SIP/2.0/TCP 198.51.100.2:5060;"), "our Via says TCP");
+    // The server's answer comes back on the connection; the phone gets it over UDP.
+    let ok = String::from_utf8(m.response(200, "OK", None, &[])).expect("utf8");
+    let mut tcp = from(SERVER);
+    tcp.transport = Transport::Tcp;
+    a.handle_input(Instant::now(), tcp, Bytes::from(ok)).expect("SIP");
+    let down = a.poll_transmit().expect("to the phone");
+    assert_eq!((down.flow.transport, down.flow.remote), (Transport::Udp, addr(PHONE)));
+}
