@@ -4,7 +4,9 @@
 //! interface (`[media]`), whose ports the media thread ([`crate::agent_media`]) owns, and
 //! where the server's punch plans are carried out.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,9 +19,36 @@ use pinhole_sip::agent::{Agent, AgentConfig, ReadyPlan};
 use pinhole_sip::{Flow, Transport};
 
 use crate::agent_media::{EdgeHandle, MediaCmd};
-use crate::config::AgentFile;
+use crate::config::{AgentFile, AgentTransport};
 
 type SharedAgent = Arc<Mutex<Agent<Option<Relay>>>>;
+
+/// How the agent sends: UDP to the phones (and to the server, unless UDP is blocked) and
+/// a TCP connection to the server when it is.
+struct Link {
+    udp: UdpSocket,
+    tcp: Mutex<Option<TcpStream>>,
+    /// UDP is blocked towards the server (the NAT probe said so, or the config): calls'
+    /// legs go over fake TCP when the server offers its forwarder.
+    udp_blocked: AtomicBool,
+}
+
+impl Link {
+    /// Sends what the agent produced: over the server connection when the flow says TCP.
+    fn send_all(&self, a: &mut Agent<Option<Relay>>) {
+        while let Some(t) = a.poll_transmit() {
+            if t.flow.transport == Transport::Tcp {
+                let mut tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+                let sent = tcp.as_mut().map(|c| c.write_all(&t.payload));
+                if !matches!(sent, Some(Ok(()))) {
+                    tracing::debug!(to = %t.flow.remote, "no connection to the server; message dropped");
+                }
+            } else if let Err(e) = self.udp.send_to(&t.payload, t.flow.remote) {
+                tracing::debug!(to = %t.flow.remote, error = %e, "UDP send failed");
+            }
+        }
+    }
+}
 
 pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
     let epoch = Instant::now();
@@ -29,7 +58,11 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
         serve_metrics(addr)?;
     }
     for (i, l) in cfg.sip.listen.iter().enumerate() {
-        let sock = UdpSocket::bind(l.addr).with_context(|| format!("binding {l}"))?;
+        let link = Arc::new(Link {
+            udp: UdpSocket::bind(l.addr).with_context(|| format!("binding {l}"))?,
+            tcp: Mutex::new(None),
+            udp_blocked: AtomicBool::new(cfg.agent.transport == AgentTransport::Tcp),
+        });
         // Media on the first address: the LAN interface named in [media], else this one.
         let relay = if i == 0 {
             let bind = cfg.media.interfaces.first().map_or(l.addr.ip(), |m| m.bind);
@@ -52,17 +85,24 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
             },
             relay,
         )));
+        if cfg.agent.transport == AgentTransport::Tcp {
+            // The operator says UDP does not get through: the server hears it at once.
+            agent.lock().unwrap_or_else(|e| e.into_inner()).set_profile("udp=blocked".into());
+        }
         tracing::info!(listen = %l, server = %cfg.agent.server, "agent listening");
-        measure_nat(cfg.agent.stun(), l.addr, agent.clone());
         let media = if i == 0 { edge.clone() } else { None };
+        if cfg.agent.transport == AgentTransport::Tcp {
+            use_tcp(&agent, &link, media.clone(), l.addr, cfg.agent.server, cfg.sip.max_message_size);
+        }
+        measure_nat(cfg.agent.stun(), l.addr, agent.clone(), link.clone(), media.clone(), &cfg);
         if let Some(m) = media.clone() {
-            start_relay_timers(agent.clone(), m);
+            start_relay_timers(agent.clone(), m, link.clone());
         }
         let local = l.addr;
         threads.push(
             std::thread::Builder::new()
                 .name(format!("agent {local}"))
-                .spawn(move || serve(local, &sock, &agent, media.as_ref()))
+                .spawn(move || serve(local, &link, &agent, media.as_ref()))
                 .context("starting the agent thread")?,
         );
     }
@@ -73,8 +113,17 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
 }
 
 /// Classifies the NAT in front of `local` against the server's STUN service (RFC 5780), in
-/// the background, and hands the profile to the agent for the REGISTERs it relays.
-fn measure_nat(stun: SocketAddr, local: SocketAddr, agent: SharedAgent) {
+/// the background, and hands the profile to the agent for the REGISTERs it relays. With
+/// `transport = "auto"`, a NAT that lets no UDP through moves signalling to TCP.
+fn measure_nat(
+    stun: SocketAddr,
+    local: SocketAddr,
+    agent: SharedAgent,
+    link: Arc<Link>,
+    media: Option<EdgeHandle>,
+    cfg: &AgentFile,
+) {
+    let (server, max, auto) = (cfg.agent.server, cfg.sip.max_message_size, cfg.agent.transport == AgentTransport::Auto);
     let spawned = std::thread::Builder::new().name("agent nat probe".into()).spawn(move || {
         match crate::probe::probe(&stun.to_string(), Some(local.ip())) {
             Ok((report, _)) if report.udp => {
@@ -82,12 +131,88 @@ fn measure_nat(stun: SocketAddr, local: SocketAddr, agent: SharedAgent) {
                 tracing::info!(%stun, verdict = report.traditional_name(), %profile, "NAT profile");
                 agent.lock().unwrap_or_else(|e| e.into_inner()).set_profile(profile);
             }
-            Ok(_) => tracing::warn!(%stun, "no STUN answer over UDP; no NAT profile"),
+            Ok(_) => {
+                tracing::warn!(%stun, "no STUN answer over UDP: UDP blocked; NAT profile udp=blocked");
+                agent.lock().unwrap_or_else(|e| e.into_inner()).set_profile("udp=blocked".into());
+                if auto && !link.udp_blocked.swap(true, Ordering::Relaxed) {
+                    use_tcp(&agent, &link, media, local, server, max);
+                }
+            }
             Err(e) => tracing::warn!(%stun, error = %e, "NAT probe failed; no NAT profile"),
         }
     });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the NAT probe");
+    }
+}
+
+/// Signalling to the server over TCP from now on: a connection kept open (reopened when it
+/// drops), whose messages go through the agent like datagrams do.
+fn use_tcp(
+    agent: &SharedAgent,
+    link: &Arc<Link>,
+    media: Option<EdgeHandle>,
+    local: SocketAddr,
+    server: SocketAddr,
+    max_message: usize,
+) {
+    link.udp_blocked.store(true, Ordering::Relaxed);
+    agent.lock().unwrap_or_else(|e| e.into_inner()).set_server_transport(Transport::Tcp);
+    let (agent, link) = (agent.clone(), link.clone());
+    let spawned = std::thread::Builder::new().name("agent tcp".into()).spawn(move || loop {
+        let stream = match TcpStream::connect_timeout(&server, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%server, error = %e, "cannot reach the server over TCP; retrying");
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            }
+        };
+        tracing::info!(%server, "signalling to the server over TCP");
+        let _ = stream.set_nodelay(true);
+        let mut reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        *link.tcp.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        let mut framer = pinhole_sip::stream::Framer::new(max_message);
+        let mut buf = vec![0u8; 16 * 1024];
+        let flow = Flow { transport: Transport::Tcp, local, remote: server, conn: None };
+        'conn: loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            framer.extend(&buf[..n]);
+            loop {
+                match framer.next_frame() {
+                    Ok(Some(pinhole_sip::stream::Frame::Message(m))) => {
+                        let mut a = agent.lock().unwrap_or_else(|e| e.into_inner());
+                        if a.handle_input(Instant::now(), flow, m).is_err() {
+                            metrics::counter!("pinhole_sip_garbage_total", "transport" => "tcp").increment(1);
+                        }
+                        if let Some(m) = &media {
+                            drain_media(&mut a, m, &link);
+                        }
+                        link.send_all(&mut a);
+                    }
+                    Ok(Some(pinhole_sip::stream::Frame::Ping)) => {
+                        if let Some(c) = link.tcp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                            let _ = c.write_all(b"\r\n");
+                        }
+                    }
+                    Ok(Some(pinhole_sip::stream::Frame::Pong)) => {}
+                    Ok(None) => break,
+                    Err(_) => break 'conn,
+                }
+            }
+        }
+        tracing::warn!(%server, "TCP connection to the server closed; reopening");
+        *link.tcp.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the TCP signalling thread");
     }
 }
 
@@ -102,7 +227,7 @@ fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// The relay's offer, media and duration deadlines, fired when due.
-fn start_relay_timers(agent: SharedAgent, media: EdgeHandle) {
+fn start_relay_timers(agent: SharedAgent, media: EdgeHandle, link: Arc<Link>) {
     let spawned = std::thread::Builder::new().name("agent relay timers".into()).spawn(move || loop {
         let next = {
             let mut a = agent.lock().unwrap_or_else(|e| e.into_inner());
@@ -113,7 +238,7 @@ fn start_relay_timers(agent: SharedAgent, media: EdgeHandle) {
                     while relay.poll_event().is_some() {}
                 }
             }
-            drain_media(&mut a, &media);
+            drain_media(&mut a, &media, &link);
             a.media().as_ref().and_then(Relay::poll_timeout)
         };
         let wait = next.map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now()));
@@ -126,7 +251,7 @@ fn start_relay_timers(agent: SharedAgent, media: EdgeHandle) {
 
 /// Hands the relay's port and forwarding commands, and the plans of answered calls, to
 /// the media thread.
-fn drain_media(agent: &mut Agent<Option<Relay>>, media: &EdgeHandle) {
+fn drain_media(agent: &mut Agent<Option<Relay>>, media: &EdgeHandle, link: &Link) {
     while let Some(c) = agent.media_mut().as_mut().and_then(Relay::poll_command) {
         media.send(MediaCmd::Relay(c));
     }
@@ -135,13 +260,30 @@ fn drain_media(agent: &mut Agent<Option<Relay>>, media: &EdgeHandle) {
             media.send(cmd);
         }
     }
+    while let Some(o) = agent.poll_forwarder_offer() {
+        // Where UDP gets through, the relay leg stays on it.
+        if !link.udp_blocked.load(Ordering::Relaxed) {
+            continue;
+        }
+        let SocketAddr::V4(server) = agent.server() else { continue };
+        let window = leg_window(agent, &o.call_id, &o.server_tag);
+        if let Some(window) = window {
+            let server = std::net::SocketAddrV4::new(*server.ip(), o.port);
+            media.send(MediaCmd::Tunnel { call_id: o.call_id, window, server, key: o.key });
+        }
+    }
+}
+
+/// The window port of a call: its relay's port on the server's side (`server_tag`).
+fn leg_window(agent: &Agent<Option<Relay>>, call_id: &str, server_tag: &str) -> Option<u16> {
+    let info = agent.media().as_ref()?.describe(call_id)?;
+    let side = Side::BOTH.into_iter().find(|s| info.tags[*s] == server_tag)?;
+    Some(info.streams.first()?.ports[side].0)
 }
 
 /// A plan for the media thread: the call's leg towards the server relay is its window.
 fn punch_command(agent: &Agent<Option<Relay>>, p: ReadyPlan) -> Option<MediaCmd> {
-    let info = agent.media().as_ref()?.describe(&p.call_id)?;
-    let side = Side::BOTH.into_iter().find(|s| info.tags[*s] == p.server_tag)?;
-    let window = info.streams.first()?.ports[side].0;
+    let window = leg_window(agent, &p.call_id, &p.server_tag)?;
     let start = match p.plan.start {
         PlanStart::AfterAnswer { ms } => p.answered + Duration::from_millis(u64::from(ms)),
         PlanStart::UnixMs(ms) => {
@@ -152,10 +294,10 @@ fn punch_command(agent: &Agent<Option<Relay>>, p: ReadyPlan) -> Option<MediaCmd>
     Some(MediaCmd::Punch { call_id: p.call_id, window, plan: p.plan.to_plan(start) })
 }
 
-fn serve(local: SocketAddr, sock: &UdpSocket, agent: &Mutex<Agent<Option<Relay>>>, media: Option<&EdgeHandle>) {
+fn serve(local: SocketAddr, link: &Link, agent: &Mutex<Agent<Option<Relay>>>, media: Option<&EdgeHandle>) {
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, remote) = match sock.recv_from(&mut buf) {
+        let (n, remote) = match link.udp.recv_from(&mut buf) {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive error");
@@ -170,12 +312,8 @@ fn serve(local: SocketAddr, sock: &UdpSocket, agent: &Mutex<Agent<Option<Relay>>
         }
         // Ports are handed over before the SDP naming them leaves.
         if let Some(m) = media {
-            drain_media(&mut a, m);
+            drain_media(&mut a, m, link);
         }
-        while let Some(t) = a.poll_transmit() {
-            if let Err(e) = sock.send_to(&t.payload, t.flow.remote) {
-                tracing::debug!(to = %t.flow.remote, error = %e, "UDP send failed");
-            }
-        }
+        link.send_all(&mut a);
     }
 }

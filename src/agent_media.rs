@@ -4,24 +4,41 @@
 //! LAN's phones, so one thread and a socket per port are plenty.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pinhole_media::edge::{EdgeEvent, EdgeMedia, Socket, SocketRequest};
+use pinhole_media::faketcp::{ipv4, Segment};
 use pinhole_media::punch::path::{PathEvent, Phase};
 use pinhole_media::punch::scheduler::PunchPlan;
 use pinhole_media::relay::Command;
 
+use crate::faketcp::RstGuard;
+use crate::mmsg::RawSocket;
+
 const WAKER: Token = Token(usize::MAX);
+const RAW: Token = Token(usize::MAX - 1);
 
 /// What the signalling side hands the media thread.
 pub(crate) enum MediaCmd {
     Relay(Command),
-    Punch { call_id: String, window: u16, plan: PunchPlan },
+    Punch {
+        call_id: String,
+        window: u16,
+        plan: PunchPlan,
+    },
+    /// Carry the leg of `window` over fake TCP to the forwarder `server`, proven with `key`.
+    Tunnel {
+        call_id: String,
+        window: u16,
+        server: std::net::SocketAddrV4,
+        key: String,
+    },
 }
 
 /// The handle the signalling side keeps.
@@ -61,6 +78,9 @@ pub(crate) fn start(
         next_token: 1 << 20,
         buf: vec![0u8; 65_536],
         paths_changed: false,
+        ports: (port_min, port_max),
+        raw: None,
+        ip_id: 0,
     };
     std::thread::Builder::new().name("agent media".into()).spawn(move || engine.run())?;
     Ok(EdgeHandle { tx, waker })
@@ -77,6 +97,12 @@ struct Engine {
     buf: Vec<u8>,
     /// A path began or ended since the gauges were last set.
     paths_changed: bool,
+    /// The media port range (fake-TCP tunnels take their local TCP ports from it too).
+    ports: (u16, u16),
+    /// The raw TCP socket for fake-TCP tunnels and the rule keeping the kernel's RSTs in,
+    /// opened with the first tunnel.
+    raw: Option<(RawSocket, RstGuard)>,
+    ip_id: u16,
 }
 
 impl Engine {
@@ -92,7 +118,9 @@ impl Engine {
             }
             self.commands();
             for ev in events.iter() {
-                if let Some(s) = self.tokens.get(&ev.token()).copied() {
+                if ev.token() == RAW {
+                    self.receive_segments();
+                } else if let Some(s) = self.tokens.get(&ev.token()).copied() {
                     self.receive(s);
                 }
             }
@@ -123,6 +151,13 @@ impl Engine {
                         Command::Expect { .. } => {}
                     }
                     self.edge.apply(now, c);
+                }
+                MediaCmd::Tunnel { call_id, window, server, key } => {
+                    let Some(ip) = self.raw_socket() else { continue };
+                    if self.edge.tunnel(now, window, ip, server, key, rand::random()) {
+                        metrics::counter!("pinhole_faketcp_tunnels_total").increment(1);
+                        tracing::info!(call_id, window, %server, "call leg over fake TCP");
+                    }
                 }
                 MediaCmd::Punch { call_id, window, plan } => {
                     let method = plan.strategy.label();
@@ -174,6 +209,7 @@ impl Engine {
         };
         let token = match s {
             Socket::Port(p) => Token(usize::from(p)),
+            Socket::Tcp { .. } => return,
             Socket::Extra { .. } => {
                 self.next_token += 1;
                 Token(self.next_token)
@@ -189,6 +225,52 @@ impl Engine {
         if let Some(mut sock) = self.sockets.remove(&s) {
             let _ = self.poll.registry().deregister(&mut sock);
             self.tokens.retain(|_, v| *v != s);
+        }
+    }
+
+    /// The raw TCP socket for tunnels (opened on first use): our IPv4 address, if we have one.
+    fn raw_socket(&mut self) -> Option<Ipv4Addr> {
+        let IpAddr::V4(ip) = self.bind else { return None };
+        if self.raw.is_none() {
+            let (lo, hi) = self.ports;
+            let opened = RstGuard::install("pinhole_agent_faketcp", lo, hi).and_then(|g| {
+                let sock = RawSocket::open_proto(ip, libc::IPPROTO_TCP, lo, hi)?;
+                Ok((sock, g))
+            });
+            match opened {
+                Ok((sock, guard)) => {
+                    let fd = sock.fd();
+                    if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), RAW, Interest::READABLE) {
+                        tracing::warn!(error = %e, "cannot poll the fake-TCP socket");
+                        return None;
+                    }
+                    self.raw = Some((sock, guard));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "no fake TCP (needs CAP_NET_RAW and nftables)");
+                    return None;
+                }
+            }
+        }
+        Some(ip)
+    }
+
+    fn receive_segments(&mut self) {
+        loop {
+            let Some((raw, _)) = &self.raw else { return };
+            let n = match raw.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let Ok(seg) = Segment::parse(&self.buf[..n]) else { continue };
+            let now = Instant::now();
+            let sends = self.edge.on_segment(now, &seg);
+            let payload = seg.payload.to_vec();
+            for (from, to) in sends.iter() {
+                if let Some(out) = self.sockets.get(&from) {
+                    let _ = out.send_to(&payload, to);
+                }
+            }
         }
     }
 
@@ -212,9 +294,21 @@ impl Engine {
     fn flush(&mut self) {
         self.sockets_requested();
         while let Some((from, to, bytes)) = self.edge.poll_transmit() {
-            if let Some(sock) = self.sockets.get(&from) {
-                let _ = sock.send_to(&bytes, to);
+            match (from, to, &self.raw) {
+                (Socket::Tcp { .. }, SocketAddr::V4(to), Some((raw, _))) => {
+                    let IpAddr::V4(ip) = self.bind else { continue };
+                    self.ip_id = self.ip_id.wrapping_add(1);
+                    let _ = raw.send(&ipv4(ip, *to.ip(), &bytes, self.ip_id), *to.ip());
+                }
+                _ => {
+                    if let Some(sock) = self.sockets.get(&from) {
+                        let _ = sock.send_to(&bytes, to);
+                    }
+                }
             }
+        }
+        while let Some(t) = self.edge.poll_tunnel_event() {
+            tracing::info!(window = t.window, phase = ?t.phase, connections = t.connections, "fake-TCP tunnel");
         }
         let mut changed = false;
         while let Some(e) = self.edge.poll_event() {

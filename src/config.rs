@@ -341,6 +341,19 @@ pub(crate) struct AgentSection {
     /// The server's STUN service, when not at the server's IP port 3478.
     #[serde(default)]
     pub(crate) stun: Option<SocketAddr>,
+    /// How signalling reaches the server: `auto` (UDP, TCP when the NAT probe finds UDP
+    /// blocked), `udp` or `tcp`.
+    #[serde(default)]
+    pub(crate) transport: AgentTransport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AgentTransport {
+    #[default]
+    Auto,
+    Udp,
+    Tcp,
 }
 
 impl AgentSection {

@@ -22,7 +22,7 @@ const AGENT_PORT: u16 = 5070;
 
 fn server_config(extra: &str) -> String {
     format!(
-        "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
+        "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\", \"tcp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
          [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
          [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
          [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\ntimeout = 4\n\
@@ -33,12 +33,17 @@ fn server_config(extra: &str) -> String {
 /// A `pinhole agent` on `lan`'s host, port 5070, media on 31000-31999; waits for its NAT
 /// profile.
 fn start_agent(dir: &Path, name: &str, lan: &Lan) -> (Bg, std::path::PathBuf) {
+    start_agent_with(dir, name, lan, "", "NAT profile")
+}
+
+/// [`start_agent`] with `extra` in its `[agent]` table, waiting for `ready` in its log.
+fn start_agent_with(dir: &Path, name: &str, lan: &Lan, extra: &str, ready: &str) -> (Bg, std::path::PathBuf) {
     let cfg = dir.join(format!("{name}-agent.toml"));
     let host = &lan.host;
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nserver = \"{WAN_SERVER}:5060\"\n[sip]\nlisten = [\"udp:{host}:{AGENT_PORT}\"]\n\
+            "[agent]\nserver = \"{WAN_SERVER}:5060\"\n{extra}[sip]\nlisten = [\"udp:{host}:{AGENT_PORT}\"]\n\
              [media]\ninterfaces = [{{ name = \"lan\", bind = \"{host}\" }}]\nport_min = 31000\nport_max = 31999\n"
         ),
     )
@@ -55,8 +60,8 @@ fn start_agent(dir: &Path, name: &str, lan: &Lan) -> (Bg, std::path::PathBuf) {
         .spawn()
         .expect("pinhole agent");
     let bg = Bg(Some(child));
-    let profiled = wait_for(&log, "NAT profile", Duration::from_secs(30));
-    assert!(profiled, "{name}'s agent measured no NAT profile\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let ready = wait_for(&log, ready, Duration::from_secs(30));
+    assert!(ready, "{name}'s agent is not ready\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     (bg, log)
 }
 
@@ -537,4 +542,126 @@ fn one_cell() {
     let kind = |k: &str| KINDS.into_iter().find(|x| format!("{x:?}") == k).expect("a NatKind name");
     let (a, b) = cell.split_once(',').map(|(a, b)| (kind(a), kind(b))).expect("KIND,KIND");
     eprintln!("{:?}", run_cell(a, b, "", Duration::from_secs(6)));
+}
+
+/// Counters on a UDP-blocking NAT box, ahead of its own drop rule: UDP to the server's RTP
+/// ports (even ones of its relay range; RTCP, on odd ones, still goes the UDP way) the LAN
+/// tries to send, TCP to the forwarder, RSTs and packets conntrack calls INVALID.
+fn watch_blocked(lan: &Lan) {
+    let rules = format!(
+        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 udp dport & 0x1 == 0x0 counter name tried\n    udp dport 30000-30199 udp dport & 0x1 == 0x0 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
+    );
+    let path = std::env::temp_dir().join(format!("{}-ft.nft", lan.nat));
+    std::fs::write(&path, rules).expect("nft");
+    ns_exec(&lan.nat, &["nft", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(path);
+}
+
+fn ft_counter(lan: &Lan, name: &str) -> u64 {
+    let out = ns_exec(&lan.nat, &["nft", "list", "counter", "inet", "phft", name]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).expect("counter")
+}
+
+/// alice behind a NAT that drops all UDP calls bob behind `bob_nat`; both next to agents,
+/// alice's signalling over TCP. Returns what each heard of the other's tone, and the
+/// counters of every UDP-blocking box: (UDP the LAN tried to send out and TCP to the
+/// forwarder, both in the last 2 s of the call; RSTs and INVALID in all).
+fn blocked_call(bob_nat: NatKind) -> ([f64; 2], Vec<(u64, u64, u64, u64)>) {
+    let dir = TempDir::new("blocked");
+    let lab = NatLab::with_lans(&[NatKind::UdpBlocked, bob_nat]);
+    let (_server, ph_log) =
+        lab.start_pinhole(dir.path(), &server_config(&format!("[faketcp]\nlisten = \"{WAN_SERVER}:4443\"\n")));
+    let blocked: Vec<&Lan> = lab.lans.iter().take(if bob_nat == NatKind::UdpBlocked { 2 } else { 1 }).collect();
+    for lan in &blocked {
+        watch_blocked(lan);
+    }
+    let tcp = "transport = \"tcp\"\n";
+    let (_a, a_log) = start_agent_with(dir.path(), "alice", &lab.lans[0], tcp, "signalling to the server over TCP");
+    let (_b, b_log) = if bob_nat == NatKind::UdpBlocked {
+        start_agent_with(dir.path(), "bob", &lab.lans[1], tcp, "signalling to the server over TCP")
+    } else {
+        start_agent(dir.path(), "bob", &lab.lans[1])
+    };
+    let outbound = |l: &Lan| format!("{}:{AGENT_PORT}", l.host);
+    let mut alice =
+        Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, Some(&outbound(&lab.lans[0])));
+    let bob =
+        Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, Some(&outbound(&lab.lans[1])));
+    let logs = || {
+        format!(
+            "--- pinhole ---\n{}\n--- alice's agent ---\n{}\n--- bob's agent ---\n{}",
+            std::fs::read_to_string(&ph_log).unwrap_or_default(),
+            std::fs::read_to_string(&a_log).unwrap_or_default(),
+            std::fs::read_to_string(&b_log).unwrap_or_default()
+        )
+    };
+    for who in ["alice", "bob"] {
+        let registered = wait_for(&ph_log, &format!("aor={who}@pinhole.test"), Duration::from_secs(20));
+        assert!(registered, "{who} did not register\n{}", logs());
+    }
+    alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
+    assert!(wait_for(&bob.log, "Call established", Duration::from_secs(15)), "bob never answered\n{}", logs());
+    assert!(wait_for(&a_log, "call leg over fake TCP", Duration::from_secs(5)), "no tunnel\n{}", logs());
+    std::thread::sleep(Duration::from_secs(3));
+    let before: Vec<(u64, u64)> =
+        blocked.iter().map(|l| (ft_counter(l, "tried"), ft_counter(l, "forwarder"))).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let counters = blocked
+        .iter()
+        .zip(&before)
+        .map(|(l, b)| {
+            (
+                ft_counter(l, "tried") - b.0,
+                ft_counter(l, "forwarder") - b.1,
+                ft_counter(l, "rst"),
+                ft_counter(l, "invalid"),
+            )
+        })
+        .collect();
+    for l in &blocked {
+        let seen = ns_exec(&l.nat, &["nft", "list", "set", "inet", "phft", "seen"]);
+        eprintln!("UDP to even ports tried from {}:\n{}", l.lan, String::from_utf8_lossy(&seen.stdout));
+    }
+    let conntrack = String::from_utf8_lossy(
+        &ns_exec(&lab.lans[0].nat, &["conntrack", "-L", "-p", "tcp", "--dport", "4443"]).stdout,
+    )
+    .into_owned();
+    eprintln!("conntrack on alice's NAT box during the call:\n{conntrack}");
+    assert!(conntrack.contains("ESTABLISHED"), "{conntrack}");
+    alice.command("/hangup");
+    assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{}", bob.log());
+    std::thread::sleep(Duration::from_millis(500));
+    ([tone_share(&alice.heard(), 660.0), tone_share(&bob.heard(), 440.0)], counters)
+}
+
+#[test]
+fn a_phone_whose_nat_drops_udp_talks_through_fake_tcp_to_a_phone_behind_a_cone() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let (heard, counters) = blocked_call(NatKind::PortRestricted);
+    eprintln!("heard {heard:?}, blocked boxes (udp, tcp to the forwarder in 2 s, rst, invalid) {counters:?}");
+    assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
+    for (udp, fwd, rst, invalid) in counters {
+        assert_eq!(udp, 0, "RTP does not even try UDP any more");
+        assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
+        assert_eq!((rst, invalid), (0, 0));
+    }
+}
+
+#[test]
+fn two_phones_whose_nats_both_drop_udp_talk_through_the_forwarder_on_both_legs() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let (heard, counters) = blocked_call(NatKind::UdpBlocked);
+    eprintln!("heard {heard:?}, blocked boxes (udp, tcp to the forwarder in 2 s, rst, invalid) {counters:?}");
+    assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
+    assert_eq!(counters.len(), 2);
+    for (udp, fwd, rst, invalid) in counters {
+        assert_eq!(udp, 0, "RTP does not even try UDP any more");
+        assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
+        assert_eq!((rst, invalid), (0, 0));
+    }
 }

@@ -13,9 +13,11 @@
 //! RTCP (the next port up) stays on the relay.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
+use crate::faketcp::client::{Phase as TunnelPhase, Tunnel};
+use crate::faketcp::Segment;
 use crate::ports::PortTable;
 use crate::punch::path::{DirectPath, PathEvent, Phase, Route};
 use crate::punch::scheduler::PunchPlan;
@@ -33,6 +35,9 @@ pub enum Socket {
     Port(u16),
     /// Extra socket `index` (1..) of the path on window port `window`.
     Extra { window: u16, index: usize },
+    /// The raw TCP socket, sending a fake-TCP segment (TCP header and payload) from local
+    /// port `port` (the shell adds the IP header).
+    Tcp { port: u16 },
 }
 
 /// Sockets the shell must open or close for a path.
@@ -65,6 +70,14 @@ impl Sends {
     }
 }
 
+/// A tunnel's news: its phase now, and how many connections it has opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelEvent {
+    pub window: u16,
+    pub phase: TunnelPhase,
+    pub connections: u32,
+}
+
 /// A path's news, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeEvent {
@@ -78,10 +91,18 @@ struct Session {
     path: DirectPath,
 }
 
+/// Calls whose relay leg goes over fake TCP at once, at most.
+pub const MAX_TUNNELS: usize = 1024;
+
 pub struct EdgeMedia {
     ports: PortTable<()>,
     /// Paths by window port.
     paths: HashMap<u16, Session>,
+    /// Fake-TCP tunnels by window port: the leg to the server relay goes over them, with
+    /// the phase last reported.
+    tunnels: HashMap<u16, Tunnel>,
+    tunnel_phases: HashMap<u16, TunnelPhase>,
+    tunnel_events: VecDeque<TunnelEvent>,
     stun: SocketAddr,
     epoch: Instant,
     requests: VecDeque<SocketRequest>,
@@ -95,6 +116,9 @@ impl EdgeMedia {
         EdgeMedia {
             ports: PortTable::new(port_min, port_max),
             paths: HashMap::new(),
+            tunnels: HashMap::new(),
+            tunnel_phases: HashMap::new(),
+            tunnel_events: VecDeque::new(),
             stun,
             epoch,
             requests: VecDeque::new(),
@@ -115,6 +139,8 @@ impl EdgeMedia {
             Command::Unlink { ports, .. } => {
                 for p in ports {
                     self.ports.close(p);
+                    self.tunnels.remove(&p.0);
+                    self.tunnel_phases.remove(&p.0);
                     if let Some(s) = self.paths.remove(&p.0) {
                         if s.path.extra_sockets() > 0 {
                             self.requests.push_back(SocketRequest::Close { window: p.0 });
@@ -145,6 +171,59 @@ impl EdgeMedia {
         true
     }
 
+    /// The leg of window `window` goes to the server relay over fake TCP: a connection
+    /// from `local_ip` (local ports `window`, then `window + 1` on reconnects: TCP ports,
+    /// free since the relay's are UDP) to the forwarder `server`, proving the relay port
+    /// with `key`. False when the window has no leg or a tunnel already.
+    pub fn tunnel(
+        &mut self,
+        now: Instant,
+        window: u16,
+        local_ip: Ipv4Addr,
+        server: SocketAddrV4,
+        key: String,
+        seed: u64,
+    ) -> bool {
+        if self.tunnels.contains_key(&window) || self.tunnels.len() >= MAX_TUNNELS {
+            return false;
+        }
+        let Some(relay_port) = self.relay_of(window).map(|r| r.port()) else { return false };
+        let local = SocketAddrV4::new(local_ip, window);
+        let t = Tunnel::new(now, local, (window, window.saturating_add(1)), server, relay_port, key, seed);
+        self.tunnels.insert(window, t);
+        self.drain_tunnel(window);
+        true
+    }
+
+    /// A fake-TCP segment for one of our tunnels: the datagram it carried goes to the
+    /// phone, as relayed media would.
+    pub fn on_segment(&mut self, now: Instant, s: &Segment<'_>) -> Sends {
+        let p = s.dst.port();
+        let window = if self.tunnels.contains_key(&p) { p } else { p.wrapping_sub(1) };
+        let Some(t) = self.tunnels.get_mut(&window) else { return Sends::NONE };
+        let data = t.handle_segment(now, s);
+        let now_ns = self.now_ns(now);
+        let f = data.and_then(|d| self.ports.deliver(now_ns, window, d));
+        self.drain_tunnel(window);
+        Sends([f.map(|f| (Socket::Port(f.from_port), f.to)), None])
+    }
+
+    fn drain_tunnel(&mut self, window: u16) {
+        let Some(t) = self.tunnels.get_mut(&window) else { return };
+        let port = t.local().port();
+        if self.tunnel_phases.insert(window, t.phase()) != Some(t.phase()) {
+            self.tunnel_events.push_back(TunnelEvent { window, phase: t.phase(), connections: t.connections });
+        }
+        while let Some((to, tcp)) = t.poll_transmit() {
+            self.out.push_back((Socket::Tcp { port }, SocketAddr::V4(to), tcp));
+        }
+    }
+
+    /// Whether window `window`'s leg goes over a tunnel that is up.
+    pub fn tunnelled(&self, window: u16) -> bool {
+        self.tunnels.get(&window).is_some_and(|t| t.phase() == TunnelPhase::Up)
+    }
+
     /// Where the relay leg of window `window` sends: the server relay's port.
     fn relay_of(&self, window: u16) -> Option<SocketAddr> {
         self.ports.destination(window)
@@ -161,11 +240,17 @@ impl EdgeMedia {
         let now_ns = self.now_ns(now);
         let control = data.is_empty() || crate::stun::looks_like_stun(data);
         let (window, index) = match at {
+            Socket::Tcp { .. } => return Sends::NONE, // segments come through on_segment
             Socket::Extra { window, index } => (window, index),
             Socket::Port(p) if self.paths.contains_key(&p) => (p, 0),
             Socket::Port(p) => {
                 // A phone's packet (or one of a call without a path).
                 let Some(f) = self.ports.forward(now, now_ns, p, src, data) else { return Sends::NONE };
+                if let Some(t) = self.tunnels.get_mut(&f.from_port).filter(|t| t.phase() == TunnelPhase::Up) {
+                    t.send(now, data);
+                    self.drain_tunnel(f.from_port);
+                    return Sends::NONE;
+                }
                 let relayed = (Socket::Port(f.from_port), f.to);
                 let direct = |socket: usize, to| {
                     let from = if socket == 0 {
@@ -216,6 +301,12 @@ impl EdgeMedia {
         self.out.pop_front()
     }
 
+    /// A tunnel changed phase (connecting, proving, up).
+    #[must_use]
+    pub fn poll_tunnel_event(&mut self) -> Option<TunnelEvent> {
+        self.tunnel_events.pop_front()
+    }
+
     #[must_use]
     pub fn poll_socket_request(&mut self) -> Option<SocketRequest> {
         self.requests.pop_front()
@@ -228,10 +319,19 @@ impl EdgeMedia {
 
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.paths.values().filter_map(|s| s.path.poll_timeout()).min()
+        let paths = self.paths.values().filter_map(|s| s.path.poll_timeout());
+        paths.chain(self.tunnels.values().filter_map(Tunnel::poll_timeout)).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<u16> =
+            self.tunnels.iter().filter(|(_, t)| t.poll_timeout().is_some_and(|d| d <= now)).map(|(w, _)| *w).collect();
+        for w in due {
+            if let Some(t) = self.tunnels.get_mut(&w) {
+                t.handle_timeout(now);
+            }
+            self.drain_tunnel(w);
+        }
         let due: Vec<u16> = self
             .paths
             .iter()

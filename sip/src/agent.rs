@@ -134,6 +134,11 @@ impl<M: MediaAnchor> Agent<M> {
         }
     }
 
+    /// The server's SIP address.
+    pub fn server(&self) -> SocketAddr {
+        self.cfg.server
+    }
+
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
