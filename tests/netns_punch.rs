@@ -563,11 +563,15 @@ fn ft_counter(lan: &Lan, name: &str) -> u64 {
     text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).expect("counter")
 }
 
+/// A UDP-blocking NAT box's counts: RTP tried over UDP and TCP segments to the forwarder
+/// (both in the last 2 s of a call), RSTs and INVALID packets (in all).
+type BoxCounts = (u64, u64, u64, u64);
+
 /// alice behind a NAT that drops all UDP calls bob behind `bob_nat`; both next to agents,
 /// alice's signalling over TCP. Returns what each heard of the other's tone, and the
 /// counters of every UDP-blocking box: (UDP the LAN tried to send out and TCP to the
 /// forwarder, both in the last 2 s of the call; RSTs and INVALID in all).
-fn blocked_call(bob_nat: NatKind) -> ([f64; 2], Vec<(u64, u64, u64, u64)>) {
+fn blocked_call(bob_nat: NatKind) -> ([f64; 2], Vec<BoxCounts>) {
     let dir = TempDir::new("blocked");
     let lab = NatLab::with_lans(&[NatKind::UdpBlocked, bob_nat]);
     let (_server, ph_log) =
