@@ -174,24 +174,10 @@ fn relayed_registers_carry_the_agents_profile_and_never_the_phones() {
 
 #[test]
 fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
-    use pinhole_media::punch::scheduler::Credentials;
-    use pinhole_media::punch::sdp::{insert, WirePlan};
-    use pinhole_media::punch::Strategy;
-    use pinhole_media::relay::Side;
+    use pinhole_media::punch::sdp::insert;
     let sdp =
         "v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n";
-    let plan = WirePlan {
-        strategy: Strategy::SimultaneousOpen,
-        side: Side::B,
-        windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
-        credentials: Credentials {
-            local_ufrag: "bbbb".into(),
-            local_pwd: "b-password-0123456789".into(),
-            remote_ufrag: "aaaa".into(),
-            remote_pwd: "a-password-0123456789".into(),
-        },
-        start: pinhole_media::punch::sdp::PlanStart::AfterAnswer { ms: 300 },
-    };
+    let plan = callee_plan();
     let body = insert(sdp, &plan);
     let invite = format!(
         "INVITE sip:alice@198.51.100.20:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bKsrvp\r\nMax-Forwards: 69\r\nTo: <sip:alice@203.0.113.10>\r\nFrom: <sip:bob@203.0.113.10>;tag=b1\r\nCall-ID: planned\r\nCSeq: 1 INVITE\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
@@ -227,22 +213,8 @@ fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
 
 #[test]
 fn a_late_offer_calls_plan_in_the_ack_is_ready_at_once() {
-    use pinhole_media::punch::scheduler::Credentials;
-    use pinhole_media::punch::sdp::{insert, PlanStart, WirePlan};
-    use pinhole_media::punch::Strategy;
-    use pinhole_media::relay::Side;
-    let plan = WirePlan {
-        strategy: Strategy::SimultaneousOpen,
-        side: Side::B,
-        windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
-        credentials: Credentials {
-            local_ufrag: "bbbb".into(),
-            local_pwd: "b-password-0123456789".into(),
-            remote_ufrag: "aaaa".into(),
-            remote_pwd: "a-password-0123456789".into(),
-        },
-        start: PlanStart::AfterAnswer { ms: 200 },
-    };
+    use pinhole_media::punch::sdp::insert;
+    let plan = callee_plan();
     let body = insert(
         "v=0\r\no=- 1 1 IN IP4 203.0.113.10\r\ns=-\r\nc=IN IP4 203.0.113.10\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\n",
         &plan,
@@ -258,6 +230,26 @@ fn a_late_offer_calls_plan_in_the_ack_is_ready_at_once() {
     assert!(!String::from_utf8_lossy(fwd.body_bytes()).contains("x-pinhole"));
     let ready = a.poll_plan().expect("no answer to wait for");
     assert_eq!((ready.call_id.as_str(), ready.server_tag.as_str(), ready.answered), ("late", "b1", at));
+}
+
+/// The callee's side of a simultaneous-open plan, as the server would send it.
+fn callee_plan() -> pinhole_media::punch::sdp::WirePlan {
+    use pinhole_media::punch::scheduler::Credentials;
+    use pinhole_media::punch::sdp::{PlanStart, WirePlan};
+    use pinhole_media::punch::Strategy;
+    use pinhole_media::relay::Side;
+    WirePlan {
+        strategy: Strategy::SimultaneousOpen,
+        side: Side::B,
+        windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
+        credentials: Credentials {
+            local_ufrag: "bbbb".into(),
+            local_pwd: "b-password-0123456789".into(),
+            remote_ufrag: "aaaa".into(),
+            remote_pwd: "a-password-0123456789".into(),
+        },
+        start: PlanStart::AfterAnswer { ms: 300 },
+    }
 }
 
 /// Sends raw bytes from the server and hands the agent and its output to `check`.
