@@ -261,15 +261,14 @@ fn drain_media(agent: &mut Agent<Option<Relay>>, media: &EdgeHandle, link: &Link
         }
     }
     while let Some(o) = agent.poll_forwarder_offer() {
-        // Where UDP gets through, the relay leg stays on it.
-        if !link.udp_blocked.load(Ordering::Relaxed) {
-            continue;
-        }
+        // Where UDP is blocked the leg goes over fake TCP at once; elsewhere only if the
+        // relay is not heard on it within a few seconds.
+        let at_once = link.udp_blocked.load(Ordering::Relaxed);
         let SocketAddr::V4(server) = agent.server() else { continue };
         let window = leg_window(agent, &o.call_id, &o.server_tag);
         if let Some(window) = window {
             let server = std::net::SocketAddrV4::new(*server.ip(), o.port);
-            media.send(MediaCmd::Tunnel { call_id: o.call_id, window, server, key: o.key });
+            media.send(MediaCmd::Tunnel { call_id: o.call_id, window, server, key: o.key, at_once });
         }
     }
 }

@@ -32,12 +32,14 @@ pub(crate) enum MediaCmd {
         window: u16,
         plan: PunchPlan,
     },
-    /// Carry the leg of `window` over fake TCP to the forwarder `server`, proven with `key`.
+    /// Carry the leg of `window` over fake TCP to the forwarder `server`, proven with `key`:
+    /// `at_once`, or only if the relay is not heard on the window within a few seconds.
     Tunnel {
         call_id: String,
         window: u16,
         server: std::net::SocketAddrV4,
         key: String,
+        at_once: bool,
     },
 }
 
@@ -152,11 +154,14 @@ impl Engine {
                     }
                     self.edge.apply(now, c);
                 }
-                MediaCmd::Tunnel { call_id, window, server, key } => {
+                MediaCmd::Tunnel { call_id, window, server, key, at_once } => {
                     let Some(ip) = self.raw_socket() else { continue };
-                    if self.edge.tunnel(now, window, ip, server, key, rand::random()) {
-                        metrics::counter!("pinhole_faketcp_tunnels_total").increment(1);
-                        tracing::info!(call_id, window, %server, "call leg over fake TCP");
+                    if at_once {
+                        if self.edge.tunnel(now, window, ip, server, key, rand::random()) {
+                            tracing::info!(call_id, window, %server, "call leg over fake TCP");
+                        }
+                    } else if self.edge.standby(now, window, ip, server, key) {
+                        tracing::debug!(call_id, window, %server, "fake TCP in reserve for the call leg");
                     }
                 }
                 MediaCmd::Punch { call_id, window, plan } => {
@@ -308,6 +313,9 @@ impl Engine {
             }
         }
         while let Some(t) = self.edge.poll_tunnel_event() {
+            if t.phase == pinhole_media::faketcp::client::Phase::Connecting && t.connections == 1 {
+                metrics::counter!("pinhole_faketcp_tunnels_total").increment(1);
+            }
             tracing::info!(window = t.window, phase = ?t.phase, connections = t.connections, "fake-TCP tunnel");
         }
         let mut changed = false;

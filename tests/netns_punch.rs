@@ -569,21 +569,50 @@ type BoxCounts = (u64, u64, u64, u64);
 /// counters of every UDP-blocking box: (UDP the LAN tried to send out and TCP to the
 /// forwarder, both in the last 2 s of the call; RSTs and INVALID in all).
 fn blocked_call(bob_nat: NatKind) -> ([f64; 2], Vec<BoxCounts>) {
+    let both = bob_nat == NatKind::UdpBlocked;
+    tunnelled_call([NatKind::UdpBlocked, bob_nat], [true, both], false)
+}
+
+/// A call from alice to bob, each behind a NAT of `kinds` and next to an agent (signalling
+/// over TCP where `tcp_agents`); with `block_relay`, alice's NAT box lets UDP out but not
+/// to the server's relay ports. The boxes watched are the UDP-blocking ones and, with
+/// `block_relay`, alice's. Returns what each heard, and each watched box's counts.
+fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool) -> ([f64; 2], Vec<BoxCounts>) {
     let dir = TempDir::new("blocked");
-    let lab = NatLab::with_lans(&[NatKind::UdpBlocked, bob_nat]);
+    let lab = NatLab::with_lans(&kinds);
     let (_server, ph_log) =
         lab.start_pinhole(dir.path(), &server_config(&format!("[faketcp]\nlisten = \"{WAN_SERVER}:4443\"\n")));
-    let blocked: Vec<&Lan> = lab.lans.iter().take(if bob_nat == NatKind::UdpBlocked { 2 } else { 1 }).collect();
+    let blocked: Vec<&Lan> = lab
+        .lans
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| kinds[*i] == NatKind::UdpBlocked || (*i == 0 && block_relay))
+        .map(|(_, l)| l)
+        .collect();
     for lan in &blocked {
         watch_blocked(lan);
     }
-    let tcp = "transport = \"tcp\"\n";
-    let (_a, a_log) = start_agent_with(dir.path(), "alice", &lab.lans[0], tcp, "signalling to the server over TCP");
-    let (_b, b_log) = if bob_nat == NatKind::UdpBlocked {
-        start_agent_with(dir.path(), "bob", &lab.lans[1], tcp, "signalling to the server over TCP")
-    } else {
-        start_agent(dir.path(), "bob", &lab.lans[1])
+    if block_relay {
+        let rule = "table inet phblock {\n  chain relay {\n    type filter hook forward priority -5; policy accept;\n    udp dport 30000-30199 drop\n  }\n}\n";
+        let path = dir.path().join("block.nft");
+        std::fs::write(&path, rule).expect("nft");
+        ns_exec(&lab.lans[0].nat, &["nft", "-f", &path.display().to_string()]);
+    }
+    let agent = |i: usize, who: &str| {
+        if tcp_agents[i] {
+            start_agent_with(
+                dir.path(),
+                who,
+                &lab.lans[i],
+                "transport = \"tcp\"\n",
+                "signalling to the server over TCP",
+            )
+        } else {
+            start_agent(dir.path(), who, &lab.lans[i])
+        }
     };
+    let (_a, a_log) = agent(0, "alice");
+    let (_b, b_log) = agent(1, "bob");
     let outbound = |l: &Lan| format!("{}:{AGENT_PORT}", l.host);
     let mut alice =
         Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, Some(&outbound(&lab.lans[0])));
@@ -603,7 +632,8 @@ fn blocked_call(bob_nat: NatKind) -> ([f64; 2], Vec<BoxCounts>) {
     }
     alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
     assert!(wait_for(&bob.log, "Call established", Duration::from_secs(15)), "bob never answered\n{}", logs());
-    assert!(wait_for(&a_log, "call leg over fake TCP", Duration::from_secs(5)), "no tunnel\n{}", logs());
+    let up = wait_for(&a_log, "phase=Up", Duration::from_secs(8));
+    assert!(up, "alice's leg never went over fake TCP\n{}", logs());
     std::thread::sleep(Duration::from_secs(3));
     let before: Vec<(u64, u64)> =
         blocked.iter().map(|l| (ft_counter(l, "tried"), ft_counter(l, "forwarder"))).collect();
@@ -665,4 +695,23 @@ fn two_phones_whose_nats_both_drop_udp_talk_through_the_forwarder_on_both_legs()
         return;
     }
     carried_over_fake_tcp(NatKind::UdpBlocked, 2);
+}
+
+#[test]
+fn a_leg_whose_relay_ports_are_blocked_moves_to_fake_tcp_after_a_few_seconds_of_silence() {
+    if !common::netns::have_root() {
+        return;
+    }
+    // No direct path between two random-symmetric NATs, and alice's NAT drops UDP to the
+    // relay (though not to STUN, nor SIP): her agent hears nothing from the relay and moves
+    // the leg to fake TCP.
+    let (heard, counters) = tunnelled_call([NatKind::SymmetricRandom, NatKind::SymmetricRandom], [false, false], true);
+    eprintln!(
+        "heard {heard:?}, alice's box (rtp tried over udp, tcp to the forwarder in 2 s, rst, invalid) {counters:?}"
+    );
+    assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
+    let (udp, fwd, rst, invalid) = counters[0];
+    assert_eq!(udp, 0, "RTP stopped trying UDP");
+    assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
+    assert_eq!((rst, invalid), (0, 0));
 }

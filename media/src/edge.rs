@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::faketcp::client::{Phase as TunnelPhase, Tunnel};
 use crate::faketcp::Segment;
@@ -93,6 +93,17 @@ struct Session {
 
 /// Calls whose relay leg goes over fake TCP at once, at most.
 pub const MAX_TUNNELS: usize = 1024;
+/// A leg whose relay has not been heard on its window this long after the forwarder was
+/// offered goes over fake TCP (UDP to the relay does not get through, though STUN did).
+pub const RELAY_SILENCE: Duration = Duration::from_secs(3);
+
+/// A forwarder offer held in reserve for a window, until its deadline.
+struct Standby {
+    local_ip: Ipv4Addr,
+    server: SocketAddrV4,
+    key: String,
+    deadline: Instant,
+}
 
 pub struct EdgeMedia {
     ports: PortTable<()>,
@@ -103,6 +114,8 @@ pub struct EdgeMedia {
     tunnels: HashMap<u16, Tunnel>,
     tunnel_phases: HashMap<u16, TunnelPhase>,
     tunnel_events: VecDeque<TunnelEvent>,
+    /// Forwarder offers in reserve, by window.
+    standby: HashMap<u16, Standby>,
     stun: SocketAddr,
     epoch: Instant,
     requests: VecDeque<SocketRequest>,
@@ -119,6 +132,7 @@ impl EdgeMedia {
             tunnels: HashMap::new(),
             tunnel_phases: HashMap::new(),
             tunnel_events: VecDeque::new(),
+            standby: HashMap::new(),
             stun,
             epoch,
             requests: VecDeque::new(),
@@ -141,6 +155,7 @@ impl EdgeMedia {
                     self.ports.close(p);
                     self.tunnels.remove(&p.0);
                     self.tunnel_phases.remove(&p.0);
+                    self.standby.remove(&p.0);
                     if let Some(s) = self.paths.remove(&p.0) {
                         if s.path.extra_sockets() > 0 {
                             self.requests.push_back(SocketRequest::Close { window: p.0 });
@@ -195,6 +210,25 @@ impl EdgeMedia {
         true
     }
 
+    /// The forwarder is offered for window `window`'s leg, but UDP gets out: keep the
+    /// offer, and take it if the relay is not heard on the window within
+    /// [`RELAY_SILENCE`].
+    pub fn standby(
+        &mut self,
+        now: Instant,
+        window: u16,
+        local_ip: Ipv4Addr,
+        server: SocketAddrV4,
+        key: String,
+    ) -> bool {
+        if self.ports.slot(window).is_none() || self.tunnels.contains_key(&window) || self.standby.len() >= MAX_TUNNELS
+        {
+            return false;
+        }
+        self.standby.insert(window, Standby { local_ip, server, key, deadline: now + RELAY_SILENCE });
+        true
+    }
+
     /// A fake-TCP segment for one of our tunnels: the datagram it carried goes to the
     /// phone, as relayed media would.
     pub fn on_segment(&mut self, now: Instant, s: &Segment<'_>) -> Sends {
@@ -239,6 +273,12 @@ impl EdgeMedia {
     pub fn on_packet(&mut self, now: Instant, at: Socket, src: SocketAddr, data: &[u8]) -> Sends {
         let now_ns = self.now_ns(now);
         let control = data.is_empty() || crate::stun::looks_like_stun(data);
+        if let Socket::Port(p) = at {
+            // The relay answers on this window: UDP gets through, no fallback needed.
+            if self.standby.contains_key(&p) && Some(src) == self.relay_of(p) {
+                self.standby.remove(&p);
+            }
+        }
         let (window, index) = match at {
             Socket::Tcp { .. } => return Sends::NONE, // segments come through on_segment
             Socket::Extra { window, index } => (window, index),
@@ -246,12 +286,6 @@ impl EdgeMedia {
             Socket::Port(p) => {
                 // A phone's packet (or one of a call without a path).
                 let Some(f) = self.ports.forward(now, now_ns, p, src, data) else { return Sends::NONE };
-                if let Some(t) = self.tunnels.get_mut(&f.from_port).filter(|t| t.phase() == TunnelPhase::Up) {
-                    t.send(now, data);
-                    self.drain_tunnel(f.from_port);
-                    return Sends::NONE;
-                }
-                let relayed = (Socket::Port(f.from_port), f.to);
                 let direct = |socket: usize, to| {
                     let from = if socket == 0 {
                         Socket::Port(f.from_port)
@@ -260,10 +294,22 @@ impl EdgeMedia {
                     };
                     (from, to)
                 };
-                return match self.paths.get(&f.from_port).map(|s| s.path.route()) {
-                    Some(Route::Direct { socket, to }) => Sends([Some(direct(socket, to)), None]),
-                    Some(Route::Both { socket, to }) => Sends([Some(direct(socket, to)), Some(relayed)]),
-                    _ => Sends([Some(relayed), None]),
+                let (direct, via_relay) = match self.paths.get(&f.from_port).map(|s| s.path.route()) {
+                    Some(Route::Direct { socket, to }) => (Some(direct(socket, to)), false),
+                    Some(Route::Both { socket, to }) => (Some(direct(socket, to)), true),
+                    _ => (None, true),
+                };
+                // What goes to the relay goes over the tunnel when the leg has one up.
+                let mut relayed = via_relay.then_some((Socket::Port(f.from_port), f.to));
+                if let Some(t) = self.tunnels.get_mut(&f.from_port).filter(|t| t.phase() == TunnelPhase::Up) {
+                    if relayed.take().is_some() {
+                        t.send(now, data);
+                        self.drain_tunnel(f.from_port);
+                    }
+                }
+                return match (direct, relayed) {
+                    (Some(d), r) => Sends([Some(d), r]),
+                    (None, r) => Sends([r, None]),
                 };
             }
         };
@@ -320,10 +366,18 @@ impl EdgeMedia {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let paths = self.paths.values().filter_map(|s| s.path.poll_timeout());
-        paths.chain(self.tunnels.values().filter_map(Tunnel::poll_timeout)).min()
+        let standby = self.standby.values().map(|s| s.deadline);
+        paths.chain(self.tunnels.values().filter_map(Tunnel::poll_timeout)).chain(standby).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        let silent: Vec<u16> = self.standby.iter().filter(|(_, s)| s.deadline <= now).map(|(w, _)| *w).collect();
+        for w in silent {
+            if let Some(s) = self.standby.remove(&w) {
+                let seed = u64::from(w) ^ now.saturating_duration_since(self.epoch).as_nanos() as u64;
+                self.tunnel(now, w, s.local_ip, s.server, s.key, seed);
+            }
+        }
         let due: Vec<u16> =
             self.tunnels.iter().filter(|(_, t)| t.poll_timeout().is_some_and(|d| d <= now)).map(|(w, _)| *w).collect();
         for w in due {

@@ -213,3 +213,94 @@ fn unlinking_a_call_ends_its_path() {
     assert_eq!(net.edges[0].poll_timeout(), None);
     assert_eq!(net.edges[0].on_packet(now, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP), Sends::NONE);
 }
+
+mod fake_tcp {
+    //! A leg over fake TCP: the engine's tunnel against the forwarder core, in memory.
+
+    use super::*;
+    use crate::faketcp::forwarder::{Forwarder, Limits, Output};
+    use crate::faketcp::{ipv4, Segment};
+
+    const FWD: &str = "203.0.113.1:4443";
+    const KEY: &str = "leg-key-0123456789abcdef";
+    const LAN: &str = "198.51.100.10";
+
+    fn engine(now: Instant) -> EdgeMedia {
+        let mut e = EdgeMedia::new(31000, 31099, addr(STUN), now);
+        e.apply(now, Command::Link { shard: 1, a: spec(LAN, PHONE_PORT, PHONE[0]), b: spec(LAN, WINDOW, RELAY[0]) });
+        e
+    }
+
+    fn forwarder() -> Forwarder {
+        let mut f = Forwarder::new(FWD.parse().expect("fwd"), Limits::default(), 7);
+        f.allow(30000, KEY.into());
+        f
+    }
+
+    /// Moves segments between the engine and the forwarder until quiet; returns what the
+    /// phone got and what reached the relay.
+    fn settle(now: Instant, e: &mut EdgeMedia, f: &mut Forwarder) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut phone, mut relay) = (Vec::new(), Vec::new());
+        loop {
+            let mut moved = false;
+            while let Some((from, to, bytes)) = e.poll_transmit() {
+                let (Socket::Tcp { .. }, SocketAddr::V4(to)) = (from, to) else { continue };
+                let p = ipv4(LAN.parse().expect("ip"), *to.ip(), &bytes, 1);
+                f.handle_segment(now, &Segment::parse(&p).expect("segment"));
+                moved = true;
+            }
+            while let Some(o) = f.poll_output() {
+                moved = true;
+                match o {
+                    Output::Segment { from, to, tcp } => {
+                        let p = ipv4(*from.ip(), *to.ip(), &tcp, 1);
+                        let s = Segment::parse(&p).expect("segment");
+                        if e.on_segment(now, &s).first().is_some() {
+                            phone.push(s.payload.to_vec());
+                        }
+                    }
+                    Output::ToRelay { datagram, .. } => relay.push(datagram),
+                }
+            }
+            if !moved {
+                return (phone, relay);
+            }
+        }
+    }
+
+    #[test]
+    fn a_leg_whose_relay_stays_silent_moves_to_fake_tcp_and_carries_media_both_ways() {
+        let t0 = Instant::now();
+        let (mut e, mut f) = (engine(t0), forwarder());
+        assert!(e.standby(t0, WINDOW, LAN.parse().expect("ip"), FWD.parse().expect("fwd"), KEY.into()));
+        // The phone talks; nothing comes back from the relay.
+        let sent = e.on_packet(t0, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP);
+        assert_eq!(sent.first().map(|s| s.1), Some(addr(RELAY[0])), "UDP first");
+        assert_eq!(e.poll_timeout(), Some(t0 + RELAY_SILENCE));
+        let later = t0 + RELAY_SILENCE;
+        e.handle_timeout(later);
+        settle(later, &mut e, &mut f);
+        assert!(e.tunnelled(WINDOW));
+        assert_eq!(e.on_packet(later, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP), Sends::NONE, "over the tunnel");
+        let (_, relay) = settle(later, &mut e, &mut f);
+        assert_eq!(relay, vec![RTP.to_vec()]);
+        assert!(f.from_relay(later, 30000, b"\x80far side"));
+        let (phone, _) = settle(later, &mut e, &mut f);
+        assert_eq!(phone, vec![b"\x80far side".to_vec()]);
+        let tunnel: Vec<TunnelEvent> = std::iter::from_fn(|| e.poll_tunnel_event()).collect();
+        assert_eq!(tunnel.last().map(|t| (t.window, t.phase)), Some((WINDOW, TunnelPhase::Up)));
+    }
+
+    #[test]
+    fn a_leg_whose_relay_answers_stays_on_udp() {
+        let t0 = Instant::now();
+        let mut e = engine(t0);
+        assert!(e.standby(t0, WINDOW, LAN.parse().expect("ip"), FWD.parse().expect("fwd"), KEY.into()));
+        let back = e.on_packet(t0, Socket::Port(WINDOW), addr(RELAY[0]), RTP);
+        assert_eq!(back.first().map(|s| s.1), Some(addr(PHONE[0])));
+        e.handle_timeout(t0 + RELAY_SILENCE);
+        assert!(!e.tunnelled(WINDOW));
+        assert!(std::iter::from_fn(|| e.poll_transmit()).all(|(s, _, _)| !matches!(s, Socket::Tcp { .. })));
+        assert_eq!(e.poll_timeout(), None);
+    }
+}
