@@ -38,7 +38,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("relay") => crate::relaybench::run(&args[1..]),
         Some("ng") => ng(&args[1..]),
         Some("punch") => punch(),
-        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch"),
+        Some("faketcp") => crate::faketcpbench::run(&args[1..]),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch, faketcp"),
     }
 }
 

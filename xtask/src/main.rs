@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod bench;
+mod faketcpbench;
 #[allow(unreachable_pub)]
 #[path = "../../tests/common/netns.rs"]
 mod netns;
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
         Some("install-peers") => install_peers(),
         Some("lab") => lab(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | bench punch | fuzz [SECONDS] | lab KIND | install-peers");
+            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | bench punch | bench faketcp [--calls N] [--seconds N] | fuzz [SECONDS] | lab KIND | install-peers");
             return ExitCode::from(2);
         }
     };

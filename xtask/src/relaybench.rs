@@ -39,7 +39,7 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) -> anyhow::Result<Bencode> {
+pub(crate) fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) -> anyhow::Result<Bencode> {
     let mut out = format!("b{n} ").into_bytes();
     msg.encode(&mut out);
     let mut buf = vec![0u8; 65536];
@@ -53,7 +53,7 @@ fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) -> anyhow::Re
     anyhow::bail!("no ng reply from {target}")
 }
 
-fn sdp(addr: SocketAddr) -> String {
+pub(crate) fn sdp(addr: SocketAddr) -> String {
     format!(
         "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
         ip = addr.ip(),
@@ -61,7 +61,7 @@ fn sdp(addr: SocketAddr) -> String {
     )
 }
 
-fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
+pub(crate) fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
     let body =
         reply.get("sdp").and_then(Bencode::as_bytes).ok_or_else(|| anyhow::anyhow!("no sdp in reply: {reply}"))?;
     let parsed = Sdp::parse(body)?;
