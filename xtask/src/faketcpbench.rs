@@ -19,6 +19,13 @@ use crate::relaybench::{ng, relayed_port, sdp};
 const SECRET: [u8; 32] = [7; 32];
 const PACKET: usize = 172;
 const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+/// Tunnels per source address (the forwarder caps connections per source at 64).
+const PER_SOURCE: usize = 50;
+
+/// Where call `i`'s tunnel comes from.
+fn tunnel_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 10 + (i / PER_SOURCE) as u8, 3)
+}
 /// Local TCP ports of the generator's tunnels: two per call.
 const TCP_BASE: u16 = 50_000;
 
@@ -31,7 +38,7 @@ struct Run {
 fn start(dir: &std::path::Path, ng_port: u16, fwd_port: u16) -> anyhow::Result<Proc> {
     let store = dir.join("store.json");
     let hex: String = SECRET.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&store, format!("{{\"secret\":\"{hex}\",\"bindings\":[]}}"))?;
+    std::fs::write(&store, format!("{{\"version\":1,\"secret\":\"{hex}\",\"bindings\":[]}}"))?;
     spawn_pinhole(
         dir,
         "pinhole-faketcp-bench",
@@ -48,11 +55,13 @@ fn start(dir: &std::path::Path, ng_port: u16, fwd_port: u16) -> anyhow::Result<P
 struct RstRule;
 
 impl RstRule {
-    fn install(hi: u16) -> anyhow::Result<RstRule> {
+    fn install(dir: &std::path::Path, hi: u16) -> anyhow::Result<RstRule> {
         let rules = format!(
-            "table inet pinhole_bench_faketcp {{ chain out {{ type filter hook output priority 0; policy accept; tcp sport {TCP_BASE}-{hi} tcp flags & rst == rst drop; }} }}"
+            "table inet pinhole_bench_faketcp {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    tcp sport {TCP_BASE}-{hi} tcp flags & rst == rst drop\n  }}\n}}\n"
         );
-        crate::run(Command::new("nft").arg(rules))?;
+        let path = dir.join("rst.nft");
+        std::fs::write(&path, rules)?;
+        crate::run(Command::new("nft").arg("-f").arg(&path))?;
         Ok(RstRule)
     }
 }
@@ -120,7 +129,7 @@ fn load(
         if tcp {
             let key = pinhole_sip::faketcp_key(&SECRET, &call_id, pb);
             let port = TCP_BASE + 2 * i as u16;
-            let local = SocketAddrV4::new(B_IP, port);
+            let local = SocketAddrV4::new(tunnel_ip(i), port);
             tunnels.push(Tunnel::new(now, local, (port, port + 1), fwd, pb, key, i as u64 + 1));
         }
     }
@@ -131,7 +140,7 @@ fn load(
     let flush = |t: &mut Tunnel, id: &mut u16| {
         while let Some((to, seg)) = t.poll_transmit() {
             *id = id.wrapping_add(1);
-            let p = ipv4(B_IP, *to.ip(), &seg, *id);
+            let p = ipv4(*t.local().ip(), *to.ip(), &seg, *id);
             let _ = raw.send_to(&p, SocketAddr::V4(SocketAddrV4::new(*to.ip(), 0)));
         }
     };
@@ -202,11 +211,11 @@ fn load(
 fn receive(raw: &UdpSocket, buf: &mut [u8], tunnels: &mut [Tunnel], received: &mut u64) {
     while let Ok(n) = raw.recv(buf) {
         let Ok(s) = Segment::parse(&buf[..n]) else { continue };
-        if *s.dst.ip() != B_IP || s.dst.port() < TCP_BASE {
+        if s.dst.port() < TCP_BASE {
             continue;
         }
         let i = usize::from((s.dst.port() - TCP_BASE) / 2);
-        if let Some(t) = tunnels.get_mut(i) {
+        if let Some(t) = tunnels.get_mut(i).filter(|t| t.local().ip() == s.dst.ip()) {
             if t.handle_segment(Instant::now(), &s).is_some() {
                 *received += 1;
             }
@@ -219,7 +228,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let calls = arg(args, "--calls", 200) as usize;
     let dir = std::env::temp_dir().join(format!("pinhole-faketcp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let _rule = RstRule::install(TCP_BASE + 2 * calls as u16 + 1)?;
+    let _rule = RstRule::install(&dir, TCP_BASE + 2 * calls as u16 + 1)?;
     let mut rows = Vec::new();
     for tcp in [false, true] {
         let (ng_port, fwd_port) = (free_port(), free_port());
