@@ -123,9 +123,11 @@ impl ForwarderThread {
                         }
                     }
                 } else {
+                    // A shim: the leg's RTP port's, or (odd) its RTCP port's; both go over
+                    // the connection bound to the RTP port.
                     let port = ev.token().0 as u16;
                     while let Some(Ok((n, _))) = self.shims.get(&port).map(|(s, _)| s.recv_from(&mut buf)) {
-                        self.fwd.from_relay(Instant::now(), port, &buf[..n]);
+                        self.fwd.from_relay(Instant::now(), port - port % 2, &buf[..n]);
                     }
                 }
             }
@@ -149,6 +151,8 @@ impl ForwarderThread {
                     let _ = self.sock.send(&ipv4(*from.ip(), *to.ip(), &tcp, self.id), *to.ip());
                 }
                 Output::ToRelay { port, datagram } => {
+                    // RTCP rides the same connection, to the relay's RTCP port.
+                    let port = if pinhole_media::latch::is_rtcp(&datagram) { port + 1 } else { port };
                     if !self.shims.contains_key(&port) {
                         self.open_shim(port);
                     }
@@ -197,13 +201,14 @@ impl ForwarderThread {
         let gone: Vec<u16> = {
             let node = self.shared.node();
             let relay = node.relay();
-            self.shims.keys().copied().filter(|p| relay.is_none_or(|r| r.call_of_port(*p).is_none())).collect()
+            let ended = |p: u16| relay.is_none_or(|r| r.call_of_port(p - p % 2).is_none());
+            self.shims.keys().copied().filter(|p| ended(*p)).collect()
         };
         for port in gone {
             if let Some((mut shim, _)) = self.shims.remove(&port) {
                 let _ = self.poll.registry().deregister(&mut shim);
             }
-            self.fwd.revoke(port);
+            self.fwd.revoke(port - port % 2);
         }
     }
 }

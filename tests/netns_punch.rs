@@ -541,12 +541,12 @@ fn one_cell() {
     eprintln!("{:?}", run_cell(a, b, "", Duration::from_secs(6)));
 }
 
-/// Counters on a UDP-blocking NAT box, ahead of its own drop rule: UDP to the server's RTP
-/// ports (even ones of its relay range; RTCP, on odd ones, still goes the UDP way) the LAN
-/// tries to send, TCP to the forwarder, RSTs and packets conntrack calls INVALID.
+/// Counters on a UDP-blocking NAT box, ahead of its own drop rule: UDP to the server's relay
+/// ports (RTP and RTCP) the LAN tries to send, TCP to the forwarder, RSTs and packets
+/// conntrack calls INVALID.
 fn watch_blocked(lan: &Lan) {
     let rules = format!(
-        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 udp dport & 0x1 == 0x0 counter name tried\n    udp dport 30000-30199 udp dport & 0x1 == 0x0 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
+        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 counter name tried\n    udp dport 30000-30199 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
     );
     let path = std::env::temp_dir().join(format!("{}-ft.nft", lan.nat));
     std::fs::write(&path, rules).expect("nft");
@@ -560,7 +560,7 @@ fn ft_counter(lan: &Lan, name: &str) -> u64 {
     text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).expect("counter")
 }
 
-/// A UDP-blocking NAT box's counts: RTP tried over UDP and TCP segments to the forwarder
+/// A UDP-blocking NAT box's counts: RTP/RTCP tried over UDP and TCP segments to the forwarder
 /// (both in the last 2 s of a call), RSTs and INVALID packets (in all).
 type BoxCounts = (u64, u64, u64, u64);
 
@@ -652,7 +652,7 @@ fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool)
         .collect();
     for l in &blocked {
         let seen = ns_exec(&l.nat, &["nft", "list", "set", "inet", "phft", "seen"]);
-        eprintln!("UDP to even ports tried from {}:\n{}", l.lan, String::from_utf8_lossy(&seen.stdout));
+        eprintln!("UDP to the relay ports tried from {}:\n{}", l.lan, String::from_utf8_lossy(&seen.stdout));
     }
     let conntrack = String::from_utf8_lossy(
         &ns_exec(&lab.lans[0].nat, &["conntrack", "-L", "-p", "tcp", "--dport", "4443"]).stdout,
@@ -683,7 +683,7 @@ fn carried_over_fake_tcp(bob_nat: NatKind, boxes: usize) {
     assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
     assert_eq!(counters.len(), boxes);
     for (udp, fwd, rst, invalid) in counters {
-        assert_eq!(udp, 0, "RTP does not even try UDP any more");
+        assert_eq!(udp, 0, "RTP and RTCP do not even try UDP any more");
         assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
         assert_eq!((rst, invalid), (0, 0));
     }
@@ -711,7 +711,7 @@ fn a_leg_whose_relay_ports_are_blocked_moves_to_fake_tcp_after_a_few_seconds_of_
     );
     assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
     let (udp, fwd, rst, invalid) = counters[0];
-    assert_eq!(udp, 0, "RTP stopped trying UDP");
+    assert_eq!(udp, 0, "RTP and RTCP stopped trying UDP");
     assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
     assert_eq!((rst, invalid), (0, 0));
 }

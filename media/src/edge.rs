@@ -237,7 +237,9 @@ impl EdgeMedia {
         let Some(t) = self.tunnels.get_mut(&window) else { return Sends::NONE };
         let data = t.handle_segment(now, s);
         let now_ns = self.now_ns(now);
-        let f = data.and_then(|d| self.ports.deliver(now_ns, window, d));
+        // RTCP rides the same connection: it goes to the phone's RTCP port.
+        let port = |d: &[u8]| if crate::latch::is_rtcp(d) { window.wrapping_add(1) } else { window };
+        let f = data.and_then(|d| self.ports.deliver(now_ns, port(d), d));
         self.drain_tunnel(window);
         Sends([f.map(|f| (Socket::Port(f.from_port), f.to)), None])
     }
@@ -299,12 +301,14 @@ impl EdgeMedia {
                     Some(Route::Both { socket, to }) => (Some(direct(socket, to)), true),
                     _ => (None, true),
                 };
-                // What goes to the relay goes over the tunnel when the leg has one up.
+                // What goes to the relay goes over the tunnel when the leg has one up: RTP from
+                // the window's port, RTCP from the one above it.
                 let mut relayed = via_relay.then_some((Socket::Port(f.from_port), f.to));
-                if let Some(t) = self.tunnels.get_mut(&f.from_port).filter(|t| t.phase() == TunnelPhase::Up) {
+                let leg = f.from_port - f.from_port % 2;
+                if let Some(t) = self.tunnels.get_mut(&leg).filter(|t| t.phase() == TunnelPhase::Up) {
                     if relayed.take().is_some() {
                         t.send(now, data);
-                        self.drain_tunnel(f.from_port);
+                        self.drain_tunnel(leg);
                     }
                 }
                 return match (direct, relayed) {

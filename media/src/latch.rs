@@ -31,6 +31,11 @@ pub struct RtpInfo {
     pub payload_type: u8,
 }
 
+/// Whether `b` is an RTCP packet (version 2, packet type 200–207, RFC 5761 §4).
+pub fn is_rtcp(b: &[u8]) -> bool {
+    b.len() >= 8 && b[0] >> 6 == 2 && (200..=207).contains(&b[1])
+}
+
 impl RtpInfo {
     /// Parses an RTP header; `None` for RTCP (RFC 5761 §4 payload types 64–95) and for
     /// anything that is not RTP version 2.

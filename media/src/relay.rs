@@ -521,12 +521,19 @@ impl Relay {
     /// The party that sends to relay port `port` is reached at `to` from now on, and only
     /// packets from `to` are its media (its leg now comes through the fake-TCP forwarder,
     /// which speaks for it from `to`). False for a port no call uses.
+    ///
+    /// An odd `port` is the RTCP port of a leg: its companion moves the same way (the SDP
+    /// address stays the RTP one's).
     pub fn retarget(&mut self, now: Instant, port: u16, to: SocketAddr) -> bool {
-        let Some((call_id, side)) = self.call_of_port(port) else { return false };
+        let rtcp = port % 2 == 1;
+        let rtp_port = if rtcp { port - 1 } else { port };
+        let Some((call_id, side)) = self.call_of_port(rtp_port) else { return false };
         let call_id = call_id.to_owned();
         let Some(call) = self.calls.get_mut(&call_id) else { return false };
-        let Some(stream) = call.streams.iter_mut().find(|s| s.ports[side].0 == port) else { return false };
-        stream.sdp[side] = Some(to);
+        let Some(stream) = call.streams.iter_mut().find(|s| s.ports[side].0 == rtp_port) else { return false };
+        if !rtcp {
+            stream.sdp[side] = Some(to);
+        }
         let expected = Expected { sdp: Some(to), signalling_ip: None };
         call.last_signal = now;
         self.commands.push_back(Command::Expect { shard: call.serial, port: RelayPort(port), expected });
@@ -843,6 +850,16 @@ mod tests {
             other => panic!("expected an Expect, got {other:?}"),
         }
         assert_eq!(r.describe("c1").expect("call").streams[0].sdp[Side::B], Some(shim));
+        // Its RTCP port moves too, to a shim of its own.
+        let rtcp_shim: SocketAddr = "203.0.113.1:50125".parse().expect("addr");
+        assert!(r.retarget(t, b_port + 1, rtcp_shim));
+        match r.poll_command() {
+            Some(Command::Expect { port, expected, .. }) => {
+                assert_eq!((port.0, expected.sdp), (b_port + 1, Some(rtcp_shim)));
+            }
+            other => panic!("expected an Expect, got {other:?}"),
+        }
+        assert_eq!(r.describe("c1").expect("call").streams[0].sdp[Side::B], Some(shim), "the SDP address stays");
         assert!(!r.retarget(t, 1, shim), "no call uses port 1");
     }
 

@@ -228,6 +228,15 @@ mod fake_tcp {
     fn engine(now: Instant) -> EdgeMedia {
         let mut e = EdgeMedia::new(31000, 31099, addr(STUN), now);
         e.apply(now, Command::Link { shard: 1, a: spec(LAN, PHONE_PORT, PHONE[0]), b: spec(LAN, WINDOW, RELAY[0]) });
+        // And the RTCP ports above them.
+        e.apply(
+            now,
+            Command::Link {
+                shard: 1,
+                a: spec(LAN, PHONE_PORT + 1, "198.51.100.10:4001"),
+                b: spec(LAN, WINDOW + 1, "203.0.113.1:30001"),
+            },
+        );
         e
     }
 
@@ -287,6 +296,20 @@ mod fake_tcp {
         assert!(f.from_relay(later, 30000, b"\x80far side"));
         let (phone, _) = settle(later, &mut e, &mut f);
         assert_eq!(phone, vec![b"\x80far side".to_vec()]);
+        // RTCP rides the same tunnel both ways, to and from the phone's RTCP port.
+        let rtcp = [0x81, 200, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0];
+        assert_eq!(e.on_packet(later, Socket::Port(PHONE_PORT + 1), addr("198.51.100.10:4001"), &rtcp), Sends::NONE);
+        let (_, relay) = settle(later, &mut e, &mut f);
+        assert_eq!(relay, vec![rtcp.to_vec()]);
+        assert!(f.from_relay(later, 30000, &rtcp));
+        let mut to_phone = Vec::new();
+        while let Some(o) = f.poll_output() {
+            if let Output::Segment { from, to, tcp } = o {
+                let p = ipv4(*from.ip(), *to.ip(), &tcp, 1);
+                to_phone.extend(e.on_segment(later, &Segment::parse(&p).expect("segment")).first());
+            }
+        }
+        assert_eq!(to_phone, vec![(Socket::Port(PHONE_PORT + 1), addr("198.51.100.10:4001"))]);
         let tunnel: Vec<TunnelEvent> = std::iter::from_fn(|| e.poll_tunnel_event()).collect();
         assert_eq!(tunnel.last().map(|t| (t.window, t.phase)), Some((WINDOW, TunnelPhase::Up)));
     }
