@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use pinhole_media::edge::{EdgeEvent, EdgeMedia, Socket, SocketRequest};
+use pinhole_media::edge::{EdgeEvent, EdgeMedia, Socket, SocketRequest, TunnelSpec};
 use pinhole_media::faketcp::{ipv4, Segment};
 use pinhole_media::punch::path::{PathEvent, Phase};
 use pinhole_media::punch::scheduler::PunchPlan;
@@ -156,11 +156,12 @@ impl Engine {
                 }
                 MediaCmd::Tunnel { call_id, window, server, key, at_once } => {
                     let Some(ip) = self.raw_socket() else { continue };
+                    let spec = TunnelSpec { local_ip: ip, server, key };
                     if at_once {
-                        if self.edge.tunnel(now, window, ip, server, key, rand::random()) {
+                        if self.edge.tunnel(now, window, spec, rand::random()) {
                             tracing::info!(call_id, window, %server, "call leg over fake TCP");
                         }
-                    } else if self.edge.standby(now, window, ip, server, key) {
+                    } else if self.edge.standby(now, window, spec) {
                         tracing::debug!(call_id, window, %server, "fake TCP in reserve for the call leg");
                     }
                 }

@@ -97,11 +97,18 @@ pub const MAX_TUNNELS: usize = 1024;
 /// offered goes over fake TCP (UDP to the relay does not get through, though STUN did).
 pub const RELAY_SILENCE: Duration = Duration::from_secs(3);
 
+/// A leg's way to the forwarder: from our address `local_ip` to `server`, proving the
+/// leg with `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSpec {
+    pub local_ip: Ipv4Addr,
+    pub server: SocketAddrV4,
+    pub key: String,
+}
+
 /// A forwarder offer held in reserve for a window, until its deadline.
 struct Standby {
-    local_ip: Ipv4Addr,
-    server: SocketAddrV4,
-    key: String,
+    spec: TunnelSpec,
     deadline: Instant,
 }
 
@@ -190,21 +197,13 @@ impl EdgeMedia {
     /// from `local_ip` (local ports `window`, then `window + 1` on reconnects: TCP ports,
     /// free since the relay's are UDP) to the forwarder `server`, proving the relay port
     /// with `key`. False when the window has no leg or a tunnel already.
-    pub fn tunnel(
-        &mut self,
-        now: Instant,
-        window: u16,
-        local_ip: Ipv4Addr,
-        server: SocketAddrV4,
-        key: String,
-        seed: u64,
-    ) -> bool {
+    pub fn tunnel(&mut self, now: Instant, window: u16, spec: TunnelSpec, seed: u64) -> bool {
         if self.tunnels.contains_key(&window) || self.tunnels.len() >= MAX_TUNNELS {
             return false;
         }
         let Some(relay_port) = self.relay_of(window).map(|r| r.port()) else { return false };
-        let local = SocketAddrV4::new(local_ip, window);
-        let t = Tunnel::new(now, local, (window, window.saturating_add(1)), server, relay_port, key, seed);
+        let local = SocketAddrV4::new(spec.local_ip, window);
+        let t = Tunnel::new(now, local, (window, window.saturating_add(1)), spec.server, relay_port, spec.key, seed);
         self.tunnels.insert(window, t);
         self.drain_tunnel(window);
         true
@@ -213,19 +212,12 @@ impl EdgeMedia {
     /// The forwarder is offered for window `window`'s leg, but UDP gets out: keep the
     /// offer, and take it if the relay is not heard on the window within
     /// [`RELAY_SILENCE`].
-    pub fn standby(
-        &mut self,
-        now: Instant,
-        window: u16,
-        local_ip: Ipv4Addr,
-        server: SocketAddrV4,
-        key: String,
-    ) -> bool {
+    pub fn standby(&mut self, now: Instant, window: u16, spec: TunnelSpec) -> bool {
         if self.ports.slot(window).is_none() || self.tunnels.contains_key(&window) || self.standby.len() >= MAX_TUNNELS
         {
             return false;
         }
-        self.standby.insert(window, Standby { local_ip, server, key, deadline: now + RELAY_SILENCE });
+        self.standby.insert(window, Standby { spec, deadline: now + RELAY_SILENCE });
         true
     }
 
@@ -379,7 +371,7 @@ impl EdgeMedia {
         for w in silent {
             if let Some(s) = self.standby.remove(&w) {
                 let seed = u64::from(w) ^ now.saturating_duration_since(self.epoch).as_nanos() as u64;
-                self.tunnel(now, w, s.local_ip, s.server, s.key, seed);
+                self.tunnel(now, w, s.spec, seed);
             }
         }
         let due: Vec<u16> =

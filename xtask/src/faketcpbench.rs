@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 
 use pinhole_media::faketcp::client::{Phase, Tunnel};
 use pinhole_media::faketcp::{ipv4, Segment};
-use pinhole_media::ng::Bencode;
 
 use crate::bench::{arg, cpu_ticks, free_port, spawn_pinhole, ticks_per_sec, Proc};
-use crate::relaybench::{ng, relayed_port, sdp};
+use crate::relaybench::set_up_call;
 
 const SECRET: [u8; 32] = [7; 32];
 const PACKET: usize = 172;
@@ -100,31 +99,7 @@ fn load(
     for i in 0..calls {
         let call_id = format!("ftbench-{i}-{}-{tcp}", std::process::id());
         let (sa, sb) = (a[i].local_addr()?, b[i].local_addr()?);
-        let offer = ng(
-            &ctl,
-            ng_addr,
-            (i * 2) as u64,
-            &Bencode::dict(vec![
-                ("command", Bencode::str("offer")),
-                ("call-id", Bencode::str(&call_id)),
-                ("from-tag", Bencode::str("a")),
-                ("sdp", Bencode::str(&sdp(sa))),
-            ]),
-        )?;
-        let pb = relayed_port(&offer)?;
-        let answer = ng(
-            &ctl,
-            ng_addr,
-            (i * 2 + 1) as u64,
-            &Bencode::dict(vec![
-                ("command", Bencode::str("answer")),
-                ("call-id", Bencode::str(&call_id)),
-                ("from-tag", Bencode::str("a")),
-                ("to-tag", Bencode::str("b")),
-                ("sdp", Bencode::str(&sdp(sb))),
-            ]),
-        )?;
-        let pa = relayed_port(&answer)?;
+        let (pa, pb) = set_up_call(&ctl, ng_addr, i as u64, &call_id, sa, sb)?;
         targets.push((SocketAddr::from(([127, 0, 0, 1], pa)), SocketAddr::from(([127, 0, 0, 1], pb))));
         if tcp {
             let key = pinhole_sip::faketcp_key(&SECRET, &call_id, pb);

@@ -39,7 +39,7 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) -> anyhow::Result<Bencode> {
+fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) -> anyhow::Result<Bencode> {
     let mut out = format!("b{n} ").into_bytes();
     msg.encode(&mut out);
     let mut buf = vec![0u8; 65536];
@@ -53,7 +53,7 @@ pub(crate) fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) ->
     anyhow::bail!("no ng reply from {target}")
 }
 
-pub(crate) fn sdp(addr: SocketAddr) -> String {
+fn sdp(addr: SocketAddr) -> String {
     format!(
         "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
         ip = addr.ip(),
@@ -61,7 +61,43 @@ pub(crate) fn sdp(addr: SocketAddr) -> String {
     )
 }
 
-pub(crate) fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
+/// Sets up call `call_id` over ng (offer from `sa`, answer from `sb`); returns the relay
+/// ports A and B send to.
+pub(crate) fn set_up_call(
+    ctl: &UdpSocket,
+    ng_addr: SocketAddr,
+    n: u64,
+    call_id: &str,
+    sa: SocketAddr,
+    sb: SocketAddr,
+) -> anyhow::Result<(u16, u16)> {
+    let offer = ng(
+        ctl,
+        ng_addr,
+        n * 2,
+        &Bencode::dict(vec![
+            ("command", Bencode::str("offer")),
+            ("call-id", Bencode::str(call_id)),
+            ("from-tag", Bencode::str("a")),
+            ("sdp", Bencode::str(&sdp(sa))),
+        ]),
+    )?;
+    let answer = ng(
+        ctl,
+        ng_addr,
+        n * 2 + 1,
+        &Bencode::dict(vec![
+            ("command", Bencode::str("answer")),
+            ("call-id", Bencode::str(call_id)),
+            ("from-tag", Bencode::str("a")),
+            ("to-tag", Bencode::str("b")),
+            ("sdp", Bencode::str(&sdp(sb))),
+        ]),
+    )?;
+    Ok((relayed_port(&answer)?, relayed_port(&offer)?))
+}
+
+fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
     let body =
         reply.get("sdp").and_then(Bencode::as_bytes).ok_or_else(|| anyhow::anyhow!("no sdp in reply: {reply}"))?;
     let parsed = Sdp::parse(body)?;
@@ -91,31 +127,7 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
         }
         let call_id = format!("bench-{i}-{}", std::process::id());
         let (sa, sb) = (a[i % GEN_SOCKETS].local_addr()?, b[i % GEN_SOCKETS].local_addr()?);
-        let offer = ng(
-            &ctl,
-            ng_addr,
-            (i * 2) as u64,
-            &Bencode::dict(vec![
-                ("command", Bencode::str("offer")),
-                ("call-id", Bencode::str(&call_id)),
-                ("from-tag", Bencode::str("a")),
-                ("sdp", Bencode::str(&sdp(sa))),
-            ]),
-        )?;
-        let pb = relayed_port(&offer)?;
-        let answer = ng(
-            &ctl,
-            ng_addr,
-            (i * 2 + 1) as u64,
-            &Bencode::dict(vec![
-                ("command", Bencode::str("answer")),
-                ("call-id", Bencode::str(&call_id)),
-                ("from-tag", Bencode::str("a")),
-                ("to-tag", Bencode::str("b")),
-                ("sdp", Bencode::str(&sdp(sb))),
-            ]),
-        )?;
-        let pa = relayed_port(&answer)?;
+        let (pa, pb) = set_up_call(&ctl, ng_addr, i as u64, &call_id, sa, sb)?;
         targets.push((i % GEN_SOCKETS, SocketAddr::from(([127, 0, 0, 1], pa)), SocketAddr::from(([127, 0, 0, 1], pb))));
     }
 

@@ -240,6 +240,10 @@ mod fake_tcp {
         e
     }
 
+    fn spec_for_forwarder() -> TunnelSpec {
+        TunnelSpec { local_ip: LAN.parse().expect("ip"), server: FWD.parse().expect("fwd"), key: KEY.into() }
+    }
+
     fn forwarder() -> Forwarder {
         let mut f = Forwarder::new(FWD.parse().expect("fwd"), Limits::default(), 7);
         f.allow(30000, KEY.into());
@@ -281,7 +285,7 @@ mod fake_tcp {
     fn a_leg_whose_relay_stays_silent_moves_to_fake_tcp_and_carries_media_both_ways() {
         let t0 = Instant::now();
         let (mut e, mut f) = (engine(t0), forwarder());
-        assert!(e.standby(t0, WINDOW, LAN.parse().expect("ip"), FWD.parse().expect("fwd"), KEY.into()));
+        assert!(e.standby(t0, WINDOW, spec_for_forwarder()));
         // The phone talks; nothing comes back from the relay.
         let sent = e.on_packet(t0, Socket::Port(PHONE_PORT), addr(PHONE[0]), RTP);
         assert_eq!(sent.first().map(|s| s.1), Some(addr(RELAY[0])), "UDP first");
@@ -318,7 +322,7 @@ mod fake_tcp {
     fn a_leg_whose_relay_answers_stays_on_udp() {
         let t0 = Instant::now();
         let mut e = engine(t0);
-        assert!(e.standby(t0, WINDOW, LAN.parse().expect("ip"), FWD.parse().expect("fwd"), KEY.into()));
+        assert!(e.standby(t0, WINDOW, spec_for_forwarder()));
         let back = e.on_packet(t0, Socket::Port(WINDOW), addr(RELAY[0]), RTP);
         assert_eq!(back.first().map(|s| s.1), Some(addr(PHONE[0])));
         e.handle_timeout(t0 + RELAY_SILENCE);
