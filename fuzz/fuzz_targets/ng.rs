@@ -30,6 +30,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(pinhole_media::punch::sdp::WirePlan::from_sdp(&plan.lines()), Some(plan));
     }
     let _ = pinhole_media::punch::sdp::strip(&text);
+    if let Some((_, key)) = pinhole_media::punch::sdp::forwarder_offer(&text) {
+        assert!(!key.is_empty() && key.len() <= 64);
+    }
     if let Some(p) = pinhole_media::punch::NatProfile::parse_header(&text) {
         assert_eq!(pinhole_media::punch::NatProfile::parse_header(&p.to_header()), Some(p));
     }

@@ -32,6 +32,7 @@ fn config() -> ProxyConfig {
         max_message: 16384,
         secret: [3; 32],
         punch: Default::default(),
+        faketcp_port: Some(4443),
     }
 }
 

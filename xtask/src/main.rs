@@ -113,6 +113,8 @@ fn test() -> anyhow::Result<()> {
     println!("xtask: formatting and lints");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The fuzz targets live outside the workspace: they must keep compiling all the same.
+    run(cargo().args(["check", "--quiet", "--manifest-path", "fuzz/Cargo.toml", "--bins"]))?;
     println!("xtask: tier 1-2: unit and property tests");
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
