@@ -225,7 +225,7 @@ pub struct Conn {
     rcv_nxt: u32,
     /// What we last acknowledged.
     acked: u32,
-    out: Vec<Outgoing>,
+    out: std::collections::VecDeque<Outgoing>,
     last_sent: Instant,
     handshake: (u32, Instant),
     isn: u32,
@@ -256,7 +256,7 @@ impl Conn {
             snd_nxt: isn.wrapping_add(1),
             rcv_nxt: 0,
             acked: 0,
-            out: Vec::new(),
+            out: std::collections::VecDeque::new(),
             last_sent: now,
             handshake: (1, now),
             isn,
@@ -269,7 +269,7 @@ impl Conn {
     }
 
     fn send_control(&mut self, now: Instant, flags: u8, seq: u32, ack: u32) {
-        self.out.push(Outgoing { flags, seq, ack, payload: Vec::new() });
+        self.out.push_back(Outgoing { flags, seq, ack, payload: Vec::new() });
         self.last_sent = now;
         if flags & ACK != 0 {
             self.acked = ack;
@@ -282,7 +282,7 @@ impl Conn {
         if self.state != State::Established || datagram.is_empty() || datagram.len() > MAX_PAYLOAD {
             return false;
         }
-        self.out.push(Outgoing { flags: PSH | ACK, seq: self.snd_nxt, ack: self.rcv_nxt, payload: datagram.to_vec() });
+        self.out.push_back(Outgoing { flags: PSH | ACK, seq: self.snd_nxt, ack: self.rcv_nxt, payload: datagram.to_vec() });
         self.snd_nxt = self.snd_nxt.wrapping_add(datagram.len() as u32);
         self.acked = self.rcv_nxt;
         self.last_sent = now;
@@ -291,7 +291,7 @@ impl Conn {
 
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Outgoing> {
-        (!self.out.is_empty()).then(|| self.out.remove(0))
+        self.out.pop_front()
     }
 
     /// When [`Conn::handle_timeout`] wants to run: a handshake retry or a keepalive.

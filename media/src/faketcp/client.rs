@@ -36,7 +36,7 @@ pub struct Tunnel {
     phase: Phase,
     proof_id: [u8; 12],
     proof_sent: Option<Instant>,
-    out: Vec<(SocketAddrV4, Vec<u8>)>,
+    out: std::collections::VecDeque<(SocketAddrV4, Vec<u8>)>,
     rng: u64,
     /// Connections opened (1 + reconnects).
     pub connections: u32,
@@ -64,7 +64,7 @@ impl Tunnel {
             phase: Phase::Connecting,
             proof_id: [0; 12],
             proof_sent: None,
-            out: Vec::new(),
+            out: std::collections::VecDeque::new(),
             rng: seed | 1,
             connections: 0,
         };
@@ -105,14 +105,14 @@ impl Tunnel {
 
     fn flush(&mut self) {
         while let Some(o) = self.conn.poll_transmit() {
-            self.out.push((self.server, o.segment(self.local, self.server)));
+            self.out.push_back((self.server, o.segment(self.local, self.server)));
         }
     }
 
     /// A TCP segment (header and payload) to send from [`Tunnel::local`] to the address given.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<(SocketAddrV4, Vec<u8>)> {
-        (!self.out.is_empty()).then(|| self.out.remove(0))
+        self.out.pop_front()
     }
 
     /// A datagram of the leg towards the relay: `false` while the tunnel is not up.

@@ -88,7 +88,7 @@ pub struct Forwarder {
     keys: HashMap<u16, String>,
     /// Which connection speaks for a relay port.
     bound: HashMap<u16, SocketAddrV4>,
-    out: Vec<Output>,
+    out: std::collections::VecDeque<Output>,
     drops: Vec<Discard>,
     isn: u32,
     /// Keys for ports not [`Forwarder::allow`]ed: derived by the owner (from the call).
@@ -106,7 +106,7 @@ impl Forwarder {
             conns: HashMap::new(),
             keys: HashMap::new(),
             bound: HashMap::new(),
-            out: Vec::new(),
+            out: std::collections::VecDeque::new(),
             drops: Vec::new(),
             isn: seed | 1,
             lookup: None,
@@ -154,7 +154,7 @@ impl Forwarder {
 
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
-        (!self.out.is_empty()).then(|| self.out.remove(0))
+        self.out.pop_front()
     }
 
     #[must_use]
@@ -170,7 +170,7 @@ impl Forwarder {
     fn flush(&mut self, peer: SocketAddrV4) {
         let Some(e) = self.conns.get_mut(&peer) else { return };
         while let Some(o) = e.conn.poll_transmit() {
-            self.out.push(Output::Segment { from: e.local, to: peer, tcp: o.segment(e.local, peer) });
+            self.out.push_back(Output::Segment { from: e.local, to: peer, tcp: o.segment(e.local, peer) });
         }
     }
 
@@ -209,7 +209,7 @@ impl Forwarder {
                         e.conn.send(now, datagram);
                     }
                     Some(0) => {}
-                    Some(port) => self.out.push(Output::ToRelay { port, datagram: datagram.to_vec() }),
+                    Some(port) => self.out.push_back(Output::ToRelay { port, datagram: datagram.to_vec() }),
                     None => self.authenticate(now, peer, datagram),
                 }
             }

@@ -66,7 +66,7 @@ pub struct PunchTransmit {
 pub struct Puncher {
     plan: PlanView,
     creds: Credentials,
-    out: Vec<PunchTransmit>,
+    out: std::collections::VecDeque<PunchTransmit>,
     next: Option<Instant>,
     /// Probes sent in the current spray or walk.
     sent: u32,
@@ -101,7 +101,7 @@ impl Puncher {
         Puncher {
             plan: view,
             creds: plan.credentials,
-            out: Vec::new(),
+            out: std::collections::VecDeque::new(),
             next: view.strategy.is_direct().then_some(plan.start),
             sent: 0,
             rng: seed | 1,
@@ -146,7 +146,7 @@ impl Puncher {
 
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<PunchTransmit> {
-        (!self.out.is_empty()).then(|| self.out.remove(0))
+        self.out.pop_front()
     }
 
     #[must_use]
@@ -179,7 +179,7 @@ impl Puncher {
                 self.checks.drain(..MAX_CHECKS / 4);
             }
             self.checks.push((id, socket, to));
-            self.out.push(PunchTransmit { socket, to, bytes });
+            self.out.push_back(PunchTransmit { socket, to, bytes });
         }
     }
 
@@ -205,7 +205,7 @@ impl Puncher {
                 if target == side {
                     if open_first && self.sent == 0 {
                         // Opens our address filter for the peer's address, any port.
-                        self.out.push(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
+                        self.out.push_back(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
                     }
                 } else {
                     self.check(0, peer);
@@ -215,7 +215,7 @@ impl Puncher {
             }
             Strategy::SimultaneousOpen => {
                 if self.sent == 0 {
-                    self.out.push(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
+                    self.out.push_back(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
                 }
                 self.check(0, peer);
                 self.sent += 1;
@@ -326,7 +326,7 @@ impl Puncher {
             .with_attribute(MessageIntegrity::new(key))
             .build();
         if let Some(bytes) = encode(&msg) {
-            self.out.push(PunchTransmit { socket, to, bytes });
+            self.out.push_back(PunchTransmit { socket, to, bytes });
         }
     }
 }

@@ -70,7 +70,7 @@ impl Agent {
                 other => keep.push(other),
             }
         }
-        f.out = keep;
+        f.out = keep.into();
         data
     }
 
@@ -89,7 +89,7 @@ fn to_relay(f: &mut Forwarder) -> Vec<(u16, Vec<u8>)> {
             other => keep.push(other),
         }
     }
-    f.out = keep;
+    f.out = keep.into();
     got
 }
 
