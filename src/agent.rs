@@ -1,6 +1,7 @@
 //! `pinhole agent`: the edge helper's sockets around the sans-IO [`Agent`]. One blocking
 //! thread per UDP listen address; every message goes through the agent and out of the same
-//! socket. The first listen address also anchors the phones' media: a relay on the LAN
+//! socket, or, where UDP to the server is blocked, over a TCP connection to it (a thread of
+//! its own reads that). The first listen address also anchors the phones' media: a relay on the LAN
 //! interface (`[media]`), whose ports the media thread ([`crate::agent_media`]) owns, and
 //! where the server's punch plans are carried out.
 

@@ -282,7 +282,12 @@ impl Conn {
         if self.state != State::Established || datagram.is_empty() || datagram.len() > MAX_PAYLOAD {
             return false;
         }
-        self.out.push_back(Outgoing { flags: PSH | ACK, seq: self.snd_nxt, ack: self.rcv_nxt, payload: datagram.to_vec() });
+        self.out.push_back(Outgoing {
+            flags: PSH | ACK,
+            seq: self.snd_nxt,
+            ack: self.rcv_nxt,
+            payload: datagram.to_vec(),
+        });
         self.snd_nxt = self.snd_nxt.wrapping_add(datagram.len() as u32);
         self.acked = self.rcv_nxt;
         self.last_sent = now;
