@@ -270,11 +270,10 @@ impl Engine {
             };
             let Ok(seg) = Segment::parse(&self.buf[..n]) else { continue };
             let now = Instant::now();
-            let sends = self.edge.on_segment(now, &seg);
-            let payload = seg.payload.to_vec();
-            for (from, to) in sends.iter() {
+            // The payload is sent from the receive buffer itself: no copy per packet.
+            for (from, to) in self.edge.on_segment(now, &seg).iter() {
                 if let Some(out) = self.sockets.get(&from) {
-                    let _ = out.send_to(&payload, to);
+                    let _ = out.send_to(seg.payload, to);
                 }
             }
         }

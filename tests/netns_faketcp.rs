@@ -9,13 +9,11 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::{ns_exec, NatKind, NatLab, WAN_SERVER};
+use common::netns::{nft, nft_counter, ns_exec, NatKind, NatLab, WAN_SERVER};
 use common::TempDir;
 
 fn counter(ns: &str, name: &str) -> u64 {
-    let out = ns_exec(ns, &["nft", "list", "counter", "inet", "phft", name]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).expect("counter")
+    nft_counter(ns, "phft", name)
 }
 
 #[test]
@@ -29,9 +27,7 @@ fn fake_tcp_crosses_a_udp_blocking_nat_with_strict_conntrack_and_stays_establish
     assert_eq!(String::from_utf8_lossy(&liberal.stdout).trim(), "0", "strict window tracking");
     // What the NAT box forwards: RSTs and packets conntrack calls INVALID, counted.
     let rules = "table inet phft {\n  counter rst {}\n  counter invalid {}\n  counter segments {}\n  chain watch {\n    type filter hook forward priority -10; policy accept;\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n    meta l4proto tcp counter name segments\n  }\n}\n";
-    let path = dir.path().join("watch.nft");
-    std::fs::write(&path, rules).expect("nft");
-    ns_exec(&lab.nat, &["nft", "-f", &path.display().to_string()]);
+    nft(&lab.nat, rules);
     let (_server, log) = lab.start_pinhole(
         dir.path(),
         &format!(

@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::baresip::Phone;
-use common::netns::{ns_exec, Lan, NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
+use common::netns::{nft, nft_counter, ns_exec, Lan, NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
 use common::{tone_share, wait_for, Bg, TempDir};
 use std::os::unix::process::CommandExt;
 
@@ -71,19 +71,12 @@ fn count_paths(lan: &Lan, peer_wan: &str) {
     let rules = format!(
         "table inet phcount {{\n  counter direct {{}}\n  counter relayed {{}}\n  chain paths {{\n    type filter hook forward priority 10; policy accept;\n    iifname \"lan0\" ip daddr {peer_wan} meta l4proto udp counter name direct\n    iifname \"lan0\" ip daddr {WAN_SERVER} meta l4proto udp counter name relayed\n  }}\n}}\n"
     );
-    let path = std::env::temp_dir().join(format!("{}-count.nft", lan.nat));
-    std::fs::write(&path, rules).expect("nft");
-    let out = ns_exec(&lan.nat, &["nft", "-f", &path.display().to_string()]);
-    let _ = std::fs::remove_file(path);
-    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    nft(&lan.nat, &rules);
 }
 
 /// Packets counted so far by counter `name` on `lan`'s NAT box.
 fn counted(lan: &Lan, name: &str) -> u64 {
-    let out = ns_exec(&lan.nat, &["nft", "list", "counter", "inet", "phcount", name]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let n = text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok());
-    n.unwrap_or_else(|| panic!("no counter {name} on {}: {text}", lan.nat))
+    nft_counter(&lan.nat, "phcount", name)
 }
 
 /// What one cell showed.
@@ -548,16 +541,11 @@ fn watch_blocked(lan: &Lan) {
     let rules = format!(
         "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 counter name tried\n    udp dport 30000-30199 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
     );
-    let path = std::env::temp_dir().join(format!("{}-ft.nft", lan.nat));
-    std::fs::write(&path, rules).expect("nft");
-    ns_exec(&lan.nat, &["nft", "-f", &path.display().to_string()]);
-    let _ = std::fs::remove_file(path);
+    nft(&lan.nat, &rules);
 }
 
 fn ft_counter(lan: &Lan, name: &str) -> u64 {
-    let out = ns_exec(&lan.nat, &["nft", "list", "counter", "inet", "phft", name]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).expect("counter")
+    nft_counter(&lan.nat, "phft", name)
 }
 
 /// A UDP-blocking NAT box's counts: RTP/RTCP tried over UDP and TCP segments to the forwarder
@@ -594,9 +582,7 @@ fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool)
     }
     if block_relay {
         let rule = "table inet phblock {\n  chain relay {\n    type filter hook forward priority -5; policy accept;\n    udp dport 30000-30199 drop\n  }\n}\n";
-        let path = dir.path().join("block.nft");
-        std::fs::write(&path, rule).expect("nft");
-        ns_exec(&lab.lans[0].nat, &["nft", "-f", &path.display().to_string()]);
+        nft(&lab.lans[0].nat, rule);
     }
     let agent = |i: usize, who: &str| {
         if tcp_agents[i] {

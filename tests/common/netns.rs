@@ -87,6 +87,24 @@ pub fn ns_exec(ns: &str, cmd: &[&str]) -> Output {
     out
 }
 
+/// Loads nftables `rules` into `ns` (and insists it works).
+pub fn nft(ns: &str, rules: &str) {
+    static FILES: AtomicU32 = AtomicU32::new(0);
+    let n = FILES.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("{ns}-{}-{n}.nft", std::process::id()));
+    std::fs::write(&path, rules).expect("write nft rules");
+    ns_exec(ns, &["nft", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(path);
+}
+
+/// Packets counted so far by the named counter `name` of table `inet table` in `ns`.
+pub fn nft_counter(ns: &str, table: &str, name: &str) -> u64 {
+    let out = ns_exec(ns, &["nft", "list", "counter", "inet", table, name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n = text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("no counter {name} in {table} of {ns}: {text}"))
+}
+
 /// Removes namespaces left by test processes that no longer exist.
 fn remove_stale() {
     let out = ip(&["netns", "list"]);
@@ -203,10 +221,7 @@ impl NatLab {
                 "table ip nat {{\n{extra}  chain prerouting {{\n    type nat hook prerouting priority -100;\n    {pre}\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority 100;\n    {post}\n  }}\n}}\n\
                  table inet filter {{\n  chain input {{\n    type filter hook input priority 0;\n    iifname \"wan0\" ct state new drop\n  }}\n{forward}}}\n"
             );
-            let path = std::env::temp_dir().join(format!("{id}-{i}.nft"));
-            std::fs::write(&path, rules).expect("write nft rules");
-            ns_exec(&lan.nat, &["nft", "-f", &path.display().to_string()]);
-            let _ = std::fs::remove_file(path);
+            nft(&lan.nat, &rules);
             lans.push(lan);
         }
         let (nat, lan) = (lans[0].nat.clone(), lans[0].lan.clone());

@@ -317,11 +317,6 @@ impl Forwarder {
             self.flush(p);
         }
     }
-
-    /// The address the forwarder answers from.
-    pub fn local(&self) -> SocketAddrV4 {
-        self.local
-    }
 }
 
 /// The signed success response to an agent's proof.

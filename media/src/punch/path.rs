@@ -29,8 +29,7 @@ use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::{MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder, TransactionId};
 
-use super::scheduler::{encode, verified, PunchPlan, PunchTransmit, Puncher, PUNCH_DEADLINE};
-use crate::relay::Side;
+use super::scheduler::{encode, sockets_for, verified, PunchPlan, PunchTransmit, Puncher, PUNCH_DEADLINE};
 
 /// How often the window's address is asked for and announced while no path is up.
 pub const ANNOUNCE: Duration = Duration::from_millis(100);
@@ -153,14 +152,9 @@ impl DirectPath {
         self.plan.strategy.label()
     }
 
-    /// Sockets this side punches from: the window, and for a birthday's hard side more.
-    pub fn sockets(&self) -> usize {
-        self.puncher.as_ref().map_or(1, Puncher::sockets)
-    }
-
     /// How many extra sockets (beyond the window) the plan will need.
     pub fn extra_sockets(&self) -> usize {
-        Puncher::new(self.plan.clone(), 0).sockets() - 1
+        sockets_for(self.plan.strategy, self.plan.side) - 1
     }
 
     pub fn route(&self) -> Route {
@@ -402,11 +396,6 @@ impl DirectPath {
             }
         }
         true
-    }
-
-    /// The side of the plan we are.
-    pub fn side(&self) -> Side {
-        self.plan.side
     }
 }
 

@@ -33,6 +33,15 @@ const STEP: Duration = Duration::from_millis(20);
 /// Give up after this long without a path.
 pub const PUNCH_DEADLINE: Duration = Duration::from_secs(5);
 
+/// How many sockets `side` of a plan with `strategy` punches from: one, or the birthday's
+/// many on its hard side.
+pub fn sockets_for(strategy: Strategy, side: Side) -> usize {
+    match strategy {
+        Strategy::Birthday { hard, sockets, .. } if hard == side => usize::from(sockets),
+        _ => 1,
+    }
+}
+
 /// The short-term credentials of a plan (ICE-style ufrag and password per side).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -116,10 +125,7 @@ impl Puncher {
 
     /// How many sockets this side needs (the hard side of a birthday opens many).
     pub fn sockets(&self) -> usize {
-        match self.plan.strategy {
-            Strategy::Birthday { hard, sockets, .. } if hard == self.plan.side => usize::from(sockets),
-            _ => 1,
-        }
+        sockets_for(self.plan.strategy, self.plan.side)
     }
 
     /// The adopted path: our socket and the peer's address, once checks succeeded both ways.

@@ -9,6 +9,7 @@ use super::*;
 use crate::natmodel::{matrix_pairs, NatKind, NatModel, MATRIX as KINDS};
 use crate::punch::scheduler::Credentials;
 use crate::punch::{choose, NatProfile, Strategy};
+use crate::relay::Side;
 
 const STUN: &str = "203.0.113.1:3478";
 /// The server relay's port for each side's leg.
