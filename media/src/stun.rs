@@ -28,6 +28,21 @@ const SOFTWARE: &str = "pinhole";
 
 /// Does this datagram look like STUN rather than SIP (RFC 7983: first byte 0–3, and the
 /// RFC 5389 magic cookie)?
+/// A STUN message's bytes (our messages fit in 256).
+pub(crate) fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; 256];
+    let n = MessageEncoderBuilder::default().build().encode(&mut out, msg).ok()?;
+    out.truncate(n);
+    Some(out)
+}
+
+/// Whether `data` carries a valid MESSAGE-INTEGRITY under short-term `password`.
+pub(crate) fn verified(data: &[u8], password: &str) -> bool {
+    let Ok(key) = stun_rs::HMACKey::new_short_term(password) else { return false };
+    let ctx = stun_rs::DecoderContextBuilder::default().with_key(key).with_validation().build();
+    MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
+}
+
 pub fn looks_like_stun(b: &[u8]) -> bool {
     b.len() >= 20 && b[0] < 4 && b[4..8] == MAGIC_COOKIE
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use stun_rs::{DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder};
+use stun_rs::{MessageClass, MessageDecoderBuilder};
 
 use super::forwarder::proof;
 use super::{Conn, Received, Segment, State};
@@ -159,14 +159,10 @@ impl Tunnel {
 
     /// Whether `datagram` is the forwarder's signed answer to our proof.
     fn answers_proof(&self, datagram: &[u8]) -> bool {
-        let Ok(key) = HMACKey::new_short_term(&self.key) else { return false };
-        let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
-        match MessageDecoderBuilder::default().with_context(ctx).build().decode(datagram) {
-            Ok((msg, _)) => {
-                msg.class() == MessageClass::SuccessResponse && msg.transaction_id().as_bytes() == &self.proof_id
-            }
-            Err(_) => false,
-        }
+        let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(datagram) else { return false };
+        msg.class() == MessageClass::SuccessResponse
+            && msg.transaction_id().as_bytes() == &self.proof_id
+            && crate::stun::verified(datagram, &self.key)
     }
 
     #[must_use]

@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 
 use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
-use stun_rs::{
-    DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunAttribute,
-    StunMessageBuilder,
-};
+use stun_rs::{HMACKey, MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder};
 
 use super::{Conn, Received, Segment, State, ACK, SYN};
 
@@ -251,10 +248,7 @@ impl Forwarder {
         }
         let Some(StunAttribute::UserName(user)) = msg.get::<UserName>() else { return None };
         let port: u16 = user.as_str().parse().ok()?;
-        let key = HMACKey::new_short_term(&self.key_of(port)?).ok()?;
-        let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
-        MessageDecoderBuilder::default().with_context(ctx).build().decode(datagram).ok()?;
-        Some(port)
+        crate::stun::verified(datagram, &self.key_of(port)?).then_some(port)
     }
 
     /// A datagram the relay sends towards relay port `port`'s party: over its connection,
@@ -328,10 +322,7 @@ fn success(request: &[u8], peer: SocketAddrV4, key: &str) -> Option<Vec<u8>> {
         .with_attribute(XorMappedAddress::from(std::net::SocketAddr::V4(peer)))
         .with_attribute(MessageIntegrity::new(key))
         .build();
-    let mut out = vec![0u8; 256];
-    let n = MessageEncoderBuilder::default().build().encode(&mut out, &reply).ok()?;
-    out.truncate(n);
-    Some(out)
+    crate::stun::encode(&reply)
 }
 
 /// The proof an agent sends first on its connection for relay port `port`.
@@ -341,10 +332,7 @@ pub fn proof(port: u16, key: &str, transaction: [u8; 12]) -> Option<Vec<u8>> {
         .with_attribute(UserName::new(port.to_string()).ok()?)
         .with_attribute(MessageIntegrity::new(HMACKey::new_short_term(key).ok()?))
         .build();
-    let mut out = vec![0u8; 256];
-    let n = MessageEncoderBuilder::default().build().encode(&mut out, &msg).ok()?;
-    out.truncate(n);
-    Some(out)
+    crate::stun::encode(&msg)
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@ use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::{MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder, TransactionId};
 
-use super::scheduler::{encode, sockets_for, verified, PunchPlan, PunchTransmit, Puncher, PUNCH_DEADLINE};
+use super::scheduler::{sockets_for, PunchPlan, PunchTransmit, Puncher, PUNCH_DEADLINE};
+use crate::stun::{encode, verified};
 
 /// How often the window's address is asked for and announced while no path is up.
 pub const ANNOUNCE: Duration = Duration::from_millis(100);

@@ -14,13 +14,11 @@ use std::time::{Duration, Instant};
 
 use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
-use stun_rs::{
-    DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunAttribute,
-    StunMessageBuilder, TransactionId,
-};
+use stun_rs::{HMACKey, MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder, TransactionId};
 
 use super::Strategy;
 use crate::relay::Side;
+use crate::stun::{encode, verified};
 
 /// Spacing of probes in a spray (shotgun, birthday: 1 024 in about a second); checks at a
 /// known address repeat at [`RETRY`]; a birthday's hard side checks from one socket after
@@ -335,20 +333,6 @@ impl Puncher {
             self.out.push_back(PunchTransmit { socket, to, bytes });
         }
     }
-}
-
-pub(super) fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; 256];
-    let n = MessageEncoderBuilder::default().build().encode(&mut out, msg).ok()?;
-    out.truncate(n);
-    Some(out)
-}
-
-/// Whether `data` carries a valid MESSAGE-INTEGRITY under `password`.
-pub(super) fn verified(data: &[u8], password: &str) -> bool {
-    let Ok(key) = HMACKey::new_short_term(password) else { return false };
-    let ctx = DecoderContextBuilder::default().with_key(key).with_validation().build();
-    MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
 }
 
 #[cfg(test)]
