@@ -13,6 +13,7 @@ use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pinhole_media::edge::{EdgeEvent, EdgeMedia, Socket, SocketRequest, TunnelSpec};
+use pinhole_media::faketcp::direct::DirectPhase;
 use pinhole_media::faketcp::{ipv4, Segment};
 use pinhole_media::punch::path::{PathEvent, Phase};
 use pinhole_media::punch::scheduler::PunchPlan;
@@ -316,7 +317,15 @@ impl Engine {
             if t.phase == pinhole_media::faketcp::client::Phase::Connecting && t.connections == 1 {
                 metrics::counter!("pinhole_faketcp_tunnels_total").increment(1);
             }
-            tracing::info!(window = t.window, phase = ?t.phase, connections = t.connections, "fake-TCP tunnel");
+            let outcome = match t.direct {
+                Some(DirectPhase::Up) => Some("up"),
+                Some(DirectPhase::Failed) => Some("failed"),
+                _ => None,
+            };
+            if let Some(outcome) = outcome {
+                metrics::counter!("pinhole_faketcp_direct_total", "outcome" => outcome).increment(1);
+            }
+            tracing::info!(window = t.window, phase = ?t.phase, direct = ?t.direct, connections = t.connections, "fake-TCP tunnel");
         }
         let mut changed = false;
         while let Some(e) = self.edge.poll_event() {

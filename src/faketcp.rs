@@ -150,6 +150,17 @@ impl ForwarderThread {
                     self.id = self.id.wrapping_add(1);
                     let _ = self.sock.send(&ipv4(*from.ip(), *to.ip(), &tcp, self.id), *to.ip());
                 }
+                Output::Bound { port } => {
+                    // Both legs of the call over fake TCP: the agents may find a way
+                    // to each other without us.
+                    let peer = self.shared.node().relay().and_then(|r| r.peer_port(port));
+                    if let Some(peer) = peer.filter(|p| self.fwd.carries(*p)) {
+                        if self.fwd.introduce(Instant::now(), port, peer) {
+                            tracing::info!(port, peer, "fake-TCP legs introduced for a direct path");
+                            metrics::counter!("pinhole_faketcp_introductions_total").increment(1);
+                        }
+                    }
+                }
                 Output::ToRelay { port, datagram } => {
                     // RTCP rides the same connection, to the relay's RTCP port.
                     let port = if pinhole_media::latch::is_rtcp(&datagram) { port + 1 } else { port };

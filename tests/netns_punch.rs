@@ -535,11 +535,11 @@ fn one_cell() {
 }
 
 /// Counters on a UDP-blocking NAT box, ahead of its own drop rule: UDP to the server's relay
-/// ports (RTP and RTCP) the LAN tries to send, TCP to the forwarder, RSTs and packets
-/// conntrack calls INVALID.
+/// ports (RTP and RTCP) the LAN tries to send, TCP to the forwarder, TCP straight to the
+/// other NAT box (a direct fake-TCP path), RSTs and packets conntrack calls INVALID.
 fn watch_blocked(lan: &Lan) {
     let rules = format!(
-        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 counter name tried\n    udp dport 30000-30199 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
+        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter direct {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 counter name tried\n    udp dport 30000-30199 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    oifname \"wan0\" ip daddr != {WAN_SERVER} meta l4proto tcp counter name direct\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
     );
     nft(&lan.nat, &rules);
 }
@@ -548,23 +548,31 @@ fn ft_counter(lan: &Lan, name: &str) -> u64 {
     nft_counter(&lan.nat, "phft", name)
 }
 
-/// A UDP-blocking NAT box's counts: RTP/RTCP tried over UDP and TCP segments to the forwarder
-/// (both in the last 2 s of a call), RSTs and INVALID packets (in all).
-type BoxCounts = (u64, u64, u64, u64);
+/// A UDP-blocking NAT box's counts: RTP/RTCP tried over UDP, TCP segments to the forwarder
+/// and TCP segments straight to the other NAT box (these three in the last 2 s of a
+/// call), RSTs and INVALID packets (in all).
+#[derive(Debug, Clone, Copy)]
+struct BoxCounts {
+    udp: u64,
+    forwarder: u64,
+    direct: u64,
+    rst: u64,
+    invalid: u64,
+}
 
 /// alice behind a NAT that drops all UDP calls bob behind `bob_nat`; both next to agents,
-/// alice's signalling over TCP. Returns what each heard of the other's tone, and the
-/// counters of every UDP-blocking box: (UDP the LAN tried to send out and TCP to the
-/// forwarder, both in the last 2 s of the call; RSTs and INVALID in all).
-fn blocked_call(bob_nat: NatKind) -> ([f64; 2], Vec<BoxCounts>) {
-    let both = bob_nat == NatKind::UdpBlocked;
-    tunnelled_call([NatKind::UdpBlocked, bob_nat], [true, both], false)
+/// signalling over TCP from a blocked network. Returns what each heard of the other's tone,
+/// and the counts of every UDP-blocking box.
+fn blocked_call(alice_nat: NatKind, bob_nat: NatKind) -> ([f64; 2], Vec<BoxCounts>) {
+    tunnelled_call([alice_nat, bob_nat], [true, bob_nat.drops_udp()], false)
 }
 
 /// A call from alice to bob, each behind a NAT of `kinds` and next to an agent (signalling
 /// over TCP where `tcp_agents`); with `block_relay`, alice's NAT box lets UDP out but not
 /// to the server's relay ports. The boxes watched are the UDP-blocking ones and, with
-/// `block_relay`, alice's. Returns what each heard, and each watched box's counts.
+/// `block_relay`, alice's. When both NATs drop UDP, the agents are introduced to each
+/// other and the counts are taken once both have settled (a direct path up or given up).
+/// Returns what each heard, and each watched box's counts.
 fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool) -> ([f64; 2], Vec<BoxCounts>) {
     let dir = TempDir::new("blocked");
     let lab = NatLab::with_lans(&kinds);
@@ -574,7 +582,7 @@ fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool)
         .lans
         .iter()
         .enumerate()
-        .filter(|(i, _)| kinds[*i] == NatKind::UdpBlocked || (*i == 0 && block_relay))
+        .filter(|(i, _)| kinds[*i].drops_udp() || (*i == 0 && block_relay))
         .map(|(_, l)| l)
         .collect();
     for lan in &blocked {
@@ -620,32 +628,53 @@ fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool)
     assert!(wait_for(&bob.log, "Call established", Duration::from_secs(15)), "bob never answered\n{}", logs());
     let up = wait_for(&a_log, "phase=Up", Duration::from_secs(8));
     assert!(up, "alice's leg never went over fake TCP\n{}", logs());
-    std::thread::sleep(Duration::from_secs(3));
-    let before: Vec<(u64, u64)> =
-        blocked.iter().map(|l| (ft_counter(l, "tried"), ft_counter(l, "forwarder"))).collect();
+    if kinds.iter().all(|k| k.drops_udp()) {
+        // Introduced: each agent's direct path ends up (or is given up within 5 s).
+        let introduced = wait_for(&ph_log, "introduced for a direct path", Duration::from_secs(8));
+        assert!(introduced, "the forwarder never introduced the legs\n{}", logs());
+        for log in [&a_log, &b_log] {
+            let settled = |l: &std::path::Path| {
+                let text = std::fs::read_to_string(l).unwrap_or_default();
+                text.contains("direct=Some(Up)") || text.contains("direct=Some(Failed)")
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !settled(log) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(settled(log), "the direct path never settled\n{}", logs());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    } else {
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let names = ["tried", "forwarder", "direct"];
+    let before: Vec<Vec<u64>> = blocked.iter().map(|l| names.iter().map(|n| ft_counter(l, n)).collect()).collect();
     std::thread::sleep(Duration::from_secs(2));
     let counters = blocked
         .iter()
         .zip(&before)
-        .map(|(l, b)| {
-            (
-                ft_counter(l, "tried") - b.0,
-                ft_counter(l, "forwarder") - b.1,
-                ft_counter(l, "rst"),
-                ft_counter(l, "invalid"),
-            )
+        .map(|(l, b)| BoxCounts {
+            udp: ft_counter(l, "tried") - b[0],
+            forwarder: ft_counter(l, "forwarder") - b[1],
+            direct: ft_counter(l, "direct") - b[2],
+            rst: ft_counter(l, "rst"),
+            invalid: ft_counter(l, "invalid"),
         })
         .collect();
     for l in &blocked {
         let seen = ns_exec(&l.nat, &["nft", "list", "set", "inet", "phft", "seen"]);
         eprintln!("UDP to the relay ports tried from {}:\n{}", l.lan, String::from_utf8_lossy(&seen.stdout));
     }
-    let conntrack = String::from_utf8_lossy(
-        &ns_exec(&lab.lans[0].nat, &["conntrack", "-L", "-p", "tcp", "--dport", "4443"]).stdout,
-    )
-    .into_owned();
-    eprintln!("conntrack on alice's NAT box during the call:\n{conntrack}");
-    assert!(conntrack.contains("ESTABLISHED"), "{conntrack}");
+    let conntrack =
+        String::from_utf8_lossy(&ns_exec(&lab.lans[0].nat, &["conntrack", "-L", "-p", "tcp"]).stdout).into_owned();
+    eprintln!("conntrack (TCP) on alice's NAT box during the call:\n{conntrack}");
+    let to_forwarder = conntrack.lines().find(|l| l.contains("dport=4443"));
+    assert!(to_forwarder.is_some_and(|l| l.contains("ESTABLISHED")), "{conntrack}");
+    if std::fs::read_to_string(&a_log).unwrap_or_default().contains("direct=Some(Up)") {
+        let to_bob = format!("dst={}", lab.lans[1].nat_wan);
+        let direct = conntrack.lines().find(|l| l.contains(&to_bob));
+        assert!(direct.is_some_and(|l| l.contains("ESTABLISHED")), "the direct flow is tracked\n{conntrack}");
+    }
     alice.command("/hangup");
     assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{}", bob.log());
     std::thread::sleep(Duration::from_millis(500));
@@ -657,30 +686,50 @@ fn a_phone_whose_nat_drops_udp_talks_through_fake_tcp_to_a_phone_behind_a_cone()
     if !common::netns::have_root() {
         return;
     }
-    carried_over_fake_tcp(NatKind::PortRestricted, 1);
+    let (heard, counters) = blocked_call(NatKind::UdpBlocked, NatKind::PortRestricted);
+    carried_by_the_forwarder(heard, &counters, 1);
 }
 
-/// A blocked call with `bob_nat` has two-way audio, and each of the `boxes` blocking NAT
-/// boxes carried its RTP as TCP at media rate, tried none over UDP, and saw no RST or
-/// INVALID packet.
-fn carried_over_fake_tcp(bob_nat: NatKind, boxes: usize) {
-    let (heard, counters) = blocked_call(bob_nat);
-    eprintln!("heard {heard:?}, blocked boxes (udp, tcp to the forwarder in 2 s, rst, invalid) {counters:?}");
+/// Two-way audio, and each of the `boxes` blocking NAT boxes carried its RTP as TCP to the
+/// forwarder at media rate, tried none over UDP, and saw no RST or INVALID packet.
+fn carried_by_the_forwarder(heard: [f64; 2], counters: &[BoxCounts], boxes: usize) {
+    eprintln!("heard {heard:?}, blocked boxes {counters:?}");
     assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
     assert_eq!(counters.len(), boxes);
-    for (udp, fwd, rst, invalid) in counters {
-        assert_eq!(udp, 0, "RTP and RTCP do not even try UDP any more");
-        assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
-        assert_eq!((rst, invalid), (0, 0));
+    for c in counters {
+        assert_eq!(c.udp, 0, "RTP and RTCP do not even try UDP any more");
+        assert!(c.forwarder >= 80, "media rate over TCP to the forwarder: {c:?}");
+        assert_eq!((c.rst, c.invalid), (0, 0));
     }
 }
 
 #[test]
-fn two_phones_whose_nats_both_drop_udp_talk_through_the_forwarder_on_both_legs() {
+fn two_phones_whose_nats_both_drop_udp_meet_at_the_forwarder_and_talk_over_a_direct_fake_tcp_path() {
     if !common::netns::have_root() {
         return;
     }
-    carried_over_fake_tcp(NatKind::UdpBlocked, 2);
+    let (heard, counters) = blocked_call(NatKind::UdpBlocked, NatKind::UdpBlocked);
+    eprintln!("heard {heard:?}, blocked boxes {counters:?}");
+    assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
+    assert_eq!(counters.len(), 2);
+    for c in counters {
+        assert_eq!(c.udp, 0, "nothing tried over UDP");
+        assert!(c.direct >= 80, "media rate straight to the other NAT box: {c:?}");
+        assert!(c.forwarder <= 10, "only keepalives to the forwarder: {c:?}");
+        assert_eq!((c.rst, c.invalid), (0, 0), "a clean simultaneous open through strict conntrack");
+    }
+}
+
+#[test]
+fn two_phones_whose_nats_drop_udp_and_change_ports_fall_back_to_the_forwarder_on_both_legs() {
+    if !common::netns::have_root() {
+        return;
+    }
+    // The direct path is tried (the forwarder introduces the legs) and fails: each NAT maps
+    // the direct flow to a port the other was not told.
+    let (heard, counters) = blocked_call(NatKind::UdpBlockedRandom, NatKind::UdpBlockedRandom);
+    carried_by_the_forwarder(heard, &counters, 2);
+    assert!(counters.iter().all(|c| c.direct == 0), "no media went direct: {counters:?}");
 }
 
 #[test]
@@ -692,12 +741,5 @@ fn a_leg_whose_relay_ports_are_blocked_moves_to_fake_tcp_after_a_few_seconds_of_
     // relay (though not to STUN, nor SIP): her agent hears nothing from the relay and moves
     // the leg to fake TCP.
     let (heard, counters) = tunnelled_call([NatKind::SymmetricRandom, NatKind::SymmetricRandom], [false, false], true);
-    eprintln!(
-        "heard {heard:?}, alice's box (rtp tried over udp, tcp to the forwarder in 2 s, rst, invalid) {counters:?}"
-    );
-    assert!(heard.iter().all(|h| *h > 0.3), "two-way audio: {heard:?}");
-    let (udp, fwd, rst, invalid) = counters[0];
-    assert_eq!(udp, 0, "RTP and RTCP stopped trying UDP");
-    assert!(fwd >= 80, "media rate over TCP to the forwarder: {fwd}");
-    assert_eq!((rst, invalid), (0, 0));
+    carried_by_the_forwarder(heard, &counters, 1);
 }

@@ -1,11 +1,13 @@
 //! Fake-TCP segments from the network: arbitrary IPv4 packets through the segment parser and
-//! into established connections (client and server). Never panics; what parses survives a
-//! round trip through the writer.
+//! into established connections (client, server and a simultaneous open), the forwarder
+//! and a direct path; their payloads through the introduction parser. Never panics; what
+//! parses survives a round trip through the writer.
 #![no_main]
 
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
+use pinhole_media::faketcp::direct::{Direct, DirectPhase, Introduction};
 use pinhole_media::faketcp::forwarder::{Forwarder, Limits, Output};
 use pinhole_media::faketcp::{Conn, Segment};
 
@@ -17,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let mut client = Conn::connect(now, 0x1234_5678);
     let mut server = Conn::accept(now, s.seq.wrapping_sub(1), 0x9abc_def0);
-    for c in [&mut client, &mut server] {
+    let mut both = Conn::simultaneous(now, 0x1111_2222, s.seq);
+    for c in [&mut client, &mut server, &mut both] {
         let _ = c.handle_segment(now, &s);
         let _ = c.send(now, s.payload);
         while c.poll_transmit().is_some() {}
@@ -36,4 +39,15 @@ fuzz_target!(|data: &[u8]| {
     }
     f.handle_timeout(now + std::time::Duration::from_secs(11));
     while f.poll_discard().is_some() {}
+    // An introduction must be signed; a direct path hands nothing on before a signed check.
+    assert_eq!(Introduction::decode(s.payload, "leg-secret-0123456789abcdef"), None);
+    let intro = Introduction { peer: s.src, isn: 5, peer_isn: s.seq, delay: std::time::Duration::ZERO, key: "k".into() };
+    let mut d = Direct::new(now, s.dst, intro, 9);
+    d.handle_timeout(now);
+    assert_eq!(d.phase(), DirectPhase::Opening);
+    let mut syn = s;
+    syn.flags = pinhole_media::faketcp::SYN;
+    let _ = d.handle_segment(now, &syn);
+    assert_eq!(d.handle_segment(now, &s), None, "media before a check");
+    while d.poll_transmit().is_some() {}
 });

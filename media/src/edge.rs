@@ -17,6 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use crate::faketcp::client::{Phase as TunnelPhase, Tunnel};
+use crate::faketcp::direct::DirectPhase;
 use crate::faketcp::Segment;
 use crate::ports::PortTable;
 use crate::punch::path::{DirectPath, PathEvent, Phase, Route};
@@ -70,11 +71,13 @@ impl Sends {
     }
 }
 
-/// A tunnel's news: its phase now, and how many connections it has opened.
+/// A tunnel's news: its phase now, its direct path's if it was introduced to the other
+/// end, and how many connections it has opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TunnelEvent {
     pub window: u16,
     pub phase: TunnelPhase,
+    pub direct: Option<DirectPhase>,
     pub connections: u32,
 }
 
@@ -119,7 +122,7 @@ pub struct EdgeMedia {
     /// Fake-TCP tunnels by window port: the leg to the server relay goes over them, with
     /// the phase last reported.
     tunnels: HashMap<u16, Tunnel>,
-    tunnel_phases: HashMap<u16, TunnelPhase>,
+    tunnel_phases: HashMap<u16, (TunnelPhase, Option<DirectPhase>)>,
     tunnel_events: VecDeque<TunnelEvent>,
     /// Forwarder offers in reserve, by window.
     standby: HashMap<u16, Standby>,
@@ -239,8 +242,9 @@ impl EdgeMedia {
     fn drain_tunnel(&mut self, window: u16) {
         let Some(t) = self.tunnels.get_mut(&window) else { return };
         let port = t.local().port();
-        if self.tunnel_phases.insert(window, t.phase()) != Some(t.phase()) {
-            self.tunnel_events.push_back(TunnelEvent { window, phase: t.phase(), connections: t.connections });
+        let (phase, direct) = (t.phase(), t.direct());
+        if self.tunnel_phases.insert(window, (phase, direct)) != Some((phase, direct)) {
+            self.tunnel_events.push_back(TunnelEvent { window, phase, direct, connections: t.connections });
         }
         while let Some((to, tcp)) = t.poll_transmit() {
             self.out.push_back((Socket::Tcp { port }, SocketAddr::V4(to), tcp));

@@ -229,6 +229,9 @@ pub struct Conn {
     last_sent: Instant,
     handshake: (u32, Instant),
     isn: u32,
+    /// A simultaneous open's peer ISN, handed to both ends beforehand: only a SYN and a
+    /// SYN-ACK with it belong to the connection.
+    peer_isn: Option<u32>,
     /// Segments dropped as out of window or out of place.
     pub dropped: u64,
 }
@@ -250,6 +253,16 @@ impl Conn {
         c
     }
 
+    /// One end of a simultaneous open (RFC 9293 §3.5, figure 8) with a peer whose ISN we
+    /// were told: both ends send a SYN; each answers the other's with a SYN-ACK; either
+    /// SYN-ACK establishes. It is what two NATs' conntrack let through when neither will
+    /// accept an unsolicited SYN: each side's own SYN opens its NAT for the other's.
+    pub fn simultaneous(now: Instant, isn: u32, peer_isn: u32) -> Conn {
+        let mut c = Conn::connect(now, isn);
+        c.peer_isn = Some(peer_isn);
+        c
+    }
+
     fn new(now: Instant, state: State, isn: u32) -> Conn {
         Conn {
             state,
@@ -260,6 +273,7 @@ impl Conn {
             last_sent: now,
             handshake: (1, now),
             isn,
+            peer_isn: None,
             dropped: 0,
         }
     }
@@ -344,17 +358,33 @@ impl Conn {
                 Received::Dropped
             }
             State::SynSent => {
-                if s.flags & (SYN | ACK) == SYN | ACK && s.ack == self.isn.wrapping_add(1) {
+                let peer_ok = self.peer_isn.is_none_or(|p| p == s.seq);
+                if s.flags & (SYN | ACK) == SYN | ACK && s.ack == self.isn.wrapping_add(1) && peer_ok {
                     self.rcv_nxt = s.seq.wrapping_add(1);
                     self.state = State::Established;
                     self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);
+                    return Received::Control;
+                }
+                if s.flags & (SYN | ACK) == SYN && self.peer_isn == Some(s.seq) {
+                    // The peer's SYN crossed ours: answer it, ours stands.
+                    self.rcv_nxt = s.seq.wrapping_add(1);
+                    self.state = State::SynReceived;
+                    self.handshake = (1, now);
+                    self.send_control(now, SYN | ACK, self.isn, self.rcv_nxt);
                     return Received::Control;
                 }
                 self.dropped += 1;
                 Received::Dropped
             }
             State::SynReceived => {
-                if s.flags & SYN != 0 {
+                let answers_ours = s.flags & ACK != 0 && s.ack == self.isn.wrapping_add(1);
+                if s.flags & SYN != 0 && answers_ours && self.peer_isn == Some(s.seq) {
+                    // A simultaneous open's SYN-ACK: both SYNs are acknowledged.
+                    self.state = State::Established;
+                    self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);
+                    return Received::Control;
+                }
+                if s.flags & SYN != 0 && s.seq.wrapping_add(1) == self.rcv_nxt {
                     // The client's SYN again: our SYN-ACK was lost.
                     self.send_control(now, SYN | ACK, self.isn, self.rcv_nxt);
                     return Received::Control;
@@ -371,6 +401,11 @@ impl Conn {
                     // A retransmitted SYN-ACK (our ACK was lost): ACK again.
                     if s.flags & ACK != 0 && s.seq.wrapping_add(1) == self.rcv_nxt {
                         self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);
+                        return Received::Control;
+                    }
+                    if self.peer_isn == Some(s.seq) && s.seq.wrapping_add(1) == self.rcv_nxt {
+                        // A simultaneous open's peer that missed our SYN-ACK sends its SYN again.
+                        self.send_control(now, SYN | ACK, self.isn, self.rcv_nxt);
                         return Received::Control;
                     }
                     self.dropped += 1;
@@ -401,6 +436,7 @@ impl Conn {
 }
 
 pub mod client;
+pub mod direct;
 pub mod forwarder;
 
 #[cfg(test)]

@@ -518,6 +518,13 @@ impl Relay {
         })
     }
 
+    /// The relay port the other party of `port`'s stream sends to (both RTP ports).
+    pub fn peer_port(&self, port: u16) -> Option<u16> {
+        self.calls.values().flat_map(|c| &c.streams).find_map(|s| {
+            Side::BOTH.into_iter().find(|side| s.ports[*side].0 == port).map(|side| s.ports[side.other()].0)
+        })
+    }
+
     /// The party that sends to relay port `port` is reached at `to` from now on, and only
     /// packets from `to` are its media (its leg now comes through the fake-TCP forwarder,
     /// which speaks for it from `to`). False for a port no call uses.

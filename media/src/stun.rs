@@ -26,8 +26,6 @@ use crate::guard::{Admit, GuardConfig, GuessGuard};
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 const SOFTWARE: &str = "pinhole";
 
-/// Does this datagram look like STUN rather than SIP (RFC 7983: first byte 0–3, and the
-/// RFC 5389 magic cookie)?
 /// A STUN message's bytes (our messages fit in 256).
 pub(crate) fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
     let mut out = vec![0u8; 256];
@@ -43,6 +41,8 @@ pub(crate) fn verified(data: &[u8], password: &str) -> bool {
     MessageDecoderBuilder::default().with_context(ctx).build().decode(data).is_ok()
 }
 
+/// Does this datagram look like STUN rather than SIP (RFC 7983: first byte 0–3, and the
+/// RFC 5389 magic cookie)?
 pub fn looks_like_stun(b: &[u8]) -> bool {
     b.len() >= 20 && b[0] < 4 && b[4..8] == MAGIC_COOKIE
 }

@@ -32,6 +32,14 @@ pub enum NatKind {
     SymmetricRandom,
     /// UDP dropped, TCP masqueraded.
     UdpBlocked,
+    /// UDP dropped, TCP masqueraded to random ports (`masquerade random`).
+    UdpBlockedRandom,
+}
+
+impl NatKind {
+    pub fn drops_udp(self) -> bool {
+        matches!(self, NatKind::UdpBlocked | NatKind::UdpBlockedRandom)
+    }
 }
 
 /// One private network behind its own NAT box.
@@ -205,12 +213,15 @@ impl NatLab {
                     "  map rc { type inet_service . ipv4_addr : ipv4_addr . inet_service; flags dynamic; }\n".to_owned(),
                 ),
                 NatKind::UdpBlocked => ("oifname \"wan0\" masquerade".to_owned(), String::new(), String::new()),
+                NatKind::UdpBlockedRandom => {
+                    ("oifname \"wan0\" masquerade random".to_owned(), String::new(), String::new())
+                }
             };
             if kind == &NatKind::Open {
                 let net = format!("198.51.100.{}/25", 128 * i);
                 ns_exec(&wan, &["ip", "route", "add", &net, "via", wan_ip]);
             }
-            let forward = if kind == &NatKind::UdpBlocked {
+            let forward = if kind.drops_udp() {
                 "  chain forwarding {\n    type filter hook forward priority 0;\n    meta l4proto udp drop\n  }\n"
             } else {
                 ""

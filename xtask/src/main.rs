@@ -208,8 +208,9 @@ fn lab(args: &[String]) -> anyhow::Result<()> {
         Some("symmetric-seq") => NatKind::SymmetricSeq,
         Some("symmetric-random") => NatKind::SymmetricRandom,
         Some("udp-blocked") => NatKind::UdpBlocked,
+        Some("udp-blocked-random") => NatKind::UdpBlockedRandom,
         other => anyhow::bail!(
-            "lab kind {other:?}: open | full-cone | restricted | port-restricted | symmetric-seq | symmetric-random | udp-blocked"
+            "lab kind {other:?}: open | full-cone | restricted | port-restricted | symmetric-seq | symmetric-random | udp-blocked | udp-blocked-random"
         ),
     };
     if !is_root() {

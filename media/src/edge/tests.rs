@@ -273,6 +273,7 @@ mod fake_tcp {
                         }
                     }
                     Output::ToRelay { datagram, .. } => relay.push(datagram),
+                    Output::Bound { .. } => {}
                 }
             }
             if !moved {

@@ -2,17 +2,25 @@
 //! forwarder from a local port of its own, the leg's proof as its first datagram, then the
 //! leg's datagrams both ways. A reset, a handshake that goes unanswered or a proof that
 //! goes unanswered opens a new connection from the next local port, and the call goes on.
+//!
+//! When the forwarder introduces the agent at the other end of the call (both legs came
+//! over fake TCP), the tunnel also opens a [`Direct`] path to it; while that path is up
+//! the leg's datagrams go that way, and the connection to the forwarder carries only a
+//! signed keepalive every [`RELAY_KEEPALIVE`] (it holds the relay's call open).
 
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use stun_rs::{MessageClass, MessageDecoderBuilder};
 
+use super::direct::{Direct, DirectPhase, Introduction};
 use super::forwarder::proof;
 use super::{Conn, Received, Segment, State};
 
 /// A proof unanswered this long: reconnect.
 pub const PROOF_TIMEOUT: Duration = Duration::from_secs(3);
+/// While media goes direct, the forwarder's connection carries a keepalive this often.
+pub const RELAY_KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// Where the tunnel stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +48,9 @@ pub struct Tunnel {
     rng: u64,
     /// Connections opened (1 + reconnects).
     pub connections: u32,
+    /// The direct path to the other end, once introduced.
+    direct: Option<Direct>,
+    next_keepalive: Instant,
 }
 
 impl Tunnel {
@@ -67,6 +78,8 @@ impl Tunnel {
             out: std::collections::VecDeque::new(),
             rng: seed | 1,
             connections: 0,
+            direct: None,
+            next_keepalive: now,
         };
         t.open(now, ports.0);
         t
@@ -103,9 +116,23 @@ impl Tunnel {
         self.phase
     }
 
+    /// Where the direct path stands, if the forwarder introduced one.
+    pub fn direct(&self) -> Option<DirectPhase> {
+        self.direct.as_ref().map(Direct::phase)
+    }
+
+    fn direct_up(&self) -> bool {
+        self.direct.as_ref().is_some_and(Direct::is_up)
+    }
+
     fn flush(&mut self) {
         while let Some(o) = self.conn.poll_transmit() {
             self.out.push_back((self.server, o.segment(self.local, self.server)));
+        }
+        if let Some(d) = &mut self.direct {
+            while let Some(t) = d.poll_transmit() {
+                self.out.push_back(t);
+            }
         }
     }
 
@@ -120,13 +147,21 @@ impl Tunnel {
         if self.phase != Phase::Up {
             return false;
         }
-        let sent = self.conn.send(now, datagram);
+        let sent = match &mut self.direct {
+            Some(d) if d.is_up() => d.send(now, datagram),
+            _ => self.conn.send(now, datagram),
+        };
         self.flush();
         sent
     }
 
     /// A segment from the forwarder; returns the leg's datagram it carried, if any.
     pub fn handle_segment<'a>(&mut self, now: Instant, s: &Segment<'a>) -> Option<&'a [u8]> {
+        if let Some(d) = self.direct.as_mut().filter(|d| d.owns(s)) {
+            let data = d.handle_segment(now, s);
+            self.flush();
+            return data;
+        }
         if s.src != self.server || s.dst != self.local {
             return None;
         }
@@ -134,6 +169,13 @@ impl Tunnel {
         let mut data = None;
         match r {
             Received::Data if self.phase == Phase::Proving && self.answers_proof(s.payload) => self.phase = Phase::Up,
+            // Indications are ours (introductions; the other agent's keepalives the relay
+            // passed on), never the phone's.
+            Received::Data if self.phase == Phase::Up && is_indication(s.payload) => {
+                if let Some(intro) = Introduction::decode(s.payload, &self.key) {
+                    self.introduced(now, intro);
+                }
+            }
             Received::Data if self.phase == Phase::Up => data = Some(s.payload),
             Received::Reset => self.reconnect(now),
             _ => {}
@@ -143,6 +185,16 @@ impl Tunnel {
         }
         self.flush();
         data
+    }
+
+    /// The forwarder introduced the other end: open a direct path to it (again, if this
+    /// is a new introduction; a repeated one changes nothing).
+    fn introduced(&mut self, now: Instant, intro: Introduction) {
+        if self.direct.as_ref().is_some_and(|d| d.introduction() == &intro) {
+            return;
+        }
+        let seed = self.random();
+        self.direct = Some(Direct::new(now, self.local, intro, seed));
     }
 
     fn prove(&mut self, now: Instant) {
@@ -168,12 +220,24 @@ impl Tunnel {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let proof = self.proof_sent.filter(|_| self.phase == Phase::Proving).map(|t| t + PROOF_TIMEOUT);
-        [self.conn.poll_timeout(), proof].into_iter().flatten().min()
+        let keepalive = self.direct_up().then_some(self.next_keepalive);
+        let direct = self.direct.as_ref().and_then(Direct::poll_timeout);
+        [self.conn.poll_timeout(), proof, keepalive, direct].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.conn.poll_timeout().is_some_and(|t| t <= now) {
             self.conn.handle_timeout(now);
+        }
+        if let Some(d) = self.direct.as_mut().filter(|d| d.poll_timeout().is_some_and(|t| t <= now)) {
+            d.handle_timeout(now);
+        }
+        if self.direct_up() && now >= self.next_keepalive {
+            self.next_keepalive = now + RELAY_KEEPALIVE;
+            let id = self.random();
+            if let Some(k) = keepalive(&self.key, id) {
+                self.conn.send(now, &k);
+            }
         }
         let proof_lost = self.phase == Phase::Proving && self.proof_sent.is_some_and(|t| now >= t + PROOF_TIMEOUT);
         if self.conn.state() == State::Closed || proof_lost {
@@ -181,6 +245,23 @@ impl Tunnel {
         }
         self.flush();
     }
+}
+
+/// Whether `datagram` is a STUN indication (class bits 01).
+fn is_indication(datagram: &[u8]) -> bool {
+    crate::stun::looks_like_stun(datagram) && datagram[0] & 0x01 == 0 && datagram[1] & 0x10 != 0
+}
+
+/// A Binding indication signed with the leg's key: holds the relay's call open while the
+/// media goes direct.
+fn keepalive(key: &str, id: u64) -> Option<Vec<u8>> {
+    let mut t = [0u8; 12];
+    t[..8].copy_from_slice(&id.to_be_bytes());
+    let msg = stun_rs::StunMessageBuilder::new(stun_rs::methods::BINDING, MessageClass::Indication)
+        .with_transaction_id(stun_rs::TransactionId::from(t))
+        .with_attribute(stun_rs::attributes::stun::MessageIntegrity::new(stun_rs::HMACKey::new_short_term(key).ok()?))
+        .build();
+    crate::stun::encode(&msg)
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //! between it and the relay port. Everything else — an unauthenticated connection's data,
 //! segments of unknown connections, a wrong key — is dropped and counted, and connections
 //! are capped in total, per source address, and in how long they may stay unbound.
+//!
+//! When both legs of a call come over fake TCP, the owner asks the forwarder to introduce
+//! them ([`Forwarder::introduce`]): each agent then tries a direct path to the other
+//! (see [`super::direct`]), and this connection carries only keepalives while it holds.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -18,6 +22,7 @@ use stun_rs::attributes::stun::{MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::{HMACKey, MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder};
 
+use super::direct::{Introduction, START_DELAY};
 use super::{Conn, Received, Segment, State, ACK, SYN};
 
 /// Relay port 0 is the probe: `pinhole probe --faketcp` proves it with [`PROBE_KEY`] and
@@ -51,6 +56,9 @@ pub enum Output {
     Segment { from: SocketAddrV4, to: SocketAddrV4, tcp: Vec<u8> },
     /// A datagram from the agent for the relay, as if it had arrived on relay port `port`.
     ToRelay { port: u16, datagram: Vec<u8> },
+    /// A connection proved relay port `port` (a new one, or a reconnect): if the call's
+    /// other leg is carried too, the owner may [`Forwarder::introduce`] the two.
+    Bound { port: u16 },
 }
 
 /// Why something was dropped (the shell counts them in a metric).
@@ -90,6 +98,8 @@ pub struct Forwarder {
     isn: u32,
     /// Keys for ports not [`Forwarder::allow`]ed: derived by the owner (from the call).
     lookup: Option<KeyLookup>,
+    /// Pairs of connections introduced to each other (lower address first).
+    introduced: std::collections::HashSet<(SocketAddrV4, SocketAddrV4)>,
 }
 
 /// Finds the key of a relay port's leg, if the port is in a call now.
@@ -107,6 +117,7 @@ impl Forwarder {
             drops: Vec::new(),
             isn: seed | 1,
             lookup: None,
+            introduced: std::collections::HashSet::new(),
         }
     }
 
@@ -136,7 +147,7 @@ impl Forwarder {
     pub fn revoke(&mut self, port: u16) {
         self.keys.remove(&port);
         if let Some(peer) = self.bound.remove(&port) {
-            self.conns.remove(&peer);
+            self.drop_conn(peer);
         }
     }
 
@@ -228,7 +239,7 @@ impl Forwarder {
         if port != 0 {
             if let Some(old) = self.bound.insert(port, peer) {
                 if old != peer {
-                    self.conns.remove(&old);
+                    self.drop_conn(old);
                 }
             }
         }
@@ -238,6 +249,36 @@ impl Forwarder {
         if let Some(reply) = success(datagram, peer, &key) {
             e.conn.send(now, &reply);
         }
+        if port != 0 {
+            self.out.push_back(Output::Bound { port });
+        }
+    }
+
+    /// Relay ports `a` and `b` are the two legs of one call, both carried here: tell each
+    /// agent where the other's connection comes from, with both ISNs, a start and a check
+    /// key (each told in a message signed with its own leg's key). False when either is not
+    /// carried, or these two connections were introduced already.
+    pub fn introduce(&mut self, now: Instant, a: u16, b: u16) -> bool {
+        let (Some(&peer_a), Some(&peer_b)) = (self.bound.get(&a), self.bound.get(&b)) else { return false };
+        if !self.introduced.insert((peer_a.min(peer_b), peer_a.max(peer_b))) {
+            return false;
+        }
+        let (Some(key_a), Some(key_b)) = (self.key_of(a), self.key_of(b)) else { return false };
+        let (isn_a, isn_b) = (self.next_isn(), self.next_isn());
+        let check = Introduction::check_key(&key_a, &key_b, isn_a, isn_b);
+        let intro = |peer, isn, peer_isn| Introduction { peer, isn, peer_isn, delay: START_DELAY, key: check.clone() };
+        let told = [(peer_a, intro(peer_b, isn_a, isn_b), key_a), (peer_b, intro(peer_a, isn_b, isn_a), key_b)];
+        for (to, intro, key) in told {
+            let mut id = [0u8; 12];
+            id[..4].copy_from_slice(&self.next_isn().to_be_bytes());
+            id[4..8].copy_from_slice(&self.next_isn().to_be_bytes());
+            let Some(bytes) = intro.encode(&key, id) else { return false };
+            if let Some(e) = self.conns.get_mut(&to) {
+                e.conn.send(now, &bytes);
+            }
+            self.flush(to);
+        }
+        true
     }
 
     /// The relay port `datagram` proves it may speak for, if it does.
@@ -261,8 +302,13 @@ impl Forwarder {
         sent
     }
 
+    fn drop_conn(&mut self, peer: SocketAddrV4) -> Option<Entry> {
+        self.introduced.retain(|(x, y)| *x != peer && *y != peer);
+        self.conns.remove(&peer)
+    }
+
     fn forget(&mut self, peer: SocketAddrV4) {
-        if let Some(e) = self.conns.remove(&peer) {
+        if let Some(e) = self.drop_conn(peer) {
             if let Some(port) = e.port {
                 if self.bound.get(&port) == Some(&peer) {
                     self.bound.remove(&port);

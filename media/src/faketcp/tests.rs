@@ -30,6 +30,13 @@ fn deliver(now: Instant, from: &mut Conn, src: &str, to: &mut Conn, dst: &str) -
     out
 }
 
+/// One segment through the wire format into `to`.
+fn pass(now: Instant, o: &Outgoing, src: &str, to: &mut Conn, dst: &str) -> Received {
+    let packet = o.segment(a(src), a(dst));
+    let ip = ipv4(*a(src).ip(), *a(dst).ip(), &packet, 1);
+    to.handle_segment(now, &Segment::parse(&ip).expect("our own segment parses"))
+}
+
 /// A handshake from client ISN `ci` and server ISN `si`.
 fn established(now: Instant, ci: u32, si: u32) -> (Conn, Conn) {
     let mut c = Conn::connect(now, ci);
@@ -184,4 +191,61 @@ fn the_codec_checks_both_checksums_and_refuses_what_is_not_a_whole_segment() {
     let mut udp = seg.ip_bytes(1);
     udp[9] = 17;
     assert_eq!(Segment::parse(&udp), Err(BadSegment::NotIpv4Tcp));
+}
+
+const PEER: &str = "192.0.2.20:41000";
+
+#[test]
+fn a_simultaneous_open_whose_syns_cross_establishes_both_ends() {
+    let now = Instant::now();
+    let mut c = Conn::simultaneous(now, 7, u32::MAX);
+    let mut p = Conn::simultaneous(now, u32::MAX, 7);
+    // Both SYNs are in flight at once; each end answers the other's with a SYN-ACK.
+    let syn_c = c.poll_transmit().expect("SYN");
+    let syn_p = p.poll_transmit().expect("SYN");
+    assert_eq!((syn_c.flags, syn_p.flags), (SYN, SYN));
+    assert_eq!(pass(now, &syn_c, CLIENT, &mut p, PEER), Received::Control);
+    assert_eq!(pass(now, &syn_p, PEER, &mut c, CLIENT), Received::Control);
+    assert_eq!((c.state(), p.state()), (State::SynReceived, State::SynReceived));
+    let synack_c = c.poll_transmit().expect("c's SYN-ACK");
+    let synack_p = p.poll_transmit().expect("p's SYN-ACK");
+    assert_eq!((synack_c.flags, synack_c.ack, synack_p.ack), (SYN | ACK, 0, 8));
+    assert_eq!(pass(now, &synack_c, CLIENT, &mut p, PEER), Received::Control);
+    assert_eq!(pass(now, &synack_p, PEER, &mut c, CLIENT), Received::Control);
+    assert_eq!((c.state(), p.state()), (State::Established, State::Established));
+    // The ISN of u32::MAX wraps: p's first byte is sequence 0.
+    assert!(p.send(now, b"wraps"));
+    assert_eq!(p.out.back().map(|o| o.seq), Some(0));
+    let got = deliver(now, &mut p, PEER, &mut c, CLIENT);
+    assert_eq!(got.last(), Some(&(Received::Data, b"wraps".to_vec())));
+    assert!(c.send(now, b"back"));
+    let got = deliver(now, &mut c, CLIENT, &mut p, PEER);
+    assert_eq!(got.last(), Some(&(Received::Data, b"back".to_vec())));
+}
+
+#[test]
+fn a_simultaneous_open_whose_first_syn_was_dropped_still_establishes() {
+    let now = Instant::now();
+    let mut c = Conn::simultaneous(now, 100, 900);
+    let mut p = Conn::simultaneous(now, 900, 100);
+    let _lost = c.poll_transmit(); // the peer's NAT had no mapping yet and dropped it
+    assert_eq!(deliver(now, &mut p, PEER, &mut c, CLIENT)[0].0, Received::Control, "p's SYN opens c");
+    assert_eq!(c.state(), State::SynReceived);
+    assert_eq!(deliver(now, &mut c, CLIENT, &mut p, PEER)[0].0, Received::Control, "c's SYN-ACK");
+    assert_eq!(p.state(), State::Established);
+    assert_eq!(deliver(now, &mut p, PEER, &mut c, CLIENT)[0].0, Received::Control, "p's ACK");
+    assert_eq!(c.state(), State::Established);
+}
+
+#[test]
+fn a_simultaneous_open_drops_a_syn_without_the_announced_isn() {
+    let now = Instant::now();
+    let mut c = Conn::simultaneous(now, 100, 900);
+    let _ = c.poll_transmit();
+    let forged = Segment { src: a(PEER), dst: a(CLIENT), seq: 901, ack: 0, flags: SYN, window: WINDOW, payload: &[] };
+    assert_eq!(c.handle_segment(now, &forged), Received::Dropped);
+    let forged_synack = Segment { ack: 101, flags: SYN | ACK, ..forged };
+    assert_eq!(c.handle_segment(now, &forged_synack), Received::Dropped);
+    assert_eq!(c.state(), State::SynSent);
+    assert!(c.poll_transmit().is_none(), "nothing answers a stranger");
 }

@@ -51,6 +51,7 @@ impl Lab {
                         }
                     }
                     Output::ToRelay { port, datagram } => self.relay_got.push((port, datagram)),
+                    Output::Bound { .. } => {}
                 }
             }
             if !moved {
