@@ -34,6 +34,65 @@ pub(crate) struct Config {
     /// `[faketcp]`: the fake-TCP forwarder; off unless the section is there.
     #[serde(default)]
     pub(crate) faketcp: Option<FakeTcp>,
+    /// `[[trunk]]`: SIP trunks calls on a `[[route]]` go out through (B2BUA).
+    #[serde(default)]
+    pub(crate) trunk: Vec<TrunkSpec>,
+    #[serde(default)]
+    pub(crate) route: Vec<RouteSpec>,
+    #[serde(default)]
+    pub(crate) b2bua: B2buaSpec,
+}
+
+/// One `[[trunk]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrunkSpec {
+    pub(crate) name: String,
+    /// `udp:IP:PORT`, `tcp:…` or `tls:…`: the carrier's SIP address.
+    pub(crate) address: Listen,
+    #[serde(default)]
+    pub(crate) username: String,
+    #[serde(default)]
+    pub(crate) password: String,
+    #[serde(default)]
+    pub(crate) register: bool,
+    #[serde(default = "default_max_calls")]
+    pub(crate) max_calls: usize,
+    #[serde(default)]
+    pub(crate) dids: Vec<DidSpec>,
+}
+
+fn default_max_calls() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DidSpec {
+    pub(crate) number: String,
+    pub(crate) user: String,
+}
+
+/// One `[[route]]`: Request-URI users matching `match` go to `trunks`, tried in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteSpec {
+    #[serde(rename = "match")]
+    pub(crate) pattern: String,
+    pub(crate) trunks: Vec<String>,
+}
+
+/// `[b2bua]`: which headers cross from one leg to the other.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct B2buaSpec {
+    pub(crate) copy_headers: Vec<String>,
+}
+
+impl Default for B2buaSpec {
+    fn default() -> Self {
+        B2buaSpec { copy_headers: pinhole_sip::b2bua::DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect() }
+    }
 }
 
 /// `[faketcp]`: where the forwarder listens (raw TCP; needs CAP_NET_RAW and nftables).
@@ -500,7 +559,84 @@ impl Config {
                 err("sip", "listen", format!("{l} is listed twice"));
             }
         }
+        self.check_trunks(text, &mut errs);
         errs
+    }
+
+    /// `[[trunk]]` and `[[route]]`: names unique, routes naming trunks that exist, patterns
+    /// that compile, limits of at least one call.
+    fn check_trunks(&self, text: &str, errs: &mut Vec<ConfigError>) {
+        let mut err = |table: &str, nth: usize, key: &str, message: String| {
+            let (line, column) = locate_nth(text, table, nth, key);
+            errs.push(ConfigError { line, column, message });
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.trunk.iter().enumerate() {
+            if t.name.trim().is_empty() || !names.insert(t.name.as_str()) {
+                err("trunk", i, "name", format!("trunk name `{}` is empty or used twice", t.name));
+            }
+            if t.max_calls == 0 {
+                err("trunk", i, "max_calls", "max_calls must be at least 1".into());
+            }
+            if t.register && t.username.is_empty() {
+                err("trunk", i, "register", "register = true needs a username".into());
+            }
+            if t.address.addr.ip().is_unspecified() || t.address.addr.port() == 0 {
+                err("trunk", i, "address", format!("`{}` is not a carrier's address", t.address));
+            }
+            if !self.sip.listen.iter().any(|l| l.transport == t.address.transport) {
+                err(
+                    "trunk",
+                    i,
+                    "address",
+                    format!("no {} listener to reach `{}` from", t.address.transport, t.address),
+                );
+            }
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(&r.pattern) {
+                let first = e.to_string().lines().last().unwrap_or("").trim().to_owned();
+                err("route", i, "match", format!("match `{}` is not a regular expression: {first}", r.pattern));
+            }
+            if r.trunks.is_empty() {
+                err("route", i, "trunks", "a route needs at least one trunk".into());
+            }
+            for name in &r.trunks {
+                if !self.trunk.iter().any(|t| &t.name == name) {
+                    err("route", i, "trunks", format!("no [[trunk]] named `{name}`"));
+                }
+            }
+        }
+    }
+
+    /// The B2BUA's trunks and routes (checked by [`Config::parse`]).
+    pub(crate) fn b2bua(&self) -> pinhole_sip::b2bua::B2buaConfig {
+        use pinhole_sip::b2bua::{B2buaConfig, Route, Trunk};
+        let trunks = self
+            .trunk
+            .iter()
+            .map(|t| Trunk {
+                name: t.name.clone(),
+                transport: t.address.transport,
+                address: t.address.addr,
+                username: t.username.clone(),
+                password: t.password.clone(),
+                register: t.register,
+                max_calls: t.max_calls,
+                dids: t.dids.iter().map(|d| (d.number.clone(), d.user.clone())).collect(),
+            })
+            .collect();
+        let routes = self
+            .route
+            .iter()
+            .filter_map(|r| {
+                Some(Route {
+                    pattern: regex::Regex::new(&r.pattern).ok()?,
+                    trunks: r.trunks.iter().filter_map(|n| self.trunk.iter().position(|t| &t.name == n)).collect(),
+                })
+            })
+            .collect();
+        B2buaConfig { trunks, routes, copy_headers: self.b2bua.copy_headers.clone() }
     }
 
     /// The relay configuration, or `None` when `media.mode = "off"`.
@@ -557,12 +693,22 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Where `key` is set inside `[table]`, or where the table starts, or line 1.
 fn locate(text: &str, table: &str, key: &str) -> (usize, usize) {
+    locate_nth(text, table, 0, key)
+}
+
+/// As [`locate`], in the `nth` (from 0) of the tables named `table` (`[[table]]` arrays).
+fn locate_nth(text: &str, table: &str, nth: usize, key: &str) -> (usize, usize) {
     let mut in_table = false;
     let mut table_line = None;
+    let mut seen = 0;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.starts_with('[') {
             in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            if in_table {
+                in_table = seen == nth;
+                seen += 1;
+            }
             if in_table {
                 table_line = Some(i + 1);
             }
@@ -587,6 +733,33 @@ mod tests {
         assert!(c.auth.trusted.iter().all(|t| !t.0.contains(outside)), "outside sources are challenged");
         assert_eq!(c.ng.listen, "127.0.0.1:2223");
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9090".parse().expect("addr")));
+    }
+
+    #[test]
+    fn trunks_and_routes_parse_and_each_mistake_is_named_with_its_line() {
+        let base = "[sip]\ndomain = \"x\"\nlisten = [\"udp:127.0.0.1:5060\"]\n";
+        let good = format!(
+            "{base}[[trunk]]\nname = \"carrier1\"\naddress = \"udp:127.0.0.3:5080\"\nusername = \"acct1\"\npassword = \"secret\"\n\
+             register = true\nmax_calls = 2\ndids = [{{ number = \"15551230001\", user = \"alice\" }}]\n\
+             [[trunk]]\nname = \"carrier2\"\naddress = \"udp:127.0.0.4:5080\"\n\
+             [[route]]\nmatch = \"^\\\\+?1?555\\\\d{{7}}$\"\ntrunks = [\"carrier1\", \"carrier2\"]\n"
+        );
+        let c = Config::parse(&good).expect("valid");
+        let b = c.b2bua();
+        assert_eq!(b.trunks.len(), 2);
+        assert_eq!(b.trunks[0].dids, vec![("15551230001".to_owned(), "alice".to_owned())]);
+        assert_eq!(b.routes[0].trunks, vec![0, 1]);
+        assert!(b.routes[0].pattern.is_match("+15551230001") && !b.routes[0].pattern.is_match("alice"));
+        // A bad pattern and an unknown trunk, each at its own line, in the second route.
+        let bad = format!("{good}[[route]]\nmatch = \"(unclosed\"\ntrunks = [\"nope\"]\n");
+        let errs = Config::parse(&bad).expect_err("invalid");
+        let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert!(errs.iter().any(|e| e.message.contains("(unclosed") && e.line == 19), "{errs:?}");
+        assert!(errs.iter().any(|e| e.message.contains("`nope`") && e.line == 20), "{errs:?} {lines:?}");
+        let dup = format!("{good}[[trunk]]\nname = \"carrier1\"\naddress = \"tcp:127.0.0.5:5080\"\n");
+        let errs = Config::parse(&dup).expect_err("invalid");
+        assert!(errs.iter().any(|e| e.message.contains("used twice") && e.line == 19), "{errs:?}");
+        assert!(errs.iter().any(|e| e.message.contains("no tcp listener")), "{errs:?}");
     }
 
     #[test]

@@ -151,6 +151,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             deny_users: cfg.punch.deny_users.clone(),
         },
         faketcp_port: cfg.faketcp.as_ref().map(|f| f.listen.port()),
+        b2bua: cfg.b2bua(),
     };
     let epoch = Instant::now().into_std();
     let relay_cfg = cfg.relay();

@@ -33,6 +33,20 @@ pub trait MediaAnchor {
         to_v6: Option<bool>,
     ) -> Result<Vec<u8>, MediaRefusal>;
 
+    /// As [`MediaAnchor::anchor_sdp`], hiding the sender's address everywhere in the SDP
+    /// (its `o=` line too): for a B2BUA's legs, where the other side must not learn it.
+    fn anchor_sdp_hiding(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: IpAddr,
+        to_v6: Option<bool>,
+    ) -> Result<Vec<u8>, MediaRefusal> {
+        self.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to_v6)
+    }
+
     /// The call's dialog ended or failed: free its media.
     fn release(&mut self, call_id: &str) -> bool;
 
@@ -59,17 +73,20 @@ impl MediaAnchor for Option<Relay> {
         signalling_ip: IpAddr,
         to_v6: Option<bool>,
     ) -> Result<Vec<u8>, MediaRefusal> {
-        let Some(relay) = self else { return Ok(sdp.to_vec()) };
-        let opts = Options { to_v6, ..Options::default() };
-        relay.on_sdp(now, call_id, sender_tag, sdp, Some(signalling_ip), opts).map_err(|e| {
-            let (code, reason) = match e {
-                RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
-                RelayError::PortsExhausted => (503, "Media Relay Out Of Ports".to_owned()),
-                RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
-                RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
-            };
-            MediaRefusal { code, reason }
-        })
+        anchor(self, now, call_id, sender_tag, sdp, signalling_ip, Options { to_v6, ..Options::default() })
+    }
+
+    fn anchor_sdp_hiding(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: IpAddr,
+        to_v6: Option<bool>,
+    ) -> Result<Vec<u8>, MediaRefusal> {
+        let opts = Options { to_v6, replace_origin: true, ..Options::default() };
+        anchor(self, now, call_id, sender_tag, sdp, signalling_ip, opts)
     }
 
     fn release(&mut self, call_id: &str) -> bool {
@@ -94,4 +111,26 @@ impl EndReason {
             EndReason::MaxDuration => "duration",
         }
     }
+}
+
+/// SDP from `sender_tag` through the relay, when there is one; refusals as SIP responses.
+fn anchor(
+    relay: &mut Option<Relay>,
+    now: Instant,
+    call_id: &str,
+    sender_tag: &str,
+    sdp: &[u8],
+    signalling_ip: IpAddr,
+    opts: Options,
+) -> Result<Vec<u8>, MediaRefusal> {
+    let Some(relay) = relay else { return Ok(sdp.to_vec()) };
+    relay.on_sdp(now, call_id, sender_tag, sdp, Some(signalling_ip), opts).map_err(|e| {
+        let (code, reason) = match e {
+            RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
+            RelayError::PortsExhausted => (503, "Media Relay Out Of Ports".to_owned()),
+            RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
+            RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
+        };
+        MediaRefusal { code, reason }
+    })
 }

@@ -175,7 +175,7 @@ impl Credentials {
 }
 
 /// Splits `k=v, k="v"` lists, honouring quotes and backslash escapes.
-fn auth_params(s: &str) -> Option<Vec<(String, String)>> {
+pub(crate) fn auth_params(s: &str) -> Option<Vec<(String, String)>> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     loop {

@@ -40,6 +40,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod b2bua;
 pub mod mac;
 pub mod message;
 pub mod proxy;

@@ -32,7 +32,8 @@ use forward::*;
 use transactions::*;
 
 pub(crate) use forward::fix_top_via;
-pub(crate) use requests::{host_ip, host_string, parse_sip_uri, uri_of};
+pub(crate) use media::{contact_uri, sdp_body};
+pub(crate) use requests::{host_ip, host_string, parse_sip_uri, request_user, uri_of};
 
 use budget::ReplyBudget;
 use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};
@@ -67,7 +68,7 @@ pub struct Interface {
 }
 
 impl Interface {
-    fn host_port(&self) -> String {
+    pub fn host_port(&self) -> String {
         let host = if self.advertise.contains(':') && !self.advertise.starts_with('[') {
             format!("[{}]", self.advertise)
         } else {
@@ -149,6 +150,9 @@ pub struct ProxyConfig {
     pub punch: PunchPolicy,
     /// The fake-TCP forwarder's port (`[faketcp]`), offered to agents' legs in SDP.
     pub faketcp_port: Option<u16>,
+    /// Trunks and the routes to them (`[[trunk]]`, `[[route]]`): calls on a route go
+    /// through the B2BUA.
+    pub b2bua: crate::b2bua::B2buaConfig,
 }
 
 /// The administrators' say over direct paths (`[punch]`): off altogether, or never for
@@ -311,6 +315,8 @@ pub struct Proxy<M: MediaAnchor> {
     /// Calls with a side behind an agent (it reported a NAT profile): SDP towards that side
     /// offers the fake-TCP forwarder (A = caller, B = callee).
     agent_legs: HashMap<String, [bool; 2]>,
+    /// Trunk calls (see [`crate::b2bua`]).
+    b2bua: crate::b2bua::B2bua,
 }
 
 impl<M: MediaAnchor> Proxy<M> {
@@ -322,7 +328,9 @@ impl<M: MediaAnchor> Proxy<M> {
         let boot: u64 = rng.gen();
         let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, boot, now, unix_now)
             .with_algorithms(cfg.auth_algorithms.clone());
+        let b2bua = crate::b2bua::B2bua::new(cfg.b2bua.clone(), cfg.interfaces.clone(), seed);
         Proxy {
+            b2bua,
             media,
             dialogs: HashMap::new(),
             established: DialogTable::default(),
@@ -384,7 +392,20 @@ impl<M: MediaAnchor> Proxy<M> {
     /// Next thing to send, if any.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.pop_front()
+        self.out.pop_front().or_else(|| self.b2bua.poll_transmit())
+    }
+
+    /// The B2BUA (trunk calls).
+    pub fn b2bua(&self) -> &crate::b2bua::B2bua {
+        &self.b2bua
+    }
+
+    /// A call record of a B2BUA call that ended, if any.
+    #[must_use]
+    pub fn poll_call_record(&mut self) -> Option<crate::b2bua::CallRecord> {
+        match self.b2bua.poll_event()? {
+            crate::b2bua::B2buaEvent::CallRecord(r) => Some(r),
+        }
     }
 
     /// When [`Proxy::handle_timeout`] should next be called, and why: a transaction timer,
@@ -399,10 +420,8 @@ impl<M: MediaAnchor> Proxy<M> {
             && self.auth.is_idle()
             && self.budget.is_empty();
         let housekeeping = (!idle).then_some((self.next_housekeeping, "sip housekeeping"));
-        match (timer, housekeeping) {
-            (Some(t), Some(h)) => Some(if t.0 <= h.0 { t } else { h }),
-            (t, h) => t.or(h),
-        }
+        let b2bua = self.b2bua.poll_timeout().map(|t| (t, "b2bua timer"));
+        [timer, housekeeping, b2bua].into_iter().flatten().min_by_key(|(t, _)| *t)
     }
 
     /// Feeds one received message (a datagram or a frame cut from a stream).
@@ -442,6 +461,9 @@ impl<M: MediaAnchor> Proxy<M> {
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + Duration::from_secs(1);
             self.housekeeping(now);
+        }
+        if self.b2bua.poll_timeout().is_some_and(|t| t <= now) {
+            self.b2bua.handle_timeout(now, &mut self.media);
         }
     }
 

@@ -28,7 +28,7 @@ pub(super) struct Dialog {
 }
 
 /// Does this message carry an SDP body?
-pub(super) fn sdp_body(msg: &Message) -> Option<&[u8]> {
+pub(crate) fn sdp_body(msg: &Message) -> Option<&[u8]> {
     let body = msg.body_bytes();
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
@@ -42,7 +42,7 @@ pub(super) fn sdp_body(msg: &Message) -> Option<&[u8]> {
     }
 }
 
-fn contact_uri(msg: &Message) -> Option<String> {
+pub(crate) fn contact_uri(msg: &Message) -> Option<String> {
     let v = msg.value_texts(HeaderName::Contact).into_iter().next()?;
     Some(match (v.find('<'), v.find('>')) {
         (Some(s), Some(e)) if s < e => v[s + 1..e].to_owned(),

@@ -17,6 +17,10 @@ impl<M: MediaAnchor> Proxy<M> {
             return;
         }
         let branch = msg.branch().unwrap_or_default().to_owned();
+        if self.b2bua.owns_request(&msg) {
+            self.b2bua.on_request(now, flow, msg, &mut self.media);
+            return;
+        }
 
         if method == Method::Ack {
             let key = server_key(&branch, &Method::Invite);
@@ -61,6 +65,18 @@ impl<M: MediaAnchor> Proxy<M> {
         };
 
         let invite = method == Method::Invite;
+        // A call from a local user on a trunk route: the B2BUA's, not proxied.
+        if invite
+            && !in_dialog
+            && msg.tag(HeaderName::To).is_none()
+            && (auth_user.is_some() || self.is_trusted(flow.remote.ip()))
+        {
+            if let Some(user) = request_user(&msg).filter(|u| self.b2bua.wants(u)) {
+                tracing::debug!(%user, "trunk call");
+                self.b2bua.on_invite(now, flow, msg, &mut self.media);
+                return;
+            }
+        }
         let to_tag = self.local_tag(&msg);
         self.server_txs.insert(
             key.clone(),
@@ -475,7 +491,7 @@ pub(super) fn binding_target(b: &Binding) -> Target {
     }
 }
 
-pub(super) fn request_user(msg: &Message) -> Option<String> {
+pub(crate) fn request_user(msg: &Message) -> Option<String> {
     match msg.request_sip_uri()?.user_part {
         SipUriUserPart::Empty => None,
         SipUriUserPart::User(u) => Some(u.to_string()),

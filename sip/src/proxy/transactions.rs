@@ -72,6 +72,10 @@ impl<M: MediaAnchor> Proxy<M> {
     }
 
     pub(super) fn on_response(&mut self, now: Instant, flow: Flow, msg: Message) {
+        if self.b2bua.owns_response(&msg) {
+            self.b2bua.on_response(now, flow, msg, &mut self.media);
+            return;
+        }
         let code = msg.status().unwrap_or(0);
         self.count_response(code, false);
         let Some(branch) = msg.branch().map(str::to_owned) else {

@@ -1,0 +1,1078 @@
+//! Trunk mode: a back-to-back user agent between local phones and SIP trunks, sans-IO.
+//!
+//! A call from a local user whose Request-URI user matches a `[[route]]` is not proxied:
+//! the phone's INVITE ends here (the A leg) and pinhole places a call of its own to the
+//! route's first trunk that is up and under its call limit (the B leg). The carrier sees
+//! only pinhole: a fresh Call-ID, tags and CSeq space, pinhole's address in Via and
+//! Contact, headers copied across only by an allow-list, and SDP anchored on the relay.
+//! Challenges from the carrier are answered with the trunk's credentials, once per
+//! request; 408, 5xx or no answer within Timer B moves the call to the next trunk without
+//! the caller noticing (no second ringing). Responses, ACK, BYE from either side, CANCEL
+//! and in-dialog requests (re-INVITE, UPDATE, INFO) are carried across, each leg with its
+//! own dialog state.
+//!
+//! The proxy hands the B2BUA what is its ([`B2bua::wants`], [`B2bua::owns_request`],
+//! [`B2bua::owns_response`]); the B2BUA keeps its own transactions, timers and output.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pinhole_media::anchor::MediaAnchor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::auth::{Algorithm, Challenge, Credentials};
+use crate::message::{param_of_name_addr, HeaderName, Message, Method};
+use crate::proxy::{Interface, T1, T2, TIMEOUT_64T1};
+use crate::transport::{Flow, Transmit, Transport};
+
+mod build;
+#[cfg(test)]
+mod tests;
+
+use build::*;
+
+/// Branches of the B2BUA's own requests start with this (the proxy's with `z9hG4bKph`).
+pub const BRANCH_PREFIX: &str = "z9hG4bKpb";
+
+/// Headers copied from the phone's INVITE to the trunk's by default.
+pub const DEFAULT_COPY_HEADERS: &[&str] = &[
+    "Allow",
+    "Supported",
+    "Accept",
+    "Content-Disposition",
+    "P-Asserted-Identity",
+    "Privacy",
+    "Session-Expires",
+    "Min-SE",
+];
+
+/// B2BUA calls at once, over all trunks (each holds two dialogs and relay ports).
+pub const MAX_CALLS: usize = 10_000;
+
+/// One `[[trunk]]`.
+#[derive(Debug, Clone)]
+pub struct Trunk {
+    pub name: String,
+    pub transport: Transport,
+    pub address: SocketAddr,
+    pub username: String,
+    pub password: String,
+    pub register: bool,
+    pub max_calls: usize,
+    /// Inbound: Request-URI user -> local user.
+    pub dids: Vec<(String, String)>,
+}
+
+/// One `[[route]]`: Request-URI users matching `pattern` go to `trunks`, in order.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub pattern: regex::Regex,
+    /// Indexes into the trunk list.
+    pub trunks: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct B2buaConfig {
+    pub trunks: Vec<Trunk>,
+    pub routes: Vec<Route>,
+    /// Header names copied from one leg's requests to the other's (case-insensitive).
+    pub copy_headers: Vec<String>,
+}
+
+impl B2buaConfig {
+    pub fn is_enabled(&self) -> bool {
+        !self.routes.is_empty()
+    }
+}
+
+/// Which leg of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    /// The phone's.
+    A,
+    /// The trunk's.
+    B,
+}
+
+impl Leg {
+    fn other(self) -> Leg {
+        match self {
+            Leg::A => Leg::B,
+            Leg::B => Leg::A,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The B leg's INVITE is out (or being retried on the next trunk).
+    Calling,
+    /// Answered; waiting for the phone's ACK (the 2xx is retransmitted until then).
+    Answered,
+    Confirmed,
+    /// Torn down; kept a moment for retransmissions.
+    Ended,
+}
+
+/// One side's dialog state.
+#[derive(Debug, Clone, Default)]
+struct Dialog {
+    call_id: String,
+    /// Our tag and theirs.
+    local_tag: String,
+    remote_tag: String,
+    /// Our From/To as they appear in requests we send on this leg (with tags).
+    local_uri: String,
+    remote_uri: String,
+    /// Where requests go (the remote Contact) and the Route set.
+    target: String,
+    routes: Vec<String>,
+    local_cseq: u32,
+    flow: Option<Flow>,
+}
+
+struct Call {
+    a: Dialog,
+    b: Dialog,
+    phase: Phase,
+    /// The phone's INVITE (its transaction) and our last response to it.
+    a_invite: Message,
+    a_flow: Flow,
+    a_last: Option<Vec<u8>>,
+    /// The 2xx to the phone, retransmitted until its ACK.
+    a_2xx_at: Option<(Instant, Duration)>,
+    /// The trunks still to try, the one in use.
+    trunks_left: VecDeque<usize>,
+    trunk: usize,
+    /// The B leg's INVITE as sent (for CANCEL and ACK), its branch, and whether a
+    /// provisional came back.
+    b_invite: Option<Message>,
+    b_provisional: bool,
+    /// Challenges answered on this INVITE (a second one fails the call).
+    b_auth_answered: bool,
+    /// The ACK we sent for the B leg's 2xx (repeated if the 2xx is).
+    b_ack: Option<Vec<u8>>,
+    ringing_sent: bool,
+    cancelled: bool,
+    started: Instant,
+    answered: Option<Instant>,
+    ended: Option<Instant>,
+    /// Who hung up and the final code, for records.
+    hangup: Option<&'static str>,
+    final_code: Option<u16>,
+}
+
+/// What a client transaction of ours belongs to.
+#[derive(Debug, Clone)]
+enum Purpose {
+    /// The B leg's INVITE.
+    Invite,
+    /// A request carried across from the other leg: answer `origin` with the response.
+    Bridged { origin: Box<Message>, origin_flow: Flow, origin_leg: Leg },
+    /// Our own (BYE, CANCEL): the response just ends it.
+    Own,
+}
+
+struct ClientTx {
+    call: u64,
+    purpose: Purpose,
+    bytes: Vec<u8>,
+    flow: Flow,
+    invite: bool,
+    /// Retransmit at, and the interval (UDP only); the transaction's deadline.
+    retransmit: Option<(Instant, Duration)>,
+    deadline: Instant,
+    answered: bool,
+}
+
+/// Things the proxy or shell may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum B2buaEvent {
+    /// A call ended: one line of the call records.
+    CallRecord(CallRecord),
+}
+
+/// What the call records keep of a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub a_call_id: String,
+    pub b_call_id: String,
+    pub caller: String,
+    pub callee: String,
+    pub trunk: String,
+    /// Milliseconds from the INVITE to the answer and to the end.
+    pub answer_ms: Option<u64>,
+    pub duration_ms: u64,
+    pub hangup: &'static str,
+    pub code: u16,
+}
+
+/// Counters the shell exports.
+#[derive(Debug, Default, Clone)]
+pub struct B2buaStats {
+    pub calls_started: u64,
+    pub calls_answered: u64,
+    pub failovers: u64,
+    pub challenges_answered: u64,
+    pub limited: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Client(String),
+    Call(u64),
+}
+
+pub struct B2bua {
+    cfg: B2buaConfig,
+    interfaces: Vec<Interface>,
+    calls: HashMap<u64, Call>,
+    /// Either leg's Call-ID to its call.
+    by_call_id: HashMap<String, (u64, Leg)>,
+    clients: HashMap<String, ClientTx>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    out: VecDeque<Transmit>,
+    events: VecDeque<B2buaEvent>,
+    /// Calls in progress per trunk.
+    active: Vec<usize>,
+    next_id: u64,
+    rng: StdRng,
+    pub stats: B2buaStats,
+}
+
+impl B2bua {
+    pub fn new(cfg: B2buaConfig, interfaces: Vec<Interface>, seed: u64) -> B2bua {
+        let active = vec![0; cfg.trunks.len()];
+        B2bua {
+            cfg,
+            interfaces,
+            calls: HashMap::new(),
+            by_call_id: HashMap::new(),
+            clients: HashMap::new(),
+            timers: BinaryHeap::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            active,
+            next_id: 1,
+            rng: StdRng::seed_from_u64(seed ^ 0xb2b),
+            stats: B2buaStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &B2buaConfig {
+        &self.cfg
+    }
+
+    /// Calls in progress (set up or answered), per trunk name.
+    pub fn active_calls(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.cfg.trunks.iter().zip(&self.active).map(|(t, n)| (t.name.as_str(), *n))
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Whether a new INVITE for Request-URI user `user` from a local user is ours.
+    pub fn wants(&self, user: &str) -> bool {
+        self.cfg.routes.iter().any(|r| r.pattern.is_match(user))
+    }
+
+    /// Whether a request belongs to one of our calls (either leg's Call-ID).
+    pub fn owns_request(&self, msg: &Message) -> bool {
+        msg.call_id().is_some_and(|c| self.by_call_id.contains_key(c))
+    }
+
+    /// Whether a response answers one of our requests.
+    pub fn owns_response(&self, msg: &Message) -> bool {
+        msg.branch().is_some_and(|b| b.starts_with(BRANCH_PREFIX))
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<B2buaEvent> {
+        self.events.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn random_hex(&mut self, bytes: usize) -> String {
+        (0..bytes).map(|_| format!("{:02x}", self.rng.gen::<u8>())).collect()
+    }
+
+    fn interface_for(&self, transport: Transport) -> Option<&Interface> {
+        self.interfaces.iter().find(|i| i.transport == transport)
+    }
+
+    /// A new INVITE from a local user (authenticated or trusted) routed to a trunk.
+    pub fn on_invite<M: MediaAnchor>(&mut self, now: Instant, flow: Flow, msg: Message, media: &mut M) {
+        let user = crate::proxy::request_user(&msg).unwrap_or_default();
+        let Some(route) = self.cfg.routes.iter().find(|r| r.pattern.is_match(&user)) else { return };
+        let trunks: VecDeque<usize> = route.trunks.iter().copied().collect();
+        self.out.push_back(Transmit { flow, payload: msg.response(100, "Trying", None, &[]) });
+        if self.calls.len() >= MAX_CALLS {
+            self.reply_stateless(flow, &msg, 503, "Service Unavailable - B2BUA At Call Limit");
+            return;
+        }
+        let (Some(call_id), Some(from_tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
+            self.reply_stateless(flow, &msg, 400, "Bad Request - Missing Call-ID Or From Tag");
+            return;
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let a = Dialog {
+            call_id: call_id.to_owned(),
+            local_tag: format!("pb{}", self.random_hex(6)),
+            remote_tag: from_tag.to_owned(),
+            local_uri: String::new(),
+            remote_uri: msg.header(HeaderName::From).unwrap_or("").to_owned(),
+            target: contact_uri(&msg).unwrap_or_else(|| msg.request_uri().unwrap_or("").to_owned()),
+            routes: Vec::new(),
+            local_cseq: 0,
+            flow: Some(flow),
+        };
+        let mut a = a;
+        a.local_uri = format!("{};tag={}", strip_tag(msg.header(HeaderName::To).unwrap_or("")), a.local_tag);
+        let b = Dialog {
+            call_id: self.random_hex(12),
+            local_tag: format!("pb{}", self.random_hex(6)),
+            ..Dialog::default()
+        };
+        let call = Call {
+            a,
+            b,
+            phase: Phase::Calling,
+            a_invite: msg,
+            a_flow: flow,
+            a_last: None,
+            a_2xx_at: None,
+            trunks_left: trunks,
+            trunk: usize::MAX,
+            b_invite: None,
+            b_provisional: false,
+            b_auth_answered: false,
+            b_ack: None,
+            ringing_sent: false,
+            cancelled: false,
+            started: now,
+            answered: None,
+            ended: None,
+            hangup: None,
+            final_code: None,
+        };
+        self.by_call_id.insert(call.a.call_id.clone(), (id, Leg::A));
+        self.calls.insert(id, call);
+        self.stats.calls_started += 1;
+        self.try_next_trunk(now, id, media, None);
+    }
+
+    /// Places the B leg on the next trunk that is under its limit; when none is left,
+    /// answers the phone with `failure` (or 503).
+    fn try_next_trunk<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M, failure: Option<(u16, String)>) {
+        loop {
+            let Some(call) = self.calls.get_mut(&id) else { return };
+            let Some(t) = call.trunks_left.pop_front() else {
+                let limited = failure.is_none();
+                let (code, reason) = failure.unwrap_or((503, "Service Unavailable - All Trunks Busy".into()));
+                if limited {
+                    self.stats.limited += 1;
+                }
+                self.fail_a(now, id, code, &reason, media);
+                return;
+            };
+            let Some(trunk) = self.cfg.trunks.get(t) else { continue };
+            if self.active[t] >= trunk.max_calls {
+                continue;
+            }
+            if call.trunk != usize::MAX {
+                self.stats.failovers += 1;
+                self.active[call.trunk] = self.active[call.trunk].saturating_sub(1);
+            }
+            call.trunk = t;
+            self.active[t] += 1;
+            call.b_auth_answered = false;
+            call.b_provisional = false;
+            self.send_b_invite(now, id, media, None);
+            return;
+        }
+    }
+
+    /// Sends the B leg's INVITE (again, with `auth` credentials after a challenge).
+    fn send_b_invite<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M, auth: Option<(&str, String)>) {
+        let branch = format!("{BRANCH_PREFIX}{}", self.random_hex(8));
+        let Some(call) = self.calls.get(&id) else { return };
+        let trunk = &self.cfg.trunks[call.trunk];
+        let Some(iface) = self.interface_for(trunk.transport).cloned() else {
+            self.fail_a(now, id, 503, "Service Unavailable - No Interface For Trunk Transport", media);
+            return;
+        };
+        let flow = Flow { transport: trunk.transport, local: iface.bind, remote: trunk.address, conn: None };
+        let number = crate::proxy::request_user(&call.a_invite).unwrap_or_default();
+        let caller =
+            name_addr_user(call.a_invite.header(HeaderName::From).unwrap_or("")).unwrap_or("anonymous").to_owned();
+        let host = host_port(trunk.address);
+        let our = iface.host_port();
+        let ruri = format!("sip:{number}@{host}");
+        let body = match sdp_body(&call.a_invite) {
+            Some(sdp) => {
+                let ip = call.a_flow.remote.ip();
+                match media.anchor_sdp_hiding(
+                    now,
+                    &call.a.call_id,
+                    &call.a.remote_tag,
+                    sdp,
+                    ip,
+                    Some(trunk.address.is_ipv6()),
+                ) {
+                    Ok(b) => Some(b),
+                    Err(r) => {
+                        self.fail_a(now, id, r.code, &r.reason, media);
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        call.b.local_cseq += 1;
+        call.b.local_uri = format!("<sip:{caller}@{}>;tag={}", iface.advertise, call.b.local_tag);
+        call.b.remote_uri = format!("<sip:{number}@{host}>");
+        call.b.target = ruri.clone();
+        call.b.flow = Some(flow);
+        let copied = copied_headers(&call.a_invite, &self.cfg.copy_headers);
+        let req = RequestSpec {
+            method: "INVITE",
+            uri: &ruri,
+            via: &format!("SIP/2.0/{} {our};branch={branch};rport", flow.transport.via_token()),
+            from: &call.b.local_uri,
+            to: &call.b.remote_uri,
+            call_id: &call.b.call_id,
+            cseq: call.b.local_cseq,
+            contact: Some(&format!("<sip:{our}{}>", transport_param(flow.transport))),
+            routes: &[],
+            extra: &[copied, auth.iter().map(|(h, v)| format!("{h}: {v}")).collect()].concat(),
+            body: body.as_deref().map(|b| (b, "application/sdp")),
+        }
+        .build();
+        let Ok(sent) = Message::parse(Bytes::from(req.clone())) else { return };
+        call.b_invite = Some(sent);
+        self.by_call_id.insert(call.b.call_id.clone(), (id, Leg::B));
+        self.start_client(now, branch, id, Purpose::Invite, flow, req, true);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_client(
+        &mut self,
+        now: Instant,
+        branch: String,
+        call: u64,
+        purpose: Purpose,
+        flow: Flow,
+        bytes: Vec<u8>,
+        invite: bool,
+    ) {
+        self.out.push_back(Transmit { flow, payload: bytes.clone() });
+        let retransmit = (flow.transport == Transport::Udp).then_some((now + T1, T1));
+        let deadline = now + TIMEOUT_64T1;
+        if let Some((at, _)) = retransmit {
+            self.timers.push(Reverse((at, Timer::Client(branch.clone()))));
+        }
+        self.timers.push(Reverse((deadline, Timer::Client(branch.clone()))));
+        self.clients
+            .insert(branch, ClientTx { call, purpose, bytes, flow, invite, retransmit, deadline, answered: false });
+    }
+
+    /// A final error to the phone's INVITE; the call ends.
+    fn fail_a<M: MediaAnchor>(&mut self, now: Instant, id: u64, code: u16, reason: &str, media: &mut M) {
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        if call.phase != Phase::Calling {
+            return;
+        }
+        let resp = call.a_invite.response(code, reason, Some(&call.a.local_tag), &[]);
+        call.a_last = Some(resp.clone());
+        call.final_code = Some(code);
+        self.out.push_back(Transmit { flow: call.a_flow, payload: resp });
+        self.end_call(now, id, "callee", media);
+    }
+
+    fn reply_stateless(&mut self, flow: Flow, msg: &Message, code: u16, reason: &str) {
+        self.out.push_back(Transmit { flow, payload: msg.response(code, reason, Some("pbrefused"), &[]) });
+    }
+
+    /// The call is over: media released, records written, state kept a little for
+    /// retransmissions (32 s), then forgotten.
+    fn end_call<M: MediaAnchor>(&mut self, now: Instant, id: u64, who: &'static str, media: &mut M) {
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        if call.phase == Phase::Ended {
+            return;
+        }
+        call.phase = Phase::Ended;
+        call.ended = Some(now);
+        call.hangup.get_or_insert(who);
+        call.a_2xx_at = None;
+        media.release(&call.a.call_id);
+        if call.trunk != usize::MAX {
+            self.active[call.trunk] = self.active[call.trunk].saturating_sub(1);
+        }
+        let trunk = self.cfg.trunks.get(call.trunk).map(|t| t.name.clone()).unwrap_or_default();
+        let record = CallRecord {
+            a_call_id: call.a.call_id.clone(),
+            b_call_id: call.b.call_id.clone(),
+            caller: name_addr_user(&call.a.remote_uri).unwrap_or("").to_owned(),
+            callee: crate::proxy::request_user(&call.a_invite).unwrap_or_default(),
+            trunk,
+            answer_ms: call.answered.map(|t| t.duration_since(call.started).as_millis() as u64),
+            duration_ms: now.duration_since(call.started).as_millis() as u64,
+            hangup: call.hangup.unwrap_or(who),
+            code: call.final_code.unwrap_or(0),
+        };
+        self.events.push_back(B2buaEvent::CallRecord(record));
+        self.timers.push(Reverse((now + TIMEOUT_64T1, Timer::Call(id))));
+    }
+
+    /// A request of one of our calls (or its CANCEL / ACK).
+    pub fn on_request<M: MediaAnchor>(&mut self, now: Instant, flow: Flow, msg: Message, media: &mut M) {
+        let Some(&(id, leg)) = msg.call_id().and_then(|c| self.by_call_id.get(c)) else { return };
+        let Some(method) = msg.method().cloned() else { return };
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        match (leg, &method) {
+            (Leg::A, Method::Invite) if msg.tag(HeaderName::To).is_none() => {
+                // The phone's INVITE again: our last answer again.
+                if let Some(r) = call.a_last.clone() {
+                    self.out.push_back(Transmit { flow, payload: r });
+                }
+            }
+            (Leg::A, Method::Ack) => {
+                if call.phase == Phase::Answered && msg.tag(HeaderName::To) == Some(call.a.local_tag.as_str()) {
+                    call.phase = Phase::Confirmed;
+                    call.a_2xx_at = None;
+                }
+                // An ACK for our error response ends the transaction: nothing to do.
+            }
+            (Leg::A, Method::Cancel) => {
+                self.out.push_back(Transmit { flow, payload: msg.response(200, "OK", Some(&call.a.local_tag), &[]) });
+                if call.phase == Phase::Calling {
+                    call.cancelled = true;
+                    call.hangup = Some("caller");
+                    if call.b_provisional {
+                        self.cancel_b(now, id);
+                    }
+                    self.fail_a(now, id, 487, "Request Terminated", media);
+                }
+            }
+            (_, Method::Ack) => {
+                // The carrier's ACK for a re-INVITE we answered: absorbed.
+            }
+            (_, Method::Bye) => {
+                let resp = msg.response(200, "OK", None, &[]);
+                self.out.push_back(Transmit { flow, payload: resp });
+                if call.phase == Phase::Ended {
+                    return;
+                }
+                let early = call.phase == Phase::Calling;
+                call.hangup = Some(if leg == Leg::A { "caller" } else { "callee" });
+                if early && leg == Leg::A {
+                    // A BYE before the answer (an early dialog): treat as a CANCEL.
+                    call.cancelled = true;
+                    if call.b_provisional {
+                        self.cancel_b(now, id);
+                    }
+                    self.fail_a(now, id, 487, "Request Terminated", media);
+                    return;
+                }
+                self.send_bye(now, id, leg.other());
+                self.end_call(now, id, if leg == Leg::A { "caller" } else { "callee" }, media);
+            }
+            _ if call.phase == Phase::Confirmed || call.phase == Phase::Answered => {
+                self.bridge_request(now, id, leg, flow, msg, media);
+            }
+            _ => {
+                let resp = msg.response(491, "Request Pending", None, &[]);
+                self.out.push_back(Transmit { flow, payload: resp });
+            }
+        }
+    }
+
+    /// CANCEL for the B leg's INVITE.
+    fn cancel_b(&mut self, now: Instant, id: u64) {
+        let Some(call) = self.calls.get(&id) else { return };
+        let (Some(invite), Some(flow)) = (&call.b_invite, call.b.flow) else { return };
+        let bytes = hop_request(invite, "CANCEL", None);
+        let branch = invite.branch().unwrap_or_default().to_owned();
+        // A CANCEL shares its INVITE's branch; its transaction is keyed apart.
+        self.start_client(now, format!("{branch}:cancel"), id, Purpose::Own, flow, bytes, false);
+    }
+
+    /// Our own BYE on leg `leg`.
+    fn send_bye(&mut self, now: Instant, id: u64, leg: Leg) {
+        if let Some((branch, bytes, flow)) = self.dialog_request(id, leg, "BYE", None, &[], None) {
+            self.start_client(now, branch, id, Purpose::Own, flow, bytes, false);
+        }
+    }
+
+    /// A request on leg `leg`'s dialog, with CSeq `cseq` (or our next one): its branch,
+    /// bytes and flow.
+    fn dialog_request(
+        &mut self,
+        id: u64,
+        leg: Leg,
+        method: &str,
+        cseq: Option<u32>,
+        extra: &[String],
+        body: Option<(&[u8], &str)>,
+    ) -> Option<(String, Vec<u8>, Flow)> {
+        let branch = format!("{BRANCH_PREFIX}{}", self.random_hex(8));
+        let call = self.calls.get_mut(&id)?;
+        let d = match leg {
+            Leg::A => &mut call.a,
+            Leg::B => &mut call.b,
+        };
+        let flow = d.flow?;
+        let cseq = cseq.unwrap_or_else(|| {
+            d.local_cseq += 1;
+            d.local_cseq
+        });
+        let our = self.interfaces.iter().find(|i| i.transport == flow.transport)?.host_port();
+        let bytes = RequestSpec {
+            method,
+            uri: &d.target,
+            via: &format!("SIP/2.0/{} {our};branch={branch};rport", flow.transport.via_token()),
+            from: &d.local_uri,
+            to: &d.remote_uri,
+            call_id: &d.call_id,
+            cseq,
+            contact: Some(&format!("<sip:{our}{}>", transport_param(flow.transport))),
+            routes: &d.routes,
+            extra,
+            body,
+        }
+        .build();
+        Some((branch, bytes, flow))
+    }
+
+    /// An in-dialog request from `leg` carried to the other leg, SDP anchored; its
+    /// response comes back the same way.
+    fn bridge_request<M: MediaAnchor>(
+        &mut self,
+        now: Instant,
+        id: u64,
+        leg: Leg,
+        flow: Flow,
+        msg: Message,
+        media: &mut M,
+    ) {
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        let method = msg.method().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        let body = match sdp_body(&msg) {
+            Some(sdp) => {
+                let tag = if leg == Leg::A { call.a.remote_tag.clone() } else { TRUNK_TAG.to_owned() };
+                match media.anchor_sdp_hiding(now, &call.a.call_id, &tag, sdp, flow.remote.ip(), None) {
+                    Ok(b) => Some((b, "application/sdp".to_owned())),
+                    Err(r) => {
+                        self.out.push_back(Transmit { flow, payload: msg.response(r.code, &r.reason, None, &[]) });
+                        return;
+                    }
+                }
+            }
+            None if !msg.body_bytes().is_empty() => Some((
+                msg.body_bytes().to_vec(),
+                msg.header(HeaderName::ContentType).unwrap_or("application/octet-stream").to_owned(),
+            )),
+            None => None,
+        };
+        let copied = copied_headers(&msg, &self.cfg.copy_headers);
+        let body = body.as_ref().map(|(b, t)| (b.as_slice(), t.as_str()));
+        let Some((branch, bytes, out_flow)) = self.dialog_request(id, leg.other(), &method, None, &copied, body) else {
+            return;
+        };
+        let invite = method == "INVITE";
+        let purpose = Purpose::Bridged { origin: Box::new(msg), origin_flow: flow, origin_leg: leg };
+        self.start_client(now, branch, id, purpose, out_flow, bytes, invite);
+    }
+
+    /// A response to one of our requests.
+    pub fn on_response<M: MediaAnchor>(&mut self, now: Instant, flow: Flow, msg: Message, media: &mut M) {
+        let Some(code) = msg.status() else { return };
+        let branch = msg.branch().unwrap_or_default().to_owned();
+        let is_cancel = msg.cseq().is_some_and(|(_, m)| m == Method::Cancel);
+        let key = if is_cancel { format!("{branch}:cancel") } else { branch };
+        let Some(tx) = self.clients.get_mut(&key) else {
+            // A 2xx retransmitted after its transaction: our ACK again.
+            self.repeat_ack(&msg);
+            return;
+        };
+        tx.retransmit = None;
+        if code >= 200 || tx.invite {
+            tx.answered = true;
+        }
+        if tx.invite && code >= 300 {
+            // Every final non-2xx to an INVITE is acknowledged within its transaction.
+            if let Ok(sent) = Message::parse(Bytes::from(tx.bytes.clone())) {
+                let ack = hop_request(&sent, "ACK", msg.header(HeaderName::To));
+                self.out.push_back(Transmit { flow: tx.flow, payload: ack });
+            }
+        }
+        let (id, purpose) = (tx.call, tx.purpose.clone());
+        if code >= 200 {
+            if code >= 300 || !tx.invite {
+                self.clients.remove(&key);
+            } else {
+                tx.deadline = now + TIMEOUT_64T1;
+            }
+        }
+        match purpose {
+            Purpose::Invite => self.on_b_invite_response(now, id, flow, msg, media),
+            Purpose::Bridged { origin, origin_flow, origin_leg } => {
+                self.bridged_response(now, id, &msg, &origin, origin_flow, origin_leg, media)
+            }
+            Purpose::Own => {}
+        }
+    }
+
+    fn repeat_ack(&mut self, msg: &Message) {
+        let Some(&(id, Leg::B)) = msg.call_id().and_then(|c| self.by_call_id.get(c)) else { return };
+        let Some(call) = self.calls.get(&id) else { return };
+        if let (Some(ack), Some(flow)) = (&call.b_ack, call.b.flow) {
+            self.out.push_back(Transmit { flow, payload: ack.clone() });
+        }
+    }
+
+    fn on_b_invite_response<M: MediaAnchor>(&mut self, now: Instant, id: u64, flow: Flow, msg: Message, media: &mut M) {
+        let Some(code) = msg.status() else { return };
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        if msg.call_id() != Some(call.b.call_id.as_str()) {
+            return;
+        }
+        if code < 200 {
+            if code > 100 {
+                call.b_provisional = true;
+                if call.cancelled {
+                    self.cancel_b(now, id);
+                    return;
+                }
+                self.relay_provisional(now, id, &msg, media);
+            }
+            return;
+        }
+        if code >= 300 {
+            if call.cancelled || call.phase != Phase::Calling {
+                return;
+            }
+            if (code == 401 || code == 407) && !call.b_auth_answered {
+                if let Some(auth) = self.answer_challenge(id, &msg) {
+                    self.stats.challenges_answered += 1;
+                    if let Some(call) = self.calls.get_mut(&id) {
+                        call.b_auth_answered = true;
+                    }
+                    self.send_b_invite(now, id, media, Some((auth.0, auth.1)));
+                    return;
+                }
+            }
+            let (code, reason) = match code {
+                401 | 407 => (403, "Forbidden - Trunk Refused Our Credentials".to_owned()),
+                408 => (408, "Request Timeout".to_owned()),
+                c if c >= 500 => (c, msg.reason().to_owned()),
+                c => {
+                    self.fail_a(now, id, c, msg.reason(), media);
+                    return;
+                }
+            };
+            self.try_next_trunk(now, id, media, Some((code, reason)));
+            return;
+        }
+        // 2xx: the B leg's dialog is set, it gets its ACK, the phone gets the answer.
+        let _ = flow;
+        if call.cancelled || call.phase == Phase::Ended {
+            // Crossed our CANCEL: acknowledge and hang up.
+            self.learn_b_dialog(id, &msg);
+            self.ack_b(id, &msg);
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.phase = Phase::Confirmed;
+            }
+            self.send_bye(now, id, Leg::B);
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.phase = Phase::Ended;
+            }
+            return;
+        }
+        if call.phase != Phase::Calling {
+            // A retransmitted 2xx: the same ACK.
+            self.ack_b(id, &msg);
+            return;
+        }
+        self.learn_b_dialog(id, &msg);
+        self.ack_b(id, &msg);
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        let body = match sdp_body(&msg) {
+            Some(sdp) => media.anchor_sdp_hiding(now, &call.a.call_id, TRUNK_TAG, sdp, flow.remote.ip(), None).ok(),
+            None => None,
+        };
+        call.phase = Phase::Answered;
+        call.answered = Some(now);
+        call.final_code = Some(code);
+        let resp = self.a_response(id, code, msg.reason(), &msg, body.as_deref());
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.a_last = Some(resp.clone());
+            self.out.push_back(Transmit { flow: call.a_flow, payload: resp });
+            if call.a_flow.transport == Transport::Udp {
+                call.a_2xx_at = Some((now + T1, T1));
+                self.timers.push(Reverse((now + T1, Timer::Call(id))));
+            }
+            self.timers.push(Reverse((now + TIMEOUT_64T1, Timer::Call(id))));
+        }
+        self.stats.calls_answered += 1;
+    }
+
+    /// A 1xx from the trunk to the phone: 180 once (a later trunk's ringing is not
+    /// repeated), 183 with its SDP anchored whenever it comes.
+    fn relay_provisional<M: MediaAnchor>(&mut self, now: Instant, id: u64, msg: &Message, media: &mut M) {
+        let Some(code) = msg.status() else { return };
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        let body = match sdp_body(msg) {
+            Some(sdp) => media
+                .anchor_sdp_hiding(
+                    now,
+                    &call.a.call_id,
+                    TRUNK_TAG,
+                    sdp,
+                    call.b.flow.map_or(call.a_flow.remote.ip(), |f| f.remote.ip()),
+                    None,
+                )
+                .ok(),
+            None => None,
+        };
+        if body.is_none() && call.ringing_sent {
+            return;
+        }
+        call.ringing_sent = true;
+        let resp = self.a_response(id, code, msg.reason(), msg, body.as_deref());
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.a_last = Some(resp.clone());
+            self.out.push_back(Transmit { flow: call.a_flow, payload: resp });
+        }
+    }
+
+    /// A response to the phone's INVITE: its own Via/From/To/Call-ID/CSeq, our tag and
+    /// Contact, allowed headers from the trunk's response, and `body` (anchored SDP).
+    fn a_response(&self, id: u64, code: u16, reason: &str, from: &Message, body: Option<&[u8]>) -> Vec<u8> {
+        let Some(call) = self.calls.get(&id) else { return Vec::new() };
+        let our = self.interface_for(call.a_flow.transport).map(Interface::host_port).unwrap_or_default();
+        let mut extra = vec![format!("Contact: <sip:{our}{}>", transport_param(call.a_flow.transport))];
+        extra.extend(copied_headers(from, &self.cfg.copy_headers));
+        response_with_body(
+            &call.a_invite,
+            code,
+            reason,
+            &call.a.local_tag,
+            &extra,
+            body.map(|b| (b, "application/sdp")),
+        )
+    }
+
+    /// The B leg's dialog from its 2xx: the carrier's tag, Contact and Record-Route.
+    fn learn_b_dialog(&mut self, id: u64, msg: &Message) {
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        if let Some(tag) = msg.tag(HeaderName::To) {
+            call.b.remote_tag = tag.to_owned();
+            call.b.remote_uri = msg.header(HeaderName::To).unwrap_or("").to_owned();
+        }
+        if let Some(c) = contact_uri(msg) {
+            call.b.target = c;
+        }
+        call.b.routes = msg.value_texts(HeaderName::RecordRoute).into_iter().rev().map(str::to_owned).collect();
+    }
+
+    /// ACK for the B leg's 2xx (a new transaction of its own, §13.2.2.4).
+    fn ack_b(&mut self, id: u64, msg: &Message) {
+        let cseq = msg.cseq().map(|(n, _)| n);
+        if let Some((_, bytes, flow)) = self.dialog_request(id, Leg::B, "ACK", cseq, &[], None) {
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.b_ack = Some(bytes.clone());
+            }
+            self.out.push_back(Transmit { flow, payload: bytes });
+        }
+    }
+
+    /// A response to a request we carried across: to the request's sender, as the answer
+    /// to its own request, SDP anchored. A 2xx to a re-INVITE is acknowledged on our side.
+    #[allow(clippy::too_many_arguments)]
+    fn bridged_response<M: MediaAnchor>(
+        &mut self,
+        now: Instant,
+        id: u64,
+        msg: &Message,
+        origin: &Message,
+        origin_flow: Flow,
+        origin_leg: Leg,
+        media: &mut M,
+    ) {
+        let Some(code) = msg.status() else { return };
+        if code == 100 {
+            return;
+        }
+        let invite = origin.method() == Some(&Method::Invite);
+        if invite && (200..300).contains(&code) {
+            let cseq = msg.cseq().map(|(n, _)| n);
+            if let Some((_, bytes, flow)) = self.dialog_request(id, origin_leg.other(), "ACK", cseq, &[], None) {
+                self.out.push_back(Transmit { flow, payload: bytes });
+            }
+        }
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        let body = match sdp_body(msg) {
+            Some(sdp) => {
+                let tag = if origin_leg == Leg::A { TRUNK_TAG.to_owned() } else { call.a.remote_tag.clone() };
+                media.anchor_sdp_hiding(now, &call.a.call_id, &tag, sdp, origin_flow.remote.ip(), None).ok()
+            }
+            None => None,
+        };
+        let local_tag = if origin_leg == Leg::A { call.a.local_tag.clone() } else { call.b.local_tag.clone() };
+        let our = self.interface_for(origin_flow.transport).map(Interface::host_port).unwrap_or_default();
+        let extra = vec![format!("Contact: <sip:{our}{}>", transport_param(origin_flow.transport))];
+        let body = body.as_deref().map(|b| (b, "application/sdp"));
+        let resp = response_with_body(origin, code, msg.reason(), &local_tag, &extra, body);
+        self.out.push_back(Transmit { flow: origin_flow, payload: resp });
+    }
+
+    /// Answers a 401/407 with the trunk's credentials: the header to add.
+    fn answer_challenge(&mut self, id: u64, msg: &Message) -> Option<(&'static str, String)> {
+        let cnonce = self.random_hex(8);
+        let call = self.calls.get(&id)?;
+        let trunk = self.cfg.trunks.get(call.trunk)?;
+        let (challenge_header, answer_header) = if msg.status() == Some(407) {
+            ("Proxy-Authenticate", "Proxy-Authorization")
+        } else {
+            ("WWW-Authenticate", "Authorization")
+        };
+        let values: Vec<&str> = msg.extension_headers(challenge_header).map(|(_, r)| msg.text(r)).collect();
+        // The strongest algorithm offered that we speak.
+        let parsed: Vec<ParsedChallenge> = values.iter().filter_map(|v| ParsedChallenge::parse(v)).collect();
+        let best = parsed.iter().find(|c| c.algorithm == Algorithm::Sha256).or(parsed.first())?;
+        let uri = call.b.target.clone();
+        let challenge = Challenge { realm: &best.realm, nonce: &best.nonce, algorithm: best.algorithm };
+        let mut creds =
+            Credentials::answering(&challenge, &trunk.username, &trunk.password, "INVITE", &uri, 1, &cnonce);
+        if !best.qop_auth {
+            creds.qop = None;
+            creds.nc = None;
+            creds.cnonce = None;
+            creds.response = crate::auth::digest_response(
+                best.algorithm,
+                &trunk.username,
+                &best.realm,
+                &trunk.password,
+                "INVITE",
+                &creds,
+            );
+        }
+        let mut value = creds.header_value();
+        if let Some(o) = &best.opaque {
+            value.push_str(&format!(", opaque=\"{o}\""));
+        }
+        Some((answer_header, value))
+    }
+
+    pub fn handle_timeout<M: MediaAnchor>(&mut self, now: Instant, media: &mut M) {
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((_, timer))) = self.timers.pop() else { break };
+            match timer {
+                Timer::Client(branch) => self.client_timer(now, &branch, media),
+                Timer::Call(id) => self.call_timer(now, id, media),
+            }
+        }
+    }
+
+    fn client_timer<M: MediaAnchor>(&mut self, now: Instant, key: &str, media: &mut M) {
+        let Some(tx) = self.clients.get_mut(key) else { return };
+        if now >= tx.deadline {
+            let tx = self.clients.remove(key).expect("present");
+            if tx.answered {
+                return; // an INVITE's 2xx window closed
+            }
+            match tx.purpose {
+                Purpose::Invite => {
+                    // Timer B: no answer from this trunk; the next one, or 408.
+                    if let Some(call) = self.calls.get(&tx.call) {
+                        if call.phase == Phase::Calling && !call.cancelled {
+                            self.try_next_trunk(now, tx.call, media, Some((408, "Request Timeout".into())));
+                        }
+                    }
+                }
+                Purpose::Bridged { origin, origin_flow, .. } => {
+                    let resp = origin.response(408, "Request Timeout", None, &[]);
+                    self.out.push_back(Transmit { flow: origin_flow, payload: resp });
+                    if origin.method() == Some(&Method::Invite) {
+                        self.send_bye(now, tx.call, Leg::A);
+                        self.send_bye(now, tx.call, Leg::B);
+                        self.end_call(now, tx.call, "timeout", media);
+                    }
+                }
+                Purpose::Own => {}
+            }
+            return;
+        }
+        if let Some((at, interval)) = tx.retransmit {
+            if now >= at {
+                self.out.push_back(Transmit { flow: tx.flow, payload: tx.bytes.clone() });
+                let next = if tx.invite { interval * 2 } else { (interval * 2).min(T2) };
+                tx.retransmit = Some((now + next, next));
+                self.timers.push(Reverse((now + next, Timer::Client(key.to_owned()))));
+            }
+        }
+    }
+
+    fn call_timer<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M) {
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        if call.phase == Phase::Ended {
+            if call.ended.is_some_and(|e| now >= e + TIMEOUT_64T1) {
+                let call = self.calls.remove(&id).expect("present");
+                self.by_call_id.remove(&call.a.call_id);
+                self.by_call_id.remove(&call.b.call_id);
+                self.clients.retain(|_, t| t.call != id);
+            }
+            return;
+        }
+        if call.phase == Phase::Answered {
+            if now >= call.answered.unwrap_or(now) + TIMEOUT_64T1 {
+                // The phone never acknowledged the answer: hang up both legs.
+                self.send_bye(now, id, Leg::B);
+                self.send_bye(now, id, Leg::A);
+                self.end_call(now, id, "timeout", media);
+                return;
+            }
+            if let Some((at, interval)) = call.a_2xx_at {
+                if now >= at {
+                    if let Some(r) = call.a_last.clone() {
+                        self.out.push_back(Transmit { flow: call.a_flow, payload: r });
+                    }
+                    let next = (interval * 2).min(T2);
+                    call.a_2xx_at = Some((now + next, next));
+                    self.timers.push(Reverse((now + next, Timer::Call(id))));
+                }
+            }
+        }
+    }
+}
+
+/// The sender tag the relay knows the trunk leg's SDP by.
+const TRUNK_TAG: &str = "pinhole-trunk-leg";
+
+fn strip_tag(name_addr: &str) -> &str {
+    match param_of_name_addr(name_addr, "tag") {
+        Some(_) => name_addr.split(";tag=").next().unwrap_or(name_addr),
+        None => name_addr,
+    }
+}

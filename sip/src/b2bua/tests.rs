@@ -1,0 +1,369 @@
+//! Trunk calls through the proxy in virtual time: a phone and two carriers are byte strings
+//! on flows, media anchored on a real relay core.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pinhole_media::relay::{Relay, RelayConfig};
+
+use crate::auth::{digest_response, Algorithm, Credentials};
+use crate::b2bua::{B2buaConfig, Route, Trunk, DEFAULT_COPY_HEADERS};
+use crate::message::{HeaderName, Message};
+use crate::proxy::{Cidr, Interface, Keepalive, Proxy, ProxyConfig};
+use crate::registrar::RegistrarConfig;
+use crate::transport::{Flow, Transmit, Transport};
+
+const LOCAL: &str = "203.0.113.1:5060";
+/// The phone, in `auth.trusted` (its own address behind a NAT: 10.0.0.2).
+const PHONE: &str = "203.0.113.50:5062";
+const CARRIER1: &str = "192.0.2.10:5080";
+const CARRIER2: &str = "192.0.2.20:5080";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn udp(remote: &str) -> Flow {
+    Flow { transport: Transport::Udp, local: addr(LOCAL), remote: addr(remote), conn: None }
+}
+
+fn trunk(name: &str, at: &str, max_calls: usize) -> Trunk {
+    Trunk {
+        name: name.into(),
+        transport: Transport::Udp,
+        address: addr(at),
+        username: format!("acct-{name}"),
+        password: "trunk-secret".into(),
+        register: false,
+        max_calls,
+        dids: vec![],
+    }
+}
+
+struct Lab {
+    proxy: Proxy<Option<Relay>>,
+    now: Instant,
+    calls: u32,
+}
+
+impl Lab {
+    fn new(max_calls: usize) -> Lab {
+        let now = Instant::now();
+        let b2bua = B2buaConfig {
+            trunks: vec![trunk("carrier1", CARRIER1, max_calls), trunk("carrier2", CARRIER2, max_calls)],
+            routes: vec![Route { pattern: regex::Regex::new(r"^\+?1?555\d{7}$").expect("re"), trunks: vec![0, 1] }],
+            copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
+        };
+        let cfg = ProxyConfig {
+            domain: "example.com".into(),
+            interfaces: vec![Interface {
+                transport: Transport::Udp,
+                bind: addr(LOCAL),
+                advertise: "203.0.113.1".into(),
+            }],
+            realm: "example.com".into(),
+            users: vec![("alice".into(), "pw-a".into())],
+            auth_algorithms: vec![Algorithm::Md5],
+            trusted: vec![Cidr::parse("203.0.113.50/32").expect("cidr")],
+            registrar: RegistrarConfig { default_expires: 3600, min_expires: 60, max_expires: 7200 },
+            keepalive: Keepalive::Off,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_min: Duration::from_secs(5),
+            max_body: 16384,
+            max_message: 32768,
+            secret: [9; 32],
+            punch: Default::default(),
+            faketcp_port: None,
+            b2bua,
+        };
+        let relay = Relay::new(
+            RelayConfig { max_sessions: 100, ..RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30099) },
+            now,
+        );
+        Lab { proxy: Proxy::new(cfg, Some(relay), now, 1_700_000_000, 1), now, calls: 0 }
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Transmit> {
+        let end = self.now + d;
+        let mut out = Vec::new();
+        while let Some((t, _)) = self.proxy.poll_timeout().filter(|(t, _)| *t <= end) {
+            self.now = t.max(self.now);
+            self.proxy.handle_timeout(self.now);
+            out.extend(std::iter::from_fn(|| self.proxy.poll_transmit()));
+        }
+        self.now = end;
+        out
+    }
+
+    /// The phone dials `number`; returns everything sent.
+    fn dial(&mut self, number: &str) -> Vec<Transmit> {
+        self.calls += 1;
+        let n = self.calls;
+        let sdp = "v=0\r\no=- 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        let invite = format!(
+            "INVITE sip:{number}@example.com SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKphone{n};rport
+Max-Forwards: 70
+From: \"Alice\" <sip:alice@example.com>;tag=phonetag{n}
+To: <sip:{number}@example.com>
+Call-ID: phone-call-{n}@10.0.0.2
+CSeq: 1 INVITE
+Contact: <sip:alice@10.0.0.2:5062>
+User-Agent: Secret-Phone/1.0 (internal build 10.0.0.2)
+X-Internal-Billing: dept-42
+Supported: replaces, 100rel, timer
+Content-Type: application/sdp
+Content-Length: {}
+
+",
+            sdp.len()
+        )
+        .replace('\n', "\r\n");
+        let data = Bytes::from(invite + sdp);
+        self.proxy.handle_input(self.now, udp(PHONE), data).expect("SIP");
+        std::iter::from_fn(|| self.proxy.poll_transmit()).collect()
+    }
+}
+
+fn to(out: &[Transmit], remote: &str) -> Vec<Message> {
+    out.iter()
+        .filter(|t| t.flow.remote == addr(remote))
+        .map(|t| Message::parse(Bytes::from(t.payload.clone())).expect("we send SIP"))
+        .collect()
+}
+
+fn one(out: &[Transmit], remote: &str, what: &str) -> Message {
+    let msgs = to(out, remote);
+    let found: Vec<&Message> = msgs
+        .iter()
+        .filter(|m| {
+            m.status().map(|c| c.to_string()).as_deref() == Some(what) || m.method().map(|x| x.as_str()) == Some(what)
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {what} to {remote} in {:?}",
+        msgs.iter().map(|m| m.text(m.start_line_range())).collect::<Vec<_>>()
+    );
+    found[0].clone()
+}
+
+fn text(m: &Message) -> String {
+    String::from_utf8_lossy(m.raw()).into_owned()
+}
+
+/// A response of the carrier at `carrier` to `req`, with `extra` headers and an SDP when
+/// `sdp`.
+fn reply(req: &Message, code: u16, reason: &str, tag: &str, extra: &[&str], sdp: bool) -> String {
+    let mut extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    extra.push("Contact: <sip:gw@192.0.2.99:5080>".into());
+    let raw = req.response(code, reason, Some(tag), &extra);
+    let mut s = String::from_utf8(raw).expect("utf8");
+    if sdp {
+        let body =
+            "v=0\r\no=- 2 2 IN IP4 192.0.2.99\r\ns=-\r\nc=IN IP4 192.0.2.99\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n";
+        s = s.replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+        );
+    }
+    s
+}
+
+fn send_raw(lab: &mut Lab, from: &str, text: String) -> Vec<Transmit> {
+    let data = Bytes::from(text);
+    lab.proxy.handle_input(lab.now, udp(from), data).expect("SIP");
+    std::iter::from_fn(|| lab.proxy.poll_transmit()).collect()
+}
+
+#[test]
+fn a_routed_call_reaches_the_carrier_with_only_pinhole_visible_and_its_challenge_answered() {
+    let mut lab = Lab::new(10);
+    let out = lab.dial("15551230001");
+    assert_eq!(one(&out, PHONE, "100").status(), Some(100));
+    let invite = one(&out, CARRIER1, "INVITE");
+    let t = text(&invite);
+    for leak in ["10.0.0.2", "203.0.113.50", "phone-call-1", "phonetag1", "Secret-Phone", "X-Internal", "100rel"] {
+        assert!(!t.contains(leak), "{leak} leaked to the carrier:\n{t}");
+    }
+    assert!(t.starts_with("INVITE sip:15551230001@192.0.2.10:5080 SIP/2.0\r\n"), "{t}");
+    assert!(t.contains("Via: SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKpb"), "{t}");
+    assert!(t.contains("From: <sip:alice@203.0.113.1>;tag=pb"), "{t}");
+    assert!(t.contains("Contact: <sip:203.0.113.1:5060>"), "{t}");
+    assert!(t.contains("Supported: replaces, timer"), "{t}");
+    assert!(t.contains("c=IN IP4 203.0.113.1"), "SDP anchored on the relay:\n{t}");
+    // The carrier challenges; pinhole acknowledges and answers with the trunk's account.
+    let out = send_raw(
+        &mut lab,
+        CARRIER1,
+        reply(
+            &invite,
+            407,
+            "Proxy Authentication Required",
+            "c1",
+            &["Proxy-Authenticate: Digest realm=\"carrier\", nonce=\"n0nce\", qop=\"auth\""],
+            false,
+        ),
+    );
+    let ack = one(&out, CARRIER1, "ACK");
+    assert_eq!(ack.branch(), invite.branch(), "the ACK of a non-2xx is in its transaction");
+    let again = one(&out, CARRIER1, "INVITE");
+    assert_eq!(again.cseq().map(|c| c.0), Some(2));
+    assert_eq!(again.call_id(), invite.call_id());
+    let auth = again.header(HeaderName::ProxyAuthorization).expect("credentials");
+    let creds = Credentials::parse(auth).expect("parses");
+    assert_eq!((creds.username.as_str(), creds.realm.as_str()), ("acct-carrier1", "carrier"));
+    let expected = digest_response(Algorithm::Md5, "acct-carrier1", "carrier", "trunk-secret", "INVITE", &creds);
+    assert_eq!(creds.response, expected, "a digest the carrier can check");
+    assert!(to(&out, PHONE).is_empty(), "the phone saw nothing of it");
+    // Ringing, then the answer.
+    let out = send_raw(&mut lab, CARRIER1, reply(&again, 180, "Ringing", "c1", &[], false));
+    let ringing = one(&out, PHONE, "180");
+    let a_tag = ringing.tag(HeaderName::To).expect("our tag").to_owned();
+    assert_eq!(ringing.call_id(), Some("phone-call-1@10.0.0.2"), "the phone's own dialog");
+    let out =
+        send_raw(&mut lab, CARRIER1, reply(&again, 200, "OK", "c1", &["Record-Route: <sip:edge.carrier;lr>"], true));
+    let ack = one(&out, CARRIER1, "ACK");
+    let ack_text = text(&ack);
+    assert!(ack_text.starts_with("ACK sip:gw@192.0.2.99:5080 SIP/2.0"), "{ack_text}");
+    assert!(ack_text.contains("Route: <sip:edge.carrier;lr>") && ack_text.contains("CSeq: 2 ACK"), "{ack_text}");
+    assert!(!ack_text.contains("10.0.0.2"));
+    let ok = one(&out, PHONE, "200");
+    let ok_text = text(&ok);
+    assert_eq!(ok.tag(HeaderName::To), Some(a_tag.as_str()));
+    assert!(ok_text.contains("c=IN IP4 203.0.113.1") && !ok_text.contains("192.0.2.99"), "{ok_text}");
+    // The phone's ACK stops the 2xx; then the phone hangs up.
+    let ack = format!(
+        "ACK sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKack1\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230001@example.com>;tag={a_tag}\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    );
+    assert!(send_raw(&mut lab, PHONE, ack).is_empty());
+    assert!(to(&lab.advance(Duration::from_secs(2)), PHONE).is_empty(), "no 2xx retransmission after the ACK");
+    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(1));
+    let bye = format!(
+        "BYE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKbye1\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230001@example.com>;tag={a_tag}\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    let out = send_raw(&mut lab, PHONE, bye);
+    assert_eq!(one(&out, PHONE, "200").status(), Some(200));
+    let bye_b = one(&out, CARRIER1, "BYE");
+    let bye_text = text(&bye_b);
+    assert!(
+        bye_text.contains(&format!("Call-ID: {}", invite.call_id().unwrap_or(""))) && bye_text.contains("CSeq: 3 BYE"),
+        "{bye_text}"
+    );
+    assert!(bye_text.contains("tag=c1") && !bye_text.contains("phonetag"), "{bye_text}");
+    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0), "media released");
+    let record = lab.proxy.poll_call_record().expect("a call record");
+    assert_eq!(
+        (record.caller.as_str(), record.callee.as_str(), record.trunk.as_str()),
+        ("alice", "15551230001", "carrier1")
+    );
+    assert_eq!((record.hangup, record.code), ("caller", 200));
+    assert!(record.answer_ms.is_some());
+}
+
+#[test]
+fn a_carrier_503_fails_over_to_the_next_trunk_and_the_phone_hears_one_ringing() {
+    let mut lab = Lab::new(10);
+    let out = lab.dial("15551230002");
+    let first = one(&out, CARRIER1, "INVITE");
+    let out = send_raw(&mut lab, CARRIER1, reply(&first, 180, "Ringing", "c1", &[], false));
+    one(&out, PHONE, "180");
+    let out = send_raw(&mut lab, CARRIER1, reply(&first, 503, "Service Unavailable", "c1", &[], false));
+    one(&out, CARRIER1, "ACK");
+    let second = one(&out, CARRIER2, "INVITE");
+    assert!(to(&out, PHONE).is_empty(), "the failover is not the phone's business");
+    let out = send_raw(&mut lab, CARRIER2, reply(&second, 180, "Ringing", "c2", &[], false));
+    assert!(to(&out, PHONE).is_empty(), "no second ringing");
+    let out = send_raw(&mut lab, CARRIER2, reply(&second, 200, "OK", "c2", &[], true));
+    one(&out, CARRIER2, "ACK");
+    one(&out, PHONE, "200");
+    assert_eq!(lab.proxy.b2bua().stats.failovers, 1);
+    assert_eq!(lab.proxy.b2bua().active_calls().collect::<Vec<_>>(), vec![("carrier1", 0), ("carrier2", 1)]);
+}
+
+#[test]
+fn a_call_over_the_trunks_limits_gets_503_and_a_second_challenge_gets_403() {
+    let mut lab = Lab::new(1);
+    let out = lab.dial("15551230003");
+    let first = one(&out, CARRIER1, "INVITE");
+    let out = lab.dial("15551230004");
+    let second = one(&out, CARRIER2, "INVITE");
+    let out = lab.dial("15551230005");
+    let refused = one(&out, PHONE, "503");
+    assert!(refused.reason().contains("Trunks"), "{}", refused.reason());
+    // A trunk that challenges twice: the call fails with 403, and nothing is left.
+    let challenge = ["Proxy-Authenticate: Digest realm=\"c\", nonce=\"n1\", algorithm=SHA-256, qop=\"auth\""];
+    let out =
+        send_raw(&mut lab, CARRIER1, reply(&first, 407, "Proxy Authentication Required", "c1", &challenge, false));
+    let retry = one(&out, CARRIER1, "INVITE");
+    assert!(retry.header(HeaderName::ProxyAuthorization).is_some_and(|v| v.contains("algorithm=SHA-256")));
+    let out =
+        send_raw(&mut lab, CARRIER1, reply(&retry, 407, "Proxy Authentication Required", "c1", &challenge, false));
+    assert_eq!(one(&out, PHONE, "403").status(), Some(403));
+    let _ = second;
+    assert_eq!(lab.proxy.b2bua().active_calls().map(|(_, n)| n).sum::<usize>(), 1);
+}
+
+#[test]
+fn a_cancel_crossing_the_carriers_answer_ends_with_a_bye_and_nothing_left_behind() {
+    let mut lab = Lab::new(10);
+    let out = lab.dial("15551230006");
+    let invite = one(&out, CARRIER1, "INVITE");
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 180, "Ringing", "c1", &[], false));
+    one(&out, PHONE, "180");
+    let cancel = "CANCEL sip:15551230006@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKphone1;rport\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230006@example.com>\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    let out = send_raw(&mut lab, PHONE, cancel.to_owned());
+    let phone = to(&out, PHONE);
+    assert!(phone.iter().any(|m| m.status() == Some(200)) && phone.iter().any(|m| m.status() == Some(487)));
+    let c = one(&out, CARRIER1, "CANCEL");
+    assert_eq!(c.branch(), invite.branch());
+    // The carrier's 200 had already left: pinhole acknowledges it and hangs up.
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 200, "OK", "c1", &[], true));
+    one(&out, CARRIER1, "ACK");
+    one(&out, CARRIER1, "BYE");
+    assert!(to(&out, PHONE).is_empty());
+    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0));
+    let record = lab.proxy.poll_call_record().expect("record");
+    assert_eq!((record.hangup, record.code), ("caller", 487));
+    // After the retransmission window, the call is forgotten.
+    lab.advance(Duration::from_secs(40));
+    assert_eq!(lab.proxy.b2bua().call_count(), 0);
+}
+
+#[test]
+fn the_carriers_bye_hangs_up_the_phone_in_its_own_dialog() {
+    let mut lab = Lab::new(10);
+    let out = lab.dial("15551230007");
+    let invite = one(&out, CARRIER1, "INVITE");
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 200, "OK", "c1", &[], true));
+    let a_tag = one(&out, PHONE, "200").tag(HeaderName::To).expect("tag").to_owned();
+    let bye = format!(
+        "BYE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKcbye\r\nFrom: <sip:15551230007@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag=x\r\nCall-ID: {}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+        invite.call_id().unwrap_or("")
+    );
+    let out = send_raw(&mut lab, CARRIER1, bye);
+    one(&out, CARRIER1, "200");
+    let bye_a = one(&out, PHONE, "BYE");
+    let t = text(&bye_a);
+    assert!(t.starts_with("BYE sip:alice@10.0.0.2:5062 SIP/2.0"), "{t}");
+    assert!(
+        t.contains("Call-ID: phone-call-1@10.0.0.2")
+            && t.contains(&format!("tag={a_tag}"))
+            && t.contains("tag=phonetag1"),
+        "{t}"
+    );
+    assert!(!t.contains("192.0.2"), "the carrier stays hidden from the phone too:\n{t}");
+    assert_eq!(lab.proxy.poll_call_record().map(|r| r.hangup), Some("callee"));
+}
+
+#[test]
+fn a_call_not_on_a_route_is_proxied_as_before() {
+    let mut lab = Lab::new(10);
+    let out = lab.dial("bob");
+    assert!(to(&out, CARRIER1).is_empty() && to(&out, CARRIER2).is_empty());
+    assert_eq!(lab.proxy.b2bua().call_count(), 0);
+    assert_eq!(lab.proxy.b2bua().stats.calls_started, 0);
+    let _ = Message::parse(Bytes::from_static(b"x"));
+}
