@@ -53,6 +53,9 @@ pub const DEFAULT_COPY_HEADERS: &[&str] = &[
 /// B2BUA calls at once, over all trunks (each holds two dialogs and relay ports).
 pub const MAX_CALLS: usize = 10_000;
 
+/// How calls end, for `pinhole_b2bua_calls_total{outcome}`.
+const OUTCOMES: [&str; 4] = ["answered", "failed", "cancelled", "limited"];
+
 /// One `[[trunk]]`.
 #[derive(Debug, Clone)]
 pub struct Trunk {
@@ -248,6 +251,14 @@ pub struct B2bua {
 impl B2bua {
     pub fn new(cfg: B2buaConfig, interfaces: Vec<Interface>, seed: u64) -> B2bua {
         let active = vec![0; cfg.trunks.len()];
+        for t in &cfg.trunks {
+            metrics::gauge!("pinhole_b2bua_calls", "trunk" => t.name.clone()).set(0.0);
+        }
+        for outcome in OUTCOMES {
+            metrics::counter!("pinhole_b2bua_calls_total", "outcome" => outcome).absolute(0);
+        }
+        metrics::counter!("pinhole_b2bua_failovers_total").absolute(0);
+        metrics::counter!("pinhole_b2bua_challenges_answered_total").absolute(0);
         B2bua {
             cfg,
             interfaces,
@@ -305,6 +316,12 @@ impl B2bua {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn publish_active(&self, trunk: usize) {
+        if let Some(t) = self.cfg.trunks.get(trunk) {
+            metrics::gauge!("pinhole_b2bua_calls", "trunk" => t.name.clone()).set(self.active[trunk] as f64);
+        }
     }
 
     fn random_hex(&mut self, bytes: usize) -> String {
@@ -397,12 +414,17 @@ impl B2bua {
             }
             if call.trunk != usize::MAX {
                 self.stats.failovers += 1;
-                self.active[call.trunk] = self.active[call.trunk].saturating_sub(1);
+                metrics::counter!("pinhole_b2bua_failovers_total").increment(1);
+                let old = call.trunk;
+                self.active[old] = self.active[old].saturating_sub(1);
+                self.publish_active(old);
             }
+            let Some(call) = self.calls.get_mut(&id) else { return };
             call.trunk = t;
-            self.active[t] += 1;
             call.b_auth_answered = false;
             call.b_provisional = false;
+            self.active[t] += 1;
+            self.publish_active(t);
             self.send_b_invite(now, id, media, None);
             return;
         }
@@ -522,9 +544,22 @@ impl B2bua {
         call.hangup.get_or_insert(who);
         call.a_2xx_at = None;
         media.release(&call.a.call_id);
-        if call.trunk != usize::MAX {
-            self.active[call.trunk] = self.active[call.trunk].saturating_sub(1);
+        let outcome = if call.answered.is_some() {
+            "answered"
+        } else if call.cancelled {
+            "cancelled"
+        } else if call.trunk == usize::MAX && call.final_code == Some(503) {
+            "limited"
+        } else {
+            "failed"
+        };
+        metrics::counter!("pinhole_b2bua_calls_total", "outcome" => outcome).increment(1);
+        let trunk_index = call.trunk;
+        if trunk_index != usize::MAX {
+            self.active[trunk_index] = self.active[trunk_index].saturating_sub(1);
+            self.publish_active(trunk_index);
         }
+        let Some(call) = self.calls.get_mut(&id) else { return };
         let trunk = self.cfg.trunks.get(call.trunk).map(|t| t.name.clone()).unwrap_or_default();
         let record = CallRecord {
             a_call_id: call.a.call_id.clone(),
@@ -546,6 +581,7 @@ impl B2bua {
         let Some(&(id, leg)) = msg.call_id().and_then(|c| self.by_call_id.get(c)) else { return };
         let Some(method) = msg.method().cloned() else { return };
         let Some(call) = self.calls.get_mut(&id) else { return };
+        tracing::debug!(?leg, method = method.as_str(), phase = ?call.phase, "trunk call request");
         match (leg, &method) {
             (Leg::A, Method::Invite) if msg.tag(HeaderName::To).is_none() => {
                 // The phone's INVITE again: our last answer again.
@@ -772,6 +808,7 @@ impl B2bua {
             if (code == 401 || code == 407) && !call.b_auth_answered {
                 if let Some(auth) = self.answer_challenge(id, &msg) {
                     self.stats.challenges_answered += 1;
+                    metrics::counter!("pinhole_b2bua_challenges_answered_total").increment(1);
                     if let Some(call) = self.calls.get_mut(&id) {
                         call.b_auth_answered = true;
                     }

@@ -1,0 +1,167 @@
+//! Trunk mode with real peers on loopback: sipp as the phone (127.0.0.2) and as carriers
+//! (127.0.0.3, 127.0.0.4), pinhole's B2BUA on 127.0.0.1 between them, media anchored on its
+//! relay.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// pinhole with a relay and the trunks given (TOML of `[[trunk]]` tables), routing
+/// 1555xxxxxxx to them in order.
+fn trunk_pinhole(dir: &TempDir, trunks: &str, route: &str) -> Pinhole {
+    let extra = format!("{trunks}\n[[route]]\nmatch = \"^\\\\+?1?555\\\\d{{7}}$\"\ntrunks = [{route}]\n");
+    Pinhole::start(dir, PinholeOptions { relay_ports: Some(relay_range()), extra, ..Default::default() })
+}
+
+fn trunk(name: &str, ip: &str, port: u16, max_calls: u32) -> String {
+    format!(
+        "[[trunk]]\nname = \"{name}\"\naddress = \"udp:{ip}:{port}\"\nusername = \"acct1\"\npassword = \"trunk-secret\"\nmax_calls = {max_calls}\n"
+    )
+}
+
+/// A sipp carrier answering one call with `scenario` on `ip:port` (echoing RTP).
+fn carrier(dir: &Path, scenario: &str, ip: &str, port: u16) -> Bg {
+    let mp = media_ports().to_string();
+    let port = port.to_string();
+    let err = dir.join(format!("carrier-{ip}.err"));
+    let mut c = sipp_command(
+        &[
+            "-sf",
+            scenario,
+            "-i",
+            ip,
+            "-p",
+            &port,
+            "-m",
+            "1",
+            "-au",
+            "acct1",
+            "-ap",
+            "trunk-secret",
+            "-rtp_echo",
+            "-mp",
+            &mp,
+            "-trace_err",
+            "-error_file",
+        ],
+        &err.with_extension("out"),
+    );
+    c.arg(&err);
+    use std::os::unix::process::CommandExt;
+    Bg(Some(c.process_group(0).spawn().expect("sipp (package sip-tester) must be installed")))
+}
+
+/// The phone (sipp on 127.0.0.2) calls `number` once; returns (ok, output).
+fn phone_calls(dir: &Path, ph: &Pinhole, number: &str) -> (bool, String) {
+    let mp = media_ports().to_string();
+    let port = free_port().to_string();
+    let err = dir.join("phone.err");
+    let mut c = sipp_command(
+        &[
+            "-sf",
+            "trunk_phone.xml",
+            "-s",
+            number,
+            "-i",
+            "127.0.0.2",
+            "-p",
+            &port,
+            "-m",
+            "1",
+            "-mp",
+            &mp,
+            "-timeout",
+            "30s",
+            "-cid_str",
+            "phonecall-%u-%p@%s",
+            "-trace_err",
+            "-error_file",
+        ],
+        &err.with_extension("out"),
+    );
+    c.arg(&err).arg(ph.sip());
+    use std::os::unix::process::CommandExt;
+    let out = Bg(Some(c.process_group(0).spawn().expect("sipp"))).wait_output(Duration::from_secs(40));
+    let text = std::fs::read_to_string(err.with_extension("out")).unwrap_or_default();
+    let errors = std::fs::read_to_string(&err).unwrap_or_default();
+    (out.status.success(), format!("{text}\n--- errors ---\n{errors}"))
+}
+
+fn carrier_done(c: Bg, dir: &Path, ip: &str) -> (bool, String) {
+    let out = c.wait_output(Duration::from_secs(15));
+    let err = dir.join(format!("carrier-{ip}.err"));
+    let text = std::fs::read_to_string(err.with_extension("out")).unwrap_or_default();
+    let errors = std::fs::read_to_string(&err).unwrap_or_default();
+    (out.status.success(), format!("{text}\n--- errors ---\n{errors}"))
+}
+
+#[test]
+fn an_outbound_call_is_challenged_answered_and_hidden_with_audio_anchored_both_ways() {
+    let dir = TempDir::new("trunk-out");
+    let port = free_port();
+    let ph = trunk_pinhole(&dir, &trunk("carrier1", "127.0.0.3", port, 10), "\"carrier1\"");
+    let c = carrier(dir.path(), "trunk_carrier.xml", "127.0.0.3", port);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = phone_calls(dir.path(), &ph, "15551230001");
+    assert!(ok, "the phone's call failed: {text}\n{}\n{}", ph.log_text(), ph.metrics().unwrap_or_default());
+    let (ok, ctext) = carrier_done(c, dir.path(), "127.0.0.3");
+    assert!(ok, "the carrier saw something it should not (or bad credentials): {ctext}\n{}", ph.log_text());
+    // g711a.pcap holds 100+ packets; the echo doubles them. One direction alone cannot pass.
+    let packets = ph.metric("pinhole_relay_packets_total").expect("packets counted");
+    assert!(packets >= 180.0, "relayed {packets} packets");
+    assert!(ph.wait_metric("pinhole_relay_sessions", 0.0, Duration::from_secs(5)), "session released");
+    assert_eq!(ph.metric("pinhole_b2bua_calls{trunk=\"carrier1\"}"), Some(0.0));
+    assert_eq!(ph.metric("pinhole_b2bua_calls_total{outcome=\"answered\"}"), Some(1.0));
+    assert_eq!(ph.metric("pinhole_b2bua_challenges_answered_total"), Some(1.0));
+}
+
+#[test]
+fn a_carrier_503_fails_over_to_the_second_trunk_and_the_call_completes() {
+    let dir = TempDir::new("trunk-failover");
+    let (p1, p2) = (free_port(), free_port());
+    let trunks = trunk("carrier1", "127.0.0.3", p1, 10) + &trunk("carrier2", "127.0.0.4", p2, 10);
+    let ph = trunk_pinhole(&dir, &trunks, "\"carrier1\", \"carrier2\"");
+    let c1 = carrier(dir.path(), "trunk_503.xml", "127.0.0.3", p1);
+    let c2 = carrier(dir.path(), "trunk_carrier_401.xml", "127.0.0.4", p2);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = phone_calls(dir.path(), &ph, "15551230002");
+    assert!(ok, "the call did not complete on the second trunk: {text}\n{}", ph.log_text());
+    let (ok1, t1) = carrier_done(c1, dir.path(), "127.0.0.3");
+    assert!(ok1, "the first carrier got its INVITE and the ACK of its 503: {t1}");
+    let (ok2, t2) = carrier_done(c2, dir.path(), "127.0.0.4");
+    assert!(ok2, "{t2}");
+    assert_eq!(ph.metric("pinhole_b2bua_failovers_total"), Some(1.0));
+}
+
+#[test]
+fn the_call_over_a_trunks_max_calls_gets_503() {
+    let dir = TempDir::new("trunk-limit");
+    // A carrier that never answers: two calls ring there, the third is refused.
+    let carrier = UdpSocket::bind("127.0.0.3:0").expect("bind");
+    let port = carrier.local_addr().expect("addr").port();
+    let ph = trunk_pinhole(&dir, &trunk("carrier1", "127.0.0.3", port, 2), "\"carrier1\"");
+    let phone = common::sip::Phone::bind("127.0.0.2");
+    let invite = |n: u32| {
+        format!(
+            "INVITE sip:1555123000{n}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKlim{n}\r\nMax-Forwards: 70\r\nFrom: <sip:alice@pinhole.test>;tag=l{n}\r\nTo: <sip:1555123000{n}@pinhole.test>\r\nCall-ID: limit-{n}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{}>\r\nContent-Length: 0\r\n\r\n",
+            phone.addr(),
+            phone.addr()
+        )
+    };
+    carrier.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let mut buf = [0u8; 4096];
+    for n in 1..=2 {
+        phone.send(&ph.sip(), &invite(n));
+        let (len, _) = carrier.recv_from(&mut buf).expect("the carrier gets the call");
+        assert!(buf[..len].starts_with(b"INVITE "));
+    }
+    phone.send(&ph.sip(), &invite(3));
+    let refused = phone.recv_where(Duration::from_secs(3), |m| m.starts_with("SIP/2.0 503"));
+    assert!(refused.is_some_and(|r| r.contains("Trunks Busy")), "{}", ph.log_text());
+    assert_eq!(ph.metric("pinhole_b2bua_calls{trunk=\"carrier1\"}"), Some(2.0));
+    assert_eq!(ph.metric("pinhole_b2bua_calls_total{outcome=\"limited\"}"), Some(1.0));
+}
