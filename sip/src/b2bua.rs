@@ -92,6 +92,16 @@ impl B2buaConfig {
     }
 }
 
+/// Where an inbound call's B leg goes: a registered binding of the DID's user.
+#[derive(Debug, Clone)]
+pub struct Callee {
+    pub flow: Flow,
+    /// The binding's contact (the Request-URI), the Path to it, and the user's AOR.
+    pub uri: String,
+    pub routes: Vec<String>,
+    pub aor: String,
+}
+
 /// Which leg of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Leg {
@@ -139,8 +149,11 @@ struct Dialog {
 }
 
 struct Call {
+    /// A: the caller's side (the phone outbound, the carrier inbound); B: the callee's.
     a: Dialog,
     b: Dialog,
+    /// Inbound from a trunk: the B leg goes to this binding (no failover, no challenges).
+    inbound: Option<Callee>,
     phase: Phase,
     /// The phone's INVITE (its transaction) and our last response to it.
     a_invite: Message,
@@ -288,6 +301,20 @@ impl B2bua {
         self.calls.len()
     }
 
+    /// The trunk a request from `ip` comes from, if any (carriers send from many ports).
+    pub fn trunk_at(&self, ip: std::net::IpAddr) -> Option<usize> {
+        self.cfg.trunks.iter().position(|t| t.address.ip() == ip)
+    }
+
+    /// The local user DID `number` of trunk `trunk` maps to.
+    pub fn did_user(&self, trunk: usize, number: &str) -> Option<&str> {
+        let t = self.cfg.trunks.get(trunk)?;
+        t.dids
+            .iter()
+            .find(|(n, _)| n == number || n.trim_start_matches('+') == number.trim_start_matches('+'))
+            .map(|(_, u)| u.as_str())
+    }
+
     /// Whether a new INVITE for Request-URI user `user` from a local user is ours.
     pub fn wants(&self, user: &str) -> bool {
         self.cfg.routes.iter().any(|r| r.pattern.is_match(user))
@@ -337,30 +364,74 @@ impl B2bua {
         let user = crate::proxy::request_user(&msg).unwrap_or_default();
         let Some(route) = self.cfg.routes.iter().find(|r| r.pattern.is_match(&user)) else { return };
         let trunks: VecDeque<usize> = route.trunks.iter().copied().collect();
+        if let Some(id) = self.start_call(now, flow, msg, trunks, None) {
+            self.try_next_trunk(now, id, media, None);
+        }
+    }
+
+    /// A new INVITE from trunk `trunk` to one of its DIDs, for `callee` (the user's
+    /// binding; `None` when the user is not registered: 480).
+    pub fn on_inbound<M: MediaAnchor>(
+        &mut self,
+        now: Instant,
+        flow: Flow,
+        msg: Message,
+        trunk: usize,
+        callee: Option<Callee>,
+        media: &mut M,
+    ) {
+        let Some(callee) = callee else {
+            self.out.push_back(Transmit { flow, payload: msg.response(100, "Trying", None, &[]) });
+            self.reply_stateless(flow, &msg, 480, "Temporarily Unavailable - Not Registered");
+            return;
+        };
+        let Some(id) = self.start_call(now, flow, msg, VecDeque::new(), Some(callee)) else { return };
+        let max = self.cfg.trunks.get(trunk).map_or(0, |t| t.max_calls);
+        if self.active.get(trunk).is_none_or(|n| *n >= max) {
+            self.stats.limited += 1;
+            self.fail_a(now, id, 503, "Service Unavailable - Trunk At Call Limit", media);
+            return;
+        }
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.trunk = trunk;
+        }
+        self.active[trunk] += 1;
+        self.publish_active(trunk);
+        self.send_b_invite(now, id, media, None);
+    }
+
+    /// The A leg of a new call: 100 Trying, its dialog state, its B leg's Call-ID and tag.
+    fn start_call(
+        &mut self,
+        now: Instant,
+        flow: Flow,
+        msg: Message,
+        trunks: VecDeque<usize>,
+        inbound: Option<Callee>,
+    ) -> Option<u64> {
         self.out.push_back(Transmit { flow, payload: msg.response(100, "Trying", None, &[]) });
         if self.calls.len() >= MAX_CALLS {
             self.reply_stateless(flow, &msg, 503, "Service Unavailable - B2BUA At Call Limit");
-            return;
+            return None;
         }
         let (Some(call_id), Some(from_tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             self.reply_stateless(flow, &msg, 400, "Bad Request - Missing Call-ID Or From Tag");
-            return;
+            return None;
         };
         let id = self.next_id;
         self.next_id += 1;
+        let local_tag = format!("pb{}", self.random_hex(6));
         let a = Dialog {
             call_id: call_id.to_owned(),
-            local_tag: format!("pb{}", self.random_hex(6)),
+            local_uri: format!("{};tag={local_tag}", strip_tag(msg.header(HeaderName::To).unwrap_or(""))),
+            local_tag,
             remote_tag: from_tag.to_owned(),
-            local_uri: String::new(),
             remote_uri: msg.header(HeaderName::From).unwrap_or("").to_owned(),
             target: contact_uri(&msg).unwrap_or_else(|| msg.request_uri().unwrap_or("").to_owned()),
             routes: Vec::new(),
             local_cseq: 0,
             flow: Some(flow),
         };
-        let mut a = a;
-        a.local_uri = format!("{};tag={}", strip_tag(msg.header(HeaderName::To).unwrap_or("")), a.local_tag);
         let b = Dialog {
             call_id: self.random_hex(12),
             local_tag: format!("pb{}", self.random_hex(6)),
@@ -369,6 +440,7 @@ impl B2bua {
         let call = Call {
             a,
             b,
+            inbound,
             phase: Phase::Calling,
             a_invite: msg,
             a_flow: flow,
@@ -391,7 +463,7 @@ impl B2bua {
         self.by_call_id.insert(call.a.call_id.clone(), (id, Leg::A));
         self.calls.insert(id, call);
         self.stats.calls_started += 1;
-        self.try_next_trunk(now, id, media, None);
+        Some(id)
     }
 
     /// Places the B leg on the next trunk that is under its limit; when none is left,
@@ -434,29 +506,31 @@ impl B2bua {
     fn send_b_invite<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M, auth: Option<(&str, String)>) {
         let branch = format!("{BRANCH_PREFIX}{}", self.random_hex(8));
         let Some(call) = self.calls.get(&id) else { return };
-        let trunk = &self.cfg.trunks[call.trunk];
-        let Some(iface) = self.interface_for(trunk.transport).cloned() else {
+        let number = crate::proxy::request_user(&call.a_invite).unwrap_or_default();
+        // Where the B leg goes: the DID user's binding, or the trunk.
+        let (transport, remote, ruri, to_uri, routes) = match &call.inbound {
+            Some(c) => (c.flow.transport, c.flow.remote, c.uri.clone(), format!("<sip:{}>", c.aor), c.routes.clone()),
+            None => {
+                let trunk = &self.cfg.trunks[call.trunk];
+                let host = host_port(trunk.address);
+                let ruri = format!("sip:{number}@{host}");
+                (trunk.transport, trunk.address, ruri, format!("<sip:{number}@{host}>"), Vec::new())
+            }
+        };
+        let Some(iface) = self.interface_for(transport).cloned() else {
             self.fail_a(now, id, 503, "Service Unavailable - No Interface For Trunk Transport", media);
             return;
         };
-        let flow = Flow { transport: trunk.transport, local: iface.bind, remote: trunk.address, conn: None };
-        let number = crate::proxy::request_user(&call.a_invite).unwrap_or_default();
+        let conn = call.inbound.as_ref().and_then(|c| c.flow.conn);
+        let flow = Flow { transport, local: iface.bind, remote, conn };
         let caller =
             name_addr_user(call.a_invite.header(HeaderName::From).unwrap_or("")).unwrap_or("anonymous").to_owned();
-        let host = host_port(trunk.address);
         let our = iface.host_port();
-        let ruri = format!("sip:{number}@{host}");
         let body = match sdp_body(&call.a_invite) {
             Some(sdp) => {
                 let ip = call.a_flow.remote.ip();
-                match media.anchor_sdp_hiding(
-                    now,
-                    &call.a.call_id,
-                    &call.a.remote_tag,
-                    sdp,
-                    ip,
-                    Some(trunk.address.is_ipv6()),
-                ) {
+                match media.anchor_sdp_hiding(now, &call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.is_ipv6()))
+                {
                     Ok(b) => Some(b),
                     Err(r) => {
                         self.fail_a(now, id, r.code, &r.reason, media);
@@ -469,8 +543,9 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&id) else { return };
         call.b.local_cseq += 1;
         call.b.local_uri = format!("<sip:{caller}@{}>;tag={}", iface.advertise, call.b.local_tag);
-        call.b.remote_uri = format!("<sip:{number}@{host}>");
+        call.b.remote_uri = to_uri;
         call.b.target = ruri.clone();
+        call.b.routes = routes;
         call.b.flow = Some(flow);
         let copied = copied_headers(&call.a_invite, &self.cfg.copy_headers);
         let req = RequestSpec {
@@ -482,7 +557,7 @@ impl B2bua {
             call_id: &call.b.call_id,
             cseq: call.b.local_cseq,
             contact: Some(&format!("<sip:{our}{}>", transport_param(flow.transport))),
-            routes: &[],
+            routes: &call.b.routes,
             extra: &[copied, auth.iter().map(|(h, v)| format!("{h}: {v}")).collect()].concat(),
             body: body.as_deref().map(|b| (b, "application/sdp")),
         }
@@ -805,7 +880,8 @@ impl B2bua {
             if call.cancelled || call.phase != Phase::Calling {
                 return;
             }
-            if (code == 401 || code == 407) && !call.b_auth_answered {
+            let inbound = call.inbound.is_some();
+            if (code == 401 || code == 407) && !call.b_auth_answered && !inbound {
                 if let Some(auth) = self.answer_challenge(id, &msg) {
                     self.stats.challenges_answered += 1;
                     metrics::counter!("pinhole_b2bua_challenges_answered_total").increment(1);
@@ -815,6 +891,10 @@ impl B2bua {
                     self.send_b_invite(now, id, media, Some((auth.0, auth.1)));
                     return;
                 }
+            }
+            if inbound {
+                self.fail_a(now, id, code, msg.reason(), media);
+                return;
             }
             let (code, reason) = match code {
                 401 | 407 => (403, "Forbidden - Trunk Refused Our Credentials".to_owned()),

@@ -29,6 +29,7 @@ fn udp(remote: &str) -> Flow {
 }
 
 fn trunk(name: &str, at: &str, max_calls: usize) -> Trunk {
+    let dids = if name == "carrier1" { vec![("15551230001".to_owned(), "alice".to_owned())] } else { vec![] };
     Trunk {
         name: name.into(),
         transport: Transport::Udp,
@@ -37,7 +38,7 @@ fn trunk(name: &str, at: &str, max_calls: usize) -> Trunk {
         password: "trunk-secret".into(),
         register: false,
         max_calls,
-        dids: vec![],
+        dids,
     }
 }
 
@@ -366,4 +367,64 @@ fn a_call_not_on_a_route_is_proxied_as_before() {
     assert_eq!(lab.proxy.b2bua().call_count(), 0);
     assert_eq!(lab.proxy.b2bua().stats.calls_started, 0);
     let _ = Message::parse(Bytes::from_static(b"x"));
+}
+
+fn register_alice(lab: &mut Lab) {
+    let reg = "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKreg1\r\nMax-Forwards: 70\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=r1\r\nCall-ID: reg-alice\r\nCSeq: 1 REGISTER\r\nContact: <sip:alice@10.0.0.2:5062>\r\nContent-Length: 0\r\n\r\n";
+    let out = send_raw(lab, PHONE, reg.to_owned());
+    assert_eq!(one(&out, PHONE, "200").status(), Some(200));
+}
+
+fn carrier_invite(number: &str, sdp: bool) -> String {
+    let body = "v=0\r\no=- 7 7 IN IP4 192.0.2.99\r\ns=-\r\nc=IN IP4 192.0.2.99\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+    let (ct, body) = if sdp { ("Content-Type: application/sdp\r\n", body) } else { ("", "") };
+    format!(
+        "INVITE sip:{number}@203.0.113.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5999;branch=z9hG4bKcin1\r\nMax-Forwards: 70\r\nFrom: <sip:+14155550100@192.0.2.10>;tag=cin\r\nTo: <sip:{number}@203.0.113.1>\r\nCall-ID: carrier-call-1@192.0.2.10\r\nCSeq: 10 INVITE\r\nContact: <sip:gw@192.0.2.99:5080>\r\nRecord-Route: <sip:edge.carrier.example;lr>\r\n{ct}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn a_carrier_calling_a_did_rings_the_mapped_user_with_the_topology_hidden_both_ways() {
+    let mut lab = Lab::new(10);
+    register_alice(&mut lab);
+    // The carrier sends from a port of its own, not the trunk's configured one.
+    let out = send_raw(&mut lab, "192.0.2.10:5999", carrier_invite("15551230001", true));
+    assert_eq!(one(&out, "192.0.2.10:5999", "100").status(), Some(100));
+    let invite = one(&out, PHONE, "INVITE");
+    let t = text(&invite);
+    assert!(t.starts_with("INVITE sip:alice@10.0.0.2:5062 SIP/2.0\r\n"), "to the binding:\n{t}");
+    assert!(t.contains("From: <sip:+14155550100@203.0.113.1>;tag=pb"), "the caller's number, our address:\n{t}");
+    assert!(t.contains("To: <sip:alice@example.com>"), "{t}");
+    for leak in ["192.0.2", "carrier-call-1", "tag=cin", "edge.carrier"] {
+        assert!(!t.contains(leak), "{leak} reached the phone:\n{t}");
+    }
+    assert!(t.contains("c=IN IP4 203.0.113.1"), "anchored:\n{t}");
+    let ok = reply(&invite, 200, "OK", "ph1", &[], true);
+    let out = send_raw(&mut lab, PHONE, ok);
+    one(&out, PHONE, "ACK");
+    let answer = one(&out, "192.0.2.10:5999", "200");
+    let t = text(&answer);
+    assert!(t.contains("Call-ID: carrier-call-1@192.0.2.10") && t.contains("CSeq: 10 INVITE"), "{t}");
+    assert!(t.contains("Contact: <sip:203.0.113.1:5060>") && t.contains("c=IN IP4 203.0.113.1"), "{t}");
+    for leak in ["10.0.0.2", "203.0.113.50", "ph1", "gw@192.0.2.99"] {
+        assert!(!t.contains(leak), "{leak} reached the carrier:\n{t}");
+    }
+    assert_eq!(lab.proxy.b2bua().active_calls().next(), Some(("carrier1", 1)), "inbound calls count against the trunk");
+}
+
+#[test]
+fn a_trunk_call_to_an_unknown_number_is_404_and_the_same_number_from_a_stranger_is_challenged() {
+    let mut lab = Lab::new(10);
+    register_alice(&mut lab);
+    let out = send_raw(&mut lab, "192.0.2.10:5999", carrier_invite("15559999999", false));
+    assert!(one(&out, "192.0.2.10:5999", "404").reason().contains("No Such Number"));
+    // The same DID from an address that is not the trunk's is just a stranger's call.
+    let out = send_raw(&mut lab, "198.51.100.66:5060", carrier_invite("15551230001", false));
+    assert_eq!(one(&out, "198.51.100.66:5060", "407").status(), Some(407));
+    assert!(to(&out, PHONE).is_empty());
+    // And a DID whose user is not registered: 480.
+    let mut lab = Lab::new(10);
+    let out = send_raw(&mut lab, "192.0.2.10:5999", carrier_invite("15551230001", false));
+    assert_eq!(one(&out, "192.0.2.10:5999", "480").status(), Some(480));
 }

@@ -51,6 +51,20 @@ impl<M: MediaAnchor> Proxy<M> {
             return;
         }
 
+        // A trunk (by source address: carriers send from many ports) calling one of its DIDs,
+        // or pinging us: the B2BUA's, and no challenge.
+        if let Some(trunk) = self.b2bua.trunk_at(flow.remote.ip()) {
+            if method == Method::Invite && msg.tag(HeaderName::To).is_none() {
+                self.trunk_call(now, flow, msg, trunk);
+                return;
+            }
+            if method == Method::Options && msg.tag(HeaderName::To).is_none() {
+                let resp = msg.response(200, "OK", Some(&self.local_tag(&msg)), &self.options_headers());
+                self.send_response_stateless(flow, resp, 200);
+                return;
+            }
+        }
+
         // Authenticate before any state exists: a challenge is answered statelessly and never
         // retransmitted, so a spoofed request draws one response of about its own size.
         let routing = self.route_info(&msg);
@@ -107,6 +121,28 @@ impl<M: MediaAnchor> Proxy<M> {
             }
         }
         self.route_request(now, &key, flow, &msg, &method, routing, auth_user);
+    }
+
+    /// An INVITE from trunk `trunk`: to the user its DID maps to, through the B2BUA.
+    fn trunk_call(&mut self, now: Instant, flow: Flow, msg: Message, trunk: usize) {
+        let number = request_user(&msg).unwrap_or_default();
+        let Some(user) = self.b2bua.did_user(trunk, &number).map(str::to_owned) else {
+            let resp = msg.response(404, "Not Found - No Such Number On This Trunk", Some(&self.local_tag(&msg)), &[]);
+            self.send_response_stateless(flow, resp, 404);
+            return;
+        };
+        let aor = format!("{user}@{}", self.cfg.domain);
+        let callee = self.registrar.lookup(&aor, self.unix(now)).first().map(|b| {
+            let t = binding_target(b);
+            crate::b2bua::Callee {
+                flow: t.flow,
+                uri: t.request_uri.unwrap_or_else(|| b.contact.clone()),
+                routes: t.routes,
+                aor: aor.clone(),
+            }
+        });
+        tracing::debug!(%number, %user, registered = callee.is_some(), "call from a trunk");
+        self.b2bua.on_inbound(now, flow, msg, trunk, callee, &mut self.media);
     }
 
     /// Our Route entries at the top of the Route set, and the flows their token names.
