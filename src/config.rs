@@ -41,6 +41,19 @@ pub(crate) struct Config {
     pub(crate) route: Vec<RouteSpec>,
     #[serde(default)]
     pub(crate) b2bua: B2buaSpec,
+    /// `[cdr]`: call records of trunk calls; none unless the section is there.
+    #[serde(default)]
+    pub(crate) cdr: Option<CdrSpec>,
+}
+
+/// `[cdr]`: where call records go, and the size at which the file is rotated (0: never;
+/// SIGHUP reopens it either way).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CdrSpec {
+    pub(crate) path: PathBuf,
+    #[serde(default)]
+    pub(crate) max_bytes: u64,
 }
 
 /// One `[[trunk]]`.

@@ -6,6 +6,7 @@
 
 mod agent;
 mod agent_media;
+mod cdr;
 mod config;
 mod dataplane;
 mod faketcp;

@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     limits: ConnLimits,
     /// The local address outbound TCP connections report as their flow's `local`.
     tcp_local: Option<SocketAddr>,
+    /// Call records of trunk calls (`[cdr]`).
+    cdr: Option<Mutex<crate::cdr::CdrWriter>>,
 }
 
 impl Shared {
@@ -209,6 +211,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let stun_users = cfg.stun.users.iter().map(|u| (u.user.clone(), u.password.clone())).collect();
     crate::stun::start(&cfg.stun.listen, cfg.stun.alternate, stun_users)?;
 
+    let cdr = match &cfg.cdr {
+        Some(c) => {
+            let w = crate::cdr::CdrWriter::open(c.path.clone(), c.max_bytes)
+                .with_context(|| format!("opening the call record file {}", c.path.display()))?;
+            tokio::spawn(reopen_on_sighup());
+            Some(Mutex::new(w))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
         tcp_local: tcp.first().map(|(a, _)| *a),
@@ -221,6 +232,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         timer_deadline: Mutex::new(None),
         max_message: cfg.sip.max_message_size,
         limits,
+        cdr,
     });
 
     if let Some(ft) = &cfg.faketcp {
@@ -270,6 +282,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     Store::new(&cfg.registrar.store).save(&secret, snapshot)?;
     Ok(())
+}
+
+/// A trunk call's record: logged, and appended to the `[cdr]` file when there is one.
+fn write_record(shared: &Shared, r: &pinhole_sip::b2bua::CallRecord) {
+    tracing::info!(a = %r.a_call_id, b = %r.b_call_id, trunk = %r.trunk, code = r.code, hangup = r.hangup, "trunk call ended");
+    if let Some(cdr) = &shared.cdr {
+        let mut w = cdr.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = w.write(r, std::time::SystemTime::now()) {
+            metrics::counter!("pinhole_cdr_write_errors_total").increment(1);
+            tracing::warn!(error = %e, "cannot write a call record");
+        }
+    }
+}
+
+/// SIGHUP: the call record file is reopened before its next record (after logrotate).
+async fn reopen_on_sighup() {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        crate::cdr::REOPEN.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("SIGHUP: call record file reopened at the next record");
+    }
 }
 
 async fn shutdown_signal() {
@@ -351,6 +384,7 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<st
                     dp.execute(c);
                 }
             }
+            Output::Event(pinhole_core::Event::CallRecord(r)) => write_record(shared, &r),
             Output::Event(e) => tracing::debug!(?e, "node event"),
             Output::Timeout(at, why) => {
                 tracing::trace!(?at, why, "next wakeup");

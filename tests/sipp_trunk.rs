@@ -13,8 +13,26 @@ use common::*;
 /// pinhole with a relay and the trunks given (TOML of `[[trunk]]` tables), routing
 /// 1555xxxxxxx to them in order.
 fn trunk_pinhole(dir: &TempDir, trunks: &str, route: &str) -> Pinhole {
-    let extra = format!("{trunks}\n[[route]]\nmatch = \"^\\\\+?1?555\\\\d{{7}}$\"\ntrunks = [{route}]\n");
+    let cdr = dir.path().join("calls.jsonl");
+    let extra = format!(
+        "{trunks}\n[[route]]\nmatch = \"^\\\\+?1?555\\\\d{{7}}$\"\ntrunks = [{route}]\n[cdr]\npath = \"{}\"\n",
+        cdr.display()
+    );
     Pinhole::start(dir, PinholeOptions { relay_ports: Some(relay_range()), extra, ..Default::default() })
+}
+
+/// The call records written so far, once there are `count` of them (within 5 s).
+fn records(dir: &TempDir, count: usize) -> Vec<serde_json::Value> {
+    let path = dir.path().join("calls.jsonl");
+    let read = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("each record is a JSON line")).collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while read().len() < count && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    read()
 }
 
 fn trunk(name: &str, ip: &str, port: u16, max_calls: u32) -> String {
@@ -117,6 +135,20 @@ fn an_outbound_call_is_challenged_answered_and_hidden_with_audio_anchored_both_w
     assert_eq!(ph.metric("pinhole_b2bua_calls{trunk=\"carrier1\"}"), Some(0.0));
     assert_eq!(ph.metric("pinhole_b2bua_calls_total{outcome=\"answered\"}"), Some(1.0));
     assert_eq!(ph.metric("pinhole_b2bua_challenges_answered_total"), Some(1.0));
+    let r = records(&dir, 1);
+    assert_eq!(r.len(), 1, "one call, one record: {r:?}");
+    assert_eq!(
+        (r[0]["trunk"].as_str(), r[0]["code"].as_u64(), r[0]["hangup"].as_str()),
+        (Some("carrier1"), Some(200), Some("caller"))
+    );
+    assert_eq!((r[0]["caller"].as_str(), r[0]["callee"].as_str()), (Some("alice"), Some("15551230001")));
+    assert!(r[0]["a_call_id"].as_str().is_some_and(|c| c.starts_with("phonecall-")), "{r:?}");
+    assert!(r[0]["b_call_id"] != r[0]["a_call_id"]);
+    assert!(r[0]["packets"].as_u64().is_some_and(|p| p >= 180), "{r:?}");
+    assert!(
+        r[0]["answer_ms"].as_u64() <= r[0]["end_ms"].as_u64()
+            && r[0]["start_ms"].as_u64() <= r[0]["answer_ms"].as_u64()
+    );
 }
 
 #[test]
@@ -135,6 +167,9 @@ fn a_carrier_503_fails_over_to_the_second_trunk_and_the_call_completes() {
     let (ok2, t2) = carrier_done(c2, dir.path(), "127.0.0.4");
     assert!(ok2, "{t2}");
     assert_eq!(ph.metric("pinhole_b2bua_failovers_total"), Some(1.0));
+    let r = records(&dir, 1);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!((r[0]["trunk"].as_str(), r[0]["code"].as_u64()), (Some("carrier2"), Some(200)), "{r:?}");
 }
 
 #[test]
@@ -164,4 +199,7 @@ fn the_call_over_a_trunks_max_calls_gets_503() {
     assert!(refused.is_some_and(|r| r.contains("Trunks Busy")), "{}", ph.log_text());
     assert_eq!(ph.metric("pinhole_b2bua_calls{trunk=\"carrier1\"}"), Some(2.0));
     assert_eq!(ph.metric("pinhole_b2bua_calls_total{outcome=\"limited\"}"), Some(1.0));
+    let r = records(&dir, 1);
+    assert_eq!(r.len(), 1, "only the refused call has ended: {r:?}");
+    assert_eq!((r[0]["a_call_id"].as_str(), r[0]["code"].as_u64()), (Some("limit-3"), Some(503)));
 }

@@ -57,6 +57,8 @@ pub enum Event {
     /// A call between two profiled endpoints got a punch method (`relay` or `denied` when
     /// none); media stays on the relay until plans are carried out.
     PunchPlanned { call_id: String, method: &'static str },
+    /// A trunk call ended: its call record.
+    CallRecord(pinhole_sip::b2bua::CallRecord),
 }
 
 /// The next thing the shell must do.
@@ -225,6 +227,9 @@ impl Node {
         }
         if let Some(ProxyEvent::PunchPlanned { call_id, method }) = self.proxy.poll_event() {
             return Output::Event(Event::PunchPlanned { call_id, method });
+        }
+        if let Some(r) = self.proxy.poll_call_record() {
+            return Output::Event(Event::CallRecord(r));
         }
         // The earliest deadline; on a tie the proxy's comes first.
         let relay = self.relay();

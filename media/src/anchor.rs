@@ -57,6 +57,11 @@ pub trait MediaAnchor {
     fn path(&self, _call_id: &str, _now: Instant) -> Option<&'static str> {
         None
     }
+
+    /// Packets and bytes the relay carried for the call so far (both ways, RTP and RTCP).
+    fn counts(&self, _call_id: &str) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 impl MediaAnchor for Option<Relay> {
@@ -95,6 +100,13 @@ impl MediaAnchor for Option<Relay> {
 
     fn anchors(&self, call_id: &str) -> bool {
         self.as_ref().is_some_and(|r| r.has_call(call_id))
+    }
+
+    fn counts(&self, call_id: &str) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let streams = self.as_ref()?.stats(call_id)?;
+        let all = streams.iter().flat_map(|s| s.iter());
+        Some(all.fold((0, 0), |(p, b), st| (p + st.packets.load(Relaxed), b + st.bytes.load(Relaxed))))
     }
 
     fn path(&self, call_id: &str, now: Instant) -> Option<&'static str> {

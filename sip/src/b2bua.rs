@@ -226,6 +226,10 @@ pub struct CallRecord {
     pub duration_ms: u64,
     pub hangup: &'static str,
     pub code: u16,
+    /// What the relay carried (both ways), and which way media went at the end.
+    pub packets: u64,
+    pub bytes: u64,
+    pub media_path: &'static str,
 }
 
 /// Counters the shell exports.
@@ -618,6 +622,8 @@ impl B2bua {
         call.ended = Some(now);
         call.hangup.get_or_insert(who);
         call.a_2xx_at = None;
+        let (packets, bytes) = media.counts(&call.a.call_id).unwrap_or((0, 0));
+        let media_path = media.path(&call.a.call_id, now).unwrap_or("none");
         media.release(&call.a.call_id);
         let outcome = if call.answered.is_some() {
             "answered"
@@ -646,6 +652,9 @@ impl B2bua {
             duration_ms: now.duration_since(call.started).as_millis() as u64,
             hangup: call.hangup.unwrap_or(who),
             code: call.final_code.unwrap_or(0),
+            packets,
+            bytes,
+            media_path,
         };
         self.events.push_back(B2buaEvent::CallRecord(record));
         self.timers.push(Reverse((now + TIMEOUT_64T1, Timer::Call(id))));
