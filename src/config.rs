@@ -73,6 +73,20 @@ pub(crate) struct TrunkSpec {
     pub(crate) max_calls: usize,
     #[serde(default)]
     pub(crate) dids: Vec<DidSpec>,
+    /// Seconds between OPTIONS pings (0: never; the trunk then counts as always up).
+    #[serde(default = "default_options_interval")]
+    pub(crate) options_interval: u64,
+    /// The registration lifetime asked for, in seconds.
+    #[serde(default = "default_register_expires")]
+    pub(crate) register_expires: u64,
+}
+
+fn default_options_interval() -> u64 {
+    30
+}
+
+fn default_register_expires() -> u64 {
+    600
 }
 
 fn default_max_calls() -> usize {
@@ -637,6 +651,8 @@ impl Config {
                 register: t.register,
                 max_calls: t.max_calls,
                 dids: t.dids.iter().map(|d| (d.number.clone(), d.user.clone())).collect(),
+                options_interval: t.options_interval,
+                register_expires: t.register_expires,
             })
             .collect();
         let routes = self

@@ -203,3 +203,26 @@ fn the_call_over_a_trunks_max_calls_gets_503() {
     assert_eq!(r.len(), 1, "only the refused call has ended: {r:?}");
     assert_eq!((r[0]["a_call_id"].as_str(), r[0]["code"].as_u64()), (Some("limit-3"), Some(503)));
 }
+
+#[test]
+fn pinhole_registers_to_the_carrier_after_a_503_answers_its_401_and_refreshes_before_expiry() {
+    let dir = TempDir::new("trunk-register");
+    let port = free_port();
+    let registrar = carrier(dir.path(), "trunk_registrar.xml", "127.0.0.3", port);
+    std::thread::sleep(Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    let t = trunk("carrier1", "127.0.0.3", port, 10) + "register = true\nregister_expires = 10\noptions_interval = 0\n";
+    let ph = trunk_pinhole(&dir, &t, "\"carrier1\"");
+    assert!(
+        ph.wait_metric("pinhole_trunk_registered{trunk=\"carrier1\"}", 1.0, Duration::from_secs(10)),
+        "not registered after the 503's backoff and the 401\n{}",
+        ph.log_text()
+    );
+    let (ok, text) = carrier_done(registrar, dir.path(), "127.0.0.3");
+    let took = start.elapsed();
+    assert!(ok, "the registrar scenario failed: {text}\n{}", ph.log_text());
+    // 2 s of backoff after the 503, then the refresh at 80 % of the 10 s granted.
+    assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(14), "refresh after {took:?}");
+    assert!(ph.log_text().contains("trunk registration failed"), "the 503 was logged");
+    assert_eq!(ph.metric("pinhole_trunk_registered{trunk=\"carrier1\"}"), Some(1.0));
+}

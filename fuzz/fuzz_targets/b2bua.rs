@@ -29,6 +29,8 @@ fn config() -> ProxyConfig {
         register: false,
         max_calls: 4,
         dids: vec![],
+        options_interval: 30,
+        register_expires: 600,
     };
     ProxyConfig {
         domain: "example.com".into(),

@@ -30,8 +30,11 @@ use crate::proxy::{Interface, T1, T2, TIMEOUT_64T1};
 use crate::transport::{Flow, Transmit, Transport};
 
 mod build;
+pub mod health;
 #[cfg(test)]
 mod tests;
+
+use health::TrunkHealth;
 
 use build::*;
 
@@ -68,6 +71,10 @@ pub struct Trunk {
     pub max_calls: usize,
     /// Inbound: Request-URI user -> local user.
     pub dids: Vec<(String, String)>,
+    /// Seconds between OPTIONS pings (0: none, the trunk is always up), and the
+    /// registration lifetime asked for.
+    pub options_interval: u64,
+    pub register_expires: u64,
 }
 
 /// One `[[route]]`: Request-URI users matching `pattern` go to `trunks`, in order.
@@ -188,9 +195,16 @@ enum Purpose {
     /// The B leg's INVITE.
     Invite,
     /// A request carried across from the other leg: answer `origin` with the response.
-    Bridged { origin: Box<Message>, origin_flow: Flow, origin_leg: Leg },
+    Bridged {
+        origin: Box<Message>,
+        origin_flow: Flow,
+        origin_leg: Leg,
+    },
     /// Our own (BYE, CANCEL): the response just ends it.
     Own,
+    /// A trunk's REGISTER, or its OPTIONS ping.
+    Register(usize),
+    Ping(usize),
 }
 
 struct ClientTx {
@@ -246,6 +260,9 @@ pub struct B2buaStats {
 enum Timer {
     Client(String),
     Call(u64),
+    /// A trunk's registration refresh, or its next ping.
+    Register(usize),
+    Ping(usize),
 }
 
 pub struct B2bua {
@@ -263,6 +280,8 @@ pub struct B2bua {
     next_id: u64,
     rng: StdRng,
     pub stats: B2buaStats,
+    /// Per trunk: registration and ping state.
+    health: Vec<TrunkHealth>,
 }
 
 impl B2bua {
@@ -276,7 +295,9 @@ impl B2bua {
         }
         metrics::counter!("pinhole_b2bua_failovers_total").absolute(0);
         metrics::counter!("pinhole_b2bua_challenges_answered_total").absolute(0);
+        let health = cfg.trunks.iter().map(|_| TrunkHealth::default()).collect();
         B2bua {
+            health,
             cfg,
             interfaces,
             calls: HashMap::new(),
@@ -485,7 +506,7 @@ impl B2bua {
                 return;
             };
             let Some(trunk) = self.cfg.trunks.get(t) else { continue };
-            if self.active[t] >= trunk.max_calls {
+            if self.active[t] >= trunk.max_calls || !self.health[t].up {
                 continue;
             }
             if call.trunk != usize::MAX {
@@ -857,6 +878,8 @@ impl B2bua {
                 self.bridged_response(now, id, &msg, &origin, origin_flow, origin_leg, media)
             }
             Purpose::Own => {}
+            Purpose::Register(t) => self.on_register_response(now, t, &msg),
+            Purpose::Ping(t) => self.on_ping_response(now, t),
         }
     }
 
@@ -1070,11 +1093,23 @@ impl B2bua {
         self.out.push_back(Transmit { flow: origin_flow, payload: resp });
     }
 
-    /// Answers a 401/407 with the trunk's credentials: the header to add.
+    /// Answers a 401/407 to a call's INVITE with the trunk's credentials: the header to add.
     fn answer_challenge(&mut self, id: u64, msg: &Message) -> Option<(&'static str, String)> {
-        let cnonce = self.random_hex(8);
         let call = self.calls.get(&id)?;
-        let trunk = self.cfg.trunks.get(call.trunk)?;
+        let (trunk, uri) = (call.trunk, call.b.target.clone());
+        self.credentials_for(trunk, msg, "INVITE", &uri)
+    }
+
+    /// The trunk's credentials answering the challenge in `msg` for `method` on `uri`.
+    fn credentials_for(
+        &mut self,
+        trunk: usize,
+        msg: &Message,
+        method: &str,
+        uri: &str,
+    ) -> Option<(&'static str, String)> {
+        let cnonce = self.random_hex(8);
+        let trunk = self.cfg.trunks.get(trunk)?;
         let (challenge_header, answer_header) = if msg.status() == Some(407) {
             ("Proxy-Authenticate", "Proxy-Authorization")
         } else {
@@ -1084,10 +1119,8 @@ impl B2bua {
         // The strongest algorithm offered that we speak.
         let parsed: Vec<ParsedChallenge> = values.iter().filter_map(|v| ParsedChallenge::parse(v)).collect();
         let best = parsed.iter().find(|c| c.algorithm == Algorithm::Sha256).or(parsed.first())?;
-        let uri = call.b.target.clone();
         let challenge = Challenge { realm: &best.realm, nonce: &best.nonce, algorithm: best.algorithm };
-        let mut creds =
-            Credentials::answering(&challenge, &trunk.username, &trunk.password, "INVITE", &uri, 1, &cnonce);
+        let mut creds = Credentials::answering(&challenge, &trunk.username, &trunk.password, method, uri, 1, &cnonce);
         if !best.qop_auth {
             creds.qop = None;
             creds.nc = None;
@@ -1097,7 +1130,7 @@ impl B2bua {
                 &trunk.username,
                 &best.realm,
                 &trunk.password,
-                "INVITE",
+                method,
                 &creds,
             );
         }
@@ -1117,6 +1150,8 @@ impl B2bua {
             match timer {
                 Timer::Client(branch) => self.client_timer(now, &branch, media),
                 Timer::Call(id) => self.call_timer(now, id, media),
+                Timer::Register(t) => self.register(now, t, None),
+                Timer::Ping(t) => self.ping(now, t),
             }
         }
     }
@@ -1147,6 +1182,8 @@ impl B2bua {
                     }
                 }
                 Purpose::Own => {}
+                Purpose::Register(t) => self.registration_failed(now, t, "timeout"),
+                Purpose::Ping(t) => self.ping_failed(now, t),
             }
             return;
         }

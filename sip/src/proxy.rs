@@ -328,7 +328,8 @@ impl<M: MediaAnchor> Proxy<M> {
         let boot: u64 = rng.gen();
         let auth = Authenticator::new(&cfg.realm, cfg.users.clone(), cfg.secret, boot, now, unix_now)
             .with_algorithms(cfg.auth_algorithms.clone());
-        let b2bua = crate::b2bua::B2bua::new(cfg.b2bua.clone(), cfg.interfaces.clone(), seed);
+        let mut b2bua = crate::b2bua::B2bua::new(cfg.b2bua.clone(), cfg.interfaces.clone(), seed);
+        b2bua.start(now);
         Proxy {
             b2bua,
             media,

@@ -39,6 +39,8 @@ fn trunk(name: &str, at: &str, max_calls: usize) -> Trunk {
         register: false,
         max_calls,
         dids,
+        options_interval: 0,
+        register_expires: 600,
     }
 }
 
@@ -50,12 +52,18 @@ struct Lab {
 
 impl Lab {
     fn new(max_calls: usize) -> Lab {
+        Lab::with(max_calls, |_| {})
+    }
+
+    /// A lab whose trunks `edit` changes first.
+    fn with(max_calls: usize, edit: impl FnOnce(&mut B2buaConfig)) -> Lab {
         let now = Instant::now();
-        let b2bua = B2buaConfig {
+        let mut b2bua = B2buaConfig {
             trunks: vec![trunk("carrier1", CARRIER1, max_calls), trunk("carrier2", CARRIER2, max_calls)],
             routes: vec![Route { pattern: regex::Regex::new(r"^\+?1?555\d{7}$").expect("re"), trunks: vec![0, 1] }],
             copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
         };
+        edit(&mut b2bua);
         let cfg = ProxyConfig {
             domain: "example.com".into(),
             interfaces: vec![Interface {
@@ -149,6 +157,15 @@ fn one(out: &[Transmit], remote: &str, what: &str) -> Message {
         msgs.iter().map(|m| m.text(m.start_line_range())).collect::<Vec<_>>()
     );
     found[0].clone()
+}
+
+/// The one request `what` sent to `remote`, retransmitted or not (all copies one branch).
+fn sent(out: &[Transmit], remote: &str, what: &str) -> Message {
+    let msgs: Vec<Message> =
+        to(out, remote).into_iter().filter(|m| m.method().map(|x| x.as_str()) == Some(what)).collect();
+    assert!(!msgs.is_empty(), "no {what} to {remote}");
+    assert!(msgs.iter().all(|m| m.branch() == msgs[0].branch()), "one transaction");
+    msgs[0].clone()
 }
 
 fn text(m: &Message) -> String {
@@ -427,4 +444,72 @@ fn a_trunk_call_to_an_unknown_number_is_404_and_the_same_number_from_a_stranger_
     let mut lab = Lab::new(10);
     let out = send_raw(&mut lab, "192.0.2.10:5999", carrier_invite("15551230001", false));
     assert_eq!(one(&out, "192.0.2.10:5999", "480").status(), Some(480));
+}
+
+#[test]
+fn a_trunk_registration_answers_its_challenge_and_is_refreshed_before_it_expires() {
+    let mut lab = Lab::with(10, |c| c.trunks[0].register = true);
+    let out = lab.advance(Duration::from_millis(10));
+    let reg = sent(&out, CARRIER1, "REGISTER");
+    let t = text(&reg);
+    assert!(
+        t.starts_with("REGISTER sip:192.0.2.10:5080 SIP/2.0") && t.contains("To: <sip:acct-carrier1@192.0.2.10:5080>"),
+        "{t}"
+    );
+    assert!(t.contains("Contact: <sip:acct-carrier1@203.0.113.1:5060>") && t.contains("Expires: 600"), "{t}");
+    assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, true)));
+    let challenge = ["WWW-Authenticate: Digest realm=\"carrier\", nonce=\"r1\", qop=\"auth\""];
+    let out = send_raw(&mut lab, CARRIER1, reply(&reg, 401, "Unauthorized", "r", &challenge, false));
+    let again = one(&out, CARRIER1, "REGISTER");
+    assert_eq!((again.call_id(), again.cseq().map(|c| c.0)), (reg.call_id(), Some(2)));
+    let creds = Credentials::parse(again.header(HeaderName::Authorization).expect("credentials")).expect("parses");
+    let expected = digest_response(Algorithm::Md5, "acct-carrier1", "carrier", "trunk-secret", "REGISTER", &creds);
+    assert_eq!((creds.uri.as_str(), creds.response.as_str()), ("sip:192.0.2.10:5080", expected.as_str()));
+    let ok = reply(&again, 200, "OK", "r", &[], false)
+        .replace("Contact: <sip:gw@192.0.2.99:5080>", "Contact: <sip:acct-carrier1@203.0.113.1:5060>;expires=60");
+    assert!(send_raw(&mut lab, CARRIER1, ok).is_empty());
+    assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((true, true)));
+    // The registrar granted 60 s: refreshed at 48, not before.
+    assert!(to(&lab.advance(Duration::from_secs(47)), CARRIER1).is_empty());
+    let refresh = sent(&lab.advance(Duration::from_secs(2)), CARRIER1, "REGISTER");
+    assert_eq!((refresh.call_id(), refresh.cseq().map(|c| c.0)), (reg.call_id(), Some(3)));
+}
+
+#[test]
+fn a_failing_registrar_is_retried_with_growing_backoff() {
+    let mut lab = Lab::with(10, |c| c.trunks[0].register = true);
+    let mut at = Vec::new();
+    let start = lab.now;
+    let mut out = lab.advance(Duration::from_millis(10));
+    for _ in 0..4 {
+        let reg = sent(&out, CARRIER1, "REGISTER");
+        at.push((lab.now - start).as_secs());
+        send_raw(&mut lab, CARRIER1, reply(&reg, 503, "Service Unavailable", "r", &[], false));
+        assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, true)));
+        out = Vec::new();
+        while to(&out, CARRIER1).is_empty() {
+            out = lab.advance(Duration::from_millis(500));
+        }
+    }
+    assert_eq!(at, vec![0, 2, 6, 14], "retries after 2, 4 and 8 s");
+}
+
+#[test]
+fn a_trunk_that_stops_answering_pings_is_skipped_until_it_answers_again() {
+    let mut lab = Lab::with(10, |c| c.trunks[0].options_interval = 10);
+    // The first ping at 1 s; carrier1 never answers. Two lost pings: down.
+    let out = lab.advance(Duration::from_secs(2));
+    let ping = sent(&out, CARRIER1, "OPTIONS");
+    assert!(!text(&ping).contains("10.0.0.2"));
+    lab.advance(Duration::from_secs(15));
+    assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, false)));
+    // A call goes straight to the second trunk.
+    let out = lab.dial("15551230009");
+    assert!(to(&out, CARRIER1).iter().all(|m| m.method().map(|x| x.as_str()) != Some("INVITE")));
+    one(&out, CARRIER2, "INVITE");
+    // carrier1 answers its next ping (at 21 s): up again.
+    let out = lab.advance(Duration::from_secs(5));
+    let ping = sent(&out, CARRIER1, "OPTIONS");
+    send_raw(&mut lab, CARRIER1, reply(&ping, 200, "OK", "p", &[], false));
+    assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, true)));
 }
