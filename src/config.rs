@@ -114,11 +114,14 @@ pub(crate) struct RouteSpec {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct B2buaSpec {
     pub(crate) copy_headers: Vec<String>,
+    /// The session interval asked for on trunk legs, in seconds (RFC 4028; at least 90).
+    pub(crate) session_expires: u64,
 }
 
 impl Default for B2buaSpec {
     fn default() -> Self {
-        B2buaSpec { copy_headers: pinhole_sip::b2bua::DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect() }
+        let d = pinhole_sip::b2bua::B2buaConfig::default();
+        B2buaSpec { copy_headers: d.copy_headers, session_expires: d.session_expires.as_secs() }
     }
 }
 
@@ -620,6 +623,9 @@ impl Config {
                 );
             }
         }
+        if self.b2bua.session_expires < pinhole_sip::b2bua::MIN_SE.as_secs() {
+            err("b2bua", 0, "session_expires", "session_expires must be at least 90 (RFC 4028 Min-SE)".into());
+        }
         for (i, r) in self.route.iter().enumerate() {
             if let Err(e) = regex::Regex::new(&r.pattern) {
                 let first = e.to_string().lines().last().unwrap_or("").trim().to_owned();
@@ -665,7 +671,12 @@ impl Config {
                 })
             })
             .collect();
-        B2buaConfig { trunks, routes, copy_headers: self.b2bua.copy_headers.clone() }
+        B2buaConfig {
+            trunks,
+            routes,
+            copy_headers: self.b2bua.copy_headers.clone(),
+            session_expires: std::time::Duration::from_secs(self.b2bua.session_expires),
+        }
     }
 
     /// The relay configuration, or `None` when `media.mode = "off"`.

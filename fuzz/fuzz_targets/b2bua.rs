@@ -52,6 +52,7 @@ fn config() -> ProxyConfig {
             trunks: vec![trunk],
             routes: vec![Route { pattern: regex::Regex::new("^555").expect("re"), trunks: vec![0] }],
             copy_headers: vec!["Supported".into(), "Allow".into()],
+            session_expires: Duration::from_secs(90),
         },
     }
 }

@@ -85,13 +85,30 @@ pub struct Route {
     pub trunks: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct B2buaConfig {
     pub trunks: Vec<Trunk>,
     pub routes: Vec<Route>,
     /// Header names copied from one leg's requests to the other's (case-insensitive).
     pub copy_headers: Vec<String>,
+    /// The session interval asked for on the trunk leg (RFC 4028; at least 90 s).
+    pub session_expires: Duration,
 }
+
+impl Default for B2buaConfig {
+    fn default() -> Self {
+        B2buaConfig {
+            trunks: Vec::new(),
+            routes: Vec::new(),
+            copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
+            session_expires: DEFAULT_SESSION_EXPIRES,
+        }
+    }
+}
+
+/// The session interval asked for on trunk legs by default, and the least RFC 4028 allows.
+pub const DEFAULT_SESSION_EXPIRES: Duration = Duration::from_secs(1800);
+pub const MIN_SE: Duration = Duration::from_secs(90);
 
 impl B2buaConfig {
     pub fn is_enabled(&self) -> bool {
@@ -187,6 +204,12 @@ struct Call {
     /// Who hung up and the final code, for records.
     hangup: Option<&'static str>,
     final_code: Option<u16>,
+    /// The trunk leg's session timer (RFC 4028): the interval agreed, whether we refresh
+    /// (else the carrier does), and when the session was last refreshed.
+    session: Option<(Duration, bool)>,
+    refreshed: Instant,
+    /// The SDP we last sent on the trunk leg (a refresh re-INVITE offers it again).
+    b_sdp: Option<Vec<u8>>,
 }
 
 /// What a client transaction of ours belongs to.
@@ -202,6 +225,8 @@ enum Purpose {
     },
     /// Our own (BYE, CANCEL): the response just ends it.
     Own,
+    /// Our session refresh on the trunk leg (a re-INVITE with the same offer).
+    Refresh,
     /// A trunk's REGISTER, or its OPTIONS ping.
     Register(usize),
     Ping(usize),
@@ -260,6 +285,8 @@ pub struct B2buaStats {
 enum Timer {
     Client(String),
     Call(u64),
+    /// A call's trunk-leg session timer: refresh, or check the carrier refreshed.
+    Session(u64),
     /// A trunk's registration refresh, or its next ping.
     Register(usize),
     Ping(usize),
@@ -484,6 +511,9 @@ impl B2bua {
             ended: None,
             hangup: None,
             final_code: None,
+            session: None,
+            refreshed: now,
+            b_sdp: None,
         };
         self.by_call_id.insert(call.a.call_id.clone(), (id, Leg::A));
         self.calls.insert(id, call);
@@ -572,7 +602,19 @@ impl B2bua {
         call.b.target = ruri.clone();
         call.b.routes = routes;
         call.b.flow = Some(flow);
-        let copied = copied_headers(&call.a_invite, &self.cfg.copy_headers);
+        let mut copied = copied_headers(&call.a_invite, &self.cfg.copy_headers);
+        if call.inbound.is_none() {
+            copied.push(format!("Session-Expires: {};refresher=uac", self.cfg.session_expires.as_secs()));
+            copied.push(format!("Min-SE: {}", MIN_SE.as_secs()));
+            if !copied.iter().any(|h| h.to_ascii_lowercase().starts_with("supported:")) {
+                copied.push("Supported: timer".into());
+            } else if let Some(h) = copied.iter_mut().find(|h| h.to_ascii_lowercase().starts_with("supported:")) {
+                if !h.to_ascii_lowercase().contains("timer") {
+                    h.push_str(", timer");
+                }
+            }
+        }
+        call.b_sdp = body.clone();
         let req = RequestSpec {
             method: "INVITE",
             uri: &ruri,
@@ -736,6 +778,9 @@ impl B2bua {
                 self.end_call(now, id, if leg == Leg::A { "caller" } else { "callee" }, media);
             }
             _ if call.phase == Phase::Confirmed || call.phase == Phase::Answered => {
+                if leg == Leg::B && matches!(method, Method::Invite | Method::Update) {
+                    call.refreshed = now;
+                }
                 self.bridge_request(now, id, leg, flow, msg, media);
             }
             _ => {
@@ -878,6 +923,7 @@ impl B2bua {
                 self.bridged_response(now, id, &msg, &origin, origin_flow, origin_leg, media)
             }
             Purpose::Own => {}
+            Purpose::Refresh => self.on_refresh_response(now, id, &msg, media),
             Purpose::Register(t) => self.on_register_response(now, t, &msg),
             Purpose::Ping(t) => self.on_ping_response(now, t),
         }
@@ -970,6 +1016,13 @@ impl B2bua {
         call.phase = Phase::Answered;
         call.answered = Some(now);
         call.final_code = Some(code);
+        call.refreshed = now;
+        if call.inbound.is_none() {
+            call.session = session_of(&msg, self.cfg.session_expires);
+            if let Some((interval, _)) = call.session {
+                self.timers.push(Reverse((now + interval / 2, Timer::Session(id))));
+            }
+        }
         let resp = self.a_response(id, code, msg.reason(), &msg, body.as_deref());
         if let Some(call) = self.calls.get_mut(&id) {
             call.a_last = Some(resp.clone());
@@ -1150,6 +1203,7 @@ impl B2bua {
             match timer {
                 Timer::Client(branch) => self.client_timer(now, &branch, media),
                 Timer::Call(id) => self.call_timer(now, id, media),
+                Timer::Session(id) => self.session_timer(now, id, media),
                 Timer::Register(t) => self.register(now, t, None),
                 Timer::Ping(t) => self.ping(now, t),
             }
@@ -1182,6 +1236,7 @@ impl B2bua {
                     }
                 }
                 Purpose::Own => {}
+                Purpose::Refresh => self.leg_died(now, tx.call, Leg::B, media),
                 Purpose::Register(t) => self.registration_failed(now, t, "timeout"),
                 Purpose::Ping(t) => self.ping_failed(now, t),
             }
@@ -1194,6 +1249,72 @@ impl B2bua {
                 tx.retransmit = Some((now + next, next));
                 self.timers.push(Reverse((now + next, Timer::Client(key.to_owned()))));
             }
+        }
+    }
+
+    /// The trunk leg's session timer: our refresh is due, or the carrier's is overdue.
+    fn session_timer<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M) {
+        let Some(call) = self.calls.get(&id) else { return };
+        let Some((interval, we_refresh)) = call.session else { return };
+        if !matches!(call.phase, Phase::Answered | Phase::Confirmed) {
+            return;
+        }
+        if we_refresh {
+            let body = call.b_sdp.clone();
+            let extra = [format!("Session-Expires: {};refresher=uac", interval.as_secs())];
+            let body = body.as_deref().map(|b| (b, "application/sdp"));
+            if let Some((branch, bytes, flow)) = self.dialog_request(id, Leg::B, "INVITE", None, &extra, body) {
+                self.start_client(now, branch, id, Purpose::Refresh, flow, bytes, true);
+            }
+            self.timers.push(Reverse((now + interval / 2, Timer::Session(id))));
+            return;
+        }
+        // The carrier refreshes: it must have by the interval less a margin (§10).
+        let deadline = call.refreshed + interval - (interval / 3).min(Duration::from_secs(32));
+        if now >= deadline {
+            self.leg_died(now, id, Leg::B, media);
+        } else {
+            self.timers.push(Reverse((deadline, Timer::Session(id))));
+        }
+    }
+
+    fn on_refresh_response<M: MediaAnchor>(&mut self, now: Instant, id: u64, msg: &Message, media: &mut M) {
+        let Some(code) = msg.status() else { return };
+        if (200..300).contains(&code) {
+            let cseq = msg.cseq().map(|(n, _)| n);
+            if let Some((_, bytes, flow)) = self.dialog_request(id, Leg::B, "ACK", cseq, &[], None) {
+                self.out.push_back(Transmit { flow, payload: bytes });
+            }
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.refreshed = now;
+            }
+        } else if code == 408 || code == 481 {
+            // The carrier has forgotten the call (RFC 4028 §10).
+            self.leg_died(now, id, Leg::B, media);
+        }
+    }
+
+    /// Leg `dead` is gone (refresh unanswered, session expired): the other leg gets a BYE
+    /// and the call ends. The dead leg gets one too, in case it is only deaf.
+    fn leg_died<M: MediaAnchor>(&mut self, now: Instant, id: u64, dead: Leg, media: &mut M) {
+        let Some(call) = self.calls.get(&id) else { return };
+        if call.phase == Phase::Ended {
+            return;
+        }
+        tracing::info!(call_id = %call.a.call_id, leg = ?dead, "trunk call leg died");
+        self.send_bye(now, id, dead.other());
+        self.send_bye(now, id, dead);
+        self.end_call(now, id, "session-timer", media);
+    }
+
+    /// The relay ended a call on its own (no media): both legs get a BYE.
+    pub fn media_ended<M: MediaAnchor>(&mut self, now: Instant, call_id: &str, media: &mut M) {
+        let Some(&(id, _)) = self.by_call_id.get(call_id) else { return };
+        let Some(call) = self.calls.get(&id) else { return };
+        if matches!(call.phase, Phase::Answered | Phase::Confirmed) {
+            self.send_bye(now, id, Leg::A);
+            self.send_bye(now, id, Leg::B);
+            self.end_call(now, id, "media-timeout", media);
         }
     }
 
@@ -1228,6 +1349,17 @@ impl B2bua {
             }
         }
     }
+}
+
+/// The session timer a 2xx agreed (RFC 4028): its interval, and whether we (the UAC)
+/// refresh. A 2xx without Session-Expires runs none.
+fn session_of(msg: &Message, asked: Duration) -> Option<(Duration, bool)> {
+    let v = msg.extension_header("Session-Expires").or_else(|| msg.extension_header("x"))?;
+    let mut parts = v.split(';');
+    let secs: u64 = parts.next()?.trim().parse().ok()?;
+    let refresher = parts.find_map(|p| p.trim().strip_prefix("refresher=")).unwrap_or("uac");
+    let interval = Duration::from_secs(secs).clamp(MIN_SE, asked.max(MIN_SE));
+    Some((interval, refresher.trim().eq_ignore_ascii_case("uac")))
 }
 
 /// The sender tag the relay knows the trunk leg's SDP by.

@@ -62,6 +62,7 @@ impl Lab {
             trunks: vec![trunk("carrier1", CARRIER1, max_calls), trunk("carrier2", CARRIER2, max_calls)],
             routes: vec![Route { pattern: regex::Regex::new(r"^\+?1?555\d{7}$").expect("re"), trunks: vec![0, 1] }],
             copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
+            session_expires: Duration::from_secs(1800),
         };
         edit(&mut b2bua);
         let cfg = ProxyConfig {
@@ -93,11 +94,25 @@ impl Lab {
         Lab { proxy: Proxy::new(cfg, Some(relay), now, 1_700_000_000, 1), now, calls: 0 }
     }
 
+    /// Moves virtual time on, firing the proxy's and the relay's timers as the node does.
     fn advance(&mut self, d: Duration) -> Vec<Transmit> {
         let end = self.now + d;
         let mut out = Vec::new();
-        while let Some((t, _)) = self.proxy.poll_timeout().filter(|(t, _)| *t <= end) {
+        loop {
+            let relay = self.proxy.media().as_ref().and_then(Relay::poll_timeout);
+            let proxy = self.proxy.poll_timeout().map(|(t, _)| t);
+            let Some(t) = [relay, proxy].into_iter().flatten().min().filter(|t| *t <= end) else { break };
             self.now = t.max(self.now);
+            let mut ended = Vec::new();
+            if let Some(r) = self.proxy.media_mut() {
+                r.handle_timeout(self.now);
+                while let Some(pinhole_media::relay::Event::Ended { call_id, .. }) = r.poll_event() {
+                    ended.push(call_id);
+                }
+            }
+            for call_id in ended {
+                self.proxy.media_call_ended(self.now, &call_id);
+            }
             self.proxy.handle_timeout(self.now);
             out.extend(std::iter::from_fn(|| self.proxy.poll_transmit()));
         }
@@ -512,4 +527,80 @@ fn a_trunk_that_stops_answering_pings_is_skipped_until_it_answers_again() {
     let ping = sent(&out, CARRIER1, "OPTIONS");
     send_raw(&mut lab, CARRIER1, reply(&ping, 200, "OK", "p", &[], false));
     assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, true)));
+}
+
+/// A call answered by carrier1 with `session` as its Session-Expires, acknowledged by the
+/// phone; returns the carrier's INVITE.
+fn answered_call(lab: &mut Lab, session: &str) -> Message {
+    let out = lab.dial("15551230010");
+    let invite = one(&out, CARRIER1, "INVITE");
+    assert!(text(&invite).contains("Session-Expires: 1800;refresher=uac"), "{}", text(&invite));
+    let extra: Vec<&str> = if session.is_empty() { vec![] } else { vec![session] };
+    let out = send_raw(lab, CARRIER1, reply(&invite, 200, "OK", "c1", &extra, true));
+    let a_tag = one(&out, PHONE, "200").tag(HeaderName::To).expect("tag").to_owned();
+    let ack = format!(
+        "ACK sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKack9\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230010@example.com>;tag={a_tag}\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    );
+    send_raw(lab, PHONE, ack);
+    invite
+}
+
+/// The lab's proxy again, over a relay that never times media out.
+fn without_media_timeout(lab: &mut Lab) {
+    let cfg = lab.proxy.config().clone();
+    let relay = Relay::new(
+        RelayConfig {
+            media_timeout: Duration::from_secs(3600),
+            ..RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30099)
+        },
+        lab.now,
+    );
+    lab.proxy = Proxy::new(cfg, Some(relay), lab.now, 1_700_000_000, 1);
+}
+
+#[test]
+fn we_refresh_the_trunk_session_and_a_carrier_that_stops_answering_ends_both_legs() {
+    let mut lab = Lab::new(10);
+    without_media_timeout(&mut lab);
+    let invite = answered_call(&mut lab, "Session-Expires: 90;refresher=uac");
+    // At half the interval: a re-INVITE offering the same SDP again.
+    assert!(to(&lab.advance(Duration::from_secs(44)), CARRIER1).is_empty());
+    let out = lab.advance(Duration::from_secs(2));
+    let refresh = sent(&out, CARRIER1, "INVITE");
+    let t = text(&refresh);
+    assert_eq!(refresh.call_id(), invite.call_id());
+    assert!(t.contains("Session-Expires: 90;refresher=uac") && t.contains("c=IN IP4 203.0.113.1"), "{t}");
+    assert_eq!(refresh.body_bytes(), invite.body_bytes(), "the same offer");
+    let out =
+        send_raw(&mut lab, CARRIER1, reply(&refresh, 200, "OK", "c1", &["Session-Expires: 90;refresher=uac"], true));
+    one(&out, CARRIER1, "ACK");
+    assert!(to(&out, PHONE).is_empty(), "refreshes stay on the trunk leg");
+    // The next refresh goes unanswered: the carrier is gone, both legs get a BYE.
+    let out = lab.advance(Duration::from_secs(45 + 33));
+    sent(&out, PHONE, "BYE");
+    assert_eq!(lab.proxy.poll_call_record().map(|r| r.hangup), Some("session-timer"));
+    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0));
+}
+
+#[test]
+fn a_carrier_that_should_refresh_and_does_not_has_the_call_cleared() {
+    let mut lab = Lab::new(10);
+    without_media_timeout(&mut lab);
+    answered_call(&mut lab, "Session-Expires: 90;refresher=uas");
+    // The carrier refreshes: 90 s less a third (30 s) without one, and the call is over.
+    assert!(to(&lab.advance(Duration::from_secs(59)), PHONE).is_empty());
+    let out = lab.advance(Duration::from_secs(2));
+    sent(&out, PHONE, "BYE");
+    sent(&out, CARRIER1, "BYE");
+}
+
+#[test]
+fn a_call_whose_media_stops_is_ended_by_the_relay_on_both_legs() {
+    let mut lab = Lab::new(10);
+    answered_call(&mut lab, "");
+    // No Session-Expires: no session timer; the relay's media timeout (60 s) ends it.
+    let out = lab.advance(Duration::from_secs(75));
+    sent(&out, PHONE, "BYE");
+    sent(&out, CARRIER1, "BYE");
+    assert_eq!(lab.proxy.poll_call_record().map(|r| r.hangup), Some("media-timeout"));
 }

@@ -156,6 +156,7 @@ impl<M: MediaAnchor> Proxy<M> {
     /// The relay gave up on a call (media timeout, …): end its dialog with a BYE to each
     /// side.
     pub fn media_call_ended(&mut self, now: Instant, call_id: &str) {
+        self.b2bua.media_ended(now, call_id, &mut self.media);
         if let Some(d) = self.dialogs.remove(call_id) {
             self.send_bye(now, call_id, &d, true);
             self.send_bye(now, call_id, &d, false);
