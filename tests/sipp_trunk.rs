@@ -13,12 +13,18 @@ use common::*;
 /// pinhole with a relay and the trunks given (TOML of `[[trunk]]` tables), routing
 /// 1555xxxxxxx to them in order.
 fn trunk_pinhole(dir: &TempDir, trunks: &str, route: &str) -> Pinhole {
+    trunk_pinhole_with(dir, trunks, route, "")
+}
+
+/// As [`trunk_pinhole`], with extra lines for the [media] table.
+fn trunk_pinhole_with(dir: &TempDir, trunks: &str, route: &str, media_extra: &str) -> Pinhole {
     let cdr = dir.path().join("calls.jsonl");
     let extra = format!(
         "{trunks}\n[[route]]\nmatch = \"^\\\\+?1?555\\\\d{{7}}$\"\ntrunks = [{route}]\n[cdr]\npath = \"{}\"\n",
         cdr.display()
     );
-    Pinhole::start(dir, PinholeOptions { relay_ports: Some(relay_range()), extra, ..Default::default() })
+    let media_extra = media_extra.to_owned();
+    Pinhole::start(dir, PinholeOptions { relay_ports: Some(relay_range()), extra, media_extra, ..Default::default() })
 }
 
 /// The call records written so far, once there are `count` of them (within 5 s).
@@ -75,35 +81,25 @@ fn carrier(dir: &Path, scenario: &str, ip: &str, port: u16) -> Bg {
 
 /// The phone (sipp on 127.0.0.2) calls `number` once; returns (ok, output).
 fn phone_calls(dir: &Path, ph: &Pinhole, number: &str) -> (bool, String) {
+    sipp_calls(dir, ph, "trunk_phone.xml", "127.0.0.2", "phonecall", number)
+}
+
+/// sipp on `ip` runs `scenario` once against pinhole for `number`, its Call-IDs starting
+/// with `cid`; returns (ok, output).
+fn sipp_calls(dir: &Path, ph: &Pinhole, scenario: &str, ip: &str, cid: &str, number: &str) -> (bool, String) {
     let mp = media_ports().to_string();
     let port = free_port().to_string();
-    let err = dir.join("phone.err");
-    let mut c = sipp_command(
-        &[
-            "-sf",
-            "trunk_phone.xml",
-            "-s",
-            number,
-            "-i",
-            "127.0.0.2",
-            "-p",
-            &port,
-            "-m",
-            "1",
-            "-mp",
-            &mp,
-            "-timeout",
-            "30s",
-            "-cid_str",
-            "phonecall-%u-%p@%s",
-            "-trace_err",
-            "-error_file",
-        ],
-        &err.with_extension("out"),
-    );
+    let err = dir.join(format!("{cid}.err"));
+    let cid_str = format!("{cid}-%u-%p@%s");
+    #[rustfmt::skip]
+    let args = [
+        "-sf", scenario, "-s", number, "-i", ip, "-p", &port, "-m", "1", "-mp", &mp, "-timeout", "150s",
+        "-cid_str", &cid_str, "-trace_err", "-error_file",
+    ];
+    let mut c = sipp_command(&args, &err.with_extension("out"));
     c.arg(&err).arg(ph.sip());
     use std::os::unix::process::CommandExt;
-    let out = Bg(Some(c.process_group(0).spawn().expect("sipp"))).wait_output(Duration::from_secs(40));
+    let out = Bg(Some(c.process_group(0).spawn().expect("sipp"))).wait_output(Duration::from_secs(150));
     let text = std::fs::read_to_string(err.with_extension("out")).unwrap_or_default();
     let errors = std::fs::read_to_string(&err).unwrap_or_default();
     (out.status.success(), format!("{text}\n--- errors ---\n{errors}"))
@@ -225,4 +221,83 @@ fn pinhole_registers_to_the_carrier_after_a_503_answers_its_401_and_refreshes_be
     assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(14), "refresh after {took:?}");
     assert!(ph.log_text().contains("trunk registration failed"), "the 503 was logged");
     assert_eq!(ph.metric("pinhole_trunk_registered{trunk=\"carrier1\"}"), Some(1.0));
+}
+
+#[test]
+fn a_carrier_calls_a_did_and_the_mapped_phone_answers_with_the_topology_hidden_both_ways() {
+    let dir = TempDir::new("trunk-in");
+    let t =
+        trunk("carrier1", "127.0.0.3", free_port(), 10) + "dids = [{ number = \"15551230001\", user = \"alice\" }]\n";
+    let ph = trunk_pinhole(&dir, &t, "\"carrier1\"");
+    let mp = media_ports().to_string();
+    let phone_err = dir.path().join("alice.err");
+    let phone = sipp_callee_via(
+        &ph.sip(),
+        None,
+        "alice",
+        free_port(),
+        "u1",
+        "trunk_answer.xml",
+        10_000,
+        &phone_err,
+        &["-rtp_echo", "-mp", &mp],
+    );
+    assert!(ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)), "alice did not register");
+    let (ok, text) = sipp_calls(dir.path(), &ph, "trunk_carrier_call.xml", "127.0.0.3", "carriercall", "15551230001");
+    assert!(ok, "the carrier's call failed: {text}\n{}", ph.log_text());
+    drop(phone);
+    let phone_errors = std::fs::read_to_string(&phone_err).unwrap_or_default();
+    assert!(
+        !phone_errors.contains("Aborting") && !phone_errors.contains("ereg"),
+        "the phone saw the carrier: {phone_errors}"
+    );
+    assert!(ph.metric("pinhole_relay_packets_total").is_some_and(|p| p >= 180.0), "audio both ways");
+    assert!(ph.wait_metric("pinhole_relay_sessions", 0.0, Duration::from_secs(5)));
+    let r = records(&dir, 1);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(
+        (r[0]["trunk"].as_str(), r[0]["callee"].as_str(), r[0]["code"].as_u64()),
+        (Some("carrier1"), Some("15551230001"), Some(200))
+    );
+    assert_eq!((r[0]["caller"].as_str(), r[0]["hangup"].as_str()), (Some("+14155550100"), Some("caller")));
+}
+
+#[test]
+fn a_cancel_crossing_the_carriers_200_ends_with_a_bye_and_leaves_nothing_behind() {
+    let dir = TempDir::new("trunk-race");
+    let port = free_port();
+    let ph = trunk_pinhole(&dir, &trunk("carrier1", "127.0.0.3", port, 10), "\"carrier1\"");
+    let c = carrier(dir.path(), "trunk_carrier_cancel_race.xml", "127.0.0.3", port);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = sipp_calls(dir.path(), &ph, "uac_cancel.xml", "127.0.0.2", "phonecall", "15551230003");
+    assert!(ok, "the phone's CANCEL did not end with 487: {text}\n{}", ph.log_text());
+    let (ok, ctext) = carrier_done(c, dir.path(), "127.0.0.3");
+    assert!(ok, "the carrier's answer was not acknowledged and hung up: {ctext}\n{}", ph.log_text());
+    assert!(ph.wait_metric("pinhole_relay_sessions", 0.0, Duration::from_secs(5)));
+    assert_eq!(ph.metric("pinhole_b2bua_calls{trunk=\"carrier1\"}"), Some(0.0));
+    assert_eq!(ph.metric("pinhole_b2bua_calls_total{outcome=\"cancelled\"}"), Some(1.0));
+    let r = records(&dir, 1);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!((r[0]["code"].as_u64(), r[0]["hangup"].as_str()), (Some(487), Some("caller")));
+}
+
+#[test]
+fn a_carrier_that_vanishes_mid_call_is_cleared_by_the_session_timer() {
+    let dir = TempDir::new("trunk-vanish");
+    let port = free_port();
+    // The relay's own media timeout is put out of the way: the session timer must act.
+    let ph = trunk_pinhole_with(&dir, &trunk("carrier1", "127.0.0.3", port, 10), "\"carrier1\"", "timeout = 600");
+    let c = carrier(dir.path(), "trunk_carrier_vanish.xml", "127.0.0.3", port);
+    std::thread::sleep(Duration::from_millis(300));
+    // The refresh at 45 s goes unanswered (Timer B, 32 s): the phone gets a BYE at ~77 s.
+    let (ok, text) = sipp_calls(dir.path(), &ph, "trunk_phone_until_bye.xml", "127.0.0.2", "phonecall", "15551230004");
+    assert!(ok, "the phone was not hung up on: {text}\n{}", ph.log_text());
+    let (ok, ctext) = carrier_done(c, dir.path(), "127.0.0.3");
+    assert!(ok, "{ctext}");
+    assert!(ph.wait_metric("pinhole_relay_sessions", 0.0, Duration::from_secs(5)));
+    assert_eq!(ph.metric("pinhole_b2bua_calls{trunk=\"carrier1\"}"), Some(0.0));
+    let r = records(&dir, 1);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!((r[0]["code"].as_u64(), r[0]["hangup"].as_str()), (Some(200), Some("session-timer")));
+    assert!(r[0]["end_ms"].as_u64().zip(r[0]["answer_ms"].as_u64()).is_some_and(|(e, a)| e - a >= 70_000), "{r:?}");
 }

@@ -121,6 +121,8 @@ pub struct PinholeOptions {
     pub relay_ports: Option<(u16, u16)>,
     /// Whole tables appended to the config ([ng], [stun], …).
     pub extra: String,
+    /// Extra lines for the [media] table (with `relay_ports`).
+    pub media_extra: String,
 }
 
 impl Default for PinholeOptions {
@@ -135,6 +137,7 @@ impl Default for PinholeOptions {
             sip_extra: String::new(),
             relay_ports: None,
             extra: String::new(),
+            media_extra: String::new(),
         }
     }
 }
@@ -166,7 +169,8 @@ impl Pinhole {
         let media = match opts.relay_ports {
             None => "[media]\nmode = \"off\"\n".to_owned(),
             Some((lo, hi)) => format!(
-                "[media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n"
+                "[media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = {lo}\nport_max = {hi}\n{}\n",
+                opts.media_extra
             ),
         };
         let config = config + &media + "\n" + &opts.extra;
