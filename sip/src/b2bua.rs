@@ -777,6 +777,11 @@ impl B2bua {
                 self.send_bye(now, id, leg.other());
                 self.end_call(now, id, if leg == Leg::A { "caller" } else { "callee" }, media);
             }
+            (_, Method::Refer) => {
+                // Transfers across the B2BUA are not carried (yet): say so.
+                let resp = msg.response(501, "Not Implemented - REFER Across Trunk Calls", None, &[]);
+                self.out.push_back(Transmit { flow, payload: resp });
+            }
             _ if call.phase == Phase::Confirmed || call.phase == Phase::Answered => {
                 if leg == Leg::B && matches!(method, Method::Invite | Method::Update) {
                     call.refreshed = now;

@@ -604,3 +604,31 @@ fn a_call_whose_media_stops_is_ended_by_the_relay_on_both_legs() {
     sent(&out, CARRIER1, "BYE");
     assert_eq!(lab.proxy.poll_call_record().map(|r| r.hangup), Some("media-timeout"));
 }
+
+#[test]
+fn a_refer_in_a_trunk_call_gets_501_and_an_info_is_carried_to_the_other_leg() {
+    let mut lab = Lab::new(10);
+    let invite = answered_call(&mut lab, "");
+    let refer = format!(
+        "REFER sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKref\r\nFrom: <sip:15551230010@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag=x\r\nCall-ID: {}\r\nCSeq: 5 REFER\r\nRefer-To: <sip:someone@192.0.2.50>\r\nContent-Length: 0\r\n\r\n",
+        invite.call_id().unwrap_or("")
+    );
+    let out = send_raw(&mut lab, CARRIER1, refer);
+    assert!(one(&out, CARRIER1, "501").reason().contains("REFER"));
+    assert!(to(&out, PHONE).is_empty());
+    // DTMF as INFO from the carrier reaches the phone in its own dialog, and the answer goes back.
+    let body = "Signal=5\r\nDuration=160\r\n";
+    let info = format!(
+        "INFO sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKinfo\r\nFrom: <sip:15551230010@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag=x\r\nCall-ID: {}\r\nCSeq: 6 INFO\r\nContent-Type: application/dtmf-relay\r\nContent-Length: {}\r\n\r\n{body}",
+        invite.call_id().unwrap_or(""),
+        body.len()
+    );
+    let out = send_raw(&mut lab, CARRIER1, info);
+    let to_phone = one(&out, PHONE, "INFO");
+    let t = text(&to_phone);
+    assert!(t.contains("Call-ID: phone-call-1@10.0.0.2") && t.contains("Signal=5") && !t.contains("192.0.2"), "{t}");
+    let ok = to_phone.response(200, "OK", None, &[]);
+    let out = send_raw(&mut lab, PHONE, String::from_utf8(ok).expect("utf8"));
+    let back = one(&out, CARRIER1, "200");
+    assert_eq!(back.cseq().map(|c| c.0), Some(6), "the carrier's own transaction");
+}
