@@ -39,7 +39,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("ng") => ng(&args[1..]),
         Some("punch") => punch(),
         Some("faketcp") => crate::faketcpbench::run(&args[1..]),
-        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch, faketcp"),
+        Some("b2bua") => crate::b2buabench::run(&args[1..]),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch, faketcp, b2bua"),
     }
 }
 

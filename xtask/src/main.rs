@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod b2buabench;
 mod bench;
 mod faketcpbench;
 #[allow(unreachable_pub)]
