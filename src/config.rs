@@ -79,6 +79,9 @@ pub(crate) struct TrunkSpec {
     /// The registration lifetime asked for, in seconds.
     #[serde(default = "default_register_expires")]
     pub(crate) register_expires: u64,
+    /// Calls from the trunk must answer a digest challenge with username/password too.
+    #[serde(default)]
+    pub(crate) inbound_auth: bool,
 }
 
 fn default_options_interval() -> u64 {
@@ -611,6 +614,9 @@ impl Config {
             if t.register && t.username.is_empty() {
                 err("trunk", i, "register", "register = true needs a username".into());
             }
+            if t.inbound_auth && (t.username.is_empty() || t.password.is_empty()) {
+                err("trunk", i, "inbound_auth", "inbound_auth = true needs a username and a password".into());
+            }
             if t.address.addr.ip().is_unspecified() || t.address.addr.port() == 0 {
                 err("trunk", i, "address", format!("`{}` is not a carrier's address", t.address));
             }
@@ -659,6 +665,7 @@ impl Config {
                 dids: t.dids.iter().map(|d| (d.number.clone(), d.user.clone())).collect(),
                 options_interval: t.options_interval,
                 register_expires: t.register_expires,
+                inbound_auth: t.inbound_auth,
             })
             .collect();
         let routes = self

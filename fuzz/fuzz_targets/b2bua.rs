@@ -31,6 +31,7 @@ fn config() -> ProxyConfig {
         dids: vec![],
         options_interval: 30,
         register_expires: 600,
+        inbound_auth: false,
     };
     ProxyConfig {
         domain: "example.com".into(),

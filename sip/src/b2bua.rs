@@ -75,6 +75,9 @@ pub struct Trunk {
     /// registration lifetime asked for.
     pub options_interval: u64,
     pub register_expires: u64,
+    /// Calls from the trunk must also answer a digest challenge with `username`/`password`
+    /// (beyond coming from its address).
+    pub inbound_auth: bool,
 }
 
 /// One `[[route]]`: Request-URI users matching `pattern` go to `trunks`, in order.

@@ -317,6 +317,8 @@ pub struct Proxy<M: MediaAnchor> {
     agent_legs: HashMap<String, [bool; 2]>,
     /// Trunk calls (see [`crate::b2bua`]).
     b2bua: crate::b2bua::B2bua,
+    /// Per trunk with `inbound_auth`: the digest its calls must answer (its own account).
+    trunk_auth: Vec<Option<Authenticator>>,
 }
 
 impl<M: MediaAnchor> Proxy<M> {
@@ -330,8 +332,20 @@ impl<M: MediaAnchor> Proxy<M> {
             .with_algorithms(cfg.auth_algorithms.clone());
         let mut b2bua = crate::b2bua::B2bua::new(cfg.b2bua.clone(), cfg.interfaces.clone(), seed);
         b2bua.start(now);
+        let trunk_auth = cfg
+            .b2bua
+            .trunks
+            .iter()
+            .map(|t| {
+                t.inbound_auth.then(|| {
+                    let account = [(t.username.clone(), t.password.clone())];
+                    Authenticator::new(&cfg.realm, account, cfg.secret, boot ^ 0x7472, now, unix_now)
+                })
+            })
+            .collect();
         Proxy {
             b2bua,
+            trunk_auth,
             media,
             dialogs: HashMap::new(),
             established: DialogTable::default(),

@@ -41,6 +41,7 @@ fn trunk(name: &str, at: &str, max_calls: usize) -> Trunk {
         dids,
         options_interval: 0,
         register_expires: 600,
+        inbound_auth: false,
     }
 }
 
@@ -631,4 +632,40 @@ fn a_refer_in_a_trunk_call_gets_501_and_an_info_is_carried_to_the_other_leg() {
     let out = send_raw(&mut lab, PHONE, String::from_utf8(ok).expect("utf8"));
     let back = one(&out, CARRIER1, "200");
     assert_eq!(back.cseq().map(|c| c.0), Some(6), "the carrier's own transaction");
+}
+
+#[test]
+fn a_trunk_with_inbound_auth_must_answer_a_challenge_before_its_call_rings_anyone() {
+    let mut lab = Lab::with(10, |c| c.trunks[0].inbound_auth = true);
+    register_alice(&mut lab);
+    let invite = carrier_invite("15551230001", false);
+    let out = send_raw(&mut lab, "192.0.2.10:5999", invite.clone());
+    let challenge = one(&out, "192.0.2.10:5999", "407");
+    assert!(to(&out, PHONE).is_empty(), "nobody rings before the carrier proves itself");
+    let value = challenge.extension_header("Proxy-Authenticate").expect("a challenge");
+    let param = |name: &str| {
+        value
+            .split(',')
+            .find_map(|p| p.trim().trim_start_matches("Digest ").strip_prefix(&format!("{name}=")))
+            .map(|v| v.trim_matches('"').to_owned())
+            .expect("param")
+    };
+    let (realm, nonce) = (param("realm"), param("nonce"));
+    let algorithm = Algorithm::from_name(&param("algorithm")).unwrap_or(Algorithm::Md5);
+    let ch = crate::auth::Challenge { realm: &realm, nonce: &nonce, algorithm };
+    let creds = Credentials::answering(
+        &ch,
+        "acct-carrier1",
+        "trunk-secret",
+        "INVITE",
+        "sip:15551230001@203.0.113.1",
+        1,
+        "c0ffee",
+    );
+    let again = invite
+        .replace("branch=z9hG4bKcin1", "branch=z9hG4bKcin2")
+        .replace("CSeq: 10 INVITE", &format!("CSeq: 11 INVITE\r\nProxy-Authorization: {}", creds.header_value()));
+    let out = send_raw(&mut lab, "192.0.2.10:5999", again);
+    let to_phone = one(&out, PHONE, "INVITE");
+    assert!(!text(&to_phone).contains("Proxy-Authorization"), "the trunk's credentials stay here");
 }

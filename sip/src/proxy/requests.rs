@@ -125,6 +125,19 @@ impl<M: MediaAnchor> Proxy<M> {
 
     /// An INVITE from trunk `trunk`: to the user its DID maps to, through the B2BUA.
     fn trunk_call(&mut self, now: Instant, flow: Flow, msg: Message, trunk: usize) {
+        if let Some(auth) = self.trunk_auth.get_mut(trunk).and_then(Option::as_mut) {
+            // The trunk's own account, answered as a phone answers ours.
+            let creds = msg.value_texts(HeaderName::ProxyAuthorization);
+            let verdict = auth.verify(now, flow.remote.ip(), "INVITE", msg.request_uri().unwrap_or(""), &creds);
+            if !matches!(verdict, Verdict::Authenticated(_)) {
+                let stale = matches!(verdict, Verdict::Stale | Verdict::Replayed);
+                let hs: Vec<String> =
+                    auth.challenges(now, stale).into_iter().map(|c| format!("Proxy-Authenticate: {c}")).collect();
+                let resp = msg.response(407, "Proxy Authentication Required", Some(&self.local_tag(&msg)), &hs);
+                self.send_response_stateless(flow, resp, 407);
+                return;
+            }
+        }
         let number = request_user(&msg).unwrap_or_default();
         let Some(user) = self.b2bua.did_user(trunk, &number).map(str::to_owned) else {
             let resp = msg.response(404, "Not Found - No Such Number On This Trunk", Some(&self.local_tag(&msg)), &[]);
