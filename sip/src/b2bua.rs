@@ -418,6 +418,15 @@ impl B2bua {
     pub fn on_invite<M: MediaAnchor>(&mut self, now: Instant, flow: Flow, msg: Message, media: &mut M) {
         let user = crate::proxy::request_user(&msg).unwrap_or_default();
         let Some(route) = self.cfg.routes.iter().find(|r| r.pattern.is_match(&user)) else { return };
+        // Extensions a caller requires are ours to provide on its leg: none are (100rel and
+        // timers end here on the trunk leg only).
+        let required = msg.value_texts(HeaderName::Require);
+        if !required.is_empty() {
+            let unsupported = [format!("Unsupported: {}", required.join(", "))];
+            let resp = msg.response(420, "Bad Extension", Some("pbrequire"), &unsupported);
+            self.out.push_back(Transmit { flow, payload: resp });
+            return;
+        }
         let trunks: VecDeque<usize> = route.trunks.iter().copied().collect();
         if let Some(id) = self.start_call(now, flow, msg, trunks, None) {
             self.try_next_trunk(now, id, media, None);
@@ -609,11 +618,15 @@ impl B2bua {
         if call.inbound.is_none() {
             copied.push(format!("Session-Expires: {};refresher=uac", self.cfg.session_expires.as_secs()));
             copied.push(format!("Min-SE: {}", MIN_SE.as_secs()));
-            if !copied.iter().any(|h| h.to_ascii_lowercase().starts_with("supported:")) {
-                copied.push("Supported: timer".into());
-            } else if let Some(h) = copied.iter_mut().find(|h| h.to_ascii_lowercase().starts_with("supported:")) {
-                if !h.to_ascii_lowercase().contains("timer") {
-                    h.push_str(", timer");
+            // Session timers and reliable provisionals are ours on this leg.
+            match copied.iter_mut().find(|h| h.to_ascii_lowercase().starts_with("supported:")) {
+                None => copied.push("Supported: timer, 100rel".into()),
+                Some(h) => {
+                    for ext in ["timer", "100rel"] {
+                        if !h.to_ascii_lowercase().split([':', ',']).any(|v| v.trim() == ext) {
+                            h.push_str(&format!(", {ext}"));
+                        }
+                    }
                 }
             }
         }
@@ -958,6 +971,7 @@ impl B2bua {
                     self.cancel_b(now, id);
                     return;
                 }
+                self.prack_if_reliable(now, id, &msg);
                 self.relay_provisional(now, id, &msg, media);
             }
             return;
@@ -1042,6 +1056,23 @@ impl B2bua {
             self.timers.push(Reverse((now + TIMEOUT_64T1, Timer::Call(id))));
         }
         self.stats.calls_answered += 1;
+    }
+
+    /// A reliable provisional (RFC 3262) from the carrier is acknowledged here with a
+    /// PRACK in its early dialog: 100rel ends at pinhole on each leg, and the phone gets
+    /// the provisional unreliably.
+    fn prack_if_reliable(&mut self, now: Instant, id: u64, msg: &Message) {
+        let reliable = msg.value_texts(HeaderName::Require).iter().any(|r| r.eq_ignore_ascii_case("100rel"));
+        let Some(rseq) = msg.extension_header("RSeq").and_then(|v| v.trim().parse::<u32>().ok()) else { return };
+        let Some(cseq) = msg.cseq().map(|(n, _)| n) else { return };
+        if !reliable {
+            return;
+        }
+        self.learn_b_dialog(id, msg);
+        let rack = [format!("RAck: {rseq} {cseq} INVITE")];
+        if let Some((branch, bytes, flow)) = self.dialog_request(id, Leg::B, "PRACK", None, &rack, None) {
+            self.start_client(now, branch, id, Purpose::Own, flow, bytes, false);
+        }
     }
 
     /// A 1xx from the trunk to the phone: 180 once (a later trunk's ringing is not

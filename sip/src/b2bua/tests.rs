@@ -219,14 +219,14 @@ fn a_routed_call_reaches_the_carrier_with_only_pinhole_visible_and_its_challenge
     assert_eq!(one(&out, PHONE, "100").status(), Some(100));
     let invite = one(&out, CARRIER1, "INVITE");
     let t = text(&invite);
-    for leak in ["10.0.0.2", "203.0.113.50", "phone-call-1", "phonetag1", "Secret-Phone", "X-Internal", "100rel"] {
+    for leak in ["10.0.0.2", "203.0.113.50", "phone-call-1", "phonetag1", "Secret-Phone", "X-Internal"] {
         assert!(!t.contains(leak), "{leak} leaked to the carrier:\n{t}");
     }
     assert!(t.starts_with("INVITE sip:15551230001@192.0.2.10:5080 SIP/2.0\r\n"), "{t}");
     assert!(t.contains("Via: SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKpb"), "{t}");
     assert!(t.contains("From: <sip:alice@203.0.113.1>;tag=pb"), "{t}");
     assert!(t.contains("Contact: <sip:203.0.113.1:5060>"), "{t}");
-    assert!(t.contains("Supported: replaces, timer"), "{t}");
+    assert!(t.contains("Supported: replaces, timer, 100rel"), "ours on this leg:\n{t}");
     assert!(t.contains("c=IN IP4 203.0.113.1"), "SDP anchored on the relay:\n{t}");
     // The carrier challenges; pinhole acknowledges and answers with the trunk's account.
     let out = send_raw(
@@ -668,4 +668,37 @@ fn a_trunk_with_inbound_auth_must_answer_a_challenge_before_its_call_rings_anyon
     let out = send_raw(&mut lab, "192.0.2.10:5999", again);
     let to_phone = one(&out, PHONE, "INVITE");
     assert!(!text(&to_phone).contains("Proxy-Authorization"), "the trunk's credentials stay here");
+}
+
+#[test]
+fn a_reliable_183_from_the_carrier_is_pracked_here_and_reaches_the_phone_with_its_early_media() {
+    let mut lab = Lab::new(10);
+    let out = lab.dial("15551230011");
+    let invite = one(&out, CARRIER1, "INVITE");
+    let early = reply(&invite, 183, "Session Progress", "c1", &["Require: 100rel", "RSeq: 7"], true);
+    let out = send_raw(&mut lab, CARRIER1, early);
+    let prack = sent(&out, CARRIER1, "PRACK");
+    let t = text(&prack);
+    assert!(t.starts_with("PRACK sip:gw@192.0.2.99:5080 SIP/2.0"), "to the early dialog's target:\n{t}");
+    assert!(t.contains("RAck: 7 1 INVITE") && t.contains("CSeq: 2 PRACK") && t.contains("tag=c1"), "{t}");
+    let progress = one(&out, PHONE, "183");
+    let p = text(&progress);
+    assert!(
+        p.contains("c=IN IP4 203.0.113.1") && !p.contains("RSeq") && !p.contains("100rel"),
+        "unreliable, anchored:\n{p}"
+    );
+    send_raw(&mut lab, CARRIER1, String::from_utf8(prack.response(200, "OK", None, &[])).expect("utf8"));
+    // The answer: the ACK keeps the INVITE's CSeq; a later BYE follows the PRACK's.
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 200, "OK", "c1", &[], true));
+    assert_eq!(one(&out, CARRIER1, "ACK").cseq().map(|c| c.0), Some(1));
+}
+
+#[test]
+fn a_phone_that_requires_an_extension_gets_420_naming_it() {
+    let mut lab = Lab::new(10);
+    let invite = "INVITE sip:15551230012@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKreq\r\nMax-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=r1\r\nTo: <sip:15551230012@example.com>\r\nCall-ID: req-1\r\nCSeq: 1 INVITE\r\nRequire: 100rel\r\nContact: <sip:alice@10.0.0.2:5062>\r\nContent-Length: 0\r\n\r\n";
+    let out = send_raw(&mut lab, PHONE, invite.to_owned());
+    let refused = one(&out, PHONE, "420");
+    assert_eq!(refused.extension_header("Unsupported"), Some("100rel"));
+    assert!(to(&out, CARRIER1).is_empty());
 }
