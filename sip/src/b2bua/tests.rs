@@ -702,3 +702,26 @@ fn a_phone_that_requires_an_extension_gets_420_naming_it() {
     assert_eq!(refused.extension_header("Unsupported"), Some("100rel"));
     assert!(to(&out, CARRIER1).is_empty());
 }
+
+#[test]
+fn a_hold_re_invite_from_the_phone_is_carried_to_the_carrier_and_answered_back_anchored() {
+    let mut lab = Lab::new(10);
+    let invite = answered_call(&mut lab, "");
+    let a_tag = lab.proxy.b2bua().calls.values().next().map(|c| c.a.local_tag.clone()).expect("a call");
+    let sdp = "v=0\r\no=- 1 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=sendonly\r\n";
+    let reinvite = format!(
+        "INVITE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKhold\r\nMax-Forwards: 70\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230010@example.com>;tag={a_tag}\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 2 INVITE\r\nContact: <sip:alice@10.0.0.2:5062>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    let out = send_raw(&mut lab, PHONE, reinvite);
+    let to_carrier = one(&out, CARRIER1, "INVITE");
+    let t = text(&to_carrier);
+    assert_eq!(to_carrier.call_id(), invite.call_id(), "the trunk leg's dialog");
+    assert!(t.contains("a=sendonly") && t.contains("c=IN IP4 203.0.113.1") && !t.contains("10.0.0.2"), "{t}");
+    assert!(t.contains("CSeq: 2 INVITE") && t.contains("tag=c1"), "our CSeq space on that leg:\n{t}");
+    let out = send_raw(&mut lab, CARRIER1, reply(&to_carrier, 200, "OK", "c1", &[], true));
+    assert_eq!(one(&out, CARRIER1, "ACK").cseq().map(|c| c.0), Some(2));
+    let ok = one(&out, PHONE, "200");
+    let o = text(&ok);
+    assert!(o.contains("CSeq: 2 INVITE") && o.contains("c=IN IP4 203.0.113.1") && !o.contains("192.0.2"), "{o}");
+}
