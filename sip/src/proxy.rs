@@ -31,7 +31,7 @@ mod transactions;
 use forward::*;
 use transactions::*;
 
-pub(crate) use forward::fix_top_via;
+pub(crate) use forward::{build_hop_request, fix_top_via};
 pub(crate) use media::{contact_uri, sdp_body};
 pub(crate) use requests::{host_ip, host_string, parse_sip_uri, request_user, uri_of};
 

@@ -5,29 +5,13 @@
 //! carrier (`bench_carrier.xml` on 127.0.0.3: a trunk is known by its address).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::os::unix::process::CommandExt;
 
-use crate::bench::{arg, cpu_ticks, free_port, spawn_pinhole, ticks_per_sec, Proc};
+use crate::bench::{arg, cpu_ticks, free_port, sipp, sipp_count, spawn_pinhole, ticks_per_sec, Proc};
 use crate::root;
-
-fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
-    let f = std::fs::File::create(log)?;
-    Ok(Command::new("sipp")
-        .current_dir(root().join("config/sipp"))
-        .args(args)
-        .arg("-nostdin")
-        .stdout(f.try_clone()?)
-        .stderr(f)
-        .process_group(0)
-        .spawn()?)
-}
-
-fn count(text: &str, label: &str) -> Option<u32> {
-    text.lines().find(|l| l.trim_start().starts_with(label)).and_then(|l| l.split('|').nth(2))?.trim().parse().ok()
-}
 
 fn start_pinhole(dir: &Path, port: u16, carrier: u16, metrics: u16) -> anyhow::Result<Vec<Proc>> {
     let config = format!(
@@ -158,7 +142,7 @@ fn one(name: &'static str, dir: &Path, rate: u32, calls: u32) -> anyhow::Result<
     std::thread::sleep(Duration::from_millis(300));
     let t1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
     let text = std::fs::read_to_string(&uac_log).unwrap_or_default();
-    let (ok, failed) = (count(&text, "Successful call"), count(&text, "Failed call"));
+    let (ok, failed) = (sipp_count(&text, "Successful call"), sipp_count(&text, "Failed call"));
     let (Some(ok), Some(failed)) = (ok, failed) else {
         anyhow::bail!("{name}: sipp printed no call counts; see {}", uac_log.display());
     };

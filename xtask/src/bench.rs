@@ -106,7 +106,8 @@ pub(crate) fn ticks_per_sec() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
+/// sipp in config/sipp with `args`, its screen to `log`, in a process group of its own.
+pub(crate) fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
     let f = std::fs::File::create(log)?;
     Ok(Command::new("sipp")
         .current_dir(root().join("config/sipp"))
@@ -118,12 +119,9 @@ fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
-fn sipp_count(text: &str, label: &str) -> u32 {
-    text.lines()
-        .find(|l| l.trim_start().starts_with(label))
-        .and_then(|l| l.split('|').nth(2))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+/// A cumulative count from sipp's statistics screen (`None` when it printed none).
+pub(crate) fn sipp_count(text: &str, label: &str) -> Option<u32> {
+    text.lines().find(|l| l.trim_start().starts_with(label)).and_then(|l| l.split('|').nth(2))?.trim().parse().ok()
 }
 
 /// One run at `rate` calls/s against a proxy at `target` whose CPU is read from `pid`.
@@ -211,8 +209,9 @@ fn load_with(
     std::thread::sleep(Duration::from_millis(300));
     let t1: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     let text = std::fs::read_to_string(&uac_log).unwrap_or_default();
-    let ok = sipp_count(&text, "Successful call");
-    let failed = sipp_count(&text, "Failed call");
+    let (Some(ok), Some(failed)) = (sipp_count(&text, "Successful call"), sipp_count(&text, "Failed call")) else {
+        anyhow::bail!("sipp printed no call counts; see {}", uac_log.display());
+    };
     let per_call: Vec<f64> = t0
         .iter()
         .zip(&t1)

@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 
 use crate::auth::Algorithm;
-use crate::message::{HeaderName, Message};
+use crate::message::Message;
 use crate::transport::Transport;
 
-pub(super) use crate::proxy::{contact_uri, sdp_body};
+pub(super) use crate::proxy::{build_hop_request as hop_request, contact_uri, sdp_body};
 
 /// A request from its parts.
 pub(super) struct RequestSpec<'a> {
@@ -60,25 +60,6 @@ fn finish(mut head: String, body: Option<(&[u8], &str)>) -> Vec<u8> {
             head.into_bytes()
         }
     }
-}
-
-/// CANCEL, or ACK for a non-2xx final response, of a request we sent (§9.1, §17.1.1.3):
-/// its Request-URI, top Via, From, Call-ID and CSeq number, To from `to` (the response's).
-pub(super) fn hop_request(sent: &Message, method: &str, to: Option<&str>) -> Vec<u8> {
-    let mut out = format!("{method} {} SIP/2.0\r\n", sent.request_uri().unwrap_or(""));
-    if let Some((_, r)) = sent.values(HeaderName::Via).into_iter().next() {
-        out.push_str(&format!("Via: {}\r\n", sent.text(r)));
-    }
-    for r in sent.value_texts(HeaderName::Route) {
-        out.push_str(&format!("Route: {r}\r\n"));
-    }
-    out.push_str("Max-Forwards: 70\r\n");
-    out.push_str(&format!("From: {}\r\n", sent.header(HeaderName::From).unwrap_or("")));
-    out.push_str(&format!("To: {}\r\n", to.or(sent.header(HeaderName::To)).unwrap_or("")));
-    out.push_str(&format!("Call-ID: {}\r\n", sent.call_id().unwrap_or("")));
-    let n = sent.cseq().map(|(n, _)| n).unwrap_or(1);
-    out.push_str(&format!("CSeq: {n} {method}\r\nContent-Length: 0\r\n\r\n"));
-    out.into_bytes()
 }
 
 /// A response to `request` with our To tag, `extra` headers and an optional body.

@@ -204,7 +204,9 @@ pub(super) fn build_ack(invite: &Message, resp: &Message) -> Vec<u8> {
     build_hop_request(invite, "ACK", resp.header(HeaderName::To))
 }
 
-pub(super) fn build_hop_request(invite: &Message, method: &str, to: Option<&str>) -> Vec<u8> {
+/// CANCEL, or ACK for a non-2xx final response, of a request we sent: its Request-URI, top
+/// Via, Route set, From, Call-ID and CSeq number; To from `to` (the response's) when given.
+pub(crate) fn build_hop_request(invite: &Message, method: &str, to: Option<&str>) -> Vec<u8> {
     let uri = invite.request_uri().unwrap_or("");
     let mut out = format!("{method} {uri} SIP/2.0\r\n");
     if let Some((_, r)) = invite.values(HeaderName::Via).into_iter().next() {
