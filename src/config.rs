@@ -44,6 +44,21 @@ pub(crate) struct Config {
     /// `[cdr]`: call records of trunk calls; none unless the section is there.
     #[serde(default)]
     pub(crate) cdr: Option<CdrSpec>,
+    /// `[cluster]`: registrations shared with other nodes in Redis; off without the section.
+    #[serde(default)]
+    pub(crate) cluster: Option<ClusterSpec>,
+}
+
+/// `[cluster]`: the Redis holding the nodes' registrations, this node's name, and the
+/// address other nodes send requests for its phones to (default: its first UDP listener,
+/// with `sip.advertise` when that listener is on 0.0.0.0).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterSpec {
+    pub(crate) redis: String,
+    pub(crate) node: String,
+    #[serde(default)]
+    pub(crate) address: Option<SocketAddr>,
 }
 
 /// `[cdr]`: where call records go, and the size at which the file is rotated (0: never;
@@ -593,7 +608,33 @@ impl Config {
             }
         }
         self.check_trunks(text, &mut errs);
+        if let Some(c) = &self.cluster {
+            let mut err = |key: &str, message: String| {
+                let (line, column) = locate(text, "cluster", key);
+                errs.push(ConfigError { line, column, message });
+            };
+            if !c.redis.starts_with("redis://") {
+                err("redis", format!("`{}` is not a redis:// URL", c.redis));
+            }
+            if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
+                err("node", "node must be a name without spaces".into());
+            }
+            if c.address.is_none() && !self.sip.listen.iter().any(|l| l.transport == Transport::Udp) {
+                err("address", "a cluster node needs a UDP listener or an address".into());
+            }
+        }
         errs
+    }
+
+    /// The cluster settings, with this node's address worked out.
+    pub(crate) fn cluster(&self) -> Option<crate::cluster::ClusterConfig> {
+        let c = self.cluster.as_ref()?;
+        let address = c.address.or_else(|| {
+            let l = self.sip.listen.iter().find(|l| l.transport == Transport::Udp)?;
+            let ip = self.advertise_for(l).parse().unwrap_or(l.addr.ip());
+            Some(SocketAddr::new(ip, l.addr.port()))
+        })?;
+        Some(crate::cluster::ClusterConfig { redis: c.redis.clone(), node: c.node.clone(), address })
     }
 
     /// `[[trunk]]` and `[[route]]`: names unique, routes naming trunks that exist, patterns

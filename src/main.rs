@@ -7,6 +7,7 @@
 mod agent;
 mod agent_media;
 mod cdr;
+mod cluster;
 mod config;
 mod dataplane;
 mod faketcp;

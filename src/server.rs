@@ -91,7 +91,7 @@ pub(crate) fn run(cfg: Config) -> anyhow::Result<()> {
     rt.block_on(serve(cfg))
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -179,8 +179,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             relay.retire(port);
         }
     }
-    let restored = loaded.bindings.len();
-    node.proxy_mut().registrar_mut().restore(loaded.bindings, unix_now());
+    // In a cluster the registrations live in Redis (the store keeps the secret only).
+    let clustered = cfg.cluster.is_some();
+    let bindings = if clustered { Vec::new() } else { loaded.bindings };
+    let restored = bindings.len();
+    node.proxy_mut().registrar_mut().restore(bindings, unix_now());
     metrics::gauge!("pinhole_registrar_bindings").set(node.proxy().registrar().binding_count() as f64);
     if restored > 0 {
         tracing::info!(restored, "registrations restored from {}", cfg.registrar.store.display());
@@ -272,13 +275,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, "ng control listening");
     }
     tokio::spawn(timer_loop(shared.clone()));
-    tokio::spawn(store_loop(shared.clone(), store));
+    if let Some(c) = cfg.cluster() {
+        crate::cluster::start(c, shared.clone()).context("starting the cluster sync")?;
+    }
+    tokio::spawn(store_loop(shared.clone(), store, clustered));
 
     shutdown_signal().await;
     tracing::info!("shutting down");
     let (secret, snapshot) = {
         let n = shared.node();
-        (n.proxy().secret(), n.proxy().registrar().snapshot())
+        (n.proxy().secret(), if clustered { Vec::new() } else { n.proxy().registrar().snapshot() })
     };
     Store::new(&cfg.registrar.store).save(&secret, snapshot)?;
     Ok(())
@@ -699,7 +705,7 @@ async fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn store_loop(shared: Arc<Shared>, store: Store) {
+async fn store_loop(shared: Arc<Shared>, store: Store, clustered: bool) {
     let store = Arc::new(store);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -709,7 +715,8 @@ async fn store_loop(shared: Arc<Shared>, store: Store) {
             if !node.proxy_mut().registrar_mut().take_dirty() {
                 continue;
             }
-            (node.proxy().secret(), node.proxy().registrar().snapshot())
+            let bindings = if clustered { Vec::new() } else { node.proxy().registrar().snapshot() };
+            (node.proxy().secret(), bindings)
         };
         let store = store.clone();
         let res = tokio::task::spawn_blocking(move || store.save(&snapshot.0, snapshot.1)).await;

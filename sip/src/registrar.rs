@@ -56,6 +56,17 @@ pub struct Binding {
     /// `Pinhole-NAT` header form (see `pinhole_media::punch::NatProfile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_profile: Option<String>,
+    /// Unix seconds of the REGISTER that made this binding (the newest registration of a
+    /// contact wins across a cluster).
+    #[serde(default)]
+    pub registered_at: u64,
+    /// In a cluster: the node that holds this binding's flow and its SIP address (`None`:
+    /// this node). Requests for a remote binding go to that node, which sends them down
+    /// the flow (RFC 5626's edge proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_addr: Option<SocketAddr>,
 }
 
 /// How often bindings are kept alive.
@@ -234,6 +245,9 @@ impl Registrar {
                 keepalive_interval: learned,
                 keepalive_pending_since: 0,
                 nat_profile: nat_profile.clone(),
+                registered_at: unix_now,
+                node: None,
+                node_addr: None,
             };
             match existing {
                 Some(i) => list[i] = binding,
@@ -272,6 +286,38 @@ impl Registrar {
             self.dirty = true;
         }
         removed
+    }
+
+    /// The bindings whose flows this node holds (not other nodes' copies).
+    pub fn local_snapshot(&self) -> Vec<(String, Binding)> {
+        self.aors
+            .iter()
+            .flat_map(|(aor, l)| l.iter().filter(|b| b.node.is_none()).map(move |b| (aor.clone(), b.clone())))
+            .collect()
+    }
+
+    /// Other nodes' bindings as the cluster store has them now: they replace the copies
+    /// held so far. A local binding of the same contact registered earlier gives way (the
+    /// phone re-registered through another node); one registered later stays.
+    pub fn replace_remote(&mut self, entries: Vec<(String, Binding)>, unix_now: u64) {
+        for list in self.aors.values_mut() {
+            list.retain(|b| b.node.is_none());
+        }
+        for (aor, b) in entries {
+            if b.node.is_none() || b.expires_at <= unix_now {
+                continue;
+            }
+            let list = self.aors.entry(aor).or_default();
+            if let Some(i) = list.iter().position(|l| l.same_contact(&b.contact, b.instance.as_deref(), b.reg_id)) {
+                if list[i].registered_at > b.registered_at {
+                    continue;
+                }
+                list.remove(i);
+                self.dirty = true;
+            }
+            list.push(b);
+        }
+        self.aors.retain(|_, l| !l.is_empty());
     }
 
     pub fn binding_count(&self) -> usize {
@@ -434,5 +480,32 @@ mod tests {
         assert_eq!(r2.lookup("a@x", 10)[0].path, vec!["<sip:edge.example.com;lr>".to_owned()]);
         assert_eq!(r2.expire(61), 1);
         assert_eq!(r2.binding_count(), 0);
+    }
+
+    #[test]
+    fn another_nodes_copies_are_replaced_each_round_and_the_newest_registration_of_a_contact_wins() {
+        let mut r = Registrar::new();
+        r.register(&CFG, 100, "a@x", &register(1, "<sip:a@10.0.0.2>", ""), flow(1), KA, None).expect("ok");
+        let template = r.lookup("a@x", 100)[0].clone();
+        let remote = |contact: &str, at: u64| {
+            let mut b = template.clone();
+            b.contact = contact.to_owned();
+            b.registered_at = at;
+            b.node = Some("edge-2".into());
+            b.node_addr = Some("203.0.113.2:5060".parse().expect("addr"));
+            ("a@x".to_owned(), b)
+        };
+        // Another phone of the AOR on node 2, and an older copy of our own contact: ours stays.
+        r.replace_remote(vec![remote("sip:a@10.0.0.7", 90), remote("sip:a@10.0.0.2", 50)], 100);
+        let all = r.lookup("a@x", 100);
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().any(|b| b.contact == "sip:a@10.0.0.2" && b.node.is_none()));
+        assert_eq!(r.local_snapshot().len(), 1, "only our own flows are written out");
+        // The phone re-registered through node 2 since: node 2's binding wins.
+        r.replace_remote(vec![remote("sip:a@10.0.0.2", 150)], 160);
+        let all = r.lookup("a@x", 160);
+        assert_eq!(all.len(), 1, "the copy of 10.0.0.7 went with its round: {all:?}");
+        assert_eq!(all[0].node.as_deref(), Some("edge-2"));
+        assert!(r.local_snapshot().is_empty());
     }
 }

@@ -30,6 +30,7 @@ const PEERS: &[(&str, &str)] = &[
     ("stun", "stun-client"),
     ("tcpdump", "tcpdump"),
     ("conntrack", "conntrack"),
+    ("redis-server", "redis-server"),
 ];
 
 fn main() -> ExitCode {

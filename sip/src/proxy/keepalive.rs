@@ -20,7 +20,8 @@ impl<M: MediaAnchor> Proxy<M> {
         let interval = self.cfg.keepalive_interval.as_secs().max(1);
         let options = self.cfg.keepalive == Keepalive::Options;
         let mut due = Vec::new();
-        for (aor, b) in self.registrar.bindings_mut() {
+        // Another node's binding is kept alive by that node, down its own flow.
+        for (aor, b) in self.registrar.bindings_mut().filter(|(_, b)| b.node.is_none()) {
             if b.next_keepalive <= unix {
                 b.next_keepalive = unix + b.keepalive_every(interval);
                 if options && b.keepalive_pending_since == 0 {

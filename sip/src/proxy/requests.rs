@@ -386,11 +386,43 @@ impl<M: MediaAnchor> Proxy<M> {
                     Rejection::new(480, "Temporarily Unavailable")
                 });
             }
-            return Ok(bindings.iter().map(binding_target).collect());
+            let targets = self.binding_targets(flow, &aor, &bindings);
+            if targets.is_empty() {
+                return Err(Rejection::new(480, "Temporarily Unavailable"));
+            }
+            return Ok(targets);
         }
         let uri = msg.request_uri().unwrap_or("");
         let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
         Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None }])
+    }
+
+    /// Where a request for these bindings goes: down the flows this node holds, and once to
+    /// each other node holding one (it sends it down its flow). A request that came from
+    /// such a node only goes down our own flows.
+    fn binding_targets(&self, flow: Flow, aor: &str, bindings: &[Binding]) -> Vec<Target> {
+        let from_peer = bindings.iter().any(|b| b.node_addr == Some(flow.remote));
+        let mut targets = Vec::new();
+        let mut nodes = Vec::new();
+        for b in bindings {
+            match (&b.node, b.node_addr) {
+                (None, _) => targets.push(binding_target(b)),
+                (Some(_), Some(addr)) if !from_peer && !nodes.contains(&addr) => {
+                    nodes.push(addr);
+                    let Some(i) = self.interface_index(Transport::Udp, addr, addr) else { continue };
+                    let local = self.cfg.interfaces[i].bind;
+                    // Addressed to the AOR, which every node takes for its own.
+                    targets.push(Target {
+                        flow: Flow { transport: Transport::Udp, local, remote: addr, conn: None },
+                        request_uri: Some(format!("sip:{aor}")),
+                        routes: vec![],
+                        nat_profile: None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        targets
     }
 
     pub(super) fn side_matches(&self, side: (usize, SocketAddr), flow: Flow) -> bool {

@@ -1372,3 +1372,26 @@ mod media {
         assert_eq!(parse(&out[1]).body_bytes(), OFFER.as_bytes());
     }
 }
+
+#[test]
+fn a_phone_registered_through_another_node_is_reached_through_that_node_and_never_back() {
+    let mut lab = Lab::new();
+    lab.register("bob", NAT_B, "pw-b");
+    // bob's binding moves to node 2 (he re-registered there): our copy says so.
+    let mut b = lab.proxy.registrar().lookup("bob@example.com", 1_700_000_001)[0].clone();
+    b.registered_at += 10;
+    b.node = Some("edge-2".into());
+    b.node_addr = Some(addr("203.0.113.2:5060"));
+    lab.proxy.registrar_mut().replace_remote(vec![("bob@example.com".into(), b)], 1_700_000_001);
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKn1"));
+    let fwd = &out[1];
+    assert_eq!(fwd.flow.remote, addr("203.0.113.2:5060"), "to the node holding bob's flow");
+    assert!(text(fwd).starts_with("INVITE sip:bob@example.com SIP/2.0"), "addressed to the AOR:\n{}", text(fwd));
+    // A request that comes from the node holding the flow would go back there: refused.
+    let mut b = lab.proxy.registrar().lookup("bob@example.com", 1_700_000_001)[0].clone();
+    b.node_addr = Some(addr(TRUSTED));
+    lab.proxy.registrar_mut().replace_remote(vec![("bob@example.com".into(), b)], 1_700_000_001);
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKn2"));
+    let statuses: Vec<Option<u16>> = out.iter().map(|t| parse(t).status()).collect();
+    assert_eq!(statuses, vec![Some(100), Some(480)], "no request goes back to its node");
+}

@@ -1,0 +1,191 @@
+//! Several nodes sharing registrations in Redis (`[cluster]`). Each node writes the
+//! bindings whose flows it holds — with its name and SIP address, one key per binding
+//! expiring with it (`pinhole:reg:AOR|CONTACT`, TTL = the binding's remaining time) — and
+//! reads everyone's back, every half second. Other nodes' bindings go into the local
+//! registrar as remote copies: a request for such a phone is sent to the node holding its
+//! flow (RFC 5626's edge-proxy model). A node that restarts takes its own bindings back
+//! from Redis. When Redis cannot be reached the node serves from what it has (its own
+//! bindings and the last copies of the others) and says so; when Redis is back, everything
+//! local is written again and the copies refreshed (reconciled), and it says that too.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pinhole_sip::Binding;
+use serde::{Deserialize, Serialize};
+
+use crate::server::Shared;
+
+/// How often a node writes its bindings and reads the others'.
+const SYNC_EVERY: Duration = Duration::from_millis(500);
+const KEY_PREFIX: &str = "pinhole:reg:";
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    aor: String,
+    #[serde(flatten)]
+    binding: Binding,
+}
+
+pub(crate) struct ClusterConfig {
+    pub(crate) redis: String,
+    pub(crate) node: String,
+    /// Where the other nodes send requests for this node's phones.
+    pub(crate) address: SocketAddr,
+}
+
+/// Starts the sync thread.
+pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let client = redis::Client::open(cfg.redis.as_str())?;
+    std::thread::Builder::new().name("cluster".into()).spawn(move || Sync::new(cfg, client, shared).run())?;
+    Ok(())
+}
+
+struct Sync {
+    cfg: ClusterConfig,
+    client: redis::Client,
+    shared: Arc<Shared>,
+    con: Option<redis::Connection>,
+    /// What was written last, by key: written again only when it changes.
+    pushed: HashMap<String, String>,
+    /// Whether Redis answered last time (None: not tried yet).
+    up: Option<bool>,
+    /// Our own bindings are taken back from Redis once, at the first contact.
+    restored: bool,
+}
+
+impl Sync {
+    fn new(cfg: ClusterConfig, client: redis::Client, shared: Arc<Shared>) -> Sync {
+        metrics::gauge!("pinhole_cluster_redis_up").set(0.0);
+        metrics::counter!("pinhole_cluster_reconciles_total").absolute(0);
+        Sync { cfg, client, shared, con: None, pushed: HashMap::new(), up: None, restored: false }
+    }
+
+    fn run(mut self) {
+        loop {
+            match self.sync_once() {
+                Ok((local, remote)) => {
+                    if self.up == Some(false) {
+                        metrics::counter!("pinhole_cluster_reconciles_total").increment(1);
+                        tracing::info!(local, remote, "Redis is back: local bindings written again, copies refreshed");
+                    } else if self.up.is_none() {
+                        tracing::info!(node = %self.cfg.node, local, remote, "cluster registrations in Redis");
+                    }
+                    self.up = Some(true);
+                    metrics::gauge!("pinhole_cluster_redis_up").set(1.0);
+                    metrics::gauge!("pinhole_cluster_local_bindings").set(local as f64);
+                    metrics::gauge!("pinhole_cluster_remote_bindings").set(remote as f64);
+                }
+                Err(e) => {
+                    if self.up != Some(false) {
+                        tracing::warn!(error = %e, "Redis unreachable: serving from the local cache");
+                    }
+                    self.up = Some(false);
+                    self.con = None;
+                    // Everything is written again once Redis answers.
+                    self.pushed.clear();
+                    metrics::gauge!("pinhole_cluster_redis_up").set(0.0);
+                }
+            }
+            std::thread::sleep(SYNC_EVERY);
+        }
+    }
+
+    fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
+        if self.con.is_none() {
+            let con = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
+            con.set_read_timeout(Some(Duration::from_secs(1)))?;
+            con.set_write_timeout(Some(Duration::from_secs(1)))?;
+            self.con = Some(con);
+        }
+        self.con.as_mut().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::IoError, "no connection")))
+    }
+
+    /// One round: our bindings out, everyone's in. Returns (ours, others') counts.
+    fn sync_once(&mut self) -> redis::RedisResult<(usize, usize)> {
+        let now = crate::server::unix_now();
+        if !self.restored {
+            let ours = self.read_all()?.into_iter().filter(|(_, b)| b.node.as_deref() == Some(&self.cfg.node));
+            let ours: Vec<(String, Binding)> = ours
+                .map(|(aor, mut b)| {
+                    b.node = None;
+                    b.node_addr = None;
+                    (aor, b)
+                })
+                .collect();
+            if !ours.is_empty() {
+                tracing::info!(bindings = ours.len(), "own registrations taken back from Redis");
+            }
+            let mut node = self.shared.node();
+            let registrar = node.proxy_mut().registrar_mut();
+            let known: Vec<(String, String)> =
+                registrar.local_snapshot().into_iter().map(|(a, b)| (a, b.contact)).collect();
+            let fresh: Vec<(String, Binding)> =
+                ours.into_iter().filter(|(a, b)| !known.iter().any(|(ka, kc)| ka == a && *kc == b.contact)).collect();
+            registrar.restore(fresh, now);
+            self.restored = true;
+        }
+        let local = self.shared.node().proxy().registrar().local_snapshot();
+        let mut pipe = redis::pipe();
+        let mut current = HashMap::new();
+        for (aor, mut b) in local {
+            let ttl = b.expires_at.saturating_sub(now);
+            if ttl == 0 {
+                continue;
+            }
+            b.node = Some(self.cfg.node.clone());
+            b.node_addr = Some(self.cfg.address);
+            let key = format!("{KEY_PREFIX}{aor}|{}", b.contact);
+            let value = serde_json::to_string(&Entry { aor, binding: b }).unwrap_or_default();
+            if self.pushed.get(&key) != Some(&value) {
+                pipe.cmd("SET").arg(&key).arg(&value).arg("EX").arg(ttl).ignore();
+            }
+            current.insert(key, value);
+        }
+        for gone in self.pushed.keys().filter(|k| !current.contains_key(*k)) {
+            pipe.cmd("DEL").arg(gone).ignore();
+        }
+        let count = current.len();
+        pipe.query::<()>(self.connection()?)?;
+        self.pushed = current;
+        let remote: Vec<(String, Binding)> =
+            self.read_all()?.into_iter().filter(|(_, b)| b.node.as_deref() != Some(&self.cfg.node)).collect();
+        let others = remote.len();
+        self.shared.node().proxy_mut().registrar_mut().replace_remote(remote, now);
+        Ok((count, others))
+    }
+
+    /// Every binding in Redis.
+    fn read_all(&mut self) -> redis::RedisResult<Vec<(String, Binding)>> {
+        let con = self.connection()?;
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{KEY_PREFIX}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query(con)?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(con)?;
+            for v in values.into_iter().flatten() {
+                match serde_json::from_str::<Entry>(&v) {
+                    Ok(e) => out.push((e.aor, e.binding)),
+                    Err(_) => metrics::counter!("pinhole_cluster_garbage_total").increment(1),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
