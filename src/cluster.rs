@@ -1,6 +1,6 @@
 //! Several nodes sharing registrations in Redis (`[cluster]`). Each node writes the
 //! bindings whose flows it holds — with its name and SIP address, one key per binding
-//! expiring with it (`pinhole:reg:AOR|CONTACT`, TTL = the binding's remaining time) — and
+//! expiring with it (`pinhole:reg:AOR|CONTACT|NODE`, TTL = the binding's remaining time) — and
 //! reads everyone's back, every half second. Other nodes' bindings go into the local
 //! registrar as remote copies: a request for such a phone is sent to the node holding its
 //! flow (RFC 5626's edge-proxy model). A node that restarts takes its own bindings back
@@ -137,7 +137,9 @@ impl Sync {
             }
             b.node = Some(self.cfg.node.clone());
             b.node_addr = Some(self.cfg.address);
-            let key = format!("{KEY_PREFIX}{aor}|{}", b.contact);
+            // Each node's keys are its own: a phone that moved to another node has a key
+            // there too, and the newest registration wins when they are read.
+            let key = format!("{KEY_PREFIX}{aor}|{}|{}", b.contact, self.cfg.node);
             let value = serde_json::to_string(&Entry { aor, binding: b }).unwrap_or_default();
             if self.pushed.get(&key) != Some(&value) {
                 pipe.cmd("SET").arg(&key).arg(&value).arg("EX").arg(ttl).ignore();

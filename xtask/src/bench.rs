@@ -40,7 +40,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("punch") => punch(),
         Some("faketcp") => crate::faketcpbench::run(&args[1..]),
         Some("b2bua") => crate::b2buabench::run(&args[1..]),
-        other => anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch, faketcp, b2bua"),
+        Some("cluster") => cluster(&args[1..]),
+        other => {
+            anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch, faketcp, b2bua, cluster")
+        }
     }
 }
 
@@ -381,6 +384,85 @@ fn ng(args: &[String]) -> anyhow::Result<()> {
             ro.failed
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `bench cluster`: calls through a proxy whose callee's registration lives in the embedded
+/// store (a snapshot file) and in Redis (`[cluster]`), same load, same run. The Redis run
+/// counts redis-server's CPU too.
+fn cluster(args: &[String]) -> anyhow::Result<()> {
+    for cmd in ["sipp", "redis-server"] {
+        if !have(cmd) {
+            anyhow::bail!("{cmd} is not installed; run `cargo xtask install-peers` as root");
+        }
+    }
+    let rate = arg(args, "--rate", 500);
+    let seconds = arg(args, "--seconds", 10);
+    let dir = std::env::temp_dir().join(format!("pinhole-cluster-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let redis_port = free_port();
+    let redis = Proc(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let store = dir.join("store.json");
+    let variants = [
+        ("embedded", format!("[registrar]\nstore = \"{}\"\n", store.display()), None),
+        (
+            "redis",
+            format!(
+                "[registrar]\nstore = \"\"\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nnode = \"bench\"\n"
+            ),
+            Some(redis.0.id()),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, registrar, extra_pid) in variants {
+        let port = free_port();
+        let config = format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n{registrar}[nat]\nkeepalive = \"off\"\n[media]\nmode = \"off\"\n[metrics]\n"
+        );
+        let proxy = spawn_pinhole(&dir, &format!("pinhole-{name}"), &config)?;
+        let pids: Vec<u32> = std::iter::once(proxy.0.id()).chain(extra_pid).collect();
+        let (o, per) = load_with(
+            &format!("127.0.0.1:{port}"),
+            &pids,
+            rate,
+            rate * seconds,
+            &format!("c{name}"),
+            &dir,
+            ("uas.xml", "uac_bench.xml"),
+        )?;
+        println!(
+            "{name:9} rate {rate}/s calls {:6} ok {:6} failed {:4} cpu {:7.1} us/call (pinhole {:.1}{})",
+            o.calls,
+            o.ok,
+            o.failed,
+            o.cpu_us_per_call,
+            per[0],
+            per.get(1).map_or(String::new(), |r| format!(", redis-server {r:.1}"))
+        );
+        rows.push(o);
+        drop(proxy);
+    }
+    if let [e, r] = &rows[..] {
+        println!(
+            "\nsummary at {rate}/s: Redis-backed registrations {:.1} us/call vs embedded store {:.1} us/call: {:+.0}% CPU per call \
+             (target ≤ +20%); failed {} vs {}",
+            r.cpu_us_per_call,
+            e.cpu_us_per_call,
+            (r.cpu_us_per_call / e.cpu_us_per_call - 1.0) * 100.0,
+            r.failed,
+            e.failed
+        );
+    }
+    drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
