@@ -6,11 +6,11 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::os::unix::process::CommandExt;
 
-use crate::bench::{arg, cpu_ticks, free_port, sipp, sipp_count, spawn_pinhole, ticks_per_sec, Proc};
+use crate::bench::{arg, cpu_ticks, finish_caller, free_port, sipp, spawn_pinhole, ticks_per_sec, Proc};
 use crate::root;
 
 fn start_pinhole(dir: &Path, port: u16, carrier: u16, metrics: u16) -> anyhow::Result<Vec<Proc>> {
@@ -130,22 +130,8 @@ fn one(name: &'static str, dir: &Path, rate: u32, calls: u32) -> anyhow::Result<
         ],
         &uac_log,
     )?;
-    let deadline = Instant::now() + Duration::from_secs(u64::from(calls / rate.max(1)) + 80);
-    while uac.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = uac.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = uac.wait();
-    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = finish_caller(&mut uac, &uac_log, calls, rate)?;
     let t1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-    let text = std::fs::read_to_string(&uac_log).unwrap_or_default();
-    let (ok, failed) = (sipp_count(&text, "Successful call"), sipp_count(&text, "Failed call"));
-    let (Some(ok), Some(failed)) = (ok, failed) else {
-        anyhow::bail!("{name}: sipp printed no call counts; see {}", uac_log.display());
-    };
     let us_per_call = t1.saturating_sub(t0) as f64 / ticks_per_sec() * 1e6 / f64::from(ok.max(1));
     drop(system);
     Ok(Row { name, ok, failed, us_per_call })

@@ -122,6 +122,26 @@ pub(crate) fn sipp(args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
+/// Waits for a sipp caller placing `calls` at `rate` (killed if it overruns by 70 s), lets the
+/// last transactions settle, and reads its (successful, failed) counts.
+pub(crate) fn finish_caller(uac: &mut Child, log: &Path, calls: u32, rate: u32) -> anyhow::Result<(u32, u32)> {
+    let deadline = Instant::now() + Duration::from_secs(u64::from(calls / rate.max(1)) + 70);
+    while uac.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = uac.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = uac.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    match (sipp_count(&text, "Successful call"), sipp_count(&text, "Failed call")) {
+        (Some(ok), Some(failed)) => Ok((ok, failed)),
+        _ => anyhow::bail!("sipp printed no call counts; see {}", log.display()),
+    }
+}
+
 /// A cumulative count from sipp's statistics screen (`None` when it printed none).
 pub(crate) fn sipp_count(text: &str, label: &str) -> Option<u32> {
     text.lines().find(|l| l.trim_start().starts_with(label)).and_then(|l| l.split('|').nth(2))?.trim().parse().ok()
@@ -199,22 +219,8 @@ fn load_with(
         ],
         &uac_log,
     )?;
-    let deadline = Instant::now() + Duration::from_secs(u64::from(calls / rate.max(1)) + 70);
-    while uac.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = uac.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = uac.wait();
-    // Let the last transactions settle before reading CPU.
-    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = finish_caller(&mut uac, &uac_log, calls, rate)?;
     let t1: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
-    let text = std::fs::read_to_string(&uac_log).unwrap_or_default();
-    let (Some(ok), Some(failed)) = (sipp_count(&text, "Successful call"), sipp_count(&text, "Failed call")) else {
-        anyhow::bail!("sipp printed no call counts; see {}", uac_log.display());
-    };
     let per_call: Vec<f64> = t0
         .iter()
         .zip(&t1)
