@@ -213,6 +213,8 @@ struct Call {
     refreshed: Instant,
     /// The SDP we last sent on the trunk leg (a refresh re-INVITE offers it again).
     b_sdp: Option<Vec<u8>>,
+    /// Keys of the client transactions this call started (forgotten with it).
+    clients: Vec<String>,
 }
 
 /// What a client transaction of ours belongs to.
@@ -526,6 +528,7 @@ impl B2bua {
             session: None,
             refreshed: now,
             b_sdp: None,
+            clients: Vec::new(),
         };
         self.by_call_id.insert(call.a.call_id.clone(), (id, Leg::A));
         self.calls.insert(id, call);
@@ -669,8 +672,13 @@ impl B2bua {
             self.timers.push(Reverse((at, Timer::Client(branch.clone()))));
         }
         self.timers.push(Reverse((deadline, Timer::Client(branch.clone()))));
-        self.clients
-            .insert(branch, ClientTx { call, purpose, bytes, flow, invite, retransmit, deadline, answered: false });
+        self.clients.insert(
+            branch.clone(),
+            ClientTx { call, purpose, bytes, flow, invite, retransmit, deadline, answered: false },
+        );
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.clients.push(branch);
+        }
     }
 
     /// A final error to the phone's INVITE; the call ends.
@@ -1364,7 +1372,9 @@ impl B2bua {
                 let call = self.calls.remove(&id).expect("present");
                 self.by_call_id.remove(&call.a.call_id);
                 self.by_call_id.remove(&call.b.call_id);
-                self.clients.retain(|_, t| t.call != id);
+                for key in &call.clients {
+                    self.clients.remove(key);
+                }
             }
             return;
         }
