@@ -72,14 +72,24 @@ fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a
     let (ok, good, text) = call(&n2, &dir, "after-restart");
     assert!(ok && good == 1, "not answered after node 1's restart: {text}\n{}", n1.log_text());
 
-    // Redis goes away (its data with it): both nodes serve from what they have…
+    // A call in progress through node 2 (held 14 s) while Redis goes away for 10 s, its
+    // data with it: the call goes on, and new calls are served from what the nodes have.
+    let long = {
+        let (target, err) = (n2.sip(), dir.path().join("long.err"));
+        std::thread::spawn(move || {
+            sipp_caller_via(&target, None, "carol", "uac_hold.xml", 1, "u1", &err, &["-d", "14000"])
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
     let _ = server.kill();
     let _ = server.wait();
+    let down_at = Instant::now();
     for n in [&n1, &n2] {
         assert!(wait_log(n, "Redis unreachable", Duration::from_secs(10)), "{}", n.log_text());
     }
     let (ok, good, text) = call(&n2, &dir, "redis-down");
     assert!(ok && good == 1, "a call failed while Redis was away: {text}");
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed()));
     // …and when it is back, node 1 writes carol again and node 2 sees her from Redis.
     server = redis(redis_port);
     for n in [&n1, &n2] {
@@ -89,6 +99,8 @@ fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a
     assert!(n2.wait_metric("pinhole_cluster_remote_bindings", 1.0, Duration::from_secs(5)));
     let (ok, good, text) = call(&n2, &dir, "reconciled");
     assert!(ok && good == 1, "{text}");
+    let (ok, good, _, text) = long.join().expect("the long call's thread");
+    assert!(ok && good == 1, "the call in progress did not survive Redis's absence: {text}");
     drop(callee);
     let _ = server.kill();
     let _ = server.wait();
