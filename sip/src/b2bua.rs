@@ -217,6 +217,30 @@ struct Call {
     clients: Vec<String>,
 }
 
+impl Call {
+    /// Whether a request with this call's Call-ID on leg `leg` is really that leg's: from
+    /// its party's address (carriers send from many ports: the IP), and — once the dialog
+    /// has tags — with its own From tag and our To tag.
+    fn belongs(&self, leg: Leg, flow: &Flow, msg: &Message) -> bool {
+        let d = match leg {
+            Leg::A => &self.a,
+            Leg::B => &self.b,
+        };
+        let Some(party) = d.flow else { return false };
+        if party.remote.ip() != flow.remote.ip() {
+            return false;
+        }
+        match msg.tag(HeaderName::To) {
+            // The INVITE again, or its CANCEL: the same From tag.
+            None => leg == Leg::A && msg.tag(HeaderName::From) == Some(d.remote_tag.as_str()),
+            Some(to) => {
+                to == d.local_tag
+                    && (d.remote_tag.is_empty() || msg.tag(HeaderName::From) == Some(d.remote_tag.as_str()))
+            }
+        }
+    }
+}
+
 /// What a client transaction of ours belongs to.
 #[derive(Debug, Clone)]
 enum Purpose {
@@ -753,6 +777,15 @@ impl B2bua {
         let Some(method) = msg.method().cloned() else { return };
         let Some(call) = self.calls.get_mut(&id) else { return };
         tracing::debug!(?leg, method = method.as_str(), phase = ?call.phase, "trunk call request");
+        if !call.belongs(leg, &flow, &msg) {
+            // Knowing a Call-ID is not enough: the request must come from that leg's party
+            // and name its dialog's tags.
+            if method != Method::Ack {
+                let resp = msg.response(481, "Call/Transaction Does Not Exist", None, &[]);
+                self.out.push_back(Transmit { flow, payload: resp });
+            }
+            return;
+        }
         match (leg, &method) {
             (Leg::A, Method::Invite) if msg.tag(HeaderName::To).is_none() => {
                 // The phone's INVITE again: our last answer again.

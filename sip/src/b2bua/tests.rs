@@ -373,8 +373,9 @@ fn the_carriers_bye_hangs_up_the_phone_in_its_own_dialog() {
     let invite = one(&out, CARRIER1, "INVITE");
     let out = send_raw(&mut lab, CARRIER1, reply(&invite, 200, "OK", "c1", &[], true));
     let a_tag = one(&out, PHONE, "200").tag(HeaderName::To).expect("tag").to_owned();
+    let b_tag = trunk_leg_tag(&lab);
     let bye = format!(
-        "BYE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKcbye\r\nFrom: <sip:15551230007@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag=x\r\nCall-ID: {}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+        "BYE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKcbye\r\nFrom: <sip:15551230007@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag={b_tag}\r\nCall-ID: {}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
         invite.call_id().unwrap_or("")
     );
     let out = send_raw(&mut lab, CARRIER1, bye);
@@ -530,6 +531,11 @@ fn a_trunk_that_stops_answering_pings_is_skipped_until_it_answers_again() {
     assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, true)));
 }
 
+/// Our tag on the trunk leg of the (only) call.
+fn trunk_leg_tag(lab: &Lab) -> String {
+    lab.proxy.b2bua().calls.values().next().map(|c| c.b.local_tag.clone()).expect("a call")
+}
+
 /// A call answered by carrier1 with `session` as its Session-Expires, acknowledged by the
 /// phone; returns the carrier's INVITE.
 fn answered_call(lab: &mut Lab, session: &str) -> Message {
@@ -610,8 +616,9 @@ fn a_call_whose_media_stops_is_ended_by_the_relay_on_both_legs() {
 fn a_refer_in_a_trunk_call_gets_501_and_an_info_is_carried_to_the_other_leg() {
     let mut lab = Lab::new(10);
     let invite = answered_call(&mut lab, "");
+    let b_tag = trunk_leg_tag(&lab);
     let refer = format!(
-        "REFER sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKref\r\nFrom: <sip:15551230010@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag=x\r\nCall-ID: {}\r\nCSeq: 5 REFER\r\nRefer-To: <sip:someone@192.0.2.50>\r\nContent-Length: 0\r\n\r\n",
+        "REFER sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKref\r\nFrom: <sip:15551230010@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag={b_tag}\r\nCall-ID: {}\r\nCSeq: 5 REFER\r\nRefer-To: <sip:someone@192.0.2.50>\r\nContent-Length: 0\r\n\r\n",
         invite.call_id().unwrap_or("")
     );
     let out = send_raw(&mut lab, CARRIER1, refer);
@@ -620,7 +627,7 @@ fn a_refer_in_a_trunk_call_gets_501_and_an_info_is_carried_to_the_other_leg() {
     // DTMF as INFO from the carrier reaches the phone in its own dialog, and the answer goes back.
     let body = "Signal=5\r\nDuration=160\r\n";
     let info = format!(
-        "INFO sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKinfo\r\nFrom: <sip:15551230010@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag=x\r\nCall-ID: {}\r\nCSeq: 6 INFO\r\nContent-Type: application/dtmf-relay\r\nContent-Length: {}\r\n\r\n{body}",
+        "INFO sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.99:5080;branch=z9hG4bKinfo\r\nFrom: <sip:15551230010@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag={b_tag}\r\nCall-ID: {}\r\nCSeq: 6 INFO\r\nContent-Type: application/dtmf-relay\r\nContent-Length: {}\r\n\r\n{body}",
         invite.call_id().unwrap_or(""),
         body.len()
     );
@@ -724,4 +731,25 @@ fn a_hold_re_invite_from_the_phone_is_carried_to_the_carrier_and_answered_back_a
     let ok = one(&out, PHONE, "200");
     let o = text(&ok);
     assert!(o.contains("CSeq: 2 INVITE") && o.contains("c=IN IP4 203.0.113.1") && !o.contains("192.0.2"), "{o}");
+}
+
+#[test]
+fn a_bye_with_a_calls_call_id_from_a_stranger_or_with_wrong_tags_is_refused_and_the_call_goes_on() {
+    let mut lab = Lab::new(10);
+    let invite = answered_call(&mut lab, "");
+    let b_tag = trunk_leg_tag(&lab);
+    let bye = |tag: &str| {
+        format!(
+            "BYE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.66:5080;branch=z9hG4bKevil\r\nFrom: <sip:x@192.0.2.10>;tag=c1\r\nTo: <sip:alice@203.0.113.1>;tag={tag}\r\nCall-ID: {}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+            invite.call_id().unwrap_or("")
+        )
+    };
+    // Right Call-ID and tags, wrong address; then the carrier's address with a wrong tag.
+    let out = send_raw(&mut lab, "198.51.100.66:5080", bye(&b_tag));
+    assert_eq!(one(&out, "198.51.100.66:5080", "481").status(), Some(481));
+    let out = send_raw(&mut lab, CARRIER1, bye("guess"));
+    assert_eq!(one(&out, CARRIER1, "481").status(), Some(481));
+    assert!(to(&out, PHONE).is_empty(), "the phone's call goes on");
+    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(1));
+    assert!(lab.proxy.poll_call_record().is_none());
 }
