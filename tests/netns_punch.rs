@@ -536,10 +536,12 @@ fn one_cell() {
 
 /// Counters on a UDP-blocking NAT box, ahead of its own drop rule: UDP to the server's relay
 /// ports (RTP and RTCP) the LAN tries to send, TCP to the forwarder, TCP straight to the
-/// other NAT box (a direct fake-TCP path), RSTs and packets conntrack calls INVALID.
+/// other NAT box (a direct fake-TCP path), RSTs on anything but SIP's own TCP (every RST is
+/// also listed in the `rsts` set, printed with the results) and packets conntrack calls
+/// INVALID.
 fn watch_blocked(lan: &Lan) {
     let rules = format!(
-        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter direct {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 counter name tried\n    udp dport 30000-30199 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    oifname \"wan0\" ip daddr != {WAN_SERVER} meta l4proto tcp counter name direct\n    tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
+        "table inet phft {{\n  counter tried {{}}\n  set seen {{ type ipv4_addr . inet_service; flags dynamic; counter; }}\n  counter forwarder {{}}\n  counter direct {{}}\n  counter rst {{}}\n  counter invalid {{}}\n  set rsts {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; flags dynamic; }}\n  chain watch {{\n    type filter hook forward priority -10; policy accept;\n    udp dport 30000-30199 counter name tried\n    udp dport 30000-30199 add @seen {{ ip daddr . udp dport }}\n    ip daddr {WAN_SERVER} tcp dport 4443 counter name forwarder\n    oifname \"wan0\" ip daddr != {WAN_SERVER} meta l4proto tcp counter name direct\n    tcp flags & rst == rst add @rsts {{ ip saddr . tcp sport . ip daddr . tcp dport }}\n    tcp sport != 5060 tcp dport != 5060 tcp flags & rst == rst counter name rst\n    ct state invalid counter name invalid\n  }}\n}}\n"
     );
     nft(&lan.nat, &rules);
 }
@@ -664,6 +666,8 @@ fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool)
     for l in &blocked {
         let seen = ns_exec(&l.nat, &["nft", "list", "set", "inet", "phft", "seen"]);
         eprintln!("UDP to the relay ports tried from {}:\n{}", l.lan, String::from_utf8_lossy(&seen.stdout));
+        let rsts = ns_exec(&l.nat, &["nft", "list", "set", "inet", "phft", "rsts"]);
+        eprintln!("RSTs forwarded by {}:\n{}", l.nat, String::from_utf8_lossy(&rsts.stdout));
     }
     let conntrack =
         String::from_utf8_lossy(&ns_exec(&lab.lans[0].nat, &["conntrack", "-L", "-p", "tcp"]).stdout).into_owned();
