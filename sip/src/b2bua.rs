@@ -1050,17 +1050,14 @@ impl B2bua {
             return;
         }
         // 2xx: the B leg's dialog is set, it gets its ACK, the phone gets the answer.
-        let _ = flow;
         if call.cancelled || call.phase == Phase::Ended {
-            // Crossed our CANCEL: acknowledge and hang up.
+            // Crossed our CANCEL (or the call ended meanwhile): acknowledge it, and hang up
+            // once (a retransmitted 2xx only gets the ACK again).
+            let first = call.b_ack.is_none();
             self.learn_b_dialog(id, &msg);
             self.ack_b(id, &msg);
-            if let Some(call) = self.calls.get_mut(&id) {
-                call.phase = Phase::Confirmed;
-            }
-            self.send_bye(now, id, Leg::B);
-            if let Some(call) = self.calls.get_mut(&id) {
-                call.phase = Phase::Ended;
+            if first {
+                self.send_bye(now, id, Leg::B);
             }
             return;
         }

@@ -354,10 +354,15 @@ fn a_cancel_crossing_the_carriers_answer_ends_with_a_bye_and_nothing_left_behind
     let c = one(&out, CARRIER1, "CANCEL");
     assert_eq!(c.branch(), invite.branch());
     // The carrier's 200 had already left: pinhole acknowledges it and hangs up.
-    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 200, "OK", "c1", &[], true));
+    let ok = reply(&invite, 200, "OK", "c1", &[], true);
+    let out = send_raw(&mut lab, CARRIER1, ok.clone());
     one(&out, CARRIER1, "ACK");
     one(&out, CARRIER1, "BYE");
     assert!(to(&out, PHONE).is_empty());
+    // The carrier repeats its 200 (our ACK was lost): the ACK again, not a second BYE.
+    let out = send_raw(&mut lab, CARRIER1, ok);
+    one(&out, CARRIER1, "ACK");
+    assert!(to(&out, CARRIER1).iter().all(|m| m.method().map(|x| x.as_str()) != Some("BYE")));
     assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0));
     let record = lab.proxy.poll_call_record().expect("record");
     assert_eq!((record.hangup, record.code), ("caller", 487));
