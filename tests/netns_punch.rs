@@ -680,7 +680,8 @@ fn tunnelled_call(kinds: [NatKind; 2], tcp_agents: [bool; 2], block_relay: bool)
         assert!(direct.is_some_and(|l| l.contains("ESTABLISHED")), "the direct flow is tracked\n{conntrack}");
     }
     alice.command("/hangup");
-    assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{}", bob.log());
+    let closed = wait_for(&bob.log, "session closed", Duration::from_secs(20));
+    assert!(closed, "bob never heard the hangup\n--- bob ---\n{}\n{}", bob.log(), logs());
     std::thread::sleep(Duration::from_millis(500));
     ([tone_share(&alice.heard(), 660.0), tone_share(&bob.heard(), 440.0)], counters)
 }
