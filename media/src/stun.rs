@@ -34,6 +34,23 @@ pub(crate) fn encode(msg: &stun_rs::StunMessage) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A Binding message of `class` (a request, an indication, a success response) with
+/// `transaction`, USERNAME `user` when given, signed with short-term `password`.
+pub(crate) fn signed_binding(
+    class: stun_rs::MessageClass,
+    transaction: [u8; 12],
+    user: Option<&str>,
+    password: &str,
+) -> Option<Vec<u8>> {
+    let key = stun_rs::HMACKey::new_short_term(password).ok()?;
+    let mut b = stun_rs::StunMessageBuilder::new(stun_rs::methods::BINDING, class)
+        .with_transaction_id(stun_rs::TransactionId::from(transaction));
+    if let Some(u) = user {
+        b = b.with_attribute(stun_rs::attributes::stun::UserName::new(u).ok()?);
+    }
+    encode(&b.with_attribute(stun_rs::attributes::stun::MessageIntegrity::new(key)).build())
+}
+
 /// Whether `data` carries a valid MESSAGE-INTEGRITY under short-term `password`.
 pub(crate) fn verified(data: &[u8], password: &str) -> bool {
     let Ok(key) = stun_rs::HMACKey::new_short_term(password) else { return false };

@@ -113,12 +113,6 @@ impl Default for B2buaConfig {
 pub const DEFAULT_SESSION_EXPIRES: Duration = Duration::from_secs(1800);
 pub const MIN_SE: Duration = Duration::from_secs(90);
 
-impl B2buaConfig {
-    pub fn is_enabled(&self) -> bool {
-        !self.routes.is_empty()
-    }
-}
-
 /// Where an inbound call's B leg goes: a registered binding of the DID's user.
 #[derive(Debug, Clone)]
 pub struct Callee {
@@ -304,10 +298,7 @@ pub struct CallRecord {
 #[derive(Debug, Default, Clone)]
 pub struct B2buaStats {
     pub calls_started: u64,
-    pub calls_answered: u64,
     pub failovers: u64,
-    pub challenges_answered: u64,
-    pub limited: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -478,7 +469,6 @@ impl B2bua {
         let Some(id) = self.start_call(now, flow, msg, VecDeque::new(), Some(callee)) else { return };
         let max = self.cfg.trunks.get(trunk).map_or(0, |t| t.max_calls);
         if self.active.get(trunk).is_none_or(|n| *n >= max) {
-            self.stats.limited += 1;
             self.fail_a(now, id, 503, "Service Unavailable - Trunk At Call Limit", media);
             return;
         }
@@ -566,11 +556,7 @@ impl B2bua {
         loop {
             let Some(call) = self.calls.get_mut(&id) else { return };
             let Some(t) = call.trunks_left.pop_front() else {
-                let limited = failure.is_none();
                 let (code, reason) = failure.unwrap_or((503, "Service Unavailable - All Trunks Busy".into()));
-                if limited {
-                    self.stats.limited += 1;
-                }
                 self.fail_a(now, id, code, &reason, media);
                 return;
             };
@@ -1024,7 +1010,6 @@ impl B2bua {
             let inbound = call.inbound.is_some();
             if (code == 401 || code == 407) && !call.b_auth_answered && !inbound {
                 if let Some(auth) = self.answer_challenge(id, &msg) {
-                    self.stats.challenges_answered += 1;
                     metrics::counter!("pinhole_b2bua_challenges_answered_total").increment(1);
                     if let Some(call) = self.calls.get_mut(&id) {
                         call.b_auth_answered = true;
@@ -1093,7 +1078,6 @@ impl B2bua {
             }
             self.timers.push(Reverse((now + TIMEOUT_64T1, Timer::Call(id))));
         }
-        self.stats.calls_answered += 1;
     }
 
     /// A reliable provisional (RFC 3262) from the carrier is acknowledged here with a

@@ -257,11 +257,7 @@ fn is_indication(datagram: &[u8]) -> bool {
 fn keepalive(key: &str, id: u64) -> Option<Vec<u8>> {
     let mut t = [0u8; 12];
     t[..8].copy_from_slice(&id.to_be_bytes());
-    let msg = stun_rs::StunMessageBuilder::new(stun_rs::methods::BINDING, MessageClass::Indication)
-        .with_transaction_id(stun_rs::TransactionId::from(t))
-        .with_attribute(stun_rs::attributes::stun::MessageIntegrity::new(stun_rs::HMACKey::new_short_term(key).ok()?))
-        .build();
-    crate::stun::encode(&msg)
+    crate::stun::signed_binding(MessageClass::Indication, t, None, key)
 }
 
 #[cfg(test)]

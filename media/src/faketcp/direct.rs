@@ -18,7 +18,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use stun_rs::attributes::stun::{MessageIntegrity, UserName};
+use stun_rs::attributes::stun::MessageIntegrity;
 use stun_rs::attributes::turn::{Data, XorPeerAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::{HMACKey, MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder};
@@ -215,14 +215,7 @@ impl Direct {
         id[..8].copy_from_slice(&self.random().to_be_bytes());
         id[8..].copy_from_slice(&(self.random() as u32).to_be_bytes());
         self.check_id = id;
-        let Ok(key) = HMACKey::new_short_term(&self.intro.key) else { return };
-        let Ok(user) = UserName::new("direct") else { return };
-        let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
-            .with_transaction_id(stun_rs::TransactionId::from(id))
-            .with_attribute(user)
-            .with_attribute(MessageIntegrity::new(key))
-            .build();
-        if let Some(bytes) = crate::stun::encode(&msg) {
+        if let Some(bytes) = crate::stun::signed_binding(MessageClass::Request, id, Some("direct"), &self.intro.key) {
             self.conn.send(now, &bytes);
         }
         self.next_check = now + if self.answered.is_some() { CONSENT_EVERY } else { CHECK_EVERY };
@@ -237,12 +230,10 @@ impl Direct {
         match msg.class() {
             MessageClass::Request => {
                 self.heard = true;
-                let Ok(key) = HMACKey::new_short_term(&self.intro.key) else { return };
-                let reply = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
-                    .with_transaction_id(*msg.transaction_id())
-                    .with_attribute(MessageIntegrity::new(key))
-                    .build();
-                if let Some(bytes) = crate::stun::encode(&reply) {
+                let id = *msg.transaction_id().as_bytes();
+                if let Some(bytes) =
+                    crate::stun::signed_binding(MessageClass::SuccessResponse, id, None, &self.intro.key)
+                {
                     self.conn.send(now, &bytes);
                 }
             }

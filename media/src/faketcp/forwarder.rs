@@ -373,12 +373,7 @@ fn success(request: &[u8], peer: SocketAddrV4, key: &str) -> Option<Vec<u8>> {
 
 /// The proof an agent sends first on its connection for relay port `port`.
 pub fn proof(port: u16, key: &str, transaction: [u8; 12]) -> Option<Vec<u8>> {
-    let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
-        .with_transaction_id(stun_rs::TransactionId::from(transaction))
-        .with_attribute(UserName::new(port.to_string()).ok()?)
-        .with_attribute(MessageIntegrity::new(HMACKey::new_short_term(key).ok()?))
-        .build();
-    crate::stun::encode(&msg)
+    crate::stun::signed_binding(MessageClass::Request, transaction, Some(&port.to_string()), key)
 }
 
 #[cfg(test)]
