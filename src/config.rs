@@ -379,6 +379,58 @@ pub(crate) struct Media {
     pub(crate) max_sessions: usize,
     /// Forwarding threads; 0 picks one less than the number of cores (at least one).
     pub(crate) workers: usize,
+    /// Remote relays driven over ng instead of this node's own (a relay fleet).
+    pub(crate) relays: Vec<RelayEntry>,
+}
+
+/// One relay of `[media] relays`: `"ng:IP:PORT"`, or a table with `ng`, `weight`,
+/// `region` and `cidrs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawRelay")]
+pub(crate) struct RelayEntry(pub(crate) pinhole_media::fleet::RelaySpec);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawRelay {
+    Short(String),
+    Full(RelayTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayTable {
+    ng: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    cidrs: Vec<CidrSpec>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl TryFrom<RawRelay> for RelayEntry {
+    type Error = String;
+    fn try_from(r: RawRelay) -> Result<Self, String> {
+        let t = match r {
+            RawRelay::Short(ng) => RelayTable { ng, weight: 1, region: None, cidrs: vec![] },
+            RawRelay::Full(t) => t,
+        };
+        let addr = t.ng.strip_prefix("ng:").unwrap_or(&t.ng);
+        let ng = addr.parse().map_err(|_| format!("relay `{}` is not ng:IP:PORT", t.ng))?;
+        if t.weight == 0 {
+            return Err(format!("relay `{}` has weight 0; weights start at 1", t.ng));
+        }
+        Ok(RelayEntry(pinhole_media::fleet::RelaySpec {
+            ng,
+            weight: t.weight,
+            region: t.region,
+            cidrs: t.cidrs.into_iter().map(|c| c.0).collect(),
+        }))
+    }
 }
 
 impl Default for Media {
@@ -393,6 +445,7 @@ impl Default for Media {
             max_duration: 14_400,
             max_sessions: 10_000,
             workers: 0,
+            relays: vec![],
         }
     }
 }
@@ -606,6 +659,15 @@ impl Config {
             if !seen.insert((l.transport, l.addr)) {
                 err("sip", "listen", format!("{l} is listed twice"));
             }
+        }
+        let mut relays = std::collections::HashSet::new();
+        for r in &self.media.relays {
+            if !relays.insert(r.0.ng) {
+                err("media", "relays", format!("relay {} is listed twice", r.0.ng));
+            }
+        }
+        if !self.media.relays.is_empty() && self.media.mode == MediaModeSpec::Off {
+            err("media", "relays", "relays need media.mode = \"relay\"".into());
         }
         self.check_trunks(text, &mut errs);
         if let Some(c) = &self.cluster {

@@ -11,6 +11,7 @@ mod cluster;
 mod config;
 mod dataplane;
 mod faketcp;
+mod fleet;
 mod limits;
 mod metrics;
 mod mmsg;

@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     tcp_local: Option<SocketAddr>,
     /// Call records of trunk calls (`[cdr]`).
     cdr: Option<Mutex<crate::cdr::CdrWriter>>,
+    /// The relay fleet's statistics socket (`[media] relays`).
+    fleet: Option<Arc<std::net::UdpSocket>>,
 }
 
 impl Shared {
@@ -100,7 +102,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(addr) = cfg.metrics.listen {
         crate::metrics::serve(addr).await?;
     }
-    let relay_fds = if cfg.relay().is_some() { u64::from(cfg.media.port_max - cfg.media.port_min) + 1 } else { 0 };
+    // With a fleet, media goes through remote relays: no ports of our own.
+    let fleet: Vec<_> = cfg.media.relays.iter().map(|r| r.0.clone()).collect();
+    let relay_fds = if cfg.relay().is_some() && fleet.is_empty() {
+        u64::from(cfg.media.port_max - cfg.media.port_min) + 1
+    } else {
+        0
+    };
     let max_conns = crate::limits::connection_cap(cfg.sip.max_connections, nofile, relay_fds);
     if max_conns < cfg.sip.max_connections {
         tracing::warn!(
@@ -157,7 +165,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let epoch = Instant::now().into_std();
     let relay_cfg = cfg.relay();
-    let dataplane = match &relay_cfg {
+    let own_relay = relay_cfg.as_ref().filter(|_| fleet.is_empty());
+    let dataplane = match own_relay {
         Some(m) => {
             let workers = match cfg.media.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
@@ -173,7 +182,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some((dp, unusable)) => (Some(dp), unusable),
         None => (None, Vec::new()),
     };
-    let mut node = Node::new(NodeConfig { proxy: pcfg, relay: relay_cfg }, epoch, unix_now(), rand::random());
+    let (exchange, fleet_sock) = if fleet.is_empty() {
+        (None, None)
+    } else {
+        for r in &fleet {
+            tracing::info!(relay = %r.ng, weight = r.weight, region = r.region.as_deref().unwrap_or("-"), "media on a fleet relay");
+        }
+        let x: pinhole_core::Exchange = Box::new(crate::fleet::BlockingNg::new()?);
+        (Some(x), Some(crate::fleet::bind()?))
+    };
+    let ncfg = NodeConfig { proxy: pcfg, relay: relay_cfg, fleet };
+    let mut node = Node::new(ncfg, epoch, unix_now(), rand::random(), exchange);
     if let Some(relay) = node.relay_mut() {
         for port in unusable {
             relay.retire(port);
@@ -236,7 +255,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_message: cfg.sip.max_message_size,
         limits,
         cdr,
+        fleet: fleet_sock,
     });
+    if let Some(sock) = &shared.fleet {
+        crate::fleet::spawn(&shared, sock.clone())?;
+    }
 
     if let Some(ft) = &cfg.faketcp {
         // Optional: without raw sockets or nftables the rest of the server runs on.
@@ -391,6 +414,20 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<st
                 }
             }
             Output::Event(pinhole_core::Event::CallRecord(r)) => write_record(shared, &r),
+            Output::Event(pinhole_core::Event::FleetRelay { relay, up, why }) => {
+                if up {
+                    tracing::info!(%relay, why, "relay back in the fleet");
+                } else {
+                    tracing::warn!(%relay, why, "relay taken out of the fleet");
+                }
+            }
+            Output::Ng { to, payload } => {
+                if let Some(sock) = &shared.fleet {
+                    if let Err(e) = sock.send_to(&payload, to) {
+                        tracing::debug!(relay = %to, error = %e, "ng statistics request not sent");
+                    }
+                }
+            }
             Output::Event(e) => tracing::debug!(?e, "node event"),
             Output::Timeout(at, why) => {
                 tracing::trace!(?at, why, "next wakeup");

@@ -13,7 +13,7 @@
 //! # fn send(_: &pinhole_sip::Transmit) {}
 //! # fn data_plane(_: pinhole_media::relay::Command) {}
 //! # fn run(cfg: NodeConfig) {
-//! let mut node = Node::new(cfg, Instant::now(), 1_700_000_000, 42);
+//! let mut node = Node::new(cfg, Instant::now(), 1_700_000_000, 42, None);
 //! loop {
 //!     let (flow, bytes) = recv();
 //!     let _ = node.handle_sip(Instant::now(), flow, bytes); // Err: garbage, counted
@@ -21,6 +21,7 @@
 //!         match node.poll_output(Instant::now()) {
 //!             Output::Transmit(t) => send(&t),
 //!             Output::Media(c) => data_plane(c),
+//!             Output::Ng { .. } => {} // a relay fleet's statistics request
 //!             Output::Event(_) => {}
 //!             Output::Timeout(at, _why) => break at, // call handle_timeout then
 //!             _ => break Instant::now() + std::time::Duration::from_secs(3600), // Idle
@@ -31,10 +32,12 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pinhole_media::anchor::{MediaAnchor, MediaRefusal};
+use pinhole_media::fleet::{Fleet, NgExchange, RelaySpec};
 use pinhole_media::ng_server::{NgServer, NgStreamError};
 use pinhole_media::relay::{Command, Relay, RelayConfig};
 use pinhole_sip::message::Garbage;
@@ -46,12 +49,104 @@ pub struct NodeConfig {
     pub proxy: ProxyConfig,
     /// Anchor media on the relay (`media.mode = "relay"`); `None` leaves SDP untouched.
     pub relay: Option<RelayConfig>,
+    /// Anchor media on these remote relays over ng instead (`media.relays`); when set,
+    /// `relay` is not used.
+    pub fleet: Vec<RelaySpec>,
+}
+
+/// The blocking ng exchange a fleet's call commands go through (see
+/// [`pinhole_media::fleet`]); the shell provides it.
+pub type Exchange = Box<dyn NgExchange + Send>;
+
+/// Where a node anchors media: its own relay (or none), or a fleet of remote relays.
+pub enum Media {
+    Local(Option<Relay>),
+    Fleet(Fleet<Exchange>),
+}
+
+impl Media {
+    /// The node's own relay, when it has one.
+    fn local(&mut self) -> Option<&mut Relay> {
+        match self {
+            Media::Local(r) => r.as_mut(),
+            Media::Fleet(_) => None,
+        }
+    }
+}
+
+impl MediaAnchor for Media {
+    fn anchoring(&self) -> bool {
+        match self {
+            Media::Local(r) => r.anchoring(),
+            Media::Fleet(f) => f.anchoring(),
+        }
+    }
+
+    fn anchor_sdp(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: IpAddr,
+        to: Option<IpAddr>,
+    ) -> Result<Vec<u8>, MediaRefusal> {
+        match self {
+            Media::Local(r) => r.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to),
+            Media::Fleet(f) => f.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to),
+        }
+    }
+
+    fn anchor_sdp_hiding(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        sender_tag: &str,
+        sdp: &[u8],
+        signalling_ip: IpAddr,
+        to: Option<IpAddr>,
+    ) -> Result<Vec<u8>, MediaRefusal> {
+        match self {
+            Media::Local(r) => r.anchor_sdp_hiding(now, call_id, sender_tag, sdp, signalling_ip, to),
+            Media::Fleet(f) => f.anchor_sdp_hiding(now, call_id, sender_tag, sdp, signalling_ip, to),
+        }
+    }
+
+    fn release(&mut self, call_id: &str) -> bool {
+        match self {
+            Media::Local(r) => r.release(call_id),
+            Media::Fleet(f) => f.release(call_id),
+        }
+    }
+
+    fn anchors(&self, call_id: &str) -> bool {
+        match self {
+            Media::Local(r) => r.anchors(call_id),
+            Media::Fleet(f) => f.anchors(call_id),
+        }
+    }
+
+    fn path(&self, call_id: &str, now: Instant) -> Option<&'static str> {
+        match self {
+            Media::Local(r) => r.path(call_id, now),
+            Media::Fleet(f) => f.path(call_id, now),
+        }
+    }
+
+    fn counts(&self, call_id: &str) -> Option<(u64, u64)> {
+        match self {
+            Media::Local(r) => r.counts(call_id),
+            Media::Fleet(_) => None,
+        }
+    }
 }
 
 /// Things the shell may want to know about, beyond what it must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
+    /// A relay of the fleet was taken out (`up == false`) or came back.
+    FleetRelay { relay: SocketAddr, up: bool, why: &'static str },
     /// The relay ended a call on its own; its dialog is being torn down (BYE both sides).
     CallEnded { call_id: String, reason: &'static str },
     /// A call between two profiled endpoints got a punch method (`relay` or `denied` when
@@ -69,6 +164,12 @@ pub enum Output {
     Transmit(Transmit),
     /// Bind, link or close relay ports in the data plane.
     Media(Command),
+    /// Send this ng request (a fleet relay's statistics) from the fleet's socket; replies
+    /// go to [`Node::handle_fleet_reply`].
+    Ng {
+        to: SocketAddr,
+        payload: Vec<u8>,
+    },
     Event(Event),
     /// Nothing more to do now: call [`Node::handle_timeout`] at this instant (the label
     /// says which part wants to wake).
@@ -78,7 +179,7 @@ pub enum Output {
 }
 
 pub struct Node {
-    proxy: Proxy<Option<Relay>>,
+    proxy: Proxy<Media>,
     ng: NgServer,
     events: VecDeque<Event>,
     /// Answers the node makes itself (STUN keepalives on the SIP port).
@@ -95,10 +196,21 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 impl Node {
     /// `unix_now` is the wall clock at `now`; `seed` makes branches, tags and nonce salts
     /// reproducible in tests (use a random one in production).
-    pub fn new(cfg: NodeConfig, now: Instant, unix_now: u64, seed: u64) -> Node {
-        let relay = cfg.relay.map(|r| Relay::new(r, now));
+    ///
+    /// With a fleet configured, `exchange` carries its call commands (it must be `Some`).
+    pub fn new(cfg: NodeConfig, now: Instant, unix_now: u64, seed: u64, exchange: Option<Exchange>) -> Node {
+        let media = match (cfg.fleet.is_empty(), exchange) {
+            (false, Some(x)) => {
+                let (max, longest) = cfg
+                    .relay
+                    .as_ref()
+                    .map_or((10_000, Duration::from_secs(4 * 3600)), |r| (r.max_sessions, r.max_duration));
+                Media::Fleet(Fleet::new(cfg.fleet, x, now, max, longest))
+            }
+            _ => Media::Local(cfg.relay.map(|r| Relay::new(r, now))),
+        };
         Node {
-            proxy: Proxy::new(cfg.proxy, relay, now, unix_now, seed),
+            proxy: Proxy::new(cfg.proxy, media, now, unix_now, seed),
             ng: NgServer::new(now, unix_now),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -107,22 +219,45 @@ impl Node {
         }
     }
 
-    pub fn proxy(&self) -> &Proxy<Option<Relay>> {
+    pub fn proxy(&self) -> &Proxy<Media> {
         &self.proxy
     }
 
     /// The proxy, for the registrar store (restore and snapshots).
-    pub fn proxy_mut(&mut self) -> &mut Proxy<Option<Relay>> {
+    pub fn proxy_mut(&mut self) -> &mut Proxy<Media> {
         &mut self.proxy
     }
 
     pub fn relay(&self) -> Option<&Relay> {
-        self.proxy.media().as_ref()
+        match self.proxy.media() {
+            Media::Local(r) => r.as_ref(),
+            Media::Fleet(_) => None,
+        }
     }
 
     /// The relay, for taking ports the data plane could not bind out of use.
     pub fn relay_mut(&mut self) -> Option<&mut Relay> {
-        self.proxy.media_mut().as_mut()
+        Media::local(self.proxy.media_mut())
+    }
+
+    /// The relay fleet, when media is anchored on remote relays.
+    pub fn fleet(&self) -> Option<&Fleet<Exchange>> {
+        match self.proxy.media() {
+            Media::Fleet(f) => Some(f),
+            Media::Local(_) => None,
+        }
+    }
+
+    fn fleet_mut(&mut self) -> Option<&mut Fleet<Exchange>> {
+        match self.proxy.media_mut() {
+            Media::Fleet(f) => Some(f),
+            Media::Local(_) => None,
+        }
+    }
+
+    /// A datagram on the fleet's socket (a relay's statistics). `false`: not one, dropped.
+    pub fn handle_fleet_reply(&mut self, from: SocketAddr, datagram: &[u8]) -> bool {
+        self.fleet_mut().is_some_and(|f| f.handle_reply(from, datagram))
     }
 
     /// One SIP message (a datagram, or a frame cut from a stream). `Err`: not SIP at all,
@@ -154,16 +289,14 @@ impl Node {
 
     /// One ng datagram from `from`; its reply, if it deserves one.
     pub fn handle_ng(&mut self, now: Instant, _from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
-        let relay = self.proxy.media_mut().as_mut();
-        let reply = self.ng.handle(now, relay, datagram);
+        let reply = self.ng.handle(now, Media::local(self.proxy.media_mut()), datagram);
         self.publish_usage();
         reply
     }
 
     /// Bytes received on an ng TCP stream: the replies to every whole message in `buf`.
     pub fn handle_ng_stream(&mut self, now: Instant, buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, NgStreamError> {
-        let relay = self.proxy.media_mut().as_mut();
-        let replies = self.ng.handle_stream(now, relay, buf);
+        let replies = self.ng.handle_stream(now, Media::local(self.proxy.media_mut()), buf);
         self.publish_usage();
         replies
     }
@@ -172,7 +305,10 @@ impl Node {
     /// then SIP timers and housekeeping.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut ended = Vec::new();
-        if let Some(relay) = self.proxy.media_mut().as_mut() {
+        if let Some(f) = self.fleet_mut() {
+            f.handle_timeout(now);
+        }
+        if let Some(relay) = Media::local(self.proxy.media_mut()) {
             if relay.poll_timeout().is_some_and(|t| t <= now) {
                 relay.handle_timeout(now);
             }
@@ -215,12 +351,20 @@ impl Node {
     /// The next output. Call after every input and timeout until it returns
     /// [`Output::Timeout`] or [`Output::Idle`].
     #[must_use]
-    pub fn poll_output(&mut self, _now: Instant) -> Output {
+    pub fn poll_output(&mut self, now: Instant) -> Output {
         if let Some(t) = self.transmits.pop_front().or_else(|| self.proxy.poll_transmit()) {
             return Output::Transmit(t);
         }
         if let Some(c) = self.relay_mut().and_then(Relay::poll_command) {
             return Output::Media(c);
+        }
+        if let Some(f) = self.fleet_mut() {
+            if let Some(c) = f.poll_change() {
+                return Output::Event(Event::FleetRelay { relay: c.relay, up: c.up, why: c.why });
+            }
+            if let Some((to, payload)) = f.poll_transmit(now) {
+                return Output::Ng { to, payload };
+            }
         }
         if let Some(e) = self.events.pop_front() {
             return Output::Event(e);
@@ -235,7 +379,8 @@ impl Node {
         let relay = self.relay();
         let stats = relay.filter(|r| r.call_count() > 0).map(|_| (self.next_stats, "relay statistics"));
         let deadline = relay.and_then(Relay::poll_timeout).map(|t| (t, "relay deadline"));
-        match [self.proxy.poll_timeout(), stats, deadline].into_iter().flatten().min_by_key(|(t, _)| *t) {
+        let fleet = self.fleet().and_then(Fleet::poll_timeout).map(|t| (t, "fleet statistics"));
+        match [self.proxy.poll_timeout(), stats, deadline, fleet].into_iter().flatten().min_by_key(|(t, _)| *t) {
             Some((at, why)) => Output::Timeout(at, why),
             None => Output::Idle,
         }

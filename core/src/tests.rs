@@ -1,6 +1,7 @@
 //! The node in virtual time: one output loop over proxy, relay and ng.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pinhole_media::ng::Bencode;
@@ -42,6 +43,7 @@ fn config() -> NodeConfig {
             b2bua: Default::default(),
         },
         relay: Some(RelayConfig { media_timeout: Duration::from_secs(20), ..RelayConfig::single(ip, 30000, 30099) }),
+        fleet: vec![],
     }
 }
 
@@ -56,7 +58,7 @@ struct Run {
 impl Run {
     fn new() -> Run {
         let now = Instant::now();
-        Run { node: Node::new(config(), now, 1_700_000_000, 9), now, sent: vec![], commands: 0, events: vec![] }
+        Run { node: Node::new(config(), now, 1_700_000_000, 9, None), now, sent: vec![], commands: 0, events: vec![] }
     }
 
     /// Polls until the node is waiting; returns what it waits for.
@@ -179,4 +181,60 @@ fn keepalives_on_the_sip_port_are_absorbed_or_answered_not_parsed_as_sip() {
     assert_eq!(&r.sent[0].payload[..2], &[0x01, 0x01], "a Binding success response");
     assert_eq!(&r.sent[0].payload[8..20], &stun[8..20], "same transaction id");
     assert!(r.sent[0].payload.len() <= 3 * stun.len());
+}
+
+/// A fleet's exchange that hands each command to another node's ng server, as a relay
+/// node on `203.0.113.21` would get it.
+struct ToRelayNode(Arc<Mutex<Node>>, Instant);
+
+impl pinhole_media::fleet::NgExchange for ToRelayNode {
+    fn exchange(&mut self, _to: SocketAddr, cookie: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut d = format!("{cookie} ").into_bytes();
+        d.extend_from_slice(payload);
+        let reply = self.0.lock().ok()?.handle_ng(self.1, addr("127.0.0.1:9"), &d)?;
+        Some(pinhole_media::ng::split_cookie(&reply).ok()?.1.to_vec())
+    }
+}
+
+#[test]
+fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
+    let now = Instant::now();
+    let mut relay_cfg = config();
+    relay_cfg.relay = Some(RelayConfig::single("203.0.113.21".parse().expect("ip"), 40000, 40099));
+    let relay_node = Arc::new(Mutex::new(Node::new(relay_cfg, now, 1_700_000_000, 3, None)));
+    let spec =
+        pinhole_media::fleet::RelaySpec { ng: addr("203.0.113.21:2223"), weight: 1, region: None, cidrs: vec![] };
+    let edge_cfg = NodeConfig { fleet: vec![spec], ..config() };
+    let exchange: Exchange = Box::new(ToRelayNode(relay_node.clone(), now));
+    let mut r = Run {
+        node: Node::new(edge_cfg, now, 1_700_000_000, 9, Some(exchange)),
+        now,
+        sent: vec![],
+        commands: 0,
+        events: vec![],
+    };
+    assert!(r.node.relay().is_none(), "an edge with a fleet has no relay of its own");
+
+    // The first poll asks the relay for its statistics.
+    match r.node.poll_output(now) {
+        Output::Ng { to, payload } => {
+            assert_eq!(to, addr("203.0.113.21:2223"));
+            assert!(payload.ends_with(b"d7:command10:statisticse"));
+        }
+        other => panic!("expected a statistics request, got {other:?}"),
+    }
+    r.sip(TRUNK, &invite());
+    let fwd = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("forwarded INVITE");
+    assert!(String::from_utf8_lossy(&fwd.payload).contains("c=IN IP4 203.0.113.21"), "anchored on the relay node");
+    assert_eq!(r.commands, 0, "no data plane commands on the edge");
+    let relay_calls = relay_node.lock().expect("lock").relay().map(Relay::call_count);
+    assert_eq!(relay_calls, Some(1));
+    assert_eq!(r.node.fleet().map(|f| f.call_count()), Some(1));
+
+    // Its statistics reply is taken; garbage is not.
+    let stats = b"s2 d6:result2:ok10:statisticsd17:currentstatisticsd11:sessionsowni1eeee";
+    assert!(r.node.handle_fleet_reply(addr("203.0.113.21:2223"), stats));
+    assert!(!r.node.handle_fleet_reply(addr("203.0.113.21:2223"), b"junk"));
+    let (_, why) = r.drain().expect("a timer");
+    assert!(["sip transaction timer", "fleet statistics"].contains(&why), "{why}");
 }

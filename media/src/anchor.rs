@@ -21,8 +21,8 @@ pub trait MediaAnchor {
     fn anchoring(&self) -> bool;
 
     /// An SDP body from the party tagged `sender_tag`, whose signalling came from
-    /// `signalling_ip`, going to a party reached over IPv6 (`to_v6`) when known. Returns the
-    /// body to forward.
+    /// `signalling_ip`, going to the party at `to` when known (its address family picks
+    /// the relay's; a relay fleet picks relays near both). Returns the body to forward.
     fn anchor_sdp(
         &mut self,
         now: Instant,
@@ -30,7 +30,7 @@ pub trait MediaAnchor {
         sender_tag: &str,
         sdp: &[u8],
         signalling_ip: IpAddr,
-        to_v6: Option<bool>,
+        to: Option<IpAddr>,
     ) -> Result<Vec<u8>, MediaRefusal>;
 
     /// As [`MediaAnchor::anchor_sdp`], hiding the sender's address everywhere in the SDP
@@ -42,9 +42,9 @@ pub trait MediaAnchor {
         sender_tag: &str,
         sdp: &[u8],
         signalling_ip: IpAddr,
-        to_v6: Option<bool>,
+        to: Option<IpAddr>,
     ) -> Result<Vec<u8>, MediaRefusal> {
-        self.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to_v6)
+        self.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to)
     }
 
     /// The call's dialog ended or failed: free its media.
@@ -76,9 +76,17 @@ impl MediaAnchor for Option<Relay> {
         sender_tag: &str,
         sdp: &[u8],
         signalling_ip: IpAddr,
-        to_v6: Option<bool>,
+        to: Option<IpAddr>,
     ) -> Result<Vec<u8>, MediaRefusal> {
-        anchor(self, now, call_id, sender_tag, sdp, signalling_ip, Options { to_v6, ..Options::default() })
+        anchor(
+            self,
+            now,
+            call_id,
+            sender_tag,
+            sdp,
+            signalling_ip,
+            Options { to_v6: to.map(|ip| ip.is_ipv6()), ..Options::default() },
+        )
     }
 
     fn anchor_sdp_hiding(
@@ -88,9 +96,9 @@ impl MediaAnchor for Option<Relay> {
         sender_tag: &str,
         sdp: &[u8],
         signalling_ip: IpAddr,
-        to_v6: Option<bool>,
+        to: Option<IpAddr>,
     ) -> Result<Vec<u8>, MediaRefusal> {
-        let opts = Options { to_v6, replace_origin: true, ..Options::default() };
+        let opts = Options { to_v6: to.map(|ip| ip.is_ipv6()), replace_origin: true, ..Options::default() };
         anchor(self, now, call_id, sender_tag, sdp, signalling_ip, opts)
     }
 

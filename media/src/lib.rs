@@ -36,8 +36,10 @@
 //!   checked before allocating, trailing bytes refused.
 
 pub mod anchor;
+pub mod cidr;
 pub mod edge;
 pub mod faketcp;
+pub mod fleet;
 pub mod guard;
 pub mod latch;
 pub mod natmodel;

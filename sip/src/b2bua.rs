@@ -609,8 +609,7 @@ impl B2bua {
         let body = match sdp_body(&call.a_invite) {
             Some(sdp) => {
                 let ip = call.a_flow.remote.ip();
-                match media.anchor_sdp_hiding(now, &call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.is_ipv6()))
-                {
+                match media.anchor_sdp_hiding(now, &call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.ip())) {
                     Ok(b) => Some(b),
                     Err(r) => {
                         self.fail_a(now, id, r.code, &r.reason, media);

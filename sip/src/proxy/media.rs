@@ -73,7 +73,7 @@ impl<M: MediaAnchor> Proxy<M> {
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             return Ok(None);
         };
-        match self.media.anchor_sdp(now, call_id, tag, body, flow.remote.ip(), to.map(|f| f.remote.is_ipv6())) {
+        match self.media.anchor_sdp(now, call_id, tag, body, flow.remote.ip(), to.map(|f| f.remote.ip())) {
             Ok(b) => Ok(Some(b)),
             Err(r) => Err(Rejection::new(r.code, r.reason)),
         }
@@ -97,7 +97,7 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let body = sdp_body(msg)?;
         let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
-        match self.media.anchor_sdp(now, call_id, tag, body, from.remote.ip(), to.map(|f| f.remote.is_ipv6())) {
+        match self.media.anchor_sdp(now, call_id, tag, body, from.remote.ip(), to.map(|f| f.remote.ip())) {
             Ok(b) => Some(b),
             Err(r) => {
                 tracing::warn!(call_id, error = %r.reason, "answer not anchored; forwarded as is");

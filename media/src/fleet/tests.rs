@@ -1,0 +1,305 @@
+//! The fleet against real relay cores and ng servers in memory, one per relay address.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::ng_server::NgServer;
+use crate::relay::{Relay, RelayConfig};
+
+const CALLER: &str = "198.51.100.10";
+const CALLEE: &str = "192.0.2.20";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn ng(n: u8) -> SocketAddr {
+    SocketAddr::new(ip(&format!("203.0.113.{n}")), 2223)
+}
+
+/// Relays in memory: each a relay core behind an ng server; `dead` ones never answer.
+struct Cores {
+    relays: HashMap<SocketAddr, (NgServer, Relay)>,
+    dead: HashSet<SocketAddr>,
+    now: Instant,
+    /// Every command sent: to whom, and the command's name.
+    sent: Vec<(SocketAddr, String)>,
+}
+
+impl NgExchange for Cores {
+    fn exchange(&mut self, to: SocketAddr, cookie: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        let name = Bencode::decode(payload).ok()?.get("command")?.as_str()?.to_owned();
+        self.sent.push((to, name));
+        if self.dead.contains(&to) {
+            return None;
+        }
+        let (server, relay) = self.relays.get_mut(&to)?;
+        let mut d = format!("{cookie} ").into_bytes();
+        d.extend_from_slice(payload);
+        let reply = server.handle(self.now, Some(relay), &d)?;
+        Some(split_cookie(&reply).ok()?.1.to_vec())
+    }
+}
+
+impl Cores {
+    fn calls_on(&self, n: u8) -> usize {
+        self.relays[&ng(n)].1.call_count()
+    }
+}
+
+fn spec(n: u8, weight: u32, region: Option<&str>, cidrs: &[&str]) -> RelaySpec {
+    RelaySpec {
+        ng: ng(n),
+        weight,
+        region: region.map(str::to_owned),
+        cidrs: cidrs.iter().map(|c| Cidr::parse(c).expect("cidr")).collect(),
+    }
+}
+
+fn fleet(specs: Vec<RelaySpec>) -> Fleet<Cores> {
+    let now = Instant::now();
+    let relays = specs
+        .iter()
+        .map(|s| {
+            let cfg = RelayConfig { max_sessions: 40, ..RelayConfig::single(s.ng.ip(), 30000, 30999) };
+            (s.ng, (NgServer::new(now, 1_700_000_000), Relay::new(cfg, now)))
+        })
+        .collect();
+    let cores = Cores { relays, dead: HashSet::new(), now, sent: Vec::new() };
+    Fleet::new(specs, cores, now, 1000, Duration::from_secs(4 * 3600))
+}
+
+fn sdp(addr: &str, port: u16) -> Vec<u8> {
+    format!(
+        "v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
+    .into_bytes()
+}
+
+fn connection(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.lines().find_map(|l| l.strip_prefix("c=IN IP4 ")).expect("c= line").trim().to_owned()
+}
+
+/// An offer from the caller to the callee; the SDP forwarded to the callee.
+fn offer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
+    let now = f.exchange.now;
+    f.anchor_sdp(now, call, "a", &sdp(CALLER, 4000), ip(CALLER), Some(ip(CALLEE)))
+}
+
+fn answer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
+    let now = f.exchange.now;
+    f.anchor_sdp(now, call, "b", &sdp(CALLEE, 5000), ip(CALLEE), Some(ip(CALLER)))
+}
+
+fn stats_reply(sessions: i64) -> Vec<u8> {
+    let mut d = b"s9 ".to_vec();
+    let current = Bencode::dict(vec![("sessionsown", Bencode::Int(sessions))]);
+    Bencode::dict(vec![
+        ("result", Bencode::str("ok")),
+        ("statistics", Bencode::dict(vec![("currentstatistics", current)])),
+    ])
+    .encode(&mut d);
+    d
+}
+
+#[test]
+fn twenty_calls_are_spread_evenly_over_two_equal_relays() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    for n in 0..20 {
+        let out = offer(&mut f, &format!("call-{n}")).expect("anchored");
+        answer(&mut f, &format!("call-{n}")).expect("answered");
+        assert!(connection(&out).starts_with("203.0.113.2"), "the callee is sent a relay's address");
+    }
+    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (10, 10));
+}
+
+#[test]
+fn weights_share_calls_in_proportion() {
+    let mut f = fleet(vec![spec(21, 3, None, &[]), spec(22, 1, None, &[])]);
+    for n in 0..20 {
+        offer(&mut f, &format!("call-{n}")).expect("anchored");
+    }
+    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (15, 5));
+}
+
+#[test]
+fn reported_load_steers_new_calls_to_the_less_busy_relay() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    assert!(f.handle_reply(ng(21), &stats_reply(30)));
+    assert!(f.handle_reply(ng(22), &stats_reply(0)));
+    for n in 0..10 {
+        offer(&mut f, &format!("call-{n}")).expect("anchored");
+    }
+    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (0, 10), "30 sessions elsewhere outweigh 10 new");
+}
+
+#[test]
+fn a_relay_that_stops_answering_is_taken_out_and_new_calls_go_to_the_survivor() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    f.exchange.dead.insert(ng(21));
+    for n in 0..6 {
+        let out = offer(&mut f, &format!("call-{n}")).expect("the survivor anchors every call");
+        assert_eq!(connection(&out), "203.0.113.22");
+    }
+    assert_eq!(f.exchange.calls_on(22), 6);
+    let tried_dead = f.exchange.sent.iter().filter(|(to, _)| *to == ng(21)).count();
+    assert_eq!(tried_dead, 1, "the silent relay is tried once, then left out");
+    assert_eq!(f.poll_change(), Some(Change { relay: ng(21), up: false, why: "no reply to a call command" }));
+    assert!(f.relays().any(|(a, up, _)| a == ng(21) && !up));
+
+    // It answers its statistics again: back in, and the next calls balance onto it.
+    f.exchange.dead.clear();
+    assert!(f.handle_reply(ng(21), &stats_reply(0)));
+    assert!(f.handle_reply(ng(22), &stats_reply(6)));
+    assert_eq!(f.poll_change(), Some(Change { relay: ng(21), up: true, why: "statistics answered" }));
+    offer(&mut f, "call-after").expect("anchored");
+    assert_eq!(f.exchange.calls_on(21), 1);
+}
+
+#[test]
+fn a_call_answered_on_a_relay_that_died_gets_503_naming_the_relay_failure() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    offer(&mut f, "c").expect("anchored");
+    f.exchange.dead.insert(ng(21));
+    let r = answer(&mut f, "c").expect_err("no relay to take the answer");
+    assert_eq!((r.code, r.reason.as_str()), (503, "Media Relay Not Answering"));
+}
+
+#[test]
+fn with_every_relay_silent_a_new_call_is_refused_with_503() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    f.exchange.dead.extend([ng(21), ng(22)]);
+    let r = offer(&mut f, "c").expect_err("nobody answers");
+    assert_eq!((r.code, r.reason.as_str()), (503, "No Media Relay Answering"));
+    assert!(!f.anchors("c"));
+}
+
+#[test]
+fn unanswered_statistics_take_a_relay_out_after_three_seconds() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    let t0 = f.exchange.now;
+    let mut sent = 0;
+    for s in 0..=3 {
+        let now = t0 + Duration::from_secs(s);
+        while let Some((to, d)) = f.poll_transmit(now) {
+            assert_eq!(to, ng(21));
+            assert!(d.ends_with(b"d7:command10:statisticse"));
+            sent += 1;
+        }
+        assert_eq!(f.poll_timeout(), Some(now + STATS_INTERVAL));
+    }
+    assert_eq!(sent, 4, "one request a second");
+    assert_eq!(f.poll_change(), Some(Change { relay: ng(21), up: false, why: "statistics unanswered" }));
+}
+
+#[test]
+fn garbage_and_strangers_on_the_statistics_socket_are_refused() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    assert!(!f.handle_reply(ng(99), &stats_reply(1)), "not one of our relays");
+    assert!(!f.handle_reply(ng(21), b"s1 d6:result2:oke"), "no statistics");
+    assert!(!f.handle_reply(ng(21), b"c1 d6:result2:oke"), "not a statistics cookie");
+    assert!(!f.handle_reply(ng(21), b"\xff\xfe"), "not ng");
+    assert!(f.handle_reply(ng(21), &stats_reply(1)));
+}
+
+#[test]
+fn an_endpoint_is_served_by_the_relay_whose_cidr_holds_its_address() {
+    let mut f = fleet(vec![
+        spec(21, 1, None, &[]),
+        spec(22, 1, None, &["198.51.100.0/24"]),
+        spec(23, 1, None, &["198.51.100.0/28"]),
+    ]);
+    for n in 0..3 {
+        let out = offer(&mut f, &format!("c{n}")).expect("anchored");
+        assert_eq!(connection(&out), "203.0.113.23", "the longest prefix holding the caller");
+    }
+    let now = f.exchange.now;
+    let out = f.anchor_sdp(now, "other", "x", &sdp("192.0.2.99", 4000), ip("192.0.2.99"), None).expect("anchored");
+    assert_eq!(connection(&out), "203.0.113.21", "an address no CIDR holds goes to the relay serving anyone");
+}
+
+#[test]
+fn endpoints_in_two_regions_are_chained_through_a_relay_in_each() {
+    let mut f = fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24"]), spec(22, 1, Some("us"), &["192.0.2.0/24"])]);
+    let to_callee = offer(&mut f, "c").expect("anchored");
+    assert_eq!(connection(&to_callee), "203.0.113.22", "the callee talks to its own region's relay");
+    assert_eq!(f.hops("c"), Some(vec![ng(21), ng(22)]));
+    let to_caller = answer(&mut f, "c").expect("answered");
+    assert_eq!(connection(&to_caller), "203.0.113.21", "the caller talks to its own region's relay");
+    let sent: Vec<_> = f.exchange.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
+    let want =
+        [("203.0.113.21", "offer"), ("203.0.113.22", "offer"), ("203.0.113.22", "answer"), ("203.0.113.21", "answer")];
+    assert_eq!(
+        sent,
+        want.map(|(a, c)| (a.to_owned(), c)),
+        "offer out through eu then us, answer back through us then eu"
+    );
+
+    // Each relay's far side points at the other relay.
+    let eu = f.exchange.relays[&ng(21)].1.describe("c").expect("eu holds the call");
+    let us = f.exchange.relays[&ng(22)].1.describe("c").expect("us holds the call");
+    let expected = |info: &crate::relay::CallInfo| -> Vec<String> {
+        info.streams.iter().flat_map(|s| s.sdp.0.iter().filter_map(|a| a.map(|a| a.ip().to_string()))).collect()
+    };
+    assert!(expected(&eu).contains(&"203.0.113.22".to_owned()), "eu sends the callee's way to us: {:?}", expected(&eu));
+    assert!(expected(&us).contains(&"203.0.113.21".to_owned()), "us sends the caller's way to eu: {:?}", expected(&us));
+}
+
+#[test]
+fn endpoints_in_one_region_use_one_relay() {
+    let mut f =
+        fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24", "192.0.2.0/24"]), spec(22, 1, Some("us"), &[])]);
+    offer(&mut f, "c").expect("anchored");
+    assert_eq!(f.hops("c"), Some(vec![ng(21)]));
+}
+
+#[test]
+fn an_answer_repeated_in_the_183_and_the_200_is_sent_to_the_relay_once() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    offer(&mut f, "c").expect("anchored");
+    let first = answer(&mut f, "c").expect("183");
+    let second = answer(&mut f, "c").expect("200");
+    assert_eq!(first, second);
+    assert_eq!(f.exchange.sent.iter().filter(|(_, c)| c == "answer").count(), 1);
+}
+
+#[test]
+fn a_re_invite_from_the_callee_is_an_offer_from_its_side() {
+    let mut f = fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24"]), spec(22, 1, Some("us"), &["192.0.2.0/24"])]);
+    offer(&mut f, "c").expect("anchored");
+    answer(&mut f, "c").expect("answered");
+    f.exchange.sent.clear();
+    let now = f.exchange.now;
+    let to_caller = f.anchor_sdp(now, "c", "b", &sdp(CALLEE, 5002), ip(CALLEE), None).expect("re-offer");
+    assert_eq!(connection(&to_caller), "203.0.113.21");
+    f.anchor_sdp(now, "c", "a", &sdp(CALLER, 4002), ip(CALLER), None).expect("its answer");
+    let sent: Vec<_> = f.exchange.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
+    let want =
+        [("203.0.113.22", "offer"), ("203.0.113.21", "offer"), ("203.0.113.21", "answer"), ("203.0.113.22", "answer")];
+    assert_eq!(sent, want.map(|(a, c)| (a.to_owned(), c)));
+}
+
+#[test]
+fn release_deletes_the_call_on_every_hop() {
+    let mut f = fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24"]), spec(22, 1, Some("us"), &["192.0.2.0/24"])]);
+    offer(&mut f, "c").expect("anchored");
+    answer(&mut f, "c").expect("answered");
+    assert!(f.release("c"));
+    assert!(!f.anchors("c"));
+    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (0, 0));
+    assert!(!f.release("c"), "released once");
+}
+
+#[test]
+fn a_relay_at_its_session_limit_refuses_with_503() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    for n in 0..40 {
+        offer(&mut f, &format!("c{n}")).expect("under the relay's limit");
+    }
+    let r = offer(&mut f, "one-too-many").expect_err("the relay is full");
+    assert_eq!((r.code, r.reason.as_str()), (503, "Media Relay At Session Limit"));
+    assert!(!f.anchors("one-too-many"));
+}
