@@ -386,15 +386,8 @@ pub(crate) struct Media {
 /// One relay of `[media] relays`: `"ng:IP:PORT"`, or a table with `ng`, `weight`,
 /// `region` and `cidrs`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(try_from = "RawRelay")]
+#[serde(try_from = "toml::Value")]
 pub(crate) struct RelayEntry(pub(crate) pinhole_media::fleet::RelaySpec);
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum RawRelay {
-    Short(String),
-    Full(RelayTable),
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -412,12 +405,13 @@ fn one() -> u32 {
     1
 }
 
-impl TryFrom<RawRelay> for RelayEntry {
+impl TryFrom<toml::Value> for RelayEntry {
     type Error = String;
-    fn try_from(r: RawRelay) -> Result<Self, String> {
-        let t = match r {
-            RawRelay::Short(ng) => RelayTable { ng, weight: 1, region: None, cidrs: vec![] },
-            RawRelay::Full(t) => t,
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        let t = match v {
+            toml::Value::String(ng) => RelayTable { ng, weight: 1, region: None, cidrs: vec![] },
+            table @ toml::Value::Table(_) => RelayTable::deserialize(table).map_err(|e| e.message().to_owned())?,
+            other => return Err(format!("a relay is \"ng:IP:PORT\" or a table, not {}", other.type_str())),
         };
         let addr = t.ng.strip_prefix("ng:").unwrap_or(&t.ng);
         let ng = addr.parse().map_err(|_| format!("relay `{}` is not ng:IP:PORT", t.ng))?;

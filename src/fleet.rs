@@ -14,8 +14,11 @@ use crate::server::Shared;
 
 /// How long a call command waits for its reply before it is sent again, and how often it
 /// is sent. The SIP message that needs it waits meanwhile (as with Kamailio's rtpengine
-/// module), so a silent relay costs at most this much once before it is taken out.
-const WAIT: Duration = Duration::from_millis(250);
+/// module, whose default is 1 s × 5), so a silent relay costs at most this much, once,
+/// before it is taken out. Kept under T1 (500 ms): the message's SIP timers start from the
+/// clock read before the wait, and a wait past T1 would have its INVITE retransmitted at
+/// once.
+const WAIT: Duration = Duration::from_millis(150);
 const TRIES: u32 = 2;
 
 /// Call commands: one socket, one command at a time (the node is behind one lock).

@@ -18,8 +18,7 @@ pub(crate) fn run(shared: &Arc<Shared>, sock: &UdpSocket) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
-        let now = Instant::now();
-        if let Some(reply) = input(shared, |node| node.handle_ng(now, from, &buf[..n])) {
+        if let Some(reply) = input(shared, |node| node.handle_ng(Instant::now(), from, &buf[..n])) {
             let _ = sock.send_to(&reply, from);
         }
     }

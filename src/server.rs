@@ -375,8 +375,9 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
 
 /// Feeds one SIP message to the node and sends what it produces.
 fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
-    let now = Instant::now().into_std();
-    input(shared, |node| node.handle_sip(now, flow, data).is_ok())
+    // The clock is read once the node is ours: the wait for its lock (a fleet relay's
+    // reply, say) must not make the message's timers start in the past.
+    input(shared, |node| node.handle_sip(Instant::now().into_std(), flow, data).is_ok())
 }
 
 /// Runs one input on the locked node, executes what it produced (relay commands at once,
