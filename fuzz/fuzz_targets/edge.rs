@@ -21,6 +21,7 @@ fn spec(port: u16, expected: &str) -> PortSpec {
         expected: Expected { sdp: Some(expected.parse().expect("addr")), signalling_ip: None },
         mode: LatchMode::default(),
         stats: Arc::default(),
+        latched: None,
     }
 }
 

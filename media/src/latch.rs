@@ -136,6 +136,13 @@ impl Latch {
         Latch { mode, expected, learned: None, window_until: Some(now + LEARN_WINDOW) }
     }
 
+    /// A latch taken over from another relay node, already latched to `addr`: strict from
+    /// the start (no learning window; a rebind still follows the stream's proof).
+    pub fn restored(mode: LatchMode, expected: Expected, addr: SocketAddr) -> Latch {
+        let rank = expected.rank(addr).unwrap_or(2);
+        Latch { mode, expected, learned: Some(Learned { addr, rank, ssrc: None, seq: None }), window_until: None }
+    }
+
     /// A signalling event (offer, answer, re-INVITE) updated what to expect.
     pub fn on_signal(&mut self, now: Instant, expected: Expected) {
         self.expected = expected;

@@ -21,6 +21,8 @@ pub struct PortSlot<S> {
     pub peer: RelayPort,
     latch: Latch,
     stats: Arc<StreamStats>,
+    /// The latched source last published in `stats`.
+    published: Option<SocketAddr>,
 }
 
 /// Where an accepted packet goes: sent from `from_port` (bound on `from_ip`) to `to`.
@@ -56,7 +58,11 @@ impl<S> PortTable<S> {
             sock,
             bind: spec.bind,
             peer,
-            latch: Latch::new(spec.mode, spec.expected, now),
+            latch: match spec.latched {
+                Some(addr) => Latch::restored(spec.mode, spec.expected, addr),
+                None => Latch::new(spec.mode, spec.expected, now),
+            },
+            published: spec.latched,
             stats: spec.stats,
         });
         true
@@ -107,7 +113,14 @@ impl<S> PortTable<S> {
         let slot = self.slot_mut(port)?;
         let rtp = RtpInfo::parse(data);
         match slot.latch.on_packet(now, src, rtp) {
-            Verdict::Forward => slot.stats.on_packet(now_ns, data.len(), rtp),
+            Verdict::Forward => {
+                slot.stats.on_packet(now_ns, data.len(), rtp);
+                let latched = slot.latch.latched();
+                if latched != slot.published {
+                    slot.published = latched;
+                    slot.stats.set_latched(latched);
+                }
+            }
             Verdict::Drop(_) => {
                 slot.stats.on_drop();
                 return None;
@@ -135,6 +148,7 @@ mod tests {
             expected: Expected { sdp: Some(sdp.parse().expect("addr")), signalling_ip: None },
             mode: LatchMode::default(),
             stats: stats.clone(),
+            latched: None,
         }
     }
 

@@ -185,6 +185,8 @@ pub struct PortSpec {
     pub expected: Expected,
     pub mode: LatchMode,
     pub stats: Arc<StreamStats>,
+    /// Already latched to this source (a call restored from another relay node).
+    pub latched: Option<SocketAddr>,
 }
 
 /// What the data plane must do.
@@ -249,6 +251,12 @@ struct Stream {
     /// RTP port each side sends to (RTCP is +1).
     ports: PerSide<RelayPort>,
     stats: StreamCounters,
+    /// Where each side's signalling came from, and how the stream latches: what its ports
+    /// expect, kept for the call state a standby restores.
+    signalling: PerSide<Option<IpAddr>>,
+    mode: LatchMode,
+    /// The latched sources last written to the call state, as `StreamCounters` orders them.
+    saved_latches: [Option<SocketAddr>; 4],
 }
 
 #[derive(Debug)]
@@ -284,6 +292,12 @@ pub struct Relay {
     ended: Totals,
     /// When a timeout can next be due (see [`Relay::poll_timeout`]).
     next_check: Option<Instant>,
+    /// Calls whose state changed since [`Relay::poll_changed`] last took them, when the
+    /// call state is kept for a standby (see [`Relay::keep_state`]).
+    changed: std::collections::BTreeSet<String>,
+    keep_state: bool,
+    /// A standby mirrors another node's calls and ends none of them on its own.
+    standby: bool,
 }
 
 /// Relay-wide packet counters.
@@ -318,6 +332,9 @@ impl Relay {
             next_serial: 1,
             ended: Totals::default(),
             next_check: None,
+            changed: Default::default(),
+            keep_state: false,
+            standby: false,
         }
     }
 
@@ -466,6 +483,7 @@ impl Relay {
         let Some(call) = self.calls.remove(call_id) else {
             return false;
         };
+        self.mark_changed(call_id);
         let mut ports = Vec::new();
         for s in &call.streams {
             for st in s.stats.iter() {
@@ -540,10 +558,12 @@ impl Relay {
         let Some(stream) = call.streams.iter_mut().find(|s| s.ports[side].0 == rtp_port) else { return false };
         if !rtcp {
             stream.sdp[side] = Some(to);
+            stream.signalling[side] = None;
         }
         let expected = Expected { sdp: Some(to), signalling_ip: None };
         call.last_signal = now;
         self.commands.push_back(Command::Expect { shard: call.serial, port: RelayPort(port), expected });
+        self.mark_changed(&call_id);
         true
     }
 
@@ -590,7 +610,7 @@ impl Relay {
     /// moves deadlines later, so waking early is harmless). `None` without calls.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_check.filter(|_| !self.calls.is_empty())
+        self.next_check.filter(|_| !self.calls.is_empty() && !self.standby)
     }
 
     /// The deadline of one call: when it would end if nothing more happened.
@@ -621,6 +641,10 @@ impl Relay {
 
     /// Ends the calls whose offer, media or duration deadline has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.standby {
+            self.next_check = None;
+            return;
+        }
         let mut ended = Vec::new();
         let mut next: Option<Instant> = None;
         for (id, c) in &self.calls {
@@ -660,6 +684,7 @@ impl Relay {
             c.last[side] = Some((input.to_vec(), output.to_vec()));
             c.pending_offer = pending;
         }
+        self.mark_changed(call_id);
     }
 
     fn allocate(&mut self) -> Result<RelayPort, RelayError> {
@@ -719,11 +744,14 @@ impl Relay {
                         expected: expected[s],
                         mode: opts.mode,
                         stats: stats.get(component, s).clone(),
+                        latched: None,
                     };
                     self.commands.push_back(Command::Link { shard: serial, a: spec(Side::A), b: spec(Side::B) });
                 }
                 let mut sdp_addr = PerSide([None, None]);
                 sdp_addr[side] = expected_rtp.sdp;
+                let mut signalling = PerSide([None, None]);
+                signalling[side] = signalling_ip;
                 call.streams.push(Stream {
                     kind: m.kind.clone(),
                     proto: m.proto.clone(),
@@ -731,9 +759,13 @@ impl Relay {
                     iface,
                     ports,
                     stats,
+                    signalling,
+                    mode: opts.mode,
+                    saved_latches: [None; 4],
                 });
             } else {
                 call.streams[i].sdp[side] = expected_rtp.sdp;
+                call.streams[i].signalling[side] = signalling_ip;
                 let s = &call.streams[i];
                 for (port, e) in [(s.ports[side], expected_rtp), (RelayPort(s.ports[side].0 + 1), expected_rtcp)] {
                     self.commands.push_back(Command::Expect { shard: serial, port, expected: e });
@@ -751,6 +783,9 @@ impl Relay {
         Ok(sdp.rewrite(&Rewrite { media: anchors, origin, remove_ice: !opts.keep_ice }))
     }
 }
+
+mod state;
+pub use state::{CallState, RestoreError, StreamState};
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,9 @@
 //! Per-stream counters, written by exactly one forwarding thread and readable by anyone at
 //! any time without stopping forwarding (relaxed atomics; single writer).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
 use crate::latch::RtpInfo;
 
@@ -24,6 +26,9 @@ pub struct StreamStats {
     /// Interarrival jitter × 16 in timestamp units (RFC 3550 A.8), for 8 kHz clocks.
     jitter16: AtomicU32,
     last_transit: AtomicU32,
+    /// The source the port latched, published by the forwarding thread when it changes
+    /// (not per packet), for the relay's call state (takeover).
+    latched: Mutex<Option<SocketAddr>>,
 }
 
 impl StreamStats {
@@ -62,6 +67,15 @@ impl StreamStats {
             }
             self.last_transit.store(transit, Relaxed);
         }
+    }
+
+    /// The forwarding thread latched a new source (rare: once per stream, or a rebind).
+    pub fn set_latched(&self, addr: Option<SocketAddr>) {
+        *self.latched.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+    }
+
+    pub fn latched(&self) -> Option<SocketAddr> {
+        *self.latched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn on_drop(&self) {

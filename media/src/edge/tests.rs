@@ -33,6 +33,7 @@ fn spec(ip: &str, port: u16, expected: &str) -> PortSpec {
         expected: Expected { sdp: Some(addr(expected)), signalling_ip: None },
         mode: LatchMode::default(),
         stats: Arc::default(),
+        latched: None,
     }
 }
 
