@@ -38,16 +38,68 @@ pub(crate) struct ClusterConfig {
 
 /// Starts the sync thread.
 pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let client = redis::Client::open(cfg.redis.as_str())?;
-    std::thread::Builder::new().name("cluster".into()).spawn(move || Sync::new(cfg, client, shared).run())?;
+    let redis = RedisLink::open(&cfg.redis)?;
+    std::thread::Builder::new().name("cluster".into()).spawn(move || Sync::new(cfg, redis, shared).run())?;
     Ok(())
+}
+
+/// A Redis connection made on demand and dropped on error, so the next use reconnects.
+pub(crate) struct RedisLink {
+    client: redis::Client,
+    con: Option<redis::Connection>,
+}
+
+impl RedisLink {
+    pub(crate) fn open(url: &str) -> anyhow::Result<RedisLink> {
+        Ok(RedisLink { client: redis::Client::open(url)?, con: None })
+    }
+
+    pub(crate) fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
+        if self.con.is_none() {
+            let con = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
+            con.set_read_timeout(Some(Duration::from_secs(1)))?;
+            con.set_write_timeout(Some(Duration::from_secs(1)))?;
+            self.con = Some(con);
+        }
+        self.con.as_mut().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::IoError, "no connection")))
+    }
+
+    pub(crate) fn drop_connection(&mut self) {
+        self.con = None;
+    }
+
+    /// Every key under `prefix` with its value (SCAN, then MGET in chunks).
+    pub(crate) fn values_under(&mut self, prefix: &str) -> redis::RedisResult<Vec<(String, String)>> {
+        let con = self.connection()?;
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query(con)?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(con)?;
+            out.extend(chunk.iter().cloned().zip(values).filter_map(|(k, v)| Some((k, v?))));
+        }
+        Ok(out)
+    }
 }
 
 struct Sync {
     cfg: ClusterConfig,
-    client: redis::Client,
+    redis: RedisLink,
     shared: Arc<Shared>,
-    con: Option<redis::Connection>,
     /// What was written last, by key: written again only when it changes.
     pushed: HashMap<String, String>,
     /// Whether Redis answered last time (None: not tried yet).
@@ -57,10 +109,10 @@ struct Sync {
 }
 
 impl Sync {
-    fn new(cfg: ClusterConfig, client: redis::Client, shared: Arc<Shared>) -> Sync {
+    fn new(cfg: ClusterConfig, redis: RedisLink, shared: Arc<Shared>) -> Sync {
         metrics::gauge!("pinhole_cluster_redis_up").set(0.0);
         metrics::counter!("pinhole_cluster_reconciles_total").absolute(0);
-        Sync { cfg, client, shared, con: None, pushed: HashMap::new(), up: None, restored: false }
+        Sync { cfg, redis, shared, pushed: HashMap::new(), up: None, restored: false }
     }
 
     fn run(mut self) {
@@ -83,7 +135,7 @@ impl Sync {
                         tracing::warn!(error = %e, "Redis unreachable: serving from the local cache");
                     }
                     self.up = Some(false);
-                    self.con = None;
+                    self.redis.drop_connection();
                     // Everything is written again once Redis answers.
                     self.pushed.clear();
                     metrics::gauge!("pinhole_cluster_redis_up").set(0.0);
@@ -91,16 +143,6 @@ impl Sync {
             }
             std::thread::sleep(SYNC_EVERY);
         }
-    }
-
-    fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
-        if self.con.is_none() {
-            let con = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
-            con.set_read_timeout(Some(Duration::from_secs(1)))?;
-            con.set_write_timeout(Some(Duration::from_secs(1)))?;
-            self.con = Some(con);
-        }
-        self.con.as_mut().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::IoError, "no connection")))
     }
 
     /// One round: our bindings out, everyone's in. Returns (ours, others') counts.
@@ -150,7 +192,7 @@ impl Sync {
             pipe.cmd("DEL").arg(gone).ignore();
         }
         let count = current.len();
-        pipe.query::<()>(self.connection()?)?;
+        pipe.query::<()>(self.redis.connection()?)?;
         self.pushed = current;
         let remote: Vec<(String, Binding)> =
             self.read_all()?.into_iter().filter(|(_, b)| b.node.as_deref() != Some(&self.cfg.node)).collect();
@@ -161,31 +203,11 @@ impl Sync {
 
     /// Every binding in Redis.
     fn read_all(&mut self) -> redis::RedisResult<Vec<(String, Binding)>> {
-        let con = self.connection()?;
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{KEY_PREFIX}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query(con)?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(500) {
-            let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(con)?;
-            for v in values.into_iter().flatten() {
-                match serde_json::from_str::<Entry>(&v) {
-                    Ok(e) => out.push((e.aor, e.binding)),
-                    Err(_) => metrics::counter!("pinhole_cluster_garbage_total").increment(1),
-                }
+        let mut out = Vec::new();
+        for (_, v) in self.redis.values_under(KEY_PREFIX)? {
+            match serde_json::from_str::<Entry>(&v) {
+                Ok(e) => out.push((e.aor, e.binding)),
+                Err(_) => metrics::counter!("pinhole_cluster_garbage_total").increment(1),
             }
         }
         Ok(out)

@@ -59,6 +59,17 @@ pub(crate) struct ClusterSpec {
     pub(crate) node: String,
     #[serde(default)]
     pub(crate) address: Option<SocketAddr>,
+    /// The relay's call state in Redis, for takeover: `active` writes it, `standby`
+    /// mirrors it until the relay's address moves here. Off when absent.
+    #[serde(default)]
+    pub(crate) calls: Option<CallsRole>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CallsRole {
+    Active,
+    Standby,
 }
 
 /// `[cdr]`: where call records go, and the size at which the file is rotated (0: never;
@@ -675,22 +686,46 @@ impl Config {
             if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
                 err("node", "node must be a name without spaces".into());
             }
-            if c.address.is_none() && !self.sip.listen.iter().any(|l| l.transport == Transport::Udp) {
+            let sip = !self.sip.listen.is_empty();
+            if sip && c.address.is_none() && !self.sip.listen.iter().any(|l| l.transport == Transport::Udp) {
                 err("address", "a cluster node needs a UDP listener or an address".into());
+            }
+            if c.calls.is_some() && (self.relay().is_none() || !self.media.relays.is_empty()) {
+                err("calls", "call state is a relay's: it needs media.mode = \"relay\" and no media.relays".into());
             }
         }
         errs
     }
 
-    /// The cluster settings, with this node's address worked out.
+    /// The cluster's registration sharing, with this node's address worked out (none on a
+    /// node without SIP).
     pub(crate) fn cluster(&self) -> Option<crate::cluster::ClusterConfig> {
         let c = self.cluster.as_ref()?;
+        if self.sip.listen.is_empty() {
+            return None;
+        }
         let address = c.address.or_else(|| {
             let l = self.sip.listen.iter().find(|l| l.transport == Transport::Udp)?;
             let ip = self.advertise_for(l).parse().unwrap_or(l.addr.ip());
             Some(SocketAddr::new(ip, l.addr.port()))
         })?;
         Some(crate::cluster::ClusterConfig { redis: c.redis.clone(), node: c.node.clone(), address })
+    }
+
+    /// The relay call state's settings (`[cluster] calls`): keys under the relay's first
+    /// advertised address, which the active node and its standby share.
+    pub(crate) fn call_store(&self) -> Option<crate::takeover::CallStoreConfig> {
+        let c = self.cluster.as_ref()?;
+        let role = c.calls?;
+        let relay = self.relay()?;
+        let address = relay.interfaces.first()?.advertise;
+        Some(crate::takeover::CallStoreConfig {
+            redis: c.redis.clone(),
+            node: c.node.clone(),
+            prefix: format!("pinhole:call:{address}:"),
+            standby: role == CallsRole::Standby,
+            ttl: self.media.max_duration.max(1),
+        })
     }
 
     /// `[[trunk]]` and `[[route]]`: names unique, routes naming trunks that exist, patterns

@@ -20,6 +20,7 @@ mod probe;
 mod server;
 mod store;
 mod stun;
+mod takeover;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

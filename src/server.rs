@@ -301,6 +301,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(c) = cfg.cluster() {
         crate::cluster::start(c, shared.clone()).context("starting the cluster sync")?;
     }
+    if let Some(c) = cfg.call_store() {
+        crate::takeover::start(c, shared.clone()).context("starting the call state sync")?;
+    }
     tokio::spawn(store_loop(shared.clone(), store, clustered));
 
     shutdown_signal().await;
@@ -415,6 +418,11 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<st
                 }
             }
             Output::Event(pinhole_core::Event::CallRecord(r)) => write_record(shared, &r),
+            Output::Event(pinhole_core::Event::TookOver { calls }) => {
+                metrics::gauge!("pinhole_takeover_standby").set(0.0);
+                metrics::counter!("pinhole_takeovers_total").increment(1);
+                tracing::warn!(calls, "ng reached this standby: taking over the relay's calls");
+            }
             Output::Event(pinhole_core::Event::FleetRelay { relay, up, why }) => {
                 if up {
                     tracing::info!(%relay, why, "relay back in the fleet");

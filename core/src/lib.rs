@@ -145,6 +145,9 @@ impl MediaAnchor for Media {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
+    /// This standby relay got its first ng command: the address moved here, and the calls
+    /// it mirrored are its own now.
+    TookOver { calls: usize },
     /// A relay of the fleet was taken out (`up == false`) or came back.
     FleetRelay { relay: SocketAddr, up: bool, why: &'static str },
     /// The relay ended a call on its own; its dialog is being torn down (BYE both sides).
@@ -289,6 +292,7 @@ impl Node {
 
     /// One ng datagram from `from`; its reply, if it deserves one.
     pub fn handle_ng(&mut self, now: Instant, _from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+        self.take_over(now);
         let reply = self.ng.handle(now, Media::local(self.proxy.media_mut()), datagram);
         self.publish_usage();
         reply
@@ -296,9 +300,20 @@ impl Node {
 
     /// Bytes received on an ng TCP stream: the replies to every whole message in `buf`.
     pub fn handle_ng_stream(&mut self, now: Instant, buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, NgStreamError> {
+        self.take_over(now);
         let replies = self.ng.handle_stream(now, Media::local(self.proxy.media_mut()), buf);
         self.publish_usage();
         replies
+    }
+
+    /// A standby that hears ng has had the relay's address moved to it: it becomes the
+    /// active node, keeping the calls it mirrored (their state is written from now on).
+    fn take_over(&mut self, now: Instant) {
+        let Some(relay) = self.relay_mut().filter(|r| r.is_standby()) else { return };
+        relay.set_standby(false, now);
+        relay.keep_state(true);
+        let calls = relay.call_count();
+        self.events.push_back(Event::TookOver { calls });
     }
 
     /// Fires whatever is due: relay deadlines (calls it ends are torn down by the proxy),

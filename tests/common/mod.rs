@@ -628,6 +628,23 @@ pub fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
     false
 }
 
+/// Runs `f` on a thread that has entered network namespace `ns` (a socket it opens stays in
+/// that namespace whichever thread uses it later).
+#[allow(unsafe_code)]
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a namespace file we hold open; it changes only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
 #[cfg(test)]
 mod audio_tests {
     #[test]

@@ -256,3 +256,58 @@ impl Drop for NatLab {
         }
     }
 }
+
+/// One flat segment: a hub namespace with a bridge on 203.0.113.1/24 and hosts, each in its
+/// own namespace with `eth0` on the bridge. An address can be moved between hosts (a
+/// virtual IP) with [`Segment::move_address`].
+pub struct Segment {
+    pub hub: String,
+    pub hosts: Vec<String>,
+}
+
+impl Segment {
+    /// Hosts with these addresses (in 203.0.113.0/24), in order.
+    pub fn new(addresses: &[&str]) -> Segment {
+        remove_stale();
+        let id = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let hub = format!("{id}h");
+        add_ns(&hub);
+        ns_exec(&hub, &["ip", "link", "add", "br0", "type", "bridge"]);
+        ns_exec(&hub, &["ip", "addr", "add", &format!("{WAN_SERVER}/24"), "dev", "br0"]);
+        ns_exec(&hub, &["ip", "link", "set", "br0", "up"]);
+        let mut hosts = Vec::new();
+        for (i, addr) in addresses.iter().enumerate() {
+            let host = format!("{id}s{i}");
+            add_ns(&host);
+            let port = format!("p{i}");
+            must(&["link", "add", "eth0", "netns", &host, "type", "veth", "peer", "name", &port, "netns", &hub]);
+            ns_exec(&hub, &["ip", "link", "set", &port, "master", "br0"]);
+            ns_exec(&hub, &["ip", "link", "set", &port, "up"]);
+            ns_exec(&host, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ns_exec(&host, &["ip", "link", "set", "eth0", "up"]);
+            hosts.push(host);
+        }
+        Segment { hub, hosts }
+    }
+
+    /// Moves `addr` from host `from` to host `to` and makes every namespace on the segment
+    /// forget where it was (what a gratuitous ARP from the new holder does).
+    pub fn move_address(&self, addr: &str, from: usize, to: usize) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.hosts[from], "addr", "del", &format!("{addr}/24"), "dev", "eth0"])
+            .output();
+        ns_exec(&self.hosts[to], &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        for ns in std::iter::once(&self.hub).chain(&self.hosts) {
+            let _ = Command::new("ip").args(["-n", ns, "neigh", "flush", "to", addr]).output();
+        }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain(std::iter::once(&self.hub)) {
+            let _ = ip(&["netns", "del", ns]);
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Relay takeover through Redis (`[cluster] calls`), rtpengine's model: the active relay
+//! writes each call's state (`pinhole:call:<relay address>:<Call-ID>`, one JSON value) when
+//! it changes — signalling, a latch, the end — never per packet. A standby with the same
+//! `[media] interfaces` address mirrors those calls on the same ports; when the address
+//! moves to it (a virtual IP) and ng reaches it, it is the active node (see
+//! `pinhole_core::Node`), and it writes from then on.
+//!
+//! The standby binds an address it does not have yet: it needs
+//! `net.ipv4.ip_nonlocal_bind = 1` (as keepalived setups for rtpengine do).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pinhole_media::relay::CallState;
+
+use crate::cluster::RedisLink;
+use crate::server::{unix_now, Shared};
+
+/// How often the active node writes what changed, and the standby reads.
+const WRITE_EVERY: Duration = Duration::from_millis(100);
+const MIRROR_EVERY: Duration = Duration::from_millis(250);
+
+pub(crate) struct CallStoreConfig {
+    pub(crate) redis: String,
+    pub(crate) node: String,
+    /// Key prefix: the relay's address, shared by the active node and its standby.
+    pub(crate) prefix: String,
+    pub(crate) standby: bool,
+    /// Keys expire after the longest call.
+    pub(crate) ttl: u64,
+}
+
+pub(crate) fn start(cfg: CallStoreConfig, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let redis = RedisLink::open(&cfg.redis)?;
+    {
+        let mut node = shared.node();
+        // An active node first takes back what Redis holds under its address (a restart
+        // in place), as a standby would, then writes.
+        if let Some(relay) = node.relay_mut() {
+            relay.set_standby(true, std::time::Instant::now());
+            relay.keep_state(false);
+        }
+    }
+    if cfg.standby {
+        check_nonlocal_bind();
+    }
+    tracing::info!(node = %cfg.node, keys = %cfg.prefix, role = if cfg.standby { "standby" } else { "active" }, "relay call state in Redis");
+    metrics::gauge!("pinhole_takeover_standby").set(if cfg.standby { 1.0 } else { 0.0 });
+    let mut store = CallStore { cfg, redis, shared, pending: HashMap::new(), mirrored: HashMap::new(), up: None };
+    std::thread::Builder::new().name("calls".into()).spawn(move || store.run())?;
+    Ok(())
+}
+
+fn check_nonlocal_bind() {
+    let on = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind").is_ok_and(|v| v.trim() == "1");
+    if !on {
+        tracing::warn!(
+            "standby without net.ipv4.ip_nonlocal_bind = 1: relay ports on an address not yet here cannot be bound"
+        );
+    }
+}
+
+struct CallStore {
+    cfg: CallStoreConfig,
+    redis: RedisLink,
+    shared: Arc<Shared>,
+    /// Active: changes not yet written (`None`: delete), kept across a Redis outage.
+    pending: HashMap<String, Option<String>>,
+    /// Standby: the value each mirrored call was restored from.
+    mirrored: HashMap<String, String>,
+    up: Option<bool>,
+}
+
+impl CallStore {
+    fn run(&mut self) {
+        if !self.cfg.standby {
+            let r = self.mirror();
+            let n = self.mirrored.len();
+            self.note(r);
+            let mut node = self.shared.node();
+            if let Some(relay) = node.relay_mut() {
+                relay.set_standby(false, std::time::Instant::now());
+                relay.keep_state(true);
+            }
+            if n > 0 {
+                tracing::info!(calls = n, "calls taken back from Redis at start");
+            }
+        }
+        loop {
+            let standby = self.shared.node().relay().is_some_and(|r| r.is_standby());
+            let r = if standby { self.mirror() } else { self.write() };
+            self.note(r);
+            std::thread::sleep(if standby { MIRROR_EVERY } else { WRITE_EVERY });
+        }
+    }
+
+    fn note(&mut self, r: redis::RedisResult<()>) {
+        match r {
+            Ok(()) => {
+                if self.up == Some(false) {
+                    tracing::info!(pending = self.pending.len(), "Redis is back: call state written again");
+                }
+                self.up = Some(true);
+                metrics::gauge!("pinhole_takeover_redis_up").set(1.0);
+            }
+            Err(e) => {
+                if self.up != Some(false) {
+                    tracing::warn!(error = %e, "Redis unreachable: call state kept until it is back");
+                }
+                self.up = Some(false);
+                self.redis.drop_connection();
+                metrics::gauge!("pinhole_takeover_redis_up").set(0.0);
+            }
+        }
+    }
+
+    /// Active: the calls that changed since last time, written in one pipeline.
+    fn write(&mut self) -> redis::RedisResult<()> {
+        // Mirrored calls are ours now; later changes are written as they come.
+        self.mirrored.clear();
+        {
+            let mut node = self.shared.node();
+            let Some(relay) = node.relay_mut() else { return Ok(()) };
+            relay.note_latches();
+            let (now, unix) = (std::time::Instant::now(), unix_now());
+            while let Some((id, state)) = relay.poll_changed(now, unix) {
+                let json = state.and_then(|s| serde_json::to_string(&s).ok());
+                self.pending.insert(id, json);
+            }
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let (mut sets, mut dels) = (0u64, 0u64);
+        for (id, json) in &self.pending {
+            let key = format!("{}{id}", self.cfg.prefix);
+            match json {
+                Some(v) => {
+                    pipe.cmd("SET").arg(&key).arg(v).arg("EX").arg(self.cfg.ttl).ignore();
+                    sets += 1;
+                }
+                None => {
+                    pipe.cmd("DEL").arg(&key).ignore();
+                    dels += 1;
+                }
+            }
+        }
+        pipe.query::<()>(self.redis.connection()?)?;
+        self.pending.clear();
+        metrics::counter!("pinhole_takeover_writes_total", "op" => "set").increment(sets);
+        metrics::counter!("pinhole_takeover_writes_total", "op" => "delete").increment(dels);
+        Ok(())
+    }
+
+    /// Standby: every call under the relay's address, restored (or replaced) when its
+    /// value changed, and dropped when its key is gone.
+    fn mirror(&mut self) -> redis::RedisResult<()> {
+        let values = self.redis.values_under(&self.cfg.prefix)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut restored = 0usize;
+        crate::server::input(&self.shared, |node| {
+            let Some(relay) = node.relay_mut().filter(|r| r.is_standby()) else { return };
+            let (now, unix) = (std::time::Instant::now(), unix_now());
+            for (key, json) in &values {
+                let id = &key[self.cfg.prefix.len()..];
+                seen.insert(id.to_owned());
+                if self.mirrored.get(id) == Some(json) {
+                    continue;
+                }
+                match serde_json::from_str::<CallState>(json) {
+                    Ok(st) if st.call_id == id => match relay.restore(now, unix, &st) {
+                        Ok(()) => {
+                            self.mirrored.insert(id.to_owned(), json.clone());
+                            restored += 1;
+                        }
+                        Err(e) => {
+                            metrics::counter!("pinhole_takeover_restore_errors_total").increment(1);
+                            tracing::warn!(call_id = id, error = %e, "call state not restored");
+                        }
+                    },
+                    _ => metrics::counter!("pinhole_takeover_garbage_total").increment(1),
+                }
+            }
+            let gone: Vec<String> = self.mirrored.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+            for id in gone {
+                relay.delete(&id);
+                self.mirrored.remove(&id);
+            }
+            metrics::gauge!("pinhole_takeover_mirrored_calls").set(self.mirrored.len() as f64);
+        });
+        if restored > 0 {
+            tracing::debug!(restored, mirrored = self.mirrored.len(), "calls mirrored from Redis");
+        }
+        Ok(())
+    }
+}
