@@ -238,3 +238,27 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     let (_, why) = r.drain().expect("a timer");
     assert!(["sip transaction timer", "fleet statistics"].contains(&why), "{why}");
 }
+
+#[test]
+fn a_standby_relay_takes_over_when_ng_first_reaches_it() {
+    let now = Instant::now();
+    let mut active = Run::new();
+    active.sip(TRUNK, &invite());
+    let state = active.node.relay().and_then(|r| r.export("node-call", now, 1_700_000_000)).expect("state");
+
+    let mut standby = Run::new();
+    let relay = standby.node.relay_mut().expect("relay");
+    relay.set_standby(true, now);
+    relay.restore(now, 1_700_000_000, &state).expect("restored");
+    standby.drain();
+    assert!(standby.commands >= 2, "the mirrored call's ports are linked");
+    assert!(standby.events.is_empty());
+
+    standby.node.handle_ng(now, addr("127.0.0.1:9"), b"p1 d7:command4:pinge").expect("pong");
+    standby.drain();
+    assert_eq!(standby.events, vec![Event::TookOver { calls: 1 }]);
+    assert!(!standby.node.relay().expect("relay").is_standby());
+    standby.node.handle_ng(now, addr("127.0.0.1:9"), b"p2 d7:command4:pinge").expect("pong");
+    standby.drain();
+    assert_eq!(standby.events.len(), 1, "taken over once");
+}

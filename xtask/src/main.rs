@@ -178,7 +178,7 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua"] {
+    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster"] {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut c = Command::new("cargo");

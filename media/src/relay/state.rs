@@ -48,7 +48,7 @@ pub struct StreamState {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RestoreError {
-    #[error("port {0} is outside this relay's range or in use by another call")]
+    #[error("port {0} is outside this relay's range, in use by another call, or listed twice")]
     PortUnavailable(u16),
     #[error("interface {0} is not configured here")]
     UnknownInterface(usize),
@@ -159,7 +159,15 @@ impl Relay {
         if let Some(c) = &old {
             held.extend(c.streams.iter().flat_map(|s| s.ports.0.map(|p| p.0)));
         }
+        let mut wanted: Vec<u16> = Vec::new();
         for s in &st.streams {
+            for p in s.ports {
+                if wanted.contains(&p) {
+                    self.put_back(&st.call_id, old);
+                    return Err(RestoreError::PortUnavailable(p));
+                }
+                wanted.push(p);
+            }
             for &i in &s.iface {
                 if i >= self.cfg.interfaces.len() {
                     self.put_back(&st.call_id, old);
@@ -181,7 +189,6 @@ impl Relay {
             self.delete(&st.call_id);
             self.keep_state = keep;
         }
-        let wanted: Vec<u16> = st.streams.iter().flat_map(|s| s.ports).collect();
         self.free.retain(|p| !wanted.contains(p));
         let serial = self.next_serial;
         self.next_serial += 1;

@@ -1,0 +1,56 @@
+//! What crosses between cluster nodes: a relay's call state read back from Redis (restored
+//! on a standby, whatever it holds), and a fleet relay's ng replies (statistics on the
+//! fleet socket, replies to offer/answer/delete). Nothing may panic, and a state that
+//! restores exports to one that restores again.
+#![no_main]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use pinhole_media::anchor::MediaAnchor;
+use pinhole_media::fleet::{Fleet, NgExchange, RelaySpec};
+use pinhole_media::relay::{CallState, Relay, RelayConfig};
+
+/// A relay that answers every command with the fuzz input.
+struct Replies(Vec<u8>);
+
+impl NgExchange for Replies {
+    fn exchange(&mut self, _to: SocketAddr, _cookie: &str, _payload: &[u8]) -> Option<Vec<u8>> {
+        (!self.0.is_empty()).then(|| self.0.clone())
+    }
+}
+
+const SDP: &[u8] = b"v=0\r\no=- 1 1 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.51.100.10\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+
+fuzz_target!(|data: &[u8]| {
+    let now = Instant::now();
+    let mut relay = Relay::new(RelayConfig::single("203.0.113.21".parse().expect("ip"), 30000, 30099), now);
+    relay.set_standby(true, now);
+    if let Ok(state) = serde_json::from_slice::<CallState>(data) {
+        if relay.restore(now, 1_700_000_000, &state).is_ok() {
+            let back = relay.export(&state.call_id, now, 1_700_000_000).expect("restored call exports");
+            let mut again = Relay::new(RelayConfig::single("203.0.113.21".parse().expect("ip"), 30000, 30099), now);
+            assert!(again.restore(now, 1_700_000_000, &back).is_ok(), "an exported state restores");
+            while relay.poll_command().is_some() {}
+            relay.set_standby(false, now);
+            relay.handle_timeout(now + Duration::from_secs(3600));
+        }
+    }
+
+    let spec = |n: u8| RelaySpec {
+        ng: SocketAddr::new(format!("203.0.113.{n}").parse().expect("ip"), 2223),
+        weight: 1,
+        region: None,
+        cidrs: vec![],
+    };
+    let mut fleet = Fleet::new(vec![spec(21), spec(22)], Replies(data.to_vec()), now, 100, Duration::from_secs(60));
+    let _ = fleet.handle_reply(spec(21).ng, data);
+    let ip = "198.51.100.10".parse().expect("ip");
+    let _ = fleet.anchor_sdp(now, "c", "a", SDP, ip, None);
+    let _ = fleet.anchor_sdp(now, "c", "b", SDP, ip, None);
+    let _ = fleet.anchor_sdp(now, "c", "a", SDP, ip, None);
+    fleet.release("c");
+    while fleet.poll_transmit(now).is_some() {}
+    while fleet.poll_change().is_some() {}
+});
