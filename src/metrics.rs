@@ -56,6 +56,10 @@ fn register_defaults() {
         "pinhole_sip_replies_suppressed_total",
         "pinhole_sip_dialogs_refused_total",
         "pinhole_metrics_refused_total",
+        "pinhole_fleet_garbage_total",
+        "pinhole_takeovers_total",
+        "pinhole_takeover_restore_errors_total",
+        "pinhole_takeover_garbage_total",
     ] {
         metrics::counter!(name).absolute(0);
     }

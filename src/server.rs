@@ -187,6 +187,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     } else {
         for r in &fleet {
             tracing::info!(relay = %r.ng, weight = r.weight, region = r.region.as_deref().unwrap_or("-"), "media on a fleet relay");
+            let label = r.ng.to_string();
+            metrics::gauge!("pinhole_fleet_relay_up", "relay" => label.clone()).set(1.0);
+            metrics::counter!("pinhole_fleet_calls_total", "relay" => label.clone()).absolute(0);
+            metrics::counter!("pinhole_fleet_failures_total", "relay" => label).absolute(0);
         }
         let x: pinhole_core::Exchange = Box::new(crate::fleet::BlockingNg::new()?);
         (Some(x), Some(crate::fleet::bind()?))

@@ -47,6 +47,9 @@ pub(crate) fn start(cfg: CallStoreConfig, shared: Arc<Shared>) -> anyhow::Result
     }
     tracing::info!(node = %cfg.node, keys = %cfg.prefix, role = if cfg.standby { "standby" } else { "active" }, "relay call state in Redis");
     metrics::gauge!("pinhole_takeover_standby").set(if cfg.standby { 1.0 } else { 0.0 });
+    for op in ["set", "delete"] {
+        metrics::counter!("pinhole_takeover_writes_total", "op" => op).absolute(0);
+    }
     let mut store = CallStore { cfg, redis, shared, pending: HashMap::new(), mirrored: HashMap::new(), up: None };
     std::thread::Builder::new().name("calls".into()).spawn(move || store.run())?;
     Ok(())

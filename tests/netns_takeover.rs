@@ -237,9 +237,10 @@ fn a_relay_killed_mid_call_is_taken_over_by_its_standby_and_media_resumes() {
         ),
     );
     let edge_metrics = format!("{WAN_SERVER}:9090");
-    let up = format!("pinhole_fleet_relay_up{{relay=\"{VIP}:2223\"}}");
+    // Set only from the relay's statistics reply.
+    let heard = format!("pinhole_fleet_relay_sessions{{relay=\"{VIP}:2223\"}}");
     assert!(
-        wait_until(Duration::from_secs(10), || metric(&hub, &edge_metrics, &up) == Some(1.0)),
+        wait_until(Duration::from_secs(10), || metric(&hub, &edge_metrics, &heard) == Some(0.0)),
         "the edge never heard the relay\n{}\n{}",
         log(d, "edge"),
         log(d, "relay-a")
