@@ -96,6 +96,9 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
             use_tcp(&agent, &link, media.clone(), l.addr, cfg.agent.server, cfg.sip.max_message_size);
         }
         measure_nat(cfg.agent.stun(), l.addr, agent.clone(), link.clone(), media.clone(), &cfg);
+        if !cfg.agent.relays.is_empty() {
+            measure_relays(cfg.agent.relays.clone(), l.addr, agent.clone());
+        }
         if let Some(m) = media.clone() {
             start_relay_timers(agent.clone(), m, link.clone());
         }
@@ -111,6 +114,55 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// How often the round trips to the relays are measured again.
+const RELAY_RTT_EVERY: Duration = Duration::from_secs(60);
+
+/// Measures the round trip from `local`'s address to each relay's STUN service (the best of
+/// three Binding requests, 500 ms each), now and every minute, for the REGISTERs the agent
+/// relays. A relay that never answers is left out.
+fn measure_relays(relays: Vec<SocketAddr>, local: SocketAddr, agent: SharedAgent) {
+    let spawned = std::thread::Builder::new().name("agent relay rtt".into()).spawn(move || loop {
+        let mut rtts = Vec::new();
+        for relay in relays.iter().take(pinhole_media::fleet::MAX_RTTS) {
+            let Ok(sock) = UdpSocket::bind(SocketAddr::new(local.ip(), 0)) else { continue };
+            let best = (0..3).filter_map(|_| stun_rtt(&sock, *relay)).min();
+            match best {
+                Some(d) => rtts.push((*relay, u32::try_from(d.as_millis()).unwrap_or(u32::MAX))),
+                None => tracing::debug!(%relay, "relay STUN unanswered"),
+            }
+        }
+        if !rtts.is_empty() {
+            let header = pinhole_media::fleet::rtts_header(&rtts);
+            tracing::info!(rtts = %header, "relay round trips");
+            agent.lock().unwrap_or_else(|e| e.into_inner()).set_relay_rtts(header);
+        }
+        std::thread::sleep(RELAY_RTT_EVERY);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the relay round-trip measurement");
+    }
+}
+
+/// One Binding request's round trip, if answered within 500 ms.
+fn stun_rtt(sock: &UdpSocket, to: SocketAddr) -> Option<Duration> {
+    let txid: [u8; 12] = rand::random();
+    let sent = std::time::Instant::now();
+    sock.send_to(&pinhole_media::stun::binding_request(txid), to).ok()?;
+    let deadline = sent + Duration::from_millis(500);
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        sock.set_read_timeout(Some(left)).ok()?;
+        let (n, from) = sock.recv_from(&mut buf).ok()?;
+        if from == to && pinhole_media::stun::answers(&buf[..n], txid) {
+            return Some(sent.elapsed());
+        }
+    }
 }
 
 /// Classifies the NAT in front of `local` against the server's STUN service (RFC 5780), in

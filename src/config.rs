@@ -410,6 +410,9 @@ struct RelayTable {
     region: Option<String>,
     #[serde(default)]
     cidrs: Vec<CidrSpec>,
+    /// The relay's STUN service, which agents measure their round trip to.
+    #[serde(default)]
+    stun: Option<SocketAddr>,
 }
 
 fn one() -> u32 {
@@ -420,7 +423,7 @@ impl TryFrom<toml::Value> for RelayEntry {
     type Error = String;
     fn try_from(v: toml::Value) -> Result<Self, String> {
         let t = match v {
-            toml::Value::String(ng) => RelayTable { ng, weight: 1, region: None, cidrs: vec![] },
+            toml::Value::String(ng) => RelayTable { ng, weight: 1, region: None, cidrs: vec![], stun: None },
             table @ toml::Value::Table(_) => RelayTable::deserialize(table).map_err(|e| e.message().to_owned())?,
             other => return Err(format!("a relay is \"ng:IP:PORT\" or a table, not {}", other.type_str())),
         };
@@ -434,6 +437,7 @@ impl TryFrom<toml::Value> for RelayEntry {
             weight: t.weight,
             region: t.region,
             cidrs: t.cidrs.into_iter().map(|c| c.0).collect(),
+            stun: t.stun,
         }))
     }
 }
@@ -510,6 +514,10 @@ pub(crate) struct AgentSection {
     /// blocked), `udp` or `tcp`.
     #[serde(default)]
     pub(crate) transport: AgentTransport,
+    /// The STUN services of the server's relays: their round trips are measured and
+    /// reported with REGISTERs (`Pinhole-RTT`), so each call gets the nearest relay.
+    #[serde(default)]
+    pub(crate) relays: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -14,8 +14,9 @@ use common::{free_port, wait_for, Bg, Pinhole, PinholeOptions, TempDir};
 const AGENT_IP: &str = "127.0.0.2";
 
 fn agent_config(server: &str, port: u16, stun: &str) -> String {
+    // The server's STUN stands in for a relay's: the agent measures its round trip too.
     format!(
-        "[agent]\nserver = \"{server}\"\nstun = \"{stun}\"\n[sip]\nlisten = [\"udp:{AGENT_IP}:{port}\"]\n\
+        "[agent]\nserver = \"{server}\"\nstun = \"{stun}\"\nrelays = [\"{stun}\"]\n[sip]\nlisten = [\"udp:{AGENT_IP}:{port}\"]\n\
          [media]\ninterfaces = [{{ name = \"lan\", bind = \"{AGENT_IP}\" }}]\nport_min = 31000\nport_max = 31999\n"
     )
 }
@@ -47,6 +48,10 @@ fn a_phone_behind_the_agent_registers_with_its_own_digest_and_receives_calls_thr
     let _agent = start_agent(&dir, &ph.sip(), port, &stun);
     // The agent measures its NAT against the server's STUN before reporting it.
     assert!(wait_for(&dir.path().join("agent.log"), "NAT profile", Duration::from_secs(30)), "no NAT profile");
+    assert!(
+        wait_for(&dir.path().join("agent.log"), &format!("relay round trips rtts={stun}="), Duration::from_secs(10)),
+        "no round trip to the relay's STUN measured"
+    );
     let agent = format!("{AGENT_IP}:{port}");
     let route = format!("Route: <sip:{agent};lr>\nMax-Forwards: 70");
 
@@ -67,6 +72,9 @@ fn a_phone_behind_the_agent_registers_with_its_own_digest_and_receives_calls_thr
     assert!(ph.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(3)));
     // The profile rode on the authenticated REGISTER and is kept with the binding.
     assert!(wait_for(&dir.path().join("store.json"), "\"nat_profile\":\"", Duration::from_secs(3)), "profile stored");
+    // So are its round trips to the relays, for the fleet to pick the nearest.
+    let rtts = format!("\"relay_rtts\":\"{stun}=");
+    assert!(wait_for(&dir.path().join("store.json"), &rtts, Duration::from_secs(3)), "round trips not stored");
 
     // bob calls alice: the server sends to the agent's flow, the agent to alice's phone.
     let bob = Phone::bind("127.0.0.4");

@@ -112,6 +112,12 @@ impl MediaAnchor for Media {
         }
     }
 
+    fn prefer(&mut self, call_id: &str, caller: Option<&str>, callee: Option<&str>) {
+        if let Media::Fleet(f) = self {
+            f.prefer(call_id, caller, callee);
+        }
+    }
+
     fn release(&mut self, call_id: &str) -> bool {
         match self {
             Media::Local(r) => r.release(call_id),

@@ -202,8 +202,13 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     let mut relay_cfg = config();
     relay_cfg.relay = Some(RelayConfig::single("203.0.113.21".parse().expect("ip"), 40000, 40099));
     let relay_node = Arc::new(Mutex::new(Node::new(relay_cfg, now, 1_700_000_000, 3, None)));
-    let spec =
-        pinhole_media::fleet::RelaySpec { ng: addr("203.0.113.21:2223"), weight: 1, region: None, cidrs: vec![] };
+    let spec = pinhole_media::fleet::RelaySpec {
+        ng: addr("203.0.113.21:2223"),
+        weight: 1,
+        region: None,
+        cidrs: vec![],
+        stun: None,
+    };
     let edge_cfg = NodeConfig { fleet: vec![spec], ..config() };
     let exchange: Exchange = Box::new(ToRelayNode(relay_node.clone(), now));
     let mut r = Run {
@@ -261,4 +266,73 @@ fn a_standby_relay_takes_over_when_ng_first_reaches_it() {
     standby.node.handle_ng(now, addr("127.0.0.1:9"), b"p2 d7:command4:pinge").expect("pong");
     standby.drain();
     assert_eq!(standby.events.len(), 1, "taken over once");
+}
+
+/// A fleet's exchange to several relay nodes, each by its ng address.
+struct ToRelayNodes(Vec<(SocketAddr, Arc<Mutex<Node>>)>, Instant);
+
+impl pinhole_media::fleet::NgExchange for ToRelayNodes {
+    fn exchange(&mut self, to: SocketAddr, cookie: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        let node = &self.0.iter().find(|(a, _)| *a == to)?.1;
+        ToRelayNode(node.clone(), self.1).exchange(to, cookie, payload)
+    }
+}
+
+#[test]
+fn a_callee_whose_agent_measured_a_nearer_relay_in_another_region_gets_its_leg_there() {
+    let now = Instant::now();
+    let mut nodes = Vec::new();
+    let mut specs = Vec::new();
+    for (n, region) in [(21, "eu"), (22, "us")] {
+        let ip: std::net::IpAddr = format!("203.0.113.{n}").parse().expect("ip");
+        let mut cfg = config();
+        cfg.relay = Some(RelayConfig::single(ip, 40000, 40099));
+        nodes.push((SocketAddr::new(ip, 2223), Arc::new(Mutex::new(Node::new(cfg, now, 1_700_000_000, 3, None)))));
+        specs.push(pinhole_media::fleet::RelaySpec {
+            ng: SocketAddr::new(ip, 2223),
+            weight: 1,
+            region: Some(region.into()),
+            cidrs: vec![],
+            stun: Some(SocketAddr::new(ip, 3478)),
+        });
+    }
+    let exchange: Exchange = Box::new(ToRelayNodes(nodes.clone(), now));
+    let mut r = Run {
+        node: Node::new(NodeConfig { fleet: specs, ..config() }, now, 1_700_000_000, 9, Some(exchange)),
+        now,
+        sent: vec![],
+        commands: 0,
+        events: vec![],
+    };
+    // bob registers from the operator's network (vouched) through an agent that finds the
+    // us relay nearer; a phone's own claim would be ignored unless vouched.
+    r.sip(
+        CALLEE,
+        &format!(
+            "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP {CALLEE};branch=z9hG4bKreg1
+Max-Forwards: 70
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r1
+Call-ID: reg-bob
+CSeq: 1 REGISTER
+Contact: <sip:bob@{CALLEE}>
+Pinhole-RTT: 203.0.113.21:3478=70, 203.0.113.22:3478=6
+Content-Length: 0
+
+"
+        ),
+    );
+    let binding = r.node.proxy().registrar().lookup("bob@example.com", 1_700_000_000);
+    assert_eq!(
+        binding.first().and_then(|b| b.relay_rtts.as_deref()),
+        Some("203.0.113.21:3478=70, 203.0.113.22:3478=6")
+    );
+    r.sent.clear();
+    r.sip(TRUNK, &invite().replace(&format!("INVITE sip:bob@{CALLEE}"), "INVITE sip:bob@example.com"));
+    let fwd = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("forwarded INVITE");
+    let text = String::from_utf8_lossy(&fwd.payload);
+    assert!(text.contains("c=IN IP4 203.0.113.22"), "bob's leg on the us relay:\n{text}");
+    let calls = |i: usize| nodes[i].1.lock().expect("lock").relay().map(Relay::call_count);
+    assert_eq!((calls(0), calls(1)), (Some(1), Some(1)), "the caller's leg on eu, chained to us");
 }

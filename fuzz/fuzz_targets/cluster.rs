@@ -43,9 +43,15 @@ fuzz_target!(|data: &[u8]| {
         weight: 1,
         region: None,
         cidrs: vec![],
+        stun: Some(SocketAddr::new(format!("203.0.113.{n}").parse().expect("ip"), 3478)),
     };
     let mut fleet = Fleet::new(vec![spec(21), spec(22)], Replies(data.to_vec()), now, 100, Duration::from_secs(60));
     let _ = fleet.handle_reply(spec(21).ng, data);
+    let text = String::from_utf8_lossy(data);
+    if let Some(rtts) = pinhole_media::fleet::parse_rtts(&text) {
+        assert_eq!(pinhole_media::fleet::parse_rtts(&pinhole_media::fleet::rtts_header(&rtts)), Some(rtts));
+    }
+    fleet.prefer("c", Some(&text), Some(&text));
     let ip = "198.51.100.10".parse().expect("ip");
     let _ = fleet.anchor_sdp(now, "c", "a", SDP, ip, None);
     let _ = fleet.anchor_sdp(now, "c", "b", SDP, ip, None);

@@ -47,6 +47,10 @@ pub trait MediaAnchor {
         self.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to)
     }
 
+    /// Before a new call's first SDP: what the caller's and the callee's agents measured to
+    /// the relays (`Pinhole-RTT` values), for an anchor that picks a relay per call.
+    fn prefer(&mut self, _call_id: &str, _caller: Option<&str>, _callee: Option<&str>) {}
+
     /// The call's dialog ended or failed: free its media.
     fn release(&mut self, call_id: &str) -> bool;
 

@@ -7,6 +7,9 @@
 //!   by those serving anyone (no CIDRs), else by any up relay. Among them the least loaded
 //!   by weight: sessions from the relay's last ng `statistics` plus the calls placed on it
 //!   since, divided by its weight.
+//! - **Measured proximity.** Where an endpoint registered through an agent that measured
+//!   its round trip to relays' STUN services (`Pinhole-RTT`, passed in through
+//!   [`MediaAnchor::prefer`]), the nearest of those relays serves it instead.
 //! - **Chains.** When the callee's relay is in another region than the caller's, the call
 //!   goes through both: the offer through the caller's relay then the callee's, the answer
 //!   back the other way, so media flows caller ↔ relay A ↔ relay B ↔ callee.
@@ -43,6 +46,31 @@ pub struct RelaySpec {
     pub region: Option<String>,
     /// Endpoint addresses it serves; empty: anyone.
     pub cidrs: Vec<Cidr>,
+    /// Its STUN service, which agents measure their round trip to (see [`parse_rtts`]).
+    pub stun: Option<SocketAddr>,
+}
+
+/// Most relays an agent reports round trips for.
+pub const MAX_RTTS: usize = 16;
+
+/// Reads a `Pinhole-RTT` value, an agent's round trips to relays' STUN services:
+/// `203.0.113.21:3478=12, 192.0.2.21:3478=80` (milliseconds). `None` when malformed or
+/// longer than [`MAX_RTTS`] entries.
+pub fn parse_rtts(value: &str) -> Option<Vec<(SocketAddr, u32)>> {
+    let mut out = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (addr, ms) = part.rsplit_once('=')?;
+        out.push((addr.trim().parse().ok()?, ms.trim().parse().ok()?));
+        if out.len() > MAX_RTTS {
+            return None;
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The `Pinhole-RTT` value for these round trips.
+pub fn rtts_header(rtts: &[(SocketAddr, u32)]) -> String {
+    rtts.iter().take(MAX_RTTS).map(|(a, ms)| format!("{a}={ms}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The shell's side of a call command: send `cookie payload` to `to` and return the payload
@@ -85,6 +113,12 @@ impl Member {
         (self.sessions + self.placed) * 1000 / u64::from(self.spec.weight.max(1))
     }
 
+    /// The round trip to this relay in `rtts` (an endpoint's agent's measurements).
+    fn rtt(&self, rtts: &[(SocketAddr, u32)]) -> Option<u32> {
+        let stun = self.spec.stun?;
+        rtts.iter().find(|(a, _)| *a == stun).map(|(_, ms)| *ms)
+    }
+
     fn longest_match(&self, ip: IpAddr) -> Option<u8> {
         self.spec.cidrs.iter().filter(|c| c.contains(ip)).map(|c| c.prefix).max()
     }
@@ -115,7 +149,13 @@ pub struct Fleet<X> {
     max_duration: Duration,
     next_sweep: Instant,
     changes: VecDeque<Change>,
+    /// Per Call-ID not anchored yet, the caller's and callee's agents' round trips to the
+    /// relays (see [`MediaAnchor::prefer`]); bounded by [`MAX_HINTS`].
+    hints: HashMap<String, [Vec<(SocketAddr, u32)>; 2]>,
 }
+
+/// Calls whose round-trip hints wait for their first SDP, at most.
+pub const MAX_HINTS: usize = 4096;
 
 impl<X: NgExchange> Fleet<X> {
     /// `max_calls` bounds the calls tracked at once; calls older than `max_duration` are
@@ -142,6 +182,7 @@ impl<X: NgExchange> Fleet<X> {
             max_duration,
             next_sweep: now + Duration::from_secs(60),
             changes: VecDeque::new(),
+            hints: HashMap::new(),
         }
     }
 
@@ -230,12 +271,22 @@ impl<X: NgExchange> Fleet<X> {
         self.next_cookie
     }
 
-    /// The relay serving `ip`, leaving out `skip`: see the module notes.
-    fn pick(&self, ip: Option<IpAddr>, skip: &[usize]) -> Option<usize> {
+    /// The relay serving an endpoint at `ip` whose agent measured `rtts`, leaving out
+    /// `skip`: see the module notes.
+    fn pick(&self, ip: Option<IpAddr>, rtts: &[(SocketAddr, u32)], skip: &[usize]) -> Option<usize> {
         let usable: Vec<usize> = (0..self.members.len()).filter(|i| !skip.contains(i)).collect();
         let up: Vec<usize> = usable.iter().copied().filter(|&i| self.members[i].up).collect();
         // With every relay out, try them anyway: one may be back before its statistics say.
         let pool = if up.is_empty() { usable } else { up };
+        // Measured proximity first: the nearest relay the endpoint's agent could reach.
+        let nearest = pool
+            .iter()
+            .filter_map(|&i| Some((self.members[i].rtt(rtts)?, self.members[i].score(), i)))
+            .min()
+            .map(|(_, _, i)| i);
+        if nearest.is_some() {
+            return nearest;
+        }
         let best_prefix = ip.and_then(|ip| pool.iter().filter_map(|&i| self.members[i].longest_match(ip)).max());
         let serving: Vec<usize> = match (ip, best_prefix) {
             (Some(ip), Some(p)) => {
@@ -249,9 +300,19 @@ impl<X: NgExchange> Fleet<X> {
 
     /// Relays for a new call between `caller` and `callee`: the caller's, then the
     /// callee's when that one is in another region.
-    fn route(&self, caller: IpAddr, callee: Option<IpAddr>, skip: &[usize]) -> Option<Vec<usize>> {
-        let a = self.pick(Some(caller), skip)?;
-        let b = callee.and_then(|ip| self.pick(Some(ip), skip));
+    fn route(
+        &self,
+        caller: IpAddr,
+        callee: Option<IpAddr>,
+        hints: &[Vec<(SocketAddr, u32)>; 2],
+        skip: &[usize],
+    ) -> Option<Vec<usize>> {
+        let a = self.pick(Some(caller), &hints[0], skip)?;
+        let b = match callee {
+            Some(ip) => self.pick(Some(ip), &hints[1], skip),
+            None if !hints[1].is_empty() => self.pick(None, &hints[1], skip),
+            None => None,
+        };
         let region = |i: usize| self.members[i].spec.region.as_deref();
         match b {
             Some(b) if b != a && region(a).is_some() && region(b).is_some() && region(a) != region(b) => {
@@ -371,9 +432,10 @@ impl<X: NgExchange> Fleet<X> {
         if self.calls.len() >= self.max_calls {
             return Err(MediaRefusal { code: 503, reason: "Media Relay At Session Limit".into() });
         }
+        let hints = self.hints.remove(call_id).unwrap_or_default();
         let mut skip = Vec::new();
         loop {
-            let Some(hops) = self.route(signalling_ip, to, &skip) else {
+            let Some(hops) = self.route(signalling_ip, to, &hints, &skip) else {
                 return Err(MediaRefusal { code: 503, reason: "No Media Relay Answering".into() });
             };
             match self.through(&hops, true, call_id, sender_tag, None, sdp, signalling_ip, hide) {
@@ -496,7 +558,21 @@ impl<X: NgExchange> MediaAnchor for Fleet<X> {
         self.anchor(now, &SdpIn { call_id, sender_tag, sdp, signalling_ip, to, hide: true })
     }
 
+    fn prefer(&mut self, call_id: &str, caller: Option<&str>, callee: Option<&str>) {
+        let parse = |v: Option<&str>| v.and_then(parse_rtts).unwrap_or_default();
+        let hints = [parse(caller), parse(callee)];
+        if hints.iter().all(Vec::is_empty) || self.calls.contains_key(call_id) {
+            return;
+        }
+        if self.hints.len() >= MAX_HINTS {
+            // Calls that never brought SDP: forget them all rather than grow.
+            self.hints.clear();
+        }
+        self.hints.insert(call_id.to_owned(), hints);
+    }
+
     fn release(&mut self, call_id: &str) -> bool {
+        self.hints.remove(call_id);
         let Some(call) = self.calls.remove(call_id) else { return false };
         for &i in &call.hops {
             self.delete_on(i, call_id, &call.offerer);

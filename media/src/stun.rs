@@ -64,6 +64,21 @@ pub fn looks_like_stun(b: &[u8]) -> bool {
     b.len() >= 20 && b[0] < 4 && b[4..8] == MAGIC_COOKIE
 }
 
+/// A bare Binding request with this transaction ID: an agent's probe of a relay's round
+/// trip.
+pub fn binding_request(txid: [u8; 12]) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[..4].copy_from_slice(&[0x00, 0x01, 0x00, 0x00]);
+    b[4..8].copy_from_slice(&MAGIC_COOKIE);
+    b[8..].copy_from_slice(&txid);
+    b
+}
+
+/// Whether `b` is a Binding success response to the request with `txid`.
+pub fn answers(b: &[u8], txid: [u8; 12]) -> bool {
+    looks_like_stun(b) && b[..2] == [0x01, 0x01] && b[8..20] == txid
+}
+
 /// The answer to a Binding request from `src`, or `None` when `req` is not one.
 pub fn binding_response(req: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
     if !looks_like_stun(req) {
@@ -364,6 +379,22 @@ fn attr_len(a: SocketAddr) -> usize {
         12
     } else {
         24
+    }
+}
+
+#[cfg(test)]
+mod rtt_tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_binding_request_is_answered_and_the_answer_recognised_by_its_transaction() {
+        let txid = [7u8; 12];
+        let req = binding_request(txid);
+        let resp = binding_response(&req, "198.51.100.10:4000".parse().expect("addr")).expect("answered");
+        assert!(answers(&resp, txid));
+        assert!(!answers(&resp, [8u8; 12]), "another transaction");
+        assert!(!answers(&req, txid), "a request is no answer");
+        assert!(!answers(b"SIP/2.0 200 OK\r\n\r\n", txid));
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Agent<M: MediaAnchor> {
     dropped: u64,
     /// This agent's NAT profile (`Pinhole-NAT` form), once measured.
     profile: Option<String>,
+    /// Its round trips to the relays' STUN services (`Pinhole-RTT` form), once measured.
+    relay_rtts: Option<String>,
     /// How we reach the server: UDP, or TCP where UDP is blocked.
     server_transport: Transport,
     /// Punch plans from an INVITE, waiting for the phone's 2xx: (Call-ID, server tag, plan).
@@ -98,6 +100,7 @@ impl<M: MediaAnchor> Agent<M> {
             out: VecDeque::new(),
             dropped: 0,
             profile: None,
+            relay_rtts: None,
             server_transport: Transport::Udp,
             pending: VecDeque::new(),
             plans: VecDeque::new(),
@@ -111,6 +114,11 @@ impl<M: MediaAnchor> Agent<M> {
 
     pub fn media_mut(&mut self) -> &mut M {
         &mut self.media
+    }
+
+    /// The round trips to relays to report with every REGISTER relayed from now on.
+    pub fn set_relay_rtts(&mut self, header_value: String) {
+        self.relay_rtts = Some(header_value);
     }
 
     /// The NAT profile to report with every REGISTER relayed from now on (the server keeps
@@ -311,6 +319,12 @@ impl<M: MediaAnchor> Agent<M> {
             }
             if let Some(p) = &self.profile {
                 e.append_header("Pinhole-NAT", p);
+            }
+            for (i, r) in msg.extension_headers("Pinhole-RTT") {
+                e.remove_value(i, r);
+            }
+            if let Some(r) = &self.relay_rtts {
+                e.append_header("Pinhole-RTT", r);
             }
         }
         fix_top_via(msg, &mut e, flow);

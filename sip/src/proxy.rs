@@ -234,6 +234,7 @@ struct Target {
     routes: Vec<String>,
     /// The binding's agent-reported NAT profile, when the target is a registered binding.
     nat_profile: Option<String>,
+    relay_rtts: Option<String>,
 }
 
 /// Our own entries at the top of a request's Route set, and what follows them.

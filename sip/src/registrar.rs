@@ -56,6 +56,10 @@ pub struct Binding {
     /// `Pinhole-NAT` header form (see `pinhole_media::punch::NatProfile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_profile: Option<String>,
+    /// The agent's round trips to the relays' STUN services, in its `Pinhole-RTT` form
+    /// (see `pinhole_media::fleet::parse_rtts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_rtts: Option<String>,
     /// Unix seconds of the REGISTER that made this binding (the newest registration of a
     /// contact wins across a cluster).
     #[serde(default)]
@@ -67,6 +71,15 @@ pub struct Binding {
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_addr: Option<SocketAddr>,
+}
+
+/// What an agent reported with a REGISTER the proxy vouched for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentReport {
+    /// `Pinhole-NAT`, canonical.
+    pub nat_profile: Option<String>,
+    /// `Pinhole-RTT`, canonical.
+    pub relay_rtts: Option<String>,
 }
 
 /// How often bindings are kept alive.
@@ -152,8 +165,9 @@ impl Registrar {
         msg: &Message,
         flow: Flow,
         keepalive: KeepalivePolicy,
-        nat_profile: Option<String>,
+        agent: Option<AgentReport>,
     ) -> Result<RegisterOutcome, (Rejection, Vec<String>)> {
+        let agent = agent.unwrap_or_default();
         let call_id = msg.call_id().unwrap_or_default().to_owned();
         let cseq = msg.cseq().map(|(n, _)| n).unwrap_or(0);
         let header_expires = match msg.header(HeaderName::Expires) {
@@ -244,7 +258,8 @@ impl Registrar {
                 next_keepalive: unix_now + if learned == 0 { keepalive.interval } else { learned },
                 keepalive_interval: learned,
                 keepalive_pending_since: 0,
-                nat_profile: nat_profile.clone(),
+                nat_profile: agent.nat_profile.clone(),
+                relay_rtts: agent.relay_rtts.clone(),
                 registered_at: unix_now,
                 node: None,
                 node_addr: None,

@@ -19,6 +19,10 @@ fn ng(n: u8) -> SocketAddr {
     SocketAddr::new(ip(&format!("203.0.113.{n}")), 2223)
 }
 
+fn stun(n: u8) -> SocketAddr {
+    SocketAddr::new(ip(&format!("203.0.113.{n}")), 3478)
+}
+
 /// Relays in memory: each a relay core behind an ng server; `dead` ones never answer.
 struct Cores {
     relays: HashMap<SocketAddr, (NgServer, Relay)>,
@@ -55,6 +59,7 @@ fn spec(n: u8, weight: u32, region: Option<&str>, cidrs: &[&str]) -> RelaySpec {
         weight,
         region: region.map(str::to_owned),
         cidrs: cidrs.iter().map(|c| Cidr::parse(c).expect("cidr")).collect(),
+        stun: Some(stun(n)),
     }
 }
 
@@ -302,4 +307,57 @@ fn a_relay_at_its_session_limit_refuses_with_503() {
     let r = offer(&mut f, "one-too-many").expect_err("the relay is full");
     assert_eq!((r.code, r.reason.as_str()), (503, "Media Relay At Session Limit"));
     assert!(!f.anchors("one-too-many"));
+}
+
+#[test]
+fn an_agents_measured_round_trips_pick_the_nearest_relay_over_cidrs_and_load() {
+    let mut f = fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24"]), spec(22, 1, Some("us"), &["192.0.2.0/24"])]);
+    // The caller's agent finds the us relay nearer, whatever its CIDR says.
+    let caller = rtts_header(&[(stun(21), 80), (stun(22), 9)]);
+    f.prefer("c", Some(&caller), None);
+    offer(&mut f, "c").expect("anchored");
+    assert_eq!(f.hops("c"), Some(vec![ng(22)]), "both ends nearest to us: one relay");
+
+    // Each end nearest to its own region's relay: chained.
+    let (near_eu, near_us) = (rtts_header(&[(stun(21), 5), (stun(22), 90)]), rtts_header(&[(stun(22), 4)]));
+    f.prefer("d", Some(&near_eu), Some(&near_us));
+    offer(&mut f, "d").expect("anchored");
+    assert_eq!(f.hops("d"), Some(vec![ng(21), ng(22)]));
+}
+
+#[test]
+fn round_trips_to_a_relay_that_is_out_or_unknown_are_ignored() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    f.exchange.dead.insert(ng(22));
+    offer(&mut f, "warmup").expect("taken out on the way");
+    let hint = rtts_header(&[(stun(22), 1), ("198.51.100.99:3478".parse().expect("addr"), 0)]);
+    f.prefer("c", Some(&hint), None);
+    offer(&mut f, "c").expect("anchored");
+    assert_eq!(f.hops("c"), Some(vec![ng(21)]));
+}
+
+#[test]
+fn hints_are_bounded_and_dropped_with_their_call() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    let hint = rtts_header(&[(stun(21), 3)]);
+    for n in 0..MAX_HINTS + 10 {
+        f.prefer(&format!("never-{n}"), Some(&hint), None);
+    }
+    assert!(f.hints.len() <= MAX_HINTS);
+    f.prefer("c", Some(&hint), None);
+    assert!(f.hints.contains_key("c"));
+    assert!(!f.release("c"), "no call yet");
+    assert!(!f.hints.contains_key("c"), "its hint goes with it");
+}
+
+#[test]
+fn rtt_values_are_read_strictly() {
+    let a: SocketAddr = "203.0.113.21:3478".parse().expect("addr");
+    assert_eq!(parse_rtts("203.0.113.21:3478=12"), Some(vec![(a, 12)]));
+    assert_eq!(parse_rtts(&rtts_header(&[(a, 12), (stun(22), 7)])), Some(vec![(a, 12), (stun(22), 7)]));
+    for bad in ["", "203.0.113.21:3478", "203.0.113.21=5", "203.0.113.21:3478=-1", "x=1", "203.0.113.21:3478=1e3"] {
+        assert_eq!(parse_rtts(bad), None, "{bad:?}");
+    }
+    let many = (0..=MAX_RTTS).map(|i| format!("203.0.113.{i}:3478=1")).collect::<Vec<_>>().join(",");
+    assert_eq!(parse_rtts(&many), None, "more than {MAX_RTTS} relays");
 }

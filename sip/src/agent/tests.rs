@@ -173,6 +173,17 @@ fn relayed_registers_carry_the_agents_profile_and_never_the_phones() {
 }
 
 #[test]
+fn relayed_registers_carry_the_agents_relay_round_trips_and_never_the_phones() {
+    let mut a = agent();
+    let planted = REGISTER.replace("Content-Length: 0", "Pinhole-RTT: 203.0.113.21:3478=0\nContent-Length: 0");
+    let out = send(&mut a, PHONE, &planted);
+    assert_eq!(parse(&out[0]).extension_header("Pinhole-RTT"), None, "the phone's claim is removed");
+    a.set_relay_rtts("203.0.113.21:3478=12, 203.0.113.22:3478=80".into());
+    let out = send(&mut a, PHONE, &planted);
+    assert_eq!(parse(&out[0]).extension_header("Pinhole-RTT"), Some("203.0.113.21:3478=12, 203.0.113.22:3478=80"));
+}
+
+#[test]
 fn a_punch_plan_is_taken_out_of_the_sdp_before_the_phone_sees_it() {
     use pinhole_media::punch::sdp::insert;
     let sdp =

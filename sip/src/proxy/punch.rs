@@ -13,6 +13,33 @@ use super::requests::request_user;
 use super::*;
 
 impl<M: MediaAnchor> Proxy<M> {
+    /// The caller's binding: the one of `auth_user` on the very flow the INVITE came in on.
+    fn caller_binding(&self, now: Instant, flow: Flow, auth_user: Option<&str>) -> Option<Binding> {
+        let unix = self.unix(now);
+        auth_user.and_then(|u| {
+            let aor = format!("{u}@{}", self.cfg.domain);
+            self.registrar.lookup(&aor, unix).into_iter().find(|b| b.flow().remote == flow.remote)
+        })
+    }
+
+    /// A new INVITE's SDP is about to be anchored: what the caller's and the (single)
+    /// callee's agents measured to the relays, for a relay fleet to pick the nearest.
+    pub(super) fn media_hints(
+        &mut self,
+        now: Instant,
+        flow: Flow,
+        msg: &Message,
+        auth_user: Option<&str>,
+        targets: &[Target],
+    ) {
+        let Some(call_id) = msg.call_id() else { return };
+        let caller = self.caller_binding(now, flow, auth_user).and_then(|b| b.relay_rtts);
+        let callee = if targets.len() == 1 { targets[0].relay_rtts.clone() } else { None };
+        if caller.is_some() || callee.is_some() {
+            self.media.prefer(call_id, caller.as_deref(), callee.as_deref());
+        }
+    }
+
     /// A new INVITE from `flow` (caller `auth_user`) is about to go to `targets`.
     pub(super) fn plan_punch(
         &mut self,
@@ -23,12 +50,7 @@ impl<M: MediaAnchor> Proxy<M> {
         targets: &[Target],
     ) {
         let Some(call_id) = msg.call_id() else { return };
-        // The caller's profile: its binding on the very flow the INVITE came in on.
-        let unix = self.unix(now);
-        let caller = auth_user.and_then(|u| {
-            let aor = format!("{u}@{}", self.cfg.domain);
-            self.registrar.lookup(&aor, unix).into_iter().find(|b| b.flow().remote == flow.remote)
-        });
+        let caller = self.caller_binding(now, flow, auth_user);
         // Sides behind an agent get the forwarder offered, whatever the punch plan.
         let agents = [
             caller.as_ref().is_some_and(|b| b.nat_profile.is_some()),

@@ -309,6 +309,9 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
+        if *method == Method::Invite && msg.tag(HeaderName::To).is_none() {
+            self.media_hints(now, flow, msg, auth_user.as_deref(), &targets);
+        }
         let body = match self.media_request(now, flow, msg, targets.first().map(|t| t.flow)) {
             Ok(b) => b,
             Err(rej) => {
@@ -363,6 +366,7 @@ impl<M: MediaAnchor> Proxy<M> {
                         request_uri: None,
                         routes: vec![],
                         nat_profile: None,
+                        relay_rtts: None,
                     }]);
                 }
             }
@@ -370,7 +374,13 @@ impl<M: MediaAnchor> Proxy<M> {
         if let Some(next) = remaining.first() {
             let uri = uri_of(next);
             let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
-            return Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None }]);
+            return Ok(vec![Target {
+                flow: f,
+                request_uri: None,
+                routes: vec![],
+                nat_profile: None,
+                relay_rtts: None,
+            }]);
         }
         if to_us {
             let Some(user) = request_user(msg) else {
@@ -394,7 +404,7 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let uri = msg.request_uri().unwrap_or("");
         let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
-        Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None }])
+        Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None, relay_rtts: None }])
     }
 
     /// Where a request for these bindings goes: down the flows this node holds, and once to
@@ -417,6 +427,7 @@ impl<M: MediaAnchor> Proxy<M> {
                         request_uri: Some(format!("sip:{aor}")),
                         routes: vec![],
                         nat_profile: None,
+                        relay_rtts: None,
                     });
                 }
                 _ => {}
@@ -465,12 +476,18 @@ impl<M: MediaAnchor> Proxy<M> {
         // An agent's NAT profile counts only on a REGISTER we authenticated (or from the
         // operator's own networks), so nobody can plant one for someone else's binding.
         let vouched = auth_user.is_some() || self.is_trusted(flow.remote.ip());
-        let nat_profile = vouched
-            .then(|| msg.extension_header("Pinhole-NAT"))
-            .flatten()
-            .and_then(pinhole_media::punch::NatProfile::parse_header)
-            .map(|p| p.to_header());
-        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, keepalive, nat_profile) {
+        let agent = vouched.then(|| crate::registrar::AgentReport {
+            nat_profile: msg
+                .extension_header("Pinhole-NAT")
+                .and_then(pinhole_media::punch::NatProfile::parse_header)
+                .map(|p| p.to_header()),
+            relay_rtts: msg
+                .extension_header("Pinhole-RTT")
+                .and_then(pinhole_media::fleet::parse_rtts)
+                .map(|r| pinhole_media::fleet::rtts_header(&r)),
+        });
+        let rtts = agent.as_ref().and_then(|a| a.relay_rtts.clone());
+        match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, keepalive, agent) {
             Ok(out) => {
                 for (contact, interval) in &out.mapping_deaths {
                     tracing::info!(%aor, contact, interval, "NAT mapping died under the keepalives; interval shortened");
@@ -481,6 +498,7 @@ impl<M: MediaAnchor> Proxy<M> {
                     remote = %flow.remote,
                     transport = %flow.transport,
                     bindings = out.bindings.len(),
+                    rtts = rtts.as_deref().unwrap_or("-"),
                     "registered"
                 );
                 let mut hs: Vec<String> = out
@@ -569,6 +587,7 @@ pub(super) fn binding_target(b: &Binding) -> Target {
         request_uri: Some(b.contact.clone()),
         routes: b.path.iter().rev().cloned().collect(),
         nat_profile: b.nat_profile.clone(),
+        relay_rtts: b.relay_rtts.clone(),
     }
 }
 
