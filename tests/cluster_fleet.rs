@@ -1,6 +1,7 @@
 //! One SIP edge driving two pinhole relay nodes (`sip.listen = []`, ng only) over ng on
 //! loopback: calls from sipp are spread over both; one relay killed with -9, the next calls
-//! all go to the survivor; restarted, it is taken back.
+//! all go to the survivor; restarted, it is taken back. And a call between two regions,
+//! chained through a relay in each, with RTP crossing both.
 
 mod common;
 
@@ -96,4 +97,65 @@ fn wait_listening_udp_ng(port: u16) -> bool {
             .iter()
             .any(|r| r.contains("pong"))
     })
+}
+
+#[test]
+fn a_call_between_two_regions_is_chained_through_a_relay_in_each_and_rtp_crosses_both() {
+    let dir = TempDir::new("chain");
+    let (ng_eu, ng_us) = (free_port(), free_port());
+    let eu = relay_node(&dir, "127.0.0.21", ng_eu);
+    let us = relay_node(&dir, "127.0.0.22", ng_us);
+    assert!(wait_listening_udp_ng(ng_eu) && wait_listening_udp_ng(ng_us), "relay nodes' ng did not answer");
+    let edge = Pinhole::start(
+        &dir,
+        PinholeOptions {
+            relay_ports: Some(relay_range()),
+            media_extra: format!(
+                "relays = [{{ ng = \"127.0.0.1:{ng_eu}\", region = \"eu\", cidrs = [\"127.0.0.1/32\"] }}, \
+                 {{ ng = \"127.0.0.1:{ng_us}\", region = \"us\", cidrs = [\"127.0.0.5/32\"] }}]"
+            ),
+            ..Default::default()
+        },
+    );
+    // The callee lives on 127.0.0.5 (the us relay's CIDR), the caller on 127.0.0.1 (eu).
+    let _callee = sipp_callee_via(
+        &edge.sip(),
+        None,
+        "rita",
+        free_port(),
+        "u1",
+        "uas.xml",
+        8000,
+        &dir.path().join("uas.err"),
+        &["-rtp_echo", "-mp", &media_ports().to_string(), "-i", "127.0.0.5"],
+    );
+    assert!(
+        edge.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(10)),
+        "callee did not register: {}",
+        std::fs::read_to_string(dir.path().join("uas.out")).unwrap_or_default()
+    );
+    let (ok, good, _, text) = sipp_caller_via(
+        &edge.sip(),
+        None,
+        "rita",
+        "uac_rtp.xml",
+        1,
+        "u1",
+        &dir.path().join("uac.err"),
+        &["-mp", &media_ports().to_string()],
+    );
+    assert!(ok && good == 1, "{text}\n{}", edge.log_text());
+    assert_eq!(offers(&eu), Some(1.0), "the caller's leg on eu");
+    assert_eq!(offers(&us), Some(1.0), "the callee's leg on us");
+    // g711a.pcap holds 100+ packets and the callee echoes them: each relay carries both
+    // directions of the whole call.
+    for (name, relay) in [("eu", &eu), ("us", &us)] {
+        assert!(
+            wait_until(Duration::from_secs(5), || relay.metric("pinhole_relay_sessions") == Some(0.0)),
+            "{name} kept the call"
+        );
+        let packets = relay.metric("pinhole_relay_packets_total").expect("packets counted");
+        assert!(packets >= 180.0, "{name} relayed {packets} packets");
+        assert_eq!(relay.metric("pinhole_relay_dropped_total"), Some(0.0), "{name} dropped packets");
+    }
 }
