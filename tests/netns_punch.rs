@@ -137,15 +137,19 @@ struct Ear {
 }
 
 impl Ear {
+    /// Returns once tcpdump captures: under a loaded suite it can take over a second to
+    /// start, and a call answered meanwhile would read as silence.
     fn start(dir: &Path, lan: &Lan) -> Ear {
         let out = dir.join(format!("{}-heard.txt", lan.lan));
+        let err = dir.join(format!("{}-tcpdump.err", lan.lan));
         let child = NatLab::command(&lan.lan, "tcpdump")
             .args(["-i", "any", "-n", "-tt", "-l", "-q", "udp and dst portrange 10000-10999"])
             .stdout(std::fs::File::create(&out).expect("tcpdump output"))
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&err).expect("tcpdump errors"))
             .process_group(0)
             .spawn()
             .expect("tcpdump must be installed");
+        assert!(wait_for(&err, "listening on", Duration::from_secs(10)), "tcpdump did not start capturing");
         Ear { _tcpdump: Bg(Some(child)), out }
     }
 
