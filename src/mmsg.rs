@@ -46,6 +46,46 @@ fn send_all(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     Ok(sent)
 }
 
+/// One datagram if one is queued, without blocking (`Ok(None)`: nothing pending).
+pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buf and addr outlive the call; the kernel writes at most their lengths.
+    let r = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+    }
+    Ok(from_storage(&addr).map(|a| (r as usize, a)))
+}
+
+/// Sends each payload to its destination with as few `sendmmsg` calls as the kernel takes;
+/// returns how many went out.
+pub(crate) fn send_to_many(fd: RawFd, packets: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+    let n = packets.len();
+    // SAFETY: plain C structs; all-zero is valid.
+    let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; n];
+    let mut iovs: Vec<libc::iovec> = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; n];
+    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; n];
+    for (i, (to, payload)) in packets.iter().enumerate() {
+        let len = to_storage(*to, &mut names[i]);
+        iovs[i] = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
+        fill_hdr(&mut hdrs[i], &mut names[i], len, &mut iovs[i]);
+    }
+    // The names, iovecs and payloads all outlive the call.
+    send_all(fd, &mut hdrs)
+}
+
 pub(crate) struct RecvBatch {
     bufs: Vec<u8>,
     iovs: Vec<libc::iovec>,
