@@ -490,7 +490,9 @@ impl Message {
         if &cseq_method != method {
             return Err(Rejection::new(400, "CSeq Method Does Not Match Request Method"));
         }
-        if self.vias().iter().any(Option::is_none) {
+        // The top Via is parsed once and kept (the proxy reads it again); the rest only here.
+        let vias = self.values(HeaderName::Via);
+        if self.top_via().is_none() || vias.into_iter().skip(1).any(|(_, r)| self.parse_value::<Via>(r).is_none()) {
             return Err(Rejection::new(400, "Malformed Via Header"));
         }
         if self.branch().is_none() {

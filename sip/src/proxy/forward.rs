@@ -146,10 +146,15 @@ impl<M: MediaAnchor> Proxy<M> {
 
     pub(super) fn is_loop(&self, msg: &Message, hash: u64) -> bool {
         let ours = format!("{BRANCH_PREFIX}{hash:016x}.");
-        msg.vias().into_iter().flatten().any(|v| {
-            let sent_by_us = self.host_is_us(&host_string(&v.sent_by.host), v.sent_by.port);
-            sent_by_us && v.params.get_val("branch").is_some_and(|b| b.starts_with(&ours))
-        })
+        // Only a Via whose text holds our branch can be ours: the others are not parsed.
+        msg.values(HeaderName::Via)
+            .into_iter()
+            .filter(|(_, r)| msg.text(r.clone()).contains(&ours))
+            .filter_map(|(_, r)| msg.parse_value::<ezk_sip_types::header::typed::Via>(r))
+            .any(|v| {
+                let sent_by_us = self.host_is_us(&host_string(&v.sent_by.host), v.sent_by.port);
+                sent_by_us && v.params.get_val("branch").is_some_and(|b| b.starts_with(&ours))
+            })
     }
 
     pub(super) fn rr_uri(&self, iface: usize, token: &str) -> String {
