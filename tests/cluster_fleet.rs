@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -22,17 +22,6 @@ fn relay_node(dir: &TempDir, ip: &str, ng_port: u16) -> Pinhole {
 
 fn offers(relay: &Pinhole) -> Option<f64> {
     relay.metric("pinhole_ng_commands_total{command=\"offer\"}")
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

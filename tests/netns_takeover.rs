@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{ns_exec, NatLab, Segment, WAN_SERVER};
 use common::sip::{header, register_with_password, status, Phone};
-use common::{http_get, in_ns, wait_for, Bg, TempDir};
+use common::{http_get, in_ns, wait_for, wait_until, Bg, TempDir};
 use pinhole_media::ng::{split_cookie, Bencode};
 
 const VIP: &str = "203.0.113.21";
@@ -58,17 +58,6 @@ fn relay_config(address: &str, node: &str, role: &str) -> String {
 
 fn log(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// One metric of the pinhole whose metrics listen on `addr` inside `ns`.

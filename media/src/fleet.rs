@@ -344,20 +344,17 @@ impl<X: NgExchange> Fleet<X> {
         }
     }
 
-    /// Sends an SDP through `hops` in order: the first hop hears it from the endpoint
-    /// (`received-from`), each later hop from the relay before it (trust its address).
-    #[allow(clippy::too_many_arguments)]
+    /// Sends `r`'s SDP through `hops` in order, as an offer or an answer between the
+    /// tags given: the first hop hears it from the endpoint (`received-from`), each later
+    /// hop from the relay before it (trust its address).
     fn through(
         &mut self,
         hops: &[usize],
         offer: bool,
-        call_id: &str,
-        from_tag: &str,
-        to_tag: Option<&str>,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        hide: bool,
+        (from_tag, to_tag): (&str, Option<&str>),
+        r: &SdpIn<'_>,
     ) -> Result<Vec<u8>, Failure> {
+        let SdpIn { call_id, sdp, signalling_ip, hide, .. } = *r;
         let mut body = sdp.to_vec();
         for (n, &i) in hops.iter().enumerate() {
             let mut pairs = vec![
@@ -397,7 +394,7 @@ impl<X: NgExchange> Fleet<X> {
     }
 
     fn anchor(&mut self, now: Instant, r: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
-        let SdpIn { call_id, sender_tag, sdp, signalling_ip, hide, .. } = *r;
+        let SdpIn { call_id, sender_tag, sdp, .. } = *r;
         let Some(call) = self.calls.get(call_id) else {
             return self.new_call(now, r);
         };
@@ -413,9 +410,9 @@ impl<X: NgExchange> Fleet<X> {
         let other = if from_offerer { call.answerer.clone() } else { Some(call.offerer.clone()) };
         let r = if is_answer {
             let from = other.unwrap_or_default();
-            self.through(&hops, false, call_id, &from, Some(sender_tag), sdp, signalling_ip, hide)
+            self.through(&hops, false, (&from, Some(sender_tag)), r)
         } else {
-            self.through(&hops, true, call_id, sender_tag, other.as_deref(), sdp, signalling_ip, hide)
+            self.through(&hops, true, (sender_tag, other.as_deref()), r)
         };
         let out = r.map_err(Failure::refusal)?;
         let Some(call) = self.calls.get_mut(call_id) else { return Ok(out) };
@@ -428,7 +425,7 @@ impl<X: NgExchange> Fleet<X> {
     }
 
     fn new_call(&mut self, now: Instant, r: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
-        let SdpIn { call_id, sender_tag, sdp, signalling_ip, to, hide } = *r;
+        let SdpIn { call_id, sender_tag, sdp, signalling_ip, to, .. } = *r;
         if self.calls.len() >= self.max_calls {
             return Err(MediaRefusal { code: 503, reason: "Media Relay At Session Limit".into() });
         }
@@ -438,7 +435,7 @@ impl<X: NgExchange> Fleet<X> {
             let Some(hops) = self.route(signalling_ip, to, &hints, &skip) else {
                 return Err(MediaRefusal { code: 503, reason: "No Media Relay Answering".into() });
             };
-            match self.through(&hops, true, call_id, sender_tag, None, sdp, signalling_ip, hide) {
+            match self.through(&hops, true, (sender_tag, None), r) {
                 Ok(out) => {
                     for &i in &hops {
                         let m = &mut self.members[i];

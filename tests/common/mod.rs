@@ -599,6 +599,18 @@ pub fn tone_share(samples: &[f64], hz: f64) -> f64 {
 
 /// Waits until some socket listens on TCP `port` (read from /proc/net/tcp, without
 /// connecting to it).
+/// Polls `f` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 pub fn wait_listening(port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let needle = format!(":{port:04X} ");
