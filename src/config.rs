@@ -731,6 +731,7 @@ impl Config {
             redis: c.redis.clone(),
             node: c.node.clone(),
             prefix: format!("pinhole:call:{address}:"),
+            stream: format!("pinhole:calllog:{address}"),
             standby: role == CallsRole::Standby,
             ttl: self.media.max_duration.max(1),
         })

@@ -1,9 +1,11 @@
 //! Relay takeover through Redis (`[cluster] calls`), rtpengine's model: the active relay
 //! writes each call's state (`pinhole:call:<relay address>:<Call-ID>`, one JSON value) when
-//! it changes — signalling, a latch, the end — never per packet. A standby with the same
-//! `[media] interfaces` address mirrors those calls on the same ports; when the address
-//! moves to it (a virtual IP) and ng reaches it, it is the active node (see
-//! `pinhole_core::Node`), and it writes from then on.
+//! it changes — signalling, a latch, the end — never per packet, and appends the Call-ID to
+//! a stream of changes (`pinhole:calllog:<relay address>`). A standby with the same
+//! `[media] interfaces` address loads every call once, then tails the stream and reads only
+//! the calls that changed, mirroring them on the same ports; when the address moves to it
+//! (a virtual IP) and ng reaches it, it is the active node (see `pinhole_core::Node`), and
+//! it writes from then on.
 //!
 //! The standby binds an address it does not have yet: it needs
 //! `net.ipv4.ip_nonlocal_bind = 1` (as keepalived setups for rtpengine do).
@@ -20,12 +22,18 @@ use crate::server::{unix_now, Shared};
 /// How often the active node writes what changed, and the standby reads.
 const WRITE_EVERY: Duration = Duration::from_millis(100);
 const MIRROR_EVERY: Duration = Duration::from_millis(250);
+/// Changes kept in the stream (about); a standby further behind loads everything again.
+const STREAM_MAX: u64 = 100_000;
+/// Changes a standby takes per read.
+const READ_MAX: u64 = 5_000;
 
 pub(crate) struct CallStoreConfig {
     pub(crate) redis: String,
     pub(crate) node: String,
     /// Key prefix: the relay's address, shared by the active node and its standby.
     pub(crate) prefix: String,
+    /// The stream of changed Call-IDs under that address, which a standby tails.
+    pub(crate) stream: String,
     pub(crate) standby: bool,
     /// Keys expire after the longest call.
     pub(crate) ttl: u64,
@@ -50,7 +58,8 @@ pub(crate) fn start(cfg: CallStoreConfig, shared: Arc<Shared>) -> anyhow::Result
     for op in ["set", "delete"] {
         metrics::counter!("pinhole_takeover_writes_total", "op" => op).absolute(0);
     }
-    let mut store = CallStore { cfg, redis, shared, pending: HashMap::new(), mirrored: HashMap::new(), up: None };
+    let mut store =
+        CallStore { cfg, redis, shared, pending: HashMap::new(), mirrored: HashMap::new(), position: None, up: None };
     std::thread::Builder::new().name("calls".into()).spawn(move || store.run())?;
     Ok(())
 }
@@ -72,6 +81,8 @@ struct CallStore {
     pending: HashMap<String, Option<String>>,
     /// Standby: the value each mirrored call was restored from.
     mirrored: HashMap<String, String>,
+    /// Standby: the last change read from the stream (`None`: load everything first).
+    position: Option<String>,
     up: Option<bool>,
 }
 
@@ -113,6 +124,8 @@ impl CallStore {
                 }
                 self.up = Some(false);
                 self.redis.drop_connection();
+                // A standby loads everything again: changes may have gone by meanwhile.
+                self.position = None;
                 metrics::gauge!("pinhole_takeover_redis_up").set(0.0);
             }
         }
@@ -139,6 +152,15 @@ impl CallStore {
         let (mut sets, mut dels) = (0u64, 0u64);
         for (id, json) in &self.pending {
             let key = format!("{}{id}", self.cfg.prefix);
+            pipe.cmd("XADD")
+                .arg(&self.cfg.stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(STREAM_MAX)
+                .arg("*")
+                .arg("call")
+                .arg(id)
+                .ignore();
             match json {
                 Some(v) => {
                     pipe.cmd("SET").arg(&key).arg(v).arg("EX").arg(self.cfg.ttl).ignore();
@@ -157,25 +179,82 @@ impl CallStore {
         Ok(())
     }
 
-    /// Standby: every call under the relay's address, restored (or replaced) when its
-    /// value changed, and dropped when its key is gone.
+    /// Standby: every call under the relay's address at first (and after an outage, or
+    /// when the stream moved on past what was read), then only the calls the stream names
+    /// as changed — each restored (or replaced) when its value changed, dropped when its
+    /// key is gone.
     fn mirror(&mut self) -> redis::RedisResult<()> {
+        let Some(position) = self.position.clone() else { return self.load_all() };
+        let con = self.redis.connection()?;
+        let first: Vec<Entry> =
+            redis::cmd("XRANGE").arg(&self.cfg.stream).arg("-").arg("+").arg("COUNT").arg(1).query(con)?;
+        // Trimmed past what was read (from an empty stream, "0-0", nothing was missed).
+        if position != "0-0" && first.first().is_some_and(|(id, _)| stream_id(id) > stream_id(&position)) {
+            tracing::info!("call state stream moved on past the standby: loading every call again");
+            return self.load_all();
+        }
+        let read: Option<Vec<(String, Vec<Entry>)>> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_MAX)
+            .arg("STREAMS")
+            .arg(&self.cfg.stream)
+            .arg(&position)
+            .query(con)?;
+        let entries = read.into_iter().flatten().flat_map(|(_, e)| e).collect::<Vec<_>>();
+        let Some((last, _)) = entries.last() else { return Ok(()) };
+        let last = last.clone();
+        let mut ids: Vec<String> = entries
+            .into_iter()
+            .filter_map(|(_, f)| f.chunks(2).find(|kv| kv[0] == "call").map(|kv| kv[1].clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let keys: Vec<String> = ids.iter().map(|id| format!("{}{id}", self.cfg.prefix)).collect();
+        let values: Vec<Option<String>> =
+            if keys.is_empty() { vec![] } else { redis::cmd("MGET").arg(&keys).query(con)? };
+        let changed: Vec<(String, Option<String>)> = ids.into_iter().zip(values).collect();
+        self.apply(changed, false);
+        self.position = Some(last);
+        Ok(())
+    }
+
+    /// Every call under the relay's address; the stream is read from where it stood before.
+    fn load_all(&mut self) -> redis::RedisResult<()> {
+        let con = self.redis.connection()?;
+        let newest: Vec<Entry> =
+            redis::cmd("XREVRANGE").arg(&self.cfg.stream).arg("+").arg("-").arg("COUNT").arg(1).query(con)?;
+        let position = newest.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id);
         let values = self.redis.values_under(&self.cfg.prefix)?;
-        let mut seen = std::collections::HashSet::new();
+        let prefix = self.cfg.prefix.len();
+        let all = values.into_iter().map(|(key, json)| (key[prefix..].to_owned(), Some(json))).collect();
+        self.apply(all, true);
+        self.position = Some(position);
+        Ok(())
+    }
+
+    /// Restores the calls whose value changed and drops those without one (`None`); with
+    /// `whole`, also every mirrored call not in `calls`.
+    fn apply(&mut self, calls: Vec<(String, Option<String>)>, whole: bool) {
         let mut restored = 0usize;
         crate::server::input(&self.shared, |node| {
             let Some(relay) = node.relay_mut().filter(|r| r.is_standby()) else { return };
             let (now, unix) = (std::time::Instant::now(), unix_now());
-            for (key, json) in &values {
-                let id = &key[self.cfg.prefix.len()..];
-                seen.insert(id.to_owned());
-                if self.mirrored.get(id) == Some(json) {
+            let mut seen = std::collections::HashSet::new();
+            for (id, json) in calls {
+                seen.insert(id.clone());
+                let Some(json) = json else {
+                    if self.mirrored.remove(&id).is_some() {
+                        relay.delete(&id);
+                    }
+                    continue;
+                };
+                if self.mirrored.get(&id) == Some(&json) {
                     continue;
                 }
-                match serde_json::from_str::<CallState>(json) {
+                match serde_json::from_str::<CallState>(&json) {
                     Ok(st) if st.call_id == id => match relay.restore(now, unix, &st) {
                         Ok(()) => {
-                            self.mirrored.insert(id.to_owned(), json.clone());
+                            self.mirrored.insert(id, json);
                             restored += 1;
                         }
                         Err(e) => {
@@ -186,16 +265,26 @@ impl CallStore {
                     _ => metrics::counter!("pinhole_takeover_garbage_total").increment(1),
                 }
             }
-            let gone: Vec<String> = self.mirrored.keys().filter(|k| !seen.contains(*k)).cloned().collect();
-            for id in gone {
-                relay.delete(&id);
-                self.mirrored.remove(&id);
+            if whole {
+                let gone: Vec<String> = self.mirrored.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                for id in gone {
+                    relay.delete(&id);
+                    self.mirrored.remove(&id);
+                }
             }
             metrics::gauge!("pinhole_takeover_mirrored_calls").set(self.mirrored.len() as f64);
         });
         if restored > 0 {
             tracing::debug!(restored, mirrored = self.mirrored.len(), "calls mirrored from Redis");
         }
-        Ok(())
     }
+}
+
+/// A stream entry as Redis returns it: its ID and its fields, name and value in turn.
+type Entry = (String, Vec<String>);
+
+/// A stream entry ID (`ms-seq`) as a pair that orders like the stream.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }

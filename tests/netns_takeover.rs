@@ -299,6 +299,10 @@ fn a_relay_killed_mid_call_is_taken_over_by_its_standby_and_media_resumes() {
         "the call state in Redis lacks the latched sources: {}",
         String::from_utf8_lossy(&ns_exec(&hub, &["redis-cli", "-h", WAN_SERVER, "GET", key]).stdout)
     );
+    // Each change also names the call in the stream the standby tails.
+    let xlen = ns_exec(&hub, &["redis-cli", "-h", WAN_SERVER, "XLEN", "pinhole:calllog:203.0.113.21"]);
+    let changes: u64 = String::from_utf8_lossy(&xlen.stdout).trim().parse().unwrap_or(0);
+    assert!(changes >= 1, "the call's changes are not in the stream");
     let b_metrics = format!("{RELAY_B}:9090");
     assert!(
         wait_until(Duration::from_secs(5), || metric(&relay_b_ns, &b_metrics, "pinhole_takeover_mirrored_calls")
