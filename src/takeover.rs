@@ -43,11 +43,11 @@ pub(crate) fn start(cfg: CallStoreConfig, shared: Arc<Shared>) -> anyhow::Result
     let redis = RedisLink::open(&cfg.redis)?;
     {
         let mut node = shared.node();
-        // An active node first takes back what Redis holds under its address (a restart
-        // in place), as a standby would, then writes.
+        // A standby mirrors and ends nothing; an active node writes every change from the
+        // start (it first takes back what Redis holds under its address: a restart in place).
         if let Some(relay) = node.relay_mut() {
-            relay.set_standby(true, std::time::Instant::now());
-            relay.keep_state(false);
+            relay.set_standby(cfg.standby, std::time::Instant::now());
+            relay.keep_state(!cfg.standby);
         }
     }
     if cfg.standby {
@@ -58,8 +58,16 @@ pub(crate) fn start(cfg: CallStoreConfig, shared: Arc<Shared>) -> anyhow::Result
     for op in ["set", "delete"] {
         metrics::counter!("pinhole_takeover_writes_total", "op" => op).absolute(0);
     }
-    let mut store =
-        CallStore { cfg, redis, shared, pending: HashMap::new(), mirrored: HashMap::new(), position: None, up: None };
+    let mut store = CallStore {
+        cfg,
+        redis,
+        shared,
+        pending: HashMap::new(),
+        mirrored: HashMap::new(),
+        position: None,
+        taking_back: false,
+        up: None,
+    };
     std::thread::Builder::new().name("calls".into()).spawn(move || store.run())?;
     Ok(())
 }
@@ -83,20 +91,19 @@ struct CallStore {
     mirrored: HashMap<String, String>,
     /// Standby: the last change read from the stream (`None`: load everything first).
     position: Option<String>,
+    /// An active node taking its calls back at start restores as a standby does.
+    taking_back: bool,
     up: Option<bool>,
 }
 
 impl CallStore {
     fn run(&mut self) {
         if !self.cfg.standby {
-            let r = self.mirror();
+            self.taking_back = true;
+            let r = self.load_all();
+            self.taking_back = false;
             let n = self.mirrored.len();
             self.note(r);
-            let mut node = self.shared.node();
-            if let Some(relay) = node.relay_mut() {
-                relay.set_standby(false, std::time::Instant::now());
-                relay.keep_state(true);
-            }
             if n > 0 {
                 tracing::info!(calls = n, "calls taken back from Redis at start");
             }
@@ -237,7 +244,8 @@ impl CallStore {
     fn apply(&mut self, calls: Vec<(String, Option<String>)>, whole: bool) {
         let mut restored = 0usize;
         crate::server::input(&self.shared, |node| {
-            let Some(relay) = node.relay_mut().filter(|r| r.is_standby()) else { return };
+            let taking_back = self.taking_back;
+            let Some(relay) = node.relay_mut().filter(|r| r.is_standby() || taking_back) else { return };
             let (now, unix) = (std::time::Instant::now(), unix_now());
             let mut seen = std::collections::HashSet::new();
             for (id, json) in calls {

@@ -2,8 +2,9 @@
 //! relay at a virtual address over ng; the active relay writes its calls to Redis, a
 //! standby mirrors them. During a call with RTP flowing both ways the active relay is
 //! killed with -9 and its address moved to the standby: RTP resumes through the standby,
-//! the gap is measured, ng `query` on the new node matches the old, and the call ends with
-//! a BYE. Needs root.
+//! the gap is measured, ng `query` on the new node matches the old. Then the new active
+//! relay is killed too and restarted in place: it takes the call back from Redis and RTP
+//! resumes again. The call ends with a BYE. Needs root.
 
 mod common;
 
@@ -214,7 +215,7 @@ fn a_relay_killed_mid_call_is_taken_over_by_its_standby_and_media_resumes() {
         log(d, "redis")
     );
     let mut relay_a = pinhole(&relay_a_ns, d, "relay-a", &relay_config(RELAY_A, "relay-a", "active"));
-    let _relay_b = pinhole(&relay_b_ns, d, "relay-b", &relay_config(RELAY_B, "relay-b", "standby"));
+    let mut relay_b = pinhole(&relay_b_ns, d, "relay-b", &relay_config(RELAY_B, "relay-b", "standby"));
     let _edge = pinhole(
         &hub,
         d,
@@ -343,6 +344,23 @@ fn a_relay_killed_mid_call_is_taken_over_by_its_standby_and_media_resumes() {
         "{}",
         log(d, "relay-b")
     );
+    // The new active relay dies too and is restarted in place (no standby this time): it
+    // takes the call back from Redis (as the first node last wrote it: nothing changed
+    // since) before anything else, and media resumes.
+    relay_b.0.as_mut().map(|c| c.kill()).transpose().expect("kill -9");
+    drop(relay_b);
+    let killed = Instant::now();
+    let _relay_b2 = pinhole(&relay_b_ns, d, "relay-b-again", &relay_config(RELAY_B, "relay-b", "active"));
+    assert!(
+        wait_until(Duration::from_secs(10), || alice_media.count_after(killed + Duration::from_millis(1)) > 25
+            && bob_media.count_after(killed + Duration::from_millis(1)) > 25),
+        "media did not resume after the restart in place\n{}",
+        log(d, "relay-b-again")
+    );
+    assert!(log(d, "relay-b-again").contains("calls taken back from Redis at start"), "{}", log(d, "relay-b-again"));
+    let restart_gap = alice_media.longest_gap_after(killed).max(bob_media.longest_gap_after(killed));
+    eprintln!("restart in place: media back after {} ms", restart_gap.as_millis());
+    assert!(restart_gap < Duration::from_secs(2), "restart gap over 2 s");
 
     // The call ends cleanly: BYE through the edge, 200 back, the call gone from the new
     // relay and from Redis.
