@@ -32,11 +32,11 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pinhole_media::anchor::{MediaAnchor, MediaRefusal};
+use pinhole_media::anchor::{MediaAnchor, MediaRefusal, SdpIn};
 use pinhole_media::fleet::{Fleet, NgExchange, RelaySpec};
 use pinhole_media::ng_server::{NgServer, NgStreamError};
 use pinhole_media::relay::{Command, Relay, RelayConfig};
@@ -82,33 +82,10 @@ impl MediaAnchor for Media {
         }
     }
 
-    fn anchor_sdp(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
         match self {
-            Media::Local(r) => r.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to),
-            Media::Fleet(f) => f.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to),
-        }
-    }
-
-    fn anchor_sdp_hiding(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
-        match self {
-            Media::Local(r) => r.anchor_sdp_hiding(now, call_id, sender_tag, sdp, signalling_ip, to),
-            Media::Fleet(f) => f.anchor_sdp_hiding(now, call_id, sender_tag, sdp, signalling_ip, to),
+            Media::Local(r) => r.anchor_sdp(now, s),
+            Media::Fleet(f) => f.anchor_sdp(now, s),
         }
     }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use pinhole_media::anchor::MediaAnchor;
+use pinhole_media::anchor::{MediaAnchor, SdpIn};
 use pinhole_media::fleet::{Fleet, NgExchange, RelaySpec};
 use pinhole_media::relay::{CallState, Relay, RelayConfig};
 
@@ -53,9 +53,10 @@ fuzz_target!(|data: &[u8]| {
     }
     fleet.prefer("c", Some(&text), Some(&text));
     let ip = "198.51.100.10".parse().expect("ip");
-    let _ = fleet.anchor_sdp(now, "c", "a", SDP, ip, None);
-    let _ = fleet.anchor_sdp(now, "c", "b", SDP, ip, None);
-    let _ = fleet.anchor_sdp(now, "c", "a", SDP, ip, None);
+    for tag in ["a", "b", "a"] {
+        let sdp = SdpIn { call_id: "c", sender_tag: tag, sdp: SDP, signalling_ip: ip, to: None, hide: tag == "b" };
+        let _ = fleet.anchor_sdp(now, &sdp);
+    }
     fleet.release("c");
     while fleet.poll_transmit(now).is_some() {}
     while fleet.poll_change().is_some() {}

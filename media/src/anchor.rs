@@ -16,36 +16,27 @@ pub struct MediaRefusal {
     pub reason: String,
 }
 
+/// An SDP body to anchor: from the party tagged `sender_tag`, whose signalling came from
+/// `signalling_ip`, going to the party at `to` when known (its address family picks the
+/// relay's; a relay fleet picks relays near both).
+#[derive(Debug, Clone, Copy)]
+pub struct SdpIn<'a> {
+    pub call_id: &'a str,
+    pub sender_tag: &'a str,
+    pub sdp: &'a [u8],
+    pub signalling_ip: IpAddr,
+    pub to: Option<IpAddr>,
+    /// Hide the sender's address everywhere in the SDP, its `o=` line too: for a B2BUA's
+    /// legs, where the other side must not learn it.
+    pub hide: bool,
+}
+
 pub trait MediaAnchor {
     /// Whether SDP bodies are anchored at all.
     fn anchoring(&self) -> bool;
 
-    /// An SDP body from the party tagged `sender_tag`, whose signalling came from
-    /// `signalling_ip`, going to the party at `to` when known (its address family picks
-    /// the relay's; a relay fleet picks relays near both). Returns the body to forward.
-    fn anchor_sdp(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal>;
-
-    /// As [`MediaAnchor::anchor_sdp`], hiding the sender's address everywhere in the SDP
-    /// (its `o=` line too): for a B2BUA's legs, where the other side must not learn it.
-    fn anchor_sdp_hiding(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
-        self.anchor_sdp(now, call_id, sender_tag, sdp, signalling_ip, to)
-    }
+    /// Anchors an SDP body (see [`SdpIn`]); returns the body to forward.
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal>;
 
     /// Before a new call's first SDP: what the caller's and the callee's agents measured to
     /// the relays (`Pinhole-RTT` values), for an anchor that picks a relay per call.
@@ -73,37 +64,19 @@ impl MediaAnchor for Option<Relay> {
         self.is_some()
     }
 
-    fn anchor_sdp(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
-        anchor(
-            self,
-            now,
-            call_id,
-            sender_tag,
-            sdp,
-            signalling_ip,
-            Options { to_v6: to.map(|ip| ip.is_ipv6()), ..Options::default() },
-        )
-    }
-
-    fn anchor_sdp_hiding(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
-        let opts = Options { to_v6: to.map(|ip| ip.is_ipv6()), replace_origin: true, ..Options::default() };
-        anchor(self, now, call_id, sender_tag, sdp, signalling_ip, opts)
+    /// SDP through the relay, when there is one; refusals as SIP responses.
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
+        let Some(relay) = self else { return Ok(s.sdp.to_vec()) };
+        let opts = Options { to_v6: s.to.map(|ip| ip.is_ipv6()), replace_origin: s.hide, ..Options::default() };
+        relay.on_sdp(now, s.call_id, s.sender_tag, s.sdp, Some(s.signalling_ip), opts).map_err(|e| {
+            let (code, reason) = match e {
+                RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
+                RelayError::PortsExhausted => (503, "Media Relay Out Of Ports".to_owned()),
+                RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
+                RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
+            };
+            MediaRefusal { code, reason }
+        })
     }
 
     fn release(&mut self, call_id: &str) -> bool {
@@ -135,26 +108,4 @@ impl EndReason {
             EndReason::MaxDuration => "duration",
         }
     }
-}
-
-/// SDP from `sender_tag` through the relay, when there is one; refusals as SIP responses.
-fn anchor(
-    relay: &mut Option<Relay>,
-    now: Instant,
-    call_id: &str,
-    sender_tag: &str,
-    sdp: &[u8],
-    signalling_ip: IpAddr,
-    opts: Options,
-) -> Result<Vec<u8>, MediaRefusal> {
-    let Some(relay) = relay else { return Ok(sdp.to_vec()) };
-    relay.on_sdp(now, call_id, sender_tag, sdp, Some(signalling_ip), opts).map_err(|e| {
-        let (code, reason) = match e {
-            RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
-            RelayError::PortsExhausted => (503, "Media Relay Out Of Ports".to_owned()),
-            RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
-            RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
-        };
-        MediaRefusal { code, reason }
-    })
 }

@@ -27,7 +27,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::anchor::{MediaAnchor, MediaRefusal};
+use crate::anchor::{MediaAnchor, MediaRefusal, SdpIn};
 use crate::cidr::Cidr;
 use crate::ng::{split_cookie, Bencode};
 
@@ -499,18 +499,6 @@ fn set_up(m: &mut Member, up: bool, why: &'static str, changes: &mut VecDeque<Ch
     metrics::gauge!("pinhole_fleet_relay_up", "relay" => m.label.clone()).set(if up { 1.0 } else { 0.0 });
 }
 
-/// An SDP to anchor, as [`MediaAnchor::anchor_sdp`] gets it.
-#[derive(Clone, Copy)]
-struct SdpIn<'a> {
-    call_id: &'a str,
-    sender_tag: &'a str,
-    sdp: &'a [u8],
-    signalling_ip: IpAddr,
-    to: Option<IpAddr>,
-    /// Hide the sender's address in `o=` too (a B2BUA leg).
-    hide: bool,
-}
-
 enum Failure {
     /// The relay at this index did not answer.
     Silent(usize),
@@ -531,28 +519,8 @@ impl<X: NgExchange> MediaAnchor for Fleet<X> {
         true
     }
 
-    fn anchor_sdp(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
-        self.anchor(now, &SdpIn { call_id, sender_tag, sdp, signalling_ip, to, hide: false })
-    }
-
-    fn anchor_sdp_hiding(
-        &mut self,
-        now: Instant,
-        call_id: &str,
-        sender_tag: &str,
-        sdp: &[u8],
-        signalling_ip: IpAddr,
-        to: Option<IpAddr>,
-    ) -> Result<Vec<u8>, MediaRefusal> {
-        self.anchor(now, &SdpIn { call_id, sender_tag, sdp, signalling_ip, to, hide: true })
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
+        self.anchor(now, s)
     }
 
     fn prefer(&mut self, call_id: &str, caller: Option<&str>, callee: Option<&str>) {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ezk_sip_types::host::Host;
-use pinhole_media::anchor::MediaAnchor;
+use pinhole_media::anchor::{MediaAnchor, SdpIn};
 use pinhole_media::punch::sdp::{self as punch_sdp, WirePlan};
 
 use crate::message::{Editor, Garbage, HeaderName, Message, Method, Rejection};
@@ -215,7 +215,17 @@ impl<M: MediaAnchor> Agent<M> {
             (Some(tag), Some(call_id)) if self.media.anchoring() && sdp.starts_with("v=0") => {
                 let anchored = self
                     .media
-                    .anchor_sdp(now, call_id, tag, sdp.as_bytes(), from, None)
+                    .anchor_sdp(
+                        now,
+                        &SdpIn {
+                            call_id,
+                            sender_tag: tag,
+                            sdp: sdp.as_bytes(),
+                            signalling_ip: from,
+                            to: None,
+                            hide: false,
+                        },
+                    )
                     .map_err(|r| Rejection::new(r.code, r.reason))?;
                 e.set_body(&anchored);
             }

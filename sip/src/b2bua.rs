@@ -16,11 +16,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pinhole_media::anchor::MediaAnchor;
+use pinhole_media::anchor::{MediaAnchor, SdpIn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -609,7 +609,7 @@ impl B2bua {
         let body = match sdp_body(&call.a_invite) {
             Some(sdp) => {
                 let ip = call.a_flow.remote.ip();
-                match media.anchor_sdp_hiding(now, &call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.ip())) {
+                match media.anchor_sdp(now, &hidden(&call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.ip()))) {
                     Ok(b) => Some(b),
                     Err(r) => {
                         self.fail_a(now, id, r.code, &r.reason, media);
@@ -910,7 +910,7 @@ impl B2bua {
         let body = match sdp_body(&msg) {
             Some(sdp) => {
                 let tag = if leg == Leg::A { call.a.remote_tag.clone() } else { TRUNK_TAG.to_owned() };
-                match media.anchor_sdp_hiding(now, &call.a.call_id, &tag, sdp, flow.remote.ip(), None) {
+                match media.anchor_sdp(now, &hidden(&call.a.call_id, &tag, sdp, flow.remote.ip(), None)) {
                     Ok(b) => Some((b, "application/sdp".to_owned())),
                     Err(r) => {
                         self.out.push_back(Transmit { flow, payload: msg.response(r.code, &r.reason, None, &[]) });
@@ -1054,7 +1054,7 @@ impl B2bua {
         self.ack_b(id, &msg);
         let Some(call) = self.calls.get_mut(&id) else { return };
         let body = match sdp_body(&msg) {
-            Some(sdp) => media.anchor_sdp_hiding(now, &call.a.call_id, TRUNK_TAG, sdp, flow.remote.ip(), None).ok(),
+            Some(sdp) => media.anchor_sdp(now, &hidden(&call.a.call_id, TRUNK_TAG, sdp, flow.remote.ip(), None)).ok(),
             None => None,
         };
         call.phase = Phase::Answered;
@@ -1102,16 +1102,10 @@ impl B2bua {
         let Some(code) = msg.status() else { return };
         let Some(call) = self.calls.get_mut(&id) else { return };
         let body = match sdp_body(msg) {
-            Some(sdp) => media
-                .anchor_sdp_hiding(
-                    now,
-                    &call.a.call_id,
-                    TRUNK_TAG,
-                    sdp,
-                    call.b.flow.map_or(call.a_flow.remote.ip(), |f| f.remote.ip()),
-                    None,
-                )
-                .ok(),
+            Some(sdp) => {
+                let from = call.b.flow.map_or(call.a_flow.remote.ip(), |f| f.remote.ip());
+                media.anchor_sdp(now, &hidden(&call.a.call_id, TRUNK_TAG, sdp, from, None)).ok()
+            }
             None => None,
         };
         if body.is_none() && call.ringing_sent {
@@ -1194,7 +1188,7 @@ impl B2bua {
         let body = match sdp_body(msg) {
             Some(sdp) => {
                 let tag = if origin_leg == Leg::A { TRUNK_TAG.to_owned() } else { call.a.remote_tag.clone() };
-                media.anchor_sdp_hiding(now, &call.a.call_id, &tag, sdp, origin_flow.remote.ip(), None).ok()
+                media.anchor_sdp(now, &hidden(&call.a.call_id, &tag, sdp, origin_flow.remote.ip(), None)).ok()
             }
             None => None,
         };
@@ -1432,4 +1426,10 @@ fn strip_tag(name_addr: &str) -> &str {
         Some(_) => name_addr.split(";tag=").next().unwrap_or(name_addr),
         None => name_addr,
     }
+}
+
+/// A leg's SDP to anchor with the sender's address hidden everywhere (its `o=` line too):
+/// neither side of a B2BUA call learns the other's.
+fn hidden<'a>(call_id: &'a str, sender_tag: &'a str, sdp: &'a [u8], from: IpAddr, to: Option<IpAddr>) -> SdpIn<'a> {
+    SdpIn { call_id, sender_tag, sdp, signalling_ip: from, to, hide: true }
 }

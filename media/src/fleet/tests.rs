@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::anchor::SdpIn;
 use crate::ng_server::NgServer;
 use crate::relay::{Relay, RelayConfig};
 
@@ -91,12 +92,32 @@ fn connection(body: &[u8]) -> String {
 /// An offer from the caller to the callee; the SDP forwarded to the callee.
 fn offer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
     let now = f.exchange.now;
-    f.anchor_sdp(now, call, "a", &sdp(CALLER, 4000), ip(CALLER), Some(ip(CALLEE)))
+    f.anchor_sdp(
+        now,
+        &SdpIn {
+            call_id: call,
+            sender_tag: "a",
+            sdp: &sdp(CALLER, 4000),
+            signalling_ip: ip(CALLER),
+            to: Some(ip(CALLEE)),
+            hide: false,
+        },
+    )
 }
 
 fn answer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
     let now = f.exchange.now;
-    f.anchor_sdp(now, call, "b", &sdp(CALLEE, 5000), ip(CALLEE), Some(ip(CALLER)))
+    f.anchor_sdp(
+        now,
+        &SdpIn {
+            call_id: call,
+            sender_tag: "b",
+            sdp: &sdp(CALLEE, 5000),
+            signalling_ip: ip(CALLEE),
+            to: Some(ip(CALLER)),
+            hide: false,
+        },
+    )
 }
 
 fn stats_reply(sessions: i64) -> Vec<u8> {
@@ -222,7 +243,19 @@ fn an_endpoint_is_served_by_the_relay_whose_cidr_holds_its_address() {
         assert_eq!(connection(&out), "203.0.113.23", "the longest prefix holding the caller");
     }
     let now = f.exchange.now;
-    let out = f.anchor_sdp(now, "other", "x", &sdp("192.0.2.99", 4000), ip("192.0.2.99"), None).expect("anchored");
+    let out = f
+        .anchor_sdp(
+            now,
+            &SdpIn {
+                call_id: "other",
+                sender_tag: "x",
+                sdp: &sdp("192.0.2.99", 4000),
+                signalling_ip: ip("192.0.2.99"),
+                to: None,
+                hide: false,
+            },
+        )
+        .expect("anchored");
     assert_eq!(connection(&out), "203.0.113.21", "an address no CIDR holds goes to the relay serving anyone");
 }
 
@@ -278,9 +311,32 @@ fn a_re_invite_from_the_callee_is_an_offer_from_its_side() {
     answer(&mut f, "c").expect("answered");
     f.exchange.sent.clear();
     let now = f.exchange.now;
-    let to_caller = f.anchor_sdp(now, "c", "b", &sdp(CALLEE, 5002), ip(CALLEE), None).expect("re-offer");
+    let to_caller = f
+        .anchor_sdp(
+            now,
+            &SdpIn {
+                call_id: "c",
+                sender_tag: "b",
+                sdp: &sdp(CALLEE, 5002),
+                signalling_ip: ip(CALLEE),
+                to: None,
+                hide: false,
+            },
+        )
+        .expect("re-offer");
     assert_eq!(connection(&to_caller), "203.0.113.21");
-    f.anchor_sdp(now, "c", "a", &sdp(CALLER, 4002), ip(CALLER), None).expect("its answer");
+    f.anchor_sdp(
+        now,
+        &SdpIn {
+            call_id: "c",
+            sender_tag: "a",
+            sdp: &sdp(CALLER, 4002),
+            signalling_ip: ip(CALLER),
+            to: None,
+            hide: false,
+        },
+    )
+    .expect("its answer");
     let sent: Vec<_> = f.exchange.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
     let want =
         [("203.0.113.22", "offer"), ("203.0.113.21", "offer"), ("203.0.113.21", "answer"), ("203.0.113.22", "answer")];

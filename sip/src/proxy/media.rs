@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use pinhole_media::anchor::MediaAnchor;
+use pinhole_media::anchor::{MediaAnchor, SdpIn};
 
 use super::{Owner, Proxy, BRANCH_PREFIX};
 use crate::message::{HeaderName, Message, Method, Rejection};
@@ -42,6 +42,18 @@ pub(crate) fn sdp_body(msg: &Message) -> Option<&[u8]> {
     }
 }
 
+/// An SDP body from the party tagged `tag` on `from`, going towards `to` when known.
+fn between<'a>(call_id: &'a str, tag: &'a str, body: &'a [u8], from: Flow, to: Option<Flow>) -> SdpIn<'a> {
+    SdpIn {
+        call_id,
+        sender_tag: tag,
+        sdp: body,
+        signalling_ip: from.remote.ip(),
+        to: to.map(|f| f.remote.ip()),
+        hide: false,
+    }
+}
+
 pub(crate) fn contact_uri(msg: &Message) -> Option<String> {
     let v = msg.value_texts(HeaderName::Contact).into_iter().next()?;
     Some(match (v.find('<'), v.find('>')) {
@@ -73,7 +85,7 @@ impl<M: MediaAnchor> Proxy<M> {
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             return Ok(None);
         };
-        match self.media.anchor_sdp(now, call_id, tag, body, flow.remote.ip(), to.map(|f| f.remote.ip())) {
+        match self.media.anchor_sdp(now, &between(call_id, tag, body, flow, to)) {
             Ok(b) => Ok(Some(b)),
             Err(r) => Err(Rejection::new(r.code, r.reason)),
         }
@@ -97,7 +109,7 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let body = sdp_body(msg)?;
         let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
-        match self.media.anchor_sdp(now, call_id, tag, body, from.remote.ip(), to.map(|f| f.remote.ip())) {
+        match self.media.anchor_sdp(now, &between(call_id, tag, body, from, to)) {
             Ok(b) => Some(b),
             Err(r) => {
                 tracing::warn!(call_id, error = %r.reason, "answer not anchored; forwarded as is");
