@@ -149,7 +149,7 @@ fn measure_relays(relays: Vec<SocketAddr>, local: SocketAddr, agent: SharedAgent
 fn stun_rtt(sock: &UdpSocket, to: SocketAddr) -> Option<Duration> {
     let txid: [u8; 12] = rand::random();
     let sent = std::time::Instant::now();
-    sock.send_to(&pinhole_media::stun::binding_request(txid), to).ok()?;
+    sock.send_to(&pinhole_media::stun::binding_request(txid)?, to).ok()?;
     let deadline = sent + Duration::from_millis(500);
     let mut buf = [0u8; 512];
     loop {

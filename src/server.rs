@@ -574,7 +574,7 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
             }
         };
         let mut batch = vec![(remote, Bytes::copy_from_slice(&buf[..n]))];
-        if let Some(wait) = rate.batch_wait() {
+        if let Some(wait) = rate.batch_wait(std::time::Instant::now()) {
             std::thread::sleep(wait);
         }
         while batch.len() < BATCH_MAX {
@@ -587,7 +587,7 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
                 }
             }
         }
-        rate.count(batch.len());
+        rate.count(std::time::Instant::now(), batch.len());
         input(shared, |node| {
             // The clock is read once the node is ours (see `handle`).
             let now = Instant::now().into_std();
@@ -618,8 +618,7 @@ struct RateMeter {
 }
 
 impl RateMeter {
-    fn count(&mut self, n: usize) {
-        let now = std::time::Instant::now();
+    fn count(&mut self, now: std::time::Instant, n: usize) {
         let since = *self.since.get_or_insert(now);
         self.count += n as u64;
         let elapsed = now.duration_since(since);
@@ -630,17 +629,17 @@ impl RateMeter {
         }
     }
 
-    fn per_second(&self) -> u64 {
+    fn per_second(&self, now: std::time::Instant) -> u64 {
         // A long quiet spell since the last window counts as quiet.
         match self.since {
-            Some(t) if t.elapsed() < Duration::from_millis(300) => self.rate,
+            Some(t) if now.duration_since(t) < Duration::from_millis(300) => self.rate,
             _ => 0,
         }
     }
 
     /// How long to let a burst gather at this rate, if at all.
-    fn batch_wait(&self) -> Option<Duration> {
-        let rate = self.per_second();
+    fn batch_wait(&self, now: std::time::Instant) -> Option<Duration> {
+        let rate = self.per_second(now);
         (rate >= BATCH_RATE)
             .then(|| Duration::from_micros(BATCH_TARGET * 1_000_000 / rate).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX))
     }
@@ -864,5 +863,39 @@ async fn store_loop(shared: Arc<Shared>, store: Store, clustered: bool) {
         if let Ok(Err(e)) = res {
             tracing::error!(error = %e, "saving registrations failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    /// `n` datagrams spread over 100 ms from `t`.
+    fn fill(r: &mut RateMeter, t: std::time::Instant, n: u32) -> std::time::Instant {
+        for k in 0..n {
+            r.count(t + Duration::from_millis(100) * k / n, 1);
+        }
+        let end = t + Duration::from_millis(100);
+        r.count(end, 0);
+        end
+    }
+
+    #[test]
+    fn a_udp_thread_coalesces_only_under_load_and_never_longer_than_5_ms() {
+        let t = std::time::Instant::now();
+        let mut quiet = RateMeter::default();
+        let end = fill(&mut quiet, t, 50);
+        assert_eq!(quiet.batch_wait(end), None, "500 datagrams/s: each handled as it comes");
+
+        let mut busy = RateMeter::default();
+        let end = fill(&mut busy, t, 1300);
+        assert_eq!(busy.per_second(end), 13_000);
+        let wait = busy.batch_wait(end).expect("coalesces at 13 000/s");
+        assert!((Duration::from_millis(1)..=Duration::from_millis(2)).contains(&wait), "{wait:?}: about 16 datagrams");
+
+        let mut moderate = RateMeter::default();
+        let end = fill(&mut moderate, t, 120);
+        assert_eq!(moderate.batch_wait(end), Some(Duration::from_millis(5)), "capped at 5 ms");
+        assert_eq!(moderate.batch_wait(end + Duration::from_secs(1)), None, "a quiet second later: no wait");
     }
 }

@@ -72,6 +72,13 @@ impl Media {
             Media::Fleet(_) => None,
         }
     }
+
+    fn fleet(&mut self) -> Option<&mut Fleet<Exchange>> {
+        match self {
+            Media::Fleet(f) => Some(f),
+            Media::Local(_) => None,
+        }
+    }
 }
 
 impl MediaAnchor for Media {
@@ -235,10 +242,7 @@ impl Node {
     }
 
     fn fleet_mut(&mut self) -> Option<&mut Fleet<Exchange>> {
-        match self.proxy.media_mut() {
-            Media::Fleet(f) => Some(f),
-            Media::Local(_) => None,
-        }
+        self.proxy.media_mut().fleet()
     }
 
     /// A datagram on the fleet's socket (a relay's statistics). `false`: not one, dropped.

@@ -58,7 +58,11 @@ struct Run {
 impl Run {
     fn new() -> Run {
         let now = Instant::now();
-        Run { node: Node::new(config(), now, 1_700_000_000, 9, None), now, sent: vec![], commands: 0, events: vec![] }
+        Run::with(Node::new(config(), now, 1_700_000_000, 9, None), now)
+    }
+
+    fn with(node: Node, now: Instant) -> Run {
+        Run { node, now, sent: vec![], commands: 0, events: vec![] }
     }
 
     /// Polls until the node is waiting; returns what it waits for.
@@ -211,13 +215,7 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     };
     let edge_cfg = NodeConfig { fleet: vec![spec], ..config() };
     let exchange: Exchange = Box::new(ToRelayNode(relay_node.clone(), now));
-    let mut r = Run {
-        node: Node::new(edge_cfg, now, 1_700_000_000, 9, Some(exchange)),
-        now,
-        sent: vec![],
-        commands: 0,
-        events: vec![],
-    };
+    let mut r = Run::with(Node::new(edge_cfg, now, 1_700_000_000, 9, Some(exchange)), now);
     assert!(r.node.relay().is_none(), "an edge with a fleet has no relay of its own");
 
     // The first poll asks the relay for its statistics.
@@ -297,15 +295,10 @@ fn a_callee_whose_agent_measured_a_nearer_relay_in_another_region_gets_its_leg_t
         });
     }
     let exchange: Exchange = Box::new(ToRelayNodes(nodes.clone(), now));
-    let mut r = Run {
-        node: Node::new(NodeConfig { fleet: specs, ..config() }, now, 1_700_000_000, 9, Some(exchange)),
-        now,
-        sent: vec![],
-        commands: 0,
-        events: vec![],
-    };
-    // bob registers from the operator's network (vouched) through an agent that finds the
-    // us relay nearer; a phone's own claim would be ignored unless vouched.
+    let mut r =
+        Run::with(Node::new(NodeConfig { fleet: specs, ..config() }, now, 1_700_000_000, 9, Some(exchange)), now);
+    // bob registers from the operator's network (so his REGISTER is vouched for) through
+    // an agent that finds the us relay nearer.
     r.sip(
         CALLEE,
         &format!(

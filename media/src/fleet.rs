@@ -205,10 +205,6 @@ impl<X: NgExchange> Fleet<X> {
         self.calls.len()
     }
 
-    pub fn exchange_mut(&mut self) -> &mut X {
-        &mut self.exchange
-    }
-
     /// The next statistics request due (`to`, whole datagram), until none is.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
         let i = self.members.iter().position(|m| m.next_stats <= now)?;

@@ -19,7 +19,7 @@ use stun_rs::attributes::stun::{ErrorCode, Fingerprint, MessageIntegrity, Softwa
 use stun_rs::methods::BINDING;
 use stun_rs::StunAttribute;
 use stun_rs::{DecoderContextBuilder, HMACKey};
-use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessageBuilder};
+use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessageBuilder, TransactionId};
 
 use crate::guard::{Admit, GuardConfig, GuessGuard};
 
@@ -66,17 +66,21 @@ pub fn looks_like_stun(b: &[u8]) -> bool {
 
 /// A bare Binding request with this transaction ID: an agent's probe of a relay's round
 /// trip.
-pub fn binding_request(txid: [u8; 12]) -> [u8; 20] {
-    let mut b = [0u8; 20];
-    b[..4].copy_from_slice(&[0x00, 0x01, 0x00, 0x00]);
-    b[4..8].copy_from_slice(&MAGIC_COOKIE);
-    b[8..].copy_from_slice(&txid);
-    b
+pub fn binding_request(txid: [u8; 12]) -> Option<Vec<u8>> {
+    encode(
+        &StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(TransactionId::from(txid)).build(),
+    )
 }
 
 /// Whether `b` is a Binding success response to the request with `txid`.
 pub fn answers(b: &[u8], txid: [u8; 12]) -> bool {
-    looks_like_stun(b) && b[..2] == [0x01, 0x01] && b[8..20] == txid
+    if !looks_like_stun(b) {
+        return false;
+    }
+    let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(b) else { return false };
+    msg.method() == BINDING
+        && msg.class() == MessageClass::SuccessResponse
+        && *msg.transaction_id() == TransactionId::from(txid)
 }
 
 /// The answer to a Binding request from `src`, or `None` when `req` is not one.
@@ -389,7 +393,7 @@ mod rtt_tests {
     #[test]
     fn a_bare_binding_request_is_answered_and_the_answer_recognised_by_its_transaction() {
         let txid = [7u8; 12];
-        let req = binding_request(txid);
+        let req = binding_request(txid).expect("encoded");
         let resp = binding_response(&req, "198.51.100.10:4000".parse().expect("addr")).expect("answered");
         assert!(answers(&resp, txid));
         assert!(!answers(&resp, [8u8; 12]), "another transaction");

@@ -237,6 +237,13 @@ struct Target {
     relay_rtts: Option<String>,
 }
 
+impl Target {
+    /// A next hop and nothing more: no new Request-URI, routes or agent report.
+    fn plain(flow: Flow) -> Target {
+        Target { flow, request_uri: None, routes: vec![], nat_profile: None, relay_rtts: None }
+    }
+}
+
 /// Our own entries at the top of a request's Route set, and what follows them.
 struct RouteInfo<'m> {
     /// (header index, value range) of each of our Route values, to strip when forwarding.

@@ -97,9 +97,9 @@ impl Relay {
         let mut moved = Vec::new();
         for (id, c) in &mut self.calls {
             for s in &mut c.streams {
-                let now: Vec<Option<SocketAddr>> = s.stats.iter().map(|st| st.latched()).collect();
-                if now[..] != s.saved_latches[..] {
-                    s.saved_latches.copy_from_slice(&now);
+                let now = latches(&s.stats);
+                if now != s.saved_latches {
+                    s.saved_latches = now;
                     moved.push(id.clone());
                 }
             }
@@ -130,21 +130,15 @@ impl Relay {
             streams: c
                 .streams
                 .iter()
-                .map(|s| {
-                    let mut latched = [None; 4];
-                    for (slot, st) in latched.iter_mut().zip(s.stats.iter()) {
-                        *slot = st.latched();
-                    }
-                    StreamState {
-                        kind: s.kind.clone(),
-                        proto: s.proto.clone(),
-                        ports: s.ports.0.map(|p| p.0),
-                        iface: s.iface.0,
-                        sdp: s.sdp.0,
-                        signalling: s.signalling.0,
-                        asymmetric: s.mode == LatchMode::Asymmetric,
-                        latched,
-                    }
+                .map(|s| StreamState {
+                    kind: s.kind.clone(),
+                    proto: s.proto.clone(),
+                    ports: s.ports.0.map(|p| p.0),
+                    iface: s.iface.0,
+                    sdp: s.sdp.0,
+                    signalling: s.signalling.0,
+                    asymmetric: s.mode == LatchMode::Asymmetric,
+                    latched: latches(&s.stats),
                 })
                 .collect(),
         })
@@ -154,41 +148,29 @@ impl Relay {
     /// Call-ID is replaced), each already latched where the other node had latched, so
     /// media flows with the first packet that reaches this node.
     pub fn restore(&mut self, now: Instant, unix_now: u64, st: &CallState) -> Result<(), RestoreError> {
-        let old = self.calls.remove(&st.call_id);
-        let mut held: Vec<u16> = Vec::new();
-        if let Some(c) = &old {
-            held.extend(c.streams.iter().flat_map(|s| s.ports.0.map(|p| p.0)));
-        }
+        // Checked before anything changes: ports free here (or the replaced call's own),
+        // none listed twice, interfaces that exist.
+        let held: Vec<u16> = self
+            .calls
+            .get(&st.call_id)
+            .map(|c| c.streams.iter().flat_map(|s| s.ports.0.map(|p| p.0)).collect())
+            .unwrap_or_default();
         let mut wanted: Vec<u16> = Vec::new();
         for s in &st.streams {
+            if let Some(&i) = s.iface.iter().find(|&&i| i >= self.cfg.interfaces.len()) {
+                return Err(RestoreError::UnknownInterface(i));
+            }
             for p in s.ports {
-                if wanted.contains(&p) {
-                    self.put_back(&st.call_id, old);
+                if wanted.contains(&p) || (!self.free.contains(&p) && !held.contains(&p)) {
                     return Err(RestoreError::PortUnavailable(p));
                 }
                 wanted.push(p);
             }
-            for &i in &s.iface {
-                if i >= self.cfg.interfaces.len() {
-                    self.put_back(&st.call_id, old);
-                    return Err(RestoreError::UnknownInterface(i));
-                }
-            }
-            for p in s.ports {
-                if !self.free.contains(&p) && !held.contains(&p) {
-                    self.put_back(&st.call_id, old);
-                    return Err(RestoreError::PortUnavailable(p));
-                }
-            }
         }
-        if let Some(c) = old {
-            // Replaced: its ports close and are opened again with the new expectations.
-            self.calls.insert(st.call_id.clone(), c);
-            let keep = self.keep_state;
-            self.keep_state = false;
-            self.delete(&st.call_id);
-            self.keep_state = keep;
-        }
+        // Replaced: its ports close and are opened again with the new expectations.
+        let keep = std::mem::replace(&mut self.keep_state, false);
+        self.delete(&st.call_id);
+        self.keep_state = keep;
         self.free.retain(|p| !wanted.contains(p));
         let serial = self.next_serial;
         self.next_serial += 1;
@@ -244,12 +226,15 @@ impl Relay {
         self.plan_check(&st.call_id);
         Ok(())
     }
+}
 
-    fn put_back(&mut self, call_id: &str, old: Option<Call>) {
-        if let Some(c) = old {
-            self.calls.insert(call_id.to_owned(), c);
-        }
+/// A stream's latched sources, in [`StreamCounters`] order.
+fn latches(stats: &StreamCounters) -> [Option<SocketAddr>; 4] {
+    let mut out = [None; 4];
+    for (slot, st) in out.iter_mut().zip(stats.iter()) {
+        *slot = st.latched();
     }
+    out
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use super::*;
 
 impl<M: MediaAnchor> Proxy<M> {
     /// The caller's binding: the one of `auth_user` on the very flow the INVITE came in on.
-    fn caller_binding(&self, now: Instant, flow: Flow, auth_user: Option<&str>) -> Option<Binding> {
+    pub(super) fn caller_binding(&self, now: Instant, flow: Flow, auth_user: Option<&str>) -> Option<Binding> {
         let unix = self.unix(now);
         auth_user.and_then(|u| {
             let aor = format!("{u}@{}", self.cfg.domain);
@@ -24,33 +24,25 @@ impl<M: MediaAnchor> Proxy<M> {
 
     /// A new INVITE's SDP is about to be anchored: what the caller's and the (single)
     /// callee's agents measured to the relays, for a relay fleet to pick the nearest.
-    pub(super) fn media_hints(
-        &mut self,
-        now: Instant,
-        flow: Flow,
-        msg: &Message,
-        auth_user: Option<&str>,
-        targets: &[Target],
-    ) {
+    pub(super) fn media_hints(&mut self, msg: &Message, caller: Option<&Binding>, targets: &[Target]) {
         let Some(call_id) = msg.call_id() else { return };
-        let caller = self.caller_binding(now, flow, auth_user).and_then(|b| b.relay_rtts);
+        let caller = caller.and_then(|b| b.relay_rtts.clone());
         let callee = if targets.len() == 1 { targets[0].relay_rtts.clone() } else { None };
         if caller.is_some() || callee.is_some() {
             self.media.prefer(call_id, caller.as_deref(), callee.as_deref());
         }
     }
 
-    /// A new INVITE from `flow` (caller `auth_user`) is about to go to `targets`.
+    /// A new INVITE from `flow` (caller `auth_user`, registered as `caller`) is about to go
+    /// to `targets`.
     pub(super) fn plan_punch(
         &mut self,
-        now: Instant,
         flow: Flow,
         msg: &Message,
-        auth_user: Option<&str>,
+        (auth_user, caller): (Option<&str>, Option<&Binding>),
         targets: &[Target],
     ) {
         let Some(call_id) = msg.call_id() else { return };
-        let caller = self.caller_binding(now, flow, auth_user);
         // Sides behind an agent get the forwarder offered, whatever the punch plan.
         let agents = [
             caller.as_ref().is_some_and(|b| b.nat_profile.is_some()),

@@ -309,8 +309,12 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
-        if *method == Method::Invite && msg.tag(HeaderName::To).is_none() {
-            self.media_hints(now, flow, msg, auth_user.as_deref(), &targets);
+        // A new call: its caller's binding (looked up once) tells the media anchor and the
+        // punch planner about the caller's agent.
+        let new_call = *method == Method::Invite && msg.tag(HeaderName::To).is_none();
+        let caller = new_call.then(|| self.caller_binding(now, flow, auth_user.as_deref())).flatten();
+        if new_call {
+            self.media_hints(msg, caller.as_ref(), &targets);
         }
         let body = match self.media_request(now, flow, msg, targets.first().map(|t| t.flow)) {
             Ok(b) => b,
@@ -319,8 +323,8 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
-        if *method == Method::Invite && msg.tag(HeaderName::To).is_none() {
-            self.plan_punch(now, flow, msg, auth_user.as_deref(), &targets);
+        if new_call {
+            self.plan_punch(flow, msg, (auth_user.as_deref(), caller.as_ref()), &targets);
         }
         let body = self.with_punch_plan(msg, Side::B, body);
         self.media_seen_request(msg);
@@ -361,26 +365,14 @@ impl<M: MediaAnchor> Proxy<M> {
             };
             if let Some((iface, remote)) = other {
                 if let Some(i) = self.cfg.interfaces.get(iface) {
-                    return Ok(vec![Target {
-                        flow: Flow { transport: i.transport, local: i.bind, remote, conn: None },
-                        request_uri: None,
-                        routes: vec![],
-                        nat_profile: None,
-                        relay_rtts: None,
-                    }]);
+                    return Ok(vec![Target::plain(Flow { transport: i.transport, local: i.bind, remote, conn: None })]);
                 }
             }
         }
         if let Some(next) = remaining.first() {
             let uri = uri_of(next);
             let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
-            return Ok(vec![Target {
-                flow: f,
-                request_uri: None,
-                routes: vec![],
-                nat_profile: None,
-                relay_rtts: None,
-            }]);
+            return Ok(vec![Target::plain(f)]);
         }
         if to_us {
             let Some(user) = request_user(msg) else {
@@ -404,7 +396,7 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let uri = msg.request_uri().unwrap_or("");
         let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
-        Ok(vec![Target { flow: f, request_uri: None, routes: vec![], nat_profile: None, relay_rtts: None }])
+        Ok(vec![Target::plain(f)])
     }
 
     /// Where a request for these bindings goes: down the flows this node holds, and once to
@@ -422,13 +414,8 @@ impl<M: MediaAnchor> Proxy<M> {
                     let Some(i) = self.interface_index(Transport::Udp, addr, addr) else { continue };
                     let local = self.cfg.interfaces[i].bind;
                     // Addressed to the AOR, which every node takes for its own.
-                    targets.push(Target {
-                        flow: Flow { transport: Transport::Udp, local, remote: addr, conn: None },
-                        request_uri: Some(format!("sip:{aor}")),
-                        routes: vec![],
-                        nat_profile: None,
-                        relay_rtts: None,
-                    });
+                    let flow = Flow { transport: Transport::Udp, local, remote: addr, conn: None };
+                    targets.push(Target { request_uri: Some(format!("sip:{aor}")), ..Target::plain(flow) });
                 }
                 _ => {}
             }
