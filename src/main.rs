@@ -12,6 +12,7 @@ mod config;
 mod dataplane;
 mod faketcp;
 mod fleet;
+mod gather;
 mod limits;
 mod metrics;
 mod mmsg;

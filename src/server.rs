@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, KeepaliveKind};
 use crate::dataplane::DataPlane;
+use crate::gather::Gather;
 use crate::limits::{accept_failed, Backoff, LogLimiter};
 use crate::store::Store;
 
@@ -552,19 +553,21 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// One thread per UDP socket: a blocking receive costs one system call per datagram,
 /// where readiness polling costs three (epoll_wait, recvfrom, and the EAGAIN that ends it).
 ///
-/// Under load the thread coalesces: when datagrams have been arriving faster than
-/// [`BATCH_RATE`], it waits after the first of a burst long enough for about
-/// [`BATCH_TARGET`] more (1–5 ms), takes everything queued by then (up to [`BATCH_MAX`]),
-/// runs it through the node under one lock and sends what came out with one `sendmmsg` per
-/// socket. At 500 calls/s that turns thousands of wakeups a second here — and as many in the
-/// peers, woken by each send — into a few hundred, for at most 5 ms more per hop (SIP's
-/// shortest timer is 500 ms). Below the rate every datagram is handled as it comes.
+/// Under load the thread gathers (see [`crate::gather`]): when datagrams have been
+/// arriving faster than 1 000/s, each round lasts long enough for about 16 of them (1–5
+/// ms); the thread takes everything queued by then (up to [`BATCH_MAX`]), runs it through
+/// the node under one lock and sends what came out with one `sendmmsg` per socket. At 500
+/// calls/s that turns thousands of wakeups a second here — and as many in the peers, woken
+/// by each send — into a few hundred, for at most 5 ms more per hop (SIP's shortest timer
+/// is 500 ms). Below the rate every datagram is handled as it comes.
 fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket) {
     use std::os::fd::AsRawFd;
     let fd = sock.as_raw_fd();
     let mut buf = vec![0u8; 65_536];
-    let mut rate = RateMeter::default();
+    let mut gather = SIP_GATHER;
+    let mut round = std::time::Instant::now();
     loop {
+        gather.pace(round);
         let (n, remote) = match sock.recv_from(&mut buf) {
             Ok(r) => r,
             Err(e) => {
@@ -573,10 +576,8 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
                 continue;
             }
         };
+        round = std::time::Instant::now();
         let mut batch = vec![(remote, Bytes::copy_from_slice(&buf[..n]))];
-        if let Some(wait) = rate.batch_wait(std::time::Instant::now()) {
-            std::thread::sleep(wait);
-        }
         while batch.len() < BATCH_MAX {
             match crate::mmsg::recv_nowait(fd, &mut buf) {
                 Ok(Some((n, remote))) => batch.push((remote, Bytes::copy_from_slice(&buf[..n]))),
@@ -587,7 +588,7 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
                 }
             }
         }
-        rate.count(std::time::Instant::now(), batch.len());
+        gather.count(round, batch.len());
         input(shared, |node| {
             // The clock is read once the node is ours (see `handle`).
             let now = Instant::now().into_std();
@@ -601,49 +602,9 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
     }
 }
 
-/// See [`udp_loop`]: from this rate on, the thread waits for about [`BATCH_TARGET`]
-/// datagrams, between [`BATCH_WAIT_MIN`] and [`BATCH_WAIT_MAX`].
-const BATCH_RATE: u64 = 1000;
-const BATCH_TARGET: u64 = 16;
-const BATCH_WAIT_MIN: Duration = Duration::from_millis(1);
-const BATCH_WAIT_MAX: Duration = Duration::from_millis(5);
+/// See [`udp_loop`].
+const SIP_GATHER: Gather = Gather::new(1000, 16, Duration::from_millis(1), Duration::from_millis(5));
 const BATCH_MAX: usize = 64;
-
-/// Datagrams per second over the last tenth of a second.
-#[derive(Default)]
-struct RateMeter {
-    since: Option<std::time::Instant>,
-    count: u64,
-    rate: u64,
-}
-
-impl RateMeter {
-    fn count(&mut self, now: std::time::Instant, n: usize) {
-        let since = *self.since.get_or_insert(now);
-        self.count += n as u64;
-        let elapsed = now.duration_since(since);
-        if elapsed >= Duration::from_millis(100) {
-            self.rate = self.count * 1000 / (elapsed.as_millis() as u64).max(1);
-            self.count = 0;
-            self.since = Some(now);
-        }
-    }
-
-    fn per_second(&self, now: std::time::Instant) -> u64 {
-        // A long quiet spell since the last window counts as quiet.
-        match self.since {
-            Some(t) if now.duration_since(t) < Duration::from_millis(300) => self.rate,
-            _ => 0,
-        }
-    }
-
-    /// How long to let a burst gather at this rate, if at all.
-    fn batch_wait(&self, now: std::time::Instant) -> Option<Duration> {
-        let rate = self.per_second(now);
-        (rate >= BATCH_RATE)
-            .then(|| Duration::from_micros(BATCH_TARGET * 1_000_000 / rate).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX))
-    }
-}
 
 async fn accept_loop(
     shared: Arc<Shared>,
@@ -863,39 +824,5 @@ async fn store_loop(shared: Arc<Shared>, store: Store, clustered: bool) {
         if let Ok(Err(e)) = res {
             tracing::error!(error = %e, "saving registrations failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod rate_tests {
-    use super::*;
-
-    /// `n` datagrams spread over 100 ms from `t`.
-    fn fill(r: &mut RateMeter, t: std::time::Instant, n: u32) -> std::time::Instant {
-        for k in 0..n {
-            r.count(t + Duration::from_millis(100) * k / n, 1);
-        }
-        let end = t + Duration::from_millis(100);
-        r.count(end, 0);
-        end
-    }
-
-    #[test]
-    fn a_udp_thread_coalesces_only_under_load_and_never_longer_than_5_ms() {
-        let t = std::time::Instant::now();
-        let mut quiet = RateMeter::default();
-        let end = fill(&mut quiet, t, 50);
-        assert_eq!(quiet.batch_wait(end), None, "500 datagrams/s: each handled as it comes");
-
-        let mut busy = RateMeter::default();
-        let end = fill(&mut busy, t, 1300);
-        assert_eq!(busy.per_second(end), 13_000);
-        let wait = busy.batch_wait(end).expect("coalesces at 13 000/s");
-        assert!((Duration::from_millis(1)..=Duration::from_millis(2)).contains(&wait), "{wait:?}: about 16 datagrams");
-
-        let mut moderate = RateMeter::default();
-        let end = fill(&mut moderate, t, 120);
-        assert_eq!(moderate.batch_wait(end), Some(Duration::from_millis(5)), "capped at 5 ms");
-        assert_eq!(moderate.batch_wait(end + Duration::from_secs(1)), None, "a quiet second later: no wait");
     }
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 mod b2buabench;
 mod bench;
 mod faketcpbench;
+mod mmsg;
 #[allow(unreachable_pub)]
 #[path = "../../tests/common/netns.rs"]
 mod netns;
