@@ -234,6 +234,11 @@ pub struct Message {
     pub body: Range<usize>,
     /// The top Via, parsed once on first use.
     top_via: std::cell::OnceCell<Option<Via>>,
+    /// From's and To's name-addr and the Request-URI, parsed once on first use (validation
+    /// and routing both need them).
+    from: std::cell::OnceCell<Option<NameAddr>>,
+    to: std::cell::OnceCell<Option<NameAddr>>,
+    request_uri: std::cell::OnceCell<Option<ezk_sip_types::uri::SipUri>>,
 }
 
 /// Upper bound on header lines accepted in one message.
@@ -292,7 +297,18 @@ impl Message {
             pos = after;
         }
         let body = pos..data.len();
-        Ok(Message { raw, start, start_line, headers, head_end, body, top_via: std::cell::OnceCell::new() })
+        Ok(Message {
+            raw,
+            start,
+            start_line,
+            headers,
+            head_end,
+            body,
+            top_via: Default::default(),
+            from: Default::default(),
+            to: Default::default(),
+            request_uri: Default::default(),
+        })
     }
 
     pub fn raw(&self) -> &Bytes {
@@ -429,10 +445,18 @@ impl Message {
         param_of_name_addr(v, "tag")
     }
 
-    /// The URI inside From or To.
-    pub fn name_addr(&self, name: HeaderName) -> Option<NameAddr> {
-        let h = self.headers.iter().find(|h| h.name == name)?;
-        self.parse_value::<FromTo>(h.value.clone()).map(|ft| ft.uri)
+    /// The URI inside From or To (parsed once; `None` for any other header).
+    pub fn name_addr(&self, name: HeaderName) -> Option<&NameAddr> {
+        let cell = match name {
+            HeaderName::From => &self.from,
+            HeaderName::To => &self.to,
+            _ => return None,
+        };
+        cell.get_or_init(|| {
+            let h = self.headers.iter().find(|h| h.name == name)?;
+            self.parse_value::<FromTo>(h.value.clone()).map(|ft| ft.uri)
+        })
+        .as_ref()
     }
 
     pub fn contacts(&self) -> Vec<(Range<usize>, Option<Contact>)> {
@@ -544,16 +568,21 @@ impl Message {
         Ok(())
     }
 
-    pub fn request_sip_uri(&self) -> Option<ezk_sip_types::uri::SipUri> {
-        let StartLine::Request { uri, .. } = &self.start else {
-            return None;
-        };
-        let text = self.text(uri.clone());
-        use ezk_sip_types::parse::Parse;
-        match ezk_sip_types::uri::SipUri::parse(&self.raw)(text) {
-            Ok(("", u)) => Some(u),
-            _ => None,
-        }
+    /// The Request-URI as a SIP URI (parsed once).
+    pub fn request_sip_uri(&self) -> Option<&ezk_sip_types::uri::SipUri> {
+        self.request_uri
+            .get_or_init(|| {
+                let StartLine::Request { uri, .. } = &self.start else {
+                    return None;
+                };
+                let text = self.text(uri.clone());
+                use ezk_sip_types::parse::Parse;
+                match ezk_sip_types::uri::SipUri::parse(&self.raw)(text) {
+                    Ok(("", u)) => Some(u),
+                    _ => None,
+                }
+            })
+            .as_ref()
     }
 
     /// The message truncated to Content-Length (UDP allows trailing bytes, RFC 3261 §18.3).

@@ -40,9 +40,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("punch") => punch(),
         Some("faketcp") => crate::faketcpbench::run(&args[1..]),
         Some("b2bua") => crate::b2buabench::run(&args[1..]),
+        Some("node") => crate::nodebench::run(&args[1..]),
         Some("cluster") => cluster(&args[1..]),
         other => {
-            anyhow::bail!("unknown benchmark {other:?}; available: sip, relay, ng, punch, faketcp, b2bua, cluster")
+            anyhow::bail!(
+                "unknown benchmark {other:?}; available: sip, node, relay, ng, punch, faketcp, b2bua, cluster"
+            )
         }
     }
 }

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+/// The allocator pinhole's binary uses, so `bench node` measures the same allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod b2buabench;
 mod bench;
 mod faketcpbench;
@@ -15,6 +19,7 @@ mod mmsg;
 #[allow(unreachable_pub)]
 #[path = "../../tests/common/netns.rs"]
 mod netns;
+mod nodebench;
 mod relaybench;
 
 /// Debian packages the test tiers need, by the command that proves each is there.

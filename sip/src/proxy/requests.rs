@@ -579,7 +579,7 @@ pub(super) fn binding_target(b: &Binding) -> Target {
 }
 
 pub(crate) fn request_user(msg: &Message) -> Option<String> {
-    match msg.request_sip_uri()?.user_part {
+    match &msg.request_sip_uri()?.user_part {
         SipUriUserPart::Empty => None,
         SipUriUserPart::User(u) => Some(u.to_string()),
         SipUriUserPart::UserPw(up) => Some(up.user.to_string()),
