@@ -108,9 +108,17 @@ struct Entry {
     to_tags: Vec<String>,
     flows: DialogFlows,
     expires: Instant,
+    /// When its live entry in the expiry heap falls due (never after `expires`).
+    scheduled: Instant,
     confirmed: bool,
     ended: bool,
 }
+
+/// How far out an expiry check is ever scheduled. A dialog's expiry moves (a confirmed one
+/// lives 12 h, a BYE cuts that to 32 s): checks are pushed at most this far ahead and pushed
+/// again when they fall due early, so a moved expiry leaves a stale heap entry for at most
+/// this long instead of for the old lifetime (12 h of entries per call otherwise).
+const RECHECK: Duration = Duration::from_secs(60);
 
 /// Dialogs pinhole saw established, with lazy expiry through a heap.
 #[derive(Default)]
@@ -145,6 +153,7 @@ impl DialogTable {
             to_tags: Vec::new(),
             flows,
             expires: now,
+            scheduled: now,
             confirmed,
             ended: false,
         });
@@ -155,11 +164,8 @@ impl DialogTable {
             e.to_tags.push(to_tag.to_owned());
         }
         e.confirmed |= confirmed;
-        let expires = (now + life).max(e.expires);
-        if expires != e.expires {
-            e.expires = expires;
-            self.expiry.push(Reverse((expires, key)));
-        }
+        e.expires = (now + life).max(e.expires);
+        schedule(&mut self.expiry, now, key, e);
     }
 
     fn find(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<(&Key, &Entry)> {
@@ -169,10 +175,8 @@ impl DialogTable {
         })
     }
 
-    fn find_mut(&mut self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<(Key, &mut Entry)> {
-        let key = self.find(call_id, from_tag, to_tag)?.0.clone();
-        let e = self.map.get_mut(&key)?;
-        Some((key, e))
+    fn find_key(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<Key> {
+        self.find(call_id, from_tag, to_tag).map(|(k, _)| k.clone())
     }
 
     /// Does this in-dialog request (with these tags, arriving on `from`, whose token named
@@ -195,22 +199,22 @@ impl DialogTable {
 
     /// An in-dialog request passed: the dialog lives on.
     pub(super) fn touch(&mut self, now: Instant, call_id: &str, from_tag: &str, to_tag: &str) {
-        let Some((key, e)) = self.find_mut(call_id, from_tag, to_tag) else { return };
+        let Some(key) = self.find_key(call_id, from_tag, to_tag) else { return };
+        let Some(e) = self.map.get_mut(&key) else { return };
         if e.ended || !e.confirmed {
             return;
         }
         e.expires = now + DIALOG_LIFETIME;
-        let at = e.expires;
-        self.expiry.push(Reverse((at, key)));
+        schedule(&mut self.expiry, now, key, e);
     }
 
     /// A BYE passed: the dialog is forgotten after [`ENDED_MARGIN`].
     pub(super) fn end(&mut self, now: Instant, call_id: &str, from_tag: &str, to_tag: &str) {
-        let Some((key, e)) = self.find_mut(call_id, from_tag, to_tag) else { return };
+        let Some(key) = self.find_key(call_id, from_tag, to_tag) else { return };
+        let Some(e) = self.map.get_mut(&key) else { return };
         e.ended = true;
         e.expires = e.expires.min(now + ENDED_MARGIN);
-        let at = e.expires;
-        self.expiry.push(Reverse((at, key)));
+        schedule(&mut self.expiry, now, key, e);
     }
 
     pub(super) fn expire(&mut self, now: Instant) {
@@ -219,10 +223,32 @@ impl DialogTable {
                 break;
             }
             let Some(Reverse((t, key))) = self.expiry.pop() else { break };
-            if self.map.get(&key).is_some_and(|e| e.expires <= t) {
+            let Some(e) = self.map.get_mut(&key) else { continue };
+            if e.scheduled != t {
+                continue; // stale: its expiry moved and a check for it is due at `scheduled`
+            }
+            if e.expires <= t {
                 self.map.remove(&key);
+            } else {
+                schedule(&mut self.expiry, t, key, e);
             }
         }
+    }
+
+    /// Entries in the expiry heap (live and stale).
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.expiry.len()
+    }
+}
+
+/// Makes sure a check for `e` is pending no later than its expiry, and no further out than
+/// [`RECHECK`] from `now`.
+fn schedule(expiry: &mut BinaryHeap<Reverse<(Instant, Key)>>, now: Instant, key: Key, e: &mut Entry) {
+    let at = e.expires.min(now + RECHECK);
+    if e.scheduled <= now || at < e.scheduled {
+        e.scheduled = at;
+        expiry.push(Reverse((at, key)));
     }
 }
 
@@ -282,5 +308,28 @@ mod tests {
         assert_eq!(d.len(), 1, "touched dialogs live on");
         d.expire(t0 + DIALOG_LIFETIME + Duration::from_secs(3600));
         assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn ended_calls_leave_nothing_behind_in_the_expiry_heap() {
+        // Each call: 180 (early), 200 (confirmed, 12 h), ACK (touch), BYE (end).
+        let t0 = Instant::now();
+        let mut d = DialogTable::default();
+        for i in 0..1000u32 {
+            let (now, call) = (t0 + Duration::from_millis(u64::from(i) * 10), format!("call-{i}"));
+            d.establish(now, &call, "a", "b", flows(), false);
+            d.establish(now, &call, "a", "b", flows(), true);
+            d.touch(now, &call, "a", "b");
+            d.end(now, &call, "b", "a");
+            d.expire(now);
+        }
+        assert!(d.pending() <= 2 * 1000, "{} checks pending", d.pending());
+        let long = t0 + Duration::from_secs(20);
+        d.establish(long, "long", "a", "b", flows(), true);
+        d.expire(t0 + Duration::from_secs(10) + ENDED_MARGIN + RECHECK);
+        assert_eq!(d.len(), 1, "the ended calls are forgotten, the live one is not");
+        assert!(d.pending() <= 2, "{} checks pending instead of the live dialog's one", d.pending());
+        d.expire(long + DIALOG_LIFETIME);
+        assert_eq!((d.len(), d.pending()), (0, 0));
     }
 }
