@@ -239,6 +239,8 @@ pub struct Message {
     from: std::cell::OnceCell<Option<NameAddr>>,
     to: std::cell::OnceCell<Option<NameAddr>>,
     request_uri: std::cell::OnceCell<Option<ezk_sip_types::uri::SipUri>>,
+    /// Where From's and To's tags are, found once (routing asks for them many times).
+    tags: std::cell::OnceCell<[Option<Range<usize>>; 2]>,
 }
 
 /// Upper bound on header lines accepted in one message.
@@ -280,21 +282,23 @@ impl Message {
                 }
             }
             let text = &data[line.start..end];
-            let colon = text.iter().position(|&b| b == b':').ok_or(Garbage::BadHeaderLine)?;
+            let colon = memchr::memchr(b':', text).ok_or(Garbage::BadHeaderLine)?;
             let name_bytes = trim(&text[..colon]);
             if name_bytes.is_empty() || !name_bytes.iter().all(|&b| is_token(b)) {
                 return Err(Garbage::BadHeaderLine);
             }
             let vstart = line.start + colon + 1;
             let value = trim_range(data, vstart..end);
-            if std::str::from_utf8(&data[value.clone()]).is_err() {
-                return Err(Garbage::NotUtf8);
-            }
             headers.push(Header { name: HeaderName::parse(name_bytes), line: line.start..after, value });
             if headers.len() > MAX_HEADERS {
                 return Err(Garbage::BadHeaderLine);
             }
             pos = after;
+        }
+        // Every header value must be text: one check over the whole section (the start
+        // line was checked above).
+        if std::str::from_utf8(&data[start_line.end..head_end]).is_err() {
+            return Err(Garbage::NotUtf8);
         }
         let body = pos..data.len();
         Ok(Message {
@@ -308,6 +312,7 @@ impl Message {
             from: Default::default(),
             to: Default::default(),
             request_uri: Default::default(),
+            tags: Default::default(),
         })
     }
 
@@ -441,8 +446,22 @@ impl Message {
 
     /// The tag parameter of From or To.
     pub fn tag(&self, name: HeaderName) -> Option<&str> {
-        let v = self.header(name)?;
-        param_of_name_addr(v, "tag")
+        let i = match name {
+            HeaderName::From => 0,
+            HeaderName::To => 1,
+            _ => return param_of_name_addr(self.header(name)?, "tag"),
+        };
+        let tags = self.tags.get_or_init(|| {
+            [HeaderName::From, HeaderName::To].map(|name| {
+                let h = self.headers.iter().find(|h| h.name == name)?;
+                let v = self.text(h.value.clone());
+                let tag = param_of_name_addr(v, "tag")?;
+                // The tag is a slice of the value: its offset within the message.
+                let at = h.value.start + (tag.as_ptr() as usize - v.as_ptr() as usize);
+                Some(at..at + tag.len())
+            })
+        });
+        tags[i].clone().map(|r| self.text(r))
     }
 
     /// The URI inside From or To (parsed once; `None` for any other header).
@@ -761,7 +780,7 @@ impl<'a> Editor<'a> {
 /// Returns (line range without terminator, offset after terminator). Accepts CRLF or LF.
 fn next_line(data: &[u8], from: usize) -> Option<(Range<usize>, usize)> {
     let rest = data.get(from..)?;
-    let nl = rest.iter().position(|&b| b == b'\n')?;
+    let nl = memchr::memchr(b'\n', rest)?;
     let mut end = from + nl;
     if end > from && data[end - 1] == b'\r' {
         end -= 1;
@@ -817,6 +836,11 @@ fn trim_range(data: &[u8], r: Range<usize>) -> Range<usize> {
 
 /// Splits a comma-separated header value, ignoring commas inside quotes and angle brackets.
 fn split_list(data: &[u8], r: Range<usize>) -> Vec<Range<usize>> {
+    if memchr::memchr(b',', &data[r.clone()]).is_none() {
+        // Most values are one item.
+        let part = trim_range(data, r);
+        return if part.is_empty() { Vec::new() } else { vec![part] };
+    }
     let mut out = Vec::new();
     let mut in_quote = false;
     let mut in_angle = false;

@@ -15,8 +15,6 @@ use pinhole_sip::{Cidr, Flow, Interface, Keepalive, ProxyConfig, RegistrarConfig
 
 use crate::bench::arg;
 
-/// Calls placed before measuring, in seconds of virtual time at 500 calls/s.
-const WARM_UP_SECONDS: u64 = 40;
 const PROXY: &str = "127.0.0.1:5060";
 const CALLER: &str = "127.0.0.1:6001";
 const CALLEE: &str = "127.0.0.1:6002";
@@ -168,6 +166,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let calls = u64::from(arg(args, "--calls", 20_000));
     let rounds = arg(args, "--rounds", 5);
+    let warm_up = arg(args, "--warm-up", 40);
     let mut best = f64::MAX;
     for round in 0..rounds {
         let start = Instant::now();
@@ -191,9 +190,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("REGISTER not answered 200"))
         })?;
         // 500 calls/s in virtual time, so transactions end as they would. The first 40 s
-        // of calls fill the tables to their steady size (transactions linger 32 s after
+        // (`--warm-up`) of calls fill the tables to their steady size (transactions linger 32 s after
         // their final response) and are not measured.
-        let warm = WARM_UP_SECONDS * 500;
+        let warm = u64::from(warm_up) * 500;
         for n in 0..warm + calls {
             if n == warm {
                 d.spent = Duration::ZERO;
