@@ -46,29 +46,6 @@ fn send_all(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     Ok(sent)
 }
 
-/// One datagram if one is queued, without blocking (`Ok(None)`: nothing pending).
-pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: buf and addr outlive the call; the kernel writes at most their lengths.
-    let r = unsafe {
-        libc::recvfrom(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
-    }
-    Ok(from_storage(&addr).map(|a| (r as usize, a)))
-}
-
 /// Sends each payload to its destination with as few `sendmmsg` calls as the kernel takes;
 /// returns how many went out.
 pub(crate) fn send_to_many(fd: RawFd, packets: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
@@ -87,6 +64,8 @@ pub(crate) fn send_to_many(fd: RawFd, packets: &[(SocketAddr, &[u8])]) -> io::Re
 }
 
 pub(crate) struct RecvBatch {
+    /// Bytes per buffer.
+    size: usize,
     bufs: Vec<u8>,
     iovs: Vec<libc::iovec>,
     addrs: Vec<libc::sockaddr_storage>,
@@ -98,9 +77,16 @@ pub(crate) struct RecvBatch {
 unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
+    /// `n` buffers of [`MAX_PACKET`] bytes (media).
     pub(crate) fn new(n: usize) -> RecvBatch {
+        RecvBatch::with_size(n, MAX_PACKET)
+    }
+
+    /// `n` buffers of `size` bytes.
+    pub(crate) fn with_size(n: usize, size: usize) -> RecvBatch {
         RecvBatch {
-            bufs: vec![0u8; n * MAX_PACKET],
+            size,
+            bufs: vec![0u8; n * size],
             iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; n],
             // SAFETY: sockaddr_storage and mmsghdr are plain C structs; all-zero is valid.
             addrs: vec![unsafe { zeroed() }; n],
@@ -111,18 +97,26 @@ impl RecvBatch {
 
     /// Receives up to the batch size without blocking. `Ok(0)`: nothing pending.
     pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Waits for one datagram (on a blocking socket), then takes whatever else is queued
+    /// up to the batch size, in one system call.
+    pub(crate) fn recv_wait(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_WAITFORONE)
+    }
+
+    fn recv_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         let n = self.hdrs.len();
         let namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         for i in 0..n {
-            self.iovs[i].iov_base = self.bufs[i * MAX_PACKET..].as_mut_ptr().cast();
-            self.iovs[i].iov_len = MAX_PACKET;
+            self.iovs[i].iov_base = self.bufs[i * self.size..].as_mut_ptr().cast();
+            self.iovs[i].iov_len = self.size;
             fill_hdr(&mut self.hdrs[i], &mut self.addrs[i], namelen, &mut self.iovs[i]);
         }
         // SAFETY: hdrs[..n] are initialised above and point into buffers that outlive the
         // call; the kernel writes at most iov_len bytes and msg_namelen address bytes.
-        let r = unsafe {
-            libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
-        };
+        let r = unsafe { libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), n as libc::c_uint, flags, std::ptr::null_mut()) };
         if r < 0 {
             let e = io::Error::last_os_error();
             self.count = 0;
@@ -135,9 +129,9 @@ impl RecvBatch {
     /// Packet `i` of the last receive: its bytes, source, and whether it was truncated.
     pub(crate) fn packet(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
         let h = &self.hdrs[i];
-        let len = (h.msg_len as usize).min(MAX_PACKET);
+        let len = (h.msg_len as usize).min(self.size);
         let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        (&self.bufs[i * MAX_PACKET..i * MAX_PACKET + len], from_storage(&self.addrs[i]), truncated)
+        (&self.bufs[i * self.size..i * self.size + len], from_storage(&self.addrs[i]), truncated)
     }
 
     #[cfg(test)]
@@ -147,7 +141,7 @@ impl RecvBatch {
 
     /// The receive buffer `i`, for sending it on without a copy.
     fn buf_ptr(&self, i: usize, len: usize) -> libc::iovec {
-        libc::iovec { iov_base: self.bufs[i * MAX_PACKET..].as_ptr() as *mut libc::c_void, iov_len: len }
+        libc::iovec { iov_base: self.bufs[i * self.size..].as_ptr() as *mut libc::c_void, iov_len: len }
     }
 }
 

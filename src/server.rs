@@ -563,13 +563,14 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket) {
     use std::os::fd::AsRawFd;
     let fd = sock.as_raw_fd();
-    let mut buf = vec![0u8; 65_536];
+    // One recvmmsg per round: it waits for the first datagram and takes what else is queued.
+    let mut recv = crate::mmsg::RecvBatch::with_size(BATCH_MAX, 65_536);
     let mut gather = SIP_GATHER;
     let mut round = std::time::Instant::now();
     loop {
         gather.pace(round);
-        let (n, remote) = match sock.recv_from(&mut buf) {
-            Ok(r) => r,
+        let n = match recv.recv_wait(fd) {
+            Ok(n) => n,
             Err(e) => {
                 // ICMP errors surface here on some systems; keep serving.
                 tracing::debug!(error = %e, "UDP receive error");
@@ -577,18 +578,13 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
             }
         };
         round = std::time::Instant::now();
-        let mut batch = vec![(remote, Bytes::copy_from_slice(&buf[..n]))];
-        while batch.len() < BATCH_MAX {
-            match crate::mmsg::recv_nowait(fd, &mut buf) {
-                Ok(Some((n, remote))) => batch.push((remote, Bytes::copy_from_slice(&buf[..n]))),
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "UDP receive error");
-                    break;
-                }
-            }
-        }
-        gather.count(round, batch.len());
+        let batch: Vec<(SocketAddr, Bytes)> = (0..n)
+            .filter_map(|i| {
+                let (data, remote, _) = recv.packet(i);
+                Some((remote?, Bytes::copy_from_slice(data)))
+            })
+            .collect();
+        gather.count(round, n);
         input(shared, |node| {
             // The clock is read once the node is ours (see `handle`).
             let now = Instant::now().into_std();
