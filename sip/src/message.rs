@@ -435,9 +435,17 @@ impl Message {
             .as_ref()
     }
 
-    /// The branch parameter of the top Via.
+    /// The branch parameter of the top Via. A request's top Via is parsed in full (it is
+    /// validated and routed by); a response only needs the branch to find its transaction,
+    /// so its parameters are scanned without parsing the rest.
     pub fn branch(&self) -> Option<&str> {
-        self.top_via()?.params.get_val("branch").map(|b| b.as_str())
+        if self.is_request() {
+            return self.top_via()?.params.get_val("branch").map(|b| b.as_str());
+        }
+        let h = self.headers.iter().find(|h| h.name == HeaderName::Via)?;
+        let first = split_list(&self.raw, h.value.clone()).into_iter().next()?;
+        let v = self.text(first);
+        param_in(&v[v.find(';')?..], "branch").filter(|b| !b.is_empty())
     }
 
     pub fn vias(&self) -> Vec<Option<Via>> {
@@ -897,6 +905,11 @@ pub fn param_of_name_addr<'v>(value: &'v str, name: &str) -> Option<&'v str> {
         None if seen_angle => return None,
         None => value.find(';').map_or("", |i| &value[i..]),
     };
+    param_in(params, name)
+}
+
+/// The value of parameter `name` in `;a=1;b="x;y"` (empty for a flag).
+fn param_in<'v>(params: &'v str, name: &str) -> Option<&'v str> {
     let mut out = None;
     let mut start = 0;
     let mut in_quote = false;
@@ -1095,5 +1108,21 @@ CSeq: 1 OPTIONS
 ");
         assert_eq!(m.headers.len(), 6);
         assert!(m.validate_request(100).is_ok());
+    }
+
+    #[test]
+    fn a_responses_branch_is_found_in_its_top_via_alone() {
+        let r = msg("SIP/2.0 200 OK\nVia: SIP/2.0/UDP 192.0.2.1:5060;rport=5060;BRANCH=z9hG4bKabc;received=192.0.2.1, SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKother\nCall-ID: x\n\n");
+        assert_eq!(r.branch(), Some("z9hG4bKabc"));
+        let quoted =
+            msg("SIP/2.0 180 Ringing\nVia: SIP/2.0/UDP [2001:db8::1]:5060;x=\"a;branch=no\";branch=z9hG4bKv6\n\n");
+        assert_eq!(quoted.branch(), Some("z9hG4bKv6"), "a quoted ';' is not a parameter boundary");
+        assert_eq!(
+            msg("SIP/2.0 200 OK\nVia: SIP/2.0/UDP 192.0.2.1;branch\n\n").branch(),
+            None,
+            "a bare flag is no branch"
+        );
+        assert_eq!(msg("SIP/2.0 200 OK\nVia: SIP/2.0/UDP 192.0.2.1\n\n").branch(), None);
+        assert_eq!(msg("SIP/2.0 200 OK\nCall-ID: x\n\n").branch(), None);
     }
 }
