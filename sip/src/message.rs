@@ -464,9 +464,12 @@ impl Message {
                 let h = self.headers.iter().find(|h| h.name == name)?;
                 let v = self.text(h.value.clone());
                 let tag = param_of_name_addr(v, "tag")?;
-                // The tag is a slice of the value: its offset within the message.
-                let at = h.value.start + (tag.as_ptr() as usize - v.as_ptr() as usize);
-                Some(at..at + tag.len())
+                // A tag with a value is a slice of the header's value: its offset within the
+                // message. A bare `;tag` gives a static "", kept as an empty range.
+                let offset =
+                    (tag.as_ptr() as usize).checked_sub(v.as_ptr() as usize).filter(|o| o + tag.len() <= v.len());
+                let at = h.value.start + offset.unwrap_or(0);
+                Some(at..at + offset.map_or(0, |_| tag.len()))
             })
         });
         tags[i].clone().map(|r| self.text(r))
@@ -1124,5 +1127,13 @@ CSeq: 1 OPTIONS
         );
         assert_eq!(msg("SIP/2.0 200 OK\nVia: SIP/2.0/UDP 192.0.2.1\n\n").branch(), None);
         assert_eq!(msg("SIP/2.0 200 OK\nCall-ID: x\n\n").branch(), None);
+    }
+
+    #[test]
+    fn a_bare_tag_parameter_is_an_empty_tag_not_a_crash() {
+        // Found by the sip_message fuzz target.
+        let m = msg("INVITE sip:bob@example.com SIP/2.0\nFrom: <sip:c@x>;tag\nTo: <sip:bob@example.com>;tag=b1\n\n");
+        assert_eq!(m.tag(HeaderName::From), Some(""));
+        assert_eq!(m.tag(HeaderName::To), Some("b1"));
     }
 }
