@@ -390,6 +390,9 @@ pub(crate) struct Media {
     pub(crate) max_sessions: usize,
     /// Forwarding threads; 0 picks one less than the number of cores (at least one).
     pub(crate) workers: usize,
+    /// Scheduling priority (nice, -20..=19) of the forwarding threads, as rtpengine's
+    /// `--priority`; below 0 needs CAP_SYS_NICE.
+    pub(crate) nice: i32,
     /// Remote relays driven over ng instead of this node's own (a relay fleet).
     pub(crate) relays: Vec<RelayEntry>,
 }
@@ -454,6 +457,7 @@ impl Default for Media {
             max_duration: 14_400,
             max_sessions: 10_000,
             workers: 0,
+            nice: 0,
             relays: vec![],
         }
     }
@@ -643,6 +647,9 @@ impl Config {
         }
         if self.media.port_min > self.media.port_max || self.media.port_min < 1024 {
             err("media", "port_min", "need 1024 <= port_min <= port_max".into());
+        }
+        if !(-20..=19).contains(&self.media.nice) {
+            err("media", "nice", "nice must be between -20 and 19".into());
         }
         if self.stun.alternate.is_some() && self.stun.listen.iter().any(|a| a.ip().is_unspecified()) {
             err("stun", "alternate", "an alternate address needs specific stun.listen addresses, not 0.0.0.0".into());
@@ -948,6 +955,15 @@ mod tests {
         let errs = Config::parse(&dup).expect_err("invalid");
         assert!(errs.iter().any(|e| e.message.contains("used twice") && e.line == 19), "{errs:?}");
         assert!(errs.iter().any(|e| e.message.contains("no tcp listener")), "{errs:?}");
+    }
+
+    #[test]
+    fn media_nice_is_a_nice_value() {
+        let base = "[sip]\ndomain = \"x\"\n[media]\n";
+        assert_eq!(Config::parse(&format!("{base}nice = -10\n")).expect("valid").media.nice, -10);
+        assert_eq!(Config::parse(base).expect("valid").media.nice, 0, "unchanged by default");
+        let errs = Config::parse(&format!("{base}nice = 20\n")).expect_err("out of range");
+        assert!(errs[0].message.contains("between -20 and 19"), "{errs:?}");
     }
 
     #[test]

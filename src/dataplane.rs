@@ -77,9 +77,10 @@ fn bind(spec: &PortSpec, raw: bool) -> Option<std::net::UdpSocket> {
 impl DataPlane {
     /// Starts the forwarding threads for ports `port_min..=port_max` on `binds`. Raw mode
     /// is used when every interface is IPv4 and raw sockets can be opened (one thread);
-    /// otherwise `n` per-port threads.
+    /// otherwise `n` per-port threads. Each runs at `nice` (0: unchanged).
     pub(crate) fn start(
         n: usize,
+        nice: i32,
         binds: &[IpAddr],
         port_min: u16,
         port_max: u16,
@@ -115,7 +116,15 @@ impl DataPlane {
                 raw_send: RawSendBatch::new(BATCH),
                 raw: raw_socks,
             };
-            std::thread::Builder::new().name(format!("relay {i}")).spawn(move || w.run())?;
+            std::thread::Builder::new().name(format!("relay {i}")).spawn(move || {
+                if nice != 0 {
+                    match crate::mmsg::set_thread_nice(nice) {
+                        Ok(()) => tracing::info!(nice, "relay worker priority set"),
+                        Err(e) => tracing::warn!(nice, error = %e, "cannot set the relay worker's priority"),
+                    }
+                }
+                w.run()
+            })?;
             workers.push((tx, waker));
         }
         // Raw mode owns the whole range up front: a port something else holds (an ephemeral

@@ -175,7 +175,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             };
             tracing::info!(workers, ports = %format!("{}-{}", m.port_min, m.port_max), "media relay on");
             let binds: Vec<std::net::IpAddr> = m.interfaces.iter().map(|i| i.bind).collect();
-            Some(DataPlane::start(workers, &binds, m.port_min, m.port_max, epoch).context("starting relay workers")?)
+            let dp = DataPlane::start(workers, cfg.media.nice, &binds, m.port_min, m.port_max, epoch);
+            Some(dp.context("starting relay workers")?)
         }
         None => None,
     };

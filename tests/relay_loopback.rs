@@ -69,3 +69,30 @@ fn no_zombie_sessions_after_answered_busy_and_cancelled_calls() {
         assert_eq!(ph.metric("pinhole_relay_ports"), Some(0.0), "{uac}: ports left");
     }
 }
+
+/// `media.nice` reaches the forwarding threads (a positive value needs no privilege).
+#[test]
+fn relay_workers_run_at_the_configured_nice_value() {
+    let dir = TempDir::new("relay-nice");
+    let p = Pinhole::start(
+        &dir,
+        PinholeOptions { relay_ports: Some(relay_range()), media_extra: "nice = 7".into(), ..Default::default() },
+    );
+    let pid = p.pid().expect("running");
+    let nice_of = |name: &str| -> Option<i64> {
+        std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten().find_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            (comm.trim() == name).then_some(())?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // Fields after the parenthesised name: state is 3rd, nice the 19th.
+            stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || nice_of("relay 0") == Some(7)),
+        "relay 0 at nice {:?}",
+        nice_of("relay 0")
+    );
+    assert_eq!(nice_of("pinhole"), Some(0), "the main thread keeps its priority");
+    assert!(p.log_text().contains("relay worker priority set"));
+}

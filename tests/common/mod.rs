@@ -229,6 +229,12 @@ impl Pinhole {
     }
 
     /// SIGKILL, as a crash would.
+    /// The server's process id, while it runs.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
