@@ -56,13 +56,15 @@ impl Gather {
             .then(|| Duration::from_micros(self.target * 1_000_000 / rate).clamp(self.min, self.max))
     }
 
+    /// What is left at `now` of a round that started at `started`, if it should go on.
+    fn rest(&self, started: Instant, now: Instant) -> Option<Duration> {
+        (started + self.round(now)?).checked_duration_since(now).filter(|d| !d.is_zero())
+    }
+
     /// Sleeps until a round that started at `started` has lasted as long as it should.
     pub(crate) fn pace(&self, started: Instant) {
-        let now = Instant::now();
-        if let Some(round) = self.round(now) {
-            if let Some(rest) = (started + round).checked_duration_since(now) {
-                std::thread::sleep(rest);
-            }
+        if let Some(rest) = self.rest(started, Instant::now()) {
+            std::thread::sleep(rest);
         }
     }
 }
@@ -103,17 +105,16 @@ mod tests {
     }
 
     #[test]
-    fn pacing_sleeps_only_for_what_is_left_of_the_round() {
-        let mut g = Gather::new(10, 1, Duration::from_millis(30), Duration::from_millis(30));
-        let now = Instant::now();
-        g.count(now - Duration::from_millis(100), 0);
-        g.count(now, 100);
-        assert_eq!(g.per_second(now), 1000);
-        let started = Instant::now();
-        g.pace(started);
-        assert!(started.elapsed() >= Duration::from_millis(30), "a round just begun lasts its 30 ms");
-        let before = Instant::now();
-        g.pace(before - Duration::from_millis(50));
-        assert!(before.elapsed() < Duration::from_millis(20), "a round already over does not sleep");
+    fn a_round_sleeps_only_for_what_is_left_of_it() {
+        let t = Instant::now();
+        let mut busy = SIP;
+        let end = fill(&mut busy, t, 1300); // 13 000/s: rounds of ~1.2 ms
+        let round = busy.round(end).expect("stretched");
+        assert_eq!(busy.rest(end, end), Some(round), "a round just begun lasts all of it");
+        let half = round / 2;
+        assert_eq!(busy.rest(end - half, end), Some(round - half));
+        assert_eq!(busy.rest(end - round, end), None, "a round already over does not sleep");
+        let quiet = SIP;
+        assert_eq!(quiet.rest(end, end), None, "no load: no rounds");
     }
 }

@@ -445,7 +445,9 @@ impl Message {
         let h = self.headers.iter().find(|h| h.name == HeaderName::Via)?;
         let first = split_list(&self.raw, h.value.clone()).into_iter().next()?;
         let v = self.text(first);
-        param_in(&v[v.find(';')?..], "branch").filter(|b| !b.is_empty())
+        let params = v.find(';')?;
+        let r = param_in(&v[params..], "branch")?;
+        Some(&v[params + r.start..params + r.end]).filter(|b| !b.is_empty())
     }
 
     pub fn vias(&self) -> Vec<Option<Via>> {
@@ -462,14 +464,8 @@ impl Message {
         let tags = self.tags.get_or_init(|| {
             [HeaderName::From, HeaderName::To].map(|name| {
                 let h = self.headers.iter().find(|h| h.name == name)?;
-                let v = self.text(h.value.clone());
-                let tag = param_of_name_addr(v, "tag")?;
-                // A tag with a value is a slice of the header's value: its offset within the
-                // message. A bare `;tag` gives a static "", kept as an empty range.
-                let offset =
-                    (tag.as_ptr() as usize).checked_sub(v.as_ptr() as usize).filter(|o| o + tag.len() <= v.len());
-                let at = h.value.start + offset.unwrap_or(0);
-                Some(at..at + offset.map_or(0, |_| tag.len()))
+                let tag = param_range_of_name_addr(self.text(h.value.clone()), "tag")?;
+                Some(h.value.start + tag.start..h.value.start + tag.end)
             })
         });
         tags[i].clone().map(|r| self.text(r))
@@ -888,6 +884,11 @@ fn split_list(data: &[u8], r: Range<usize>) -> Vec<Range<usize>> {
 /// A parameter of a name-addr header value (From/To/Contact), looked up after the URI.
 /// Quoted display names and quoted parameter values may contain `<`, `>` and `;`.
 pub fn param_of_name_addr<'v>(value: &'v str, name: &str) -> Option<&'v str> {
+    value.get(param_range_of_name_addr(value, name)?)
+}
+
+/// Where [`param_of_name_addr`]'s value lies in `value`.
+fn param_range_of_name_addr(value: &str, name: &str) -> Option<Range<usize>> {
     let bytes = value.as_bytes();
     let mut in_quote = false;
     let mut uri_end = None;
@@ -904,38 +905,41 @@ pub fn param_of_name_addr<'v>(value: &'v str, name: &str) -> Option<&'v str> {
         }
     }
     let params = match uri_end {
-        Some(i) => &value[i..],
+        Some(i) => i,
         None if seen_angle => return None,
-        None => value.find(';').map_or("", |i| &value[i..]),
+        None => value.find(';').unwrap_or(value.len()),
     };
-    param_in(params, name)
+    param_in(&value[params..], name).map(|r| params + r.start..params + r.end)
 }
 
-/// The value of parameter `name` in `;a=1;b="x;y"` (empty for a flag).
-fn param_in<'v>(params: &'v str, name: &str) -> Option<&'v str> {
-    let mut out = None;
+/// Where the value of parameter `name` lies in `;a=1;b="x;y"`: trimmed, and empty (at the
+/// end of the name) for a flag.
+fn param_in(params: &str, name: &str) -> Option<Range<usize>> {
+    let pb = params.as_bytes();
     let mut start = 0;
     let mut in_quote = false;
-    let pb = params.as_bytes();
     for i in 0..=pb.len() {
         let at_end = i == pb.len();
         if !at_end && pb[i] == b'"' {
             in_quote = !in_quote;
         }
         if at_end || (pb[i] == b';' && !in_quote) {
-            let p = params[start..i].trim();
+            let item = trim_range(pb, start..i);
             start = i + 1;
+            let p = &params[item.clone()];
             if p.is_empty() {
                 continue;
             }
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            if k.trim().eq_ignore_ascii_case(name) {
-                out = Some(v.trim());
-                break;
+            let (key, value) = match p.find('=') {
+                Some(eq) => (&p[..eq], trim_range(pb, item.start + eq + 1..item.end)),
+                None => (p, item.end..item.end),
+            };
+            if key.trim().eq_ignore_ascii_case(name) {
+                return Some(value);
             }
         }
     }
-    out
+    None
 }
 
 #[cfg(test)]
