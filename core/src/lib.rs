@@ -129,6 +129,13 @@ impl MediaAnchor for Media {
             Media::Fleet(_) => None,
         }
     }
+
+    fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
+        match self {
+            Media::Local(r) => r.release_counting(call_id),
+            Media::Fleet(f) => f.release_counting(call_id),
+        }
+    }
 }
 
 /// Things the shell may want to know about, beyond what it must do.

@@ -57,6 +57,14 @@ pub trait MediaAnchor {
     fn counts(&self, _call_id: &str) -> Option<(u64, u64)> {
         None
     }
+
+    /// Frees the call's media as [`Self::release`] does and says what the relay carried for
+    /// it, when that is known (a remote relay tells it in its reply to the delete).
+    fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
+        let counts = self.counts(call_id);
+        self.release(call_id);
+        counts
+    }
 }
 
 impl MediaAnchor for Option<Relay> {

@@ -467,11 +467,12 @@ impl<X: NgExchange> Fleet<X> {
         }
     }
 
-    fn delete_on(&mut self, i: usize, call_id: &str, from_tag: &str) {
+    /// Deletes the call on relay `i`; its reply, when it gave one.
+    fn delete_on(&mut self, i: usize, call_id: &str, from_tag: &str) -> Option<Bencode> {
         if !self.members[i].up {
-            return;
+            return None;
         }
-        let _ = self.command(
+        let reply = self.command(
             i,
             vec![
                 ("command", Bencode::str("delete")),
@@ -479,7 +480,36 @@ impl<X: NgExchange> Fleet<X> {
                 ("from-tag", Bencode::str(from_tag)),
             ],
         );
+        reply?.ok()
     }
+
+    /// Deletes the call on every hop: `None` when there was no such call, else what the
+    /// first hop (the one facing the offerer, which carries both ways) says it relayed.
+    fn end(&mut self, call_id: &str) -> Option<Option<(u64, u64)>> {
+        self.hints.remove(call_id);
+        let call = self.calls.remove(call_id)?;
+        let mut counts = None;
+        for (k, &i) in call.hops.iter().enumerate() {
+            let reply = self.delete_on(i, call_id, &call.offerer);
+            if k == 0 {
+                counts = reply.as_ref().and_then(relayed);
+            }
+        }
+        Some(counts)
+    }
+}
+
+/// Packets and bytes in a delete or query reply's totals (RTP and RTCP together).
+fn relayed(reply: &Bencode) -> Option<(u64, u64)> {
+    let totals = reply.get("totals")?;
+    let count = |c: &Bencode, key: &str| match c.get(key) {
+        Some(Bencode::Int(n)) => Some(u64::try_from(*n).unwrap_or(0)),
+        _ => None,
+    };
+    ["RTP", "RTCP"].into_iter().try_fold((0, 0), |(p, b), component| {
+        let c = totals.get(component)?;
+        Some((p + count(c, "packets")?, b + count(c, "bytes")?))
+    })
 }
 
 fn remember(call: &mut FleetCall, tag: &str, sdp: &[u8], out: &[u8]) {
@@ -533,12 +563,11 @@ impl<X: NgExchange> MediaAnchor for Fleet<X> {
     }
 
     fn release(&mut self, call_id: &str) -> bool {
-        self.hints.remove(call_id);
-        let Some(call) = self.calls.remove(call_id) else { return false };
-        for &i in &call.hops {
-            self.delete_on(i, call_id, &call.offerer);
-        }
-        true
+        self.end(call_id).is_some()
+    }
+
+    fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
+        self.end(call_id).flatten()
     }
 
     fn anchors(&self, call_id: &str) -> bool {

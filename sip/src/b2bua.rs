@@ -718,9 +718,8 @@ impl B2bua {
         call.ended = Some(now);
         call.hangup.get_or_insert(who);
         call.a_2xx_at = None;
-        let (packets, bytes) = media.counts(&call.a.call_id).unwrap_or((0, 0));
         let media_path = media.path(&call.a.call_id, now).unwrap_or("none");
-        media.release(&call.a.call_id);
+        let (packets, bytes) = media.release_counting(&call.a.call_id).unwrap_or((0, 0));
         let outcome = if call.answered.is_some() {
             "answered"
         } else if call.cancelled {

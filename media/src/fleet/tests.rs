@@ -355,6 +355,35 @@ fn release_deletes_the_call_on_every_hop() {
 }
 
 #[test]
+fn a_released_call_reports_what_its_first_relay_carried() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut f = fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24"]), spec(22, 1, Some("us"), &["192.0.2.0/24"])]);
+    offer(&mut f, "c").expect("anchored");
+    answer(&mut f, "c").expect("answered");
+    // The caller's relay (21) carried 150 packets of 172 bytes each way and 3 RTCP; the
+    // callee's relay (22) saw the same media, which must not be counted twice.
+    for (n, rtp) in [(21, 150), (22, 150)] {
+        let streams = f.exchange.relays[&ng(n)].1.stats("c").expect("call on the relay");
+        for side in crate::relay::Side::BOTH {
+            let st = streams[0].get(crate::relay::Component::Rtp, side);
+            st.packets.fetch_add(rtp, Relaxed);
+            st.bytes.fetch_add(rtp * 172, Relaxed);
+            let rtcp = streams[0].get(crate::relay::Component::Rtcp, side);
+            rtcp.packets.fetch_add(3, Relaxed);
+            rtcp.bytes.fetch_add(3 * 80, Relaxed);
+        }
+    }
+    assert_eq!(f.release_counting("c"), Some((306, 2 * (150 * 172 + 3 * 80))));
+    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (0, 0), "deleted on every hop");
+    assert_eq!(f.release_counting("c"), None, "released once");
+
+    offer(&mut f, "d").expect("anchored");
+    f.exchange.dead.insert(ng(21));
+    assert_eq!(f.release_counting("d"), None, "a silent relay tells nothing");
+    assert!(!f.anchors("d"), "the call is forgotten all the same");
+}
+
+#[test]
 fn a_relay_at_its_session_limit_refuses_with_503() {
     let mut f = fleet(vec![spec(21, 1, None, &[])]);
     for n in 0..40 {
