@@ -228,13 +228,13 @@ impl Pinhole {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGKILL, as a crash would.
     /// The server's process id, while it runs.
     #[allow(dead_code)]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -603,8 +603,6 @@ pub fn tone_share(samples: &[f64], hz: f64) -> f64 {
     }
 }
 
-/// Waits until some socket listens on TCP `port` (read from /proc/net/tcp, without
-/// connecting to it).
 /// Polls `f` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -617,6 +615,8 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Waits until some socket listens on TCP `port` (read from /proc/net/tcp, without
+/// connecting to it).
 pub fn wait_listening(port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let needle = format!(":{port:04X} ");
