@@ -15,7 +15,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use pinhole_media::punch::sdp::PlanStart;
 use pinhole_media::punch::NatProfile;
-use pinhole_media::relay::{Relay, RelayConfig, Side};
+use pinhole_media::relay::{Relay, Side};
 use pinhole_sip::agent::{Agent, AgentConfig, ReadyPlan};
 use pinhole_sip::{Flow, Transport};
 
@@ -67,7 +67,7 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
         // Media on the first address: the LAN interface named in [media], else this one.
         let relay = if i == 0 {
             let bind = cfg.media.interfaces.first().map_or(l.addr.ip(), |m| m.bind);
-            let relay_cfg = RelayConfig::single(bind, cfg.media.port_min, cfg.media.port_max);
+            let relay_cfg = pinhole_sip::agent::relay_config(bind, cfg.media.port_min, cfg.media.port_max);
             edge = Some(
                 crate::agent_media::start(bind, cfg.media.port_min, cfg.media.port_max, cfg.agent.stun(), epoch)
                     .context("starting the agent's media thread")?,
@@ -340,6 +340,12 @@ fn punch_command(agent: &Agent<Option<Relay>>, p: ReadyPlan) -> Option<MediaCmd>
         PlanStart::AfterAnswer { ms } => p.answered + Duration::from_millis(u64::from(ms)),
         PlanStart::UnixMs(ms) => {
             let unix_now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_millis() as u64;
+            // A start far from now is no plan a server makes: refused like any out-of-range value.
+            let limit = u64::from(pinhole_media::punch::sdp::MAX_START_AFTER_ANSWER_MS);
+            if ms > unix_now + limit || ms + limit < unix_now {
+                tracing::warn!(call_id = p.call_id, "punch plan starting too far from now; refused");
+                return None;
+            }
             Instant::now() + Duration::from_millis(ms.saturating_sub(unix_now))
         }
     };

@@ -866,6 +866,7 @@ impl Config {
             offer_timeout: Duration::from_secs(self.media.offer_timeout),
             max_duration: Duration::from_secs(self.media.max_duration),
             max_sessions: self.media.max_sessions,
+            max_streams: pinhole_media::relay::DEFAULT_MAX_STREAMS,
         })
     }
 

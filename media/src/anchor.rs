@@ -80,6 +80,7 @@ impl MediaAnchor for Option<Relay> {
             let (code, reason) = match e {
                 RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
                 RelayError::PortsExhausted => (503, "Media Relay Out Of Ports".to_owned()),
+                RelayError::TooManyStreams(n) => (488, format!("Not Acceptable Here - More Than {n} Media Streams")),
                 RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
                 RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
             };

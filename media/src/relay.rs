@@ -41,7 +41,14 @@ pub struct RelayConfig {
     pub max_duration: Duration,
     /// Most calls at once; more get [`RelayError::LoadLimit`].
     pub max_sessions: usize,
+    /// Most media streams (m= lines) in one call's SDP; more get
+    /// [`RelayError::TooManyStreams`] before any port is taken.
+    pub max_streams: usize,
 }
+
+/// Media streams one call may have by default: audio, video, a presentation, text, and
+/// room to spare. Each costs four ports.
+pub const DEFAULT_MAX_STREAMS: usize = 8;
 
 impl RelayConfig {
     /// A relay on one interface (bound and advertised on `ip`) over `port_min..=port_max`,
@@ -56,6 +63,7 @@ impl RelayConfig {
             offer_timeout: Duration::from_secs(200),
             max_duration: Duration::from_secs(4 * 3600),
             max_sessions: 10_000,
+            max_streams: DEFAULT_MAX_STREAMS,
         }
     }
 }
@@ -86,6 +94,8 @@ pub enum RelayError {
     PortsExhausted,
     #[error("session limit reached")]
     LoadLimit,
+    #[error("more than {0} media streams in one call")]
+    TooManyStreams(usize),
     #[error("unknown call")]
     UnknownCall,
 }
@@ -421,6 +431,9 @@ impl Relay {
         opts: Options,
     ) -> Result<Vec<u8>, RelayError> {
         let parsed = Sdp::parse(sdp)?;
+        if parsed.media.len() > self.cfg.max_streams {
+            return Err(RelayError::TooManyStreams(self.cfg.max_streams));
+        }
         if !self.calls.contains_key(call_id) {
             if self.calls.len() >= self.cfg.max_sessions {
                 return Err(RelayError::LoadLimit);
@@ -460,6 +473,9 @@ impl Relay {
         opts: Options,
     ) -> Result<Vec<u8>, RelayError> {
         let parsed = Sdp::parse(sdp)?;
+        if parsed.media.len() > self.cfg.max_streams {
+            return Err(RelayError::TooManyStreams(self.cfg.max_streams));
+        }
         let call = self.calls.get_mut(call_id).ok_or(RelayError::UnknownCall)?;
         let side = match call.side_of(to_tag) {
             Some(s) => s,

@@ -10,9 +10,18 @@
 //! both ways is anchored through a [`MediaAnchor`] on the agent's LAN address (bounded by
 //! the relay's session limit), and a punch plan the server put in SDP on its way to a
 //! phone is taken out and kept for the media side.
+//!
+//! Trust (docs/DESIGN.md, "The agent"):
+//! - Our branch is a MAC of the received one under the agent's secret, so a response is
+//!   ours only if its top Via's branch is the MAC of the next one: a stranger who never
+//!   saw our request cannot forge one, and nothing but answers to what we sent allocates.
+//! - Punch plans and forwarder offers count only when signed (`a=x-pinhole-sig`) with the
+//!   plan key this agent gave the server in the REGISTERs it relayed ([`sign_plan`]).
+//! - We forward only between our phones and the server: a request from anyone but the
+//!   server goes to the server; the server's requests go only to phones whose
+//!   registration the server accepted through us.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -28,6 +37,11 @@ use crate::transport::{Flow, Transmit, Transport};
 const BRANCH_PREFIX: &str = "z9hG4bKpha";
 /// Answered calls remembered at most.
 const MAX_ANSWERED: usize = 100_000;
+/// Phones (addresses a registration was accepted for) remembered at most.
+pub const MAX_PHONES: usize = 10_000;
+/// Media streams one call through an agent may anchor: what a phone's call needs (audio,
+/// video, a spare), so one forged SDP holds a handful of ports, not hundreds.
+pub const MAX_STREAMS_PER_CALL: usize = 4;
 /// Plans held for calls not answered yet, at most (the oldest goes).
 const MAX_PENDING_PLANS: usize = 1024;
 
@@ -62,8 +76,52 @@ pub struct AgentConfig {
     pub server: SocketAddr,
     /// Largest message accepted; larger requests get 513.
     pub max_message: usize,
-    /// Keys the branches derived from received ones.
-    pub secret: u64,
+    /// Keys the branches derived from received ones, and (derived) the plan key the agent
+    /// gives the server.
+    pub secret: [u8; 32],
+}
+
+/// The agent's relay: on its LAN address `bind`, over `port_min..=port_max`, holding no
+/// more streams per call than a phone's call needs.
+pub fn relay_config(bind: IpAddr, port_min: u16, port_max: u16) -> pinhole_media::relay::RelayConfig {
+    pinhole_media::relay::RelayConfig {
+        max_streams: MAX_STREAMS_PER_CALL,
+        ..pinhole_media::relay::RelayConfig::single(bind, port_min, port_max)
+    }
+}
+
+/// Signs the lines a plan or forwarder offer added to an SDP for `call_id`, under the plan
+/// key of the agent it goes to: the value of `a=x-pinhole-sig`.
+pub fn sign_plan(key: &[u8; 32], call_id: &str, sdp: &str) -> String {
+    let mac = crate::mac::hmac(key, "plan", &[call_id.as_bytes(), punch_sdp::signed_part(sdp).as_bytes()]);
+    hex(&mac[..16])
+}
+
+/// Whether the plan lines of `sdp` carry a good signature under `key`.
+pub fn plan_signed(key: &[u8; 32], call_id: &str, sdp: &str) -> bool {
+    punch_sdp::signature(sdp)
+        .is_some_and(|sig| crate::mac::ct_eq(sig.as_bytes(), sign_plan(key, call_id, sdp).as_bytes()))
+}
+
+/// A plan key in the form of a `Pinhole-Key` header (64 hex digits), and back.
+pub fn key_to_header(key: &[u8; 32]) -> String {
+    hex(key)
+}
+
+pub fn key_from_header(v: &str) -> Option<[u8; 32]> {
+    let v = v.trim();
+    if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(key)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The agent, generic over where it anchors its phones' media (`Option<Relay>` on its LAN
@@ -89,12 +147,20 @@ pub struct Agent<M: MediaAnchor> {
     plans: VecDeque<ReadyPlan>,
     /// Forwarder offers, as they came.
     offers: VecDeque<ForwarderOffer>,
+    /// The key the server signs our plans with (told in every REGISTER we relay).
+    plan_key: [u8; 32],
+    /// Where our phones are: the addresses the server accepted a registration of through us.
+    phones: HashSet<SocketAddr>,
+    /// Plans and forwarder offers refused: unsigned, badly signed, or not from the server.
+    plans_refused: u64,
+    /// Requests refused: from outside towards anywhere but the server, or from the server
+    /// towards an address that is not one of our phones.
+    refused: u64,
 }
 
 impl<M: MediaAnchor> Agent<M> {
     pub fn new(cfg: AgentConfig, media: M) -> Agent<M> {
         Agent {
-            cfg,
             media,
             answered: HashSet::new(),
             out: VecDeque::new(),
@@ -105,7 +171,27 @@ impl<M: MediaAnchor> Agent<M> {
             pending: VecDeque::new(),
             plans: VecDeque::new(),
             offers: VecDeque::new(),
+            plan_key: crate::mac::hmac(&cfg.secret, "plan-key", &[]),
+            phones: HashSet::new(),
+            plans_refused: 0,
+            refused: 0,
+            cfg,
         }
+    }
+
+    /// Plans and forwarder offers refused (unsigned, badly signed, not from the server).
+    pub fn plans_refused(&self) -> u64 {
+        self.plans_refused
+    }
+
+    /// Requests refused for going anywhere but between our phones and the server.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// The plan key, as the server receives it.
+    pub fn plan_key(&self) -> [u8; 32] {
+        self.plan_key
     }
 
     pub fn media(&self) -> &M {
@@ -172,15 +258,23 @@ impl<M: MediaAnchor> Agent<M> {
         &mut self,
         now: Instant,
         msg: &Message,
-        from: IpAddr,
+        from: SocketAddr,
         sender_tag: Option<&str>,
         e: &mut Editor<'_>,
     ) -> Result<(), Rejection> {
         let Ok(body) = std::str::from_utf8(msg.body_bytes()) else { return Ok(()) };
         let stripped = body.contains("a=x-pinhole-").then(|| {
-            let from_server = from == self.cfg.server.ip();
-            if let (Some((port, key)), Some(call_id), Some(tag), true) =
-                (punch_sdp::forwarder_offer(body), msg.call_id(), sender_tag, from_server)
+            // Only the server plans, and only what it signed with our key counts; anything
+            // else is only taken out.
+            let signed = from == self.cfg.server
+                && msg.call_id().is_some_and(|c| plan_signed(&self.plan_key, c, body))
+                && sender_tag.is_some();
+            if !signed {
+                self.plans_refused += 1;
+                return punch_sdp::strip(body);
+            }
+            if let (Some((port, key)), Some(call_id), Some(tag)) =
+                (punch_sdp::forwarder_offer(body), msg.call_id(), sender_tag)
             {
                 if self.offers.len() >= MAX_PENDING_PLANS {
                     self.offers.pop_front();
@@ -192,9 +286,7 @@ impl<M: MediaAnchor> Agent<M> {
                     key,
                 });
             }
-            // Only the server plans; a plan from anywhere else is only taken out.
-            let planned = from_server.then(|| WirePlan::from_sdp(body)).flatten();
-            if let (Some(plan), Some(call_id), Some(tag)) = (planned, msg.call_id(), sender_tag) {
+            if let (Some(plan), Some(call_id), Some(tag)) = (WirePlan::from_sdp(body), msg.call_id(), sender_tag) {
                 let (call_id, server_tag) = (call_id.to_owned(), tag.to_owned());
                 // An INVITE's plan waits for the answer; a 2xx's (ours is the caller) or a
                 // late offer's ACK's (the answer has passed) starts counting now.
@@ -221,7 +313,7 @@ impl<M: MediaAnchor> Agent<M> {
                             call_id,
                             sender_tag: tag,
                             sdp: sdp.as_bytes(),
-                            signalling_ip: from,
+                            signalling_ip: from.ip(),
                             to: None,
                             hide: false,
                         },
@@ -262,7 +354,7 @@ impl<M: MediaAnchor> Agent<M> {
         if msg.method() == Some(&Method::Ack) || msg.header(HeaderName::Via).is_none() {
             return;
         }
-        let tag = format!("pha{:08x}", self.branch_hash(msg) as u32);
+        let tag = format!("pha{:08x}", self.branch_mac(msg.branch(), msg) as u32);
         self.out.push_back(Transmit { flow, payload: msg.response(code, reason, Some(&tag), extra) });
     }
 
@@ -296,7 +388,7 @@ impl<M: MediaAnchor> Agent<M> {
             self.reply(flow, msg, 483, "Too Many Hops", &[]);
             return;
         }
-        let from_server = flow.remote.ip() == self.cfg.server.ip();
+        let from_server = flow.remote == self.cfg.server;
         // Where it goes: the next Route, else the phone the server's Request-URI names,
         // else (a phone's request) the server.
         let next = match (&next_route, from_server) {
@@ -308,12 +400,23 @@ impl<M: MediaAnchor> Agent<M> {
             self.reply(flow, msg, 404, "Not Found - Unresolvable Next Hop", &[]);
             return;
         };
+        // Only between our phones and the server: nobody uses us to reach a LAN host.
+        if !from_server && next != self.cfg.server {
+            self.refused += 1;
+            self.reply(flow, msg, 403, "Forbidden - The Agent Forwards Only To Its Server", &[]);
+            return;
+        }
+        if from_server && !self.phones.contains(&next) {
+            self.refused += 1;
+            self.reply(flow, msg, 404, "Not Found - No Phone Registered There Through This Agent", &[]);
+            return;
+        }
         if next.ip() == self.cfg.listen.ip() && next.port() == self.cfg.listen.port() {
             self.reply(flow, msg, 482, "Loop Detected", &[]);
             return;
         }
         let mut e = Editor::new(msg);
-        let branch = format!("{BRANCH_PREFIX}{:016x}", self.branch_hash(msg));
+        let branch = self.branch(msg.branch(), msg);
         let transport = self.transport_to(next);
         e.prepend_header("Via", &format!("SIP/2.0/{} {};branch={branch}", transport.via_token(), self.cfg.listen));
         if msg.method().is_some_and(Method::creates_dialog) && msg.tag(HeaderName::To).is_none() {
@@ -323,13 +426,16 @@ impl<M: MediaAnchor> Agent<M> {
             e.remove_value(*hi, r.clone());
         }
         if msg.method() == Some(&Method::Register) && !from_server {
-            // Only the agent speaks for its NAT: whatever a phone put there goes.
-            for (i, r) in msg.extension_headers("Pinhole-NAT") {
-                e.remove_value(i, r);
+            // Only the agent speaks for its NAT and its key: whatever a phone put there goes.
+            for name in ["Pinhole-NAT", "Pinhole-Key"] {
+                for (i, r) in msg.extension_headers(name) {
+                    e.remove_value(i, r);
+                }
             }
             if let Some(p) = &self.profile {
                 e.append_header("Pinhole-NAT", p);
             }
+            e.append_header("Pinhole-Key", &key_to_header(&self.plan_key));
             for (i, r) in msg.extension_headers("Pinhole-RTT") {
                 e.remove_value(i, r);
             }
@@ -341,7 +447,7 @@ impl<M: MediaAnchor> Agent<M> {
         e.decrement_max_forwards();
         let carries_sdp = matches!(msg.method(), Some(Method::Invite | Method::Update | Method::Prack | Method::Ack));
         let tag = carries_sdp.then(|| msg.tag(HeaderName::From)).flatten();
-        if let Err(rej) = self.fix_body(now, msg, flow.remote.ip(), tag, &mut e) {
+        if let Err(rej) = self.fix_body(now, msg, flow.remote, tag, &mut e) {
             self.reply(flow, msg, rej.code, &rej.reason, &[]);
             return;
         }
@@ -358,15 +464,19 @@ impl<M: MediaAnchor> Agent<M> {
     /// Responses follow the Via chain: ours on top goes, the next one says where.
     fn on_response(&mut self, now: Instant, flow: Flow, msg: &Message) {
         let vias = msg.values(HeaderName::Via);
-        let ours = msg.top_via().is_some_and(|v| {
-            self.is_us(&v.sent_by.host, v.sent_by.port)
-                && v.params.get_val("branch").is_some_and(|b| b.starts_with(BRANCH_PREFIX))
-        });
-        let (Some((hi, r)), true) = (vias.first(), ours) else {
+        let parsed = msg.vias();
+        let Some(next) = parsed.get(1).cloned().flatten() else {
             self.dropped += 1;
             return;
         };
-        let Some(next) = msg.vias().get(1).cloned().flatten() else {
+        // Ours only if the top branch is the MAC of the one below: an answer to a request
+        // we sent, not a stranger's forgery.
+        let expected = self.branch(next.params.get_val("branch").map(|b| b.as_str()), msg);
+        let ours = msg.top_via().is_some_and(|v| {
+            self.is_us(&v.sent_by.host, v.sent_by.port)
+                && v.params.get_val("branch").is_some_and(|b| crate::mac::ct_eq(b.as_bytes(), expected.as_bytes()))
+        });
+        let (Some((hi, r)), true) = (vias.first(), ours) else {
             self.dropped += 1;
             return;
         };
@@ -390,7 +500,11 @@ impl<M: MediaAnchor> Agent<M> {
         let tag = carries_sdp.then(|| msg.tag(HeaderName::To)).flatten();
         // An answer the relay cannot take goes on as it is: the call still works, relayed
         // by the server alone.
-        let _ = self.fix_body(now, msg, flow.remote.ip(), tag, &mut e);
+        let _ = self.fix_body(now, msg, flow.remote, tag, &mut e);
+        if method == Some(Method::Register) && (200..300).contains(&code) && flow.remote == self.cfg.server {
+            // The server accepted a phone's registration through us: calls may reach it.
+            self.learn_phone(SocketAddr::new(ip, port), msg);
+        }
         if let (Some(call_id), Some(Method::Invite)) = (msg.call_id(), &method) {
             if (200..300).contains(&code) {
                 // Our phone answered a call the server planned: the plan starts now.
@@ -417,16 +531,38 @@ impl<M: MediaAnchor> Agent<M> {
         self.out.push_back(Transmit { flow: out, payload: e.finish() });
     }
 
-    /// Our branch for a request: a keyed hash of the received branch (and, per §16.11, of
-    /// what identifies the transaction), so retransmissions get the same one. CANCEL and
-    /// ACK for a non-2xx share their INVITE's.
-    fn branch_hash(&self, msg: &Message) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.cfg.secret.hash(&mut h);
-        msg.branch().hash(&mut h);
-        msg.call_id().hash(&mut h);
-        msg.tag(HeaderName::From).hash(&mut h);
-        h.finish()
+    /// Our branch for a request whose top Via had branch `received`: a MAC of it (and, per
+    /// §16.11, of what identifies the transaction) under our secret, so retransmissions get
+    /// the same one, CANCEL and ACK for a non-2xx share their INVITE's, and a response is
+    /// ours only if it carries exactly this above the sender's Via.
+    fn branch(&self, received: Option<&str>, msg: &Message) -> String {
+        format!("{BRANCH_PREFIX}{:016x}", self.branch_mac(received, msg))
+    }
+
+    fn branch_mac(&self, received: Option<&str>, msg: &Message) -> u64 {
+        let part = |v: Option<&str>| v.unwrap_or("").as_bytes().to_vec();
+        let mac = crate::mac::hmac(
+            &self.cfg.secret,
+            "branch",
+            &[&part(received), &part(msg.call_id()), &part(msg.tag(HeaderName::From))],
+        );
+        u64::from_be_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], mac[6], mac[7]])
+    }
+
+    /// The server accepted a registration for the phone at `at` (where its response goes):
+    /// that address, and its Contacts on the same host, may be sent the server's requests.
+    fn learn_phone(&mut self, at: SocketAddr, msg: &Message) {
+        let contacts = msg
+            .values(HeaderName::Contact)
+            .into_iter()
+            .filter_map(|(_, r)| ip_target(uri_of(msg.text(r))))
+            .filter(|c| c.ip() == at.ip());
+        for a in std::iter::once(at).chain(contacts) {
+            if self.phones.len() >= MAX_PHONES && !self.phones.contains(&a) {
+                self.phones.clear(); // only costs calls to phones until they register again
+            }
+            self.phones.insert(a);
+        }
     }
 }
 

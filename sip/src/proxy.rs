@@ -235,12 +235,14 @@ struct Target {
     /// The binding's agent-reported NAT profile, when the target is a registered binding.
     nat_profile: Option<String>,
     relay_rtts: Option<String>,
+    /// The binding's agent's plan key.
+    plan_key: Option<[u8; 32]>,
 }
 
 impl Target {
     /// A next hop and nothing more: no new Request-URI, routes or agent report.
     fn plain(flow: Flow) -> Target {
-        Target { flow, request_uri: None, routes: vec![], nat_profile: None, relay_rtts: None }
+        Target { flow, request_uri: None, routes: vec![], nat_profile: None, relay_rtts: None, plan_key: None }
     }
 }
 
@@ -281,9 +283,10 @@ pub struct Proxy<M: MediaAnchor> {
     /// Each side's plan until delivered: the callee's goes with the INVITE (or, for a late
     /// offer, the ACK), the caller's with every 2xx until the ACK.
     punch_plans: HashMap<String, [Option<pinhole_media::punch::sdp::WirePlan>; 2]>,
-    /// Calls with a side behind an agent (it reported a NAT profile): SDP towards that side
-    /// offers the fake-TCP forwarder (A = caller, B = callee).
-    agent_legs: HashMap<String, [bool; 2]>,
+    /// Calls with a side behind an agent (it gave a plan key with an authenticated
+    /// REGISTER), with that side's key (A = caller, B = callee): what goes to that side's
+    /// agent (its plan, the fake-TCP forwarder offer) is signed with it.
+    agent_legs: HashMap<String, [Option<[u8; 32]>; 2]>,
     /// Trunk calls (see [`crate::b2bua`]).
     b2bua: crate::b2bua::B2bua,
     /// Per trunk with `inbound_auth`: the digest its calls must answer (its own account).

@@ -60,6 +60,10 @@ pub struct Binding {
     /// (see `pinhole_media::fleet::parse_rtts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_rtts: Option<String>,
+    /// The key the agent gave with this (authenticated) REGISTER, in `Pinhole-Key` form:
+    /// its punch plans and forwarder offers are signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_key: Option<String>,
     /// Unix seconds of the REGISTER that made this binding (the newest registration of a
     /// contact wins across a cluster).
     #[serde(default)]
@@ -80,6 +84,8 @@ pub struct AgentReport {
     pub nat_profile: Option<String>,
     /// `Pinhole-RTT`, canonical.
     pub relay_rtts: Option<String>,
+    /// `Pinhole-Key`, canonical (64 hex digits).
+    pub plan_key: Option<String>,
 }
 
 /// How often bindings are kept alive.
@@ -260,6 +266,7 @@ impl Registrar {
                 keepalive_pending_since: 0,
                 nat_profile: agent.nat_profile.clone(),
                 relay_rtts: agent.relay_rtts.clone(),
+                plan_key: agent.plan_key.clone(),
                 registered_at: unix_now,
                 node: None,
                 node_addr: None,

@@ -74,14 +74,23 @@ fn must(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// Set by `cargo xtask test`: a test that cannot run fails instead of skipping.
+pub const STRICT_ENV: &str = "PINHOLE_TEST_STRICT";
+
 /// Labs need root (network namespaces, nftables). Without it a lab test says so and is
-/// skipped, rather than failing on the first `ip netns add`.
+/// skipped when run by hand with `cargo test`, rather than failing on the first
+/// `ip netns add`; under `cargo xtask test` (which sets [`STRICT_ENV`]) it fails: a lab
+/// that did not run never counts as passed.
 pub fn have_root() -> bool {
     let uid = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
         s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().unwrap_or("").to_owned()))
     });
     let root = uid.as_deref() == Some("0");
     if !root {
+        assert!(
+            std::env::var_os(STRICT_ENV).is_none(),
+            "this network-namespace lab needs root and cannot run; under cargo xtask test that is a failure"
+        );
         eprintln!("SKIPPED: this network-namespace lab needs root (cargo xtask test runs it as root)");
     }
     root

@@ -128,7 +128,11 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     println!("xtask: tier 3-4: loopback tests with sipp, network-namespace NAT labs with baresip");
     let before = peer_processes();
-    let tests = run(cargo().args(["test", "--workspace", "--test", "*"]).env("RUST_TEST_THREADS", "4"));
+    // Strict: a lab that cannot run (no root) fails rather than skipping.
+    let tests = run(cargo()
+        .args(["test", "--workspace", "--test", "*"])
+        .env("RUST_TEST_THREADS", "4")
+        .env("PINHOLE_TEST_STRICT", "1"));
     let leftovers = leftovers(&before);
     tests?;
     if !leftovers.is_empty() {

@@ -114,7 +114,8 @@ pub struct DirectPath {
     out: VecDeque<PunchTransmit>,
     events: VecDeque<PathEvent>,
     seed: u64,
-    /// Announcements with a bad signature, and stray STUN, ignored.
+    /// Announcements with a bad signature or another address than the plan's, and stray
+    /// STUN, ignored.
     ignored: u64,
 }
 
@@ -155,7 +156,7 @@ impl DirectPath {
 
     /// How many extra sockets (beyond the window) the plan will need.
     pub fn extra_sockets(&self) -> usize {
-        sockets_for(self.plan.strategy, self.plan.side) - 1
+        sockets_for(self.plan.strategy, self.plan.side).saturating_sub(1)
     }
 
     pub fn route(&self) -> Route {
@@ -391,7 +392,13 @@ impl DirectPath {
             return false;
         }
         if let Some(StunAttribute::XorMappedAddress(x)) = msg.get::<XorMappedAddress>() {
-            if self.phase == Phase::Gathering {
+            // The peer may say which port its window has now, never which address: that
+            // is the one the server observed and put in the plan (an agent announcing a
+            // victim's address would aim our punching at it).
+            let vouched = self.plan.windows[self.plan.side.other() as usize].ip();
+            if x.socket_address().ip() != vouched {
+                self.ignored += 1;
+            } else if self.phase == Phase::Gathering {
                 self.peer = Some(*x.socket_address());
                 self.maybe_punch(now);
             }

@@ -26,6 +26,18 @@ use crate::stun::{encode, verified};
 const SPRAY_PACE: Duration = Duration::from_millis(1);
 const HARD_PACE: Duration = Duration::from_millis(1);
 const RETRY: Duration = Duration::from_millis(50);
+/// Checks at a known address slow down to this after [`RETRY_FAST_FOR`] without an answer
+/// (as ICE backs off its retransmissions): 20 + 20 checks in the five seconds.
+const RETRY_SLOW: Duration = Duration::from_millis(200);
+const RETRY_FAST_FOR: Duration = Duration::from_secs(1);
+/// A prediction's spray stops after this many probes (about 31 walks of its window).
+const MAX_SPRAY: u32 = 1024;
+/// A birthday's hard side checks from each of its sockets this many times.
+const HARD_ROUNDS: u32 = 4;
+/// Packets a plan may send to addresses that have not answered it, whatever the method:
+/// the most one answered call can make an agent send anywhere (every one of them to the
+/// peer's address the server observed, see [`Puncher::handle_input`]).
+pub const MAX_UNANSWERED: u32 = 2100;
 /// Lockstep: time per step, the same on both sides.
 const STEP: Duration = Duration::from_millis(20);
 /// Give up after this long without a path.
@@ -35,7 +47,7 @@ pub const PUNCH_DEADLINE: Duration = Duration::from_secs(5);
 /// many on its hard side.
 pub fn sockets_for(strategy: Strategy, side: Side) -> usize {
     match strategy {
-        Strategy::Birthday { hard, sockets, .. } if hard == side => usize::from(sockets),
+        Strategy::Birthday { hard, sockets, .. } if hard == side => usize::from(sockets.max(1)),
         _ => 1,
     }
 }
@@ -88,6 +100,11 @@ pub struct Puncher {
     /// When the adopted path last answered one of our checks.
     last_answer: Option<Instant>,
     deadline: Instant,
+    start: Instant,
+    /// Packets sent to addresses that had not answered ([`MAX_UNANSWERED`] at most).
+    unanswered: u32,
+    /// Datagrams from an address other than the peer's (by IP), ignored.
+    foreign: u64,
 }
 
 /// Checks remembered at most (a birthday spray sends 1 024; consent checks go on all call).
@@ -118,7 +135,38 @@ impl Puncher {
             path: None,
             last_answer: None,
             deadline: plan.start + PUNCH_DEADLINE,
+            start: plan.start,
+            unanswered: 0,
+            foreign: 0,
         }
+    }
+
+    /// Packets sent so far to addresses that had not answered.
+    pub fn unanswered_sent(&self) -> u32 {
+        self.unanswered
+    }
+
+    /// Datagrams ignored because they came from another IP than the peer's.
+    pub fn foreign(&self) -> u64 {
+        self.foreign
+    }
+
+    /// The next retry of a check at a known address, slower once the first second passed.
+    fn retry(&self, due: Instant) -> Instant {
+        due + if due.saturating_duration_since(self.start) < RETRY_FAST_FOR { RETRY } else { RETRY_SLOW }
+    }
+
+    /// Whether one more packet may go to `to`: always to an address that answered, and to
+    /// others within the plan's budget (counted here).
+    fn budget(&mut self, socket: usize, to: SocketAddr) -> bool {
+        if self.answered.contains(&(socket, to)) {
+            return true;
+        }
+        if self.unanswered >= MAX_UNANSWERED {
+            return false;
+        }
+        self.unanswered += 1;
+        true
     }
 
     /// How many sockets this side needs (the hard side of a birthday opens many).
@@ -178,6 +226,9 @@ impl Puncher {
             .with_attribute(user)
             .with_attribute(MessageIntegrity::new(key))
             .build();
+        if !self.budget(socket, to) {
+            return;
+        }
         if let Some(bytes) = encode(&msg) {
             if self.checks.len() >= MAX_CHECKS {
                 self.checks.drain(..MAX_CHECKS / 4);
@@ -209,27 +260,30 @@ impl Puncher {
                 if target == side {
                     if open_first && self.sent == 0 {
                         // Opens our address filter for the peer's address, any port.
-                        self.out.push_back(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
+                        self.null(peer);
                     }
                 } else {
                     self.check(0, peer);
                 }
                 self.sent += 1;
-                due + RETRY
+                self.retry(due)
             }
             Strategy::SimultaneousOpen => {
                 if self.sent == 0 {
-                    self.out.push_back(PunchTransmit { socket: 0, to: peer, bytes: Vec::new() });
+                    self.null(peer);
                 }
                 self.check(0, peer);
                 self.sent += 1;
-                due + RETRY
+                self.retry(due)
             }
             Strategy::Prediction { symmetric, delta, window } => {
                 if symmetric == side {
                     self.check(0, peer);
                     self.sent += 1;
-                    due + RETRY
+                    self.retry(due)
+                } else if self.sent >= MAX_SPRAY {
+                    self.next = None;
+                    return;
                 } else {
                     // The cone walks the window around the symmetric side's next port,
                     // nearest first, over and over.
@@ -257,8 +311,12 @@ impl Puncher {
                 if hard == side {
                     // Every socket opens a mapping towards the easy side's window, one at
                     // a time (a burst of hundreds of signed checks would hold up media),
-                    // round after round.
+                    // for a few rounds.
                     let n = u32::from(sockets.max(1));
+                    if self.sent >= n * HARD_ROUNDS {
+                        self.next = None;
+                        return;
+                    }
                     self.check((self.sent % n) as usize, peer);
                     self.sent += 1;
                     due + HARD_PACE
@@ -280,10 +338,23 @@ impl Puncher {
         });
     }
 
-    /// A datagram arrived on `socket` from `from`.
+    /// A null packet to `to` from the window, within the budget.
+    fn null(&mut self, to: SocketAddr) {
+        if self.budget(0, to) {
+            self.out.push_back(PunchTransmit { socket: 0, to, bytes: Vec::new() });
+        }
+    }
+
+    /// A datagram arrived on `socket` from `from`. Only the peer's IP (the one in the plan,
+    /// which the server observed) is answered: a check signed with the plan's credentials
+    /// from anywhere else, spoofed or not, makes us send nothing.
     pub fn handle_input(&mut self, now: Instant, socket: usize, from: SocketAddr, data: &[u8]) {
         if data.is_empty() {
             return; // a null packet: it opened something, nothing to answer
+        }
+        if from.ip() != self.plan.peer.ip() {
+            self.foreign += 1;
+            return;
         }
         let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(data) else { return };
         match msg.class() {

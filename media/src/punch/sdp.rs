@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use super::scheduler::{Credentials, PunchPlan};
-use super::{RelayReason, Strategy};
+use super::{RelayReason, Strategy, BIRTHDAY_PROBES, BIRTHDAY_SOCKETS, PREDICTION_WINDOW};
 use crate::relay::Side;
 
 /// When both sides start.
@@ -33,14 +33,26 @@ pub struct WirePlan {
 
 /// Every line a plan adds starts with one of these (our candidate has its own foundation,
 /// so a phone's own candidates are never taken for ours).
-const PREFIXES: [&str; 6] = [
+const PREFIXES: [&str; 7] = [
     "a=ice-ufrag:",
     "a=ice-pwd:",
     "a=x-pinhole-peer:",
     "a=x-pinhole-punch:",
     "a=candidate:pinhole ",
     "a=x-pinhole-tcp:",
+    SIG_PREFIX,
 ];
+
+/// The line that signs the others: `a=x-pinhole-sig:HEX`, a MAC over the call and every
+/// other line a plan or forwarder offer added, under a key the agent gave the server with
+/// its REGISTER (see [`signed_part`]).
+pub const SIG_PREFIX: &str = "a=x-pinhole-sig:";
+
+/// Largest plan parameters a server sends ([`crate::punch::choose`]'s own values); a plan
+/// asking for more is refused where it is parsed.
+pub const MAX_DELTA: u16 = 64;
+/// Longest a plan may wait after the answer before it starts.
+pub const MAX_START_AFTER_ANSWER_MS: u32 = 10_000;
 
 impl WirePlan {
     /// The scheduler's plan, given the instant [`WirePlan::start`] means here.
@@ -96,16 +108,49 @@ impl WirePlan {
             _ => return None,
         };
         let (wa, wb) = get("windows")?.split_once(',')?;
-        Some(WirePlan {
-            strategy: parse_strategy(&params)?,
-            side,
-            windows: [wa.parse().ok()?, wb.parse().ok()?],
-            credentials,
-            start: match get("start")?.strip_prefix("answer+") {
-                Some(ms) => PlanStart::AfterAnswer { ms: ms.parse().ok()? },
-                None => PlanStart::UnixMs(get("start")?.parse().ok()?),
-            },
-        })
+        let windows: [SocketAddr; 2] = [wa.parse().ok()?, wb.parse().ok()?];
+        let start = match get("start")?.strip_prefix("answer+") {
+            Some(ms) => PlanStart::AfterAnswer { ms: ms.parse().ok().filter(|ms| *ms <= MAX_START_AFTER_ANSWER_MS)? },
+            None => PlanStart::UnixMs(get("start")?.parse().ok()?),
+        };
+        let plan = WirePlan { strategy: parse_strategy(&params)?, side, windows, credentials, start };
+        plan.in_range().then_some(plan)
+    }
+
+    /// Every count, port, address and credential within what a server sends: a plan is
+    /// carried out by sockets and packets, so nothing in it may ask for more than one real
+    /// call needs.
+    fn in_range(&self) -> bool {
+        let addr_ok = |a: &SocketAddr| {
+            let ip = a.ip();
+            a.port() != 0
+                && !ip.is_unspecified()
+                && !ip.is_multicast()
+                && ip != std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+        };
+        // RFC 8445 §5.3: ufrag 4–256 ice-chars, password 22–256.
+        let ice = |s: &str, min: usize| {
+            (min..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        };
+        let c = &self.credentials;
+        let counts = match self.strategy {
+            Strategy::Prediction { delta, window, .. } => {
+                delta <= MAX_DELTA && (1..=PREDICTION_WINDOW).contains(&window)
+            }
+            Strategy::LockstepShotgun { delta, window } => {
+                delta.iter().all(|d| (1..=MAX_DELTA).contains(d)) && (1..=PREDICTION_WINDOW).contains(&window)
+            }
+            Strategy::Birthday { sockets, probes, .. } => {
+                (1..=BIRTHDAY_SOCKETS).contains(&sockets) && (1..=BIRTHDAY_PROBES).contains(&probes)
+            }
+            Strategy::Reach { .. } | Strategy::SimultaneousOpen | Strategy::RelayOnly(_) => true,
+        };
+        counts
+            && self.windows.iter().all(addr_ok)
+            && ice(&c.local_ufrag, 4)
+            && ice(&c.remote_ufrag, 4)
+            && ice(&c.local_pwd, 22)
+            && ice(&c.remote_pwd, 22)
     }
 }
 
@@ -131,6 +176,22 @@ pub fn forwarder_offer(sdp: &str) -> Option<(u16, String)> {
     (!key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric()))
         .then(|| Some((port.parse().ok()?, key.to_owned())))
         .flatten()
+}
+
+/// What a plan's signature covers: every line a plan or forwarder offer added, except the
+/// signature itself, in order, each without its line ending, joined by LF.
+pub fn signed_part(sdp: &str) -> String {
+    let lines: Vec<&str> = sdp
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| PREFIXES.iter().any(|p| l.starts_with(p)) && !l.starts_with(SIG_PREFIX))
+        .collect();
+    lines.join("\n")
+}
+
+/// The signature line's value, if there is one.
+pub fn signature(sdp: &str) -> Option<&str> {
+    sdp.lines().find_map(|l| l.strip_prefix(SIG_PREFIX)).map(str::trim)
 }
 
 /// Removes every line a plan (or a forwarder offer) added from an SDP, leaving the rest
@@ -200,9 +261,9 @@ mod tests {
             windows: ["203.0.113.2:40001".parse().expect("a"), "203.0.113.3:40002".parse().expect("b")],
             credentials: Credentials {
                 local_ufrag: "bbbb".into(),
-                local_pwd: "b-password-0123456789".into(),
+                local_pwd: "bpassword0123456789abcdef".into(),
                 remote_ufrag: "aaaa".into(),
-                remote_pwd: "a-password-0123456789".into(),
+                remote_pwd: "apassword0123456789abcdef".into(),
             },
             start: PlanStart::AfterAnswer { ms: 300 },
         }

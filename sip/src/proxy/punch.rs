@@ -4,6 +4,11 @@
 //! agent its side of the plan in the SDP of its leg: the callee's with the INVITE, the
 //! caller's with the 2xx, both starting a moment after the answer. Media keeps flowing
 //! through the relay whatever the plan.
+//!
+//! What an agent will punch is what we vouch for: each side's window is the address we
+//! observed that agent's signalling come from (its reported window gives only the port),
+//! the `[punch]` policy is checked against exactly those addresses, and every plan is
+//! signed with the key of the agent it goes to, so no one else's plan is ever carried out.
 
 use pinhole_media::punch::scheduler::Credentials;
 use pinhole_media::punch::sdp::{insert, PlanStart, WirePlan};
@@ -43,13 +48,13 @@ impl<M: MediaAnchor> Proxy<M> {
         targets: &[Target],
     ) {
         let Some(call_id) = msg.call_id() else { return };
-        // Sides behind an agent get the forwarder offered, whatever the punch plan.
-        let agents = [
-            caller.as_ref().is_some_and(|b| b.nat_profile.is_some()),
-            targets.len() == 1 && targets[0].nat_profile.is_some(),
+        // Sides behind an agent (it gave us its key) get what is meant for their agent.
+        let keys = [
+            caller.as_ref().and_then(|b| b.plan_key.as_deref()).and_then(crate::agent::key_from_header),
+            if targets.len() == 1 { targets[0].plan_key } else { None },
         ];
-        if self.cfg.faketcp_port.is_some() && agents.contains(&true) && self.agent_legs.len() < MAX_PUNCH_PLANS {
-            self.agent_legs.insert(call_id.to_owned(), agents);
+        if keys.iter().any(Option::is_some) && self.agent_legs.len() < MAX_PUNCH_PLANS {
+            self.agent_legs.insert(call_id.to_owned(), keys);
         }
         let Some(caller_profile) =
             caller.as_ref().and_then(|b| b.nat_profile.as_deref()).and_then(NatProfile::parse_header)
@@ -60,6 +65,11 @@ impl<M: MediaAnchor> Proxy<M> {
         for t in targets {
             let Some(callee_profile) = t.nat_profile.as_deref().and_then(NatProfile::parse_header) else { continue };
             let users: Vec<&str> = auth_user.into_iter().chain(callee_user.as_deref()).collect();
+            // The windows an agent may punch: where we saw each agent's signalling from, at
+            // the port its report gives. Every address punched is in `addrs`.
+            let observed = |w: Option<SocketAddr>, seen: SocketAddr| w.map(|w| SocketAddr::new(seen.ip(), w.port()));
+            let windows =
+                observed(caller_profile.window, flow.remote).zip(observed(callee_profile.window, t.flow.remote));
             let addrs: Vec<IpAddr> = [Some(flow.remote.ip()), Some(t.flow.remote.ip())]
                 .into_iter()
                 .chain([caller_profile.window, callee_profile.window].map(|w| w.map(|a| a.ip())))
@@ -71,8 +81,10 @@ impl<M: MediaAnchor> Proxy<M> {
                 .collect();
             let strategy = self.cfg.punch.allows(&users, &addrs).then(|| choose(&caller_profile, &callee_profile));
             let method = strategy.map_or("denied", |s| s.label());
-            let windows = caller_profile.window.zip(callee_profile.window);
-            if let (Some(s), Some((wa, wb)), 1) = (strategy.filter(|s| s.is_direct()), windows, targets.len()) {
+            let keyed = keys.iter().all(Option::is_some);
+            if let (Some(s), Some((wa, wb)), 1, true) =
+                (strategy.filter(|s| s.is_direct()), windows, targets.len(), keyed)
+            {
                 if self.punch_plans.len() < MAX_PUNCH_PLANS {
                     let plans = self.wire_plans(s, [wa, wb]).map(Some);
                     self.punch_plans.insert(call_id.to_owned(), plans);
@@ -118,7 +130,37 @@ impl<M: MediaAnchor> Proxy<M> {
     /// INVITE had no offer; the caller's (A) with every 2xx, retransmissions too, until
     /// the ACK (or the call's end) retires the plans.
     pub(super) fn with_punch_plan(&mut self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let body = self.without_planted_lines(msg, side, body);
         let body = self.with_forwarder(msg, side, body);
+        let body = self.with_plan(msg, side, body);
+        self.signed_for_agent(msg, side, body)
+    }
+
+    /// The plan key of the agent on `side` of a call, if that side is behind one.
+    fn agent_key(&self, call_id: &str, side: Side) -> Option<[u8; 32]> {
+        self.agent_legs.get(call_id).and_then(|k| k[side as usize])
+    }
+
+    /// Towards an agent, the other party's SDP loses every line that looks like ours, so
+    /// what we sign is only what we added.
+    fn without_planted_lines(&self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let Some(call_id) = msg.call_id() else { return body };
+        if self.agent_key(call_id, side).is_none() {
+            return body;
+        }
+        let base = match &body {
+            Some(b) => b.as_slice(),
+            None => super::media::sdp_body(msg)?,
+        };
+        let Ok(text) = std::str::from_utf8(base) else { return body };
+        let stripped = pinhole_media::punch::sdp::strip(text);
+        if stripped.len() == text.len() {
+            return body;
+        }
+        Some(stripped.into_bytes())
+    }
+
+    fn with_plan(&mut self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
         let Some(call_id) = msg.call_id() else { return body };
         let Some(plans) = self.punch_plans.get_mut(call_id) else { return body };
         let Some(plan) = plans[side as usize].clone() else { return body };
@@ -135,6 +177,20 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         Some(insert(text, &plan).into_bytes())
     }
+
+    /// A body to which a plan or forwarder offer was added gets the signature of the
+    /// agent on `side` (the lines go nowhere else: only agents' legs get them).
+    fn signed_for_agent(&self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let (Some(b), Some(call_id)) = (&body, msg.call_id()) else { return body };
+        let Some(key) = self.agent_key(call_id, side) else { return body };
+        let Ok(text) = std::str::from_utf8(b) else { return body };
+        if !text.contains("a=x-pinhole-") {
+            return body;
+        }
+        let line =
+            format!("{}{}\r\n", pinhole_media::punch::sdp::SIG_PREFIX, crate::agent::sign_plan(&key, call_id, text));
+        Some(pinhole_media::punch::sdp::insert_lines(text, &line).into_bytes())
+    }
 }
 
 impl<M: MediaAnchor> Proxy<M> {
@@ -143,7 +199,7 @@ impl<M: MediaAnchor> Proxy<M> {
     /// this SDP's first m= line) for this call only.
     fn with_forwarder(&self, msg: &Message, side: Side, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
         let (Some(fwd), Some(call_id)) = (self.cfg.faketcp_port, msg.call_id()) else { return body };
-        if !self.agent_legs.get(call_id).is_some_and(|legs| legs[side as usize]) {
+        if self.agent_key(call_id, side).is_none() {
             return body;
         }
         let base = match &body {

@@ -472,6 +472,10 @@ impl<M: MediaAnchor> Proxy<M> {
                 .extension_header("Pinhole-RTT")
                 .and_then(pinhole_media::fleet::parse_rtts)
                 .map(|r| pinhole_media::fleet::rtts_header(&r)),
+            plan_key: msg
+                .extension_header("Pinhole-Key")
+                .and_then(crate::agent::key_from_header)
+                .map(|k| crate::agent::key_to_header(&k)),
         });
         let rtts = agent.as_ref().and_then(|a| a.relay_rtts.clone());
         match self.registrar.register(&self.cfg.registrar, unix, &aor, msg, flow, keepalive, agent) {
@@ -575,6 +579,7 @@ pub(super) fn binding_target(b: &Binding) -> Target {
         routes: b.path.iter().rev().cloned().collect(),
         nat_profile: b.nat_profile.clone(),
         relay_rtts: b.relay_rtts.clone(),
+        plan_key: b.plan_key.as_deref().and_then(crate::agent::key_from_header),
     }
 }
 

@@ -1058,9 +1058,21 @@ Content-Length: 0
     );
 }
 
-const PORT_RESTRICTED: &str = "Pinhole-NAT: mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.9:40001";
+/// The plan keys alice's and bob's agents give with their REGISTERs.
+const KEY_A: [u8; 32] = [0xaa; 32];
+const KEY_B: [u8; 32] = [0xbb; 32];
+const PORT_RESTRICTED: &str = "Pinhole-NAT: mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.9:40001
+Pinhole-Key: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const SYMMETRIC_SEQ: &str =
-    "Pinhole-NAT: mapping=apdm;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.10:40002";
+    "Pinhole-NAT: mapping=apdm;filtering=apdf;allocation=sequential;delta=1;window=203.0.113.10:40002
+Pinhole-Key: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+/// The body of a message to an agent, after checking it is signed with that agent's key.
+fn signed_body(m: &Message, key: &[u8; 32]) -> String {
+    let body = std::str::from_utf8(m.body_bytes()).expect("utf8").to_owned();
+    assert!(crate::agent::plan_signed(key, m.call_id().expect("call-id"), &body), "signed for its agent:\n{body}");
+    body
+}
 
 /// alice (port-restricted cone) calls bob (sequential symmetric), both behind agents that
 /// reported profiles; returns the events the proxy reported.
@@ -1100,8 +1112,8 @@ fn each_agent_gets_its_side_of_the_plan_in_the_sdp_of_its_leg() {
     let fwd = out[1].clone();
     let offer = parse(&fwd);
     assert_eq!(offer.content_length(), Some(Ok(offer.body_bytes().len())));
-    let b =
-        WirePlan::from_sdp(std::str::from_utf8(offer.body_bytes()).expect("utf8")).expect("bob's plan in the offer");
+    let b = WirePlan::from_sdp(&signed_body(&offer, &KEY_B)).expect("bob's plan in the offer");
+    assert!(!crate::agent::plan_signed(&KEY_A, "call-z9hG4bKsp1", &signed_body(&offer, &KEY_B)), "for bob only");
     assert_eq!(b.side, Side::B);
     assert_eq!(b.strategy, Strategy::Prediction { symmetric: Side::B, delta: 1, window: 16 });
     assert_eq!(b.windows, [addr("203.0.113.9:40001"), addr("203.0.113.10:40002")]);
@@ -1112,8 +1124,7 @@ fn each_agent_gets_its_side_of_the_plan_in_the_sdp_of_its_leg() {
         + "v=0";
     let up = lab.send(udp(NAT_B), &ok);
     let answer = parse(&up[0]);
-    let a =
-        WirePlan::from_sdp(std::str::from_utf8(answer.body_bytes()).expect("utf8")).expect("alice's plan in the 200");
+    let a = WirePlan::from_sdp(&signed_body(&answer, &KEY_A)).expect("alice's plan in the 200");
     assert_eq!(a.side, Side::A);
     assert_eq!(a.strategy, b.strategy);
     assert_eq!(a.credentials.local_ufrag, b.credentials.remote_ufrag);
@@ -1151,13 +1162,13 @@ fn a_late_offer_call_gives_the_callee_its_plan_with_the_ack() {
         .replace("Content-Length: 0\n", "Content-Type: application/sdp\nContent-Length: 3\n")
         + "v=0";
     let up = lab.send(udp(NAT_B), &ok);
-    let a = WirePlan::from_sdp(std::str::from_utf8(parse(&up[0]).body_bytes()).expect("utf8")).expect("alice's plan");
+    let a = WirePlan::from_sdp(&signed_body(&parse(&up[0]), &KEY_A)).expect("alice's plan");
     assert_eq!(a.side, Side::A);
     let rr = offer.value_texts(HeaderName::RecordRoute)[0].to_owned();
     let ack = format!("ACK sip:callee@10.0.0.2:5060 SIP/2.0\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKloack\nRoute: {rr}\nMax-Forwards: 70\nFrom: <sip:caller@trunk.example.net>;tag=from1\nTo: <sip:bob@example.com>;tag=b9\nCall-ID: call-z9hG4bKlo1\nCSeq: 2 ACK\nContent-Type: application/sdp\nContent-Length: 3\n\nv=0");
     let down = lab.send(udp(NAT_A), &ack);
     assert_eq!(down.len(), 1, "the ACK goes on to bob");
-    let b = WirePlan::from_sdp(std::str::from_utf8(parse(&down[0]).body_bytes()).expect("utf8")).expect("bob's plan");
+    let b = WirePlan::from_sdp(&signed_body(&parse(&down[0]), &KEY_B)).expect("bob's plan");
     assert_eq!(b.side, Side::B);
     assert_eq!(b.credentials.local_ufrag, a.credentials.remote_ufrag);
     // Retired with the ACK: a retransmitted 200 has no plan any more.
@@ -1190,7 +1201,12 @@ fn sdp_towards_a_side_behind_an_agent_offers_the_forwarder_with_a_key_for_its_le
     let secret = cfg.secret;
     lab.proxy = Proxy::new(cfg, None, lab.now, 1_700_000_000, 1);
     lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
-    lab.register_with("bob", NAT_B, "pw-b", Some("Pinhole-NAT: udp=blocked"));
+    lab.register_with(
+        "bob",
+        NAT_B,
+        "pw-b",
+        Some(&SYMMETRIC_SEQ.replace(SYMMETRIC_SEQ.lines().next().expect("line"), "Pinhole-NAT: udp=blocked")),
+    );
     let sdp = |port: u16| format!("v=0\r\nc=IN IP4 10.0.0.1\r\nm=audio {port} RTP/AVP 0\r\n");
     let inv = invite("bob", "z9hG4bKft1")
         .replace("203.0.113.50:5060", "10.0.0.1:5060")
@@ -1200,7 +1216,7 @@ fn sdp_towards_a_side_behind_an_agent_offers_the_forwarder_with_a_key_for_its_le
     let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKft1", "branch=z9hG4bKft2"), &creds));
     let fwd = out[1].clone();
     let offer = parse(&fwd);
-    let b = forwarder_offer(std::str::from_utf8(offer.body_bytes()).expect("utf8")).expect("bob's leg offered");
+    let b = forwarder_offer(&signed_body(&offer, &KEY_B)).expect("bob's leg offered");
     assert_eq!(b, (4443, faketcp_key(&secret, "call-z9hG4bKft1", 4000)));
     assert_eq!(offer.content_length(), Some(Ok(offer.body_bytes().len())));
     let ok = reply(&fwd, 200, "OK", "b9").replace(
@@ -1208,7 +1224,7 @@ fn sdp_towards_a_side_behind_an_agent_offers_the_forwarder_with_a_key_for_its_le
         &format!("Content-Type: application/sdp\nContent-Length: {}\n", sdp(5000).len()),
     ) + &sdp(5000);
     let up = lab.send(udp(NAT_B), &ok);
-    let a = forwarder_offer(std::str::from_utf8(parse(&up[0]).body_bytes()).expect("utf8")).expect("alice's leg");
+    let a = forwarder_offer(&signed_body(&parse(&up[0]), &KEY_A)).expect("alice's leg");
     assert_eq!(a, (4443, faketcp_key(&secret, "call-z9hG4bKft1", 5000)));
     assert_ne!(a.1, b.1, "a key is good for its own leg only");
     // Phones registered without an agent get no offer.
@@ -1220,6 +1236,56 @@ fn sdp_towards_a_side_behind_an_agent_offers_the_forwarder_with_a_key_for_its_le
     let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:carol@example.com", 1);
     let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKft3", "branch=z9hG4bKft4"), &creds));
     assert!(forwarder_offer(std::str::from_utf8(parse(&out[1]).body_bytes()).expect("utf8")).is_none());
+}
+
+#[test]
+fn the_windows_in_a_plan_are_where_the_agents_were_seen_not_what_they_reported() {
+    use pinhole_media::punch::sdp::WirePlan;
+    let mut lab = Lab::new();
+    // bob's agent claims a victim's address as its window.
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(&SYMMETRIC_SEQ.replace("window=203.0.113.10:", "window=192.0.2.99:")));
+    let inv = invite("bob", "z9hG4bKow1").replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKow1", "branch=z9hG4bKow2"), &creds));
+    let b = WirePlan::from_sdp(&signed_body(&parse(&out[1]), &KEY_B)).expect("plan");
+    assert_eq!(b.windows, [addr(NAT_A), addr("203.0.113.10:40002")], "the observed address, the reported port");
+}
+
+#[test]
+fn a_profile_without_a_plan_key_gets_no_plan_and_no_forwarder() {
+    let mut lab = Lab::new();
+    let mut cfg = lab.proxy.config().clone();
+    cfg.faketcp_port = Some(4443);
+    lab.proxy = Proxy::new(cfg, None, lab.now, 1_700_000_000, 1);
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ.lines().next().expect("line")));
+    let inv = invite("bob", "z9hG4bKnk1").replace("203.0.113.50:5060", "10.0.0.1:5060");
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKnk1", "branch=z9hG4bKnk2"), &creds));
+    assert_eq!(parse(&out[1]).method(), Some(&Method::Invite));
+    assert!(!String::from_utf8_lossy(parse(&out[1]).body_bytes()).contains("x-pinhole"), "nothing for bob");
+}
+
+#[test]
+fn plan_lines_a_caller_planted_in_its_sdp_never_reach_the_callees_agent_signed() {
+    use pinhole_media::punch::sdp::WirePlan;
+    let mut lab = Lab::new();
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    lab.register_with("bob", NAT_B, "pw-b", Some(SYMMETRIC_SEQ));
+    let planted = "v=0\na=x-pinhole-punch:method=birthday;hard=B;sockets=256;probes=1024;side=B;start=answer+0;windows=192.0.2.99:1,192.0.2.99:2\na=x-pinhole-tcp:9 aaaa\n";
+    let inv = invite("bob", "z9hG4bKpl1")
+        .replace("203.0.113.50:5060", "10.0.0.1:5060")
+        .replace("Content-Length: 3\n\nv=0", &format!("Content-Length: {}\n\n{planted}", planted.len()));
+    let out = lab.send(udp(NAT_A), &inv);
+    let creds = credentials(&out[0], "alice", "pw-a", "INVITE", "sip:bob@example.com", 1);
+    let out = lab.send(udp(NAT_A), &with_header(&inv.replace("branch=z9hG4bKpl1", "branch=z9hG4bKpl2"), &creds));
+    let offer = parse(&out[1]);
+    let body = signed_body(&offer, &KEY_B);
+    assert!(!body.contains("192.0.2.99") && !body.contains("x-pinhole-tcp"), "{body}");
+    assert!(WirePlan::from_sdp(&body).is_some_and(|p| p.windows[0] == addr(NAT_A)), "only the server's own plan");
 }
 
 #[test]

@@ -350,3 +350,54 @@ fn a_relay_only_plan_sends_nothing_and_consumes_nothing() {
         assert!(a.heard.len() >= 90, "media relayed all along");
     }
 }
+
+/// The STUN service's answer to the Binding request in `request`, mapping it to `mapped`.
+fn stun_answer(request: &[u8], mapped: SocketAddr) -> Vec<u8> {
+    let (req, _) = MessageDecoderBuilder::default().build().decode(request).expect("stun");
+    let msg = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+        .with_transaction_id(*req.transaction_id())
+        .with_attribute(XorMappedAddress::from(mapped))
+        .build();
+    encode(&msg).expect("encoded")
+}
+
+#[test]
+fn a_peer_announcing_another_address_than_the_one_the_server_saw_is_never_punched() {
+    let t0 = Instant::now();
+    let windows = [addr("203.0.113.2:40000"), addr("203.0.113.3:40000")];
+    let plan = |side, c| PunchPlan { strategy: Strategy::SimultaneousOpen, side, windows, credentials: c, start: t0 };
+    let relay = addr(RELAY[0]);
+    // A (the attacker's agent) announces `announced`; B must punch only A's vouched address.
+    let run = |announced: SocketAddr| {
+        let mut a = DirectPath::new(plan(Side::A, creds("aaaa", "bbbb")), addr(STUN), 1);
+        let mut b = DirectPath::new(plan(Side::B, creds("bbbb", "aaaa")), addr(STUN), 2);
+        let mut b_sent = Vec::new();
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(6) {
+            a.handle_timeout(now, Some(relay));
+            b.handle_timeout(now, Some(relay));
+            while let Some(t) = a.poll_transmit() {
+                if t.to == addr(STUN) {
+                    a.handle_input(now, 0, addr(STUN), &stun_answer(&t.bytes, announced), Some(relay));
+                } else if t.to == relay {
+                    b.handle_input(now, 0, relay, &t.bytes, Some(relay));
+                }
+            }
+            while let Some(t) = b.poll_transmit() {
+                if t.to == addr(STUN) {
+                    b.handle_input(now, 0, addr(STUN), &stun_answer(&t.bytes, windows[1]), Some(relay));
+                } else if t.to != relay {
+                    b_sent.push(t.to);
+                }
+            }
+            now += Duration::from_millis(10);
+        }
+        (b.phase(), b_sent)
+    };
+    let (phase, sent) = run(addr("192.0.2.77:9"));
+    assert!(sent.is_empty(), "nothing towards the announced victim: {sent:?}");
+    assert_eq!(phase, Phase::Relayed, "no punching at all");
+    // The control: the same announcement of A's own address starts punching at it.
+    let (_, sent) = run(addr("203.0.113.2:40123"));
+    assert!(!sent.is_empty() && sent.iter().all(|to| *to == addr("203.0.113.2:40123")), "{sent:?}");
+}

@@ -164,7 +164,8 @@ fn a_check_signed_with_the_wrong_password_is_neither_answered_nor_adopted() {
     p.handle_timeout(t0);
     while p.poll_transmit().is_some() {}
     for t in &forged {
-        p.handle_input(t0, 0, "192.0.2.66:4000".parse().expect("x"), &t.bytes);
+        // Even from the peer's own address.
+        p.handle_input(t0, 0, "203.0.113.3:31000".parse().expect("b"), &t.bytes);
     }
     assert!(p.poll_transmit().is_none(), "no answer, no triggered check");
     assert_eq!(p.path(), None);
@@ -183,4 +184,75 @@ fn a_check_signed_with_the_wrong_password_is_neither_answered_nor_adopted() {
         p.handle_input(t0, 0, "203.0.113.3:31000".parse().expect("b"), &t.bytes);
     }
     assert!(p.poll_transmit().is_some(), "a check B really signed is answered");
+}
+
+fn plan(strategy: Strategy, side: Side, t0: Instant) -> PunchPlan {
+    let (us, them) = if side == Side::A { ("aaaa", "bbbb") } else { ("bbbb", "aaaa") };
+    PunchPlan {
+        strategy,
+        side,
+        windows: ["203.0.113.2:31000".parse().expect("a"), "203.0.113.3:31000".parse().expect("b")],
+        credentials: creds(us, them),
+        start: t0,
+    }
+}
+
+#[test]
+fn a_correctly_signed_check_from_another_address_than_the_peers_makes_us_send_nothing() {
+    let t0 = Instant::now();
+    let mut a = Puncher::new(plan(Strategy::SimultaneousOpen, Side::A, t0), 1);
+    let mut b = Puncher::new(plan(Strategy::SimultaneousOpen, Side::B, t0), 2);
+    a.handle_timeout(t0);
+    while a.poll_transmit().is_some() {}
+    b.handle_timeout(t0);
+    let signed: Vec<PunchTransmit> = std::iter::from_fn(|| b.poll_transmit()).filter(|t| !t.bytes.is_empty()).collect();
+    assert!(!signed.is_empty());
+    // B holds the credentials but sends from (or spoofs) a victim's address.
+    for t in &signed {
+        a.handle_input(t0, 0, "192.0.2.77:9".parse().expect("victim"), &t.bytes);
+    }
+    assert!(a.poll_transmit().is_none(), "nothing towards the victim");
+    assert_eq!(a.foreign(), signed.len() as u64);
+    // The control: from B's address the same checks are answered and met.
+    for t in &signed {
+        a.handle_input(t0, 0, "203.0.113.3:31000".parse().expect("b"), &t.bytes);
+    }
+    let out: Vec<PunchTransmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert!(out.len() >= 2 && out.iter().all(|t| t.to == "203.0.113.3:31000".parse().expect("b")), "{out:?}");
+}
+
+#[test]
+fn no_plan_sends_more_than_its_budget_and_only_to_the_peers_address_when_nobody_answers() {
+    let t0 = Instant::now();
+    let peer_ip = |side: Side| if side == Side::A { "203.0.113.3" } else { "203.0.113.2" };
+    for strategy in [
+        Strategy::Reach { target: Side::A, open_first: true },
+        Strategy::SimultaneousOpen,
+        Strategy::Prediction { symmetric: Side::A, delta: 1, window: crate::punch::PREDICTION_WINDOW },
+        Strategy::LockstepShotgun { delta: [1, 1], window: crate::punch::PREDICTION_WINDOW },
+        Strategy::Birthday {
+            hard: Side::A,
+            sockets: crate::punch::BIRTHDAY_SOCKETS,
+            probes: crate::punch::BIRTHDAY_PROBES,
+        },
+    ] {
+        for side in Side::BOTH {
+            let mut p = Puncher::new(plan(strategy, side, t0), 7);
+            let mut sent = Vec::new();
+            while let Some(t) = p.poll_timeout() {
+                p.handle_timeout(t);
+                sent.extend(std::iter::from_fn(|| p.poll_transmit()));
+            }
+            let label = format!("{} side {side:?}", strategy.label());
+            assert!(!sent.is_empty(), "{label}: it punched");
+            assert!(sent.len() <= MAX_UNANSWERED as usize, "{label}: {} packets", sent.len());
+            assert_eq!(p.unanswered_sent() as usize, sent.len(), "{label}: every one counted");
+            assert!(sent.iter().all(|t| t.to.ip().to_string() == peer_ip(side)), "{label}: only the peer's address");
+            // Checks at one known address back off as ICE's do: 20 a second, then 5.
+            let single = sent.iter().all(|t| t.to == sent[0].to);
+            if single && !matches!(strategy, Strategy::Birthday { hard, .. } if hard == side) {
+                assert!(sent.len() <= 42, "{label}: {} checks at one address", sent.len());
+            }
+        }
+    }
 }
