@@ -401,10 +401,22 @@ pub(crate) struct RawPacket<'a> {
 /// Parses packet `i` of a batch received on a [`RawSocket`].
 pub(crate) fn raw_packet(batch: &RecvBatch, i: usize) -> Option<RawPacket<'_>> {
     let (ip, _, truncated) = batch.packet(i);
-    if truncated || ip.len() < 28 || ip[0] >> 4 != 4 || ip[9] != 17 {
+    if truncated {
+        return None;
+    }
+    ipv4_udp(ip)
+}
+
+/// An IPv4 packet carrying UDP: its addresses and payload. A header shorter than IPv4's
+/// 20 bytes (IHL below 5) or past the packet is no packet.
+fn ipv4_udp(ip: &[u8]) -> Option<RawPacket<'_>> {
+    if ip.len() < 28 || ip[0] >> 4 != 4 || ip[9] != 17 {
         return None;
     }
     let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
     let udp = ip.get(ihl..total)?;
     if udp.len() < 8 {
@@ -497,6 +509,19 @@ pub(crate) fn set_thread_nice(nice: i32) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn an_ipv4_header_shorter_than_twenty_bytes_is_no_packet() {
+        // 20-byte IPv4 header, UDP 203.0.113.1:5000 -> 203.0.113.2:6000, 4 bytes of payload.
+        let mut ip = vec![0x45, 0, 0, 32, 0, 0, 0, 0, 64, 17, 0, 0, 203, 0, 113, 1, 203, 0, 113, 2];
+        ip.extend_from_slice(&[0x13, 0x88, 0x17, 0x70, 0, 12, 0, 0, 1, 2, 3, 4]);
+        let p = ipv4_udp(&ip).expect("a packet");
+        assert_eq!((p.src.port(), p.dst.port(), p.payload), (5000, 6000, &[1u8, 2, 3, 4][..]));
+        for ihl in 0..5u8 {
+            ip[0] = 0x40 | ihl;
+            assert!(ipv4_udp(&ip).is_none(), "IHL {ihl}");
+        }
+    }
 
     #[test]
     fn batches_round_trip_over_loopback() {

@@ -39,6 +39,7 @@ fn call_with_rtp_is_anchored_and_relayed_both_ways() {
     assert!(ok && good == 1, "{text}\n{}", ph.log_text());
     drop(callee);
     assert!(ph.wait_metric("pinhole_relay_sessions", 0.0, Duration::from_secs(5)), "session released");
+    assert_eq!(ph.metric("pinhole_relay_sessions_started_total"), Some(1.0), "the call had a session");
     assert_eq!(ph.metric("pinhole_relay_ports"), Some(0.0));
     // g711a.pcap holds 100+ packets; the echo doubles them. One direction alone cannot pass.
     let packets = ph.metric("pinhole_relay_packets_total").expect("packets counted");
@@ -67,6 +68,8 @@ fn no_zombie_sessions_after_answered_busy_and_cancelled_calls() {
             ph.metrics().unwrap_or_default()
         );
         assert_eq!(ph.metric("pinhole_relay_ports"), Some(0.0), "{uac}: ports left");
+        // ... and there were sessions to release: every call was anchored.
+        assert_eq!(ph.metric("pinhole_relay_sessions_started_total"), Some(10.0), "{uac}: sessions started");
     }
 }
 

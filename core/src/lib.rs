@@ -184,8 +184,9 @@ pub struct Node {
     events: VecDeque<Event>,
     /// Answers the node makes itself (STUN keepalives on the SIP port).
     transmits: VecDeque<Transmit>,
-    /// Relay usage (calls, ports) as last published.
-    published: (usize, usize),
+    /// Relay usage (calls, ports, calls started) as last published: a call that came and
+    /// went within one input still changes it.
+    published: (usize, usize, u64),
     /// When relay packet totals are next published (once a second while calls exist).
     next_stats: Instant,
 }
@@ -214,7 +215,7 @@ impl Node {
             ng: NgServer::new(now, unix_now),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
-            published: (0, 0),
+            published: (0, 0, 0),
             next_stats: now,
         }
     }
@@ -345,7 +346,7 @@ impl Node {
     /// last call is gone.
     fn publish_usage(&mut self) {
         let Some(relay) = self.relay() else { return };
-        let usage = (relay.call_count(), relay.ports_in_use());
+        let usage = (relay.call_count(), relay.ports_in_use(), relay.calls_started());
         if usage == self.published {
             return;
         }
@@ -401,6 +402,7 @@ fn publish_totals(relay: &Relay) {
     metrics::counter!("pinhole_relay_packets_total").absolute(totals.packets);
     metrics::counter!("pinhole_relay_bytes_total").absolute(totals.bytes);
     metrics::counter!("pinhole_relay_dropped_total").absolute(totals.dropped);
+    metrics::counter!("pinhole_relay_sessions_started_total").absolute(relay.calls_started());
 }
 
 #[cfg(test)]

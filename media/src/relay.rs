@@ -362,6 +362,11 @@ impl Relay {
         self.calls.len()
     }
 
+    /// Calls this relay has started since it was made.
+    pub fn calls_started(&self) -> u64 {
+        self.next_serial - 1
+    }
+
     /// Relay ports in use (RTP and RTCP).
     pub fn ports_in_use(&self) -> usize {
         self.calls.values().map(|c| c.streams.len() * 4).sum()

@@ -724,7 +724,9 @@ impl<'a> Editor<'a> {
             return self.replace(h.line.clone(), Vec::new());
         }
         let raw = &self.msg.raw;
-        let idx = parts.iter().position(|p| *p == value).unwrap_or(0);
+        let Some(idx) = parts.iter().position(|p| *p == value) else {
+            return self; // not a value of this header: nothing to remove
+        };
         let range = if idx + 1 < parts.len() {
             value.start..parts[idx + 1].start
         } else {
@@ -1021,6 +1023,10 @@ Content-Length: 0
         assert!(out.contains("Via: SIP/2.0/TCP 198.51.100.2:5070;branch=z9hG4bKp2\r\n"), "{out}");
         assert!(out.contains("Via: SIP/2.0/UDP [2001:db8::9]:5060;branch=z9hG4bKp3\r\n"));
         assert!(!out.contains("z9hG4bKp1"));
+        // A range that is none of the header's values removes nothing (it once removed the first).
+        let mut e = Editor::new(&m);
+        e.remove_value(hi, 0..3);
+        assert_eq!(e.finish(), m.raw().to_vec(), "unchanged");
     }
 
     #[test]

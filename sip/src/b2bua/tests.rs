@@ -123,12 +123,18 @@ impl Lab {
 
     /// The phone dials `number`; returns everything sent.
     fn dial(&mut self, number: &str) -> Vec<Transmit> {
+        self.dial_uri(&format!("sip:{number}@example.com"), "")
+    }
+
+    /// The phone sends an INVITE for `uri`, with `extra` header lines (each ending in \n).
+    fn dial_uri(&mut self, uri: &str, extra: &str) -> Vec<Transmit> {
         self.calls += 1;
         let n = self.calls;
+        let number = uri.trim_start_matches("sip:").split('@').next().unwrap_or("");
         let sdp = "v=0\r\no=- 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
         let invite = format!(
-            "INVITE sip:{number}@example.com SIP/2.0
-Via: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKphone{n};rport
+            "INVITE {uri} SIP/2.0
+{extra}Via: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKphone{n};rport
 Max-Forwards: 70
 From: \"Alice\" <sip:alice@example.com>;tag=phonetag{n}
 To: <sip:{number}@example.com>
@@ -398,12 +404,36 @@ fn the_carriers_bye_hangs_up_the_phone_in_its_own_dialog() {
 }
 
 #[test]
-fn a_call_not_on_a_route_is_proxied_as_before() {
+fn a_call_to_a_local_user_not_on_a_route_is_proxied_to_the_user() {
     let mut lab = Lab::new(10);
+    let reg = "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.3:5064;branch=z9hG4bKregb\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=rb\r\nCall-ID: reg-bob\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@10.0.0.3:5064>\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(one(&send_raw(&mut lab, PHONE, reg.to_owned()), PHONE, "200").status(), Some(200));
     let out = lab.dial("bob");
     assert!(to(&out, CARRIER1).is_empty() && to(&out, CARRIER2).is_empty());
+    let invite = one(&out, PHONE, "INVITE");
+    assert!(text(&invite).starts_with("INVITE sip:bob@10.0.0.3:5064 SIP/2.0"), "bob is called:\n{}", text(&invite));
     assert_eq!(lab.proxy.b2bua().call_count(), 0);
     assert_eq!(lab.proxy.b2bua().stats.calls_started, 0);
+}
+
+#[test]
+fn nothing_from_a_local_user_reaches_a_carrier_except_through_a_route() {
+    let mut lab = Lab::new(10);
+    for (what, uri, extra) in [
+        ("an unrouted number at a carrier's address", "sip:0044207946000@192.0.2.10:5080", ""),
+        ("a carrier named in a preloaded Route", "sip:bob@example.com", "Route: <sip:192.0.2.20:5080;lr>\n"),
+        ("a routed number's host given as the carrier", "sip:nobody@192.0.2.20", ""),
+    ] {
+        let out = lab.dial_uri(uri, extra);
+        assert!(to(&out, CARRIER1).is_empty() && to(&out, CARRIER2).is_empty(), "{what}: reached a carrier");
+        let refusal = one(&out, PHONE, "403");
+        assert!(refusal.reason().contains("Trunks Are Reached Only Through Routes"), "{what}");
+    }
+    assert_eq!(lab.proxy.b2bua().stats.calls_started, 0);
+    // The control: a routed number goes to the carrier, through the B2BUA.
+    let out = lab.dial("15551230002");
+    sent(&out, CARRIER1, "INVITE");
+    assert_eq!(lab.proxy.b2bua().stats.calls_started, 1);
 }
 
 fn register_alice(lab: &mut Lab) {

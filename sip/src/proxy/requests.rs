@@ -309,6 +309,15 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
+        // A carrier is reached only through the B2BUA and its routes (which count the call
+        // against the trunk, record it and hide the caller): never proxied to, whatever the
+        // Request-URI or a preloaded Route says.
+        if targets.iter().any(|t| self.b2bua.trunk_at(t.flow.remote.ip()).is_some()) {
+            tracing::info!(from = %flow.remote, user = ?auth_user, "request towards a trunk outside its routes refused");
+            metrics::counter!("pinhole_b2bua_bypass_refused_total").increment(1);
+            self.respond(now, key, 403, "Forbidden - Trunks Are Reached Only Through Routes", &[]);
+            return;
+        }
         // A new call: its caller's binding (looked up once) tells the media anchor and the
         // punch planner about the caller's agent.
         let new_call = *method == Method::Invite && msg.tag(HeaderName::To).is_none();
