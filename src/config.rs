@@ -145,12 +145,18 @@ pub(crate) struct B2buaSpec {
     pub(crate) copy_headers: Vec<String>,
     /// The session interval asked for on trunk legs, in seconds (RFC 4028; at least 90).
     pub(crate) session_expires: u64,
+    /// Seconds a trunk may ring before the call is given up with 408.
+    pub(crate) ring_timeout: u64,
 }
 
 impl Default for B2buaSpec {
     fn default() -> Self {
         let d = pinhole_sip::b2bua::B2buaConfig::default();
-        B2buaSpec { copy_headers: d.copy_headers, session_expires: d.session_expires.as_secs() }
+        B2buaSpec {
+            copy_headers: d.copy_headers,
+            session_expires: d.session_expires.as_secs(),
+            ring_timeout: d.ring_timeout.as_secs(),
+        }
     }
 }
 
@@ -320,6 +326,10 @@ impl Default for Auth {
 pub(crate) struct User {
     pub(crate) user: String,
     pub(crate) password: String,
+    /// The identity this user's trunk calls carry (From and P-Asserted-Identity); by
+    /// default the user name itself.
+    #[serde(default)]
+    pub(crate) caller_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -780,6 +790,14 @@ impl Config {
         if self.b2bua.session_expires < pinhole_sip::b2bua::MIN_SE.as_secs() {
             err("b2bua", 0, "session_expires", "session_expires must be at least 90 (RFC 4028 Min-SE)".into());
         }
+        if !(1..=3600).contains(&self.b2bua.ring_timeout) {
+            err("b2bua", 0, "ring_timeout", "ring_timeout must be 1 to 3600 seconds".into());
+        }
+        for u in &self.auth.users {
+            if u.caller_id.as_deref().is_some_and(|c| !pinhole_sip::b2bua::dialable(c)) {
+                err("auth", 0, "users", format!("caller_id of `{}` must be 1-64 of 0-9 A-Z a-z + * # . _ -", u.user));
+            }
+        }
         for (i, r) in self.route.iter().enumerate() {
             if let Err(e) = regex::Regex::new(&r.pattern) {
                 let first = e.to_string().lines().last().unwrap_or("").trim().to_owned();
@@ -831,6 +849,8 @@ impl Config {
             routes,
             copy_headers: self.b2bua.copy_headers.clone(),
             session_expires: std::time::Duration::from_secs(self.b2bua.session_expires),
+            ring_timeout: std::time::Duration::from_secs(self.b2bua.ring_timeout),
+            caller_ids: self.auth.users.iter().filter_map(|u| Some((u.user.clone(), u.caller_id.clone()?))).collect(),
         }
     }
 

@@ -41,17 +41,28 @@ use build::*;
 /// Branches of the B2BUA's own requests start with this (the proxy's with `z9hG4bKph`).
 pub const BRANCH_PREFIX: &str = "z9hG4bKpb";
 
-/// Headers copied from the phone's INVITE to the trunk's by default.
-pub const DEFAULT_COPY_HEADERS: &[&str] = &[
-    "Allow",
-    "Supported",
-    "Accept",
-    "Content-Disposition",
-    "P-Asserted-Identity",
-    "Privacy",
-    "Session-Expires",
-    "Min-SE",
-];
+/// Headers copied from the phone's INVITE to the trunk's by default. An identity a phone
+/// asserts (P-Asserted-Identity, P-Preferred-Identity) is never among them: towards a
+/// carrier the caller is who authenticated (see [`B2buaConfig::caller_ids`]).
+pub const DEFAULT_COPY_HEADERS: &[&str] =
+    &["Allow", "Supported", "Accept", "Content-Disposition", "Privacy", "Session-Expires", "Min-SE"];
+
+/// Identity headers a caller may only set when it is one of the operator's own trusted
+/// networks (`auth.trusted`, a PBX vouching for its users); from anyone else they are
+/// dropped, whatever `copy_headers` says.
+const IDENTITY_HEADERS: [&str; 2] = ["P-Asserted-Identity", "P-Preferred-Identity"];
+
+/// How long a trunk may ring before the call is given up (408), by default: Kamailio's
+/// `fr_inv_timer` practice.
+pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether `number` (a Request-URI user) is something a trunk can be asked to dial: 1–64
+/// ASCII characters of `0-9 A-Z a-z + * # . _ -`. Anything else (escapes, spaces, CR/LF,
+/// an `@`, non-ASCII digits) is refused before a route is matched or a slot taken.
+pub fn dialable(number: &str) -> bool {
+    (1..=64).contains(&number.len())
+        && number.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'*' | b'#' | b'.' | b'_' | b'-'))
+}
 
 /// B2BUA calls at once, over all trunks (each holds two dialogs and relay ports).
 pub const MAX_CALLS: usize = 10_000;
@@ -96,6 +107,11 @@ pub struct B2buaConfig {
     pub copy_headers: Vec<String>,
     /// The session interval asked for on the trunk leg (RFC 4028; at least 90 s).
     pub session_expires: Duration,
+    /// How long a trunk may ring before the call is given up.
+    pub ring_timeout: Duration,
+    /// (user, caller ID): the identity a user's trunk calls carry (From and
+    /// P-Asserted-Identity); users not listed call as their own name.
+    pub caller_ids: Vec<(String, String)>,
 }
 
 impl Default for B2buaConfig {
@@ -105,6 +121,8 @@ impl Default for B2buaConfig {
             routes: Vec::new(),
             copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
             session_expires: DEFAULT_SESSION_EXPIRES,
+            ring_timeout: DEFAULT_RING_TIMEOUT,
+            caller_ids: Vec::new(),
         }
     }
 }
@@ -175,6 +193,12 @@ struct Call {
     b: Dialog,
     /// Inbound from a trunk: the B leg goes to this binding (no failover, no challenges).
     inbound: Option<Callee>,
+    /// Who the caller is towards the other leg and in the call record: the authenticated
+    /// user's caller ID (outbound), or the From user a trusted network or a trunk gave,
+    /// when it is [`dialable`] (else `anonymous`).
+    identity: String,
+    /// The caller came from a trusted network: its identity headers are copied.
+    trusted_caller: bool,
     phase: Phase,
     /// The phone's INVITE (its transaction) and our last response to it.
     a_invite: Message,
@@ -307,6 +331,8 @@ enum Timer {
     Call(u64),
     /// A call's trunk-leg session timer: refresh, or check the carrier refreshed.
     Session(u64),
+    /// A call's ring timeout.
+    Ring(u64),
     /// A trunk's registration refresh, or its next ping.
     Register(usize),
     Ping(usize),
@@ -387,9 +413,10 @@ impl B2bua {
             .map(|(_, u)| u.as_str())
     }
 
-    /// Whether a new INVITE for Request-URI user `user` from a local user is ours.
+    /// Whether a new INVITE for Request-URI user `user` from a local user is ours: a
+    /// [`dialable`] number that a route matches.
     pub fn wants(&self, user: &str) -> bool {
-        self.cfg.routes.iter().any(|r| r.pattern.is_match(user))
+        dialable(user) && self.cfg.routes.iter().any(|r| r.pattern.is_match(user))
     }
 
     /// Whether a request belongs to one of our calls (either leg's Call-ID).
@@ -431,9 +458,20 @@ impl B2bua {
         self.interfaces.iter().find(|i| i.transport == transport)
     }
 
-    /// A new INVITE from a local user (authenticated or trusted) routed to a trunk.
-    pub fn on_invite<M: MediaAnchor>(&mut self, now: Instant, flow: Flow, msg: Message, media: &mut M) {
+    /// A new INVITE from a local user routed to a trunk: `auth_user` authenticated it, or
+    /// (`None`) it came from a trusted network.
+    pub fn on_invite<M: MediaAnchor>(
+        &mut self,
+        now: Instant,
+        flow: Flow,
+        msg: Message,
+        auth_user: Option<&str>,
+        media: &mut M,
+    ) {
         let user = crate::proxy::request_user(&msg).unwrap_or_default();
+        if !self.wants(&user) {
+            return;
+        }
         let Some(route) = self.cfg.routes.iter().find(|r| r.pattern.is_match(&user)) else { return };
         // Extensions a caller requires are ours to provide on its leg: none are (100rel and
         // timers end here on the trunk leg only).
@@ -444,8 +482,17 @@ impl B2bua {
             self.out.push_back(Transmit { flow, payload: resp });
             return;
         }
-        let trunks: VecDeque<usize> = route.trunks.iter().copied().collect();
-        if let Some(id) = self.start_call(now, flow, msg, trunks, None) {
+        // Trunks that answer their pings first, in route order; those marked down after
+        // them (a carrier that ignores OPTIONS still takes calls): a call is refused with
+        // 503 only when every trunk is at its limit.
+        let up = |t: &usize| self.health.get(*t).is_some_and(|h| h.up);
+        let trunks: VecDeque<usize> =
+            route.trunks.iter().copied().filter(up).chain(route.trunks.iter().copied().filter(|t| !up(t))).collect();
+        let identity = match auth_user {
+            Some(u) => self.cfg.caller_ids.iter().find(|(n, _)| n == u).map_or(u, |(_, id)| id.as_str()).to_owned(),
+            None => from_identity(&msg),
+        };
+        if let Some(id) = self.start_call(now, flow, msg, trunks, None, (identity, auth_user.is_none())) {
             self.try_next_trunk(now, id, media, None);
         }
     }
@@ -466,7 +513,10 @@ impl B2bua {
             self.reply_stateless(flow, &msg, 480, "Temporarily Unavailable - Not Registered");
             return;
         };
-        let Some(id) = self.start_call(now, flow, msg, VecDeque::new(), Some(callee)) else { return };
+        let identity = from_identity(&msg);
+        let Some(id) = self.start_call(now, flow, msg, VecDeque::new(), Some(callee), (identity, false)) else {
+            return;
+        };
         let max = self.cfg.trunks.get(trunk).map_or(0, |t| t.max_calls);
         if self.active.get(trunk).is_none_or(|n| *n >= max) {
             self.fail_a(now, id, 503, "Service Unavailable - Trunk At Call Limit", media);
@@ -488,6 +538,7 @@ impl B2bua {
         msg: Message,
         trunks: VecDeque<usize>,
         inbound: Option<Callee>,
+        (identity, trusted_caller): (String, bool),
     ) -> Option<u64> {
         self.out.push_back(Transmit { flow, payload: msg.response(100, "Trying", None, &[]) });
         if self.calls.len() >= MAX_CALLS {
@@ -521,6 +572,8 @@ impl B2bua {
             a,
             b,
             inbound,
+            identity,
+            trusted_caller,
             phase: Phase::Calling,
             a_invite: msg,
             a_flow: flow,
@@ -547,6 +600,7 @@ impl B2bua {
         self.by_call_id.insert(call.a.call_id.clone(), (id, Leg::A));
         self.calls.insert(id, call);
         self.stats.calls_started += 1;
+        self.timers.push(Reverse((now + self.cfg.ring_timeout, Timer::Ring(id))));
         Some(id)
     }
 
@@ -561,7 +615,7 @@ impl B2bua {
                 return;
             };
             let Some(trunk) = self.cfg.trunks.get(t) else { continue };
-            if self.active[t] >= trunk.max_calls || !self.health[t].up {
+            if self.active[t] >= trunk.max_calls {
                 continue;
             }
             if call.trunk != usize::MAX {
@@ -603,8 +657,7 @@ impl B2bua {
         };
         let conn = call.inbound.as_ref().and_then(|c| c.flow.conn);
         let flow = Flow { transport, local: iface.bind, remote, conn };
-        let caller =
-            name_addr_user(call.a_invite.header(HeaderName::From).unwrap_or("")).unwrap_or("anonymous").to_owned();
+        let caller = call.identity.clone();
         let our = iface.host_port();
         let body = match sdp_body(&call.a_invite) {
             Some(sdp) => {
@@ -627,6 +680,14 @@ impl B2bua {
         call.b.routes = routes;
         call.b.flow = Some(flow);
         let mut copied = copied_headers(&call.a_invite, &self.cfg.copy_headers);
+        if !call.trusted_caller {
+            copied.retain(|h| {
+                !IDENTITY_HEADERS.iter().any(|i| h.len() > i.len() && h[..i.len()].eq_ignore_ascii_case(i))
+            });
+        }
+        if call.inbound.is_none() && !call.trusted_caller {
+            copied.push(format!("P-Asserted-Identity: <sip:{caller}@{}>", iface.advertise));
+        }
         if call.inbound.is_none() {
             copied.push(format!("Session-Expires: {};refresher=uac", self.cfg.session_expires.as_secs()));
             copied.push(format!("Min-SE: {}", MIN_SE.as_secs()));
@@ -657,7 +718,11 @@ impl B2bua {
             body: body.as_deref().map(|b| (b, "application/sdp")),
         }
         .build();
-        let Ok(sent) = Message::parse(Bytes::from(req.clone())) else { return };
+        let Ok(sent) = Message::parse(Bytes::from(req.clone())) else {
+            // Never a slot held by a call that sent nothing.
+            self.fail_a(now, id, 500, "Server Internal Error - Trunk Request Could Not Be Built", media);
+            return;
+        };
         call.b_invite = Some(sent);
         self.by_call_id.insert(call.b.call_id.clone(), (id, Leg::B));
         self.start_client(now, branch, id, Purpose::Invite, flow, req, true);
@@ -740,7 +805,7 @@ impl B2bua {
         let record = CallRecord {
             a_call_id: call.a.call_id.clone(),
             b_call_id: call.b.call_id.clone(),
-            caller: name_addr_user(&call.a.remote_uri).unwrap_or("").to_owned(),
+            caller: call.identity.clone(),
             callee: crate::proxy::request_user(&call.a_invite).unwrap_or_default(),
             trunk,
             answer_ms: call.answered.map(|t| t.duration_since(call.started).as_millis() as u64),
@@ -1257,6 +1322,7 @@ impl B2bua {
                 Timer::Client(branch) => self.client_timer(now, &branch, media),
                 Timer::Call(id) => self.call_timer(now, id, media),
                 Timer::Session(id) => self.session_timer(now, id, media),
+                Timer::Ring(id) => self.ring_timer(now, id, media),
                 Timer::Register(t) => self.register(now, t, None),
                 Timer::Ping(t) => self.ping(now, t),
             }
@@ -1303,6 +1369,21 @@ impl B2bua {
                 self.timers.push(Reverse((now + next, Timer::Client(key.to_owned()))));
             }
         }
+    }
+
+    /// The ring timeout: a call still unanswered is given up, its trunk leg cancelled and
+    /// its slot freed.
+    fn ring_timer<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M) {
+        let Some(call) = self.calls.get_mut(&id) else { return };
+        if call.phase != Phase::Calling {
+            return;
+        }
+        call.hangup = Some("timeout");
+        metrics::counter!("pinhole_b2bua_ring_timeouts_total").increment(1);
+        if call.b_provisional {
+            self.cancel_b(now, id);
+        }
+        self.fail_a(now, id, 408, "Request Timeout - No Answer Within The Ring Timeout", media);
     }
 
     /// The trunk leg's session timer: our refresh is due, or the carrier's is overdue.
@@ -1419,6 +1500,21 @@ fn session_of(msg: &Message, asked: Duration) -> Option<(Duration, bool)> {
 
 /// The sender tag the relay knows the trunk leg's SDP by.
 const TRUNK_TAG: &str = "pinhole-trunk-leg";
+
+/// The caller a trusted network or a trunk names in its From: the user part, when it is
+/// [`dialable`]; otherwise `anonymous` (never a display name, never anything that could
+/// break the From we write).
+fn from_identity(msg: &Message) -> String {
+    use ezk_sip_types::uri::SipUriUserPart;
+    msg.name_addr(HeaderName::From)
+        .and_then(|na| match &na.uri.user_part {
+            SipUriUserPart::User(u) => Some(u.to_string()),
+            SipUriUserPart::UserPw(up) => Some(up.user.to_string()),
+            SipUriUserPart::Empty => None,
+        })
+        .filter(|u| dialable(u))
+        .unwrap_or_else(|| "anonymous".to_owned())
+}
 
 fn strip_tag(name_addr: &str) -> &str {
     match param_of_name_addr(name_addr, "tag") {

@@ -103,16 +103,6 @@ pub(super) fn copied_headers(request: &Message, allow: &[String]) -> Vec<String>
     out
 }
 
-/// The user part of a name-addr's SIP URI.
-pub(super) fn name_addr_user(v: &str) -> Option<&str> {
-    let start = v.find("sip:").or_else(|| v.find("sips:"))?;
-    let rest = &v[start..];
-    let rest = rest.split_once(':')?.1;
-    let (user, _) = rest.split_once('@')?;
-    let user = user.split(';').next()?;
-    (!user.is_empty()).then_some(user)
-}
-
 pub(super) fn host_port(a: SocketAddr) -> String {
     match a {
         SocketAddr::V4(v) => v.to_string(),

@@ -17,6 +17,8 @@ use crate::transport::{Flow, Transmit, Transport};
 const LOCAL: &str = "203.0.113.1:5060";
 /// The phone, in `auth.trusted` (its own address behind a NAT: 10.0.0.2).
 const PHONE: &str = "203.0.113.50:5062";
+/// alice's phone somewhere else: not trusted, so it authenticates.
+const ROAMING: &str = "198.51.100.7:5062";
 const CARRIER1: &str = "192.0.2.10:5080";
 const CARRIER2: &str = "192.0.2.20:5080";
 
@@ -64,6 +66,8 @@ impl Lab {
             routes: vec![Route { pattern: regex::Regex::new(r"^\+?1?555\d{7}$").expect("re"), trunks: vec![0, 1] }],
             copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
             session_expires: Duration::from_secs(1800),
+            ring_timeout: Duration::from_secs(120),
+            caller_ids: vec![("alice".into(), "+14155550123".into())],
         };
         edit(&mut b2bua);
         let cfg = ProxyConfig {
@@ -128,6 +132,25 @@ impl Lab {
 
     /// The phone sends an INVITE for `uri`, with `extra` header lines (each ending in \n).
     fn dial_uri(&mut self, uri: &str, extra: &str) -> Vec<Transmit> {
+        self.dial_from(PHONE, uri, extra)
+    }
+
+    /// alice, from an untrusted address, dials `number` and answers the challenge; `extra`
+    /// header lines (each ending in \n) go in both INVITEs.
+    fn dial_authenticated(&mut self, number: &str, extra: &str) -> Vec<Transmit> {
+        let uri = format!("sip:{number}@example.com");
+        let out = self.dial_from(ROAMING, &uri, extra);
+        let challenge = one(&out, ROAMING, "407");
+        let all = challenge.value_texts(HeaderName::Other);
+        let md5 = all.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
+        let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
+        let c = crate::auth::Challenge { realm: "example.com", nonce, algorithm: Algorithm::Md5 };
+        let creds = Credentials::answering(&c, "alice", "pw-a", "INVITE", &uri, 1, "c0ffee");
+        self.dial_from(ROAMING, &uri, &format!("{extra}Proxy-Authorization: {}\n", creds.header_value()))
+    }
+
+    /// An INVITE for `uri` from `from`.
+    fn dial_from(&mut self, from: &str, uri: &str, extra: &str) -> Vec<Transmit> {
         self.calls += 1;
         let n = self.calls;
         let number = uri.trim_start_matches("sip:").split('@').next().unwrap_or("");
@@ -152,7 +175,7 @@ Content-Length: {}
         )
         .replace('\n', "\r\n");
         let data = Bytes::from(invite + sdp);
-        self.proxy.handle_input(self.now, udp(PHONE), data).expect("SIP");
+        self.proxy.handle_input(self.now, udp(from), data).expect("SIP");
         std::iter::from_fn(|| self.proxy.poll_transmit()).collect()
     }
 }
@@ -785,4 +808,91 @@ fn a_bye_with_a_calls_call_id_from_a_stranger_or_with_wrong_tags_is_refused_and_
     assert!(to(&out, PHONE).is_empty(), "the phone's call goes on");
     assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(1));
     assert!(lab.proxy.poll_call_record().is_none());
+}
+
+#[test]
+fn an_authenticated_callers_trunk_identity_is_its_account_whatever_its_from_or_pai_says() {
+    let mut lab = Lab::new(10);
+    let forged =
+        "P-Asserted-Identity: <sip:+19995550000@example.com>\nP-Preferred-Identity: <sip:+19995550001@example.com>\n";
+    let out = lab.dial_authenticated("15551230002", forged);
+    let invite = sent(&out, CARRIER1, "INVITE");
+    let t = text(&invite);
+    assert!(t.contains("From: <sip:+14155550123@203.0.113.1>;tag="), "alice's caller ID, not her From:\n{t}");
+    assert!(t.contains("P-Asserted-Identity: <sip:+14155550123@203.0.113.1>"), "{t}");
+    assert!(!t.contains("+1999555000") && !t.contains("P-Preferred-Identity"), "the phone's claims are gone:\n{t}");
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 486, "Busy Here", "c1", &[], false));
+    assert!(!to(&out, ROAMING).is_empty());
+    let record = std::iter::from_fn(|| lab.proxy.poll_call_record()).last().expect("a call record");
+    assert_eq!(record.caller, "+14155550123", "the record names who authenticated");
+}
+
+#[test]
+fn a_display_name_or_a_strange_from_never_shapes_the_carrier_leg() {
+    // A trusted PBX's From is used, when it is a number; anything else calls as anonymous.
+    for (from, expected) in [
+        ("\"sip:+1666@evil\" <sip:+14155559999@example.com>", "+14155559999"),
+        ("\"Alice>\" <sip:al%3Eice@example.com>", "anonymous"),
+        ("<sip:example.com>", "anonymous"),
+    ] {
+        let mut lab = Lab::new(10);
+        let uri = "sip:15551230002@example.com";
+        let sdp = "v=0\r\no=- 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        let inv = format!("INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKdn{expected}\r\nMax-Forwards: 70\r\nFrom: {from};tag=dn\r\nTo: <{uri}>\r\nCall-ID: dn-{expected}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@10.0.0.2:5062>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}", sdp.len());
+        let out = send_raw(&mut lab, PHONE, inv);
+        let t = text(&sent(&out, CARRIER1, "INVITE"));
+        assert!(t.contains(&format!("From: <sip:{expected}@203.0.113.1>;tag=")), "{from}:\n{t}");
+        assert!(Message::parse(Bytes::from(t.clone())).is_ok(), "well-formed");
+    }
+}
+
+#[test]
+fn numbers_a_trunk_cannot_dial_take_no_slot_and_ascii_digits_alone_match_a_route() {
+    let mut lab = Lab::with(1, |c| {
+        c.routes = vec![
+            Route { pattern: regex::Regex::new(r"^9\d+$").expect("re"), trunks: vec![0] },
+            Route { pattern: regex::Regex::new(r"^8").expect("re"), trunks: vec![0] },
+        ];
+    });
+    for number in ["8%201234", "8%0D%0A1234", "8%401234", "9\u{ff11}\u{ff12}", "9\u{0661}\u{0662}"] {
+        let out = lab.dial(number);
+        assert!(to(&out, CARRIER1).is_empty(), "{number:?} reached the carrier");
+        assert!(!to(&out, PHONE).is_empty(), "{number:?} was answered");
+    }
+    assert_eq!(lab.proxy.b2bua().stats.calls_started, 0, "no slot taken");
+    // The one slot is still free: a good number goes out.
+    let out = lab.dial("91234");
+    sent(&out, CARRIER1, "INVITE");
+}
+
+#[test]
+fn a_carrier_that_rings_forever_is_cancelled_at_the_ring_timeout_and_frees_its_slot() {
+    let mut lab = Lab::with(1, |c| c.ring_timeout = Duration::from_secs(60));
+    let out = lab.dial("15551230002");
+    let invite = sent(&out, CARRIER1, "INVITE");
+    send_raw(&mut lab, CARRIER1, reply(&invite, 180, "Ringing", "c1", &[], false));
+    assert_eq!(lab.proxy.b2bua().active_calls().next(), Some(("carrier1", 1)));
+    assert!(to(&lab.advance(Duration::from_secs(59)), PHONE).iter().all(|m| m.status() != Some(408)));
+    let out = lab.advance(Duration::from_secs(2));
+    sent(&out, CARRIER1, "CANCEL");
+    let timeout = one(&out, PHONE, "408");
+    assert!(timeout.reason().contains("Ring Timeout"), "{}", timeout.reason());
+    assert_eq!(lab.proxy.b2bua().active_calls().next(), Some(("carrier1", 0)), "the slot is free");
+    sent(&lab.dial("15551230003"), CARRIER1, "INVITE");
+}
+
+#[test]
+fn when_every_trunk_of_a_route_is_down_the_call_is_tried_on_them_anyway() {
+    let mut lab = Lab::with(10, |c| {
+        for t in &mut c.trunks {
+            t.options_interval = 30;
+        }
+    });
+    // Neither carrier answers its pings: both go down.
+    lab.advance(Duration::from_secs(70));
+    assert_eq!(lab.proxy.b2bua().trunk_state(0), Some((false, false)));
+    assert_eq!(lab.proxy.b2bua().trunk_state(1), Some((false, false)));
+    let out = lab.dial("15551230002");
+    sent(&out, CARRIER1, "INVITE");
+    assert!(to(&out, PHONE).iter().all(|m| m.status() != Some(503)), "not refused");
 }

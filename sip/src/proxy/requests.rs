@@ -87,7 +87,7 @@ impl<M: MediaAnchor> Proxy<M> {
         {
             if let Some(user) = request_user(&msg).filter(|u| self.b2bua.wants(u)) {
                 tracing::debug!(%user, "trunk call");
-                self.b2bua.on_invite(now, flow, msg, &mut self.media);
+                self.b2bua.on_invite(now, flow, msg, auth_user.as_deref(), &mut self.media);
                 return;
             }
         }
