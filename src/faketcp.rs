@@ -71,7 +71,7 @@ pub(crate) fn start_forwarder(listen: std::net::SocketAddr, shared: Arc<Shared>)
     let guard = RstGuard::install("pinhole_faketcp", listen.port(), listen.port())?;
     let sock = RawSocket::open_proto(*listen.ip(), libc::IPPROTO_TCP, listen.port(), listen.port())
         .context("opening the fake-TCP raw socket (needs CAP_NET_RAW)")?;
-    let mut fwd = Forwarder::new(listen, Limits::default(), rand::random());
+    let mut fwd = Forwarder::new(listen, Limits::default(), rand::random(), Instant::now());
     let lookup = shared.clone();
     fwd.set_lookup(Box::new(move |port| {
         let node = lookup.node();

@@ -54,6 +54,8 @@ fn config() -> ProxyConfig {
             routes: vec![Route { pattern: regex::Regex::new("^555").expect("re"), trunks: vec![0] }],
             copy_headers: vec!["Supported".into(), "Allow".into()],
             session_expires: Duration::from_secs(90),
+            ring_timeout: Duration::from_secs(120),
+            caller_ids: vec![("alice".into(), "+14155550123".into())],
         },
     }
 }

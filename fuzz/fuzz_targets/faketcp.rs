@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         c.handle_timeout(now + std::time::Duration::from_secs(6));
     }
     // The forwarder: whatever arrives, nothing reaches the relay without a proof.
-    let mut f = Forwarder::new(s.dst, Limits::default(), 7);
+    let mut f = Forwarder::new(s.dst, Limits::default(), [7; 32], now);
     f.allow(30002, "leg-secret-0123456789abcdef".into());
     f.handle_segment(now, &s);
     let mut syn = s;

@@ -57,21 +57,31 @@ fuzz_target!(|data: &[u8]| {
     while proxy.poll_transmit().is_some() {}
 
     // The agent's stateless path sees the same datagram.
-    let relay = pinhole_media::relay::Relay::new(
-        pinhole_media::relay::RelayConfig::single("198.51.100.2".parse().expect("ip"), 31000, 31099),
-        now,
-    );
+    let relay =
+        pinhole_media::relay::Relay::new(pinhole_sip::agent::relay_config("198.51.100.2".parse().expect("ip"), 31000, 31099), now);
     let mut agent = pinhole_sip::agent::Agent::new(
         pinhole_sip::agent::AgentConfig {
             listen: bind,
             server: "203.0.113.50:5060".parse().expect("addr"),
             max_message: 16384,
-            secret: 1,
+            secret: [1; 32],
         },
         Some(relay),
     );
     let _ = agent.handle_input(now, udp, Bytes::copy_from_slice(payload));
     while agent.poll_transmit().is_some() {}
+    // And as if the server sent it (plans and offers are then checked, signed or not).
+    let server = Flow { remote: "203.0.113.50:5060".parse().expect("addr"), ..udp };
+    let _ = agent.handle_input(now, server, Bytes::copy_from_slice(payload));
+    while agent.poll_transmit().is_some() {}
+    while agent.poll_plan().is_some() {}
+    // The plan parser, its signature and the agent's key header, on the raw text.
+    if let Ok(text) = std::str::from_utf8(payload) {
+        let _ = pinhole_media::punch::sdp::WirePlan::from_sdp(text);
+        let _ = pinhole_sip::agent::plan_signed(&[1; 32], "c", text);
+        let _ = pinhole_sip::agent::key_from_header(text);
+        let _ = pinhole_sip::b2bua::dialable(text);
+    }
 
     let tcp = Flow { transport: Transport::Tcp, local: bind, remote, conn: Some(ConnId(1)) };
     let mut framer = Framer::new(16384);

@@ -11,6 +11,13 @@
 //! counted. Pure ACKs keep the peer's view of our receive window moving even when media
 //! flows one way only, so strict conntrack (`nf_conntrack_tcp_be_liberal=0`) never sees a
 //! segment outside the window it tracks.
+//!
+//! Blind attacks (RFC 5961): a segment must fall in the receive window *and* acknowledge
+//! something we sent not long ago, so a stranger who knows only the 4-tuple guesses right
+//! about once in 2^28 tries; a reset is believed only at exactly the next expected
+//! sequence number (one merely in the window draws a rate-limited challenge ACK), and in
+//! SYN-SENT only if it acknowledges our SYN. A connection that hears nothing, or sees its
+//! data go unacknowledged, for [`DEAD_AFTER`] is dead ([`Conn::dead`]): its owner reopens.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -24,8 +31,17 @@ pub const ACK: u8 = 0x10;
 
 /// The window we advertise (no scaling): what the peer may send beyond our last ACK.
 pub const WINDOW: u16 = 65_535;
-/// Data we accept ahead of the next expected byte (losses in between are skipped).
-const RECEIVE_AHEAD: u32 = 1 << 20;
+/// Data we accept ahead of the next expected byte (losses in between are skipped): a
+/// second of 2 Mbit/s video lost in one go still resynchronises.
+pub const RECEIVE_AHEAD: u32 = 256 * 1024;
+/// How far behind what we sent a segment's acknowledgement may be (what was in flight
+/// when the peer sent it); one acknowledging more than we sent is a forgery.
+pub const ACK_BEHIND: u32 = 256 * 1024;
+/// Challenge ACKs (RFC 5961 §3.2) at most this often.
+const CHALLENGE_EVERY: Duration = Duration::from_millis(100);
+/// Nothing heard, or our data unacknowledged, this long: the connection is dead. The peer
+/// sends at least a keepalive every [`KEEPALIVE`], so two lost in a row are tolerated.
+pub const DEAD_AFTER: Duration = Duration::from_secs(11);
 /// A pure ACK once this much arrived unacknowledged (well inside [`WINDOW`]).
 const ACK_EVERY: u32 = 16 * 1024;
 /// A keepalive (pure ACK) after this long without sending.
@@ -234,6 +250,15 @@ pub struct Conn {
     peer_isn: Option<u32>,
     /// Segments dropped as out of window or out of place.
     pub dropped: u64,
+    /// Resets ignored (out of window, or in it but not exact: challenged).
+    pub resets_ignored: u64,
+    /// When we last took a segment of the peer's, and when its acknowledgements last
+    /// caught up with what we sent (or moved towards it).
+    last_heard: Instant,
+    ack_progress: Instant,
+    /// The highest acknowledgement the peer sent.
+    peer_ack: u32,
+    last_challenge: Option<Instant>,
 }
 
 impl Conn {
@@ -275,6 +300,49 @@ impl Conn {
             isn,
             peer_isn: None,
             dropped: 0,
+            resets_ignored: 0,
+            last_heard: now,
+            ack_progress: now,
+            peer_ack: isn.wrapping_add(1),
+            last_challenge: None,
+        }
+    }
+
+    fn established(&mut self, now: Instant) {
+        self.state = State::Established;
+        self.last_heard = now;
+        self.ack_progress = now;
+    }
+
+    /// Whether an established connection has gone dead: nothing heard from the peer, or
+    /// our data left unacknowledged, for [`DEAD_AFTER`] (a reset we could not believe, a
+    /// peer that forgot us, a path that broke).
+    pub fn dead(&self, now: Instant) -> bool {
+        self.state == State::Established && self.dead_at().is_some_and(|t| now >= t)
+    }
+
+    /// When the connection will count as dead if nothing changes.
+    pub fn dead_at(&self) -> Option<Instant> {
+        (self.state == State::Established).then(|| self.last_heard.min(self.ack_progress) + DEAD_AFTER)
+    }
+
+    /// Whether `ack` acknowledges what we sent recently (and nothing we did not send).
+    fn ack_acceptable(&self, ack: u32) -> bool {
+        self.snd_nxt.wrapping_sub(ack) <= ACK_BEHIND
+    }
+
+    /// The peer's segment `s` was taken: note it was heard and how far it acknowledged.
+    fn heard(&mut self, now: Instant, s: &Segment<'_>) {
+        self.last_heard = now;
+        if s.flags & ACK == 0 {
+            return;
+        }
+        let advanced = s.ack.wrapping_sub(self.peer_ack) as i32 > 0;
+        if advanced {
+            self.peer_ack = s.ack;
+        }
+        if advanced || self.peer_ack == self.snd_nxt {
+            self.ack_progress = now;
         }
     }
 
@@ -295,6 +363,10 @@ impl Conn {
     pub fn send(&mut self, now: Instant, datagram: &[u8]) -> bool {
         if self.state != State::Established || datagram.is_empty() || datagram.len() > MAX_PAYLOAD {
             return false;
+        }
+        if self.peer_ack == self.snd_nxt {
+            // Nothing was outstanding: the wait for an acknowledgement starts now.
+            self.ack_progress = now;
         }
         self.out.push_back(Outgoing {
             flags: PSH | ACK,
@@ -343,14 +415,7 @@ impl Conn {
     /// A segment of this connection (the caller matched its 4-tuple).
     pub fn handle_segment(&mut self, now: Instant, s: &Segment<'_>) -> Received {
         if s.flags & RST != 0 {
-            // Only a reset that names a sequence number we expect is believed (RFC 5961).
-            let believable = self.state == State::SynSent || s.seq.wrapping_sub(self.rcv_nxt) < u32::from(WINDOW);
-            if believable {
-                self.state = State::Closed;
-                return Received::Reset;
-            }
-            self.dropped += 1;
-            return Received::Dropped;
+            return self.reset(now, s);
         }
         match self.state {
             State::Closed => {
@@ -361,7 +426,7 @@ impl Conn {
                 let peer_ok = self.peer_isn.is_none_or(|p| p == s.seq);
                 if s.flags & (SYN | ACK) == SYN | ACK && s.ack == self.isn.wrapping_add(1) && peer_ok {
                     self.rcv_nxt = s.seq.wrapping_add(1);
-                    self.state = State::Established;
+                    self.established(now);
                     self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);
                     return Received::Control;
                 }
@@ -380,7 +445,7 @@ impl Conn {
                 let answers_ours = s.flags & ACK != 0 && s.ack == self.isn.wrapping_add(1);
                 if s.flags & SYN != 0 && answers_ours && self.peer_isn == Some(s.seq) {
                     // A simultaneous open's SYN-ACK: both SYNs are acknowledged.
-                    self.state = State::Established;
+                    self.established(now);
                     self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);
                     return Received::Control;
                 }
@@ -390,7 +455,7 @@ impl Conn {
                     return Received::Control;
                 }
                 if s.flags & ACK != 0 && s.ack == self.isn.wrapping_add(1) {
-                    self.state = State::Established;
+                    self.established(now);
                     return self.data(now, s);
                 }
                 self.dropped += 1;
@@ -416,10 +481,41 @@ impl Conn {
         }
     }
 
+    /// A reset (RFC 5961 §3.2): in SYN-SENT believed only if it acknowledges our SYN
+    /// (RFC 9293 §3.10.7.3); otherwise only at exactly the next expected sequence number.
+    /// One elsewhere in the window draws a challenge ACK (a real peer that lost its state
+    /// answers it with a reset we can believe); anything else is dropped.
+    fn reset(&mut self, now: Instant, s: &Segment<'_>) -> Received {
+        let exact = match self.state {
+            State::SynSent => s.flags & ACK != 0 && s.ack == self.isn.wrapping_add(1),
+            State::Closed => false,
+            State::SynReceived | State::Established => s.seq == self.rcv_nxt,
+        };
+        if exact {
+            self.state = State::Closed;
+            return Received::Reset;
+        }
+        self.resets_ignored += 1;
+        let in_window = s.seq.wrapping_sub(self.rcv_nxt) < RECEIVE_AHEAD;
+        let due = self.last_challenge.is_none_or(|t| now >= t + CHALLENGE_EVERY);
+        if self.state == State::Established && in_window && due {
+            self.last_challenge = Some(now);
+            self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);
+            return Received::Control;
+        }
+        Received::Dropped
+    }
+
     /// An established connection's segment: in window (from the next expected byte to
-    /// [`RECEIVE_AHEAD`] beyond), its data is taken and the gap before it forgotten.
+    /// [`RECEIVE_AHEAD`] beyond) and acknowledging what we sent, its data is taken and the
+    /// gap before it forgotten.
     fn data(&mut self, now: Instant, s: &Segment<'_>) -> Received {
+        if s.flags & ACK == 0 || !self.ack_acceptable(s.ack) {
+            self.dropped += 1;
+            return Received::Dropped;
+        }
         if s.payload.is_empty() {
+            self.heard(now, s);
             return Received::Control;
         }
         let ahead = s.seq.wrapping_sub(self.rcv_nxt);
@@ -427,6 +523,7 @@ impl Conn {
             self.dropped += 1;
             return Received::Dropped;
         }
+        self.heard(now, s);
         self.rcv_nxt = s.seq.wrapping_add(s.payload.len() as u32);
         if self.rcv_nxt.wrapping_sub(self.acked) >= ACK_EVERY {
             self.send_control(now, ACK, self.snd_nxt, self.rcv_nxt);

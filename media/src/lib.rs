@@ -42,6 +42,7 @@ pub mod faketcp;
 pub mod fleet;
 pub mod guard;
 pub mod latch;
+pub mod mac;
 pub mod natmodel;
 pub mod ng;
 pub mod ng_server;

@@ -246,7 +246,7 @@ mod fake_tcp {
     }
 
     fn forwarder() -> Forwarder {
-        let mut f = Forwarder::new(FWD.parse().expect("fwd"), Limits::default(), 7);
+        let mut f = Forwarder::new(FWD.parse().expect("fwd"), Limits::default(), [7; 32], Instant::now());
         f.allow(30000, KEY.into());
         f
     }

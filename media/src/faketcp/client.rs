@@ -1,7 +1,9 @@
 //! An agent's fake-TCP tunnel for one call leg, sans-IO: a connection to the server's
 //! forwarder from a local port of its own, the leg's proof as its first datagram, then the
-//! leg's datagrams both ways. A reset, a handshake that goes unanswered or a proof that
-//! goes unanswered opens a new connection from the next local port, and the call goes on.
+//! leg's datagrams both ways. A reset, a handshake that goes unanswered, a proof that goes
+//! unanswered, or a connection gone dead (nothing heard from the forwarder, or our data
+//! unacknowledged, for [`super::DEAD_AFTER`]: a forwarder that lost it to a blind reset
+//! or a restart) opens a new connection from the next local port, and the call goes on.
 //!
 //! When the forwarder introduces the agent at the other end of the call (both legs came
 //! over fake TCP), the tunnel also opens a [`Direct`] path to it; while that path is up
@@ -222,7 +224,7 @@ impl Tunnel {
         let proof = self.proof_sent.filter(|_| self.phase == Phase::Proving).map(|t| t + PROOF_TIMEOUT);
         let keepalive = self.direct_up().then_some(self.next_keepalive);
         let direct = self.direct.as_ref().and_then(Direct::poll_timeout);
-        [self.conn.poll_timeout(), proof, keepalive, direct].into_iter().flatten().min()
+        [self.conn.poll_timeout(), self.conn.dead_at(), proof, keepalive, direct].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -240,7 +242,7 @@ impl Tunnel {
             }
         }
         let proof_lost = self.phase == Phase::Proving && self.proof_sent.is_some_and(|t| now >= t + PROOF_TIMEOUT);
-        if self.conn.state() == State::Closed || proof_lost {
+        if self.conn.state() == State::Closed || proof_lost || self.conn.dead(now) {
             self.reconnect(now);
         }
         self.flush();

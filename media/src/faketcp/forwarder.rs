@@ -95,7 +95,12 @@ pub struct Forwarder {
     bound: HashMap<u16, SocketAddrV4>,
     out: std::collections::VecDeque<Output>,
     drops: Vec<Discard>,
-    isn: u32,
+    /// Keys the ISNs and every other number a stranger must not predict (RFC 6528).
+    secret: [u8; 32],
+    /// The ISNs' clock starts here (RFC 6528's M: a 4 µs timer).
+    epoch: Instant,
+    /// Numbers drawn for introductions so far (each one keyed apart).
+    drawn: u64,
     /// Keys for ports not [`Forwarder::allow`]ed: derived by the owner (from the call).
     lookup: Option<KeyLookup>,
     /// Pairs of connections introduced to each other (lower address first).
@@ -106,7 +111,9 @@ pub struct Forwarder {
 pub type KeyLookup = Box<dyn Fn(u16) -> Option<String> + Send>;
 
 impl Forwarder {
-    pub fn new(local: SocketAddrV4, limits: Limits, seed: u32) -> Forwarder {
+    /// A forwarder on `local`; `secret` keys its initial sequence numbers (random per
+    /// process in pinhole), `epoch` starts their clock.
+    pub fn new(local: SocketAddrV4, limits: Limits, secret: [u8; 32], epoch: Instant) -> Forwarder {
         Forwarder {
             local,
             limits,
@@ -115,7 +122,9 @@ impl Forwarder {
             bound: HashMap::new(),
             out: std::collections::VecDeque::new(),
             drops: Vec::new(),
-            isn: seed | 1,
+            secret,
+            epoch,
+            drawn: 0,
             lookup: None,
             introduced: std::collections::HashSet::new(),
         }
@@ -170,9 +179,21 @@ impl Forwarder {
         self.drops.pop()
     }
 
-    fn next_isn(&mut self) -> u32 {
-        self.isn = self.isn.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        self.isn
+    /// RFC 6528: ISN = M + F(4-tuple, secret), M a 4 µs clock, F a keyed hash: one SYN-ACK
+    /// tells nothing about the ISN of another connection, nor of this one when reopened.
+    fn isn(&self, now: Instant, local: SocketAddrV4, peer: SocketAddrV4) -> u32 {
+        let tuple = [local.ip().octets(), peer.ip().octets()].concat();
+        let ports = [local.port().to_be_bytes(), peer.port().to_be_bytes()].concat();
+        let f = crate::mac::hmac(&self.secret, "faketcp-isn", &[&tuple, &ports]);
+        let m = (now.saturating_duration_since(self.epoch).as_micros() / 4) as u32;
+        u32::from_be_bytes([f[0], f[1], f[2], f[3]]).wrapping_add(m)
+    }
+
+    /// A number no stranger can predict (introductions' ISNs and message ids).
+    fn draw(&mut self) -> u32 {
+        self.drawn += 1;
+        let f = crate::mac::hmac(&self.secret, "faketcp-draw", &[&self.drawn.to_be_bytes()]);
+        u32::from_be_bytes([f[0], f[1], f[2], f[3]])
     }
 
     fn flush(&mut self, peer: SocketAddrV4) {
@@ -200,7 +221,7 @@ impl Forwarder {
                 self.drops.push(Discard::Refused);
                 return;
             }
-            let isn = self.next_isn();
+            let isn = self.isn(now, s.dst, peer);
             let conn = Conn::accept(now, s.seq, isn);
             self.conns.insert(peer, Entry { conn, local: s.dst, opened: now, last_heard: now, port: None, echoes: 0 });
             self.flush(peer);
@@ -264,14 +285,14 @@ impl Forwarder {
             return false;
         }
         let (Some(key_a), Some(key_b)) = (self.key_of(a), self.key_of(b)) else { return false };
-        let (isn_a, isn_b) = (self.next_isn(), self.next_isn());
+        let (isn_a, isn_b) = (self.draw(), self.draw());
         let check = Introduction::check_key(&key_a, &key_b, isn_a, isn_b);
         let intro = |peer, isn, peer_isn| Introduction { peer, isn, peer_isn, delay: START_DELAY, key: check.clone() };
         let told = [(peer_a, intro(peer_b, isn_a, isn_b), key_a), (peer_b, intro(peer_a, isn_b, isn_a), key_b)];
         for (to, intro, key) in told {
             let mut id = [0u8; 12];
-            id[..4].copy_from_slice(&self.next_isn().to_be_bytes());
-            id[4..8].copy_from_slice(&self.next_isn().to_be_bytes());
+            id[..4].copy_from_slice(&self.draw().to_be_bytes());
+            id[4..8].copy_from_slice(&self.draw().to_be_bytes());
             let Some(bytes) = intro.encode(&key, id) else { return false };
             if let Some(e) = self.conns.get_mut(&to) {
                 e.conn.send(now, &bytes);

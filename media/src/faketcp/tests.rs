@@ -249,3 +249,110 @@ fn a_simultaneous_open_drops_a_syn_without_the_announced_isn() {
     assert_eq!(c.state(), State::SynSent);
     assert!(c.poll_transmit().is_none(), "nothing answers a stranger");
 }
+
+/// A deterministic stream of guesses.
+fn guesses(seed: u64) -> impl Iterator<Item = u32> {
+    let mut x = seed | 1;
+    std::iter::from_fn(move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        Some((x >> 16) as u32)
+    })
+}
+
+#[test]
+fn blind_segments_knowing_only_the_four_tuple_neither_inject_nor_stall_a_leg() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, 100, 200);
+    // The leg carries some media first.
+    for _ in 0..50 {
+        assert!(c.send(now, &[0x80; 172]));
+    }
+    assert!(deliver(now, &mut c, CLIENT, &mut s, SERVER).iter().all(|r| r.0 == Received::Data));
+    let mut g = guesses(7);
+    let mut injected = 0;
+    for _ in 0..4096 {
+        let (seq, ack) = (g.next().unwrap_or(0), g.next().unwrap_or(0));
+        let forged = Segment {
+            src: a(CLIENT),
+            dst: a(SERVER),
+            seq,
+            ack,
+            flags: PSH | ACK,
+            window: WINDOW,
+            payload: &[0x80; 172],
+        };
+        if s.handle_segment(now, &forged) == Received::Data {
+            injected += 1;
+        }
+    }
+    assert_eq!(injected, 0, "guessed segments taken as the leg's media");
+    // The leg goes on: the client's next datagram is taken.
+    assert!(c.send(now, b"\x80next"));
+    assert_eq!(deliver(now, &mut c, CLIENT, &mut s, SERVER)[0], (Received::Data, b"\x80next".to_vec()));
+    // A segment acknowledging data never sent, even at the right sequence, is refused.
+    let ahead = Segment {
+        src: a(CLIENT),
+        dst: a(SERVER),
+        seq: s.rcv_nxt,
+        ack: s.snd_nxt.wrapping_add(1000),
+        flags: PSH | ACK,
+        window: WINDOW,
+        payload: b"x",
+    };
+    assert_eq!(s.handle_segment(now, &ahead), Received::Dropped);
+}
+
+#[test]
+fn blind_resets_are_challenged_not_believed_and_a_syn_sent_reset_must_acknowledge_our_syn() {
+    let now = Instant::now();
+    let (mut c, _s) = established(now, 100, 200);
+    let mut g = guesses(11);
+    let (mut challenges, mut sent) = (0, 0);
+    for i in 0..65_536u32 {
+        let seq = g.next().unwrap_or(0);
+        if seq == c.rcv_nxt {
+            continue; // the one exact guess in 2^32
+        }
+        sent += 1;
+        let at = now + Duration::from_micros(u64::from(i) * 20);
+        let rst = Segment { src: a(SERVER), dst: a(CLIENT), seq, ack: 0, flags: RST, window: 0, payload: &[] };
+        assert_ne!(c.handle_segment(at, &rst), Received::Reset);
+        while let Some(o) = c.poll_transmit() {
+            assert_eq!(o.flags, ACK, "only challenge ACKs");
+            challenges += 1;
+        }
+    }
+    assert_eq!(c.state(), State::Established, "65 536 blind resets later");
+    assert!(challenges <= 14, "challenge ACKs rate-limited: {challenges} in 1.3 s");
+    assert_eq!(c.resets_ignored, sent, "every one counted");
+    // In SYN-SENT a reset counts only if it acknowledges our SYN.
+    let mut connecting = Conn::connect(now, 5000);
+    let blind = Segment { src: a(SERVER), dst: a(CLIENT), seq: 9, ack: 0, flags: RST, window: 0, payload: &[] };
+    assert_eq!(connecting.handle_segment(now, &blind), Received::Dropped);
+    let real = Segment { ack: 5001, flags: RST | ACK, ..blind };
+    assert_eq!(connecting.handle_segment(now, &real), Received::Reset);
+}
+
+#[test]
+fn a_connection_that_hears_nothing_or_sees_no_acknowledgement_goes_dead() {
+    let now = Instant::now();
+    let (mut c, mut s) = established(now, 100, 200);
+    assert!(!c.dead(now + DEAD_AFTER - Duration::from_millis(1)));
+    // The peer keeps acknowledging (its keepalives carry its ACK): alive well past the limit.
+    let mut t = now;
+    for _ in 0..40 {
+        t += Duration::from_secs(1);
+        c.send(t, b"\x80media");
+        deliver(t, &mut c, CLIENT, &mut s, SERVER);
+        s.handle_timeout(t);
+        deliver(t, &mut s, SERVER, &mut c, CLIENT);
+        assert!(!c.dead(t), "alive at {:?}", t - now);
+    }
+    // Then the peer forgets us: our data goes unanswered, nothing is heard.
+    c.send(t, b"\x80media");
+    let _ = c.poll_transmit();
+    assert!(!c.dead(t + KEEPALIVE), "a keepalive late is not death");
+    assert!(c.dead(t + DEAD_AFTER), "dead after {DEAD_AFTER:?} of silence");
+}

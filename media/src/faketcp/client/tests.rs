@@ -23,7 +23,7 @@ struct Lab {
 impl Lab {
     fn new(allow: bool) -> Lab {
         let now = Instant::now();
-        let mut f = Forwarder::new(a(FWD), Limits::default(), 3);
+        let mut f = Forwarder::new(a(FWD), Limits::default(), [3; 32], Instant::now());
         if allow {
             f.allow(30002, KEY.into());
         }
@@ -124,4 +124,34 @@ fn an_unanswered_proof_opens_a_new_connection_after_three_seconds() {
     lab.advance(Duration::from_millis(3100));
     assert_eq!(lab.t.connections, 2);
     assert!(lab.relay_got.is_empty());
+}
+
+#[test]
+fn a_leg_whose_forwarder_forgot_it_reopens_within_the_dead_time() {
+    let mut lab = Lab::new(true);
+    lab.settle();
+    assert_eq!((lab.t.phase(), lab.t.connections), (Phase::Up, 1));
+    let first = lab.t.local();
+    // A blind reset the forwarder believed (or a restart): it forgets the connection and
+    // drops the agent's segments as unknown; the agent is told nothing.
+    lab.f.revoke(30002);
+    lab.f.allow(30002, KEY.into());
+    let mut t = Duration::ZERO;
+    while t < crate::faketcp::DEAD_AFTER + Duration::from_secs(1) {
+        let _ = lab.t.send(lab.now, RTP);
+        lab.advance(Duration::from_millis(500));
+        t += Duration::from_millis(500);
+        if lab.t.connections == 2 {
+            break;
+        }
+    }
+    assert_eq!(lab.t.connections, 2, "reopened after {t:?}");
+    assert!(t >= crate::faketcp::DEAD_AFTER - Duration::from_secs(1), "not before the dead time: {t:?}");
+    lab.settle();
+    assert_eq!(lab.t.phase(), Phase::Up);
+    assert_ne!(lab.t.local(), first, "from another port");
+    lab.relay_got.clear();
+    assert!(lab.t.send(lab.now, RTP));
+    lab.settle();
+    assert_eq!(lab.relay_got, vec![(30002, RTP.to_vec())], "the leg goes on");
 }

@@ -88,7 +88,7 @@ struct Lab {
 impl Lab {
     fn new(keep_ports: [bool; 2]) -> Lab {
         let now = Instant::now();
-        let mut f = Forwarder::new(a(FWD), Limits::default(), 11);
+        let mut f = Forwarder::new(a(FWD), Limits::default(), [11; 32], Instant::now());
         f.allow(PORTS[0], KEYS[0].into());
         f.allow(PORTS[1], KEYS[1].into());
         let tunnel = |i: usize| {

@@ -2,7 +2,7 @@
 //! reconnects, strangers and caps.
 
 use super::*;
-use crate::faketcp::{Conn, Outgoing, WINDOW};
+use crate::faketcp::{Conn, Outgoing, PSH, WINDOW};
 
 const FWD: &str = "203.0.113.1:4443";
 const KEY: &str = "leg-secret-0123456789abcdef";
@@ -12,7 +12,7 @@ fn a(s: &str) -> SocketAddrV4 {
 }
 
 fn forwarder(limits: Limits) -> Forwarder {
-    let mut f = Forwarder::new(a(FWD), limits, 99);
+    let mut f = Forwarder::new(a(FWD), limits, [99; 32], Instant::now());
     f.allow(30002, KEY.into());
     f
 }
@@ -175,7 +175,7 @@ fn strangers_segments_are_dropped_and_connections_are_capped() {
 #[test]
 fn a_probe_gets_its_datagrams_echoed_up_to_a_limit_and_never_reaches_the_relay() {
     let now = Instant::now();
-    let mut f = Forwarder::new(a("0.0.0.0:4443"), Limits::default(), 99);
+    let mut f = Forwarder::new(a("0.0.0.0:4443"), Limits::default(), [99; 32], Instant::now());
     let mut ag = Agent::connect(&mut f, now, "198.51.100.2:40000");
     ag.send(&mut f, now, &proof(0, PROBE_KEY, [3; 12]).expect("proof"));
     assert_eq!(ag.take(&mut f, now).len(), 1, "the answer to the proof");
@@ -191,7 +191,7 @@ fn a_probe_gets_its_datagrams_echoed_up_to_a_limit_and_never_reaches_the_relay()
 #[test]
 fn keys_can_come_from_the_owner_per_port() {
     let now = Instant::now();
-    let mut f = Forwarder::new(a(FWD), Limits::default(), 99);
+    let mut f = Forwarder::new(a(FWD), Limits::default(), [99; 32], Instant::now());
     f.set_lookup(Box::new(|port| (port == 30010).then(|| "looked-up-key-0123456789".to_owned())));
     let mut ag = Agent::connect(&mut f, now, "198.51.100.2:40000");
     ag.send(&mut f, now, &proof(30010, "looked-up-key-0123456789", [4; 12]).expect("proof"));
@@ -200,4 +200,58 @@ fn keys_can_come_from_the_owner_per_port() {
     let mut other = Agent::connect(&mut f, now, "198.51.100.2:40001");
     other.send(&mut f, now, &proof(30012, "looked-up-key-0123456789", [5; 12]).expect("proof"));
     assert!(other.take(&mut f, now).is_empty(), "no key for a port not in a call");
+}
+
+/// The forwarder's SYN-ACK to a SYN from `from`: its ISN.
+fn syn_ack_isn(f: &mut Forwarder, now: Instant, from: &str) -> u32 {
+    let syn = Segment { src: a(from), dst: a(FWD), seq: 1000, ack: 0, flags: SYN, window: WINDOW, payload: &[] };
+    f.handle_segment(now, &syn);
+    let mut isn = None;
+    let mut keep = Vec::new();
+    while let Some(o) = f.poll_output() {
+        match o {
+            Output::Segment { to, tcp, .. } if to == a(from) => {
+                let ip = crate::faketcp::ipv4(*a(FWD).ip(), *a(from).ip(), &tcp, 1);
+                isn = Segment::parse(&ip).ok().map(|s| s.seq);
+            }
+            other => keep.push(other),
+        }
+    }
+    f.out = keep.into();
+    isn.expect("a SYN-ACK")
+}
+
+#[test]
+fn one_observed_syn_ack_predicts_no_other_and_a_blind_handshake_from_a_spoofed_address_echoes_nothing() {
+    let now = Instant::now();
+    let mut f = forwarder(Limits::default());
+    // The attacker opens a connection of its own and sees the ISN.
+    let seen = syn_ack_isn(&mut f, now, "198.51.100.66:40000");
+    // What the old linear generator would have given next, and nearby guesses.
+    let lcg = seen.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+    let victim = "192.0.2.77:40000";
+    let real = syn_ack_isn(&mut f, now, victim);
+    assert_ne!(real, lcg);
+    assert!(real.wrapping_sub(seen) > 1 << 20 && seen.wrapping_sub(real) > 1 << 20, "not close to the one seen");
+    // The blind handshake: the ACK and the probe's proof, spoofed from the victim, with
+    // the guessed ISN. Nothing is established, nothing is echoed towards the victim.
+    let blind = |ack: u32, payload: &[u8]| {
+        Segment { src: a(victim), dst: a(FWD), seq: 1001, ack, flags: PSH | ACK, window: WINDOW, payload }.ip_bytes(1)
+    };
+    let probe = proof(0, PROBE_KEY, [3; 12]).expect("proof");
+    for guess in [lcg, lcg.wrapping_add(1), seen.wrapping_add(1), seen.wrapping_add(64_001)] {
+        let p = blind(guess.wrapping_add(1), &probe);
+        f.handle_segment(now, &Segment::parse(&p).expect("segment"));
+    }
+    let towards_victim = std::iter::from_fn(|| f.poll_output())
+        .filter(|o| matches!(o, Output::Segment { to, .. } if *to == a(victim)))
+        .count();
+    assert_eq!(towards_victim, 0, "no echo, no answer to the spoofed address");
+    // The control: the right ISN would have got the echo (so the test can fail).
+    let p = blind(real.wrapping_add(1), &probe);
+    f.handle_segment(now, &Segment::parse(&p).expect("segment"));
+    assert!(std::iter::from_fn(|| f.poll_output()).any(|o| matches!(o, Output::Segment { to, .. } if to == a(victim))));
+    // And the same 4-tuple from another forwarder (another secret) gets another ISN.
+    let mut other = Forwarder::new(a(FWD), Limits::default(), [98; 32], now);
+    assert_ne!(syn_ack_isn(&mut other, now, victim), real);
 }
