@@ -21,6 +21,11 @@ use crate::server::Shared;
 /// How often a node writes its bindings and reads the others'.
 const SYNC_EVERY: Duration = Duration::from_millis(500);
 const KEY_PREFIX: &str = "pinhole:reg:";
+/// Largest value read from Redis (a binding or a call state is a few hundred bytes to a
+/// few KiB): anything longer is refused unread, so a planted value costs no memory.
+pub(crate) const MAX_VALUE: usize = 64 * 1024;
+/// Most keys one scan reads; past it the rest waits for a later round (and is warned of).
+pub(crate) const MAX_KEYS: usize = 500_000;
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -29,8 +34,34 @@ struct Entry {
     binding: Binding,
 }
 
+/// Where Redis is: a `redis://` or `rediss://` (TLS) URL, with the CA that signs the
+/// server's certificate when it is not one the system trusts.
+#[derive(Debug, Clone)]
+pub(crate) struct RedisTarget {
+    pub(crate) url: String,
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+}
+
+impl RedisTarget {
+    /// What an operator should hear about this target at start: a Redis without a password
+    /// away from this host lets anyone who reaches it rewrite every registration.
+    pub(crate) fn warning(&self) -> Option<String> {
+        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).ok()?;
+        let host = match &info.addr {
+            redis::ConnectionAddr::Tcp(h, _) | redis::ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
+            redis::ConnectionAddr::Unix(_) => return None,
+        };
+        let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        (info.redis.password.is_none() && !local).then(|| {
+            format!(
+                "Redis at {host} has no password: anyone who can reach it can redirect calls (give the URL a password, redis://:PASSWORD@host, and use rediss:// across networks)"
+            )
+        })
+    }
+}
+
 pub(crate) struct ClusterConfig {
-    pub(crate) redis: String,
+    pub(crate) redis: RedisTarget,
     pub(crate) node: String,
     /// Where the other nodes send requests for this node's phones.
     pub(crate) address: SocketAddr,
@@ -39,6 +70,9 @@ pub(crate) struct ClusterConfig {
 /// Starts the sync thread.
 pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<()> {
     let redis = RedisLink::open(&cfg.redis)?;
+    if let Some(w) = cfg.redis.warning() {
+        tracing::warn!("{w}");
+    }
     std::thread::Builder::new().name("cluster".into()).spawn(move || Sync::new(cfg, redis, shared).run())?;
     Ok(())
 }
@@ -50,8 +84,17 @@ pub(crate) struct RedisLink {
 }
 
 impl RedisLink {
-    pub(crate) fn open(url: &str) -> anyhow::Result<RedisLink> {
-        Ok(RedisLink { client: redis::Client::open(url)?, con: None })
+    pub(crate) fn open(target: &RedisTarget) -> anyhow::Result<RedisLink> {
+        use anyhow::Context;
+        let client = match &target.tls_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).with_context(|| format!("reading the Redis CA {}", ca.display()))?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                redis::Client::build_with_tls(target.url.as_str(), certs)?
+            }
+            None => redis::Client::open(target.url.as_str())?,
+        };
+        Ok(RedisLink { client, con: None })
     }
 
     pub(crate) fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
@@ -73,7 +116,7 @@ impl RedisLink {
         let con = self.connection()?;
         let mut keys: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
-        loop {
+        while keys.len() < MAX_KEYS {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -87,12 +130,36 @@ impl RedisLink {
                 break;
             }
         }
+        if keys.len() >= MAX_KEYS {
+            tracing::warn!(prefix, max = MAX_KEYS, "more keys in Redis than one scan reads");
+        }
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(500) {
-            let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(con)?;
+            let values = self.bounded_values(chunk)?;
             out.extend(chunk.iter().cloned().zip(values).filter_map(|(k, v)| Some((k, v?))));
         }
         Ok(out)
+    }
+
+    /// The values of `keys` (`None`: missing, empty, or longer than [`MAX_VALUE`], which
+    /// is counted and never read whole: GETRANGE fetches at most one byte past the limit).
+    pub(crate) fn bounded_values(&mut self, keys: &[String]) -> redis::RedisResult<Vec<Option<String>>> {
+        let con = self.connection()?;
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("GETRANGE").arg(k).arg(0).arg(MAX_VALUE);
+        }
+        let raw: Vec<Vec<u8>> = if keys.is_empty() { Vec::new() } else { pipe.query(con)? };
+        Ok(raw
+            .into_iter()
+            .map(|v| {
+                if v.len() > MAX_VALUE {
+                    metrics::counter!("pinhole_cluster_oversized_total").increment(1);
+                    return None;
+                }
+                String::from_utf8(v).ok().filter(|s| !s.is_empty())
+            })
+            .collect())
     }
 }
 
@@ -211,5 +278,24 @@ impl Sync {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> RedisTarget {
+        RedisTarget { url: url.into(), tls_ca: None }
+    }
+
+    #[test]
+    fn a_redis_without_a_password_away_from_this_host_is_warned_of() {
+        assert!(target("redis://192.0.2.5:6379").warning().is_some_and(|w| w.contains("no password")));
+        assert!(target("rediss://redis.example.net:6380").warning().is_some());
+        assert_eq!(target("redis://:secret@192.0.2.5:6379").warning(), None, "a password");
+        assert_eq!(target("redis://127.0.0.1:6379").warning(), None, "loopback");
+        assert_eq!(target("redis://localhost:6379").warning(), None, "this host");
+        assert_eq!(target("redis://[::1]:6379").warning(), None, "loopback v6");
     }
 }

@@ -55,7 +55,12 @@ pub(crate) struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClusterSpec {
+    /// `redis://[:PASSWORD@]HOST:PORT` or `rediss://…` (TLS).
     pub(crate) redis: String,
+    /// The CA (PEM) that signs a `rediss://` server's certificate, when the system's
+    /// trust store does not hold it.
+    #[serde(default)]
+    pub(crate) tls_ca: Option<PathBuf>,
     pub(crate) node: String,
     #[serde(default)]
     pub(crate) address: Option<SocketAddr>,
@@ -63,6 +68,12 @@ pub(crate) struct ClusterSpec {
     /// mirrors it until the relay's address moves here. Off when absent.
     #[serde(default)]
     pub(crate) calls: Option<CallsRole>,
+}
+
+impl ClusterSpec {
+    fn target(&self) -> crate::cluster::RedisTarget {
+        crate::cluster::RedisTarget { url: self.redis.clone(), tls_ca: self.tls_ca.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -705,8 +716,13 @@ impl Config {
                 let (line, column) = locate(text, "cluster", key);
                 errs.push(ConfigError { line, column, message });
             };
-            if !c.redis.starts_with("redis://") {
-                err("redis", format!("`{}` is not a redis:// URL", c.redis));
+            if !c.redis.starts_with("redis://") && !c.redis.starts_with("rediss://") {
+                err("redis", format!("`{}` is not a redis:// or rediss:// URL", c.redis));
+            } else if redis::IntoConnectionInfo::into_connection_info(c.redis.as_str()).is_err() {
+                err("redis", format!("`{}` is not a Redis URL", c.redis));
+            }
+            if c.tls_ca.is_some() && !c.redis.starts_with("rediss://") {
+                err("tls_ca", "tls_ca needs a rediss:// URL".into());
             }
             if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
                 err("node", "node must be a name without spaces".into());
@@ -734,7 +750,7 @@ impl Config {
             let ip = self.advertise_for(l).parse().unwrap_or(l.addr.ip());
             Some(SocketAddr::new(ip, l.addr.port()))
         })?;
-        Some(crate::cluster::ClusterConfig { redis: c.redis.clone(), node: c.node.clone(), address })
+        Some(crate::cluster::ClusterConfig { redis: c.target(), node: c.node.clone(), address })
     }
 
     /// The relay call state's settings (`[cluster] calls`): keys under the relay's first
@@ -745,7 +761,7 @@ impl Config {
         let relay = self.relay()?;
         let address = relay.interfaces.first()?.advertise;
         Some(crate::takeover::CallStoreConfig {
-            redis: c.redis.clone(),
+            redis: c.target(),
             node: c.node.clone(),
             prefix: format!("pinhole:call:{address}:"),
             stream: format!("pinhole:calllog:{address}"),

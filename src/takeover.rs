@@ -28,7 +28,7 @@ const STREAM_MAX: u64 = 100_000;
 const READ_MAX: u64 = 5_000;
 
 pub(crate) struct CallStoreConfig {
-    pub(crate) redis: String,
+    pub(crate) redis: crate::cluster::RedisTarget,
     pub(crate) node: String,
     /// Key prefix: the relay's address, shared by the active node and its standby.
     pub(crate) prefix: String,
@@ -217,8 +217,7 @@ impl CallStore {
         ids.sort();
         ids.dedup();
         let keys: Vec<String> = ids.iter().map(|id| format!("{}{id}", self.cfg.prefix)).collect();
-        let values: Vec<Option<String>> =
-            if keys.is_empty() { vec![] } else { redis::cmd("MGET").arg(&keys).query(con)? };
+        let values = self.redis.bounded_values(&keys)?;
         let changed: Vec<(String, Option<String>)> = ids.into_iter().zip(values).collect();
         self.apply(changed, false);
         self.position = Some(last);

@@ -105,3 +105,214 @@ fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A CA and a certificate it signed for 127.0.0.1 (rustls wants a SAN and will not take a
+/// CA as the server's own certificate), made with Debian's openssl.
+fn ca_and_leaf(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let [ca, ca_key, leaf, key, csr, ext] =
+        ["ca.pem", "ca.key", "leaf.pem", "leaf.key", "leaf.csr", "leaf.ext"].map(|f| dir.join(f));
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").expect("ext");
+    let openssl = |args: &[&str]| {
+        let st = Command::new("openssl").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        assert!(st.is_ok_and(|s| s.success()), "openssl {args:?}");
+    };
+    let p = |p: &std::path::PathBuf| p.display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pinhole test CA",
+        "-keyout",
+        &p(&ca_key),
+        "-out",
+        &p(&ca),
+    ]);
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", &p(&key), "-out", &p(&csr)]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca),
+        "-CAkey",
+        &p(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&leaf),
+    ]);
+    (ca, leaf, key)
+}
+
+/// Waits until a counter reaches `min`.
+fn wait_at_least(ph: &Pinhole, name: &str, min: f64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ph.metric(name).is_some_and(|v| v >= min) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_redis_costs_nothing() {
+    let dir = TempDir::new("cluster-tls");
+    let (ca, leaf, key) = ca_and_leaf(dir.path());
+    let port = free_port();
+    let p = |p: &std::path::PathBuf| p.display().to_string();
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-cert-file", &p(&leaf), "--tls-key-file", &p(&key), "--tls-ca-cert-file", &p(&ca)])
+        .args(["--tls-auth-clients", "no", "--requirepass", "s3cret"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (package redis-server) must be installed");
+    assert!(wait_listening(port, Duration::from_secs(5)), "redis-server with TLS did not start");
+    let node = |name: &str, url: &str| {
+        let extra = format!("[cluster]\nredis = \"{url}\"\ntls_ca = \"{}\"\nnode = \"{name}\"\n", ca.display());
+        Pinhole::start(&dir, PinholeOptions { extra, ..Default::default() })
+    };
+    let url = format!("rediss://:s3cret@127.0.0.1:{port}");
+    let n1 = node("edge-1", &url);
+    let n2 = node("edge-2", &url);
+    let callee = sipp_callee(&n1.sip(), "carol", free_port(), "u1", "uas.xml", 60_000, &dir.path().join("uas.err"));
+    assert!(
+        n2.wait_metric("pinhole_cluster_remote_bindings", 1.0, Duration::from_secs(10)),
+        "node 2 never saw carol over TLS\n{}\n{}",
+        n1.log_text(),
+        n2.log_text()
+    );
+    assert!(!n1.log_text().contains("has no password"), "a password was given");
+    let (ok, good, text) = call(&n2, &dir, "tls");
+    assert!(ok && good == 1, "{text}\n{}", n2.log_text());
+    // The wrong password is refused by Redis: that node never sees anyone.
+    let n3 = node("edge-3", &format!("rediss://:wrong@127.0.0.1:{port}"));
+    assert!(wait_log(&n3, "Redis unreachable", Duration::from_secs(10)), "{}", n3.log_text());
+
+    // Someone with the password plants a 64 MB value and 10 000 bindings for carol.
+    let cli = |input: &[u8]| {
+        use std::io::Write;
+        let mut c = Command::new("redis-cli")
+            .args([
+                "-p",
+                &port.to_string(),
+                "--tls",
+                "--cacert",
+                &p(&ca),
+                "-a",
+                "s3cret",
+                "--no-auth-warning",
+                "--pipe",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli");
+        c.stdin.take().expect("stdin").write_all(input).expect("write");
+        assert!(c.wait().is_ok_and(|s| s.success()), "redis-cli --pipe");
+    };
+    let resp = |args: &[&[u8]]| {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    };
+    let before = rss_kib(n2.pid().expect("pid"));
+    let template = {
+        let mut c = Command::new("redis-cli");
+        c.args([
+            "-p",
+            &port.to_string(),
+            "--tls",
+            "--cacert",
+            &p(&ca),
+            "-a",
+            "s3cret",
+            "--no-auth-warning",
+            "--scan",
+            "--pattern",
+            "pinhole:reg:*",
+        ]);
+        let keys = String::from_utf8(c.output().expect("redis-cli").stdout).unwrap_or_default();
+        let key = keys.lines().next().expect("carol's key").to_owned();
+        let mut g = Command::new("redis-cli");
+        g.args([
+            "-p",
+            &port.to_string(),
+            "--tls",
+            "--cacert",
+            &p(&ca),
+            "-a",
+            "s3cret",
+            "--no-auth-warning",
+            "GET",
+            &key,
+        ]);
+        String::from_utf8(g.output().expect("redis-cli").stdout).unwrap_or_default().trim().to_owned()
+    };
+    assert!(template.contains("carol"), "{template}");
+    let mut planted = resp(&[b"SET", b"pinhole:reg:giant|x|evil", &vec![b'{'; 64 << 20]]);
+    for i in 0..10_000 {
+        let value = template.replace("edge-1", "evil").replacen("sip:carol@", &format!("sip:carol{i}@"), 1);
+        planted.extend(resp(&[
+            b"SET",
+            format!("pinhole:reg:carol|{i}|evil").as_bytes(),
+            value.as_bytes(),
+            b"EX",
+            b"600",
+        ]));
+    }
+    cli(&planted);
+    for counter in ["pinhole_cluster_oversized_total", "pinhole_cluster_bindings_refused_total"] {
+        assert!(
+            wait_at_least(&n2, counter, 1.0, Duration::from_secs(10)),
+            "{counter}\n{}",
+            n2.metrics().unwrap_or_default()
+        );
+    }
+    let after = rss_kib(n2.pid().expect("pid"));
+    assert!(after < before + 32 * 1024, "node 2 grew from {before} to {after} KiB reading a 64 MB value");
+    // carol is still called, through a bounded fork.
+    let (ok, good, text) = call(&n2, &dir, "planted");
+    assert!(ok && good == 1, "{text}\n{}", n2.log_text());
+    drop(callee);
+    let _ = server.kill();
+    let _ = server.wait();
+}

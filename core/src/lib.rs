@@ -206,7 +206,8 @@ impl Node {
                     .relay
                     .as_ref()
                     .map_or((10_000, Duration::from_secs(4 * 3600)), |r| (r.max_sessions, r.max_duration));
-                Media::Fleet(Fleet::new(cfg.fleet, x, now, max, longest))
+                let secret = pinhole_media::mac::hmac(&cfg.proxy.secret, "fleet", &[]);
+                Media::Fleet(Fleet::new(cfg.fleet, x, now, (max, longest), secret))
             }
             _ => Media::Local(cfg.relay.map(|r| Relay::new(r, now))),
         };

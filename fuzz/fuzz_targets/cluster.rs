@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         cidrs: vec![],
         stun: Some(SocketAddr::new(format!("203.0.113.{n}").parse().expect("ip"), 3478)),
     };
-    let mut fleet = Fleet::new(vec![spec(21), spec(22)], Replies(data.to_vec()), now, 100, Duration::from_secs(60));
+    let mut fleet = Fleet::new(vec![spec(21), spec(22)], Replies(data.to_vec()), now, (100, Duration::from_secs(60)), [5; 32]);
     let _ = fleet.handle_reply(spec(21).ng, data);
     let text = String::from_utf8_lossy(data);
     if let Some(rtts) = pinhole_media::fleet::parse_rtts(&text) {

@@ -105,7 +105,14 @@ struct Member {
     next_stats: Instant,
     /// When the oldest unanswered statistics request went out.
     waiting_since: Option<Instant>,
+    /// The cookies of its unanswered statistics requests (the last few): only a reply
+    /// carrying one of them counts.
+    pending: VecDeque<String>,
 }
+
+/// Unanswered statistics cookies remembered per relay (a reply later than this many
+/// requests is not believed, and by then the relay is out anyway).
+const PENDING_STATS: usize = 4;
 
 impl Member {
     /// Load per unit of weight, in thousandths.
@@ -145,6 +152,8 @@ pub struct Fleet<X> {
     calls: HashMap<String, FleetCall>,
     exchange: X,
     next_cookie: u64,
+    /// Keys the cookies: a stranger who sees none cannot guess the next one.
+    secret: [u8; 32],
     max_calls: usize,
     max_duration: Duration,
     next_sweep: Instant,
@@ -159,8 +168,14 @@ pub const MAX_HINTS: usize = 4096;
 
 impl<X: NgExchange> Fleet<X> {
     /// `max_calls` bounds the calls tracked at once; calls older than `max_duration` are
-    /// forgotten (their relays end them on their own).
-    pub fn new(specs: Vec<RelaySpec>, exchange: X, now: Instant, max_calls: usize, max_duration: Duration) -> Self {
+    /// forgotten (their relays end them on their own). `secret` keys the ng cookies.
+    pub fn new(
+        specs: Vec<RelaySpec>,
+        exchange: X,
+        now: Instant,
+        (max_calls, max_duration): (usize, Duration),
+        secret: [u8; 32],
+    ) -> Self {
         let members = specs
             .into_iter()
             .map(|spec| Member {
@@ -171,6 +186,7 @@ impl<X: NgExchange> Fleet<X> {
                 placed: 0,
                 next_stats: now,
                 waiting_since: None,
+                pending: VecDeque::new(),
             })
             .collect();
         Fleet {
@@ -178,6 +194,7 @@ impl<X: NgExchange> Fleet<X> {
             calls: HashMap::new(),
             exchange,
             next_cookie: 1,
+            secret,
             max_calls,
             max_duration,
             next_sweep: now + Duration::from_secs(60),
@@ -210,6 +227,10 @@ impl<X: NgExchange> Fleet<X> {
         let i = self.members.iter().position(|m| m.next_stats <= now)?;
         let cookie = format!("s{}", self.cookie());
         let m = &mut self.members[i];
+        if m.pending.len() >= PENDING_STATS {
+            m.pending.pop_front();
+        }
+        m.pending.push_back(cookie.clone());
         m.next_stats = now + STATS_INTERVAL;
         if m.waiting_since.is_some_and(|t| now.duration_since(t) >= DOWN_AFTER) {
             set_up(m, false, "statistics unanswered", &mut self.changes);
@@ -241,7 +262,9 @@ impl<X: NgExchange> Fleet<X> {
     pub fn handle_reply(&mut self, from: SocketAddr, datagram: &[u8]) -> bool {
         let Some(m) = self.members.iter_mut().find(|m| m.spec.ng == from) else { return false };
         let Ok((cookie, payload)) = split_cookie(datagram) else { return false };
-        if !cookie.starts_with(b"s") {
+        // Only an answer to a request we sent (an address proves nothing: a stranger on a
+        // dead relay's address, or spoofing it, does not know the cookie).
+        if !m.pending.iter().any(|c| c.as_bytes() == cookie) {
             return false;
         }
         let Ok(reply) = Bencode::decode(payload) else { return false };
@@ -257,14 +280,17 @@ impl<X: NgExchange> Fleet<X> {
         m.sessions = sessions;
         m.placed = 0;
         m.waiting_since = None;
+        m.pending.clear();
         set_up(m, true, "statistics answered", &mut self.changes);
         metrics::gauge!("pinhole_fleet_relay_sessions", "relay" => m.label.clone()).set(sessions as f64);
         true
     }
 
-    fn cookie(&mut self) -> u64 {
+    /// A fresh cookie: 64 bits of a MAC of a counter under the fleet's secret.
+    fn cookie(&mut self) -> String {
         self.next_cookie += 1;
-        self.next_cookie
+        let mac = crate::mac::hmac(&self.secret, "ng-cookie", &[&self.next_cookie.to_be_bytes()]);
+        mac[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The relay serving an endpoint at `ip` whose agent measured `rtts`, leaving out

@@ -77,6 +77,10 @@ pub struct Binding {
     pub node_addr: Option<SocketAddr>,
 }
 
+/// Contacts one AOR may have at once, its own and copies from other nodes alike: every
+/// call to it forks to each.
+pub const MAX_BINDINGS_PER_AOR: usize = 10;
+
 /// What an agent reported with a REGISTER the proxy vouched for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentReport {
@@ -223,6 +227,20 @@ impl Registrar {
             parsed.push((uri, expires.min(cfg.max_expires), q, instance, reg_id));
         }
 
+        // A bounded number of contacts per AOR (Kamailio's usrloc max_contacts): each is a
+        // branch of every call to it.
+        let have: Vec<&Binding> =
+            self.aors.get(aor).map(|l| l.iter().filter(|b| b.expires_at > unix_now).collect()).unwrap_or_default();
+        let new = parsed
+            .iter()
+            .filter(|(uri, expires, _, instance, reg_id)| {
+                *expires != 0 && !have.iter().any(|b| b.same_contact(uri, instance.as_deref(), *reg_id))
+            })
+            .count();
+        if have.len() + new > MAX_BINDINGS_PER_AOR {
+            return Err((Rejection::new(503, "Service Unavailable - Too Many Registered Contacts"), vec![]));
+        }
+
         let mut mapping_deaths = Vec::new();
         let list = self.aors.entry(aor.to_owned()).or_default();
         for (uri, expires, q, instance, reg_id) in parsed {
@@ -337,6 +355,11 @@ impl Registrar {
                 list.remove(i);
                 self.dirty = true;
             }
+            if list.len() >= MAX_BINDINGS_PER_AOR {
+                // More than any AOR may hold: someone wrote them to Redis by hand.
+                metrics::counter!("pinhole_cluster_bindings_refused_total").increment(1);
+                continue;
+            }
             list.push(b);
         }
         self.aors.retain(|_, l| !l.is_empty());
@@ -438,6 +461,36 @@ mod tests {
             .expect("ok");
         assert!(out.bindings.is_empty());
         assert_eq!(r.binding_count(), 0);
+    }
+
+    #[test]
+    fn an_aor_holds_at_most_its_cap_of_contacts_here_and_from_other_nodes() {
+        let mut r = Registrar::new();
+        for i in 0..MAX_BINDINGS_PER_AOR {
+            let contact = format!("<sip:a@10.0.0.{i}>");
+            r.register(&CFG, 100, "a@x", &register(i as u32 + 1, &contact, ""), flow(1), KA, None).expect("ok");
+        }
+        assert_eq!(r.lookup("a@x", 100).len(), MAX_BINDINGS_PER_AOR, "the cap is reachable");
+        let (rej, _) = r
+            .register(&CFG, 100, "a@x", &register(99, "<sip:a@10.0.0.99>", ""), flow(1), KA, None)
+            .expect_err("one too many");
+        assert_eq!((rej.code, rej.reason.as_str()), (503, "Service Unavailable - Too Many Registered Contacts"));
+        // Refreshing one that is there is fine.
+        r.register(&CFG, 100, "a@x", &register(100, "<sip:a@10.0.0.3>", ""), flow(1), KA, None).expect("refresh");
+        // Copies from Redis beyond the cap are refused too: 10 000 planted bindings fork nothing.
+        let mut r2 = Registrar::new();
+        r2.register(&CFG, 100, "b@x", &register(1, "<sip:b@10.0.0.2>", ""), flow(1), KA, None).expect("ok");
+        let template = r2.lookup("b@x", 100)[0].clone();
+        let planted: Vec<(String, Binding)> = (0..10_000)
+            .map(|i| {
+                let mut b = template.clone();
+                b.contact = format!("sip:b@192.0.2.{}:{}", i % 250, 1000 + i);
+                b.node = Some("evil".into());
+                ("b@x".to_owned(), b)
+            })
+            .collect();
+        r2.replace_remote(planted, 100);
+        assert_eq!(r2.lookup("b@x", 100).len(), MAX_BINDINGS_PER_AOR);
     }
 
     #[test]

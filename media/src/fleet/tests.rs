@@ -74,7 +74,7 @@ fn fleet(specs: Vec<RelaySpec>) -> Fleet<Cores> {
         })
         .collect();
     let cores = Cores { relays, dead: HashSet::new(), now, sent: Vec::new() };
-    Fleet::new(specs, cores, now, 1000, Duration::from_secs(4 * 3600))
+    Fleet::new(specs, cores, now, (1000, Duration::from_secs(4 * 3600)), [4; 32])
 }
 
 fn sdp(addr: &str, port: u16) -> Vec<u8> {
@@ -113,8 +113,10 @@ fn answer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
     anchor(f, call, "b", (CALLEE, 5000), Some(CALLER))
 }
 
-fn stats_reply(sessions: i64) -> Vec<u8> {
-    let mut d = b"s9 ".to_vec();
+/// A relay's statistics reply with `cookie` (see [`cookie_to`]).
+fn stats_reply_with(cookie: &[u8], sessions: i64) -> Vec<u8> {
+    let mut d = cookie.to_vec();
+    d.push(b' ');
     let current = Bencode::dict(vec![("sessionsown", Bencode::Int(sessions))]);
     Bencode::dict(vec![
         ("result", Bencode::str("ok")),
@@ -122,6 +124,26 @@ fn stats_reply(sessions: i64) -> Vec<u8> {
     ])
     .encode(&mut d);
     d
+}
+
+/// The cookie of the fleet's next statistics request to relay `port` (it asks every relay
+/// once a second).
+fn cookie_to(f: &mut Fleet<Cores>, port: u8) -> Vec<u8> {
+    f.exchange.now += Duration::from_secs(1);
+    let now = f.exchange.now;
+    let mut found = None;
+    while let Some((to, d)) = f.poll_transmit(now) {
+        if to == ng(port) && found.is_none() {
+            found = d.split(|b| *b == b' ').next().map(<[u8]>::to_vec);
+        }
+    }
+    found.expect("a statistics request")
+}
+
+/// The relay's answer to the fleet's latest statistics request.
+fn stats_reply(f: &mut Fleet<Cores>, port: u8, sessions: i64) -> Vec<u8> {
+    let cookie = cookie_to(f, port);
+    stats_reply_with(&cookie, sessions)
 }
 
 #[test]
@@ -147,8 +169,14 @@ fn weights_share_calls_in_proportion() {
 #[test]
 fn reported_load_steers_new_calls_to_the_less_busy_relay() {
     let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
-    assert!(f.handle_reply(ng(21), &stats_reply(30)));
-    assert!(f.handle_reply(ng(22), &stats_reply(0)));
+    assert!({
+        let r = stats_reply(&mut f, 21, 30);
+        f.handle_reply(ng(21), &r)
+    });
+    assert!({
+        let r = stats_reply(&mut f, 22, 0);
+        f.handle_reply(ng(22), &r)
+    });
     for n in 0..10 {
         offer(&mut f, &format!("call-{n}")).expect("anchored");
     }
@@ -171,8 +199,14 @@ fn a_relay_that_stops_answering_is_taken_out_and_new_calls_go_to_the_survivor() 
 
     // It answers its statistics again: back in, and the next calls balance onto it.
     f.exchange.dead.clear();
-    assert!(f.handle_reply(ng(21), &stats_reply(0)));
-    assert!(f.handle_reply(ng(22), &stats_reply(6)));
+    assert!({
+        let r = stats_reply(&mut f, 21, 0);
+        f.handle_reply(ng(21), &r)
+    });
+    assert!({
+        let r = stats_reply(&mut f, 22, 6);
+        f.handle_reply(ng(22), &r)
+    });
     assert_eq!(f.poll_change(), Some(Change { relay: ng(21), up: true, why: "statistics answered" }));
     offer(&mut f, "call-after").expect("anchored");
     assert_eq!(f.exchange.calls_on(21), 1);
@@ -217,11 +251,19 @@ fn unanswered_statistics_take_a_relay_out_after_three_seconds() {
 #[test]
 fn garbage_and_strangers_on_the_statistics_socket_are_refused() {
     let mut f = fleet(vec![spec(21, 1, None, &[])]);
-    assert!(!f.handle_reply(ng(99), &stats_reply(1)), "not one of our relays");
+    assert!(!f.handle_reply(ng(99), &stats_reply_with(b"s1", 1)), "not one of our relays");
     assert!(!f.handle_reply(ng(21), b"s1 d6:result2:oke"), "no statistics");
     assert!(!f.handle_reply(ng(21), b"c1 d6:result2:oke"), "not a statistics cookie");
+    // A stranger on the relay's address with a statistics reply, but no cookie of ours.
+    let _ = cookie_to(&mut f, 21);
+    for guess in [&b"s1"[..], b"s9", b"s2", b"0000000000000001"] {
+        assert!(!f.handle_reply(ng(21), &stats_reply_with(guess, 1)), "guessed cookie {guess:?}");
+    }
     assert!(!f.handle_reply(ng(21), b"\xff\xfe"), "not ng");
-    assert!(f.handle_reply(ng(21), &stats_reply(1)));
+    assert!({
+        let r = stats_reply(&mut f, 21, 1);
+        f.handle_reply(ng(21), &r)
+    });
 }
 
 #[test]
