@@ -248,6 +248,7 @@ fn use_tcp(
                             drain_media(&mut a, m, &link);
                         }
                         link.send_all(&mut a);
+                        publish(&a);
                     }
                     Ok(Some(pinhole_sip::stream::Frame::Ping)) => {
                         if let Some(c) = link.tcp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -373,5 +374,13 @@ fn serve(local: SocketAddr, link: &Link, agent: &Mutex<Agent<Option<Relay>>>, me
             drain_media(&mut a, m, link);
         }
         link.send_all(&mut a);
+        publish(&a);
     }
+}
+
+/// The agent's refusals as counters: what strangers tried.
+fn publish(a: &Agent<Option<Relay>>) {
+    metrics::counter!("pinhole_agent_plans_refused_total").absolute(a.plans_refused());
+    metrics::counter!("pinhole_agent_requests_refused_total").absolute(a.refused());
+    metrics::counter!("pinhole_agent_responses_dropped_total").absolute(a.dropped());
 }
