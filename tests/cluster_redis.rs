@@ -223,20 +223,14 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
     assert!(wait_log(&n3, "Redis unreachable", Duration::from_secs(10)), "{}", n3.log_text());
 
     // Someone with the password plants a 64 MB value and 10 000 bindings for carol.
-    let cli = |input: &[u8]| {
+    let cli = |args: &[&str]| {
+        let mut c = Command::new("redis-cli");
+        c.args(["-p", &port.to_string(), "--tls", "--cacert", &p(&ca), "-a", "s3cret", "--no-auth-warning"]).args(args);
+        c
+    };
+    let pipe = |input: &[u8]| {
         use std::io::Write;
-        let mut c = Command::new("redis-cli")
-            .args([
-                "-p",
-                &port.to_string(),
-                "--tls",
-                "--cacert",
-                &p(&ca),
-                "-a",
-                "s3cret",
-                "--no-auth-warning",
-                "--pipe",
-            ])
+        let mut c = cli(&["--pipe"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -255,38 +249,9 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
         out
     };
     let before = rss_kib(n2.pid().expect("pid"));
-    let template = {
-        let mut c = Command::new("redis-cli");
-        c.args([
-            "-p",
-            &port.to_string(),
-            "--tls",
-            "--cacert",
-            &p(&ca),
-            "-a",
-            "s3cret",
-            "--no-auth-warning",
-            "--scan",
-            "--pattern",
-            "pinhole:reg:*",
-        ]);
-        let keys = String::from_utf8(c.output().expect("redis-cli").stdout).unwrap_or_default();
-        let key = keys.lines().next().expect("carol's key").to_owned();
-        let mut g = Command::new("redis-cli");
-        g.args([
-            "-p",
-            &port.to_string(),
-            "--tls",
-            "--cacert",
-            &p(&ca),
-            "-a",
-            "s3cret",
-            "--no-auth-warning",
-            "GET",
-            &key,
-        ]);
-        String::from_utf8(g.output().expect("redis-cli").stdout).unwrap_or_default().trim().to_owned()
-    };
+    let output = |args: &[&str]| String::from_utf8(cli(args).output().expect("redis-cli").stdout).unwrap_or_default();
+    let keys = output(&["--scan", "--pattern", "pinhole:reg:*"]);
+    let template = output(&["GET", keys.lines().next().expect("carol's key")]).trim().to_owned();
     assert!(template.contains("carol"), "{template}");
     let mut planted = resp(&[b"SET", b"pinhole:reg:giant|x|evil", &vec![b'{'; 64 << 20]]);
     for i in 0..10_000 {
@@ -299,7 +264,7 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
             b"600",
         ]));
     }
-    cli(&planted);
+    pipe(&planted);
     for counter in ["pinhole_cluster_oversized_total", "pinhole_cluster_bindings_refused_total"] {
         assert!(
             wait_at_least(&n2, counter, 1.0, Duration::from_secs(10)),
