@@ -219,13 +219,14 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     assert!(r.node.relay().is_none(), "an edge with a fleet has no relay of its own");
 
     // The first poll asks the relay for its statistics.
-    match r.node.poll_output(now) {
+    let cookie = match r.node.poll_output(now) {
         Output::Ng { to, payload } => {
             assert_eq!(to, addr("203.0.113.21:2223"));
             assert!(payload.ends_with(b"d7:command10:statisticse"));
+            payload.split(|b| *b == b' ').next().map(<[u8]>::to_vec).unwrap_or_default()
         }
         other => panic!("expected a statistics request, got {other:?}"),
-    }
+    };
     r.sip(TRUNK, &invite());
     let fwd = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("forwarded INVITE");
     assert!(String::from_utf8_lossy(&fwd.payload).contains("c=IN IP4 203.0.113.21"), "anchored on the relay node");
@@ -235,8 +236,9 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     assert_eq!(r.node.fleet().map(|f| f.call_count()), Some(1));
 
     // Its statistics reply is taken; garbage is not.
-    let stats = b"s2 d6:result2:ok10:statisticsd17:currentstatisticsd11:sessionsowni1eeee";
-    assert!(r.node.handle_fleet_reply(addr("203.0.113.21:2223"), stats));
+    let stats = [&cookie[..], b" d6:result2:ok10:statisticsd17:currentstatisticsd11:sessionsowni1eeee"].concat();
+    assert!(!r.node.handle_fleet_reply(addr("203.0.113.21:2223"), &stats[1..]), "not our cookie");
+    assert!(r.node.handle_fleet_reply(addr("203.0.113.21:2223"), &stats));
     assert!(!r.node.handle_fleet_reply(addr("203.0.113.21:2223"), b"junk"));
     let (_, why) = r.drain().expect("a timer");
     assert!(["sip transaction timer", "fleet statistics"].contains(&why), "{why}");
