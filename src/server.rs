@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     cdr: Option<Mutex<crate::cdr::CdrWriter>>,
     /// The relay fleet's statistics socket (`[media] relays`).
     fleet: Option<Arc<std::net::UdpSocket>>,
+    /// Where the node's cluster lookups go (`[cluster]`: the writer thread answers them).
+    lookups: std::sync::OnceLock<std::sync::mpsc::Sender<String>>,
 }
 
 impl Shared {
@@ -262,6 +264,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         limits,
         cdr,
         fleet: fleet_sock,
+        lookups: std::sync::OnceLock::new(),
     });
     if let Some(sock) = &shared.fleet {
         crate::fleet::spawn(&shared, sock.clone())?;
@@ -305,7 +308,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(timer_loop(shared.clone()));
     if let Some(c) = cfg.cluster() {
-        crate::cluster::start(c, shared.clone()).context("starting the cluster sync")?;
+        let lookups = crate::cluster::start(c, shared.clone()).context("starting the cluster sync")?;
+        let _ = shared.lookups.set(lookups);
     }
     if let Some(c) = cfg.call_store() {
         crate::takeover::start(c, shared.clone()).context("starting the call state sync")?;
@@ -441,6 +445,11 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<st
                     if let Err(e) = sock.send_to(&payload, to) {
                         tracing::debug!(relay = %to, error = %e, "ng statistics request not sent");
                     }
+                }
+            }
+            Output::Lookup(aor) => {
+                if let Some(tx) = shared.lookups.get() {
+                    let _ = tx.send(aor);
                 }
             }
             Output::Event(e) => tracing::debug!(?e, "node event"),

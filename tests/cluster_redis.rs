@@ -250,20 +250,27 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
     };
     let before = rss_kib(n2.pid().expect("pid"));
     let output = |args: &[&str]| String::from_utf8(cli(args).output().expect("redis-cli").stdout).unwrap_or_default();
-    let keys = output(&["--scan", "--pattern", "pinhole:reg:*"]);
-    let template = output(&["GET", keys.lines().next().expect("carol's key")]).trim().to_owned();
+    let key = output(&["--scan", "--pattern", "pinhole:aor:*"]).lines().next().expect("carol's key").to_owned();
+    let template = output(&["HGET", &key, "edge-1"]).trim().to_owned();
     assert!(template.contains("carol"), "{template}");
-    let mut planted = resp(&[b"SET", b"pinhole:reg:giant|x|evil", &vec![b'{'; 64 << 20]]);
-    for i in 0..10_000 {
-        let value = template.replace("edge-1", "evil").replacen("sip:carol@", &format!("sip:carol{i}@"), 1);
-        planted.extend(resp(&[
-            b"SET",
-            format!("pinhole:reg:carol|{i}|evil").as_bytes(),
-            value.as_bytes(),
-            b"EX",
-            b"600",
-        ]));
+    let aor = key.trim_start_matches("pinhole:aor:").to_owned();
+    let announce = |node: &str, aor: &str| {
+        resp(&[b"XADD", b"pinhole:regchanges", b"*", b"node", node.as_bytes(), b"aor", aor.as_bytes()])
+    };
+    // A 64 MB value as another node's field of carol, announced.
+    let mut planted = resp(&[b"HSET", key.as_bytes(), b"giant", &vec![b'{'; 64 << 20]]);
+    planted.extend(announce("giant", &aor));
+    // Twelve more "nodes" each with a binding of carol: more than an AOR may hold.
+    for i in 0..12 {
+        let value = template.replacen("sip:carol@", &format!("sip:carol{i}@"), 1);
+        planted.extend(resp(&[b"HSET", key.as_bytes(), format!("evil{i}").as_bytes(), value.as_bytes()]));
+        planted.extend(announce(&format!("evil{i}"), &aor));
     }
+    // And an AOR with 10 000 fields.
+    for i in 0..10_000 {
+        planted.extend(resp(&[b"HSET", b"pinhole:aor:dave@x", format!("n{i}").as_bytes(), template.as_bytes()]));
+    }
+    planted.extend(announce("n1", "dave@x"));
     pipe(&planted);
     for counter in ["pinhole_cluster_oversized_total", "pinhole_cluster_bindings_refused_total"] {
         assert!(
@@ -278,6 +285,84 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
     let (ok, good, text) = call(&n2, &dir, "planted");
     assert!(ok && good == 1, "{text}\n{}", n2.log_text());
     drop(callee);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Counters of a Redis server (`INFO stats`), by name.
+fn redis_stat(port: u16, name: &str) -> u64 {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string(), "INFO", "stats"]).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_phone_is_reachable_through_every_node_as_soon_as_its_200_ok_has_left_and_idle_nodes_cost_redis_nothing() {
+    use std::net::UdpSocket;
+    let dir = TempDir::new("cluster-now");
+    let redis_port = free_port();
+    let mut server = redis(redis_port);
+    let n1 = node(&dir, "edge-1", redis_port);
+    let n2 = node(&dir, "edge-2", redis_port);
+    for n in [&n1, &n2] {
+        assert!(n.wait_metric("pinhole_cluster_redis_up", 1.0, Duration::from_secs(10)), "{}", n.log_text());
+    }
+    let caller = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut waits = Vec::new();
+    for i in 0..20 {
+        let phone = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        phone.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        let at = phone.local_addr().expect("addr");
+        let user = format!("now{i}");
+        let register = format!(
+            "REGISTER sip:pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {at};branch=z9hG4bKnow{i};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:{user}@pinhole.test>;tag=r{i}\r\nCall-ID: now-reg-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:{user}@{at}>\r\nContent-Length: 0\r\n\r\n"
+        );
+        phone.send_to(register.as_bytes(), n1.sip()).expect("send");
+        let mut buf = [0u8; 4096];
+        let ok = wait_until(Duration::from_secs(3), || {
+            phone.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200"))
+        });
+        assert!(ok, "{user} was not registered through node 1\n{}", n1.log_text());
+        // At once, through node 2.
+        let sent = Instant::now();
+        let c = caller.local_addr().expect("addr");
+        let invite = format!(
+            "INVITE sip:{user}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKcall{i};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:caller@pinhole.test>;tag=c{i}\r\nCall-ID: now-call-{i}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
+        );
+        caller.send_to(invite.as_bytes(), n2.sip()).expect("send");
+        let rung = wait_until(Duration::from_secs(2), || {
+            phone.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).starts_with("INVITE "))
+        });
+        assert!(rung, "{user} was not called through node 2 right after registering\n{}", n2.log_text());
+        waits.push(sent.elapsed());
+    }
+    waits.sort();
+    eprintln!("registration to ringing through the other node: p50 {:?}, max {:?}", waits[10], waits[19]);
+    let mut caller_buf = [0u8; 4096];
+    caller.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+    while let Ok(n) = caller.recv(&mut caller_buf) {
+        let text = String::from_utf8_lossy(&caller_buf[..n]);
+        assert!(!text.starts_with("SIP/2.0 480") && !text.starts_with("SIP/2.0 404"), "a caller was refused: {text}");
+    }
+    // Node 2 learnt every phone by the changes announced (or asked for them): no full reads.
+    let applied = n2.metric("pinhole_cluster_changes_applied_total").unwrap_or(0.0)
+        + n2.metric("pinhole_cluster_lookups_total{result=\"found\"}").unwrap_or(0.0);
+    assert!(applied >= 20.0, "{}", n2.metrics().unwrap_or_default());
+    // Idle, with 20 phones registered: what do the two nodes ask of Redis in 3 s?
+    std::thread::sleep(Duration::from_secs(1));
+    let before = redis_stat(redis_port, "total_commands_processed");
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = redis_stat(redis_port, "total_commands_processed") - before;
+    eprintln!("Redis commands from two idle nodes in 3 s: {idle}");
+    assert!(idle > 0, "the nodes are connected");
+    let stats = Command::new("redis-cli").args(["-p", &redis_port.to_string(), "INFO", "commandstats"]).output();
+    let stats = stats.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(
+        idle <= 30,
+        "{idle} commands in 3 s from two idle nodes: more than a ping and a blocked read each\n{stats}"
+    );
     let _ = server.kill();
     let _ = server.wait();
 }

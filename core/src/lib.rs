@@ -171,6 +171,9 @@ pub enum Output {
         payload: Vec<u8>,
     },
     Event(Event),
+    /// Read this AOR's bindings from the cluster store (every node's), outside the node's
+    /// lock, and hand them to [`Node::handle_lookup`]: a request for it is waiting.
+    Lookup(String),
     /// Nothing more to do now: call [`Node::handle_timeout`] at this instant (the label
     /// says which part wants to wake).
     Timeout(Instant, &'static str),
@@ -252,6 +255,25 @@ impl Node {
 
     fn fleet_mut(&mut self) -> Option<&mut Fleet<Exchange>> {
         self.proxy.media_mut().fleet()
+    }
+
+    /// In a cluster: a request for a user with no binding here waits for the store (see
+    /// [`Output::Lookup`]) instead of being answered 480 at once.
+    pub fn enable_read_through(&mut self) {
+        self.proxy.enable_read_through();
+    }
+
+    /// The cluster store's answer to an [`Output::Lookup`]: each other node's bindings of
+    /// `aor` (empty when it has none).
+    pub fn handle_lookup(&mut self, now: Instant, aor: &str, found: Vec<(String, Vec<pinhole_sip::Binding>)>) {
+        self.proxy.handle_lookup(now, aor, found);
+    }
+
+    /// Changes other nodes announced: (AOR, node, its bindings of the AOR now).
+    pub fn apply_remote(&mut self, now: Instant, changes: Vec<(String, String, Vec<pinhole_sip::Binding>)>) {
+        for (aor, node, bindings) in changes {
+            self.proxy.apply_remote(now, &aor, &node, bindings);
+        }
     }
 
     /// A datagram on the fleet's socket (a relay's statistics). `false`: not one, dropped.
@@ -379,6 +401,9 @@ impl Node {
         }
         if let Some(e) = self.events.pop_front() {
             return Output::Event(e);
+        }
+        if let Some(aor) = self.proxy.poll_lookup() {
+            return Output::Lookup(aor);
         }
         if let Some(ProxyEvent::PunchPlanned { call_id, method }) = self.proxy.poll_event() {
             return Output::Event(Event::PunchPlanned { call_id, method });

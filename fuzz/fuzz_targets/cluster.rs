@@ -1,4 +1,5 @@
-//! What crosses between cluster nodes: a relay's call state read back from Redis (restored
+//! What crosses between cluster nodes: a node's bindings read back from Redis, a relay's
+//! call state read back from Redis (restored
 //! on a standby, whatever it holds), and a fleet relay's ng replies (statistics on the
 //! fleet socket, replies to offer/answer/delete). Nothing may panic, and a state that
 //! restores exports to one that restores again.
@@ -25,6 +26,13 @@ const SDP: &[u8] = b"v=0\r\no=- 1 1 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
+    // A node's bindings of an AOR as another node stored them: decoded within its bounds
+    // and applied as copies, never more than an AOR may hold.
+    if let Some(v) = pinhole_sip::registrar::NodeBindings::decode(data) {
+        let mut r = pinhole_sip::registrar::Registrar::new();
+        r.set_remote("a@x", "edge-2", v.into_remote("edge-2"), 1_700_000_000);
+        assert!(r.binding_count() <= pinhole_sip::registrar::MAX_BINDINGS_PER_AOR);
+    }
     let mut relay = Relay::new(RelayConfig::single("203.0.113.21".parse().expect("ip"), 30000, 30099), now);
     relay.set_standby(true, now);
     if let Ok(state) = serde_json::from_slice::<CallState>(data) {

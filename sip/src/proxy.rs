@@ -20,6 +20,7 @@ mod budget;
 mod dialogs;
 mod forward;
 mod keepalive;
+mod lookup;
 mod media;
 mod punch;
 pub use punch::faketcp_key;
@@ -271,6 +272,8 @@ pub struct Proxy<M: MediaAnchor> {
     next_housekeeping: Instant,
     stats: Stats,
     counters: HashMap<(u16, bool), metrics::Counter>,
+    /// Requests waiting for the cluster store (see [`lookup`]).
+    read_through: lookup::ReadThrough,
     media: M,
     dialogs: HashMap<String, media::Dialog>,
     /// Dialogs seen established through us: what lets a Record-Route token skip a challenge.
@@ -338,6 +341,7 @@ impl<M: MediaAnchor> Proxy<M> {
             next_housekeeping: now + Duration::from_secs(1),
             stats: Stats::default(),
             counters: HashMap::new(),
+            read_through: lookup::ReadThrough::default(),
         }
     }
 
@@ -408,7 +412,8 @@ impl<M: MediaAnchor> Proxy<M> {
             && self.budget.is_empty();
         let housekeeping = (!idle).then_some((self.next_housekeeping, "sip housekeeping"));
         let b2bua = self.b2bua.poll_timeout().map(|t| (t, "b2bua timer"));
-        [timer, housekeeping, b2bua].into_iter().flatten().min_by_key(|(t, _)| *t)
+        let lookup = self.lookup_deadline().map(|t| (t, "cluster lookup"));
+        [timer, housekeeping, b2bua, lookup].into_iter().flatten().min_by_key(|(t, _)| *t)
     }
 
     /// Feeds one received message (a datagram or a frame cut from a stream).
@@ -433,6 +438,7 @@ impl<M: MediaAnchor> Proxy<M> {
 
     /// Fires due timers and housekeeping.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.lookups_due(now);
         while let Some(Reverse((t, _))) = self.timers.peek() {
             if *t > now {
                 break;

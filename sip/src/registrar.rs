@@ -77,6 +77,47 @@ pub struct Binding {
     pub node_addr: Option<SocketAddr>,
 }
 
+/// One node's bindings of one AOR as a cluster store holds them (a Redis hash field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeBindings {
+    /// Where the other nodes send requests for these bindings.
+    pub addr: SocketAddr,
+    pub bindings: Vec<Binding>,
+}
+
+/// The largest stored value read back: a node's bindings of one AOR (at most
+/// [`MAX_BINDINGS_PER_AOR`] of a few hundred bytes each).
+pub const MAX_NODE_BINDINGS_BYTES: usize = 64 * 1024;
+
+impl NodeBindings {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// A stored value, if it is one: at most [`MAX_NODE_BINDINGS_BYTES`] and
+    /// [`MAX_BINDINGS_PER_AOR`] bindings.
+    pub fn decode(value: &[u8]) -> Option<NodeBindings> {
+        if value.len() > MAX_NODE_BINDINGS_BYTES {
+            return None;
+        }
+        let v: NodeBindings = serde_json::from_slice(value).ok()?;
+        (v.bindings.len() <= MAX_BINDINGS_PER_AOR).then_some(v)
+    }
+
+    /// The bindings as copies of node `node`'s, with its address.
+    pub fn into_remote(self, node: &str) -> Vec<Binding> {
+        let addr = self.addr;
+        self.bindings
+            .into_iter()
+            .map(|mut b| {
+                b.node = Some(node.to_owned());
+                b.node_addr = Some(addr);
+                b
+            })
+            .collect()
+    }
+}
+
 /// Contacts one AOR may have at once, its own and copies from other nodes alike: every
 /// call to it forks to each.
 pub const MAX_BINDINGS_PER_AOR: usize = 10;
@@ -158,6 +199,9 @@ pub struct RegisterOutcome {
 pub struct Registrar {
     aors: HashMap<String, Vec<Binding>>,
     dirty: bool,
+    /// AORs whose bindings on this node changed since [`Registrar::take_changes`] last
+    /// ran: what a cluster node writes to Redis (and announces), and nothing else.
+    changed: std::collections::BTreeSet<String>,
 }
 
 impl Registrar {
@@ -194,6 +238,7 @@ impl Registrar {
             }
             if self.aors.remove(aor).is_some() {
                 self.dirty = true;
+                self.changed.insert(aor.to_owned());
             }
             return Ok(RegisterOutcome { bindings: vec![], mapping_deaths: vec![] });
         }
@@ -299,6 +344,8 @@ impl Registrar {
         if list.is_empty() {
             self.aors.remove(aor);
         }
+        // A refresh changes the expiry, so every accepted REGISTER is a change to share.
+        self.changed.insert(aor.to_owned());
         Ok(RegisterOutcome { bindings, mapping_deaths })
     }
 
@@ -316,53 +363,21 @@ impl Registrar {
     /// Removes expired bindings; returns how many went.
     pub fn expire(&mut self, unix_now: u64) -> usize {
         let mut removed = 0;
-        self.aors.retain(|_, list| {
+        let changed = &mut self.changed;
+        self.aors.retain(|aor, list| {
             let before = list.len();
+            let local_before = list.iter().filter(|b| b.node.is_none()).count();
             list.retain(|b| b.expires_at > unix_now);
             removed += before - list.len();
+            if list.iter().filter(|b| b.node.is_none()).count() != local_before {
+                changed.insert(aor.clone());
+            }
             !list.is_empty()
         });
         if removed > 0 {
             self.dirty = true;
         }
         removed
-    }
-
-    /// The bindings whose flows this node holds (not other nodes' copies).
-    pub fn local_snapshot(&self) -> Vec<(String, Binding)> {
-        self.aors
-            .iter()
-            .flat_map(|(aor, l)| l.iter().filter(|b| b.node.is_none()).map(move |b| (aor.clone(), b.clone())))
-            .collect()
-    }
-
-    /// Other nodes' bindings as the cluster store has them now: they replace the copies
-    /// held so far. A local binding of the same contact registered earlier gives way (the
-    /// phone re-registered through another node); one registered later stays.
-    pub fn replace_remote(&mut self, entries: Vec<(String, Binding)>, unix_now: u64) {
-        for list in self.aors.values_mut() {
-            list.retain(|b| b.node.is_none());
-        }
-        for (aor, b) in entries {
-            if b.node.is_none() || b.expires_at <= unix_now {
-                continue;
-            }
-            let list = self.aors.entry(aor).or_default();
-            if let Some(i) = list.iter().position(|l| l.same_contact(&b.contact, b.instance.as_deref(), b.reg_id)) {
-                if list[i].registered_at > b.registered_at {
-                    continue;
-                }
-                list.remove(i);
-                self.dirty = true;
-            }
-            if list.len() >= MAX_BINDINGS_PER_AOR {
-                // More than any AOR may hold: someone wrote them to Redis by hand.
-                metrics::counter!("pinhole_cluster_bindings_refused_total").increment(1);
-                continue;
-            }
-            list.push(b);
-        }
-        self.aors.retain(|_, l| !l.is_empty());
     }
 
     pub fn binding_count(&self) -> usize {
@@ -380,7 +395,82 @@ impl Registrar {
                 self.aors.remove(aor);
             }
             self.dirty = true;
+            self.changed.insert(aor.to_owned());
         }
+    }
+
+    /// The AORs whose bindings on this node changed since the last call, each with those
+    /// bindings now (empty: none left here). Cheap when nothing changed: a cluster node
+    /// calls it every few milliseconds.
+    pub fn take_changes(&mut self) -> Vec<(String, Vec<Binding>)> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|aor| {
+                let local = self
+                    .aors
+                    .get(&aor)
+                    .map(|l| l.iter().filter(|b| b.node.is_none()).cloned().collect())
+                    .unwrap_or_default();
+                (aor, local)
+            })
+            .collect()
+    }
+
+    /// Every AOR with bindings on this node counts as changed (Redis came back, perhaps
+    /// empty: everything is written again).
+    pub fn mark_all_changed(&mut self) {
+        let local = self.aors.iter().filter(|(_, l)| l.iter().any(|b| b.node.is_none())).map(|(a, _)| a.clone());
+        self.changed.extend(local);
+    }
+
+    /// Node `node`'s bindings of `aor`, as announced or read from the cluster store: they
+    /// replace that node's copies of the AOR (an empty list removes them). A local binding
+    /// of the same contact registered earlier gives way (the phone re-registered through
+    /// the other node); one registered later stays. Bounded by [`MAX_BINDINGS_PER_AOR`].
+    pub fn set_remote(&mut self, aor: &str, node: &str, bindings: Vec<Binding>, unix_now: u64) {
+        let list = self.aors.entry(aor.to_owned()).or_default();
+        list.retain(|b| b.node.as_deref() != Some(node));
+        for mut b in bindings {
+            if b.expires_at <= unix_now {
+                continue;
+            }
+            b.node = Some(node.to_owned());
+            if let Some(i) = list.iter().position(|l| l.same_contact(&b.contact, b.instance.as_deref(), b.reg_id)) {
+                if list[i].registered_at > b.registered_at {
+                    continue;
+                }
+                if list[i].node.is_none() {
+                    self.changed.insert(aor.to_owned());
+                }
+                list.remove(i);
+                self.dirty = true;
+            }
+            if list.len() >= MAX_BINDINGS_PER_AOR {
+                // More than any AOR may hold: someone wrote them to Redis by hand.
+                metrics::counter!("pinhole_cluster_bindings_refused_total").increment(1);
+                continue;
+            }
+            list.push(b);
+        }
+        if list.is_empty() {
+            self.aors.remove(aor);
+        }
+    }
+
+    /// Keeps only the copies of other nodes' bindings that `keep(aor, node)` still wants
+    /// (after a full read of the cluster store, those it found).
+    pub fn retain_remote(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        self.aors.retain(|aor, list| {
+            list.retain(|b| b.node.as_deref().is_none_or(|n| keep(aor, n)));
+            !list.is_empty()
+        });
+    }
+
+    /// Bindings held here, and copies of other nodes'.
+    pub fn counts(&self) -> (usize, usize) {
+        let all = self.binding_count();
+        let local = self.aors.values().flat_map(|l| l.iter()).filter(|b| b.node.is_none()).count();
+        (local, all - local)
     }
 
     /// Takes the "changed since last snapshot" flag.
@@ -481,15 +571,14 @@ mod tests {
         let mut r2 = Registrar::new();
         r2.register(&CFG, 100, "b@x", &register(1, "<sip:b@10.0.0.2>", ""), flow(1), KA, None).expect("ok");
         let template = r2.lookup("b@x", 100)[0].clone();
-        let planted: Vec<(String, Binding)> = (0..10_000)
+        let planted: Vec<Binding> = (0..10_000)
             .map(|i| {
                 let mut b = template.clone();
                 b.contact = format!("sip:b@192.0.2.{}:{}", i % 250, 1000 + i);
-                b.node = Some("evil".into());
-                ("b@x".to_owned(), b)
+                b
             })
             .collect();
-        r2.replace_remote(planted, 100);
+        r2.set_remote("b@x", "evil", planted, 100);
         assert_eq!(r2.lookup("b@x", 100).len(), MAX_BINDINGS_PER_AOR);
     }
 
@@ -558,29 +647,75 @@ mod tests {
     }
 
     #[test]
-    fn another_nodes_copies_are_replaced_each_round_and_the_newest_registration_of_a_contact_wins() {
+    fn another_nodes_copies_follow_its_changes_and_the_newest_registration_of_a_contact_wins() {
         let mut r = Registrar::new();
         r.register(&CFG, 100, "a@x", &register(1, "<sip:a@10.0.0.2>", ""), flow(1), KA, None).expect("ok");
+        assert_eq!(r.take_changes().len(), 1, "a registration is a change to share");
+        assert!(r.take_changes().is_empty(), "and only once");
         let template = r.lookup("a@x", 100)[0].clone();
         let remote = |contact: &str, at: u64| {
             let mut b = template.clone();
             b.contact = contact.to_owned();
             b.registered_at = at;
-            b.node = Some("edge-2".into());
-            b.node_addr = Some("203.0.113.2:5060".parse().expect("addr"));
-            ("a@x".to_owned(), b)
+            b
         };
         // Another phone of the AOR on node 2, and an older copy of our own contact: ours stays.
-        r.replace_remote(vec![remote("sip:a@10.0.0.7", 90), remote("sip:a@10.0.0.2", 50)], 100);
+        r.set_remote("a@x", "edge-2", vec![remote("sip:a@10.0.0.7", 90), remote("sip:a@10.0.0.2", 50)], 100);
         let all = r.lookup("a@x", 100);
         assert_eq!(all.len(), 2);
         assert!(all.iter().any(|b| b.contact == "sip:a@10.0.0.2" && b.node.is_none()));
-        assert_eq!(r.local_snapshot().len(), 1, "only our own flows are written out");
-        // The phone re-registered through node 2 since: node 2's binding wins.
-        r.replace_remote(vec![remote("sip:a@10.0.0.2", 150)], 160);
+        assert_eq!(r.counts(), (1, 1));
+        assert!(r.take_changes().is_empty(), "copies are nobody's change here");
+        // The phone re-registered through node 2 since: node 2's binding wins, ours goes,
+        // and that is a change of ours (its field in the store goes too).
+        r.set_remote("a@x", "edge-2", vec![remote("sip:a@10.0.0.2", 150)], 160);
         let all = r.lookup("a@x", 160);
-        assert_eq!(all.len(), 1, "the copy of 10.0.0.7 went with its round: {all:?}");
+        assert_eq!(all.len(), 1, "node 2's copy of 10.0.0.7 went with its change: {all:?}");
         assert_eq!(all[0].node.as_deref(), Some("edge-2"));
-        assert!(r.local_snapshot().is_empty());
+        assert_eq!(r.take_changes(), vec![("a@x".to_owned(), vec![])]);
+        // A full read that no longer finds node 2's field drops the copy.
+        r.retain_remote(|_, _| false);
+        assert_eq!(r.counts(), (0, 0));
+    }
+
+    #[test]
+    fn expiry_and_removal_of_our_bindings_are_changes_and_a_reconnect_writes_everything() {
+        let mut r = Registrar::new();
+        for (i, aor) in ["a@x", "b@x"].into_iter().enumerate() {
+            let reg = register(1, &format!("<sip:{}@10.0.0.{i}>;expires=60", &aor[..1]), "");
+            r.register(&CFG, 100, aor, &reg, flow(1), KA, None).expect("ok");
+        }
+        let _ = r.take_changes();
+        r.set_remote("c@x", "edge-2", vec![r.lookup("a@x", 100)[0].clone()], 100);
+        assert_eq!(r.expire(161), 3);
+        let changed: Vec<String> = r.take_changes().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(changed, vec!["a@x".to_owned(), "b@x".to_owned()], "ours, not the copy");
+        r.register(&CFG, 200, "a@x", &register(2, "<sip:a@10.0.0.9>", ""), flow(1), KA, None).expect("ok");
+        let _ = r.take_changes();
+        r.remove("a@x", "sip:a@10.0.0.9");
+        assert_eq!(r.take_changes(), vec![("a@x".to_owned(), vec![])]);
+        r.register(&CFG, 200, "b@x", &register(3, "<sip:b@10.0.0.9>", ""), flow(1), KA, None).expect("ok");
+        let _ = r.take_changes();
+        r.mark_all_changed();
+        assert_eq!(r.take_changes().len(), 1);
+    }
+
+    #[test]
+    fn a_stored_value_is_read_only_within_its_bounds() {
+        let mut r = Registrar::new();
+        r.register(&CFG, 100, "a@x", &register(1, "<sip:a@10.0.0.2>", ""), flow(1), KA, None).expect("ok");
+        let b = r.lookup("a@x", 100)[0].clone();
+        let v = NodeBindings { addr: "203.0.113.2:5060".parse().expect("addr"), bindings: vec![b.clone()] };
+        let back = NodeBindings::decode(v.encode().as_bytes()).expect("decodes");
+        assert_eq!(
+            (back.addr, back.bindings[0].contact.as_str(), back.bindings[0].expires_at),
+            (v.addr, "sip:a@10.0.0.2", 3700)
+        );
+        let remote = v.clone().into_remote("edge-2");
+        assert_eq!((remote[0].node.as_deref(), remote[0].node_addr), (Some("edge-2"), Some(v.addr)));
+        let many = NodeBindings { bindings: vec![b; MAX_BINDINGS_PER_AOR + 1], ..v };
+        assert_eq!(NodeBindings::decode(many.encode().as_bytes()), None, "more contacts than an AOR may have");
+        assert_eq!(NodeBindings::decode(&vec![b' '; MAX_NODE_BINDINGS_BYTES + 1]), None, "too long");
+        assert_eq!(NodeBindings::decode(b"{}"), None);
     }
 }

@@ -305,6 +305,14 @@ impl<M: MediaAnchor> Proxy<M> {
         let targets = match self.targets(now, flow, msg, &remaining, dialog, to_us) {
             Ok(t) => t,
             Err(rej) => {
+                // No binding here: in a cluster the store may know of one a moment old.
+                let aor = (to_us && matches!(rej.code, 404 | 480))
+                    .then(|| request_user(msg))
+                    .flatten()
+                    .map(|u| format!("{u}@{}", self.cfg.domain));
+                if aor.is_some_and(|aor| self.park(now, key, flow, msg, &aor, auth_user.as_deref())) {
+                    return;
+                }
                 self.respond(now, key, rej.code, &rej.reason, &[]);
                 return;
             }

@@ -1447,9 +1447,8 @@ fn a_phone_registered_through_another_node_is_reached_through_that_node_and_neve
     // bob's binding moves to node 2 (he re-registered there): our copy says so.
     let mut b = lab.proxy.registrar().lookup("bob@example.com", 1_700_000_001)[0].clone();
     b.registered_at += 10;
-    b.node = Some("edge-2".into());
     b.node_addr = Some(addr("203.0.113.2:5060"));
-    lab.proxy.registrar_mut().replace_remote(vec![("bob@example.com".into(), b)], 1_700_000_001);
+    lab.proxy.registrar_mut().set_remote("bob@example.com", "edge-2", vec![b], 1_700_000_001);
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKn1"));
     let fwd = &out[1];
     assert_eq!(fwd.flow.remote, addr("203.0.113.2:5060"), "to the node holding bob's flow");
@@ -1457,8 +1456,60 @@ fn a_phone_registered_through_another_node_is_reached_through_that_node_and_neve
     // A request that comes from the node holding the flow would go back there: refused.
     let mut b = lab.proxy.registrar().lookup("bob@example.com", 1_700_000_001)[0].clone();
     b.node_addr = Some(addr(TRUSTED));
-    lab.proxy.registrar_mut().replace_remote(vec![("bob@example.com".into(), b)], 1_700_000_001);
+    lab.proxy.registrar_mut().set_remote("bob@example.com", "edge-2", vec![b], 1_700_000_001);
     let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKn2"));
     let statuses: Vec<Option<u16>> = out.iter().map(|t| parse(t).status()).collect();
     assert_eq!(statuses, vec![Some(100), Some(480)], "no request goes back to its node");
+}
+
+#[test]
+fn in_a_cluster_a_call_for_a_user_unknown_here_waits_for_the_store_and_reaches_the_other_node() {
+    let mut lab = Lab::new();
+    lab.proxy.enable_read_through();
+    // bob registered through node 2 a moment ago: no copy here yet.
+    let out = lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKrt1"));
+    let statuses: Vec<Option<u16>> = out.iter().map(|t| parse(t).status()).collect();
+    assert_eq!(statuses, vec![Some(100)], "no 480 while the store is asked");
+    assert_eq!(lab.proxy.poll_lookup().as_deref(), Some("bob@example.com"));
+    assert_eq!(lab.proxy.parked(), 1);
+    // A retransmission waits with it, and asks nothing more.
+    assert!(lab.send(udp(TRUSTED), &invite("bob", "z9hG4bKrt1")).iter().all(|t| parse(t).status() != Some(480)));
+    assert_eq!(lab.proxy.poll_lookup(), None);
+    // The store answers: bob is on node 2.
+    lab.register("bob", NAT_B, "pw-b");
+    let mut b = lab.proxy.registrar().lookup("bob@example.com", 1_700_000_001)[0].clone();
+    lab.proxy.registrar_mut().remove("bob@example.com", &b.contact.clone());
+    b.node_addr = Some(addr("203.0.113.2:5060"));
+    lab.proxy.handle_lookup(lab.now, "bob@example.com", vec![("edge-2".into(), vec![b])]);
+    let sent: Vec<Transmit> = std::iter::from_fn(|| lab.proxy.poll_transmit()).collect();
+    assert!(
+        sent.iter().any(|t| t.flow.remote == addr("203.0.113.2:5060") && parse(t).method() == Some(&Method::Invite)),
+        "the waiting INVITE went to node 2"
+    );
+    assert_eq!(lab.proxy.parked(), 0);
+}
+
+#[test]
+fn a_lookup_the_store_never_answers_is_answered_from_what_there_is_and_parking_is_bounded() {
+    let mut lab = Lab::new();
+    lab.proxy.enable_read_through();
+    let out = lab.send(udp(TRUSTED), &invite("nobody", "z9hG4bKrt2"));
+    assert_eq!(out.len(), 1, "only 100 Trying");
+    let late = lab.advance(Duration::from_millis(299));
+    assert!(late.iter().all(|t| !matches!(parse(t).status(), Some(404 | 480))), "still waiting");
+    let out = lab.advance(Duration::from_millis(2));
+    assert!(
+        out.iter().any(|t| parse(t).status() == Some(404)),
+        "answered from what there is (a trusted caller learns 404)"
+    );
+    assert_eq!(lab.proxy.parked(), 0);
+    // Past the per-AOR cap, requests are answered at once.
+    for i in 0..20 {
+        lab.send(udp(TRUSTED), &invite("carol", &format!("z9hG4bKcap{i}")));
+    }
+    assert_eq!(lab.proxy.parked(), 16);
+    // Without a cluster nothing waits.
+    let mut solo = Lab::new();
+    let out = solo.send(udp(TRUSTED), &invite("nobody", "z9hG4bKrt3"));
+    assert!(out.iter().any(|t| parse(t).status() == Some(404)));
 }
