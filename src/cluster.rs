@@ -350,19 +350,19 @@ impl Writer {
     /// The registrar's changes, written and announced. While Redis is away they stay
     /// taken (everything is written again when it is back).
     fn write_changes(&mut self) -> redis::RedisResult<()> {
-        let (changes, (local, remote)) = {
+        // Once a second: the gauges (counting is linear in the bindings, so not every tick).
+        let due = self.last_ping.is_none_or(|t| t.elapsed() >= PING_EVERY) || self.up != Some(true);
+        let (changes, counts) = {
             let mut node = self.shared.node();
             let registrar = node.proxy_mut().registrar_mut();
-            if self.up == Some(false) {
-                (Vec::new(), registrar.counts())
-            } else {
-                (registrar.take_changes(), registrar.counts())
-            }
+            let changes = if self.up == Some(false) { Vec::new() } else { registrar.take_changes() };
+            (changes, due.then(|| registrar.counts()))
         };
-        metrics::gauge!("pinhole_cluster_local_bindings").set(local as f64);
-        metrics::gauge!("pinhole_cluster_remote_bindings").set(remote as f64);
+        if let Some((local, remote)) = counts {
+            metrics::gauge!("pinhole_cluster_local_bindings").set(local as f64);
+            metrics::gauge!("pinhole_cluster_remote_bindings").set(remote as f64);
+        }
         if changes.is_empty() {
-            let due = self.last_ping.is_none_or(|t| t.elapsed() >= PING_EVERY) || self.up != Some(true);
             if due {
                 self.last_ping = Some(Instant::now());
                 let _: String = redis::cmd("PING").query(self.redis.connection()?)?;
