@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 /// A redis-server of our own on `port`, keeping nothing on disk.
-fn redis(port: u16) -> Child {
+fn redis(port: u16) -> Bg {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
@@ -18,7 +18,7 @@ fn redis(port: u16) -> Child {
         .spawn()
         .expect("redis-server (package redis-server) must be installed");
     assert!(wait_listening(port, Duration::from_secs(5)), "redis-server did not start");
-    child
+    Bg(Some(child))
 }
 
 fn node(dir: &TempDir, name: &str, redis_port: u16) -> Pinhole {
@@ -47,7 +47,7 @@ fn call(ph: &Pinhole, dir: &TempDir, tag: &str) -> (bool, u32, String) {
 fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a_kill_9_and_redis_going_away() {
     let dir = TempDir::new("cluster");
     let redis_port = free_port();
-    let mut server = redis(redis_port);
+    let server = redis(redis_port);
     let mut n1 = node(&dir, "edge-1", redis_port);
     let n2 = node(&dir, "edge-2", redis_port);
     let callee = sipp_callee(&n1.sip(), "carol", free_port(), "u1", "uas.xml", 60_000, &dir.path().join("uas.err"));
@@ -81,8 +81,7 @@ fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a
         })
     };
     std::thread::sleep(Duration::from_secs(1));
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let down_at = Instant::now();
     for n in [&n1, &n2] {
         assert!(wait_log(n, "Redis unreachable", Duration::from_secs(10)), "{}", n.log_text());
@@ -91,7 +90,7 @@ fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a
     assert!(ok && good == 1, "a call failed while Redis was away: {text}");
     std::thread::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed()));
     // …and when it is back, node 1 writes carol again and node 2 sees her from Redis.
-    server = redis(redis_port);
+    let server = redis(redis_port);
     for n in [&n1, &n2] {
         assert!(wait_log(n, "Redis is back", Duration::from_secs(10)), "{}", n.log_text());
         assert_eq!(n.metric("pinhole_cluster_reconciles_total"), Some(1.0));
@@ -102,8 +101,7 @@ fn a_phone_registered_through_one_node_is_reached_through_another_and_survives_a
     let (ok, good, _, text) = long.join().expect("the long call's thread");
     assert!(ok && good == 1, "the call in progress did not survive Redis's absence: {text}");
     drop(callee);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
 
 /// A CA and a certificate it signed for 127.0.0.1 (rustls wants a SAN and will not take a
@@ -181,25 +179,27 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
     let (ca, leaf, key) = ca_and_leaf(dir.path());
     let port = free_port();
     let p = |p: &std::path::PathBuf| p.display().to_string();
-    let mut server = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--tls-cert-file", &p(&leaf), "--tls-key-file", &p(&key), "--tls-ca-cert-file", &p(&ca)])
-        .args(["--tls-auth-clients", "no", "--requirepass", "s3cret"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (package redis-server) must be installed");
+    let server = Bg(Some(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--tls-cert-file", &p(&leaf), "--tls-key-file", &p(&key), "--tls-ca-cert-file", &p(&ca)])
+            .args(["--tls-auth-clients", "no", "--requirepass", "s3cret"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (package redis-server) must be installed"),
+    ));
     assert!(wait_listening(port, Duration::from_secs(5)), "redis-server with TLS did not start");
     let node = |name: &str, url: &str| {
         let extra = format!("[cluster]\nredis = \"{url}\"\ntls_ca = \"{}\"\nnode = \"{name}\"\n", ca.display());
@@ -285,8 +285,7 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
     let (ok, good, text) = call(&n2, &dir, "planted");
     assert!(ok && good == 1, "{text}\n{}", n2.log_text());
     drop(callee);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
 
 /// Counters of a Redis server (`INFO stats`), by name.
@@ -303,7 +302,7 @@ fn a_phone_is_reachable_through_every_node_as_soon_as_its_200_ok_has_left_and_id
     use std::net::UdpSocket;
     let dir = TempDir::new("cluster-now");
     let redis_port = free_port();
-    let mut server = redis(redis_port);
+    let server = redis(redis_port);
     let n1 = node(&dir, "edge-1", redis_port);
     let n2 = node(&dir, "edge-2", redis_port);
     for n in [&n1, &n2] {
@@ -363,6 +362,5 @@ fn a_phone_is_reachable_through_every_node_as_soon_as_its_200_ok_has_left_and_id
         idle <= 30,
         "{idle} commands in 3 s from two idle nodes: more than a ping and a blocked read each\n{stats}"
     );
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
