@@ -67,6 +67,11 @@ const MAX_FIELDS: usize = 64;
 pub(crate) struct RedisTarget {
     pub(crate) url: String,
     pub(crate) tls_ca: Option<std::path::PathBuf>,
+    /// Redis Sentinel: the sentinels' URLs and the master's name. The master is asked of
+    /// them at every (re)connect, so a failover is followed; `url` then gives only the
+    /// master's password (its host is whatever the sentinels say).
+    pub(crate) sentinels: Vec<String>,
+    pub(crate) master: Option<String>,
 }
 
 impl RedisTarget {
@@ -128,15 +133,36 @@ pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<S
     Ok(tx)
 }
 
-/// A Redis connection made on demand and dropped on error, so the next use reconnects.
+/// A Redis connection made on demand and dropped on error, so the next use reconnects
+/// (through the sentinels, to whichever server is the master then).
 pub(crate) struct RedisLink {
-    client: redis::Client,
+    backend: Backend,
     con: Option<redis::Connection>,
+}
+
+enum Backend {
+    Direct(redis::Client),
+    Sentinel(redis::sentinel::SentinelClient),
 }
 
 impl RedisLink {
     pub(crate) fn open(target: &RedisTarget) -> anyhow::Result<RedisLink> {
         use anyhow::Context;
+        if let Some(master) = &target.master {
+            let info = redis::IntoConnectionInfo::into_connection_info(target.url.as_str())?;
+            let node = redis::sentinel::SentinelNodeConnectionInfo {
+                tls_mode: matches!(info.addr, redis::ConnectionAddr::TcpTls { .. }).then_some(redis::TlsMode::Secure),
+                redis_connection_info: Some(info.redis),
+            };
+            let sentinels: Vec<&str> = target.sentinels.iter().map(String::as_str).collect();
+            let client = redis::sentinel::SentinelClient::build(
+                sentinels,
+                master.clone(),
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )?;
+            return Ok(RedisLink { backend: Backend::Sentinel(client), con: None });
+        }
         let client = match &target.tls_ca {
             Some(ca) => {
                 let pem = std::fs::read(ca).with_context(|| format!("reading the Redis CA {}", ca.display()))?;
@@ -145,12 +171,15 @@ impl RedisLink {
             }
             None => redis::Client::open(target.url.as_str())?,
         };
-        Ok(RedisLink { client, con: None })
+        Ok(RedisLink { backend: Backend::Direct(client), con: None })
     }
 
     pub(crate) fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
         if self.con.is_none() {
-            let con = self.client.get_connection_with_timeout(Duration::from_secs(1))?;
+            let con = match &mut self.backend {
+                Backend::Direct(c) => c.get_connection_with_timeout(Duration::from_secs(1))?,
+                Backend::Sentinel(s) => s.get_connection()?,
+            };
             con.set_read_timeout(Some(Duration::from_secs(1)))?;
             con.set_write_timeout(Some(Duration::from_secs(1)))?;
             self.con = Some(con);
@@ -619,7 +648,7 @@ mod tests {
     use super::*;
 
     fn target(url: &str) -> RedisTarget {
-        RedisTarget { url: url.into(), tls_ca: None }
+        RedisTarget { url: url.into(), tls_ca: None, sentinels: vec![], master: None }
     }
 
     #[test]

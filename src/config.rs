@@ -61,6 +61,12 @@ pub(crate) struct ClusterSpec {
     /// trust store does not hold it.
     #[serde(default)]
     pub(crate) tls_ca: Option<PathBuf>,
+    /// Redis Sentinel: `["redis://IP:26379", …]` and the master's name; `redis` then
+    /// gives only the master's password and scheme.
+    #[serde(default)]
+    pub(crate) sentinels: Vec<String>,
+    #[serde(default)]
+    pub(crate) master: Option<String>,
     pub(crate) node: String,
     #[serde(default)]
     pub(crate) address: Option<SocketAddr>,
@@ -72,7 +78,12 @@ pub(crate) struct ClusterSpec {
 
 impl ClusterSpec {
     fn target(&self) -> crate::cluster::RedisTarget {
-        crate::cluster::RedisTarget { url: self.redis.clone(), tls_ca: self.tls_ca.clone() }
+        crate::cluster::RedisTarget {
+            url: self.redis.clone(),
+            tls_ca: self.tls_ca.clone(),
+            sentinels: self.sentinels.clone(),
+            master: self.master.clone(),
+        }
     }
 }
 
@@ -723,6 +734,14 @@ impl Config {
             }
             if c.tls_ca.is_some() && !c.redis.starts_with("rediss://") {
                 err("tls_ca", "tls_ca needs a rediss:// URL".into());
+            }
+            if c.sentinels.is_empty() != c.master.is_none() {
+                err("sentinels", "Redis Sentinel needs both sentinels and master".into());
+            }
+            for s in &c.sentinels {
+                if redis::IntoConnectionInfo::into_connection_info(s.as_str()).is_err() {
+                    err("sentinels", format!("`{s}` is not a Redis URL"));
+                }
             }
             if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
                 err("node", "node must be a name without spaces".into());

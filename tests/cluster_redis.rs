@@ -297,9 +297,38 @@ fn redis_stat(port: u16, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A phone (a bare UDP socket) registering `user` through `node` and waiting for its 200.
+fn register_raw(node: &Pinhole, user: &str) -> std::net::UdpSocket {
+    let phone = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    phone.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let at = phone.local_addr().expect("addr");
+    let register = format!(
+        "REGISTER sip:pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {at};branch=z9hG4bKr{user};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:{user}@pinhole.test>;tag=r{user}\r\nCall-ID: reg-{user}\r\nCSeq: 1 REGISTER\r\nContact: <sip:{user}@{at}>\r\nContent-Length: 0\r\n\r\n"
+    );
+    phone.send_to(register.as_bytes(), node.sip()).expect("send");
+    let mut buf = [0u8; 4096];
+    let ok = wait_until(Duration::from_secs(3), || {
+        phone.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200"))
+    });
+    assert!(ok, "{user} was not registered\n{}", node.log_text());
+    phone
+}
+
+/// `caller` calls `user` through `node`: whether `phone` rings within 2 s.
+fn rings(caller: &std::net::UdpSocket, node: &Pinhole, user: &str, phone: &std::net::UdpSocket) -> bool {
+    let c = caller.local_addr().expect("addr");
+    let invite = format!(
+        "INVITE sip:{user}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKc{user};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:caller@pinhole.test>;tag=c{user}\r\nCall-ID: call-{user}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
+    );
+    caller.send_to(invite.as_bytes(), node.sip()).expect("send");
+    let mut buf = [0u8; 4096];
+    wait_until(Duration::from_secs(2), || {
+        phone.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).starts_with("INVITE "))
+    })
+}
+
 #[test]
 fn a_phone_is_reachable_through_every_node_as_soon_as_its_200_ok_has_left_and_idle_nodes_cost_redis_nothing() {
-    use std::net::UdpSocket;
     let dir = TempDir::new("cluster-now");
     let redis_port = free_port();
     let server = redis(redis_port);
@@ -308,33 +337,18 @@ fn a_phone_is_reachable_through_every_node_as_soon_as_its_200_ok_has_left_and_id
     for n in [&n1, &n2] {
         assert!(n.wait_metric("pinhole_cluster_redis_up", 1.0, Duration::from_secs(10)), "{}", n.log_text());
     }
-    let caller = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let caller = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let mut waits = Vec::new();
     for i in 0..20 {
-        let phone = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        phone.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-        let at = phone.local_addr().expect("addr");
         let user = format!("now{i}");
-        let register = format!(
-            "REGISTER sip:pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {at};branch=z9hG4bKnow{i};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:{user}@pinhole.test>;tag=r{i}\r\nCall-ID: now-reg-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:{user}@{at}>\r\nContent-Length: 0\r\n\r\n"
-        );
-        phone.send_to(register.as_bytes(), n1.sip()).expect("send");
-        let mut buf = [0u8; 4096];
-        let ok = wait_until(Duration::from_secs(3), || {
-            phone.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200"))
-        });
-        assert!(ok, "{user} was not registered through node 1\n{}", n1.log_text());
+        let phone = register_raw(&n1, &user);
         // At once, through node 2.
         let sent = Instant::now();
-        let c = caller.local_addr().expect("addr");
-        let invite = format!(
-            "INVITE sip:{user}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKcall{i};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:caller@pinhole.test>;tag=c{i}\r\nCall-ID: now-call-{i}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
+        assert!(
+            rings(&caller, &n2, &user, &phone),
+            "{user} was not called through node 2 right after registering\n{}",
+            n2.log_text()
         );
-        caller.send_to(invite.as_bytes(), n2.sip()).expect("send");
-        let rung = wait_until(Duration::from_secs(2), || {
-            phone.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).starts_with("INVITE "))
-        });
-        assert!(rung, "{user} was not called through node 2 right after registering\n{}", n2.log_text());
         waits.push(sent.elapsed());
     }
     waits.sort();
@@ -363,4 +377,104 @@ fn a_phone_is_reachable_through_every_node_as_soon_as_its_200_ok_has_left_and_id
         "{idle} commands in 3 s from two idle nodes: more than a ping and a blocked read each\n{stats}"
     );
     drop(server);
+}
+
+/// A sentinel of our own watching `master_port` as `pinhole`, quick to act.
+fn sentinel(dir: &std::path::Path, port: u16, master_port: u16) -> Bg {
+    let conf = dir.join(format!("sentinel-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!("port {port}\nbind 127.0.0.1\nsentinel monitor pinhole 127.0.0.1 {master_port} 2\nsentinel down-after-milliseconds pinhole 1000\nsentinel failover-timeout pinhole 5000\nsentinel parallel-syncs pinhole 1\n"),
+    )
+    .expect("sentinel config");
+    let child = Command::new("redis-sentinel")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-sentinel (package redis-sentinel) must be installed");
+    assert!(wait_listening(port, Duration::from_secs(5)), "redis-sentinel did not start");
+    Bg(Some(child))
+}
+
+fn cli_text(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn when_sentinel_promotes_a_replica_the_nodes_follow_and_no_registration_is_lost() {
+    let dir = TempDir::new("cluster-sentinel");
+    let (p1, p2) = (free_port(), free_port());
+    let mut primary = redis(p1);
+    let _replica = Bg(Some(
+        Command::new("redis-server")
+            .args(["--port", &p2.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--replicaof", "127.0.0.1", &p1.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    ));
+    assert!(wait_until(Duration::from_secs(10), || cli_text(p2, &["INFO", "replication"])
+        .contains("master_link_status:up")));
+    let ports = [free_port(), free_port(), free_port()];
+    let _sentinels: Vec<Bg> = ports.iter().map(|p| sentinel(dir.path(), *p, p1)).collect();
+    // The sentinels know the replica and each other before anything fails.
+    let ready = wait_until(Duration::from_secs(20), || {
+        cli_text(ports[0], &["SENTINEL", "REPLICAS", "pinhole"]).contains(&p2.to_string())
+            && cli_text(ports[0], &["SENTINEL", "SENTINELS", "pinhole"]).matches("runid").count() >= 2
+    });
+    assert!(ready, "the sentinels never saw the replica and each other");
+    let sentinels = ports.map(|p| format!("\"redis://127.0.0.1:{p}\"")).join(", ");
+    let node = |name: &str| {
+        let extra = format!("[cluster]\nredis = \"redis://localhost\"\nsentinels = [{sentinels}]\nmaster = \"pinhole\"\nnode = \"{name}\"\n");
+        Pinhole::start(&dir, PinholeOptions { extra, ..Default::default() })
+    };
+    let (n1, n2) = (node("edge-1"), node("edge-2"));
+    for n in [&n1, &n2] {
+        assert!(n.wait_metric("pinhole_cluster_redis_up", 1.0, Duration::from_secs(10)), "{}", n.log_text());
+    }
+    let caller = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let before = register_raw(&n1, "before");
+    assert!(rings(&caller, &n2, "before", &before), "{}", n2.log_text());
+
+    // The primary dies; phones keep registering through node 1 meanwhile.
+    if let Some(mut c) = primary.0.take() {
+        let _ = c.kill(); // SIGKILL
+        let _ = c.wait();
+    }
+    let killed = Instant::now();
+    let during: Vec<(String, std::net::UdpSocket)> = (0..5)
+        .map(|i| {
+            let user = format!("during{i}");
+            let phone = register_raw(&n1, &user);
+            std::thread::sleep(Duration::from_millis(300));
+            (user, phone)
+        })
+        .collect();
+    let promoted = wait_until(Duration::from_secs(20), || {
+        cli_text(ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "pinhole"]).contains(&p2.to_string())
+    });
+    assert!(promoted, "the sentinels never promoted the replica");
+    let promoted_after = killed.elapsed();
+    for n in [&n1, &n2] {
+        let back = wait_until(Duration::from_secs(5), || n.log_text().contains("Redis is back"));
+        assert!(back, "a node did not follow the new master within 5 s\n{}", n.log_text());
+    }
+    let followed_after = killed.elapsed();
+    eprintln!("primary killed: replica promoted after {promoted_after:?}, both nodes on it after {followed_after:?}");
+    // Nothing registered is lost: every phone rings through the other node.
+    assert!(rings(&caller, &n2, "before", &before), "a registration from before the failover was lost");
+    for (user, phone) in &during {
+        assert!(
+            rings(&caller, &n2, user, phone),
+            "{user}, registered during the failover, was lost\n{}",
+            n2.log_text()
+        );
+    }
+    assert!(
+        cli_text(p2, &["HGETALL", "pinhole:aor:during4@pinhole.test"]).contains("edge-1"),
+        "written to the new master"
+    );
 }

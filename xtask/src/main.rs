@@ -37,6 +37,7 @@ const PEERS: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("conntrack", "conntrack"),
     ("redis-server", "redis-server"),
+    ("redis-sentinel", "redis-sentinel"),
 ];
 
 fn main() -> ExitCode {
@@ -143,8 +144,19 @@ fn test() -> anyhow::Result<()> {
 }
 
 /// Programs the suites start; any of them still running afterwards was left behind.
-const PEER_PROGRAMS: &[&str] =
-    &["pinhole", "sipp", "kamailio", "baresip", "rtpengine", "turnserver", "socat", "stun", "redis-server", "tcpdump"];
+const PEER_PROGRAMS: &[&str] = &[
+    "pinhole",
+    "sipp",
+    "kamailio",
+    "baresip",
+    "rtpengine",
+    "turnserver",
+    "socat",
+    "stun",
+    "redis-server",
+    "redis-sentinel",
+    "tcpdump",
+];
 
 /// (pid, program) of every running peer program.
 fn peer_processes() -> Vec<(u32, String)> {
