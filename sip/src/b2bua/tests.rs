@@ -896,3 +896,25 @@ fn when_every_trunk_of_a_route_is_down_the_call_is_tried_on_them_anyway() {
     sent(&out, CARRIER1, "INVITE");
     assert!(to(&out, PHONE).iter().all(|m| m.status() != Some(503)), "not refused");
 }
+
+#[test]
+fn a_user_registered_from_a_trunks_address_is_still_called_as_a_user() {
+    // A PBX that is a trunk and also registers its users: calls to them are proxied.
+    let mut lab = Lab::new(10);
+    let pbx = "192.0.2.10:5070";
+    let reg = |auth: &str| {
+        format!("REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP {pbx};branch=z9hG4bKpbx{};rport\r\nMax-Forwards: 70\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=pbx\r\nCall-ID: reg-pbx\r\nCSeq: {} REGISTER\r\nContact: <sip:alice@{pbx}>\r\n{auth}Content-Length: 0\r\n\r\n", auth.len(), if auth.is_empty() { 1 } else { 2 })
+    };
+    let out = send_raw(&mut lab, pbx, reg(""));
+    let challenge = one(&out, pbx, "401");
+    let all = challenge.value_texts(HeaderName::Other);
+    let md5 = all.iter().find(|h| h.contains("MD5")).expect("MD5 challenge");
+    let nonce = md5.split("nonce=\"").nth(1).and_then(|s| s.split('"').next()).expect("nonce");
+    let c = crate::auth::Challenge { realm: "example.com", nonce, algorithm: Algorithm::Md5 };
+    let creds = Credentials::answering(&c, "alice", "pw-a", "REGISTER", "sip:example.com", 1, "c0ffee");
+    let out = send_raw(&mut lab, pbx, reg(&format!("Authorization: {}\r\n", creds.header_value())));
+    assert_eq!(one(&out, pbx, "200").status(), Some(200));
+    let out = lab.dial("alice");
+    let invite = one(&out, pbx, "INVITE");
+    assert!(text(&invite).starts_with("INVITE sip:alice@192.0.2.10:5070 SIP/2.0"), "{}", text(&invite));
+}

@@ -317,15 +317,6 @@ impl<M: MediaAnchor> Proxy<M> {
                 return;
             }
         };
-        // A carrier is reached only through the B2BUA and its routes (which count the call
-        // against the trunk, record it and hide the caller): never proxied to, whatever the
-        // Request-URI or a preloaded Route says.
-        if targets.iter().any(|t| self.b2bua.trunk_at(t.flow.remote.ip()).is_some()) {
-            tracing::info!(from = %flow.remote, user = ?auth_user, "request towards a trunk outside its routes refused");
-            metrics::counter!("pinhole_b2bua_bypass_refused_total").increment(1);
-            self.respond(now, key, 403, "Forbidden - Trunks Are Reached Only Through Routes", &[]);
-            return;
-        }
         // A new call: its caller's binding (looked up once) tells the media anchor and the
         // punch planner about the caller's agent.
         let new_call = *method == Method::Invite && msg.tag(HeaderName::To).is_none();
@@ -389,7 +380,7 @@ impl<M: MediaAnchor> Proxy<M> {
         if let Some(next) = remaining.first() {
             let uri = uri_of(next);
             let f = self.flow_for_uri(uri).ok_or(Rejection::new(503, "Cannot Route To Next Hop"))?;
-            return Ok(vec![Target::plain(f)]);
+            return Ok(vec![Target::plain(self.not_a_trunk(f)?)]);
         }
         if to_us {
             let Some(user) = request_user(msg) else {
@@ -413,7 +404,19 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let uri = msg.request_uri().unwrap_or("");
         let f = self.flow_for_uri(uri).ok_or(Rejection::new(404, "Not Found - Unresolvable Request-URI Host"))?;
-        Ok(vec![Target::plain(f)])
+        Ok(vec![Target::plain(self.not_a_trunk(f)?)])
+    }
+
+    /// A carrier is reached only through the B2BUA and its routes (which count the call
+    /// against the trunk, record it and hide the caller): never where a Request-URI host or
+    /// a preloaded Route points. (Dialogs and registered bindings were vetted when made.)
+    fn not_a_trunk(&self, f: Flow) -> Result<Flow, Rejection> {
+        if self.b2bua.trunk_at(f.remote.ip()).is_some() {
+            tracing::info!(to = %f.remote, "request towards a trunk outside its routes refused");
+            metrics::counter!("pinhole_b2bua_bypass_refused_total").increment(1);
+            return Err(Rejection::new(403, "Forbidden - Trunks Are Reached Only Through Routes"));
+        }
+        Ok(f)
     }
 
     /// Where a request for these bindings goes: down the flows this node holds, and once to
