@@ -638,7 +638,8 @@ impl Reader {
     }
 }
 
-fn stream_id(id: &str) -> (u64, u64) {
+/// A stream entry ID (`ms-seq`) as a pair that orders like the stream.
+pub(crate) fn stream_id(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }

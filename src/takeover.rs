@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use pinhole_media::relay::CallState;
 
-use crate::cluster::RedisLink;
+use crate::cluster::{stream_id, RedisLink};
 use crate::server::{unix_now, Shared};
 
 /// How often the active node writes what changed, and the standby reads.
@@ -289,9 +289,3 @@ impl CallStore {
 
 /// A stream entry as Redis returns it: its ID and its fields, name and value in turn.
 type Entry = (String, Vec<String>);
-
-/// A stream entry ID (`ms-seq`) as a pair that orders like the stream.
-fn stream_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
