@@ -316,9 +316,12 @@ fn register_raw(node: &Pinhole, user: &str) -> std::net::UdpSocket {
 
 /// `caller` calls `user` through `node`: whether `phone` rings within 2 s.
 fn rings(caller: &std::net::UdpSocket, node: &Pinhole, user: &str, phone: &std::net::UdpSocket) -> bool {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let user_call = format!("{user}{n}");
     let c = caller.local_addr().expect("addr");
     let invite = format!(
-        "INVITE sip:{user}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKc{user};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:caller@pinhole.test>;tag=c{user}\r\nCall-ID: call-{user}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
+        "INVITE sip:{user}@pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKc{user_call};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@pinhole.test>\r\nFrom: <sip:caller@pinhole.test>;tag=c{user_call}\r\nCall-ID: call-{user_call}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
     );
     caller.send_to(invite.as_bytes(), node.sip()).expect("send");
     let mut buf = [0u8; 4096];
@@ -477,4 +480,68 @@ fn when_sentinel_promotes_a_replica_the_nodes_follow_and_no_registration_is_lost
         cli_text(p2, &["HGETALL", "pinhole:aor:during4@pinhole.test"]).contains("edge-1"),
         "written to the new master"
     );
+}
+
+/// A TCP relay (socat) from `listen` to Redis on `to`: stopping it with SIGSTOP cuts whoever
+/// talks through it off without a word, as a dropped network does.
+fn tcp_relay(listen: u16, to: u16) -> Bg {
+    use std::os::unix::process::CommandExt as _;
+    let child = Command::new("socat")
+        .arg(format!("TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork"))
+        .arg(format!("TCP:127.0.0.1:{to}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("socat (package socat) must be installed");
+    assert!(wait_listening(listen, Duration::from_secs(5)), "socat did not start");
+    Bg(Some(child))
+}
+
+/// Sends `sig` to every process of the group `leader` leads (socat forks one per connection).
+fn signal_group(leader: &Bg, sig: &str) {
+    let pid = leader.0.as_ref().map(|c| c.id()).expect("running");
+    let st = Command::new("kill").args([&format!("-{sig}"), "--", &format!("-{pid}")]).status();
+    assert!(st.is_ok_and(|s| s.success()), "kill -{sig}");
+}
+
+#[test]
+fn a_node_cut_off_from_redis_serves_on_and_reconciles_and_a_dead_nodes_phones_come_back_through_another() {
+    let dir = TempDir::new("cluster-cut");
+    let redis_port = free_port();
+    let _server = redis(redis_port);
+    let via = free_port();
+    let relay = tcp_relay(via, redis_port);
+    let mut n1 = node(&dir, "edge-1", via);
+    let n2 = node(&dir, "edge-2", redis_port);
+    for n in [&n1, &n2] {
+        assert!(n.wait_metric("pinhole_cluster_redis_up", 1.0, Duration::from_secs(10)), "{}", n.log_text());
+    }
+    let caller = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let early = register_raw(&n1, "early");
+    assert!(rings(&caller, &n2, "early", &early));
+
+    // Node 1's way to Redis goes silent for 30 s.
+    signal_group(&relay, "STOP");
+    let cut_at = Instant::now();
+    assert!(n1.wait_metric("pinhole_cluster_redis_up", 0.0, Duration::from_secs(10)), "node 1 never noticed");
+    assert!(n1.log_text().contains("Redis unreachable: serving from the local cache"));
+    // It serves on from what it has, and both sides keep registering.
+    let cut1 = register_raw(&n1, "cut1");
+    let cut2 = register_raw(&n2, "cut2");
+    assert!(rings(&caller, &n1, "early", &early), "node 1 stopped serving its own phone");
+    assert!(rings(&caller, &n1, "cut1", &cut1));
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(cut_at.elapsed()));
+    signal_group(&relay, "CONT");
+    // Back: a log line and a metric, everything local written again, the store read again.
+    assert!(wait_until(Duration::from_secs(15), || n1.log_text().contains("Redis is back")), "{}", n1.log_text());
+    assert!(n1.wait_metric("pinhole_cluster_reconciles_total", 1.0, Duration::from_secs(5)));
+    assert!(rings(&caller, &n2, "cut1", &cut1), "node 2 never learnt the phone registered on node 1 during the cut");
+    assert!(rings(&caller, &n1, "cut2", &cut2), "node 1 never learnt the phone registered on node 2 during the cut");
+
+    // Node 1 dies for good: node 2 still forwards; early's phone, registering again
+    // through node 2, is reached there.
+    n1.kill9();
+    let early_again = register_raw(&n2, "early");
+    assert!(rings(&caller, &n2, "early", &early_again), "{}", n2.log_text());
 }
