@@ -116,6 +116,9 @@ pub(crate) fn run(cfg: AgentFile) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the NAT is profiled again (a change is pushed to the server at once).
+const PROFILE_EVERY: Duration = Duration::from_secs(300);
+
 /// How often the round trips to the relays are measured again.
 const RELAY_RTT_EVERY: Duration = Duration::from_secs(60);
 
@@ -178,20 +181,40 @@ fn measure_nat(
 ) {
     let (server, max, auto) = (cfg.agent.server, cfg.sip.max_message_size, cfg.agent.transport == AgentTransport::Auto);
     let spawned = std::thread::Builder::new().name("agent nat probe".into()).spawn(move || {
-        match crate::probe::probe(&stun.to_string(), Some(local.ip())) {
-            Ok((report, _)) if report.udp => {
-                let profile = NatProfile::from_report(&report, report.mapped).to_header();
-                tracing::info!(%stun, verdict = report.traditional_name(), %profile, "NAT profile");
-                agent.lock().unwrap_or_else(|e| e.into_inner()).set_profile(profile);
-            }
-            Ok(_) => {
-                tracing::warn!(%stun, "no STUN answer over UDP: UDP blocked; NAT profile udp=blocked");
-                agent.lock().unwrap_or_else(|e| e.into_inner()).set_profile("udp=blocked".into());
-                if auto && !link.udp_blocked.swap(true, Ordering::Relaxed) {
-                    use_tcp(&agent, &link, media, local, server, max);
+        let mut last: Option<String> = None;
+        loop {
+            let profile = match crate::probe::probe(&stun.to_string(), Some(local.ip())) {
+                Ok((report, _)) if report.udp => {
+                    let profile = NatProfile::from_report(&report, report.mapped).to_header();
+                    tracing::info!(%stun, verdict = report.traditional_name(), %profile, "NAT profile");
+                    Some(profile)
                 }
+                Ok(_) => {
+                    tracing::warn!(%stun, "no STUN answer over UDP: UDP blocked; NAT profile udp=blocked");
+                    if auto && !link.udp_blocked.swap(true, Ordering::Relaxed) {
+                        use_tcp(&agent, &link, media.clone(), local, server, max);
+                    }
+                    Some("udp=blocked".to_owned())
+                }
+                Err(e) => {
+                    tracing::warn!(%stun, error = %e, "NAT probe failed; no NAT profile");
+                    None
+                }
+            };
+            // A profile measured for the first time, or changed since (a new public address,
+            // a NAT reboot): the phones' REGISTERs carry it from now on, and the server
+            // hears it at once for the phones already registered.
+            if let Some(p) = profile.filter(|p| last.as_ref() != Some(p)) {
+                let mut a = agent.lock().unwrap_or_else(|e| e.into_inner());
+                a.set_profile(p.clone());
+                // Phones that registered before it was measured get it now too.
+                let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                a.push_profile(unix);
+                link.send_all(&mut a);
+                tracing::info!(profile = %p, first = last.is_none(), "NAT profile sent to the server");
+                last = Some(p);
             }
-            Err(e) => tracing::warn!(%stun, error = %e, "NAT probe failed; no NAT profile"),
+            std::thread::sleep(PROFILE_EVERY);
         }
     });
     if let Err(e) = spawned {
@@ -248,7 +271,7 @@ fn use_tcp(
                             drain_media(&mut a, m, &link);
                         }
                         link.send_all(&mut a);
-                        publish(&a);
+                        publish(&mut a);
                     }
                     Ok(Some(pinhole_sip::stream::Frame::Ping)) => {
                         if let Some(c) = link.tcp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -374,12 +397,20 @@ fn serve(local: SocketAddr, link: &Link, agent: &Mutex<Agent<Option<Relay>>>, me
             drain_media(&mut a, m, link);
         }
         link.send_all(&mut a);
-        publish(&a);
+        publish(&mut a);
     }
 }
 
 /// The agent's refusals as counters: what strangers tried.
-fn publish(a: &Agent<Option<Relay>>) {
+fn publish(a: &mut Agent<Option<Relay>>) {
+    for code in a.take_profile_answers() {
+        if code == 200 {
+            tracing::info!("the server took the new NAT profile");
+        } else {
+            // 403 before any phone registered through us is expected: no binding to update.
+            tracing::info!(code, "the server did not take the NAT profile update");
+        }
+    }
     metrics::counter!("pinhole_agent_plans_refused_total").absolute(a.plans_refused());
     metrics::counter!("pinhole_agent_requests_refused_total").absolute(a.refused());
     metrics::counter!("pinhole_agent_responses_dropped_total").absolute(a.dropped());

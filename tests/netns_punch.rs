@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::baresip::Phone;
 use common::netns::{nft, nft_counter, ns_exec, Lan, NatKind, NatLab, WAN_ALTERNATE, WAN_SERVER};
-use common::{tone_share, wait_for, Bg, TempDir};
+use common::{tone_share, wait_for, wait_until, Bg, TempDir};
 use std::os::unix::process::CommandExt;
 
 const AGENT_PORT: u16 = 5070;
@@ -126,6 +126,9 @@ fn run_cell_with(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Agents,
+    /// Agents, with the phones started as soon as the agents listen (before their NAT
+    /// profiles are measured); the call waits until the server has taken both profiles.
+    AgentsJustStarted,
     Ice,
 }
 
@@ -234,7 +237,7 @@ fn run_cell_as(
     let phone = |i: usize, name: &str, hz: f64| {
         let l = &lab.lans[i];
         match mode {
-            Mode::Agents => {
+            Mode::Agents | Mode::AgentsJustStarted => {
                 Phone::start(&l.lan, dir.path(), name, &l.host, hz, Some(&format!("{}:{AGENT_PORT}", l.host)))
             }
             Mode::Ice => Phone::start_with(
@@ -248,9 +251,12 @@ fn run_cell_as(
             ),
         }
     };
-    if mode == Mode::Agents {
+    let started = Instant::now();
+    if mode != Mode::Ice {
+        // Ready when profiled, or (just started) as soon as it listens.
+        let ready = if mode == Mode::Agents { "NAT profile" } else { "agent listening" };
         for (i, who) in ["alice", "bob"].into_iter().enumerate() {
-            let (bg, log) = start_agent(dir.path(), who, &lab.lans[i]);
+            let (bg, log) = start_agent_with(dir.path(), who, &lab.lans[i], "", ready);
             agents.push(bg);
             logs_at.push(log);
         }
@@ -262,6 +268,14 @@ fn run_cell_as(
     for who in ["alice", "bob"] {
         let registered = wait_for(&ph_log, &format!("aor={who}@pinhole.test"), Duration::from_secs(15));
         assert!(registered, "{name}: {who} did not register\n{}", pinhole());
+    }
+    if mode == Mode::AgentsJustStarted {
+        eprintln!("{name}: both phones registered {:?} after their agents started", started.elapsed());
+        // Each agent pushes its profile once measured; the server takes it for the phone
+        // registered through it.
+        let taken = wait_until(Duration::from_secs(40), || pinhole().matches("agent profile updated").count() >= 2);
+        assert!(taken, "{name}: the agents' profiles never reached the server\n{}", pinhole());
+        eprintln!("{name}: both profiles taken {:?} after the agents started", started.elapsed());
     }
     alice.command(&format!("/dial sip:bob@{WAN_SERVER}"));
     let answered = wait_for(&bob.log, "Call established", Duration::from_secs(15));
@@ -431,6 +445,25 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
     eprintln!("{}", table.join("\n"));
     assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), table.join("\n"));
     assert_eq!((results.len(), direct_cells), (15, 13));
+}
+
+#[test]
+fn phones_registering_as_their_agents_start_go_direct_once_the_agents_push_their_profiles() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let c = run_cell_as(
+        Mode::AgentsJustStarted,
+        NatKind::PortRestricted,
+        NatKind::PortRestricted,
+        "",
+        Duration::from_secs(6),
+        |_, _| {},
+    );
+    eprintln!("{c:?}");
+    assert!(c.heard.iter().all(|h| *h > 0.3), "two-way audio: {c:?}");
+    assert_eq!(c.method, "simultaneous-open");
+    assert!(c.direct_late.iter().all(|n| *n >= 80), "direct at media rate: {c:?}");
 }
 
 #[test]

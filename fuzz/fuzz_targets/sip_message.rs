@@ -80,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = pinhole_media::punch::sdp::WirePlan::from_sdp(text);
         let _ = pinhole_sip::agent::plan_signed(&[1; 32], "c", text);
         let _ = pinhole_sip::agent::key_from_header(text);
+        let _ = pinhole_sip::agent::parse_profile_sig(text);
         let _ = pinhole_sip::b2bua::dialable(text);
     }
 

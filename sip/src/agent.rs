@@ -35,6 +35,8 @@ use crate::proxy::{fix_top_via, host_ip, parse_sip_uri, uri_of};
 use crate::transport::{Flow, Transmit, Transport};
 
 const BRANCH_PREFIX: &str = "z9hG4bKpha";
+/// Branches of the agent's own profile updates (answered by the server, not forwarded).
+const PROFILE_BRANCH: &str = "z9hG4bKphp";
 /// Answered calls remembered at most.
 const MAX_ANSWERED: usize = 100_000;
 /// Phones (addresses a registration was accepted for) remembered at most.
@@ -88,6 +90,21 @@ pub fn relay_config(bind: IpAddr, port_min: u16, port_max: u16) -> pinhole_media
         max_streams: MAX_STREAMS_PER_CALL,
         ..pinhole_media::relay::RelayConfig::single(bind, port_min, port_max)
     }
+}
+
+/// The signature of a profile update (`Pinhole-Sig: HEX;t=UNIX`): the profile and the time,
+/// under the agent's plan key. The server checks it against the key of the bindings on the
+/// update's flow, and takes each key's updates in time order only.
+pub fn sign_profile(key: &[u8; 32], profile: &str, unix: u64) -> String {
+    let mac = crate::mac::hmac(key, "profile", &[profile.as_bytes(), &unix.to_be_bytes()]);
+    hex(&mac[..16])
+}
+
+/// Reads a `Pinhole-Sig` value: (signature, time).
+pub fn parse_profile_sig(v: &str) -> Option<(&str, u64)> {
+    let (sig, t) = v.trim().split_once(";t=")?;
+    (sig.len() == 32 && sig.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    Some((sig, t.trim().parse().ok()?))
 }
 
 /// Signs the lines a plan or forwarder offer added to an SDP for `call_id`, under the plan
@@ -156,6 +173,8 @@ pub struct Agent<M: MediaAnchor> {
     /// Requests refused: from outside towards anywhere but the server, or from the server
     /// towards an address that is not one of our phones.
     refused: u64,
+    /// The server's answers to our profile updates, not taken yet.
+    profile_answers: Vec<u16>,
 }
 
 impl<M: MediaAnchor> Agent<M> {
@@ -175,6 +194,7 @@ impl<M: MediaAnchor> Agent<M> {
             phones: HashSet::new(),
             plans_refused: 0,
             refused: 0,
+            profile_answers: Vec::new(),
             cfg,
         }
     }
@@ -187,6 +207,11 @@ impl<M: MediaAnchor> Agent<M> {
     /// Requests refused for going anywhere but between our phones and the server.
     pub fn refused(&self) -> u64 {
         self.refused
+    }
+
+    /// The server's answers to our profile updates since the last call (status codes).
+    pub fn take_profile_answers(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.profile_answers)
     }
 
     /// The plan key, as the server receives it.
@@ -211,6 +236,24 @@ impl<M: MediaAnchor> Agent<M> {
     /// it only with a REGISTER it authenticated).
     pub fn set_profile(&mut self, header_value: String) {
         self.profile = Some(header_value);
+    }
+
+    /// Tells the server our NAT profile now, signed with our plan key, for every phone
+    /// registered through us: a profile that changed (a new public address, a NAT reboot)
+    /// reaches the server without waiting for the phones' next REGISTERs. `unix` is the
+    /// wall clock (the server takes each key's updates in time order).
+    pub fn push_profile(&mut self, unix: u64) {
+        let Some(profile) = self.profile.clone() else { return };
+        let transport = self.server_transport;
+        let (us, server) = (self.cfg.listen, self.cfg.server);
+        let tag = hex(&crate::mac::hmac(&self.cfg.secret, "profile-tag", &[&unix.to_be_bytes()])[..4]);
+        let request = format!(
+            "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}{unix:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: profile-{unix:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\nPinhole-NAT: {profile}\r\nPinhole-Sig: {};t={unix}\r\nContent-Length: 0\r\n\r\n",
+            transport.via_token(),
+            sign_profile(&self.plan_key, &profile, unix),
+        );
+        let flow = Flow { transport, local: us, remote: server, conn: None };
+        self.out.push_back(Transmit { flow, payload: request.into_bytes() });
     }
 
     /// Signalling to the server goes over `t` from now on (TCP where UDP is blocked): its
@@ -463,6 +506,11 @@ impl<M: MediaAnchor> Agent<M> {
 
     /// Responses follow the Via chain: ours on top goes, the next one says where.
     fn on_response(&mut self, now: Instant, flow: Flow, msg: &Message) {
+        if msg.branch().is_some_and(|b| b.starts_with(PROFILE_BRANCH)) && flow.remote == self.cfg.server {
+            // The answer to our own profile update: nothing to forward.
+            self.profile_answers.push(msg.status().unwrap_or(0));
+            return;
+        }
         let vias = msg.values(HeaderName::Via);
         let parsed = msg.vias();
         let Some(next) = parsed.get(1).cloned().flatten() else {
@@ -504,6 +552,11 @@ impl<M: MediaAnchor> Agent<M> {
         if method == Some(Method::Register) && (200..300).contains(&code) && flow.remote == self.cfg.server {
             // The server accepted a phone's registration through us: calls may reach it.
             self.learn_phone(SocketAddr::new(ip, port), msg);
+            if self.profile.is_none() {
+                // Registered without our NAT profile (we are still measuring it): the phone
+                // is told to come back in seconds, and that REGISTER will carry it.
+                shorten_expiry(msg, &mut e, NOT_READY_EXPIRES);
+            }
         }
         if let (Some(call_id), Some(Method::Invite)) = (msg.call_id(), &method) {
             if (200..300).contains(&code) {
@@ -563,6 +616,37 @@ impl<M: MediaAnchor> Agent<M> {
             }
             self.phones.insert(a);
         }
+    }
+}
+
+/// The registration time granted to a phone while the agent's NAT profile is not measured
+/// yet: the phone registers at once (its calls work, relayed) and returns within about
+/// this long, when the profile is there.
+pub const NOT_READY_EXPIRES: u32 = 20;
+
+/// Lowers every expiry a REGISTER's 2xx grants (`;expires=` of each Contact, and an
+/// `Expires` header) to at most `max` seconds.
+fn shorten_expiry(msg: &Message, e: &mut Editor<'_>, max: u32) {
+    let mut lower = |range: std::ops::Range<usize>| {
+        let digits = msg.text(range.clone());
+        if digits.parse::<u64>().is_ok_and(|v| v > u64::from(max)) {
+            e.replace(range, max.to_string());
+        }
+    };
+    for (_, r) in msg.values(HeaderName::Contact) {
+        let text = msg.text(r.clone());
+        let params = text.rfind('>').unwrap_or(0);
+        let lower_text = text.to_ascii_lowercase();
+        if let Some(i) = lower_text[params..].find(";expires=").map(|i| params + i + ";expires=".len()) {
+            let len = text[i..].bytes().take_while(u8::is_ascii_digit).count();
+            lower(r.start + i..r.start + i + len);
+        }
+    }
+    for (_, r) in msg.values(HeaderName::Expires) {
+        let text = msg.text(r.clone());
+        let start = text.len() - text.trim_start().len();
+        let len = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+        lower(r.start + start..r.start + start + len);
     }
 }
 

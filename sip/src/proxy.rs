@@ -274,6 +274,8 @@ pub struct Proxy<M: MediaAnchor> {
     counters: HashMap<(u16, bool), metrics::Counter>,
     /// Requests waiting for the cluster store (see [`lookup`]).
     read_through: lookup::ReadThrough,
+    /// Agents' signed profile updates (see `punch.rs`).
+    profile_updates: punch::ProfileUpdates,
     media: M,
     dialogs: HashMap<String, media::Dialog>,
     /// Dialogs seen established through us: what lets a Record-Route token skip a challenge.
@@ -342,6 +344,7 @@ impl<M: MediaAnchor> Proxy<M> {
             stats: Stats::default(),
             counters: HashMap::new(),
             read_through: lookup::ReadThrough::default(),
+            profile_updates: punch::ProfileUpdates::default(),
         }
     }
 

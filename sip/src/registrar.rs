@@ -399,6 +399,31 @@ impl Registrar {
         }
     }
 
+    /// An agent's new NAT profile for the bindings it holds on `remote` (its flow) whose
+    /// plan key `verify` accepts: returns how many it verified for (a profile that did not
+    /// change is no change to share).
+    pub fn update_profile(&mut self, remote: SocketAddr, verify: impl Fn(&[u8; 32]) -> bool, profile: &str) -> usize {
+        let mut updated = 0;
+        for (aor, list) in &mut self.aors {
+            let mut changed = false;
+            for b in list.iter_mut().filter(|b| b.node.is_none() && b.remote == remote) {
+                let key = b.plan_key.as_deref().and_then(crate::agent::key_from_header);
+                if key.is_some_and(|k| verify(&k)) {
+                    updated += 1;
+                    if b.nat_profile.as_deref() != Some(profile) {
+                        b.nat_profile = Some(profile.to_owned());
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                self.changed.insert(aor.clone());
+                self.dirty = true;
+            }
+        }
+        updated
+    }
+
     /// The AORs whose bindings on this node changed since the last call, each with those
     /// bindings now (empty: none left here). Cheap when nothing changed: a cluster node
     /// calls it every few milliseconds.

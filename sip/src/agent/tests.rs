@@ -518,3 +518,23 @@ Content-Length: 0
     assert_eq!(out[0].flow.remote, addr(PHONE));
     assert_eq!(a.refused(), 2);
 }
+
+#[test]
+fn a_phone_registered_before_the_profile_is_measured_is_told_to_come_back_in_seconds() {
+    let grant = |a: &mut Agent<Option<Relay>>| {
+        let up = parse(&send(a, PHONE, REGISTER)[0]);
+        let ok = String::from_utf8(up.response(200, "OK", Some("s1"), &["Expires: 3600".to_owned()]))
+            .expect("utf8")
+            .replace("\r\nServer:", "\r\nContact: <sip:alice@198.51.100.20:5062>;expires=3600\r\nServer:");
+        parse(&send(a, SERVER, &ok.replace("\r\n", "\n"))[0])
+    };
+    let mut a = agent();
+    let down = grant(&mut a);
+    assert_eq!(down.header(HeaderName::Expires), Some("20"), "no profile yet");
+    assert_eq!(down.value_texts(HeaderName::Contact), vec!["<sip:alice@198.51.100.20:5062>;expires=20"]);
+    // Once the profile is there, the phone keeps what the server granted.
+    a.set_profile("mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.2:40001".into());
+    let down = grant(&mut a);
+    assert_eq!(down.header(HeaderName::Expires), Some("3600"));
+    assert_eq!(down.value_texts(HeaderName::Contact), vec!["<sip:alice@198.51.100.20:5062>;expires=3600"]);
+}

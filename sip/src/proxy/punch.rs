@@ -234,3 +234,73 @@ fn contact_ip(uri: &str) -> Option<IpAddr> {
     let u = parse_sip_uri(uri)?;
     host_ip(&u.host_port.host)
 }
+
+/// Profile updates taken from one source at most this often (each checks every binding on
+/// its flow), and sources remembered for it at most.
+const PROFILE_UPDATE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_PROFILE_SOURCES: usize = 4096;
+/// How far a profile update's time may be from ours.
+const PROFILE_UPDATE_SKEW: u64 = 60;
+
+/// Profile updates: when each source last sent one, and the newest time each agent flow
+/// signed (its updates are taken in time order only: no replays).
+#[derive(Default)]
+pub(super) struct ProfileUpdates {
+    last_seen: HashMap<IpAddr, Instant>,
+    newest: HashMap<SocketAddr, u64>,
+}
+
+impl<M: MediaAnchor> Proxy<M> {
+    /// An agent's signed profile update (`OPTIONS` with `Pinhole-NAT` and `Pinhole-Sig`):
+    /// it changes the profile of the bindings on the flow it came from whose plan key
+    /// signed it, and nothing else. Answered statelessly.
+    pub(super) fn on_profile_update(&mut self, now: Instant, flow: Flow, msg: &Message) {
+        let unix = self.unix(now);
+        let (code, reason, extra) = self.profile_update(now, unix, flow, msg);
+        let outcome = if code == 200 { "updated" } else { "refused" };
+        metrics::counter!("pinhole_agent_profile_updates_total", "result" => outcome).increment(1);
+        let resp = msg.response(code, reason, Some(&self.local_tag(msg)), &extra);
+        self.send_response_stateless(flow, resp, code);
+    }
+
+    fn profile_update(
+        &mut self,
+        now: Instant,
+        unix: u64,
+        flow: Flow,
+        msg: &Message,
+    ) -> (u16, &'static str, Vec<String>) {
+        let u = &mut self.profile_updates;
+        if u.last_seen.get(&flow.remote.ip()).is_some_and(|t| now < *t + PROFILE_UPDATE_EVERY) {
+            return (503, "Service Unavailable - Profile Updates Too Frequent", vec!["Retry-After: 1".into()]);
+        }
+        if u.last_seen.len() >= MAX_PROFILE_SOURCES {
+            u.last_seen.retain(|_, t| now < *t + PROFILE_UPDATE_EVERY);
+        }
+        if u.last_seen.len() >= MAX_PROFILE_SOURCES {
+            return (503, "Service Unavailable - Profile Updates Too Frequent", vec!["Retry-After: 1".into()]);
+        }
+        u.last_seen.insert(flow.remote.ip(), now);
+        let profile = msg.extension_header("Pinhole-NAT").and_then(NatProfile::parse_header).map(|p| p.to_header());
+        let sig = msg.extension_header("Pinhole-Sig").and_then(crate::agent::parse_profile_sig);
+        let (Some(profile), Some((sig, t))) = (profile, sig) else {
+            return (400, "Bad Request - Malformed Profile Update", vec![]);
+        };
+        if t.abs_diff(unix) > PROFILE_UPDATE_SKEW || u.newest.get(&flow.remote).is_some_and(|n| t <= *n) {
+            return (403, "Forbidden - Stale Or Replayed Profile Update", vec![]);
+        }
+        let signed =
+            |k: &[u8; 32]| crate::mac::ct_eq(crate::agent::sign_profile(k, &profile, t).as_bytes(), sig.as_bytes());
+        let n = self.registrar.update_profile(flow.remote, signed, &profile);
+        if n == 0 {
+            return (403, "Forbidden - Profile Update Not Signed By An Agent Registered On This Flow", vec![]);
+        }
+        let u = &mut self.profile_updates;
+        if u.newest.len() >= MAX_PROFILE_SOURCES && !u.newest.contains_key(&flow.remote) {
+            u.newest.clear(); // only lets an old update be replayed within its 60 s window
+        }
+        u.newest.insert(flow.remote, t);
+        tracing::info!(agent = %flow.remote, bindings = n, %profile, "agent profile updated");
+        (200, "OK", vec![format!("Pinhole-Updated: {n}")])
+    }
+}

@@ -65,6 +65,15 @@ impl<M: MediaAnchor> Proxy<M> {
             }
         }
 
+        // An agent's signed profile update: the key of the bindings on its flow is its proof.
+        if method == Method::Options
+            && msg.tag(HeaderName::To).is_none()
+            && msg.extension_header("Pinhole-Sig").is_some()
+        {
+            self.on_profile_update(now, flow, &msg);
+            return;
+        }
+
         // Authenticate before any state exists: a challenge is answered statelessly and never
         // retransmitted, so a spoofed request draws one response of about its own size.
         let routing = self.route_info(&msg);

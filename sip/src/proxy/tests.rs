@@ -1513,3 +1513,56 @@ fn a_lookup_the_store_never_answers_is_answered_from_what_there_is_and_parking_i
     let out = solo.send(udp(TRUSTED), &invite("nobody", "z9hG4bKrt3"));
     assert!(out.iter().any(|t| parse(t).status() == Some(404)));
 }
+
+#[test]
+fn an_agents_signed_profile_update_reaches_its_bindings_and_nobody_elses() {
+    use crate::agent::{key_to_header, Agent, AgentConfig};
+    let mut agent: Agent<Option<Relay>> = Agent::new(
+        AgentConfig { listen: addr("198.51.100.2:5060"), server: addr(LOCAL), max_message: 16384, secret: [7; 32] },
+        None,
+    );
+    let key = format!("Pinhole-Key: {}", key_to_header(&agent.plan_key()));
+    let mut lab = Lab::new();
+    lab.register_with("bob", NAT_B, "pw-b", Some(&format!("{}\n{key}", SYMMETRIC_SEQ.lines().next().expect("nat"))));
+    lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
+    let profile = |lab: &Lab, user: &str| {
+        lab.proxy.registrar().lookup(&format!("{user}@example.com"), 1_700_000_001)[0].nat_profile.clone()
+    };
+    let before_alice = profile(&lab, "alice");
+    // The agent's NAT rebooted: a new public address.
+    let fresh = "mapping=eim;filtering=apdf;allocation=preserving;window=203.0.113.77:40001";
+    agent.set_profile(fresh.into());
+    let push = |agent: &mut Agent<Option<Relay>>, unix: u64| {
+        agent.push_profile(unix);
+        String::from_utf8(agent.poll_transmit().expect("an update").payload).expect("utf8").replace("\r\n", "\n")
+    };
+    let update = push(&mut agent, 1_700_000_001);
+    // From another flow: refused, nothing changes.
+    let out = lab.send(udp(NAT_X), &update);
+    assert_eq!(parse(&out[0]).status(), Some(403));
+    assert_ne!(profile(&lab, "bob").as_deref(), Some(fresh));
+    lab.advance(Duration::from_secs(1));
+    // From the agent's flow: bob's binding takes it; alice (another agent) keeps hers.
+    let out = lab.send(udp(NAT_B), &update);
+    assert_eq!(parse(&out[0]).status(), Some(200), "{}", text(&out[0]));
+    assert!(text(&out[0]).contains("Pinhole-Updated: 1"));
+    assert_eq!(profile(&lab, "bob").as_deref(), Some(fresh));
+    assert_eq!(profile(&lab, "alice"), before_alice);
+    // The answer is the agent's own: taken, not forwarded.
+    agent.handle_input(lab.now, from_server(), Bytes::from(out[0].payload.clone())).expect("SIP");
+    assert_eq!(agent.take_profile_answers(), vec![200]);
+    assert!(agent.poll_transmit().is_none());
+    lab.advance(Duration::from_secs(1));
+    // Replayed, or signed with another key: refused.
+    assert_eq!(parse(&lab.send(udp(NAT_B), &update)[0]).status(), Some(403), "a replay");
+    lab.advance(Duration::from_secs(1));
+    let forged = push(&mut agent, 1_700_000_004).replace("window=203.0.113.77", "window=192.0.2.66");
+    assert_eq!(parse(&lab.send(udp(NAT_B), &forged)[0]).status(), Some(403), "the signature covers the profile");
+    // Too often from one source: refused before any binding is looked at.
+    let next = push(&mut agent, 1_700_000_005);
+    assert_eq!(parse(&lab.send(udp(NAT_B), &next)[0]).status(), Some(503));
+}
+
+fn from_server() -> Flow {
+    Flow { transport: Transport::Udp, local: addr("198.51.100.2:5060"), remote: addr(LOCAL), conn: None }
+}
