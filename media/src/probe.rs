@@ -2,15 +2,21 @@
 //! sockets the probe asks for, sends its transmits, feeds back what arrives, and calls
 //! [`NatProbe::handle_timeout`] when [`NatProbe::poll_timeout`] comes due.
 //!
-//! Tests, in order, one transaction at a time, paced at most 10 per second, each
-//! retransmitted per RFC 8489 §6.2.1 (RTO 500 ms doubling, 4 tries here):
-//! 1. Binding to the server: UDP reachable? mapped address, OTHER-ADDRESS, NAT present?
-//! 2. Mapping: the same socket to the alternate address (same port), then to the alternate
-//!    address and port: EIM, ADM or APDM.
-//! 3. Filtering on a fresh, idle socket: ask for an answer from the alternate address and
-//!    port, then from the alternate port only: EIF, ADF or APDF.
-//! 4. Port allocation: several fresh sockets, one Binding each: preserving, sequential
-//!    (with its delta) or random, with the ports seen.
+//! First a Binding to the server (UDP reachable? mapped address, OTHER-ADDRESS, NAT
+//! present?); then every other test at once, each on sockets of its own, paced
+//! [`PACING`] apart (as Tailscale's netcheck runs its probes together), so a profile takes
+//! about a second and a half whatever the NAT, not the sum of the tests' timeouts:
+//! - Port allocation first: several fresh sockets, one Binding each, back to back so no
+//!   other new mapping falls between them: preserving, sequential (with its delta) or
+//!   random, with the ports seen.
+//! - Mapping: the main socket to the alternate address (same port), then to the alternate
+//!   address and port: EIM, ADM or APDM.
+//! - Filtering on a fresh socket: one request asking for an answer from the alternate
+//!   address and port, one from the alternate port only: EIF, ADF or APDF.
+//! - Hairpinning: a packet to our own mapped address.
+//!
+//! Each transaction is retransmitted on its own schedule ([`Test::schedule`]): a test
+//! whose silence is itself the answer (filtering, hairpinning) gives up after 1.1 s.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,10 +40,9 @@ pub enum SocketId {
 
 /// Fresh sockets used to sample port allocation.
 pub const ALLOCATION_SAMPLES: u8 = 4;
-const RTO: Duration = Duration::from_millis(500);
-const TRIES: u32 = 4;
-/// RFC 5780 §4: at most 10 transactions a second.
-const PACING: Duration = Duration::from_millis(100);
+/// Transactions start at least this far apart (RFC 5780 §4 asks for 10 a second at most;
+/// a profile is a burst of eight, once).
+const PACING: Duration = Duration::from_millis(25);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
@@ -121,8 +126,9 @@ pub struct ProbeTransmit {
     pub bytes: Vec<u8>,
 }
 
+/// One of the probe's tests, each a single transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
+enum Test {
     Reach,
     MapAltIp,
     MapAltIpPort,
@@ -130,26 +136,70 @@ enum Step {
     FilterIpPort,
     FilterPort,
     Alloc(u8),
-    Done,
+}
+
+impl Test {
+    fn name(self) -> &'static str {
+        match self {
+            Test::Reach => "binding",
+            Test::MapAltIp => "mapping: alternate address",
+            Test::MapAltIpPort => "mapping: alternate address and port",
+            Test::Hairpin => "hairpinning: to our own mapped address",
+            Test::FilterIpPort => "filtering: answer from alternate address and port",
+            Test::FilterPort => "filtering: answer from alternate port",
+            Test::Alloc(_) => "allocation sample",
+        }
+    }
+
+    /// When the request is sent again, from its first send; the last entry is when it is
+    /// given up. A test whose silence is itself the answer (filtering, hairpinning) waits
+    /// little; the first binding, whose silence means no UDP at all, waits longest.
+    fn schedule(self) -> &'static [Duration] {
+        const fn ms(n: u64) -> Duration {
+            Duration::from_millis(n)
+        }
+        const REACH: [Duration; 5] = [ms(0), ms(250), ms(750), ms(1500), ms(2500)];
+        const SILENCE_ANSWERS: [Duration; 4] = [ms(0), ms(250), ms(600), ms(1100)];
+        const ANSWERED: [Duration; 4] = [ms(0), ms(250), ms(750), ms(1500)];
+        match self {
+            Test::Reach => &REACH,
+            Test::FilterIpPort | Test::FilterPort | Test::Hairpin => &SILENCE_ANSWERS,
+            _ => &ANSWERED,
+        }
+    }
 }
 
 struct Pending {
+    test: Test,
     id: TransactionId,
     socket: SocketId,
     to: SocketAddr,
     bytes: Vec<u8>,
-    tries: u32,
-    next: Instant,
+    first: Instant,
+    sent: usize,
+}
+
+impl Pending {
+    fn next(&self) -> Instant {
+        let s = self.test.schedule();
+        self.first + s[self.sent.min(s.len() - 1)]
+    }
 }
 
 pub struct NatProbe {
     server: SocketAddr,
     locals: Vec<(SocketId, SocketAddr)>,
-    step: Step,
-    pending: Option<Pending>,
+    /// Transactions under way (several at once after the first binding).
+    pending: Vec<Pending>,
     not_before: Instant,
     other: Option<SocketAddr>,
     mapped: [Option<SocketAddr>; 3],
+    /// The two filtering tests' outcomes (answered?), as they come.
+    filter: [Option<bool>; 2],
+    /// Allocation samples not finished yet, and each one's (mapped, local) ports by index.
+    samples_left: u8,
+    samples: [Option<(u16, u16)>; ALLOCATION_SAMPLES as usize],
+    done: bool,
     out: Vec<ProbeTransmit>,
     report: NatReport,
     seed: u64,
@@ -162,16 +212,19 @@ impl NatProbe {
         let mut p = NatProbe {
             server,
             locals,
-            step: Step::Reach,
-            pending: None,
+            pending: Vec::new(),
             not_before: now,
             other: None,
             mapped: [None; 3],
+            filter: [None; 2],
+            samples_left: 0,
+            samples: [None; ALLOCATION_SAMPLES as usize],
+            done: false,
             out: Vec::new(),
             report: NatReport::default(),
             seed,
         };
-        p.start(now, SocketId::Main, server, None);
+        p.start(now, Test::Reach, SocketId::Main, server, None);
         p
     }
 
@@ -193,24 +246,24 @@ impl NatProbe {
 
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.as_ref().map(|p| p.next)
+        self.pending.iter().map(Pending::next).min()
     }
 
     /// The report, once every test has run.
     #[must_use]
     pub fn result(&self) -> Option<&NatReport> {
-        (self.step == Step::Done).then_some(&self.report)
+        self.done.then_some(&self.report)
     }
 
     fn local(&self, s: SocketId) -> Option<SocketAddr> {
         self.locals.iter().find(|(id, _)| *id == s).map(|(_, a)| *a)
     }
 
-    fn start(&mut self, now: Instant, socket: SocketId, to: SocketAddr, change: Option<ChangeRequest>) {
+    fn start(&mut self, now: Instant, test: Test, socket: SocketId, to: SocketAddr, change: Option<ChangeRequest>) {
         self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let mut tid = [0u8; 12];
         tid[..8].copy_from_slice(&self.seed.to_be_bytes());
-        tid[8..].copy_from_slice(&(self.report.observations.len() as u32).to_be_bytes());
+        tid[8..].copy_from_slice(&(self.report.observations.len() as u32 + self.pending.len() as u32).to_be_bytes());
         let id = TransactionId::from(tid);
         let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(id);
         if let Some(c) = change {
@@ -221,123 +274,115 @@ impl NatProbe {
         bytes.truncate(n);
         let at = now.max(self.not_before);
         self.not_before = at + PACING;
-        self.pending = Some(Pending { id, socket, to, bytes, tries: 0, next: at });
+        self.pending.push(Pending { test, id, socket, to, bytes, first: at, sent: 0 });
         if at <= now {
             self.handle_timeout(now);
         }
     }
 
-    /// Retransmits, and gives up on a transaction after its last try.
+    /// Sends what is due, retransmits, and gives up on transactions after their last try.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(p) = self.pending.as_mut() else { return };
-        if now < p.next {
-            return;
+        let mut given_up = Vec::new();
+        for p in &mut self.pending {
+            while p.next() <= now && p.sent + 1 < p.test.schedule().len() {
+                self.out.push(ProbeTransmit { socket: p.socket, to: p.to, bytes: p.bytes.clone() });
+                p.sent += 1;
+            }
+            if p.next() <= now && p.sent + 1 >= p.test.schedule().len() {
+                given_up.push(p.id);
+            }
         }
-        let tries = if self.step == Step::Hairpin { 2 } else { TRIES };
-        if p.tries < tries {
-            self.out.push(ProbeTransmit { socket: p.socket, to: p.to, bytes: p.bytes.clone() });
-            p.tries += 1;
-            p.next = now + RTO * 2u32.pow(p.tries - 1);
-            return;
+        for id in given_up {
+            if let Some(i) = self.pending.iter().position(|p| p.id == id) {
+                let p = self.pending.remove(i);
+                self.record(p.test, p.socket, p.to, None, None);
+                self.advance(now, p.test, None);
+            }
         }
-        // No answer.
-        let (socket, to) = (p.socket, p.to);
-        self.pending = None;
-        self.record(socket, to, None, None);
-        if self.step == Step::Hairpin {
-            self.report.hairpinning = Some(false);
-            self.begin_filtering(now);
-            return;
-        }
-        self.advance(now, None);
+        self.finish_if_done();
     }
 
     /// A datagram arrived on `socket` from `from`.
     pub fn handle_input(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) {
-        let Some(p) = self.pending.as_ref() else { return };
         let Ok((msg, _)) = MessageDecoderBuilder::default().build().decode(data) else { return };
-        if self.step == Step::Hairpin {
+        let Some(i) = self.pending.iter().position(|p| &p.id == msg.transaction_id()) else { return };
+        let test = self.pending[i].test;
+        if test == Test::Hairpin {
             // Our own request, come back round through the NAT to the main socket.
-            if socket == SocketId::Main && msg.transaction_id() == &p.id && msg.class() == MessageClass::Request {
-                let to = p.to;
-                self.pending = None;
-                self.record(SocketId::Hairpin, to, None, Some(from));
+            if socket == SocketId::Main && msg.class() == MessageClass::Request {
+                let p = self.pending.remove(i);
+                self.record(test, SocketId::Hairpin, p.to, None, Some(from));
                 self.report.hairpinning = Some(true);
-                self.begin_filtering(now);
             }
+            self.finish_if_done();
             return;
         }
-        if p.socket != socket {
-            return;
-        }
-        if msg.transaction_id() != &p.id || msg.class() != MessageClass::SuccessResponse {
+        if self.pending[i].socket != socket || msg.class() != MessageClass::SuccessResponse {
             return;
         }
         let mapped = match msg.get::<XorMappedAddress>() {
             Some(StunAttribute::XorMappedAddress(x)) => Some(*x.socket_address()),
             _ => None,
         };
-        if self.step == Step::Reach {
+        if test == Test::Reach {
             if let Some(StunAttribute::OtherAddress(o)) = msg.get::<OtherAddress>() {
                 self.other = Some(*o.socket_address());
             }
         }
-        let to = p.to;
-        self.pending = None;
-        self.record(socket, to, mapped, Some(from));
-        self.advance(now, Some(mapped));
+        let p = self.pending.remove(i);
+        self.record(test, socket, p.to, mapped, Some(from));
+        self.advance(now, test, Some(mapped));
+        self.finish_if_done();
     }
 
-    fn record(&mut self, socket: SocketId, to: SocketAddr, mapped: Option<SocketAddr>, from: Option<SocketAddr>) {
-        let test = match self.step {
-            Step::Reach => "binding",
-            Step::MapAltIp => "mapping: alternate address",
-            Step::MapAltIpPort => "mapping: alternate address and port",
-            Step::Hairpin => "hairpinning: to our own mapped address",
-            Step::FilterIpPort => "filtering: answer from alternate address and port",
-            Step::FilterPort => "filtering: answer from alternate port",
-            Step::Alloc(_) => "allocation sample",
-            Step::Done => "done",
-        };
-        self.report.observations.push(Observation { test, socket, to, mapped, from });
+    fn record(&mut self, test: Test, socket: SocketId, to: SocketAddr, mapped: Option<SocketAddr>, from: Option<SocketAddr>) {
+        self.report.observations.push(Observation { test: test.name(), socket, to, mapped, from });
     }
 
-    /// Moves to the next test given the last one's outcome (`None`: no answer).
-    fn advance(&mut self, now: Instant, answer: Option<Option<SocketAddr>>) {
+    fn finish_if_done(&mut self) {
+        if self.pending.is_empty() && !self.done {
+            self.done = true;
+        }
+    }
+
+    /// What a test's outcome (`None`: no answer) shows, and what starts next. After the
+    /// first binding everything starts at once, paced: the allocation samples first (back
+    /// to back, so no other new mapping falls between them), then the mapping, filtering
+    /// and hairpinning tests, each on sockets of its own.
+    fn advance(&mut self, now: Instant, test: Test, answer: Option<Option<SocketAddr>>) {
         let mapped = answer.flatten();
-        let port_only = ChangeRequest::new(Some(ChangeRequestFlags::ChangePort.into()));
-        match self.step {
-            Step::Reach => {
-                let Some(m) = mapped else {
-                    self.step = Step::Done;
-                    return;
-                };
+        match test {
+            Test::Reach => {
+                let Some(m) = mapped else { return };
                 self.report.udp = true;
                 self.report.mapped = Some(m);
                 self.report.nat =
                     self.local(SocketId::Main).map(|l| l != m && !(l.ip().is_unspecified() && l.port() == m.port()));
                 self.mapped[0] = Some(m);
-                match self.other {
-                    Some(o) => {
-                        self.step = Step::MapAltIp;
-                        self.start(now, SocketId::Main, SocketAddr::new(o.ip(), self.server.port()), None);
-                    }
-                    None => self.begin_filtering(now),
+                self.samples_left = ALLOCATION_SAMPLES;
+                for k in 0..ALLOCATION_SAMPLES {
+                    self.start(now, Test::Alloc(k), SocketId::Allocation(k), self.server, None);
+                }
+                if let Some(o) = self.other {
+                    self.start(now, Test::MapAltIp, SocketId::Main, SocketAddr::new(o.ip(), self.server.port()), None);
+                    let both = ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp | ChangeRequestFlags::ChangePort));
+                    self.start(now, Test::FilterIpPort, SocketId::Filtering, self.server, Some(both));
+                    let port_only = ChangeRequest::new(Some(ChangeRequestFlags::ChangePort.into()));
+                    self.start(now, Test::FilterPort, SocketId::Filtering, self.server, Some(port_only));
+                }
+                if self.report.nat == Some(true) {
+                    self.start(now, Test::Hairpin, SocketId::Hairpin, m, None);
                 }
             }
-            Step::MapAltIp => {
+            Test::MapAltIp => {
                 self.mapped[1] = mapped;
                 if mapped.is_some() && mapped == self.mapped[0] {
                     self.report.mapping = Some(Behaviour::EndpointIndependent);
-                    self.begin_hairpin(now);
                 } else if let Some(o) = self.other {
-                    self.step = Step::MapAltIpPort;
-                    self.start(now, SocketId::Main, o, None);
-                } else {
-                    self.begin_filtering(now);
+                    self.start(now, Test::MapAltIpPort, SocketId::Main, o, None);
                 }
             }
-            Step::MapAltIpPort => {
+            Test::MapAltIpPort => {
                 self.mapped[2] = mapped;
                 if mapped.is_some() {
                     self.report.mapping = Some(if mapped == self.mapped[1] {
@@ -346,64 +391,31 @@ impl NatProbe {
                         Behaviour::AddressAndPortDependent
                     });
                 }
-                self.begin_hairpin(now);
             }
-            Step::FilterIpPort => {
-                if answer.is_some() {
-                    self.report.filtering = Some(Behaviour::EndpointIndependent);
-                    self.begin_allocation(now);
-                } else {
-                    self.step = Step::FilterPort;
-                    self.start(now, SocketId::Filtering, self.server, Some(port_only));
+            Test::Hairpin => self.report.hairpinning = Some(false),
+            Test::FilterIpPort | Test::FilterPort => {
+                self.filter[usize::from(test == Test::FilterPort)] = Some(answer.is_some());
+                self.report.filtering = match self.filter {
+                    [Some(true), _] => Some(Behaviour::EndpointIndependent),
+                    [Some(false), Some(true)] => Some(Behaviour::AddressDependent),
+                    [Some(false), Some(false)] => Some(Behaviour::AddressAndPortDependent),
+                    _ => None,
+                };
+            }
+            Test::Alloc(k) => {
+                if let (Some(m), Some(l), Some(slot)) =
+                    (mapped, self.local(SocketId::Allocation(k)), self.samples.get_mut(usize::from(k)))
+                {
+                    *slot = Some((m.port(), l.port()));
                 }
-            }
-            Step::FilterPort => {
-                self.report.filtering = Some(if answer.is_some() {
-                    Behaviour::AddressDependent
-                } else {
-                    Behaviour::AddressAndPortDependent
-                });
-                self.begin_allocation(now);
-            }
-            Step::Alloc(k) => {
-                if let (Some(m), Some(l)) = (mapped, self.local(SocketId::Allocation(k))) {
-                    self.report.ports.push((m.port(), l.port()));
-                }
-                if k + 1 < ALLOCATION_SAMPLES {
-                    self.step = Step::Alloc(k + 1);
-                    self.start(now, SocketId::Allocation(k + 1), self.server, None);
-                } else {
+                self.samples_left = self.samples_left.saturating_sub(1);
+                if self.samples_left == 0 {
+                    // In the order the samples were sent, which is the order the NAT mapped them.
+                    self.report.ports = self.samples.iter().flatten().copied().collect();
                     self.report.allocation = classify_allocation(&self.report.ports);
-                    self.step = Step::Done;
                 }
             }
-            Step::Hairpin | Step::Done => {}
         }
-    }
-
-    fn begin_hairpin(&mut self, now: Instant) {
-        match self.mapped[0] {
-            Some(m) if self.report.nat == Some(true) => {
-                self.step = Step::Hairpin;
-                self.start(now, SocketId::Hairpin, m, None);
-            }
-            _ => self.begin_filtering(now),
-        }
-    }
-
-    fn begin_filtering(&mut self, now: Instant) {
-        if self.other.is_none() {
-            self.begin_allocation(now);
-            return;
-        }
-        self.step = Step::FilterIpPort;
-        let c = ChangeRequest::new(Some(ChangeRequestFlags::ChangeIp | ChangeRequestFlags::ChangePort));
-        self.start(now, SocketId::Filtering, self.server, Some(c));
-    }
-
-    fn begin_allocation(&mut self, now: Instant) {
-        self.step = Step::Alloc(0);
-        self.start(now, SocketId::Allocation(0), self.server, None);
     }
 }
 

@@ -12,6 +12,11 @@ fn model(mapping: Behaviour, filtering: Behaviour, allocation: PortAllocation) -
 }
 
 fn run(nat: &mut NatModel) -> NatReport {
+    timed(nat).0
+}
+
+/// The report, and how long the probe took in virtual time.
+fn timed(nat: &mut NatModel) -> (NatReport, Duration) {
     let t0 = Instant::now();
     let mut server = StunServer::new(StunServerConfig {
         primary: "203.0.113.1".parse().expect("ip"),
@@ -29,7 +34,7 @@ fn run(nat: &mut NatModel) -> NatReport {
     let mut now = t0;
     for _ in 0..10_000 {
         if let Some(r) = probe.result() {
-            return r.clone();
+            return (r.clone(), now - t0);
         }
         let mut moved = false;
         while let Some(tx) = probe.poll_transmit() {
@@ -125,4 +130,16 @@ fn no_answer_at_all_is_udp_blocked() {
     assert!(!r.udp);
     assert_eq!(r.traditional_name(), "UDP blocked");
     assert_eq!(r.observations.len(), 1, "one unanswered binding, retransmitted, then done");
+}
+
+#[test]
+fn every_nat_kind_is_profiled_within_three_seconds() {
+    use crate::natmodel::MATRIX;
+    for (name, kind) in MATRIX {
+        let mut nat = NatModel::new(kind, "198.51.100.1".parse().expect("ip"), 7);
+        let (r, took) = timed(&mut nat);
+        assert!(r.mapping.is_some() && r.filtering.is_some() && r.allocation.is_some(), "{name}: {r:#?}");
+        assert!(took <= Duration::from_secs(3), "{name} took {took:?}");
+        eprintln!("{name}: profiled in {took:?}");
+    }
 }
