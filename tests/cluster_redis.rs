@@ -174,7 +174,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 #[test]
-fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_redis_costs_nothing() {
+fn over_tls_with_an_acl_user_nodes_share_a_phone_and_what_a_stranger_plants_in_redis_costs_nothing() {
     let dir = TempDir::new("cluster-tls");
     let (ca, leaf, key) = ca_and_leaf(dir.path());
     let port = free_port();
@@ -194,7 +194,9 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
                 "no",
             ])
             .args(["--tls-cert-file", &p(&leaf), "--tls-key-file", &p(&key), "--tls-ca-cert-file", &p(&ca)])
-            .args(["--tls-auth-clients", "no", "--requirepass", "s3cret"])
+            // An ACL user for the nodes (keys under pinhole: only); the default user is off.
+            .args(["--tls-auth-clients", "no", "--user", "default", "off"])
+            .args(["--user", "pinhole", "on", ">s3cret", "~pinhole:*", "+@all"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -205,7 +207,7 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
         let extra = format!("[cluster]\nredis = \"{url}\"\ntls_ca = \"{}\"\nnode = \"{name}\"\n", ca.display());
         Pinhole::start(&dir, PinholeOptions { extra, ..Default::default() })
     };
-    let url = format!("rediss://:s3cret@127.0.0.1:{port}");
+    let url = format!("rediss://pinhole:s3cret@127.0.0.1:{port}");
     let n1 = node("edge-1", &url);
     let n2 = node("edge-2", &url);
     let callee = sipp_callee(&n1.sip(), "carol", free_port(), "u1", "uas.xml", 60_000, &dir.path().join("uas.err"));
@@ -219,13 +221,15 @@ fn over_tls_with_a_password_nodes_share_a_phone_and_what_a_stranger_plants_in_re
     let (ok, good, text) = call(&n2, &dir, "tls");
     assert!(ok && good == 1, "{text}\n{}", n2.log_text());
     // The wrong password is refused by Redis: that node never sees anyone.
-    let n3 = node("edge-3", &format!("rediss://:wrong@127.0.0.1:{port}"));
+    let n3 = node("edge-3", &format!("rediss://pinhole:wrong@127.0.0.1:{port}"));
     assert!(wait_log(&n3, "Redis unreachable", Duration::from_secs(10)), "{}", n3.log_text());
 
     // Someone with the password plants a 64 MB value and 10 000 bindings for carol.
     let cli = |args: &[&str]| {
         let mut c = Command::new("redis-cli");
-        c.args(["-p", &port.to_string(), "--tls", "--cacert", &p(&ca), "-a", "s3cret", "--no-auth-warning"]).args(args);
+        c.args(["-p", &port.to_string(), "--tls", "--cacert", &p(&ca), "--user", "pinhole", "--pass", "s3cret"])
+            .args(["--no-auth-warning"])
+            .args(args);
         c
     };
     let pipe = |input: &[u8]| {

@@ -335,7 +335,14 @@ impl NatProbe {
         self.finish_if_done();
     }
 
-    fn record(&mut self, test: Test, socket: SocketId, to: SocketAddr, mapped: Option<SocketAddr>, from: Option<SocketAddr>) {
+    fn record(
+        &mut self,
+        test: Test,
+        socket: SocketId,
+        to: SocketAddr,
+        mapped: Option<SocketAddr>,
+        from: Option<SocketAddr>,
+    ) {
         self.report.observations.push(Observation { test: test.name(), socket, to, mapped, from });
     }
 
