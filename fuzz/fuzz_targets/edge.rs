@@ -26,6 +26,18 @@ fn spec(port: u16, expected: &str) -> PortSpec {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // A gateway's answer to a port-mapping request, whatever it holds.
+    {
+        let now = std::time::Instant::now();
+        let gw = std::net::Ipv4Addr::new(198, 51, 100, 1);
+        let mut m = pinhole_media::portmap::PortMapper::new(now, gw, std::net::Ipv4Addr::new(198, 51, 100, 10), 31000, 7200, [1; 12]);
+        while m.poll_transmit().is_some() {}
+        m.handle_input(now, m.gateway(), data);
+        if let Some(t) = m.poll_timeout() {
+            m.handle_timeout(t);
+        }
+        m.release();
+    }
     let t0 = Instant::now();
     let relay = "203.0.113.1:30000".parse().expect("addr");
     let stranger = "192.0.2.66:4000".parse().expect("addr");

@@ -46,6 +46,7 @@ pub mod mac;
 pub mod natmodel;
 pub mod ng;
 pub mod ng_server;
+pub mod portmap;
 pub mod ports;
 pub mod probe;
 pub mod punch;
