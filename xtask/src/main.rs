@@ -38,6 +38,7 @@ const PEERS: &[(&str, &str)] = &[
     ("conntrack", "conntrack"),
     ("redis-server", "redis-server"),
     ("redis-sentinel", "redis-sentinel"),
+    ("miniupnpd", "miniupnpd-nftables"),
 ];
 
 fn main() -> ExitCode {
