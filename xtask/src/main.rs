@@ -156,6 +156,7 @@ const PEER_PROGRAMS: &[&str] = &[
     "stun",
     "redis-server",
     "redis-sentinel",
+    "miniupnpd",
     "tcpdump",
 ];
 
