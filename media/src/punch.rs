@@ -39,12 +39,29 @@ pub struct NatProfile {
     pub allocation: Option<Allocation>,
     /// The public address of the endpoint's media socket (its "firewall window").
     pub window: Option<SocketAddr>,
+    /// The gateway maps the endpoint's ports on request (PCP or NAT-PMP): its windows
+    /// admit anyone, whatever the NAT does otherwise.
+    pub portmap: Option<crate::portmap::Protocol>,
 }
 
 impl NatProfile {
     /// The profile a probe report gives, with the media socket's mapped address.
     pub fn from_report(r: &NatReport, window: Option<SocketAddr>) -> NatProfile {
-        NatProfile { mapping: r.mapping, filtering: r.filtering, allocation: r.allocation, window }
+        NatProfile { mapping: r.mapping, filtering: r.filtering, allocation: r.allocation, window, portmap: None }
+    }
+
+    /// How the endpoint behaves for punching: one whose gateway maps ports on request is
+    /// endpoint-independent in both mapping and filtering (a full cone).
+    fn effective(&self) -> NatProfile {
+        match self.portmap {
+            Some(_) => NatProfile {
+                mapping: Some(Behaviour::EndpointIndependent),
+                filtering: Some(Behaviour::EndpointIndependent),
+                allocation: Some(Allocation::Preserving),
+                ..*self
+            },
+            None => *self,
+        }
     }
 
     fn cone(&self) -> bool {
@@ -72,13 +89,16 @@ impl NatProfile {
         if let Some(w) = self.window {
             parts.push(format!("window={w}"));
         }
+        if let Some(p) = self.portmap {
+            parts.push(format!("portmap={}", p.token()));
+        }
         parts.join(";")
     }
 
     /// Reads a `Pinhole-NAT` value; unknown parameters are ignored, malformed ones make
     /// the whole value unusable (`None`).
     pub fn parse_header(value: &str) -> Option<NatProfile> {
-        let mut p = NatProfile { mapping: None, filtering: None, allocation: None, window: None };
+        let mut p = NatProfile { mapping: None, filtering: None, allocation: None, window: None, portmap: None };
         let (mut kind, mut delta, mut block) = (None, None, None);
         for part in value.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = part.split_once('=')?;
@@ -89,6 +109,13 @@ impl NatProfile {
                 "delta" => delta = Some(v.trim().parse::<i32>().ok()?),
                 "block" => block = Some(v.trim().parse::<u16>().ok()?),
                 "window" => p.window = Some(v.trim().parse().ok()?),
+                "portmap" => {
+                    p.portmap = Some(match v.trim().to_ascii_lowercase().as_str() {
+                        "pcp" => crate::portmap::Protocol::Pcp,
+                        "pmp" => crate::portmap::Protocol::Pmp,
+                        _ => return None,
+                    })
+                }
                 _ => {}
             }
         }
@@ -186,8 +213,10 @@ impl Strategy {
     }
 }
 
-/// The method for a call between endpoints A and B.
+/// The method for a call between endpoints A and B (a side whose gateway maps ports counts
+/// as a full cone).
 pub fn choose(a: &NatProfile, b: &NatProfile) -> Strategy {
+    let (a, b) = (&a.effective(), &b.effective());
     let complete = |p: &NatProfile| p.mapping.is_some() && p.filtering.is_some() && p.window.is_some();
     if !complete(a) || !complete(b) {
         return Strategy::RelayOnly(RelayReason::Unknown);

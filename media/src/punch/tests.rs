@@ -37,6 +37,7 @@ impl End {
             filtering: Some(self.nat.kind.filtering),
             allocation: Some(allocation),
             window: Some(self.window),
+            portmap: None,
         }
     }
 
@@ -260,4 +261,24 @@ fn a_profile_survives_its_header_form_and_garbage_is_refused() {
     for bad in ["mapping=xyz", "allocation=sequential", "window=not-an-address", "mapping"] {
         assert_eq!(NatProfile::parse_header(bad), None, "{bad}");
     }
+}
+
+#[test]
+fn a_side_whose_gateway_maps_ports_is_reached_even_between_two_random_symmetric_nats() {
+    use crate::portmap::Protocol;
+    let now = Instant::now();
+    // The two pairs no punching can open.
+    for (i, j) in [(3, 4), (4, 4)] {
+        let (a, b) = cell(i, j, now);
+        assert!(!choose(&a.profile(), &b.profile()).is_direct(), "without a mapping: relay");
+        let mapped = NatProfile { portmap: Some(Protocol::Pcp), ..b.profile() };
+        assert_eq!(choose(&a.profile(), &mapped), Strategy::Reach { target: Side::B, open_first: false });
+        let both = NatProfile { portmap: Some(Protocol::Pmp), ..a.profile() };
+        assert!(choose(&both, &mapped).is_direct());
+    }
+    // The field survives the trip through Pinhole-NAT, and an unknown protocol spoils it.
+    let p = NatProfile { portmap: Some(Protocol::Pcp), ..cell(4, 4, now).0.profile() };
+    assert_eq!(NatProfile::parse_header(&p.to_header()), Some(p));
+    assert!(p.to_header().ends_with(";portmap=pcp"), "{}", p.to_header());
+    assert_eq!(NatProfile::parse_header("mapping=apdm;filtering=apdf;portmap=upnp-ish"), None);
 }

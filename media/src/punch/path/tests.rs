@@ -86,6 +86,7 @@ impl Lab {
                 filtering: Some(nats[i].kind.filtering),
                 allocation: Some(nats[i].kind.allocation.as_reported()),
                 window: nats[i].outbound(t0, SocketAddr::new(lans[i], 40000), addr(STUN)),
+                portmap: None,
             })
             .collect();
         let strategy = choose(&profiles[0], &profiles[1]);

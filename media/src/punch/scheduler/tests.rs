@@ -53,6 +53,7 @@ fn run(a: NatKind, b: NatKind) -> (Strategy, Option<Duration>) {
         filtering: Some(n.kind.filtering),
         allocation: Some(n.kind.allocation.as_reported()),
         window: Some(w),
+        portmap: None,
     };
     let strategy = choose(&profile(&nats[0], windows[0]), &profile(&nats[1], windows[1]));
     let start = t0 + Duration::from_millis(10);
