@@ -85,7 +85,7 @@ impl Store {
     fn write(path: &Path, secret: &[u8; 32], bindings: Vec<(String, Binding)>) -> anyhow::Result<()> {
         let snap = Snapshot {
             version: 1,
-            secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
+            secret: pinhole_media::mac::hex(secret),
             bindings: bindings.into_iter().map(|(aor, binding)| Entry { aor, binding }).collect(),
         };
         let tmp = path.with_extension("tmp");

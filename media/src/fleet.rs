@@ -290,7 +290,7 @@ impl<X: NgExchange> Fleet<X> {
     fn cookie(&mut self) -> String {
         self.next_cookie += 1;
         let mac = crate::mac::hmac(&self.secret, "ng-cookie", &[&self.next_cookie.to_be_bytes()]);
-        mac[..8].iter().map(|b| format!("{b:02x}")).collect()
+        crate::mac::hex(&mac[..8])
     }
 
     /// The relay serving an endpoint at `ip` whose agent measured `rtts`, leaving out

@@ -23,6 +23,11 @@ pub fn hmac(key: &[u8; 32], label: &str, parts: &[&[u8]]) -> [u8; 32] {
     outer.finalize().into()
 }
 
+/// Lower-case hex of `bytes` (MACs, keys and cookies as they travel in text).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Equality whose time depends only on the lengths.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
