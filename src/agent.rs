@@ -6,7 +6,7 @@
 //! where the server's punch plans are carried out.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -180,39 +180,53 @@ fn measure_nat(
     cfg: &AgentFile,
 ) {
     let (server, max, auto) = (cfg.agent.server, cfg.sip.max_message_size, cfg.agent.transport == AgentTransport::Auto);
+    let portmap = cfg.agent.portmap == crate::config::PortmapMode::Auto;
     let spawned = std::thread::Builder::new().name("agent nat probe".into()).spawn(move || {
         let mut last: Option<String> = None;
+        // A profile measured for the first time, or changed since (a new public address, a
+        // NAT reboot, a gateway found to map ports): the phones' REGISTERs carry it from now
+        // on, and the server hears it at once for the phones already registered.
+        let mut publish = |p: String| {
+            if last.as_ref() == Some(&p) {
+                return;
+            }
+            let mut a = agent.lock().unwrap_or_else(|e| e.into_inner());
+            a.set_profile(p.clone());
+            let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            a.push_profile(unix);
+            link.send_all(&mut a);
+            tracing::info!(profile = %p, first = last.is_none(), "NAT profile sent to the server");
+            last = Some(p);
+        };
         loop {
-            let profile = match crate::probe::probe(&stun.to_string(), Some(local.ip())) {
+            match crate::probe::probe(&stun.to_string(), Some(local.ip())) {
                 Ok((report, _)) if report.udp => {
-                    let profile = NatProfile::from_report(&report, report.mapped).to_header();
-                    tracing::info!(%stun, verdict = report.traditional_name(), %profile, "NAT profile");
-                    Some(profile)
+                    let mut profile = NatProfile::from_report(&report, report.mapped);
+                    tracing::info!(%stun, verdict = report.traditional_name(), profile = %profile.to_header(), "NAT profile");
+                    publish(profile.to_header());
+                    // Behind a gateway that maps ports on request every window can be made
+                    // reachable: the server then plans for a full cone. Asked after the
+                    // profile is out, so a gateway that does not answer delays nothing.
+                    if let (true, Some(true), IpAddr::V4(client)) = (portmap, report.nat, local.ip()) {
+                        let mapped = default_gateway().and_then(|g| Some((g, gateway_maps(g, client)?)));
+                        if let Some((gateway, protocol)) = mapped {
+                            tracing::info!(%gateway, protocol = protocol.token(), "the gateway maps ports: windows get mappings");
+                            profile.portmap = Some(protocol);
+                            if let Some(m) = &media {
+                                m.send(MediaCmd::Portmap { gateway, client });
+                            }
+                            publish(profile.to_header());
+                        }
+                    }
                 }
                 Ok(_) => {
                     tracing::warn!(%stun, "no STUN answer over UDP: UDP blocked; NAT profile udp=blocked");
                     if auto && !link.udp_blocked.swap(true, Ordering::Relaxed) {
                         use_tcp(&agent, &link, media.clone(), local, server, max);
                     }
-                    Some("udp=blocked".to_owned())
+                    publish("udp=blocked".to_owned());
                 }
-                Err(e) => {
-                    tracing::warn!(%stun, error = %e, "NAT probe failed; no NAT profile");
-                    None
-                }
-            };
-            // A profile measured for the first time, or changed since (a new public address,
-            // a NAT reboot): the phones' REGISTERs carry it from now on, and the server
-            // hears it at once for the phones already registered.
-            if let Some(p) = profile.filter(|p| last.as_ref() != Some(p)) {
-                let mut a = agent.lock().unwrap_or_else(|e| e.into_inner());
-                a.set_profile(p.clone());
-                // Phones that registered before it was measured get it now too.
-                let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                a.push_profile(unix);
-                link.send_all(&mut a);
-                tracing::info!(profile = %p, first = last.is_none(), "NAT profile sent to the server");
-                last = Some(p);
+                Err(e) => tracing::warn!(%stun, error = %e, "NAT probe failed; no NAT profile"),
             }
             std::thread::sleep(PROFILE_EVERY);
         }
@@ -220,6 +234,51 @@ fn measure_nat(
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the NAT probe");
     }
+}
+
+/// The IPv4 default gateway (this network namespace's routing table).
+fn default_gateway() -> Option<Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[1] == "00000000")
+            .then(|| u32::from_str_radix(f[2], 16).ok())
+            .flatten()
+            .map(|g| Ipv4Addr::from(g.to_le_bytes()))
+            .filter(|g| !g.is_unspecified())
+    })
+}
+
+/// Whether `gateway` maps ports for `client` (PCP, then NAT-PMP; 3 s at most): a mapping
+/// of a scratch port is asked for and given back at once.
+fn gateway_maps(gateway: Ipv4Addr, client: Ipv4Addr) -> Option<pinhole_media::portmap::Protocol> {
+    use pinhole_media::portmap::PortMapper;
+    let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client), 0)).ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(20))).ok()?;
+    let port = sock.local_addr().ok()?.port();
+    let start = Instant::now();
+    let mut m = PortMapper::new(start, gateway, client, port, 60, rand::random());
+    let mut buf = [0u8; 1500];
+    while m.mapping().is_none() && !m.failed() && start.elapsed() < Duration::from_secs(5) {
+        while let Some(d) = m.poll_transmit() {
+            let _ = sock.send_to(&d, m.gateway());
+        }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            m.handle_input(Instant::now(), from, &buf[..n]);
+        }
+        if m.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+            m.handle_timeout(Instant::now());
+        }
+    }
+    let protocol = m.mapping().map(|x| x.protocol);
+    m.release();
+    while let Some(d) = m.poll_transmit() {
+        let _ = sock.send_to(&d, m.gateway());
+    }
+    if protocol.is_none() {
+        tracing::info!(%gateway, "the gateway maps no ports (no PCP or NAT-PMP, or it refused)");
+    }
+    protocol
 }
 
 /// Signalling to the server over TCP from now on: a connection kept open (reopened when it

@@ -33,6 +33,11 @@ pub(crate) enum MediaCmd {
         window: u16,
         plan: PunchPlan,
     },
+    /// The LAN's gateway maps ports on request: each punched window asks it for its own.
+    Portmap {
+        gateway: Ipv4Addr,
+        client: Ipv4Addr,
+    },
     /// Carry the leg of `window` over fake TCP to the forwarder `server`, proven with `key`:
     /// `at_once`, or only if the relay is not heard on the window within a few seconds.
     Tunnel {
@@ -140,21 +145,26 @@ impl Engine {
             let now = Instant::now();
             match cmd {
                 MediaCmd::Relay(c) => {
-                    match &c {
-                        Command::Link { a, b, .. } => {
-                            for spec in [a, b] {
-                                self.open(Socket::Port(spec.port.0), SocketAddr::new(spec.bind, spec.port.0));
-                            }
+                    if let Command::Link { a, b, .. } = &c {
+                        for spec in [a, b] {
+                            self.open(Socket::Port(spec.port.0), SocketAddr::new(spec.bind, spec.port.0));
                         }
-                        Command::Unlink { ports, .. } => {
-                            for p in ports {
-                                self.close(Socket::Port(p.0));
-                            }
-                        }
-                        Command::Expect { .. } => {}
                     }
+                    let closing: Vec<u16> = match &c {
+                        Command::Unlink { ports, .. } => ports.iter().map(|p| p.0).collect(),
+                        _ => Vec::new(),
+                    };
                     self.edge.apply(now, c);
+                    // What the edge sends as a call ends (a mapping's delete) leaves before
+                    // its sockets close.
+                    if !closing.is_empty() {
+                        self.flush();
+                    }
+                    for p in closing {
+                        self.close(Socket::Port(p));
+                    }
                 }
+                MediaCmd::Portmap { gateway, client } => self.edge.set_portmap(gateway, client),
                 MediaCmd::Tunnel { call_id, window, server, key, at_once } => {
                     let Some(ip) = self.raw_socket() else { continue };
                     let spec = TunnelSpec { local_ip: ip, server, key };
@@ -168,7 +178,7 @@ impl Engine {
                 }
                 MediaCmd::Punch { call_id, window, plan } => {
                     let method = plan.strategy.label();
-                    if self.edge.punch(&call_id, window, plan, rand::random()) {
+                    if self.edge.punch(now, &call_id, window, plan, rand::random()) {
                         metrics::counter!("pinhole_punch_attempts_total", "method" => method).increment(1);
                         tracing::info!(call_id, method, window, "punching");
                     }

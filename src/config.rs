@@ -554,6 +554,17 @@ pub(crate) struct AgentSection {
     /// reported with REGISTERs (`Pinhole-RTT`), so each call gets the nearest relay.
     #[serde(default)]
     pub(crate) relays: Vec<SocketAddr>,
+    /// Ask the LAN's gateway for port mappings (PCP, then NAT-PMP): `auto` or `off`.
+    #[serde(default)]
+    pub(crate) portmap: PortmapMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PortmapMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         },
         start: t0,
     };
-    assert!(e.punch("call", 31002, plan, 7));
+    assert!(e.punch(t0, "call", 31002, plan, 7));
     let later = t0 + Duration::from_secs(11); // past the latch's learning window
     e.handle_timeout(later);
     while e.poll_transmit().is_some() {}

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::faketcp::client::{Phase as TunnelPhase, Tunnel};
 use crate::faketcp::direct::DirectPhase;
 use crate::faketcp::Segment;
+use crate::portmap::PortMapper;
 use crate::ports::PortTable;
 use crate::punch::path::{DirectPath, PathEvent, Phase, Route};
 use crate::punch::scheduler::PunchPlan;
@@ -131,7 +132,15 @@ pub struct EdgeMedia {
     requests: VecDeque<SocketRequest>,
     events: VecDeque<EdgeEvent>,
     out: VecDeque<(Socket, SocketAddr, Vec<u8>)>,
+    /// The LAN's gateway maps ports on request (the agent found so at start): its address
+    /// and ours. Each punched window then gets a mapping of its own.
+    portmap: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// Those mappings, by window port.
+    mappers: HashMap<u16, PortMapper>,
 }
+
+/// How long a window's mapping is asked for (renewed at half; deleted with its call).
+const MAPPING_LIFETIME: u32 = 3600;
 
 impl EdgeMedia {
     /// Ports `port_min..=port_max`; `stun` is the server's STUN service.
@@ -148,7 +157,15 @@ impl EdgeMedia {
             requests: VecDeque::new(),
             events: VecDeque::new(),
             out: VecDeque::new(),
+            portmap: None,
+            mappers: HashMap::new(),
         }
+    }
+
+    /// The LAN's gateway (`gateway`) maps ports for us (`client`, our LAN address): each
+    /// window punched from now on asks for a mapping of its own.
+    pub fn set_portmap(&mut self, gateway: Ipv4Addr, client: Ipv4Addr) {
+        self.portmap = Some((gateway, client));
     }
 
     /// A command of the agent's relay.
@@ -162,6 +179,10 @@ impl EdgeMedia {
             Command::Expect { port, expected, .. } => self.ports.expect(now, port, expected),
             Command::Unlink { ports, .. } => {
                 for p in ports {
+                    if let Some(mut m) = self.mappers.remove(&p.0) {
+                        m.release();
+                        self.drain_mapper(p.0, &mut m);
+                    }
                     self.ports.close(p);
                     self.tunnels.remove(&p.0);
                     self.tunnel_phases.remove(&p.0);
@@ -176,12 +197,21 @@ impl EdgeMedia {
         }
     }
 
-    /// The server's punch plan for `call_id`, whose leg to the server relay leaves from
-    /// `window`. A plan for a window that has one already (a retransmitted 2xx) changes
+    /// The server's punch plan for `call_id` (at `now`), whose leg to the server relay
+    /// leaves from `window`. A plan for a window that has one already (a retransmitted 2xx) changes
     /// nothing.
-    pub fn punch(&mut self, call_id: &str, window: u16, plan: PunchPlan, seed: u64) -> bool {
+    pub fn punch(&mut self, now: Instant, call_id: &str, window: u16, plan: PunchPlan, seed: u64) -> bool {
         if self.paths.contains_key(&window) || self.paths.len() >= MAX_PATHS || self.ports.slot(window).is_none() {
             return false;
+        }
+        if let (Some((gateway, client)), true) = (self.portmap, plan.strategy.is_direct()) {
+            // Asked now, before the plan's start: a LAN gateway answers in milliseconds.
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&seed.to_be_bytes());
+            nonce[8..10].copy_from_slice(&window.to_be_bytes());
+            let mut m = PortMapper::new(now, gateway, client, window, MAPPING_LIFETIME, nonce);
+            self.drain_mapper(window, &mut m);
+            self.mappers.insert(window, m);
         }
         let path = DirectPath::new(plan, self.stun, seed);
         let extra = path.extra_sockets();
@@ -277,6 +307,12 @@ impl EdgeMedia {
                 self.standby.remove(&p);
             }
         }
+        if let Socket::Port(p) = at {
+            if self.mappers.get(&p).is_some_and(|m| m.gateway() == src) {
+                self.on_gateway(now, p, data);
+                return Sends::NONE;
+            }
+        }
         let (window, index) = match at {
             Socket::Tcp { .. } => return Sends::NONE, // segments come through on_segment
             Socket::Extra { window, index } => (window, index),
@@ -330,6 +366,29 @@ impl EdgeMedia {
         Sends([f.map(|f| (Socket::Port(f.from_port), f.to)), None])
     }
 
+    /// A window's mapper's requests go out from the window's socket to the gateway.
+    fn drain_mapper(&mut self, window: u16, m: &mut PortMapper) {
+        while let Some(d) = m.poll_transmit() {
+            self.out.push_back((Socket::Port(window), m.gateway(), d));
+        }
+    }
+
+    /// The gateway answered a window's mapper: once mapped, the window's path knows its
+    /// public address without asking STUN.
+    fn on_gateway(&mut self, now: Instant, window: u16, data: &[u8]) {
+        let Some(mut m) = self.mappers.remove(&window) else { return };
+        let before = m.mapping();
+        m.handle_input(now, m.gateway(), data);
+        if let (Some(map), None) = (m.mapping(), before) {
+            if let Some(s) = self.paths.get_mut(&window) {
+                s.path.set_mapped(now, SocketAddr::V4(map.external));
+            }
+            self.drain(window);
+        }
+        self.drain_mapper(window, &mut m);
+        self.mappers.insert(window, m);
+    }
+
     /// Moves a path's output and events to ours.
     fn drain(&mut self, window: u16) {
         let Some(s) = self.paths.get_mut(&window) else { return };
@@ -367,10 +426,22 @@ impl EdgeMedia {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let paths = self.paths.values().filter_map(|s| s.path.poll_timeout());
         let standby = self.standby.values().map(|s| s.deadline);
-        paths.chain(self.tunnels.values().filter_map(Tunnel::poll_timeout)).chain(standby).min()
+        let mappers = self.mappers.values().filter_map(PortMapper::poll_timeout);
+        paths.chain(self.tunnels.values().filter_map(Tunnel::poll_timeout)).chain(standby).chain(mappers).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<u16> =
+            self.mappers.iter().filter(|(_, m)| m.poll_timeout().is_some_and(|t| t <= now)).map(|(w, _)| *w).collect();
+        for w in due {
+            if let Some(mut m) = self.mappers.remove(&w) {
+                m.handle_timeout(now);
+                self.drain_mapper(w, &mut m);
+                if !m.failed() {
+                    self.mappers.insert(w, m);
+                }
+            }
+        }
         let silent: Vec<u16> = self.standby.iter().filter(|(_, s)| s.deadline <= now).map(|(w, _)| *w).collect();
         for w in silent {
             if let Some(s) = self.standby.remove(&w) {

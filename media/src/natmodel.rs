@@ -104,6 +104,9 @@ pub struct NatModel {
     pub hairpin: bool,
     keys: HashMap<MapKey, u16>,
     mappings: HashMap<u16, Mapping>,
+    /// Port mappings the gateway granted on request (PCP/NAT-PMP): local → public port,
+    /// both ways, from and to anyone.
+    forwards: HashMap<SocketAddr, u16>,
     next: u16,
     rng: u64,
     packets: usize,
@@ -119,6 +122,7 @@ impl NatModel {
             hairpin: false,
             keys: HashMap::new(),
             mappings: HashMap::new(),
+            forwards: HashMap::new(),
             next: 40000,
             rng: seed | 1,
             packets: 0,
@@ -184,6 +188,9 @@ impl NatModel {
     /// if it was lost.
     pub fn outbound(&mut self, now: Instant, local: SocketAddr, dst: SocketAddr) -> Option<SocketAddr> {
         self.expire(now);
+        if let Some(port) = self.forwards.get(&local).copied() {
+            return (!self.lost()).then_some(SocketAddr::new(self.public, port));
+        }
         let key = match self.kind.mapping {
             Behaviour::EndpointIndependent => (local, None, None),
             Behaviour::AddressDependent => (local, Some(dst.ip()), None),
@@ -214,6 +221,10 @@ impl NatModel {
     /// `None` if no live mapping lets it in (or it was lost).
     pub fn inbound(&mut self, now: Instant, port: u16, from: SocketAddr) -> Option<SocketAddr> {
         self.expire(now);
+        if let Some((local, _)) = self.forwards.iter().find(|(_, p)| **p == port) {
+            let local = *local;
+            return (!self.lost()).then_some(local);
+        }
         let filtering = self.kind.filtering;
         let m = self.mappings.get_mut(&port)?;
         let allowed = match filtering {
@@ -230,6 +241,14 @@ impl NatModel {
             return None;
         }
         Some(local)
+    }
+
+    /// What a PCP or NAT-PMP gateway does when asked: `local` is reachable at public port
+    /// `port` from anyone, and leaves from it (RFC 6887 §11: a MAP mapping is used both
+    /// ways). Returns the public address.
+    pub fn forward(&mut self, local: SocketAddr, port: u16) -> SocketAddr {
+        self.forwards.insert(local, port);
+        SocketAddr::new(self.public, port)
     }
 
     /// Where a packet sent from inside to the NAT's own public `port` ends up, if the NAT

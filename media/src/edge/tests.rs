@@ -155,8 +155,8 @@ impl Net {
 fn a_phones_media_goes_to_the_relay_until_the_direct_path_is_proven_and_then_straight_to_the_peer() {
     let mut net = Net::new();
     let start = net.now + Duration::from_millis(200);
-    assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
-    assert!(net.edges[1].punch("call-1", WINDOW, plan(Side::B, start), 2));
+    assert!(net.edges[0].punch(start, "call-1", WINDOW, plan(Side::A, start), 1));
+    assert!(net.edges[1].punch(start, "call-1", WINDOW, plan(Side::B, start), 2));
     assert_eq!(net.phone_sends(0), Sends([Some((Socket::Port(WINDOW), addr(RELAY[0]))), None]));
     net.run(Duration::from_millis(100));
     // Relayed media reaches the far phone from its agent's phone port.
@@ -183,9 +183,9 @@ fn a_phones_media_goes_to_the_relay_until_the_direct_path_is_proven_and_then_str
 fn strangers_on_the_window_reach_no_phone_and_a_second_plan_for_the_call_is_ignored() {
     let mut net = Net::new();
     let start = net.now + Duration::from_millis(200);
-    assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
-    assert!(!net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1), "a retransmitted 2xx's plan");
-    assert!(!net.edges[0].punch("call-2", 31050, plan(Side::A, start), 1), "no such window");
+    assert!(net.edges[0].punch(start, "call-1", WINDOW, plan(Side::A, start), 1));
+    assert!(!net.edges[0].punch(start, "call-1", WINDOW, plan(Side::A, start), 1), "a retransmitted 2xx's plan");
+    assert!(!net.edges[0].punch(start, "call-2", 31050, plan(Side::A, start), 1), "no such window");
     let now = net.now;
     let stranger = addr("192.0.2.66:5000");
     net.phone_sends(0); // the relay leg exists
@@ -207,7 +207,7 @@ fn strangers_on_the_window_reach_no_phone_and_a_second_plan_for_the_call_is_igno
 fn unlinking_a_call_ends_its_path() {
     let mut net = Net::new();
     let start = net.now + Duration::from_millis(200);
-    assert!(net.edges[0].punch("call-1", WINDOW, plan(Side::A, start), 1));
+    assert!(net.edges[0].punch(start, "call-1", WINDOW, plan(Side::A, start), 1));
     let now = net.now;
     net.edges[0].apply(now, Command::Unlink { shard: 1, ports: vec![RelayPort(PHONE_PORT), RelayPort(WINDOW)] });
     assert_eq!(net.edges[0].paths().count(), 0);
@@ -332,4 +332,41 @@ mod fake_tcp {
         assert!(std::iter::from_fn(|| e.poll_transmit()).all(|(s, _, _)| !matches!(s, Socket::Tcp { .. })));
         assert_eq!(e.poll_timeout(), None);
     }
+}
+
+#[test]
+fn with_a_mapping_gateway_each_punched_window_gets_a_port_of_its_own_and_gives_it_back() {
+    let t0 = Instant::now();
+    let mut e = Net::new().edges.into_iter().next().expect("an edge");
+    let gw = std::net::Ipv4Addr::new(198, 51, 100, 1);
+    e.set_portmap(gw, std::net::Ipv4Addr::new(198, 51, 100, 10));
+    assert!(e.punch(t0, "call-1", WINDOW, plan(Side::A, t0 + Duration::from_millis(200)), 1));
+    let sent: Vec<(Socket, SocketAddr, Vec<u8>)> = std::iter::from_fn(|| e.poll_transmit()).collect();
+    let (_, _, req) = sent
+        .iter()
+        .find(|(s, to, _)| *s == Socket::Port(WINDOW) && *to == SocketAddr::new(gw.into(), 5351))
+        .expect("a PCP request from the window to the gateway")
+        .clone();
+    assert_eq!((req[0], req[1], u16::from_be_bytes([req[40], req[41]])), (2, 1, WINDOW), "PCP MAP of the window");
+    // The gateway maps it at 45000: the window's public address, no STUN asked for it.
+    let mut answer = req[..60].to_vec();
+    answer[1] = 0x81;
+    answer[4..8].copy_from_slice(&3600u32.to_be_bytes());
+    answer[24 + 18..24 + 20].copy_from_slice(&45_000u16.to_be_bytes());
+    answer[24 + 32..24 + 36].copy_from_slice(&[203, 0, 113, 2]);
+    assert_eq!(e.on_packet(t0, Socket::Port(WINDOW), SocketAddr::new(gw.into(), 5351), &answer), Sends::NONE);
+    let mut now = t0;
+    let mut to_stun = 0;
+    while now < t0 + Duration::from_millis(400) {
+        now += Duration::from_millis(10);
+        e.handle_timeout(now);
+        to_stun += std::iter::from_fn(|| e.poll_transmit()).filter(|(_, to, _)| *to == addr(STUN)).count();
+    }
+    assert_eq!(to_stun, 0, "the mapped window is not gathered");
+    // The call's end deletes the mapping.
+    e.apply(now, Command::Unlink { shard: 1, ports: vec![RelayPort(PHONE_PORT), RelayPort(WINDOW)] });
+    let delete = std::iter::from_fn(|| e.poll_transmit())
+        .find(|(s, to, _)| *s == Socket::Port(WINDOW) && to.port() == 5351)
+        .expect("a delete");
+    assert_eq!(&delete.2[4..8], &0u32.to_be_bytes(), "lifetime 0");
 }

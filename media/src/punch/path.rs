@@ -117,6 +117,9 @@ pub struct DirectPath {
     /// Announcements with a bad signature or another address than the plan's, and stray
     /// STUN, ignored.
     ignored: u64,
+    /// Our window is a port the gateway mapped on request: its public address is known,
+    /// not gathered.
+    mapped: bool,
 }
 
 impl DirectPath {
@@ -142,8 +145,17 @@ impl DirectPath {
             events: VecDeque::new(),
             seed,
             ignored: 0,
+            mapped: false,
             plan,
         }
+    }
+
+    /// The gateway mapped our window to `external` (PCP or NAT-PMP): that is our window's
+    /// public address, announced as it is, whatever a STUN binding would say.
+    pub fn set_mapped(&mut self, now: Instant, external: SocketAddr) {
+        self.mapped = true;
+        self.own = Some(external);
+        self.maybe_punch(now);
     }
 
     pub fn phase(&self) -> Phase {
@@ -376,8 +388,10 @@ impl DirectPath {
             return true;
         }
         if let Some(StunAttribute::XorMappedAddress(x)) = msg.get::<XorMappedAddress>() {
-            self.own = Some(*x.socket_address());
-            self.maybe_punch(now);
+            if !self.mapped {
+                self.own = Some(*x.socket_address());
+                self.maybe_punch(now);
+            }
         }
         true
     }

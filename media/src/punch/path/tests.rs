@@ -73,6 +73,12 @@ struct Lab {
 
 impl Lab {
     fn new(a: NatKind, b: NatKind, wrong_password: bool) -> Lab {
+        Lab::with(a, b, wrong_password, None)
+    }
+
+    /// A lab where the gateway of side `mapped` (if any) maps the agent's window on
+    /// request (PCP/NAT-PMP), as that agent reports in its profile.
+    fn with(a: NatKind, b: NatKind, wrong_password: bool, mapped: Option<usize>) -> Lab {
         let t0 = Instant::now();
         let mut nats = [
             NatModel::new(a, "203.0.113.2".parse().expect("ip"), 5),
@@ -86,9 +92,11 @@ impl Lab {
                 filtering: Some(nats[i].kind.filtering),
                 allocation: Some(nats[i].kind.allocation.as_reported()),
                 window: nats[i].outbound(t0, SocketAddr::new(lans[i], 40000), addr(STUN)),
-                portmap: None,
+                portmap: (mapped == Some(i)).then_some(crate::portmap::Protocol::Pcp),
             })
             .collect();
+        // The mapped side's gateway forwards its window socket (31000) at a port of its own.
+        let external = mapped.map(|i| (i, nats[i].forward(SocketAddr::new(lans[i], 31000), 45_000)));
         let strategy = choose(&profiles[0], &profiles[1]);
         let windows = [profiles[0].window.expect("a"), profiles[1].window.expect("b")];
         let start = t0 + Duration::from_millis(200);
@@ -100,11 +108,15 @@ impl Lab {
         let [na, nb] = nats;
         let agent =
             |nat, lan, path| Agent { nat, lan, path, heard: Vec::new(), events: Vec::new(), relay_keepalives: 0 };
+        let mut agents = [
+            agent(na, lans[0], DirectPath::new(plan(Side::A, creds("aaaa", "bbbb")), addr(STUN), 1)),
+            agent(nb, lans[1], DirectPath::new(plan(Side::B, b_creds), addr(STUN), 2)),
+        ];
+        if let Some((i, public)) = external {
+            agents[i].path.set_mapped(t0, public);
+        }
         Lab {
-            agents: [
-                agent(na, lans[0], DirectPath::new(plan(Side::A, creds("aaaa", "bbbb")), addr(STUN), 1)),
-                agent(nb, lans[1], DirectPath::new(plan(Side::B, b_creds), addr(STUN), 2)),
-            ],
+            agents,
             strategy,
             t0,
             now: t0,
@@ -401,4 +413,22 @@ fn a_peer_announcing_another_address_than_the_one_the_server_saw_is_never_punche
     // The control: the same announcement of A's own address starts punching at it.
     let (_, sent) = run(addr("203.0.113.2:40123"));
     assert!(!sent.is_empty() && sent.iter().all(|to| *to == addr("203.0.113.2:40123")), "{sent:?}");
+}
+
+#[test]
+fn a_mapped_window_makes_the_unpunchable_pairs_go_direct() {
+    let kinds = KINDS.map(|k| k.1);
+    // symmetric-seq × symmetric-random and random × random: relay without a mapping.
+    for (a, b) in [(3, 4), (4, 4)] {
+        assert!(!Lab::new(kinds[a], kinds[b], false).strategy.is_direct());
+        for side in [0, 1] {
+            let mut lab = Lab::with(kinds[a], kinds[b], false, Some(side));
+            assert!(lab.strategy.is_direct(), "{:?}", lab.strategy);
+            lab.run(lab.start() + Duration::from_secs(3));
+            for (i, ag) in lab.agents.iter().enumerate() {
+                assert_eq!(ag.path.phase(), Phase::Direct, "{a}×{b} mapped on {side}: agent {i} {:?}", ag.events);
+            }
+            assert!(lab.agents.iter().all(|ag| ag.heard.iter().any(|h| h.1)), "media went direct");
+        }
+    }
 }
