@@ -207,8 +207,10 @@ fn measure_nat(
                     // Behind a gateway that maps ports on request every window can be made
                     // reachable: the server then plans for a full cone. Asked after the
                     // profile is out, so a gateway that does not answer delays nothing.
-                    if let (true, Some(true), IpAddr::V4(client)) = (portmap, report.nat, local.ip()) {
-                        let mapped = default_gateway().and_then(|g| Some((g, gateway_maps(g, client)?)));
+                    if let (true, Some(true), IpAddr::V4(client), Some(seen)) =
+                        (portmap, report.nat, local.ip(), report.mapped)
+                    {
+                        let mapped = default_gateway().and_then(|g| Some((g, gateway_maps(g, client, seen.ip())?)));
                         if let Some((gateway, protocol)) = mapped {
                             tracing::info!(%gateway, protocol = protocol.token(), "the gateway maps ports: windows get mappings");
                             profile.portmap = Some(protocol);
@@ -249,9 +251,10 @@ fn default_gateway() -> Option<Ipv4Addr> {
     })
 }
 
-/// Whether `gateway` maps ports for `client` (PCP, then NAT-PMP; 3 s at most): a mapping
-/// of a scratch port is asked for and given back at once.
-fn gateway_maps(gateway: Ipv4Addr, client: Ipv4Addr) -> Option<pinhole_media::portmap::Protocol> {
+/// Whether `gateway` maps ports for `client` (PCP, then NAT-PMP; 3 s at most) at the
+/// address the world sees us at (`seen`, not behind a second NAT): a mapping of a scratch
+/// port is asked for and given back at once.
+fn gateway_maps(gateway: Ipv4Addr, client: Ipv4Addr, seen: IpAddr) -> Option<pinhole_media::portmap::Protocol> {
     use pinhole_media::portmap::PortMapper;
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client), 0)).ok()?;
     sock.set_read_timeout(Some(Duration::from_millis(20))).ok()?;
@@ -270,13 +273,20 @@ fn gateway_maps(gateway: Ipv4Addr, client: Ipv4Addr) -> Option<pinhole_media::po
             m.handle_timeout(Instant::now());
         }
     }
-    let protocol = m.mapping().map(|x| x.protocol);
+    let protocol = match m.mapping() {
+        Some(x) if x.is_public_at(seen) => Some(x.protocol),
+        Some(x) => {
+            tracing::info!(%gateway, public = %x.external, %seen, "the gateway maps ports, but another NAT is beyond it: no mappings");
+            None
+        }
+        None => {
+            tracing::info!(%gateway, "the gateway maps no ports (no PCP or NAT-PMP, or it refused)");
+            None
+        }
+    };
     m.release();
     while let Some(d) = m.poll_transmit() {
         let _ = sock.send_to(&d, m.gateway());
-    }
-    if protocol.is_none() {
-        tracing::info!(%gateway, "the gateway maps no ports (no PCP or NAT-PMP, or it refused)");
     }
     protocol
 }

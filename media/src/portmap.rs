@@ -49,6 +49,15 @@ pub struct Mapping {
     pub granted: Instant,
 }
 
+impl Mapping {
+    /// Whether the mapping's public address is the one the world sees us at (`seen`, from
+    /// STUN). Behind a second NAT (a carrier's, beyond the home gateway) it is not: the
+    /// gateway's "public" address is itself private, and a mapping there opens nothing.
+    pub fn is_public_at(&self, seen: IpAddr) -> bool {
+        IpAddr::V4(*self.external.ip()) == seen
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Asking with this protocol since `first`.

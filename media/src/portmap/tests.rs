@@ -137,3 +137,11 @@ fn a_mapping_is_renewed_at_half_its_lifetime_and_deleted_when_released() {
     assert_eq!(&delete[4..8], &0u32.to_be_bytes(), "lifetime 0");
     assert_eq!((m.mapping(), m.poll_timeout()), (None, None));
 }
+
+#[test]
+fn a_mapping_behind_a_second_nat_is_not_public() {
+    let (m, _, _) = run(Gateway::Pcp);
+    let map = m.mapping().expect("mapped");
+    assert!(map.is_public_at(IpAddr::from(WAN)), "the gateway holds the address STUN saw");
+    assert!(!map.is_public_at("198.18.0.7".parse().expect("addr")), "a carrier's NAT beyond the gateway");
+}
