@@ -13,6 +13,8 @@ use common::*;
 fn redis(port: u16) -> Bg {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        // Should it ever write a file (a replica's sync), not into the crate.
+        .current_dir(std::env::temp_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -418,6 +420,10 @@ fn when_sentinel_promotes_a_replica_the_nodes_follow_and_no_registration_is_lost
         Command::new("redis-server")
             .args(["--port", &p2.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--replicaof", "127.0.0.1", &p1.to_string()])
+            // A replica keeps the primary's data in a file: in the test's own directory,
+            // not the crate's.
+            .arg("--dir")
+            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

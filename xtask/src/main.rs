@@ -129,13 +129,13 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     println!("xtask: tier 3-4: loopback tests with sipp, network-namespace NAT labs with baresip");
-    let before = peer_processes();
+    let before = (peer_processes(), untracked_files());
     // Strict: a lab that cannot run (no root) fails rather than skipping.
     let tests = run(cargo()
         .args(["test", "--workspace", "--test", "*"])
         .env("RUST_TEST_THREADS", "4")
         .env("PINHOLE_TEST_STRICT", "1"));
-    let leftovers = leftovers(&before);
+    let leftovers = leftovers(&before.0, &before.1);
     tests?;
     if !leftovers.is_empty() {
         anyhow::bail!("the suite left these behind:\n  {}", leftovers.join("\n  "));
@@ -173,7 +173,18 @@ fn peer_processes() -> Vec<(u32, String)> {
 }
 
 /// Peer processes that were not running `before`, and lab namespaces still present.
-fn leftovers(before: &[(u32, String)]) -> Vec<String> {
+/// Files in the work tree that git neither tracks nor ignores (empty outside a checkout).
+fn untracked_files() -> Vec<String> {
+    let out = Command::new("git")
+        .args(["ls-files", "--others", "--exclude-standard"])
+        .current_dir(root())
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&out).lines().map(str::to_owned).collect()
+}
+
+fn leftovers(before: &[(u32, String)], files_before: &[String]) -> Vec<String> {
     // Give processes killed at the very end of a test a moment to be reaped.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let mut out: Vec<String> = peer_processes()
@@ -188,6 +199,9 @@ fn leftovers(before: &[(u32, String)]) -> Vec<String> {
             out.push(format!("network namespace {name}"));
         }
     }
+    // A peer started in the crate's directory writes there (a Redis replica's dump.rdb
+    // was once committed that way): tests keep their files in their own directories.
+    out.extend(untracked_files().into_iter().filter(|f| !files_before.contains(f)).map(|f| format!("file {f}")));
     out
 }
 
