@@ -52,5 +52,6 @@ pub mod probe;
 pub mod punch;
 pub mod relay;
 pub mod sdp;
+pub mod srtp;
 pub mod stats;
 pub mod stun;

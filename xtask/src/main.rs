@@ -216,7 +216,7 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster"] {
+    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster", "srtp"] {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut c = Command::new("cargo");
