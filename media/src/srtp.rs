@@ -14,13 +14,13 @@
 use std::collections::HashMap;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use hmac::{Mac, SimpleHmac};
+use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
 use crate::mac::ct_eq;
 
 type AesCtr = ctr::Ctr128BE<aes::Aes128>;
-type HmacSha1 = SimpleHmac<Sha1>;
+type HmacSha1 = Hmac<Sha1>;
 
 /// Master key and salt lengths of `AES_CM_128_HMAC_SHA1_80`.
 pub const KEY_LEN: usize = 16;
