@@ -308,7 +308,8 @@ impl EdgeMedia {
             }
         }
         if let Socket::Port(p) = at {
-            if self.mappers.get(&p).is_some_and(|m| m.gateway() == src) {
+            // The port first: no map lookup on the media path.
+            if src.port() == crate::portmap::PORT && self.mappers.get(&p).is_some_and(|m| m.gateway() == src) {
                 self.on_gateway(now, p, data);
                 return Sends::NONE;
             }
