@@ -128,14 +128,8 @@ pub fn key_to_header(key: &[u8; 32]) -> String {
 }
 
 pub fn key_from_header(v: &str) -> Option<[u8; 32]> {
-    let v = v.trim();
-    if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
     let mut key = [0u8; 32];
-    for (i, k) in key.iter_mut().enumerate() {
-        *k = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(v.trim(), &mut key).ok()?;
     Some(key)
 }
 
