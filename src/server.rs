@@ -186,8 +186,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some((dp, unusable)) => (Some(dp), unusable),
         None => (None, Vec::new()),
     };
-    let (exchange, fleet_sock) = if fleet.is_empty() {
-        (None, None)
+    let fleet_sock = if fleet.is_empty() {
+        None
     } else {
         for r in &fleet {
             tracing::info!(relay = %r.ng, weight = r.weight, region = r.region.as_deref().unwrap_or("-"), "media on a fleet relay");
@@ -196,11 +196,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             metrics::counter!("pinhole_fleet_calls_total", "relay" => label.clone()).absolute(0);
             metrics::counter!("pinhole_fleet_failures_total", "relay" => label).absolute(0);
         }
-        let x: pinhole_core::Exchange = Box::new(crate::fleet::BlockingNg::new()?);
-        (Some(x), Some(crate::fleet::bind()?))
+        Some(crate::fleet::bind()?)
     };
     let ncfg = NodeConfig { proxy: pcfg, relay: relay_cfg, fleet };
-    let mut node = Node::new(ncfg, epoch, unix_now(), rand::random(), exchange);
+    let mut node = Node::new(ncfg, epoch, unix_now(), rand::random());
     if let Some(relay) = node.relay_mut() {
         for port in unusable {
             relay.retire(port);
@@ -397,7 +396,7 @@ fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
 /// transmits after the lock is released) and wakes the timer loop if the input needs it
 /// sooner than it planned.
 pub(crate) fn input<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Node) -> R) -> R {
-    let mut out = Vec::new();
+    let mut out = Outbox::default();
     let (r, next) = {
         let mut node = shared.node();
         let r = f(&mut node);
@@ -416,12 +415,21 @@ pub(crate) fn input<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Node) -> R) -> 
     r
 }
 
-/// Polls the node's outputs until it has nothing more to do now: transmits are collected
-/// in `out`, relay commands go to the forwarding threads. Returns when to wake next.
-fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<std::time::Instant> {
+/// What a node's outputs send, collected under its lock and sent after it is released.
+#[derive(Default)]
+struct Outbox {
+    transmits: Vec<Transmit>,
+    /// Datagrams to fleet relays (call commands, statistics requests).
+    ng: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+/// Polls the node's outputs until it has nothing more to do now: transmits and ng
+/// datagrams are collected in `out`, relay commands go to the forwarding threads. Returns
+/// when to wake next.
+fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time::Instant> {
     loop {
         match node.poll_output(Instant::now().into_std()) {
-            Output::Transmit(t) => out.push(t),
+            Output::Transmit(t) => out.transmits.push(t),
             Output::Media(c) => {
                 if let Some(dp) = &shared.dataplane {
                     dp.execute(c);
@@ -440,13 +448,7 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<st
                     tracing::warn!(%relay, why, "relay taken out of the fleet");
                 }
             }
-            Output::Ng { to, payload } => {
-                if let Some(sock) = &shared.fleet {
-                    if let Err(e) = sock.send_to(&payload, to) {
-                        tracing::debug!(relay = %to, error = %e, "ng statistics request not sent");
-                    }
-                }
-            }
+            Output::Ng { to, payload } => out.ng.push((to, payload)),
             Output::Lookup(aor) => {
                 if let Some(tx) = shared.lookups.get() {
                     let _ = tx.send(aor);
@@ -463,9 +465,16 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Vec<Transmit>) -> Option<st
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, out: Vec<Transmit>) {
+fn dispatch(shared: &Arc<Shared>, out: Outbox) {
+    if let Some(sock) = &shared.fleet {
+        for (to, payload) in &out.ng {
+            if let Err(e) = sock.send_to(payload, *to) {
+                tracing::debug!(relay = %to, error = %e, "ng datagram not sent");
+            }
+        }
+    }
     let (datagrams, streams): (Vec<Transmit>, Vec<Transmit>) =
-        out.into_iter().partition(|t| t.flow.transport == Transport::Udp);
+        out.transmits.into_iter().partition(|t| t.flow.transport == Transport::Udp);
     for t in streams {
         send_stream(shared, t);
     }
@@ -792,7 +801,7 @@ const TIMER_SLACK: Duration = Duration::from_millis(10);
 async fn timer_loop(shared: Arc<Shared>) {
     let mut fire = false;
     loop {
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         let next = {
             let mut node = shared.node();
             if fire {

@@ -13,7 +13,7 @@
 //! # fn send(_: &pinhole_sip::Transmit) {}
 //! # fn data_plane(_: pinhole_media::relay::Command) {}
 //! # fn run(cfg: NodeConfig) {
-//! let mut node = Node::new(cfg, Instant::now(), 1_700_000_000, 42, None);
+//! let mut node = Node::new(cfg, Instant::now(), 1_700_000_000, 42);
 //! loop {
 //!     let (flow, bytes) = recv();
 //!     let _ = node.handle_sip(Instant::now(), flow, bytes); // Err: garbage, counted
@@ -36,8 +36,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pinhole_media::anchor::{MediaAnchor, MediaRefusal, SdpIn};
-use pinhole_media::fleet::{Fleet, NgExchange, RelaySpec};
+use pinhole_media::anchor::{MediaAnchor, SdpIn, Unanchored};
+use pinhole_media::fleet::{Fleet, RelaySpec};
 use pinhole_media::ng_server::{NgServer, NgStreamError};
 use pinhole_media::relay::{Command, Relay, RelayConfig};
 use pinhole_sip::message::Garbage;
@@ -54,14 +54,12 @@ pub struct NodeConfig {
     pub fleet: Vec<RelaySpec>,
 }
 
-/// The blocking ng exchange a fleet's call commands go through (see
-/// [`pinhole_media::fleet`]); the shell provides it.
-pub type Exchange = Box<dyn NgExchange + Send>;
-
 /// Where a node anchors media: its own relay (or none), or a fleet of remote relays.
+// One per node: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Media {
     Local(Option<Relay>),
-    Fleet(Fleet<Exchange>),
+    Fleet(Fleet),
 }
 
 impl Media {
@@ -73,7 +71,7 @@ impl Media {
         }
     }
 
-    fn fleet(&mut self) -> Option<&mut Fleet<Exchange>> {
+    fn fleet(&mut self) -> Option<&mut Fleet> {
         match self {
             Media::Fleet(f) => Some(f),
             Media::Local(_) => None,
@@ -89,10 +87,17 @@ impl MediaAnchor for Media {
         }
     }
 
-    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, Unanchored> {
         match self {
             Media::Local(r) => r.anchor_sdp(now, s),
             Media::Fleet(f) => f.anchor_sdp(now, s),
+        }
+    }
+
+    fn poll_ready(&mut self) -> Option<String> {
+        match self {
+            Media::Local(_) => None,
+            Media::Fleet(f) => f.poll_ready(),
         }
     }
 
@@ -133,7 +138,11 @@ impl MediaAnchor for Media {
     fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
         match self {
             Media::Local(r) => r.release_counting(call_id),
-            Media::Fleet(f) => f.release_counting(call_id),
+            // The relay tells it in its reply to the delete: see `Node::poll_output`.
+            Media::Fleet(f) => {
+                f.release(call_id);
+                None
+            }
         }
     }
 }
@@ -164,8 +173,8 @@ pub enum Output {
     Transmit(Transmit),
     /// Bind, link or close relay ports in the data plane.
     Media(Command),
-    /// Send this ng request (a fleet relay's statistics) from the fleet's socket; replies
-    /// go to [`Node::handle_fleet_reply`].
+    /// Send this ng request (a call command or statistics to a fleet relay) from the
+    /// fleet's socket; replies go to [`Node::handle_fleet_reply`].
     Ng {
         to: SocketAddr,
         payload: Vec<u8>,
@@ -192,7 +201,13 @@ pub struct Node {
     published: (usize, usize, u64),
     /// When relay packet totals are next published (once a second while calls exist).
     next_stats: Instant,
+    /// Call records of fleet calls waiting for what the relay says it carried (its reply
+    /// to the delete, or its silence); at most [`MAX_HELD_RECORDS`].
+    held: Vec<pinhole_sip::b2bua::CallRecord>,
 }
+
+/// Call records held for their relay's totals at once; past this one goes out without.
+const MAX_HELD_RECORDS: usize = 4096;
 
 /// How often relay packet totals are published while calls exist.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
@@ -201,18 +216,17 @@ impl Node {
     /// `unix_now` is the wall clock at `now`; `seed` makes branches, tags and nonce salts
     /// reproducible in tests (use a random one in production).
     ///
-    /// With a fleet configured, `exchange` carries its call commands (it must be `Some`).
-    pub fn new(cfg: NodeConfig, now: Instant, unix_now: u64, seed: u64, exchange: Option<Exchange>) -> Node {
-        let media = match (cfg.fleet.is_empty(), exchange) {
-            (false, Some(x)) => {
+    pub fn new(cfg: NodeConfig, now: Instant, unix_now: u64, seed: u64) -> Node {
+        let media = match cfg.fleet.is_empty() {
+            false => {
                 let (max, longest) = cfg
                     .relay
                     .as_ref()
                     .map_or((10_000, Duration::from_secs(4 * 3600)), |r| (r.max_sessions, r.max_duration));
                 let secret = pinhole_media::mac::hmac(&cfg.proxy.secret, "fleet", &[]);
-                Media::Fleet(Fleet::new(cfg.fleet, x, now, (max, longest), secret))
+                Media::Fleet(Fleet::new(cfg.fleet, now, (max, longest), secret))
             }
-            _ => Media::Local(cfg.relay.map(|r| Relay::new(r, now))),
+            true => Media::Local(cfg.relay.map(|r| Relay::new(r, now))),
         };
         Node {
             proxy: Proxy::new(cfg.proxy, media, now, unix_now, seed),
@@ -221,6 +235,7 @@ impl Node {
             transmits: VecDeque::new(),
             published: (0, 0, 0),
             next_stats: now,
+            held: Vec::new(),
         }
     }
 
@@ -246,14 +261,14 @@ impl Node {
     }
 
     /// The relay fleet, when media is anchored on remote relays.
-    pub fn fleet(&self) -> Option<&Fleet<Exchange>> {
+    pub fn fleet(&self) -> Option<&Fleet> {
         match self.proxy.media() {
             Media::Fleet(f) => Some(f),
             Media::Local(_) => None,
         }
     }
 
-    fn fleet_mut(&mut self) -> Option<&mut Fleet<Exchange>> {
+    fn fleet_mut(&mut self) -> Option<&mut Fleet> {
         self.proxy.media_mut().fleet()
     }
 
@@ -276,9 +291,12 @@ impl Node {
         }
     }
 
-    /// A datagram on the fleet's socket (a relay's statistics). `false`: not one, dropped.
-    pub fn handle_fleet_reply(&mut self, from: SocketAddr, datagram: &[u8]) -> bool {
-        self.fleet_mut().is_some_and(|f| f.handle_reply(from, datagram))
+    /// A datagram on the fleet's socket (a relay's reply to a call command or to
+    /// statistics): messages waiting for it go on. `false`: not one, dropped.
+    pub fn handle_fleet_reply(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> bool {
+        let taken = self.fleet_mut().is_some_and(|f| f.handle_reply(now, from, datagram));
+        self.proxy.resume_media(now);
+        taken
     }
 
     /// One SIP message (a datagram, or a frame cut from a stream). `Err`: not SIP at all,
@@ -359,6 +377,8 @@ impl Node {
             self.proxy.media_call_ended(now, &call_id);
             self.events.push_back(Event::CallEnded { call_id, reason });
         }
+        // A fleet relay that stayed silent: the messages that waited for it go on.
+        self.proxy.resume_media(now);
         if self.proxy.poll_timeout().is_some_and(|(t, _)| t <= now) {
             self.proxy.handle_timeout(now);
         }
@@ -408,17 +428,40 @@ impl Node {
         if let Some(ProxyEvent::PunchPlanned { call_id, method }) = self.proxy.poll_event() {
             return Output::Event(Event::PunchPlanned { call_id, method });
         }
-        if let Some(r) = self.proxy.poll_call_record() {
+        if let Some(r) = self.next_record() {
             return Output::Event(Event::CallRecord(r));
         }
         // The earliest deadline; on a tie the proxy's comes first.
         let relay = self.relay();
         let stats = relay.filter(|r| r.call_count() > 0).map(|_| (self.next_stats, "relay statistics"));
         let deadline = relay.and_then(Relay::poll_timeout).map(|t| (t, "relay deadline"));
-        let fleet = self.fleet().and_then(Fleet::poll_timeout).map(|t| (t, "fleet statistics"));
+        let fleet = self.fleet().and_then(Fleet::poll_timeout).map(|t| (t, "fleet"));
         match [self.proxy.poll_timeout(), stats, deadline, fleet].into_iter().flatten().min_by_key(|(t, _)| *t) {
             Some((at, why)) => Output::Timeout(at, why),
             None => Output::Idle,
+        }
+    }
+}
+
+impl Node {
+    /// The next call record to write. A fleet call's waits for its first relay's reply to
+    /// the delete, which tells what it carried.
+    fn next_record(&mut self) -> Option<pinhole_sip::b2bua::CallRecord> {
+        if let Some(f) = self.proxy.media_mut().fleet() {
+            while let Some((call_id, totals)) = f.poll_released() {
+                let Some(i) = self.held.iter().position(|r| r.a_call_id == call_id) else { continue };
+                let mut r = self.held.remove(i);
+                (r.packets, r.bytes) = totals.unwrap_or((0, 0));
+                return Some(r);
+            }
+        }
+        loop {
+            let r = self.proxy.poll_call_record()?;
+            let counting = self.fleet().is_some_and(|f| f.counting(&r.a_call_id));
+            if !counting || self.held.len() >= MAX_HELD_RECORDS {
+                return Some(r);
+            }
+            self.held.push(r);
         }
     }
 }

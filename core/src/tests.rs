@@ -53,16 +53,20 @@ struct Run {
     sent: Vec<Transmit>,
     commands: usize,
     events: Vec<Event>,
+    /// Relay nodes by ng address: the edge's ng datagrams reach them and their replies
+    /// come back at once. Datagrams to any other address are kept in `ng` unanswered.
+    relays: Vec<(SocketAddr, Arc<Mutex<Node>>)>,
+    ng: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl Run {
     fn new() -> Run {
         let now = Instant::now();
-        Run::with(Node::new(config(), now, 1_700_000_000, 9, None), now)
+        Run::with(Node::new(config(), now, 1_700_000_000, 9), now)
     }
 
     fn with(node: Node, now: Instant) -> Run {
-        Run { node, now, sent: vec![], commands: 0, events: vec![] }
+        Run { node, now, sent: vec![], commands: 0, events: vec![], relays: vec![], ng: vec![] }
     }
 
     /// Polls until the node is waiting; returns what it waits for.
@@ -72,6 +76,15 @@ impl Run {
                 Output::Transmit(t) => self.sent.push(t),
                 Output::Media(_) => self.commands += 1,
                 Output::Event(e) => self.events.push(e),
+                Output::Ng { to, payload } => {
+                    let relay = self.relays.iter().find(|(a, _)| *a == to).map(|(_, n)| n.clone());
+                    let reply =
+                        relay.and_then(|n| n.lock().ok()?.handle_ng(self.now, addr("203.0.113.1:40000"), &payload));
+                    match reply {
+                        Some(reply) => assert!(self.node.handle_fleet_reply(self.now, to, &reply), "reply taken"),
+                        None => self.ng.push((to, payload)),
+                    }
+                }
                 Output::Timeout(at, why) => return Some((at, why)),
                 _ => return None,
             }
@@ -187,25 +200,12 @@ fn keepalives_on_the_sip_port_are_absorbed_or_answered_not_parsed_as_sip() {
     assert!(r.sent[0].payload.len() <= 3 * stun.len());
 }
 
-/// A fleet's exchange that hands each command to another node's ng server, as a relay
-/// node on `203.0.113.21` would get it.
-struct ToRelayNode(Arc<Mutex<Node>>, Instant);
-
-impl pinhole_media::fleet::NgExchange for ToRelayNode {
-    fn exchange(&mut self, _to: SocketAddr, cookie: &str, payload: &[u8]) -> Option<Vec<u8>> {
-        let mut d = format!("{cookie} ").into_bytes();
-        d.extend_from_slice(payload);
-        let reply = self.0.lock().ok()?.handle_ng(self.1, addr("127.0.0.1:9"), &d)?;
-        Some(pinhole_media::ng::split_cookie(&reply).ok()?.1.to_vec())
-    }
-}
-
 #[test]
 fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     let now = Instant::now();
     let mut relay_cfg = config();
     relay_cfg.relay = Some(RelayConfig::single("203.0.113.21".parse().expect("ip"), 40000, 40099));
-    let relay_node = Arc::new(Mutex::new(Node::new(relay_cfg, now, 1_700_000_000, 3, None)));
+    let relay_node = Arc::new(Mutex::new(Node::new(relay_cfg, now, 1_700_000_000, 3)));
     let spec = pinhole_media::fleet::RelaySpec {
         ng: addr("203.0.113.21:2223"),
         weight: 1,
@@ -214,8 +214,7 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
         stun: None,
     };
     let edge_cfg = NodeConfig { fleet: vec![spec], ..config() };
-    let exchange: Exchange = Box::new(ToRelayNode(relay_node.clone(), now));
-    let mut r = Run::with(Node::new(edge_cfg, now, 1_700_000_000, 9, Some(exchange)), now);
+    let mut r = Run::with(Node::new(edge_cfg, now, 1_700_000_000, 9), now);
     assert!(r.node.relay().is_none(), "an edge with a fleet has no relay of its own");
 
     // The first poll asks the relay for its statistics.
@@ -227,6 +226,7 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
         }
         other => panic!("expected a statistics request, got {other:?}"),
     };
+    r.relays.push((addr("203.0.113.21:2223"), relay_node.clone()));
     r.sip(TRUNK, &invite());
     let fwd = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("forwarded INVITE");
     assert!(String::from_utf8_lossy(&fwd.payload).contains("c=IN IP4 203.0.113.21"), "anchored on the relay node");
@@ -235,13 +235,30 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     assert_eq!(relay_calls, Some(1));
     assert_eq!(r.node.fleet().map(|f| f.call_count()), Some(1));
 
+    // The callee's answer waits for the relay's answer too, then goes up anchored.
+    let fwd = pinhole_sip::message::Message::parse(Bytes::from(fwd.payload.clone())).expect("SIP");
+    let body =
+        "v=0\r\no=- 2 2 IN IP4 203.0.113.60\r\ns=-\r\nc=IN IP4 203.0.113.60\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+    let ok = String::from_utf8(fwd.response(200, "OK", Some("b1"), &["Contact: <sip:bob@203.0.113.60:5060>".into()]))
+        .expect("utf8")
+        .replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+        );
+    r.sent.clear();
+    r.sip(CALLEE, &ok);
+    let up = r.sent.iter().find(|t| t.flow.remote == addr(TRUNK)).expect("the 200 went up");
+    let up = String::from_utf8_lossy(&up.payload);
+    assert!(up.starts_with("SIP/2.0 200") && up.contains("c=IN IP4 203.0.113.21"), "anchored on the relay:\n{up}");
+    assert_eq!(r.node.proxy().media_waiting(), 0);
+
     // Its statistics reply is taken; garbage is not.
     let stats = [&cookie[..], b" d6:result2:ok10:statisticsd17:currentstatisticsd11:sessionsowni1eeee"].concat();
-    assert!(!r.node.handle_fleet_reply(addr("203.0.113.21:2223"), &stats[1..]), "not our cookie");
-    assert!(r.node.handle_fleet_reply(addr("203.0.113.21:2223"), &stats));
-    assert!(!r.node.handle_fleet_reply(addr("203.0.113.21:2223"), b"junk"));
+    assert!(!r.node.handle_fleet_reply(now, addr("203.0.113.21:2223"), &stats[1..]), "not our cookie");
+    assert!(r.node.handle_fleet_reply(now, addr("203.0.113.21:2223"), &stats));
+    assert!(!r.node.handle_fleet_reply(now, addr("203.0.113.21:2223"), b"junk"));
     let (_, why) = r.drain().expect("a timer");
-    assert!(["sip transaction timer", "fleet statistics"].contains(&why), "{why}");
+    assert!(["sip transaction timer", "fleet"].contains(&why), "{why}");
 }
 
 #[test]
@@ -268,16 +285,6 @@ fn a_standby_relay_takes_over_when_ng_first_reaches_it() {
     assert_eq!(standby.events.len(), 1, "taken over once");
 }
 
-/// A fleet's exchange to several relay nodes, each by its ng address.
-struct ToRelayNodes(Vec<(SocketAddr, Arc<Mutex<Node>>)>, Instant);
-
-impl pinhole_media::fleet::NgExchange for ToRelayNodes {
-    fn exchange(&mut self, to: SocketAddr, cookie: &str, payload: &[u8]) -> Option<Vec<u8>> {
-        let node = &self.0.iter().find(|(a, _)| *a == to)?.1;
-        ToRelayNode(node.clone(), self.1).exchange(to, cookie, payload)
-    }
-}
-
 #[test]
 fn a_callee_whose_agent_measured_a_nearer_relay_in_another_region_gets_its_leg_there() {
     let now = Instant::now();
@@ -287,7 +294,7 @@ fn a_callee_whose_agent_measured_a_nearer_relay_in_another_region_gets_its_leg_t
         let ip: std::net::IpAddr = format!("203.0.113.{n}").parse().expect("ip");
         let mut cfg = config();
         cfg.relay = Some(RelayConfig::single(ip, 40000, 40099));
-        nodes.push((SocketAddr::new(ip, 2223), Arc::new(Mutex::new(Node::new(cfg, now, 1_700_000_000, 3, None)))));
+        nodes.push((SocketAddr::new(ip, 2223), Arc::new(Mutex::new(Node::new(cfg, now, 1_700_000_000, 3)))));
         specs.push(pinhole_media::fleet::RelaySpec {
             ng: SocketAddr::new(ip, 2223),
             weight: 1,
@@ -296,9 +303,8 @@ fn a_callee_whose_agent_measured_a_nearer_relay_in_another_region_gets_its_leg_t
             stun: Some(SocketAddr::new(ip, 3478)),
         });
     }
-    let exchange: Exchange = Box::new(ToRelayNodes(nodes.clone(), now));
-    let mut r =
-        Run::with(Node::new(NodeConfig { fleet: specs, ..config() }, now, 1_700_000_000, 9, Some(exchange)), now);
+    let mut r = Run::with(Node::new(NodeConfig { fleet: specs, ..config() }, now, 1_700_000_000, 9), now);
+    r.relays = nodes.clone();
     // bob registers from the operator's network (so his REGISTER is vouched for) through
     // an agent that finds the us relay nearer.
     r.sip(
@@ -330,4 +336,54 @@ Content-Length: 0
     assert!(text.contains("c=IN IP4 203.0.113.22"), "bob's leg on the us relay:\n{text}");
     let calls = |i: usize| nodes[i].1.lock().expect("lock").relay().map(Relay::call_count);
     assert_eq!((calls(0), calls(1)), (Some(1), Some(1)), "the caller's leg on eu, chained to us");
+}
+
+#[test]
+fn a_silent_fleet_relay_holds_up_only_its_own_call_never_another_phones_register() {
+    let now = Instant::now();
+    let spec = pinhole_media::fleet::RelaySpec {
+        ng: addr("203.0.113.21:2223"),
+        weight: 1,
+        region: None,
+        cidrs: vec![],
+        stun: None,
+    };
+    // No relay node behind the address: the ng datagrams go unanswered.
+    let mut r = Run::with(Node::new(NodeConfig { fleet: vec![spec], ..config() }, now, 1_700_000_000, 9), now);
+    r.sip(TRUNK, &invite());
+    assert!(r.ng.iter().any(|(_, d)| d.windows(5).any(|w| w == b"offer")), "the offer went out as a datagram");
+    assert_eq!(r.node.proxy().media_waiting(), 1, "the INVITE waits for the relay");
+    assert!(r.sent.iter().all(|t| t.flow.remote != addr(CALLEE)), "not forwarded yet");
+
+    // Meanwhile, in the same instant, another phone registers: answered at once.
+    r.sent.clear();
+    r.sip(
+        CALLEE,
+        &format!(
+            "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP {CALLEE};branch=z9hG4bKreg9
+Max-Forwards: 70
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r9
+Call-ID: reg-bob-9
+CSeq: 1 REGISTER
+Contact: <sip:bob@{CALLEE}>
+Content-Length: 0
+
+"
+        ),
+    );
+    let ok = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("REGISTER answered in the same instant");
+    assert!(ok.payload.starts_with(b"SIP/2.0 200"), "{}", String::from_utf8_lossy(&ok.payload));
+
+    // The relay stays silent: asked twice, then the INVITE is answered 503 naming why.
+    r.sent.clear();
+    r.advance(pinhole_media::fleet::COMMAND_WAIT * pinhole_media::fleet::COMMAND_TRIES);
+    let offers = r.ng.iter().filter(|(_, d)| d.windows(5).any(|w| w == b"offer")).count();
+    assert_eq!(offers, pinhole_media::fleet::COMMAND_TRIES as usize);
+    let refusal = r.sent.iter().find(|t| t.flow.remote == addr(TRUNK) && t.payload.starts_with(b"SIP/2.0 503"));
+    let text = refusal.map(|t| String::from_utf8_lossy(&t.payload).into_owned()).unwrap_or_default();
+    assert!(text.starts_with("SIP/2.0 503 No Media Relay Answering"), "{text}");
+    assert_eq!(r.node.proxy().media_waiting(), 0);
+    assert!(r.events.iter().any(|e| matches!(e, Event::FleetRelay { up: false, .. })), "the relay was taken out");
 }

@@ -16,6 +16,39 @@ pub struct MediaRefusal {
     pub reason: String,
 }
 
+/// Messages a signalling core keeps waiting at once for their media ([`Unanchored::Waiting`]),
+/// over all calls and per call; past either it goes on without waiting (a request is
+/// refused with 503, a response forwarded with its SDP as it came).
+pub const MAX_WAITING: usize = 4096;
+pub const MAX_WAITING_PER_CALL: usize = 16;
+
+/// Why an SDP body was not anchored (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unanchored {
+    /// Not at all: answer with this response.
+    Refused(MediaRefusal),
+    /// Not yet: a remote relay was asked and has not answered. The message waits and is
+    /// handled again once [`MediaAnchor::poll_ready`] names its call; the answer is kept
+    /// for it meanwhile, so the same SDP then anchors at once.
+    Waiting,
+}
+
+impl Unanchored {
+    /// The response for a caller that cannot wait (its anchor is local and never does).
+    pub fn into_refusal(self) -> MediaRefusal {
+        match self {
+            Unanchored::Refused(r) => r,
+            Unanchored::Waiting => MediaRefusal { code: 500, reason: "Media Anchoring Unfinished".into() },
+        }
+    }
+}
+
+impl From<MediaRefusal> for Unanchored {
+    fn from(r: MediaRefusal) -> Self {
+        Unanchored::Refused(r)
+    }
+}
+
 /// An SDP body to anchor: from the party tagged `sender_tag`, whose signalling came from
 /// `signalling_ip`, going to the party at `to` when known (its address family picks the
 /// relay's; a relay fleet picks relays near both).
@@ -36,7 +69,13 @@ pub trait MediaAnchor {
     fn anchoring(&self) -> bool;
 
     /// Anchors an SDP body (see [`SdpIn`]); returns the body to forward.
-    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal>;
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, Unanchored>;
+
+    /// A call some of whose messages wait ([`Unanchored::Waiting`]) has its answer, or its
+    /// relay gave up: handle them again. Until `None`.
+    fn poll_ready(&mut self) -> Option<String> {
+        None
+    }
 
     /// Before a new call's first SDP: what the caller's and the callee's agents measured to
     /// the relays (`Pinhole-RTT` values), for an anchor that picks a relay per call.
@@ -73,7 +112,7 @@ impl MediaAnchor for Option<Relay> {
     }
 
     /// SDP through the relay, when there is one; refusals as SIP responses.
-    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, Unanchored> {
         let Some(relay) = self else { return Ok(s.sdp.to_vec()) };
         let opts = Options { to_v6: s.to.map(|ip| ip.is_ipv6()), replace_origin: s.hide, ..Options::default() };
         relay.on_sdp(now, s.call_id, s.sender_tag, s.sdp, Some(s.signalling_ip), opts).map_err(|e| {
@@ -84,7 +123,7 @@ impl MediaAnchor for Option<Relay> {
                 RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
                 RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
             };
-            MediaRefusal { code, reason }
+            Unanchored::Refused(MediaRefusal { code, reason })
         })
     }
 

@@ -353,7 +353,10 @@ impl<M: MediaAnchor> Agent<M> {
                             hide: false,
                         },
                     )
-                    .map_err(|r| Rejection::new(r.code, r.reason))?;
+                    .map_err(|r| {
+                        let r = r.into_refusal();
+                        Rejection::new(r.code, r.reason)
+                    })?;
                 e.set_body(&anchored);
             }
             _ => {

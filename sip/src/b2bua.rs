@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pinhole_media::anchor::{MediaAnchor, SdpIn};
+use pinhole_media::anchor::{MediaAnchor, SdpIn, Unanchored};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,8 +33,10 @@ mod build;
 pub mod health;
 #[cfg(test)]
 mod tests;
+mod waiting;
 
 use health::TrunkHealth;
+use waiting::{Resume, Waiting};
 
 use build::*;
 
@@ -355,6 +357,8 @@ pub struct B2bua {
     pub stats: B2buaStats,
     /// Per trunk: registration and ping state.
     health: Vec<TrunkHealth>,
+    /// Calls whose handling waits for their media.
+    waiting: Waiting,
 }
 
 impl B2bua {
@@ -383,6 +387,7 @@ impl B2bua {
             next_id: 1,
             rng: StdRng::seed_from_u64(seed ^ 0xb2b),
             stats: B2buaStats::default(),
+            waiting: Waiting::default(),
         }
     }
 
@@ -637,7 +642,13 @@ impl B2bua {
     }
 
     /// Sends the B leg's INVITE (again, with `auth` credentials after a challenge).
-    fn send_b_invite<M: MediaAnchor>(&mut self, now: Instant, id: u64, media: &mut M, auth: Option<(&str, String)>) {
+    fn send_b_invite<M: MediaAnchor>(
+        &mut self,
+        now: Instant,
+        id: u64,
+        media: &mut M,
+        auth: Option<(&'static str, String)>,
+    ) {
         let branch = format!("{BRANCH_PREFIX}{}", self.random_hex(8));
         let Some(call) = self.calls.get(&id) else { return };
         let number = crate::proxy::request_user(&call.a_invite).unwrap_or_default();
@@ -664,7 +675,13 @@ impl B2bua {
                 let ip = call.a_flow.remote.ip();
                 match media.anchor_sdp(now, &hidden(&call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.ip()))) {
                     Ok(b) => Some(b),
-                    Err(r) => {
+                    Err(Unanchored::Waiting) => {
+                        if !self.wait_for_media(id, Resume::BInvite(auth)) {
+                            self.fail_a(now, id, 503, "Service Unavailable - Media Relay Backlog", media);
+                        }
+                        return;
+                    }
+                    Err(Unanchored::Refused(r)) => {
                         self.fail_a(now, id, r.code, &r.reason, media);
                         return;
                     }
@@ -976,7 +993,14 @@ impl B2bua {
                 let tag = if leg == Leg::A { call.a.remote_tag.clone() } else { TRUNK_TAG.to_owned() };
                 match media.anchor_sdp(now, &hidden(&call.a.call_id, &tag, sdp, flow.remote.ip(), None)) {
                     Ok(b) => Some((b, "application/sdp".to_owned())),
-                    Err(r) => {
+                    Err(Unanchored::Waiting) => {
+                        let busy = msg.response(503, "Service Unavailable - Media Relay Backlog", None, &[]);
+                        if !self.wait_for_media(id, Resume::Bridge { leg, flow, msg }) {
+                            self.out.push_back(Transmit { flow, payload: busy });
+                        }
+                        return;
+                    }
+                    Err(Unanchored::Refused(r)) => {
                         self.out.push_back(Transmit { flow, payload: msg.response(r.code, &r.reason, None, &[]) });
                         return;
                     }
@@ -1116,22 +1140,35 @@ impl B2bua {
         }
         self.learn_b_dialog(id, &msg);
         self.ack_b(id, &msg);
-        let Some(call) = self.calls.get_mut(&id) else { return };
-        let body = match sdp_body(&msg) {
-            Some(sdp) => media.anchor_sdp(now, &hidden(&call.a.call_id, TRUNK_TAG, sdp, flow.remote.ip(), None)).ok(),
+        self.answer_a(now, id, flow, &msg, media);
+    }
+
+    /// The B leg's 2xx (acknowledged) to the phone, its SDP anchored: the call is answered.
+    fn answer_a<M: MediaAnchor>(&mut self, now: Instant, id: u64, flow: Flow, msg: &Message, media: &mut M) {
+        let Some(code) = msg.status() else { return };
+        let Some(call) = self.calls.get(&id) else { return };
+        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, TRUNK_TAG, sdp, flow.remote.ip(), None)) {
+            Some(s) => match media.anchor_sdp(now, &s) {
+                Ok(b) => Some(b),
+                Err(Unanchored::Waiting) if self.wait_for_media(id, Resume::Answer { flow, msg: msg.clone() }) => {
+                    return;
+                }
+                Err(_) => None,
+            },
             None => None,
         };
+        let Some(call) = self.calls.get_mut(&id) else { return };
         call.phase = Phase::Answered;
         call.answered = Some(now);
         call.final_code = Some(code);
         call.refreshed = now;
         if call.inbound.is_none() {
-            call.session = session_of(&msg, self.cfg.session_expires);
+            call.session = session_of(msg, self.cfg.session_expires);
             if let Some((interval, _)) = call.session {
                 self.timers.push(Reverse((now + interval / 2, Timer::Session(id))));
             }
         }
-        let resp = self.a_response(id, code, msg.reason(), &msg, body.as_deref());
+        let resp = self.a_response(id, code, msg.reason(), msg, body.as_deref());
         if let Some(call) = self.calls.get_mut(&id) {
             call.a_last = Some(resp.clone());
             self.out.push_back(Transmit { flow: call.a_flow, payload: resp });
@@ -1164,14 +1201,17 @@ impl B2bua {
     /// repeated), 183 with its SDP anchored whenever it comes.
     fn relay_provisional<M: MediaAnchor>(&mut self, now: Instant, id: u64, msg: &Message, media: &mut M) {
         let Some(code) = msg.status() else { return };
-        let Some(call) = self.calls.get_mut(&id) else { return };
-        let body = match sdp_body(msg) {
-            Some(sdp) => {
-                let from = call.b.flow.map_or(call.a_flow.remote.ip(), |f| f.remote.ip());
-                media.anchor_sdp(now, &hidden(&call.a.call_id, TRUNK_TAG, sdp, from, None)).ok()
-            }
+        let Some(call) = self.calls.get(&id) else { return };
+        let from = call.b.flow.map_or(call.a_flow.remote.ip(), |f| f.remote.ip());
+        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, TRUNK_TAG, sdp, from, None)) {
+            Some(s) => match media.anchor_sdp(now, &s) {
+                Ok(b) => Some(b),
+                Err(Unanchored::Waiting) if self.wait_for_media(id, Resume::Provisional(msg.clone())) => return,
+                Err(_) => None,
+            },
             None => None,
         };
+        let Some(call) = self.calls.get_mut(&id) else { return };
         if body.is_none() && call.ringing_sent {
             return;
         }
@@ -1248,14 +1288,40 @@ impl B2bua {
                 self.out.push_back(Transmit { flow, payload: bytes });
             }
         }
-        let Some(call) = self.calls.get_mut(&id) else { return };
-        let body = match sdp_body(msg) {
-            Some(sdp) => {
-                let tag = if origin_leg == Leg::A { TRUNK_TAG.to_owned() } else { call.a.remote_tag.clone() };
-                media.anchor_sdp(now, &hidden(&call.a.call_id, &tag, sdp, origin_flow.remote.ip(), None)).ok()
-            }
+        self.relay_bridged_response(now, id, msg, origin, origin_flow, origin_leg, media);
+    }
+
+    /// The response to a request carried across, its SDP anchored, to the request's sender.
+    #[allow(clippy::too_many_arguments)]
+    fn relay_bridged_response<M: MediaAnchor>(
+        &mut self,
+        now: Instant,
+        id: u64,
+        msg: &Message,
+        origin: &Message,
+        origin_flow: Flow,
+        origin_leg: Leg,
+        media: &mut M,
+    ) {
+        let Some(code) = msg.status() else { return };
+        let Some(call) = self.calls.get(&id) else { return };
+        let tag = if origin_leg == Leg::A { TRUNK_TAG.to_owned() } else { call.a.remote_tag.clone() };
+        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, &tag, sdp, origin_flow.remote.ip(), None)) {
+            Some(s) => match media.anchor_sdp(now, &s) {
+                Ok(b) => Some(b),
+                Err(Unanchored::Waiting) => {
+                    let resume =
+                        Resume::Bridged { msg: msg.clone(), origin: Box::new(origin.clone()), origin_flow, origin_leg };
+                    if self.wait_for_media(id, resume) {
+                        return;
+                    }
+                    None
+                }
+                Err(_) => None,
+            },
             None => None,
         };
+        let Some(call) = self.calls.get(&id) else { return };
         let local_tag = if origin_leg == Leg::A { call.a.local_tag.clone() } else { call.b.local_tag.clone() };
         let our = self.interface_for(origin_flow.transport).map(Interface::host_port).unwrap_or_default();
         let extra = vec![format!("Contact: <sip:{our}{}>", transport_param(origin_flow.transport))];

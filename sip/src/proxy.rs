@@ -38,6 +38,7 @@ pub(crate) use requests::{host_ip, host_string, parse_sip_uri, request_user, uri
 
 use budget::ReplyBudget;
 use dialogs::{decode_token, encode_token, DialogFlows, DialogTable};
+use media::{MediaWait, NotAnchored};
 
 use pinhole_media::anchor::MediaAnchor;
 use pinhole_media::relay::Side;
@@ -274,6 +275,7 @@ pub struct Proxy<M: MediaAnchor> {
     counters: HashMap<(u16, bool), metrics::Counter>,
     /// Requests waiting for the cluster store (see [`lookup`]).
     read_through: lookup::ReadThrough,
+    media_waiting: media::MediaWaiting,
     /// Agents' signed profile updates (see `punch.rs`).
     profile_updates: punch::ProfileUpdates,
     media: M,
@@ -344,6 +346,7 @@ impl<M: MediaAnchor> Proxy<M> {
             stats: Stats::default(),
             counters: HashMap::new(),
             read_through: lookup::ReadThrough::default(),
+            media_waiting: media::MediaWaiting::default(),
             profile_updates: punch::ProfileUpdates::default(),
         }
     }

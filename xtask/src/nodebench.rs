@@ -173,7 +173,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     for round in 0..rounds {
         let start = Instant::now();
         let mut d = Driver {
-            node: Node::new(config()?, start, 1_700_000_000, 7, None),
+            node: Node::new(config()?, start, 1_700_000_000, 7),
             now: start,
             callee: addr(CALLEE),
             spent: Duration::ZERO,

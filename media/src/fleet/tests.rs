@@ -29,28 +29,117 @@ struct Cores {
     relays: HashMap<SocketAddr, (NgServer, Relay)>,
     dead: HashSet<SocketAddr>,
     now: Instant,
-    /// Every command sent: to whom, and the command's name.
+    /// Every call command sent: to whom, and the command's name.
     sent: Vec<(SocketAddr, String)>,
 }
 
-impl NgExchange for Cores {
-    fn exchange(&mut self, to: SocketAddr, cookie: &str, payload: &[u8]) -> Option<Vec<u8>> {
+impl Cores {
+    fn calls_on(&self, n: u8) -> usize {
+        self.relays[&ng(n)].1.call_count()
+    }
+
+    /// A call command's reply from the relay it went to, unless that one is dead.
+    fn answer(&mut self, to: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+        let (_, payload) = split_cookie(datagram).ok()?;
         let name = Bencode::decode(payload).ok()?.get("command")?.as_str()?.to_owned();
         self.sent.push((to, name));
         if self.dead.contains(&to) {
             return None;
         }
         let (server, relay) = self.relays.get_mut(&to)?;
-        let mut d = format!("{cookie} ").into_bytes();
-        d.extend_from_slice(payload);
-        let reply = server.handle(self.now, Some(relay), &d)?;
-        Some(split_cookie(&reply).ok()?.1.to_vec())
+        server.handle(self.now, Some(relay), datagram)
     }
 }
 
-impl Cores {
-    fn calls_on(&self, n: u8) -> usize {
-        self.relays[&ng(n)].1.call_count()
+/// The fleet and its relays, the datagrams between them carried at once (a dead relay's
+/// never answered: the fleet's timers run on in virtual time until it gives up).
+struct Lab {
+    fleet: Fleet,
+    cores: Cores,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = Fleet;
+    fn deref(&self) -> &Fleet {
+        &self.fleet
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut Fleet {
+        &mut self.fleet
+    }
+}
+
+impl Lab {
+    /// Carries the call commands out and their replies back (statistics requests are
+    /// left unanswered: the tests answer those themselves).
+    fn carry(&mut self) {
+        let now = self.cores.now;
+        while let Some((to, d)) = self.fleet.poll_transmit(now) {
+            if d.starts_with(b"s") {
+                continue;
+            }
+            if let Some(reply) = self.cores.answer(to, &d) {
+                assert!(self.fleet.handle_reply(now, to, &reply), "the fleet takes its relay's reply");
+            }
+        }
+    }
+
+    /// Carries datagrams until some waiting call is ready, running the fleet's timers in
+    /// virtual time when nothing answers.
+    fn until_ready(&mut self) {
+        for _ in 0..100 {
+            self.carry();
+            if self.fleet.poll_ready().is_some() {
+                while self.fleet.poll_ready().is_some() {}
+                return;
+            }
+            let next = self.fleet.asked_order.front().map(|(t, _)| *t).expect("a command in flight");
+            self.cores.now = self.cores.now.max(next);
+            self.fleet.handle_timeout(self.cores.now);
+        }
+        panic!("the fleet never got ready");
+    }
+
+    /// Anchors as the signalling core does: handled again each time its call is ready.
+    fn anchor_sdp(&mut self, s: &SdpIn<'_>) -> Result<Vec<u8>, MediaRefusal> {
+        loop {
+            let now = self.cores.now;
+            match self.fleet.anchor_sdp(now, s) {
+                Ok(out) => return Ok(out),
+                Err(Unanchored::Refused(r)) => return Err(r),
+                Err(Unanchored::Waiting) => self.until_ready(),
+            }
+        }
+    }
+
+    fn reply(&mut self, from: SocketAddr, datagram: &[u8]) -> bool {
+        let now = self.cores.now;
+        self.fleet.handle_reply(now, from, datagram)
+    }
+
+    /// Releases the call and carries its deletes (running out the timers of those a dead
+    /// relay never answers); what the fleet then says the call carried.
+    fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
+        if !self.fleet.release(call_id) {
+            return None;
+        }
+        self.carry();
+        while let Some(next) = self.fleet.asked_order.front().map(|(t, _)| *t) {
+            self.cores.now = self.cores.now.max(next);
+            self.fleet.handle_timeout(self.cores.now);
+            self.carry();
+        }
+        let (id, counts) = self.fleet.poll_released().expect("the first hop's delete answered or given up");
+        assert_eq!(id, call_id);
+        counts
+    }
+
+    fn release(&mut self, call_id: &str) -> bool {
+        let released = self.fleet.release(call_id);
+        self.carry();
+        released
     }
 }
 
@@ -64,7 +153,7 @@ fn spec(n: u8, weight: u32, region: Option<&str>, cidrs: &[&str]) -> RelaySpec {
     }
 }
 
-fn fleet(specs: Vec<RelaySpec>) -> Fleet<Cores> {
+fn fleet(specs: Vec<RelaySpec>) -> Lab {
     let now = Instant::now();
     let relays = specs
         .iter()
@@ -74,7 +163,7 @@ fn fleet(specs: Vec<RelaySpec>) -> Fleet<Cores> {
         })
         .collect();
     let cores = Cores { relays, dead: HashSet::new(), now, sent: Vec::new() };
-    Fleet::new(specs, cores, now, (1000, Duration::from_secs(4 * 3600)), [4; 32])
+    Lab { fleet: Fleet::new(specs, now, (1000, Duration::from_secs(4 * 3600)), [4; 32]), cores }
 }
 
 fn sdp(addr: &str, port: u16) -> Vec<u8> {
@@ -92,24 +181,23 @@ fn connection(body: &[u8]) -> String {
 /// An SDP from `from` (its own signalling address), tagged `tag`, towards `to`: what the
 /// fleet forwards.
 fn anchor(
-    f: &mut Fleet<Cores>,
+    f: &mut Lab,
     call: &str,
     tag: &str,
     (from, port): (&str, u16),
     to: Option<&str>,
 ) -> Result<Vec<u8>, MediaRefusal> {
-    let now = f.exchange.now;
     let body = sdp(from, port);
     let s = SdpIn { call_id: call, sender_tag: tag, sdp: &body, signalling_ip: ip(from), to: to.map(ip), hide: false };
-    f.anchor_sdp(now, &s)
+    f.anchor_sdp(&s)
 }
 
 /// An offer from the caller to the callee; the SDP forwarded to the callee.
-fn offer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
+fn offer(f: &mut Lab, call: &str) -> Result<Vec<u8>, MediaRefusal> {
     anchor(f, call, "a", (CALLER, 4000), Some(CALLEE))
 }
 
-fn answer(f: &mut Fleet<Cores>, call: &str) -> Result<Vec<u8>, MediaRefusal> {
+fn answer(f: &mut Lab, call: &str) -> Result<Vec<u8>, MediaRefusal> {
     anchor(f, call, "b", (CALLEE, 5000), Some(CALLER))
 }
 
@@ -128,9 +216,9 @@ fn stats_reply_with(cookie: &[u8], sessions: i64) -> Vec<u8> {
 
 /// The cookie of the fleet's next statistics request to relay `port` (it asks every relay
 /// once a second).
-fn cookie_to(f: &mut Fleet<Cores>, port: u8) -> Vec<u8> {
-    f.exchange.now += Duration::from_secs(1);
-    let now = f.exchange.now;
+fn cookie_to(f: &mut Lab, port: u8) -> Vec<u8> {
+    f.cores.now += Duration::from_secs(1);
+    let now = f.cores.now;
     let mut found = None;
     while let Some((to, d)) = f.poll_transmit(now) {
         if to == ng(port) && found.is_none() {
@@ -141,7 +229,7 @@ fn cookie_to(f: &mut Fleet<Cores>, port: u8) -> Vec<u8> {
 }
 
 /// The relay's answer to the fleet's latest statistics request.
-fn stats_reply(f: &mut Fleet<Cores>, port: u8, sessions: i64) -> Vec<u8> {
+fn stats_reply(f: &mut Lab, port: u8, sessions: i64) -> Vec<u8> {
     let cookie = cookie_to(f, port);
     stats_reply_with(&cookie, sessions)
 }
@@ -154,7 +242,7 @@ fn twenty_calls_are_spread_evenly_over_two_equal_relays() {
         answer(&mut f, &format!("call-{n}")).expect("answered");
         assert!(connection(&out).starts_with("203.0.113.2"), "the callee is sent a relay's address");
     }
-    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (10, 10));
+    assert_eq!((f.cores.calls_on(21), f.cores.calls_on(22)), (10, 10));
 }
 
 #[test]
@@ -163,7 +251,7 @@ fn weights_share_calls_in_proportion() {
     for n in 0..20 {
         offer(&mut f, &format!("call-{n}")).expect("anchored");
     }
-    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (15, 5));
+    assert_eq!((f.cores.calls_on(21), f.cores.calls_on(22)), (15, 5));
 }
 
 #[test]
@@ -171,52 +259,52 @@ fn reported_load_steers_new_calls_to_the_less_busy_relay() {
     let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
     assert!({
         let r = stats_reply(&mut f, 21, 30);
-        f.handle_reply(ng(21), &r)
+        f.reply(ng(21), &r)
     });
     assert!({
         let r = stats_reply(&mut f, 22, 0);
-        f.handle_reply(ng(22), &r)
+        f.reply(ng(22), &r)
     });
     for n in 0..10 {
         offer(&mut f, &format!("call-{n}")).expect("anchored");
     }
-    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (0, 10), "30 sessions elsewhere outweigh 10 new");
+    assert_eq!((f.cores.calls_on(21), f.cores.calls_on(22)), (0, 10), "30 sessions elsewhere outweigh 10 new");
 }
 
 #[test]
 fn a_relay_that_stops_answering_is_taken_out_and_new_calls_go_to_the_survivor() {
     let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
-    f.exchange.dead.insert(ng(21));
+    f.cores.dead.insert(ng(21));
     for n in 0..6 {
         let out = offer(&mut f, &format!("call-{n}")).expect("the survivor anchors every call");
         assert_eq!(connection(&out), "203.0.113.22");
     }
-    assert_eq!(f.exchange.calls_on(22), 6);
-    let tried_dead = f.exchange.sent.iter().filter(|(to, _)| *to == ng(21)).count();
-    assert_eq!(tried_dead, 1, "the silent relay is tried once, then left out");
+    assert_eq!(f.cores.calls_on(22), 6);
+    let tried_dead = f.cores.sent.iter().filter(|(to, _)| *to == ng(21)).count();
+    assert_eq!(tried_dead, COMMAND_TRIES as usize, "the silent relay is tried for one call, then left out");
     assert_eq!(f.poll_change(), Some(Change { relay: ng(21), up: false, why: "no reply to a call command" }));
     assert!(f.relays().any(|(a, up, _)| a == ng(21) && !up));
 
     // It answers its statistics again: back in, and the next calls balance onto it.
-    f.exchange.dead.clear();
+    f.cores.dead.clear();
     assert!({
         let r = stats_reply(&mut f, 21, 0);
-        f.handle_reply(ng(21), &r)
+        f.reply(ng(21), &r)
     });
     assert!({
         let r = stats_reply(&mut f, 22, 6);
-        f.handle_reply(ng(22), &r)
+        f.reply(ng(22), &r)
     });
     assert_eq!(f.poll_change(), Some(Change { relay: ng(21), up: true, why: "statistics answered" }));
     offer(&mut f, "call-after").expect("anchored");
-    assert_eq!(f.exchange.calls_on(21), 1);
+    assert_eq!(f.cores.calls_on(21), 1);
 }
 
 #[test]
 fn a_call_answered_on_a_relay_that_died_gets_503_naming_the_relay_failure() {
     let mut f = fleet(vec![spec(21, 1, None, &[])]);
     offer(&mut f, "c").expect("anchored");
-    f.exchange.dead.insert(ng(21));
+    f.cores.dead.insert(ng(21));
     let r = answer(&mut f, "c").expect_err("no relay to take the answer");
     assert_eq!((r.code, r.reason.as_str()), (503, "Media Relay Not Answering"));
 }
@@ -224,7 +312,7 @@ fn a_call_answered_on_a_relay_that_died_gets_503_naming_the_relay_failure() {
 #[test]
 fn with_every_relay_silent_a_new_call_is_refused_with_503() {
     let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
-    f.exchange.dead.extend([ng(21), ng(22)]);
+    f.cores.dead.extend([ng(21), ng(22)]);
     let r = offer(&mut f, "c").expect_err("nobody answers");
     assert_eq!((r.code, r.reason.as_str()), (503, "No Media Relay Answering"));
     assert!(!f.anchors("c"));
@@ -233,7 +321,7 @@ fn with_every_relay_silent_a_new_call_is_refused_with_503() {
 #[test]
 fn unanswered_statistics_take_a_relay_out_after_three_seconds() {
     let mut f = fleet(vec![spec(21, 1, None, &[])]);
-    let t0 = f.exchange.now;
+    let t0 = f.cores.now;
     let mut sent = 0;
     for s in 0..=3 {
         let now = t0 + Duration::from_secs(s);
@@ -251,18 +339,18 @@ fn unanswered_statistics_take_a_relay_out_after_three_seconds() {
 #[test]
 fn garbage_and_strangers_on_the_statistics_socket_are_refused() {
     let mut f = fleet(vec![spec(21, 1, None, &[])]);
-    assert!(!f.handle_reply(ng(99), &stats_reply_with(b"s1", 1)), "not one of our relays");
-    assert!(!f.handle_reply(ng(21), b"s1 d6:result2:oke"), "no statistics");
-    assert!(!f.handle_reply(ng(21), b"c1 d6:result2:oke"), "not a statistics cookie");
+    assert!(!f.reply(ng(99), &stats_reply_with(b"s1", 1)), "not one of our relays");
+    assert!(!f.reply(ng(21), b"s1 d6:result2:oke"), "no statistics");
+    assert!(!f.reply(ng(21), b"c1 d6:result2:oke"), "not a statistics cookie");
     // A stranger on the relay's address with a statistics reply, but no cookie of ours.
     let _ = cookie_to(&mut f, 21);
     for guess in [&b"s1"[..], b"s9", b"s2", b"0000000000000001"] {
-        assert!(!f.handle_reply(ng(21), &stats_reply_with(guess, 1)), "guessed cookie {guess:?}");
+        assert!(!f.reply(ng(21), &stats_reply_with(guess, 1)), "guessed cookie {guess:?}");
     }
-    assert!(!f.handle_reply(ng(21), b"\xff\xfe"), "not ng");
+    assert!(!f.reply(ng(21), b"\xff\xfe"), "not ng");
     assert!({
         let r = stats_reply(&mut f, 21, 1);
-        f.handle_reply(ng(21), &r)
+        f.reply(ng(21), &r)
     });
 }
 
@@ -289,7 +377,7 @@ fn endpoints_in_two_regions_are_chained_through_a_relay_in_each() {
     assert_eq!(f.hops("c"), Some(vec![ng(21), ng(22)]));
     let to_caller = answer(&mut f, "c").expect("answered");
     assert_eq!(connection(&to_caller), "203.0.113.21", "the caller talks to its own region's relay");
-    let sent: Vec<_> = f.exchange.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
+    let sent: Vec<_> = f.cores.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
     let want =
         [("203.0.113.21", "offer"), ("203.0.113.22", "offer"), ("203.0.113.22", "answer"), ("203.0.113.21", "answer")];
     assert_eq!(
@@ -299,8 +387,8 @@ fn endpoints_in_two_regions_are_chained_through_a_relay_in_each() {
     );
 
     // Each relay's far side points at the other relay.
-    let eu = f.exchange.relays[&ng(21)].1.describe("c").expect("eu holds the call");
-    let us = f.exchange.relays[&ng(22)].1.describe("c").expect("us holds the call");
+    let eu = f.cores.relays[&ng(21)].1.describe("c").expect("eu holds the call");
+    let us = f.cores.relays[&ng(22)].1.describe("c").expect("us holds the call");
     let expected = |info: &crate::relay::CallInfo| -> Vec<String> {
         info.streams.iter().flat_map(|s| s.sdp.0.iter().filter_map(|a| a.map(|a| a.ip().to_string()))).collect()
     };
@@ -323,7 +411,7 @@ fn an_answer_repeated_in_the_183_and_the_200_is_sent_to_the_relay_once() {
     let first = answer(&mut f, "c").expect("183");
     let second = answer(&mut f, "c").expect("200");
     assert_eq!(first, second);
-    assert_eq!(f.exchange.sent.iter().filter(|(_, c)| c == "answer").count(), 1);
+    assert_eq!(f.cores.sent.iter().filter(|(_, c)| c == "answer").count(), 1);
 }
 
 #[test]
@@ -331,11 +419,11 @@ fn a_re_invite_from_the_callee_is_an_offer_from_its_side() {
     let mut f = fleet(vec![spec(21, 1, Some("eu"), &["198.51.100.0/24"]), spec(22, 1, Some("us"), &["192.0.2.0/24"])]);
     offer(&mut f, "c").expect("anchored");
     answer(&mut f, "c").expect("answered");
-    f.exchange.sent.clear();
+    f.cores.sent.clear();
     let to_caller = anchor(&mut f, "c", "b", (CALLEE, 5002), None).expect("re-offer");
     assert_eq!(connection(&to_caller), "203.0.113.21");
     anchor(&mut f, "c", "a", (CALLER, 4002), None).expect("its answer");
-    let sent: Vec<_> = f.exchange.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
+    let sent: Vec<_> = f.cores.sent.iter().map(|(to, c)| (to.ip().to_string(), c.as_str())).collect();
     let want =
         [("203.0.113.22", "offer"), ("203.0.113.21", "offer"), ("203.0.113.21", "answer"), ("203.0.113.22", "answer")];
     assert_eq!(sent, want.map(|(a, c)| (a.to_owned(), c)));
@@ -348,7 +436,7 @@ fn release_deletes_the_call_on_every_hop() {
     answer(&mut f, "c").expect("answered");
     assert!(f.release("c"));
     assert!(!f.anchors("c"));
-    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (0, 0));
+    assert_eq!((f.cores.calls_on(21), f.cores.calls_on(22)), (0, 0));
     assert!(!f.release("c"), "released once");
 }
 
@@ -362,7 +450,7 @@ fn a_released_call_reports_what_its_first_relay_carried() {
     // callee's relay (22) saw the same media (a few lost on the way), which must not be
     // counted twice nor stand in for the first hop's.
     for (n, rtp) in [(21, 150), (22, 147)] {
-        let streams = f.exchange.relays[&ng(n)].1.stats("c").expect("call on the relay");
+        let streams = f.cores.relays[&ng(n)].1.stats("c").expect("call on the relay");
         for side in crate::relay::Side::BOTH {
             let st = streams[0].get(crate::relay::Component::Rtp, side);
             st.packets.fetch_add(rtp, Relaxed);
@@ -373,11 +461,11 @@ fn a_released_call_reports_what_its_first_relay_carried() {
         }
     }
     assert_eq!(f.release_counting("c"), Some((306, 2 * (150 * 172 + 3 * 80))));
-    assert_eq!((f.exchange.calls_on(21), f.exchange.calls_on(22)), (0, 0), "deleted on every hop");
+    assert_eq!((f.cores.calls_on(21), f.cores.calls_on(22)), (0, 0), "deleted on every hop");
     assert_eq!(f.release_counting("c"), None, "released once");
 
     offer(&mut f, "d").expect("anchored");
-    f.exchange.dead.insert(ng(21));
+    f.cores.dead.insert(ng(21));
     assert_eq!(f.release_counting("d"), None, "a silent relay tells nothing");
     assert!(!f.anchors("d"), "the call is forgotten all the same");
 }
@@ -412,7 +500,7 @@ fn an_agents_measured_round_trips_pick_the_nearest_relay_over_cidrs_and_load() {
 #[test]
 fn round_trips_to_a_relay_that_is_out_or_unknown_are_ignored() {
     let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
-    f.exchange.dead.insert(ng(22));
+    f.cores.dead.insert(ng(22));
     offer(&mut f, "warmup").expect("taken out on the way");
     let hint = rtts_header(&[(stun(22), 1), ("198.51.100.99:3478".parse().expect("addr"), 0)]);
     f.prefer("c", Some(&hint), None);
@@ -444,4 +532,110 @@ fn rtt_values_are_read_strictly() {
     }
     let many = (0..=MAX_RTTS).map(|i| format!("203.0.113.{i}:3478=1")).collect::<Vec<_>>().join(",");
     assert_eq!(parse_rtts(&many), None, "more than {MAX_RTTS} relays");
+}
+
+/// The fleet's own view of anchoring `call`'s offer: no carrying, no retries.
+fn offer_once(f: &mut Lab, call: &str) -> Result<Vec<u8>, Unanchored> {
+    let body = sdp(CALLER, 4000);
+    let s = SdpIn {
+        call_id: call,
+        sender_tag: "a",
+        sdp: &body,
+        signalling_ip: ip(CALLER),
+        to: Some(ip(CALLEE)),
+        hide: false,
+    };
+    let now = f.cores.now;
+    f.fleet.anchor_sdp(now, &s)
+}
+
+#[test]
+fn a_call_command_goes_out_as_a_datagram_and_its_message_waits_for_the_reply() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    assert_eq!(offer_once(&mut f, "c"), Err(Unanchored::Waiting), "nothing waits on a socket");
+    assert_eq!(f.in_flight(), 1);
+    assert_eq!(offer_once(&mut f, "c"), Err(Unanchored::Waiting), "the same offer again while it is in flight");
+    let now = f.cores.now;
+    let (to, d) = f.fleet.poll_transmit(now).expect("the offer");
+    assert_eq!(to, ng(21));
+    assert!(f.fleet.poll_transmit(now).is_some_and(|(_, d)| d.starts_with(b"s")), "then only statistics: one offer");
+    assert_eq!(f.poll_ready(), None, "not ready before the reply");
+    let reply = f.cores.answer(to, &d).expect("the relay answers");
+    assert!(f.reply(to, &reply));
+    assert_eq!(f.poll_ready().as_deref(), Some("c"));
+    assert_eq!(f.in_flight(), 0);
+    let out = offer_once(&mut f, "c").expect("handled again: anchored from the kept answer");
+    assert_eq!(connection(&out), "203.0.113.21");
+    assert!(f.anchors("c"));
+    assert_eq!(f.cores.sent.len(), 1, "the relay was asked once");
+    assert!(f.kept.is_empty(), "the answer is dropped once used");
+    assert!(!f.reply(to, &reply), "a repeated reply is not taken twice");
+}
+
+#[test]
+fn a_reply_must_carry_the_commands_cookie_and_come_from_its_relay() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    assert_eq!(offer_once(&mut f, "c"), Err(Unanchored::Waiting));
+    let now = f.cores.now;
+    let (to, d) = f.fleet.poll_transmit(now).expect("the offer");
+    let reply = f.cores.answer(to, &d).expect("reply");
+    let other = if to == ng(21) { ng(22) } else { ng(21) };
+    assert!(!f.reply(other, &reply), "the right cookie from another relay");
+    let mut forged = b"c0123456789abcdef".to_vec();
+    forged.extend_from_slice(&reply[reply.iter().position(|b| *b == b' ').expect("cookie")..]);
+    assert!(!f.reply(to, &forged), "a guessed cookie from the right address");
+    assert_eq!(f.poll_ready(), None);
+    assert!(f.reply(to, &reply));
+    assert_eq!(f.poll_ready().as_deref(), Some("c"));
+}
+
+#[test]
+fn an_answer_nobody_comes_back_for_has_its_session_deleted_on_the_relay() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    assert_eq!(offer_once(&mut f, "cancelled"), Err(Unanchored::Waiting));
+    f.carry();
+    assert_eq!(f.poll_ready().as_deref(), Some("cancelled"));
+    assert_eq!(f.cores.calls_on(21), 1, "the relay made the session");
+    // The INVITE was cancelled meanwhile: it never comes back for its answer.
+    f.cores.now += ANSWER_KEPT;
+    let now = f.cores.now;
+    f.fleet.handle_timeout(now);
+    f.carry();
+    assert_eq!(f.cores.calls_on(21), 0, "deleted when the kept answer expired");
+    assert_eq!(f.cores.sent.last().map(|(_, c)| c.as_str()), Some("delete"));
+    assert!(f.kept.is_empty());
+}
+
+#[test]
+fn a_silent_relay_is_asked_twice_then_the_waiting_offer_goes_to_the_next() {
+    let mut f = fleet(vec![spec(21, 1, None, &[]), spec(22, 1, None, &[])]);
+    f.cores.dead.insert(ng(21));
+    let t0 = f.cores.now;
+    assert_eq!(offer_once(&mut f, "c"), Err(Unanchored::Waiting));
+    f.carry();
+    assert_eq!(f.poll_timeout(), Some(t0 + COMMAND_WAIT), "a resend is due");
+    f.until_ready();
+    assert_eq!(f.cores.now, t0 + COMMAND_WAIT * COMMAND_TRIES, "given up after {COMMAND_TRIES} tries");
+    // Handled again: the silence is kept, the offer goes to the survivor.
+    assert_eq!(offer_once(&mut f, "c"), Err(Unanchored::Waiting));
+    f.until_ready();
+    let out = offer_once(&mut f, "c").expect("anchored on the survivor");
+    assert_eq!(connection(&out), "203.0.113.22");
+    let to_dead = f.cores.sent.iter().filter(|(to, _)| *to == ng(21)).count();
+    assert_eq!(to_dead, COMMAND_TRIES as usize);
+}
+
+#[test]
+fn commands_in_flight_are_bounded_and_past_the_bound_a_new_call_gets_503() {
+    let mut f = fleet(vec![spec(21, 1, None, &[])]);
+    f.fleet.max_calls = usize::MAX;
+    for n in 0..MAX_ASKED {
+        assert_eq!(offer_once(&mut f, &format!("c{n}")), Err(Unanchored::Waiting));
+    }
+    let r = offer_once(&mut f, "one-more");
+    assert_eq!(
+        r,
+        Err(Unanchored::Refused(MediaRefusal { code: 503, reason: "Media Relay Commands Backlogged".into() }))
+    );
+    assert_eq!(f.in_flight(), MAX_ASKED);
 }

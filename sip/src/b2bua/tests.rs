@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pinhole_media::anchor::{MediaAnchor, SdpIn, Unanchored};
 use pinhole_media::relay::{Relay, RelayConfig};
 
 use crate::auth::{digest_response, Algorithm, Credentials};
@@ -47,8 +48,58 @@ fn trunk(name: &str, at: &str, max_calls: usize) -> Trunk {
     }
 }
 
+/// The relay core; with `defer` on, a model of a remote relay fleet as well: each SDP it
+/// has not been asked for waits ([`Unanchored::Waiting`]) until the test lets the relay's
+/// answers come ([`Lab::relay_answers`]), then anchors on the core.
+struct Anchor {
+    relay: Option<Relay>,
+    defer: bool,
+    asked: Vec<(String, String, Vec<u8>)>,
+    answered: Vec<(String, String, Vec<u8>)>,
+    ready: Vec<String>,
+}
+
+impl Anchor {
+    fn on(relay: Relay) -> Anchor {
+        Anchor { relay: Some(relay), defer: false, asked: vec![], answered: vec![], ready: vec![] }
+    }
+}
+
+impl MediaAnchor for Anchor {
+    fn anchoring(&self) -> bool {
+        true
+    }
+
+    fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, Unanchored> {
+        let key = (s.call_id.to_owned(), s.sender_tag.to_owned(), s.sdp.to_vec());
+        if self.defer && !self.answered.contains(&key) {
+            if !self.asked.contains(&key) {
+                self.asked.push(key);
+            }
+            return Err(Unanchored::Waiting);
+        }
+        self.relay.anchor_sdp(now, s)
+    }
+
+    fn poll_ready(&mut self) -> Option<String> {
+        self.ready.pop()
+    }
+
+    fn release(&mut self, call_id: &str) -> bool {
+        self.relay.release(call_id)
+    }
+
+    fn anchors(&self, call_id: &str) -> bool {
+        self.relay.anchors(call_id)
+    }
+
+    fn counts(&self, call_id: &str) -> Option<(u64, u64)> {
+        self.relay.counts(call_id)
+    }
+}
+
 struct Lab {
-    proxy: Proxy<Option<Relay>>,
+    proxy: Proxy<Anchor>,
     now: Instant,
     calls: u32,
 }
@@ -96,7 +147,24 @@ impl Lab {
             RelayConfig { max_sessions: 100, ..RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30099) },
             now,
         );
-        Lab { proxy: Proxy::new(cfg, Some(relay), now, 1_700_000_000, 1), now, calls: 0 }
+        Lab { proxy: Proxy::new(cfg, Anchor::on(relay), now, 1_700_000_000, 1), now, calls: 0 }
+    }
+
+    /// The (modelled) remote relay answers everything it was asked: the messages waiting
+    /// for it go on. Returns what they sent.
+    fn relay_answers(&mut self) -> Vec<Transmit> {
+        let anchor = self.proxy.media_mut();
+        assert!(!anchor.asked.is_empty(), "nothing was waiting for the relay");
+        for key in std::mem::take(&mut anchor.asked) {
+            anchor.ready.push(key.0.clone());
+            anchor.answered.push(key);
+        }
+        self.proxy.resume_media(self.now);
+        std::iter::from_fn(|| self.proxy.poll_transmit()).collect()
+    }
+
+    fn relay(&self) -> Option<&Relay> {
+        self.proxy.media().relay.as_ref()
     }
 
     /// Moves virtual time on, firing the proxy's and the relay's timers as the node does.
@@ -104,12 +172,12 @@ impl Lab {
         let end = self.now + d;
         let mut out = Vec::new();
         loop {
-            let relay = self.proxy.media().as_ref().and_then(Relay::poll_timeout);
+            let relay = self.relay().and_then(Relay::poll_timeout);
             let proxy = self.proxy.poll_timeout().map(|(t, _)| t);
             let Some(t) = [relay, proxy].into_iter().flatten().min().filter(|t| *t <= end) else { break };
             self.now = t.max(self.now);
             let mut ended = Vec::new();
-            if let Some(r) = self.proxy.media_mut() {
+            if let Some(r) = self.proxy.media_mut().relay.as_mut() {
                 r.handle_timeout(self.now);
                 while let Some(pinhole_media::relay::Event::Ended { call_id, .. }) = r.poll_event() {
                     ended.push(call_id);
@@ -303,7 +371,7 @@ fn a_routed_call_reaches_the_carrier_with_only_pinhole_visible_and_its_challenge
     );
     assert!(send_raw(&mut lab, PHONE, ack).is_empty());
     assert!(to(&lab.advance(Duration::from_secs(2)), PHONE).is_empty(), "no 2xx retransmission after the ACK");
-    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(1));
+    assert_eq!(lab.relay().map(Relay::call_count), Some(1));
     let bye = format!(
         "BYE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKbye1\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230001@example.com>;tag={a_tag}\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
     );
@@ -316,7 +384,7 @@ fn a_routed_call_reaches_the_carrier_with_only_pinhole_visible_and_its_challenge
         "{bye_text}"
     );
     assert!(bye_text.contains("tag=c1") && !bye_text.contains("phonetag"), "{bye_text}");
-    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0), "media released");
+    assert_eq!(lab.relay().map(Relay::call_count), Some(0), "media released");
     let record = lab.proxy.poll_call_record().expect("a call record");
     assert_eq!(
         (record.caller.as_str(), record.callee.as_str(), record.trunk.as_str()),
@@ -391,7 +459,7 @@ fn a_cancel_crossing_the_carriers_answer_ends_with_a_bye_and_nothing_left_behind
     let out = send_raw(&mut lab, CARRIER1, ok);
     one(&out, CARRIER1, "ACK");
     assert!(to(&out, CARRIER1).iter().all(|m| m.method().map(|x| x.as_str()) != Some("BYE")));
-    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0));
+    assert_eq!(lab.relay().map(Relay::call_count), Some(0));
     let record = lab.proxy.poll_call_record().expect("record");
     assert_eq!((record.hangup, record.code), ("caller", 487));
     // After the retransmission window, the call is forgotten.
@@ -618,7 +686,7 @@ fn without_media_timeout(lab: &mut Lab) {
         },
         lab.now,
     );
-    lab.proxy = Proxy::new(cfg, Some(relay), lab.now, 1_700_000_000, 1);
+    lab.proxy = Proxy::new(cfg, Anchor::on(relay), lab.now, 1_700_000_000, 1);
 }
 
 #[test]
@@ -642,7 +710,7 @@ fn we_refresh_the_trunk_session_and_a_carrier_that_stops_answering_ends_both_leg
     let out = lab.advance(Duration::from_secs(45 + 33));
     sent(&out, PHONE, "BYE");
     assert_eq!(lab.proxy.poll_call_record().map(|r| r.hangup), Some("session-timer"));
-    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(0));
+    assert_eq!(lab.relay().map(Relay::call_count), Some(0));
 }
 
 #[test]
@@ -806,7 +874,7 @@ fn a_bye_with_a_calls_call_id_from_a_stranger_or_with_wrong_tags_is_refused_and_
     let out = send_raw(&mut lab, CARRIER1, bye("guess"));
     assert_eq!(one(&out, CARRIER1, "481").status(), Some(481));
     assert!(to(&out, PHONE).is_empty(), "the phone's call goes on");
-    assert_eq!(lab.proxy.media().as_ref().map(Relay::call_count), Some(1));
+    assert_eq!(lab.relay().map(Relay::call_count), Some(1));
     assert!(lab.proxy.poll_call_record().is_none());
 }
 
@@ -917,4 +985,75 @@ fn a_user_registered_from_a_trunks_address_is_still_called_as_a_user() {
     let out = lab.dial("alice");
     let invite = one(&out, pbx, "INVITE");
     assert!(text(&invite).starts_with("INVITE sip:alice@192.0.2.10:5070 SIP/2.0"), "{}", text(&invite));
+}
+
+#[test]
+fn a_trunk_call_whose_relay_answers_late_goes_on_at_each_step_once_it_answers() {
+    let mut lab = Lab::new(10);
+    lab.proxy.media_mut().defer = true;
+    let out = lab.dial("15551230013");
+    assert_eq!(one(&out, PHONE, "100").status(), Some(100));
+    assert!(to(&out, CARRIER1).is_empty(), "the carrier's INVITE waits for the relay");
+    let out = lab.relay_answers();
+    let invite = one(&out, CARRIER1, "INVITE");
+    assert!(text(&invite).contains("c=IN IP4 203.0.113.1"), "{}", text(&invite));
+
+    // Early media: the 183 reaches the phone once its SDP is anchored.
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 183, "Session Progress", "c1", &[], true));
+    assert!(to(&out, PHONE).is_empty(), "the 183 waits");
+    let out = lab.relay_answers();
+    assert!(text(&one(&out, PHONE, "183")).contains("c=IN IP4 203.0.113.1"));
+
+    // The answer (a new SDP): the carrier gets its ACK at once, the phone its 200 later.
+    let answer = reply(&invite, 200, "OK", "c1", &[], true).replace("o=- 2 2", "o=- 2 3");
+    let out = send_raw(&mut lab, CARRIER1, answer.clone());
+    one(&out, CARRIER1, "ACK");
+    assert!(to(&out, PHONE).is_empty(), "the phone's 200 waits");
+    // The carrier repeats its 2xx meanwhile: acknowledged again, still one answer later.
+    let out = send_raw(&mut lab, CARRIER1, answer);
+    one(&out, CARRIER1, "ACK");
+    let out = lab.relay_answers();
+    let ok = one(&out, PHONE, "200");
+    let a_tag = ok.tag(HeaderName::To).expect("tag").to_owned();
+    assert!(text(&ok).contains("c=IN IP4 203.0.113.1") && !text(&ok).contains("192.0.2.99"), "{}", text(&ok));
+
+    // Hold from the phone: carried across once anchored; the carrier's answer likewise.
+    let sdp = "v=0\r\no=- 1 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=sendonly\r\n";
+    let reinvite = format!(
+        "INVITE sip:203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKhold\r\nMax-Forwards: 70\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230013@example.com>;tag={a_tag}\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 2 INVITE\r\nContact: <sip:alice@10.0.0.2:5062>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    let out = send_raw(&mut lab, PHONE, reinvite);
+    assert!(to(&out, CARRIER1).is_empty(), "the re-INVITE waits");
+    let out = lab.relay_answers();
+    let to_carrier = one(&out, CARRIER1, "INVITE");
+    assert!(text(&to_carrier).contains("a=sendonly"));
+    let held = reply(&to_carrier, 200, "OK", "c1", &[], true).replace("o=- 2 2", "o=- 2 4");
+    let out = send_raw(&mut lab, CARRIER1, held);
+    assert_eq!(one(&out, CARRIER1, "ACK").cseq().map(|c| c.0), Some(2), "acknowledged at once");
+    assert!(to(&out, PHONE).is_empty(), "its answer waits");
+    let out = lab.relay_answers();
+    let ok = one(&out, PHONE, "200");
+    assert!(text(&ok).contains("CSeq: 2 INVITE") && text(&ok).contains("c=IN IP4 203.0.113.1"), "{}", text(&ok));
+    assert_eq!(lab.relay().map(Relay::call_count), Some(1));
+}
+
+#[test]
+fn a_phone_that_cancels_while_the_carriers_answer_waits_for_media_has_the_carrier_leg_hung_up() {
+    let mut lab = Lab::new(10);
+    lab.proxy.media_mut().defer = true;
+    lab.dial("15551230014");
+    let out = lab.relay_answers();
+    let invite = one(&out, CARRIER1, "INVITE");
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 180, "Ringing", "c1", &[], false));
+    one(&out, PHONE, "180");
+    let out = send_raw(&mut lab, CARRIER1, reply(&invite, 200, "OK", "c1", &[], true));
+    one(&out, CARRIER1, "ACK");
+    let cancel = "CANCEL sip:15551230014@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKphone1;rport\r\nFrom: \"Alice\" <sip:alice@example.com>;tag=phonetag1\r\nTo: <sip:15551230014@example.com>\r\nCall-ID: phone-call-1@10.0.0.2\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    let out = send_raw(&mut lab, PHONE, cancel.to_owned());
+    one(&out, PHONE, "487");
+    let out = lab.relay_answers();
+    assert!(to(&out, PHONE).iter().all(|m| m.status() != Some(200)), "no answer after the 487");
+    let bye = one(&out, CARRIER1, "BYE");
+    assert!(text(&bye).contains("tag=c1"), "{}", text(&bye));
 }

@@ -98,7 +98,15 @@ impl<M: MediaAnchor> Proxy<M> {
         let mut h = DefaultHasher::new();
         msg.branch().hash(&mut h);
         let branch = format!("{BRANCH_PREFIX}{:016x}.ack", h.finish());
-        let body = self.media_request(now, flow, msg, Some(target.flow)).ok().flatten();
+        let body = match self.media_request(now, flow, msg, Some(target.flow)) {
+            Ok(b) => b,
+            Err(NotAnchored::Waiting)
+                if self.wait_for_media(msg.call_id(), MediaWait::Ack { flow, msg: msg.clone() }) =>
+            {
+                return;
+            }
+            Err(_) => None,
+        };
         // A late offer's answer: the callee's plan rides on it. Then the plans retire (the
         // caller has its 2xx, and with it its plan).
         let body = self.with_punch_plan(msg, Side::B, body);

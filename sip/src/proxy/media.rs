@@ -2,10 +2,11 @@
 //! the [`MediaAnchor`], calls are released when their dialog ends or fails, and a call the
 //! relay ends (media timeout) is torn down with a BYE to each side.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use bytes::Bytes;
-use pinhole_media::anchor::{MediaAnchor, SdpIn};
+use pinhole_media::anchor::{MediaAnchor, SdpIn, Unanchored, MAX_WAITING, MAX_WAITING_PER_CALL};
 
 use super::{Owner, Proxy, BRANCH_PREFIX};
 use crate::message::{HeaderName, Message, Method, Rejection};
@@ -25,6 +26,30 @@ pub(super) struct Dialog {
     a_tag: String,
     a_cseq: u32,
     b_cseq: u32,
+}
+
+/// A message whose SDP waits for a remote relay (see [`Unanchored::Waiting`]); it is
+/// handled again from where it stopped when the anchor names its call ready.
+pub(super) enum MediaWait {
+    /// A request being routed, on its server transaction.
+    Request { key: String, flow: Flow, msg: Message, auth_user: Option<String> },
+    /// A response going up server transaction `sk`.
+    Response { sk: String, msg: Message, from: Flow },
+    /// An ACK (a late offer's answer), forwarded without a transaction.
+    Ack { flow: Flow, msg: Message },
+}
+
+/// The messages waiting for media, by Call-ID.
+#[derive(Default)]
+pub(super) struct MediaWaiting {
+    by_call: HashMap<String, Vec<MediaWait>>,
+    count: usize,
+}
+
+/// A request's SDP not anchored: refused with this response, or waiting.
+pub(super) enum NotAnchored {
+    Refused(Rejection),
+    Waiting,
 }
 
 /// Does this message carry an SDP body?
@@ -64,14 +89,14 @@ pub(crate) fn contact_uri(msg: &Message) -> Option<String> {
 
 impl<M: MediaAnchor> Proxy<M> {
     /// Anchors the SDP of a request (offer in INVITE/UPDATE, either in PRACK/ACK) and
-    /// returns the body to forward; errors carry the response to send.
+    /// returns the body to forward; errors carry the response to send, or say it waits.
     pub(super) fn media_request(
         &mut self,
         now: Instant,
         flow: Flow,
         msg: &Message,
         to: Option<Flow>,
-    ) -> Result<Option<Vec<u8>>, Rejection> {
+    ) -> Result<Option<Vec<u8>>, NotAnchored> {
         if !self.media.anchoring() {
             return Ok(None);
         }
@@ -87,33 +112,85 @@ impl<M: MediaAnchor> Proxy<M> {
         };
         match self.media.anchor_sdp(now, &between(call_id, tag, body, flow, to)) {
             Ok(b) => Ok(Some(b)),
-            Err(r) => Err(Rejection::new(r.code, r.reason)),
+            Err(Unanchored::Waiting) => Err(NotAnchored::Waiting),
+            Err(Unanchored::Refused(r)) => Err(NotAnchored::Refused(Rejection::new(r.code, r.reason))),
         }
     }
 
-    /// Anchors the SDP of a 1xx/2xx response coming from `from`; `None` leaves the body.
+    /// Anchors the SDP of a 1xx/2xx response coming from `from`; `Ok(None)` leaves the
+    /// body, `Err` says the response must wait.
     pub(super) fn media_response(
         &mut self,
         now: Instant,
         from: Flow,
         to: Option<Flow>,
         msg: &Message,
-    ) -> Option<Vec<u8>> {
+    ) -> Result<Option<Vec<u8>>, Unanchored> {
         if !self.media.anchoring() {
-            return None;
+            return Ok(None);
         }
-        let code = msg.status()?;
-        let (_, method) = msg.cseq()?;
+        let (Some(code), Some((_, method))) = (msg.status(), msg.cseq()) else { return Ok(None) };
         if code >= 300 || !matches!(method, Method::Invite | Method::Update | Method::Prack) {
-            return None;
+            return Ok(None);
         }
-        let body = sdp_body(msg)?;
-        let (call_id, tag) = (msg.call_id()?, msg.tag(HeaderName::To)?);
+        let Some(body) = sdp_body(msg) else { return Ok(None) };
+        let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::To)) else { return Ok(None) };
         match self.media.anchor_sdp(now, &between(call_id, tag, body, from, to)) {
-            Ok(b) => Some(b),
-            Err(r) => {
+            Ok(b) => Ok(Some(b)),
+            Err(Unanchored::Waiting) => Err(Unanchored::Waiting),
+            Err(Unanchored::Refused(r)) => {
                 tracing::warn!(call_id, error = %r.reason, "answer not anchored; forwarded as is");
-                None
+                Ok(None)
+            }
+        }
+    }
+
+    /// Keeps a message until its call's relay answers. `false`: too many wait already
+    /// (the caller goes on without anchoring, or refuses).
+    pub(super) fn wait_for_media(&mut self, msg_call_id: Option<&str>, wait: MediaWait) -> bool {
+        let Some(call_id) = msg_call_id else { return false };
+        let w = &mut self.media_waiting;
+        if w.count >= MAX_WAITING {
+            metrics::counter!("pinhole_media_waiting_refused_total").increment(1);
+            return false;
+        }
+        let queue = w.by_call.entry(call_id.to_owned()).or_default();
+        if queue.len() >= MAX_WAITING_PER_CALL {
+            metrics::counter!("pinhole_media_waiting_refused_total").increment(1);
+            return false;
+        }
+        queue.push(wait);
+        w.count += 1;
+        true
+    }
+
+    /// Messages waiting for media now.
+    pub fn media_waiting(&self) -> usize {
+        self.media_waiting.count
+    }
+
+    /// Handles again every message whose call the anchor names ready (its relay answered
+    /// or gave up): each goes on from where it stopped, and may wait again for a later
+    /// relay of a chain.
+    pub fn resume_media(&mut self, now: Instant) {
+        while let Some(call_id) = self.media.poll_ready() {
+            self.b2bua.media_ready(now, &call_id, &mut self.media);
+            let Some(waiting) = self.media_waiting.by_call.remove(&call_id) else { continue };
+            self.media_waiting.count -= waiting.len();
+            for w in waiting {
+                match w {
+                    MediaWait::Request { key, flow, msg, auth_user } => {
+                        // Given up meanwhile (a CANCEL, a transaction timeout): nothing to route.
+                        if !self.server_txs.contains_key(&key) {
+                            continue;
+                        }
+                        let Some(method) = msg.method().cloned() else { continue };
+                        let routing = self.route_info(&msg);
+                        self.route_request(now, &key, flow, &msg, &method, routing, auth_user);
+                    }
+                    MediaWait::Response { sk, msg, from } => self.forward_response(now, &sk, &msg, Some(from)),
+                    MediaWait::Ack { flow, msg } => self.forward_ack(now, flow, &msg),
+                }
             }
         }
     }

@@ -335,7 +335,15 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let body = match self.media_request(now, flow, msg, targets.first().map(|t| t.flow)) {
             Ok(b) => b,
-            Err(rej) => {
+            Err(NotAnchored::Waiting) => {
+                let (key, msg) = (key.to_owned(), msg.clone());
+                let wait = MediaWait::Request { key: key.clone(), flow, msg: msg.clone(), auth_user };
+                if !self.wait_for_media(msg.call_id(), wait) {
+                    self.respond(now, &key, 503, "Service Unavailable - Media Relay Backlog", &[]);
+                }
+                return;
+            }
+            Err(NotAnchored::Refused(rej)) => {
                 self.respond(now, key, rej.code, &rej.reason, &[]);
                 return;
             }

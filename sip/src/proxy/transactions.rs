@@ -224,7 +224,17 @@ impl<M: MediaAnchor> Proxy<M> {
     pub(super) fn forward_response(&mut self, now: Instant, sk: &str, msg: &Message, from: Option<Flow>) {
         let code = msg.status().unwrap_or(500);
         let up = self.server_txs.get(sk).map(|st| st.flow);
-        let mut body = from.and_then(|f| self.media_response(now, f, up, msg));
+        let mut body = match from.map(|f| (f, self.media_response(now, f, up, msg))) {
+            None => None,
+            Some((_, Ok(b))) => b,
+            Some((from, Err(_))) => {
+                let wait = MediaWait::Response { sk: sk.to_owned(), msg: msg.clone(), from };
+                if self.wait_for_media(msg.call_id(), wait) {
+                    return;
+                }
+                None
+            }
+        };
         if (200..300).contains(&code) && msg.cseq().is_some_and(|(_, m)| m == Method::Invite) {
             body = self.with_punch_plan(msg, Side::A, body);
         }
