@@ -10,15 +10,19 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use pinhole_media::anchor::{MediaAnchor, SdpIn};
-use pinhole_media::fleet::{Fleet, NgExchange, RelaySpec};
+use pinhole_media::fleet::{Fleet, RelaySpec};
 use pinhole_media::relay::{CallState, Relay, RelayConfig};
 
-/// A relay that answers every command with the fuzz input.
-struct Replies(Vec<u8>);
-
-impl NgExchange for Replies {
-    fn exchange(&mut self, _to: SocketAddr, _cookie: &str, _payload: &[u8]) -> Option<Vec<u8>> {
-        (!self.0.is_empty()).then(|| self.0.clone())
+/// Answers every datagram the fleet sent with the fuzz input under the datagram's own
+/// cookie (so it reaches the reply parser), unless the input is empty.
+fn answer_all(fleet: &mut Fleet, now: Instant, data: &[u8]) {
+    while let Some((to, d)) = fleet.poll_transmit(now) {
+        if data.is_empty() {
+            continue;
+        }
+        let cookie = d.split(|b| *b == b' ').next().unwrap_or_default();
+        let reply = [cookie, b" ", data].concat();
+        let _ = fleet.handle_reply(now, to, &reply);
     }
 }
 
@@ -53,19 +57,33 @@ fuzz_target!(|data: &[u8]| {
         cidrs: vec![],
         stun: Some(SocketAddr::new(format!("203.0.113.{n}").parse().expect("ip"), 3478)),
     };
-    let mut fleet = Fleet::new(vec![spec(21), spec(22)], Replies(data.to_vec()), now, (100, Duration::from_secs(60)), [5; 32]);
-    let _ = fleet.handle_reply(spec(21).ng, data);
+    let mut fleet = Fleet::new(vec![spec(21), spec(22)], now, (100, Duration::from_secs(60)), [5; 32]);
+    let _ = fleet.handle_reply(now, spec(21).ng, data);
     let text = String::from_utf8_lossy(data);
     if let Some(rtts) = pinhole_media::fleet::parse_rtts(&text) {
         assert_eq!(pinhole_media::fleet::parse_rtts(&pinhole_media::fleet::rtts_header(&rtts)), Some(rtts));
     }
     fleet.prefer("c", Some(&text), Some(&text));
     let ip = "198.51.100.10".parse().expect("ip");
+    // Each SDP handled again while the fleet says it waits, its replies the fuzz input; an
+    // empty input is a relay that never answers (its timers run out).
+    let mut t = now;
     for tag in ["a", "b", "a"] {
         let sdp = SdpIn { call_id: "c", sender_tag: tag, sdp: SDP, signalling_ip: ip, to: None, hide: tag == "b" };
-        let _ = fleet.anchor_sdp(now, &sdp);
+        for _ in 0..8 {
+            if fleet.anchor_sdp(t, &sdp) != Err(pinhole_media::anchor::Unanchored::Waiting) {
+                break;
+            }
+            answer_all(&mut fleet, t, data);
+            t += Duration::from_millis(200);
+            fleet.handle_timeout(t);
+            while fleet.poll_ready().is_some() {}
+        }
     }
     fleet.release("c");
-    while fleet.poll_transmit(now).is_some() {}
+    answer_all(&mut fleet, t, data);
+    fleet.handle_timeout(t + Duration::from_secs(5));
+    while fleet.poll_released().is_some() {}
     while fleet.poll_change().is_some() {}
+    assert!(fleet.in_flight() <= pinhole_media::fleet::MAX_ASKED);
 });
