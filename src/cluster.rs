@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use pinhole_sip::registrar::NodeBindings;
 use pinhole_sip::Binding;
 
+use crate::redis_link::{RedisLink, RedisTarget, ScanCursor, MAX_KEYS};
 use crate::server::Shared;
 
 /// How often the writer looks for changes (and, idle, how quickly a lookup is served).
@@ -48,50 +49,8 @@ const READ_MAX: u64 = 1_000;
 /// How long a read waits for changes (under the connection's 1 s read timeout).
 const BLOCK_MS: u64 = 500;
 const PAGE: u64 = 500;
-/// Largest value read from Redis (a binding or a call state is a few hundred bytes to a
-/// few KiB): anything longer is refused unread, so a planted value costs no memory.
-pub(crate) const MAX_VALUE: usize = 64 * 1024;
-/// Most keys one scan reads; past it the rest waits for a later round (and is warned of).
-pub(crate) const MAX_KEYS: usize = 500_000;
-/// A hash's fields and values.
-type Fields = Vec<(String, Vec<u8>)>;
 /// A stream entry: its id and its field/value list.
 type StreamEntry = (String, Vec<String>);
-
-/// Most fields (nodes) one AOR's hash may have to be read.
-const MAX_FIELDS: usize = 64;
-
-/// Where Redis is: a `redis://` or `rediss://` (TLS) URL, with the CA that signs the
-/// server's certificate when it is not one the system trusts.
-#[derive(Debug, Clone)]
-pub(crate) struct RedisTarget {
-    pub(crate) url: String,
-    pub(crate) tls_ca: Option<std::path::PathBuf>,
-    /// Redis Sentinel: the sentinels' URLs and the master's name. The master is asked of
-    /// them at every (re)connect, so a failover is followed; `url` then gives only the
-    /// master's password (its host is whatever the sentinels say).
-    pub(crate) sentinels: Vec<String>,
-    pub(crate) master: Option<String>,
-}
-
-impl RedisTarget {
-    /// What an operator should hear about this target at start: a Redis without a password
-    /// away from this host lets anyone who reaches it rewrite every registration.
-    pub(crate) fn warning(&self) -> Option<String> {
-        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).ok()?;
-        let host = match &info.addr {
-            redis::ConnectionAddr::Tcp(h, _) | redis::ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
-            redis::ConnectionAddr::Unix(_) => return None,
-        };
-        let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        (info.redis.password.is_none() && !local).then(|| {
-            format!(
-                "Redis at {host} has no password: anyone who can reach it can redirect calls (give the URL a password, redis://:PASSWORD@host, and use rediss:// across networks)"
-            )
-        })
-    }
-}
-
 pub(crate) struct ClusterConfig {
     pub(crate) redis: RedisTarget,
     pub(crate) node: String,
@@ -131,195 +90,6 @@ pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<S
         .name("cluster reader".into())
         .spawn(move || Reader { node: cfg.node, redis: reader_link, shared, restored: false }.run())?;
     Ok(tx)
-}
-
-/// A Redis connection made on demand and dropped on error, so the next use reconnects
-/// (through the sentinels, to whichever server is the master then).
-pub(crate) struct RedisLink {
-    backend: Backend,
-    con: Option<redis::Connection>,
-}
-
-enum Backend {
-    Direct(redis::Client),
-    Sentinel(redis::sentinel::SentinelClient),
-}
-
-impl RedisLink {
-    pub(crate) fn open(target: &RedisTarget) -> anyhow::Result<RedisLink> {
-        use anyhow::Context;
-        if let Some(master) = &target.master {
-            let info = redis::IntoConnectionInfo::into_connection_info(target.url.as_str())?;
-            let node = redis::sentinel::SentinelNodeConnectionInfo {
-                tls_mode: matches!(info.addr, redis::ConnectionAddr::TcpTls { .. }).then_some(redis::TlsMode::Secure),
-                redis_connection_info: Some(info.redis),
-            };
-            let sentinels: Vec<&str> = target.sentinels.iter().map(String::as_str).collect();
-            let client = redis::sentinel::SentinelClient::build(
-                sentinels,
-                master.clone(),
-                Some(node),
-                redis::sentinel::SentinelServerType::Master,
-            )?;
-            return Ok(RedisLink { backend: Backend::Sentinel(client), con: None });
-        }
-        let client = match &target.tls_ca {
-            Some(ca) => {
-                let pem = std::fs::read(ca).with_context(|| format!("reading the Redis CA {}", ca.display()))?;
-                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-                redis::Client::build_with_tls(target.url.as_str(), certs)?
-            }
-            None => redis::Client::open(target.url.as_str())?,
-        };
-        Ok(RedisLink { backend: Backend::Direct(client), con: None })
-    }
-
-    pub(crate) fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
-        if self.con.is_none() {
-            let con = match &mut self.backend {
-                Backend::Direct(c) => c.get_connection_with_timeout(Duration::from_secs(1))?,
-                Backend::Sentinel(s) => s.get_connection()?,
-            };
-            con.set_read_timeout(Some(Duration::from_secs(1)))?;
-            con.set_write_timeout(Some(Duration::from_secs(1)))?;
-            self.con = Some(con);
-        }
-        self.con.as_mut().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::IoError, "no connection")))
-    }
-
-    pub(crate) fn drop_connection(&mut self) {
-        self.con = None;
-    }
-
-    /// Every key under `prefix` with its value (SCAN, then MGET in chunks).
-    pub(crate) fn values_under(&mut self, prefix: &str) -> redis::RedisResult<Vec<(String, String)>> {
-        let con = self.connection()?;
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        while keys.len() < MAX_KEYS {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query(con)?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        if keys.len() >= MAX_KEYS {
-            tracing::warn!(prefix, max = MAX_KEYS, "more keys in Redis than one scan reads");
-        }
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(500) {
-            let values = self.bounded_values(chunk)?;
-            out.extend(chunk.iter().cloned().zip(values).filter_map(|(k, v)| Some((k, v?))));
-        }
-        Ok(out)
-    }
-
-    /// Each of `keys`' hash fields and values, bounded: a hash of more than [`MAX_FIELDS`]
-    /// fields is refused unread, and so is a value longer than [`MAX_VALUE`] (both counted).
-    /// Four round trips whatever the number of keys.
-    pub(crate) fn bounded_hashes(&mut self, keys: &[String]) -> redis::RedisResult<Vec<Fields>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let con = self.connection()?;
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.cmd("HLEN").arg(k);
-        }
-        let lens: Vec<usize> = pipe.query(con)?;
-        let readable: Vec<&String> = keys
-            .iter()
-            .zip(&lens)
-            .filter(|(_, n)| {
-                let ok = **n <= MAX_FIELDS;
-                if !ok {
-                    metrics::counter!("pinhole_cluster_oversized_total").increment(1);
-                }
-                ok
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let mut pipe = redis::pipe();
-        for k in &readable {
-            pipe.cmd("HKEYS").arg(*k);
-        }
-        let names: Vec<Vec<String>> = if readable.is_empty() { Vec::new() } else { pipe.query(con)? };
-        let pairs: Vec<(String, String)> = readable
-            .iter()
-            .zip(&names)
-            .flat_map(|(k, fields)| fields.iter().take(MAX_FIELDS).map(|f| ((*k).clone(), f.clone())))
-            .collect();
-        let values = self.bounded_fields(pairs.clone())?;
-        let mut out: Vec<Fields> = vec![Vec::new(); keys.len()];
-        for ((k, f), v) in pairs.into_iter().zip(values) {
-            if let (Some(i), Some(v)) = (keys.iter().position(|x| *x == k), v) {
-                out[i].push((f, v));
-            }
-        }
-        Ok(out)
-    }
-
-    pub(crate) fn bounded_hash(&mut self, key: &str) -> redis::RedisResult<Vec<(String, Vec<u8>)>> {
-        Ok(self.bounded_hashes(&[key.to_owned()])?.pop().unwrap_or_default())
-    }
-
-    /// The values of hash fields `(key, field)` (`None`: missing, or longer than
-    /// [`MAX_VALUE`], refused unread and counted). Two round trips.
-    pub(crate) fn bounded_fields(&mut self, pairs: Vec<(String, String)>) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
-        if pairs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let con = self.connection()?;
-        let mut pipe = redis::pipe();
-        for (k, f) in &pairs {
-            pipe.cmd("HSTRLEN").arg(k).arg(f);
-        }
-        let lens: Vec<usize> = pipe.query(con)?;
-        let mut pipe = redis::pipe();
-        let mut wanted = Vec::new();
-        for (i, ((k, f), n)) in pairs.iter().zip(&lens).enumerate() {
-            if *n > MAX_VALUE {
-                metrics::counter!("pinhole_cluster_oversized_total").increment(1);
-            } else if *n > 0 {
-                pipe.cmd("HGET").arg(k).arg(f);
-                wanted.push(i);
-            }
-        }
-        let got: Vec<Option<Vec<u8>>> = if wanted.is_empty() { Vec::new() } else { pipe.query(con)? };
-        let mut out = vec![None; pairs.len()];
-        for (i, v) in wanted.into_iter().zip(got) {
-            out[i] = v;
-        }
-        Ok(out)
-    }
-
-    /// The values of `keys` (`None`: missing, empty, or longer than [`MAX_VALUE`], which
-    /// is counted and never read whole: GETRANGE fetches at most one byte past the limit).
-    pub(crate) fn bounded_values(&mut self, keys: &[String]) -> redis::RedisResult<Vec<Option<String>>> {
-        let con = self.connection()?;
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.cmd("GETRANGE").arg(k).arg(0).arg(MAX_VALUE);
-        }
-        let raw: Vec<Vec<u8>> = if keys.is_empty() { Vec::new() } else { pipe.query(con)? };
-        Ok(raw
-            .into_iter()
-            .map(|v| {
-                if v.len() > MAX_VALUE {
-                    metrics::counter!("pinhole_cluster_oversized_total").increment(1);
-                    return None;
-                }
-                String::from_utf8(v).ok().filter(|s| !s.is_empty())
-            })
-            .collect())
-    }
 }
 
 fn key(aor: &str) -> String {
@@ -399,35 +169,35 @@ impl Writer {
             return Ok(());
         }
         let now = crate::server::unix_now();
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for (aor, bindings) in &changes {
             let k = key(aor);
             let live: Vec<Binding> = bindings.iter().filter(|b| b.expires_at > now).cloned().collect();
             match live.iter().map(|b| b.expires_at).max() {
                 Some(last) => {
                     let value = NodeBindings { addr: self.address, bindings: live }.encode();
-                    pipe.cmd("HSET").arg(&k).arg(&self.node).arg(value).ignore();
+                    cmds.push(redis::cmd("HSET").arg(&k).arg(&self.node).arg(value).to_owned());
                     // The key outlives its longest binding (GT: never shortened by another node).
-                    pipe.cmd("EXPIRE").arg(&k).arg(last - now).arg("GT").ignore();
-                    pipe.cmd("EXPIRE").arg(&k).arg(last - now).arg("NX").ignore();
+                    cmds.push(redis::cmd("EXPIRE").arg(&k).arg(last - now).arg("GT").to_owned());
+                    cmds.push(redis::cmd("EXPIRE").arg(&k).arg(last - now).arg("NX").to_owned());
                 }
-                None => {
-                    pipe.cmd("HDEL").arg(&k).arg(&self.node).ignore();
-                }
+                None => cmds.push(redis::cmd("HDEL").arg(&k).arg(&self.node).to_owned()),
             }
-            pipe.cmd("XADD")
-                .arg(STREAM)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(STREAM_MAX)
-                .arg("*")
-                .arg("node")
-                .arg(&self.node)
-                .arg("aor")
-                .arg(aor)
-                .ignore();
+            cmds.push(
+                redis::cmd("XADD")
+                    .arg(STREAM)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_MAX)
+                    .arg("*")
+                    .arg("node")
+                    .arg(&self.node)
+                    .arg("aor")
+                    .arg(aor)
+                    .to_owned(),
+            );
         }
-        let written = pipe.query::<()>(self.redis.connection()?);
+        let written = self.redis.batch::<redis::Value>(cmds);
         if written.is_err() {
             // Not lost: written again with everything once Redis is back.
             self.shared.node().proxy_mut().registrar_mut().mark_all_changed();
@@ -569,17 +339,10 @@ impl Reader {
         let now = crate::server::unix_now();
         let mut seen: HashSet<(String, String)> = HashSet::new();
         let mut ours: Vec<(String, Binding)> = Vec::new();
-        let mut cursor: u64 = 0;
+        let mut at = ScanCursor::START;
         let mut keys_read = 0;
         loop {
-            let con = self.redis.connection()?;
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{KEY_PREFIX}*"))
-                .arg("COUNT")
-                .arg(PAGE)
-                .query(con)?;
+            let (next, keys) = self.redis.scan(at, &format!("{KEY_PREFIX}*"), PAGE)?;
             keys_read += keys.len();
             let mut page: Vec<(String, String, Vec<Binding>)> = Vec::new();
             let hashes = self.redis.bounded_hashes(&keys)?;
@@ -608,8 +371,8 @@ impl Reader {
                     registrar.set_remote(&aor, &from, bindings, now);
                 }
             }
-            cursor = next;
-            if cursor == 0 || keys_read >= MAX_KEYS {
+            at = next;
+            if at == ScanCursor::START || keys_read >= MAX_KEYS {
                 break;
             }
         }
@@ -642,23 +405,4 @@ impl Reader {
 pub(crate) fn stream_id(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn target(url: &str) -> RedisTarget {
-        RedisTarget { url: url.into(), tls_ca: None, sentinels: vec![], master: None }
-    }
-
-    #[test]
-    fn a_redis_without_a_password_away_from_this_host_is_warned_of() {
-        assert!(target("redis://192.0.2.5:6379").warning().is_some_and(|w| w.contains("no password")));
-        assert!(target("rediss://redis.example.net:6380").warning().is_some());
-        assert_eq!(target("redis://:secret@192.0.2.5:6379").warning(), None, "a password");
-        assert_eq!(target("redis://127.0.0.1:6379").warning(), None, "loopback");
-        assert_eq!(target("redis://localhost:6379").warning(), None, "this host");
-        assert_eq!(target("redis://[::1]:6379").warning(), None, "loopback v6");
-    }
 }

@@ -67,6 +67,10 @@ pub(crate) struct ClusterSpec {
     pub(crate) sentinels: Vec<String>,
     #[serde(default)]
     pub(crate) master: Option<String>,
+    /// Redis Cluster: `["redis://IP:PORT", …]`, some of its nodes; `redis` then gives only
+    /// the password, user and scheme.
+    #[serde(default)]
+    pub(crate) cluster_nodes: Vec<String>,
     pub(crate) node: String,
     #[serde(default)]
     pub(crate) address: Option<SocketAddr>,
@@ -77,12 +81,13 @@ pub(crate) struct ClusterSpec {
 }
 
 impl ClusterSpec {
-    fn target(&self) -> crate::cluster::RedisTarget {
-        crate::cluster::RedisTarget {
+    fn target(&self) -> crate::redis_link::RedisTarget {
+        crate::redis_link::RedisTarget {
             url: self.redis.clone(),
             tls_ca: self.tls_ca.clone(),
             sentinels: self.sentinels.clone(),
             master: self.master.clone(),
+            cluster_nodes: self.cluster_nodes.clone(),
         }
     }
 }
@@ -752,6 +757,17 @@ impl Config {
             for s in &c.sentinels {
                 if redis::IntoConnectionInfo::into_connection_info(s.as_str()).is_err() {
                     err("sentinels", format!("`{s}` is not a Redis URL"));
+                }
+            }
+            if !c.cluster_nodes.is_empty() && !c.sentinels.is_empty() {
+                err("cluster_nodes", "a Redis Cluster has no sentinels: give cluster_nodes or sentinels".into());
+            }
+            for n in &c.cluster_nodes {
+                let scheme = c.redis.split("://").next().unwrap_or_default();
+                if redis::IntoConnectionInfo::into_connection_info(n.as_str()).is_err() {
+                    err("cluster_nodes", format!("`{n}` is not a Redis URL"));
+                } else if n.split("://").next() != Some(scheme) {
+                    err("cluster_nodes", format!("`{n}` is not a {scheme}:// URL as `redis` is"));
                 }
             }
             if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {

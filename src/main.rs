@@ -18,6 +18,7 @@ mod metrics;
 mod mmsg;
 mod ng;
 mod probe;
+mod redis_link;
 mod server;
 mod store;
 mod stun;

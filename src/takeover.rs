@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use pinhole_media::relay::CallState;
 
-use crate::cluster::{stream_id, RedisLink};
+use crate::cluster::stream_id;
+use crate::redis_link::RedisLink;
 use crate::server::{unix_now, Shared};
 
 /// How often the active node writes what changed, and the standby reads.
@@ -28,7 +29,7 @@ const STREAM_MAX: u64 = 100_000;
 const READ_MAX: u64 = 5_000;
 
 pub(crate) struct CallStoreConfig {
-    pub(crate) redis: crate::cluster::RedisTarget,
+    pub(crate) redis: crate::redis_link::RedisTarget,
     pub(crate) node: String,
     /// Key prefix: the relay's address, shared by the active node and its standby.
     pub(crate) prefix: String,
@@ -155,31 +156,33 @@ impl CallStore {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         let (mut sets, mut dels) = (0u64, 0u64);
         for (id, json) in &self.pending {
             let key = format!("{}{id}", self.cfg.prefix);
-            pipe.cmd("XADD")
-                .arg(&self.cfg.stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(STREAM_MAX)
-                .arg("*")
-                .arg("call")
-                .arg(id)
-                .ignore();
+            cmds.push(
+                redis::cmd("XADD")
+                    .arg(&self.cfg.stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_MAX)
+                    .arg("*")
+                    .arg("call")
+                    .arg(id)
+                    .to_owned(),
+            );
             match json {
                 Some(v) => {
-                    pipe.cmd("SET").arg(&key).arg(v).arg("EX").arg(self.cfg.ttl).ignore();
+                    cmds.push(redis::cmd("SET").arg(&key).arg(v).arg("EX").arg(self.cfg.ttl).to_owned());
                     sets += 1;
                 }
                 None => {
-                    pipe.cmd("DEL").arg(&key).ignore();
+                    cmds.push(redis::cmd("DEL").arg(&key).to_owned());
                     dels += 1;
                 }
             }
         }
-        pipe.query::<()>(self.redis.connection()?)?;
+        self.redis.batch::<redis::Value>(cmds)?;
         self.pending.clear();
         metrics::counter!("pinhole_takeover_writes_total", "op" => "set").increment(sets);
         metrics::counter!("pinhole_takeover_writes_total", "op" => "delete").increment(dels);

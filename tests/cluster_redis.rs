@@ -555,3 +555,100 @@ fn a_node_cut_off_from_redis_serves_on_and_reconciles_and_a_dead_nodes_phones_co
     let early_again = register_raw(&n2, "early");
     assert!(rings(&caller, &n2, "early", &early_again), "{}", n2.log_text());
 }
+
+/// A Redis Cluster of three masters on loopback (no replicas), with a password; their
+/// ports. Each server keeps its cluster file in `dir`.
+fn redis_cluster(dir: &std::path::Path, password: &str) -> (Vec<Bg>, Vec<u16>) {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let servers = ports
+        .iter()
+        .map(|p| {
+            let port = p.to_string();
+            let conf = dir.join(format!("nodes-{p}.conf"));
+            let child = Command::new("redis-server")
+                .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(&conf)
+                .args(["--requirepass", password, "--masterauth", password])
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (package redis-server) must be installed");
+            assert!(wait_listening(*p, Duration::from_secs(5)), "redis-server {p} did not start");
+            Bg(Some(child))
+        })
+        .collect();
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let created = Command::new("redis-cli")
+        .args(["-a", password, "--no-auth-warning", "--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli");
+    assert!(created.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&created.stdout));
+    let ok = wait_until(Duration::from_secs(10), || {
+        ports.iter().all(|p| {
+            cli_text(*p, &["-a", password, "--no-auth-warning", "CLUSTER", "INFO"]).contains("cluster_state:ok")
+        })
+    });
+    assert!(ok, "the Redis Cluster did not come up");
+    (servers, ports)
+}
+
+#[test]
+fn over_a_redis_cluster_every_aor_is_shared_whichever_master_holds_it_and_a_restarted_node_reads_them_all_back() {
+    let dir = TempDir::new("redis-cluster");
+    let password = "cluster-pw";
+    let (servers, ports) = redis_cluster(dir.path(), password);
+    // Each node is told of one master only: it learns the others and the slots.
+    let node = |name: &str, seed: u16| {
+        let extra = format!(
+            "[cluster]\nredis = \"redis://:{password}@127.0.0.1:{seed}\"\ncluster_nodes = [\"redis://127.0.0.1:{seed}\"]\nnode = \"{name}\"\n"
+        );
+        Pinhole::start(&dir, PinholeOptions { extra, ..Default::default() })
+    };
+    let n1 = node("edge-1", ports[0]);
+    let mut n2 = node("edge-2", ports[1]);
+    for n in [&n1, &n2] {
+        assert!(n.wait_metric("pinhole_cluster_redis_up", 1.0, Duration::from_secs(10)), "{}", n.log_text());
+    }
+    let phones: Vec<(String, std::net::UdpSocket)> = (0..30)
+        .map(|i| {
+            let user = format!("rc{i}");
+            let phone = register_raw(&n1, &user);
+            (user, phone)
+        })
+        .collect();
+    // The AORs are spread over the masters (each command touched its own key's slot).
+    let keys =
+        |p: u16| -> u64 { cli_text(p, &["-a", password, "--no-auth-warning", "DBSIZE"]).trim().parse().unwrap_or(0) };
+    assert!(
+        wait_until(Duration::from_secs(5), || ports.iter().map(|p| keys(*p)).sum::<u64>() >= 31),
+        "30 AORs and the stream are not all in the cluster"
+    );
+    for p in &ports {
+        assert!(keys(*p) > 0, "master {p} holds no AOR: keys were not spread over the slots");
+    }
+    assert!(
+        n2.wait_metric("pinhole_cluster_remote_bindings", 30.0, Duration::from_secs(10)),
+        "node 2 did not learn every AOR from the changes\n{}",
+        n2.metrics().unwrap_or_default()
+    );
+    let caller = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for (user, phone) in phones.iter().step_by(7) {
+        assert!(rings(&caller, &n2, user, phone), "{user} not reached through node 2\n{}", n2.log_text());
+    }
+    // Node 2 restarts empty: its full read scans every master and finds all 30.
+    n2.kill9();
+    n2.restart();
+    assert!(
+        n2.wait_metric("pinhole_cluster_remote_bindings", 30.0, Duration::from_secs(10)),
+        "the restarted node did not read every master\n{}\n{}",
+        n2.metrics().unwrap_or_default(),
+        n2.log_text()
+    );
+    let (user, phone) = &phones[29];
+    assert!(rings(&caller, &n2, user, phone), "{user} not reached through the restarted node 2");
+    drop(servers);
+}
