@@ -4,7 +4,8 @@
 //! the NAT mapping the phone really uses, not to the private address in its Contact.
 //! Bindings carry wall-clock expiry so the shell can persist and restore them.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -202,6 +203,30 @@ pub struct Registrar {
     /// AORs whose bindings on this node changed since [`Registrar::take_changes`] last
     /// ran: what a cluster node writes to Redis (and announces), and nothing else.
     changed: std::collections::BTreeSet<String>,
+    /// Bindings held here and copies of other nodes', kept as they change (counting them
+    /// would be linear in the registrations, and the gauges are read at every REGISTER).
+    tally: Tally,
+    /// When each AOR is next due to have a binding expire, earliest first, and that time
+    /// per AOR: expiry visits the AORs due, not every AOR every second. An AOR is in the
+    /// heap once (again only when a binding expiring sooner arrives; the later entry is
+    /// then found stale); a refresh leaves it, and the AOR is rescheduled when it comes up.
+    expiries: BinaryHeap<Reverse<(u64, String)>>,
+    scheduled: HashMap<String, u64>,
+}
+
+/// Bindings held here (`local`) and copies of other nodes' (`remote`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    local: usize,
+    remote: usize,
+}
+
+impl Tally {
+    fn of(list: Option<&Vec<Binding>>) -> Tally {
+        let list = list.map_or(&[][..], Vec::as_slice);
+        let local = list.iter().filter(|b| b.node.is_none()).count();
+        Tally { local, remote: list.len() - local }
+    }
 }
 
 impl Registrar {
@@ -236,10 +261,12 @@ impl Registrar {
             if contacts.len() != 1 || header_expires != Some(0) {
                 return Err((Rejection::new(400, "Wildcard Contact Requires Expires 0"), vec![]));
             }
+            let before = Tally::of(self.aors.get(aor));
             if self.aors.remove(aor).is_some() {
                 self.dirty = true;
                 self.changed.insert(aor.to_owned());
             }
+            self.recount(aor, before);
             return Ok(RegisterOutcome { bindings: vec![], mapping_deaths: vec![] });
         }
 
@@ -287,6 +314,7 @@ impl Registrar {
         }
 
         let mut mapping_deaths = Vec::new();
+        let before = Tally::of(self.aors.get(aor));
         let list = self.aors.entry(aor.to_owned()).or_default();
         for (uri, expires, q, instance, reg_id) in parsed {
             let existing = list.iter().position(|b| b.same_contact(&uri, instance.as_deref(), reg_id));
@@ -344,6 +372,7 @@ impl Registrar {
         if list.is_empty() {
             self.aors.remove(aor);
         }
+        self.recount(aor, before);
         // A refresh changes the expiry, so every accepted REGISTER is a change to share.
         self.changed.insert(aor.to_owned());
         Ok(RegisterOutcome { bindings, mapping_deaths })
@@ -361,27 +390,53 @@ impl Registrar {
     }
 
     /// Removes expired bindings; returns how many went.
+    /// Drops the bindings expired by `unix_now` (visiting only the AORs due); how many.
     pub fn expire(&mut self, unix_now: u64) -> usize {
         let mut removed = 0;
-        let changed = &mut self.changed;
-        self.aors.retain(|aor, list| {
-            let before = list.len();
-            let local_before = list.iter().filter(|b| b.node.is_none()).count();
-            list.retain(|b| b.expires_at > unix_now);
-            removed += before - list.len();
-            if list.iter().filter(|b| b.node.is_none()).count() != local_before {
-                changed.insert(aor.clone());
+        while let Some(Reverse((at, _))) = self.expiries.peek() {
+            if *at > unix_now {
+                break;
             }
-            !list.is_empty()
-        });
+            let Some(Reverse((at, aor))) = self.expiries.pop() else { break };
+            if self.scheduled.get(&aor) != Some(&at) {
+                continue; // a stale entry: the AOR was scheduled sooner since
+            }
+            self.scheduled.remove(&aor);
+            let before = Tally::of(self.aors.get(&aor));
+            let Some(list) = self.aors.get_mut(&aor) else { continue };
+            list.retain(|b| b.expires_at > unix_now);
+            let after = Tally::of(Some(list));
+            removed += before.local + before.remote - after.local - after.remote;
+            if after.local != before.local {
+                self.changed.insert(aor.clone());
+            }
+            if list.is_empty() {
+                self.aors.remove(&aor);
+            }
+            self.recount(&aor, before);
+        }
         if removed > 0 {
             self.dirty = true;
         }
         removed
     }
 
+    /// After a change to `aor`'s bindings (which counted `before`): the tally follows, and
+    /// the AOR is scheduled for its next expiry if that is sooner than it was.
+    fn recount(&mut self, aor: &str, before: Tally) {
+        let list = self.aors.get(aor);
+        let after = Tally::of(list);
+        self.tally.local = self.tally.local + after.local - before.local;
+        self.tally.remote = self.tally.remote + after.remote - before.remote;
+        let Some(next) = list.and_then(|l| l.iter().map(|b| b.expires_at).min()) else { return };
+        if self.scheduled.get(aor).is_none_or(|at| next < *at) {
+            self.scheduled.insert(aor.to_owned(), next);
+            self.expiries.push(Reverse((next, aor.to_owned())));
+        }
+    }
+
     pub fn binding_count(&self) -> usize {
-        self.aors.values().map(Vec::len).sum()
+        self.tally.local + self.tally.remote
     }
 
     pub fn bindings_mut(&mut self) -> impl Iterator<Item = (&String, &mut Binding)> {
@@ -389,6 +444,7 @@ impl Registrar {
     }
 
     pub fn remove(&mut self, aor: &str, contact: &str) {
+        let before = Tally::of(self.aors.get(aor));
         if let Some(list) = self.aors.get_mut(aor) {
             list.retain(|b| b.contact != contact);
             if list.is_empty() {
@@ -397,6 +453,7 @@ impl Registrar {
             self.dirty = true;
             self.changed.insert(aor.to_owned());
         }
+        self.recount(aor, before);
     }
 
     /// An agent's new NAT profile for the bindings it holds on `remote` (its flow) whose
@@ -453,6 +510,7 @@ impl Registrar {
     /// of the same contact registered earlier gives way (the phone re-registered through
     /// the other node); one registered later stays. Bounded by [`MAX_BINDINGS_PER_AOR`].
     pub fn set_remote(&mut self, aor: &str, node: &str, bindings: Vec<Binding>, unix_now: u64) {
+        let before = Tally::of(self.aors.get(aor));
         let list = self.aors.entry(aor.to_owned()).or_default();
         list.retain(|b| b.node.as_deref() != Some(node));
         for mut b in bindings {
@@ -480,22 +538,25 @@ impl Registrar {
         if list.is_empty() {
             self.aors.remove(aor);
         }
+        self.recount(aor, before);
     }
 
     /// Keeps only the copies of other nodes' bindings that `keep(aor, node)` still wants
     /// (after a full read of the cluster store, those it found).
     pub fn retain_remote(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        let mut dropped = 0;
         self.aors.retain(|aor, list| {
+            let before = list.len();
             list.retain(|b| b.node.as_deref().is_none_or(|n| keep(aor, n)));
+            dropped += before - list.len();
             !list.is_empty()
         });
+        self.tally.remote -= dropped;
     }
 
     /// Bindings held here, and copies of other nodes'.
     pub fn counts(&self) -> (usize, usize) {
-        let all = self.binding_count();
-        let local = self.aors.values().flat_map(|l| l.iter()).filter(|b| b.node.is_none()).count();
-        (local, all - local)
+        (self.tally.local, self.tally.remote)
     }
 
     /// Takes the "changed since last snapshot" flag.
@@ -510,7 +571,9 @@ impl Registrar {
     pub fn restore(&mut self, entries: Vec<(String, Binding)>, unix_now: u64) {
         for (aor, b) in entries {
             if b.expires_at > unix_now {
-                self.aors.entry(aor).or_default().push(b);
+                let before = Tally::of(self.aors.get(&aor));
+                self.aors.entry(aor.clone()).or_default().push(b);
+                self.recount(&aor, before);
             }
         }
     }
@@ -742,5 +805,64 @@ mod tests {
         assert_eq!(NodeBindings::decode(many.encode().as_bytes()), None, "more contacts than an AOR may have");
         assert_eq!(NodeBindings::decode(&vec![b' '; MAX_NODE_BINDINGS_BYTES + 1]), None, "too long");
         assert_eq!(NodeBindings::decode(b"{}"), None);
+    }
+
+    /// What the kept tally should say, counted the slow way.
+    fn recounted(r: &Registrar) -> (usize, usize) {
+        let all: Vec<&Binding> = r.aors.values().flatten().collect();
+        let local = all.iter().filter(|b| b.node.is_none()).count();
+        (local, all.len() - local)
+    }
+
+    #[test]
+    fn the_kept_counts_and_expiry_schedule_follow_every_kind_of_change() {
+        let mut r = Registrar::new();
+        let check = |r: &Registrar, what: &str| {
+            assert_eq!(r.counts(), recounted(r), "after {what}");
+            assert_eq!(r.binding_count(), r.counts().0 + r.counts().1, "after {what}");
+        };
+        // Local bindings with different expiries, two contacts on one AOR.
+        for (i, expires) in [(1, 60), (2, 120), (3, 600)] {
+            let c = format!("<sip:u{i}@10.0.0.{i}>;expires={expires}");
+            r.register(&CFG, 1000, &format!("u{i}@x"), &register(1, &c, ""), flow(1), KA, None).expect("ok");
+        }
+        r.register(&CFG, 1000, "u3@x", &register(2, "<sip:u3@10.0.0.9>;expires=90", ""), flow(1), KA, None)
+            .expect("second contact");
+        check(&r, "registers");
+        assert_eq!(r.counts(), (4, 0));
+        // Copies from another node, one of them of the same contact registered later there.
+        let mut template = r.lookup("u1@x", 1000)[0].clone();
+        template.expires_at = 1000 + 300;
+        template.registered_at = 1001;
+        r.set_remote("u1@x", "edge-2", vec![template.clone()], 1001);
+        let mut other = template.clone();
+        other.contact = "sip:v@192.0.2.1".into();
+        r.set_remote("v@x", "edge-2", vec![other.clone()], 1001);
+        check(&r, "copies (one replacing a local binding of the same contact)");
+        assert_eq!(r.counts(), (3, 2));
+        // Refreshing u2 for longer: nothing due at its old time.
+        r.register(&CFG, 1100, "u2@x", &register(2, "<sip:u2@10.0.0.2>;expires=3600", ""), flow(1), KA, None)
+            .expect("refresh");
+        assert_eq!(r.expire(1089), 0, "u1's local binding (due at 1060) gave way to a later copy");
+        // u3's second contact (90 s) expires alone; u2, due at 1120, was refreshed.
+        assert_eq!(r.expire(1095), 1);
+        assert_eq!(r.lookup("u3@x", 1095).len(), 1);
+        check(&r, "one of two contacts expired");
+        assert_eq!(r.expire(1125), 0, "u2 was refreshed");
+        check(&r, "a refresh");
+        // The copies (300 s) go at 1300, u3's last at 1600.
+        assert_eq!(r.expire(1300), 2);
+        check(&r, "copies expired");
+        assert_eq!(r.counts(), (2, 0));
+        // Removal, a wildcard and a full retain of copies.
+        r.remove("u3@x", "sip:u3@10.0.0.3");
+        r.set_remote("w@x", "edge-3", vec![other], 1301);
+        r.register(&CFG, 1301, "u2@x", &register(3, "*", "Expires: 0\r\n"), flow(1), KA, None).expect("wildcard");
+        check(&r, "removal and wildcard");
+        r.retain_remote(|_, node| node != "edge-3");
+        check(&r, "a retain of copies");
+        assert_eq!(r.counts(), (0, 0));
+        assert_eq!(r.expire(100_000), 0, "nothing is left to expire");
+        assert!(r.scheduled.is_empty(), "nothing left scheduled");
     }
 }

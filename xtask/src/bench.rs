@@ -41,10 +41,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("faketcp") => crate::faketcpbench::run(&args[1..]),
         Some("b2bua") => crate::b2buabench::run(&args[1..]),
         Some("node") => crate::nodebench::run(&args[1..]),
-        Some("cluster") => cluster(&args[1..]),
+        Some("cluster") => crate::clusterbench::run(&args[1..]),
+        Some("store") => store(&args[1..]),
         other => {
             anyhow::bail!(
-                "unknown benchmark {other:?}; available: sip, node, relay, ng, punch, faketcp, b2bua, cluster"
+                "unknown benchmark {other:?}; available: sip, node, relay, ng, punch, faketcp, b2bua, cluster, store"
             )
         }
     }
@@ -397,10 +398,10 @@ fn ng(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `bench cluster`: calls through a proxy whose callee's registration lives in the embedded
+/// `bench store`: calls through a proxy whose callee's registration lives in the embedded
 /// store (a snapshot file) and in Redis (`[cluster]`), same load, same run. The Redis run
 /// counts redis-server's CPU too.
-fn cluster(args: &[String]) -> anyhow::Result<()> {
+fn store(args: &[String]) -> anyhow::Result<()> {
     for cmd in ["sipp", "redis-server"] {
         if !have(cmd) {
             anyhow::bail!("{cmd} is not installed; run `cargo xtask install-peers` as root");

@@ -14,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod b2buabench;
 mod bench;
+mod clusterbench;
 mod faketcpbench;
 mod mmsg;
 #[allow(unreachable_pub)]
