@@ -8,8 +8,8 @@
 //!   [`STREAM_MAX`] entries).
 //!
 //! Two threads, neither holding the node's lock while it waits on Redis:
-//! - **the writer** takes the registrar's changes every [`WRITE_EVERY`] (under the lock: a
-//!   swap of a small set), writes each changed AOR's field (or deletes it) and announces
+//! - **the writer** takes the registrar's changes as soon as the node signals some (under
+//!   the lock: a swap of a small set), writes each changed AOR's field (or deletes it) and announces
 //!   it on the stream; it also answers the proxy's read-through lookups (`HGETALL` of one
 //!   AOR: a phone registered through another node a moment ago is reachable at once).
 //! - **the reader**, at every (re)connect, reads the whole store once, paged (a `SCAN` page
@@ -36,9 +36,7 @@ use pinhole_sip::Binding;
 use crate::redis_link::{RedisLink, RedisTarget, ScanCursor, MAX_KEYS};
 use crate::server::Shared;
 
-/// How often the writer looks for changes (and, idle, how quickly a lookup is served).
-const WRITE_EVERY: Duration = Duration::from_millis(5);
-/// How often an idle writer checks Redis is there.
+/// How often an idle writer checks Redis is there (and looks for changes nobody signalled).
 const PING_EVERY: Duration = Duration::from_secs(1);
 const KEY_PREFIX: &str = "pinhole:aor:";
 const STREAM: &str = "pinhole:regchanges";
@@ -58,8 +56,16 @@ pub(crate) struct ClusterConfig {
     pub(crate) address: SocketAddr,
 }
 
-/// Starts the writer and the reader; returns where the node's lookups go.
-pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<Sender<String>> {
+/// Work for the writer thread.
+pub(crate) enum Work {
+    /// A read-through: read this AOR's bindings for the node.
+    Lookup(String),
+    /// The registrar has changes to write (sent once until the writer takes them).
+    Changes,
+}
+
+/// Starts the writer and the reader; returns where the node's lookups and change signals go.
+pub(crate) fn start(cfg: ClusterConfig, shared: Arc<Shared>) -> anyhow::Result<Sender<Work>> {
     let writer_link = RedisLink::open(&cfg.redis)?;
     let reader_link = RedisLink::open(&cfg.redis)?;
     if let Some(w) = cfg.redis.warning() {
@@ -108,11 +114,13 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, lookups: &Receiver<String>) {
+    /// Writes changes as soon as the node signals them (and once a second anyway, with a
+    /// ping), and answers lookups.
+    fn run(mut self, work: &Receiver<Work>) {
         loop {
-            let result = match lookups.recv_timeout(WRITE_EVERY) {
-                Ok(aor) => self.lookup(&aor),
-                Err(RecvTimeoutError::Timeout) => self.write_changes(),
+            let result = match work.recv_timeout(PING_EVERY) {
+                Ok(Work::Lookup(aor)) => self.lookup(&aor),
+                Ok(Work::Changes) | Err(RecvTimeoutError::Timeout) => self.write_changes(),
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             self.note(result);
@@ -152,6 +160,8 @@ impl Writer {
         // Once a second: the gauges (counting is linear in the bindings, so not every tick).
         let due = self.last_ping.is_none_or(|t| t.elapsed() >= PING_EVERY) || self.up != Some(true);
         let (changes, counts) = {
+            // Signals from here on are for changes this pass does not take.
+            self.shared.changes_signalled.store(false, std::sync::atomic::Ordering::Release);
             let mut node = self.shared.node();
             let registrar = node.proxy_mut().registrar_mut();
             let changes = if self.up == Some(false) { Vec::new() } else { registrar.take_changes() };

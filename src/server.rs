@@ -74,8 +74,11 @@ pub(crate) struct Shared {
     cdr: Option<Mutex<crate::cdr::CdrWriter>>,
     /// The relay fleet's statistics socket (`[media] relays`).
     fleet: Option<Arc<std::net::UdpSocket>>,
-    /// Where the node's cluster lookups go (`[cluster]`: the writer thread answers them).
-    lookups: std::sync::OnceLock<std::sync::mpsc::Sender<String>>,
+    /// Where the node's cluster lookups and change signals go (`[cluster]`: the writer
+    /// thread answers them).
+    lookups: std::sync::OnceLock<std::sync::mpsc::Sender<crate::cluster::Work>>,
+    /// A change signal is on its way to the writer (cleared when it takes the changes).
+    pub(crate) changes_signalled: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -264,6 +267,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cdr,
         fleet: fleet_sock,
         lookups: std::sync::OnceLock::new(),
+        changes_signalled: std::sync::atomic::AtomicBool::new(false),
     });
     if let Some(sock) = &shared.fleet {
         crate::fleet::spawn(&shared, sock.clone())?;
@@ -421,12 +425,15 @@ struct Outbox {
     transmits: Vec<Transmit>,
     /// Datagrams to fleet relays (call commands, statistics requests).
     ng: Vec<(SocketAddr, Vec<u8>)>,
+    /// The registrar has changes for the cluster writer.
+    registrations_changed: bool,
 }
 
 /// Polls the node's outputs until it has nothing more to do now: transmits and ng
 /// datagrams are collected in `out`, relay commands go to the forwarding threads. Returns
 /// when to wake next.
 fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time::Instant> {
+    out.registrations_changed |= node.proxy().registrar().has_changes();
     loop {
         match node.poll_output(Instant::now().into_std()) {
             Output::Transmit(t) => out.transmits.push(t),
@@ -451,7 +458,7 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time
             Output::Ng { to, payload } => out.ng.push((to, payload)),
             Output::Lookup(aor) => {
                 if let Some(tx) = shared.lookups.get() {
-                    let _ = tx.send(aor);
+                    let _ = tx.send(crate::cluster::Work::Lookup(aor));
                 }
             }
             Output::Event(e) => tracing::debug!(?e, "node event"),
@@ -466,6 +473,13 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time
 }
 
 fn dispatch(shared: &Arc<Shared>, out: Outbox) {
+    if out.registrations_changed {
+        if let Some(tx) = shared.lookups.get() {
+            if !shared.changes_signalled.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let _ = tx.send(crate::cluster::Work::Changes);
+            }
+        }
+    }
     if let Some(sock) = &shared.fleet {
         for (to, payload) in &out.ng {
             if let Err(e) = sock.send_to(payload, *to) {

@@ -498,6 +498,11 @@ impl Registrar {
             .collect()
     }
 
+    /// Whether [`Registrar::take_changes`] has anything to give.
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
     /// Every AOR with bindings on this node counts as changed (Redis came back, perhaps
     /// empty: everything is written again).
     pub fn mark_all_changed(&mut self) {

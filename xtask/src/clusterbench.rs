@@ -1,6 +1,7 @@
 //! `cargo xtask bench cluster`: three pinhole nodes sharing registrations in one
 //! redis-server, at operator scale, for today's change-driven design and the polling one
-//! it replaced (built from git, `--baseline REV`), in the same run.
+//! it replaced (built from git, `--baseline REV`), and three Kamailio 5.6 nodes
+//! replicating usrloc with DMQ (config/kamailio/dmq.cfg) as the yardstick, in the same run.
 //!
 //! Per design: N AORs registered by sipp through the three nodes (a third each), the
 //! nodes left to converge (each holds copies of the others') and to finish the
@@ -8,7 +9,8 @@
 //! at `--rate`/s entering every node for a phone registered through the next one, with
 //! refreshes (re-REGISTERs) at 100/s; then 100 phones each registered through one node and
 //! called through the next at once (registration to reachable). CPU from /proc (each
-//! node, and redis-server), memory as RSS, Redis's own counters (`INFO stats`) for its
+//! node with its worker processes, and redis-server), memory as PSS (a Kamailio node is
+//! several processes sharing memory), Redis's own counters (`INFO stats`) for its
 //! commands and bytes.
 
 use std::net::UdpSocket;
@@ -48,26 +50,29 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         "--bin",
         "pinhole",
     ]))?;
-    let mut designs = vec![("changes".to_owned(), root().join("target/release/pinhole"))];
+    let mut designs = vec![("changes".to_owned(), Design::Pinhole(root().join("target/release/pinhole")))];
     if let Some(rev) = baseline {
-        designs.push((format!("polling ({rev})"), build_at(&rev)?));
+        designs.push((format!("polling ({rev})"), Design::Pinhole(build_at(&rev)?)));
+    }
+    if have("kamailio") && have("kamcmd") && !args.iter().any(|a| a == "--no-kamailio") {
+        designs.push(("kamailio+dmq".to_owned(), Design::Kamailio));
     }
     println!("{aors} AORs over 3 nodes, calls {rate}/s for {seconds} s, refreshes {REFRESH_RATE}/s\n");
     let mut results = Vec::new();
     for (name, bin) in &designs {
         println!("--- {name}");
-        let r = one_design(&bin.clone(), &dir, aors, rate, seconds)?;
+        let r = one_design(bin, &dir, aors, rate, seconds)?;
         r.print(name);
         results.push((name.clone(), r));
     }
-    println!("\n| design | phase | node CPU ms/s (each) | node RSS MB (each) | Redis cmds/s | Redis bytes/s | Redis CPU ms/s |");
+    println!("\n| design | phase | node CPU ms/s (each) | node PSS MB (each) | Redis cmds/s | Redis bytes/s | Redis CPU ms/s |");
     println!("|---|---|---|---|---|---|---|");
     for (name, r) in &results {
         for (phase, m) in [("idle", &r.idle), ("load", &r.load)] {
             println!(
                 "| {name} | {phase} | {} | {} | {:.0} | {:.0} | {:.1} |",
                 m.node_cpu.iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>().join(" / "),
-                m.node_rss_mb.iter().map(|c| format!("{c:.0}")).collect::<Vec<_>>().join(" / "),
+                m.node_mem_mb.iter().map(|c| format!("{c:.0}")).collect::<Vec<_>>().join(" / "),
                 m.redis_cmds,
                 m.redis_bytes,
                 m.redis_cpu
@@ -123,7 +128,7 @@ fn build_at(rev: &str) -> anyhow::Result<PathBuf> {
 #[derive(Debug, Default)]
 struct Window {
     node_cpu: Vec<f64>,
-    node_rss_mb: Vec<f64>,
+    node_mem_mb: Vec<f64>,
     redis_cmds: f64,
     redis_bytes: f64,
     redis_cpu: f64,
@@ -159,36 +164,109 @@ impl Outcome {
     }
 }
 
+/// What runs the three nodes: a pinhole binary, or Kamailio with DMQ.
+enum Design {
+    Pinhole(PathBuf),
+    Kamailio,
+}
+
 struct Node {
     proc: Proc,
     sip: u16,
-    metrics: u16,
+    /// Where its state is read: pinhole's metrics port, or Kamailio's binrpc socket.
+    probe: Probe,
 }
 
-fn start_node(bin: &Path, dir: &Path, i: usize, redis_port: u16) -> anyhow::Result<Node> {
-    let (sip, metrics) = (port(), port());
-    let cfg = dir.join(format!("node-{i}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:{sip}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[media]\nmode = \"off\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nnode = \"node-{i}\"\n"
-        ),
-    )?;
-    let child = Command::new(bin)
-        .args(["server", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("node-{i}.log")))?)
-        .process_group(0)
-        .spawn()?;
-    let node = Node { proc: Proc(child), sip, metrics };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(node.metrics, "pinhole_cluster_redis_up") != Some(1.0) {
-        anyhow::ensure!(Instant::now() < deadline, "node {i} never reached Redis; see {}", dir.display());
-        std::thread::sleep(Duration::from_millis(100));
+enum Probe {
+    Metrics(u16),
+    Ctl(String),
+}
+
+impl Node {
+    /// Registrations it can route to now: its own and the copies of the others'.
+    fn holds(&self) -> Option<f64> {
+        match &self.probe {
+            Probe::Metrics(m) => {
+                Some(metric(*m, "pinhole_cluster_local_bindings")? + metric(*m, "pinhole_cluster_remote_bindings")?)
+            }
+            Probe::Ctl(ctl) => kamcmd(ctl, &["stats.get_statistics", "registered_users"])
+                .lines()
+                .find_map(|l| l.split_once('=').and_then(|(_, v)| v.trim().parse().ok())),
+        }
     }
-    Ok(node)
+
+    /// Transactions it still holds.
+    fn transactions(&self) -> Option<f64> {
+        match &self.probe {
+            Probe::Metrics(m) => metric(*m, "pinhole_sip_transactions"),
+            Probe::Ctl(ctl) => kamcmd(ctl, &["tm.stats"])
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("current:").and_then(|v| v.trim().parse().ok())),
+        }
+    }
+}
+
+fn kamcmd(ctl: &str, args: &[&str]) -> String {
+    let out = Command::new("kamcmd").arg("-s").arg(ctl).args(args).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+fn start_node(design: &Design, dir: &Path, i: usize, redis_port: u16, first_sip: Option<u16>) -> anyhow::Result<Node> {
+    let sip = port();
+    match design {
+        Design::Pinhole(bin) => {
+            let metrics = port();
+            let cfg = dir.join(format!("node-{i}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[sip]\nlisten = [\"udp:127.0.0.1:{sip}\"]\ndomain = \"bench.test\"\n[auth]\ntrusted = [\"127.0.0.0/8\"]\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n[media]\nmode = \"off\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[cluster]\nredis = \"redis://127.0.0.1:{redis_port}\"\nnode = \"node-{i}\"\n"
+                ),
+            )?;
+            let child = Command::new(bin)
+                .args(["server", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("node-{i}.log")))?)
+                .process_group(0)
+                .spawn()?;
+            let node = Node { proc: Proc(child), sip, probe: Probe::Metrics(metrics) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric(metrics, "pinhole_cluster_redis_up") != Some(1.0) {
+                anyhow::ensure!(Instant::now() < deadline, "node {i} never reached Redis; see {}", dir.display());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(node)
+        }
+        Design::Kamailio => {
+            let ctl = format!("unix:{}", dir.join(format!("kamailio-{i}.ctl")).display());
+            let notify = first_sip.unwrap_or(sip);
+            let text = std::fs::read_to_string(root().join("config/kamailio/dmq.cfg"))?
+                .replace("__LISTEN__", &format!("udp:127.0.0.1:{sip}"))
+                .replace("__DMQ_SELF__", &format!("sip:127.0.0.1:{sip}"))
+                .replace("__DMQ_NOTIFY__", &format!("sip:127.0.0.1:{notify}"))
+                .replace("__CTL__", &ctl);
+            let cfg = dir.join(format!("kamailio-{i}.cfg"));
+            std::fs::write(&cfg, text)?;
+            let child = Command::new("kamailio")
+                .arg("-f")
+                .arg(&cfg)
+                .args(["-DD", "-E", "-m", "2048", "-M", "64", "-w"])
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("kamailio-{i}.log")))?)
+                .process_group(0)
+                .spawn()?;
+            let node = Node { proc: Proc(child), sip, probe: Probe::Ctl(ctl) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while node.holds().is_none() {
+                anyhow::ensure!(Instant::now() < deadline, "Kamailio {i} did not start; see {}", dir.display());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(node)
+        }
+    }
 }
 
 fn metric(port: u16, name: &str) -> Option<f64> {
@@ -212,50 +290,79 @@ fn redis_info(port: u16, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn rss_mb(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0.0 };
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+/// Proportional set size of `pid` and its direct children (shared memory counted once
+/// over them), in MB.
+fn pss_mb(pid: u32) -> f64 {
+    let pss = |p: u32| -> f64 {
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")) else { return 0.0 };
+        s.lines()
+            .find(|l| l.starts_with("Pss:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
+            })
+        })
+        .collect();
+    (pss(pid) + children.into_iter().map(pss).sum::<f64>()) / 1024.0
 }
 
-/// Measures what `during` costs the nodes and Redis, per second of its duration.
-fn measure(nodes: &[Node], redis: &Proc, redis_port: u16, during: impl FnOnce()) -> Window {
+/// Measures what `during` costs the nodes and Redis (when there is one, on `redis.1`), per
+/// second of its duration.
+fn measure(nodes: &[Node], redis: Option<(&Proc, u16)>, during: impl FnOnce()) -> Window {
     let pids: Vec<u32> = nodes.iter().map(|n| n.proc.0.id()).collect();
     let t0: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
-    let r0 = cpu_ticks(redis.0.id());
-    let c0 = redis_info(redis_port, "total_commands_processed");
-    let b0 = redis_info(redis_port, "total_net_input_bytes") + redis_info(redis_port, "total_net_output_bytes");
+    let stats = |name: &str| redis.map_or(0.0, |(_, port)| redis_info(port, name));
+    let bytes = || stats("total_net_input_bytes") + stats("total_net_output_bytes");
+    let r0 = redis.map_or(0, |(p, _)| cpu_ticks(p.0.id()));
+    let (c0, b0) = (stats("total_commands_processed"), bytes());
     let start = Instant::now();
     during();
     let secs = start.elapsed().as_secs_f64();
     let ms_per_s = |ticks: u64| ticks as f64 / ticks_per_sec() * 1000.0 / secs;
-    let c1 = redis_info(redis_port, "total_commands_processed");
-    let b1 = redis_info(redis_port, "total_net_input_bytes") + redis_info(redis_port, "total_net_output_bytes");
+    let (c1, b1) = (stats("total_commands_processed"), bytes());
     Window {
         node_cpu: pids.iter().zip(&t0).map(|(p, t)| ms_per_s(cpu_ticks(*p).saturating_sub(*t))).collect(),
-        node_rss_mb: pids.iter().map(|p| rss_mb(*p)).collect(),
+        node_mem_mb: pids.iter().map(|p| pss_mb(*p)).collect(),
         redis_cmds: (c1 - c0) / secs,
         redis_bytes: (b1 - b0) / secs,
-        redis_cpu: ms_per_s(cpu_ticks(redis.0.id()).saturating_sub(r0)),
+        redis_cpu: redis.map_or(0.0, |(p, _)| ms_per_s(cpu_ticks(p.0.id()).saturating_sub(r0))),
     }
 }
 
-fn one_design(bin: &Path, dir: &Path, aors: u32, rate: u32, seconds: u32) -> anyhow::Result<Outcome> {
+fn one_design(design: &Design, dir: &Path, aors: u32, rate: u32, seconds: u32) -> anyhow::Result<Outcome> {
     let redis_port = port();
-    let redis = Proc(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()?,
-    );
+    let redis = match design {
+        Design::Kamailio => None,
+        Design::Pinhole(_) => Some(Proc(
+            Command::new("redis-server")
+                .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()?,
+        )),
+    };
     std::thread::sleep(Duration::from_millis(300));
-    let nodes: Vec<Node> = (0..3).map(|i| start_node(bin, dir, i, redis_port)).collect::<anyhow::Result<_>>()?;
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..3 {
+        let first = nodes.first().map(|n| n.sip);
+        nodes.push(start_node(design, dir, i, redis_port, first)?);
+    }
+    if matches!(design, Design::Kamailio) {
+        // DMQ: every node announced to the first and learnt of the others.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let redis_at = redis.as_ref().map(|r| (r, redis_port));
     let mut out = Outcome::default();
 
     // N AORs, a third through each node.
@@ -278,11 +385,11 @@ fn one_design(bin: &Path, dir: &Path, aors: u32, rate: u32, seconds: u32) -> any
         out.registered += ok;
     }
     out.register_secs = started.elapsed().as_secs_f64();
-    // Converged: each node holds the other two thirds as copies.
-    let want = f64::from(out.registered) * 2.0 / 3.0 * 0.999;
+    // Converged: each node can route to every registration (its own and copies).
+    let want = f64::from(out.registered) * 0.999;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        if nodes.iter().all(|n| metric(n.metrics, "pinhole_cluster_remote_bindings").is_some_and(|v| v >= want)) {
+        if nodes.iter().all(|n| n.holds().is_some_and(|v| v >= want)) {
             out.converged = Some(started.elapsed().as_secs_f64() - out.register_secs);
             break;
         }
@@ -290,13 +397,11 @@ fn one_design(bin: &Path, dir: &Path, aors: u32, rate: u32, seconds: u32) -> any
     }
     // Idle means after the registrations' transactions are gone too (Timer J, 32 s).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline
-        && !nodes.iter().all(|n| metric(n.metrics, "pinhole_sip_transactions").is_some_and(|t| t < 10.0))
-    {
+    while Instant::now() < deadline && !nodes.iter().all(|n| n.transactions().is_some_and(|t| t < 10.0)) {
         std::thread::sleep(Duration::from_millis(500));
     }
     std::thread::sleep(Duration::from_secs(2));
-    out.idle = measure(&nodes, &redis, redis_port, || std::thread::sleep(Duration::from_secs(10)));
+    out.idle = measure(&nodes, redis_at, || std::thread::sleep(Duration::from_secs(10)));
 
     // Calls entering every node for a phone registered through the next, and refreshes.
     let hold = ((seconds + 20) * 1000).to_string();
@@ -329,7 +434,7 @@ fn one_design(bin: &Path, dir: &Path, aors: u32, rate: u32, seconds: u32) -> any
     let per_node = (rate / 3).max(1);
     let mut callers = Vec::new();
     let mut refresh = None;
-    let load = measure(&nodes, &redis, redis_port, || {
+    let load = measure(&nodes, redis_at, || {
         for i in 0..3 {
             let (user, target) = (format!("callee{i}"), format!("127.0.0.1:{}", nodes[(i + 1) % 3].sip));
             let (r, m, port) = (per_node.to_string(), (per_node * seconds).to_string(), port().to_string());
@@ -371,16 +476,19 @@ fn one_design(bin: &Path, dir: &Path, aors: u32, rate: u32, seconds: u32) -> any
 }
 
 /// Phones registered through node i and at once called through node i+1: how long from
-/// sending the INVITE until the phone hears it (never: within 1 s).
+/// the 200 OK until the phone hears the INVITE (a caller turned away with 4xx tries again
+/// 10 ms later, as a user would; never: not within 2 s).
 fn reach(nodes: &[Node]) -> anyhow::Result<(Vec<Duration>, usize)> {
     let caller = UdpSocket::bind("127.0.0.1:0")?;
+    caller.set_nonblocking(true)?;
+    let c = caller.local_addr()?;
     let mut waits = Vec::new();
     let mut missed = 0;
     let mut buf = [0u8; 4096];
     for k in 0..REACH_SAMPLES {
         let (a, b) = (&nodes[k % 3], &nodes[(k + 1) % 3]);
         let phone = UdpSocket::bind("127.0.0.1:0")?;
-        phone.set_read_timeout(Some(Duration::from_millis(50)))?;
+        phone.set_read_timeout(Some(Duration::from_millis(5)))?;
         let at = phone.local_addr()?;
         let user = format!("reach{k}");
         let register = format!(
@@ -393,16 +501,27 @@ fn reach(nodes: &[Node]) -> anyhow::Result<(Vec<Duration>, usize)> {
             registered = phone.recv(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"SIP/2.0 200"));
         }
         anyhow::ensure!(registered, "{user} was not registered");
-        let c = caller.local_addr()?;
-        let invite = format!(
-            "INVITE sip:{user}@bench.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKi{k};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@bench.test>\r\nFrom: <sip:caller@bench.test>;tag=i{k}\r\nCall-ID: reach-call-{k}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
-        );
-        let sent = Instant::now();
-        caller.send_to(invite.as_bytes(), ("127.0.0.1", b.sip))?;
+        let ok_at = Instant::now();
         let mut heard = None;
-        while heard.is_none() && sent.elapsed() < Duration::from_secs(1) {
-            if phone.recv(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"INVITE ")) {
-                heard = Some(sent.elapsed());
+        let mut attempt = 0;
+        while heard.is_none() && ok_at.elapsed() < Duration::from_secs(2) {
+            attempt += 1;
+            let invite = format!(
+                "INVITE sip:{user}@bench.test SIP/2.0\r\nVia: SIP/2.0/UDP {c};branch=z9hG4bKi{k}a{attempt};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@bench.test>\r\nFrom: <sip:caller@bench.test>;tag=i{k}a{attempt}\r\nCall-ID: reach-call-{k}-{attempt}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{c}>\r\nContent-Length: 0\r\n\r\n"
+            );
+            caller.send_to(invite.as_bytes(), ("127.0.0.1", b.sip))?;
+            let sent = Instant::now();
+            let mut turned_away = false;
+            while heard.is_none() && !turned_away && sent.elapsed() < Duration::from_secs(1) {
+                if phone.recv(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"INVITE ")) {
+                    heard = Some(ok_at.elapsed());
+                }
+                while let Ok(n) = caller.recv(&mut buf) {
+                    turned_away |= buf[..n].starts_with(b"SIP/2.0 4");
+                }
+            }
+            if turned_away {
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
         match heard {
