@@ -238,9 +238,13 @@ pub(crate) struct Sip {
     /// Seconds a connection may stay without a complete message or keepalive.
     #[serde(default = "default_idle_timeout")]
     pub(crate) idle_timeout: u64,
-    /// Seconds a started message (or a TLS handshake) may take to arrive whole.
+    /// Seconds a started message (or a TLS handshake, or a WebSocket upgrade) may take to
+    /// arrive whole.
     #[serde(default = "default_message_timeout")]
     pub(crate) message_timeout: u64,
+    /// `ws:`/`wss:` listeners: the `Origin`s a browser's upgrade may come from (empty: any).
+    #[serde(default)]
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 fn default_max_message() -> usize {
@@ -282,7 +286,8 @@ impl TryFrom<String> for Listen {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let (t, a) = s.split_once(':').ok_or_else(|| format!("listen `{s}` is not transport:IP:PORT"))?;
-        let transport = Transport::from_param(t).ok_or_else(|| format!("unknown transport `{t}` (udp, tcp or tls)"))?;
+        let transport =
+            Transport::from_param(t).ok_or_else(|| format!("unknown transport `{t}` (udp, tcp, tls, ws or wss)"))?;
         let addr = a.parse().map_err(|_| format!("`{a}` is not IP:PORT"))?;
         Ok(Listen { transport, addr })
     }
@@ -687,8 +692,10 @@ impl Config {
         if !(r.min_expires <= r.default_expires && r.default_expires <= r.max_expires) {
             err("registrar", "default_expires", "need min_expires <= default_expires <= max_expires".into());
         }
-        if self.sip.listen.iter().any(|l| l.transport == Transport::Tls) && self.sip.tls.is_none() {
-            err("sip", "listen", "a tls: listener needs [sip.tls] cert and key".into());
+        if self.sip.listen.iter().any(|l| matches!(l.transport, Transport::Tls | Transport::Wss))
+            && self.sip.tls.is_none()
+        {
+            err("sip", "listen", "a tls: or wss: listener needs [sip.tls] cert and key".into());
         }
         if self.sip.domain.trim().is_empty() {
             err("sip", "domain", "domain must not be empty".into());

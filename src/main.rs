@@ -8,6 +8,7 @@ mod agent;
 mod agent_media;
 mod cdr;
 mod cluster;
+mod codec;
 mod config;
 mod dataplane;
 mod faketcp;

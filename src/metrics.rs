@@ -60,13 +60,14 @@ fn register_defaults() {
         "pinhole_fleet_backlog_refusals_total",
         "pinhole_fleet_orphans_deleted_total",
         "pinhole_media_waiting_refused_total",
+        "pinhole_sip_websocket_refused_total",
         "pinhole_takeovers_total",
         "pinhole_takeover_restore_errors_total",
         "pinhole_takeover_garbage_total",
     ] {
         metrics::counter!(name).absolute(0);
     }
-    for t in ["udp", "tcp", "tls"] {
+    for t in ["udp", "tcp", "tls", "ws", "wss"] {
         metrics::counter!("pinhole_sip_garbage_total", "transport" => t).absolute(0);
     }
     for reason in ["total", "source"] {

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::codec::{Codec, Got};
 use anyhow::Context;
 use bytes::Bytes;
 use pinhole_core::{Node, NodeConfig, Output};
-use pinhole_sip::stream::{Frame, Framer};
 use pinhole_sip::{ConnId, Flow, Interface, Keepalive, ProxyConfig, RegistrarConfig, Transmit, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     lookups: std::sync::OnceLock<std::sync::mpsc::Sender<crate::cluster::Work>>,
     /// A change signal is on its way to the writer (cleared when it takes the changes).
     pub(crate) changes_signalled: std::sync::atomic::AtomicBool,
+    /// `[sip] allowed_origins`, for WebSocket upgrades.
+    allowed_origins: Vec<String>,
 }
 
 impl Shared {
@@ -220,7 +222,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
-    let mut tls = Vec::new();
+    // Stream listeners other than plain TCP (TLS, WS, WSS).
+    let mut others = Vec::new();
     for l in &cfg.sip.listen {
         match l.transport {
             Transport::Udp => {
@@ -230,13 +233,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             Transport::Tcp => {
                 tcp.push((l.addr, TcpListener::bind(l.addr).await.with_context(|| format!("binding {l}"))?))
             }
-            Transport::Tls => {
-                tls.push((l.addr, TcpListener::bind(l.addr).await.with_context(|| format!("binding {l}"))?))
-            }
+            t => others.push((t, l.addr, TcpListener::bind(l.addr).await.with_context(|| format!("binding {l}"))?)),
         }
         tracing::info!(listen = %l, "SIP listening");
     }
-    let acceptor = match (&cfg.sip.tls, tls.is_empty()) {
+    let needs_tls = others.iter().any(|(t, _, _)| matches!(t, Transport::Tls | Transport::Wss));
+    let acceptor = match (&cfg.sip.tls, !needs_tls) {
         (Some(t), false) => Some(tls_acceptor(&t.cert, &t.key)?),
         _ => None,
     };
@@ -268,6 +270,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         fleet: fleet_sock,
         lookups: std::sync::OnceLock::new(),
         changes_signalled: std::sync::atomic::AtomicBool::new(false),
+        allowed_origins: cfg.sip.allowed_origins.clone(),
     });
     if let Some(sock) = &shared.fleet {
         crate::fleet::spawn(&shared, sock.clone())?;
@@ -289,10 +292,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     for (local, listener) in tcp {
         tokio::spawn(accept_loop(shared.clone(), local, listener, Transport::Tcp, None));
     }
-    if let Some(acceptor) = acceptor {
-        for (local, listener) in tls {
-            tokio::spawn(accept_loop(shared.clone(), local, listener, Transport::Tls, Some(acceptor.clone())));
-        }
+    for (transport, local, listener) in others {
+        let tls = match transport {
+            Transport::Tls | Transport::Wss => Some(acceptor.clone().context("TLS listener without [sip.tls]")?),
+            _ => None,
+        };
+        tokio::spawn(accept_loop(shared.clone(), local, listener, transport, tls));
     }
     if !cfg.ng.listen.is_empty() {
         let addr: SocketAddr = cfg.ng.listen.parse().context("ng.listen")?;
@@ -536,7 +541,10 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
             .map(|c| c.tx.clone())
     };
     if let Some(tx) = tx {
-        if tx.try_send(t.payload).is_err() {
+        // Over WebSocket each SIP message is one text frame (RFC 7118 §5).
+        let payload =
+            if t.flow.transport.is_websocket() { pinhole_sip::websocket::text_frame(&t.payload) } else { t.payload };
+        if tx.try_send(payload).is_err() {
             tracing::warn!(remote = %t.flow.remote, "connection queue full; message dropped");
         }
         return;
@@ -561,9 +569,11 @@ fn send_stream(shared: &Arc<Shared>, t: Transmit) {
                 }
             });
         }
-        _ => {
-            tracing::debug!(remote = %t.flow.remote, "no TLS connection to this peer; outbound TLS is not supported")
-        }
+        other => tracing::debug!(
+            remote = %t.flow.remote,
+            transport = other.as_str(),
+            "no connection to this peer; only TCP connections are opened outbound"
+        ),
     }
 }
 
@@ -739,7 +749,7 @@ async fn run_conn<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some(buf) = rx.recv().await {
             if wr.write_all(&buf).await.is_err() {
                 break;
@@ -748,21 +758,39 @@ async fn run_conn<S>(
         let _ = wr.shutdown().await;
     });
     let flow = Flow { transport, local, remote, conn: Some(id) };
-    let mut framer = Framer::new(shared.max_message);
+    let mut codec = Codec::new(transport.is_websocket(), shared.max_message);
     let mut buf = vec![0u8; 16 * 1024];
     let limits = shared.limits;
+    let send = |bytes: Vec<u8>| {
+        let tx = shared.conns().by_id.get(&id).map(|c| c.tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx.try_send(bytes);
+        }
+    };
     // Idle: no complete message or keepalive for `limits.idle`. Incomplete: a message
-    // started and not finished within `limits.message` (a half-open request).
+    // (or a WebSocket upgrade) started and not finished within `limits.message`. A
+    // WebSocket quiet for half the idle time is pinged once; its pong keeps it.
     let mut last_activity = Instant::now();
-    let mut partial_since: Option<Instant> = None;
+    let mut pinged = false;
+    let mut partial_since: Option<Instant> = transport.is_websocket().then(Instant::now);
     'conn: loop {
+        let idle_at = if transport.is_websocket() && !pinged {
+            last_activity + limits.idle / 2
+        } else {
+            last_activity + limits.idle
+        };
         let deadline = match partial_since {
-            Some(t) => (t + limits.message).min(last_activity + limits.idle),
-            None => last_activity + limits.idle,
+            Some(t) => (t + limits.message).min(idle_at),
+            None => idle_at,
         };
         let n = match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
             Ok(Ok(0) | Err(_)) => break,
             Ok(Ok(n)) => n,
+            Err(_) if transport.is_websocket() && !pinged && partial_since.is_none() => {
+                pinged = true;
+                send(pinhole_sip::websocket::ping_frame());
+                continue;
+            }
             Err(_) => {
                 let reason = if partial_since.is_some() { "incomplete" } else { "idle" };
                 metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).increment(1);
@@ -770,11 +798,11 @@ async fn run_conn<S>(
                 break;
             }
         };
-        framer.extend(&buf[..n]);
+        codec.extend(&buf[..n]);
         loop {
-            let frame = match framer.next_frame() {
+            let got = match codec.next(&shared.allowed_origins) {
                 Ok(None) => break,
-                Ok(Some(f)) => f,
+                Ok(Some(g)) => g,
                 Err(e) => {
                     metrics::counter!("pinhole_sip_garbage_total", "transport" => transport.to_string()).increment(1);
                     tracing::debug!(%remote, error = %e, "bad stream framing; closing");
@@ -782,30 +810,33 @@ async fn run_conn<S>(
                 }
             };
             last_activity = Instant::now();
-            match frame {
-                Frame::Message(m) => {
+            pinged = false;
+            match got {
+                Got::Message(m) => {
                     if !handle(&shared, flow, m) {
                         tracing::debug!(%remote, "garbage on stream; closing");
                         break 'conn;
                     }
                 }
-                Frame::Ping => {
-                    let tx = shared.conns().by_id.get(&id).map(|c| c.tx.clone());
-                    if let Some(tx) = tx {
-                        let _ = tx.try_send(b"\r\n".to_vec());
-                    }
+                Got::Write(bytes) => send(bytes),
+                Got::Alive => {}
+                Got::Close(bytes) => {
+                    send(bytes);
+                    break 'conn;
                 }
-                Frame::Pong => {}
             }
         }
-        partial_since = match (framer.buffered(), partial_since) {
-            (0, _) => None,
+        partial_since = match (codec.buffered(), partial_since) {
+            (0, _) if !matches!(codec, Codec::Upgrade { .. }) => None,
             (_, Some(t)) => Some(t),
             (_, None) => Some(Instant::now()),
         };
     }
     unregister_conn(&shared, id);
-    writer.abort();
+    // What was queued (a refusal, a close frame) goes out before the connection closes.
+    if tokio::time::timeout(Duration::from_secs(1), &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// Timers due within this window of each other fire in one wakeup. SIP's shortest timer is

@@ -47,6 +47,7 @@ pub mod proxy;
 pub mod registrar;
 pub mod stream;
 pub mod transport;
+pub mod websocket;
 
 pub use proxy::{faketcp_key, Cidr, Interface, Keepalive, Proxy, ProxyConfig, ProxyEvent, PunchPolicy};
 pub use registrar::{Binding, RegistrarConfig};

@@ -11,6 +11,9 @@ pub enum Transport {
     Udp,
     Tcp,
     Tls,
+    /// SIP over WebSocket (RFC 7118): from browsers, or behind an operator's TLS terminator.
+    Ws,
+    Wss,
 }
 
 impl Transport {
@@ -20,6 +23,8 @@ impl Transport {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
             Transport::Tls => "TLS",
+            Transport::Ws => "WS",
+            Transport::Wss => "WSS",
         }
     }
 
@@ -29,6 +34,8 @@ impl Transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
     }
 
@@ -41,6 +48,8 @@ impl Transport {
             "udp" => Some(Transport::Udp),
             "tcp" => Some(Transport::Tcp),
             "tls" => Some(Transport::Tls),
+            "ws" => Some(Transport::Ws),
+            "wss" => Some(Transport::Wss),
             _ => None,
         }
     }
@@ -48,8 +57,15 @@ impl Transport {
     pub fn default_port(self) -> u16 {
         match self {
             Transport::Tls => 5061,
+            Transport::Ws => 80,
+            Transport::Wss => 443,
             _ => 5060,
         }
+    }
+
+    /// Whether SIP messages travel as WebSocket messages on it.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
     }
 }
 

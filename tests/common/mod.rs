@@ -123,6 +123,8 @@ pub struct PinholeOptions {
     pub extra: String,
     /// Extra lines for the [media] table (with `relay_ports`).
     pub media_extra: String,
+    /// More `[sip] listen` entries (`"ws:127.0.0.1:PORT"`, …).
+    pub listen_extra: Vec<String>,
 }
 
 impl Default for PinholeOptions {
@@ -138,6 +140,7 @@ impl Default for PinholeOptions {
             relay_ports: None,
             extra: String::new(),
             media_extra: String::new(),
+            listen_extra: Vec::new(),
         }
     }
 }
@@ -149,6 +152,7 @@ impl Pinhole {
         let metrics_port = free_port();
         let ip = &opts.listen_ip;
         let mut listen = vec![format!("\"udp:{ip}:{sip_port}\""), format!("\"tcp:{ip}:{sip_port}\"")];
+        listen.extend(opts.listen_extra.iter().map(|l| format!("\"{l}\"")));
         let mut tls = String::new();
         if opts.tls {
             let (cert, key) = self_signed(dir.path());

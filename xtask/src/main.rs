@@ -40,6 +40,7 @@ const PEERS: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-sentinel", "redis-sentinel"),
     ("miniupnpd", "miniupnpd-nftables"),
+    ("node", "nodejs"),
 ];
 
 fn main() -> ExitCode {
@@ -90,7 +91,7 @@ fn install_peers() -> anyhow::Result<()> {
     }
     if pkgs.is_empty() {
         println!("xtask: test peers present");
-        return Ok(());
+        return install_js_peers();
     }
     if !is_root() {
         anyhow::bail!("missing packages {pkgs:?}; run as root so they can be installed with apt-get");
@@ -101,7 +102,18 @@ fn install_peers() -> anyhow::Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&pkgs)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    Ok(())
+    install_js_peers()
+}
+
+/// The browser-side SIP stacks the tests drive (JsSIP), from npm at the versions
+/// tests/js/package-lock.json pins.
+fn install_js_peers() -> anyhow::Result<()> {
+    let js = root().join("tests/js");
+    if js.join("node_modules/jssip").exists() {
+        return Ok(());
+    }
+    println!("xtask: installing the JavaScript test peers (npm ci in tests/js)");
+    run(Command::new("npm").current_dir(&js).args(["ci", "--no-audit", "--no-fund"]))
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -217,7 +229,7 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster", "srtp"] {
+    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster", "srtp", "websocket"] {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut c = Command::new("cargo");

@@ -115,6 +115,8 @@ pub(super) fn transport_param(t: Transport) -> &'static str {
         Transport::Udp => "",
         Transport::Tcp => ";transport=tcp",
         Transport::Tls => ";transport=tls",
+        Transport::Ws => ";transport=ws",
+        Transport::Wss => ";transport=wss",
     }
 }
 
