@@ -1,5 +1,6 @@
-//! SIP over WebSocket (RFC 7118) on a `ws:` listener: JsSIP from npm — the SIP stack of
-//! browser softphones — running in Node on Node's own WebSocket, registers as alice and is
+//! SIP over WebSocket (RFC 7118) on `ws:` and `wss:` listeners: JsSIP from npm — the SIP
+//! stack of browser softphones — in headless Chromium (Debian's, driven by playwright-core)
+//! and in Node on Node's own WebSocket, registers as alice and is
 //! called by a UDP phone (the INVITE goes down its connection, and JsSIP's refusal — Node
 //! has no WebRTC to answer with — comes back up);
 //! and what the worst stranger on the listener can do: refused upgrades, unmasked frames,
@@ -19,9 +20,11 @@ fn js_dir() -> PathBuf {
     repo().join("tests/js")
 }
 
-/// JsSIP as a phone (tests/js/ws_phone.mjs), its output lines collected in `out`. Over
-/// `wss:` it trusts pinhole's self-signed test certificate.
-fn jssip_phone(url: &str, out: &std::path::Path) -> Bg {
+/// A JsSIP phone: `script` in tests/js (ws_phone.mjs: in Node; browser_phone.mjs: in
+/// headless Chromium), its output lines collected in `out`, in a process group of its own
+/// (the browser goes with it). Over `wss:` it trusts pinhole's self-signed certificate.
+fn jssip_phone(script: &str, url: &str, out: &std::path::Path) -> Bg {
+    use std::os::unix::process::CommandExt;
     assert!(
         js_dir().join("node_modules/jssip").exists(),
         "JsSIP is not installed: cargo xtask test installs it (npm ci in tests/js)"
@@ -29,12 +32,13 @@ fn jssip_phone(url: &str, out: &std::path::Path) -> Bg {
     Bg(Some(
         Command::new("node")
             .arg("--experimental-websocket")
-            .arg(js_dir().join("ws_phone.mjs"))
+            .arg(js_dir().join(script))
             .args([url, "alice", "pinhole.test", "alice-pw"])
             .env("NODE_TLS_REJECT_UNAUTHORIZED", "0")
             .current_dir(js_dir())
             .stdout(std::fs::File::create(out).expect("log"))
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(out.with_extension("err")).expect("log"))
+            .process_group(0)
             .spawn()
             .expect("node (package nodejs) must be installed"),
     ))
@@ -54,29 +58,37 @@ fn ws_edge(dir: &TempDir, (ws_port, wss_port): (u16, u16), sip_extra: &str) -> P
 }
 
 #[test]
+fn jssip_in_chromium_registers_over_secure_websocket_and_a_udp_phones_call_reaches_it() {
+    jssip_is_reached("browser_phone.mjs", "wss", "SIP/2.0 486 Busy Here");
+}
+
+#[test]
 fn jssip_registers_over_websocket_and_a_udp_phones_call_reaches_it_and_its_answer_comes_back() {
-    jssip_is_reached("ws");
+    jssip_is_reached("ws_phone.mjs", "ws", "SIP/2.0 405");
 }
 
 #[test]
 fn jssip_registers_over_secure_websocket_and_is_reached_the_same_way() {
-    jssip_is_reached("wss");
+    jssip_is_reached("ws_phone.mjs", "wss", "SIP/2.0 405");
 }
 
-fn jssip_is_reached(scheme: &str) {
+/// JsSIP (`script`) registers over `scheme` and a UDP phone calls it: the answer the
+/// caller gets starts with `answer` and is JsSIP's own (its Supported list).
+fn jssip_is_reached(script: &str, scheme: &str, answer: &str) {
     let dir = TempDir::new("ws-jssip");
     let ports = (free_port(), free_port());
     let edge = ws_edge(&dir, ports, "");
     let log = dir.path().join("jssip.log");
     let port = if scheme == "wss" { ports.1 } else { ports.0 };
-    let _phone = jssip_phone(&format!("{scheme}://127.0.0.1:{port}"), &log);
-    let registered = wait_for(&log, "REGISTERED", Duration::from_secs(10));
+    let _phone = jssip_phone(script, &format!("{scheme}://127.0.0.1:{port}"), &log);
+    let registered = wait_for(&log, "REGISTERED", Duration::from_secs(20));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(registered, "JsSIP did not register over WebSocket: {text}\n{}", edge.log_text());
+    let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+    assert!(registered, "JsSIP did not register over WebSocket: {text}\n{err}\n{}", edge.log_text());
     assert!(edge.wait_metric("pinhole_registrar_bindings", 1.0, Duration::from_secs(5)));
 
-    // A UDP phone calls alice: the INVITE goes down the WebSocket, JsSIP's refusal (its
-    // own: its tag, its Supported list) comes back.
+    // A UDP phone calls alice: the INVITE goes down the WebSocket, JsSIP's answer (its
+    // own: its Supported list) comes back.
     let caller = UdpSocket::bind("127.0.0.1:0").expect("bind");
     caller.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
     let c = caller.local_addr().expect("addr");
@@ -92,7 +104,7 @@ fn jssip_is_reached(scheme: &str) {
     while refusal.is_none() && Instant::now() < deadline {
         if let Ok(n) = caller.recv(&mut buf) {
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if text.starts_with("SIP/2.0 4") {
+            if text.starts_with(answer) {
                 refusal = Some(text);
             }
         }
@@ -103,6 +115,7 @@ fn jssip_is_reached(scheme: &str) {
         refusal.unwrap_or_else(|| panic!("JsSIP's answer did not come back to the caller\n{}", edge.log_text()));
     assert!(refusal.contains("Call-ID: ws-call-1"), "{refusal}");
     assert!(refusal.contains("Supported: ice,replaces,outbound"), "JsSIP's own answer: {refusal}");
+    assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("INCOMING bob"));
     assert!(
         !refusal.contains(".invalid") && !refusal.contains("SIP/2.0/WS"),
         "our Via to JsSIP stays on its leg: {refusal}"

@@ -41,6 +41,7 @@ const PEERS: &[(&str, &str)] = &[
     ("redis-sentinel", "redis-sentinel"),
     ("miniupnpd", "miniupnpd-nftables"),
     ("node", "nodejs"),
+    ("chromium", "chromium"),
 ];
 
 fn main() -> ExitCode {
@@ -105,11 +106,12 @@ fn install_peers() -> anyhow::Result<()> {
     install_js_peers()
 }
 
-/// The browser-side SIP stacks the tests drive (JsSIP), from npm at the versions
-/// tests/js/package-lock.json pins.
+/// The browser-side SIP stacks the tests drive (JsSIP, and playwright-core to drive
+/// Debian's Chromium; esbuild bundles JsSIP for the page), from npm at the versions
+/// tests/js/package-lock.json pins. No browser is downloaded.
 fn install_js_peers() -> anyhow::Result<()> {
     let js = root().join("tests/js");
-    if js.join("node_modules/jssip").exists() {
+    if ["jssip", "playwright-core", "esbuild"].iter().all(|m| js.join("node_modules").join(m).exists()) {
         return Ok(());
     }
     println!("xtask: installing the JavaScript test peers (npm ci in tests/js)");
@@ -171,6 +173,8 @@ const PEER_PROGRAMS: &[&str] = &[
     "redis-sentinel",
     "miniupnpd",
     "tcpdump",
+    "node",
+    "chromium",
 ];
 
 /// (pid, program) of every running peer program.
@@ -180,7 +184,10 @@ fn peer_processes() -> Vec<(u32, String)> {
         let e = e.ok()?;
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let comm = std::fs::read_to_string(e.path().join("comm")).ok()?.trim().to_owned();
-        PEER_PROGRAMS.contains(&comm.as_str()).then_some((pid, comm))
+        // A zombie runs nothing: it is only waiting to be reaped.
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        (PEER_PROGRAMS.contains(&comm.as_str()) && !zombie).then_some((pid, comm))
     })
     .collect()
 }
