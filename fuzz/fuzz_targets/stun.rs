@@ -1,5 +1,6 @@
-//! STUN from the network: keepalives on the SIP port and the RFC 5780 service. Arbitrary
-//! datagrams must never panic, and whatever is answered must stay small (no amplification).
+//! STUN from the network: keepalives on the SIP port, the RFC 5780 service, and a browser
+//! leg's ICE-lite checks. Arbitrary datagrams must never panic, and whatever is answered
+//! must stay small (no amplification); an unsigned check never moves a leg's media.
 #![no_main]
 
 use std::time::Instant;
@@ -23,4 +24,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(r.bytes.len() <= (data.len() * 3).max(64));
         assert_eq!(r.to.ip(), src.ip(), "answers only ever go back to the requester's address");
     }
+    let creds = pinhole_media::ice_lite::Credentials { ufrag: "fuzzfuzz".into(), pwd: "p".repeat(24) };
+    let mut ice = pinhole_media::ice_lite::IceLite::new(creds);
+    ice.set_remote_ufrag("brws");
+    if let pinhole_media::ice_lite::Checked::Answer { bytes, .. } = ice.handle(src, data) {
+        assert!(bytes.len() <= data.len(), "an ICE answer is never larger than its check");
+    }
+    assert!(ice.selected().is_none_or(|a| a == src));
 });

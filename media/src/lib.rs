@@ -41,6 +41,7 @@ pub mod edge;
 pub mod faketcp;
 pub mod fleet;
 pub mod guard;
+pub mod ice_lite;
 pub mod latch;
 pub mod mac;
 pub mod natmodel;
