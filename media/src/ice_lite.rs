@@ -31,6 +31,8 @@ use crate::stun::{encode, verified};
 const ICE_CHARS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const UFRAG_LEN: usize = 8;
 const PWD_LEN: usize = 24;
+// RFC 8445 §5.3: at least 128 bits of randomness in the password (6 bits a character).
+const _: () = assert!(PWD_LEN * 6 >= 128);
 
 /// A leg's short-term credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
