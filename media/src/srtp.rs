@@ -1,6 +1,6 @@
-//! SRTP (RFC 3711) for one direction of one leg, sans-IO: `AES_CM_128_HMAC_SHA1_80`, the
-//! profile every SDES and DTLS-SRTP peer supports. The first building block of WebRTC and
-//! SDES legs (issue 22); SRTCP and `AEAD_AES_128_GCM` come next, beside it.
+//! SRTP and SRTCP (RFC 3711) for one direction of one leg, sans-IO:
+//! `AES_CM_128_HMAC_SHA1_80`, the profile every SDES and DTLS-SRTP peer supports. A building
+//! block of WebRTC and SDES legs (issue 22); `AEAD_AES_128_GCM` comes next, beside it.
 //!
 //! - Session keys are derived from the master key and salt once (key derivation rate 0,
 //!   as SDES and DTLS-SRTP use it).
@@ -47,7 +47,8 @@ pub enum SrtpError {
     TooManySources,
 }
 
-/// Session keys derived from a master key and salt (RFC 3711 §4.3, rate 0).
+/// Session keys derived from a master key and salt (RFC 3711 §4.3, rate 0): SRTP's
+/// (labels 0–2) or SRTCP's (labels 3–5).
 struct SessionKeys {
     cipher: [u8; KEY_LEN],
     salt: [u8; SALT_LEN],
@@ -62,6 +63,11 @@ fn keystream(key: &[u8; KEY_LEN], iv: &[u8; 16], out: &mut [u8]) {
 
 impl SessionKeys {
     fn derive(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN]) -> SessionKeys {
+        SessionKeys::derive_from(master_key, master_salt, 0)
+    }
+
+    /// With the labels from `first` (0: SRTP, 3: SRTCP): cipher key, auth key, salt.
+    fn derive_from(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN], first: u8) -> SessionKeys {
         let derive = |label: u8, out: &mut [u8]| {
             // x = (label || index DIV kdr) XOR salt, the label at byte 7 of the 14; kdr 0.
             let mut iv = [0u8; 16];
@@ -70,9 +76,9 @@ impl SessionKeys {
             keystream(master_key, &iv, out);
         };
         let mut keys = SessionKeys { cipher: [0; KEY_LEN], salt: [0; SALT_LEN], auth: [0; 20] };
-        derive(0, &mut keys.cipher);
-        derive(1, &mut keys.auth);
-        derive(2, &mut keys.salt);
+        derive(first, &mut keys.cipher);
+        derive(first + 1, &mut keys.auth);
+        derive(first + 2, &mut keys.salt);
         keys
     }
 }
@@ -234,6 +240,99 @@ impl Srtp {
         packet.truncate(body);
         self.crypt(ssrc, index, &mut packet[header..]);
         self.sources.entry(ssrc).or_insert(source).accept(index);
+        Ok(())
+    }
+}
+
+/// The SRTCP index's 31 bits, and the E flag above them (the payload is encrypted).
+const SRTCP_INDEX_MASK: u32 = 0x7fff_ffff;
+const SRTCP_E: u32 = 0x8000_0000;
+/// An RTCP packet's fixed header: V/P/RC, PT, length, SSRC.
+const RTCP_HEADER: usize = 8;
+
+/// One direction's SRTCP context (RFC 3711 §3.4): every compound RTCP packet encrypted
+/// after its first 8 bytes, its SRTCP index and E flag appended, then the tag over all of
+/// it. The receiver checks the tag first, then refuses replays and indexes more than 64
+/// behind the newest, per source, for at most [`MAX_SSRCS`] sources.
+pub struct Srtcp {
+    keys: SessionKeys,
+    auth: HmacSha1,
+    sources: HashMap<u32, Source>,
+    /// The next index this sender uses (libsrtp starts at 1, as this does).
+    next_index: u32,
+}
+
+impl Srtcp {
+    pub fn new(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN]) -> Srtcp {
+        let keys = SessionKeys::derive_from(master_key, master_salt, 3);
+        let auth =
+            <HmacSha1 as Mac>::new_from_slice(&keys.auth).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        Srtcp { keys, auth, sources: HashMap::new(), next_index: 1 }
+    }
+
+    fn crypt(&self, ssrc: u32, index: u32, payload: &mut [u8]) {
+        let mut iv = [0u8; 16];
+        iv[..SALT_LEN].copy_from_slice(&self.keys.salt);
+        for (b, s) in iv[4..8].iter_mut().zip(ssrc.to_be_bytes()) {
+            *b ^= s;
+        }
+        for (b, s) in iv[10..14].iter_mut().zip(index.to_be_bytes()) {
+            *b ^= s;
+        }
+        AesCtr::new((&self.keys.cipher).into(), (&iv).into()).apply_keystream(payload);
+    }
+
+    fn tag(&self, authenticated: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = self.auth.clone();
+        mac.update(authenticated);
+        let full = mac.finalize().into_bytes();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&full[..TAG_LEN]);
+        tag
+    }
+
+    /// Encrypts a compound RTCP packet in place, appending E + index and the tag.
+    pub fn protect(&mut self, packet: &mut Vec<u8>) -> Result<(), SrtpError> {
+        if packet.len() < RTCP_HEADER || packet[0] >> 6 != 2 {
+            return Err(SrtpError::Malformed);
+        }
+        let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        let index = self.next_index & SRTCP_INDEX_MASK;
+        self.next_index = self.next_index.wrapping_add(1);
+        self.crypt(ssrc, index, &mut packet[RTCP_HEADER..]);
+        packet.extend_from_slice(&(SRTCP_E | index).to_be_bytes());
+        let tag = self.tag(packet);
+        packet.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Checks and decrypts an SRTCP packet in place, leaving the compound RTCP packet. On
+    /// any error the packet and the context are as they were.
+    pub fn unprotect(&mut self, packet: &mut Vec<u8>) -> Result<(), SrtpError> {
+        let body = packet.len().checked_sub(TAG_LEN + 4).filter(|b| *b >= RTCP_HEADER).ok_or(SrtpError::Malformed)?;
+        if packet[0] >> 6 != 2 {
+            return Err(SrtpError::Malformed);
+        }
+        let tag = self.tag(&packet[..body + 4]);
+        if !ct_eq(&tag, &packet[body + 4..]) {
+            return Err(SrtpError::BadTag);
+        }
+        let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        let e_index = u32::from_be_bytes([packet[body], packet[body + 1], packet[body + 2], packet[body + 3]]);
+        let index = e_index & SRTCP_INDEX_MASK;
+        let known = self.sources.get(&ssrc).copied();
+        if known.is_none() && self.sources.len() >= MAX_SSRCS {
+            return Err(SrtpError::TooManySources);
+        }
+        let source = known.unwrap_or(Source { newest: u64::from(index), seen: 0 });
+        if known.is_some() {
+            source.check(u64::from(index))?;
+        }
+        packet.truncate(body);
+        if e_index & SRTCP_E != 0 {
+            self.crypt(ssrc, index, &mut packet[RTCP_HEADER..]);
+        }
+        self.sources.entry(ssrc).or_insert(source).accept(u64::from(index));
         Ok(())
     }
 }

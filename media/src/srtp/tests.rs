@@ -1,6 +1,7 @@
 //! SRTP against RFC 3711's test vectors (Appendix B.2 and B.3) and libsrtp's reference
-//! packet, then the receiver's rules: tag first, replays and old packets refused, rollover
-//! guessed across a wrap, and a bounded number of sources.
+//! packets (SRTP and SRTCP, test/srtp_driver.c), then the receiver's rules: tag first,
+//! replays and old packets refused, rollover guessed across a wrap, and a bounded number
+//! of sources.
 
 use super::*;
 
@@ -148,4 +149,49 @@ fn a_header_with_csrcs_and_an_extension_is_authenticated_but_not_encrypted() {
     let mut rx = context();
     rx.unprotect(&mut p).expect("unprotect");
     assert_eq!(p, plain);
+}
+
+#[test]
+fn libsrtps_reference_rtcp_packet_protects_and_unprotects_exactly() {
+    let plain = unhex("81c8000bcafebabe abababababababababababababababab");
+    let sealed = unhex("81c8000bcafebabe 7128035be487b9bdbef89041f977a5a8 80000001 993e08cd54d6c1230798");
+    let mut tx = Srtcp::new(&arr(MASTER_KEY), &arr(MASTER_SALT));
+    let mut p = plain.clone();
+    tx.protect(&mut p).expect("protect");
+    assert_eq!(p, sealed);
+    let mut rx = Srtcp::new(&arr(MASTER_KEY), &arr(MASTER_SALT));
+    rx.unprotect(&mut p).expect("unprotect");
+    assert_eq!(p, plain);
+    // The same packet again is a replay; a flipped bit anywhere fails the tag.
+    let mut again = sealed.clone();
+    assert_eq!(rx.unprotect(&mut again), Err(SrtpError::Replayed));
+    assert_eq!(again, sealed, "a refused packet is left as it came");
+    for i in [0, 9, 24, 30] {
+        let mut forged = sealed.clone();
+        forged[i] ^= 1;
+        assert_eq!(Srtcp::new(&arr(MASTER_KEY), &arr(MASTER_SALT)).unprotect(&mut forged), Err(SrtpError::BadTag));
+    }
+    assert_eq!(rx.unprotect(&mut vec![0x81; 21]), Err(SrtpError::Malformed), "shorter than header, index and tag");
+}
+
+#[test]
+fn rtcp_indexes_far_behind_are_refused_and_late_ones_within_the_window_taken_once() {
+    let (key, salt) = (arr(MASTER_KEY), arr(MASTER_SALT));
+    let mut tx = Srtcp::new(&key, &salt);
+    let packets: Vec<Vec<u8>> = (0..100)
+        .map(|_| {
+            let mut p = unhex("81c8000bcafebabe abababababababababababababababab");
+            tx.protect(&mut p).expect("protect");
+            p
+        })
+        .collect();
+    let mut rx = Srtcp::new(&key, &salt);
+    let mut newest = packets[99].clone();
+    rx.unprotect(&mut newest).expect("the newest");
+    let mut late = packets[50].clone();
+    rx.unprotect(&mut late).expect("49 behind: within the window");
+    let mut again = packets[50].clone();
+    assert_eq!(rx.unprotect(&mut again), Err(SrtpError::Replayed));
+    let mut old = packets[10].clone();
+    assert_eq!(rx.unprotect(&mut old), Err(SrtpError::TooOld));
 }
