@@ -1,6 +1,7 @@
-//! SRTP and SRTCP (RFC 3711) for one direction of one leg, sans-IO:
-//! `AES_CM_128_HMAC_SHA1_80`, the profile every SDES and DTLS-SRTP peer supports. A building
-//! block of WebRTC and SDES legs (issue 22); `AEAD_AES_128_GCM` comes next, beside it.
+//! SRTP and SRTCP (RFC 3711) for one direction of one leg, sans-IO, in the two profiles
+//! browsers and SDES phones offer: `AES_CM_128_HMAC_SHA1_80` (every peer has it) and
+//! `AEAD_AES_128_GCM` (RFC 7714: the header authenticated, the payload sealed, a 16-byte
+//! tag). A building block of WebRTC and SDES legs (issue 22).
 //!
 //! - Session keys are derived from the master key and salt once (key derivation rate 0,
 //!   as SDES and DTLS-SRTP use it).
@@ -14,6 +15,8 @@
 use std::collections::HashMap;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::Aes128Gcm;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
@@ -27,6 +30,9 @@ pub const KEY_LEN: usize = 16;
 pub const SALT_LEN: usize = 14;
 /// The authentication tag's length (80 bits).
 pub const TAG_LEN: usize = 10;
+/// `AEAD_AES_128_GCM`'s master salt and tag lengths (RFC 7714 §12).
+pub const GCM_SALT_LEN: usize = 12;
+pub const GCM_TAG_LEN: usize = 16;
 /// Sources one context keeps state for.
 pub const MAX_SSRCS: usize = 16;
 /// Packets behind the newest one that are still accepted (once each).
@@ -62,10 +68,6 @@ fn keystream(key: &[u8; KEY_LEN], iv: &[u8; 16], out: &mut [u8]) {
 }
 
 impl SessionKeys {
-    fn derive(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN]) -> SessionKeys {
-        SessionKeys::derive_from(master_key, master_salt, 0)
-    }
-
     /// With the labels from `first` (0: SRTP, 3: SRTCP): cipher key, auth key, salt.
     fn derive_from(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN], first: u8) -> SessionKeys {
         let derive = |label: u8, out: &mut [u8]| {
@@ -138,10 +140,55 @@ impl Source {
     }
 }
 
+/// How a context seals packets: AES-CM with an HMAC-SHA1 tag, or AES-GCM.
+enum Sealer {
+    Cm { keys: SessionKeys, auth: HmacSha1 },
+    Gcm { aead: Aes128Gcm, salt: [u8; GCM_SALT_LEN] },
+}
+
+impl Sealer {
+    /// AES-CM session keys from labels `first`.. (0: SRTP, 3: SRTCP).
+    fn cm(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN], first: u8) -> Sealer {
+        let keys = SessionKeys::derive_from(master_key, master_salt, first);
+        let auth =
+            <HmacSha1 as Mac>::new_from_slice(&keys.auth).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        Sealer::Cm { keys, auth }
+    }
+
+    /// AES-GCM session key and salt (RFC 7714 §11: the same AES-CM derivation, the
+    /// 96-bit master salt padded with zeros), from labels `first`..
+    fn gcm(master_key: &[u8; KEY_LEN], master_salt: &[u8; GCM_SALT_LEN], first: u8) -> Sealer {
+        let mut padded = [0u8; SALT_LEN];
+        padded[..GCM_SALT_LEN].copy_from_slice(master_salt);
+        let keys = SessionKeys::derive_from(master_key, &padded, first);
+        let mut salt = [0u8; GCM_SALT_LEN];
+        salt.copy_from_slice(&keys.salt[..GCM_SALT_LEN]);
+        Sealer::Gcm { aead: Aes128Gcm::new((&keys.cipher).into()), salt }
+    }
+
+    fn tag_len(&self) -> usize {
+        match self {
+            Sealer::Cm { .. } => TAG_LEN,
+            Sealer::Gcm { .. } => GCM_TAG_LEN,
+        }
+    }
+}
+
+/// A GCM nonce: `ssrc` at bytes 2–5 and `low` (ROC and sequence, or 0 and the SRTCP index)
+/// at 6–11, XORed with the session salt (RFC 7714 §8.1, §9.1).
+fn gcm_nonce(salt: &[u8; GCM_SALT_LEN], ssrc: u32, low: u64) -> [u8; GCM_SALT_LEN] {
+    let mut iv = [0u8; GCM_SALT_LEN];
+    iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+    iv[6..].copy_from_slice(&low.to_be_bytes()[2..]);
+    for (b, s) in iv.iter_mut().zip(salt) {
+        *b ^= s;
+    }
+    iv
+}
+
 /// One direction's SRTP context: protects (sending) or unprotects (receiving) packets.
 pub struct Srtp {
-    keys: SessionKeys,
-    auth: HmacSha1,
+    sealer: Sealer,
     sources: HashMap<u32, Source>,
 }
 
@@ -160,12 +207,15 @@ fn header_len(p: &[u8]) -> Option<usize> {
 }
 
 impl Srtp {
-    /// A context for the master key and salt (`a=crypto` inline key, or the DTLS exporter's).
+    /// An `AES_CM_128_HMAC_SHA1_80` context for the master key and salt (`a=crypto` inline
+    /// key, or the DTLS exporter's).
     pub fn new(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN]) -> Srtp {
-        let keys = SessionKeys::derive(master_key, master_salt);
-        let auth =
-            <HmacSha1 as Mac>::new_from_slice(&keys.auth).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        Srtp { keys, auth, sources: HashMap::new() }
+        Srtp { sealer: Sealer::cm(master_key, master_salt, 0), sources: HashMap::new() }
+    }
+
+    /// An `AEAD_AES_128_GCM` context for the master key and its 12-byte salt.
+    pub fn gcm(master_key: &[u8; KEY_LEN], master_salt: &[u8; GCM_SALT_LEN]) -> Srtp {
+        Srtp { sealer: Sealer::gcm(master_key, master_salt, 0), sources: HashMap::new() }
     }
 
     /// A context from the 30 bytes of an SDES inline key (key then salt).
@@ -173,28 +223,6 @@ impl Srtp {
         let key: &[u8; KEY_LEN] = key_salt.get(..KEY_LEN)?.try_into().ok()?;
         let salt: &[u8; SALT_LEN] = key_salt.get(KEY_LEN..)?.try_into().ok()?;
         Some(Srtp::new(key, salt))
-    }
-
-    fn crypt(&self, ssrc: u32, index: u64, payload: &mut [u8]) {
-        let mut iv = [0u8; 16];
-        iv[..SALT_LEN].copy_from_slice(&self.keys.salt);
-        for (b, s) in iv[4..8].iter_mut().zip(ssrc.to_be_bytes()) {
-            *b ^= s;
-        }
-        for (b, s) in iv[8..14].iter_mut().zip(&index.to_be_bytes()[2..]) {
-            *b ^= s;
-        }
-        AesCtr::new((&self.keys.cipher).into(), (&iv).into()).apply_keystream(payload);
-    }
-
-    fn tag(&self, packet: &[u8], roc: u32) -> [u8; TAG_LEN] {
-        let mut mac = self.auth.clone();
-        mac.update(packet);
-        mac.update(&roc.to_be_bytes());
-        let full = mac.finalize().into_bytes();
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&full[..TAG_LEN]);
-        tag
     }
 
     /// Encrypts an RTP packet in place and appends its tag.
@@ -209,9 +237,20 @@ impl Srtp {
             None => Source { newest: u64::from(seq), seen: 0 },
         };
         let index = source.guess(seq);
-        self.crypt(ssrc, index, &mut packet[header..]);
-        let tag = self.tag(packet, (index >> 16) as u32);
-        packet.extend_from_slice(&tag);
+        match &self.sealer {
+            Sealer::Cm { keys, auth } => {
+                cm_crypt(keys, ssrc, index, &mut packet[header..]);
+                let tag = hmac_tag(auth, &[packet, &((index >> 16) as u32).to_be_bytes()]);
+                packet.extend_from_slice(&tag);
+            }
+            Sealer::Gcm { aead, salt } => {
+                let nonce = gcm_nonce(salt, ssrc, index);
+                let (aad, payload) = packet.split_at_mut(header);
+                let tag =
+                    aead.encrypt_in_place_detached((&nonce).into(), aad, payload).map_err(|_| SrtpError::Malformed)?;
+                packet.extend_from_slice(&tag);
+            }
+        }
         self.sources.entry(ssrc).or_insert(source).accept(index);
         Ok(())
     }
@@ -219,7 +258,7 @@ impl Srtp {
     /// Checks and decrypts an SRTP packet in place, leaving the RTP packet (tag removed).
     /// On any error the packet and the context are as they were.
     pub fn unprotect(&mut self, packet: &mut Vec<u8>) -> Result<(), SrtpError> {
-        let body = packet.len().checked_sub(TAG_LEN).ok_or(SrtpError::Malformed)?;
+        let body = packet.len().checked_sub(self.sealer.tag_len()).ok_or(SrtpError::Malformed)?;
         let header = header_len(&packet[..body]).ok_or(SrtpError::Malformed)?;
         let seq = u16::from_be_bytes([packet[2], packet[3]]);
         let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
@@ -230,18 +269,60 @@ impl Srtp {
         // A new source starts at its first packet's sequence number, rollover counter 0.
         let source = known.unwrap_or(Source { newest: u64::from(seq), seen: 0 });
         let index = source.guess(seq);
-        let tag = self.tag(&packet[..body], (index >> 16) as u32);
-        if !ct_eq(&tag, &packet[body..]) {
-            return Err(SrtpError::BadTag);
+        match &self.sealer {
+            Sealer::Cm { keys, auth } => {
+                let tag = hmac_tag(auth, &[&packet[..body], &((index >> 16) as u32).to_be_bytes()]);
+                if !ct_eq(&tag, &packet[body..]) {
+                    return Err(SrtpError::BadTag);
+                }
+                if known.is_some() {
+                    source.check(index)?;
+                }
+                packet.truncate(body);
+                cm_crypt(keys, ssrc, index, &mut packet[header..]);
+            }
+            Sealer::Gcm { aead, salt } => {
+                if known.is_some() {
+                    source.check(index)?;
+                }
+                let nonce = gcm_nonce(salt, ssrc, index);
+                let mut sealed = packet[header..body].to_vec();
+                let tag = aes_gcm::Tag::clone_from_slice(&packet[body..]);
+                aead.decrypt_in_place_detached((&nonce).into(), &packet[..header], &mut sealed, &tag)
+                    .map_err(|_| SrtpError::BadTag)?;
+                packet.truncate(header);
+                packet.extend_from_slice(&sealed);
+            }
         }
-        if known.is_some() {
-            source.check(index)?;
-        }
-        packet.truncate(body);
-        self.crypt(ssrc, index, &mut packet[header..]);
         self.sources.entry(ssrc).or_insert(source).accept(index);
         Ok(())
     }
+}
+
+/// AES-CM over `payload` for a packet of `ssrc` with index (or SRTCP index) `index`
+/// (RFC 3711 §4.1.1: the IV is the session salt XOR the SSRC and the index).
+fn cm_crypt(keys: &SessionKeys, ssrc: u32, index: u64, payload: &mut [u8]) {
+    let mut iv = [0u8; 16];
+    iv[..SALT_LEN].copy_from_slice(&keys.salt);
+    for (b, s) in iv[4..8].iter_mut().zip(ssrc.to_be_bytes()) {
+        *b ^= s;
+    }
+    for (b, s) in iv[8..14].iter_mut().zip(&index.to_be_bytes()[2..]) {
+        *b ^= s;
+    }
+    AesCtr::new((&keys.cipher).into(), (&iv).into()).apply_keystream(payload);
+}
+
+/// The 80-bit HMAC-SHA1 tag over `parts`.
+fn hmac_tag(auth: &HmacSha1, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+    let mut mac = auth.clone();
+    for p in parts {
+        mac.update(p);
+    }
+    let full = mac.finalize().into_bytes();
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&full[..TAG_LEN]);
+    tag
 }
 
 /// The SRTCP index's 31 bits, and the E flag above them (the payload is encrypted).
@@ -250,45 +331,27 @@ const SRTCP_E: u32 = 0x8000_0000;
 /// An RTCP packet's fixed header: V/P/RC, PT, length, SSRC.
 const RTCP_HEADER: usize = 8;
 
-/// One direction's SRTCP context (RFC 3711 §3.4): every compound RTCP packet encrypted
-/// after its first 8 bytes, its SRTCP index and E flag appended, then the tag over all of
-/// it. The receiver checks the tag first, then refuses replays and indexes more than 64
-/// behind the newest, per source, for at most [`MAX_SSRCS`] sources.
+/// One direction's SRTCP context (RFC 3711 §3.4, RFC 7714 §9): every compound RTCP packet
+/// encrypted after its first 8 bytes, its SRTCP index and E flag appended (after the GCM
+/// tag, before the HMAC one), authenticated whole. The receiver checks the tag first,
+/// then refuses replays and indexes more than 64 behind the newest, per source, for at
+/// most [`MAX_SSRCS`] sources.
 pub struct Srtcp {
-    keys: SessionKeys,
-    auth: HmacSha1,
+    sealer: Sealer,
     sources: HashMap<u32, Source>,
     /// The next index this sender uses (libsrtp starts at 1, as this does).
     next_index: u32,
 }
 
 impl Srtcp {
+    /// An `AES_CM_128_HMAC_SHA1_80` context.
     pub fn new(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN]) -> Srtcp {
-        let keys = SessionKeys::derive_from(master_key, master_salt, 3);
-        let auth =
-            <HmacSha1 as Mac>::new_from_slice(&keys.auth).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        Srtcp { keys, auth, sources: HashMap::new(), next_index: 1 }
+        Srtcp { sealer: Sealer::cm(master_key, master_salt, 3), sources: HashMap::new(), next_index: 1 }
     }
 
-    fn crypt(&self, ssrc: u32, index: u32, payload: &mut [u8]) {
-        let mut iv = [0u8; 16];
-        iv[..SALT_LEN].copy_from_slice(&self.keys.salt);
-        for (b, s) in iv[4..8].iter_mut().zip(ssrc.to_be_bytes()) {
-            *b ^= s;
-        }
-        for (b, s) in iv[10..14].iter_mut().zip(index.to_be_bytes()) {
-            *b ^= s;
-        }
-        AesCtr::new((&self.keys.cipher).into(), (&iv).into()).apply_keystream(payload);
-    }
-
-    fn tag(&self, authenticated: &[u8]) -> [u8; TAG_LEN] {
-        let mut mac = self.auth.clone();
-        mac.update(authenticated);
-        let full = mac.finalize().into_bytes();
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&full[..TAG_LEN]);
-        tag
+    /// An `AEAD_AES_128_GCM` context.
+    pub fn gcm(master_key: &[u8; KEY_LEN], master_salt: &[u8; GCM_SALT_LEN]) -> Srtcp {
+        Srtcp { sealer: Sealer::gcm(master_key, master_salt, 3), sources: HashMap::new(), next_index: 1 }
     }
 
     /// Encrypts a compound RTCP packet in place, appending E + index and the tag.
@@ -299,38 +362,79 @@ impl Srtcp {
         let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
         let index = self.next_index & SRTCP_INDEX_MASK;
         self.next_index = self.next_index.wrapping_add(1);
-        self.crypt(ssrc, index, &mut packet[RTCP_HEADER..]);
-        packet.extend_from_slice(&(SRTCP_E | index).to_be_bytes());
-        let tag = self.tag(packet);
-        packet.extend_from_slice(&tag);
+        let e_index = (SRTCP_E | index).to_be_bytes();
+        match &self.sealer {
+            Sealer::Cm { keys, auth } => {
+                cm_crypt(keys, ssrc, u64::from(index), &mut packet[RTCP_HEADER..]);
+                packet.extend_from_slice(&e_index);
+                let tag = hmac_tag(auth, &[packet]);
+                packet.extend_from_slice(&tag);
+            }
+            Sealer::Gcm { aead, salt } => {
+                let nonce = gcm_nonce(salt, ssrc, u64::from(index));
+                let (header, payload) = packet.split_at_mut(RTCP_HEADER);
+                let aad = [&header[..], &e_index].concat();
+                let tag =
+                    aead.encrypt_in_place_detached((&nonce).into(), &aad, payload).map_err(|_| SrtpError::Malformed)?;
+                packet.extend_from_slice(&tag);
+                packet.extend_from_slice(&e_index);
+            }
+        }
         Ok(())
     }
 
     /// Checks and decrypts an SRTCP packet in place, leaving the compound RTCP packet. On
     /// any error the packet and the context are as they were.
     pub fn unprotect(&mut self, packet: &mut Vec<u8>) -> Result<(), SrtpError> {
-        let body = packet.len().checked_sub(TAG_LEN + 4).filter(|b| *b >= RTCP_HEADER).ok_or(SrtpError::Malformed)?;
+        let tag_len = self.sealer.tag_len();
+        let body = packet.len().checked_sub(tag_len + 4).filter(|b| *b >= RTCP_HEADER).ok_or(SrtpError::Malformed)?;
         if packet[0] >> 6 != 2 {
             return Err(SrtpError::Malformed);
         }
-        let tag = self.tag(&packet[..body + 4]);
-        if !ct_eq(&tag, &packet[body + 4..]) {
-            return Err(SrtpError::BadTag);
-        }
         let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-        let e_index = u32::from_be_bytes([packet[body], packet[body + 1], packet[body + 2], packet[body + 3]]);
+        // Where E + index sit: before the HMAC tag, after the GCM one.
+        let at = match self.sealer {
+            Sealer::Cm { .. } => body,
+            Sealer::Gcm { .. } => body + tag_len,
+        };
+        let e_index = u32::from_be_bytes([packet[at], packet[at + 1], packet[at + 2], packet[at + 3]]);
         let index = e_index & SRTCP_INDEX_MASK;
         let known = self.sources.get(&ssrc).copied();
         if known.is_none() && self.sources.len() >= MAX_SSRCS {
             return Err(SrtpError::TooManySources);
         }
         let source = known.unwrap_or(Source { newest: u64::from(index), seen: 0 });
-        if known.is_some() {
-            source.check(u64::from(index))?;
-        }
-        packet.truncate(body);
-        if e_index & SRTCP_E != 0 {
-            self.crypt(ssrc, index, &mut packet[RTCP_HEADER..]);
+        match &self.sealer {
+            Sealer::Cm { keys, auth } => {
+                let tag = hmac_tag(auth, &[&packet[..body + 4]]);
+                if !ct_eq(&tag, &packet[body + 4..]) {
+                    return Err(SrtpError::BadTag);
+                }
+                if known.is_some() {
+                    source.check(u64::from(index))?;
+                }
+                packet.truncate(body);
+                if e_index & SRTCP_E != 0 {
+                    cm_crypt(keys, ssrc, u64::from(index), &mut packet[RTCP_HEADER..]);
+                }
+            }
+            Sealer::Gcm { aead, salt } => {
+                if e_index & SRTCP_E == 0 {
+                    // Unencrypted SRTCP under GCM (authentication only) is not offered here.
+                    return Err(SrtpError::Malformed);
+                }
+                if known.is_some() {
+                    source.check(u64::from(index))?;
+                }
+                let nonce = gcm_nonce(salt, ssrc, u64::from(index));
+                let aad = [&packet[..RTCP_HEADER], &e_index.to_be_bytes()].concat();
+                let mut sealed = packet[RTCP_HEADER..body].to_vec();
+                let tag = aes_gcm::Tag::clone_from_slice(&packet[body..body + tag_len]);
+                aead.decrypt_in_place_detached((&nonce).into(), &aad, &mut sealed, &tag)
+                    .map_err(|_| SrtpError::BadTag)?;
+                packet.truncate(RTCP_HEADER);
+                packet.extend_from_slice(&sealed);
+            }
         }
         self.sources.entry(ssrc).or_insert(source).accept(u64::from(index));
         Ok(())

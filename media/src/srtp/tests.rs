@@ -1,5 +1,6 @@
 //! SRTP against RFC 3711's test vectors (Appendix B.2 and B.3) and libsrtp's reference
-//! packets (SRTP and SRTCP, test/srtp_driver.c), then the receiver's rules: tag first,
+//! packets (SRTP and SRTCP, AES-CM and AES-GCM, test/srtp_driver.c), then the receiver's
+//! rules: tag first,
 //! replays and old packets refused, rollover guessed across a wrap, and a bounded number
 //! of sources.
 
@@ -43,7 +44,7 @@ fn aes_cm_keystream_matches_rfc_3711_b2() {
 
 #[test]
 fn session_keys_match_rfc_3711_b3() {
-    let keys = SessionKeys::derive(&arr(MASTER_KEY), &arr(MASTER_SALT));
+    let keys = SessionKeys::derive_from(&arr(MASTER_KEY), &arr(MASTER_SALT), 0);
     assert_eq!(keys.cipher.to_vec(), unhex("C61E7A93744F39EE10734AFE3FF7A087"));
     assert_eq!(keys.salt.to_vec(), unhex("30CBBC08863D8C85D49DB34A9AE1"));
     assert_eq!(keys.auth.to_vec(), unhex("CEBE321F6FF7716B6FD4AB49AF256A156D38BAA4"));
@@ -194,4 +195,42 @@ fn rtcp_indexes_far_behind_are_refused_and_late_ones_within_the_window_taken_onc
     assert_eq!(rx.unprotect(&mut again), Err(SrtpError::Replayed));
     let mut old = packets[10].clone();
     assert_eq!(rx.unprotect(&mut old), Err(SrtpError::TooOld));
+}
+
+const GCM_KEY: &str = "000102030405060708090a0b0c0d0e0f";
+const GCM_SALT: &str = "a0a1a2a3a4a5a6a7a8a9aaab";
+
+#[test]
+fn libsrtps_aes_gcm_reference_packets_protect_and_unprotect_exactly() {
+    let (key, salt) = (arr(GCM_KEY), arr(GCM_SALT));
+    let plain = unhex("800f1234decafbad cafebabe abababababababababababababababab");
+    let sealed = unhex("800f1234decafbad cafebabe c5002ede04cfdd2eb91159e0880aa06e d2976826f796b201df3131a127e8a392");
+    let mut p = plain.clone();
+    Srtp::gcm(&key, &salt).protect(&mut p).expect("protect");
+    assert_eq!(p, sealed);
+    let mut rx = Srtp::gcm(&key, &salt);
+    rx.unprotect(&mut p).expect("unprotect");
+    assert_eq!(p, plain);
+    let mut forged = sealed.clone();
+    forged[5] ^= 1; // the header is authenticated too
+    assert_eq!(Srtp::gcm(&key, &salt).unprotect(&mut forged), Err(SrtpError::BadTag));
+    let mut forged = sealed.clone();
+    forged[20] ^= 1;
+    let before = forged.clone();
+    assert_eq!(Srtp::gcm(&key, &salt).unprotect(&mut forged), Err(SrtpError::BadTag));
+    assert_eq!(forged, before, "a refused packet is left as it came");
+    let mut again = sealed.clone();
+    assert_eq!(rx.unprotect(&mut again), Err(SrtpError::Replayed));
+
+    let rtcp = unhex("81c8000bcafebabe abababababababababababababababab");
+    let srtcp = unhex("81c8000bcafebabe c98b8b5df0392a55852b6c21ac8e7025 c52c6fbea2b3b446ea31123ba88ce61e 80000001");
+    let mut p = rtcp.clone();
+    Srtcp::gcm(&key, &salt).protect(&mut p).expect("protect");
+    assert_eq!(p, srtcp);
+    let mut rx = Srtcp::gcm(&key, &salt);
+    rx.unprotect(&mut p).expect("unprotect");
+    assert_eq!(p, rtcp);
+    let mut forged = srtcp.clone();
+    forged[41] ^= 0x01; // the index is authenticated
+    assert_eq!(Srtcp::gcm(&key, &salt).unprotect(&mut forged), Err(SrtpError::BadTag));
 }
