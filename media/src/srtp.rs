@@ -143,7 +143,7 @@ impl Source {
 /// How a context seals packets: AES-CM with an HMAC-SHA1 tag, or AES-GCM.
 enum Sealer {
     Cm { keys: SessionKeys, auth: HmacSha1 },
-    Gcm { aead: Aes128Gcm, salt: [u8; GCM_SALT_LEN] },
+    Gcm { aead: Box<Aes128Gcm>, salt: [u8; GCM_SALT_LEN] },
 }
 
 impl Sealer {
@@ -163,7 +163,7 @@ impl Sealer {
         let keys = SessionKeys::derive_from(master_key, &padded, first);
         let mut salt = [0u8; GCM_SALT_LEN];
         salt.copy_from_slice(&keys.salt[..GCM_SALT_LEN]);
-        Sealer::Gcm { aead: Aes128Gcm::new((&keys.cipher).into()), salt }
+        Sealer::Gcm { aead: Box::new(Aes128Gcm::new((&keys.cipher).into())), salt }
     }
 
     fn tag_len(&self) -> usize {
