@@ -129,6 +129,29 @@ Content-Length: {}
     )
 }
 
+/// A fleet relay at `ng`, serving anyone.
+fn relay_at(ng: &str) -> pinhole_media::fleet::RelaySpec {
+    pinhole_media::fleet::RelaySpec { ng: addr(ng), weight: 1, region: None, cidrs: vec![], stun: None }
+}
+
+/// bob's REGISTER from the operator's network (vouched for), number `n`, with `extra`
+/// header lines (each ending in a newline).
+fn register_bob(n: u32, extra: &str) -> String {
+    format!(
+        "REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP {CALLEE};branch=z9hG4bKreg{n}
+Max-Forwards: 70
+To: <sip:bob@example.com>
+From: <sip:bob@example.com>;tag=r{n}
+Call-ID: reg-bob-{n}
+CSeq: 1 REGISTER
+Contact: <sip:bob@{CALLEE}>
+{extra}Content-Length: 0
+
+"
+    )
+}
+
 #[test]
 fn a_fresh_node_is_idle_and_says_why_it_wakes_once_it_has_work() {
     let mut r = Run::new();
@@ -206,13 +229,7 @@ fn an_edge_with_a_fleet_anchors_on_the_relay_node_and_asks_it_for_statistics() {
     let mut relay_cfg = config();
     relay_cfg.relay = Some(RelayConfig::single("203.0.113.21".parse().expect("ip"), 40000, 40099));
     let relay_node = Arc::new(Mutex::new(Node::new(relay_cfg, now, 1_700_000_000, 3)));
-    let spec = pinhole_media::fleet::RelaySpec {
-        ng: addr("203.0.113.21:2223"),
-        weight: 1,
-        region: None,
-        cidrs: vec![],
-        stun: None,
-    };
+    let spec = relay_at("203.0.113.21:2223");
     let edge_cfg = NodeConfig { fleet: vec![spec], ..config() };
     let mut r = Run::with(Node::new(edge_cfg, now, 1_700_000_000, 9), now);
     assert!(r.node.relay().is_none(), "an edge with a fleet has no relay of its own");
@@ -307,23 +324,7 @@ fn a_callee_whose_agent_measured_a_nearer_relay_in_another_region_gets_its_leg_t
     r.relays = nodes.clone();
     // bob registers from the operator's network (so his REGISTER is vouched for) through
     // an agent that finds the us relay nearer.
-    r.sip(
-        CALLEE,
-        &format!(
-            "REGISTER sip:example.com SIP/2.0
-Via: SIP/2.0/UDP {CALLEE};branch=z9hG4bKreg1
-Max-Forwards: 70
-To: <sip:bob@example.com>
-From: <sip:bob@example.com>;tag=r1
-Call-ID: reg-bob
-CSeq: 1 REGISTER
-Contact: <sip:bob@{CALLEE}>
-Pinhole-RTT: 203.0.113.21:3478=70, 203.0.113.22:3478=6
-Content-Length: 0
-
-"
-        ),
-    );
+    r.sip(CALLEE, &register_bob(1, "Pinhole-RTT: 203.0.113.21:3478=70, 203.0.113.22:3478=6\n"));
     let binding = r.node.proxy().registrar().lookup("bob@example.com", 1_700_000_000);
     assert_eq!(
         binding.first().and_then(|b| b.relay_rtts.as_deref()),
@@ -341,13 +342,7 @@ Content-Length: 0
 #[test]
 fn a_silent_fleet_relay_holds_up_only_its_own_call_never_another_phones_register() {
     let now = Instant::now();
-    let spec = pinhole_media::fleet::RelaySpec {
-        ng: addr("203.0.113.21:2223"),
-        weight: 1,
-        region: None,
-        cidrs: vec![],
-        stun: None,
-    };
+    let spec = relay_at("203.0.113.21:2223");
     // No relay node behind the address: the ng datagrams go unanswered.
     let mut r = Run::with(Node::new(NodeConfig { fleet: vec![spec], ..config() }, now, 1_700_000_000, 9), now);
     r.sip(TRUNK, &invite());
@@ -357,22 +352,7 @@ fn a_silent_fleet_relay_holds_up_only_its_own_call_never_another_phones_register
 
     // Meanwhile, in the same instant, another phone registers: answered at once.
     r.sent.clear();
-    r.sip(
-        CALLEE,
-        &format!(
-            "REGISTER sip:example.com SIP/2.0
-Via: SIP/2.0/UDP {CALLEE};branch=z9hG4bKreg9
-Max-Forwards: 70
-To: <sip:bob@example.com>
-From: <sip:bob@example.com>;tag=r9
-Call-ID: reg-bob-9
-CSeq: 1 REGISTER
-Contact: <sip:bob@{CALLEE}>
-Content-Length: 0
-
-"
-        ),
-    );
+    r.sip(CALLEE, &register_bob(9, ""));
     let ok = r.sent.iter().find(|t| t.flow.remote == addr(CALLEE)).expect("REGISTER answered in the same instant");
     assert!(ok.payload.starts_with(b"SIP/2.0 200"), "{}", String::from_utf8_lossy(&ok.payload));
 

@@ -233,8 +233,8 @@ fn load_with(
     Ok((Outcome { rate, calls, ok, failed, cpu_us_per_call: per_call.iter().sum() }, per_call))
 }
 
-/// Builds the release binary and runs it with `config` (written to `dir/name.toml`).
-pub(crate) fn spawn_pinhole(dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
+/// Builds the release binary; its path.
+pub(crate) fn build_release() -> anyhow::Result<std::path::PathBuf> {
     crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
         "build",
         "--release",
@@ -242,9 +242,15 @@ pub(crate) fn spawn_pinhole(dir: &Path, name: &str, config: &str) -> anyhow::Res
         "--bin",
         "pinhole",
     ]))?;
+    Ok(root().join("target/release/pinhole"))
+}
+
+/// Builds the release binary and runs it with `config` (written to `dir/name.toml`).
+pub(crate) fn spawn_pinhole(dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
+    let bin = build_release()?;
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config)?;
-    let child = Command::new(root().join("target/release/pinhole"))
+    let child = Command::new(bin)
         .args(["server", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")

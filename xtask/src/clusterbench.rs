@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bench::{arg, cpu_ticks, finish_caller, sipp, ticks_per_sec, Proc};
+use crate::bench::{arg, build_release, cpu_ticks, finish_caller, sipp, ticks_per_sec, Proc};
 use crate::{have, root};
 
 /// The design before change-driven sharing (each node read the whole store every 0.5 s).
@@ -43,14 +43,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         if args.iter().any(|a| a == "--no-baseline") { None } else { Some(baseline.unwrap_or(BASELINE.into())) };
     let dir = std::env::temp_dir().join(format!("pinhole-cluster-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--bin",
-        "pinhole",
-    ]))?;
-    let mut designs = vec![("changes".to_owned(), Design::Pinhole(root().join("target/release/pinhole")))];
+    let mut designs = vec![("changes".to_owned(), Design::Pinhole(build_release()?))];
     if let Some(rev) = baseline {
         designs.push((format!("polling ({rev})"), Design::Pinhole(build_at(&rev)?)));
     }
