@@ -689,6 +689,8 @@ impl Fleet {
                     };
                     remember(&mut call, sender_tag, sdp, &out);
                     self.calls.insert(call_id.to_owned(), call);
+                    // Hints given again while the offer waited are of no more use.
+                    self.hints.remove(call_id);
                     return Ok(out);
                 }
                 Err(Failure::Waiting) => {

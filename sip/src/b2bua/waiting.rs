@@ -37,12 +37,12 @@ impl B2bua {
     pub(super) fn wait_for_media(&mut self, id: u64, resume: Resume) -> bool {
         let Some(call) = self.calls.get(&id) else { return false };
         let w = &mut self.waiting;
-        let queue = w.by_call.entry(call.a.call_id.clone()).or_default();
-        if w.count >= MAX_WAITING || queue.len() >= MAX_WAITING_PER_CALL {
+        let queued = w.by_call.get(&call.a.call_id).map_or(0, Vec::len);
+        if w.count >= MAX_WAITING || queued >= MAX_WAITING_PER_CALL {
             metrics::counter!("pinhole_media_waiting_refused_total").increment(1);
             return false;
         }
-        queue.push((id, resume));
+        w.by_call.entry(call.a.call_id.clone()).or_default().push((id, resume));
         w.count += 1;
         true
     }
