@@ -1,4 +1,6 @@
-//! SRTP and SRTCP from the network, in both profiles (AES-CM with HMAC-SHA1, AES-GCM).
+//! SRTP and SRTCP from the network, in both profiles (AES-CM with HMAC-SHA1, AES-GCM), and
+//! the SDES `a=crypto` lines that key them: one that is taken reads back from what we
+//! would write, and keys both contexts.
 //! Arbitrary datagrams offered to a receiver must never panic and are refused unchanged (a
 //! tag cannot be forged by chance); arbitrary packets protected by a sender and offered in
 //! order, every 64 bytes of the input as one packet, come back exactly once, whatever their
@@ -56,6 +58,10 @@ fn exercise(data: &[u8], mut tx: impl Context, mut rx: impl Context) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    if let Some(c) = pinhole_media::sdes::Crypto::parse(&String::from_utf8_lossy(data)) {
+        assert_eq!(pinhole_media::sdes::Crypto::parse(&c.value()), Some(c.clone()));
+        assert!(c.contexts().is_some());
+    }
     let (salt, gcm_salt) = ([9u8; 14], [9u8; 12]);
     exercise(data, Srtp::new(&KEY, &salt), Srtp::new(&KEY, &salt));
     exercise(data, Srtp::gcm(&KEY, &gcm_salt), Srtp::gcm(&KEY, &gcm_salt));

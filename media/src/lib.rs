@@ -52,6 +52,7 @@ pub mod ports;
 pub mod probe;
 pub mod punch;
 pub mod relay;
+pub mod sdes;
 pub mod sdp;
 pub mod srtp;
 pub mod stats;

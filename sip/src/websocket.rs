@@ -13,6 +13,8 @@
 //!   with the same payload, a close with a close. What we send: one unmasked text frame
 //!   per SIP message ([`text_frame`]), pings for keepalive ([`ping_frame`]).
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use sha1::{Digest, Sha1};
 
 /// The GUID RFC 6455 §1.3 mixes into the key.
@@ -69,7 +71,7 @@ pub fn accept_upgrade(buf: &[u8], allowed_origins: &[String]) -> Result<(usize, 
         return Err(UpgradeError::Refused { response, reason: "WebSocket version not 13" });
     }
     let key = header("Sec-WebSocket-Key").unwrap_or_default();
-    if decoded_len(key) != Some(16) {
+    if STANDARD.decode(key).map(|k| k.len()) != Ok(16) {
         return Err(refuse(400, "Bad Request", "bad Sec-WebSocket-Key"));
     }
     if !tokens("Sec-WebSocket-Protocol").iter().any(|t| t == "sip") {
@@ -78,7 +80,7 @@ pub fn accept_upgrade(buf: &[u8], allowed_origins: &[String]) -> Result<(usize, 
     if !allowed_origins.is_empty() && !header("Origin").is_some_and(|o| allowed_origins.iter().any(|a| a == o)) {
         return Err(refuse(403, "Forbidden", "origin not allowed"));
     }
-    let accept = base64(&Sha1::digest(format!("{key}{GUID}").as_bytes()));
+    let accept = STANDARD.encode(Sha1::digest(format!("{key}{GUID}").as_bytes()));
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: sip\r\n\r\n"
     );
@@ -265,36 +267,6 @@ pub fn text_frame(message: &[u8]) -> Vec<u8> {
 /// A keepalive ping.
 pub fn ping_frame() -> Vec<u8> {
     frame(0x9, b"pinhole")
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn base64(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[(n >> (18 - 6 * i) & 0x3F) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// How many bytes a base64 text decodes to (`None`: not base64).
-fn decoded_len(text: &str) -> Option<usize> {
-    let t = text.as_bytes();
-    if t.is_empty() || !t.len().is_multiple_of(4) {
-        return None;
-    }
-    let pad = t.iter().rev().take_while(|c| **c == b'=').count();
-    if pad > 2 || !t[..t.len() - pad].iter().all(|c| B64.contains(c)) {
-        return None;
-    }
-    Some(t.len() / 4 * 3 - pad)
 }
 
 #[cfg(test)]
