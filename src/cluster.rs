@@ -10,8 +10,9 @@
 //! Two threads, neither holding the node's lock while it waits on Redis:
 //! - **the writer** takes the registrar's changes as soon as the node signals some (under
 //!   the lock: a swap of a small set), writes each changed AOR's field (or deletes it) and announces
-//!   it on the stream; it also answers the proxy's read-through lookups (`HGETALL` of one
-//!   AOR: a phone registered through another node a moment ago is reachable at once).
+//!   it on the stream; it also answers the proxy's read-through lookups (the AOR's hash,
+//!   read bounded: a phone registered through another node a moment ago is reachable at
+//!   once).
 //! - **the reader**, at every (re)connect, reads the whole store once, paged (a `SCAN` page
 //!   of keys, their hashes, applied page by page), then follows the stream from where that
 //!   read began (`XREAD BLOCK`), applying each announced change (`HGET` of that node's
@@ -157,7 +158,7 @@ impl Writer {
     /// The registrar's changes, written and announced. While Redis is away they stay
     /// taken (everything is written again when it is back).
     fn write_changes(&mut self) -> redis::RedisResult<()> {
-        // Once a second: the gauges (counting is linear in the bindings, so not every tick).
+        // Once a second: the gauges, and a ping when there is nothing to write.
         let due = self.last_ping.is_none_or(|t| t.elapsed() >= PING_EVERY) || self.up != Some(true);
         let (changes, counts) = {
             // Signals from here on are for changes this pass does not take.

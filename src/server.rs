@@ -76,7 +76,7 @@ pub(crate) struct Shared {
     fleet: Option<Arc<std::net::UdpSocket>>,
     /// Where the node's cluster lookups and change signals go (`[cluster]`: the writer
     /// thread answers them).
-    lookups: std::sync::OnceLock<std::sync::mpsc::Sender<crate::cluster::Work>>,
+    cluster_work: std::sync::OnceLock<std::sync::mpsc::Sender<crate::cluster::Work>>,
     /// A change signal is on its way to the writer (cleared when it takes the changes).
     pub(crate) changes_signalled: std::sync::atomic::AtomicBool,
     /// `[sip] allowed_origins`, for WebSocket upgrades.
@@ -268,7 +268,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         limits,
         cdr,
         fleet: fleet_sock,
-        lookups: std::sync::OnceLock::new(),
+        cluster_work: std::sync::OnceLock::new(),
         changes_signalled: std::sync::atomic::AtomicBool::new(false),
         allowed_origins: cfg.sip.allowed_origins.clone(),
     });
@@ -316,8 +316,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(timer_loop(shared.clone()));
     if let Some(c) = cfg.cluster() {
-        let lookups = crate::cluster::start(c, shared.clone()).context("starting the cluster sync")?;
-        let _ = shared.lookups.set(lookups);
+        let work = crate::cluster::start(c, shared.clone()).context("starting the cluster sync")?;
+        let _ = shared.cluster_work.set(work);
     }
     if let Some(c) = cfg.call_store() {
         crate::takeover::start(c, shared.clone()).context("starting the call state sync")?;
@@ -462,7 +462,7 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time
             }
             Output::Ng { to, payload } => out.ng.push((to, payload)),
             Output::Lookup(aor) => {
-                if let Some(tx) = shared.lookups.get() {
+                if let Some(tx) = shared.cluster_work.get() {
                     let _ = tx.send(crate::cluster::Work::Lookup(aor));
                 }
             }
@@ -479,7 +479,7 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time
 
 fn dispatch(shared: &Arc<Shared>, out: Outbox) {
     if out.registrations_changed {
-        if let Some(tx) = shared.lookups.get() {
+        if let Some(tx) = shared.cluster_work.get() {
             if !shared.changes_signalled.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 let _ = tx.send(crate::cluster::Work::Changes);
             }

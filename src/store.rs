@@ -63,7 +63,7 @@ impl Store {
         };
         let snap: Snapshot = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let mut secret = [0u8; 32];
-        let bytes = decode_hex(&snap.secret).context("store secret is not 64 hex digits")?;
+        let bytes = hex::decode(&snap.secret).ok().context("store secret is not 64 hex digits")?;
         if bytes.len() != 32 {
             anyhow::bail!("store secret is not 64 hex digits");
         }
@@ -85,7 +85,7 @@ impl Store {
     fn write(path: &Path, secret: &[u8; 32], bindings: Vec<(String, Binding)>) -> anyhow::Result<()> {
         let snap = Snapshot {
             version: 1,
-            secret: pinhole_media::mac::hex(secret),
+            secret: hex::encode(secret),
             bindings: bindings.into_iter().map(|(aor, binding)| Entry { aor, binding }).collect(),
         };
         let tmp = path.with_extension("tmp");
@@ -95,11 +95,4 @@ impl Store {
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(())
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }

@@ -479,7 +479,7 @@ impl Fleet {
     fn cookie(&mut self) -> String {
         self.next_cookie += 1;
         let mac = crate::mac::hmac(&self.secret, "ng-cookie", &[&self.next_cookie.to_be_bytes()]);
-        crate::mac::hex(&mac[..8])
+        hex::encode(&mac[..8])
     }
 
     /// The relay serving an endpoint at `ip` whose agent measured `rtts`, leaving out
@@ -698,16 +698,11 @@ impl Fleet {
                     return Err(Unanchored::Waiting);
                 }
                 Err(Failure::Busy(i)) => {
-                    for &h in start.hops.iter().take_while(|&&h| h != i) {
-                        self.delete_on(h, call_id, sender_tag, false);
-                    }
+                    self.free_before(&start.hops, i, call_id, sender_tag);
                     return Err(Failure::Busy(i).unanchored());
                 }
                 Err(Failure::Silent(i)) => {
-                    // Hops before the silent one hold the call: free it there.
-                    for &h in start.hops.iter().take_while(|&&h| h != i) {
-                        self.delete_on(h, call_id, sender_tag, false);
-                    }
+                    self.free_before(&start.hops, i, call_id, sender_tag);
                     start.skip.push(i);
                     let hints = self.hints.get(call_id).cloned().unwrap_or_default();
                     let Some(hops) = self.route(signalling_ip, to, &hints, &start.skip) else {
@@ -722,6 +717,13 @@ impl Fleet {
                     return Err(MediaRefusal { code, reason }.into());
                 }
             }
+        }
+    }
+
+    /// The hops before relay `i` (which did not take the offer) hold the call: free it there.
+    fn free_before(&mut self, hops: &[usize], i: usize, call_id: &str, from_tag: &str) {
+        for &h in hops.iter().take_while(|&&h| h != i) {
+            self.delete_on(h, call_id, from_tag, false);
         }
     }
 

@@ -36,6 +36,11 @@ impl Protocol {
             Protocol::Pmp => "pmp",
         }
     }
+
+    /// The protocol a `portmap=` token names.
+    pub fn from_token(token: &str) -> Option<Protocol> {
+        [Protocol::Pcp, Protocol::Pmp].into_iter().find(|p| p.token().eq_ignore_ascii_case(token))
+    }
 }
 
 /// A mapping the gateway granted.

@@ -109,13 +109,7 @@ impl NatProfile {
                 "delta" => delta = Some(v.trim().parse::<i32>().ok()?),
                 "block" => block = Some(v.trim().parse::<u16>().ok()?),
                 "window" => p.window = Some(v.trim().parse().ok()?),
-                "portmap" => {
-                    p.portmap = Some(match v.trim().to_ascii_lowercase().as_str() {
-                        "pcp" => crate::portmap::Protocol::Pcp,
-                        "pmp" => crate::portmap::Protocol::Pmp,
-                        _ => return None,
-                    })
-                }
+                "portmap" => p.portmap = Some(crate::portmap::Protocol::from_token(v.trim())?),
                 _ => {}
             }
         }

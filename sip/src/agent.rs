@@ -97,7 +97,7 @@ pub fn relay_config(bind: IpAddr, port_min: u16, port_max: u16) -> pinhole_media
 /// update's flow, and takes each key's updates in time order only.
 pub fn sign_profile(key: &[u8; 32], profile: &str, unix: u64) -> String {
     let mac = crate::mac::hmac(key, "profile", &[profile.as_bytes(), &unix.to_be_bytes()]);
-    crate::mac::hex(&mac[..16])
+    hex::encode(&mac[..16])
 }
 
 /// Reads a `Pinhole-Sig` value: (signature, time).
@@ -113,7 +113,7 @@ pub fn parse_profile_sig(v: &str) -> Option<(&str, u64)> {
 /// key of the agent it goes to: the value of `a=x-pinhole-sig`.
 pub fn sign_plan(key: &[u8; 32], call_id: &str, sdp: &str) -> String {
     let mac = crate::mac::hmac(key, "plan", &[call_id.as_bytes(), punch_sdp::signed_part(sdp).as_bytes()]);
-    crate::mac::hex(&mac[..16])
+    hex::encode(&mac[..16])
 }
 
 /// Whether the plan lines of `sdp` carry a good signature under `key`.
@@ -124,7 +124,7 @@ pub fn plan_signed(key: &[u8; 32], call_id: &str, sdp: &str) -> bool {
 
 /// A plan key in the form of a `Pinhole-Key` header (64 hex digits), and back.
 pub fn key_to_header(key: &[u8; 32]) -> String {
-    crate::mac::hex(key)
+    hex::encode(key)
 }
 
 pub fn key_from_header(v: &str) -> Option<[u8; 32]> {
@@ -238,7 +238,7 @@ impl<M: MediaAnchor> Agent<M> {
         let Some(profile) = self.profile.clone() else { return };
         let transport = self.server_transport;
         let (us, server) = (self.cfg.listen, self.cfg.server);
-        let tag = crate::mac::hex(&crate::mac::hmac(&self.cfg.secret, "profile-tag", &[&unix.to_be_bytes()])[..4]);
+        let tag = hex::encode(&crate::mac::hmac(&self.cfg.secret, "profile-tag", &[&unix.to_be_bytes()])[..4]);
         let request = format!(
             "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}{unix:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: profile-{unix:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\nPinhole-NAT: {profile}\r\nPinhole-Sig: {};t={unix}\r\nContent-Length: 0\r\n\r\n",
             transport.via_token(),

@@ -59,7 +59,7 @@ impl Introduction {
         }
         h.update(isn_a.to_be_bytes());
         h.update(isn_b.to_be_bytes());
-        crate::mac::hex(&h.finalize()[..16])
+        hex::encode(&h.finalize()[..16])
     }
 
     /// As the forwarder sends it over a leg's connection: a Binding indication with

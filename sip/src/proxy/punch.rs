@@ -226,7 +226,7 @@ fn first_media_port(sdp: &str) -> Option<u16> {
 /// and nothing is stored).
 pub fn faketcp_key(secret: &[u8; 32], call_id: &str, port: u16) -> String {
     let mac = crate::mac::hmac(secret, "faketcp", &[call_id.as_bytes(), &port.to_be_bytes()]);
-    crate::mac::hex(&mac[..12])
+    hex::encode(&mac[..12])
 }
 
 /// The host of a SIP URI, when it is an IP literal (a phone's private address).
