@@ -115,6 +115,7 @@ impl DataPlane {
                 send: SendBatch::new(BATCH),
                 raw_send: RawSendBatch::new(BATCH),
                 raw: raw_socks,
+                raw_local: Default::default(),
             };
             std::thread::Builder::new().name(format!("relay {i}")).spawn(move || {
                 if nice != 0 {
@@ -167,7 +168,10 @@ impl DataPlane {
     /// Hands a relay command to the worker that owns the call.
     pub(crate) fn execute(&self, cmd: Command) {
         let shard = match &cmd {
-            Command::Link { shard, .. } | Command::Expect { shard, .. } | Command::Unlink { shard, .. } => *shard,
+            Command::Link { shard, .. }
+            | Command::Expect { shard, .. }
+            | Command::Unlink { shard, .. }
+            | Command::Secure { shard, .. } => *shard,
         };
         let (tx, waker) = &self.workers[(shard % self.workers.len() as u64) as usize];
         let (msg, urgent) = match cmd {
@@ -186,8 +190,8 @@ impl DataPlane {
                 let (Some(sa), Some(sb)) = (bind(&a, false), bind(&b, false)) else { return };
                 (WorkerCmd::Link { a: (a, Some(sa)), b: (b, Some(sb)) }, true)
             }
-            // Expect carries the answerer's address, which the other side's packets need.
-            expect @ Command::Expect { .. } => (WorkerCmd::Command(expect), true),
+            // Expect carries the answerer's address, Secure the keys the first packets need.
+            urgent @ (Command::Expect { .. } | Command::Secure { .. }) => (WorkerCmd::Command(urgent), true),
             other => (WorkerCmd::Command(other), false),
         };
         if tx.send(msg).is_ok() && urgent {
@@ -206,6 +210,9 @@ struct Worker {
     send: SendBatch,
     raw_send: RawSendBatch,
     raw: Vec<RawSocket>,
+    /// Raw mode, relay ports bound on the unspecified address: the address each port was
+    /// last reached at, the source of what the port sends on its own (DTLS retransmissions).
+    raw_local: std::collections::HashMap<u16, std::net::Ipv4Addr>,
 }
 
 impl Worker {
@@ -225,6 +232,10 @@ impl Worker {
             round = Instant::now();
             // Commands first: a link must be in place before its first packets are handled.
             self.commands();
+            if self.ports.has_timers() {
+                self.ports.handle_timeout(round);
+                self.send_replies(None);
+            }
             let mut packets = 0;
             for ev in events.iter() {
                 packets += match ev.token() {
@@ -248,6 +259,9 @@ impl Worker {
                 }
                 WorkerCmd::Command(Command::Link { .. }) => {}
                 WorkerCmd::Command(Command::Expect { port, expected, .. }) => self.ports.expect(now, port, expected),
+                WorkerCmd::Command(Command::Secure { port, setup, mux, .. }) => {
+                    self.ports.secure(port, setup.map(|s| *s), mux)
+                }
                 WorkerCmd::Command(Command::Unlink { ports, .. }) => {
                     for p in ports {
                         if let Some(mut sock) = self.ports.close(p) {
@@ -285,9 +299,11 @@ impl Worker {
             let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
             for p in 0..n {
                 let Some(pkt) = raw_packet(&self.recv, p) else { continue };
-                let Some(Forward { from_port: out_port, from_ip: out_ip, to }) =
-                    self.ports.forward(now, now_ns, pkt.dst.port(), SocketAddr::V4(pkt.src), pkt.payload)
-                else {
+                let forwarded = self.ports.forward(now, now_ns, pkt.dst.port(), SocketAddr::V4(pkt.src), pkt.payload);
+                if self.ports.has_replies() {
+                    self.raw_local.insert(pkt.dst.port(), *pkt.dst.ip());
+                }
+                let Some(Forward { from_port: out_port, from_ip: out_ip, to, rewritten }) = forwarded else {
                     continue;
                 };
                 let SocketAddr::V4(to) = to else { continue };
@@ -296,17 +312,48 @@ impl Worker {
                     _ => *pkt.dst.ip(),
                 };
                 let from = SocketAddrV4::new(from_ip, out_port);
-                if !self.raw_send.push(from, to, pkt.payload) {
+                let payload = if rewritten { self.ports.rewritten() } else { pkt.payload };
+                if !self.raw_send.push(from, to, payload) {
                     let _ = self.raw_send.flush(fd);
-                    self.raw_send.push(from, to, pkt.payload);
+                    self.raw_send.push(from, to, payload);
                 }
             }
             let _ = self.raw_send.flush(fd);
+            self.send_replies(Some(k));
             if n < BATCH {
                 break;
             }
         }
         read
+    }
+
+    /// Sends what ports send on their own (ICE answers, DTLS records): from the port's own
+    /// socket, or in raw mode through raw socket `raw`.
+    fn send_replies(&mut self, raw: Option<usize>) {
+        while let Some(r) = self.ports.poll_reply() {
+            if let Some(fd) =
+                raw.or((!self.raw.is_empty()).then_some(0)).and_then(|k| self.raw.get(k)).map(RawSocket::fd)
+            {
+                let (IpAddr::V4(from_ip), SocketAddr::V4(to)) = (r.from_ip, r.to) else { continue };
+                let from_ip = if from_ip.is_unspecified() {
+                    match self.raw_local.get(&r.from_port) {
+                        Some(ip) => *ip,
+                        None => continue,
+                    }
+                } else {
+                    from_ip
+                };
+                if !self.raw_send.push(SocketAddrV4::new(from_ip, r.from_port), to, &r.data) {
+                    let _ = self.raw_send.flush(fd);
+                    self.raw_send.push(SocketAddrV4::new(from_ip, r.from_port), to, &r.data);
+                }
+                let _ = self.raw_send.flush(fd);
+            } else if let Some(sock) = self.ports.slot(r.from_port).and_then(|s| s.sock.as_ref()) {
+                if let Err(e) = sock.send_to(&r.data, r.to) {
+                    tracing::debug!(dst = %r.to, error = %e, "relay reply failed");
+                }
+            }
+        }
     }
 
     /// Per-port mode: drain one ready socket, send the accepted packets on from the peer.
@@ -329,11 +376,24 @@ impl Worker {
             for (k, ok) in accepted.iter_mut().enumerate().take(n) {
                 let (data, src, truncated) = self.recv.packet(k);
                 let Some(src) = src.filter(|_| !truncated) else { continue };
-                if let Some(f) = self.ports.forward(now, now_ns, port, src, data) {
-                    *ok = true;
-                    out = Some((f.from_port, f.to));
+                match self.ports.forward(now, now_ns, port, src, data) {
+                    // Changed on the way (SRTP): sent alone, perhaps from another port (RTCP
+                    // between a muxing and a non-muxing leg).
+                    Some(f) if f.rewritten => {
+                        if let Some(sock) = self.ports.slot(f.from_port).and_then(|s| s.sock.as_ref()) {
+                            if let Err(e) = sock.send_to(self.ports.rewritten(), f.to) {
+                                tracing::debug!(dst = %f.to, error = %e, "relay send failed");
+                            }
+                        }
+                    }
+                    Some(f) => {
+                        *ok = true;
+                        out = Some((f.from_port, f.to));
+                    }
+                    None => {}
                 }
             }
+            self.send_replies(None);
             if let Some((peer_port, dst)) = out {
                 let Some(peer) = self.ports.slot(peer_port) else {
                     return read;

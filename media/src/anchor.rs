@@ -62,6 +62,9 @@ pub struct SdpIn<'a> {
     /// Hide the sender's address everywhere in the SDP, its `o=` line too: for a B2BUA's
     /// legs, where the other side must not learn it.
     pub hide: bool,
+    /// The recipient is a browser (its signalling comes over a WebSocket): its media is
+    /// WebRTC, whatever the sender speaks.
+    pub to_browser: bool,
 }
 
 pub trait MediaAnchor {
@@ -114,7 +117,12 @@ impl MediaAnchor for Option<Relay> {
     /// SDP through the relay, when there is one; refusals as SIP responses.
     fn anchor_sdp(&mut self, now: Instant, s: &SdpIn<'_>) -> Result<Vec<u8>, Unanchored> {
         let Some(relay) = self else { return Ok(s.sdp.to_vec()) };
-        let opts = Options { to_v6: s.to.map(|ip| ip.is_ipv6()), replace_origin: s.hide, ..Options::default() };
+        let opts = Options {
+            to_v6: s.to.map(|ip| ip.is_ipv6()),
+            replace_origin: s.hide,
+            to_profile: s.to_browser.then_some(crate::sdp::Profile::WebRtc),
+            ..Options::default()
+        };
         relay.on_sdp(now, s.call_id, s.sender_tag, s.sdp, Some(s.signalling_ip), opts).map_err(|e| {
             let (code, reason) = match e {
                 RelayError::LoadLimit => (503, "Media Relay At Session Limit".to_owned()),
@@ -122,6 +130,7 @@ impl MediaAnchor for Option<Relay> {
                 RelayError::TooManyStreams(n) => (488, format!("Not Acceptable Here - More Than {n} Media Streams")),
                 RelayError::Sdp(e) => (488, format!("Not Acceptable Here - {e}")),
                 RelayError::UnknownCall => (488, "Not Acceptable Here - Unknown Call".to_owned()),
+                RelayError::Security(why) => (488, format!("Not Acceptable Here - {why}")),
             };
             Unanchored::Refused(MediaRefusal { code, reason })
         })

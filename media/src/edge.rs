@@ -171,12 +171,6 @@ impl EdgeMedia {
     /// A command of the agent's relay.
     pub fn apply(&mut self, now: Instant, cmd: Command) {
         match cmd {
-            Command::Link { a, b, .. } => {
-                let (pa, pb) = (a.port, b.port);
-                self.ports.open(now, a, pb, None);
-                self.ports.open(now, b, pa, None);
-            }
-            Command::Expect { port, expected, .. } => self.ports.expect(now, port, expected),
             Command::Unlink { ports, .. } => {
                 for p in ports {
                     if let Some(mut m) = self.mappers.remove(&p.0) {
@@ -194,6 +188,7 @@ impl EdgeMedia {
                     }
                 }
             }
+            other => self.ports.apply(now, other),
         }
     }
 

@@ -149,4 +149,4 @@ impl IceLite {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -37,6 +37,7 @@
 
 pub mod anchor;
 pub mod cidr;
+pub mod dtls;
 pub mod edge;
 pub mod faketcp;
 pub mod fleet;
@@ -54,6 +55,7 @@ pub mod punch;
 pub mod relay;
 pub mod sdes;
 pub mod sdp;
+pub mod secure;
 pub mod srtp;
 pub mod stats;
 pub mod stun;

@@ -7,9 +7,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::latch::{Expected, Latch, RtpInfo, Verdict};
+use crate::latch::{is_rtcp, Expected, Latch, RtpInfo, Verdict};
 use crate::relay::{PortSpec, RelayPort};
+use crate::secure::{LegSetup, SecureLeg};
 use crate::stats::StreamStats;
+
+/// Secure legs one table lets handshake at once; past it a new handshake waits (its
+/// ClientHello is dropped and counted, and the browser retransmits).
+pub const MAX_HANDSHAKES: usize = 1024;
+/// Datagrams a table queues for the shell to send back (check answers, DTLS records)
+/// before it drops more.
+const MAX_REPLIES: usize = 256;
 
 /// One relay port in use.
 pub struct PortSlot<S> {
@@ -23,6 +31,10 @@ pub struct PortSlot<S> {
     stats: Arc<StreamStats>,
     /// The latched source last published in `stats`.
     published: Option<SocketAddr>,
+    /// On an RTP port: the leg's ICE, DTLS and SRTP, when pinhole terminates its transport.
+    secure: Option<Box<SecureLeg>>,
+    /// On an RTP port: the leg sends and takes RTCP on it (RFC 5761).
+    mux: bool,
 }
 
 /// Where an accepted packet goes: sent from `from_port` (bound on `from_ip`) to `to`.
@@ -31,19 +43,42 @@ pub struct Forward {
     pub from_port: u16,
     pub from_ip: IpAddr,
     pub to: SocketAddr,
+    /// The packet changed on the way (SRTP taken off or put on): send
+    /// [`PortTable::rewritten`] instead of what arrived.
+    pub rewritten: bool,
+}
+
+/// A datagram a port sends back on its own: an ICE check's answer, a DTLS record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub from_port: u16,
+    pub from_ip: IpAddr,
+    pub to: SocketAddr,
+    pub data: Vec<u8>,
 }
 
 /// Slots for the ports `base..base + len`.
 pub struct PortTable<S> {
     base: u16,
     slots: Vec<Option<PortSlot<S>>>,
+    /// The last rewritten packet.
+    scratch: Vec<u8>,
+    replies: std::collections::VecDeque<Reply>,
+    /// RTP ports whose secure leg has timers.
+    timers: Vec<u16>,
 }
 
 impl<S> PortTable<S> {
     /// A table for the relay range `port_min..=port_max`.
     pub fn new(port_min: u16, port_max: u16) -> PortTable<S> {
         let len = usize::from(port_max.saturating_sub(port_min)) + 1;
-        PortTable { base: port_min, slots: (0..len).map(|_| None).collect() }
+        PortTable {
+            base: port_min,
+            slots: (0..len).map(|_| None).collect(),
+            scratch: Vec::with_capacity(2048),
+            replies: Default::default(),
+            timers: Vec::new(),
+        }
     }
 
     fn index(&self, port: u16) -> Option<usize> {
@@ -64,8 +99,97 @@ impl<S> PortTable<S> {
             },
             published: spec.latched,
             stats: spec.stats,
+            secure: None,
+            mux: false,
         });
         true
+    }
+
+    /// A relay command applied to a table that has no sockets of its own (an agent's, a
+    /// test's): links, expectations, security and closings.
+    pub fn apply(&mut self, now: Instant, cmd: crate::relay::Command) {
+        use crate::relay::Command;
+        match cmd {
+            Command::Link { a, b, .. } => {
+                let (pa, pb) = (a.port, b.port);
+                self.open(now, a, pb, None);
+                self.open(now, b, pa, None);
+            }
+            Command::Expect { port, expected, .. } => self.expect(now, port, expected),
+            Command::Secure { port, setup, mux, .. } => self.secure(port, setup.map(|s| *s), mux),
+            Command::Unlink { ports, .. } => {
+                for p in ports {
+                    self.close(p);
+                }
+            }
+        }
+    }
+
+    /// How the leg sending to RTP port `port` is secured (`None`: plain RTP), and whether
+    /// it muxes RTCP. What did not change keeps its state.
+    pub fn secure(&mut self, port: RelayPort, setup: Option<LegSetup>, mux: bool) {
+        let Some(slot) = self.slot_mut(port.0) else { return };
+        slot.mux = mux;
+        match (setup, &mut slot.secure) {
+            (None, s) => *s = None,
+            (Some(setup), Some(leg)) => leg.update(setup),
+            (Some(setup), s) => *s = Some(Box::new(SecureLeg::new(setup))),
+        }
+        if slot.secure.as_ref().is_some_and(|l| l.wants_timer()) && !self.timers.contains(&port.0) {
+            self.timers.push(port.0);
+        }
+    }
+
+    /// The packet a [`Forward`] with `rewritten` set sends.
+    pub fn rewritten(&self) -> &[u8] {
+        &self.scratch
+    }
+
+    pub fn has_replies(&self) -> bool {
+        !self.replies.is_empty()
+    }
+
+    /// The next datagram a port sends back on its own.
+    pub fn poll_reply(&mut self) -> Option<Reply> {
+        self.replies.pop_front()
+    }
+
+    /// Drives the secure legs' timers (DTLS retransmissions); call every few milliseconds
+    /// while [`PortTable::has_timers`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut keep = Vec::with_capacity(self.timers.len());
+        for port in std::mem::take(&mut self.timers) {
+            let Some(slot) = self.slot_mut(port) else { continue };
+            let bind = slot.bind;
+            let Some(leg) = slot.secure.as_mut() else { continue };
+            let out = leg.handle_timeout(now);
+            let to = leg.peer();
+            if leg.wants_timer() {
+                keep.push(port);
+            }
+            if let Some(to) = to {
+                for data in out {
+                    self.reply(Reply { from_port: port, from_ip: bind, to, data });
+                }
+            }
+        }
+        self.timers = keep;
+    }
+
+    pub fn has_timers(&self) -> bool {
+        !self.timers.is_empty()
+    }
+
+    fn reply(&mut self, r: Reply) {
+        if self.replies.len() < MAX_REPLIES {
+            self.replies.push_back(r);
+        } else {
+            metrics::counter!("pinhole_relay_replies_dropped_total").increment(1);
+        }
+    }
+
+    fn handshakes(&self) -> usize {
+        self.timers.len()
     }
 
     /// Signalling changed what `port` should expect: its learning window reopens.
@@ -103,13 +227,18 @@ impl<S> PortTable<S> {
         slot.stats.on_packet(now_ns, data.len(), RtpInfo::parse(data));
         let from_port = slot.peer.0;
         let peer = self.slot(from_port)?;
-        Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()? })
+        Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()?, rewritten: false })
     }
 
     /// One packet from `src` arriving on `port`: latched, counted, and where it goes — or
     /// `None` to drop it (unknown port, refused source, or no destination learned yet).
     /// `now_ns` is the counters' clock (nanoseconds since the relay's epoch).
     pub fn forward(&mut self, now: Instant, now_ns: u64, port: u16, src: SocketAddr, data: &[u8]) -> Option<Forward> {
+        let peer_port = self.slot(port)?.peer.0;
+        let secure = |p: u16| self.slot(p & !1).is_some_and(|s| s.secure.is_some());
+        if secure(port) || secure(peer_port) {
+            return self.forward_secure(now, now_ns, port, src, data);
+        }
         let slot = self.slot_mut(port)?;
         let rtp = RtpInfo::parse(data);
         match slot.latch.on_packet(now, src, rtp) {
@@ -128,7 +257,129 @@ impl<S> PortTable<S> {
         }
         let from_port = slot.peer.0;
         let peer = self.slot(from_port)?;
-        Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()? })
+        Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()?, rewritten: false })
+    }
+
+    /// [`PortTable::forward`] where either leg is secure: control datagrams (STUN, DTLS)
+    /// are the leg's own and answered from its port; media is taken from the leg's checked
+    /// address only, unprotected with its keys, sent on (RTCP moved between a muxing and a
+    /// non-muxing leg's ports) and protected with the other leg's.
+    fn forward_secure(
+        &mut self,
+        now: Instant,
+        now_ns: u64,
+        port: u16,
+        src: SocketAddr,
+        data: &[u8],
+    ) -> Option<Forward> {
+        let here = port & !1;
+        let first = *data.first()?;
+        let handshakes = self.handshakes();
+        let slot = self.slot_mut(here)?;
+        let bind = slot.bind;
+        if let Some(leg) = slot.secure.as_deref_mut() {
+            let control = match first {
+                0..=3 => Some(leg.on_stun(now, src, data)),
+                20..=63
+                    if leg.peer() == Some(src) && (handshakes < MAX_HANDSHAKES || leg.ready() || leg.wants_timer()) =>
+                {
+                    Some(leg.on_dtls(now, src, data))
+                }
+                20..=63 => Some(crate::secure::Control { refused: true, ..Default::default() }),
+                128..=191 => None,
+                _ => Some(crate::secure::Control { refused: true, ..Default::default() }),
+            };
+            if let Some(c) = control {
+                let timer = leg.wants_timer();
+                if c.nominated {
+                    slot.published = Some(src);
+                    slot.stats.set_latched(Some(src));
+                }
+                if c.refused {
+                    slot.stats.on_drop();
+                    metrics::counter!("pinhole_relay_secure_dropped_total", "reason" => "control").increment(1);
+                }
+                for data in c.replies {
+                    self.reply(Reply { from_port: port, from_ip: bind, to: src, data });
+                }
+                if timer && !self.timers.contains(&here) {
+                    self.timers.push(here);
+                }
+                return None;
+            }
+        }
+        let rtcp = is_rtcp(data);
+        // Whether the packet comes from the leg's address.
+        let from_leg = match self.slot(here).and_then(|s| s.secure.as_deref()) {
+            Some(leg) if leg.has_ice() => leg.peer() == Some(src),
+            _ => {
+                let slot = self.slot_mut(port)?;
+                matches!(slot.latch.on_packet(now, src, RtpInfo::parse(data)), Verdict::Forward)
+            }
+        };
+        if !from_leg {
+            self.slot(port)?.stats.on_drop();
+            return None;
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(data);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.carry(now_ns, port, here, src, rtcp, &mut scratch);
+        self.scratch = scratch;
+        result
+    }
+
+    /// The media half of [`PortTable::forward_secure`], on the packet in `buf`.
+    fn carry(
+        &mut self,
+        now_ns: u64,
+        port: u16,
+        here: u16,
+        src: SocketAddr,
+        rtcp: bool,
+        buf: &mut Vec<u8>,
+    ) -> Option<Forward> {
+        let drop = |t: &mut Self, reason: &'static str| {
+            if let Some(s) = t.slot(port) {
+                s.stats.on_drop();
+            }
+            metrics::counter!("pinhole_relay_secure_dropped_total", "reason" => reason).increment(1);
+            None
+        };
+        if let Some(leg) = self.slot_mut(here)?.secure.as_deref_mut() {
+            leg.latch(src);
+            if let Err(r) = leg.unprotect(buf, rtcp) {
+                return drop(self, r.label());
+            }
+        }
+        let slot = self.slot_mut(port)?;
+        slot.stats.on_packet(now_ns, buf.len(), if rtcp { None } else { RtpInfo::parse(buf) });
+        if slot.published != Some(src) {
+            slot.published = Some(src);
+            slot.stats.set_latched(Some(src));
+        }
+        // Where it leaves: the other leg's RTP port, or its RTCP port for RTCP unless it muxes.
+        let there = slot.peer.0 & !1;
+        let out_port = match (rtcp, self.slot(there)?.mux) {
+            (true, false) => there + 1,
+            _ => there,
+        };
+        let out = self.slot_mut(out_port)?;
+        let from_ip = out.bind;
+        let latch_to = out.latch.destination();
+        let to = match self.slot_mut(there)?.secure.as_deref_mut() {
+            Some(leg) => {
+                if let Err(r) = leg.protect(buf, rtcp) {
+                    return drop(self, r.label());
+                }
+                leg.peer().or(latch_to)
+            }
+            None => latch_to,
+        };
+        if buf.len() > 2048 {
+            return drop(self, "too_large");
+        }
+        Some(Forward { from_port: out_port, from_ip, to: to?, rewritten: true })
     }
 }
 
@@ -171,7 +422,8 @@ mod tests {
             Some(Forward {
                 from_port: 30002,
                 from_ip: "203.0.113.1".parse().expect("ip"),
-                to: "198.51.100.20:5000".parse().expect("b")
+                to: "198.51.100.20:5000".parse().expect("b"),
+                rewritten: false,
             })
         );
         assert_eq!(sa.packets.load(Relaxed), 1);

@@ -13,8 +13,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::dtls::Identity;
 use crate::latch::{Expected, LatchMode};
-use crate::sdp::{Anchor, Rewrite, Sdp, SdpError};
+use crate::sdp::{Anchor, Profile, Rewrite, Sdp, SdpError};
+use crate::secure::LegSetup;
 use crate::stats::StreamStats;
 
 /// A relay port (RTP ports are even, RTCP = RTP + 1).
@@ -83,6 +85,10 @@ pub struct Options {
     /// Whether the recipient of this SDP is reached over IPv6, when known. With interfaces
     /// of both families this bridges IPv4 and IPv6 phones.
     pub to_v6: Option<bool>,
+    /// The transport the recipient of an offer speaks (a browser: WebRTC), when signalling
+    /// knows; by default the other side's so far, else the sender's (a browser's offer goes
+    /// to a plain RTP phone). See [`secure`].
+    pub to_profile: Option<Profile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,6 +104,9 @@ pub enum RelayError {
     TooManyStreams(usize),
     #[error("unknown call")]
     UnknownCall,
+    /// A secure stream cannot be set up (no crypto suite in common, no fingerprint).
+    #[error("{0}")]
+    Security(&'static str),
 }
 
 /// One of a call's two parties: A made the first offer, B answered it.
@@ -209,6 +218,9 @@ pub enum Command {
     Expect { shard: u64, port: RelayPort, expected: Expected },
     /// Close these ports.
     Unlink { shard: u64, ports: Vec<RelayPort> },
+    /// How the leg sending to RTP port `port` is secured (`None`: plain RTP), and whether
+    /// it sends RTCP on that port too.
+    Secure { shard: u64, port: RelayPort, setup: Option<Box<LegSetup>>, mux: bool },
 }
 
 /// Which way an answered call's media goes, as the relay sees it.
@@ -267,6 +279,8 @@ struct Stream {
     mode: LatchMode,
     /// The latched sources last written to the call state, as `StreamCounters` orders them.
     saved_latches: [Option<SocketAddr>; 4],
+    /// Each side's transport, when pinhole terminates it.
+    sec: PerSide<secure::SideSec>,
 }
 
 #[derive(Debug)]
@@ -308,6 +322,9 @@ pub struct Relay {
     keep_state: bool,
     /// A standby mirrors another node's calls and ends none of them on its own.
     standby: bool,
+    /// The certificate of the relay's DTLS-SRTP legs (`None`: it could not be made, and
+    /// WebRTC offers are refused).
+    identity: Option<Arc<Identity>>,
 }
 
 /// Relay-wide packet counters.
@@ -345,7 +362,13 @@ impl Relay {
             changed: Default::default(),
             keep_state: false,
             standby: false,
+            identity: Identity::generate().ok().map(Arc::new),
         }
+    }
+
+    /// The DTLS certificate's fingerprint (`sha-256 AB:…`), as the relay's SDP carries it.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.identity.as_ref().map(|i| i.fingerprint_attr())
     }
 
     /// Takes a port pair out of use (the data plane could not bind one of its ports).
@@ -461,7 +484,7 @@ impl Relay {
         }
         // An offer from a tag the call does not know yet comes from side A.
         let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(Side::A);
-        let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
+        let out = self.apply(call_id, side, &parsed, signalling_ip, opts, true)?;
         self.remember(now, call_id, side, sdp, &out, Some(side));
         self.plan_check(call_id);
         Ok(out)
@@ -493,7 +516,7 @@ impl Relay {
         if call.answered.is_none() {
             call.answered = Some(now);
         }
-        let out = self.apply(call_id, side, &parsed, signalling_ip, opts)?;
+        let out = self.apply(call_id, side, &parsed, signalling_ip, opts, false)?;
         self.remember(now, call_id, side, sdp, &out, None);
         self.plan_check(call_id);
         Ok(out)
@@ -721,6 +744,7 @@ impl Relay {
         sdp: &Sdp<'_>,
         signalling_ip: Option<IpAddr>,
         opts: Options,
+        offer: bool,
     ) -> Result<Vec<u8>, RelayError> {
         let other = side.other();
         let ifaces = &self.cfg.interfaces;
@@ -745,6 +769,8 @@ impl Relay {
         };
         let serial = call.serial;
         let mut anchors = Vec::with_capacity(sdp.media.len());
+        let mut transports = Vec::with_capacity(sdp.media.len());
+        let mut ice_lite = false;
         for (i, m) in sdp.media.iter().enumerate() {
             let expected_rtp = Expected { sdp: m.addr.map(|a| SocketAddr::new(a, m.port)), signalling_ip };
             let rtcp_port = if m.rtcp_mux { m.port } else { m.rtcp_port.unwrap_or(m.port.saturating_add(1)) };
@@ -783,6 +809,7 @@ impl Relay {
                     signalling,
                     mode: opts.mode,
                     saved_latches: [None; 4],
+                    sec: PerSide::default(),
                 });
             } else {
                 call.streams[i].sdp[side] = expected_rtp.sdp;
@@ -792,8 +819,36 @@ impl Relay {
                     self.commands.push_back(Command::Expect { shard: serial, port, expected: e });
                 }
             }
-            let s = &call.streams[i];
+            let s = &mut call.streams[i];
+            let terminated =
+                secure::negotiate(&mut s.sec, side, m, offer, opts.to_profile, i).map_err(RelayError::Security)?;
             let iface = &self.cfg.interfaces[s.iface[other]];
+            let transport = if terminated {
+                let t = secure::transport(
+                    &s.sec[other],
+                    offer,
+                    s.sec[side].mux,
+                    self.identity.as_ref(),
+                    iface.advertise,
+                    s.ports[other].0,
+                )
+                .map_err(RelayError::Security)?;
+                for leg in Side::BOTH {
+                    self.commands.push_back(Command::Secure {
+                        shard: serial,
+                        port: s.ports[leg],
+                        setup: secure::leg_setup(&s.sec[leg], self.identity.as_ref()).map(Box::new),
+                        mux: s.sec[leg].mux,
+                    });
+                }
+                t
+            } else {
+                None
+            };
+            if transport.as_ref().is_some_and(|t| t.add.iter().any(|a| a.starts_with("ice-ufrag"))) {
+                ice_lite = true;
+            }
+            transports.push(transport);
             anchors.push(m.is_active().then_some(Anchor {
                 addr: iface.advertise,
                 rtp_port: s.ports[other].0,
@@ -801,10 +856,17 @@ impl Relay {
             }));
         }
         let origin = opts.replace_origin.then(|| self.cfg.interfaces[out_iface].advertise);
-        Ok(sdp.rewrite(&Rewrite { media: anchors, origin, remove_ice: !opts.keep_ice }))
+        Ok(sdp.rewrite(&Rewrite {
+            media: anchors,
+            origin,
+            remove_ice: !opts.keep_ice,
+            transport: transports,
+            session_add: if ice_lite { vec!["ice-lite".to_owned()] } else { Vec::new() },
+        }))
     }
 }
 
+mod secure;
 mod state;
 pub use state::{CallState, RestoreError, StreamState};
 

@@ -45,6 +45,66 @@ pub struct Media {
     pub rtcp_port: Option<u16>,
     pub rtcp_mux: bool,
     pub direction: Direction,
+    /// What a secure leg needs from the section (session-level values filled in where
+    /// the section has none).
+    pub security: Security,
+}
+
+/// The ICE, DTLS and SDES attributes of one media section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    pub ice_ufrag: Option<String>,
+    pub ice_pwd: Option<String>,
+    /// `a=fingerprint` value (`sha-256 AB:…`).
+    pub fingerprint: Option<String>,
+    /// `a=setup` value: `actpass`, `active`, `passive`.
+    pub setup: Option<String>,
+    /// `a=crypto` values, in order.
+    pub crypto: Vec<String>,
+    pub mid: Option<String>,
+}
+
+/// How a section's transport is secured, by its `m=` protocol (and its attributes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// RTP/AVP or RTP/AVPF.
+    Plain,
+    /// RTP/SAVP(F) keyed by `a=crypto` (RFC 4568).
+    Sdes,
+    /// UDP/TLS/RTP/SAVPF: ICE and DTLS-SRTP, as browsers speak.
+    WebRtc,
+}
+
+impl Profile {
+    /// The profile of a section's protocol, or `None` for one the relay does not
+    /// translate (T.38's udptl, TCP, application data).
+    pub fn of(m: &Media) -> Option<Profile> {
+        match m.proto.to_ascii_uppercase().as_str() {
+            "RTP/AVP" | "RTP/AVPF" => Some(Profile::Plain),
+            "RTP/SAVP" | "RTP/SAVPF" => Some(Profile::Sdes),
+            "UDP/TLS/RTP/SAVP" | "UDP/TLS/RTP/SAVPF" => Some(Profile::WebRtc),
+            _ => None,
+        }
+    }
+
+    /// The `m=` protocol pinhole writes for this profile.
+    pub fn proto(self) -> &'static str {
+        match self {
+            Profile::Plain => "RTP/AVP",
+            Profile::Sdes => "RTP/SAVP",
+            Profile::WebRtc => "UDP/TLS/RTP/SAVPF",
+        }
+    }
+
+    /// rtpengine's `transport-protocol=` value.
+    pub fn from_transport(s: &str) -> Option<Profile> {
+        match s.to_ascii_uppercase().as_str() {
+            "RTP/AVP" | "RTP/AVPF" => Some(Profile::Plain),
+            "RTP/SAVP" | "RTP/SAVPF" => Some(Profile::Sdes),
+            "UDP/TLS/RTP/SAVP" | "UDP/TLS/RTP/SAVPF" => Some(Profile::WebRtc),
+            _ => None,
+        }
+    }
 }
 
 impl Media {
@@ -71,7 +131,46 @@ pub struct Rewrite {
     pub origin: Option<IpAddr>,
     /// Remove ICE attributes (as rtpengine's ICE=remove).
     pub remove_ice: bool,
+    /// Per `m=` line, a new transport for the section (a terminated secure leg).
+    pub transport: Vec<Option<Transport>>,
+    /// Session-level lines to add after `t=` (such as `a=ice-lite`).
+    pub session_add: Vec<String>,
 }
+
+/// A section whose transport pinhole terminates: its protocol, the lines it writes, and
+/// all of the peer's transport attributes removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transport {
+    pub proto: String,
+    /// Attribute lines (without `a=`) appended to the section.
+    pub add: Vec<String>,
+    /// Also drop `a=rtcp-fb` (towards a plain RTP/AVP phone).
+    pub drop_feedback: bool,
+}
+
+/// Attributes that describe the transport of the party that wrote the SDP: replaced by
+/// pinhole's own when it terminates the transport.
+const TRANSPORT_ATTRS: &[&str] = &[
+    "ice-ufrag",
+    "ice-pwd",
+    "ice-options",
+    "ice-lite",
+    "ice-mismatch",
+    "candidate",
+    "remote-candidates",
+    "end-of-candidates",
+    "fingerprint",
+    "setup",
+    "connection",
+    "crypto",
+    "rtcp-mux",
+    "rtcp-mux-only",
+    "rtcp-rsize",
+    "rtcp",
+    "mid",
+    "tls-id",
+    "group",
+];
 
 #[derive(Debug, Clone, Copy)]
 struct Line {
@@ -128,6 +227,7 @@ impl<'a> Sdp<'a> {
         let mut media: Vec<Media> = Vec::new();
         let mut session_addr = None;
         let mut has_origin = false;
+        let mut session_security = Security::default();
         for (i, l) in lines.iter().enumerate() {
             let t = line_text(l);
             if t.is_empty() {
@@ -158,6 +258,7 @@ impl<'a> Sdp<'a> {
                         rtcp_port: None,
                         rtcp_mux: false,
                         direction: Direction::SendRecv,
+                        security: Security::default(),
                     });
                 }
                 "c=" => {
@@ -168,8 +269,22 @@ impl<'a> Sdp<'a> {
                     }
                 }
                 "a=" => {
-                    let Some(m) = media.last_mut() else { continue };
                     let (name, val) = value.split_once(':').unwrap_or((value, ""));
+                    let sec = match media.last_mut() {
+                        Some(m) => &mut m.security,
+                        None => &mut session_security,
+                    };
+                    let val_owned = || Some(val.trim().to_owned());
+                    match name {
+                        "ice-ufrag" => sec.ice_ufrag = val_owned(),
+                        "ice-pwd" => sec.ice_pwd = val_owned(),
+                        "fingerprint" => sec.fingerprint = val_owned(),
+                        "setup" => sec.setup = val_owned(),
+                        "mid" => sec.mid = val_owned(),
+                        "crypto" if sec.crypto.len() < 16 => sec.crypto.push(val.trim().to_owned()),
+                        _ => {}
+                    }
+                    let Some(m) = media.last_mut() else { continue };
                     match name {
                         "rtcp" => {
                             let p = val.split_ascii_whitespace().next().unwrap_or("");
@@ -192,6 +307,17 @@ impl<'a> Sdp<'a> {
         for (i, m) in media.iter_mut().enumerate() {
             if m.addr.is_none() {
                 m.addr = session_addr;
+            }
+            let (sec, session) = (&mut m.security, &session_security);
+            for (field, value) in [
+                (&mut sec.ice_ufrag, &session.ice_ufrag),
+                (&mut sec.ice_pwd, &session.ice_pwd),
+                (&mut sec.fingerprint, &session.fingerprint),
+                (&mut sec.setup, &session.setup),
+            ] {
+                if field.is_none() {
+                    field.clone_from(value);
+                }
             }
             if m.port != 0 && m.addr.is_none() {
                 return Err(SdpError::NoConnection(i));
@@ -219,6 +345,8 @@ impl<'a> Sdp<'a> {
     pub fn rewrite(&self, rw: &Rewrite) -> Vec<u8> {
         let anchor =
             |section: usize| rw.media.get(section).copied().flatten().filter(|_| self.media[section].is_active());
+        let transport = |section: usize| rw.transport.get(section).and_then(Option::as_ref);
+        let any_transport = rw.transport.iter().any(Option::is_some);
         // The session-level c= follows the first anchored stream.
         let session_anchor = (0..self.media.len()).find_map(anchor);
         let default_eol = self.lines.first().map_or("\r\n", |_| self.eol(0));
@@ -253,7 +381,11 @@ impl<'a> Sdp<'a> {
                 },
                 ("m=", Some(s)) => match anchor(s) {
                     Some(a) => {
-                        out.push_str(&replace_m_port(value, a.rtp_port));
+                        let m_line = replace_m_port(value, a.rtp_port);
+                        match transport(s) {
+                            Some(t) => out.push_str(&replace_m_proto(&m_line, &t.proto)),
+                            None => out.push_str(&m_line),
+                        }
                         let has_own_c = self.section_has_c(s);
                         let session_ok =
                             session_anchor.is_some_and(|sa| sa.addr == a.addr) && self.session_addr.is_some();
@@ -266,6 +398,11 @@ impl<'a> Sdp<'a> {
                 ("a=", Some(s)) if anchor(s).is_some() => {
                     let Some(a) = anchor(s) else { continue };
                     let (name, val) = value.split_once(':').unwrap_or((value, ""));
+                    if let Some(t) = transport(s) {
+                        if TRANSPORT_ATTRS.contains(&name) || (t.drop_feedback && name == "rtcp-fb") {
+                            continue;
+                        }
+                    }
                     if rw.remove_ice && ICE_ATTRS.contains(&name) {
                         continue; // drop the line and its ending
                     }
@@ -281,16 +418,39 @@ impl<'a> Sdp<'a> {
                         out.push_str(t);
                     }
                 }
-                ("a=", None) if rw.remove_ice && session_anchor.is_some() => {
+                ("a=", None) if (rw.remove_ice || any_transport) && session_anchor.is_some() => {
                     let name = value.split(':').next().unwrap_or(value);
-                    if ICE_ATTRS.contains(&name) {
+                    if ICE_ATTRS.contains(&name) || (any_transport && TRANSPORT_ATTRS.contains(&name)) {
                         continue;
                     }
                     out.push_str(t);
                 }
+                ("t=", None) => {
+                    out.push_str(t);
+                    for add in &rw.session_add {
+                        out.push_str(eol);
+                        out.push_str("a=");
+                        out.push_str(add);
+                    }
+                }
                 _ => out.push_str(t),
             }
             out.push_str(eol);
+            // A terminated section's own lines close it.
+            let last_of_section =
+                section.is_some_and(|s| self.media_lines.get(s + 1).map_or(i + 1 == self.lines.len(), |&n| n == i + 1));
+            if let (true, Some(s)) = (last_of_section, section) {
+                if let Some(t) = transport(s).filter(|_| anchor(s).is_some()) {
+                    if self.eol(i).is_empty() {
+                        out.push_str(default_eol);
+                    }
+                    for add in &t.add {
+                        out.push_str("a=");
+                        out.push_str(add);
+                        out.push_str(default_eol);
+                    }
+                }
+            }
         }
         if let Some((_, a)) = pending_c {
             out.push_str(&format!("c={}{default_eol}", conn(a.addr)));
@@ -351,6 +511,15 @@ fn rewrite_origin(value: &str, addr: Option<IpAddr>) -> String {
         f.get(1).copied().unwrap_or("0"),
         f.get(3).copied().unwrap_or("IN"),
     )
+}
+
+/// `m=<media> <port> <proto> <fmt>…` with another protocol.
+fn replace_m_proto(m_line: &str, proto: &str) -> String {
+    let mut f: Vec<&str> = m_line.splitn(4, ' ').collect();
+    if f.len() >= 3 {
+        f[2] = proto;
+    }
+    f.join(" ")
 }
 
 fn replace_m_port(value: &str, port: u16) -> String {

@@ -16,13 +16,14 @@ use std::collections::HashMap;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::Aes128Gcm;
+use aes_gcm::{Aes128Gcm, Aes256Gcm};
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
 use crate::mac::ct_eq;
 
 type AesCtr = ctr::Ctr128BE<aes::Aes128>;
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
 type HmacSha1 = Hmac<Sha1>;
 
 /// Master key and salt lengths of `AES_CM_128_HMAC_SHA1_80`.
@@ -33,6 +34,8 @@ pub const TAG_LEN: usize = 10;
 /// `AEAD_AES_128_GCM`'s master salt and tag lengths (RFC 7714 §12).
 pub const GCM_SALT_LEN: usize = 12;
 pub const GCM_TAG_LEN: usize = 16;
+/// `AEAD_AES_256_GCM`'s master key length (RFC 7714 §12): what Chromium's DTLS prefers.
+pub const KEY256_LEN: usize = 32;
 /// Sources one context keeps state for.
 pub const MAX_SSRCS: usize = 16;
 /// Packets behind the newest one that are still accepted (once each).
@@ -56,20 +59,29 @@ pub enum SrtpError {
 /// Session keys derived from a master key and salt (RFC 3711 §4.3, rate 0): SRTP's
 /// (labels 0–2) or SRTCP's (labels 3–5).
 struct SessionKeys {
-    cipher: [u8; KEY_LEN],
+    /// The cipher key: the first 16 bytes for AES-128, all 32 for AES-256.
+    cipher: [u8; KEY256_LEN],
     salt: [u8; SALT_LEN],
     auth: [u8; 20],
 }
 
-/// `n` bytes of the AES-CM keystream of `key` from `iv`.
-fn keystream(key: &[u8; KEY_LEN], iv: &[u8; 16], out: &mut [u8]) {
+/// `n` bytes of the AES-CM keystream of `key` (AES-128 or, with 32 bytes, AES-256) from `iv`.
+fn keystream(key: &[u8], iv: &[u8; 16], out: &mut [u8]) {
     out.fill(0);
-    AesCtr::new(key.into(), iv.into()).apply_keystream(out);
+    match <&[u8; KEY256_LEN]>::try_from(key) {
+        Ok(k256) => Aes256Ctr::new(k256.into(), iv.into()).apply_keystream(out),
+        Err(_) => {
+            let mut k = [0u8; KEY_LEN];
+            k.copy_from_slice(&key[..KEY_LEN]);
+            AesCtr::new((&k).into(), iv.into()).apply_keystream(out)
+        }
+    }
 }
 
 impl SessionKeys {
-    /// With the labels from `first` (0: SRTP, 3: SRTCP): cipher key, auth key, salt.
-    fn derive_from(master_key: &[u8; KEY_LEN], master_salt: &[u8; SALT_LEN], first: u8) -> SessionKeys {
+    /// With the labels from `first` (0: SRTP, 3: SRTCP): cipher key (as long as the master
+    /// key: AES_256_CM_PRF for a 32-byte one, RFC 6188), auth key, salt.
+    fn derive_from(master_key: &[u8], master_salt: &[u8; SALT_LEN], first: u8) -> SessionKeys {
         let derive = |label: u8, out: &mut [u8]| {
             // x = (label || index DIV kdr) XOR salt, the label at byte 7 of the 14; kdr 0.
             let mut iv = [0u8; 16];
@@ -77,8 +89,8 @@ impl SessionKeys {
             iv[7] ^= label;
             keystream(master_key, &iv, out);
         };
-        let mut keys = SessionKeys { cipher: [0; KEY_LEN], salt: [0; SALT_LEN], auth: [0; 20] };
-        derive(first, &mut keys.cipher);
+        let mut keys = SessionKeys { cipher: [0; KEY256_LEN], salt: [0; SALT_LEN], auth: [0; 20] };
+        derive(first, &mut keys.cipher[..master_key.len()]);
         derive(first + 1, &mut keys.auth);
         derive(first + 2, &mut keys.salt);
         keys
@@ -143,7 +155,32 @@ impl Source {
 /// How a context seals packets: AES-CM with an HMAC-SHA1 tag, or AES-GCM.
 enum Sealer {
     Cm { keys: SessionKeys, auth: HmacSha1 },
-    Gcm { aead: Box<Aes128Gcm>, salt: [u8; GCM_SALT_LEN] },
+    Gcm { aead: Gcm, salt: [u8; GCM_SALT_LEN] },
+}
+
+/// AES-GCM of either key size.
+enum Gcm {
+    A128(Box<Aes128Gcm>),
+    A256(Box<Aes256Gcm>),
+}
+
+impl Gcm {
+    fn seal(&self, nonce: &[u8; GCM_SALT_LEN], aad: &[u8], payload: &mut [u8]) -> Result<aes_gcm::Tag, SrtpError> {
+        match self {
+            Gcm::A128(a) => a.encrypt_in_place_detached(nonce.into(), aad, payload),
+            Gcm::A256(a) => a.encrypt_in_place_detached(nonce.into(), aad, payload),
+        }
+        .map_err(|_| SrtpError::Malformed)
+    }
+
+    fn open(&self, nonce: &[u8; GCM_SALT_LEN], aad: &[u8], payload: &mut [u8], tag: &[u8]) -> Result<(), SrtpError> {
+        let tag = aes_gcm::Tag::clone_from_slice(tag);
+        match self {
+            Gcm::A128(a) => a.decrypt_in_place_detached(nonce.into(), aad, payload, &tag),
+            Gcm::A256(a) => a.decrypt_in_place_detached(nonce.into(), aad, payload, &tag),
+        }
+        .map_err(|_| SrtpError::BadTag)
+    }
 }
 
 impl Sealer {
@@ -156,14 +193,22 @@ impl Sealer {
     }
 
     /// AES-GCM session key and salt (RFC 7714 §11: the same AES-CM derivation, the
-    /// 96-bit master salt padded with zeros), from labels `first`..
-    fn gcm(master_key: &[u8; KEY_LEN], master_salt: &[u8; GCM_SALT_LEN], first: u8) -> Sealer {
+    /// 96-bit master salt padded with zeros), from labels `first`.. A 16-byte master key
+    /// makes `AEAD_AES_128_GCM`, a 32-byte one `AEAD_AES_256_GCM`.
+    fn gcm(master_key: &[u8], master_salt: &[u8; GCM_SALT_LEN], first: u8) -> Sealer {
         let mut padded = [0u8; SALT_LEN];
         padded[..GCM_SALT_LEN].copy_from_slice(master_salt);
         let keys = SessionKeys::derive_from(master_key, &padded, first);
         let mut salt = [0u8; GCM_SALT_LEN];
         salt.copy_from_slice(&keys.salt[..GCM_SALT_LEN]);
-        Sealer::Gcm { aead: Box::new(Aes128Gcm::new((&keys.cipher).into())), salt }
+        let aead = if master_key.len() == KEY256_LEN {
+            Gcm::A256(Box::new(Aes256Gcm::new((&keys.cipher).into())))
+        } else {
+            let mut k = [0u8; KEY_LEN];
+            k.copy_from_slice(&keys.cipher[..KEY_LEN]);
+            Gcm::A128(Box::new(Aes128Gcm::new((&k).into())))
+        };
+        Sealer::Gcm { aead, salt }
     }
 
     fn tag_len(&self) -> usize {
@@ -213,8 +258,9 @@ impl Srtp {
         Srtp { sealer: Sealer::cm(master_key, master_salt, 0), sources: HashMap::new() }
     }
 
-    /// An `AEAD_AES_128_GCM` context for the master key and its 12-byte salt.
-    pub fn gcm(master_key: &[u8; KEY_LEN], master_salt: &[u8; GCM_SALT_LEN]) -> Srtp {
+    /// An `AEAD_AES_128_GCM` (16-byte key) or `AEAD_AES_256_GCM` (32-byte key) context for
+    /// the master key and its 12-byte salt.
+    pub fn gcm(master_key: &[u8], master_salt: &[u8; GCM_SALT_LEN]) -> Srtp {
         Srtp { sealer: Sealer::gcm(master_key, master_salt, 0), sources: HashMap::new() }
     }
 
@@ -246,8 +292,7 @@ impl Srtp {
             Sealer::Gcm { aead, salt } => {
                 let nonce = gcm_nonce(salt, ssrc, index);
                 let (aad, payload) = packet.split_at_mut(header);
-                let tag =
-                    aead.encrypt_in_place_detached((&nonce).into(), aad, payload).map_err(|_| SrtpError::Malformed)?;
+                let tag = aead.seal(&nonce, aad, payload)?;
                 packet.extend_from_slice(&tag);
             }
         }
@@ -287,9 +332,7 @@ impl Srtp {
                 }
                 let nonce = gcm_nonce(salt, ssrc, index);
                 let mut sealed = packet[header..body].to_vec();
-                let tag = aes_gcm::Tag::clone_from_slice(&packet[body..]);
-                aead.decrypt_in_place_detached((&nonce).into(), &packet[..header], &mut sealed, &tag)
-                    .map_err(|_| SrtpError::BadTag)?;
+                aead.open(&nonce, &packet[..header], &mut sealed, &packet[body..])?;
                 packet.truncate(header);
                 packet.extend_from_slice(&sealed);
             }
@@ -310,7 +353,9 @@ fn cm_crypt(keys: &SessionKeys, ssrc: u32, index: u64, payload: &mut [u8]) {
     for (b, s) in iv[8..14].iter_mut().zip(&index.to_be_bytes()[2..]) {
         *b ^= s;
     }
-    AesCtr::new((&keys.cipher).into(), (&iv).into()).apply_keystream(payload);
+    let mut key = [0u8; KEY_LEN];
+    key.copy_from_slice(&keys.cipher[..KEY_LEN]);
+    AesCtr::new((&key).into(), (&iv).into()).apply_keystream(payload);
 }
 
 /// The 80-bit HMAC-SHA1 tag over `parts`.
@@ -349,8 +394,8 @@ impl Srtcp {
         Srtcp { sealer: Sealer::cm(master_key, master_salt, 3), sources: HashMap::new(), next_index: 1 }
     }
 
-    /// An `AEAD_AES_128_GCM` context.
-    pub fn gcm(master_key: &[u8; KEY_LEN], master_salt: &[u8; GCM_SALT_LEN]) -> Srtcp {
+    /// An `AEAD_AES_128_GCM` or `AEAD_AES_256_GCM` context (by the key's length).
+    pub fn gcm(master_key: &[u8], master_salt: &[u8; GCM_SALT_LEN]) -> Srtcp {
         Srtcp { sealer: Sealer::gcm(master_key, master_salt, 3), sources: HashMap::new(), next_index: 1 }
     }
 
@@ -374,8 +419,7 @@ impl Srtcp {
                 let nonce = gcm_nonce(salt, ssrc, u64::from(index));
                 let (header, payload) = packet.split_at_mut(RTCP_HEADER);
                 let aad = [&header[..], &e_index].concat();
-                let tag =
-                    aead.encrypt_in_place_detached((&nonce).into(), &aad, payload).map_err(|_| SrtpError::Malformed)?;
+                let tag = aead.seal(&nonce, &aad, payload)?;
                 packet.extend_from_slice(&tag);
                 packet.extend_from_slice(&e_index);
             }
@@ -429,9 +473,7 @@ impl Srtcp {
                 let nonce = gcm_nonce(salt, ssrc, u64::from(index));
                 let aad = [&packet[..RTCP_HEADER], &e_index.to_be_bytes()].concat();
                 let mut sealed = packet[RTCP_HEADER..body].to_vec();
-                let tag = aes_gcm::Tag::clone_from_slice(&packet[body..body + tag_len]);
-                aead.decrypt_in_place_detached((&nonce).into(), &aad, &mut sealed, &tag)
-                    .map_err(|_| SrtpError::BadTag)?;
+                aead.open(&nonce, &aad, &mut sealed, &packet[body..body + tag_len])?;
                 packet.truncate(RTCP_HEADER);
                 packet.extend_from_slice(&sealed);
             }

@@ -351,6 +351,7 @@ impl<M: MediaAnchor> Agent<M> {
                             signalling_ip: from.ip(),
                             to: None,
                             hide: false,
+                            to_browser: false,
                         },
                     )
                     .map_err(|r| {

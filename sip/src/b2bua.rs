@@ -1592,5 +1592,5 @@ fn strip_tag(name_addr: &str) -> &str {
 /// A leg's SDP to anchor with the sender's address hidden everywhere (its `o=` line too):
 /// neither side of a B2BUA call learns the other's.
 fn hidden<'a>(call_id: &'a str, sender_tag: &'a str, sdp: &'a [u8], from: IpAddr, to: Option<IpAddr>) -> SdpIn<'a> {
-    SdpIn { call_id, sender_tag, sdp, signalling_ip: from, to, hide: true }
+    SdpIn { call_id, sender_tag, sdp, signalling_ip: from, to, hide: true, to_browser: false }
 }

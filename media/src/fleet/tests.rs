@@ -188,7 +188,15 @@ fn anchor(
     to: Option<&str>,
 ) -> Result<Vec<u8>, MediaRefusal> {
     let body = sdp(from, port);
-    let s = SdpIn { call_id: call, sender_tag: tag, sdp: &body, signalling_ip: ip(from), to: to.map(ip), hide: false };
+    let s = SdpIn {
+        call_id: call,
+        sender_tag: tag,
+        sdp: &body,
+        signalling_ip: ip(from),
+        to: to.map(ip),
+        hide: false,
+        to_browser: false,
+    };
     f.anchor_sdp(&s)
 }
 
@@ -544,6 +552,7 @@ fn offer_once(f: &mut Lab, call: &str) -> Result<Vec<u8>, Unanchored> {
         signalling_ip: ip(CALLER),
         to: Some(ip(CALLEE)),
         hide: false,
+        to_browser: false,
     };
     let now = f.cores.now;
     f.fleet.anchor_sdp(now, &s)

@@ -25,7 +25,7 @@ fn leg() -> IceLite {
 
 /// A check from the browser: `user`, signed with `pwd`; `nominate` adds USE-CANDIDATE,
 /// `controlled` claims the controlled role instead of the controlling one.
-fn check(user: &str, pwd: &str, nominate: bool, controlled: bool, tid: u8) -> Vec<u8> {
+pub(crate) fn check(user: &str, pwd: &str, nominate: bool, controlled: bool, tid: u8) -> Vec<u8> {
     let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request)
         .with_transaction_id(TransactionId::from([tid; 12]))
         .with_attribute(UserName::new(user).expect("username"))

@@ -14,7 +14,7 @@ fn anchor(addr: &str, rtp: u16) -> Option<Anchor> {
 fn golden(input: &str, media: Vec<Option<Anchor>>, remove_ice: bool, expected: &str) {
     let body = input.replace('\n', "\r\n");
     let sdp = Sdp::parse(body.as_bytes()).expect("parses");
-    let out = sdp.rewrite(&Rewrite { media: media.clone(), origin: None, remove_ice });
+    let out = sdp.rewrite(&Rewrite { media: media.clone(), origin: None, remove_ice, ..Default::default() });
     let ports: Vec<u16> = media.iter().flatten().map(|a| a.rtp_port).collect();
     let mut want = expected.to_owned();
     if let Some(p) = ports.get(1) {
@@ -227,7 +227,12 @@ fn hold_with_zero_address_is_left_alone() {
     let sdp = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 49170 RTP/AVP 0\r\n";
     let parsed = Sdp::parse(sdp.as_bytes()).expect("parses");
     assert!(!parsed.media[0].is_active());
-    let out = parsed.rewrite(&Rewrite { media: vec![anchor(RELAY4, 30070)], origin: None, remove_ice: true });
+    let out = parsed.rewrite(&Rewrite {
+        media: vec![anchor(RELAY4, 30070)],
+        origin: None,
+        remove_ice: true,
+        ..Default::default()
+    });
     assert_eq!(String::from_utf8(out).expect("utf8"), sdp.replace("1 1 IN", "1 2 IN"));
 }
 
@@ -238,6 +243,7 @@ fn origin_address_is_replaced_when_asked() {
         media: vec![anchor(RELAY4, 30080)],
         origin: Some(RELAY4.parse().expect("ip")),
         remove_ice: true,
+        ..Default::default()
     });
     let out = String::from_utf8(out).expect("utf8");
     assert!(out.starts_with("v=0\no=- 7 10 IN IP4 203.0.113.1\n"), "LF endings kept: {out}");
@@ -274,7 +280,7 @@ mod props {
                 sdp.push_str(&format!("a={e}{eol}"));
             }
             let parsed = Sdp::parse(sdp.as_bytes()).expect("parses");
-            let out = parsed.rewrite(&Rewrite { media: vec![anchor(RELAY4, relay)], origin: None, remove_ice: true });
+            let out = parsed.rewrite(&Rewrite { media: vec![anchor(RELAY4, relay)], origin: None, remove_ice: true, ..Default::default() });
             let again = Sdp::parse(&out).expect("output parses");
             prop_assert_eq!(again.media[0].port, relay);
             prop_assert_eq!(again.media[0].addr, Some(RELAY4.parse().expect("ip")));
@@ -292,7 +298,7 @@ mod props {
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
             if let Ok(s) = Sdp::parse(&data) {
                 let n = s.media.len();
-                let _ = s.rewrite(&Rewrite { media: vec![anchor(RELAY4, 30000); n], origin: None, remove_ice: true });
+                let _ = s.rewrite(&Rewrite { media: vec![anchor(RELAY4, 30000); n], origin: None, remove_ice: true, ..Default::default() });
             }
         }
     }

@@ -35,7 +35,7 @@ fn rtp(ssrc: u32, seq: u16, fill: u8) -> Vec<u8> {
 #[test]
 fn aes_cm_keystream_matches_rfc_3711_b2() {
     let mut out = [0u8; 48];
-    keystream(&arr("2B7E151628AED2A6ABF7158809CF4F3C"), &arr("F0F1F2F3F4F5F6F7F8F9FAFBFCFD0000"), &mut out);
+    keystream(&arr::<16>("2B7E151628AED2A6ABF7158809CF4F3C"), &arr("F0F1F2F3F4F5F6F7F8F9FAFBFCFD0000"), &mut out);
     assert_eq!(
         out.to_vec(),
         unhex("E03EAD0935C95E80E166B16DD92B4EB4 D23513162B02D0F72A43A2FE4A5F97AB 41E95B3BB0A2E8DD477901E4FCA894C0")
@@ -43,9 +43,20 @@ fn aes_cm_keystream_matches_rfc_3711_b2() {
 }
 
 #[test]
+fn aes_256_session_keys_match_rfc_6188_7_2() {
+    let keys = SessionKeys::derive_from(
+        &arr::<32>("f0f04914b513f2763a1b1fa130f10e2998f6f6e43e4309d1e622a0e332b9f1b6"),
+        &arr("3b04803de51ee7c96423ab5b78d2"),
+        0,
+    );
+    assert_eq!(keys.cipher.to_vec(), unhex("5ba1064e30ec51613cad926c5a28ef731ec7fb397f70a960653caf06554cd8c4"));
+    assert_eq!(keys.salt.to_vec(), unhex("fa31791685ca444a9e07c6c64e93"));
+}
+
+#[test]
 fn session_keys_match_rfc_3711_b3() {
-    let keys = SessionKeys::derive_from(&arr(MASTER_KEY), &arr(MASTER_SALT), 0);
-    assert_eq!(keys.cipher.to_vec(), unhex("C61E7A93744F39EE10734AFE3FF7A087"));
+    let keys = SessionKeys::derive_from(&arr::<16>(MASTER_KEY), &arr(MASTER_SALT), 0);
+    assert_eq!(keys.cipher[..16].to_vec(), unhex("C61E7A93744F39EE10734AFE3FF7A087"));
     assert_eq!(keys.salt.to_vec(), unhex("30CBBC08863D8C85D49DB34A9AE1"));
     assert_eq!(keys.auth.to_vec(), unhex("CEBE321F6FF7716B6FD4AB49AF256A156D38BAA4"));
 }
@@ -202,7 +213,7 @@ const GCM_SALT: &str = "a0a1a2a3a4a5a6a7a8a9aaab";
 
 #[test]
 fn libsrtps_aes_gcm_reference_packets_protect_and_unprotect_exactly() {
-    let (key, salt) = (arr(GCM_KEY), arr(GCM_SALT));
+    let (key, salt) = (arr::<16>(GCM_KEY), arr(GCM_SALT));
     let plain = unhex("800f1234decafbad cafebabe abababababababababababababababab");
     let sealed = unhex("800f1234decafbad cafebabe c5002ede04cfdd2eb91159e0880aa06e d2976826f796b201df3131a127e8a392");
     let mut p = plain.clone();

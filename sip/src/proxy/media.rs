@@ -76,6 +76,7 @@ fn between<'a>(call_id: &'a str, tag: &'a str, body: &'a [u8], from: Flow, to: O
         signalling_ip: from.remote.ip(),
         to: to.map(|f| f.remote.ip()),
         hide: false,
+        to_browser: to.is_some_and(|f| f.transport.is_websocket()),
     }
 }
 
