@@ -121,36 +121,113 @@ fn logs(browser: &Browser, bob: &Phone, pinhole: &Path) -> String {
     )
 }
 
+/// Waits until `bob` has recorded `secs` seconds of the current call.
+fn recorded(bob: &Phone, secs: usize, what: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bob.heard().len() < secs * 8000 {
+        assert!(Instant::now() < deadline, "bob's recording did not grow\n{}", what());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
-fn a_browser_behind_a_nat_and_baresip_call_each_other_and_hear_each_other() {
+fn a_browser_behind_a_nat_and_baresip_call_each_other_hold_resume_and_hang_up_from_each_side() {
     if !common::netns::have_root() {
         return;
     }
     let dir = TempDir::new("webrtc");
     let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::Open]);
     let (_pinhole, ph_log) = lab_pinhole(&lab, dir.path());
-    let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
+    let mut bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
     let mut browser = Browser::start(&lab.lans[0].lan, dir.path(), "alice", 440.0);
-    assert!(browser.wait("REGISTERED", Duration::from_secs(30)), "{}", logs(&browser, &bob, &ph_log));
-    assert!(
-        wait_for(&ph_log, "aor=bob@pinhole.test", Duration::from_secs(15)),
-        "{}",
-        logs(&browser, &bob, &ph_log)
-    );
+    let all = |b: &Browser, p: &Phone| logs(b, p, &ph_log);
+    assert!(browser.wait("REGISTERED", Duration::from_secs(30)), "{}", all(&browser, &bob));
+    assert!(wait_for(&ph_log, "aor=bob@pinhole.test", Duration::from_secs(15)), "{}", all(&browser, &bob));
 
-    // The browser calls baresip.
+    // 1. The browser calls baresip; each hears the other.
     browser.send("call sip:bob@pinhole.test");
-    assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", logs(&browser, &bob, &ph_log));
-    assert!(browser.hears(660.0, 4, 0, Duration::from_secs(20)), "the browser never heard bob\n{}", logs(&browser, &bob, &ph_log));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while bob.heard().len() < 16_000 {
-        assert!(Instant::now() < deadline, "bob's recording did not grow\n{}", logs(&browser, &bob, &ph_log));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", all(&browser, &bob));
+    assert!(browser.hears(660.0, 4, 0, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    recorded(&bob, 2, || all(&browser, &bob));
+    let share = tone_share(&bob.heard(), 440.0);
+    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+
+    // The browser holds and resumes (two re-INVITEs, same ICE and DTLS): sound comes back.
+    browser.send("hold");
+    assert!(browser.wait("HOLD local", Duration::from_secs(10)), "{}", all(&browser, &bob));
+    let mark = browser.lines();
+    browser.send("unhold");
+    assert!(browser.wait("UNHOLD local", Duration::from_secs(10)), "{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, mark, Duration::from_secs(15)),
+        "no sound after the browser resumed\n{}",
+        all(&browser, &bob)
+    );
+    // baresip hangs up: the browser's call ends from the remote side.
+    bob.command("/hangup");
+    assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
+
+    // 2. baresip calls the browser, which answers (pinhole offers it WebRTC: actpass, ICE-lite).
+    bob.clear_recordings();
+    let mark = browser.lines();
+    bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
+    assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
+    assert!(browser.hears(660.0, 4, mark, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    recorded(&bob, 2, || all(&browser, &bob));
+    let share = tone_share(&bob.heard(), 440.0);
+    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    // baresip holds and resumes.
+    bob.command("x");
+    assert!(browser.wait("HOLD remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
+    let mark = browser.lines();
+    bob.command("X");
+    assert!(browser.wait("UNHOLD remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, mark, Duration::from_secs(15)),
+        "no sound after baresip resumed\n{}",
+        all(&browser, &bob)
+    );
+    // The browser hangs up.
+    let closed = bob.log().matches("session closed").count();
     browser.send("hangup");
-    assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{}", logs(&browser, &bob, &ph_log));
-    let heard = bob.heard();
-    let share = tone_share(&heard, 440.0);
-    eprintln!("bob hears the browser's 440 Hz at {share:.3}");
-    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bob.log().matches("session closed").count() == closed {
+        assert!(Instant::now() < deadline, "bob's call did not end\n{}", all(&browser, &bob));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every handshake pinhole made was with the certificate each browser announced.
+    let log = std::fs::read_to_string(&ph_log).unwrap_or_default();
+    assert!(log.contains("relay session released"), "{log}");
+}
+
+#[test]
+fn two_browsers_behind_two_nats_call_each_other_through_pinhole_and_hear_each_other() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let dir = TempDir::new("webrtc2");
+    let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::SymmetricRandom]);
+    let (_pinhole, ph_log) = lab_pinhole(&lab, dir.path());
+    let mut alice = Browser::start(&lab.lans[0].lan, dir.path(), "alice", 440.0);
+    let bob = Browser::start(&lab.lans[1].lan, dir.path(), "bob", 660.0);
+    let all = |alice: &Browser| {
+        format!(
+            "--- alice ---\n{}\n--- bob ---\n{}\n--- pinhole ---\n{}",
+            alice.text(),
+            bob.text(),
+            std::fs::read_to_string(&ph_log).unwrap_or_default()
+        )
+    };
+    assert!(
+        alice.wait("REGISTERED", Duration::from_secs(30)) && bob.wait("REGISTERED", Duration::from_secs(30)),
+        "{}",
+        all(&alice)
+    );
+    alice.send("call sip:bob@pinhole.test");
+    assert!(bob.wait("INCOMING alice", Duration::from_secs(15)), "{}", all(&alice));
+    // Each page hears the other's tone: two DTLS-SRTP legs with keys of their own.
+    assert!(alice.hears(660.0, 4, 0, Duration::from_secs(20)), "alice never heard bob\n{}", all(&alice));
+    assert!(bob.hears(440.0, 4, 0, Duration::from_secs(20)), "bob never heard alice\n{}", all(&alice));
+    alice.send("hangup");
+    assert!(bob.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&alice));
 }

@@ -84,6 +84,12 @@ impl Phone {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Forgets what was recorded, before a new call (sndfile writes a file per call).
+    pub fn clear_recordings(&self) {
+        let _ = std::fs::remove_dir_all(&self.recordings);
+        std::fs::create_dir_all(&self.recordings).expect("recordings");
+    }
+
     /// The decoded audio this phone received (sndfile's dump-…-dec.wav).
     pub fn heard(&self) -> Vec<f64> {
         let file = std::fs::read_dir(&self.recordings)
