@@ -30,6 +30,11 @@ struct Browser {
 
 impl Browser {
     fn start(ns: &str, dir: &Path, user: &str, hz: f64) -> Browser {
+        Browser::start_at(ns, dir, user, hz, &format!("wss://{WAN_SERVER}:{WSS_PORT}"))
+    }
+
+    /// A browser whose SIP goes to WebSocket `url`.
+    fn start_at(ns: &str, dir: &Path, user: &str, hz: f64, url: &str) -> Browser {
         let js = repo().join("tests/js");
         assert!(
             js.join("node_modules/jssip").exists() && js.join("node_modules/playwright-core").exists(),
@@ -40,7 +45,7 @@ impl Browser {
         let log = dir.join(format!("{user}-browser.log"));
         let mut child = NatLab::command(ns, "node")
             .arg(js.join("browser_call.mjs"))
-            .args([&format!("wss://{WAN_SERVER}:{WSS_PORT}"), user, "pinhole.test", &format!("{user}-pw")])
+            .args([url, user, "pinhole.test", &format!("{user}-pw")])
             .arg(&tone)
             .current_dir(&js)
             .stdin(Stdio::piped())
@@ -230,4 +235,72 @@ fn two_browsers_behind_two_nats_call_each_other_through_pinhole_and_hear_each_ot
     assert!(bob.hears(440.0, 4, 0, Duration::from_secs(20)), "bob never heard alice\n{}", all(&alice));
     alice.send("hangup");
     assert!(bob.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&alice));
+}
+
+#[test]
+fn behind_kamailios_websocket_front_pinhole_is_the_browsers_media_relay_over_ng_with_the_webrtc_flag() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let dir = TempDir::new("webrtc-kam");
+    let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::Open]);
+    // pinhole as a pure media relay, on ng only, as rtpengine would be.
+    let (_pinhole, ph_log) = lab.start_pinhole_until(
+        dir.path(),
+        &format!(
+            "[sip]\nlisten = []\ndomain = \"relay.test\"\n[registrar]\nstore = \"\"\n\
+             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n\
+             [ng]\nlisten = \"127.0.0.1:2223\"\n"
+        ),
+        "ng control listening",
+    );
+    let cfg = std::fs::read_to_string(repo().join("config/kamailio/webrtc.cfg"))
+        .expect("webrtc.cfg")
+        .replace("__UDP__", &format!("udp:{WAN_SERVER}:5060"))
+        .replace("__WS__", &format!("tcp:{WAN_SERVER}:8080"))
+        .replace("__NG__", "udp:127.0.0.1:2223");
+    let cfg_path = dir.path().join("kamailio.cfg");
+    std::fs::write(&cfg_path, cfg).expect("cfg");
+    let kam_log = dir.path().join("kamailio.log");
+    let _kamailio = Bg(Some(
+        NatLab::command(&lab.wan, "kamailio")
+            .arg("-f")
+            .arg(&cfg_path)
+            .args(["-DD", "-E", "-m", "64", "-M", "16", "-Y"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&kam_log).expect("log"))
+            .process_group(0)
+            .spawn()
+            .expect("kamailio must be installed"),
+    ));
+    let mut bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
+    let mut browser = Browser::start_at(&lab.lans[0].lan, dir.path(), "alice", 440.0, &format!("ws://{WAN_SERVER}:8080"));
+    let all = |b: &Browser, p: &Phone| {
+        format!("{}\n--- kamailio ---\n{}", logs(b, p, &ph_log), std::fs::read_to_string(&kam_log).unwrap_or_default())
+    };
+    assert!(browser.wait("REGISTERED", Duration::from_secs(30)), "{}", all(&browser, &bob));
+    assert!(wait_for(&bob.log, "200 OK", Duration::from_secs(15)), "{}", all(&browser, &bob));
+
+    // The browser calls baresip through Kamailio; pinhole bridges the media.
+    browser.send("call sip:bob@pinhole.test");
+    assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", all(&browser, &bob));
+    assert!(browser.hears(660.0, 4, 0, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    recorded(&bob, 2, || all(&browser, &bob));
+    let share = tone_share(&bob.heard(), 440.0);
+    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    browser.send("hangup");
+    assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{}", all(&browser, &bob));
+
+    // And baresip calls the browser: Kamailio's offer to it carries the WebRTC flag.
+    bob.clear_recordings();
+    let mark = browser.lines();
+    bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
+    assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
+    assert!(browser.hears(660.0, 4, mark, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    recorded(&bob, 2, || all(&browser, &bob));
+    let share = tone_share(&bob.heard(), 440.0);
+    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    bob.command("/hangup");
+    assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
 }

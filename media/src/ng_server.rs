@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::latch::LatchMode;
 use crate::ng::{from_json, split_cookie, to_json, Bencode, NgError, MAX_COOKIE};
+use crate::sdp::Profile;
 use crate::relay::{CallInfo, Component, MediaPath, Options, Relay, RelayError, Side};
 use crate::stats::StreamStats;
 
@@ -43,11 +44,17 @@ const KNOWN_FLAGS: &[&str] = &[
     "port-latching",
     "loop-protect",
     "fast",
+    // Always so towards a browser: pinhole writes a=mid and muxes RTCP there.
+    "generate-mid",
+    "rtcp-mux-offer",
+    "rtcp-mux-require",
+    "rtcp-mux-accept",
+    "no-rtcp-attribute",
 ];
 
 /// Features pinhole does not have: accepted with a warning naming them, never ignored.
 const UNSUPPORTED_KEYS: &[&str] =
-    &["record-call", "transcode", "codec", "SDES", "DTLS", "T.38", "T38", "media-echo", "xmlrpc-callback", "metadata"];
+    &["record-call", "transcode", "codec", "T.38", "T38", "media-echo", "xmlrpc-callback", "metadata"];
 
 /// Most replies cached, and most bytes (cookies and replies) they may hold; past either
 /// the oldest are forgotten early.
@@ -253,12 +260,15 @@ fn strings(v: Option<&Bencode>) -> Vec<String> {
 fn options(msg: &Bencode, relay: &Relay, warnings: &mut Vec<String>) -> (Options, bool) {
     let mut o = Options::default();
     let mut trust_address = false;
+    let mut webrtc = false;
     for f in strings(get(msg, "flags")) {
         let lf = f.to_ascii_lowercase().replace(' ', "-");
         match lf.as_str() {
             "asymmetric" => o.mode = LatchMode::Asymmetric,
             "symmetric" => o.mode = LatchMode::Symmetric,
             "trust-address" => trust_address = true,
+            // rtpengine's one-word WebRTC: ICE=force, UDP/TLS/RTP/SAVPF, rtcp-mux, mid.
+            "webrtc" => webrtc = true,
             _ if KNOWN_FLAGS.contains(&lf.as_str()) => {}
             _ => warnings.push(format!("unsupported flag '{f}' ignored")),
         }
@@ -271,15 +281,7 @@ fn options(msg: &Bencode, relay: &Relay, warnings: &mut Vec<String>) -> (Options
             _ => warnings.push(format!("unsupported replace '{r}' ignored")),
         }
     }
-    match key(msg, "ICE").map(str::to_ascii_lowercase).as_deref() {
-        None | Some("remove") | Some("default") => {}
-        Some(other) => warnings.push(format!("ICE={other} is not supported; ICE attributes removed")),
-    }
-    if let Some(proto) = key(msg, "transport-protocol") {
-        if !proto.eq_ignore_ascii_case("RTP/AVP") && !proto.eq_ignore_ascii_case("RTP/AVPF") {
-            warnings.push(format!("transport-protocol {proto} (SRTP bridging) is not supported; media passed as is"));
-        }
-    }
+    o.to_profile = secure_profile(msg, webrtc, warnings);
     for k in UNSUPPORTED_KEYS {
         if get(msg, k).is_some() || get(msg, &k.to_ascii_lowercase()).is_some() {
             warnings.push(format!("{k} is not supported"));
@@ -294,6 +296,44 @@ fn options(msg: &Bencode, relay: &Relay, warnings: &mut Vec<String>) -> (Options
         }
     }
     (o, trust_address)
+}
+
+/// The transport the recipient of an offer speaks, by rtpengine's keys: `WebRTC`,
+/// `ICE=force` (with DTLS, the default, it is a browser), `DTLS=off`, `SDES-off` and
+/// `transport-protocol`. `None`: the relay's default (a browser's offer goes out as plain
+/// RTP; everything else as it came).
+fn secure_profile(msg: &Bencode, webrtc: bool, warnings: &mut Vec<String>) -> Option<Profile> {
+    let ice_force = match key(msg, "ICE").map(str::to_ascii_lowercase).as_deref() {
+        None | Some("remove") | Some("default") => false,
+        Some("force") | Some("force-relay") => true,
+        Some(other) => {
+            warnings.push(format!("ICE={other} is not supported; ICE attributes removed"));
+            false
+        }
+    };
+    let dtls_off = match key(msg, "DTLS").map(str::to_ascii_lowercase).as_deref() {
+        None | Some("passive") => false,
+        Some("off") | Some("no") | Some("disable") => true,
+        Some(other) => {
+            // pinhole is the DTLS server towards browsers (their setup is active or actpass).
+            warnings.push(format!("DTLS={other} is not supported; pinhole is passive"));
+            false
+        }
+    };
+    let proto = key(msg, "transport-protocol").and_then(|p| {
+        let profile = Profile::from_transport(p);
+        if profile.is_none() {
+            warnings.push(format!("transport-protocol {p} is not supported; media passed as is"));
+        }
+        profile
+    });
+    if webrtc || (ice_force && !dtls_off) || (proto == Some(Profile::WebRtc) && !dtls_off) {
+        Some(Profile::WebRtc)
+    } else if proto == Some(Profile::WebRtc) {
+        Some(Profile::Sdes)
+    } else {
+        proto
+    }
 }
 
 fn command(clock: Clock, now: Instant, relay: Option<&mut Relay>, msg: &Bencode) -> Bencode {
@@ -629,12 +669,49 @@ mod tests {
             ("call-id", Bencode::str("call-4")),
             ("from-tag", Bencode::str("tagA")),
             ("sdp", Bencode::str(OFFER)),
-            ("flags", Bencode::List(vec![Bencode::str("trust-address"), Bencode::str("generate-mid")])),
+            ("flags", Bencode::List(vec![Bencode::str("trust-address"), Bencode::str("loop-detect")])),
             ("record-call", Bencode::str("yes")),
         ]);
         assert_eq!(text(&r, "result"), "ok");
         let w = text(&r, "warning");
-        assert!(w.contains("generate-mid") && w.contains("record-call"), "{w}");
+        assert!(w.contains("loop-detect") && w.contains("record-call"), "{w}");
+    }
+
+    #[test]
+    fn the_webrtc_flag_offers_a_plain_phone_to_a_browser_the_way_rtpengine_does() {
+        let mut d = Daemon::new();
+        let r = d.send(vec![
+            ("command", Bencode::str("offer")),
+            ("call-id", Bencode::str("call-w")),
+            ("from-tag", Bencode::str("tagA")),
+            ("sdp", Bencode::str(OFFER)),
+            ("flags", Bencode::List(vec![Bencode::str("WebRTC")])),
+        ]);
+        assert_eq!(text(&r, "result"), "ok", "{r:?}");
+        let sdp = text(&r, "sdp");
+        for want in ["UDP/TLS/RTP/SAVPF", "a=ice-lite", "a=ice-ufrag:", "a=fingerprint:sha-256 ", "a=setup:actpass", "a=rtcp-mux", "a=mid:"] {
+            assert!(sdp.contains(want), "{want} missing from {sdp}");
+        }
+        // The same offer with ICE=force and RTP/SAVPF (the older way to say it) too; with
+        // transport-protocol RTP/AVP and ICE=remove it stays plain.
+        let r = d.send(vec![
+            ("command", Bencode::str("offer")),
+            ("call-id", Bencode::str("call-w2")),
+            ("from-tag", Bencode::str("tagA")),
+            ("sdp", Bencode::str(OFFER)),
+            ("ICE", Bencode::str("force")),
+            ("transport-protocol", Bencode::str("RTP/SAVPF")),
+        ]);
+        assert!(text(&r, "sdp").contains("UDP/TLS/RTP/SAVPF"), "{r:?}");
+        let r = d.send(vec![
+            ("command", Bencode::str("offer")),
+            ("call-id", Bencode::str("call-w3")),
+            ("from-tag", Bencode::str("tagA")),
+            ("sdp", Bencode::str(OFFER)),
+            ("ICE", Bencode::str("remove")),
+            ("transport-protocol", Bencode::str("RTP/AVP")),
+        ]);
+        assert!(text(&r, "sdp").contains("RTP/AVP") && !text(&r, "sdp").contains("fingerprint"), "{r:?}");
     }
 
     #[test]

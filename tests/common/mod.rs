@@ -12,6 +12,12 @@ impl netns::NatLab {
     /// Starts pinhole in the WAN namespace with `config` (written to `dir`), logging to
     /// `dir/pinhole.log`, and waits until it listens. Returns the process and the log path.
     pub fn start_pinhole(&self, dir: &Path, config: &str) -> (Bg, PathBuf) {
+        self.start_pinhole_until(dir, config, "SIP listening")
+    }
+
+    /// [`Self::start_pinhole`], ready once its log has `ready` (a relay without SIP
+    /// listeners: `ng control listening`).
+    pub fn start_pinhole_until(&self, dir: &Path, config: &str, ready: &str) -> (Bg, PathBuf) {
         let cfg = dir.join("pinhole.toml");
         std::fs::write(&cfg, config).expect("config");
         let log = dir.join("pinhole.log");
@@ -26,7 +32,7 @@ impl netns::NatLab {
             .spawn()
             .expect("pinhole");
         let bg = Bg(Some(child));
-        assert!(wait_for(&log, "SIP listening", Duration::from_secs(10)), "pinhole did not start");
+        assert!(wait_for(&log, ready, Duration::from_secs(10)), "pinhole did not start");
         (bg, log)
     }
 }

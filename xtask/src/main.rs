@@ -84,11 +84,16 @@ fn is_root() -> bool {
 
 fn install_peers() -> anyhow::Result<()> {
     let missing: Vec<&str> = PEERS.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
-    let extra_missing = !Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules/rtpengine.so").exists()
-        && !Path::new("/usr/lib/kamailio/modules/rtpengine.so").exists();
+    let module_missing = |m: &str| {
+        !Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules").join(m).exists()
+            && !Path::new("/usr/lib/kamailio/modules").join(m).exists()
+    };
     let mut pkgs: Vec<&str> = missing;
-    if extra_missing {
-        pkgs.push("kamailio-extra-modules");
+    // Kamailio's modules in packages of their own: rtpengine (ng), websocket (browsers).
+    for (module, pkg) in [("rtpengine.so", "kamailio-extra-modules"), ("websocket.so", "kamailio-websocket-modules")] {
+        if module_missing(module) {
+            pkgs.push(pkg);
+        }
     }
     if pkgs.is_empty() {
         println!("xtask: test peers present");
