@@ -152,7 +152,11 @@ fn a_browser_behind_a_nat_and_baresip_call_each_other_hold_resume_and_hang_up_fr
     // 1. The browser calls baresip; each hears the other.
     browser.send("call sip:bob@pinhole.test");
     assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", all(&browser, &bob));
-    assert!(browser.hears(660.0, 4, 0, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, 0, Duration::from_secs(20)),
+        "the browser never heard bob\n{}",
+        all(&browser, &bob)
+    );
     recorded(&bob, 2, || all(&browser, &bob));
     let share = tone_share(&bob.heard(), 440.0);
     assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
@@ -177,7 +181,11 @@ fn a_browser_behind_a_nat_and_baresip_call_each_other_hold_resume_and_hang_up_fr
     let mark = browser.lines();
     bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
     assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
-    assert!(browser.hears(660.0, 4, mark, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, mark, Duration::from_secs(20)),
+        "the browser never heard bob\n{}",
+        all(&browser, &bob)
+    );
     recorded(&bob, 2, || all(&browser, &bob));
     let share = tone_share(&bob.heard(), 440.0);
     assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
@@ -275,7 +283,8 @@ fn behind_kamailios_websocket_front_pinhole_is_the_browsers_media_relay_over_ng_
             .expect("kamailio must be installed"),
     ));
     let mut bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
-    let mut browser = Browser::start_at(&lab.lans[0].lan, dir.path(), "alice", 440.0, &format!("ws://{WAN_SERVER}:8080"));
+    let mut browser =
+        Browser::start_at(&lab.lans[0].lan, dir.path(), "alice", 440.0, &format!("ws://{WAN_SERVER}:8080"));
     let all = |b: &Browser, p: &Phone| {
         format!("{}\n--- kamailio ---\n{}", logs(b, p, &ph_log), std::fs::read_to_string(&kam_log).unwrap_or_default())
     };
@@ -285,7 +294,11 @@ fn behind_kamailios_websocket_front_pinhole_is_the_browsers_media_relay_over_ng_
     // The browser calls baresip through Kamailio; pinhole bridges the media.
     browser.send("call sip:bob@pinhole.test");
     assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", all(&browser, &bob));
-    assert!(browser.hears(660.0, 4, 0, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, 0, Duration::from_secs(20)),
+        "the browser never heard bob\n{}",
+        all(&browser, &bob)
+    );
     recorded(&bob, 2, || all(&browser, &bob));
     let share = tone_share(&bob.heard(), 440.0);
     assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
@@ -297,10 +310,54 @@ fn behind_kamailios_websocket_front_pinhole_is_the_browsers_media_relay_over_ng_
     let mark = browser.lines();
     bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
     assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
-    assert!(browser.hears(660.0, 4, mark, Duration::from_secs(20)), "the browser never heard bob\n{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, mark, Duration::from_secs(20)),
+        "the browser never heard bob\n{}",
+        all(&browser, &bob)
+    );
     recorded(&bob, 2, || all(&browser, &bob));
     let share = tone_share(&bob.heard(), 440.0);
     assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    bob.command("/hangup");
+    assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
+}
+
+#[test]
+fn a_softphone_speaking_sdes_srtp_calls_the_browser_and_they_hear_each_other() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let dir = TempDir::new("webrtc-sdes");
+    let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::Open]);
+    let (_pinhole, ph_log) = lab_pinhole(&lab, dir.path());
+    // baresip insisting on SDES-SRTP (RTP/SAVP with a=crypto).
+    let mut bob = Phone::start_with(
+        &lab.lans[1].lan,
+        dir.path(),
+        "bob",
+        &lab.lans[1].host,
+        660.0,
+        "mediaenc=srtp-mand;",
+        "module srtp.so\n",
+    );
+    let browser = Browser::start(&lab.lans[0].lan, dir.path(), "alice", 440.0);
+    let all = |b: &Browser, p: &Phone| logs(b, p, &ph_log);
+    assert!(browser.wait("REGISTERED", Duration::from_secs(30)), "{}", all(&browser, &bob));
+    assert!(wait_for(&ph_log, "aor=bob@pinhole.test", Duration::from_secs(15)), "{}", all(&browser, &bob));
+    bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
+    assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
+    // SRTP with SDES keys on bob's leg, DTLS-SRTP on the browser's: pinhole re-keys between.
+    assert!(
+        browser.hears(660.0, 4, 0, Duration::from_secs(20)),
+        "the browser never heard bob\n{}",
+        all(&browser, &bob)
+    );
+    recorded(&bob, 2, || all(&browser, &bob));
+    let share = tone_share(&bob.heard(), 440.0);
+    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    let log = bob.log();
+    assert!(log.contains("SRTP is Enabled"), "bob's call was not SRTP\n{log}");
+    assert!(!log.contains("drop incoming RTCP packet on RTP port"), "RTCP went to bob's RTP port\n{log}");
     bob.command("/hangup");
     assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
 }

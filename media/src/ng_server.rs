@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use crate::latch::LatchMode;
 use crate::ng::{from_json, split_cookie, to_json, Bencode, NgError, MAX_COOKIE};
-use crate::sdp::Profile;
 use crate::relay::{CallInfo, Component, MediaPath, Options, Relay, RelayError, Side};
+use crate::sdp::Profile;
 use crate::stats::StreamStats;
 
 /// How long a reply is kept for retransmissions of its request.
@@ -689,7 +689,15 @@ mod tests {
         ]);
         assert_eq!(text(&r, "result"), "ok", "{r:?}");
         let sdp = text(&r, "sdp");
-        for want in ["UDP/TLS/RTP/SAVPF", "a=ice-lite", "a=ice-ufrag:", "a=fingerprint:sha-256 ", "a=setup:actpass", "a=rtcp-mux", "a=mid:"] {
+        for want in [
+            "UDP/TLS/RTP/SAVPF",
+            "a=ice-lite",
+            "a=ice-ufrag:",
+            "a=fingerprint:sha-256 ",
+            "a=setup:actpass",
+            "a=rtcp-mux",
+            "a=mid:",
+        ] {
             assert!(sdp.contains(want), "{want} missing from {sdp}");
         }
         // The same offer with ICE=force and RTP/SAVPF (the older way to say it) too; with

@@ -372,7 +372,13 @@ impl<S> PortTable<S> {
                 if let Err(r) = leg.protect(buf, rtcp) {
                     return drop(self, r.label());
                 }
-                leg.peer().or(latch_to)
+                // A checked leg goes to its nominated address; without ICE the port's
+                // own latch knows (RTCP to the RTCP port of a leg that does not mux).
+                if leg.has_ice() {
+                    leg.peer().or(latch_to)
+                } else {
+                    latch_to
+                }
             }
             None => latch_to,
         };

@@ -258,10 +258,18 @@ fn an_sdes_phone_and_a_plain_one_are_bridged_with_a_key_each_way() {
     assert_eq!(f.to, sa(PHONE));
     let f = table.forward(now, 2, plain_port, sa(PHONE), &rtp(2)).expect("RTP in, SRTP out");
     assert_eq!(f.to, sa("192.0.2.30:5000"));
-    let (mut rx, _) = ours.contexts().expect("ctx");
+    let (mut rx, mut rx_rtcp) = ours.contexts().expect("ctx");
     let mut q = table.rewritten().to_vec();
     rx.unprotect(&mut q).expect("the SDES phone reads it with the key pinhole sent");
     assert_eq!(q, rtp(2));
+    // RTCP from the plain phone's RTCP port goes to the SDES phone's RTCP port (neither
+    // muxes), as SRTCP.
+    let rr = [0x81, 201, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0];
+    let f = table.forward(now, 3, plain_port + 1, sa("192.0.2.20:4001"), &rr).expect("RTCP in, SRTCP out");
+    assert_eq!((f.to, f.from_port), (sa("192.0.2.30:5001"), sdes_port + 1));
+    let mut q = table.rewritten().to_vec();
+    rx_rtcp.unprotect(&mut q).expect("SRTCP under the key pinhole sent");
+    assert_eq!(q, rr);
 }
 
 #[test]
