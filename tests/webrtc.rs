@@ -172,6 +172,15 @@ fn a_browser_behind_a_nat_and_baresip_call_each_other_hold_resume_and_hang_up_fr
         "no sound after the browser resumed\n{}",
         all(&browser, &bob)
     );
+    // An ICE restart: new credentials both ways, the DTLS session and sound go on.
+    let mark = browser.lines();
+    browser.send("restart");
+    assert!(browser.wait("RENEGOTIATED", Duration::from_secs(10)), "{}", all(&browser, &bob));
+    assert!(
+        browser.hears(660.0, 4, mark, Duration::from_secs(15)),
+        "no sound after the ICE restart\n{}",
+        all(&browser, &bob)
+    );
     // baresip hangs up: the browser's call ends from the remote side.
     bob.command("/hangup");
     assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));

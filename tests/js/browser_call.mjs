@@ -1,6 +1,7 @@
 // A browser softphone that talks: headless Chromium (Debian's, driven by playwright-core)
 // opens phone.html, served by this script on 127.0.0.1, registers USER over the WebSocket
-// URL, and takes commands on stdin, one per line: `call URI`, `hangup`, `hold`, `unhold`.
+// URL, and takes commands on stdin, one per line: `call URI`, `hangup`, `hold`, `unhold`,
+// `restart` (an ICE restart).
 // Calls coming in are answered. Its microphone is TONE (a WAV file); it prints the page's
 // events, one per line (REGISTERED, INCOMING <user>, CONFIRMED, ICE <state>, HOLD, ENDED,
 // PEAK <hz> <dB>: the loudest frequency of what it hears, twice a second).
@@ -55,7 +56,7 @@ lines.on('line', async (line) => {
   const [cmd, arg] = line.trim().split(/\s+/);
   try {
     if (cmd === 'call') await page.evaluate((t) => window.phone.call(t), arg);
-    else if (['hangup', 'hold', 'unhold'].includes(cmd)) await page.evaluate((c) => window.phone[c](), cmd);
+    else if (['hangup', 'hold', 'unhold', 'restart'].includes(cmd)) await page.evaluate((c) => window.phone[c](), cmd);
   } catch (e) {
     console.log(`COMMAND_ERROR ${cmd} ${e.message}`);
   }

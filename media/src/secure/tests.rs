@@ -283,3 +283,54 @@ fn an_sdes_offer_without_a_suite_pinhole_takes_is_refused_by_name() {
     let e = relay.offer(now, "c3", "s", offer.as_bytes(), None, opts).expect_err("refused");
     assert!(e.to_string().contains("no crypto suite negotiated"), "{e}");
 }
+
+#[test]
+fn a_reinvite_that_turns_the_dtls_roles_round_keeps_media_on_the_old_keys_until_the_new_ones_are_out() {
+    let browser = Identity::generate().expect("id");
+    let mut lab = Lab::new(&browser);
+    lab.nominate();
+    let relay_fp = crate::dtls::parse_fingerprint(attr(&lab.answer, "fingerprint").expect("fp")).expect("fp");
+    let mut first = DtlsLeg::new(&browser, relay_fp, true, lab.now);
+    lab.handshake(&mut first);
+    let mut old = first.take_keys().expect("keys");
+
+    // The browser re-offers as passive: pinhole becomes the DTLS client.
+    let reoffer = String::from_utf8(browser_offer(&browser)).expect("utf8").replace("a=setup:actpass", "a=setup:passive");
+    lab.relay.offer(lab.now, "c1", "b", reoffer.as_bytes(), None, Options::default()).expect("re-offer");
+    let answer = lab.relay.answer(lab.now, "c1", "p", &phone_answer(), None, Options::default()).expect("answer");
+    let answer = String::from_utf8(answer).expect("utf8");
+    assert_eq!(attr(&answer, "setup"), Some("active"), "{answer}");
+    while let Some(c) = lab.relay.poll_command() {
+        lab.table.apply(lab.now, c);
+    }
+    // Until the new handshake is done the old keys carry the media.
+    let mut p = rtp(30);
+    old.tx.protect(&mut p).expect("protect");
+    assert!(lab.table.forward(lab.now, 1, lab.browser_port, sa(BROWSER), &p).is_some(), "old keys still work");
+
+    // pinhole sends the ClientHello to the checked address; the browser's server answers.
+    let mut server = DtlsLeg::new(&browser, relay_fp, false, lab.now);
+    for _ in 0..20 {
+        lab.now += Duration::from_millis(5);
+        lab.table.handle_timeout(lab.now);
+        for r in lab.replies() {
+            assert_eq!(r.to, sa(BROWSER));
+            server.handle(lab.now, &r.data);
+        }
+        while let Some(d) = server.poll_transmit() {
+            assert!(lab.table.forward(lab.now, 1, lab.browser_port, sa(BROWSER), &d).is_none());
+        }
+        if server.state() == crate::dtls::State::Done && lab.replies().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(server.state(), crate::dtls::State::Done);
+    let mut new = server.take_keys().expect("new keys");
+    let mut p = rtp(31);
+    new.tx.protect(&mut p).expect("protect");
+    assert!(lab.table.forward(lab.now, 2, lab.browser_port, sa(BROWSER), &p).is_some(), "the new keys work");
+    let f = lab.table.forward(lab.now, 3, lab.phone_port, sa(PHONE), &rtp(40)).expect("to the browser");
+    assert_eq!(f.to, sa(BROWSER));
+    let mut back = lab.table.rewritten().to_vec();
+    new.rx.unprotect(&mut back).expect("under the new keys");
+}
