@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 
-use stun_rs::attributes::ice::{IceControlled, UseCandidate};
+use stun_rs::attributes::ice::{IceControlled, IceControlling, Priority, UseCandidate};
 use stun_rs::attributes::stun::{Fingerprint, MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::{MessageClass, MessageDecoderBuilder, StunAttribute, StunMessageBuilder};
@@ -146,6 +146,23 @@ impl IceLite {
             None => Checked::Refused(Refused::Integrity),
         }
     }
+}
+
+/// A check as a browser sends it (USERNAME, PRIORITY, ICE-CONTROLLING or, with
+/// `controlled`, ICE-CONTROLLED, USE-CANDIDATE when `nominate`, MESSAGE-INTEGRITY under
+/// `pwd`, FINGERPRINT). An ICE-lite agent sends none: this is for tests, fuzzing and the
+/// benchmarks, which play the browser.
+pub fn browser_check(user: &str, pwd: &str, nominate: bool, controlled: bool, tid: [u8; 12]) -> Option<Vec<u8>> {
+    let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request)
+        .with_transaction_id(stun_rs::TransactionId::from(tid))
+        .with_attribute(UserName::new(user).ok()?)
+        .with_attribute(Priority::from(1_853_817_087));
+    b = if controlled { b.with_attribute(IceControlled::from(42)) } else { b.with_attribute(IceControlling::from(42)) };
+    if nominate {
+        b = b.with_attribute(UseCandidate::default());
+    }
+    let key = stun_rs::HMACKey::new_short_term(pwd).ok()?;
+    encode(&b.with_attribute(MessageIntegrity::new(key)).with_attribute(Fingerprint::default()).build())
 }
 
 #[cfg(test)]

@@ -322,8 +322,8 @@ pub struct Relay {
     keep_state: bool,
     /// A standby mirrors another node's calls and ends none of them on its own.
     standby: bool,
-    /// The certificate of the relay's DTLS-SRTP legs (`None`: it could not be made, and
-    /// WebRTC offers are refused).
+    /// The certificate of the relay's DTLS-SRTP legs, made when the first WebRTC stream
+    /// needs it (`None` until then, or if it could not be made: WebRTC offers are refused).
     identity: Option<Arc<Identity>>,
 }
 
@@ -362,13 +362,30 @@ impl Relay {
             changed: Default::default(),
             keep_state: false,
             standby: false,
-            identity: Identity::generate().ok().map(Arc::new),
+            identity: None,
         }
     }
 
-    /// The DTLS certificate's fingerprint (`sha-256 AB:…`), as the relay's SDP carries it.
+    /// The DTLS certificate's fingerprint (`sha-256 AB:…`), as the relay's SDP carries it,
+    /// once a WebRTC stream made it.
     pub fn fingerprint(&self) -> Option<String> {
         self.identity.as_ref().map(|i| i.fingerprint_attr())
+    }
+
+    /// Uses `identity` for DTLS from now on (relays of one node share one).
+    pub fn set_identity(&mut self, identity: Arc<Identity>) {
+        self.identity = Some(identity);
+    }
+
+    /// Makes the relay's certificate the first time a WebRTC stream needs one (a few
+    /// milliseconds, once).
+    fn need_identity(&mut self) {
+        if self.identity.is_none() {
+            match Identity::generate() {
+                Ok(id) => self.identity = Some(Arc::new(id)),
+                Err(_) => metrics::counter!("pinhole_relay_identity_errors_total").increment(1),
+            }
+        }
     }
 
     /// Takes a port pair out of use (the data plane could not bind one of its ports).
@@ -746,6 +763,10 @@ impl Relay {
         opts: Options,
         offer: bool,
     ) -> Result<Vec<u8>, RelayError> {
+        if opts.to_profile == Some(Profile::WebRtc) || sdp.media.iter().any(|m| Profile::of(m) == Some(Profile::WebRtc))
+        {
+            self.need_identity();
+        }
         let other = side.other();
         let ifaces = &self.cfg.interfaces;
         let family = |v6: bool| ifaces.iter().position(|i| i.advertise.is_ipv6() == v6);

@@ -241,7 +241,9 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    for target in ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster", "srtp", "websocket"] {
+    for target in
+        ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster", "srtp", "websocket", "dtls"]
+    {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut c = Command::new("cargo");

@@ -1,7 +1,7 @@
 //! Checks as a browser sends them (USERNAME, PRIORITY, ICE-CONTROLLING, USE-CANDIDATE,
 //! MESSAGE-INTEGRITY, FINGERPRINT), built with stun-rs, and every way a stranger's fails.
 
-use stun_rs::attributes::ice::{IceControlled, IceControlling, Priority, UseCandidate};
+use stun_rs::attributes::ice::UseCandidate;
 use stun_rs::{DecoderContextBuilder, HMACKey, TransactionId};
 
 use super::*;
@@ -26,17 +26,7 @@ fn leg() -> IceLite {
 /// A check from the browser: `user`, signed with `pwd`; `nominate` adds USE-CANDIDATE,
 /// `controlled` claims the controlled role instead of the controlling one.
 pub(crate) fn check(user: &str, pwd: &str, nominate: bool, controlled: bool, tid: u8) -> Vec<u8> {
-    let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request)
-        .with_transaction_id(TransactionId::from([tid; 12]))
-        .with_attribute(UserName::new(user).expect("username"))
-        .with_attribute(Priority::from(1_853_817_087));
-    b = if controlled { b.with_attribute(IceControlled::from(42)) } else { b.with_attribute(IceControlling::from(42)) };
-    if nominate {
-        b = b.with_attribute(UseCandidate::default());
-    }
-    let key = HMACKey::new_short_term(pwd).expect("key");
-    encode(&b.with_attribute(MessageIntegrity::new(key)).with_attribute(Fingerprint::default()).build())
-        .expect("encodes")
+    browser_check(user, pwd, nominate, controlled, [tid; 12]).expect("encodes")
 }
 
 #[test]

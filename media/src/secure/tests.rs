@@ -295,7 +295,8 @@ fn a_reinvite_that_turns_the_dtls_roles_round_keeps_media_on_the_old_keys_until_
     let mut old = first.take_keys().expect("keys");
 
     // The browser re-offers as passive: pinhole becomes the DTLS client.
-    let reoffer = String::from_utf8(browser_offer(&browser)).expect("utf8").replace("a=setup:actpass", "a=setup:passive");
+    let reoffer =
+        String::from_utf8(browser_offer(&browser)).expect("utf8").replace("a=setup:actpass", "a=setup:passive");
     lab.relay.offer(lab.now, "c1", "b", reoffer.as_bytes(), None, Options::default()).expect("re-offer");
     let answer = lab.relay.answer(lab.now, "c1", "p", &phone_answer(), None, Options::default()).expect("answer");
     let answer = String::from_utf8(answer).expect("utf8");
