@@ -64,8 +64,19 @@ fn register_defaults() {
         "pinhole_takeovers_total",
         "pinhole_takeover_restore_errors_total",
         "pinhole_takeover_garbage_total",
+        "pinhole_relay_replies_dropped_total",
+        "pinhole_relay_identity_errors_total",
     ] {
         metrics::counter!(name).absolute(0);
+    }
+    // Secure legs (SDES, WebRTC): what was not forwarded, and handshakes.
+    for reason in
+        ["control", "not_ready", "bad_tag", "replayed", "too_old", "malformed", "too_many_sources", "too_large"]
+    {
+        metrics::counter!("pinhole_relay_secure_dropped_total", "reason" => reason).absolute(0);
+    }
+    for outcome in ["done", "failed"] {
+        metrics::counter!("pinhole_dtls_handshakes_total", "outcome" => outcome).absolute(0);
     }
     for t in ["udp", "tcp", "tls", "ws", "wss"] {
         metrics::counter!("pinhole_sip_garbage_total", "transport" => t).absolute(0);
