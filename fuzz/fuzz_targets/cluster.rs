@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
     // empty input is a relay that never answers (its timers run out).
     let mut t = now;
     for tag in ["a", "b", "a"] {
-        let sdp = SdpIn { call_id: "c", sender_tag: tag, sdp: SDP, signalling_ip: ip, to: None, hide: tag == "b" };
+        let sdp = SdpIn { call_id: "c", sender_tag: tag, sdp: SDP, signalling_ip: ip, to: None, hide: tag == "b", to_browser: false };
         for _ in 0..8 {
             if fleet.anchor_sdp(t, &sdp) != Err(pinhole_media::anchor::Unanchored::Waiting) {
                 break;
