@@ -43,9 +43,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Some("node") => crate::nodebench::run(&args[1..]),
         Some("cluster") => crate::clusterbench::run(&args[1..]),
         Some("store") => store(&args[1..]),
+        Some("dtls") => crate::dtlsbench::run(&args[1..]),
         other => {
             anyhow::bail!(
-                "unknown benchmark {other:?}; available: sip, node, relay, ng, punch, faketcp, b2bua, cluster, store"
+                "unknown benchmark {other:?}; available: sip, node, relay [--srtp], ng, punch, faketcp, b2bua, cluster, store, dtls"
             )
         }
     }

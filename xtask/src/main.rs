@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod b2buabench;
 mod bench;
 mod clusterbench;
+mod dtlsbench;
 mod faketcpbench;
 mod mmsg;
 #[allow(unreachable_pub)]
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
         Some("install-peers") => install_peers(),
         Some("lab") => lab(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] | bench ng [--rate N] | bench punch | bench faketcp [--calls N] [--seconds N] | fuzz [SECONDS] | lab KIND | install-peers");
+            eprintln!("usage: cargo xtask test | bench sip [--rate N] | bench relay [--calls N] [--seconds N] [--srtp] | bench dtls | bench ng [--rate N] | bench punch | bench faketcp [--calls N] [--seconds N] | fuzz [SECONDS] | lab KIND | install-peers");
             return ExitCode::from(2);
         }
     };

@@ -2,6 +2,11 @@
 //! G.711 RTP per leg in both directions, through pinhole and through rtpengine 10.5
 //! (userspace, --delete-delay=0) in the same run, driven by the same load generator.
 //! Reports relay CPU per relayed packet (from /proc), loss, added latency and RSS per call.
+//!
+//! With `--srtp` the A leg speaks SDES-SRTP (RTP/SAVP, `AES_CM_128_HMAC_SHA1_80`) and B plain
+//! RTP (the offer's `transport-protocol=RTP/AVP`): each relay unprotects A's packets and
+//! protects B's, with keys it chose for its answer to A. The generator protects A's packets
+//! (150 bytes of payload, so they are 172 on the wire too) before the clock starts on them.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::process::CommandExt;
@@ -11,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pinhole_media::ng::{split_cookie, Bencode};
+use pinhole_media::sdes::{Crypto, Suite};
 use pinhole_media::sdp::Sdp;
+use pinhole_media::srtp::{Srtp, TAG_LEN};
 
 use crate::bench::{arg, cpu_ticks, free_port, ticks_per_sec, Proc};
 use crate::mmsg::{RecvMany, SendMany, PACKET};
@@ -58,9 +65,14 @@ fn ng(sock: &UdpSocket, target: SocketAddr, n: u64, msg: &Bencode) -> anyhow::Re
     anyhow::bail!("no ng reply from {target}")
 }
 
-fn sdp(addr: SocketAddr) -> String {
+/// An endpoint's SDP: plain RTP, or SDES-SRTP keyed by `crypto`.
+fn sdp(addr: SocketAddr, crypto: Option<&Crypto>) -> String {
+    let (proto, line) = match crypto {
+        Some(c) => ("RTP/SAVP", format!("a=crypto:{}\r\n", c.value())),
+        None => ("RTP/AVP", String::new()),
+    };
     format!(
-        "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
+        "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\n{line}",
         ip = addr.ip(),
         port = addr.port()
     )
@@ -76,17 +88,29 @@ pub(crate) fn set_up_call(
     sa: SocketAddr,
     sb: SocketAddr,
 ) -> anyhow::Result<(u16, u16)> {
-    let offer = ng(
-        ctl,
-        ng_addr,
-        n * 2,
-        &Bencode::dict(vec![
-            ("command", Bencode::str("offer")),
-            ("call-id", Bencode::str(call_id)),
-            ("from-tag", Bencode::str("a")),
-            ("sdp", Bencode::str(&sdp(sa))),
-        ]),
-    )?;
+    set_up(ctl, ng_addr, n, call_id, sa, sb, None)
+}
+
+/// [`set_up_call`], with A speaking SDES-SRTP under `crypto` when given (B plain RTP).
+fn set_up(
+    ctl: &UdpSocket,
+    ng_addr: SocketAddr,
+    n: u64,
+    call_id: &str,
+    sa: SocketAddr,
+    sb: SocketAddr,
+    crypto: Option<&Crypto>,
+) -> anyhow::Result<(u16, u16)> {
+    let mut offer = vec![
+        ("command", Bencode::str("offer")),
+        ("call-id", Bencode::str(call_id)),
+        ("from-tag", Bencode::str("a")),
+        ("sdp", Bencode::str(&sdp(sa, crypto))),
+    ];
+    if crypto.is_some() {
+        offer.push(("transport-protocol", Bencode::str("RTP/AVP")));
+    }
+    let offer = ng(ctl, ng_addr, n * 2, &Bencode::dict(offer))?;
     let answer = ng(
         ctl,
         ng_addr,
@@ -96,9 +120,15 @@ pub(crate) fn set_up_call(
             ("call-id", Bencode::str(call_id)),
             ("from-tag", Bencode::str("a")),
             ("to-tag", Bencode::str("b")),
-            ("sdp", Bencode::str(&sdp(sb))),
+            ("sdp", Bencode::str(&sdp(sb, None))),
         ]),
     )?;
+    if crypto.is_some() {
+        let text = answer.get("sdp").and_then(Bencode::as_str).unwrap_or_default();
+        anyhow::ensure!(text.contains("RTP/SAVP") && text.contains("a=crypto:"), "no SDES answer: {text}");
+        let to_b = offer.get("sdp").and_then(Bencode::as_str).unwrap_or_default();
+        anyhow::ensure!(to_b.contains("RTP/AVP") && !to_b.contains("a=crypto"), "B was not offered plain RTP: {to_b}");
+    }
     Ok((relayed_port(&answer)?, relayed_port(&offer)?))
 }
 
@@ -109,7 +139,7 @@ fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
     parsed.media.first().map(|m| m.port).ok_or_else(|| anyhow::anyhow!("no m= line"))
 }
 
-fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Result<Outcome> {
+fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -> anyhow::Result<Outcome> {
     let ctl = UdpSocket::bind("127.0.0.1:0")?;
     ctl.set_read_timeout(Some(Duration::from_millis(500)))?;
     let bind = || -> anyhow::Result<UdpSocket> {
@@ -129,13 +159,23 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
     let (sa, sb) = (a.local_addr()?, b.local_addr()?);
     // Call i: A sends to pa[i] (from the answer), B sends to pb[i] (from the offer).
     let mut targets = Vec::with_capacity(calls);
+    let mut keys: Vec<Srtp> = Vec::new();
     let mut rss_half = 0;
+    let mut seed = std::process::id();
+    let mut random = move || {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        (seed >> 16) as u8
+    };
     for i in 0..calls {
         if i == calls / 2 {
             rss_half = rss_kb(pid);
         }
         let call_id = format!("bench-{i}-{}", std::process::id());
-        let (pa, pb) = set_up_call(&ctl, ng_addr, i as u64, &call_id, sa, sb)?;
+        let crypto = srtp.then(|| Crypto::generate(1, Suite::AesCm128HmacSha1_80, &mut random));
+        let (pa, pb) = set_up(&ctl, ng_addr, i as u64, &call_id, sa, sb, crypto.as_ref())?;
+        if let Some(tx) = crypto.as_ref().and_then(Crypto::contexts) {
+            keys.push(tx.0);
+        }
         targets.push((SocketAddrV4::new(Ipv4Addr::LOCALHOST, pa), SocketAddrV4::new(Ipv4Addr::LOCALHOST, pb)));
     }
 
@@ -161,12 +201,14 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
             let mut batch = RecvMany::new();
             let mut local = Vec::with_capacity(1 << 16);
             while !stop.load(Ordering::Relaxed) {
-                for s in &socks {
+                for (k, s) in socks.iter().enumerate() {
+                    // With --srtp what reaches A is SRTP: its timestamp is sealed.
+                    let timed = !(srtp && k == 0);
                     loop {
                         let n = batch.recv(s);
                         let now = epoch.elapsed().as_nanos() as u64;
                         for pkt in batch.packets(n) {
-                            if pkt.len() >= 20 {
+                            if timed && pkt.len() >= 20 {
                                 let t = u64::from_be_bytes(pkt[12..20].try_into().unwrap_or([0; 8]));
                                 local.push((now.saturating_sub(t) / 1000) as u32);
                             }
@@ -191,8 +233,10 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
     // packets leave in one sendmmsg per leg, so the generator keeps up at 1000 calls.
     let tx = {
         let (stop, sent) = (stop.clone(), sent.clone());
+        let mut keys = keys;
         std::thread::spawn(move || {
             let mut seq = vec![0u16; targets.len()];
+            let mut sealed = Vec::with_capacity(PACKET);
             let mut next = Instant::now();
             let mut slice = 0usize;
             let mut legs = [SendMany::default(), SendMany::default()];
@@ -207,6 +251,14 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64) -> anyhow::Re
                         pkt[4..8].copy_from_slice(&(u32::from(seq[i]) * 160).to_be_bytes());
                         pkt[8..12].copy_from_slice(&((i * 2 + leg) as u32).to_be_bytes());
                         pkt[12..20].copy_from_slice(&t.to_be_bytes());
+                        if let (0, Some(key)) = (leg, keys.get_mut(i)) {
+                            // SRTP of the same size on the wire: 10 bytes less payload.
+                            sealed.clear();
+                            sealed.extend_from_slice(&pkt[..PACKET - TAG_LEN]);
+                            if key.protect(&mut sealed).is_ok() && sealed.len() == PACKET {
+                                pkt.copy_from_slice(&sealed);
+                            }
+                        }
                         legs[leg].push(pkt, dst);
                     }
                 }
@@ -299,6 +351,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         anyhow::bail!("rtpengine is not installed (package rtpengine-daemon); run `cargo xtask install-peers` as root");
     }
     let seconds = u64::from(arg(args, "--seconds", 10));
+    let srtp = args.iter().any(|a| a == "--srtp");
     let calls_list: Vec<usize> = match arg(args, "--calls", 0) {
         0 => vec![250, 500, 1000],
         n => vec![n as usize],
@@ -313,7 +366,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         ] {
             let port = free_port();
             let relay = start(&dir, port)?;
-            let o = load(SocketAddr::from(([127, 0, 0, 1], port)), relay.0.id(), calls, seconds)?;
+            let o = load(SocketAddr::from(([127, 0, 0, 1], port)), relay.0.id(), calls, seconds, srtp)?;
             let loss = 1.0 - o.received as f64 / o.sent.max(1) as f64;
             println!(
                 "{name:9} calls {:5}  {:8} pkts sent {:8} relayed  loss {:6.3}%  cpu {:6.2} us/pkt  latency p50 {:4} p90 {:5} p99 {:6} max {:6} us  rss {:7.0} KB/1000 calls",
@@ -332,7 +385,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             drop(relay);
         }
     }
-    println!("\nsummary (relay CPU per relayed packet, same generator, same run):");
+    let what = if srtp { "SDES-SRTP <-> RTP" } else { "RTP <-> RTP" };
+    println!("\nsummary ({what}: relay CPU per relayed packet, same generator, same run):");
     for &calls in &calls_list {
         let get = |n: &str| rows.iter().find(|(name, o, _)| *name == n && o.calls == calls).copied();
         if let (Some((_, p, pl)), Some((_, r, rl))) = (get("pinhole"), get("rtpengine")) {
