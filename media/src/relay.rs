@@ -877,13 +877,22 @@ impl Relay {
             }));
         }
         let origin = opts.replace_origin.then(|| self.cfg.interfaces[out_iface].advertise);
-        Ok(sdp.rewrite(&Rewrite {
-            media: anchors,
-            origin,
-            remove_ice: !opts.keep_ice,
-            transport: transports,
-            session_add: if ice_lite { vec!["ice-lite".to_owned()] } else { Vec::new() },
-        }))
+        let mut session_add = Vec::new();
+        if ice_lite {
+            session_add.push("ice-lite".to_owned());
+            // One WebRTC section (the audio of a call) is bundled on its own; several each
+            // keep a transport of their own (no group: the browser does not bundle them).
+            let mids: Vec<&str> = transports
+                .iter()
+                .flatten()
+                .filter(|t| t.proto == Profile::WebRtc.proto())
+                .filter_map(|t| t.add.iter().find_map(|a| a.strip_prefix("mid:")))
+                .collect();
+            if let [mid] = mids[..] {
+                session_add.push(format!("group:BUNDLE {mid}"));
+            }
+        }
+        Ok(sdp.rewrite(&Rewrite { media: anchors, origin, remove_ice: !opts.keep_ice, transport: transports, session_add }))
     }
 }
 

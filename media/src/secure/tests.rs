@@ -131,7 +131,7 @@ fn a_browser_and_a_plain_phone_talk_once_the_browser_checked_and_shook_hands() {
     let browser = Identity::generate().expect("id");
     let mut lab = Lab::new(&browser);
     // Our answer to the browser: ICE-lite, our certificate, passive to its actpass, muxed.
-    assert!(lab.answer.contains("a=ice-lite\r\n"), "{}", lab.answer);
+    assert!(lab.answer.contains("a=ice-lite\r\na=group:BUNDLE 0\r\n"), "{}", lab.answer);
     assert_eq!(attr(&lab.answer, "setup"), Some("passive"));
     assert_eq!(attr(&lab.answer, "mid"), Some("0"));
     assert!(lab.answer.contains("a=rtcp-mux\r\n"));
