@@ -278,11 +278,20 @@ impl<S> PortTable<S> {
         let slot = self.slot_mut(here)?;
         let bind = slot.bind;
         if let Some(leg) = slot.secure.as_deref_mut() {
+            // DTLS is the leg's own only from its checked address; without ICE, from the
+            // source the port's latch takes.
+            let dtls_from_leg = matches!(first, 20..=63)
+                && if leg.has_ice() {
+                    leg.peer() == Some(src)
+                } else if slot.latch.on_packet(now, src, None) == Verdict::Forward {
+                    leg.latch(src);
+                    true
+                } else {
+                    false
+                };
             let control = match first {
                 0..=3 => Some(leg.on_stun(now, src, data)),
-                20..=63
-                    if leg.peer() == Some(src) && (handshakes < MAX_HANDSHAKES || leg.ready() || leg.wants_timer()) =>
-                {
+                20..=63 if dtls_from_leg && (handshakes < MAX_HANDSHAKES || leg.ready() || leg.wants_timer()) => {
                     Some(leg.on_dtls(now, src, data))
                 }
                 20..=63 => Some(crate::secure::Control { refused: true, ..Default::default() }),
@@ -347,10 +356,11 @@ impl<S> PortTable<S> {
             None
         };
         if let Some(leg) = self.slot_mut(here)?.secure.as_deref_mut() {
-            leg.latch(src);
             if let Err(r) = leg.unprotect(buf, rtcp) {
                 return drop(self, r.label());
             }
+            // Without ICE, the address authenticated media comes from is the leg's.
+            leg.latch(src);
         }
         let slot = self.slot_mut(port)?;
         slot.stats.on_packet(now_ns, buf.len(), if rtcp { None } else { RtpInfo::parse(buf) });

@@ -892,7 +892,13 @@ impl Relay {
                 session_add.push(format!("group:BUNDLE {mid}"));
             }
         }
-        Ok(sdp.rewrite(&Rewrite { media: anchors, origin, remove_ice: !opts.keep_ice, transport: transports, session_add }))
+        Ok(sdp.rewrite(&Rewrite {
+            media: anchors,
+            origin,
+            remove_ice: !opts.keep_ice,
+            transport: transports,
+            session_add,
+        }))
     }
 }
 

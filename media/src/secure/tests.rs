@@ -3,6 +3,7 @@
 //! DTLS client leg of its own certificate and the checks a browser sends.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crate::dtls::{DtlsLeg, Identity};
@@ -216,10 +217,12 @@ fn a_stranger_without_the_credentials_gets_no_answer_no_latch_and_no_handshake()
     assert!(!lab.table.has_timers(), "no handshake begun");
     // The phone's media still goes nowhere: nothing latched.
     assert!(lab.table.forward(lab.now, 1, lab.phone_port, sa(PHONE), &rtp(1)).is_none());
-    // After the real browser checks, the stranger's copy of its check changes nothing.
-    lab.nominate();
+    // Every one of the stranger's datagrams was dropped and counted on the browser's port.
     let stats = lab.relay.stats("c1").expect("stats");
-    let _ = stats;
+    let dropped = stats[0].get(crate::relay::Component::Rtp, crate::relay::Side::A).dropped.load(Relaxed);
+    assert_eq!(dropped, 102, "2 checks and 100 hellos");
+    // The real browser still gets in.
+    lab.nominate();
 }
 
 #[test]
@@ -334,4 +337,54 @@ fn a_reinvite_that_turns_the_dtls_roles_round_keeps_media_on_the_old_keys_until_
     assert_eq!(f.to, sa(BROWSER));
     let mut back = lab.table.rewritten().to_vec();
     new.rx.unprotect(&mut back).expect("under the new keys");
+}
+
+#[test]
+fn without_ice_dtls_is_taken_from_the_address_the_latch_takes_and_media_follows() {
+    let browser = Identity::generate().expect("id");
+    let now = Instant::now();
+    let mut relay = Relay::new(RelayConfig::single("203.0.113.1".parse().expect("ip"), 30000, 30099), now);
+    // A DTLS-SRTP offer without ICE (what an ng client sends with ICE=remove).
+    let offer = String::from_utf8(browser_offer(&browser))
+        .expect("utf8")
+        .lines()
+        .filter(|l| !l.starts_with("a=ice-") && !l.starts_with("a=candidate"))
+        .map(|l| format!("{l}\r\n"))
+        .collect::<String>();
+    let to_phone = relay.offer(now, "c4", "b", offer.as_bytes(), None, Options::default()).expect("offer");
+    let phone_port = Sdp::parse(&to_phone).expect("sdp").media[0].port;
+    let answer = relay.answer(now, "c4", "p", &phone_answer(), None, Options::default()).expect("answer");
+    let answer = String::from_utf8(answer).expect("utf8");
+    assert!(!answer.contains("a=ice-") && !answer.contains("a=candidate"), "{answer}");
+    let port = Sdp::parse(answer.as_bytes()).expect("sdp").media[0].port;
+    let mut table = PortTable::<()>::new(30000, 30099);
+    while let Some(c) = relay.poll_command() {
+        table.apply(now, c);
+    }
+    let relay_fp = crate::dtls::parse_fingerprint(attr(&answer, "fingerprint").expect("fp")).expect("fp");
+    let mut client = DtlsLeg::new(&browser, relay_fp, true, now);
+    // A stranger's hello first: the latch expects the SDP's address, so nothing back.
+    let hello = client.poll_transmit().expect("hello");
+    assert!(table.forward(now, 1, port, sa(STRANGER), &hello).is_none());
+    assert!(table.poll_reply().is_none());
+    table.forward(now, 1, port, sa(BROWSER), &hello);
+    for _ in 0..20 {
+        while let Some(r) = table.poll_reply() {
+            assert_eq!(r.to, sa(BROWSER));
+            client.handle(now, &r.data);
+        }
+        while let Some(p) = client.poll_transmit() {
+            table.forward(now, 1, port, sa(BROWSER), &p);
+        }
+        if client.state() == crate::dtls::State::Done && !table.has_replies() {
+            break;
+        }
+    }
+    let mut keys = client.take_keys().expect("keys");
+    let mut p = rtp(1);
+    keys.tx.protect(&mut p).expect("protect");
+    let f = table.forward(now, 2, port, sa(BROWSER), &p).expect("forwarded");
+    assert_eq!(f.to, sa(PHONE));
+    let f = table.forward(now, 3, phone_port, sa(PHONE), &rtp(2)).expect("back");
+    assert_eq!(f.to, sa(BROWSER));
 }
