@@ -77,7 +77,7 @@ fn srtp_through(ip: &str, mode: &str) {
         s
     };
     let (a, b) = (bind(ip), bind(ip));
-    let key = Crypto::generate(1, Suite::AesCm128HmacSha1_80, || rand_byte());
+    let key = Crypto::generate(1, Suite::AesCm128HmacSha1_80, rand_byte);
     let offer = ng(
         ng_port,
         "o1",
