@@ -10,20 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pinhole_media::ng::{split_cookie, Bencode};
-
-fn ng(port: u16, cookie: &str, msg: Bencode) -> Bencode {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-    let mut out = format!("{cookie} ").into_bytes();
-    msg.encode(&mut out);
-    s.send_to(&out, ("127.0.0.1", port)).expect("send");
-    let mut buf = vec![0u8; 65536];
-    let (n, _) = s.recv_from(&mut buf).expect("ng reply");
-    let (c, payload) = split_cookie(&buf[..n]).expect("cookie");
-    assert_eq!(c, cookie.as_bytes());
-    Bencode::decode(payload).expect("bencode reply")
-}
+use pinhole_media::ng::Bencode;
 
 /// pinhole as a pure media relay: no SIP listener, ng on; returns it and its ng port.
 fn relay_only(dir: &TempDir) -> (Pinhole, u16) {

@@ -10,21 +10,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::*;
-use pinhole_media::ng::{split_cookie, Bencode};
+use pinhole_media::ng::Bencode;
 use pinhole_media::sdes::{Crypto, Suite};
 use pinhole_media::sdp::Sdp;
-
-fn ng(port: u16, cookie: &str, msg: Bencode) -> Bencode {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-    let mut out = format!("{cookie} ").into_bytes();
-    msg.encode(&mut out);
-    s.send_to(&out, ("127.0.0.1", port)).expect("send");
-    let mut buf = vec![0u8; 65536];
-    let (n, _) = s.recv_from(&mut buf).expect("ng reply");
-    let (_, payload) = split_cookie(&buf[..n]).expect("cookie");
-    Bencode::decode(payload).expect("bencode reply")
-}
 
 fn sdp(addr: SocketAddr, crypto: Option<&Crypto>) -> String {
     let (ip4, host) = match addr {

@@ -126,6 +126,21 @@ fn logs(browser: &Browser, bob: &Phone, pinhole: &Path) -> String {
     )
 }
 
+/// The browser (after line `mark` of its log) hears bob's 660 Hz, and bob's recording of
+/// the call holds the browser's 440 Hz.
+fn both_hear(browser: &Browser, bob: &Phone, mark: usize, logs: impl Fn() -> String) {
+    assert!(browser.hears(660.0, 4, mark, Duration::from_secs(20)), "the browser never heard bob\n{}", logs());
+    recorded(bob, 2, &logs);
+    let share = tone_share(&bob.heard(), 440.0);
+    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", logs());
+}
+
+/// The browser says `event`, and hears bob's 660 Hz again after line `mark` of its log.
+fn sound_goes_on(browser: &Browser, mark: usize, event: &str, logs: impl Fn() -> String) {
+    assert!(browser.wait(event, Duration::from_secs(10)), "no {event}\n{}", logs());
+    assert!(browser.hears(660.0, 4, mark, Duration::from_secs(15)), "no sound after {event}\n{}", logs());
+}
+
 /// Waits until `bob` has recorded `secs` seconds of the current call.
 fn recorded(bob: &Phone, secs: usize, what: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -152,35 +167,18 @@ fn a_browser_behind_a_nat_and_baresip_call_each_other_hold_resume_and_hang_up_fr
     // 1. The browser calls baresip; each hears the other.
     browser.send("call sip:bob@pinhole.test");
     assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, 0, Duration::from_secs(20)),
-        "the browser never heard bob\n{}",
-        all(&browser, &bob)
-    );
-    recorded(&bob, 2, || all(&browser, &bob));
-    let share = tone_share(&bob.heard(), 440.0);
-    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    both_hear(&browser, &bob, 0, || all(&browser, &bob));
 
     // The browser holds and resumes (two re-INVITEs, same ICE and DTLS): sound comes back.
     browser.send("hold");
     assert!(browser.wait("HOLD local", Duration::from_secs(10)), "{}", all(&browser, &bob));
     let mark = browser.lines();
     browser.send("unhold");
-    assert!(browser.wait("UNHOLD local", Duration::from_secs(10)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, mark, Duration::from_secs(15)),
-        "no sound after the browser resumed\n{}",
-        all(&browser, &bob)
-    );
+    sound_goes_on(&browser, mark, "UNHOLD local", || all(&browser, &bob));
     // An ICE restart: new credentials both ways, the DTLS session and sound go on.
     let mark = browser.lines();
     browser.send("restart");
-    assert!(browser.wait("RENEGOTIATED", Duration::from_secs(10)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, mark, Duration::from_secs(15)),
-        "no sound after the ICE restart\n{}",
-        all(&browser, &bob)
-    );
+    sound_goes_on(&browser, mark, "RENEGOTIATED", || all(&browser, &bob));
     // baresip hangs up: the browser's call ends from the remote side.
     bob.command("/hangup");
     assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
@@ -190,25 +188,13 @@ fn a_browser_behind_a_nat_and_baresip_call_each_other_hold_resume_and_hang_up_fr
     let mark = browser.lines();
     bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
     assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, mark, Duration::from_secs(20)),
-        "the browser never heard bob\n{}",
-        all(&browser, &bob)
-    );
-    recorded(&bob, 2, || all(&browser, &bob));
-    let share = tone_share(&bob.heard(), 440.0);
-    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    both_hear(&browser, &bob, mark, || all(&browser, &bob));
     // baresip holds and resumes.
     bob.command("x");
     assert!(browser.wait("HOLD remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
     let mark = browser.lines();
     bob.command("X");
-    assert!(browser.wait("UNHOLD remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, mark, Duration::from_secs(15)),
-        "no sound after baresip resumed\n{}",
-        all(&browser, &bob)
-    );
+    sound_goes_on(&browser, mark, "UNHOLD remote", || all(&browser, &bob));
     // The browser hangs up.
     let closed = bob.log().matches("session closed").count();
     browser.send("hangup");
@@ -303,14 +289,7 @@ fn behind_kamailios_websocket_front_pinhole_is_the_browsers_media_relay_over_ng_
     // The browser calls baresip through Kamailio; pinhole bridges the media.
     browser.send("call sip:bob@pinhole.test");
     assert!(browser.wait("CONFIRMED", Duration::from_secs(20)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, 0, Duration::from_secs(20)),
-        "the browser never heard bob\n{}",
-        all(&browser, &bob)
-    );
-    recorded(&bob, 2, || all(&browser, &bob));
-    let share = tone_share(&bob.heard(), 440.0);
-    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    both_hear(&browser, &bob, 0, || all(&browser, &bob));
     browser.send("hangup");
     assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{}", all(&browser, &bob));
 
@@ -319,14 +298,7 @@ fn behind_kamailios_websocket_front_pinhole_is_the_browsers_media_relay_over_ng_
     let mark = browser.lines();
     bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
     assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
-    assert!(
-        browser.hears(660.0, 4, mark, Duration::from_secs(20)),
-        "the browser never heard bob\n{}",
-        all(&browser, &bob)
-    );
-    recorded(&bob, 2, || all(&browser, &bob));
-    let share = tone_share(&bob.heard(), 440.0);
-    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    both_hear(&browser, &bob, mark, || all(&browser, &bob));
     bob.command("/hangup");
     assert!(browser.wait("ENDED remote", Duration::from_secs(10)), "{}", all(&browser, &bob));
 }
@@ -356,14 +328,7 @@ fn a_softphone_speaking_sdes_srtp_calls_the_browser_and_they_hear_each_other() {
     bob.command(&format!("/dial sip:alice@{WAN_SERVER}"));
     assert!(browser.wait("INCOMING bob", Duration::from_secs(15)), "{}", all(&browser, &bob));
     // SRTP with SDES keys on bob's leg, DTLS-SRTP on the browser's: pinhole re-keys between.
-    assert!(
-        browser.hears(660.0, 4, 0, Duration::from_secs(20)),
-        "the browser never heard bob\n{}",
-        all(&browser, &bob)
-    );
-    recorded(&bob, 2, || all(&browser, &bob));
-    let share = tone_share(&bob.heard(), 440.0);
-    assert!(share > 0.3, "bob does not hear the browser's 440 Hz (share {share:.3})\n{}", all(&browser, &bob));
+    both_hear(&browser, &bob, 0, || all(&browser, &bob));
     let log = bob.log();
     assert!(log.contains("SRTP is Enabled"), "bob's call was not SRTP\n{log}");
     assert!(!log.contains("drop incoming RTCP packet on RTP port"), "RTCP went to bob's RTP port\n{log}");

@@ -45,6 +45,21 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+/// One ng command to the relay at 127.0.0.1:`port` (cookie `cookie`), its reply decoded.
+pub fn ng(port: u16, cookie: &str, msg: pinhole_media::ng::Bencode) -> pinhole_media::ng::Bencode {
+    use pinhole_media::ng::{split_cookie, Bencode};
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let mut out = format!("{cookie} ").into_bytes();
+    msg.encode(&mut out);
+    s.send_to(&out, ("127.0.0.1", port)).expect("send");
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = s.recv_from(&mut buf).expect("ng reply");
+    let (c, payload) = split_cookie(&buf[..n]).expect("cookie");
+    assert_eq!(c, cookie.as_bytes());
+    Bencode::decode(payload).expect("bencode reply")
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -7,22 +7,13 @@
 // PEAK <hz> <dB>: the loudest frequency of what it hears, twice a second).
 // Run: node browser_call.mjs wss://HOST:PORT alice pinhole.test alice-pw TONE.wav
 import { chromium } from 'playwright-core';
-import { buildSync } from 'esbuild';
-import { createRequire } from 'node:module';
 import { createServer } from 'node:http';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
+import { jssipBundle } from './jssip_bundle.mjs';
 
-const require = createRequire(import.meta.url);
 const [url, user, domain, password, tone] = process.argv.slice(2);
-// JsSIP's npm package has no browser build: bundle it for the page.
-const jssip = buildSync({
-  entryPoints: [require.resolve('jssip')],
-  bundle: true,
-  globalName: 'JsSIP',
-  platform: 'browser',
-  write: false,
-}).outputFiles[0].text;
+const jssip = jssipBundle();
 const html = readFileSync(new URL('./phone.html', import.meta.url));
 const server = createServer((req, res) => {
   if (req.url === '/jssip.js') {

@@ -5,18 +5,9 @@
 // the INVITE came down the browser's connection and the answer went back up it.
 // Run: node browser_phone.mjs wss://127.0.0.1:PORT alice pinhole.test alice-pw
 import { chromium } from 'playwright-core';
-import { buildSync } from 'esbuild';
-import { createRequire } from 'node:module';
+import { jssipBundle } from './jssip_bundle.mjs';
 
-const require = createRequire(import.meta.url);
-// JsSIP's npm package has no browser build: bundle it for the page.
-const jssip = buildSync({
-  entryPoints: [require.resolve('jssip')],
-  bundle: true,
-  globalName: 'JsSIP',
-  platform: 'browser',
-  write: false,
-}).outputFiles[0].text;
+const jssip = jssipBundle();
 const [url, user, domain, password] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
