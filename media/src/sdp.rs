@@ -79,12 +79,7 @@ impl Profile {
     /// The profile of a section's protocol, or `None` for one the relay does not
     /// translate (T.38's udptl, TCP, application data).
     pub fn of(m: &Media) -> Option<Profile> {
-        match m.proto.to_ascii_uppercase().as_str() {
-            "RTP/AVP" | "RTP/AVPF" => Some(Profile::Plain),
-            "RTP/SAVP" | "RTP/SAVPF" => Some(Profile::Sdes),
-            "UDP/TLS/RTP/SAVP" | "UDP/TLS/RTP/SAVPF" => Some(Profile::WebRtc),
-            _ => None,
-        }
+        Profile::from_transport(&m.proto)
     }
 
     /// The `m=` protocol pinhole writes for this profile.
@@ -96,7 +91,7 @@ impl Profile {
         }
     }
 
-    /// rtpengine's `transport-protocol=` value.
+    /// The profile of an `m=` protocol, or of rtpengine's `transport-protocol=` value.
     pub fn from_transport(s: &str) -> Option<Profile> {
         match s.to_ascii_uppercase().as_str() {
             "RTP/AVP" | "RTP/AVPF" => Some(Profile::Plain),
