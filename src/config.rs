@@ -437,6 +437,17 @@ pub(crate) struct Media {
     pub(crate) nice: i32,
     /// Remote relays driven over ng instead of this node's own (a relay fleet).
     pub(crate) relays: Vec<RelayEntry>,
+    /// The kernel fast path: `auto` forwards latched plain-RTP streams in a TC program
+    /// where the kernel allows it (and says which path it took), `off` never.
+    pub(crate) fastpath: FastPathSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum FastPathSpec {
+    #[default]
+    Auto,
+    Off,
 }
 
 /// One relay of `[media] relays`: `"ng:IP:PORT"`, or a table with `ng`, `weight`,
@@ -501,6 +512,7 @@ impl Default for Media {
             workers: 0,
             nice: 0,
             relays: vec![],
+            fastpath: FastPathSpec::Auto,
         }
     }
 }

@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use pinhole_media::ports::{Forward, PortTable};
 use pinhole_media::relay::{Command, PortSpec, RelayPort};
 
+use crate::fastpath::{FastPath, Flow, FlowKey, Offload, Offloads, MAX_FLOWS};
 use crate::gather::Gather;
 use crate::mmsg::{raw_packet, RawSendBatch, RawSocket, RecvBatch, SendBatch};
 
@@ -85,6 +86,7 @@ impl DataPlane {
         port_min: u16,
         port_max: u16,
         epoch: Instant,
+        fastpath: bool,
     ) -> std::io::Result<(DataPlane, Vec<u16>)> {
         let raws: Option<Vec<RawSocket>> = binds
             .iter()
@@ -95,6 +97,28 @@ impl DataPlane {
             .collect();
         let raw = raws.is_some();
         let threads = if raw { 1 } else { n.max(1) };
+        // The kernel fast path: the one raw-mode worker owns its flow map.
+        let mut fast = match (fastpath, raw) {
+            (false, _) => {
+                tracing::info!("kernel fast path off ([media] fastpath = \"off\"): userspace relay");
+                None
+            }
+            (true, false) => {
+                tracing::warn!("kernel fast path unavailable: it needs the raw-socket data plane (IPv4 and CAP_NET_RAW); userspace relay");
+                None
+            }
+            (true, true) => match FastPath::start(binds) {
+                Ok(f) => {
+                    tracing::info!(interfaces = %f.interfaces.join(","), "kernel fast path on: latched RTP forwarded by a TC program");
+                    Some(f)
+                }
+                Err(why) => {
+                    tracing::warn!(why, "kernel fast path unavailable: userspace relay");
+                    None
+                }
+            },
+        };
+        metrics::gauge!("pinhole_fastpath_on").set(if fast.is_some() { 1.0 } else { 0.0 });
         let mut raws = raws.unwrap_or_default();
         let mut workers = Vec::new();
         for i in 0..threads {
@@ -116,6 +140,10 @@ impl DataPlane {
                 raw_send: RawSendBatch::new(BATCH),
                 raw: raw_socks,
                 raw_local: Default::default(),
+                fast: fast.take(),
+                offloads: Offloads::new(),
+                last_account: Instant::now(),
+                forwarded_here: Vec::with_capacity(BATCH),
             };
             std::thread::Builder::new().name(format!("relay {i}")).spawn(move || {
                 if nice != 0 {
@@ -213,7 +241,16 @@ struct Worker {
     /// Raw mode, relay ports bound on the unspecified address: the address each port was
     /// last reached at, the source of what the port sends on its own (DTLS retransmissions).
     raw_local: std::collections::HashMap<u16, std::net::Ipv4Addr>,
+    /// The kernel fast path's flow map, and the ports whose flows are in it.
+    fast: Option<FastPath>,
+    offloads: Offloads,
+    last_account: Instant,
+    /// Ports whose packets this batch forwarded in userspace (fast path candidates).
+    forwarded_here: Vec<u16>,
 }
+
+/// How often the fast path's counters are read into the streams' statistics.
+const ACCOUNT_EVERY: Duration = Duration::from_millis(500);
 
 impl Worker {
     fn run(&mut self) {
@@ -235,6 +272,10 @@ impl Worker {
             if self.ports.has_timers() {
                 self.ports.handle_timeout(round);
                 self.send_replies(None);
+            }
+            if !self.offloads.is_empty() && round.duration_since(self.last_account) >= ACCOUNT_EVERY {
+                self.last_account = round;
+                self.account_offloads(round);
             }
             let mut packets = 0;
             for ev in events.iter() {
@@ -258,11 +299,18 @@ impl Worker {
                     self.open(now, b, pa);
                 }
                 WorkerCmd::Command(Command::Link { .. }) => {}
-                WorkerCmd::Command(Command::Expect { port, expected, .. }) => self.ports.expect(now, port, expected),
+                WorkerCmd::Command(Command::Expect { port, expected, .. }) => {
+                    // Signalling changed what the port takes: userspace decides again.
+                    self.unoffload(port.0);
+                    self.ports.expect(now, port, expected)
+                }
                 WorkerCmd::Command(Command::Secure { port, setup, mux, .. }) => {
                     self.ports.secure(port, setup.map(|s| *s), mux)
                 }
                 WorkerCmd::Command(Command::Unlink { ports, .. }) => {
+                    for p in &ports {
+                        self.unoffload(p.0);
+                    }
                     for p in ports {
                         if let Some(mut sock) = self.ports.close(p) {
                             let _ = self.poll.registry().deregister(&mut sock);
@@ -306,6 +354,9 @@ impl Worker {
                 let Some(Forward { from_port: out_port, from_ip: out_ip, to, rewritten }) = forwarded else {
                     continue;
                 };
+                if self.fast.is_some() && !rewritten {
+                    self.forwarded_here.push(pkt.dst.port());
+                }
                 let SocketAddr::V4(to) = to else { continue };
                 let from_ip = match out_ip {
                     IpAddr::V4(ip) if !ip.is_unspecified() => ip,
@@ -320,11 +371,77 @@ impl Worker {
             }
             let _ = self.raw_send.flush(fd);
             self.send_replies(Some(k));
+            let mut ports = std::mem::take(&mut self.forwarded_here);
+            ports.dedup();
+            for port in ports.drain(..) {
+                self.offload(port);
+            }
+            self.forwarded_here = ports;
             if n < BATCH {
                 break;
             }
         }
         read
+    }
+
+    /// After a packet on `port` was forwarded here: puts its flow in the kernel once both
+    /// parties are latched, or — when its party's latched source is no longer the one the
+    /// flow was made for — takes it and its peer's (which sends to that party) out first.
+    fn offload(&mut self, port: u16) {
+        let now = self.ports.offloadable(port);
+        if let Some(o) = self.offloads.get(&port) {
+            if now.is_some_and(|c| c.src == o.src) {
+                return;
+            }
+            self.unoffload(port);
+        }
+        let (Some(c), Some(fast)) = (now, self.fast.as_mut()) else { return };
+        let (SocketAddr::V4(src), SocketAddr::V4(relay), SocketAddr::V4(from), SocketAddr::V4(to)) =
+            (c.src, c.relay, c.from, c.to)
+        else {
+            return;
+        };
+        if self.offloads.len() >= MAX_FLOWS {
+            return;
+        }
+        let key = FlowKey::new(src, relay);
+        if fast.install(key, Flow::new(from, to)) {
+            self.offloads.insert(port, Offload { key, src: c.src, packets: 0, bytes: 0 });
+            metrics::gauge!("pinhole_fastpath_flows").set(self.offloads.len() as f64);
+        }
+    }
+
+    /// Takes `port`'s flow and its peer port's out of the kernel, counting what they
+    /// forwarded last.
+    fn unoffload(&mut self, port: u16) {
+        let peer = self.ports.peer_of(port);
+        for p in std::iter::once(port).chain(peer) {
+            let Some(o) = self.offloads.remove(&p) else { continue };
+            self.account_one(p, o, Instant::now());
+            if let Some(fast) = self.fast.as_mut() {
+                fast.remove(&o.key);
+            }
+        }
+        metrics::gauge!("pinhole_fastpath_flows").set(self.offloads.len() as f64);
+    }
+
+    /// Reads every flow's counters into its stream's statistics.
+    fn account_offloads(&mut self, now: Instant) {
+        let ports: Vec<(u16, Offload)> = self.offloads.iter().map(|(p, o)| (*p, *o)).collect();
+        for (port, o) in ports {
+            let updated = self.account_one(port, o, now);
+            self.offloads.insert(port, updated);
+        }
+    }
+
+    fn account_one(&self, port: u16, mut o: Offload, now: Instant) -> Offload {
+        let Some((packets, bytes)) = self.fast.as_ref().and_then(|f| f.counters(&o.key)) else { return o };
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let (dp, db) = (packets.saturating_sub(o.packets), bytes.saturating_sub(o.bytes));
+        self.ports.account(port, now_ns, dp, db);
+        metrics::counter!("pinhole_fastpath_packets_total").increment(dp);
+        (o.packets, o.bytes) = (packets, bytes);
+        o
     }
 
     /// Sends what ports send on their own (ICE answers, DTLS records): from the port's own

@@ -12,6 +12,7 @@ mod codec;
 mod config;
 mod dataplane;
 mod faketcp;
+mod fastpath;
 mod fleet;
 mod gather;
 mod limits;

@@ -182,7 +182,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             };
             tracing::info!(workers, ports = %format!("{}-{}", m.port_min, m.port_max), "media relay on");
             let binds: Vec<std::net::IpAddr> = m.interfaces.iter().map(|i| i.bind).collect();
-            let dp = DataPlane::start(workers, cfg.media.nice, &binds, m.port_min, m.port_max, epoch);
+            let fastpath = cfg.media.fastpath == crate::config::FastPathSpec::Auto;
+            let dp = DataPlane::start(workers, cfg.media.nice, &binds, m.port_min, m.port_max, epoch, fastpath);
             Some(dp.context("starting relay workers")?)
         }
         None => None,

@@ -157,6 +157,10 @@ impl Latch {
         }
     }
 
+    pub fn mode(&self) -> LatchMode {
+        self.mode
+    }
+
     pub fn latched(&self) -> Option<SocketAddr> {
         self.learned.map(|l| l.addr)
     }

@@ -57,6 +57,19 @@ pub struct Reply {
     pub data: Vec<u8>,
 }
 
+/// A port pair both of whose parties are latched and speak plain RTP: what the kernel fast
+/// path needs to forward `src`'s packets to `relay` on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloadable {
+    /// The latched party's source.
+    pub src: SocketAddr,
+    /// The relay address and port it sends to.
+    pub relay: SocketAddr,
+    /// Where its packets leave from (the peer port) and go (the other latched party).
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+}
+
 /// Slots for the ports `base..base + len`.
 pub struct PortTable<S> {
     base: u16,
@@ -190,6 +203,40 @@ impl<S> PortTable<S> {
 
     fn handshakes(&self) -> usize {
         self.timers.len()
+    }
+
+    /// `port`'s flow, if the kernel may forward it: this port's party and its peer's are
+    /// both latched (symmetric latching), neither leg is secure, and both ports are bound
+    /// on a specific address.
+    pub fn offloadable(&self, port: u16) -> Option<Offloadable> {
+        let slot = self.slot(port)?;
+        let peer = self.slot(slot.peer.0)?;
+        let plain = |p: u16| self.slot(p & !1).is_some_and(|s| s.secure.is_none());
+        if !plain(port) || !plain(slot.peer.0) || slot.bind.is_unspecified() || peer.bind.is_unspecified() {
+            return None;
+        }
+        if slot.latch.mode() != crate::latch::LatchMode::Symmetric {
+            return None;
+        }
+        Some(Offloadable {
+            src: slot.latch.latched()?,
+            relay: SocketAddr::new(slot.bind, port),
+            from: SocketAddr::new(peer.bind, slot.peer.0),
+            to: peer.latch.latched()?,
+        })
+    }
+
+    /// The peer port of `port` (where its packets leave from).
+    pub fn peer_of(&self, port: u16) -> Option<u16> {
+        self.slot(port).map(|s| s.peer.0)
+    }
+
+    /// Counts what the kernel fast path forwarded for `port`'s party (see
+    /// [`StreamStats::on_offloaded`]).
+    pub fn account(&self, port: u16, now_ns: u64, packets: u64, bytes: u64) {
+        if let Some(s) = self.slot(port) {
+            s.stats.on_offloaded(now_ns, packets, bytes, port.is_multiple_of(2));
+        }
     }
 
     /// Signalling changed what `port` should expect: its learning window reopens.

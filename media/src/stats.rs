@@ -69,6 +69,21 @@ impl StreamStats {
         }
     }
 
+    /// `packets` (`bytes`) the kernel fast path forwarded since they were last counted
+    /// (none when 0): counted, and the stream was active at `now_ns` — RTP too when
+    /// `rtp` (an RTP port's flow). Loss and jitter are not measured for them.
+    pub fn on_offloaded(&self, now_ns: u64, packets: u64, bytes: u64, rtp: bool) {
+        if packets == 0 {
+            return;
+        }
+        self.packets.store(self.packets.load(Relaxed) + packets, Relaxed);
+        self.bytes.store(self.bytes.load(Relaxed) + bytes, Relaxed);
+        self.last_ns.store(now_ns.max(1), Relaxed);
+        if rtp {
+            self.last_rtp_ns.store(now_ns.max(1), Relaxed);
+        }
+    }
+
     /// The forwarding thread latched a new source (rare: once per stream, or a rebind).
     pub fn set_latched(&self, addr: Option<SocketAddr>) {
         *self.latched.lock().unwrap_or_else(|p| p.into_inner()) = addr;

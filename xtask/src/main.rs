@@ -43,6 +43,9 @@ const PEERS: &[(&str, &str)] = &[
     ("miniupnpd", "miniupnpd-nftables"),
     ("node", "nodejs"),
     ("chromium", "chromium"),
+    // The kernel fast path's program (build.rs) and looking at what is attached.
+    ("clang", "clang"),
+    ("bpftool", "bpftool"),
 ];
 
 fn main() -> ExitCode {
@@ -90,6 +93,9 @@ fn install_peers() -> anyhow::Result<()> {
             && !Path::new("/usr/lib/kamailio/modules").join(m).exists()
     };
     let mut pkgs: Vec<&str> = missing;
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
+        pkgs.push("libbpf-dev");
+    }
     // Kamailio's modules in packages of their own: rtpengine (ng), websocket (browsers).
     for (module, pkg) in [("rtpengine.so", "kamailio-extra-modules"), ("websocket.so", "kamailio-websocket-modules")] {
         if module_missing(module) {

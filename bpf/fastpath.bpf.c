@@ -1,0 +1,134 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+// pinhole's kernel fast path: a TC ingress classifier that forwards the UDP packets of
+// latched relay streams without them reaching a socket.
+//
+// A flow is the exact 5-tuple a latched party sends on: its source address and port, the
+// relay address and port it sends to. Userspace installs one after the party's source is
+// latched and the other side is latched too, and removes it at delete, timeout, signalling
+// change or when the party's source moves. A packet that matches is rewritten to leave the
+// relay's peer port towards the other party (addresses, ports and checksums), counted, and
+// sent out of the interface the routing table names (bpf_fib_lookup, then bpf_redirect or
+// bpf_redirect_neigh), or passed back up the stack when the new destination is local
+// (loopback). Everything else — a stranger, the first packets before latching, STUN, what
+// is not IPv4/UDP, fragments, IP options — goes on to userspace untouched.
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+// All fields in network byte order (as on the wire).
+struct flow_key {
+	__u32 src_ip;
+	__u32 dst_ip;
+	__u16 src_port;
+	__u16 dst_port;
+};
+
+struct flow {
+	// The rewrite: from the relay's peer port, to the other party.
+	__u32 new_src_ip;
+	__u32 new_dst_ip;
+	__u16 new_src_port;
+	__u16 new_dst_port;
+	__u32 pad;
+	// What went through (host byte order), and when last (bpf_ktime_get_ns).
+	__u64 packets;
+	__u64 bytes;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} pinhole_flows SEC(".maps");
+
+#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define UDP_CSUM_OFF (ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, check))
+
+SEC("classifier")
+int pinhole_fwd(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return TC_ACT_OK;
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return TC_ACT_OK;
+	struct flow_key key = {
+		.src_ip = ip->saddr,
+		.dst_ip = ip->daddr,
+		.src_port = udp->source,
+		.dst_port = udp->dest,
+	};
+	struct flow *f = bpf_map_lookup_elem(&pinhole_flows, &key);
+	if (!f)
+		return TC_ACT_OK;
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, bpf_ntohs(udp->len) > 8 ? bpf_ntohs(udp->len) - 8 : 0);
+	f->last_ns = bpf_ktime_get_ns();
+
+	__u32 old_src = ip->saddr, old_dst = ip->daddr;
+	__u32 new_src = f->new_src_ip, new_dst = f->new_dst_ip;
+	__u16 old_sport = udp->source, old_dport = udp->dest;
+	__u16 new_sport = f->new_src_port, new_dport = f->new_dst_port;
+	int has_udp_csum = udp->check != 0;
+	// Read before the rewrite: storing bytes invalidates the packet pointers.
+	__u16 tot_len = bpf_ntohs(ip->tot_len);
+
+	// The UDP checksum covers the pseudo-header (addresses) and the ports.
+	if (has_udp_csum) {
+		bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_src, new_src, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4);
+		bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_dst, new_dst, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4);
+		bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_sport, new_sport, BPF_F_MARK_MANGLED_0 | 2);
+		bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_dport, new_dport, BPF_F_MARK_MANGLED_0 | 2);
+	}
+	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_src, new_src, 4);
+	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_dst, new_dst, 4);
+	bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), &new_src, 4, 0);
+	bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, daddr), &new_dst, 4, 0);
+	bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, source), &new_sport, 2, 0);
+	bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, dest), &new_dport, 2, 0);
+
+	// Where the new destination is: out of an interface, or here (loopback).
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.ipv4_src = new_src;
+	fib.ipv4_dst = new_dst;
+	fib.tot_len = tot_len;
+	fib.ifindex = skb->ingress_ifindex;
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		eth = data;
+		if ((void *)(eth + 1) > end)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	// Local (loopback) or unroutable: the stack delivers it, or drops and counts it.
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

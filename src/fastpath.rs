@@ -1,0 +1,182 @@
+//! The kernel fast path (`[media] fastpath`): bpf/fastpath.bpf.c, a TC ingress program on
+//! the relay's interfaces, forwards the packets of latched plain-RTP streams without them
+//! reaching a socket. This module loads and attaches it (aya), and gives the data plane's
+//! worker the flow map: it installs a flow once both parties of a port pair are latched,
+//! removes it when signalling or the latch changes or the ports close, and reads its
+//! counters into the streams' statistics (media timeout, media path, packet counts).
+//!
+//! Userspace stays the authority: the program forwards only exact 5-tuples userspace put
+//! in the map, so a stranger's packet always comes up to the latch, as before.
+//!
+//! Attachment is a TCX link (kernel ≥ 6.6), which the kernel removes when the process
+//! ends, however it ends; on older kernels it is a netlink filter, and a leftover one from
+//! a crashed run (found by the program's name) is removed before attaching.
+#![allow(unsafe_code)] // `Pod` for the two map types: plain C structs, all bit patterns valid.
+
+use std::collections::HashMap as StdHashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use aya::maps::{HashMap, MapData};
+use aya::programs::tc::{qdisc_add_clsact, qdisc_detach_program, SchedClassifier, TcAttachType};
+use aya::Ebpf;
+
+/// The program's name in the object (and the name a leftover filter is found by).
+const PROGRAM: &str = "pinhole_fwd";
+const MAP: &str = "pinhole_flows";
+/// Flows the map holds (the program's `max_entries`).
+pub(crate) const MAX_FLOWS: usize = 65_536;
+
+/// The object clang built from bpf/fastpath.bpf.c, when it could (see build.rs).
+#[cfg(pinhole_bpf)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o")));
+#[cfg(not(pinhole_bpf))]
+static OBJECT: Option<&[u8]> = None;
+
+/// A flow's key: who sends, to which relay address and port (network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct FlowKey {
+    src_ip: u32,
+    dst_ip: u32,
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// What the program does with a flow's packets, and what it counted.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Flow {
+    new_src_ip: u32,
+    new_dst_ip: u32,
+    new_src_port: u16,
+    new_dst_port: u16,
+    pad: u32,
+    packets: u64,
+    bytes: u64,
+    last_ns: u64,
+}
+
+// SAFETY: #[repr(C)] structs of integers, laid out as the program's, no padding bytes the
+// kernel could leave uninitialised that we read as anything but integers.
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for Flow {}
+
+fn wire(a: SocketAddrV4) -> (u32, u16) {
+    (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
+}
+
+impl FlowKey {
+    pub(crate) fn new(src: SocketAddrV4, relay: SocketAddrV4) -> FlowKey {
+        let ((src_ip, src_port), (dst_ip, dst_port)) = (wire(src), wire(relay));
+        FlowKey { src_ip, dst_ip, src_port, dst_port }
+    }
+}
+
+impl Flow {
+    /// Leave from `from` (the relay's peer port) towards `to` (the other party).
+    pub(crate) fn new(from: SocketAddrV4, to: SocketAddrV4) -> Flow {
+        let ((new_src_ip, new_src_port), (new_dst_ip, new_dst_port)) = (wire(from), wire(to));
+        Flow { new_src_ip, new_dst_ip, new_src_port, new_dst_port, ..Flow::default() }
+    }
+}
+
+/// The loaded, attached program and its flow map.
+pub(crate) struct FastPath {
+    flows: HashMap<MapData, FlowKey, Flow>,
+    /// Keeps the program (and its TCX links) alive; dropping it detaches.
+    _bpf: Ebpf,
+    pub(crate) interfaces: Vec<String>,
+}
+
+/// The interface that has `ip`, by name.
+fn interface_of(ip: Ipv4Addr) -> Option<String> {
+    // /proc/net/fib_trie would do too; getifaddrs is the one call that names it directly.
+    let mut out = None;
+    // SAFETY: getifaddrs fills a list we only read and free with freeifaddrs.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return None;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
+                    out = Some(std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned());
+                    break;
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
+impl FastPath {
+    /// Loads the program and attaches it at ingress of the interfaces that have the
+    /// relay's addresses `binds`. The error says why the fast path is not there.
+    pub(crate) fn start(binds: &[IpAddr]) -> Result<FastPath, String> {
+        let object = OBJECT.ok_or("not built: clang and libbpf-dev were missing when pinhole was built")?;
+        let mut interfaces = Vec::new();
+        for ip in binds {
+            let IpAddr::V4(v4) = ip else { return Err(format!("{ip}: the fast path is IPv4 only")) };
+            if v4.is_unspecified() {
+                return Err("the relay is bound to 0.0.0.0: the fast path needs its addresses".into());
+            }
+            let name = interface_of(*v4).ok_or_else(|| format!("no interface has {v4}"))?;
+            if !interfaces.contains(&name) {
+                interfaces.push(name);
+            }
+        }
+        let mut bpf = Ebpf::load(object).map_err(|e| format!("cannot load the program: {e}"))?;
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(PROGRAM)
+            .ok_or("the object has no program")?
+            .try_into()
+            .map_err(|e| format!("not a TC program: {e}"))?;
+        prog.load().map_err(|e| {
+            // The verifier's log follows the first line; the first line says enough.
+            let e = e.to_string();
+            format!("the kernel refused the program: {}", e.lines().next().unwrap_or(&e))
+        })?;
+        for iface in &interfaces {
+            // A crashed run's netlink filter (kernels before TCX) forwards on; it goes first.
+            let _ = qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM);
+            // clsact is needed for netlink attachment only; already there is fine.
+            let _ = qdisc_add_clsact(iface);
+            prog.attach(iface, TcAttachType::Ingress).map_err(|e| format!("cannot attach to {iface}: {e}"))?;
+        }
+        let map = bpf.take_map(MAP).ok_or("the object has no flow map")?;
+        let flows = HashMap::try_from(map).map_err(|e| format!("the flow map: {e}"))?;
+        Ok(FastPath { flows, _bpf: bpf, interfaces })
+    }
+
+    pub(crate) fn install(&mut self, key: FlowKey, flow: Flow) -> bool {
+        self.flows.insert(key, flow, 0).is_ok()
+    }
+
+    pub(crate) fn remove(&mut self, key: &FlowKey) {
+        let _ = self.flows.remove(key);
+    }
+
+    /// Packets and bytes (of UDP payload) the program forwarded for a flow so far.
+    pub(crate) fn counters(&self, key: &FlowKey) -> Option<(u64, u64)> {
+        self.flows.get(key, 0).ok().map(|f| (f.packets, f.bytes))
+    }
+}
+
+/// A port's flow in the map, and what of its counters was already accounted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offload {
+    pub(crate) key: FlowKey,
+    /// The latched source the flow was made for.
+    pub(crate) src: SocketAddr,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+}
+
+/// A worker's offloaded ports (by relay port).
+pub(crate) type Offloads = StdHashMap<u16, Offload>;
