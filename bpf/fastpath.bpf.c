@@ -7,9 +7,9 @@
 // latched and the other side is latched too, and removes it at delete, timeout, signalling
 // change or when the party's source moves. A packet that matches is rewritten to leave the
 // relay's peer port towards the other party (addresses, ports and checksums), counted, and
-// sent out of the interface the routing table names (bpf_fib_lookup, then bpf_redirect or
-// bpf_redirect_neigh), or passed back up the stack when the new destination is local
-// (loopback). Everything else — a stranger, the first packets before latching, STUN, what
+// sent out of the interface userspace found in the routing table (bpf_redirect_neigh: the
+// kernel resolves the next hop; the host need not forward), or passed back up the stack
+// when the new destination is local (loopback). Everything else — a stranger, the first packets before latching, STUN, what
 // is not IPv4/UDP, fragments, IP options — goes on to userspace untouched.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -19,10 +19,6 @@
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
-
-#ifndef AF_INET
-#define AF_INET 2
-#endif
 
 // All fields in network byte order (as on the wire).
 struct flow_key {
@@ -38,7 +34,9 @@ struct flow {
 	__u32 new_dst_ip;
 	__u16 new_src_port;
 	__u16 new_dst_port;
-	__u32 pad;
+	// The interface the new destination is reached through (userspace asks the routing
+	// table when it installs the flow); 0: a local address, back up the stack.
+	__u32 ifindex;
 	// What went through (host byte order), and when last (bpf_ktime_get_ns).
 	__u64 packets;
 	__u64 bytes;
@@ -89,8 +87,7 @@ int pinhole_fwd(struct __sk_buff *skb)
 	__u16 old_sport = udp->source, old_dport = udp->dest;
 	__u16 new_sport = f->new_src_port, new_dport = f->new_dst_port;
 	int has_udp_csum = udp->check != 0;
-	// Read before the rewrite: storing bytes invalidates the packet pointers.
-	__u16 tot_len = bpf_ntohs(ip->tot_len);
+	__u32 ifindex = f->ifindex;
 
 	// The UDP checksum covers the pseudo-header (addresses) and the ports.
 	if (has_udp_csum) {
@@ -106,29 +103,10 @@ int pinhole_fwd(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, source), &new_sport, 2, 0);
 	bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, dest), &new_dport, 2, 0);
 
-	// Where the new destination is: out of an interface, or here (loopback).
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.ipv4_src = new_src;
-	fib.ipv4_dst = new_dst;
-	fib.tot_len = tot_len;
-	fib.ifindex = skb->ingress_ifindex;
-	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		data = (void *)(long)skb->data;
-		end = (void *)(long)skb->data_end;
-		eth = data;
-		if ((void *)(eth + 1) > end)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-		return bpf_redirect(fib.ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
-	// Local (loopback) or unroutable: the stack delivers it, or drops and counts it.
-	return TC_ACT_OK;
+	if (!ifindex)
+		return TC_ACT_OK;
+	// The next hop's address resolved by the kernel's neighbour table, as routing would.
+	return bpf_redirect_neigh(ifindex, 0, 0, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

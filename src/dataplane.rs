@@ -343,6 +343,7 @@ impl Worker {
                 Ok(n) => n,
             };
             read += n;
+            metrics::counter!("pinhole_relay_userspace_packets_total").increment(n as u64);
             let now = Instant::now();
             let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
             for p in 0..n {
@@ -404,8 +405,9 @@ impl Worker {
         if self.offloads.len() >= MAX_FLOWS {
             return;
         }
+        let Some(ifindex) = crate::fastpath::egress(*to.ip()) else { return };
         let key = FlowKey::new(src, relay);
-        if fast.install(key, Flow::new(from, to)) {
+        if fast.install(key, Flow::new(from, to, ifindex)) {
             self.offloads.insert(port, Offload { key, src: c.src, packets: 0, bytes: 0 });
             metrics::gauge!("pinhole_fastpath_flows").set(self.offloads.len() as f64);
         }
@@ -486,6 +488,7 @@ impl Worker {
                 Ok(n) => n,
             };
             read += n;
+            metrics::counter!("pinhole_relay_userspace_packets_total").increment(n as u64);
             let now = Instant::now();
             let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
             let mut out: Option<(u16, SocketAddr)> = None;

@@ -50,7 +50,8 @@ pub(crate) struct Flow {
     new_dst_ip: u32,
     new_src_port: u16,
     new_dst_port: u16,
-    pad: u32,
+    /// The interface towards the new destination; 0: local (back up the stack).
+    ifindex: u32,
     packets: u64,
     bytes: u64,
     last_ns: u64,
@@ -73,10 +74,11 @@ impl FlowKey {
 }
 
 impl Flow {
-    /// Leave from `from` (the relay's peer port) towards `to` (the other party).
-    pub(crate) fn new(from: SocketAddrV4, to: SocketAddrV4) -> Flow {
+    /// Leave from `from` (the relay's peer port) towards `to` (the other party), out of
+    /// interface `ifindex` (0: `to` is local).
+    pub(crate) fn new(from: SocketAddrV4, to: SocketAddrV4, ifindex: u32) -> Flow {
         let ((new_src_ip, new_src_port), (new_dst_ip, new_dst_port)) = (wire(from), wire(to));
-        Flow { new_src_ip, new_dst_ip, new_src_port, new_dst_port, ..Flow::default() }
+        Flow { new_src_ip, new_dst_ip, new_src_port, new_dst_port, ifindex, ..Flow::default() }
     }
 }
 
@@ -115,22 +117,61 @@ fn interface_of(ip: Ipv4Addr) -> Option<String> {
     out
 }
 
+/// The interface the main routing table sends `dst` through (longest prefix of
+/// /proc/net/route), by index; `Some(0)` for one of this host's own addresses (delivered
+/// locally); `None` when no route matches.
+pub(crate) fn egress(dst: Ipv4Addr) -> Option<u32> {
+    if dst.is_loopback() || interface_of(dst).is_some() {
+        return Some(0);
+    }
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    let want = u32::from_ne_bytes(dst.octets());
+    let mut best: Option<(u32, String)> = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(iface), Some(net), Some(mask)) = (f.first(), f.get(1), f.get(7)) else { continue };
+        let (Ok(net), Ok(mask)) = (u32::from_str_radix(net, 16), u32::from_str_radix(mask, 16)) else { continue };
+        // Both as the kernel prints them: the address's bytes in memory order.
+        if want & mask == net && best.as_ref().is_none_or(|(m, _)| mask.count_ones() > m.count_ones()) {
+            best = Some((mask, (*iface).to_owned()));
+        }
+    }
+    let name = std::ffi::CString::new(best?.1).ok()?;
+    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The names of the interfaces that are up.
+fn interfaces_up() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return Vec::new() };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .filter(|e| {
+            let flags = std::fs::read_to_string(e.path().join("flags")).unwrap_or_default();
+            u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).is_ok_and(|f| f & 1 != 0)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 impl FastPath {
     /// Loads the program and attaches it at ingress of the interfaces that have the
     /// relay's addresses `binds`. The error says why the fast path is not there.
     pub(crate) fn start(binds: &[IpAddr]) -> Result<FastPath, String> {
         let object = OBJECT.ok_or("not built: clang and libbpf-dev were missing when pinhole was built")?;
-        let mut interfaces = Vec::new();
         for ip in binds {
             let IpAddr::V4(v4) = ip else { return Err(format!("{ip}: the fast path is IPv4 only")) };
             if v4.is_unspecified() {
                 return Err("the relay is bound to 0.0.0.0: the fast path needs its addresses".into());
             }
-            let name = interface_of(*v4).ok_or_else(|| format!("no interface has {v4}"))?;
-            if !interfaces.contains(&name) {
-                interfaces.push(name);
-            }
+            interface_of(*v4).ok_or_else(|| format!("no interface has {v4}"))?;
         }
+        // Packets for a relay address may come in on any interface (a second network
+        // routed through this host): the program sits on every one that is up.
+        let interfaces = interfaces_up();
         let mut bpf = Ebpf::load(object).map_err(|e| format!("cannot load the program: {e}"))?;
         let prog: &mut SchedClassifier = bpf
             .program_mut(PROGRAM)

@@ -65,6 +65,8 @@ fn register_defaults() {
         "pinhole_takeover_restore_errors_total",
         "pinhole_takeover_garbage_total",
         "pinhole_relay_replies_dropped_total",
+        "pinhole_relay_userspace_packets_total",
+        "pinhole_fastpath_packets_total",
         "pinhole_relay_identity_errors_total",
     ] {
         metrics::counter!(name).absolute(0);
@@ -113,6 +115,7 @@ fn register_defaults() {
         "pinhole_sip_dialogs",
         "pinhole_relay_sessions",
         "pinhole_relay_ports",
+        "pinhole_fastpath_flows",
     ] {
         metrics::gauge!(name).set(0.0);
     }
