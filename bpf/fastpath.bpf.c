@@ -41,6 +41,8 @@ struct flow {
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
+	// Of them, RTP (version 2, payload type outside RTCP's 64-95, as latch.rs reads it).
+	__u64 rtp_packets;
 };
 
 struct {
@@ -50,6 +52,8 @@ struct {
 	__type(value, struct flow);
 } pinhole_flows SEC(".maps");
 
+// lo is the first interface of every network namespace.
+#define LOOPBACK_IFINDEX 1
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define UDP_CSUM_OFF (ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, check))
 
@@ -81,6 +85,9 @@ int pinhole_fwd(struct __sk_buff *skb)
 	__sync_fetch_and_add(&f->packets, 1);
 	__sync_fetch_and_add(&f->bytes, bpf_ntohs(udp->len) > 8 ? bpf_ntohs(udp->len) - 8 : 0);
 	f->last_ns = bpf_ktime_get_ns();
+	__u8 *payload = (void *)(udp + 1);
+	if ((void *)(payload + 12) <= end && (payload[0] & 0xc0) == 0x80 && ((payload[1] & 0x7f) < 64 || (payload[1] & 0x7f) >= 96))
+		__sync_fetch_and_add(&f->rtp_packets, 1);
 
 	__u32 old_src = ip->saddr, old_dst = ip->daddr;
 	__u32 new_src = f->new_src_ip, new_dst = f->new_dst_ip;
@@ -103,8 +110,10 @@ int pinhole_fwd(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, source), &new_sport, 2, 0);
 	bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + offsetof(struct udphdr, dest), &new_dport, 2, 0);
 
+	// A local destination (loopback, or a relay-side shim such as the fake-TCP forwarder's)
+	// is reached through lo's ingress, where a source of our own is no martian.
 	if (!ifindex)
-		return TC_ACT_OK;
+		return skb->ingress_ifindex == LOOPBACK_IFINDEX ? TC_ACT_OK : bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 	// The next hop's address resolved by the kernel's neighbour table, as routing would.
 	return bpf_redirect_neigh(ifindex, 0, 0, 0);
 }

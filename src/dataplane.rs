@@ -405,10 +405,16 @@ impl Worker {
         if self.offloads.len() >= MAX_FLOWS {
             return;
         }
-        let Some(ifindex) = crate::fastpath::egress(*to.ip()) else { return };
+        // A leg that one of this host's own sockets speaks for (the fake-TCP forwarder's
+        // shim) stays in userspace with its peer: the forwarder is userspace anyway, and a
+        // packet rewritten to a local source must not arrive from outside.
+        if fast.is_local(*src.ip()) != fast.is_local(*to.ip()) {
+            return;
+        }
+        let Some(ifindex) = fast.egress(*to.ip()) else { return };
         let key = FlowKey::new(src, relay);
         if fast.install(key, Flow::new(from, to, ifindex)) {
-            self.offloads.insert(port, Offload { key, src: c.src, packets: 0, bytes: 0 });
+            self.offloads.insert(port, Offload { key, src: c.src, packets: 0, bytes: 0, rtp: 0 });
             metrics::gauge!("pinhole_fastpath_flows").set(self.offloads.len() as f64);
         }
     }
@@ -437,12 +443,12 @@ impl Worker {
     }
 
     fn account_one(&self, port: u16, mut o: Offload, now: Instant) -> Offload {
-        let Some((packets, bytes)) = self.fast.as_ref().and_then(|f| f.counters(&o.key)) else { return o };
+        let Some((packets, bytes, rtp)) = self.fast.as_ref().and_then(|f| f.counters(&o.key)) else { return o };
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let (dp, db) = (packets.saturating_sub(o.packets), bytes.saturating_sub(o.bytes));
-        self.ports.account(port, now_ns, dp, db);
+        self.ports.account(port, now_ns, dp, db, rtp > o.rtp);
         metrics::counter!("pinhole_fastpath_packets_total").increment(dp);
-        (o.packets, o.bytes) = (packets, bytes);
+        (o.packets, o.bytes, o.rtp) = (packets, bytes, rtp);
         o
     }
 

@@ -55,6 +55,7 @@ pub(crate) struct Flow {
     packets: u64,
     bytes: u64,
     last_ns: u64,
+    rtp_packets: u64,
 }
 
 // SAFETY: #[repr(C)] structs of integers, laid out as the program's, no padding bytes the
@@ -85,30 +86,28 @@ impl Flow {
 /// The loaded, attached program and its flow map.
 pub(crate) struct FastPath {
     flows: HashMap<MapData, FlowKey, Flow>,
+    /// This host's addresses when the fast path started.
+    local: Vec<Ipv4Addr>,
     /// Keeps the program (and its TCX links) alive; dropping it detaches.
     _bpf: Ebpf,
     pub(crate) interfaces: Vec<String>,
 }
 
-/// The interface that has `ip`, by name.
-fn interface_of(ip: Ipv4Addr) -> Option<String> {
-    // /proc/net/fib_trie would do too; getifaddrs is the one call that names it directly.
-    let mut out = None;
+/// Every IPv4 address of this host's interfaces.
+fn addresses() -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
     // SAFETY: getifaddrs fills a list we only read and free with freeifaddrs.
     unsafe {
         let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
         if libc::getifaddrs(&mut head) != 0 {
-            return None;
+            return out;
         }
         let mut cur = head;
         while !cur.is_null() {
             let ifa = &*cur;
             if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
                 let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
-                    out = Some(std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned());
-                    break;
-                }
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             }
             cur = ifa.ifa_next;
         }
@@ -118,12 +117,8 @@ fn interface_of(ip: Ipv4Addr) -> Option<String> {
 }
 
 /// The interface the main routing table sends `dst` through (longest prefix of
-/// /proc/net/route), by index; `Some(0)` for one of this host's own addresses (delivered
-/// locally); `None` when no route matches.
-pub(crate) fn egress(dst: Ipv4Addr) -> Option<u32> {
-    if dst.is_loopback() || interface_of(dst).is_some() {
-        return Some(0);
-    }
+/// /proc/net/route), by index; `None` when no route matches.
+fn route(dst: Ipv4Addr) -> Option<u32> {
     let table = std::fs::read_to_string("/proc/net/route").ok()?;
     let want = u32::from_ne_bytes(dst.octets());
     let mut best: Option<(u32, String)> = None;
@@ -162,12 +157,15 @@ impl FastPath {
     /// relay's addresses `binds`. The error says why the fast path is not there.
     pub(crate) fn start(binds: &[IpAddr]) -> Result<FastPath, String> {
         let object = OBJECT.ok_or("not built: clang and libbpf-dev were missing when pinhole was built")?;
+        let local = addresses();
         for ip in binds {
             let IpAddr::V4(v4) = ip else { return Err(format!("{ip}: the fast path is IPv4 only")) };
             if v4.is_unspecified() {
                 return Err("the relay is bound to 0.0.0.0: the fast path needs its addresses".into());
             }
-            interface_of(*v4).ok_or_else(|| format!("no interface has {v4}"))?;
+            if !local.contains(v4) {
+                return Err(format!("no interface has {v4}"));
+            }
         }
         // Packets for a relay address may come in on any interface (a second network
         // routed through this host): the program sits on every one that is up.
@@ -192,7 +190,21 @@ impl FastPath {
         }
         let map = bpf.take_map(MAP).ok_or("the object has no flow map")?;
         let flows = HashMap::try_from(map).map_err(|e| format!("the flow map: {e}"))?;
-        Ok(FastPath { flows, _bpf: bpf, interfaces })
+        Ok(FastPath { flows, local, _bpf: bpf, interfaces })
+    }
+
+    /// Whether `ip` is this host's (loopback, or an interface's address at start).
+    pub(crate) fn is_local(&self, ip: Ipv4Addr) -> bool {
+        ip.is_loopback() || self.local.contains(&ip)
+    }
+
+    /// The interface index a flow to `dst` leaves by; 0 for a local `dst` (delivered
+    /// here); `None` when no route matches.
+    pub(crate) fn egress(&self, dst: Ipv4Addr) -> Option<u32> {
+        if self.is_local(dst) {
+            return Some(0);
+        }
+        route(dst)
     }
 
     pub(crate) fn install(&mut self, key: FlowKey, flow: Flow) -> bool {
@@ -203,9 +215,10 @@ impl FastPath {
         let _ = self.flows.remove(key);
     }
 
-    /// Packets and bytes (of UDP payload) the program forwarded for a flow so far.
-    pub(crate) fn counters(&self, key: &FlowKey) -> Option<(u64, u64)> {
-        self.flows.get(key, 0).ok().map(|f| (f.packets, f.bytes))
+    /// Packets, bytes (of UDP payload) and RTP packets the program forwarded for a flow
+    /// so far.
+    pub(crate) fn counters(&self, key: &FlowKey) -> Option<(u64, u64, u64)> {
+        self.flows.get(key, 0).ok().map(|f| (f.packets, f.bytes, f.rtp_packets))
     }
 }
 
@@ -217,6 +230,7 @@ pub(crate) struct Offload {
     pub(crate) src: SocketAddr,
     pub(crate) packets: u64,
     pub(crate) bytes: u64,
+    pub(crate) rtp: u64,
 }
 
 /// A worker's offloaded ports (by relay port).

@@ -232,10 +232,10 @@ impl<S> PortTable<S> {
     }
 
     /// Counts what the kernel fast path forwarded for `port`'s party (see
-    /// [`StreamStats::on_offloaded`]).
-    pub fn account(&self, port: u16, now_ns: u64, packets: u64, bytes: u64) {
+    /// [`StreamStats::on_offloaded`]); `rtp`: some of it was RTP.
+    pub fn account(&self, port: u16, now_ns: u64, packets: u64, bytes: u64, rtp: bool) {
         if let Some(s) = self.slot(port) {
-            s.stats.on_offloaded(now_ns, packets, bytes, port.is_multiple_of(2));
+            s.stats.on_offloaded(now_ns, packets, bytes, rtp);
         }
     }
 

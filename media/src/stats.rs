@@ -70,8 +70,8 @@ impl StreamStats {
     }
 
     /// `packets` (`bytes`) the kernel fast path forwarded since they were last counted
-    /// (none when 0): counted, and the stream was active at `now_ns` — RTP too when
-    /// `rtp` (an RTP port's flow). Loss and jitter are not measured for them.
+    /// (none when 0): counted, and the stream was active at `now_ns` — with RTP when `rtp`
+    /// (agents' keepalives are not). Loss and jitter are not measured for them.
     pub fn on_offloaded(&self, now_ns: u64, packets: u64, bytes: u64, rtp: bool) {
         if packets == 0 {
             return;

@@ -34,7 +34,12 @@ struct Outcome {
     calls: usize,
     sent: u64,
     received: u64,
+    /// The relay process's CPU per packet relayed in the window (0 for a direct run).
     cpu_us_per_packet: f64,
+    /// The whole machine's busy time in the window (/proc/stat: user, nice, system, irq,
+    /// softirq, steal), and the packets received in it.
+    machine_busy_us: f64,
+    window_packets: u64,
     p50_us: u64,
     p90_us: u64,
     p99_us: u64,
@@ -139,7 +144,29 @@ fn relayed_port(reply: &Bencode) -> anyhow::Result<u16> {
     parsed.media.first().map(|m| m.port).ok_or_else(|| anyhow::anyhow!("no m= line"))
 }
 
-fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -> anyhow::Result<Outcome> {
+/// The whole machine's busy jiffies so far (the first line of /proc/stat, idle and iowait
+/// left out).
+fn machine_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    [0, 1, 2, 5, 6, 7].iter().filter_map(|i| f.get(*i)).sum()
+}
+
+/// Where the generator's legs send: through a relay (its ng address and process), or
+/// straight to each other (the baseline a relay's whole-machine cost is measured against).
+#[derive(Clone, Copy)]
+enum Through {
+    Relay(SocketAddr, u32),
+    Direct,
+}
+
+fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Result<Outcome> {
+    let pid = match through {
+        Through::Relay(_, pid) => pid,
+        Through::Direct => 0,
+    };
     let ctl = UdpSocket::bind("127.0.0.1:0")?;
     ctl.set_read_timeout(Some(Duration::from_millis(500)))?;
     let bind = || -> anyhow::Result<UdpSocket> {
@@ -172,11 +199,19 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -
         }
         let call_id = format!("bench-{i}-{}", std::process::id());
         let crypto = srtp.then(|| Crypto::generate(1, Suite::AesCm128HmacSha1_80, &mut random));
-        let (pa, pb) = set_up(&ctl, ng_addr, i as u64, &call_id, sa, sb, crypto.as_ref())?;
+        let (pa, pb) = match through {
+            Through::Relay(ng_addr, _) => set_up(&ctl, ng_addr, i as u64, &call_id, sa, sb, crypto.as_ref())?,
+            // A sends to B's socket and B to A's: the same packets, no relay.
+            Through::Direct => (sb.port(), sa.port()),
+        };
         if let Some(tx) = crypto.as_ref().and_then(Crypto::contexts) {
             keys.push(tx.0);
         }
-        targets.push((SocketAddrV4::new(Ipv4Addr::LOCALHOST, pa), SocketAddrV4::new(Ipv4Addr::LOCALHOST, pb)));
+        let ip = match through {
+            Through::Relay(..) => Ipv4Addr::LOCALHOST,
+            Through::Direct => Ipv4Addr::new(127, 0, 0, 2),
+        };
+        targets.push((SocketAddrV4::new(ip, pa), SocketAddrV4::new(ip, pb)));
     }
 
     // Memory per call: the slope between half and all calls set up, so fixed costs
@@ -280,12 +315,12 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -
 
     // Warm up (latching), then measure.
     std::thread::sleep(Duration::from_secs(2));
-    let (c0, r0) = (cpu_ticks(pid), received.load(Ordering::Relaxed));
+    let (c0, r0, m0) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks());
     if let Ok(mut l) = latencies.lock() {
         l.clear();
     }
     std::thread::sleep(Duration::from_secs(seconds));
-    let (c1, r1) = (cpu_ticks(pid), received.load(Ordering::Relaxed));
+    let (c1, r1, m1) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks());
     stop.store(true, Ordering::Relaxed);
     let _ = tx.join();
     // Let what is in flight arrive, then compare all sent with all received.
@@ -297,7 +332,7 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -
     lat.sort_unstable();
     let pct =
         |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-    let cpu_us = (c1.saturating_sub(c0)) as f64 / ticks_per_sec() * 1e6;
+    let cpu_us = if pid == 0 { 0.0 } else { (c1.saturating_sub(c0)) as f64 / ticks_per_sec() * 1e6 };
     let relayed = r1 - r0;
     Ok(Outcome {
         calls,
@@ -305,6 +340,8 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -
         received: received_all,
         // CPU in the window over packets relayed in the same window.
         cpu_us_per_packet: cpu_us / relayed.max(1) as f64,
+        machine_busy_us: (m1.saturating_sub(m0)) as f64 / ticks_per_sec() * 1e6,
+        window_packets: relayed,
         p50_us: u64::from(pct(0.50)),
         p90_us: u64::from(pct(0.90)),
         p99_us: u64::from(pct(0.99)),
@@ -313,14 +350,28 @@ fn load(ng_addr: SocketAddr, pid: u32, calls: usize, seconds: u64, srtp: bool) -
     })
 }
 
+/// pinhole's userspace relay (the kernel fast path off).
 pub(crate) fn start_pinhole(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
+    start_pinhole_with(dir, ng_port, "off")
+}
+
+/// pinhole with the kernel fast path (`auto`), which must come on.
+fn start_pinhole_fast(dir: &std::path::Path, ng_port: u16) -> anyhow::Result<Proc> {
+    let p = start_pinhole_with(dir, ng_port, "auto")?;
+    let log = std::fs::read_to_string(dir.join("pinhole-relay-bench.log")).unwrap_or_default();
+    anyhow::ensure!(!log.contains("fast path unavailable"), "the kernel fast path did not come on: {log}");
+    Ok(p)
+}
+
+fn start_pinhole_with(dir: &std::path::Path, ng_port: u16, fastpath: &str) -> anyhow::Result<Proc> {
     crate::bench::spawn_pinhole(
         dir,
         "pinhole-relay-bench",
         &format!(
             "[sip]\nlisten = []\ndomain = \"bench.test\"\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n\
-             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = 30000\nport_max = 39999\n\
-             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\n"
+             [media]\nmode = \"relay\"\nfastpath = \"{fastpath}\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = 30000\nport_max = 39999\n\
+             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port()
         ),
     )
 }
@@ -352,6 +403,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let seconds = u64::from(arg(args, "--seconds", 10));
     let srtp = args.iter().any(|a| a == "--srtp");
+    if args.iter().any(|a| a == "--fastpath") {
+        return fastpath(args);
+    }
     let calls_list: Vec<usize> = match arg(args, "--calls", 0) {
         0 => vec![250, 500, 1000],
         n => vec![n as usize],
@@ -366,7 +420,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         ] {
             let port = free_port();
             let relay = start(&dir, port)?;
-            let o = load(SocketAddr::from(([127, 0, 0, 1], port)), relay.0.id(), calls, seconds, srtp)?;
+            let o = load(Through::Relay(SocketAddr::from(([127, 0, 0, 1], port)), relay.0.id()), calls, seconds, srtp)?;
             let loss = 1.0 - o.received as f64 / o.sent.max(1) as f64;
             println!(
                 "{name:9} calls {:5}  {:8} pkts sent {:8} relayed  loss {:6.3}%  cpu {:6.2} us/pkt  latency p50 {:4} p90 {:5} p99 {:6} max {:6} us  rss {:7.0} KB/1000 calls",
@@ -397,6 +451,65 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 r.cpu_us_per_packet,
                 rl * 100.0,
                 r.cpu_us_per_packet / p.cpu_us_per_packet
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `cargo xtask bench relay --fastpath [--calls N] [--runs R] [--seconds S]`: whole-machine
+/// CPU per relayed packet (docs/DESIGN.md, "Measuring CPU honestly") of pinhole's kernel fast
+/// path, pinhole's userspace relay and rtpengine's, at each load, each run against a direct
+/// run of the same generator (legs sending straight to each other) just before it:
+/// (busy µs with the relay − busy µs direct) / packets relayed. The method is checked on
+/// rtpengine: its whole-machine figure must be at least its own process's CPU per packet,
+/// and the spread over the runs is reported.
+fn fastpath(args: &[String]) -> anyhow::Result<()> {
+    let seconds = u64::from(arg(args, "--seconds", 5));
+    let runs = arg(args, "--runs", 5) as usize;
+    let calls_list: Vec<usize> = match arg(args, "--calls", 0) {
+        0 => vec![250, 500, 1000, 2000],
+        n => vec![n as usize],
+    };
+    let dir = std::env::temp_dir().join(format!("pinhole-fastpath-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    type Start = fn(&std::path::Path, u16) -> anyhow::Result<Proc>;
+    let relays: [(&str, Start); 3] =
+        [("pinhole kernel", start_pinhole_fast), ("pinhole user", start_pinhole), ("rtpengine", start_rtpengine)];
+    println!("whole-machine CPU per relayed packet (relay run minus a direct run of the same generator), {runs} runs of {seconds} s");
+    for &calls in &calls_list {
+        for (name, start) in relays {
+            let (mut costs, mut procs, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut sent, mut received) = (0u64, 0u64);
+            for _ in 0..runs {
+                let direct = load(Through::Direct, calls, seconds, false)?;
+                let port = free_port();
+                let relay = start(&dir, port)?;
+                let o = load(
+                    Through::Relay(SocketAddr::from(([127, 0, 0, 1], port)), relay.0.id()),
+                    calls,
+                    seconds,
+                    false,
+                )?;
+                drop(relay);
+                let per_packet = (o.machine_busy_us - direct.machine_busy_us) / o.window_packets.max(1) as f64;
+                costs.push(per_packet);
+                procs.push(o.cpu_us_per_packet);
+                lat.push((o.p50_us.saturating_sub(direct.p50_us), o.p99_us.saturating_sub(direct.p99_us)));
+                sent += o.sent;
+                received += o.received;
+            }
+            let mean = costs.iter().sum::<f64>() / costs.len() as f64;
+            let (min, max) = costs.iter().fold((f64::MAX, f64::MIN), |(a, b), c| (a.min(*c), b.max(*c)));
+            let proc_mean = procs.iter().sum::<f64>() / procs.len() as f64;
+            let p99 = lat.iter().map(|l| l.1).max().unwrap_or(0);
+            let p50 = lat.iter().map(|l| l.0).max().unwrap_or(0);
+            println!(
+                "{name:15} calls {calls:5}  {mean:6.2} us/pkt (runs {}; spread {:.0}%)  process {proc_mean:5.2} us/pkt  added latency p50 {p50} p99 {p99} us  loss {:.3}%",
+                costs.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(" "),
+                (max - min) / mean.abs().max(1e-9) * 100.0,
+                (1.0 - received as f64 / sent.max(1) as f64) * 100.0
             );
         }
     }
