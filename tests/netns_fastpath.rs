@@ -58,6 +58,12 @@ impl Lab {
     }
 
     fn pinhole(&self, dir: &TempDir, name: &str, fastpath: &str) -> (Bg, std::path::PathBuf) {
+        self.pinhole_as(dir, name, fastpath, &[])
+    }
+
+    /// [`Lab::pinhole`] run under `wrapper` (a command that execs the rest, such as
+    /// setpriv dropping capabilities).
+    fn pinhole_as(&self, dir: &TempDir, name: &str, fastpath: &str, wrapper: &[&str]) -> (Bg, std::path::PathBuf) {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
@@ -69,7 +75,12 @@ impl Lab {
         )
         .expect("config");
         let log = dir.path().join(format!("{name}.log"));
-        let child = NatLab::command(&self.relay, env!("CARGO_BIN_EXE_pinhole"))
+        let program = wrapper.first().copied().unwrap_or(env!("CARGO_BIN_EXE_pinhole"));
+        let mut command = NatLab::command(&self.relay, program);
+        if !wrapper.is_empty() {
+            command.args(&wrapper[1..]).arg(env!("CARGO_BIN_EXE_pinhole"));
+        }
+        let child = command
             .args(["server", "--config"])
             .arg(&cfg)
             .stdout(Stdio::null())
@@ -322,7 +333,7 @@ fn with_fastpath_off_the_same_call_is_relayed_in_userspace() {
     let (_pinhole, log) = lab.pinhole(&dir, "pinhole", "off");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("kernel fast path off"), "{text}");
-    assert!(!lab.attached().contains("pinhole_fwd"), "{}", lab.attached());
+    assert_eq!(lab.metric("pinhole_fastpath_on"), 0.0);
     let (to_a, to_b) = call(&lab, "off-1");
     let a = Lab::socket(&lab.a, &format!("{PHONE_A}:4000"));
     let b = Lab::socket(&lab.b, &format!("{PHONE_B}:5000"));
@@ -333,4 +344,29 @@ fn with_fastpath_off_the_same_call_is_relayed_in_userspace() {
     assert!(drain(&a).get(&SSRC_B).copied().unwrap_or(0) >= 45);
     assert!(lab.metric("pinhole_relay_userspace_packets_total") >= 95.0);
     assert_eq!(lab.metric("pinhole_fastpath_flows"), 0.0);
+}
+
+#[test]
+fn where_the_kernel_refuses_the_program_the_relay_says_so_and_works_in_userspace() {
+    if !common::netns::have_root() {
+        return;
+    }
+    let dir = TempDir::new("fastpath-refused");
+    let lab = Lab::new();
+    // Root without CAP_BPF and CAP_SYS_ADMIN (raw sockets still allowed): bpf() says EPERM.
+    let drop_bpf = ["setpriv", "--bounding-set", "-bpf,-sys_admin", "--inh-caps", "-bpf,-sys_admin", "--"];
+    let (_pinhole, log) = lab.pinhole_as(&dir, "pinhole", "auto", &drop_bpf);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("kernel fast path unavailable"), "{text}");
+    assert!(text.contains("raw range socket"), "{text}");
+    let (to_a, to_b) = call(&lab, "refused-1");
+    let a = Lab::socket(&lab.a, &format!("{PHONE_A}:4000"));
+    let b = Lab::socket(&lab.b, &format!("{PHONE_B}:5000"));
+    let mut seq = 0;
+    talk(&a, &b, to_a, to_b, &mut seq, 50);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(drain(&b).get(&SSRC_A).copied().unwrap_or(0) >= 45);
+    assert!(drain(&a).get(&SSRC_B).copied().unwrap_or(0) >= 45);
+    assert_eq!(lab.metric("pinhole_fastpath_on"), 0.0);
+    assert!(lab.metric("pinhole_relay_userspace_packets_total") >= 95.0);
 }
