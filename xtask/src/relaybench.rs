@@ -39,6 +39,9 @@ struct Outcome {
     /// The whole machine's busy time in the window (/proc/stat: user, nice, system, irq,
     /// softirq, steal), and the packets received in it.
     machine_busy_us: f64,
+    /// The generator's own process CPU in the window (on loopback, the kernel's delivery
+    /// and a TC program's forwarding run in the sender's context).
+    generator_us: f64,
     window_packets: u64,
     p50_us: u64,
     p90_us: u64,
@@ -315,12 +318,13 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
 
     // Warm up (latching), then measure.
     std::thread::sleep(Duration::from_secs(2));
-    let (c0, r0, m0) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks());
+    let me = std::process::id();
+    let (c0, r0, m0, g0) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks(), cpu_ticks(me));
     if let Ok(mut l) = latencies.lock() {
         l.clear();
     }
     std::thread::sleep(Duration::from_secs(seconds));
-    let (c1, r1, m1) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks());
+    let (c1, r1, m1, g1) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks(), cpu_ticks(me));
     stop.store(true, Ordering::Relaxed);
     let _ = tx.join();
     // Let what is in flight arrive, then compare all sent with all received.
@@ -341,6 +345,7 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
         // CPU in the window over packets relayed in the same window.
         cpu_us_per_packet: cpu_us / relayed.max(1) as f64,
         machine_busy_us: (m1.saturating_sub(m0)) as f64 / ticks_per_sec() * 1e6,
+        generator_us: (g1.saturating_sub(g0)) as f64 / ticks_per_sec() * 1e6,
         window_packets: relayed,
         p50_us: u64::from(pct(0.50)),
         p90_us: u64::from(pct(0.90)),
@@ -370,8 +375,7 @@ fn start_pinhole_with(dir: &std::path::Path, ng_port: u16, fastpath: &str) -> an
         &format!(
             "[sip]\nlisten = []\ndomain = \"bench.test\"\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n\
              [media]\nmode = \"relay\"\nfastpath = \"{fastpath}\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = 30000\nport_max = 39999\n\
-             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
-            free_port()
+             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\n"
         ),
     )
 }
@@ -480,7 +484,7 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
     println!("whole-machine CPU per relayed packet (relay run minus a direct run of the same generator), {runs} runs of {seconds} s");
     for &calls in &calls_list {
         for (name, start) in relays {
-            let (mut costs, mut procs, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut costs, mut procs, mut lat, mut gens) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut sent, mut received) = (0u64, 0u64);
             for _ in 0..runs {
                 let direct = load(Through::Direct, calls, seconds, false)?;
@@ -493,22 +497,31 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
                     false,
                 )?;
                 drop(relay);
-                let per_packet = (o.machine_busy_us - direct.machine_busy_us) / o.window_packets.max(1) as f64;
-                costs.push(per_packet);
+                let n = o.window_packets.max(1) as f64;
+                costs.push((o.machine_busy_us - direct.machine_busy_us) / n);
+                // The generator's extra CPU with the relay (the kernel's forwarding charged
+                // to the sender) plus the relay process's own.
+                gens.push((o.generator_us - direct.generator_us) / n + o.cpu_us_per_packet);
                 procs.push(o.cpu_us_per_packet);
                 lat.push((o.p50_us.saturating_sub(direct.p50_us), o.p99_us.saturating_sub(direct.p99_us)));
                 sent += o.sent;
                 received += o.received;
             }
-            let mean = costs.iter().sum::<f64>() / costs.len() as f64;
-            let (min, max) = costs.iter().fold((f64::MAX, f64::MIN), |(a, b), c| (a.min(*c), b.max(*c)));
+            let stats = |v: &[f64]| {
+                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                let (min, max) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), c| (a.min(*c), b.max(*c)));
+                let runs = v.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(" ");
+                (mean, (max - min) / mean.abs().max(1e-9) * 100.0, runs)
+            };
+            let (mean, spread, runs_text) = stats(&costs);
+            let (gmean, gspread, gruns) = stats(&gens);
             let proc_mean = procs.iter().sum::<f64>() / procs.len() as f64;
             let p99 = lat.iter().map(|l| l.1).max().unwrap_or(0);
             let p50 = lat.iter().map(|l| l.0).max().unwrap_or(0);
             println!(
-                "{name:15} calls {calls:5}  {mean:6.2} us/pkt (runs {}; spread {:.0}%)  process {proc_mean:5.2} us/pkt  added latency p50 {p50} p99 {p99} us  loss {:.3}%",
-                costs.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(" "),
-                (max - min) / mean.abs().max(1e-9) * 100.0,
+                "{name:15} calls {calls:5}  whole machine {mean:6.2} us/pkt (runs {runs_text}; spread {spread:.0}%)  \
+                 generator+relay {gmean:6.2} us/pkt (runs {gruns}; spread {gspread:.0}%)  relay process {proc_mean:5.2} us/pkt  \
+                 added latency p50 {p50} p99 {p99} us  loss {:.3}%",
                 (1.0 - received as f64 / sent.max(1) as f64) * 100.0
             );
         }
