@@ -143,17 +143,9 @@ pub struct Transport {
     pub drop_feedback: bool,
 }
 
-/// Attributes that describe the transport of the party that wrote the SDP: replaced by
-/// pinhole's own when it terminates the transport.
+/// Attributes besides ICE's that describe the transport of the party that wrote the SDP:
+/// replaced by pinhole's own when it terminates the transport.
 const TRANSPORT_ATTRS: &[&str] = &[
-    "ice-ufrag",
-    "ice-pwd",
-    "ice-options",
-    "ice-lite",
-    "ice-mismatch",
-    "candidate",
-    "remote-candidates",
-    "end-of-candidates",
     "fingerprint",
     "setup",
     "connection",
@@ -166,6 +158,11 @@ const TRANSPORT_ATTRS: &[&str] = &[
     "tls-id",
     "group",
 ];
+
+/// Whether a terminated section (or the session) drops attribute `name`.
+fn transport_attr(name: &str) -> bool {
+    ICE_ATTRS.contains(&name) || TRANSPORT_ATTRS.contains(&name)
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Line {
@@ -394,7 +391,7 @@ impl<'a> Sdp<'a> {
                     let Some(a) = anchor(s) else { continue };
                     let (name, val) = value.split_once(':').unwrap_or((value, ""));
                     if let Some(t) = transport(s) {
-                        if TRANSPORT_ATTRS.contains(&name) || (t.drop_feedback && name == "rtcp-fb") {
+                        if transport_attr(name) || (t.drop_feedback && name == "rtcp-fb") {
                             continue;
                         }
                     }
@@ -415,7 +412,7 @@ impl<'a> Sdp<'a> {
                 }
                 ("a=", None) if (rw.remove_ice || any_transport) && session_anchor.is_some() => {
                     let name = value.split(':').next().unwrap_or(value);
-                    if ICE_ATTRS.contains(&name) || (any_transport && TRANSPORT_ATTRS.contains(&name)) {
+                    if ICE_ATTRS.contains(&name) || (any_transport && transport_attr(name)) {
                         continue;
                     }
                     out.push_str(t);
