@@ -96,8 +96,6 @@ pub struct Keys {
     pub rx_rtcp: Srtcp,
     pub tx: Srtp,
     pub tx_rtcp: Srtcp,
-    /// The profile the handshake chose, for logs and queries.
-    pub profile: &'static str,
 }
 
 /// Contexts for one direction from a master key and salt.
@@ -118,10 +116,10 @@ fn contexts(key: &[u8], salt: &[u8]) -> Option<(Srtp, Srtcp)> {
 /// Keys from the exporter's output (RFC 5764 §4.2: client key, server key, client salt,
 /// server salt); `client`: we were the DTLS client.
 fn keys_from(material: &[u8], profile: SrtpProfile, client: bool) -> Option<Keys> {
-    let (key_len, salt_len, name) = match profile {
-        SrtpProfile::AES128_CM_SHA1_80 => (KEY_LEN, SALT_LEN, "AES_CM_128_HMAC_SHA1_80"),
-        SrtpProfile::AEAD_AES_128_GCM => (KEY_LEN, GCM_SALT_LEN, "AEAD_AES_128_GCM"),
-        SrtpProfile::AEAD_AES_256_GCM => (KEY256_LEN, GCM_SALT_LEN, "AEAD_AES_256_GCM"),
+    let (key_len, salt_len) = match profile {
+        SrtpProfile::AES128_CM_SHA1_80 => (KEY_LEN, SALT_LEN),
+        SrtpProfile::AEAD_AES_128_GCM => (KEY_LEN, GCM_SALT_LEN),
+        SrtpProfile::AEAD_AES_256_GCM => (KEY256_LEN, GCM_SALT_LEN),
         _ => return None,
     };
     if material.len() != 2 * (key_len + salt_len) {
@@ -132,7 +130,7 @@ fn keys_from(material: &[u8], profile: SrtpProfile, client: bool) -> Option<Keys
     let (client_salt, server_salt) = rest.split_at(salt_len);
     let (client_ctx, server_ctx) = (contexts(client_key, client_salt)?, contexts(server_key, server_salt)?);
     let ((tx, tx_rtcp), (rx, rx_rtcp)) = if client { (client_ctx, server_ctx) } else { (server_ctx, client_ctx) };
-    Some(Keys { rx, rx_rtcp, tx, tx_rtcp, profile: name })
+    Some(Keys { rx, rx_rtcp, tx, tx_rtcp })
 }
 
 /// How a leg's handshake stands.
@@ -185,15 +183,6 @@ impl DtlsLeg {
 
     pub fn state(&self) -> State {
         self.state
-    }
-
-    pub fn is_client(&self) -> bool {
-        self.client
-    }
-
-    /// The fingerprint this handshake holds the peer to.
-    pub fn expected(&self) -> &[u8; 32] {
-        &self.expected
     }
 
     /// A datagram from the peer (first byte 20–63).

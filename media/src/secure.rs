@@ -102,21 +102,14 @@ pub struct SecureLeg {
     keys: Option<Keys>,
     /// The address DTLS and media are taken from when the leg has no ICE.
     latched: Option<SocketAddr>,
-    failure: Option<&'static str>,
-    failure_counted: bool,
+    /// The handshake failed and was counted (once).
+    failed: bool,
 }
 
 impl SecureLeg {
     pub fn new(setup: LegSetup) -> SecureLeg {
-        let mut leg = SecureLeg {
-            setup: LegSetup::default(),
-            ice: None,
-            dtls: None,
-            keys: None,
-            latched: None,
-            failure: None,
-            failure_counted: false,
-        };
+        let mut leg =
+            SecureLeg { setup: LegSetup::default(), ice: None, dtls: None, keys: None, latched: None, failed: false };
         leg.update(setup);
         leg
     }
@@ -141,8 +134,7 @@ impl SecureLeg {
         }
         if setup.dtls != self.setup.dtls {
             self.dtls = None;
-            self.failure = None;
-            self.failure_counted = false;
+            self.failed = false;
         }
         if setup.sdes != self.setup.sdes {
             self.keys = setup.sdes.as_ref().and_then(sdes_keys);
@@ -165,11 +157,6 @@ impl SecureLeg {
     /// Whether media may flow (keys are out).
     pub fn ready(&self) -> bool {
         self.keys.is_some()
-    }
-
-    /// The profile keying the leg, once keyed by DTLS.
-    pub fn profile(&self) -> Option<&'static str> {
-        self.keys.as_ref().map(|k| k.profile)
     }
 
     /// Without ICE: the latch accepted `src`; DTLS and media are taken from it.
@@ -235,17 +222,11 @@ impl SecureLeg {
             metrics::counter!("pinhole_dtls_handshakes_total", "outcome" => "done").increment(1);
             self.keys = Some(k);
         }
-        if let (State::Failed(why), false) = (d.state(), self.failure_counted) {
+        if matches!(d.state(), State::Failed(_)) && !self.failed {
             // The leg keeps its failed handshake: no second one until signalling changes it.
-            self.failure_counted = true;
+            self.failed = true;
             metrics::counter!("pinhole_dtls_handshakes_total", "outcome" => "failed").increment(1);
-            self.failure = Some(why);
         }
-    }
-
-    /// Why the leg's handshake failed, if it did.
-    pub fn failure(&self) -> Option<&'static str> {
-        self.failure
     }
 
     /// Whether the leg has timers: a handshake under way, or one to begin as the client
@@ -290,7 +271,7 @@ impl SecureLeg {
 fn sdes_keys(s: &SdesSetup) -> Option<Keys> {
     let (rx, rx_rtcp) = s.rx.contexts()?;
     let (tx, tx_rtcp) = s.tx.contexts()?;
-    Some(Keys { rx, rx_rtcp, tx, tx_rtcp, profile: s.tx.suite.name() })
+    Some(Keys { rx, rx_rtcp, tx, tx_rtcp })
 }
 
 #[cfg(test)]

@@ -264,13 +264,6 @@ impl Srtp {
         Srtp { sealer: Sealer::gcm(master_key, master_salt, 0), sources: HashMap::new() }
     }
 
-    /// A context from the 30 bytes of an SDES inline key (key then salt).
-    pub fn from_key_and_salt(key_salt: &[u8]) -> Option<Srtp> {
-        let key: &[u8; KEY_LEN] = key_salt.get(..KEY_LEN)?.try_into().ok()?;
-        let salt: &[u8; SALT_LEN] = key_salt.get(KEY_LEN..)?.try_into().ok()?;
-        Some(Srtp::new(key, salt))
-    }
-
     /// Encrypts an RTP packet in place and appends its tag.
     pub fn protect(&mut self, packet: &mut Vec<u8>) -> Result<(), SrtpError> {
         let header = header_len(packet).ok_or(SrtpError::Malformed)?;
@@ -331,10 +324,12 @@ impl Srtp {
                     source.check(index)?;
                 }
                 let nonce = gcm_nonce(salt, ssrc, index);
-                let mut sealed = packet[header..body].to_vec();
-                aead.open(&nonce, &packet[..header], &mut sealed, &packet[body..])?;
-                packet.truncate(header);
-                packet.extend_from_slice(&sealed);
+                let mut tag = [0u8; GCM_TAG_LEN];
+                tag.copy_from_slice(&packet[body..]);
+                // In place: GCM checks the tag before it decrypts a byte.
+                let (aad, sealed) = packet[..body].split_at_mut(header);
+                aead.open(&nonce, aad, sealed, &tag)?;
+                packet.truncate(body);
             }
         }
         self.sources.entry(ssrc).or_insert(source).accept(index);
@@ -375,6 +370,14 @@ const SRTCP_INDEX_MASK: u32 = 0x7fff_ffff;
 const SRTCP_E: u32 = 0x8000_0000;
 /// An RTCP packet's fixed header: V/P/RC, PT, length, SSRC.
 const RTCP_HEADER: usize = 8;
+
+/// SRTCP's associated data under GCM: the fixed header, then E and the index (RFC 7714 §9.2).
+fn srtcp_aad(header: &[u8], e_index: [u8; 4]) -> [u8; RTCP_HEADER + 4] {
+    let mut aad = [0u8; RTCP_HEADER + 4];
+    aad[..RTCP_HEADER].copy_from_slice(&header[..RTCP_HEADER]);
+    aad[RTCP_HEADER..].copy_from_slice(&e_index);
+    aad
+}
 
 /// One direction's SRTCP context (RFC 3711 §3.4, RFC 7714 §9): every compound RTCP packet
 /// encrypted after its first 8 bytes, its SRTCP index and E flag appended (after the GCM
@@ -418,8 +421,7 @@ impl Srtcp {
             Sealer::Gcm { aead, salt } => {
                 let nonce = gcm_nonce(salt, ssrc, u64::from(index));
                 let (header, payload) = packet.split_at_mut(RTCP_HEADER);
-                let aad = [&header[..], &e_index].concat();
-                let tag = aead.seal(&nonce, &aad, payload)?;
+                let tag = aead.seal(&nonce, &srtcp_aad(header, e_index), payload)?;
                 packet.extend_from_slice(&tag);
                 packet.extend_from_slice(&e_index);
             }
@@ -471,11 +473,11 @@ impl Srtcp {
                     source.check(u64::from(index))?;
                 }
                 let nonce = gcm_nonce(salt, ssrc, u64::from(index));
-                let aad = [&packet[..RTCP_HEADER], &e_index.to_be_bytes()].concat();
-                let mut sealed = packet[RTCP_HEADER..body].to_vec();
-                aead.open(&nonce, &aad, &mut sealed, &packet[body..body + tag_len])?;
-                packet.truncate(RTCP_HEADER);
-                packet.extend_from_slice(&sealed);
+                let aad = srtcp_aad(&packet[..RTCP_HEADER], e_index.to_be_bytes());
+                let mut tag = [0u8; GCM_TAG_LEN];
+                tag.copy_from_slice(&packet[body..body + tag_len]);
+                aead.open(&nonce, &aad, &mut packet[RTCP_HEADER..body], &tag)?;
+                packet.truncate(body);
             }
         }
         self.sources.entry(ssrc).or_insert(source).accept(u64::from(index));

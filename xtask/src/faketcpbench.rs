@@ -99,7 +99,7 @@ fn load(
     for i in 0..calls {
         let call_id = format!("ftbench-{i}-{}-{tcp}", std::process::id());
         let (sa, sb) = (a[i].local_addr()?, b[i].local_addr()?);
-        let (pa, pb) = set_up_call(&ctl, ng_addr, i as u64, &call_id, sa, sb)?;
+        let (pa, pb) = set_up_call(&ctl, ng_addr, i as u64, &call_id, (sa, sb), None)?;
         targets.push((SocketAddr::from(([127, 0, 0, 1], pa)), SocketAddr::from(([127, 0, 0, 1], pb))));
         if tcp {
             let key = pinhole_sip::faketcp_key(&SECRET, &call_id, pb);

@@ -86,27 +86,14 @@ fn sdp(addr: SocketAddr, crypto: Option<&Crypto>) -> String {
     )
 }
 
-/// Sets up call `call_id` over ng (offer from `sa`, answer from `sb`); returns the relay
-/// ports A and B send to.
+/// Sets up call `call_id` over ng (offer from `sa`, answer from `sb`), A speaking SDES-SRTP
+/// under `crypto` when given (B plain RTP); returns the relay ports A and B send to.
 pub(crate) fn set_up_call(
     ctl: &UdpSocket,
     ng_addr: SocketAddr,
     n: u64,
     call_id: &str,
-    sa: SocketAddr,
-    sb: SocketAddr,
-) -> anyhow::Result<(u16, u16)> {
-    set_up(ctl, ng_addr, n, call_id, sa, sb, None)
-}
-
-/// [`set_up_call`], with A speaking SDES-SRTP under `crypto` when given (B plain RTP).
-fn set_up(
-    ctl: &UdpSocket,
-    ng_addr: SocketAddr,
-    n: u64,
-    call_id: &str,
-    sa: SocketAddr,
-    sb: SocketAddr,
+    (sa, sb): (SocketAddr, SocketAddr),
     crypto: Option<&Crypto>,
 ) -> anyhow::Result<(u16, u16)> {
     let mut offer = vec![
@@ -203,7 +190,7 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
         let call_id = format!("bench-{i}-{}", std::process::id());
         let crypto = srtp.then(|| Crypto::generate(1, Suite::AesCm128HmacSha1_80, &mut random));
         let (pa, pb) = match through {
-            Through::Relay(ng_addr, _) => set_up(&ctl, ng_addr, i as u64, &call_id, sa, sb, crypto.as_ref())?,
+            Through::Relay(ng_addr, _) => set_up_call(&ctl, ng_addr, i as u64, &call_id, (sa, sb), crypto.as_ref())?,
             // A sends to B's socket and B to A's: the same packets, no relay.
             Through::Direct => (sb.port(), sa.port()),
         };
