@@ -56,17 +56,47 @@ impl SendMany {
     }
 }
 
-/// recvmmsg into fixed buffers.
+/// recvmmsg into fixed buffers, with each datagram's kernel arrival time where the socket
+/// asked for one (`stamp_arrivals`).
 pub(crate) struct RecvMany {
     bufs: Vec<[u8; 2048]>,
     lens: Vec<usize>,
+    /// Control buffers for SCM_TIMESTAMPNS, u64s so they are aligned for a cmsghdr.
+    controls: Vec<[u64; 8]>,
+    arrivals: Vec<Option<u64>>,
+}
+
+/// Asks the kernel to stamp each datagram's arrival (SO_TIMESTAMPNS, CLOCK_REALTIME): the
+/// time it reached the host's receive path, not the time a reader got round to it.
+pub(crate) fn stamp_arrivals(sock: &UdpSocket) {
+    let on: libc::c_int = 1;
+    // SAFETY: a plain int option on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// CLOCK_REALTIME in nanoseconds, the clock arrival stamps are in.
+pub(crate) fn realtime_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl RecvMany {
     pub(crate) const SIZE: usize = 64;
 
     pub(crate) fn new() -> RecvMany {
-        RecvMany { bufs: vec![[0; 2048]; Self::SIZE], lens: vec![0; Self::SIZE] }
+        RecvMany {
+            bufs: vec![[0; 2048]; Self::SIZE],
+            lens: vec![0; Self::SIZE],
+            controls: vec![[0; 8]; Self::SIZE],
+            arrivals: vec![None; Self::SIZE],
+        }
     }
 
     /// Reads up to SIZE datagrams without waiting; how many.
@@ -75,9 +105,11 @@ impl RecvMany {
             self.bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
         // SAFETY: as in SendMany::send; no names are asked for.
         let mut msgs: Vec<libc::mmsghdr> = (0..iov.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        for ((m, v), c) in msgs.iter_mut().zip(iov.iter_mut()).zip(self.controls.iter_mut()) {
             m.msg_hdr.msg_iov = v;
             m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = c.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of_val(c) as _;
         }
         // SAFETY: msgs and their buffers are alive for the call.
         let n = unsafe {
@@ -90,13 +122,31 @@ impl RecvMany {
             )
         };
         let n = n.max(0) as usize;
-        for (len, m) in self.lens.iter_mut().zip(&msgs).take(n) {
+        for ((len, arrival), m) in self.lens.iter_mut().zip(self.arrivals.iter_mut()).zip(&msgs).take(n) {
             *len = m.msg_len as usize;
+            *arrival = None;
+            // SAFETY: the kernel filled msg_control up to msg_controllen; the CMSG macros
+            // walk only within it.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                        let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                        *arrival = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                    }
+                    c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
+                }
+            }
         }
         n
     }
 
     pub(crate) fn packets(&self, n: usize) -> impl Iterator<Item = &[u8]> {
         self.bufs.iter().zip(&self.lens).take(n).map(|(b, l)| &b[..*l])
+    }
+
+    /// The packets with their kernel arrival times (None unless the socket stamps them).
+    pub(crate) fn stamped(&self, n: usize) -> impl Iterator<Item = (&[u8], Option<u64>)> {
+        self.packets(n).zip(self.arrivals.iter().copied())
     }
 }

@@ -21,7 +21,7 @@ use pinhole_media::sdp::Sdp;
 use pinhole_media::srtp::{Srtp, TAG_LEN};
 
 use crate::bench::{arg, cpu_ticks, free_port, ticks_per_sec, Proc};
-use crate::mmsg::{RecvMany, SendMany, PACKET};
+use crate::mmsg::{realtime_ns, stamp_arrivals, RecvMany, SendMany, PACKET};
 
 /// The sender's time slices: 200 per 20 ms packet interval.
 const SLICES: usize = 200;
@@ -47,7 +47,35 @@ struct Outcome {
     p90_us: u64,
     p99_us: u64,
     max_us: u64,
+    /// Latency to the kernel's arrival stamp on the generator's socket rather than to the
+    /// generator's read: the receiver's own scheduling left out.
+    arrival_p50_us: u64,
+    arrival_p99_us: u64,
     rss_kb_per_1000: f64,
+}
+
+/// `--pin`: the generator's threads on CPU 0, the relay's on CPU 1.
+static PIN: AtomicBool = AtomicBool::new(false);
+
+/// Pins the calling thread (tid 0) or the given thread to one CPU.
+#[allow(unsafe_code)]
+fn pin_thread(tid: libc::pid_t, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Pins every thread of a process (threads it starts later inherit it).
+fn pin_process(pid: u32, cpu: usize) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+            pin_thread(tid, cpu);
+        }
+    }
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -167,7 +195,9 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
         // other hosts: a relay's own receive path then never sees the packets it sends.
         s.bind(&"127.0.0.2:0".parse::<SocketAddr>()?.into())?;
         s.set_nonblocking(true)?;
-        Ok(s.into())
+        let s: UdpSocket = s.into();
+        stamp_arrivals(&s);
+        Ok(s)
     };
     // One socket for every call's A leg and one for every B leg: each call still has its
     // own pair of relay ports, and the generator can send a time slice's packets in one
@@ -213,6 +243,11 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
     let sent = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<u32>::with_capacity(4_000_000)));
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<u32>::with_capacity(4_000_000)));
+    let pin = PIN.load(Ordering::Relaxed);
+    if pin {
+        pin_process(pid, 1);
+    }
 
     // Receiver: reads both sockets every RX_PERIOD and sleeps in between, never in a
     // wait on the sockets. A receiver asleep on its socket is woken by whoever delivers
@@ -221,10 +256,15 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
     // receiver.
     let rx = {
         let socks = [a.try_clone()?, b.try_clone()?];
-        let (stop, received, latencies) = (stop_rx.clone(), received.clone(), latencies.clone());
+        let (stop, received, latencies, arrivals) =
+            (stop_rx.clone(), received.clone(), latencies.clone(), arrivals.clone());
         std::thread::spawn(move || {
+            if pin {
+                pin_thread(0, 0);
+            }
             let mut batch = RecvMany::new();
             let mut local = Vec::with_capacity(1 << 16);
+            let mut local_arrivals = Vec::with_capacity(1 << 16);
             while !stop.load(Ordering::Relaxed) {
                 for (k, s) in socks.iter().enumerate() {
                     // With --srtp what reaches A is SRTP: its timestamp is sealed.
@@ -232,10 +272,14 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
                     loop {
                         let n = batch.recv(s);
                         let now = epoch.elapsed().as_nanos() as u64;
-                        for pkt in batch.packets(n) {
-                            if timed && pkt.len() >= 20 {
+                        for (pkt, arrival) in batch.stamped(n) {
+                            if timed && pkt.len() >= 28 {
                                 let t = u64::from_be_bytes(pkt[12..20].try_into().unwrap_or([0; 8]));
                                 local.push((now.saturating_sub(t) / 1000) as u32);
+                                let sent_at = u64::from_be_bytes(pkt[20..28].try_into().unwrap_or([0; 8]));
+                                if let Some(arrival) = arrival {
+                                    local_arrivals.push((arrival.saturating_sub(sent_at) / 1000) as u32);
+                                }
                             }
                         }
                         received.fetch_add(n as u64, Ordering::Relaxed);
@@ -246,10 +290,12 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
                 }
                 if local.len() >= 1 << 16 {
                     latencies.lock().map(|mut l| l.append(&mut local)).ok();
+                    arrivals.lock().map(|mut l| l.append(&mut local_arrivals)).ok();
                 }
                 std::thread::sleep(RX_PERIOD);
             }
             latencies.lock().map(|mut l| l.append(&mut local)).ok();
+            arrivals.lock().map(|mut l| l.append(&mut local_arrivals)).ok();
         })
     };
 
@@ -260,6 +306,9 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
         let (stop, sent) = (stop.clone(), sent.clone());
         let mut keys = keys;
         std::thread::spawn(move || {
+            if pin {
+                pin_thread(0, 0);
+            }
             let mut seq = vec![0u16; targets.len()];
             let mut sealed = Vec::with_capacity(PACKET);
             let mut next = Instant::now();
@@ -276,6 +325,7 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
                         pkt[4..8].copy_from_slice(&(u32::from(seq[i]) * 160).to_be_bytes());
                         pkt[8..12].copy_from_slice(&((i * 2 + leg) as u32).to_be_bytes());
                         pkt[12..20].copy_from_slice(&t.to_be_bytes());
+                        pkt[20..28].copy_from_slice(&realtime_ns().to_be_bytes());
                         if let (0, Some(key)) = (leg, keys.get_mut(i)) {
                             // SRTP of the same size on the wire: 10 bytes less payload.
                             sealed.clear();
@@ -307,8 +357,10 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
     std::thread::sleep(Duration::from_secs(2));
     let me = std::process::id();
     let (c0, r0, m0, g0) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks(), cpu_ticks(me));
-    if let Ok(mut l) = latencies.lock() {
-        l.clear();
+    for l in [&latencies, &arrivals] {
+        if let Ok(mut l) = l.lock() {
+            l.clear();
+        }
     }
     std::thread::sleep(Duration::from_secs(seconds));
     let (c1, r1, m1, g1) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks(), cpu_ticks(me));
@@ -319,10 +371,15 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
     let (sent_all, received_all) = (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed));
     stop_rx.store(true, Ordering::Relaxed);
     let _ = rx.join();
-    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    lat.sort_unstable();
-    let pct =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let sorted = |l: &std::sync::Mutex<Vec<u32>>| {
+        let mut v = l.lock().map(|l| l.clone()).unwrap_or_default();
+        v.sort_unstable();
+        v
+    };
+    let (lat, arr) = (sorted(&latencies), sorted(&arrivals));
+    let at =
+        |v: &[u32], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| at(&lat, p);
     let cpu_us = if pid == 0 { 0.0 } else { (c1.saturating_sub(c0)) as f64 / ticks_per_sec() * 1e6 };
     let relayed = r1 - r0;
     Ok(Outcome {
@@ -338,6 +395,8 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
         p90_us: u64::from(pct(0.90)),
         p99_us: u64::from(pct(0.99)),
         max_us: u64::from(lat.last().copied().unwrap_or(0)),
+        arrival_p50_us: u64::from(at(&arr, 0.50)),
+        arrival_p99_us: u64::from(at(&arr, 0.99)),
         rss_kb_per_1000: rss_full.saturating_sub(rss_half) as f64 / (calls - calls / 2) as f64 * 1000.0,
     })
 }
@@ -459,6 +518,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 fn fastpath(args: &[String]) -> anyhow::Result<()> {
     let seconds = u64::from(arg(args, "--seconds", 5));
     let runs = arg(args, "--runs", 5) as usize;
+    PIN.store(args.iter().any(|a| a == "--pin"), Ordering::Relaxed);
     let calls_list: Vec<usize> = match arg(args, "--calls", 0) {
         0 => vec![250, 500, 1000, 2000],
         n => vec![n as usize],
@@ -472,6 +532,7 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
     for &calls in &calls_list {
         for (name, start) in relays {
             let (mut costs, mut procs, mut lat, mut gens) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut arrival = Vec::new();
             let (mut sent, mut received) = (0u64, 0u64);
             for _ in 0..runs {
                 let direct = load(Through::Direct, calls, seconds, false)?;
@@ -491,6 +552,10 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
                 gens.push((o.generator_us - direct.generator_us) / n + o.cpu_us_per_packet);
                 procs.push(o.cpu_us_per_packet);
                 lat.push((o.p50_us.saturating_sub(direct.p50_us), o.p99_us.saturating_sub(direct.p99_us)));
+                arrival.push((
+                    o.arrival_p50_us.saturating_sub(direct.arrival_p50_us),
+                    o.arrival_p99_us.saturating_sub(direct.arrival_p99_us),
+                ));
                 sent += o.sent;
                 received += o.received;
             }
@@ -505,10 +570,12 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
             let proc_mean = procs.iter().sum::<f64>() / procs.len() as f64;
             let p99 = lat.iter().map(|l| l.1).max().unwrap_or(0);
             let p50 = lat.iter().map(|l| l.0).max().unwrap_or(0);
+            let arrival_p99 = arrival.iter().map(|l| l.1).max().unwrap_or(0);
+            let arrival_p50 = arrival.iter().map(|l| l.0).max().unwrap_or(0);
             println!(
                 "{name:15} calls {calls:5}  whole machine {mean:6.2} us/pkt (runs {runs_text}; spread {spread:.0}%)  \
                  generator+relay {gmean:6.2} us/pkt (runs {gruns}; spread {gspread:.0}%)  relay process {proc_mean:5.2} us/pkt  \
-                 added latency p50 {p50} p99 {p99} us  loss {:.3}%",
+                 added latency p50 {p50} p99 {p99} us (to arrival: p50 {arrival_p50} p99 {arrival_p99} us)  loss {:.3}%",
                 (1.0 - received as f64 / sent.max(1) as f64) * 100.0
             );
         }
