@@ -43,7 +43,19 @@ struct flow {
 	__u64 last_ns;
 	// Of them, RTP (version 2, payload type outside RTCP's 64-95, as latch.rs reads it).
 	__u64 rtp_packets;
+	// RTP quality, continued from userspace's statistics (stats.rs): the extended highest
+	// sequence number (seq_known: it holds one), and RFC 3550 A.8 jitter x 16 in 8 kHz
+	// units with the last transit time (transit_known: it holds one).
+	__u32 ext_max;
+	__u32 seq_known;
+	__u32 jitter16;
+	__u32 last_transit;
+	__u32 transit_known;
+	__u32 pad;
 };
+
+// A jump of more than this is not loss: userspace's restart detection is not repeated here.
+#define MAX_DROPOUT 3000
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -86,8 +98,31 @@ int pinhole_fwd(struct __sk_buff *skb)
 	__sync_fetch_and_add(&f->bytes, bpf_ntohs(udp->len) > 8 ? bpf_ntohs(udp->len) - 8 : 0);
 	f->last_ns = bpf_ktime_get_ns();
 	__u8 *payload = (void *)(udp + 1);
-	if ((void *)(payload + 12) <= end && (payload[0] & 0xc0) == 0x80 && ((payload[1] & 0x7f) < 64 || (payload[1] & 0x7f) >= 96))
+	if ((void *)(payload + 12) <= end && (payload[0] & 0xc0) == 0x80 && ((payload[1] & 0x7f) < 64 || (payload[1] & 0x7f) >= 96)) {
 		__sync_fetch_and_add(&f->rtp_packets, 1);
+		// Loss and jitter as stats.rs measures them. One party's packets arrive on one
+		// CPU in order, so plain updates do.
+		__u16 seq = ((__u16)payload[2] << 8) | payload[3];
+		if (!f->seq_known) {
+			f->ext_max = seq;
+			f->seq_known = 1;
+		} else {
+			__u16 delta = seq - (__u16)f->ext_max;
+			if (delta != 0 && delta < MAX_DROPOUT)
+				f->ext_max += delta;
+		}
+		if ((payload[1] & 0x7f) <= 34) {
+			__u32 ts = ((__u32)payload[4] << 24) | ((__u32)payload[5] << 16) | ((__u32)payload[6] << 8) | payload[7];
+			__u32 transit = (__u32)(bpf_ktime_get_ns() / 125000) - ts;
+			if (f->transit_known) {
+				__s32 d = (__s32)(transit - f->last_transit);
+				__u32 ad = d < 0 ? -d : d;
+				f->jitter16 += ad - (f->jitter16 >> 4);
+			}
+			f->last_transit = transit;
+			f->transit_known = 1;
+		}
+	}
 
 	__u32 old_src = ip->saddr, old_dst = ip->daddr;
 	__u32 new_src = f->new_src_ip, new_dst = f->new_dst_ip;

@@ -74,7 +74,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub(crate) fn record_json(r: &CallRecord, ended_at: SystemTime) -> serde_json::Value {
     let end = unix_ms(ended_at);
     let start = end.saturating_sub(r.duration_ms);
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "a_call_id": r.a_call_id,
         "b_call_id": r.b_call_id,
         "caller": r.caller,
@@ -88,7 +88,21 @@ pub(crate) fn record_json(r: &CallRecord, ended_at: SystemTime) -> serde_json::V
         "packets": r.packets,
         "bytes": r.bytes,
         "media_path": r.media_path,
-    })
+    });
+    // What the relay measured, when it carried RTP (see README, Call quality).
+    if let Some(q) = &r.quality {
+        v["mos"] = q.mos().map(round2).into();
+        v["mos_min"] = q.lowest_mos().map(round2).into();
+        v["loss_pct"] = round2(q.loss_pct()).into();
+        v["jitter_ms"] = round2(q.jitter_ms()).into();
+        v["rtt_ms"] = q.rtt_us().map(|r| round2(f64::from(r) / 1000.0)).into();
+    }
+    v
+}
+
+/// Two decimals are all a quality figure means.
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 #[cfg(test)]
@@ -109,6 +123,7 @@ mod tests {
             packets: 1000,
             bytes: 172_000,
             media_path: "relay",
+            quality: None,
         }
     }
 

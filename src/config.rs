@@ -47,6 +47,58 @@ pub(crate) struct Config {
     /// `[cluster]`: registrations shared with other nodes in Redis; off without the section.
     #[serde(default)]
     pub(crate) cluster: Option<ClusterSpec>,
+    /// `[hep]`: SIP, RTCP and quality reports exported to a capture server; off without
+    /// the section.
+    #[serde(default)]
+    pub(crate) hep: Option<HepSpec>,
+    /// `[recording]`: where recorded calls go; nothing is recorded without the section.
+    #[serde(default)]
+    pub(crate) recording: Option<RecordingSpec>,
+}
+
+/// `[recording]`: the directory, the bytes it may hold (oldest recordings deleted past it;
+/// 0: no limit), the users whose calls are always recorded, and how many packets may wait
+/// for the recorder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RecordingSpec {
+    pub(crate) dir: PathBuf,
+    #[serde(default = "default_recording_bytes")]
+    pub(crate) max_bytes: u64,
+    #[serde(default)]
+    pub(crate) users: Vec<String>,
+    #[serde(default = "default_recording_queue")]
+    pub(crate) queue: usize,
+}
+
+fn default_recording_bytes() -> u64 {
+    10_000_000_000
+}
+
+fn default_recording_queue() -> usize {
+    65_536
+}
+
+/// `[hep]`: the capture server (`udp:IP:PORT`), this node's capture agent id, the
+/// receiver's password (none when empty) and how many captures may wait to be sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HepSpec {
+    pub(crate) address: Listen,
+    #[serde(default = "default_capture_id")]
+    pub(crate) capture_id: u32,
+    #[serde(default)]
+    pub(crate) password: String,
+    #[serde(default = "default_hep_queue")]
+    pub(crate) queue: usize,
+}
+
+fn default_capture_id() -> u32 {
+    2001
+}
+
+fn default_hep_queue() -> usize {
+    10_000
 }
 
 /// `[cluster]`: the Redis holding the nodes' registrations, this node's name, and the
@@ -163,6 +215,9 @@ pub(crate) struct RouteSpec {
     #[serde(rename = "match")]
     pub(crate) pattern: String,
     pub(crate) trunks: Vec<String>,
+    /// Record the calls of this route (needs `[recording]`).
+    #[serde(default)]
+    pub(crate) record: bool,
 }
 
 /// `[b2bua]`: which headers cross from one leg to the other.
@@ -709,6 +764,24 @@ impl Config {
         {
             err("sip", "listen", "a tls: or wss: listener needs [sip.tls] cert and key".into());
         }
+        let records =
+            self.route.iter().any(|r| r.record) || self.recording.as_ref().is_some_and(|r| !r.users.is_empty());
+        if records && self.recording.is_none() {
+            err("route", "record", "recording calls needs a [recording] table with its dir".into());
+        }
+        if let Some(r) = &self.recording {
+            if r.queue == 0 || r.queue > 10_000_000 {
+                err("recording", "queue", "queue must be between 1 and 10000000".into());
+            }
+        }
+        if let Some(h) = &self.hep {
+            if h.address.transport != Transport::Udp {
+                err("hep", "address", "HEP is exported over UDP: address = \"udp:IP:PORT\"".into());
+            }
+            if h.queue == 0 || h.queue > 1_000_000 {
+                err("hep", "queue", "queue must be between 1 and 1000000".into());
+            }
+        }
         if self.sip.domain.trim().is_empty() {
             err("sip", "domain", "domain must not be empty".into());
         }
@@ -922,6 +995,7 @@ impl Config {
                 Some(Route {
                     pattern: regex::Regex::new(&r.pattern).ok()?,
                     trunks: r.trunks.iter().filter_map(|n| self.trunk.iter().position(|t| &t.name == n)).collect(),
+                    record: r.record,
                 })
             })
             .collect();

@@ -22,7 +22,10 @@ use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use pinhole_media::ports::{Forward, PortTable};
-use pinhole_media::relay::{Command, PortSpec, RelayPort};
+use pinhole_media::relay::{Command, PortSpec, RelayPort, Side};
+use pinhole_media::stats::Offloaded;
+
+use crate::recording::{Rec, Recorder};
 
 use crate::fastpath::{FastPath, Flow, FlowKey, Offload, Offloads, MAX_FLOWS};
 use crate::gather::Gather;
@@ -54,6 +57,8 @@ pub(crate) struct DataPlane {
     /// Raw mode: the placeholder sockets that own relay ports, bound on first use and kept,
     /// so steady-state call setup binds nothing.
     reserved: std::sync::Mutex<std::collections::HashMap<SocketAddr, std::net::UdpSocket>>,
+    /// `[recording]`: told when a call's recording starts and stops.
+    recorder: Option<Recorder>,
 }
 
 fn bind(spec: &PortSpec, raw: bool) -> Option<std::net::UdpSocket> {
@@ -79,14 +84,15 @@ impl DataPlane {
     /// Starts the forwarding threads for ports `port_min..=port_max` on `binds`. Raw mode
     /// is used when every interface is IPv4 and raw sockets can be opened (one thread);
     /// otherwise `n` per-port threads. Each runs at `nice` (0: unchanged).
+    /// `recorder`: where recorded calls' packets go (`[recording]`).
     pub(crate) fn start(
         n: usize,
         nice: i32,
         binds: &[IpAddr],
-        port_min: u16,
-        port_max: u16,
+        (port_min, port_max): (u16, u16),
         epoch: Instant,
         fastpath: bool,
+        recorder: Option<Recorder>,
     ) -> std::io::Result<(DataPlane, Vec<u16>)> {
         let raws: Option<Vec<RawSocket>> = binds
             .iter()
@@ -144,6 +150,8 @@ impl DataPlane {
                 offloads: Offloads::new(),
                 last_account: Instant::now(),
                 forwarded_here: Vec::with_capacity(BATCH),
+                recorder: recorder.clone(),
+                wall: (epoch, std::time::SystemTime::now() - epoch.elapsed()),
             };
             std::thread::Builder::new().name(format!("relay {i}")).spawn(move || {
                 if nice != 0 {
@@ -190,7 +198,7 @@ impl DataPlane {
             unusable = unusable.len(),
             "relay data plane"
         );
-        Ok((DataPlane { workers, raw, reserved: std::sync::Mutex::new(reserved) }, unusable))
+        Ok((DataPlane { workers, raw, reserved: std::sync::Mutex::new(reserved), recorder }, unusable))
     }
 
     /// Hands a relay command to the worker that owns the call.
@@ -199,8 +207,24 @@ impl DataPlane {
             Command::Link { shard, .. }
             | Command::Expect { shard, .. }
             | Command::Unlink { shard, .. }
-            | Command::Secure { shard, .. } => *shard,
+            | Command::Secure { shard, .. }
+            | Command::Record { shard, .. } => *shard,
         };
+        // The recorder hears of a recording before any worker sends it a packet of it.
+        if let Command::Record { id, call_id, on, .. } = &cmd {
+            match &self.recorder {
+                Some(r) if *on => {
+                    r.offer(Rec::Start { id: *id, call_id: call_id.clone() });
+                }
+                Some(r) => {
+                    r.offer(Rec::Stop { id: *id });
+                }
+                None => {
+                    tracing::warn!(%call_id, "recording asked for, but [recording] is not configured");
+                    return;
+                }
+            }
+        }
         let (tx, waker) = &self.workers[(shard % self.workers.len() as u64) as usize];
         let (msg, urgent) = match cmd {
             Command::Link { a, b, .. } if self.raw => {
@@ -219,7 +243,9 @@ impl DataPlane {
                 (WorkerCmd::Link { a: (a, Some(sa)), b: (b, Some(sb)) }, true)
             }
             // Expect carries the answerer's address, Secure the keys the first packets need.
-            urgent @ (Command::Expect { .. } | Command::Secure { .. }) => (WorkerCmd::Command(urgent), true),
+            urgent @ (Command::Expect { .. } | Command::Secure { .. } | Command::Record { .. }) => {
+                (WorkerCmd::Command(urgent), true)
+            }
             other => (WorkerCmd::Command(other), false),
         };
         if tx.send(msg).is_ok() && urgent {
@@ -247,6 +273,9 @@ struct Worker {
     last_account: Instant,
     /// Ports whose packets this batch forwarded in userspace (fast path candidates).
     forwarded_here: Vec<u16>,
+    /// `[recording]`, and the wall clock at `epoch` (for the packets' times).
+    recorder: Option<Recorder>,
+    wall: (Instant, std::time::SystemTime),
 }
 
 /// How often the fast path's counters are read into the streams' statistics.
@@ -307,6 +336,13 @@ impl Worker {
                 WorkerCmd::Command(Command::Secure { port, setup, mux, .. }) => {
                     self.ports.secure(port, setup.map(|s| *s), mux)
                 }
+                WorkerCmd::Command(Command::Record { id, on, ports, .. }) => {
+                    // Recorded packets come through userspace.
+                    for (p, _) in &ports {
+                        self.unoffload(p.0);
+                    }
+                    self.ports.record(id, on, &ports);
+                }
                 WorkerCmd::Command(Command::Unlink { ports, .. }) => {
                     for p in &ports {
                         self.unoffload(p.0);
@@ -319,6 +355,14 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A packet of a recorded call, from `src` to the relay's `dst`, to the recorder (a
+    /// copy; dropped and counted when the recorder is behind).
+    fn record(&self, (id, side): (u64, Side), now: Instant, src: SocketAddr, dst: SocketAddr, data: &[u8]) {
+        let Some(r) = &self.recorder else { return };
+        let at = self.wall.1 + now.saturating_duration_since(self.wall.0);
+        r.offer(Rec::Packet { id, from_a: side == Side::A, at, src, dst, data: data.to_vec() });
     }
 
     fn open(&mut self, now: Instant, (spec, sock): (PortSpec, Option<std::net::UdpSocket>), peer: RelayPort) {
@@ -357,6 +401,10 @@ impl Worker {
                 };
                 if self.fast.is_some() && !rewritten {
                     self.forwarded_here.push(pkt.dst.port());
+                }
+                if let Some(rec) = self.ports.recorded(pkt.dst.port()) {
+                    let data = if rewritten { self.ports.rewritten() } else { pkt.payload };
+                    self.record(rec, now, SocketAddr::V4(pkt.src), SocketAddr::V4(pkt.dst), data);
                 }
                 let SocketAddr::V4(to) = to else { continue };
                 let from_ip = match out_ip {
@@ -413,7 +461,8 @@ impl Worker {
         }
         let Some(ifindex) = fast.egress(*to.ip()) else { return };
         let key = FlowKey::new(src, relay);
-        if fast.install(key, Flow::new(from, to, ifindex)) {
+        let seq = self.ports.sequence(c.relay.port());
+        if fast.install(key, Flow::new(from, to, ifindex, seq)) {
             self.offloads.insert(port, Offload { key, src: c.src, packets: 0, bytes: 0, rtp: 0 });
             metrics::gauge!("pinhole_fastpath_flows").set(self.offloads.len() as f64);
         }
@@ -443,12 +492,14 @@ impl Worker {
     }
 
     fn account_one(&self, port: u16, mut o: Offload, now: Instant) -> Offload {
-        let Some((packets, bytes, rtp)) = self.fast.as_ref().and_then(|f| f.counters(&o.key)) else { return o };
+        let Some(c) = self.fast.as_ref().and_then(|f| f.counters(&o.key)) else { return o };
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let (dp, db) = (packets.saturating_sub(o.packets), bytes.saturating_sub(o.bytes));
-        self.ports.account(port, now_ns, dp, db, rtp > o.rtp);
+        let (dp, db) = (c.packets.saturating_sub(o.packets), c.bytes.saturating_sub(o.bytes));
+        let rtp =
+            c.ext_max.map(|ext_max| Offloaded { packets: c.rtp.saturating_sub(o.rtp), ext_max, jitter16: c.jitter16 });
+        self.ports.account(port, now_ns, (dp, db), rtp);
         metrics::counter!("pinhole_fastpath_packets_total").increment(dp);
-        (o.packets, o.bytes, o.rtp) = (packets, bytes, rtp);
+        (o.packets, o.bytes, o.rtp) = (c.packets, c.bytes, c.rtp);
         o
     }
 
@@ -502,7 +553,13 @@ impl Worker {
             for (k, ok) in accepted.iter_mut().enumerate().take(n) {
                 let (data, src, truncated) = self.recv.packet(k);
                 let Some(src) = src.filter(|_| !truncated) else { continue };
-                match self.ports.forward(now, now_ns, port, src, data) {
+                let forwarded = self.ports.forward(now, now_ns, port, src, data);
+                if let (Some(f), Some(rec)) = (&forwarded, self.ports.recorded(port)) {
+                    let data = if f.rewritten { self.ports.rewritten() } else { data };
+                    let bound = self.ports.slot(port).map_or(src, |s| SocketAddr::new(s.bind, port));
+                    self.record(rec, now, src, bound, data);
+                }
+                match forwarded {
                     // Changed on the way (SRTP): sent alone, perhaps from another port (RTCP
                     // between a muxing and a non-muxing leg).
                     Some(f) if f.rewritten => {

@@ -56,6 +56,24 @@ pub(crate) struct Flow {
     bytes: u64,
     last_ns: u64,
     rtp_packets: u64,
+    /// RTP's extended highest sequence number and jitter, continued from userspace's.
+    ext_max: u32,
+    seq_known: u32,
+    jitter16: u32,
+    last_transit: u32,
+    transit_known: u32,
+    pad: u32,
+}
+
+/// What the program counted of a flow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counted {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) rtp: u64,
+    /// The extended highest sequence number (when it saw RTP) and jitter × 16.
+    pub(crate) ext_max: Option<u32>,
+    pub(crate) jitter16: u32,
 }
 
 // SAFETY: #[repr(C)] structs of integers, laid out as the program's, no padding bytes the
@@ -77,9 +95,22 @@ impl FlowKey {
 impl Flow {
     /// Leave from `from` (the relay's peer port) towards `to` (the other party), out of
     /// interface `ifindex` (0: `to` is local).
-    pub(crate) fn new(from: SocketAddrV4, to: SocketAddrV4, ifindex: u32) -> Flow {
+    /// `seq`: userspace's extended highest sequence number and jitter × 16 so far, which
+    /// the program continues (a transit time is not carried: the clocks differ).
+    pub(crate) fn new(from: SocketAddrV4, to: SocketAddrV4, ifindex: u32, seq: Option<(u32, u32)>) -> Flow {
         let ((new_src_ip, new_src_port), (new_dst_ip, new_dst_port)) = (wire(from), wire(to));
-        Flow { new_src_ip, new_dst_ip, new_src_port, new_dst_port, ifindex, ..Flow::default() }
+        let (ext_max, jitter16) = seq.unwrap_or_default();
+        Flow {
+            new_src_ip,
+            new_dst_ip,
+            new_src_port,
+            new_dst_port,
+            ifindex,
+            ext_max,
+            seq_known: u32::from(seq.is_some()),
+            jitter16,
+            ..Flow::default()
+        }
     }
 }
 
@@ -215,10 +246,16 @@ impl FastPath {
         let _ = self.flows.remove(key);
     }
 
-    /// Packets, bytes (of UDP payload) and RTP packets the program forwarded for a flow
-    /// so far.
-    pub(crate) fn counters(&self, key: &FlowKey) -> Option<(u64, u64, u64)> {
-        self.flows.get(key, 0).ok().map(|f| (f.packets, f.bytes, f.rtp_packets))
+    /// What the program forwarded for a flow so far: packets, bytes (of UDP payload), RTP
+    /// packets, and where RTP's sequence and jitter stand.
+    pub(crate) fn counters(&self, key: &FlowKey) -> Option<Counted> {
+        self.flows.get(key, 0).ok().map(|f| Counted {
+            packets: f.packets,
+            bytes: f.bytes,
+            rtp: f.rtp_packets,
+            ext_max: (f.seq_known != 0).then_some(f.ext_max),
+            jitter16: f.jitter16,
+        })
     }
 }
 

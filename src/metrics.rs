@@ -25,7 +25,8 @@ static ACCEPT_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// Installs the recorder and serves it on `addr`.
 pub(crate) async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
-    let handle = PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    let handle =
+        quality_buckets(PrometheusBuilder::new())?.install_recorder().context("installing the metrics recorder")?;
     let listener = TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -39,6 +40,21 @@ pub(crate) async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
     tokio::spawn(accept_loop(listener, handle));
     tracing::info!(%addr, "metrics on /metrics");
     Ok(())
+}
+
+/// Call quality as histograms (buckets where the figures mean something to an operator),
+/// not the exporter's default summaries: they aggregate across nodes.
+fn quality_buckets(b: PrometheusBuilder) -> anyhow::Result<PrometheusBuilder> {
+    use metrics_exporter_prometheus::Matcher;
+    let buckets: [(&str, &[f64]); 4] = [
+        ("pinhole_call_mos", &[1.0, 2.0, 2.6, 3.1, 3.6, 3.8, 4.0, 4.2, 4.3, 4.4, 5.0]),
+        ("pinhole_call_loss_percent", &[0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]),
+        ("pinhole_call_jitter_ms", &[1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0]),
+        ("pinhole_call_rtt_ms", &[10.0, 25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0]),
+    ];
+    buckets.into_iter().try_fold(b, |b, (name, values)| {
+        b.set_buckets_for_metric(Matcher::Full(name.to_owned()), values).context("metric buckets")
+    })
 }
 
 /// Every counter and gauge appears from the start, at 0, so a scrape (or a test) can tell
@@ -107,6 +123,13 @@ fn register_defaults() {
     }
     for reason in ["idle", "incomplete"] {
         metrics::counter!("pinhole_sip_connections_timed_out_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["media", "offer", "duration"] {
+        metrics::counter!("pinhole_relay_timeouts_total", "reason" => reason).absolute(0);
+    }
+    // Call quality: served (empty) before the first call ends.
+    for name in ["pinhole_call_mos", "pinhole_call_loss_percent", "pinhole_call_jitter_ms", "pinhole_call_rtt_ms"] {
+        let _ = metrics::histogram!(name);
     }
     for name in [
         "pinhole_registrar_bindings",

@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) changes_signalled: std::sync::atomic::AtomicBool,
     /// `[sip] allowed_origins`, for WebSocket upgrades.
     allowed_origins: Vec<String>,
+    /// `[hep]`: captures for the capture server.
+    hep: Option<crate::hep::Hep>,
 }
 
 impl Shared {
@@ -166,9 +168,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         punch: pinhole_sip::PunchPolicy {
             enabled: cfg.punch.enabled,
             deny: cfg.punch.deny.iter().map(|c| c.0).collect(),
-            deny_users: cfg.punch.deny_users.clone(),
+            // A recorded call stays on the relay, where the recorder is.
+            deny_users: cfg
+                .punch
+                .deny_users
+                .iter()
+                .chain(cfg.recording.iter().flat_map(|r| &r.users))
+                .cloned()
+                .collect(),
         },
         faketcp_port: cfg.faketcp.as_ref().map(|f| f.listen.port()),
+        record_users: cfg.recording.as_ref().map(|r| r.users.clone()).unwrap_or_default(),
         b2bua: cfg.b2bua(),
     };
     let epoch = Instant::now().into_std();
@@ -183,7 +193,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::info!(workers, ports = %format!("{}-{}", m.port_min, m.port_max), "media relay on");
             let binds: Vec<std::net::IpAddr> = m.interfaces.iter().map(|i| i.bind).collect();
             let fastpath = cfg.media.fastpath == crate::config::FastPathSpec::Auto;
-            let dp = DataPlane::start(workers, cfg.media.nice, &binds, m.port_min, m.port_max, epoch, fastpath);
+            let recorder = match &cfg.recording {
+                Some(r) => Some(crate::recording::Recorder::start(r.dir.clone(), r.max_bytes, r.queue)?),
+                None => None,
+            };
+            let ports = (m.port_min, m.port_max);
+            let dp = DataPlane::start(workers, cfg.media.nice, &binds, ports, epoch, fastpath, recorder);
             Some(dp.context("starting relay workers")?)
         }
         None => None,
@@ -255,6 +270,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let hep = cfg.hep.as_ref().map(crate::hep::Hep::start).transpose()?;
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
         tcp_local: tcp.first().map(|(a, _)| *a),
@@ -272,6 +288,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cluster_work: std::sync::OnceLock::new(),
         changes_signalled: std::sync::atomic::AtomicBool::new(false),
         allowed_origins: cfg.sip.allowed_origins.clone(),
+        hep,
     });
     if let Some(sock) = &shared.fleet {
         crate::fleet::spawn(&shared, sock.clone())?;
@@ -399,7 +416,12 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
 fn handle(shared: &Arc<Shared>, flow: Flow, data: Bytes) -> bool {
     // The clock is read once the node is ours: the wait for its lock (a fleet relay's
     // reply, say) must not make the message's timers start in the past.
-    input(shared, |node| node.handle_sip(Instant::now().into_std(), flow, data).is_ok())
+    let captured = shared.hep.as_ref().map(|_| (flow, data.clone()));
+    let ok = input(shared, |node| node.handle_sip(Instant::now().into_std(), flow, data).is_ok());
+    if let (true, Some(hep), Some((flow, data))) = (ok, &shared.hep, captured) {
+        hep.sip(&flow, true, &data);
+    }
+    ok
 }
 
 /// Runs one input on the locked node, executes what it produced (relay commands at once,
@@ -433,6 +455,54 @@ struct Outbox {
     ng: Vec<(SocketAddr, Vec<u8>)>,
     /// The registrar has changes for the cluster writer.
     registrations_changed: bool,
+    /// Reports for the capture server: (HEP type, Call-ID, JSON).
+    reports: Vec<(u8, String, String)>,
+}
+
+/// A call's media was released: its quality in the log and the metrics (the worst
+/// direction's MOS, loss over all directions, the highest jitter and round trip).
+fn media_released(q: &pinhole_media::quality::CallQuality) {
+    let Some(mos) = q.mos() else { return };
+    let (loss, jitter, rtt) = (q.loss_pct(), q.jitter_ms(), q.rtt_us().map(|r| f64::from(r) / 1000.0));
+    metrics::histogram!("pinhole_call_mos").record(mos);
+    metrics::histogram!("pinhole_call_loss_percent").record(loss);
+    metrics::histogram!("pinhole_call_jitter_ms").record(jitter);
+    if let Some(rtt) = rtt {
+        metrics::histogram!("pinhole_call_rtt_ms").record(rtt);
+    }
+    tracing::info!(
+        call_id = %q.call_id,
+        mos = format_args!("{mos:.2}"),
+        mos_min = format_args!("{:.2}", q.lowest_mos().unwrap_or(mos)),
+        loss_pct = format_args!("{loss:.2}"),
+        jitter_ms = format_args!("{jitter:.1}"),
+        rtt_ms = %rtt.map_or("-".to_owned(), |r| format!("{r:.1}")),
+        directions = %directions(q),
+        "call media released"
+    );
+}
+
+/// Each direction of a released call: who sent, its MOS, loss, jitter and round trip.
+fn directions(q: &pinhole_media::quality::CallQuality) -> String {
+    let side = |s| if s == pinhole_media::relay::Side::A { "A" } else { "B" };
+    let rtt = |r: Option<u32>| r.map_or("-".to_owned(), |r| format!("{:.1}ms", f64::from(r) / 1000.0));
+    q.directions
+        .iter()
+        .map(|d| {
+            format!(
+                "{}#{}: mos {:.2} loss {:.2}% ({}/{}) jitter {:.1}ms rtt {}",
+                side(d.from),
+                d.stream,
+                d.mos,
+                d.loss_pct(),
+                d.lost,
+                d.expected,
+                d.jitter_ms,
+                rtt(d.rtt_us)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Polls the node's outputs until it has nothing more to do now: transmits and ng
@@ -449,6 +519,17 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time
                 }
             }
             Output::Event(pinhole_core::Event::CallRecord(r)) => write_record(shared, &r),
+            Output::Event(pinhole_core::Event::MediaReleased(q)) => {
+                media_released(&q);
+                if shared.hep.is_some() {
+                    out.reports.push((pinhole_sip::hep::REPORT_JSON, q.call_id.clone(), crate::hep::quality_json(&q)));
+                }
+            }
+            Output::Event(pinhole_core::Event::RtcpReport { call_id, json }) => {
+                if shared.hep.is_some() {
+                    out.reports.push((pinhole_sip::hep::RTCP_JSON, call_id, json));
+                }
+            }
             Output::Event(pinhole_core::Event::TookOver { calls }) => {
                 metrics::gauge!("pinhole_takeover_standby").set(0.0);
                 metrics::counter!("pinhole_takeovers_total").increment(1);
@@ -491,6 +572,14 @@ fn dispatch(shared: &Arc<Shared>, out: Outbox) {
             if let Err(e) = sock.send_to(payload, *to) {
                 tracing::debug!(relay = %to, error = %e, "ng datagram not sent");
             }
+        }
+    }
+    if let Some(hep) = &shared.hep {
+        for t in &out.transmits {
+            hep.sip(&t.flow, false, &t.payload);
+        }
+        for (kind, call_id, json) in out.reports {
+            hep.json(kind, &call_id, json);
         }
     }
     let (datagrams, streams): (Vec<Transmit>, Vec<Transmit>) =
@@ -629,16 +718,26 @@ fn udp_loop(shared: &Arc<Shared>, local: SocketAddr, sock: &std::net::UdpSocket)
             })
             .collect();
         gather.count(round, n);
+        let mut accepted = Vec::new();
         input(shared, |node| {
             // The clock is read once the node is ours (see `handle`).
             let now = Instant::now().into_std();
             for (remote, data) in batch {
                 let flow = Flow { transport: Transport::Udp, local, remote, conn: None };
+                let copy = shared.hep.as_ref().map(|_| data.clone());
                 if node.handle_sip(now, flow, data).is_err() {
                     tracing::debug!(%remote, "UDP garbage dropped");
+                } else if let Some(data) = copy {
+                    accepted.push((flow, data));
                 }
             }
         });
+        // Captured once the node's lock is released: what it accepted, not garbage.
+        if let Some(hep) = &shared.hep {
+            for (flow, data) in &accepted {
+                hep.sip(flow, true, data);
+            }
+        }
     }
 }
 

@@ -351,3 +351,46 @@ fn spoofed_invites_draw_back_no_more_than_they_sent() {
     assert!(bytes <= sent + 4096, "{bytes} bytes back for {sent} sent");
     eprintln!("reflection: {sent} bytes sent, {bytes} back ({:.2}x)", bytes as f64 / sent as f64);
 }
+
+/// The capture queue is the stranger's to fill: a flood of OPTIONS with `[hep]` on (a queue
+/// of 16) drops captures, counted, and pinhole still answers SIP.
+#[test]
+fn a_sip_flood_with_hep_on_drops_captures_not_calls() {
+    let dir = TempDir::new("sec-hep");
+    // The capture server: a socket that takes what comes and is never read.
+    let sink = UdpSocket::bind("127.0.0.1:0").expect("sink");
+    let hep = format!("[hep]\naddress = \"udp:{}\"\nqueue = 16\n", sink.local_addr().expect("addr"));
+    let ph = Pinhole::start(&dir, untrusted("", &hep));
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let me = s.local_addr().expect("addr");
+    let options = |n: u32| {
+        crlf(&format!(
+            "OPTIONS sip:pinhole.test SIP/2.0\nVia: SIP/2.0/UDP {me};branch=z9hG4bKflood{n}\nMax-Forwards: 70\nTo: <sip:pinhole.test>\nFrom: <sip:x@{me}>;tag=f{n}\nCall-ID: flood-{n}\nCSeq: 1 OPTIONS\nContent-Length: 0\n\n"
+        ))
+    };
+    let _ = s.set_nonblocking(true);
+    for n in 0..20_000 {
+        let _ = s.send_to(options(n).as_bytes(), ("127.0.0.1", ph.sip_port));
+        // Drain answers so the flood is not throttled by our own receive buffer.
+        while s.recv_from(&mut [0u8; 2048]).is_ok() {}
+    }
+    let dropped = "pinhole_hep_dropped_total{reason=\"queue_full\"}";
+    let flooded = common::wait_until(Duration::from_secs(10), || ph.metric(dropped).unwrap_or(0.0) > 0.0);
+    assert!(flooded, "no capture dropped: {:?}", ph.metric(dropped));
+    assert!(ph.metric("pinhole_hep_sent_total").unwrap_or(0.0) > 0.0, "captures were sent too");
+    // Signalling goes on: a fresh request is answered.
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    while s.recv_from(&mut [0u8; 2048]).is_ok() {}
+    s.send_to(options(99_999).as_bytes(), ("127.0.0.1", ph.sip_port)).expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answered = loop {
+        let mut buf = [0u8; 4096];
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) if String::from_utf8_lossy(&buf[..n]).contains("flood-99999") => break true,
+            _ if Instant::now() > deadline => break false,
+            _ => {}
+        }
+    };
+    assert!(answered, "the request after the flood went unanswered\n{}", ph.log_text());
+}

@@ -6,6 +6,7 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -70,6 +71,9 @@ fn carrier(dir: &Path, scenario: &str, ip: &str, port: u16) -> Bg {
             "-mp",
             &mp,
             "-trace_err",
+            "-trace_msg",
+            "-message_file",
+            &err.with_extension("msg").to_string_lossy(),
             "-error_file",
         ],
         &err.with_extension("out"),
@@ -91,10 +95,11 @@ fn sipp_calls(dir: &Path, ph: &Pinhole, scenario: &str, ip: &str, cid: &str, num
     let port = free_port().to_string();
     let err = dir.join(format!("{cid}.err"));
     let cid_str = format!("{cid}-%u-%p@%s");
+    let messages = err.with_extension("msg").to_string_lossy().into_owned();
     #[rustfmt::skip]
     let args = [
         "-sf", scenario, "-s", number, "-i", ip, "-p", &port, "-m", "1", "-mp", &mp, "-timeout", "150s",
-        "-cid_str", &cid_str, "-trace_err", "-error_file",
+        "-cid_str", &cid_str, "-trace_msg", "-message_file", &messages, "-trace_err", "-error_file",
     ];
     let mut c = sipp_command(&args, &err.with_extension("out"));
     c.arg(&err).arg(ph.sip());
@@ -300,4 +305,172 @@ fn a_carrier_that_vanishes_mid_call_is_cleared_by_the_session_timer() {
     assert_eq!(r.len(), 1, "{r:?}");
     assert_eq!((r[0]["code"].as_u64(), r[0]["hangup"].as_str()), (Some(200), Some("session-timer")));
     assert!(r[0]["end_ms"].as_u64().zip(r[0]["answer_ms"].as_u64()).is_some_and(|(e, a)| e - a >= 70_000), "{r:?}");
+}
+
+/// sngrep listening for HEP on 127.0.0.1:`port`, writing what it receives to `pcap`; ready
+/// once its socket is bound.
+fn sngrep_hep(dir: &Path, port: u16, pcap: &Path) -> Bg {
+    use std::os::unix::process::CommandExt;
+    let listen = format!("udp:127.0.0.1:{port}");
+    let child = std::process::Command::new("sngrep")
+        .args(["-N", "-q", "-F", "-L", &listen, "-O"])
+        .arg(pcap)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sngrep.err")).expect("sngrep log"))
+        .process_group(0)
+        .spawn()
+        .expect("sngrep (package sngrep) must be installed");
+    let bound = || {
+        let hex = format!(":{port:04X} ");
+        std::fs::read_to_string("/proc/net/udp").is_ok_and(|t| t.lines().any(|l| l.contains(&hex)))
+    };
+    assert!(wait_until(Duration::from_secs(5), bound), "sngrep never bound its HEP socket");
+    Bg(Some(child))
+}
+
+/// The SIP messages in a pcap (as sngrep writes them): (start line, Call-ID, CSeq).
+fn pcap_messages(path: &Path) -> Vec<(String, String, String)> {
+    let b = std::fs::read(path).unwrap_or_default();
+    if b.len() < 24 {
+        return Vec::new();
+    }
+    let le = b[..4] == [0xd4, 0xc3, 0xb2, 0xa1];
+    let u32_at = |i: usize| {
+        let w = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(w)
+        } else {
+            u32::from_be_bytes(w)
+        }
+    };
+    let link_skip = match u32_at(20) {
+        1 => 14,
+        113 => 16,
+        276 => 20,
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= b.len() {
+        let len = u32_at(at + 8) as usize;
+        let Some(frame) = b.get(at + 16..at + 16 + len) else { break };
+        at += 16 + len;
+        let Some(ip) = frame.get(link_skip..) else { continue };
+        let payload = match ip.first().map(|v| v >> 4) {
+            Some(4) => {
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                let l4 =
+                    if ip.get(9) == Some(&6) { ip.get(ihl + 12).map_or(20, |o| usize::from(o >> 4) * 4) } else { 8 };
+                ip.get(ihl + l4..)
+            }
+            _ => None,
+        };
+        if let Some(text) = payload.map(String::from_utf8_lossy) {
+            out.push(sip_key(&text));
+        }
+    }
+    out
+}
+
+/// A SIP message's start line, Call-ID and CSeq.
+fn sip_key(text: &str) -> (String, String, String) {
+    let header = |name: &str| {
+        text.lines()
+            .take_while(|l| !l.trim().is_empty())
+            .find_map(|l| l.split_once(':').filter(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    (text.lines().next().unwrap_or("").trim().to_owned(), header("Call-ID"), header("CSeq"))
+}
+
+/// Every SIP message in a sipp message trace (`-trace_msg`), sent or received.
+fn traced_messages(path: &Path) -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split("----------------------------------------------- ")
+        .filter_map(|block| {
+            let (_, msg) = block.split_once("\n\n")?;
+            let msg = msg.trim_start();
+            msg.starts_with(|c: char| c.is_ascii_uppercase()).then(|| sip_key(msg))
+        })
+        .collect()
+}
+
+#[test]
+fn every_sip_message_of_a_trunk_call_reaches_a_homer_receiver_over_hep_on_both_legs() {
+    let dir = TempDir::new("trunk-hep");
+    let (hep_port, port) = (free_port(), free_port());
+    let pcap = dir.path().join("hep.pcap");
+    let sngrep = sngrep_hep(dir.path(), hep_port, &pcap);
+    let hep = format!("[hep]\naddress = \"udp:127.0.0.1:{hep_port}\"\ncapture_id = 2001\n");
+    let ph = trunk_pinhole(&dir, &format!("{}{hep}", trunk("carrier1", "127.0.0.3", port, 10)), "\"carrier1\"");
+    let c = carrier(dir.path(), "trunk_carrier.xml", "127.0.0.3", port);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = phone_calls(dir.path(), &ph, "15551230001");
+    assert!(ok, "the phone's call failed: {text}\n{}", ph.log_text());
+    let (ok, ctext) = carrier_done(c, dir.path(), "127.0.0.3");
+    assert!(ok, "the carrier: {ctext}\n{}", ph.log_text());
+    // A SIP message on the wire that pinhole never took: the capture must not hold it (it
+    // holds only what came over HEP).
+    let wire = UdpSocket::bind("127.0.0.2:0").expect("bind");
+    let stray = "OPTIONS sip:x@127.0.0.9 SIP/2.0\r\nCall-ID: not-through-pinhole\r\nCSeq: 1 OPTIONS\r\n\r\n";
+    wire.send_to(stray.as_bytes(), ("127.0.0.9", port)).expect("send");
+
+    let phone = traced_messages(&dir.path().join("phonecall.msg"));
+    let carrier = traced_messages(&dir.path().join("carrier-127.0.0.3.msg"));
+    assert!(phone.len() >= 6 && carrier.len() >= 6, "sipp traced {} and {} messages", phone.len(), carrier.len());
+    assert!(
+        carrier.iter().all(|m| !phone.iter().any(|p| p.1 == m.1)),
+        "the legs have Call-IDs of their own (topology hidden)"
+    );
+    let want: Vec<_> = phone.iter().chain(&carrier).collect();
+    let holds_all = || {
+        let got = pcap_messages(&pcap);
+        want.iter().all(|m| got.contains(m))
+    };
+    let all = wait_until(Duration::from_secs(5), holds_all);
+    let got = pcap_messages(&pcap);
+    let missing: Vec<_> = want.iter().filter(|m| !got.contains(m)).collect();
+    assert!(all, "the capture lacks {missing:?}\ncapture: {got:?}\n{}", ph.log_text());
+    assert!(!got.iter().any(|m| m.1 == "not-through-pinhole"), "the capture holds wire traffic: {got:?}");
+    // pinhole counted what it sent, including the call's quality report (not SIP, so
+    // sngrep keeps no copy of it), and dropped nothing.
+    let sent = ph.metric("pinhole_hep_sent_total").unwrap_or(0.0);
+    assert!(sent > want.len() as f64, "sent {sent} for {} messages", want.len());
+    assert_eq!(ph.metric("pinhole_hep_dropped_total{reason=\"queue_full\"}"), Some(0.0));
+    drop(sngrep);
+    // The call's quality went to its record and the log.
+    let r = records(&dir, 1);
+    assert!(r[0]["mos"].as_f64().is_some_and(|m| (3.0..=4.5).contains(&m)), "{r:?}");
+    assert!(ph.log_text().contains("call media released"), "{}", ph.log_text());
+
+    // The Grafana dashboard names only metrics this server serves (histograms by their
+    // series), all of them read.
+    let text = std::fs::read_to_string(repo().join("grafana/pinhole.json")).expect("grafana/pinhole.json");
+    let _: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut names: Vec<&str> = text
+        .match_indices("pinhole_")
+        .map(|(i, _)| {
+            let end = text[i..].find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+            &text[i..i + end.unwrap_or(text.len() - i)]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 15, "the dashboard's metrics: {names:?}");
+    // A request the proxy answers itself, so its response counters are served too.
+    let me = wire.local_addr().expect("addr");
+    let options = format!(
+        "OPTIONS sip:pinhole.test SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKdash1\r\nMax-Forwards: 70\r\nTo: <sip:pinhole.test>\r\nFrom: <sip:x@{me}>;tag=d1\r\nCall-ID: dashboard-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    );
+    wire.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    wire.send_to(options.as_bytes(), ph.sip()).expect("send");
+    assert!(wire.recv_from(&mut [0u8; 4096]).is_ok(), "OPTIONS unanswered");
+    let served = ph.metrics().expect("metrics");
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !served.lines().any(|l| l.strip_prefix(**n).is_some_and(|rest| rest.starts_with(['{', ' ']))))
+        .collect();
+    assert!(missing.is_empty(), "the dashboard names metrics pinhole does not serve: {missing:?}");
 }

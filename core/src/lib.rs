@@ -135,6 +135,13 @@ impl MediaAnchor for Media {
         }
     }
 
+    fn quality(&self, call_id: &str) -> Option<pinhole_media::quality::CallQuality> {
+        match self {
+            Media::Local(r) => r.quality(call_id),
+            Media::Fleet(_) => None,
+        }
+    }
+
     fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
         match self {
             Media::Local(r) => r.release_counting(call_id),
@@ -148,7 +155,7 @@ impl MediaAnchor for Media {
 }
 
 /// Things the shell may want to know about, beyond what it must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
     /// This standby relay got its first ng command: the address moved here, and the calls
@@ -163,6 +170,10 @@ pub enum Event {
     PunchPlanned { call_id: String, method: &'static str },
     /// A trunk call ended: its call record.
     CallRecord(pinhole_sip::b2bua::CallRecord),
+    /// The relay released a call's media: its quality, direction by direction.
+    MediaReleased(pinhole_media::quality::CallQuality),
+    /// A direction's latest RTCP report, sampled, as JSON for a capture server.
+    RtcpReport { call_id: String, json: String },
 }
 
 /// The next thing the shell must do.
@@ -369,6 +380,7 @@ impl Node {
             if now >= self.next_stats {
                 self.next_stats = now + STATS_INTERVAL;
                 publish_totals(relay);
+                relay.sample_quality(now);
             }
         }
         for (call_id, reason) in ended {
@@ -421,6 +433,12 @@ impl Node {
         }
         if let Some(e) = self.events.pop_front() {
             return Output::Event(e);
+        }
+        if let Some(q) = self.relay_mut().and_then(Relay::poll_released) {
+            return Output::Event(Event::MediaReleased(q));
+        }
+        if let Some((call_id, json)) = self.relay_mut().and_then(Relay::poll_rtcp_report) {
+            return Output::Event(Event::RtcpReport { call_id, json });
         }
         if let Some(aor) = self.proxy.poll_lookup() {
             return Output::Lookup(aor);

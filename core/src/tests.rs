@@ -40,6 +40,7 @@ fn config() -> NodeConfig {
             secret: [1; 32],
             punch: Default::default(),
             faketcp_port: None,
+            record_users: Vec::new(),
             b2bua: Default::default(),
         },
         relay: Some(RelayConfig { media_timeout: Duration::from_secs(20), ..RelayConfig::single(ip, 30000, 30099) }),

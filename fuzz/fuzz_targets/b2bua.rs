@@ -49,9 +49,10 @@ fn config() -> ProxyConfig {
         secret: [3; 32],
         punch: Default::default(),
         faketcp_port: None,
+        record_users: Vec::new(),
         b2bua: B2buaConfig {
             trunks: vec![trunk],
-            routes: vec![Route { pattern: regex::Regex::new("^555").expect("re"), trunks: vec![0] }],
+            routes: vec![Route { pattern: regex::Regex::new("^555").expect("re"), trunks: vec![0], record: false }],
             copy_headers: vec!["Supported".into(), "Allow".into()],
             session_expires: Duration::from_secs(90),
             ring_timeout: Duration::from_secs(120),

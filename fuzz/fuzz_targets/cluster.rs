@@ -69,7 +69,16 @@ fuzz_target!(|data: &[u8]| {
     // empty input is a relay that never answers (its timers run out).
     let mut t = now;
     for tag in ["a", "b", "a"] {
-        let sdp = SdpIn { call_id: "c", sender_tag: tag, sdp: SDP, signalling_ip: ip, to: None, hide: tag == "b", to_browser: false };
+        let sdp = SdpIn {
+            call_id: "c",
+            sender_tag: tag,
+            sdp: SDP,
+            signalling_ip: ip,
+            to: None,
+            hide: tag == "b",
+            to_browser: false,
+            record: tag == "a",
+        };
         for _ in 0..8 {
             if fleet.anchor_sdp(t, &sdp) != Err(pinhole_media::anchor::Unanchored::Waiting) {
                 break;

@@ -33,6 +33,7 @@ fn config() -> ProxyConfig {
         secret: [3; 32],
         punch: Default::default(),
         faketcp_port: Some(4443),
+        record_users: vec!["alice".into()],
         b2bua: Default::default(),
     }
 }

@@ -65,6 +65,8 @@ pub struct SdpIn<'a> {
     /// The recipient is a browser (its signalling comes over a WebSocket): its media is
     /// WebRTC, whatever the sender speaks.
     pub to_browser: bool,
+    /// Record the call's media (the recording policy names its caller, callee or route).
+    pub record: bool,
 }
 
 pub trait MediaAnchor {
@@ -100,6 +102,11 @@ pub trait MediaAnchor {
         None
     }
 
+    /// What the relay measured of the call's media quality so far.
+    fn quality(&self, _call_id: &str) -> Option<crate::quality::CallQuality> {
+        None
+    }
+
     /// Frees the call's media as [`Self::release`] does and says what the relay carried for
     /// it, when that is known (a remote relay tells it in its reply to the delete).
     fn release_counting(&mut self, call_id: &str) -> Option<(u64, u64)> {
@@ -121,6 +128,7 @@ impl MediaAnchor for Option<Relay> {
             to_v6: s.to.map(|ip| ip.is_ipv6()),
             replace_origin: s.hide,
             to_profile: s.to_browser.then_some(crate::sdp::Profile::WebRtc),
+            record: s.record,
             ..Options::default()
         };
         relay.on_sdp(now, s.call_id, s.sender_tag, s.sdp, Some(s.signalling_ip), opts).map_err(|e| {
@@ -153,6 +161,10 @@ impl MediaAnchor for Option<Relay> {
 
     fn path(&self, call_id: &str, now: Instant) -> Option<&'static str> {
         self.as_ref()?.media_path(call_id, now).map(MediaPath::label)
+    }
+
+    fn quality(&self, call_id: &str) -> Option<crate::quality::CallQuality> {
+        self.as_ref()?.quality(call_id).filter(|q| !q.directions.is_empty())
     }
 }
 

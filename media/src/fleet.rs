@@ -608,6 +608,10 @@ impl Fleet {
             if hide {
                 pairs.push(("replace", Bencode::List(vec![Bencode::str("origin")])));
             }
+            // The relay that hears from the endpoint records (rtpengine's key).
+            if r.record && n == 0 {
+                pairs.push(("record call", Bencode::str("yes")));
+            }
             body = match self.command(now, i, call_id, pairs) {
                 Step::Waiting => return Err(Failure::Waiting),
                 Step::Silent => return Err(Failure::Silent(i)),

@@ -53,8 +53,7 @@ const KNOWN_FLAGS: &[&str] = &[
 ];
 
 /// Features pinhole does not have: accepted with a warning naming them, never ignored.
-const UNSUPPORTED_KEYS: &[&str] =
-    &["record-call", "transcode", "codec", "T.38", "T38", "media-echo", "xmlrpc-callback", "metadata"];
+const UNSUPPORTED_KEYS: &[&str] = &["transcode", "codec", "T.38", "T38", "media-echo", "xmlrpc-callback", "metadata"];
 
 /// Most replies cached, and most bytes (cookies and replies) they may hold; past either
 /// the oldest are forgotten early.
@@ -269,6 +268,7 @@ fn options(msg: &Bencode, relay: &Relay, warnings: &mut Vec<String>) -> (Options
             "trust-address" => trust_address = true,
             // rtpengine's one-word WebRTC: ICE=force, UDP/TLS/RTP/SAVPF, rtcp-mux, mid.
             "webrtc" => webrtc = true,
+            "record-call" => o.record = true,
             _ if KNOWN_FLAGS.contains(&lf.as_str()) => {}
             _ => warnings.push(format!("unsupported flag '{f}' ignored")),
         }
@@ -280,6 +280,10 @@ fn options(msg: &Bencode, relay: &Relay, warnings: &mut Vec<String>) -> (Options
             "session-connection" | "sdp-version" | "session-name" | "username" => {}
             _ => warnings.push(format!("unsupported replace '{r}' ignored")),
         }
+    }
+    // rtpengine's `record call` key: "yes" / "on" records, anything else does not.
+    if let Some(v) = key(msg, "record-call") {
+        o.record |= matches!(v.to_ascii_lowercase().as_str(), "yes" | "on" | "true");
     }
     o.to_profile = secure_profile(msg, webrtc, warnings);
     for k in UNSUPPORTED_KEYS {
@@ -364,6 +368,14 @@ fn command(clock: Clock, now: Instant, relay: Option<&mut Relay>, msg: &Bencode)
                 None => error("Unknown call-id"),
             }
         }
+        "start recording" | "stop recording" => {
+            let Some(call_id) = key(msg, "call-id") else { return error("no call-id") };
+            if relay.set_recording(call_id, command == "start recording") {
+                ok(vec![])
+            } else {
+                error("Unknown call-id")
+            }
+        }
         "list" => ok(vec![("calls", Bencode::List(relay.list().iter().map(|c| Bencode::str(c)).collect()))]),
         "statistics" => {
             let t = relay.totals();
@@ -435,12 +447,69 @@ fn endpoint(a: Option<SocketAddr>) -> Bencode {
     }
 }
 
-fn stats(s: &StreamStats) -> Bencode {
-    Bencode::dict(vec![
+/// A stream's counters; for RTP (`quality`: its path's round trip) also what its sequence
+/// numbers, timing and RTCP say of its quality (pinhole's own keys).
+fn stats(s: &StreamStats, quality: Option<Option<u32>>) -> Bencode {
+    let mut d = vec![
         ("packets", Bencode::Int(s.packets.load(Relaxed) as i64)),
         ("bytes", Bencode::Int(s.bytes.load(Relaxed) as i64)),
         ("errors", Bencode::Int(s.dropped.load(Relaxed) as i64)),
-    ])
+    ];
+    if let Some(rtt) = quality {
+        let q = s.quality();
+        d.push(("expected", Bencode::Int(q.expected as i64)));
+        d.push(("lost", Bencode::Int(q.lost as i64)));
+        d.push(("jitter", Bencode::Int(q.jitter_ms.round() as i64)));
+        if let Some(rtt) = rtt {
+            d.push(("round-trip time", Bencode::Int(i64::from(rtt))));
+        }
+        if q.expected > 0 {
+            let mos = crate::quality::mos(f64::from(rtt.unwrap_or(0)) / 1000.0, q.jitter_ms, q.loss_pct());
+            d.push(("MOS", Bencode::Int((mos * 10.0) as i64)));
+        }
+    }
+    Bencode::dict(d)
+}
+
+/// One MOS figure as rtpengine writes it: MOS × 10, round trip µs, jitter ms, loss %.
+fn mos_entry(mos: f64, rtt_us: f64, jitter_ms: f64, loss_pct: f64) -> Vec<(&'static str, Bencode)> {
+    vec![
+        ("MOS", Bencode::Int((mos * 10.0) as i64)),
+        ("round-trip time", Bencode::Int(rtt_us as i64)),
+        ("jitter", Bencode::Int(jitter_ms.round() as i64)),
+        ("packet loss", Bencode::Int(loss_pct.round() as i64)),
+    ]
+}
+
+/// rtpengine's `SSRC` dictionary: per sending SSRC, its cumulative loss and its average,
+/// lowest and highest MOS over the call's samples.
+fn ssrc_reply(clock: Clock, now: Instant, c: &CallInfo) -> Bencode {
+    let mut out: Vec<(Vec<u8>, Bencode)> = Vec::new();
+    for s in &c.streams {
+        for side in Side::BOTH {
+            let st = s.stats.get(Component::Rtp, side);
+            let track = &s.quality[side];
+            let q = st.quality();
+            if q.expected == 0 {
+                continue;
+            }
+            let mut entry = vec![("cumulative loss", Bencode::Int(q.lost as i64))];
+            if let Some((mos, rtt, jitter, loss)) = track.average() {
+                let mut avg = mos_entry(mos, rtt, jitter, loss);
+                avg.push(("samples", Bencode::Int(i64::from(track.samples))));
+                entry.push(("average MOS", Bencode::dict(avg)));
+            }
+            for (key, sample) in [("lowest MOS", track.lowest), ("highest MOS", track.highest)] {
+                if let Some(x) = sample {
+                    let mut e = mos_entry(x.mos, f64::from(x.rtt_us.unwrap_or(0)), x.jitter_ms, x.loss_pct);
+                    e.push(("reported at", Bencode::Int(clock.unix(now, x.at))));
+                    entry.push((key, Bencode::dict(e)));
+                }
+            }
+            out.push((q.ssrc.to_string().into_bytes(), Bencode::dict(entry)));
+        }
+    }
+    Bencode::Dict(out)
 }
 
 /// The reply to query (and delete): per tag, its medias and streams with local port,
@@ -467,7 +536,7 @@ fn query_reply(clock: Clock, now: Instant, c: &CallInfo, path: Option<MediaPath>
                         Bencode::dict(vec![
                             ("local port", Bencode::Int(i64::from(s.ports[side].0 + offset))),
                             ("endpoint", endpoint(sdp)),
-                            ("stats", stats(st)),
+                            ("stats", stats(st, (component == Component::Rtp).then(|| s.stats.path_rtt_us(side)))),
                         ])
                     })
                     .collect();
@@ -493,6 +562,7 @@ fn query_reply(clock: Clock, now: Instant, c: &CallInfo, path: Option<MediaPath>
         ("last signal", Bencode::Int(clock.unix(now, c.last_signal))),
         ("tags", Bencode::Dict(tags)),
         ("totals", Bencode::dict(vec![("RTP", total(totals[0])), ("RTCP", total(totals[1]))])),
+        ("SSRC", ssrc_reply(clock, now, c)),
         // pinhole's own: whether the media still goes through us (see relay::MediaPath).
         ("media path", Bencode::str(path.map_or("quiet", MediaPath::label))),
     ])
@@ -507,6 +577,8 @@ fn command_label(c: &str) -> &'static str {
         "query" => "query",
         "list" => "list",
         "statistics" => "statistics",
+        "start recording" => "start recording",
+        "stop recording" => "stop recording",
         _ => "other",
     }
 }
@@ -621,6 +693,54 @@ mod tests {
     }
 
     #[test]
+    fn query_reports_each_ssrcs_loss_and_mos_as_rtpengine_does_and_delete_releases_a_report() {
+        use crate::latch::RtpInfo;
+        let mut d = Daemon::new();
+        d.offer("call-q");
+        d.answer("call-q");
+        let relay = d.relay.as_mut().expect("relay");
+        let stats = relay.stats("call-q").expect("stats");
+        let (a, b) = (stats[0].get(Component::Rtp, Side::A), stats[0].get(Component::Rtp, Side::B));
+        // Ten seconds each way: A loses every twentieth packet (5%), B none.
+        for seq in 0..500u16 {
+            let at = u64::from(seq) * 20_000_000;
+            let rtp = |ssrc| Some(RtpInfo { ssrc, seq, timestamp: u32::from(seq) * 160, payload_type: 0 });
+            if seq % 20 != 7 {
+                a.on_packet(at, 172, rtp(1111));
+            }
+            b.on_packet(at, 172, rtp(2222));
+            if seq == 250 {
+                relay.sample_quality(d.now + Duration::from_secs(5));
+            }
+        }
+        relay.sample_quality(d.now + Duration::from_secs(10));
+        let q = d.send(vec![("command", Bencode::str("query")), ("call-id", Bencode::str("call-q"))]);
+        let ssrc = q.get("SSRC").expect("SSRC");
+        let lossy = ssrc.get("1111").expect("A's SSRC");
+        assert_eq!(lossy.get("cumulative loss"), Some(&Bencode::Int(25)));
+        let mos = |e: &Bencode, k: &str| e.get(k).and_then(|m| m.get("MOS")).cloned();
+        let clean = ssrc.get("2222").expect("B's SSRC");
+        let (Some(Bencode::Int(lossy_mos)), Some(Bencode::Int(clean_mos))) =
+            (mos(lossy, "average MOS"), mos(clean, "average MOS"))
+        else {
+            panic!("average MOS in {q}")
+        };
+        assert!(lossy_mos < clean_mos - 3, "{lossy_mos} vs {clean_mos}: MOS × 10");
+        assert_eq!(lossy.get("average MOS").and_then(|m| m.get("packet loss")), Some(&Bencode::Int(5)));
+        assert_eq!(lossy.get("average MOS").and_then(|m| m.get("samples")), Some(&Bencode::Int(2)));
+        assert!(lossy.get("lowest MOS").and_then(|m| m.get("reported at")).is_some());
+        // The stream's own stats carry pinhole's figures too.
+        let stream = q.get("tags").and_then(|t| t.get("tagA")).and_then(|t| t.get("medias")).expect("medias");
+        assert!(stream.to_string().contains("lost"), "{stream}");
+        d.send(vec![("command", Bencode::str("delete")), ("call-id", Bencode::str("call-q"))]);
+        let released = d.relay.as_mut().and_then(Relay::poll_released).expect("a report");
+        assert_eq!((released.call_id.as_str(), released.directions.len()), ("call-q", 2));
+        let worst = released.mos().expect("a MOS");
+        assert!((3.5..4.3).contains(&worst), "{worst}");
+        assert!((released.loss_pct() - 2.5).abs() < 0.01, "25 of 1000: {}", released.loss_pct());
+    }
+
+    #[test]
     fn offer_without_sdp_is_an_error_naming_it() {
         let mut d = Daemon::new();
         let r = d.send(vec![("command", Bencode::str("offer")), ("call-id", Bencode::str("x"))]);
@@ -670,11 +790,60 @@ mod tests {
             ("from-tag", Bencode::str("tagA")),
             ("sdp", Bencode::str(OFFER)),
             ("flags", Bencode::List(vec![Bencode::str("trust-address"), Bencode::str("loop-detect")])),
-            ("record-call", Bencode::str("yes")),
+            ("transcode", Bencode::str("PCMA")),
         ]);
         assert_eq!(text(&r, "result"), "ok");
         let w = text(&r, "warning");
-        assert!(w.contains("loop-detect") && w.contains("record-call"), "{w}");
+        assert!(w.contains("loop-detect") && w.contains("transcode"), "{w}");
+    }
+
+    /// The Record commands the relay queued since the last look: (on, ports).
+    fn record_commands(d: &mut Daemon) -> Vec<(bool, usize)> {
+        let relay = d.relay.as_mut().expect("relay");
+        std::iter::from_fn(|| relay.poll_command())
+            .filter_map(|c| match c {
+                crate::relay::Command::Record { on, ports, .. } => Some((on, ports.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn record_call_and_start_and_stop_recording_record_every_port_of_the_call() {
+        let mut d = Daemon::new();
+        let r = d.send(vec![
+            ("command", Bencode::str("offer")),
+            ("call-id", Bencode::str("call-r")),
+            ("from-tag", Bencode::str("tagA")),
+            ("sdp", Bencode::str(OFFER)),
+            ("record call", Bencode::str("yes")),
+        ]);
+        assert_eq!((text(&r, "result"), r.get("warning")), ("ok", None));
+        // One stream: RTP and RTCP ports of both sides.
+        assert_eq!(record_commands(&mut d), vec![(true, 4)]);
+        d.answer("call-r");
+        assert_eq!(record_commands(&mut d), vec![(true, 4)], "the answer keeps every port recorded");
+        let stop = d.send(vec![("command", Bencode::str("stop recording")), ("call-id", Bencode::str("call-r"))]);
+        assert_eq!(text(&stop, "result"), "ok");
+        assert_eq!(record_commands(&mut d), vec![(false, 4)]);
+        assert!(!d.relay.as_ref().is_some_and(|r| r.recording("call-r")));
+        let start = d.send(vec![("command", Bencode::str("start recording")), ("call-id", Bencode::str("call-r"))]);
+        assert_eq!(text(&start, "result"), "ok");
+        assert_eq!(record_commands(&mut d), vec![(true, 4)]);
+        d.send(vec![("command", Bencode::str("delete")), ("call-id", Bencode::str("call-r"))]);
+        assert_eq!(record_commands(&mut d), vec![(false, 4)], "a delete finishes the recording");
+        let unknown = d.send(vec![("command", Bencode::str("start recording")), ("call-id", Bencode::str("nobody"))]);
+        assert_eq!(text(&unknown, "error-reason"), "Unknown call-id");
+        // The flag spelling works too.
+        let r = d.send(vec![
+            ("command", Bencode::str("offer")),
+            ("call-id", Bencode::str("call-f")),
+            ("from-tag", Bencode::str("tagA")),
+            ("sdp", Bencode::str(OFFER)),
+            ("flags", Bencode::List(vec![Bencode::str("record-call")])),
+        ]);
+        assert_eq!((text(&r, "result"), r.get("warning")), ("ok", None));
+        assert_eq!(record_commands(&mut d), vec![(true, 4)]);
     }
 
     #[test]

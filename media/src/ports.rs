@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::latch::{is_rtcp, Expected, Latch, RtpInfo, Verdict};
-use crate::relay::{PortSpec, RelayPort};
+use crate::relay::{PortSpec, RelayPort, Side};
 use crate::secure::{LegSetup, SecureLeg};
-use crate::stats::StreamStats;
+use crate::stats::{Offloaded, StreamStats};
 
 /// Secure legs one table lets handshake at once; past it a new handshake waits (its
 /// ClientHello is dropped and counted, and the browser retransmits).
@@ -35,6 +35,8 @@ pub struct PortSlot<S> {
     secure: Option<Box<SecureLeg>>,
     /// On an RTP port: the leg sends and takes RTCP on it (RFC 5761).
     mux: bool,
+    /// The call's media is recorded: the recording's id and the side sending here.
+    record: Option<(u64, Side)>,
 }
 
 /// Where an accepted packet goes: sent from `from_port` (bound on `from_ip`) to `to`.
@@ -114,6 +116,7 @@ impl<S> PortTable<S> {
             stats: spec.stats,
             secure: None,
             mux: false,
+            record: None,
         });
         true
     }
@@ -135,7 +138,22 @@ impl<S> PortTable<S> {
                     self.close(p);
                 }
             }
+            Command::Record { id, on, ports, .. } => self.record(id, on, &ports),
         }
+    }
+
+    /// Marks `ports` as recorded under recording `id` (or no longer, when `!on`).
+    pub fn record(&mut self, id: u64, on: bool, ports: &[(RelayPort, Side)]) {
+        for (port, side) in ports {
+            if let Some(slot) = self.slot_mut(port.0) {
+                slot.record = on.then_some((id, *side));
+            }
+        }
+    }
+
+    /// Whether what arrives on `port` is recorded: the recording's id and the sending side.
+    pub fn recorded(&self, port: u16) -> Option<(u64, Side)> {
+        self.slot(port)?.record
     }
 
     /// How the leg sending to RTP port `port` is secured (`None`: plain RTP), and whether
@@ -215,6 +233,10 @@ impl<S> PortTable<S> {
         if !plain(port) || !plain(slot.peer.0) || slot.bind.is_unspecified() || peer.bind.is_unspecified() {
             return None;
         }
+        // A recorded call's packets must reach the recorder, which the kernel never feeds.
+        if slot.record.is_some() || peer.record.is_some() {
+            return None;
+        }
         if slot.latch.mode() != crate::latch::LatchMode::Symmetric {
             return None;
         }
@@ -232,11 +254,17 @@ impl<S> PortTable<S> {
     }
 
     /// Counts what the kernel fast path forwarded for `port`'s party (see
-    /// [`StreamStats::on_offloaded`]); `rtp`: some of it was RTP.
-    pub fn account(&self, port: u16, now_ns: u64, packets: u64, bytes: u64, rtp: bool) {
+    /// [`StreamStats::on_offloaded`]).
+    pub fn account(&self, port: u16, now_ns: u64, (packets, bytes): (u64, u64), rtp: Option<Offloaded>) {
         if let Some(s) = self.slot(port) {
             s.stats.on_offloaded(now_ns, packets, bytes, rtp);
         }
+    }
+
+    /// Where `port`'s RTP sequence and jitter stand, for the kernel fast path to continue:
+    /// (extended highest sequence number, jitter × 16), once RTP has arrived.
+    pub fn sequence(&self, port: u16) -> Option<(u32, u32)> {
+        self.slot(port)?.stats.sequence()
     }
 
     /// Signalling changed what `port` should expect: its learning window reopens.
@@ -277,6 +305,14 @@ impl<S> PortTable<S> {
         Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()?, rewritten: false })
     }
 
+    /// RTCP a side sent to `port` (its RTP or RTCP port), accepted: its sender reports and
+    /// round trip are kept with each side's RTP statistics, whichever port RTCP uses.
+    fn observe_rtcp(&self, now_ns: u64, port: u16, data: &[u8]) {
+        let Some(mine) = self.slot(port & !1) else { return };
+        let Some(other) = self.slot(mine.peer.0 & !1) else { return };
+        mine.stats.on_rtcp(&other.stats, now_ns, data);
+    }
+
     /// One packet from `src` arriving on `port`: latched, counted, and where it goes — or
     /// `None` to drop it (unknown port, refused source, or no destination learned yet).
     /// `now_ns` is the counters' clock (nanoseconds since the relay's epoch).
@@ -303,6 +339,9 @@ impl<S> PortTable<S> {
             }
         }
         let from_port = slot.peer.0;
+        if rtp.is_none() && is_rtcp(data) {
+            self.observe_rtcp(now_ns, port, data);
+        }
         let peer = self.slot(from_port)?;
         Some(Forward { from_port, from_ip: peer.bind, to: peer.latch.destination()?, rewritten: false })
     }
@@ -409,6 +448,9 @@ impl<S> PortTable<S> {
             // Without ICE, the address authenticated media comes from is the leg's.
             leg.latch(src);
         }
+        if rtcp {
+            self.observe_rtcp(now_ns, port, buf);
+        }
         let slot = self.slot_mut(port)?;
         slot.stats.on_packet(now_ns, buf.len(), if rtcp { None } else { RtpInfo::parse(buf) });
         if slot.published != Some(src) {
@@ -509,6 +551,29 @@ mod tests {
         t.close(RelayPort(30002));
         assert_eq!(t.forward(now, 1, 30000, src, &[0x80; 172]), None, "no peer port left");
         assert!(t.slot(30002).is_none());
+    }
+
+    #[test]
+    fn rtcp_on_its_own_ports_gives_the_round_trip_to_the_rtp_statistics() {
+        let (mut t, sa, sb, now) = linked();
+        let (ra, rb) = (Arc::new(StreamStats::default()), Arc::new(StreamStats::default()));
+        assert!(t.open(now, spec(30001, "198.51.100.10:4001", &ra), RelayPort(30003), None));
+        assert!(t.open(now, spec(30003, "198.51.100.20:5001", &rb), RelayPort(30001), None));
+        let (a, b) = ("198.51.100.10:4001".parse().expect("a"), "198.51.100.20:5001".parse().expect("b"));
+        let ms = 1_000_000;
+        let sr = crate::rtcp::sender_report(0xa, 0x0102_0304);
+        assert!(t.forward(now, 1_000 * ms, 30001, a, &sr).is_some());
+        // B answers 150 ms later having held it 100 ms: a 50 ms round trip on B's leg.
+        let rr = crate::rtcp::receiver_report(0xb, 0xa, 0x0102_0304, 6_554);
+        assert!(t.forward(now, 1_150 * ms, 30003, b, &rr).is_some());
+        let rtt = sb.rtt_us().expect("B's round trip");
+        assert!((49_900..=50_100).contains(&rtt), "{rtt}");
+        assert_eq!((sa.rtt_us(), ra.rtt_us(), rb.rtt_us()), (None, None, None));
+        // A stranger's report never counts: it is dropped before it is read.
+        let later = now + Duration::from_secs(30);
+        let forged = crate::rtcp::receiver_report(0xa, 0xb, 0x0102_0304, 0);
+        assert!(t.forward(later, 2_000 * ms, 30001, "192.0.2.66:4001".parse().expect("x"), &forged).is_none());
+        assert_eq!(sa.rtt_us(), None);
     }
 
     #[test]

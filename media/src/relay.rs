@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::dtls::Identity;
 use crate::latch::{Expected, LatchMode};
+use crate::quality;
 use crate::sdp::{Anchor, Profile, Rewrite, Sdp, SdpError};
 use crate::secure::LegSetup;
 use crate::stats::StreamStats;
@@ -89,6 +90,10 @@ pub struct Options {
     /// knows; by default the other side's so far, else the sender's (a browser's offer goes
     /// to a plain RTP phone). See [`secure`].
     pub to_profile: Option<Profile>,
+    /// Record the call's media (ng `record-call`, or the proxy's recording policy). A
+    /// recorded call stays on the relay: its streams are never handed to the kernel fast
+    /// path, and the proxy plans no direct path for it.
+    pub record: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -172,6 +177,13 @@ impl StreamCounters {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<StreamStats>> {
         self.0.iter()
     }
+
+    /// The round trip of the path `side`'s media takes through the relay: its leg and the
+    /// other's, as their RTCP told them.
+    pub fn path_rtt_us(&self, side: Side) -> Option<u32> {
+        let leg = |side: Side| self.get(Component::Rtp, side).rtt_us();
+        quality::path_rtt_us(leg(side), leg(side.other()))
+    }
 }
 
 /// A call as a query reports it.
@@ -193,6 +205,8 @@ pub struct StreamInfo {
     /// Each side's address from its SDP.
     pub sdp: PerSide<Option<SocketAddr>>,
     pub stats: StreamCounters,
+    /// Each side's MOS samples so far.
+    pub quality: PerSide<quality::Track>,
 }
 
 /// One side of a forwarding link, as the data plane needs it.
@@ -221,6 +235,9 @@ pub enum Command {
     /// How the leg sending to RTP port `port` is secured (`None`: plain RTP), and whether
     /// it sends RTCP on that port too.
     Secure { shard: u64, port: RelayPort, setup: Option<Box<LegSetup>>, mux: bool },
+    /// Start (`on`) or stop recording call `call_id` as recording `id`: what arrives on
+    /// each port, sent by the side named.
+    Record { shard: u64, id: u64, call_id: String, on: bool, ports: Vec<(RelayPort, Side)> },
 }
 
 /// Which way an answered call's media goes, as the relay sees it.
@@ -281,6 +298,10 @@ struct Stream {
     saved_latches: [Option<SocketAddr>; 4],
     /// Each side's transport, when pinhole terminates it.
     sec: PerSide<secure::SideSec>,
+    /// Each side's MOS samples (what that side sent).
+    quality: PerSide<quality::Track>,
+    /// Each side's RTCP report blocks already exported.
+    rtcp_exported: PerSide<u64>,
 }
 
 #[derive(Debug)]
@@ -296,6 +317,8 @@ struct Call {
     /// Per side, the last SDP received and what it was rewritten to, so retransmissions
     /// and repeated bodies (18x then 200) change nothing.
     last: PerSide<Option<(Vec<u8>, Vec<u8>)>>,
+    /// Its media is being recorded.
+    recording: bool,
 }
 
 impl Call {
@@ -325,7 +348,39 @@ pub struct Relay {
     /// The certificate of the relay's DTLS-SRTP legs, made when the first WebRTC stream
     /// needs it (`None` until then, or if it could not be made: WebRTC offers are refused).
     identity: Option<Arc<Identity>>,
+    /// When the streams are next sampled for quality.
+    next_sample: Option<Instant>,
+    /// Quality of calls released, for the owner's log line and metrics (the oldest
+    /// dropped past [`MAX_RELEASED`] when nobody takes them).
+    released: VecDeque<quality::CallQuality>,
+    /// The latest RTCP report of each direction that sent one since the last sample, as
+    /// JSON for a capture server: (Call-ID, JSON), the oldest dropped past [`MAX_RELEASED`].
+    rtcp_reports: VecDeque<(String, String)>,
 }
+
+/// An RTCP report block as Homer's RTCP JSON (the field names captagent and rtpengine use),
+/// with the round trip the relay worked out for the reporter's leg.
+fn rtcp_json(sender_report: bool, b: &crate::rtcp::ReportBlock, rtt_us: Option<u32>) -> String {
+    serde_json::json!({
+        "type": if sender_report { 200 } else { 201 },
+        "ssrc": b.reporter,
+        "report_count": 1,
+        "report_blocks": [{
+            "source_ssrc": b.source,
+            "fraction_lost": b.fraction_lost,
+            "packets_lost": b.cumulative_lost,
+            "highest_seq_no": b.highest_seq,
+            "ia_jitter": b.jitter,
+            "lsr": b.lsr,
+            "dlsr": b.dlsr,
+        }],
+        "rtt_us": rtt_us,
+    })
+    .to_string()
+}
+
+/// Released calls' quality reports kept for [`Relay::poll_released`].
+const MAX_RELEASED: usize = 1024;
 
 /// Relay-wide packet counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -363,6 +418,9 @@ impl Relay {
             keep_state: false,
             standby: false,
             identity: None,
+            next_sample: None,
+            released: VecDeque::new(),
+            rtcp_reports: VecDeque::new(),
         }
     }
 
@@ -496,14 +554,17 @@ impl Relay {
                     answered: None,
                     pending_offer: None,
                     last: PerSide([None, None]),
+                    recording: false,
                 },
             );
         }
         // An offer from a tag the call does not know yet comes from side A.
         let side = self.calls.get(call_id).and_then(|c| c.side_of(from_tag)).unwrap_or(Side::A);
+        let record = opts.record;
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts, true)?;
         self.remember(now, call_id, side, sdp, &out, Some(side));
         self.plan_check(call_id);
+        self.keep_recording(call_id, record);
         Ok(out)
     }
 
@@ -533,10 +594,53 @@ impl Relay {
         if call.answered.is_none() {
             call.answered = Some(now);
         }
+        let record = opts.record;
         let out = self.apply(call_id, side, &parsed, signalling_ip, opts, false)?;
         self.remember(now, call_id, side, sdp, &out, None);
         self.plan_check(call_id);
+        self.keep_recording(call_id, record);
         Ok(out)
+    }
+
+    /// Starts or stops recording a call's media (ng `start recording` / `stop recording`);
+    /// false for an unknown call.
+    pub fn set_recording(&mut self, call_id: &str, on: bool) -> bool {
+        let Some(call) = self.calls.get_mut(call_id) else { return false };
+        call.recording = on;
+        let ports = Self::recorded_ports(call);
+        self.commands.push_back(Command::Record {
+            shard: call.serial,
+            id: call.serial,
+            call_id: call_id.to_owned(),
+            on,
+            ports,
+        });
+        self.mark_changed(call_id);
+        true
+    }
+
+    /// After an offer or answer: a call to be recorded (or being recorded) has every port
+    /// recorded, the new streams' too.
+    fn keep_recording(&mut self, call_id: &str, asked: bool) {
+        if asked || self.calls.get(call_id).is_some_and(|c| c.recording) {
+            self.set_recording(call_id, true);
+        }
+    }
+
+    fn recorded_ports(call: &Call) -> Vec<(RelayPort, Side)> {
+        let mut ports = Vec::new();
+        for s in &call.streams {
+            for side in Side::BOTH {
+                ports.push((s.ports[side], side));
+                ports.push((RelayPort(s.ports[side].0 + 1), side));
+            }
+        }
+        ports
+    }
+
+    /// Whether a call's media is being recorded.
+    pub fn recording(&self, call_id: &str) -> bool {
+        self.calls.get(call_id).is_some_and(|c| c.recording)
     }
 
     /// Ends a call and frees its ports.
@@ -544,7 +648,23 @@ impl Relay {
         let Some(call) = self.calls.remove(call_id) else {
             return false;
         };
+        if call.recording {
+            self.commands.push_back(Command::Record {
+                shard: call.serial,
+                id: call.serial,
+                call_id: call_id.to_owned(),
+                on: false,
+                ports: Self::recorded_ports(&call),
+            });
+        }
         self.mark_changed(call_id);
+        let report = quality::CallQuality { call_id: call_id.to_owned(), directions: Self::directions(&call) };
+        if !report.directions.is_empty() {
+            if self.released.len() >= MAX_RELEASED {
+                self.released.pop_front();
+            }
+            self.released.push_back(report);
+        }
         let mut ports = Vec::new();
         for s in &call.streams {
             for st in s.stats.iter() {
@@ -560,6 +680,64 @@ impl Relay {
             self.commands.push_back(Command::Unlink { shard: call.serial, ports });
         }
         true
+    }
+
+    /// Each direction of the call's streams that carried RTP, measured over the whole call.
+    fn directions(call: &Call) -> Vec<quality::Direction> {
+        let mut out = Vec::new();
+        for (i, s) in call.streams.iter().enumerate() {
+            for side in Side::BOTH {
+                let stats = s.stats.get(Component::Rtp, side);
+                if stats.expected() == 0 {
+                    continue;
+                }
+                let rtt = s.stats.path_rtt_us(side);
+                out.push(quality::Direction::measure((i, side), stats, rtt, &s.quality[side]));
+            }
+        }
+        out
+    }
+
+    /// The call's quality so far, as a release would report it.
+    pub fn quality(&self, call_id: &str) -> Option<quality::CallQuality> {
+        let call = self.calls.get(call_id)?;
+        Some(quality::CallQuality { call_id: call_id.to_owned(), directions: Self::directions(call) })
+    }
+
+    /// A released call's quality (each direction that carried RTP), oldest first.
+    pub fn poll_released(&mut self) -> Option<quality::CallQuality> {
+        self.released.pop_front()
+    }
+
+    /// Every [`quality::SAMPLE_INTERVAL`], samples each stream's directions for their lowest
+    /// and highest MOS. Call it about once a second; it does nothing in between.
+    pub fn sample_quality(&mut self, now: Instant) {
+        if self.next_sample.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_sample = Some(now + quality::SAMPLE_INTERVAL);
+        for (call_id, call) in &mut self.calls {
+            for s in &mut call.streams {
+                for side in Side::BOTH {
+                    let rtt = s.stats.path_rtt_us(side);
+                    let stats = s.stats.get(Component::Rtp, side);
+                    s.quality[side].sample(now, stats, rtt);
+                    let (count, last) = stats.last_report();
+                    if let (true, Some((sr, block))) = (count != s.rtcp_exported[side], last) {
+                        s.rtcp_exported[side] = count;
+                        if self.rtcp_reports.len() >= MAX_RELEASED {
+                            self.rtcp_reports.pop_front();
+                        }
+                        self.rtcp_reports.push_back((call_id.clone(), rtcp_json(sr, &block, stats.rtt_us())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The latest RTCP report of a direction, sampled for a capture server: (Call-ID, JSON).
+    pub fn poll_rtcp_report(&mut self) -> Option<(String, String)> {
+        self.rtcp_reports.pop_front()
     }
 
     /// Statistics of a call's streams: per stream, per side (packets that side sent).
@@ -582,6 +760,7 @@ impl Relay {
                     ports: s.ports,
                     sdp: s.sdp,
                     stats: s.stats.clone(),
+                    quality: s.quality,
                 })
                 .collect(),
         })
@@ -831,6 +1010,8 @@ impl Relay {
                     mode: opts.mode,
                     saved_latches: [None; 4],
                     sec: PerSide::default(),
+                    quality: PerSide::default(),
+                    rtcp_exported: PerSide::default(),
                 });
             } else {
                 call.streams[i].sdp[side] = expected_rtp.sdp;

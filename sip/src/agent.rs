@@ -352,6 +352,7 @@ impl<M: MediaAnchor> Agent<M> {
                             to: None,
                             hide: false,
                             to_browser: false,
+                            record: false,
                         },
                     )
                     .map_err(|r| {

@@ -99,6 +99,8 @@ pub struct Route {
     pub pattern: regex::Regex,
     /// Indexes into the trunk list.
     pub trunks: Vec<usize>,
+    /// Record this route's calls (`[[route]] record`).
+    pub record: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +222,8 @@ struct Call {
     /// The ACK we sent for the B leg's 2xx (repeated if the 2xx is).
     b_ack: Option<Vec<u8>>,
     ringing_sent: bool,
+    /// The route records this call's media.
+    record: bool,
     cancelled: bool,
     started: Instant,
     answered: Option<Instant>,
@@ -294,7 +298,7 @@ struct ClientTx {
 }
 
 /// Things the proxy or shell may want to know.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum B2buaEvent {
     /// A call ended: one line of the call records.
@@ -302,7 +306,7 @@ pub enum B2buaEvent {
 }
 
 /// What the call records keep of a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CallRecord {
     pub a_call_id: String,
     pub b_call_id: String,
@@ -318,6 +322,8 @@ pub struct CallRecord {
     pub packets: u64,
     pub bytes: u64,
     pub media_path: &'static str,
+    /// What the relay measured of the media's quality, when it carried RTP.
+    pub quality: Option<pinhole_media::quality::CallQuality>,
 }
 
 /// Counters the shell exports.
@@ -497,7 +503,11 @@ impl B2bua {
             Some(u) => self.cfg.caller_ids.iter().find(|(n, _)| n == u).map_or(u, |(_, id)| id.as_str()).to_owned(),
             None => from_identity(&msg),
         };
+        let record = route.record;
         if let Some(id) = self.start_call(now, flow, msg, trunks, None, (identity, auth_user.is_none())) {
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.record = record;
+            }
             self.try_next_trunk(now, id, media, None);
         }
     }
@@ -591,6 +601,7 @@ impl B2bua {
             b_auth_answered: false,
             b_ack: None,
             ringing_sent: false,
+            record: false,
             cancelled: false,
             started: now,
             answered: None,
@@ -673,7 +684,10 @@ impl B2bua {
         let body = match sdp_body(&call.a_invite) {
             Some(sdp) => {
                 let ip = call.a_flow.remote.ip();
-                match media.anchor_sdp(now, &hidden(&call.a.call_id, &call.a.remote_tag, sdp, ip, Some(remote.ip()))) {
+                match media.anchor_sdp(
+                    now,
+                    &hidden(&call.a.call_id, &call.a.remote_tag, sdp, (ip, Some(remote.ip())), call.record),
+                ) {
                     Ok(b) => Some(b),
                     Err(Unanchored::Waiting) => {
                         if !self.wait_for_media(id, Resume::BInvite(auth)) {
@@ -801,6 +815,7 @@ impl B2bua {
         call.hangup.get_or_insert(who);
         call.a_2xx_at = None;
         let media_path = media.path(&call.a.call_id, now).unwrap_or("none");
+        let quality = media.quality(&call.a.call_id);
         let (packets, bytes) = media.release_counting(&call.a.call_id).unwrap_or((0, 0));
         let outcome = if call.answered.is_some() {
             "answered"
@@ -832,6 +847,7 @@ impl B2bua {
             packets,
             bytes,
             media_path,
+            quality,
         };
         self.events.push_back(B2buaEvent::CallRecord(record));
         self.timers.push(Reverse((now + TIMEOUT_64T1, Timer::Call(id))));
@@ -991,7 +1007,8 @@ impl B2bua {
         let body = match sdp_body(&msg) {
             Some(sdp) => {
                 let tag = if leg == Leg::A { call.a.remote_tag.clone() } else { TRUNK_TAG.to_owned() };
-                match media.anchor_sdp(now, &hidden(&call.a.call_id, &tag, sdp, flow.remote.ip(), None)) {
+                match media.anchor_sdp(now, &hidden(&call.a.call_id, &tag, sdp, (flow.remote.ip(), None), call.record))
+                {
                     Ok(b) => Some((b, "application/sdp".to_owned())),
                     Err(Unanchored::Waiting) => {
                         let busy = msg.response(503, "Service Unavailable - Media Relay Backlog", None, &[]);
@@ -1147,7 +1164,9 @@ impl B2bua {
     fn answer_a<M: MediaAnchor>(&mut self, now: Instant, id: u64, flow: Flow, msg: &Message, media: &mut M) {
         let Some(code) = msg.status() else { return };
         let Some(call) = self.calls.get(&id) else { return };
-        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, TRUNK_TAG, sdp, flow.remote.ip(), None)) {
+        let body = match sdp_body(msg)
+            .map(|sdp| hidden(&call.a.call_id, TRUNK_TAG, sdp, (flow.remote.ip(), None), call.record))
+        {
             Some(s) => match media.anchor_sdp(now, &s) {
                 Ok(b) => Some(b),
                 Err(Unanchored::Waiting) if self.wait_for_media(id, Resume::Answer { flow, msg: msg.clone() }) => {
@@ -1203,7 +1222,7 @@ impl B2bua {
         let Some(code) = msg.status() else { return };
         let Some(call) = self.calls.get(&id) else { return };
         let from = call.b.flow.map_or(call.a_flow.remote.ip(), |f| f.remote.ip());
-        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, TRUNK_TAG, sdp, from, None)) {
+        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, TRUNK_TAG, sdp, (from, None), call.record)) {
             Some(s) => match media.anchor_sdp(now, &s) {
                 Ok(b) => Some(b),
                 Err(Unanchored::Waiting) if self.wait_for_media(id, Resume::Provisional(msg.clone())) => return,
@@ -1306,7 +1325,9 @@ impl B2bua {
         let Some(code) = msg.status() else { return };
         let Some(call) = self.calls.get(&id) else { return };
         let tag = if origin_leg == Leg::A { TRUNK_TAG.to_owned() } else { call.a.remote_tag.clone() };
-        let body = match sdp_body(msg).map(|sdp| hidden(&call.a.call_id, &tag, sdp, origin_flow.remote.ip(), None)) {
+        let body = match sdp_body(msg)
+            .map(|sdp| hidden(&call.a.call_id, &tag, sdp, (origin_flow.remote.ip(), None), call.record))
+        {
             Some(s) => match media.anchor_sdp(now, &s) {
                 Ok(b) => Some(b),
                 Err(Unanchored::Waiting) => {
@@ -1591,6 +1612,12 @@ fn strip_tag(name_addr: &str) -> &str {
 
 /// A leg's SDP to anchor with the sender's address hidden everywhere (its `o=` line too):
 /// neither side of a B2BUA call learns the other's.
-fn hidden<'a>(call_id: &'a str, sender_tag: &'a str, sdp: &'a [u8], from: IpAddr, to: Option<IpAddr>) -> SdpIn<'a> {
-    SdpIn { call_id, sender_tag, sdp, signalling_ip: from, to, hide: true, to_browser: false }
+fn hidden<'a>(
+    call_id: &'a str,
+    sender_tag: &'a str,
+    sdp: &'a [u8],
+    (from, to): (IpAddr, Option<IpAddr>),
+    record: bool,
+) -> SdpIn<'a> {
+    SdpIn { call_id, sender_tag, sdp, signalling_ip: from, to, hide: true, to_browser: false, record }
 }

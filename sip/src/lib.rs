@@ -41,6 +41,7 @@
 pub mod agent;
 pub mod auth;
 pub mod b2bua;
+pub mod hep;
 pub use pinhole_media::mac;
 pub mod message;
 pub mod proxy;

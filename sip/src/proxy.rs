@@ -113,6 +113,8 @@ pub struct ProxyConfig {
     pub punch: PunchPolicy,
     /// The fake-TCP forwarder's port (`[faketcp]`), offered to agents' legs in SDP.
     pub faketcp_port: Option<u16>,
+    /// Users whose calls (as caller or callee) are recorded (`[recording] users`).
+    pub record_users: Vec<String>,
     /// Trunks and the routes to them (`[[trunk]]`, `[[route]]`): calls on a route go
     /// through the B2BUA.
     pub b2bua: crate::b2bua::B2buaConfig,

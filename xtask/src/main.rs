@@ -46,6 +46,8 @@ const PEERS: &[(&str, &str)] = &[
     // The kernel fast path's program (build.rs) and looking at what is attached.
     ("clang", "clang"),
     ("bpftool", "bpftool"),
+    // The HEP receiver the capture test exports to.
+    ("sngrep", "sngrep"),
 ];
 
 fn main() -> ExitCode {
@@ -248,9 +250,20 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    for target in
-        ["sip_message", "ng", "stun", "auth", "edge", "faketcp", "b2bua", "cluster", "srtp", "websocket", "dtls"]
-    {
+    for target in [
+        "sip_message",
+        "ng",
+        "stun",
+        "auth",
+        "edge",
+        "faketcp",
+        "b2bua",
+        "cluster",
+        "srtp",
+        "websocket",
+        "dtls",
+        "rtcp",
+    ] {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut c = Command::new("cargo");

@@ -42,6 +42,7 @@ fn config() -> anyhow::Result<NodeConfig> {
             secret: [7; 32],
             punch: Default::default(),
             faketcp_port: None,
+            record_users: Vec::new(),
             b2bua: Default::default(),
         },
         relay: None,

@@ -196,6 +196,7 @@ fn anchor(
         to: to.map(ip),
         hide: false,
         to_browser: false,
+        record: false,
     };
     f.anchor_sdp(&s)
 }
@@ -553,6 +554,7 @@ fn offer_once(f: &mut Lab, call: &str) -> Result<Vec<u8>, Unanchored> {
         to: Some(ip(CALLEE)),
         hide: false,
         to_browser: false,
+        record: false,
     };
     let now = f.cores.now;
     f.fleet.anchor_sdp(now, &s)

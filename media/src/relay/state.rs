@@ -209,6 +209,8 @@ impl Relay {
                 // Keys and handshakes stay with the node that made them: a restored secure
                 // stream passes as plain until its next offer or answer.
                 sec: Default::default(),
+                quality: Default::default(),
+                rtcp_exported: Default::default(),
             });
         }
         let bytes = |t: &(String, String)| (t.0.clone().into_bytes(), t.1.clone().into_bytes());
@@ -224,6 +226,8 @@ impl Relay {
                 answered: st.answered.then_some(now),
                 pending_offer: st.pending_offer.map(side),
                 last: PerSide(st.last.clone().map(|l| l.as_ref().map(bytes))),
+                // A recording stays with the node that made it.
+                recording: false,
             },
         );
         self.plan_check(&st.call_id);

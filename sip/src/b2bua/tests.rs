@@ -114,7 +114,11 @@ impl Lab {
         let now = Instant::now();
         let mut b2bua = B2buaConfig {
             trunks: vec![trunk("carrier1", CARRIER1, max_calls), trunk("carrier2", CARRIER2, max_calls)],
-            routes: vec![Route { pattern: regex::Regex::new(r"^\+?1?555\d{7}$").expect("re"), trunks: vec![0, 1] }],
+            routes: vec![Route {
+                pattern: regex::Regex::new(r"^\+?1?555\d{7}$").expect("re"),
+                trunks: vec![0, 1],
+                record: false,
+            }],
             copy_headers: DEFAULT_COPY_HEADERS.iter().map(|h| (*h).to_owned()).collect(),
             session_expires: Duration::from_secs(1800),
             ring_timeout: Duration::from_secs(120),
@@ -141,6 +145,7 @@ impl Lab {
             secret: [9; 32],
             punch: Default::default(),
             faketcp_port: None,
+            record_users: Vec::new(),
             b2bua,
         };
         let relay = Relay::new(
@@ -918,8 +923,8 @@ fn a_display_name_or_a_strange_from_never_shapes_the_carrier_leg() {
 fn numbers_a_trunk_cannot_dial_take_no_slot_and_ascii_digits_alone_match_a_route() {
     let mut lab = Lab::with(1, |c| {
         c.routes = vec![
-            Route { pattern: regex::Regex::new(r"^9\d+$").expect("re"), trunks: vec![0] },
-            Route { pattern: regex::Regex::new(r"^8").expect("re"), trunks: vec![0] },
+            Route { pattern: regex::Regex::new(r"^9\d+$").expect("re"), trunks: vec![0], record: false },
+            Route { pattern: regex::Regex::new(r"^8").expect("re"), trunks: vec![0], record: false },
         ];
     });
     for number in ["8%201234", "8%0D%0A1234", "8%401234", "9\u{ff11}\u{ff12}", "9\u{0661}\u{0662}"] {

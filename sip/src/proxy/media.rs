@@ -77,7 +77,16 @@ fn between<'a>(call_id: &'a str, tag: &'a str, body: &'a [u8], from: Flow, to: O
         to: to.map(|f| f.remote.ip()),
         hide: false,
         to_browser: to.is_some_and(|f| f.transport.is_websocket()),
+        record: false,
     }
+}
+
+/// The user part of a From or To value (`"A" <sip:alice@host>;tag=…` → `alice`).
+fn uri_user(value: &str) -> Option<&str> {
+    let at = value.find("sip:").map(|i| i + 4).or_else(|| value.find("sips:").map(|i| i + 5))?;
+    let rest = &value[at..];
+    let end = rest.find(['@', '>', ';'])?;
+    (rest.as_bytes().get(end) == Some(&b'@')).then(|| &rest[..end])
 }
 
 pub(crate) fn contact_uri(msg: &Message) -> Option<String> {
@@ -89,6 +98,15 @@ pub(crate) fn contact_uri(msg: &Message) -> Option<String> {
 }
 
 impl<M: MediaAnchor> Proxy<M> {
+    /// Whether the recording policy names this message's caller (From) or callee (To).
+    fn recorded(&self, msg: &Message) -> bool {
+        let users = &self.cfg.record_users;
+        !users.is_empty()
+            && [HeaderName::From, HeaderName::To]
+                .into_iter()
+                .any(|h| msg.header(h).and_then(uri_user).is_some_and(|u| users.iter().any(|r| r == u)))
+    }
+
     /// Anchors the SDP of a request (offer in INVITE/UPDATE, either in PRACK/ACK) and
     /// returns the body to forward; errors carry the response to send, or say it waits.
     pub(super) fn media_request(
@@ -111,7 +129,8 @@ impl<M: MediaAnchor> Proxy<M> {
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::From)) else {
             return Ok(None);
         };
-        match self.media.anchor_sdp(now, &between(call_id, tag, body, flow, to)) {
+        let sdp_in = SdpIn { record: self.recorded(msg), ..between(call_id, tag, body, flow, to) };
+        match self.media.anchor_sdp(now, &sdp_in) {
             Ok(b) => Ok(Some(b)),
             Err(Unanchored::Waiting) => Err(NotAnchored::Waiting),
             Err(Unanchored::Refused(r)) => Err(NotAnchored::Refused(Rejection::new(r.code, r.reason))),
@@ -136,7 +155,8 @@ impl<M: MediaAnchor> Proxy<M> {
         }
         let Some(body) = sdp_body(msg) else { return Ok(None) };
         let (Some(call_id), Some(tag)) = (msg.call_id(), msg.tag(HeaderName::To)) else { return Ok(None) };
-        match self.media.anchor_sdp(now, &between(call_id, tag, body, from, to)) {
+        let sdp_in = SdpIn { record: self.recorded(msg), ..between(call_id, tag, body, from, to) };
+        match self.media.anchor_sdp(now, &sdp_in) {
             Ok(b) => Ok(Some(b)),
             Err(Unanchored::Waiting) => Err(Unanchored::Waiting),
             Err(Unanchored::Refused(r)) => {

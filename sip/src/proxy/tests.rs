@@ -74,6 +74,7 @@ impl Lab {
             secret: [9; 32],
             punch: Default::default(),
             faketcp_port: None,
+            record_users: Vec::new(),
             b2bua: Default::default(),
         };
         Lab { proxy: Proxy::new(cfg, None, now, 1_700_000_000, 1), now, regs: 0 }
