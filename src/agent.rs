@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pinhole_media::punch::sdp::PlanStart;
 use pinhole_media::punch::NatProfile;
 use pinhole_media::relay::{Relay, Side};
-use pinhole_sip::agent::{Agent, AgentConfig, ReadyPlan};
+use pinhole_sip::agent::{Agent, AgentConfig, AgentQuality, ReadyPlan};
 use pinhole_sip::{Flow, Transport};
 
 use crate::agent_media::{EdgeHandle, MediaCmd};
@@ -400,6 +400,16 @@ fn start_relay_timers(agent: SharedAgent, media: EdgeHandle, link: Arc<Link>) {
 fn drain_media(agent: &mut Agent<Option<Relay>>, media: &EdgeHandle, link: &Link) {
     while let Some(c) = agent.media_mut().as_mut().and_then(Relay::poll_command) {
         media.send(MediaCmd::Relay(c));
+    }
+    // Calls released here: what their media measured goes to the server (a direct call's
+    // media never crossed its relay).
+    let released: Vec<_> = std::iter::from_fn(|| agent.media_mut().as_mut().and_then(Relay::poll_released)).collect();
+    if !released.is_empty() {
+        let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        for q in released.iter().filter_map(AgentQuality::of) {
+            agent.report_quality(unix, &q);
+        }
+        link.send_all(agent);
     }
     while let Some(p) = agent.poll_plan() {
         if let Some(cmd) = punch_command(agent, p) {

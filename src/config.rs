@@ -1042,6 +1042,7 @@ impl Config {
             max_duration: Duration::from_secs(self.media.max_duration),
             max_sessions: self.media.max_sessions,
             max_streams: pinhole_media::relay::DEFAULT_MAX_STREAMS,
+            can_record: self.recording.is_some(),
         })
     }
 

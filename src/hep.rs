@@ -133,6 +133,7 @@ pub(crate) fn quality_json(q: &pinhole_media::quality::CallQuality) -> String {
         .collect();
     serde_json::json!({
         "type": "call quality",
+        "measured_by": "relay",
         "call_id": q.call_id,
         "mos": q.mos(),
         "mos_min": q.lowest_mos(),
@@ -140,6 +141,22 @@ pub(crate) fn quality_json(q: &pinhole_media::quality::CallQuality) -> String {
         "jitter_ms": q.jitter_ms(),
         "rtt_ms": q.rtt_us().map(|r| f64::from(r) / 1000.0),
         "directions": directions,
+    })
+    .to_string()
+}
+
+/// An agent's report of a call it carried, as the JSON of a HEP report.
+pub(crate) fn agent_json(q: &pinhole_sip::agent::AgentQuality) -> String {
+    serde_json::json!({
+        "type": "call quality",
+        "measured_by": "agent",
+        "call_id": q.call_id,
+        "mos": q.mos,
+        "loss_pct": q.loss_pct,
+        "jitter_ms": q.jitter_ms,
+        "rtt_ms": q.rtt_ms,
+        "expected": q.expected,
+        "lost": q.lost,
     })
     .to_string()
 }

@@ -129,7 +129,12 @@ fn register_defaults() {
     }
     // Call quality: served (empty) before the first call ends.
     for name in ["pinhole_call_mos", "pinhole_call_loss_percent", "pinhole_call_jitter_ms", "pinhole_call_rtt_ms"] {
-        let _ = metrics::histogram!(name);
+        for by in ["relay", "agent"] {
+            let _ = metrics::histogram!(name, "measured_by" => by);
+        }
+    }
+    for result in ["taken", "refused"] {
+        metrics::counter!("pinhole_agent_quality_reports_total", "result" => result).absolute(0);
     }
     for name in [
         "pinhole_registrar_bindings",

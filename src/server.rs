@@ -464,12 +464,7 @@ struct Outbox {
 fn media_released(q: &pinhole_media::quality::CallQuality) {
     let Some(mos) = q.mos() else { return };
     let (loss, jitter, rtt) = (q.loss_pct(), q.jitter_ms(), q.rtt_us().map(|r| f64::from(r) / 1000.0));
-    metrics::histogram!("pinhole_call_mos").record(mos);
-    metrics::histogram!("pinhole_call_loss_percent").record(loss);
-    metrics::histogram!("pinhole_call_jitter_ms").record(jitter);
-    if let Some(rtt) = rtt {
-        metrics::histogram!("pinhole_call_rtt_ms").record(rtt);
-    }
+    record_quality("relay", mos, loss, jitter, rtt);
     tracing::info!(
         call_id = %q.call_id,
         mos = format_args!("{mos:.2}"),
@@ -479,6 +474,33 @@ fn media_released(q: &pinhole_media::quality::CallQuality) {
         rtt_ms = %rtt.map_or("-".to_owned(), |r| format!("{r:.1}")),
         directions = %directions(q),
         "call media released"
+    );
+}
+
+/// One call's quality in the histograms, by who measured it: the relay, or an agent for
+/// a call whose media went direct.
+fn record_quality(measured_by: &'static str, mos: f64, loss: f64, jitter: f64, rtt: Option<f64>) {
+    metrics::histogram!("pinhole_call_mos", "measured_by" => measured_by).record(mos);
+    metrics::histogram!("pinhole_call_loss_percent", "measured_by" => measured_by).record(loss);
+    metrics::histogram!("pinhole_call_jitter_ms", "measured_by" => measured_by).record(jitter);
+    if let Some(rtt) = rtt {
+        metrics::histogram!("pinhole_call_rtt_ms", "measured_by" => measured_by).record(rtt);
+    }
+}
+
+/// An agent's signed report of a call it carried (media direct, past the relay).
+fn agent_quality(agent: SocketAddr, q: &pinhole_sip::agent::AgentQuality) {
+    record_quality("agent", q.mos, q.loss_pct, q.jitter_ms, q.rtt_ms);
+    tracing::info!(
+        call_id = %q.call_id,
+        %agent,
+        mos = format_args!("{:.2}", q.mos),
+        loss_pct = format_args!("{:.2}", q.loss_pct),
+        jitter_ms = format_args!("{:.1}", q.jitter_ms),
+        rtt_ms = %q.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.1}")),
+        lost = q.lost,
+        expected = q.expected,
+        "agent reported call quality"
     );
 }
 
@@ -523,6 +545,16 @@ fn drain(shared: &Shared, node: &mut Node, out: &mut Outbox) -> Option<std::time
                 media_released(&q);
                 if shared.hep.is_some() {
                     out.reports.push((pinhole_sip::hep::REPORT_JSON, q.call_id.clone(), crate::hep::quality_json(&q)));
+                }
+            }
+            Output::Event(pinhole_core::Event::AgentQuality { agent, report }) => {
+                agent_quality(agent, &report);
+                if shared.hep.is_some() {
+                    out.reports.push((
+                        pinhole_sip::hep::REPORT_JSON,
+                        report.call_id.clone(),
+                        crate::hep::agent_json(&report),
+                    ));
                 }
             }
             Output::Event(pinhole_core::Event::RtcpReport { call_id, json }) => {

@@ -152,7 +152,9 @@ fn ng_garbage_gets_error_replies_or_is_dropped_and_sessions_survive() {
         ]),
     );
     assert_eq!(offer.get("result").and_then(Bencode::as_str), Some("ok"));
-    assert!(offer.get("warning").and_then(Bencode::as_str).is_some_and(|w| w.contains("record-call")), "{offer}");
+    // Recording asked for where none is configured: said, not silently ignored.
+    let warned = offer.get("warning").and_then(Bencode::as_str);
+    assert!(warned.is_some_and(|w| w.contains("record-call ignored: recording is not configured")), "{offer}");
     let raw = |payload: &[u8]| -> Option<Vec<u8>> {
         let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
         s.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");

@@ -103,6 +103,8 @@ struct Cell {
     switch_gap_ms: [u64; 2],
     /// From the agents' logs: after how long each went direct.
     direct_after_ms: Vec<u64>,
+    /// The MOS each agent reported to the server for the call (signed, in its report).
+    agent_mos: Vec<f64>,
 }
 
 /// A call from alice (LAN 0) to bob (LAN 1) through both agents, held `hold` after answer.
@@ -295,6 +297,14 @@ fn run_cell_as(
     alice.command("/hangup");
     assert!(wait_for(&bob.log, "session closed", Duration::from_secs(10)), "{name}: {}", bob.log());
     std::thread::sleep(Duration::from_millis(500));
+    // Each agent tells the server what it measured of the call it carried.
+    let reported = || pinhole().matches("agent reported call quality").count();
+    wait_until(Duration::from_secs(5), || reported() >= 2);
+    let agent_mos: Vec<f64> = pinhole()
+        .lines()
+        .filter(|l| l.contains("agent reported call quality"))
+        .filter_map(|l| l.split(" mos=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
     let (alice_heard, bob_heard) = (alice.heard(), bob.heard());
     // Across the switch to the direct path (within 1.5 s of the answer, from the first
     // packet on): the longest either phone went without one.
@@ -338,6 +348,7 @@ fn run_cell_as(
         media_after_ms,
         switch_gap_ms,
         direct_after_ms,
+        agent_mos,
     }
 }
 
@@ -433,6 +444,10 @@ fn the_nat_pair_matrix_has_two_way_audio_in_15_of_15_cells_and_direct_media_in_1
         } else {
             1000
         };
+        // A direct call is no blind spot: both agents reported what they measured.
+        if !relay_only && (c.agent_mos.len() != 2 || c.agent_mos.iter().any(|m| *m < 3.5)) {
+            failures.push(format!("{}: the agents reported MOS {:?}", c.name, c.agent_mos));
+        }
         match relay_only {
             true if c.direct_total != [0, 0] => failures.push(format!("{}: relay-only cell sent to the peer", c.name)),
             false if !direct => failures.push(format!("{}: not direct at media rate", c.name)),

@@ -174,6 +174,8 @@ pub enum Event {
     MediaReleased(pinhole_media::quality::CallQuality),
     /// A direction's latest RTCP report, sampled, as JSON for a capture server.
     RtcpReport { call_id: String, json: String },
+    /// An agent (at `agent`) reported what it measured of a call whose media it carried.
+    AgentQuality { agent: std::net::SocketAddr, report: pinhole_sip::agent::AgentQuality },
 }
 
 /// The next thing the shell must do.
@@ -443,8 +445,14 @@ impl Node {
         if let Some(aor) = self.proxy.poll_lookup() {
             return Output::Lookup(aor);
         }
-        if let Some(ProxyEvent::PunchPlanned { call_id, method }) = self.proxy.poll_event() {
-            return Output::Event(Event::PunchPlanned { call_id, method });
+        match self.proxy.poll_event() {
+            Some(ProxyEvent::PunchPlanned { call_id, method }) => {
+                return Output::Event(Event::PunchPlanned { call_id, method })
+            }
+            Some(ProxyEvent::AgentQuality { agent, report }) => {
+                return Output::Event(Event::AgentQuality { agent, report })
+            }
+            _ => {}
         }
         if let Some(r) = self.next_record() {
             return Output::Event(Event::CallRecord(r));

@@ -285,6 +285,10 @@ fn options(msg: &Bencode, relay: &Relay, warnings: &mut Vec<String>) -> (Options
     if let Some(v) = key(msg, "record-call") {
         o.record |= matches!(v.to_ascii_lowercase().as_str(), "yes" | "on" | "true");
     }
+    if o.record && !relay.config().can_record {
+        o.record = false;
+        warnings.push("record-call ignored: recording is not configured ([recording] dir)".into());
+    }
     o.to_profile = secure_profile(msg, webrtc, warnings);
     for k in UNSUPPORTED_KEYS {
         if get(msg, k).is_some() || get(msg, &k.to_ascii_lowercase()).is_some() {
@@ -370,6 +374,9 @@ fn command(clock: Clock, now: Instant, relay: Option<&mut Relay>, msg: &Bencode)
         }
         "start recording" | "stop recording" => {
             let Some(call_id) = key(msg, "call-id") else { return error("no call-id") };
+            if !relay.config().can_record {
+                return error("recording is not configured ([recording] dir)");
+            }
             if relay.set_recording(call_id, command == "start recording") {
                 ok(vec![])
             } else {
@@ -605,7 +612,10 @@ mod tests {
         fn new() -> Daemon {
             let now = Instant::now();
             let ip = "203.0.113.1".parse().expect("ip");
-            let relay = Relay::new(RelayConfig { max_sessions: 10, ..RelayConfig::single(ip, 30000, 30099) }, now);
+            let relay = Relay::new(
+                RelayConfig { max_sessions: 10, can_record: true, ..RelayConfig::single(ip, 30000, 30099) },
+                now,
+            );
             Daemon { ng: NgServer::new(now, 1_700_000_000), relay: Some(relay), now, cookie: 0 }
         }
 

@@ -47,6 +47,8 @@ pub struct RelayConfig {
     /// Most media streams (m= lines) in one call's SDP; more get
     /// [`RelayError::TooManyStreams`] before any port is taken.
     pub max_streams: usize,
+    /// A recorder is there (`[recording]`): calls may be recorded.
+    pub can_record: bool,
 }
 
 /// Media streams one call may have by default: audio, video, a presentation, text, and
@@ -67,6 +69,7 @@ impl RelayConfig {
             max_duration: Duration::from_secs(4 * 3600),
             max_sessions: 10_000,
             max_streams: DEFAULT_MAX_STREAMS,
+            can_record: false,
         }
     }
 }
@@ -604,7 +607,11 @@ impl Relay {
 
     /// Starts or stops recording a call's media (ng `start recording` / `stop recording`);
     /// false for an unknown call.
+    /// Without a recorder ([`RelayConfig::can_record`]) nothing is recorded: false.
     pub fn set_recording(&mut self, call_id: &str, on: bool) -> bool {
+        if !self.cfg.can_record {
+            return false;
+        }
         let Some(call) = self.calls.get_mut(call_id) else { return false };
         call.recording = on;
         let ports = Self::recorded_ports(call);

@@ -100,6 +100,89 @@ pub fn sign_profile(key: &[u8; 32], profile: &str, unix: u64) -> String {
     hex::encode(&mac[..16])
 }
 
+/// The signature of a quality report (`Pinhole-Quality` with `Pinhole-Sig`): the report
+/// and its time (milliseconds, so reports of one second stay in order) under the plan key.
+pub fn sign_quality(key: &[u8; 32], report: &str, t: u64) -> String {
+    let mac = crate::mac::hmac(key, "quality", &[report.as_bytes(), &t.to_be_bytes()]);
+    hex::encode(&mac[..16])
+}
+
+/// A call's quality as an agent measured it (its media went direct, past the server's
+/// relay): the figures of the worst direction, and the packets behind them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentQuality {
+    pub call_id: String,
+    pub mos: f64,
+    pub loss_pct: f64,
+    pub jitter_ms: f64,
+    pub rtt_ms: Option<f64>,
+    pub expected: u64,
+    pub lost: u64,
+}
+
+impl AgentQuality {
+    /// What an agent's relay measured of a released call (`None` without RTP).
+    pub fn of(q: &pinhole_media::quality::CallQuality) -> Option<AgentQuality> {
+        Some(AgentQuality {
+            call_id: q.call_id.clone(),
+            mos: q.mos()?,
+            loss_pct: q.loss_pct(),
+            jitter_ms: q.jitter_ms(),
+            rtt_ms: q.rtt_us().map(|r| f64::from(r) / 1000.0),
+            expected: q.directions.iter().map(|d| d.expected).sum(),
+            lost: q.directions.iter().map(|d| d.lost).sum(),
+        })
+    }
+
+    /// The `Pinhole-Quality` value: `CALL-ID;mos=4.40;loss=0.00;jitter=0.5;rtt=12.0;expected=N;lost=N`
+    /// (a Call-ID holds no `;`).
+    pub fn to_header(&self) -> String {
+        let rtt = self.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.1}"));
+        format!(
+            "{};mos={:.2};loss={:.2};jitter={:.1};rtt={rtt};expected={};lost={}",
+            self.call_id, self.mos, self.loss_pct, self.jitter_ms, self.expected, self.lost
+        )
+    }
+
+    /// Reads a `Pinhole-Quality` value; `None` unless every figure is there and sane.
+    pub fn parse_header(v: &str) -> Option<AgentQuality> {
+        if v.len() > 512 {
+            return None;
+        }
+        let mut parts = v.trim().split(';');
+        let call_id = parts.next()?.trim();
+        if call_id.is_empty() || call_id.contains(char::is_whitespace) {
+            return None;
+        }
+        let mut q = AgentQuality {
+            call_id: call_id.to_owned(),
+            mos: 0.0,
+            loss_pct: 0.0,
+            jitter_ms: 0.0,
+            rtt_ms: None,
+            expected: 0,
+            lost: 0,
+        };
+        let mut seen = 0;
+        for p in parts {
+            let (k, v) = p.split_once('=')?;
+            let num = || v.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0);
+            match k.trim() {
+                "mos" => q.mos = num().filter(|m| (1.0..=5.0).contains(m))?,
+                "loss" => q.loss_pct = num().filter(|l| *l <= 100.0)?,
+                "jitter" => q.jitter_ms = num()?,
+                "rtt" if v == "-" => q.rtt_ms = None,
+                "rtt" => q.rtt_ms = Some(num()?),
+                "expected" => q.expected = v.parse().ok()?,
+                "lost" => q.lost = v.parse().ok()?,
+                _ => return None,
+            }
+            seen += 1;
+        }
+        (seen == 6 && q.lost <= q.expected).then_some(q)
+    }
+}
+
 /// Reads a `Pinhole-Sig` value: (signature, time).
 pub fn parse_profile_sig(v: &str) -> Option<(&str, u64)> {
     let (sig, t) = v.trim().split_once(";t=")?;
@@ -165,8 +248,10 @@ pub struct Agent<M: MediaAnchor> {
     /// Requests refused: from outside towards anywhere but the server, or from the server
     /// towards an address that is not one of our phones.
     refused: u64,
-    /// The server's answers to our profile updates, not taken yet.
+    /// The server's answers to our profile updates and quality reports, not taken yet.
     profile_answers: Vec<u16>,
+    /// Quality reports sent, to keep their times (and branches) apart within a second.
+    reports: u64,
 }
 
 impl<M: MediaAnchor> Agent<M> {
@@ -187,6 +272,7 @@ impl<M: MediaAnchor> Agent<M> {
             plans_refused: 0,
             refused: 0,
             profile_answers: Vec::new(),
+            reports: 0,
             cfg,
         }
     }
@@ -243,6 +329,25 @@ impl<M: MediaAnchor> Agent<M> {
             "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}{unix:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: profile-{unix:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\nPinhole-NAT: {profile}\r\nPinhole-Sig: {};t={unix}\r\nContent-Length: 0\r\n\r\n",
             transport.via_token(),
             sign_profile(&self.plan_key, &profile, unix),
+        );
+        let flow = Flow { transport, local: us, remote: server, conn: None };
+        self.out.push_back(Transmit { flow, payload: request.into_bytes() });
+    }
+
+    /// Tells the server what we measured of a call whose media we carried (a direct path
+    /// bypasses its relay), signed with our plan key like a profile update. `unix` is the
+    /// wall clock.
+    pub fn report_quality(&mut self, unix: u64, q: &AgentQuality) {
+        self.reports += 1;
+        let t = unix * 1000 + self.reports % 1000;
+        let transport = self.server_transport;
+        let (us, server) = (self.cfg.listen, self.cfg.server);
+        let tag = hex::encode(&crate::mac::hmac(&self.cfg.secret, "quality-tag", &[&t.to_be_bytes()])[..4]);
+        let value = q.to_header();
+        let request = format!(
+            "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}q{t:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: quality-{t:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\nPinhole-Quality: {value}\r\nPinhole-Sig: {};t={t}\r\nContent-Length: 0\r\n\r\n",
+            transport.via_token(),
+            sign_quality(&self.plan_key, &value, t),
         );
         let flow = Flow { transport, local: us, remote: server, conn: None };
         self.out.push_back(Transmit { flow, payload: request.into_bytes() });

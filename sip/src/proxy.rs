@@ -145,11 +145,13 @@ impl PunchPolicy {
 }
 
 /// Things the driver above the proxy acts on or reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ProxyEvent {
     /// A call between two endpoints with NAT profiles got a punch method (or `relay`).
     PunchPlanned { call_id: String, method: &'static str },
+    /// An agent (at `agent`) reported the quality of a call whose media it carried.
+    AgentQuality { agent: std::net::SocketAddr, report: crate::agent::AgentQuality },
 }
 
 /// Counters the shell exports as metrics.

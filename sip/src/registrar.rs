@@ -459,6 +459,15 @@ impl Registrar {
     /// An agent's new NAT profile for the bindings it holds on `remote` (its flow) whose
     /// plan key `verify` accepts: returns how many it verified for (a profile that did not
     /// change is no change to share).
+    /// Whether a binding on flow `remote` (this node's) has a plan key that `verify` accepts.
+    pub fn signed_on_flow(&self, remote: SocketAddr, verify: impl Fn(&[u8; 32]) -> bool) -> bool {
+        self.aors
+            .values()
+            .flatten()
+            .filter(|b| b.node.is_none() && b.remote == remote)
+            .any(|b| b.plan_key.as_deref().and_then(crate::agent::key_from_header).is_some_and(|k| verify(&k)))
+    }
+
     pub fn update_profile(&mut self, remote: SocketAddr, verify: impl Fn(&[u8; 32]) -> bool, profile: &str) -> usize {
         let mut updated = 0;
         for (aor, list) in &mut self.aors {

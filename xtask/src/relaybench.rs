@@ -42,6 +42,12 @@ struct Outcome {
     /// The generator's own process CPU in the window (on loopback, the kernel's delivery
     /// and a TC program's forwarding run in the sender's context).
     generator_us: f64,
+    /// The same three from the scheduler's own clock (/proc/PID/task/*/schedstat, in ns,
+    /// exact) rather than 250 Hz tick sampling: the generator's threads, the relay's, and
+    /// the ksoftirqd threads (softirq work the kernel deferred from whoever raised it).
+    task_generator_us: f64,
+    task_relay_us: f64,
+    task_softirqd_us: f64,
     window_packets: u64,
     p50_us: u64,
     p90_us: u64,
@@ -52,6 +58,27 @@ struct Outcome {
     arrival_p50_us: u64,
     arrival_p99_us: u64,
     rss_kb_per_1000: f64,
+}
+
+/// `--record`: every call recorded (ng `record call`), pinhole into `[recording] dir`,
+/// rtpengine with `--recording-method=pcap`; the directory each writes to.
+static RECORD: AtomicBool = AtomicBool::new(false);
+
+fn recording_dir(dir: &std::path::Path, relay: &str) -> std::path::PathBuf {
+    dir.join(format!("recordings-{relay}"))
+}
+
+/// Bytes of every file under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// `--pin`: the generator's threads on CPU 0, the relay's on CPU 1.
@@ -76,6 +103,26 @@ fn pin_process(pid: u32, cpu: usize) {
             pin_thread(tid, cpu);
         }
     }
+}
+
+/// Nanoseconds the threads of `pid` have run, from the scheduler's accounting.
+fn task_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The ksoftirqd threads, one per CPU.
+fn softirqd_pids() -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("ksoftirqd/")))
+        .collect()
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -132,6 +179,9 @@ pub(crate) fn set_up_call(
     ];
     if crypto.is_some() {
         offer.push(("transport-protocol", Bencode::str("RTP/AVP")));
+    }
+    if RECORD.load(Ordering::Relaxed) {
+        offer.push(("record call", Bencode::str("yes")));
     }
     let offer = ng(ctl, ng_addr, n * 2, &Bencode::dict(offer))?;
     let answer = ng(
@@ -356,6 +406,9 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
     // Warm up (latching), then measure.
     std::thread::sleep(Duration::from_secs(2));
     let me = std::process::id();
+    let softirqd = softirqd_pids();
+    let softirq_ns = || softirqd.iter().map(|p| task_ns(*p)).sum::<u64>();
+    let (t0, tr0, ts0) = (task_ns(me), if pid == 0 { 0 } else { task_ns(pid) }, softirq_ns());
     let (c0, r0, m0, g0) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks(), cpu_ticks(me));
     for l in [&latencies, &arrivals] {
         if let Ok(mut l) = l.lock() {
@@ -364,6 +417,7 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
     }
     std::thread::sleep(Duration::from_secs(seconds));
     let (c1, r1, m1, g1) = (cpu_ticks(pid), received.load(Ordering::Relaxed), machine_ticks(), cpu_ticks(me));
+    let (t1, tr1, ts1) = (task_ns(me), if pid == 0 { 0 } else { task_ns(pid) }, softirq_ns());
     stop.store(true, Ordering::Relaxed);
     let _ = tx.join();
     // Let what is in flight arrive, then compare all sent with all received.
@@ -390,6 +444,9 @@ fn load(through: Through, calls: usize, seconds: u64, srtp: bool) -> anyhow::Res
         cpu_us_per_packet: cpu_us / relayed.max(1) as f64,
         machine_busy_us: (m1.saturating_sub(m0)) as f64 / ticks_per_sec() * 1e6,
         generator_us: (g1.saturating_sub(g0)) as f64 / ticks_per_sec() * 1e6,
+        task_generator_us: t1.saturating_sub(t0) as f64 / 1e3,
+        task_relay_us: tr1.saturating_sub(tr0) as f64 / 1e3,
+        task_softirqd_us: ts1.saturating_sub(ts0) as f64 / 1e3,
         window_packets: relayed,
         p50_us: u64::from(pct(0.50)),
         p90_us: u64::from(pct(0.90)),
@@ -421,7 +478,12 @@ fn start_pinhole_with(dir: &std::path::Path, ng_port: u16, fastpath: &str) -> an
         &format!(
             "[sip]\nlisten = []\ndomain = \"bench.test\"\n[registrar]\nstore = \"\"\n[nat]\nkeepalive = \"off\"\n\
              [media]\nmode = \"relay\"\nfastpath = \"{fastpath}\"\ninterfaces = [{{ name = \"lo\", bind = \"127.0.0.1\" }}]\nport_min = 30000\nport_max = 39999\n\
-             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\n"
+             [ng]\nlisten = \"127.0.0.1:{ng_port}\"\n[metrics]\n{}",
+            if RECORD.load(Ordering::Relaxed) {
+                format!("[recording]\ndir = \"{}\"\nmax_bytes = 0\n", recording_dir(dir, "pinhole").display())
+            } else {
+                String::new()
+            }
         ),
     )
 }
@@ -439,6 +501,13 @@ pub(crate) fn start_rtpengine(dir: &std::path::Path, ng_port: u16) -> anyhow::Re
             "--log-level=3",
             "--delete-delay=0",
         ])
+        .args(if RECORD.load(Ordering::Relaxed) {
+            let rec = recording_dir(dir, "rtpengine");
+            std::fs::create_dir_all(&rec)?;
+            vec![format!("--recording-dir={}", rec.display()), "--recording-method=pcap".to_owned()]
+        } else {
+            Vec::new()
+        })
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("rtpengine.log"))?)
         .process_group(0)
@@ -453,6 +522,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let seconds = u64::from(arg(args, "--seconds", 10));
     let srtp = args.iter().any(|a| a == "--srtp");
+    let record = args.iter().any(|a| a == "--record");
+    RECORD.store(record, Ordering::Relaxed);
     if args.iter().any(|a| a == "--fastpath") {
         return fastpath(args);
     }
@@ -470,8 +541,38 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         ] {
             let port = free_port();
             let relay = start(&dir, port)?;
-            let o = load(Through::Relay(SocketAddr::from(([127, 0, 0, 1], port)), relay.0.id()), calls, seconds, srtp)?;
+            let ng_addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let o = load(Through::Relay(ng_addr, relay.0.id()), calls, seconds, srtp)?;
             let loss = 1.0 - o.received as f64 / o.sent.max(1) as f64;
+            if record {
+                // Deleting the calls finishes their recordings (pinhole writes its WAVs then).
+                let ctl = UdpSocket::bind("127.0.0.1:0")?;
+                ctl.set_read_timeout(Some(Duration::from_millis(500)))?;
+                for i in 0..calls {
+                    let del = Bencode::dict(vec![
+                        ("command", Bencode::str("delete")),
+                        ("call-id", Bencode::str(&format!("bench-{i}-{}", std::process::id()))),
+                    ]);
+                    ng(&ctl, ng_addr, 50_000_000 + i as u64, &del)?;
+                }
+                let rec = recording_dir(&dir, if name == "pinhole" { "pinhole" } else { "rtpengine" });
+                let mut last = u64::MAX;
+                // Settled: the size stops changing for a second.
+                for _ in 0..30 {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let now = disk_bytes(&rec);
+                    if now == last {
+                        break;
+                    }
+                    last = now;
+                }
+                println!(
+                    "{name:9} recording {calls} calls: {:.0} KB on disk per call ({:.1} s of media), {} files",
+                    last as f64 / calls as f64 / 1024.0,
+                    seconds as f64 + 2.0,
+                    std::fs::read_dir(&rec).map_or(0, |d| d.count())
+                );
+            }
             println!(
                 "{name:9} calls {:5}  {:8} pkts sent {:8} relayed  loss {:6.3}%  cpu {:6.2} us/pkt  latency p50 {:4} p90 {:5} p99 {:6} max {:6} us  rss {:7.0} KB/1000 calls",
                 o.calls,
@@ -532,7 +633,7 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
     for &calls in &calls_list {
         for (name, start) in relays {
             let (mut costs, mut procs, mut lat, mut gens) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let mut arrival = Vec::new();
+            let (mut arrival, mut tasks, mut task_procs) = (Vec::new(), Vec::new(), Vec::new());
             let (mut sent, mut received) = (0u64, 0u64);
             for _ in 0..runs {
                 let direct = load(Through::Direct, calls, seconds, false)?;
@@ -551,6 +652,10 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
                 // to the sender) plus the relay process's own.
                 gens.push((o.generator_us - direct.generator_us) / n + o.cpu_us_per_packet);
                 procs.push(o.cpu_us_per_packet);
+                // The same by the scheduler's exact clock, with what ksoftirqd did.
+                let around = |x: &Outcome| x.task_generator_us + x.task_softirqd_us;
+                tasks.push((around(&o) - around(&direct) + o.task_relay_us) / n);
+                task_procs.push(o.task_relay_us / n);
                 lat.push((o.p50_us.saturating_sub(direct.p50_us), o.p99_us.saturating_sub(direct.p99_us)));
                 arrival.push((
                     o.arrival_p50_us.saturating_sub(direct.arrival_p50_us),
@@ -568,12 +673,15 @@ fn fastpath(args: &[String]) -> anyhow::Result<()> {
             let (mean, spread, runs_text) = stats(&costs);
             let (gmean, gspread, gruns) = stats(&gens);
             let proc_mean = procs.iter().sum::<f64>() / procs.len() as f64;
+            let (tmean, tspread, truns) = stats(&tasks);
+            let tproc = task_procs.iter().sum::<f64>() / task_procs.len().max(1) as f64;
             let p99 = lat.iter().map(|l| l.1).max().unwrap_or(0);
             let p50 = lat.iter().map(|l| l.0).max().unwrap_or(0);
             let arrival_p99 = arrival.iter().map(|l| l.1).max().unwrap_or(0);
             let arrival_p50 = arrival.iter().map(|l| l.0).max().unwrap_or(0);
             println!(
-                "{name:15} calls {calls:5}  whole machine {mean:6.2} us/pkt (runs {runs_text}; spread {spread:.0}%)  \
+                "{name:15} calls {calls:5}  task clock {tmean:6.2} us/pkt (runs {truns}; spread {tspread:.0}%; relay's own {tproc:5.2})  \
+                 whole machine {mean:6.2} us/pkt (runs {runs_text}; spread {spread:.0}%)  \
                  generator+relay {gmean:6.2} us/pkt (runs {gruns}; spread {gspread:.0}%)  relay process {proc_mean:5.2} us/pkt  \
                  added latency p50 {p50} p99 {p99} us (to arrival: p50 {arrival_p50} p99 {arrival_p99} us)  loss {:.3}%",
                 (1.0 - received as f64 / sent.max(1) as f64) * 100.0

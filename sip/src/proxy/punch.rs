@@ -248,7 +248,14 @@ const PROFILE_UPDATE_SKEW: u64 = 60;
 pub(super) struct ProfileUpdates {
     last_seen: HashMap<IpAddr, Instant>,
     newest: HashMap<SocketAddr, u64>,
+    /// Quality reports: per source, the second's start and how many came in it; the newest
+    /// time (ms) each agent flow signed.
+    reports_seen: HashMap<IpAddr, (Instant, u32)>,
+    reports_newest: HashMap<SocketAddr, u64>,
 }
+
+/// Quality reports taken from one source per second at most (one per call that ended).
+const REPORTS_PER_SECOND: u32 = 50;
 
 impl<M: MediaAnchor> Proxy<M> {
     /// An agent's signed profile update (`OPTIONS` with `Pinhole-NAT` and `Pinhole-Sig`):
@@ -261,6 +268,58 @@ impl<M: MediaAnchor> Proxy<M> {
         metrics::counter!("pinhole_agent_profile_updates_total", "result" => outcome).increment(1);
         let resp = msg.response(code, reason, Some(&self.local_tag(msg)), &extra);
         self.send_response_stateless(flow, resp, code);
+    }
+
+    /// An agent's signed quality report (`OPTIONS` with `Pinhole-Quality` and
+    /// `Pinhole-Sig`): taken when the plan key of a binding on the flow it came from signed
+    /// it, as a [`ProxyEvent::AgentQuality`]. Answered statelessly.
+    pub(super) fn on_quality_report(&mut self, now: Instant, flow: Flow, msg: &Message) {
+        let unix = self.unix(now);
+        let (code, reason) = self.quality_report(now, unix, flow, msg);
+        let outcome = if code == 200 { "taken" } else { "refused" };
+        metrics::counter!("pinhole_agent_quality_reports_total", "result" => outcome).increment(1);
+        let resp = msg.response(code, reason, Some(&self.local_tag(msg)), &[]);
+        self.send_response_stateless(flow, resp, code);
+    }
+
+    fn quality_report(&mut self, now: Instant, unix: u64, flow: Flow, msg: &Message) -> (u16, &'static str) {
+        let u = &mut self.profile_updates;
+        if u.reports_seen.len() >= MAX_PROFILE_SOURCES {
+            u.reports_seen.retain(|_, (t, _)| now < *t + PROFILE_UPDATE_EVERY);
+        }
+        let seen = u.reports_seen.entry(flow.remote.ip()).or_insert((now, 0));
+        if now >= seen.0 + PROFILE_UPDATE_EVERY {
+            *seen = (now, 0);
+        }
+        seen.1 += 1;
+        if seen.1 > REPORTS_PER_SECOND || u.reports_seen.len() > MAX_PROFILE_SOURCES {
+            return (503, "Service Unavailable - Quality Reports Too Frequent");
+        }
+        let value = msg.extension_header("Pinhole-Quality").map(str::trim);
+        let report = value.and_then(crate::agent::AgentQuality::parse_header);
+        let sig = msg.extension_header("Pinhole-Sig").and_then(crate::agent::parse_profile_sig);
+        let (Some(value), Some(report), Some((sig, t))) = (value, report, sig) else {
+            return (400, "Bad Request - Malformed Quality Report");
+        };
+        if (t / 1000).abs_diff(unix) > PROFILE_UPDATE_SKEW
+            || u.reports_newest.get(&flow.remote).is_some_and(|n| t <= *n)
+        {
+            return (403, "Forbidden - Stale Or Replayed Quality Report");
+        }
+        let signed =
+            |k: &[u8; 32]| crate::mac::ct_eq(crate::agent::sign_quality(k, value, t).as_bytes(), sig.as_bytes());
+        if !self.registrar.signed_on_flow(flow.remote, signed) {
+            return (403, "Forbidden - Quality Report Not Signed By An Agent Registered On This Flow");
+        }
+        let u = &mut self.profile_updates;
+        if u.reports_newest.len() >= MAX_PROFILE_SOURCES && !u.reports_newest.contains_key(&flow.remote) {
+            u.reports_newest.clear();
+        }
+        u.reports_newest.insert(flow.remote, t);
+        if self.events.len() < MAX_PROFILE_SOURCES {
+            self.events.push_back(super::ProxyEvent::AgentQuality { agent: flow.remote, report });
+        }
+        (200, "OK")
     }
 
     fn profile_update(

@@ -65,12 +65,17 @@ impl<M: MediaAnchor> Proxy<M> {
             }
         }
 
-        // An agent's signed profile update: the key of the bindings on its flow is its proof.
+        // An agent's signed profile update or quality report: the key of the bindings on its
+        // flow is its proof.
         if method == Method::Options
             && msg.tag(HeaderName::To).is_none()
             && msg.extension_header("Pinhole-Sig").is_some()
         {
-            self.on_profile_update(now, flow, &msg);
+            if msg.extension_header("Pinhole-Quality").is_some() {
+                self.on_quality_report(now, flow, &msg);
+            } else {
+                self.on_profile_update(now, flow, &msg);
+            }
             return;
         }
 

@@ -1564,6 +1564,82 @@ fn an_agents_signed_profile_update_reaches_its_bindings_and_nobody_elses() {
     assert_eq!(parse(&lab.send(udp(NAT_B), &next)[0]).status(), Some(503));
 }
 
+#[test]
+fn an_agents_signed_quality_report_is_taken_from_its_own_flow_only_and_once() {
+    use crate::agent::{key_to_header, Agent, AgentConfig, AgentQuality};
+    let mut agent: Agent<Option<Relay>> = Agent::new(
+        AgentConfig { listen: addr("198.51.100.2:5060"), server: addr(LOCAL), max_message: 16384, secret: [7; 32] },
+        None,
+    );
+    let key = format!("Pinhole-Key: {}", key_to_header(&agent.plan_key()));
+    let mut lab = Lab::new();
+    lab.register_with("bob", NAT_B, "pw-b", Some(&format!("{}\n{key}", SYMMETRIC_SEQ.lines().next().expect("nat"))));
+    let q = AgentQuality {
+        call_id: "direct-1@198.51.100.2".into(),
+        mos: 3.91,
+        loss_pct: 5.0,
+        jitter_ms: 2.5,
+        rtt_ms: Some(40.0),
+        expected: 500,
+        lost: 25,
+    };
+    let report = |agent: &mut Agent<Option<Relay>>, unix: u64| {
+        agent.report_quality(unix, &q);
+        String::from_utf8(agent.poll_transmit().expect("a report").payload).expect("utf8").replace("\r\n", "\n")
+    };
+    let r = report(&mut agent, 1_700_000_001);
+    // From another flow: refused, nothing reported.
+    assert_eq!(parse(&lab.send(udp(NAT_X), &r)[0]).status(), Some(403));
+    assert_eq!(lab.proxy.poll_event(), None);
+    // From the agent's flow: taken, with its figures.
+    let out = lab.send(udp(NAT_B), &r);
+    assert_eq!(parse(&out[0]).status(), Some(200), "{}", text(&out[0]));
+    assert_eq!(lab.proxy.poll_event(), Some(ProxyEvent::AgentQuality { agent: addr(NAT_B), report: q.clone() }));
+    // The answer is the agent's own: taken, not forwarded.
+    agent.handle_input(lab.now, from_server(), Bytes::from(out[0].payload.clone())).expect("SIP");
+    assert_eq!(agent.take_profile_answers(), vec![200]);
+    // Replayed, or with figures changed after signing: refused.
+    assert_eq!(parse(&lab.send(udp(NAT_B), &r)[0]).status(), Some(403), "a replay");
+    let forged = report(&mut agent, 1_700_000_001).replace("mos=3.91", "mos=4.40");
+    assert_eq!(parse(&lab.send(udp(NAT_B), &forged)[0]).status(), Some(403), "the signature covers the figures");
+    // A second report within the same second is its own (times are in milliseconds).
+    let next = report(&mut agent, 1_700_000_001);
+    assert_eq!(parse(&lab.send(udp(NAT_B), &next)[0]).status(), Some(200));
+    // Nonsense figures are malformed, whoever signed them.
+    let bad = next.replace("mos=3.91", "mos=9.00");
+    assert_eq!(parse(&lab.send(udp(NAT_B), &bad)[0]).status(), Some(400));
+    assert!(lab.proxy.poll_event().is_some() && lab.proxy.poll_event().is_none());
+}
+
+#[test]
+fn a_quality_header_reads_back_what_was_written_and_refuses_what_is_not_a_report() {
+    use crate::agent::AgentQuality;
+    let q = AgentQuality {
+        call_id: "a@b".into(),
+        mos: 4.4,
+        loss_pct: 0.0,
+        jitter_ms: 0.5,
+        rtt_ms: None,
+        expected: 300,
+        lost: 0,
+    };
+    assert_eq!(AgentQuality::parse_header(&q.to_header()), Some(q.clone()));
+    for bad in [
+        "",
+        "a@b",
+        "a@b;mos=4.40;loss=0.00;jitter=0.5;rtt=-;expected=300",
+        "a@b;mos=4.40;loss=0.00;jitter=0.5;rtt=-;expected=300;lost=301",
+        "a@b;mos=4.40;loss=101;jitter=0.5;rtt=-;expected=300;lost=0",
+        "a@b;mos=NaN;loss=0;jitter=0.5;rtt=-;expected=300;lost=0",
+        "a b;mos=4.40;loss=0.00;jitter=0.5;rtt=-;expected=300;lost=0",
+        "a@b;mos=4.40;loss=0.00;jitter=-1;rtt=-;expected=300;lost=0",
+        "a@b;mos=4.40;loss=0.00;jitter=0.5;rtt=-;expected=300;lost=0;extra=1",
+    ] {
+        assert_eq!(AgentQuality::parse_header(bad), None, "{bad}");
+    }
+    assert_eq!(AgentQuality::parse_header(&"x".repeat(600)), None);
+}
+
 fn from_server() -> Flow {
     Flow { transport: Transport::Udp, local: addr("198.51.100.2:5060"), remote: addr(LOCAL), conn: None }
 }
