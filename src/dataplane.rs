@@ -151,6 +151,7 @@ impl DataPlane {
                 last_account: Instant::now(),
                 forwarded_here: Vec::with_capacity(BATCH),
                 recorder: recorder.clone(),
+                recorded: Vec::new(),
                 wall: (epoch, std::time::SystemTime::now() - epoch.elapsed()),
             };
             std::thread::Builder::new().name(format!("relay {i}")).spawn(move || {
@@ -276,6 +277,21 @@ struct Worker {
     /// `[recording]`, and the wall clock at `epoch` (for the packets' times).
     recorder: Option<Recorder>,
     wall: (Instant, std::time::SystemTime),
+    /// Packets of recorded calls this batch, for the recorder.
+    recorded: Vec<Rec>,
+}
+
+/// A packet of a recorded call (a copy) from `src` to the relay's `dst`, timed by the wall
+/// clock `wall` gives for `now`.
+fn recorded(
+    wall: (Instant, std::time::SystemTime),
+    (id, side): (u64, Side),
+    now: Instant,
+    (src, dst): (SocketAddr, SocketAddr),
+    data: &[u8],
+) -> Rec {
+    let at = wall.1 + now.saturating_duration_since(wall.0);
+    Rec::Packet { id, from_a: side == Side::A, at, src, dst, data: data.to_vec() }
 }
 
 /// How often the fast path's counters are read into the streams' statistics.
@@ -357,12 +373,11 @@ impl Worker {
         }
     }
 
-    /// A packet of a recorded call, from `src` to the relay's `dst`, to the recorder (a
-    /// copy; dropped and counted when the recorder is behind).
-    fn record(&self, (id, side): (u64, Side), now: Instant, src: SocketAddr, dst: SocketAddr, data: &[u8]) {
-        let Some(r) = &self.recorder else { return };
-        let at = self.wall.1 + now.saturating_duration_since(self.wall.0);
-        r.offer(Rec::Packet { id, from_a: side == Side::A, at, src, dst, data: data.to_vec() });
+    /// Hands what a batch recorded to the recorder in one message (one wakeup).
+    fn flush_recorded(&mut self) {
+        if let (Some(r), false) = (&self.recorder, self.recorded.is_empty()) {
+            r.offer_batch(std::mem::take(&mut self.recorded));
+        }
     }
 
     fn open(&mut self, now: Instant, (spec, sock): (PortSpec, Option<std::net::UdpSocket>), peer: RelayPort) {
@@ -402,9 +417,10 @@ impl Worker {
                 if self.fast.is_some() && !rewritten {
                     self.forwarded_here.push(pkt.dst.port());
                 }
-                if let Some(rec) = self.ports.recorded(pkt.dst.port()) {
+                if let (Some(rec), true) = (self.ports.recorded(pkt.dst.port()), self.recorder.is_some()) {
                     let data = if rewritten { self.ports.rewritten() } else { pkt.payload };
-                    self.record(rec, now, SocketAddr::V4(pkt.src), SocketAddr::V4(pkt.dst), data);
+                    let path = (SocketAddr::V4(pkt.src), SocketAddr::V4(pkt.dst));
+                    self.recorded.push(recorded(self.wall, rec, now, path, data));
                 }
                 let SocketAddr::V4(to) = to else { continue };
                 let from_ip = match out_ip {
@@ -419,6 +435,7 @@ impl Worker {
                 }
             }
             let _ = self.raw_send.flush(fd);
+            self.flush_recorded();
             self.send_replies(Some(k));
             let mut ports = std::mem::take(&mut self.forwarded_here);
             ports.dedup();
@@ -554,10 +571,10 @@ impl Worker {
                 let (data, src, truncated) = self.recv.packet(k);
                 let Some(src) = src.filter(|_| !truncated) else { continue };
                 let forwarded = self.ports.forward(now, now_ns, port, src, data);
-                if let (Some(f), Some(rec)) = (&forwarded, self.ports.recorded(port)) {
+                if let (Some(f), Some(rec), true) = (&forwarded, self.ports.recorded(port), self.recorder.is_some()) {
                     let data = if f.rewritten { self.ports.rewritten() } else { data };
                     let bound = self.ports.slot(port).map_or(src, |s| SocketAddr::new(s.bind, port));
-                    self.record(rec, now, src, bound, data);
+                    self.recorded.push(recorded(self.wall, rec, now, (src, bound), data));
                 }
                 match forwarded {
                     // Changed on the way (SRTP): sent alone, perhaps from another port (RTCP
@@ -576,6 +593,7 @@ impl Worker {
                     None => {}
                 }
             }
+            self.flush_recorded();
             self.send_replies(None);
             if let Some((peer_port, dst)) = out {
                 let Some(peer) = self.ports.slot(peer_port) else {

@@ -119,7 +119,7 @@ pub(crate) fn quality_json(q: &pinhole_media::quality::CallQuality) -> String {
         .map(|d| {
             serde_json::json!({
                 "stream": d.stream,
-                "from": if d.from == pinhole_media::relay::Side::A { "A" } else { "B" },
+                "from": d.from.label(),
                 "ssrc": d.ssrc,
                 "expected": d.expected,
                 "lost": d.lost,

@@ -21,6 +21,7 @@ mod metrics;
 mod mmsg;
 mod ng;
 mod probe;
+mod quality;
 mod recording;
 mod redis_link;
 mod server;

@@ -26,6 +26,8 @@ pub(crate) enum Rec {
     Packet { id: u64, from_a: bool, at: SystemTime, src: SocketAddr, dst: SocketAddr, data: Vec<u8> },
     /// Recording `id` ends: its files are finished.
     Stop { id: u64 },
+    /// A worker's batch of packets, handed over in one message.
+    Batch(Vec<Rec>),
 }
 
 /// The capture points' side: the data plane's workers and control thread.
@@ -51,10 +53,21 @@ impl Recorder {
 
     /// Hands `rec` over without waiting; false (and counted) when the queue is full.
     pub(crate) fn offer(&self, rec: Rec) -> bool {
+        self.send(rec, 1)
+    }
+
+    /// Hands a batch of packets over as one message: one wakeup of the recorder. The queue
+    /// counts messages; a full one drops the whole batch (each packet counted).
+    pub(crate) fn offer_batch(&self, batch: Vec<Rec>) {
+        let n = batch.len() as u64;
+        self.send(Rec::Batch(batch), n);
+    }
+
+    fn send(&self, rec: Rec, packets: u64) -> bool {
         match self.tx.try_send(rec) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                metrics::counter!("pinhole_recording_dropped_total").increment(1);
+                metrics::counter!("pinhole_recording_dropped_total").increment(packets);
                 false
             }
         }
@@ -72,7 +85,7 @@ struct Recording {
     pcap: BufWriter<File>,
     /// Per side, the raw 16-bit samples placed by arrival time (a sparse file: holes read
     /// as silence), interleaved into the WAV when the call ends.
-    channels: [Option<File>; 2],
+    channels: [Option<Channel>; 2],
     /// Per side, where its audio is placed: the sample offset of a packet and its RTP
     /// timestamp (and SSRC). Later packets go by their timestamps, so arrival jitter moves
     /// nothing; a new SSRC or a timestamp more than a second off the clock re-anchors.
@@ -82,40 +95,48 @@ struct Recording {
     bytes: u64,
 }
 
+/// One side's samples on their way to its sparse file: consecutive packets gather in
+/// memory and go out in one write (a jump in placement, or 64 KiB, writes what gathered).
+struct Channel {
+    file: File,
+    pending: Vec<u8>,
+    /// The sample offset `pending` starts at.
+    start: u64,
+}
+
+impl Channel {
+    fn write(&mut self, offset: u64, samples: &[u8]) -> std::io::Result<()> {
+        if !self.pending.is_empty() && offset != self.start + self.pending.len() as u64 / 2 {
+            self.flush()?;
+        }
+        if self.pending.is_empty() {
+            self.start = offset;
+        }
+        self.pending.extend_from_slice(samples);
+        if self.pending.len() >= 64 << 10 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.file.seek(SeekFrom::Start(self.start * 2))?;
+        self.file.write_all(&self.pending)?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
 fn run(rx: &Receiver<Rec>, dir: &Path, max_bytes: u64) {
     let mut live: HashMap<u64, Recording> = HashMap::new();
     loop {
-        let rec = match rx.recv_timeout(IDLE / 4) {
-            Ok(rec) => Some(rec),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+        match rx.recv_timeout(IDLE / 4) {
+            Ok(rec) => handle(rec, &mut live, dir, max_bytes),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        match rec {
-            Some(Rec::Start { id, call_id }) => {
-                if live.contains_key(&id) {
-                    continue;
-                }
-                match Recording::create(dir, &call_id) {
-                    Ok(r) => {
-                        live.insert(id, r);
-                    }
-                    Err(e) => tracing::warn!(%call_id, error = %format!("{e:#}"), "cannot record the call"),
-                }
-            }
-            Some(Rec::Packet { id, from_a, at, src, dst, data }) => {
-                if let Some(r) = live.get_mut(&id) {
-                    if let Err(e) = r.packet(from_a, at, src, dst, &data) {
-                        tracing::warn!(error = %e, "recording write failed");
-                    }
-                }
-            }
-            Some(Rec::Stop { id }) => {
-                if let Some(r) = live.remove(&id) {
-                    r.finish();
-                    enforce_limit(dir, max_bytes);
-                }
-            }
-            None => {}
         }
         let now = SystemTime::now();
         let idle: Vec<u64> = live
@@ -132,6 +153,41 @@ fn run(rx: &Receiver<Rec>, dir: &Path, max_bytes: u64) {
     }
     for (_, r) in live.drain() {
         r.finish();
+    }
+}
+
+/// One start, stop, packet or batch of packets.
+fn handle(rec: Rec, live: &mut HashMap<u64, Recording>, dir: &Path, max_bytes: u64) {
+    match rec {
+        Rec::Batch(b) => {
+            for r in b {
+                handle(r, live, dir, max_bytes);
+            }
+        }
+        Rec::Start { id, call_id } => {
+            if live.contains_key(&id) {
+                return;
+            }
+            match Recording::create(dir, &call_id) {
+                Ok(r) => {
+                    live.insert(id, r);
+                }
+                Err(e) => tracing::warn!(%call_id, error = %format!("{e:#}"), "cannot record the call"),
+            }
+        }
+        Rec::Packet { id, from_a, at, src, dst, data } => {
+            if let Some(r) = live.get_mut(&id) {
+                if let Err(e) = r.packet(from_a, at, src, dst, &data) {
+                    tracing::warn!(error = %e, "recording write failed");
+                }
+            }
+        }
+        Rec::Stop { id } => {
+            if let Some(r) = live.remove(&id) {
+                r.finish();
+                enforce_limit(dir, max_bytes);
+            }
+        }
     }
 }
 
@@ -152,7 +208,7 @@ fn file_name(call_id: &str) -> String {
 impl Recording {
     fn create(dir: &Path, call_id: &str) -> anyhow::Result<Recording> {
         let name = file_name(call_id);
-        let mut pcap = BufWriter::new(File::create(dir.join(format!("{name}.pcap")))?);
+        let mut pcap = BufWriter::with_capacity(64 << 10, File::create(dir.join(format!("{name}.pcap")))?);
         // pcap global header: microsecond timestamps, LINKTYPE_RAW (IPv4 or IPv6 packets).
         pcap.write_all(&0xa1b2_c3d4u32.to_le_bytes())?;
         pcap.write_all(&2u16.to_le_bytes())?;
@@ -208,9 +264,9 @@ impl Recording {
         let side = usize::from(!from_a);
         if self.channels[side].is_none() {
             let path = self.path(if from_a { "a.raw" } else { "b.raw" });
-            self.channels[side] = Some(File::options().create(true).truncate(true).read(true).write(true).open(path)?);
+            let file = File::options().create(true).truncate(true).read(true).write(true).open(path)?;
+            self.channels[side] = Some(Channel { file, pending: Vec::with_capacity(64 << 10), start: 0 });
         }
-        let Some(f) = self.channels[side].as_mut() else { return Ok(()) };
         let arrival = at.duration_since(self.started).unwrap_or_default().as_micros() as u64 * 8 / 1000;
         let placed = self.anchors[side].and_then(|(offset, ts, ssrc)| {
             let at = offset as i64 + i64::from(info.timestamp.wrapping_sub(ts) as i32);
@@ -220,9 +276,15 @@ impl Recording {
             self.anchors[side] = Some((arrival, info.timestamp, info.ssrc));
             arrival
         });
-        let samples: Vec<u8> = payload.iter().flat_map(|&b| decode(b).to_le_bytes()).collect();
-        f.seek(SeekFrom::Start(offset * 2))?;
-        f.write_all(&samples)
+        let mut samples = [0u8; 2048];
+        let n = payload.len().min(samples.len() / 2);
+        for (out, &b) in samples.chunks_exact_mut(2).zip(&payload[..n]) {
+            out.copy_from_slice(&decode(b).to_le_bytes());
+        }
+        match self.channels[side].as_mut() {
+            Some(c) => c.write(offset, &samples[..n * 2]),
+            None => Ok(()),
+        }
     }
 
     /// Closes the pcap and, when there was G.711, interleaves the channels into the WAV.
@@ -240,7 +302,16 @@ impl Recording {
     }
 
     fn write_wav(&mut self) -> std::io::Result<()> {
-        let mut chans: Vec<Option<File>> = self.channels.iter_mut().map(Option::take).collect();
+        let mut chans: Vec<Option<File>> = Vec::new();
+        for c in self.channels.iter_mut().map(Option::take) {
+            chans.push(match c {
+                Some(mut c) => {
+                    c.flush()?;
+                    Some(c.file)
+                }
+                None => None,
+            });
+        }
         let lens: Vec<u64> =
             chans.iter().map(|c| c.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len() / 2)).collect();
         let frames = lens.iter().copied().max().unwrap_or(0);

@@ -133,6 +133,14 @@ impl Side {
             Side::B => Side::A,
         }
     }
+
+    /// `A` or `B`, as logs and reports name a side.
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::A => "A",
+            Side::B => "B",
+        }
+    }
 }
 
 /// A value for each side of a call.

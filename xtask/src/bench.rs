@@ -234,8 +234,12 @@ fn load_with(
     Ok((Outcome { rate, calls, ok, failed, cpu_us_per_call: per_call.iter().sum() }, per_call))
 }
 
-/// Builds the release binary; its path.
+/// Builds the release binary; its path. `PINHOLE_BENCH_BIN` names another build to run
+/// instead (another commit's, for a before/after comparison in one sitting).
 pub(crate) fn build_release() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("PINHOLE_BENCH_BIN") {
+        return Ok(bin.into());
+    }
     crate::run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
         "build",
         "--release",

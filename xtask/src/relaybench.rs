@@ -574,12 +574,13 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "{name:9} calls {:5}  {:8} pkts sent {:8} relayed  loss {:6.3}%  cpu {:6.2} us/pkt  latency p50 {:4} p90 {:5} p99 {:6} max {:6} us  rss {:7.0} KB/1000 calls",
+                "{name:9} calls {:5}  {:8} pkts sent {:8} relayed  loss {:6.3}%  cpu {:6.2} us/pkt (task clock {:5.2})  latency p50 {:4} p90 {:5} p99 {:6} max {:6} us  rss {:7.0} KB/1000 calls",
                 o.calls,
                 o.sent,
                 o.received,
                 loss * 100.0,
                 o.cpu_us_per_packet,
+                o.task_relay_us / o.window_packets.max(1) as f64,
                 o.p50_us,
                 o.p90_us,
                 o.p99_us,
