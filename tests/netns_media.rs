@@ -12,6 +12,16 @@ use common::baresip::Phone;
 use common::netns::{NatKind, NatLab, WAN_SERVER};
 use common::{tone_share, wait_for, wait_until, TempDir};
 
+/// The server on the WAN with its relay, alice and bob as users, and `extra` tables.
+fn server_config(extra: &str) -> String {
+    format!(
+        "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
+         [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
+         [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
+         [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n[metrics]\n{extra}"
+    )
+}
+
 #[test]
 fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
     if !common::netns::have_root() {
@@ -22,14 +32,8 @@ fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
     // Alice's calls are recorded.
     let recordings = dir.path().join("recordings");
 
-    let (_pinhole, ph_log) = lab.start_pinhole(dir.path(), &format!(
-            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
-             [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
-             [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
-             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n[metrics]\n\
-             [recording]\ndir = \"{}\"\nusers = [\"alice\"]\n",
-            recordings.display()
-        ));
+    let recording = format!("[recording]\ndir = \"{}\"\nusers = [\"alice\"]\n", recordings.display());
+    let (_pinhole, ph_log) = lab.start_pinhole(dir.path(), &server_config(&recording));
 
     let mut alice = Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, None);
     let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
@@ -142,12 +146,7 @@ fn a_lossy_leg_scores_a_lower_mos_than_the_clean_one() {
     }
     let dir = TempDir::new("media-mos");
     let lab = NatLab::with_lans(&[NatKind::PortRestricted, NatKind::PortRestricted]);
-    let (_pinhole, ph_log) = lab.start_pinhole(dir.path(), &format!(
-            "[sip]\nlisten = [\"udp:{WAN_SERVER}:5060\"]\ndomain = \"pinhole.test\"\n\
-             [auth]\nrealm = \"pinhole.test\"\nusers = [{{ user = \"alice\", password = \"alice-pw\" }}, {{ user = \"bob\", password = \"bob-pw\" }}]\n\
-             [registrar]\nstore = \"\"\n[nat]\nkeepalive = \"options\"\nkeepalive_interval = 5\n\
-             [media]\nmode = \"relay\"\ninterfaces = [{{ name = \"wan\", bind = \"{WAN_SERVER}\" }}]\nport_min = 30000\nport_max = 30199\n[metrics]\n"
-        ));
+    let (_pinhole, ph_log) = lab.start_pinhole(dir.path(), &server_config(""));
     let mut alice = Phone::start(&lab.lans[0].lan, dir.path(), "alice", &lab.lans[0].host, 440.0, None);
     let bob = Phone::start(&lab.lans[1].lan, dir.path(), "bob", &lab.lans[1].host, 660.0, None);
     for (who, lan) in [("alice", &lab.lans[0]), ("bob", &lab.lans[1])] {

@@ -322,16 +322,8 @@ impl<M: MediaAnchor> Agent<M> {
     /// wall clock (the server takes each key's updates in time order).
     pub fn push_profile(&mut self, unix: u64) {
         let Some(profile) = self.profile.clone() else { return };
-        let transport = self.server_transport;
-        let (us, server) = (self.cfg.listen, self.cfg.server);
-        let tag = hex::encode(&crate::mac::hmac(&self.cfg.secret, "profile-tag", &[&unix.to_be_bytes()])[..4]);
-        let request = format!(
-            "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}{unix:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: profile-{unix:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\nPinhole-NAT: {profile}\r\nPinhole-Sig: {};t={unix}\r\nContent-Length: 0\r\n\r\n",
-            transport.via_token(),
-            sign_profile(&self.plan_key, &profile, unix),
-        );
-        let flow = Flow { transport, local: us, remote: server, conn: None };
-        self.out.push_back(Transmit { flow, payload: request.into_bytes() });
+        let sig = sign_profile(&self.plan_key, &profile, unix);
+        self.signed_options("profile", unix, &format!("Pinhole-NAT: {profile}\r\nPinhole-Sig: {sig};t={unix}"));
     }
 
     /// Tells the server what we measured of a call whose media we carried (a direct path
@@ -340,14 +332,21 @@ impl<M: MediaAnchor> Agent<M> {
     pub fn report_quality(&mut self, unix: u64, q: &AgentQuality) {
         self.reports += 1;
         let t = unix * 1000 + self.reports % 1000;
+        let value = q.to_header();
+        let sig = sign_quality(&self.plan_key, &value, t);
+        self.signed_options("quality", t, &format!("Pinhole-Quality: {value}\r\nPinhole-Sig: {sig};t={t}"));
+    }
+
+    /// An OPTIONS of ours to the server carrying `headers` (a signed profile or report),
+    /// its branch, tag and Call-ID made from `kind` and `t`; its answer is taken as ours.
+    fn signed_options(&mut self, kind: &str, t: u64, headers: &str) {
         let transport = self.server_transport;
         let (us, server) = (self.cfg.listen, self.cfg.server);
-        let tag = hex::encode(&crate::mac::hmac(&self.cfg.secret, "quality-tag", &[&t.to_be_bytes()])[..4]);
-        let value = q.to_header();
+        let tag = hex::encode(&crate::mac::hmac(&self.cfg.secret, &format!("{kind}-tag"), &[&t.to_be_bytes()])[..4]);
         let request = format!(
-            "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}q{t:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: quality-{t:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\nPinhole-Quality: {value}\r\nPinhole-Sig: {};t={t}\r\nContent-Length: 0\r\n\r\n",
+            "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/{} {us};branch={PROFILE_BRANCH}{}{t:x}\r\nMax-Forwards: 70\r\nFrom: <sip:agent@{us}>;tag={tag}\r\nTo: <sip:{server}>\r\nCall-ID: {kind}-{t:x}-{tag}@{us}\r\nCSeq: 1 OPTIONS\r\n{headers}\r\nContent-Length: 0\r\n\r\n",
             transport.via_token(),
-            sign_quality(&self.plan_key, &value, t),
+            &kind[..1],
         );
         let flow = Flow { transport, local: us, remote: server, conn: None };
         self.out.push_back(Transmit { flow, payload: request.into_bytes() });

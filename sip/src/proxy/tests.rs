@@ -1515,16 +1515,24 @@ fn a_lookup_the_store_never_answers_is_answered_from_what_there_is_and_parking_i
     assert!(out.iter().any(|t| parse(t).status() == Some(404)));
 }
 
-#[test]
-fn an_agents_signed_profile_update_reaches_its_bindings_and_nobody_elses() {
+/// An agent at 198.51.100.2, and a lab in which bob registered through it (behind NAT B,
+/// with the agent's plan key).
+fn agent_registering_bob() -> (crate::agent::Agent<Option<Relay>>, Lab) {
     use crate::agent::{key_to_header, Agent, AgentConfig};
-    let mut agent: Agent<Option<Relay>> = Agent::new(
+    let agent: Agent<Option<Relay>> = Agent::new(
         AgentConfig { listen: addr("198.51.100.2:5060"), server: addr(LOCAL), max_message: 16384, secret: [7; 32] },
         None,
     );
     let key = format!("Pinhole-Key: {}", key_to_header(&agent.plan_key()));
     let mut lab = Lab::new();
     lab.register_with("bob", NAT_B, "pw-b", Some(&format!("{}\n{key}", SYMMETRIC_SEQ.lines().next().expect("nat"))));
+    (agent, lab)
+}
+
+#[test]
+fn an_agents_signed_profile_update_reaches_its_bindings_and_nobody_elses() {
+    use crate::agent::Agent;
+    let (mut agent, mut lab) = agent_registering_bob();
     lab.register_with("alice", NAT_A, "pw-a", Some(PORT_RESTRICTED));
     let profile = |lab: &Lab, user: &str| {
         lab.proxy.registrar().lookup(&format!("{user}@example.com"), 1_700_000_001)[0].nat_profile.clone()
@@ -1566,14 +1574,8 @@ fn an_agents_signed_profile_update_reaches_its_bindings_and_nobody_elses() {
 
 #[test]
 fn an_agents_signed_quality_report_is_taken_from_its_own_flow_only_and_once() {
-    use crate::agent::{key_to_header, Agent, AgentConfig, AgentQuality};
-    let mut agent: Agent<Option<Relay>> = Agent::new(
-        AgentConfig { listen: addr("198.51.100.2:5060"), server: addr(LOCAL), max_message: 16384, secret: [7; 32] },
-        None,
-    );
-    let key = format!("Pinhole-Key: {}", key_to_header(&agent.plan_key()));
-    let mut lab = Lab::new();
-    lab.register_with("bob", NAT_B, "pw-b", Some(&format!("{}\n{key}", SYMMETRIC_SEQ.lines().next().expect("nat"))));
+    use crate::agent::{Agent, AgentQuality};
+    let (mut agent, mut lab) = agent_registering_bob();
     let q = AgentQuality {
         call_id: "direct-1@198.51.100.2".into(),
         mos: 3.91,
