@@ -180,7 +180,11 @@ impl Writer {
             return Ok(());
         }
         let now = crate::server::unix_now();
-        let mut cmds = Vec::new();
+        // The bindings are written before they are announced, in two batches: over a Redis
+        // Cluster the AOR's key and the stream sit on different masters, and one pipeline
+        // split between them could let another node read the announcement, and then the AOR,
+        // before the AOR's write landed (it would then miss the change until a reconcile).
+        let (mut cmds, mut announce) = (Vec::new(), Vec::new());
         for (aor, bindings) in &changes {
             let k = key(aor);
             let live: Vec<Binding> = bindings.iter().filter(|b| b.expires_at > now).cloned().collect();
@@ -194,7 +198,7 @@ impl Writer {
                 }
                 None => cmds.push(redis::cmd("HDEL").arg(&k).arg(&self.node).to_owned()),
             }
-            cmds.push(
+            announce.push(
                 redis::cmd("XADD")
                     .arg(STREAM)
                     .arg("MAXLEN")
@@ -208,7 +212,7 @@ impl Writer {
                     .to_owned(),
             );
         }
-        let written = self.redis.batch::<redis::Value>(cmds);
+        let written = self.redis.batch::<redis::Value>(cmds).and_then(|_| self.redis.batch::<redis::Value>(announce));
         if written.is_err() {
             // Not lost: written again with everything once Redis is back.
             self.shared.node().proxy_mut().registrar_mut().mark_all_changed();
