@@ -92,7 +92,6 @@ struct Recording {
     anchors: [Option<(u64, u32, u32)>; 2],
     started: SystemTime,
     last: SystemTime,
-    bytes: u64,
 }
 
 /// One side's samples on their way to its sparse file: consecutive packets gather in
@@ -226,7 +225,6 @@ impl Recording {
             anchors: [None, None],
             started: now,
             last: now,
-            bytes: 24,
         })
     }
 
@@ -251,7 +249,6 @@ impl Recording {
         self.pcap.write_all(&(frame.len() as u32).to_le_bytes())?;
         self.pcap.write_all(&(frame.len() as u32).to_le_bytes())?;
         self.pcap.write_all(&frame)?;
-        self.bytes += 16 + frame.len() as u64;
         metrics::counter!("pinhole_recording_bytes_total").increment(16 + frame.len() as u64);
         // G.711 audio into its side's channel.
         let Some((info, payload)) = rtp_payload(data) else { return Ok(()) };
@@ -350,7 +347,6 @@ impl Recording {
             }
             done += n as u64;
         }
-        self.bytes += 44 + u64::from(data_len);
         metrics::counter!("pinhole_recording_bytes_total").increment(44 + u64::from(data_len));
         out.flush()
     }

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{ns_exec, NatLab, PREFIX};
-use common::{http_get, in_ns, wait_for, Bg, TempDir};
+use common::{http_get, in_ns, wait_for, wait_until, Bg, TempDir};
 use pinhole_media::ng::{split_cookie, Bencode};
 use pinhole_media::sdp::Sdp;
 
@@ -344,9 +344,13 @@ fn relayed_in_userspace(lab: &Lab, id: &str) {
     let b = Lab::socket(&lab.b, &format!("{PHONE_B}:5000"));
     let mut seq = 0;
     talk(&a, &b, to_a, to_b, &mut seq, 50);
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(drain(&b).get(&SSRC_A).copied().unwrap_or(0) >= 45);
-    assert!(drain(&a).get(&SSRC_B).copied().unwrap_or(0) >= 45);
+    let (mut at_b, mut at_a) = (0, 0);
+    let arrived = wait_until(Duration::from_secs(2), || {
+        at_b += drain(&b).get(&SSRC_A).copied().unwrap_or(0);
+        at_a += drain(&a).get(&SSRC_B).copied().unwrap_or(0);
+        at_b >= 45 && at_a >= 45
+    });
+    assert!(arrived, "reached the phones: {at_b} of A's, {at_a} of B's");
     assert!(lab.metric("pinhole_relay_userspace_packets_total") >= 95.0);
     assert_eq!(lab.metric("pinhole_fastpath_flows"), 0.0);
 }

@@ -118,7 +118,10 @@ fn phones_behind_two_different_nats_hear_each_other_through_the_relay() {
     assert!(l440 > 0.3 && r660 > 0.3, "the channels hold each phone's tone: {l440:.3} {r660:.3}");
     assert!(tone_share(&left, 660.0) < 0.05 && tone_share(&right, 440.0) < 0.05, "and not the other's");
     let call_id = wav.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_owned();
-    assert!(log.contains(&format!("call_id={call_id}")) || call_id.len() > 4, "named by the Call-ID: {call_id}");
+    assert!(
+        wait_for(&ph_log, &format!("call media released call_id={call_id} "), Duration::from_secs(5)),
+        "the recording is named by the Call-ID pinhole released: {call_id}\n{log}"
+    );
     // Every packet both ways: at least the 2 × 150 RTP of three seconds.
     let pcap_len = std::fs::metadata(&pcap).map_or(0, |m| m.len());
     assert!(pcap_len > 300 * (16 + 28 + 172), "the pcap holds {pcap_len} bytes");

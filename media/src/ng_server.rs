@@ -471,7 +471,7 @@ fn stats(s: &StreamStats, quality: Option<Option<u32>>) -> Bencode {
             d.push(("round-trip time", Bencode::Int(i64::from(rtt))));
         }
         if q.expected > 0 {
-            let mos = crate::quality::mos(f64::from(rtt.unwrap_or(0)) / 1000.0, q.jitter_ms, q.loss_pct());
+            let mos = crate::quality::mos_us(rtt, q.jitter_ms, q.loss_pct());
             d.push(("MOS", Bencode::Int((mos * 10.0) as i64)));
         }
     }

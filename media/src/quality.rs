@@ -32,6 +32,11 @@ pub fn mos(rtt_ms: f64, jitter_ms: f64, loss_pct: f64) -> f64 {
     (1.0 + 0.035 * r + 0.000_007 * r * (r - 60.0) * (100.0 - r)).clamp(1.0, 5.0)
 }
 
+/// [`mos`] with the round trip in µs as the statistics keep it (0 when no RTCP told it).
+pub fn mos_us(rtt_us: Option<u32>, jitter_ms: f64, loss_pct: f64) -> f64 {
+    mos(f64::from(rtt_us.unwrap_or(0)) / 1000.0, jitter_ms, loss_pct)
+}
+
 /// The round trip of a direction's whole path through the relay: the sender's leg plus the
 /// receiver's, from whichever RTCP told them (`None` when neither did).
 pub fn path_rtt_us(sender: Option<u32>, receiver: Option<u32>) -> Option<u32> {
@@ -63,8 +68,7 @@ pub struct Sample {
 impl Sample {
     fn new(at: Instant, expected: u64, received: u64, jitter_ms: f64, rtt_us: Option<u32>) -> Sample {
         let loss_pct = percent(expected.saturating_sub(received), expected);
-        let rtt_ms = f64::from(rtt_us.unwrap_or(0)) / 1000.0;
-        Sample { mos: mos(rtt_ms, jitter_ms, loss_pct), rtt_us, jitter_ms, loss_pct, at }
+        Sample { mos: mos_us(rtt_us, jitter_ms, loss_pct), rtt_us, jitter_ms, loss_pct, at }
     }
 }
 
@@ -141,7 +145,6 @@ impl Direction {
         track: &Track,
     ) -> Direction {
         let q = stats.quality();
-        let rtt_ms = f64::from(rtt_us.unwrap_or(0)) / 1000.0;
         Direction {
             stream,
             from,
@@ -150,7 +153,7 @@ impl Direction {
             lost: q.lost,
             jitter_ms: q.jitter_ms,
             rtt_us,
-            mos: mos(rtt_ms, q.jitter_ms, q.loss_pct()),
+            mos: mos_us(rtt_us, q.jitter_ms, q.loss_pct()),
             lowest_mos: track.lowest.map(|l| l.mos),
         }
     }

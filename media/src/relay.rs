@@ -390,8 +390,16 @@ fn rtcp_json(sender_report: bool, b: &crate::rtcp::ReportBlock, rtt_us: Option<u
     .to_string()
 }
 
-/// Released calls' quality reports kept for [`Relay::poll_released`].
+/// Released calls' quality reports (and RTCP reports) kept for their poller.
 const MAX_RELEASED: usize = 1024;
+
+/// Queues `item`, forgetting the oldest past [`MAX_RELEASED`] (when nobody polls).
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() >= MAX_RELEASED {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
 
 /// Relay-wide packet counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -622,16 +630,20 @@ impl Relay {
         }
         let Some(call) = self.calls.get_mut(call_id) else { return false };
         call.recording = on;
-        let ports = Self::recorded_ports(call);
-        self.commands.push_back(Command::Record {
+        self.commands.push_back(Self::record_command(call_id, call, on));
+        self.mark_changed(call_id);
+        true
+    }
+
+    /// Records (or stops recording) every port of `call`, as recording `call.serial`.
+    fn record_command(call_id: &str, call: &Call, on: bool) -> Command {
+        Command::Record {
             shard: call.serial,
             id: call.serial,
             call_id: call_id.to_owned(),
             on,
-            ports,
-        });
-        self.mark_changed(call_id);
-        true
+            ports: Self::recorded_ports(call),
+        }
     }
 
     /// After an offer or answer: a call to be recorded (or being recorded) has every port
@@ -664,21 +676,12 @@ impl Relay {
             return false;
         };
         if call.recording {
-            self.commands.push_back(Command::Record {
-                shard: call.serial,
-                id: call.serial,
-                call_id: call_id.to_owned(),
-                on: false,
-                ports: Self::recorded_ports(&call),
-            });
+            self.commands.push_back(Self::record_command(call_id, &call, false));
         }
         self.mark_changed(call_id);
-        let report = quality::CallQuality { call_id: call_id.to_owned(), directions: Self::directions(&call) };
+        let report = Self::call_quality(call_id, &call);
         if !report.directions.is_empty() {
-            if self.released.len() >= MAX_RELEASED {
-                self.released.pop_front();
-            }
-            self.released.push_back(report);
+            push_bounded(&mut self.released, report);
         }
         let mut ports = Vec::new();
         for s in &call.streams {
@@ -715,8 +718,11 @@ impl Relay {
 
     /// The call's quality so far, as a release would report it.
     pub fn quality(&self, call_id: &str) -> Option<quality::CallQuality> {
-        let call = self.calls.get(call_id)?;
-        Some(quality::CallQuality { call_id: call_id.to_owned(), directions: Self::directions(call) })
+        Some(Self::call_quality(call_id, self.calls.get(call_id)?))
+    }
+
+    fn call_quality(call_id: &str, call: &Call) -> quality::CallQuality {
+        quality::CallQuality { call_id: call_id.to_owned(), directions: Self::directions(call) }
     }
 
     /// A released call's quality (each direction that carried RTP), oldest first.
@@ -740,10 +746,7 @@ impl Relay {
                     let (count, last) = stats.last_report();
                     if let (true, Some((sr, block))) = (count != s.rtcp_exported[side], last) {
                         s.rtcp_exported[side] = count;
-                        if self.rtcp_reports.len() >= MAX_RELEASED {
-                            self.rtcp_reports.pop_front();
-                        }
-                        self.rtcp_reports.push_back((call_id.clone(), rtcp_json(sr, &block, stats.rtt_us())));
+                        push_bounded(&mut self.rtcp_reports, (call_id.clone(), rtcp_json(sr, &block, stats.rtt_us())));
                     }
                 }
             }

@@ -103,8 +103,6 @@ pub struct Quality {
     pub expected: u64,
     pub lost: u64,
     pub jitter_ms: f64,
-    /// Round trip between the relay and this side, when its RTCP told it.
-    pub rtt_us: Option<u32>,
     pub ssrc: u32,
 }
 
@@ -252,9 +250,8 @@ impl StreamStats {
         if n == 0 {
             // The kernel saw this stream's first RTP: its sequence started where the packets
             // counted so far say.
-            let base = r.ext_max.wrapping_sub(r.packets as u32).wrapping_add(1);
-            self.base_seq.store(base & 0xffff, Relaxed);
-            self.ext_max.store((base & 0xffff).wrapping_add(r.ext_max.wrapping_sub(base)), Relaxed);
+            self.base_seq.store(r.ext_max.wrapping_sub(r.packets as u32).wrapping_add(1), Relaxed);
+            self.ext_max.store(r.ext_max, Relaxed);
             self.seq_received.store(r.packets, Relaxed);
         } else {
             // The program extended the 16-bit number it was given: keep our cycles.
@@ -319,7 +316,6 @@ impl StreamStats {
             expected: self.expected(),
             lost: self.lost(),
             jitter_ms: self.jitter_ms(),
-            rtt_us: self.rtt_us(),
             ssrc: self.ssrc.load(Relaxed),
         }
     }
